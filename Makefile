@@ -1,0 +1,66 @@
+# tunnelnat — every target installs what it needs (Debian packages, the .venv) on first use.
+SHELL := /bin/bash
+PY := .venv/bin/python
+APT_PACKAGES := strongswan-swanctl charon-systemd libcharon-extra-plugins nftables iproute2 \
+	iptables curl tcpdump socat procps
+export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
+export CDK_DISABLE_CLI_TELEMETRY := 1
+export AWS_EC2_METADATA_DISABLED := true
+
+.PHONY: deps apt venv test test-unit test-lab lint demo synth documents bench clean
+
+deps: apt venv
+
+# Stamp files keep the second run fast; a changed requirements file re-installs.
+apt: .deps/apt.stamp
+.deps/apt.stamp:
+	@mkdir -p .deps
+	@if ! dpkg-query -W -f='$${Status}\n' $(APT_PACKAGES) 2>/dev/null | grep -qv 'install ok installed' \
+	    && [ "$$(dpkg-query -W -f='$${Status}\n' $(APT_PACKAGES) 2>/dev/null | wc -l)" -ge "$(words $(APT_PACKAGES))" ]; then \
+	  echo "debian packages: already installed"; \
+	else \
+	  echo "debian packages: installing $(APT_PACKAGES)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null; \
+	fi
+	@touch $@
+
+venv: .deps/venv.stamp
+.deps/venv.stamp: requirements.txt requirements-dev.txt pyproject.toml
+	@mkdir -p .deps
+	@echo "python venv: installing requirements into .venv"
+	@python3 -m pip --version >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq python3-pip python3-venv >/dev/null)
+	@python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install -q --disable-pip-version-check uv
+	@[ -x $(PY) ] || python3 -m uv venv -q .venv
+	@VIRTUAL_ENV=$(CURDIR)/.venv python3 -m uv pip install -q --compile-bytecode -r requirements-dev.txt -e .
+	@touch $@
+
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+documents: venv
+	$(PY) -m tools.build_documents
+
+# The whole suite: unit, moto-backed Lambda tests, documents, CDK and the namespace lab.
+test: deps
+	$(PY) -m ruff check .
+	$(PY) -m tools.build_documents --check
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+test-unit: venv
+	$(PY) -m pytest -q tests/unit tests/lambdas tests/ssm_documents
+
+test-lab: deps
+	$(PY) -m pytest -q tests/lab
+
+demo: deps
+	$(PY) -m lab.demo
+
+synth: venv
+	$(PY) app.py
+
+bench: deps
+	$(PY) -m bench.run
+
+clean:
+	rm -rf cdk.out .deps .pytest_cache

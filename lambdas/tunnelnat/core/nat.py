@@ -1,0 +1,240 @@
+"""The gateway's NAT table: the desired mappings and their nftables rendering.
+
+Standard library only: this module also runs on the gateway, embedded in the SyncNatTable and
+ConfigureGateway documents (``make documents`` copies it there), so the code the unit tests
+exercise is the code that programs the kernel.
+
+The table lives in its own nftables table ``ip tunnelnat``. Lookups go through maps and sets, so a
+packet costs one hash lookup whatever the number of enrolments, and a sync swaps the maps' contents
+in one atomic ``nft -f`` transaction without touching the chains (and so never the guard rules).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+
+TABLE = "tunnelnat"
+MODES = ("dedicated", "instance", "shared")
+
+
+class NatTableError(ValueError):
+    """The desired table is inconsistent (e.g. one public address mapped twice)."""
+
+
+@dataclass(frozen=True, order=True)
+class NatMapping:
+    """One enrolled instance: its private address P and the public address S it appears as."""
+
+    private_ip: IPv4Address
+    public_ip: IPv4Address
+
+    @classmethod
+    def parse(cls, private_ip: str, public_ip: str) -> NatMapping:
+        return cls(ipaddress.IPv4Address(private_ip), ipaddress.IPv4Address(public_ip))
+
+
+@dataclass(frozen=True)
+class GatewayBase:
+    """The parts of the ruleset that change only when the gateway is (re)configured."""
+
+    partner_networks: tuple[IPv4Network, ...]
+    nat_mode: str = "dedicated"
+    shared_address: IPv4Address | None = None
+    mss: int = 1360
+    # None: kernel ESP (production), guard on the IPsec policy; a name: userspace ESP through that
+    # TUN device (the lab's kernel-libipsec), guard on the output interface.
+    tunnel_interface: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.nat_mode not in MODES:
+            raise NatTableError(f"nat_mode must be one of {', '.join(MODES)}, not {self.nat_mode!r}")
+        if not self.partner_networks:
+            raise NatTableError("partner_networks must not be empty")
+        if self.nat_mode == "shared" and self.shared_address is None:
+            raise NatTableError("nat_mode 'shared' needs shared_address")
+        if self.tunnel_interface is not None and not _is_ifname(self.tunnel_interface):
+            raise NatTableError(f"invalid tunnel interface name {self.tunnel_interface!r}")
+        if not 536 <= int(self.mss) <= 1460:
+            raise NatTableError(f"mss must be between 536 and 1460, not {self.mss}")
+
+    def to_json(self) -> dict:
+        return {
+            "partner_networks": [str(n) for n in self.partner_networks],
+            "nat_mode": self.nat_mode,
+            "shared_address": str(self.shared_address) if self.shared_address else None,
+            "mss": self.mss,
+            "tunnel_interface": self.tunnel_interface,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> GatewayBase:
+        shared = data.get("shared_address")
+        return cls(
+            partner_networks=tuple(ipaddress.IPv4Network(n) for n in data["partner_networks"]),
+            nat_mode=data.get("nat_mode", "dedicated"),
+            shared_address=ipaddress.IPv4Address(shared) if shared else None,
+            mss=int(data.get("mss", 1360)),
+            tunnel_interface=data.get("tunnel_interface"),
+        )
+
+
+@dataclass(frozen=True)
+class NatTable:
+    """The desired mappings at one generation; construction refuses an ambiguous table."""
+
+    generation: int
+    mappings: tuple[NatMapping, ...] = field(default=())
+    nat_mode: str = "dedicated"
+
+    def __post_init__(self) -> None:
+        if self.generation < 0:
+            raise NatTableError("generation must not be negative")
+        ordered = tuple(sorted(set(self.mappings)))
+        seen_private: dict[IPv4Address, IPv4Address] = {}
+        seen_public: dict[IPv4Address, IPv4Address] = {}
+        for m in ordered:
+            if m.private_ip in seen_private:
+                raise NatTableError(
+                    f"private address {m.private_ip} is mapped to both "
+                    f"{seen_private[m.private_ip]} and {m.public_ip}"
+                )
+            seen_private[m.private_ip] = m.public_ip
+            # In shared mode every instance has the same S on purpose (ports tell them apart).
+            if self.nat_mode != "shared":
+                if m.public_ip in seen_public:
+                    raise NatTableError(
+                        f"public address {m.public_ip} is mapped from both "
+                        f"{seen_public[m.public_ip]} and {m.private_ip}"
+                    )
+                seen_public[m.public_ip] = m.private_ip
+        object.__setattr__(self, "mappings", ordered)
+
+    @property
+    def dnat_mappings(self) -> tuple[NatMapping, ...]:
+        # Shared mode has no DNAT: one S cannot say which instance a new inbound flow is for.
+        return () if self.nat_mode == "shared" else self.mappings
+
+
+def render_nat_table(base: GatewayBase, table: NatTable) -> str:
+    """The whole ``ip tunnelnat`` table as one ``nft -f`` transaction that replaces any old one."""
+    if base.nat_mode != table.nat_mode:
+        raise NatTableError(f"table is for mode {table.nat_mode!r}, gateway is {base.nat_mode!r}")
+    nets = ", ".join(str(n) for n in base.partner_networks)
+    out = [
+        # Declaring the table first makes the delete succeed when it does not exist yet.
+        f"table ip {TABLE}",
+        f"delete table ip {TABLE}",
+        f"table ip {TABLE} {{",
+        "  set partner_nets {",
+        "    type ipv4_addr; flags interval;",
+        f"    elements = {{ {nets} }}",
+        "  }",
+        *_declare("set", "enrolled", "ipv4_addr", _elements_enrolled(table)),
+        *_declare("map", "snat_map", "ipv4_addr : ipv4_addr", _elements_snat(table)),
+        *_declare("map", "dnat_map", "ipv4_addr : ipv4_addr", _elements_dnat(table)),
+        *_declare("set", "applied_generation", "mark", [str(table.generation)]),
+        "  counter dropped_unenrolled { }",
+        "  counter dropped_inbound { }",
+        "  counter dropped_cleartext { }",
+        "  chain prerouting {",
+        "    type nat hook prerouting priority dstnat; policy accept;",
+        "    ip saddr @partner_nets dnat to ip daddr map @dnat_map",
+        "  }",
+        "  chain postrouting {",
+        "    type nat hook postrouting priority srcnat; policy accept;",
+        *_snat_rules(base),
+        "  }",
+        "  chain forward {",
+        "    type filter hook forward priority filter; policy accept;",
+        # Clamp both directions' SYNs so the ESP overhead never forces fragmentation.
+        f"    ip daddr @partner_nets tcp flags syn tcp option maxseg size > {base.mss} "
+        f"tcp option maxseg size set {base.mss}",
+        f"    ip saddr @partner_nets tcp flags syn tcp option maxseg size > {base.mss} "
+        f"tcp option maxseg size set {base.mss}",
+        # Only enrolled instances may reach the partner, host route or not.
+        "    ip daddr @partner_nets ip saddr != @enrolled counter name dropped_unenrolled drop",
+        # From the partner: replies, and new flows DNATed to the one instance mapped to S.
+        "    ip saddr @partner_nets ct state established,related accept",
+        "    ip saddr @partner_nets ct status dnat accept",
+        "    ip saddr @partner_nets counter name dropped_inbound drop",
+        "  }",
+        # After SNAT (priority srcnat + 10): a packet for the partner leaves inside the tunnel
+        # or not at all, whatever state the IKE daemon is in.
+        "  chain guard {",
+        "    type filter hook postrouting priority 110; policy accept;",
+        _guard_rule(base),
+        "  }",
+        "}",
+    ]
+    return "\n".join(out) + "\n"
+
+
+def render_map_update(table: NatTable) -> str:
+    """Replace the maps' contents (never the chains) in one atomic ``nft -f`` transaction."""
+    out = [
+        f"flush set ip {TABLE} enrolled",
+        f"flush map ip {TABLE} snat_map",
+        f"flush map ip {TABLE} dnat_map",
+        f"flush set ip {TABLE} applied_generation",
+    ]
+    for kind, name, elements in (
+        ("set", "enrolled", _elements_enrolled(table)),
+        ("map", "snat_map", _elements_snat(table)),
+        ("map", "dnat_map", _elements_dnat(table)),
+        ("set", "applied_generation", [str(table.generation)]),
+    ):
+        if elements:
+            out.append(f"add element ip {TABLE} {name} {{")
+            out.append(_element_block(elements))
+            out.append("}")
+        del kind
+    return "\n".join(out) + "\n"
+
+
+def _snat_rules(base: GatewayBase) -> list[str]:
+    if base.nat_mode == "shared":
+        return [f"    ip daddr @partner_nets ip saddr @enrolled snat to {base.shared_address}"]
+    return ["    ip daddr @partner_nets snat to ip saddr map @snat_map"]
+
+
+def _guard_rule(base: GatewayBase) -> str:
+    if base.tunnel_interface is None:
+        # Kernel ESP: after SNAT the route is re-looked-up against the IPsec policies; a packet
+        # whose route carries no transform would leave in clear text.
+        return "    ip daddr @partner_nets rt ipsec missing counter name dropped_cleartext drop"
+    return (
+        f'    ip daddr @partner_nets oifname != "{base.tunnel_interface}" '
+        "counter name dropped_cleartext drop"
+    )
+
+
+def _declare(kind: str, name: str, type_: str, elements: list[str]) -> list[str]:
+    lines = [f"  {kind} {name} {{", f"    type {type_};"]
+    if elements:
+        lines += ["    elements = {", _element_block(elements), "    }"]
+    lines.append("  }")
+    return lines
+
+
+def _element_block(elements: list[str]) -> str:
+    return ",\n".join(f"      {e}" for e in elements)
+
+
+def _elements_enrolled(table: NatTable) -> list[str]:
+    return [str(m.private_ip) for m in table.mappings]
+
+
+def _elements_snat(table: NatTable) -> list[str]:
+    if table.nat_mode == "shared":
+        return []
+    return [f"{m.private_ip} : {m.public_ip}" for m in table.mappings]
+
+
+def _elements_dnat(table: NatTable) -> list[str]:
+    return [f"{m.public_ip} : {m.private_ip}" for m in table.dnat_mappings]
+
+
+def _is_ifname(name: str) -> bool:
+    return 0 < len(name) < 16 and all(c.isalnum() or c in "-_." for c in name)
