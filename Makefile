@@ -31,7 +31,7 @@ venv: .deps/venv.stamp
 	@python3 -m pip --version >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq python3-pip python3-venv >/dev/null)
 	@python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install -q --disable-pip-version-check uv
 	@[ -x $(PY) ] || python3 -m uv venv -q .venv
-	@VIRTUAL_ENV=$(CURDIR)/.venv python3 -m uv pip install -q --compile-bytecode -r requirements-dev.txt -e .
+	@python3 -m uv pip install -q --python $(PY) --compile-bytecode -r requirements-dev.txt -e .
 	@touch $@
 
 lint: venv

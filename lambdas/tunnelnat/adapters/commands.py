@@ -50,9 +50,19 @@ class CommandPort(Protocol):
 class SsmCommands:
     """SSM Run Command: SendCommand, then poll GetCommandInvocation until the command ends."""
 
-    TERMINAL = {"Success", "Failed", "TimedOut", "Cancelled", "Cancelling", "Undeliverable",
-                "Terminated", "InvalidPlatform", "AccessDenied", "DeliveryTimedOut",
-                "ExecutionTimedOut"}
+    TERMINAL = {
+        "Success",
+        "Failed",
+        "TimedOut",
+        "Cancelled",
+        "Cancelling",
+        "Undeliverable",
+        "Terminated",
+        "InvalidPlatform",
+        "AccessDenied",
+        "DeliveryTimedOut",
+        "ExecutionTimedOut",
+    }
 
     def __init__(
         self,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from enum import Enum
+from enum import StrEnum
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
@@ -21,7 +21,7 @@ TAG_TEXT = re.compile(r"^[A-Za-z0-9 _.:/=+@-]{1,128}$")
 INSTANCE_ID = re.compile(r"^i-[0-9a-f]{8,17}$")
 
 
-class NatMode(str, Enum):
+class NatMode(StrEnum):
     """How an enrolled instance's public source address S is chosen (see DESIGN, NAT modes)."""
 
     DEDICATED = "dedicated"  # one address per instance from a pool of Elastic IPs we own
@@ -106,7 +106,9 @@ class TunnelnatConfig(BaseModel):
         return self.address_pool
 
     @classmethod
-    def from_mapping(cls, values: dict[str, Any], *, source: str = "configuration") -> TunnelnatConfig:
+    def from_mapping(
+        cls, values: dict[str, Any], *, source: str = "configuration"
+    ) -> TunnelnatConfig:
         """Validate ``values``; on failure raise ConfigError naming each bad key and what it expects."""
         try:
             return cls.model_validate(values)

@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 
 TABLE = "tunnelnat"
+# Braces come from these names, never as doubled f-string braces: the documents that embed this
+# file would read a double brace as an SSM parameter reference.
+LB, RB = "{", "}"
 MODES = ("dedicated", "instance", "shared")
 
 
@@ -49,7 +52,9 @@ class GatewayBase:
 
     def __post_init__(self) -> None:
         if self.nat_mode not in MODES:
-            raise NatTableError(f"nat_mode must be one of {', '.join(MODES)}, not {self.nat_mode!r}")
+            raise NatTableError(
+                f"nat_mode must be one of {', '.join(MODES)}, not {self.nat_mode!r}"
+            )
         if not self.partner_networks:
             raise NatTableError("partner_networks must not be empty")
         if self.nat_mode == "shared" and self.shared_address is None:
@@ -126,10 +131,10 @@ def render_nat_table(base: GatewayBase, table: NatTable) -> str:
         # Declaring the table first makes the delete succeed when it does not exist yet.
         f"table ip {TABLE}",
         f"delete table ip {TABLE}",
-        f"table ip {TABLE} {{",
+        f"table ip {TABLE} {LB}",
         "  set partner_nets {",
         "    type ipv4_addr; flags interval;",
-        f"    elements = {{ {nets} }}",
+        f"    elements = {LB} {nets} {RB}",
         "  }",
         *_declare("set", "enrolled", "ipv4_addr", _elements_enrolled(table)),
         *_declare("map", "snat_map", "ipv4_addr : ipv4_addr", _elements_snat(table)),
@@ -179,17 +184,16 @@ def render_map_update(table: NatTable) -> str:
         f"flush map ip {TABLE} dnat_map",
         f"flush set ip {TABLE} applied_generation",
     ]
-    for kind, name, elements in (
-        ("set", "enrolled", _elements_enrolled(table)),
-        ("map", "snat_map", _elements_snat(table)),
-        ("map", "dnat_map", _elements_dnat(table)),
-        ("set", "applied_generation", [str(table.generation)]),
+    for name, elements in (
+        ("enrolled", _elements_enrolled(table)),
+        ("snat_map", _elements_snat(table)),
+        ("dnat_map", _elements_dnat(table)),
+        ("applied_generation", [str(table.generation)]),
     ):
         if elements:
-            out.append(f"add element ip {TABLE} {name} {{")
+            out.append(f"add element ip {TABLE} {name} {LB}")
             out.append(_element_block(elements))
-            out.append("}")
-        del kind
+            out.append(RB)
     return "\n".join(out) + "\n"
 
 
@@ -211,7 +215,7 @@ def _guard_rule(base: GatewayBase) -> str:
 
 
 def _declare(kind: str, name: str, type_: str, elements: list[str]) -> list[str]:
-    lines = [f"  {kind} {name} {{", f"    type {type_};"]
+    lines = [f"  {kind} {name} {LB}", f"    type {type_};"]
     if elements:
         lines += ["    elements = {", _element_block(elements), "    }"]
     lines.append("  }")

@@ -1,0 +1,162 @@
+"""The gateway-side program: applies the NAT table the controller wants, pulled from DynamoDB.
+
+It runs on the gateway, embedded in the ConfigureGateway and SyncNatTable documents next to
+``tunnelnat/core/nat.py`` (``make documents`` copies both), with the system's python3 and boto3.
+
+    tunnelnat_gateway.py configure --base-json JSON --table NAME --region R
+    tunnelnat_gateway.py sync --table NAME --region R [--full]
+
+The applied generation is kept inside the ruleset itself (the ``applied_generation`` set), so it
+changes atomically with the maps and vanishes with them on reboot: a gateway that lost its table
+reads as "nothing applied" and gets the whole table back on the next sync.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tunnelnat.core.nat import (
+    TABLE,
+    GatewayBase,
+    NatMapping,
+    NatTable,
+    NatTableError,
+    render_map_update,
+    render_nat_table,
+)
+
+STATE_DIR = Path("/etc/tunnelnat")
+BASE_FILE = STATE_DIR / "gateway.json"
+BOOT_RULESET = STATE_DIR / "tunnelnat.nft"
+LOCK_FILE = Path("/run/lock/tunnelnat-nat.lock")
+MAPPING_PK = "mapping"
+META_KEY = {"pk": {"S": "meta"}, "sk": {"S": "generation"}}
+
+
+class GatewayError(RuntimeError):
+    pass
+
+
+def read_desired(client: object, table_name: str, nat_mode: str) -> NatTable:
+    """Read the generation first, then the mappings: the table we build is never older than the
+    generation we label it with (writes bump both in one transaction)."""
+    meta = client.get_item(TableName=table_name, Key=META_KEY, ConsistentRead=True).get("Item", {})
+    generation = int(meta.get("generation", {}).get("N", "0"))
+    mappings = []
+    paginator = client.get_paginator("query")
+    pages = paginator.paginate(
+        TableName=table_name,
+        KeyConditionExpression="pk = :pk",
+        ExpressionAttributeValues={":pk": {"S": MAPPING_PK}},
+        ProjectionExpression="private_ip, public_ip",
+        ConsistentRead=True,
+    )
+    for page in pages:
+        for item in page["Items"]:
+            try:
+                mappings.append(NatMapping.parse(item["private_ip"]["S"], item["public_ip"]["S"]))
+            except (KeyError, ValueError) as exc:
+                # Never hand nft a value that is not an address; a bad row stops the sync loudly.
+                raise GatewayError(f"refusing malformed mapping row {item!r}: {exc}") from None
+    return NatTable(generation=generation, mappings=tuple(mappings), nat_mode=nat_mode)
+
+
+def applied_generation() -> int | None:
+    """The generation in the kernel's ruleset, or None when the table is not there."""
+    proc = subprocess.run(
+        ["nft", "-j", "list", "set", "ip", TABLE, "applied_generation"],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        return None
+    for entry in json.loads(proc.stdout).get("nftables", []):
+        elems = entry.get("set", {}).get("elem")
+        if elems:
+            return int(elems[0])
+    return 0
+
+
+def nft_apply(ruleset: str) -> None:
+    proc = subprocess.run(["nft", "-f", "-"], input=ruleset, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise GatewayError(f"nft rejected the ruleset: {proc.stderr.strip()}")
+
+
+def load_base() -> GatewayBase:
+    try:
+        return GatewayBase.from_json(json.loads(BASE_FILE.read_text()))
+    except FileNotFoundError:
+        raise GatewayError(f"{BASE_FILE} is missing: run ConfigureGateway first") from None
+
+
+def sync(client: object, table_name: str, *, full: bool = False) -> dict:
+    started = time.monotonic()
+    LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
+    with LOCK_FILE.open("w") as lock:
+        # Concurrent syncs queue here; each reads the newest table, so a late one never
+        # overwrites a newer generation with an older one.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        base = load_base()
+        desired = read_desired(client, table_name, base.nat_mode)
+        current = applied_generation()
+        if current is None or full:
+            nft_apply(render_nat_table(base, desired))
+            BOOT_RULESET.write_text(render_nat_table(base, NatTable(0, (), base.nat_mode)))
+            action = "full"
+        elif current >= desired.generation:
+            action = "unchanged"
+        else:
+            nft_apply(render_map_update(desired))
+            action = "updated"
+    return {
+        "action": action,
+        "applied_generation": current if action == "unchanged" else desired.generation,
+        "previous_generation": current,
+        "mappings": len(desired.mappings),
+        "seconds": round(time.monotonic() - started, 3),
+    }
+
+
+def configure(client: object, table_name: str, base_json: str) -> dict:
+    base = GatewayBase.from_json(json.loads(base_json))
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    BASE_FILE.write_text(json.dumps(base.to_json(), indent=2) + "\n")
+    return sync(client, table_name, full=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tunnelnat_gateway")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("sync", "configure"):
+        p = sub.add_parser(name)
+        p.add_argument("--table", required=True)
+        p.add_argument("--region", required=True)
+        if name == "sync":
+            p.add_argument("--full", action="store_true")
+        else:
+            p.add_argument("--base-json", required=True)
+    args = parser.parse_args(argv)
+    import boto3  # on the gateway only; the rendering above needs none of it
+
+    client = boto3.client("dynamodb", region_name=args.region)
+    try:
+        if args.command == "sync":
+            result = sync(client, args.table, full=args.full)
+        else:
+            result = configure(client, args.table, args.base_json)
+    except (GatewayError, NatTableError) as exc:
+        print(f"tunnelnat: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
