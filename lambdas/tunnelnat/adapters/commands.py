@@ -43,7 +43,7 @@ class AgentNotReady(CommandError):
 
 class CommandPort(Protocol):
     def run(self, instance_id: str, document: str, parameters: Mapping[str, str]) -> CommandResult:
-        """Run ``document`` (a short name from DOCUMENTS) on the instance and wait for the result."""
+        """Run ``document`` (a name from DOCUMENTS) on the instance and wait for the result."""
         ...
 
 

@@ -109,7 +109,7 @@ class TunnelnatConfig(BaseModel):
     def from_mapping(
         cls, values: dict[str, Any], *, source: str = "configuration"
     ) -> TunnelnatConfig:
-        """Validate ``values``; on failure raise ConfigError naming each bad key and what it expects."""
+        """Validate ``values``; a failure raises ConfigError naming each bad key."""
         try:
             return cls.model_validate(values)
         except ValidationError as exc:
