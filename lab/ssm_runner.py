@@ -1,0 +1,258 @@
+"""Run an SSM Command document (schemaVersion 2.2, aws:runShellScript) the way SSM would.
+
+The lab and the tests run the YAML that ships, not a copy: this module parses it, validates the
+parameters as SSM's SendCommand does (reject, never sanitise), substitutes them and runs each
+step's script with bash, optionally inside a network namespace (`ip netns exec NS bash FILE`),
+returning what an invocation reports: status, exit code, stdout, stderr.
+
+Validation happens before anything runs; a bad parameter raises InvalidParameters, just as
+SendCommand raises its InvalidParameters error and never reaches an instance.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+# SSM substitutes {{ Name }} and {{Name}}; parameter names are letters, digits and underscores.
+REFERENCE = re.compile(r"\{\{\s*([A-Za-z0-9_]+)\s*\}\}")
+# Anything else that looks like a reference ({{ ssm:/x }}, {{ a-b }}) is refused: SSM would
+# resolve it against Parameter Store or fail, and the lab must not silently leave it in a script.
+ANY_REFERENCE = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
+SHELL_ACTION = "aws:runShellScript"
+# SSM's default step timeout.
+DEFAULT_STEP_TIMEOUT = 3600.0
+
+
+class DocumentError(ValueError):
+    """The document itself is not one this runner (or SSM) would accept."""
+
+
+class InvalidParameters(ValueError):
+    """A parameter is undeclared, missing, not a string or does not match its allowedPattern."""
+
+
+@dataclass(frozen=True)
+class Invocation:
+    status: str  # "Success" | "Failed" | "TimedOut", as GetCommandInvocation reports it
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "Success"
+
+
+def load_document(path: str | Path) -> dict:
+    """Parse and check a Command document; raise DocumentError naming what is wrong."""
+    path = Path(path)
+    try:
+        document = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise DocumentError(f"{path.name}: not valid YAML: {exc}") from None
+    check_document(document, name=path.name)
+    return document
+
+
+def check_document(document: Any, *, name: str = "document") -> None:
+    """The structural rules load_document enforces, for a document already parsed."""
+    if not isinstance(document, dict):
+        raise DocumentError(f"{name}: top level must be a mapping")
+    # A bare 2.2 in YAML is a float; SSM wants the string, so we do too.
+    if document.get("schemaVersion") != "2.2":
+        raise DocumentError(
+            f"{name}: schemaVersion must be the string '2.2', got {document.get('schemaVersion')!r}"
+        )
+    params = document.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise DocumentError(f"{name}: parameters must be a mapping")
+    for pname, spec in params.items():
+        if not isinstance(pname, str) or not re.fullmatch(r"[A-Za-z0-9_]+", pname):
+            raise DocumentError(f"{name}: invalid parameter name {pname!r}")
+        if not isinstance(spec, dict):
+            raise DocumentError(f"{name}: parameter {pname} must be a mapping")
+        if spec.get("type", "String") != "String":
+            raise DocumentError(f"{name}: parameter {pname}: only type String is supported")
+        pattern = spec.get("allowedPattern")
+        # Our rule, stricter than SSM's: an unconstrained parameter is a shell injection waiting.
+        if not isinstance(pattern, str) or not pattern:
+            raise DocumentError(f"{name}: parameter {pname} has no allowedPattern")
+        try:
+            compiled = re.compile(pattern)
+        except re.error as exc:
+            raise DocumentError(f"{name}: parameter {pname}: bad allowedPattern: {exc}") from None
+        if "default" in spec:
+            default = spec["default"]
+            if not isinstance(default, str) or not compiled.fullmatch(default):
+                raise DocumentError(
+                    f"{name}: parameter {pname}: default {default!r} does not match "
+                    f"allowedPattern {pattern}"
+                )
+    steps = document.get("mainSteps")
+    if not isinstance(steps, list) or not steps:
+        raise DocumentError(f"{name}: mainSteps must be a non-empty list")
+    for index, step in enumerate(steps):
+        label = f"{name}: mainSteps[{index}]"
+        if not isinstance(step, dict) or step.get("action") != SHELL_ACTION:
+            raise DocumentError(f"{label}: action must be {SHELL_ACTION}")
+        commands = (step.get("inputs") or {}).get("runCommand")
+        if not isinstance(commands, list) or not all(isinstance(c, str) for c in commands):
+            raise DocumentError(f"{label}: inputs.runCommand must be a list of strings")
+        for command in commands:
+            for ref in ANY_REFERENCE.findall(command):
+                match = REFERENCE.fullmatch("{{" + ref + "}}")
+                if not match or match.group(1) not in params:
+                    raise DocumentError(
+                        f"{label}: references {{{{{ref}}}}}, which is not a declared parameter"
+                    )
+
+
+def render_scripts(document: dict, parameters: Mapping[str, str]) -> list[str]:
+    """One bash script per step with the parameters substituted, after validating every value."""
+    declared: dict[str, dict] = document.get("parameters") or {}
+    for pname in parameters:
+        if pname not in declared:
+            raise InvalidParameters(f"parameter {pname!r} is not declared by the document")
+    values: dict[str, str] = {}
+    for pname, spec in declared.items():
+        pattern = spec.get("allowedPattern")
+        if not isinstance(pattern, str) or not pattern:
+            raise InvalidParameters(f"parameter {pname} has no allowedPattern")
+        if pname in parameters:
+            value = parameters[pname]
+        elif "default" in spec:
+            value = spec["default"]
+        else:
+            raise InvalidParameters(f"parameter {pname} is required and has no default")
+        if not isinstance(value, str):
+            kind = type(value).__name__
+            raise InvalidParameters(f"parameter {pname} must be a string, got {kind}")
+        if not re.fullmatch(pattern, value):
+            # The value is shown with repr so a newline or control character is visible.
+            raise InvalidParameters(
+                f"parameter {pname} value {value!r} does not match allowedPattern {pattern}"
+            )
+        values[pname] = value
+
+    def substitute(command: str) -> str:
+        def one(match: re.Match[str]) -> str:
+            inner = REFERENCE.fullmatch(match.group(0))
+            if not inner or inner.group(1) not in values:
+                raise InvalidParameters(
+                    f"document references {match.group(0)}, which is not a declared parameter"
+                )
+            return values[inner.group(1)]
+
+        # One pass: a value is never itself searched for references.
+        return ANY_REFERENCE.sub(one, command)
+
+    scripts = []
+    for step in document.get("mainSteps") or []:
+        commands = (step.get("inputs") or {}).get("runCommand") or []
+        scripts.append("\n".join(substitute(c) for c in commands) + "\n")
+    return scripts
+
+
+def default_env() -> dict[str, str]:
+    """A minimal environment like the SSM agent's, with the repo's venv first for boto3."""
+    venv_bin = REPO / ".venv" / "bin"
+    return {
+        "PATH": f"{venv_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME": "/root",
+        "LANG": "C.UTF-8",
+    }
+
+
+def run_document(
+    path: str | Path,
+    parameters: Mapping[str, str],
+    *,
+    netns: str | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 120.0,
+) -> Invocation:
+    """Validate, then run each step in order; stop at the first failing step, like SSM's report.
+
+    ``env`` entries are added to (and override) the minimal default environment. ``timeout``
+    bounds the whole document; a step's own ``timeoutSeconds`` bounds that step.
+    """
+    document = load_document(path)
+    scripts = render_scripts(document, parameters)  # raises before anything runs
+    if netns is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", netns):
+        raise ValueError(f"invalid network namespace name {netns!r}")
+    full_env = default_env()
+    full_env.update(env or {})
+    deadline = time.monotonic() + timeout
+    out: list[str] = []
+    err: list[str] = []
+    exit_code = 0
+    with tempfile.TemporaryDirectory(prefix="tn-ssm-") as tmp:
+        for index, (step, script) in enumerate(zip(document["mainSteps"], scripts, strict=True)):
+            inputs = step.get("inputs") or {}
+            step_limit = float(inputs.get("timeoutSeconds", DEFAULT_STEP_TIMEOUT))
+            limit = min(step_limit, deadline - time.monotonic())
+            script_path = Path(tmp) / f"step{index}.sh"
+            script_path.write_text(script)
+            script_path.chmod(0o700)
+            argv = ["bash", str(script_path)]
+            if netns is not None:
+                argv = ["ip", "netns", "exec", netns, *argv]
+            status, exit_code, stdout, stderr = _run(argv, full_env, max(limit, 0.0))
+            out.append(stdout)
+            err.append(stderr)
+            if status != "Success":
+                return Invocation(status, exit_code, "".join(out), "".join(err))
+    return Invocation("Success", exit_code, "".join(out), "".join(err))
+
+
+def _run(argv: list[str], env: Mapping[str, str], limit: float) -> tuple[str, int, str, str]:
+    # A new session makes the script and everything it starts one process group we can kill.
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(env),
+        start_new_session=True,
+        text=True,
+        errors="replace",
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc.pid)
+        try:
+            stdout, stderr = proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            # A process that left the group still holds the pipes; give up on its output.
+            proc.kill()
+            stdout, stderr = "", ""
+        note = f"\nstep timed out after {limit:.0f}s\n"
+        return "TimedOut", -1, stdout or "", (stderr or "") + note
+    except BaseException:
+        # KeyboardInterrupt and friends: never leave a script running behind us.
+        _kill_group(proc.pid)
+        proc.wait()
+        raise
+    # A script that exits but leaves background children in its group must not outlive the step.
+    _kill_group(proc.pid)
+    return ("Success" if proc.returncode == 0 else "Failed"), proc.returncode, stdout, stderr
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
