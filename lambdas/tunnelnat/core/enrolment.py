@@ -1,0 +1,119 @@
+"""Whether an instance should be enrolled, and with which public address: pure decisions."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from ipaddress import IPv4Address
+
+from tunnelnat.core.config import TAG_TEXT, NatMode, TunnelnatConfig
+
+GATEWAY_ROLE_TAG = "tunnelnat:role"
+STATUS_TAG = "tunnelnat:status"
+
+
+class Status(StrEnum):
+    """What the controller last concluded about an instance (stored, and shown to operators)."""
+
+    ENROLLED = "enrolled"
+    NOT_TAGGED = "not-tagged"
+    NOT_RUNNING = "not-running"
+    GONE = "gone"
+    INVALID_TAG = "invalid-tag"
+    NO_PRIVATE_IP = "no-private-ip"
+    NO_PUBLIC_IP = "no-public-ip"
+    UNSUPPORTED_SUBNET = "unsupported-subnet"
+    POOL_EXHAUSTED = "pool-exhausted"
+    IS_GATEWAY = "is-gateway"
+
+
+@dataclass(frozen=True)
+class ObservedInstance:
+    """An instance as EC2 reports it right now (the controller never trusts an event's copy)."""
+
+    instance_id: str
+    state: str
+    private_ip: IPv4Address | None
+    public_ip: IPv4Address | None = None
+    subnet_id: str | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Decision:
+    enrol: bool
+    status: Status
+    reason: str
+
+
+def decide_enrolment(instance: ObservedInstance | None, config: TunnelnatConfig) -> Decision:
+    """Should ``instance`` be enrolled? Ordered so the reason given is the most useful one."""
+    if instance is None or instance.state in ("terminated", "shutting-down"):
+        return Decision(False, Status.GONE, "the instance no longer exists")
+    if instance.tags.get(GATEWAY_ROLE_TAG) == "gateway":
+        return Decision(False, Status.IS_GATEWAY, "the gateway itself is never enrolled")
+    value = instance.tags.get(config.enrolment_tag_key)
+    if value is None:
+        return Decision(False, Status.NOT_TAGGED, f"no {config.enrolment_tag_key} tag")
+    if value != config.enrolment_tag_value:
+        shown = value if TAG_TEXT.fullmatch(value) else repr(value[:40])
+        return Decision(
+            False,
+            Status.INVALID_TAG,
+            f"tag {config.enrolment_tag_key}={shown}; expected {config.enrolment_tag_value!r}",
+        )
+    if instance.state != "running":
+        return Decision(False, Status.NOT_RUNNING, f"instance is {instance.state}")
+    if instance.private_ip is None:
+        return Decision(False, Status.NO_PRIVATE_IP, "the instance has no private IPv4 address")
+    if instance.private_ip not in config.gateway_subnet_cidr:
+        return Decision(
+            False,
+            Status.UNSUPPORTED_SUBNET,
+            f"{instance.private_ip} is outside the gateway's subnet {config.gateway_subnet_cidr}: "
+            "a host route via the gateway cannot work there",
+        )
+    if config.nat_mode is NatMode.INSTANCE and instance.public_ip is None:
+        return Decision(False, Status.NO_PUBLIC_IP, "nat_mode 'instance' needs a public IP")
+    return Decision(True, Status.ENROLLED, "tagged, running, in the gateway's subnet")
+
+
+class AddressPool:
+    """The public addresses of ``dedicated`` mode; which one is free is decided by the caller's
+    view of the claims, and the claim itself is a conditional write (see the store)."""
+
+    def __init__(self, addresses: Iterable[IPv4Address]) -> None:
+        self._addresses = tuple(sorted(set(addresses)))
+
+    def __contains__(self, address: object) -> bool:
+        return address in self._addresses
+
+    def __len__(self) -> int:
+        return len(self._addresses)
+
+    def free(self, claimed: Iterable[IPv4Address]) -> list[IPv4Address]:
+        taken = set(claimed)
+        return [a for a in self._addresses if a not in taken]
+
+
+def public_address_for(
+    instance: ObservedInstance,
+    config: TunnelnatConfig,
+    *,
+    current: IPv4Address | None,
+    claimed: Iterable[IPv4Address],
+) -> IPv4Address | None:
+    """The address S this instance should appear as; None when the pool has none left.
+
+    An instance keeps the address it already has while that address is still valid, so a
+    re-run never moves it (the partner may have whitelisted it)."""
+    if config.nat_mode is NatMode.SHARED:
+        return config.shared_address
+    if config.nat_mode is NatMode.INSTANCE:
+        return instance.public_ip
+    pool = AddressPool(config.address_pool)
+    if current is not None and current in pool:
+        return current
+    free = pool.free(claimed)
+    return free[0] if free else None
