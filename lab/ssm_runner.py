@@ -17,7 +17,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,16 +182,19 @@ def run_document(
     netns: str | None = None,
     env: Mapping[str, str] | None = None,
     timeout: float = 120.0,
+    mount_ns: str | Path | None = None,
 ) -> Invocation:
     """Validate, then run each step in order; stop at the first failing step, like SSM's report.
 
     ``env`` entries are added to (and override) the minimal default environment. ``timeout``
-    bounds the whole document; a step's own ``timeoutSeconds`` bounds that step.
+    bounds the whole document; a step's own ``timeoutSeconds`` bounds that step. ``mount_ns``
+    (with ``netns``) is a persistent mount namespace to enter as well: the lab gives each
+    machine one with a private /etc, so what a document writes there stays on that machine.
     """
     document = load_document(path)
     scripts = render_scripts(document, parameters)  # raises before anything runs
-    if netns is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", netns):
-        raise ValueError(f"invalid network namespace name {netns!r}")
+    if mount_ns is not None and netns is None:
+        raise ValueError("mount_ns needs netns")
     full_env = default_env()
     full_env.update(env or {})
     deadline = time.monotonic() + timeout
@@ -208,13 +211,22 @@ def run_document(
             script_path.chmod(0o700)
             argv = ["bash", str(script_path)]
             if netns is not None:
-                argv = ["ip", "netns", "exec", netns, *argv]
+                argv = netns_argv(netns, argv, mount_ns=mount_ns)
             status, exit_code, stdout, stderr = _run(argv, full_env, max(limit, 0.0))
             out.append(stdout)
             err.append(stderr)
             if status != "Success":
                 return Invocation(status, exit_code, "".join(out), "".join(err))
     return Invocation("Success", exit_code, "".join(out), "".join(err))
+
+
+def netns_argv(netns: str, argv: Sequence[str], *, mount_ns: str | Path | None = None) -> list[str]:
+    """``argv`` run inside network namespace ``netns`` (and mount namespace ``mount_ns``)."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", netns):
+        raise ValueError(f"invalid network namespace name {netns!r}")
+    if mount_ns is None:
+        return ["ip", "netns", "exec", netns, *argv]
+    return ["nsenter", f"--net=/run/netns/{netns}", f"--mount={mount_ns}", "--", *argv]
 
 
 def _run(argv: list[str], env: Mapping[str, str], limit: float) -> tuple[str, int, str, str]:

@@ -1,0 +1,565 @@
+"""The seed's network, built from Linux network namespaces on this machine.
+
+    tn-web-N ─┐                          ┌───────── tn-inet ─────────┐
+    tn-web-2 ─┼─ br0 (tn-vpc) ─ tn-gw ───┤ 198.51.100.1   .33        ├── tn-pvpn ── tn-app
+    tn-web-1 ─┘  10.10.1.0/24   G, E     └───────────────────────────┘    T   192.0.2.1   A
+
+Every "machine" is a network namespace plus a persistent mount namespace whose /etc is an overlay
+of the host's: what a document or daemon writes under /etc stays on that machine (in
+/run/tn-lab/machines/NS/etc), and the host's /etc, routes and addresses are never touched. The
+host's /run/systemd is hidden inside, so documents see no systemd, as in a container.
+
+Addresses are documentation ranges only; no packet leaves the machine. ``Lab`` is a context
+manager; ``cleanup()`` removes everything any earlier run left behind (namespaces, processes,
+mounts, /run/tn-lab) and is safe to call at any time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lab.ssm_runner import REPO, default_env, netns_argv
+
+PREFIX = "tn-"
+RUN = Path("/run/tn-lab")
+MACHINES = RUN / "machines"
+MNT = RUN / "mnt"
+PIDS = RUN / "pids"
+LOGS = RUN / "logs"
+
+VPC_CIDR = "10.10.0.0/16"
+SUBNET_CIDR = "10.10.1.0/24"
+GW_PRIMARY = "10.10.1.10"
+GW_ENI = "10.10.1.5"  # G: the fixed ENI address instances route via
+GW_PUBLIC = "198.51.100.10"  # E
+INET_GW_SIDE = "198.51.100.1"
+INET_PARTNER_SIDE = "198.51.100.33"
+PARTNER_ENDPOINT = "198.51.100.40"  # T
+PARTNER_NET = "192.0.2.0/24"
+PARTNER_INSIDE = "192.0.2.1"
+APP = "192.0.2.80"  # A
+POOL = tuple(f"203.0.113.{n}" for n in range(10, 20))  # S, dedicated mode
+SHARED = "203.0.113.100"  # S, shared mode
+APP_PORT = 8080
+INSTANCE_PORT = 8081
+REGION = "us-east-1"
+TABLE = "tunnelnat-lab"
+PSK_SECRET = "tunnelnat/lab/psk"  # noqa: S105 - a secret's name, not a secret
+DEPLOYMENT = "lab"
+TUNNEL = "partner"
+# The shell scripts in the namespaces see moto on this loopback port (bridged, see start_moto).
+MOTO_NS_PORT = 5000
+
+
+class LabError(RuntimeError):
+    pass
+
+
+@dataclass
+class Instance:
+    name: str  # "web-1"
+    ns: str  # "tn-web-1"
+    private_ip: str
+    instance_id: str = ""
+
+
+def instance_ip(n: int) -> str:
+    if not 1 <= n <= 200:
+        raise ValueError("the lab's subnet has room for instances 1..200")
+    return f"10.10.1.{20 + n}"
+
+
+def sh(
+    argv: Sequence[str], *, check: bool = True, input: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        list(argv), input=input, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if check and proc.returncode != 0:
+        raise LabError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc
+
+
+def mount_ns_path(ns: str) -> Path:
+    return MNT / ns
+
+
+def machine_argv(ns: str, argv: Sequence[str]) -> list[str]:
+    """``argv`` run on lab machine ``ns``: its network namespace and its private /etc."""
+    return netns_argv(ns, argv, mount_ns=mount_ns_path(ns))
+
+
+def in_ns(ns: str, argv: Sequence[str], *, check: bool = True, timeout: float = 60) -> str:
+    return sh(machine_argv(ns, argv), check=check, timeout=timeout).stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Teardown: works from any state, including a crashed earlier run.
+
+
+def lab_namespaces() -> list[str]:
+    out = sh(["ip", "netns", "list"], check=False).stdout
+    return [line.split()[0] for line in out.splitlines() if line.startswith(PREFIX)]
+
+
+def _kill_pids(pids: set[int]) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = set()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+                alive.add(pid)
+        deadline = time.monotonic() + 2
+        while alive and time.monotonic() < deadline:
+            alive = {p for p in alive if Path(f"/proc/{p}").exists() and not _zombie(p)}
+            time.sleep(0.05)
+        pids = alive
+        if not pids:
+            return
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def cleanup() -> None:
+    """Remove every tn-* namespace, the processes in them, our mounts and /run/tn-lab."""
+    pids: set[int] = set()
+    for ns in lab_namespaces():
+        out = sh(["ip", "netns", "pids", ns], check=False).stdout
+        pids |= {int(p) for p in out.split()}
+    # Root-namespace helpers (the moto bridge) recorded their pid; check it is still ours.
+    if PIDS.is_dir():
+        for pidfile in PIDS.glob("*.pid"):
+            with contextlib.suppress(ValueError, OSError):
+                pid = int(pidfile.read_text())
+                if str(RUN) in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                    pids.add(pid)
+    pids.discard(os.getpid())
+    _kill_pids(pids)
+    # Persistent mount namespaces are bind mounts of nsfs files under MNT, deepest first.
+    mounts = sh(["findmnt", "-rn", "-o", "TARGET"], check=False).stdout.split()
+    for target in sorted((m for m in mounts if m.startswith(str(RUN))), reverse=True):
+        sh(["umount", "-l", target], check=False)
+    for ns in lab_namespaces():
+        sh(["ip", "netns", "del", ns], check=False)
+    sh(["rm", "-rf", str(RUN)], check=False)
+    netns_etc = Path("/etc/netns")
+    if netns_etc.is_dir():
+        for d in netns_etc.glob(f"{PREFIX}*"):
+            sh(["rm", "-rf", str(d)], check=False)
+    left = lab_namespaces()
+    if left:
+        raise LabError(f"could not remove namespaces: {', '.join(left)}")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Lab:
+    """The whole lab; ``with Lab(instances=2) as lab:`` builds it and always tears it down."""
+
+    instances_count: int = 2
+    listeners: int = 1  # instances (from web-1) that run the listener the partner connects to
+    psk: str = field(default_factory=lambda: secrets.token_hex(24))
+    instances: list[Instance] = field(default_factory=list)
+    _procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+    moto_endpoint: str = ""
+    _moto: object | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def __enter__(self) -> Lab:
+        cleanup()
+        try:
+            self.build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for _name, proc in reversed(self._procs):
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+        for _name, proc in reversed(self._procs):
+            try:
+                proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._procs.clear()
+        if self._moto is not None:
+            with contextlib.suppress(Exception):
+                self._moto.stop()  # type: ignore[attr-defined]
+            self._moto = None
+        cleanup()
+
+    def build(self) -> None:
+        started = time.monotonic()
+        for d in (MACHINES, MNT, PIDS, LOGS):
+            d.mkdir(parents=True, exist_ok=True)
+        # Mount namespaces can only be pinned (bind-mounted) below a private mount.
+        sh(["mount", "--bind", str(MNT), str(MNT)])
+        sh(["mount", "--make-private", str(MNT)])
+        self.instances = [
+            Instance(f"web-{n}", f"{PREFIX}web-{n}", instance_ip(n))
+            for n in range(1, self.instances_count + 1)
+        ]
+        self._build_network()
+        self.timings["network"] = time.monotonic() - started
+        self._configure_partner()
+        self._start_charon("tn-pvpn")
+        in_ns("tn-pvpn", ["swanctl", "--load-all"])
+        self._start_charon("tn-gw")
+        self.start_moto()
+        self._start_servers()
+        self.timings["build"] = time.monotonic() - started
+
+    # -- network ------------------------------------------------------------------------------
+    def machines(self) -> list[str]:
+        return ["tn-vpc", "tn-gw", "tn-inet", "tn-pvpn", "tn-app", *[i.ns for i in self.instances]]
+
+    def _build_network(self) -> None:
+        for ns in self.machines():
+            sh(["ip", "netns", "add", ns])
+            self._make_machine(ns)
+            sh(["ip", "-n", ns, "link", "set", "lo", "up"])
+            # Quiet and fast: no IPv6 (no DAD, no router solicitations) in the lab.
+            sh(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])
+        vpc = "tn-vpc"
+        sh(["ip", "-n", vpc, "link", "add", "br0", "type", "bridge"])
+        sh(["ip", "-n", vpc, "link", "set", "br0", "up"])
+
+        def veth(ns_a: str, if_a: str, ns_b: str, if_b: str) -> None:
+            sh(
+                [
+                    "ip",
+                    "-n",
+                    ns_a,
+                    "link",
+                    "add",
+                    if_a,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    if_b,
+                    "netns",
+                    ns_b,
+                ]
+            )
+            sh(["ip", "-n", ns_a, "link", "set", if_a, "up"])
+            sh(["ip", "-n", ns_b, "link", "set", if_b, "up"])
+
+        def on_bridge(ns: str, port: str) -> None:
+            veth(vpc, port, ns, "eth0")
+            sh(["ip", "-n", vpc, "link", "set", port, "master", "br0"])
+
+        # Gateway: VPC side (primary + the fixed ENI address G) and public side E.
+        on_bridge("tn-gw", "p-gw")
+        sh(["ip", "-n", "tn-gw", "addr", "add", f"{GW_PRIMARY}/24", "dev", "eth0"])
+        sh(["ip", "-n", "tn-gw", "addr", "add", f"{GW_ENI}/24", "dev", "eth0"])
+        veth("tn-gw", "eth1", "tn-inet", "to-gw")
+        sh(["ip", "-n", "tn-gw", "addr", "add", f"{GW_PUBLIC}/28", "dev", "eth1"])
+        sh(["ip", "-n", "tn-gw", "route", "add", "default", "via", INET_GW_SIDE])
+        # Internet router between our E and the partner's T.
+        sh(["ip", "-n", "tn-inet", "addr", "add", f"{INET_GW_SIDE}/28", "dev", "to-gw"])
+        veth("tn-inet", "to-pvpn", "tn-pvpn", "eth0")
+        sh(["ip", "-n", "tn-inet", "addr", "add", f"{INET_PARTNER_SIDE}/28", "dev", "to-pvpn"])
+        sh(["ip", "netns", "exec", "tn-inet", "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        # Partner: VPN endpoint T, and app server A behind it.
+        sh(["ip", "-n", "tn-pvpn", "addr", "add", f"{PARTNER_ENDPOINT}/28", "dev", "eth0"])
+        sh(["ip", "-n", "tn-pvpn", "route", "add", "default", "via", INET_PARTNER_SIDE])
+        veth("tn-pvpn", "eth1", "tn-app", "eth0")
+        sh(["ip", "-n", "tn-pvpn", "addr", "add", f"{PARTNER_INSIDE}/24", "dev", "eth1"])
+        sh(["ip", "netns", "exec", "tn-pvpn", "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        sh(["ip", "-n", "tn-app", "addr", "add", f"{APP}/24", "dev", "eth0"])
+        sh(["ip", "-n", "tn-app", "route", "add", "default", "via", PARTNER_INSIDE])
+        # Instances: on the subnet, no default route. Only the host route the controller
+        # installs (A via G) makes the partner reachable.
+        for inst in self.instances:
+            on_bridge(inst.ns, f"p-{inst.name}")
+            sh(["ip", "-n", inst.ns, "addr", "add", f"{inst.private_ip}/24", "dev", "eth0"])
+
+    def _make_machine(self, ns: str) -> None:
+        """Pin a mount namespace for ``ns`` whose /etc is a private overlay of the host's."""
+        root = MACHINES / ns
+        for sub in ("etc", "work", "lock"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        pin = mount_ns_path(ns)
+        pin.touch()
+        setup = (
+            "set -e; "
+            # sysfs mounted from inside the netns shows its interfaces (as ip netns exec does).
+            "umount -l /sys && mount -t sysfs tn-sys /sys; "
+            "mount -t overlay tn-etc "
+            f"-o lowerdir=/etc,upperdir={root}/etc,workdir={root}/work /etc; "
+            "if [ -d /run/systemd ]; then mount -t tmpfs tn-nosystemd /run/systemd; fi; "
+            f"if [ -d /run/lock ]; then mount --bind {root}/lock /run/lock; fi"
+        )
+        # unshare runs in the host's mount namespace so the pin (a bind mount of the new
+        # namespace) lands there; slave propagation: nothing mounted inside reaches the host.
+        sh(
+            [
+                "unshare",
+                f"--mount={pin}",
+                "--propagation",
+                "slave",
+                "nsenter",
+                f"--net=/run/netns/{ns}",
+                "bash",
+                "-c",
+                setup,
+            ]
+        )
+
+    def write_etc(self, ns: str, relpath: str, text: str, mode: int = 0o644) -> None:
+        """Write a file into machine ``ns``'s /etc (through its mount namespace)."""
+        target = f"/etc/{relpath}"
+        sh(
+            machine_argv(
+                ns,
+                [
+                    "bash",
+                    "-c",
+                    f'mkdir -p "$(dirname {target})" && cat > {target} && chmod {mode:o} {target}',
+                ],
+            ),
+            input=text,
+        )
+
+    # -- strongSwan ---------------------------------------------------------------------------
+    @staticmethod
+    def vici(ns: str) -> str:
+        return f"unix://{RUN}/{ns}.vici"
+
+    def _strongswan_conf(self, ns: str) -> str:
+        # What this machine's strongSwan package would ship, plus the lab's facts: the kernel
+        # has no ESP (kernel-libipsec), and each daemon needs its own sockets (LAB-NOTES).
+        return f"""\
+charon-systemd {{
+  load_modular = yes
+  plugins {{
+    include /etc/strongswan.d/charon/*.conf
+    kernel-libipsec {{
+      load = yes
+    }}
+    vici {{
+      socket = {self.vici(ns)}
+    }}
+    lookip {{
+      socket = unix://{RUN}/{ns}.lkp
+    }}
+    error-notify {{
+      socket = unix://{RUN}/{ns}.enfy
+    }}
+  }}
+  filelog {{
+    lab {{
+      path = {LOGS}/{ns}-charon.log
+      time_format = %H:%M:%S
+      default = 1
+      ike = 1
+    }}
+  }}
+}}
+swanctl {{
+  socket = {self.vici(ns)}
+}}
+"""
+
+    def _configure_partner(self) -> None:
+        self.write_etc("tn-pvpn", "strongswan.conf", self._strongswan_conf("tn-pvpn"))
+        self.write_etc("tn-gw", "strongswan.conf", self._strongswan_conf("tn-gw"))
+        remote_ts = ",".join([f"{POOL[0]}-{POOL[-1]}", f"{SHARED}/32"])
+        # The third party's side, configured by hand as they would. unique = replace: a
+        # restarted gateway replaces its stale IKE SA here instead of adding a second one.
+        conf = f"""\
+connections {{
+  {TUNNEL} {{
+    version = 2
+    local_addrs = {PARTNER_ENDPOINT}
+    remote_addrs = {GW_PUBLIC}
+    encap = yes
+    unique = replace
+    dpd_delay = 10s
+    local {{
+      auth = psk
+      id = {PARTNER_ENDPOINT}
+    }}
+    remote {{
+      auth = psk
+      id = {GW_PUBLIC}
+    }}
+    children {{
+      {TUNNEL} {{
+        local_ts = {PARTNER_NET}
+        remote_ts = {remote_ts}
+        esp_proposals = aes256-sha256
+        dpd_action = clear
+      }}
+    }}
+  }}
+}}
+secrets {{
+  ike-tunnelnat {{
+    id-1 = {GW_PUBLIC}
+    secret = "{self.psk}"
+  }}
+}}
+"""
+        self.write_etc("tn-pvpn", "swanctl/conf.d/tunnelnat.conf", conf, mode=0o600)
+
+    def _start_charon(self, ns: str) -> None:
+        self.spawn(f"{ns}-charon", ns, ["charon-systemd"])
+        deadline = time.monotonic() + 15
+        while True:
+            # The socket file outlives a killed daemon: ask it, don't stat it (LAB-NOTES).
+            if sh(machine_argv(ns, ["swanctl", "--stats"]), check=False).returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                raise LabError(f"charon in {ns} did not answer; see {LOGS}/{ns}-charon.log")
+            time.sleep(0.05)
+
+    def restart_gateway_charon(self) -> float:
+        """Kill -9 the gateway's charon and start it again; seconds until it answers."""
+        for name, proc in list(self._procs):
+            if name == "tn-gw-charon":
+                proc.kill()
+                proc.wait()
+                self._procs.remove((name, proc))
+        started = time.monotonic()
+        self._start_charon("tn-gw")
+        return time.monotonic() - started
+
+    # -- processes ----------------------------------------------------------------------------
+    def spawn(self, name: str, ns: str | None, argv: Sequence[str]) -> subprocess.Popen:
+        log = (LOGS / f"{name}.log").open("ab")
+        full = machine_argv(ns, argv) if ns else list(argv)
+        env = {**default_env(), "PYTHONPATH": f"{REPO}:{REPO / 'lambdas'}"}
+        proc = subprocess.Popen(
+            full,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=REPO,
+            start_new_session=True,
+        )
+        log.close()
+        self._procs.append((name, proc))
+        (PIDS / f"{name}.pid").write_text(str(proc.pid))
+        return proc
+
+    def _start_servers(self) -> None:
+        py = str(REPO / ".venv" / "bin" / "python")
+        server = [py, "-m", "lab.app_server"]
+        app_argv = [*server, "--name", "app", "--port", str(APP_PORT), "--log", str(self.app_log)]
+        self.spawn("app", "tn-app", app_argv)
+        for inst in self.instances[: self.listeners]:
+            log = LOGS / f"{inst.name}-listener.log"
+            argv = [*server, "--name", inst.name, "--port", str(INSTANCE_PORT), "--log", str(log)]
+            self.spawn(f"{inst.name}-listener", inst.ns, argv)
+        for ns, port in [("tn-app", APP_PORT)] + [
+            (i.ns, INSTANCE_PORT) for i in self.instances[: self.listeners]
+        ]:
+            self.wait_listening(ns, port)
+
+    def wait_listening(self, ns: str, port: int, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            out = sh(["ip", "netns", "exec", ns, "ss", "-Hltn", f"sport = :{port}"]).stdout
+            if out.strip():
+                return
+            time.sleep(0.05)
+        raise LabError(f"nothing listens on port {port} in {ns}")
+
+    @property
+    def app_log(self) -> Path:
+        return LOGS / "app-peers.log"
+
+    def listener_log(self, name: str) -> Path:
+        return LOGS / f"{name}-listener.log"
+
+    # -- AWS (moto) ---------------------------------------------------------------------------
+    def start_moto(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        self._moto = server
+        host, port = server.get_host_and_port()
+        self.moto_endpoint = f"http://{host}:{port}"
+        # The gateway's scripts reach moto through a unix socket: a file crosses namespaces,
+        # no address or route is added anywhere, and the traffic stays on loopback.
+        sock = RUN / "moto.sock"
+        listen_unix = f"UNIX-LISTEN:{sock},fork,mode=600"
+        self.spawn("moto-bridge-root", None, ["socat", listen_unix, f"TCP:127.0.0.1:{port}"])
+        listen_tcp = f"TCP-LISTEN:{MOTO_NS_PORT},bind=127.0.0.1,fork,reuseaddr"
+        self.spawn("moto-bridge-gw", "tn-gw", ["socat", listen_tcp, f"UNIX-CONNECT:{sock}"])
+        deadline = time.monotonic() + 10
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.wait_listening("tn-gw", MOTO_NS_PORT)
+
+    def aws_env(self) -> dict[str, str]:
+        """Environment for boto3 in this (root) namespace: moto, dummy credentials."""
+        return {
+            "AWS_ENDPOINT_URL": self.moto_endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",  # noqa: S105 - moto's dummy credentials
+            "AWS_DEFAULT_REGION": REGION,
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+
+    def gateway_env(self) -> dict[str, str]:
+        """Environment for the gateway's document runs: moto through the bridge."""
+        return {**self.aws_env(), "AWS_ENDPOINT_URL": f"http://127.0.0.1:{MOTO_NS_PORT}"}
+
+    # -- observation helpers ------------------------------------------------------------------
+    def instance(self, name: str) -> Instance:
+        for inst in self.instances:
+            if inst.name == name:
+                return inst
+        raise KeyError(name)
+
+    def child_sas_installed(self, ns: str = "tn-gw", name: str = TUNNEL) -> int:
+        """How many INSTALLED child SAs named ``name`` (rekeying briefly makes two)."""
+        out = in_ns(ns, ["swanctl", "--list-sas"], check=False)
+        pattern = re.compile(rf"^\s+{re.escape(name)}: #\d+, reqid \d+, INSTALLED", re.MULTILINE)
+        return len(pattern.findall(out))
+
+    def ipsec_counters(self, ns: str = "tn-gw") -> dict[str, int]:
+        """Packets and bytes through the gateway's child SAs (strongSwan's own counters)."""
+        out = in_ns(ns, ["swanctl", "--list-sas", "--raw"], check=False)
+        totals = {"packets-in": 0, "packets-out": 0, "bytes-in": 0, "bytes-out": 0}
+        for key in totals:
+            for part in out.split(f"{key}=")[1:]:
+                with contextlib.suppress(ValueError):
+                    totals[key] += int(part.split()[0])
+        return totals
+
+
+if __name__ == "__main__":
+    # `python -m lab.topology cleanup` removes whatever a crashed run left behind.
+    if sys.argv[1:] == ["cleanup"]:
+        cleanup()
+        print("lab: cleaned up")
