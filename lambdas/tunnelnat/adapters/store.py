@@ -92,7 +92,7 @@ class EnrolmentStore:
 
     def applied_generation(self) -> int:
         item = self._get(META, "gateway")
-        return int(item["applied_generation"]["N"]) if item else -1
+        return int(item["applied_generation"]["N"]) if item else 0
 
     def get_record(self, instance_id: str) -> InstanceRecord | None:
         item = self._get(INSTANCE, instance_id)

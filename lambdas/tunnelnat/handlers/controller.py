@@ -6,6 +6,7 @@ succeed are logged and dropped; anything that may succeed later raises so it is 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import boto3
@@ -51,7 +52,7 @@ def build_controller(
 ) -> Controller:
     """A controller wired to AWS (or to moto via AWS_ENDPOINT_URL); ``commands`` swaps the port."""
     settings = settings or ControllerSettings.from_environ()
-    session = session or boto3.session.Session(region_name=settings.region)
+    session = session or _session(settings.region)
     client = lambda name: session.client(name, config=AWS_CONFIG)  # noqa: E731
     return Controller(
         settings.config,
@@ -62,6 +63,12 @@ def build_controller(
         region=settings.region,
         telemetry=PowertoolsTelemetry(),
     )
+
+
+@functools.cache
+def _session(region: str) -> boto3.session.Session:
+    # A session loads every service model it touches; one per container keeps rebuilds cheap.
+    return boto3.session.Session(region_name=region)
 
 
 def use_controller(controller: Controller | None) -> None:

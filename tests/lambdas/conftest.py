@@ -1,0 +1,172 @@
+"""moto's server on loopback stands in for AWS; the handler talks to it over real HTTP.
+
+moto's SSM reports every command as Success without running anything, so commands go through
+``FakeFleet``: it keeps each instance's routes and the gateway's applied table in memory, and the
+gateway's sync reads the real DynamoDB table with the real gateway program's reader.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import boto3
+import pytest
+from moto.server import ThreadedMotoServer
+
+from tests.conftest import VALID_CONFIG
+from tunnelnat.adapters.commands import AgentNotReady, CommandResult
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "gateway"))
+import tunnelnat_gateway  # noqa: E402
+
+REGION = "us-east-1"
+TABLE = "tunnelnat-test"
+
+
+@pytest.fixture(scope="session")
+def moto_url():
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in ENV}
+    os.environ.update({**ENV, "AWS_ENDPOINT_URL": url})
+    yield url
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": REGION,
+    "AWS_REGION": REGION,
+    "AWS_ENDPOINT_URL": "",
+    "POWERTOOLS_TRACE_DISABLED": "1",
+    "POWERTOOLS_METRICS_NAMESPACE": "tunnelnat",
+    "POWERTOOLS_SERVICE_NAME": "tunnelnat",
+    "TUNNELNAT_TABLE_NAME": TABLE,
+    "TUNNELNAT_DEPLOYMENT": "test",
+    "TUNNELNAT_CONFIG": json.dumps(VALID_CONFIG),
+}
+
+
+@dataclass
+class FakeFleet:
+    """The command port, with the effects the real documents have (proved in tests/lab)."""
+
+    dynamodb: object
+    gateway_id: str = ""
+    routes: dict[str, set[str]] = field(default_factory=dict)
+    applied: object = None  # the NatTable the fake gateway last applied
+    calls: list[tuple[str, str]] = field(default_factory=list)
+    not_ready: set[str] = field(default_factory=set)
+    failing: set[str] = field(default_factory=set)
+
+    def run(self, instance_id, document, parameters):
+        self.calls.append((instance_id, document))
+        if instance_id in self.not_ready:
+            raise AgentNotReady(f"{instance_id}: SSM agent not registered")
+        if document in self.failing:
+            return CommandResult(instance_id, document, "Failed", stderr="boom")
+        if document == "AddHostRoute":
+            self.routes[instance_id] = set(parameters["Destinations"].split(","))
+            return CommandResult(instance_id, document, "Success", stdout="{}")
+        if document == "RemoveHostRoute":
+            self.routes.pop(instance_id, None)
+            return CommandResult(instance_id, document, "Success", stdout="{}")
+        if document == "SyncNatTable":
+            assert instance_id == self.gateway_id, "sync sent to something not the gateway"
+            table = tunnelnat_gateway.read_desired(
+                self.dynamodb, parameters["TableName"], "dedicated"
+            )
+            if self.applied is None or table.generation > self.applied.generation:
+                self.applied = table
+            report = {"applied_generation": self.applied.generation, "action": "updated"}
+            return CommandResult(instance_id, document, "Success", stdout=json.dumps(report))
+        raise AssertionError(f"unexpected document {document}")
+
+    def syncs(self) -> int:
+        return sum(1 for _, doc in self.calls if doc == "SyncNatTable")
+
+    def applied_pairs(self) -> set[tuple[str, str]]:
+        if self.applied is None:
+            return set()
+        return {(str(m.private_ip), str(m.public_ip)) for m in self.applied.mappings}
+
+
+@dataclass
+class World:
+    ec2: object
+    dynamodb: object
+    subnet_id: str
+    gateway_id: str
+    fleet: FakeFleet
+
+    def launch(self, private_ip: str, *, tags: dict[str, str] | None = None) -> str:
+        spec = {"SubnetId": self.subnet_id, "PrivateIpAddress": private_ip}
+        if tags:
+            spec["TagSpecifications"] = [
+                {
+                    "ResourceType": "instance",
+                    "Tags": [{"Key": k, "Value": v} for k, v in tags.items()],
+                }
+            ]
+        reply = self.ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1, **spec)
+        return reply["Instances"][0]["InstanceId"]
+
+    def items(self, pk: str) -> dict[str, dict]:
+        reply = self.dynamodb.query(
+            TableName=TABLE,
+            KeyConditionExpression="pk = :pk",
+            ExpressionAttributeValues={":pk": {"S": pk}},
+        )
+        return {i["sk"]["S"]: i for i in reply["Items"]}
+
+    def all_items(self) -> list[dict]:
+        return self.dynamodb.scan(TableName=TABLE)["Items"]
+
+
+@pytest.fixture
+def world(moto_url):
+    urllib.request.urlopen(urllib.request.Request(f"{moto_url}/moto-api/reset", method="POST"))
+    ec2 = boto3.client("ec2", region_name=REGION)
+    dynamodb = boto3.client("dynamodb", region_name=REGION)
+    dynamodb.create_table(
+        TableName=TABLE,
+        KeySchema=[
+            {"AttributeName": "pk", "KeyType": "HASH"},
+            {"AttributeName": "sk", "KeyType": "RANGE"},
+        ],
+        AttributeDefinitions=[
+            {"AttributeName": "pk", "AttributeType": "S"},
+            {"AttributeName": "sk", "AttributeType": "S"},
+        ],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    vpc = ec2.create_vpc(CidrBlock="10.10.0.0/16")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.10.1.0/24")["Subnet"]["SubnetId"]
+    other = ec2.create_subnet(VpcId=vpc, CidrBlock="10.10.2.0/24")["Subnet"]["SubnetId"]
+    fleet = FakeFleet(dynamodb)
+    w = World(ec2, dynamodb, subnet, "", fleet)
+    w.other_subnet_id = other
+    gateway = w.launch(
+        "10.10.1.10", tags={"tunnelnat:role": "gateway", "tunnelnat:deployment": "test"}
+    )
+    w.gateway_id = fleet.gateway_id = gateway
+
+    from tunnelnat.handlers import controller as handler_module
+
+    handler_module.use_controller(handler_module.build_controller(commands=fleet))
+    yield w
+    handler_module.use_controller(None)

@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+from ipaddress import IPv4Address
+
+import pytest
+
+from tunnelnat.core.config import TunnelnatConfig
+from tunnelnat.core.enrolment import (
+    AddressPool,
+    ObservedInstance,
+    Status,
+    decide_enrolment,
+    public_address_for,
+)
+
+
+@pytest.fixture
+def config(config_values):
+    return TunnelnatConfig.from_mapping(config_values)
+
+
+def instance(**overrides) -> ObservedInstance:
+    values = {
+        "instance_id": "i-0123456789abcdef0",
+        "state": "running",
+        "private_ip": IPv4Address("10.10.1.21"),
+        "public_ip": None,
+        "subnet_id": "subnet-1",
+        "tags": {"tunnelnat": "enabled", "Name": "web-1"},
+    }
+    values.update(overrides)
+    return ObservedInstance(**values)
+
+
+@pytest.mark.parametrize(
+    ("observed", "enrol", "status"),
+    [
+        (instance(), True, Status.ENROLLED),
+        (None, False, Status.GONE),
+        (instance(state="terminated"), False, Status.GONE),
+        (instance(state="shutting-down"), False, Status.GONE),
+        (instance(tags={}), False, Status.NOT_TAGGED),
+        (instance(tags={"tunnelnat": "disabled"}), False, Status.INVALID_TAG),
+        (instance(tags={"tunnelnat": "enabled; rm -rf /"}), False, Status.INVALID_TAG),
+        (instance(state="stopped"), False, Status.NOT_RUNNING),
+        (instance(state="pending"), False, Status.NOT_RUNNING),
+        (instance(private_ip=None), False, Status.NO_PRIVATE_IP),
+        (instance(private_ip=IPv4Address("10.10.2.21")), False, Status.UNSUPPORTED_SUBNET),
+        (
+            instance(tags={"tunnelnat": "enabled", "tunnelnat:role": "gateway"}),
+            False,
+            Status.IS_GATEWAY,
+        ),
+    ],
+)
+def test_enrolment_decision(config, observed, enrol, status):
+    decision = decide_enrolment(observed, config)
+    assert (decision.enrol, decision.status) == (enrol, status)
+    assert decision.reason
+
+
+def test_hostile_tag_value_is_quoted_in_the_reason(config):
+    decision = decide_enrolment(instance(tags={"tunnelnat": "$(id)\n"}), config)
+    assert decision.status is Status.INVALID_TAG
+    assert "'$(id)\\n'" in decision.reason
+
+
+def test_instance_mode_needs_a_public_ip(config_values):
+    config_values.update(nat_mode="instance", address_pool=[])
+    config = TunnelnatConfig.from_mapping(config_values)
+    assert decide_enrolment(instance(), config).status is Status.NO_PUBLIC_IP
+    with_ip = instance(public_ip=IPv4Address("198.51.100.77"))
+    assert decide_enrolment(with_ip, config).enrol
+    assert public_address_for(with_ip, config, current=None, claimed=[]) == with_ip.public_ip
+
+
+def test_dedicated_mode_takes_the_first_free_address_and_keeps_it(config):
+    pool = [IPv4Address(a) for a in ("203.0.113.10", "203.0.113.11", "203.0.113.12")]
+    assert public_address_for(instance(), config, current=None, claimed=[]) == pool[0]
+    assert public_address_for(instance(), config, current=None, claimed=pool[:2]) == pool[2]
+    assert public_address_for(instance(), config, current=pool[1], claimed=pool) == pool[1]
+    assert public_address_for(instance(), config, current=None, claimed=pool) is None
+    # An address that left the pool is not kept.
+    outsider = IPv4Address("203.0.113.99")
+    assert public_address_for(instance(), config, current=outsider, claimed=[]) == pool[0]
+
+
+def test_shared_mode_gives_everyone_the_same_address(config_values):
+    config_values.update(nat_mode="shared", address_pool=[], shared_address="203.0.113.100")
+    config = TunnelnatConfig.from_mapping(config_values)
+    got = public_address_for(instance(), config, current=None, claimed=[])
+    assert got == IPv4Address("203.0.113.100")
+
+
+def test_address_pool_set_semantics():
+    pool = AddressPool([IPv4Address("203.0.113.2"), IPv4Address("203.0.113.1")])
+    assert len(pool) == 2
+    assert IPv4Address("203.0.113.1") in pool
+    assert pool.free([IPv4Address("203.0.113.1")]) == [IPv4Address("203.0.113.2")]
