@@ -1,0 +1,137 @@
+"""Every shipped document parses, constrains every parameter, and refuses hostile values before
+anything runs (the runner validates exactly as SendCommand does: reject, never sanitise)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lab.ssm_runner import InvalidParameters, load_document, render_scripts, run_document
+from tools.build_documents import expand
+from tunnelnat.adapters.commands import DOCUMENTS
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = sorted((ROOT / "ssm_documents").glob("*.yaml"))
+# Hostile for every parameter, whatever it holds.
+HOSTILE = [
+    "1.2.3.4; rm -rf /",
+    "$(id)",
+    "`id`",
+    "192.0.2.0/24\nreboot",
+    "192.0.2.0/24\n",
+    "' OR 1=1",
+    "a" * 1000,
+    "",
+    "192.0.2.0/24 && curl x",
+]
+# Out-of-range values, for the parameters that hold addresses.
+ADDRESS_PARAMETERS = {
+    "Destinations",
+    "Gateway",
+    "PartnerEndpoint",
+    "PartnerNetworks",
+    "PublicAddresses",
+    "LocalId",
+}
+BAD_ADDRESSES = ["256.1.1.1", "10.0.0.999/24", "1.2.3.4/33", "1.2.3", "01.2.3.4.5"]
+
+
+def valid_parameters(name: str) -> dict[str, str]:
+    """Good values for every required parameter of each document."""
+    known = {
+        "Destinations": "192.0.2.0/24",
+        "Gateway": "10.10.1.5",
+        "TableName": "tunnelnat-table",
+        "Region": "us-east-1",
+        "TunnelName": "partner",
+        "PartnerEndpoint": "198.51.100.40",
+        "PartnerNetworks": "192.0.2.0/24",
+        "PublicAddresses": "203.0.113.10,203.0.113.11",
+        "LocalId": "198.51.100.10",
+        "PskSecretName": "tunnelnat/psk",
+        "NatMode": "dedicated",
+        "SharedAddress": "none",
+        "IpsecBackend": "kernel",
+        "Mss": "1360",
+    }
+    document = load_document(ROOT / "ssm_documents" / f"{name}.yaml")
+    params = document.get("parameters") or {}
+    missing = [p for p, spec in params.items() if "default" not in spec and p not in known]
+    assert not missing, f"add good values for {missing} to this test"
+    return {p: known[p] for p in params if p in known and "default" not in params[p]}
+
+
+def test_the_documents_the_controller_uses_all_ship():
+    shipped = {p.stem for p in DOCS}
+    assert set(DOCUMENTS) <= shipped, f"missing: {set(DOCUMENTS) - shipped}"
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: p.stem)
+def test_document_parses_and_every_parameter_is_constrained(path):
+    raw = yaml.safe_load(path.read_text())
+    assert raw["schemaVersion"] == "2.2"
+    assert raw.get("description")
+    for step in raw["mainSteps"]:
+        assert step["action"] == "aws:runShellScript"
+    for name, spec in (raw.get("parameters") or {}).items():
+        pattern = spec.get("allowedPattern")
+        assert pattern, f"{name} has no allowedPattern"
+        assert pattern.startswith("^") and pattern.endswith("$"), f"{name}: anchor the pattern"
+        assert spec.get("description"), f"{name} has no description"
+        for hostile in ("a;b", "$(id)", "`id`", "a\nb", "a b", "a|b", "a&b", "a>b"):
+            assert not re.fullmatch(pattern, hostile), f"{name} accepts {hostile!r}"
+    load_document(path)  # the runner's own structural checks
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: p.stem)
+def test_embedded_code_is_current(path):
+    text = path.read_text()
+    assert expand(text) == text, "stale embedded code: run 'make documents'"
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: p.stem)
+def test_valid_parameters_render(path):
+    document = load_document(path)
+    scripts = render_scripts(document, valid_parameters(path.stem))
+    assert scripts and all("{{" not in s for s in scripts)
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("hostile", HOSTILE + BAD_ADDRESSES)
+def test_hostile_values_are_rejected_before_anything_runs(path, hostile, tmp_path):
+    good = valid_parameters(path.stem)
+    targets = [n for n in good if hostile in HOSTILE or n in ADDRESS_PARAMETERS]
+    if not targets:
+        pytest.skip("no parameter of this document holds an address")
+    marker = tmp_path / "ran"
+    for name in targets:
+        params = {**good, name: hostile}
+        with pytest.raises(InvalidParameters, match=name):
+            # If validation failed open, PATH points at a directory where 'ip' etc. would not
+            # exist, and the marker shows the script started.
+            run_document(
+                path,
+                params,
+                env={"PATH": str(tmp_path), "TUNNELNAT_MARKER": str(marker)},
+                timeout=5,
+            )
+    assert not marker.exists()
+
+
+def test_undeclared_and_missing_parameters_are_rejected():
+    path = ROOT / "ssm_documents" / "AddHostRoute.yaml"
+    with pytest.raises(InvalidParameters, match="not declared"):
+        run_document(path, {**valid_parameters("AddHostRoute"), "Extra": "x"})
+    with pytest.raises(InvalidParameters, match="Gateway"):
+        run_document(path, {"Destinations": "192.0.2.0/24"})
+
+
+def test_patterns_accept_lists_and_refuse_bad_octets():
+    document = load_document(ROOT / "ssm_documents" / "AddHostRoute.yaml")
+    pattern = document["parameters"]["Destinations"]["allowedPattern"]
+    assert re.fullmatch(pattern, "192.0.2.0/24,198.51.100.0/25,203.0.113.7/32")
+    for bad in ("192.0.2.0", "192.0.2.0/24,", ",192.0.2.0/24", "300.0.2.0/24", "192.0.2.0/-1"):
+        assert not re.fullmatch(pattern, bad), bad
