@@ -27,6 +27,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lab.ssm_runner import REPO, default_env, netns_argv
 
@@ -180,6 +181,8 @@ class Lab:
     _procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
     moto_endpoint: str = ""
     _moto: object | None = None
+    aws: Any = None  # lab.aws.LabAws once moto runs
+    commands: Any = None  # lab.commands.LabCommands
     timings: dict[str, float] = field(default_factory=dict)
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -230,6 +233,7 @@ class Lab:
         in_ns("tn-pvpn", ["swanctl", "--load-all"])
         self._start_charon("tn-gw")
         self.start_moto()
+        self._seed_aws()
         self._start_servers()
         self.timings["build"] = time.monotonic() - started
 
@@ -355,12 +359,17 @@ class Lab:
         # What this machine's strongSwan package would ship, plus the lab's facts: the kernel
         # has no ESP (kernel-libipsec), and each daemon needs its own sockets (LAB-NOTES).
         return f"""\
+include /etc/strongswan.d/*.conf
 charon-systemd {{
   load_modular = yes
   plugins {{
     include /etc/strongswan.d/charon/*.conf
     kernel-libipsec {{
       load = yes
+    }}
+    # Would relay multicast/broadcast into the tunnel; noise in the lab.
+    forecast {{
+      load = no
     }}
     vici {{
       socket = {self.vici(ns)}
@@ -519,6 +528,38 @@ secrets {{
         while not sock.exists() and time.monotonic() < deadline:
             time.sleep(0.02)
         self.wait_listening("tn-gw", MOTO_NS_PORT)
+
+    def _seed_aws(self) -> None:
+        # Imported here: these modules build on this one.
+        from lab.aws import LabAws
+        from lab.commands import LabCommands
+
+        self.aws = LabAws(self.moto_endpoint)
+        self.aws.seed(self)
+        namespaces = {i.instance_id: i.ns for i in self.instances}
+        namespaces[self.aws.gateway_id] = "tn-gw"
+        self.commands = LabCommands(namespaces, self.aws.gateway_id, self.gateway_env())
+
+    def configure_gateway_parameters(self, **overrides: str) -> dict[str, str]:
+        """ConfigureGateway's parameters for the lab (dedicated pool plus the shared address)."""
+        return {
+            "PartnerEndpoint": PARTNER_ENDPOINT,
+            "PartnerNetworks": PARTNER_NET,
+            "PublicAddresses": ",".join([*POOL, SHARED]),
+            "LocalId": GW_PUBLIC,
+            "PskSecretName": PSK_SECRET,
+            "IpsecBackend": "libipsec",
+            "NatMode": "dedicated",
+            "TunnelName": TUNNEL,
+            "TableName": TABLE,
+            "Region": REGION,
+            **overrides,
+        }
+
+    def configure_gateway(self, **overrides: str) -> Any:
+        """Run the real ConfigureGateway document on the gateway; returns its CommandResult."""
+        params = self.configure_gateway_parameters(**overrides)
+        return self.commands.run(self.aws.gateway_id, "ConfigureGateway", params)
 
     def aws_env(self) -> dict[str, str]:
         """Environment for boto3 in this (root) namespace: moto, dummy credentials."""

@@ -1,0 +1,82 @@
+"""The lab's command port: the controller's commands run as the real documents in namespaces.
+
+Where SSM Run Command would deliver a document to an instance's agent, ``LabCommands`` runs the
+same YAML through the document runner inside the instance's network namespace (and its private
+/etc). The gateway's runs get the environment that reaches moto. Every run is recorded, so the
+demo and the tests can show what the controller asked for.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lab.ssm_runner import REPO, InvalidParameters, Invocation, run_document
+from lab.topology import mount_ns_path
+from tunnelnat.adapters.commands import DOCUMENTS, CommandError, CommandResult
+
+DOCUMENT_DIR = REPO / "ssm_documents"
+
+
+@dataclass(frozen=True)
+class Run:
+    instance_id: str
+    document: str
+    parameters: dict[str, str]
+    status: str
+    seconds: float
+
+
+@dataclass
+class LabCommands:
+    """``CommandPort`` for the lab: instance id -> namespace, document name -> its YAML."""
+
+    namespaces: dict[str, str]  # instance id -> network namespace
+    gateway_id: str
+    gateway_env: dict[str, str]
+    timeout: float = 120.0
+    history: list[Run] = field(default_factory=list)
+
+    def document_path(self, document: str) -> Path:
+        if document not in DOCUMENTS:
+            raise ValueError(f"unknown document {document!r}")
+        return DOCUMENT_DIR / f"{document}.yaml"
+
+    def run(self, instance_id: str, document: str, parameters: Mapping[str, str]) -> CommandResult:
+        path = self.document_path(document)
+        ns = self.namespaces.get(instance_id)
+        if ns is None:
+            # What SSM says for an instance without a registered agent.
+            raise CommandError(
+                f"{instance_id}: no lab machine (InvalidInstanceId)", retryable=False
+            )
+        env = self.gateway_env if instance_id == self.gateway_id else {}
+        started = time.monotonic()
+        try:
+            inv = run_document(
+                path,
+                parameters,
+                netns=ns,
+                mount_ns=mount_ns_path(ns),
+                env=env,
+                timeout=self.timeout,
+            )
+        except InvalidParameters as exc:
+            # SendCommand refuses these before anything runs; so does the lab.
+            raise CommandError(f"{document}: {exc}", retryable=False) from exc
+        self.history.append(
+            Run(instance_id, document, dict(parameters), inv.status, time.monotonic() - started)
+        )
+        return to_result(instance_id, document, inv)
+
+
+def to_result(instance_id: str, document: str, inv: Invocation) -> CommandResult:
+    return CommandResult(
+        instance_id=instance_id,
+        document=document,
+        status=inv.status,
+        stdout=inv.stdout,
+        stderr=inv.stderr,
+    )
