@@ -1,17 +1,23 @@
-"""The heart: ``reconcile(instance_id)`` drives one instance, and the gateway, to what it should be.
+"""The heart: drive instances, and the gateway, to what they should be.
 
-Level-triggered: whatever event led here, the controller reads the instance's real state from
-EC2 and the stored state from DynamoDB, decides, writes the desired state, then makes the instance
-and the gateway match it. Running it twice changes nothing the second time.
+Level-triggered: whatever event led here, the controller reads the instances' real state from EC2
+and the stored state from DynamoDB, decides, writes the desired state, then makes the instances and
+the gateway match it. Running it twice changes nothing the second time.
+
+``converge`` works in three phases so a batch of instances costs one gateway sync, not one each:
+1. per instance: observe, decide, write the desired mapping (or remove a route and the mapping);
+2. once: if the gateway is behind the desired generation, it pulls and applies the newest table;
+3. per instance: add the route, record the status.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from tunnelnat.adapters.commands import CommandError, CommandPort
+from tunnelnat.adapters.commands import AgentNotReady, CommandError, CommandPort
 from tunnelnat.adapters.store import (
     AddressTaken,
     EnrolmentStore,
@@ -31,12 +37,21 @@ from tunnelnat.core.enrolment import (
 STORE_ATTEMPTS = 5
 # Without the enrolment tag an instance is none of our business unless we enrolled it before.
 UNMANAGED = (Status.NOT_TAGGED, Status.GONE, Status.IS_GATEWAY)
+PENDING_SSM = "pending-ssm"
+TERMINATING = "terminating"
+_UNOBSERVED = object()
 
 
 class InstanceSource(Protocol):
     def describe(self, instance_id: str) -> ObservedInstance | None: ...
 
+    def describe_many(self, instance_ids: Iterable[str]) -> dict[str, ObservedInstance]: ...
+
+    def tagged(self, tag_key: str) -> dict[str, ObservedInstance]: ...
+
     def find_gateway(self, deployment: str) -> str: ...
+
+    def set_status_tag(self, instance: ObservedInstance, status: str) -> None: ...
 
 
 class Telemetry(Protocol):
@@ -59,7 +74,20 @@ class Outcome:
     managed: bool = True
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
+        return {
+            k: str(v) if k == "status" else v for k, v in self.__dict__.items() if v is not None
+        }
+
+
+@dataclass
+class _Plan:
+    """One instance between phase 1 and phase 3."""
+
+    instance_id: str
+    instance: ObservedInstance | None
+    decision: Decision
+    mapping: StoredMapping | None
+    route: bool  # is our route on the instance now
 
 
 class Controller:
@@ -82,25 +110,120 @@ class Controller:
         self.region = region
         self.telemetry = telemetry or NoTelemetry()
 
-    # -- the one path every event leads to ---------------------------------------------------
-    def reconcile(self, instance_id: str) -> Outcome:
-        instance = self.instances.describe(instance_id)
+    # -- entry points ------------------------------------------------------------------------
+    def reconcile(self, instance_id: str, *, terminating: bool = False) -> Outcome:
+        """Converge one instance; raise what went wrong so the caller can retry."""
+        result = self.converge([instance_id], terminating={instance_id} if terminating else ())[
+            instance_id
+        ]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def reconcile_all(self) -> dict[str, Outcome | Exception]:
+        """The scheduled repair: every tagged instance and everything the table remembers, and a
+        full re-render on the gateway (it may have been rebooted, replaced or edited by hand)."""
+        observed: dict[str, ObservedInstance | None] = dict(
+            self.instances.tagged(self.config.enrolment_tag_key)
+        )
+        remembered = {m.instance_id for m in self.store.mappings()}
+        remembered |= {r.instance_id for r in self.store.records()}
+        unknown = remembered - set(observed)
+        found = self.instances.describe_many(unknown)
+        for instance_id in unknown:
+            observed[instance_id] = found.get(instance_id)
+        return self.converge(sorted(observed), observed=observed, full_sync=True)
+
+    def converge(
+        self,
+        instance_ids: Iterable[str],
+        *,
+        observed: Mapping[str, ObservedInstance | None] | None = None,
+        terminating: Iterable[str] = (),
+        full_sync: bool = False,
+    ) -> dict[str, Outcome | Exception]:
+        """Converge many instances with at most one gateway sync. Each instance's result is its
+        Outcome or the exception that stopped it; one instance's failure never stops another's."""
+        ending = set(terminating)
+        results: dict[str, Outcome | Exception] = {}
+        plans: list[_Plan] = []
+        for instance_id in dict.fromkeys(instance_ids):
+            seen = observed.get(instance_id, _UNOBSERVED) if observed else _UNOBSERVED
+            try:
+                plan = self._plan(instance_id, seen, terminating=instance_id in ending)
+            except Exception as exc:  # noqa: BLE001 - reported per instance, retried by the queue
+                results[instance_id] = exc
+                continue
+            if isinstance(plan, Outcome):
+                results[instance_id] = plan
+            else:
+                plans.append(plan)
+        synced = False
+        sync_error: Exception | None = None
+        if plans or full_sync:
+            try:
+                synced = self._sync_gateway(full=full_sync)
+            except Exception as exc:  # noqa: BLE001
+                sync_error = exc
+        generation = self.store.desired_generation() if plans else None
+        for plan in plans:
+            if sync_error is not None:
+                results[plan.instance_id] = sync_error
+                continue
+            try:
+                results[plan.instance_id] = self._finish(plan, generation, synced)
+            except Exception as exc:  # noqa: BLE001
+                results[plan.instance_id] = exc
+        return results
+
+    # -- phase 1 -----------------------------------------------------------------------------
+    def _plan(self, instance_id: str, seen: object, *, terminating: bool) -> _Plan | Outcome:
+        instance = self.instances.describe(instance_id) if seen is _UNOBSERVED else seen
+        assert instance is None or isinstance(instance, ObservedInstance)
         decision = decide_enrolment(instance, self.config)
-        mapping = self.store.get_mapping(instance_id)
-        record = self.store.get_record(instance_id)
+        if terminating:
+            decision = Decision(False, Status.GONE, "Auto Scaling is terminating the instance")
+        mapping, record = self.store.snapshot(instance_id)
+        if not decision.enrol and mapping is None and record is None:
+            if decision.status in UNMANAGED:
+                # Never ours: an event about some other instance. Nothing to write or undo.
+                return Outcome(instance_id, decision.status, decision.reason, managed=False)
+        route = bool(record and record.route_installed)
         if decision.enrol:
             assert instance is not None
-            return self._enrol(instance, mapping)
-        if mapping is None and record is None and decision.status in UNMANAGED:
-            # Never ours: an event about some other instance. Nothing to write, nothing to undo.
-            return Outcome(instance_id, decision.status, decision.reason, managed=False)
-        return self._unenrol(instance_id, instance, decision, mapping, record)
+            mapping = self._desire_mapping(instance, mapping)
+            if mapping is None:
+                reason = f"all {len(self.config.address_pool)} pool addresses are in use"
+                self.telemetry.count("PoolExhausted")
+                decision = Decision(False, Status.POOL_EXHAUSTED, reason)
+                self._record(instance_id, instance, decision.status, reason, route=route)
+                if route and instance.state == "running":
+                    self._run(instance_id, "RemoveHostRoute", self._route_parameters())
+                    self._record(instance_id, instance, decision.status, reason, route=False)
+                return Outcome(instance_id, decision.status, reason)
+            return _Plan(instance_id, instance, decision, mapping, route)
+        # Not to be enrolled: stop its traffic first (route), then forget its mapping.
+        if route and instance is not None and instance.state == "running" and not terminating:
+            self._run(instance_id, "RemoveHostRoute", self._route_parameters())
+            route = False
+        elif instance is None or instance.state == "terminated" or terminating:
+            route = False  # gone with the instance
+        # A stopped instance keeps its route file; we stay responsible and remove it at start.
+        if mapping is not None:
+            try:
+                self.store.delete_mapping(mapping, release=self._dedicated)
+            except StoreConflict:
+                if self.store.get_mapping(instance_id) is not None:
+                    raise
+            self.telemetry.count("Unenrolments")
+        return _Plan(instance_id, instance, decision, None, route)
 
-    # -- enrol -------------------------------------------------------------------------------
-    def _enrol(self, instance: ObservedInstance, mapping: StoredMapping | None) -> Outcome:
+    def _desire_mapping(
+        self, instance: ObservedInstance, mapping: StoredMapping | None
+    ) -> StoredMapping | None:
         assert instance.private_ip is not None
         for _ in range(STORE_ATTEMPTS):
-            claimed = [] if mapping is not None else self._claimed()
+            claimed = self.store.claimed_addresses() if self._dedicated and not mapping else []
             address = public_address_for(
                 instance,
                 self.config,
@@ -108,91 +231,63 @@ class Controller:
                 claimed=claimed,
             )
             if address is None:
-                self.telemetry.count("PoolExhausted")
-                reason = f"all {len(self.config.address_pool)} pool addresses are in use"
-                self._record(instance, Status.POOL_EXHAUSTED, reason, route=False)
-                return Outcome(instance.instance_id, Status.POOL_EXHAUSTED, reason)
-            if (
-                mapping is not None
-                and mapping.private_ip == instance.private_ip
-                and mapping.public_ip == address
+                return None
+            if mapping and (mapping.private_ip, mapping.public_ip) == (
+                instance.private_ip,
+                address,
             ):
-                break
+                return mapping
             try:
                 self.store.put_mapping(
                     instance.instance_id,
                     instance.private_ip,
                     address,
-                    claim=self.config.nat_mode is NatMode.DEDICATED,
+                    claim=self._dedicated,
                     previous=mapping,
                 )
-                mapping = StoredMapping(instance.instance_id, instance.private_ip, address)
-                break
+                return StoredMapping(instance.instance_id, instance.private_ip, address)
             except (AddressTaken, StoreConflict):
+                self.telemetry.count("StoreConflicts")
                 mapping = self.store.get_mapping(instance.instance_id)
-        else:
-            raise StoreConflict(f"{instance.instance_id}: gave up after {STORE_ATTEMPTS} conflicts")
-        assert mapping is not None
-        generation = self.store.desired_generation()
-        synced = self._sync_gateway(generation)
-        self._run(instance.instance_id, "AddHostRoute", self._route_parameters())
-        self._record(
-            instance, Status.ENROLLED, "route and NAT in place", route=True, mapping=mapping
-        )
-        self.telemetry.count("Enrolments")
-        return Outcome(
-            instance.instance_id,
-            Status.ENROLLED,
-            "route and NAT in place",
-            public_ip=str(mapping.public_ip),
-            generation=generation,
-            gateway_synced=synced,
-        )
+        raise StoreConflict(f"{instance.instance_id}: gave up after {STORE_ATTEMPTS} conflicts")
 
-    # -- unenrol -----------------------------------------------------------------------------
-    def _unenrol(
-        self,
-        instance_id: str,
-        instance: ObservedInstance | None,
-        decision: Decision,
-        mapping: StoredMapping | None,
-        record: InstanceRecord | None,
-    ) -> Outcome:
-        route = bool(record and record.route_installed)
-        if route and instance is not None and instance.state == "running":
-            self._run(instance_id, "RemoveHostRoute", self._route_parameters())
-            route = False
-        elif instance is None or instance.state == "terminated":
-            route = False  # gone with the instance
-        # A stopped instance keeps its route file; we stay responsible and remove it at start.
-        generation = None
-        if mapping is not None:
+    # -- phase 3 -----------------------------------------------------------------------------
+    def _finish(self, plan: _Plan, generation: int | None, synced: bool) -> Outcome:
+        instance, decision = plan.instance, plan.decision
+        if decision.enrol:
+            assert instance is not None and plan.mapping is not None
             try:
-                self.store.delete_mapping(
-                    mapping, release=self.config.nat_mode is NatMode.DEDICATED
-                )
-            except StoreConflict:
-                if self.store.get_mapping(instance_id) is not None:
-                    raise
-        generation = self.store.desired_generation()
-        synced = self._sync_gateway(generation)
-        if decision.status is Status.GONE or (not route and decision.status is Status.NOT_TAGGED):
-            # Nothing of ours is left on it: forget it rather than keep a row per past instance.
-            self.store.delete_record(instance_id)
-        else:
-            self.store.put_record(
-                InstanceRecord(
-                    instance_id,
-                    decision.status.value,
-                    decision.reason,
-                    route_installed=route,
-                    private_ip=_text(instance.private_ip if instance else None),
-                )
+                self._run(plan.instance_id, "AddHostRoute", self._route_parameters())
+            except AgentNotReady as exc:
+                self._record(plan.instance_id, instance, PENDING_SSM, str(exc), route=plan.route)
+                raise
+            reason = "route and NAT in place"
+            self._record(
+                plan.instance_id,
+                instance,
+                Status.ENROLLED,
+                reason,
+                route=True,
+                mapping=plan.mapping,
             )
-        if mapping is not None:
-            self.telemetry.count("Unenrolments")
+            self.telemetry.count("Enrolments")
+            return Outcome(
+                plan.instance_id,
+                Status.ENROLLED,
+                reason,
+                public_ip=str(plan.mapping.public_ip),
+                generation=generation,
+                gateway_synced=synced,
+            )
+        if decision.status is Status.GONE or (not plan.route and decision.status in UNMANAGED):
+            # Nothing of ours is left on it: forget it rather than keep a row per past instance.
+            self.store.delete_record(plan.instance_id)
+            if instance is not None and decision.status is Status.NOT_TAGGED:
+                self.instances.set_status_tag(instance, "not-enrolled")
+        else:
+            self._record(plan.instance_id, instance, decision.status, decision.reason, plan.route)
         return Outcome(
-            instance_id,
+            plan.instance_id,
             decision.status,
             decision.reason,
             generation=generation,
@@ -200,9 +295,9 @@ class Controller:
         )
 
     # -- the gateway ---------------------------------------------------------------------------
-    def sync_gateway(self, *, full: bool = False) -> dict[str, Any]:
+    def sync_gateway(self, *, full: bool = False, gateway: str | None = None) -> dict[str, Any]:
         """Ask the gateway to pull and apply the newest table; returns what it reported."""
-        gateway = self.instances.find_gateway(self.deployment)
+        gateway = gateway or self.instances.find_gateway(self.deployment)
         result = self._run(
             gateway,
             "SyncNatTable",
@@ -219,21 +314,28 @@ class Controller:
         self.telemetry.count("GatewaySyncs")
         return report
 
-    def _sync_gateway(self, generation: int) -> bool:
-        # The gateway pulls the newest table, so a sync is needed only while it is behind; any
-        # sync in flight already carries every change made before it read the table.
-        if self.store.applied_generation() >= generation:
+    def _sync_gateway(self, *, full: bool = False) -> bool:
+        # The gateway pulls the newest table, so one sync covers every change written before it
+        # starts; none is needed while the gateway reports the desired generation already.
+        desired = self.store.desired_generation()
+        applied, reported_by = self.store.gateway_state()
+        gateway = None
+        if full:
+            gateway = self.instances.find_gateway(self.deployment)
+            # A replaced gateway starts empty whatever its predecessor reported.
+            if reported_by != gateway:
+                applied = 0
+        elif applied >= desired:
             return False
-        report = self.sync_gateway()
-        if int(report.get("applied_generation", -1)) < generation:
-            raise CommandError(f"gateway applied {report} but generation {generation} is desired")
+        report = self.sync_gateway(full=full, gateway=gateway)
+        if int(report.get("applied_generation", -1)) < desired:
+            raise CommandError(f"gateway reported {report}, but generation {desired} is desired")
         return True
 
     # -- helpers -------------------------------------------------------------------------------
-    def _claimed(self) -> list:
-        if self.config.nat_mode is not NatMode.DEDICATED:
-            return []
-        return self.store.claimed_addresses()
+    @property
+    def _dedicated(self) -> bool:
+        return self.config.nat_mode is NatMode.DEDICATED
 
     def _route_parameters(self) -> dict[str, str]:
         return {
@@ -246,26 +348,45 @@ class Controller:
         if not result.ok:
             self.telemetry.count("CommandFailures")
             detail = (result.stderr or result.stdout).strip()[-300:]
+            if result.status in ("Undeliverable", "DeliveryTimedOut"):
+                raise AgentNotReady(f"{instance_id}: {document} {result.status}: {detail}")
             raise CommandError(f"{instance_id}: {document} {result.status}: {detail}")
         return result
 
     def _record(
         self,
-        instance: ObservedInstance,
-        status: Status,
+        instance_id: str,
+        instance: ObservedInstance | None,
+        status: str,
         reason: str,
-        *,
         route: bool,
+        *,
         mapping: StoredMapping | None = None,
     ) -> None:
         self.store.put_record(
             InstanceRecord(
-                instance.instance_id,
-                status.value,
+                instance_id,
+                str(status),
                 reason,
                 route_installed=route,
-                private_ip=_text(instance.private_ip),
+                private_ip=_text(instance.private_ip if instance else None),
                 public_ip=_text(mapping.public_ip if mapping else None),
+            )
+        )
+        if instance is not None and instance.state not in ("terminated", "shutting-down"):
+            self.instances.set_status_tag(instance, str(status))
+
+    def record_failure(self, instance_id: str, reason: str) -> None:
+        """Mark an instance whose retries ran out, keeping what we know of its route."""
+        _, record = self.store.snapshot(instance_id)
+        self.store.put_record(
+            InstanceRecord(
+                instance_id,
+                "failed",
+                reason[:1000],
+                route_installed=bool(record and record.route_installed),
+                private_ip=record.private_ip if record else None,
+                public_ip=record.public_ip if record else None,
             )
         )
 

@@ -6,6 +6,8 @@ An event only says which instance to look at; nothing else in it is trusted.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
 from aws_lambda_powertools.utilities.parser import parse
@@ -16,6 +18,10 @@ from tunnelnat.core.config import INSTANCE_ID
 
 STATE_CHANGE = "EC2 Instance State-change Notification"
 TAG_CHANGE = "Tag Change on Resource"
+LAUNCH_ACTION = "EC2 Instance-launch Lifecycle Action"
+TERMINATE_ACTION = "EC2 Instance-terminate Lifecycle Action"
+SCHEDULED = "Scheduled Event"
+RECONCILE_REQUEST = "tunnelnat Reconcile Request"
 
 
 class InvalidEvent(ValueError):
@@ -56,6 +62,64 @@ class TagChangeEvent(EventBridgeModel):
     detail: TagChangeDetail
 
 
+class LifecycleDetail(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    instance_id: str = Field(alias="EC2InstanceId")
+    group_name: str = Field(alias="AutoScalingGroupName", pattern=r"^[A-Za-z0-9_.:/ +=@-]{1,255}$")
+    hook_name: str = Field(alias="LifecycleHookName", pattern=r"^[A-Za-z0-9_./-]{1,255}$")
+    token: str = Field(alias="LifecycleActionToken", pattern=r"^[A-Za-z0-9-]{1,64}$")
+    transition: Literal[
+        "autoscaling:EC2_INSTANCE_LAUNCHING", "autoscaling:EC2_INSTANCE_TERMINATING"
+    ] = Field(alias="LifecycleTransition")
+
+    _check = field_validator("instance_id")(_instance_id)
+
+    @property
+    def launching(self) -> bool:
+        return self.transition == "autoscaling:EC2_INSTANCE_LAUNCHING"
+
+
+class LifecycleEvent(EventBridgeModel):
+    source: Literal["aws.autoscaling"]
+    detail_type: Literal[
+        "EC2 Instance-launch Lifecycle Action", "EC2 Instance-terminate Lifecycle Action"
+    ] = Field(alias="detail-type")
+    detail: LifecycleDetail
+
+
+class ScheduledEvent(EventBridgeModel):
+    source: Literal["aws.events", "aws.scheduler"]
+    detail_type: Literal["Scheduled Event"] = Field(alias="detail-type")
+
+
+class ReconcileDetail(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    instance_ids: list[str] = Field(default_factory=list, alias="instance-ids", max_length=1000)
+
+    @field_validator("instance_ids")
+    @classmethod
+    def _ids(cls, value: list[str]) -> list[str]:
+        return [_instance_id(v) for v in value]
+
+
+class ReconcileRequestEvent(EventBridgeModel):
+    source: Literal["tunnelnat.cli", "tunnelnat"]
+    detail_type: Literal["tunnelnat Reconcile Request"] = Field(alias="detail-type")
+    detail: ReconcileDetail
+
+
+@dataclass(frozen=True)
+class Request:
+    """What one event asks of the controller."""
+
+    event_id: str
+    kind: str
+    time: datetime
+    instance_ids: tuple[str, ...] = ()
+    full: bool = False
+    lifecycle: LifecycleDetail | None = None
+
+
 def _arn_instance_id(arn: str) -> str:
     # arn:aws:ec2:REGION:ACCOUNT:instance/i-0123456789abcdef0
     resource = arn.rsplit(":", 1)[-1]
@@ -65,8 +129,8 @@ def _arn_instance_id(arn: str) -> str:
     return _instance_id(ident)
 
 
-def instance_ids(event: Any) -> tuple[str, list[str]]:
-    """``(event id, instance IDs)`` of an EventBridge event; InvalidEvent when not ours."""
+def parse_request(event: Any) -> Request:
+    """What an EventBridge event (or an SQS body holding one) asks; InvalidEvent when not ours."""
     if isinstance(event, str):
         try:
             event = json.loads(event)
@@ -78,17 +142,28 @@ def instance_ids(event: Any) -> tuple[str, list[str]]:
     try:
         if kind == STATE_CHANGE:
             state = parse(event=event, model=StateChangeEvent)
-            return state.id, [state.detail.instance_id]
+            return Request(state.id, kind, state.time, (state.detail.instance_id,))
         if kind == TAG_CHANGE:
             tag = parse(event=event, model=TagChangeEvent)
-            ids = [_arn_instance_id(arn) for arn in tag.resources]
+            ids = tuple(_arn_instance_id(arn) for arn in tag.resources)
             if not ids:
                 raise InvalidEvent("tag change event names no resource")
-            return tag.id, ids
+            return Request(tag.id, kind, tag.time, ids)
+        if kind in (LAUNCH_ACTION, TERMINATE_ACTION):
+            action = parse(event=event, model=LifecycleEvent)
+            detail = action.detail
+            return Request(action.id, kind, action.time, (detail.instance_id,), lifecycle=detail)
+        if kind == SCHEDULED:
+            scheduled = parse(event=event, model=ScheduledEvent)
+            return Request(scheduled.id, kind, scheduled.time, full=True)
+        if kind == RECONCILE_REQUEST:
+            request = parse(event=event, model=ReconcileRequestEvent)
+            ids = tuple(request.detail.instance_ids)
+            return Request(request.id, kind, request.time, ids, full=not ids)
     except (ValidationError, ValueError) as exc:
         if isinstance(exc, InvalidEvent):
             raise
-        raise InvalidEvent(f"malformed {kind!r} event: {_short(exc)}") from None
+        raise InvalidEvent(f"malformed {str(kind)[:80]!r} event: {_short(exc)}") from None
     raise InvalidEvent(f"unsupported event type {str(kind)[:80]!r}")
 
 

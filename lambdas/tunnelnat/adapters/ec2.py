@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from typing import Any
 
 from botocore.exceptions import ClientError
 
 from tunnelnat.core.config import parse_ipv4
-from tunnelnat.core.enrolment import GATEWAY_ROLE_TAG, ObservedInstance
+from tunnelnat.core.enrolment import GATEWAY_ROLE_TAG, STATUS_TAG, ObservedInstance
 
 DEPLOYMENT_TAG = "tunnelnat:deployment"
+DESCRIBE_CHUNK = 1000  # DescribeInstances' limit on InstanceIds
+_INSTANCE_IDS = re.compile(r"i-[0-9a-f]{8,17}")
 
 
 class GatewayNotFound(RuntimeError):
@@ -33,6 +37,63 @@ class Ec2Instances:
                 if raw.get("InstanceId") == instance_id:
                     return observed(raw)
         return None
+
+    def describe_many(self, instance_ids: Iterable[str]) -> dict[str, ObservedInstance]:
+        """Every instance EC2 still knows among ``instance_ids``, in calls of up to 1,000 IDs."""
+        wanted = list(dict.fromkeys(instance_ids))
+        found: dict[str, ObservedInstance] = {}
+        for start in range(0, len(wanted), DESCRIBE_CHUNK):
+            chunk = wanted[start : start + DESCRIBE_CHUNK]
+            while chunk:
+                try:
+                    pages = self._ec2.get_paginator("describe_instances").paginate(
+                        InstanceIds=chunk
+                    )
+                    for page in pages:
+                        for reservation in page.get("Reservations", []):
+                            for raw in reservation.get("Instances", []):
+                                found[raw["InstanceId"]] = observed(raw)
+                    break
+                except ClientError as exc:
+                    if exc.response["Error"]["Code"] != "InvalidInstanceID.NotFound":
+                        raise
+                    # One unknown ID fails the whole call: drop the ones named and ask again.
+                    missing = set(_INSTANCE_IDS.findall(exc.response["Error"].get("Message", "")))
+                    if not missing & set(chunk):
+                        raise
+                    chunk = [i for i in chunk if i not in missing]
+        return found
+
+    def tagged(self, tag_key: str) -> dict[str, ObservedInstance]:
+        """Every not-yet-terminated instance carrying ``tag_key`` (any value)."""
+        found: dict[str, ObservedInstance] = {}
+        pages = self._ec2.get_paginator("describe_instances").paginate(
+            Filters=[
+                {"Name": "tag-key", "Values": [tag_key]},
+                {
+                    "Name": "instance-state-name",
+                    "Values": ["pending", "running", "stopping", "stopped", "shutting-down"],
+                },
+            ],
+            PaginationConfig={"PageSize": 1000},
+        )
+        for page in pages:
+            for reservation in page.get("Reservations", []):
+                for raw in reservation.get("Instances", []):
+                    found[raw["InstanceId"]] = observed(raw)
+        return found
+
+    def set_status_tag(self, instance: ObservedInstance, status: str) -> None:
+        """Show the enrolment status in the console; skipped when the tag already says so."""
+        if instance.tags.get(STATUS_TAG) == status:
+            return
+        try:
+            self._ec2.create_tags(
+                Resources=[instance.instance_id], Tags=[{"Key": STATUS_TAG, "Value": status}]
+            )
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] not in ("InvalidInstanceID.NotFound",):
+                raise
 
     def find_gateway(self, deployment: str) -> str:
         reply = self._ec2.describe_instances(

@@ -50,6 +50,24 @@ class InstanceRecord:
     updated_at: float = 0.0
 
 
+def _mapping(item: dict) -> StoredMapping:
+    return StoredMapping(
+        item["sk"]["S"], IPv4Address(item["private_ip"]["S"]), IPv4Address(item["public_ip"]["S"])
+    )
+
+
+def _record(item: dict) -> InstanceRecord:
+    return InstanceRecord(
+        instance_id=item["sk"]["S"],
+        status=item["status"]["S"],
+        reason=item.get("reason", {}).get("S", ""),
+        route_installed=item.get("route_installed", {}).get("BOOL", False),
+        private_ip=item.get("private_ip", {}).get("S"),
+        public_ip=item.get("public_ip", {}).get("S"),
+        updated_at=float(item.get("updated_at", {}).get("N", "0")),
+    )
+
+
 def _key(pk: str, sk: str) -> dict:
     return {"pk": {"S": pk}, "sk": {"S": sk}}
 
@@ -67,21 +85,10 @@ class EnrolmentStore:
     # -- reads -------------------------------------------------------------------------------
     def get_mapping(self, instance_id: str) -> StoredMapping | None:
         item = self._get(MAPPING, instance_id)
-        if item is None:
-            return None
-        return StoredMapping(
-            instance_id,
-            IPv4Address(item["private_ip"]["S"]),
-            IPv4Address(item["public_ip"]["S"]),
-        )
+        return _mapping(item) if item else None
 
     def mappings(self) -> list[StoredMapping]:
-        return [
-            StoredMapping(
-                i["sk"]["S"], IPv4Address(i["private_ip"]["S"]), IPv4Address(i["public_ip"]["S"])
-            )
-            for i in self._query(MAPPING)
-        ]
+        return [_mapping(i) for i in self._query(MAPPING)]
 
     def claimed_addresses(self) -> list[IPv4Address]:
         return [IPv4Address(i["sk"]["S"]) for i in self._query(ADDRESS)]
@@ -90,23 +97,36 @@ class EnrolmentStore:
         item = self._get(META, "generation")
         return int(item["generation"]["N"]) if item else 0
 
-    def applied_generation(self) -> int:
-        item = self._get(META, "gateway")
-        return int(item["applied_generation"]["N"]) if item else 0
+    def snapshot(self, instance_id: str) -> tuple[StoredMapping | None, InstanceRecord | None]:
+        """The instance's mapping and record in one consistent BatchGetItem."""
+        keys = [_key(MAPPING, instance_id), _key(INSTANCE, instance_id)]
+        request = {self._table: {"Keys": keys, "ConsistentRead": True}}
+        items: list[dict] = []
+        while request:
+            reply = self._db.batch_get_item(RequestItems=request)
+            items.extend(reply.get("Responses", {}).get(self._table, []))
+            request = reply.get("UnprocessedKeys") or {}
+        by_pk = {i["pk"]["S"]: i for i in items}
+        mapping = by_pk.get(MAPPING)
+        record = by_pk.get(INSTANCE)
+        return (
+            _mapping(mapping) if mapping else None,
+            _record(record) if record else None,
+        )
+
+    def records(self) -> list[InstanceRecord]:
+        return [_record(i) for i in self._query(INSTANCE)]
 
     def get_record(self, instance_id: str) -> InstanceRecord | None:
         item = self._get(INSTANCE, instance_id)
-        if item is None:
-            return None
-        return InstanceRecord(
-            instance_id=instance_id,
-            status=item["status"]["S"],
-            reason=item.get("reason", {}).get("S", ""),
-            route_installed=item.get("route_installed", {}).get("BOOL", False),
-            private_ip=item.get("private_ip", {}).get("S"),
-            public_ip=item.get("public_ip", {}).get("S"),
-            updated_at=float(item.get("updated_at", {}).get("N", "0")),
-        )
+        return _record(item) if item else None
+
+    def gateway_state(self) -> tuple[int, str | None]:
+        """The generation the gateway last reported applying, and which gateway reported it."""
+        item = self._get(META, "gateway")
+        if not item:
+            return 0, None
+        return int(item["applied_generation"]["N"]), item.get("gateway_instance_id", {}).get("S")
 
     # -- writes ------------------------------------------------------------------------------
     def put_mapping(

@@ -1,0 +1,44 @@
+"""SQS: back-off through the queue's visibility timeout, and a dead letter that says why."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+class EventQueue:
+    def __init__(self, sqs_client: Any, *, dead_letter_url: str | None = None) -> None:
+        self._sqs = sqs_client
+        self._dlq = dead_letter_url
+        self._urls: dict[str, str] = {}
+
+    def delay_retry(self, source_arn: str, receipt_handle: str, seconds: int) -> None:
+        """Make a failed message reappear after ``seconds`` instead of the queue's default."""
+        self._sqs.change_message_visibility(
+            QueueUrl=self._url(source_arn),
+            ReceiptHandle=receipt_handle,
+            VisibilityTimeout=max(0, min(seconds, 43_200)),
+        )
+
+    def dead_letter(self, body: str, *, instance_ids: list[str], reason: str) -> bool:
+        """Park a message that keeps failing, with the instances and the reason; False if no DLQ."""
+        if not self._dlq:
+            return False
+        self._sqs.send_message(
+            QueueUrl=self._dlq,
+            MessageBody=json.dumps(
+                {"event": body, "instance_ids": instance_ids, "reason": reason[:2000]}
+            ),
+            MessageAttributes={
+                "reason": {"DataType": "String", "StringValue": reason[:250] or "unknown"},
+            },
+        )
+        return True
+
+    def _url(self, arn: str) -> str:
+        if arn not in self._urls:
+            # arn:aws:sqs:REGION:ACCOUNT:NAME
+            _, _, _, _, account, name = arn.split(":", 5)
+            reply = self._sqs.get_queue_url(QueueName=name, QueueOwnerAWSAccountId=account)
+            self._urls[arn] = reply["QueueUrl"]
+        return self._urls[arn]

@@ -1,0 +1,97 @@
+"""From requests (parsed events) to one ``converge`` call, plus what Auto Scaling waits for.
+
+A batch of events becomes one set of instance IDs, so a burst of launches costs one gateway sync
+per batch. Each request then gets its own result: None when done, or the exception to retry.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from aws_lambda_powertools import Logger
+
+from tunnelnat.adapters.autoscaling import LifecyclePort
+from tunnelnat.controller import Controller, Outcome
+from tunnelnat.core.enrolment import Status
+from tunnelnat.events import Request
+
+logger = Logger(service="tunnelnat", child=True)
+
+# Statuses that settle a launch: enrolled, or never ours to hold.
+RELEASE_LAUNCH = {Status.ENROLLED, Status.NOT_TAGGED, Status.GONE, Status.IS_GATEWAY}
+
+
+class StillWaiting(RuntimeError):
+    """A held launch is not enrolled yet for a reason that may clear (pool, subnet fix, tag)."""
+
+
+class Service:
+    def __init__(
+        self,
+        controller: Controller,
+        *,
+        lifecycle: LifecyclePort | None = None,
+        lifecycle_timeout: float = 900.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.controller = controller
+        self.lifecycle = lifecycle
+        self.lifecycle_timeout = lifecycle_timeout
+        self.clock = clock
+
+    def process(
+        self, requests: Sequence[Request]
+    ) -> tuple[list[Exception | None], dict[str, Outcome | Exception]]:
+        """Per request: None when done, or the exception to retry; and every instance's result."""
+        ids: list[str] = []
+        terminating: set[str] = set()
+        for request in requests:
+            ids.extend(request.instance_ids)
+            if request.lifecycle is not None and not request.lifecycle.launching:
+                terminating.add(request.lifecycle.instance_id)
+        results: dict[str, Outcome | Exception] = {}
+        if any(r.full for r in requests):
+            results.update(self.controller.reconcile_all())
+            failed = [i for i, r in results.items() if isinstance(r, Exception)]
+            if failed:
+                logger.warning("full reconcile left failures", extra={"instances": failed[:50]})
+        rest = [i for i in ids if i not in results or i in terminating]
+        if rest:
+            results.update(self.controller.converge(rest, terminating=terminating))
+        return [self._settle(request, results) for request in requests], results
+
+    def _settle(self, request: Request, results: dict[str, Any]) -> Exception | None:
+        if request.full:
+            return None  # per-instance failures are repaired by the next scheduled run
+        errors = [results[i] for i in request.instance_ids if isinstance(results.get(i), Exception)]
+        if request.lifecycle is None:
+            return errors[0] if errors else None
+        return self._lifecycle(request, results.get(request.lifecycle.instance_id))
+
+    def _lifecycle(self, request: Request, result: Any) -> Exception | None:
+        action = request.lifecycle
+        assert action is not None and self.lifecycle is not None
+        if isinstance(result, Outcome):
+            if not action.launching or result.status in RELEASE_LAUNCH:
+                self.lifecycle.complete(action, "CONTINUE")
+                logger.info(
+                    "lifecycle action completed",
+                    extra={"result": "CONTINUE", "status": str(result.status)},
+                )
+                return None
+            failure: Exception = StillWaiting(f"{result.status}: {result.reason}")
+        else:
+            failure = result if isinstance(result, Exception) else StillWaiting("no result")
+        waited = self.clock() - request.time.timestamp()
+        if waited >= self.lifecycle_timeout:
+            outcome = "ABANDON" if action.launching else "CONTINUE"
+            logger.error(
+                "lifecycle action timed out",
+                extra={"result": outcome, "waited_s": round(waited), "reason": str(failure)},
+            )
+            self.lifecycle.complete(action, outcome)
+            return None
+        self.lifecycle.heartbeat(action)
+        return failure
