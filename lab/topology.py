@@ -24,7 +24,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -587,6 +587,75 @@ secrets {{
         out = in_ns(ns, ["swanctl", "--list-sas"], check=False)
         pattern = re.compile(rf"^\s+{re.escape(name)}: #\d+, reqid \d+, INSTALLED", re.MULTILINE)
         return len(pattern.findall(out))
+
+    def http(self, ns: str, url: str, timeout: float = 3) -> tuple[bool, str]:
+        """GET ``url`` from machine ``ns``: (answered, body or curl's error)."""
+        proc = sh(
+            machine_argv(ns, ["curl", "-sS", "-m", str(timeout), url]),
+            check=False,
+            timeout=timeout + 10,
+        )
+        return proc.returncode == 0, (proc.stdout if proc.returncode == 0 else proc.stderr).strip()
+
+    def app_peers(self) -> list[str]:
+        """The peer addresses the partner's app server logged, oldest first."""
+        if not self.app_log.exists():
+            return []
+        return [line.split()[1] for line in self.app_log.read_text().splitlines() if line]
+
+    def nft_elements(self, kind: str, name: str, ns: str = "tn-gw") -> list[str]:
+        """Elements of a set or map in the gateway's ``ip tunnelnat`` table, as text."""
+        proc = sh(machine_argv(ns, ["nft", "list", kind, "ip", "tunnelnat", name]), check=False)
+        if proc.returncode != 0:
+            return []
+        text = " ".join(proc.stdout.split())
+        if "elements = {" not in text:
+            return []
+        inner = text.split("elements = {", 1)[1].split("}", 1)[0]
+        return [e.strip() for e in inner.split(",") if e.strip()]
+
+    def nft_counter(self, name: str, ns: str = "tn-gw") -> int:
+        """Packets counted by a named counter of the gateway's table."""
+        out = in_ns(ns, ["nft", "list", "counter", "ip", "tunnelnat", name], check=False)
+        match = re.search(r"packets (\d+)", out)
+        return int(match.group(1)) if match else 0
+
+    def routes(self, ns: str) -> list[str]:
+        return [" ".join(line.split()) for line in in_ns(ns, ["ip", "-4", "route"]).splitlines()]
+
+    @contextlib.contextmanager
+    def capture(self, ns: str, iface: str, bpf: str) -> Iterator[list[str]]:
+        """tcpdump on ``iface`` in ``ns`` while the block runs; the list fills with its lines."""
+        pcap = LOGS / f"capture-{ns}-{iface}-{time.monotonic_ns()}.pcap"
+        argv = ["tcpdump", "-i", iface, "-n", "--immediate-mode", "-U", "-w", str(pcap), bpf]
+        proc = subprocess.Popen(
+            machine_argv(ns, argv),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        lines: list[str] = []
+        try:
+            # tcpdump says "listening on" once its socket is open; packets before are lost.
+            assert proc.stderr is not None
+            ready = proc.stderr.readline()
+            if "listening on" not in ready:
+                raise LabError(f"tcpdump in {ns} did not start: {ready.strip()}")
+            yield lines
+            time.sleep(0.2)  # let the last packets reach the file
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if pcap.exists():
+            out = sh(["tcpdump", "-r", str(pcap), "-n"], check=False).stdout
+            lines.extend(out.splitlines())
+            pcap.unlink()
 
     def ipsec_counters(self, ns: str = "tn-gw") -> dict[str, int]:
         """Packets and bytes through the gateway's child SAs (strongSwan's own counters)."""

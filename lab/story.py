@@ -1,0 +1,271 @@
+"""The story of issue 2, step by step, with real packets: shared by ``make demo`` and tests/lab.
+
+Each step acts, then observes what actually happened (routes, nftables maps and counters, the
+app server's log, packets on the wire) and returns a ``Step`` with a verdict, a one-line figure
+and the raw observations, so the demo can print it and the tests can assert on it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from lab import topology as topo
+from lab.controller import LabController
+
+WEB1, WEB2 = "web-1", "web-2"
+
+
+@dataclass
+class Step:
+    title: str
+    ok: bool
+    figure: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def _last_json(text: str) -> dict[str, Any]:
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+    return {}
+
+
+class Story:
+    def __init__(self, lab: topo.Lab, controller: LabController) -> None:
+        self.lab = lab
+        self.controller = controller
+        self.public: str | None = None  # the S web-1 was given
+
+    def app_url(self, name: str) -> str:
+        return f"http://{topo.APP}:{topo.APP_PORT}/from-{name}"
+
+    # -- 1 -------------------------------------------------------------------------------------
+    def tunnel(self) -> Step:
+        started = time.monotonic()
+        result = self.lab.configure_gateway()
+        seconds = time.monotonic() - started
+        report = _last_json(result.stdout)
+        installed = self.lab.child_sas_installed()
+        partner = self.lab.child_sas_installed("tn-pvpn")
+        ok = result.ok and report.get("up") is True and installed == 1 and partner == 1
+        figure = (
+            f"ConfigureGateway {result.status} in {seconds:.2f}s; child SA INSTALLED "
+            f"(gateway {installed}, partner {partner})"
+        )
+        if not result.ok:
+            figure += f": {result.stderr.strip()[-200:]}"
+        return Step(
+            "IPsec tunnel gateway <-> partner established",
+            ok,
+            figure,
+            {
+                "seconds": seconds,
+                "report": report,
+                "status": result.status,
+                "installed": installed,
+                "partner_installed": partner,
+            },
+        )
+
+    # -- 2 -------------------------------------------------------------------------------------
+    def enrol(self, name: str = WEB1) -> Step:
+        inst = self.lab.instance(name)
+        started = time.monotonic()
+        reply = self.controller.tag_changed(name, enrol=True)
+        seconds = time.monotonic() - started
+        outcome = (reply.get("outcomes") or [{}])[0]
+        self.public = outcome.get("public_ip")
+        route = any(
+            r.startswith(f"{topo.PARTNER_NET} via {topo.GW_ENI}") for r in self.lab.routes(inst.ns)
+        )
+        snat = self.lab.nft_elements("map", "snat_map")
+        dnat = self.lab.nft_elements("map", "dnat_map")
+        mapped = f"{inst.private_ip} : {self.public}" in snat
+        ok = outcome.get("status") == "enrolled" and route and mapped
+        figure = (
+            f"tag -> event -> handler in {seconds:.2f}s: {outcome.get('status')}, "
+            f"S={self.public}; route {topo.PARTNER_NET} via {topo.GW_ENI} on {name}: "
+            f"{'yes' if route else 'NO'}; gateway SNAT {inst.private_ip}->{self.public}: "
+            f"{'yes' if mapped else 'NO'}"
+        )
+        runs = [r.document for r in self.lab.commands.history]
+        return Step(
+            f"{name} tagged: route on {name}, NAT on the gateway",
+            ok,
+            figure,
+            {
+                "outcome": outcome,
+                "seconds": seconds,
+                "route": route,
+                "snat": snat,
+                "dnat": dnat,
+                "runs": runs,
+            },
+        )
+
+    # -- 3 -------------------------------------------------------------------------------------
+    def request_arrives_as_s(self, name: str = WEB1) -> Step:
+        before = len(self.lab.app_peers())
+        counters_before = self.lab.ipsec_counters()
+        with self.lab.capture("tn-inet", "to-gw", "udp port 4500 or host 192.0.2.80") as packets:
+            answered, body = self.lab.http(self.lab.instance(name).ns, self.app_url(name))
+        new_peers = self.lab.app_peers()[before:]
+        esp = [p for p in packets if ".4500 >" in p and "192.0.2.80" not in p]
+        clear = [p for p in packets if "192.0.2.80" in p]
+        counters = self.lab.ipsec_counters()
+        through = counters["packets-out"] - counters_before["packets-out"]
+        ok = answered and new_peers == [self.public] and len(esp) > 0 and not clear
+        figure = (
+            f"{name} GET -> {body!r}; app log: {', '.join(new_peers) or 'nothing'}; "
+            f"on the internet link: {len(esp)} ESP-in-UDP/4500 packets E<->T, "
+            f"{len(clear)} clear-text packets to A; {through} packets out through the child SA"
+        )
+        return Step(
+            f"HTTP from {name} reaches the app server, which logs S",
+            ok,
+            figure,
+            {
+                "answered": answered,
+                "body": body,
+                "peers": new_peers,
+                "esp": len(esp),
+                "clear": len(clear),
+                "child_out": through,
+            },
+        )
+
+    # -- 4 -------------------------------------------------------------------------------------
+    def partner_reaches_instance(self, name: str = WEB1) -> Step:
+        url = f"http://{self.public}:{topo.INSTANCE_PORT}/from-partner"
+        answered, body = self.lab.http("tn-app", url)
+        ok = answered and body == f"{name} saw {topo.APP}"
+        figure = f"app server GET {url} -> {body!r}"
+        return Step(
+            f"the app server opens a connection to S and reaches {name}",
+            ok,
+            figure,
+            {"answered": answered, "body": body},
+        )
+
+    # -- 5 -------------------------------------------------------------------------------------
+    def unenrolled_blocked(self, name: str = WEB2) -> Step:
+        inst = self.lab.instance(name)
+        before = len(self.lab.app_peers())
+        no_route, err_no_route = self.lab.http(inst.ns, self.app_url(name), timeout=2)
+        # The instance adds the host route by hand; the gateway must still refuse it.
+        topo.in_ns(inst.ns, ["ip", "route", "replace", topo.PARTNER_NET, "via", topo.GW_ENI])
+        dropped_before = self.lab.nft_counter("dropped_unenrolled")
+        try:
+            answered, err = self.lab.http(inst.ns, self.app_url(name), timeout=2)
+        finally:
+            topo.in_ns(inst.ns, ["ip", "route", "del", topo.PARTNER_NET], check=False)
+        dropped = self.lab.nft_counter("dropped_unenrolled") - dropped_before
+        arrived = self.lab.app_peers()[before:]
+        ok = not no_route and not answered and not arrived and dropped > 0
+        figure = (
+            f"untagged {name}: without route -> {err_no_route.splitlines()[-1:] or ['?']}; "
+            f"with a hand-made route -> no answer ({err[-60:]}); gateway dropped {dropped} "
+            f"packets (dropped_unenrolled); app log: {'nothing new' if not arrived else arrived}"
+        )
+        return Step(
+            f"untagged {name} does not reach the app server, even with a host route",
+            ok,
+            figure,
+            {
+                "answered": answered,
+                "arrived": arrived,
+                "dropped": dropped,
+                "without_route_answered": no_route,
+            },
+        )
+
+    # -- 6 -------------------------------------------------------------------------------------
+    def restart_tunnel(self, name: str = WEB1) -> Step:
+        result = self.lab.commands.run(
+            self.lab.aws.gateway_id, "RestartTunnel", {"TunnelName": topo.TUNNEL}
+        )
+        report = _last_json(result.stdout)
+        answered, body = self.lab.http(self.lab.instance(name).ns, self.app_url(name))
+        ok = result.ok and report.get("up") is True and answered
+        figure = (
+            f"RestartTunnel {result.status}: up={report.get('up')} after "
+            f"{report.get('seconds')}s; {name} GET afterwards -> {body!r}"
+        )
+        return Step(
+            "RestartTunnel restarts the tunnel and traffic flows again",
+            ok,
+            figure,
+            {"report": report, "answered": answered},
+        )
+
+    # -- 7 -------------------------------------------------------------------------------------
+    def unenrol(self, name: str = WEB1) -> Step:
+        inst = self.lab.instance(name)
+        before = len(self.lab.app_peers())
+        started = time.monotonic()
+        reply = self.controller.tag_changed(name, enrol=False)
+        seconds = time.monotonic() - started
+        outcome = (reply.get("outcomes") or [{}])[0]
+        route = any(r.startswith(topo.PARTNER_NET) for r in self.lab.routes(inst.ns))
+        snat = self.lab.nft_elements("map", "snat_map")
+        dnat = self.lab.nft_elements("map", "dnat_map")
+        stored = self.lab.aws.mappings()
+        answered, err = self.lab.http(inst.ns, self.app_url(name), timeout=2)
+        # And with the route put back by hand, the gateway refuses it like any stranger.
+        topo.in_ns(inst.ns, ["ip", "route", "replace", topo.PARTNER_NET, "via", topo.GW_ENI])
+        try:
+            answered_by_hand, _ = self.lab.http(inst.ns, self.app_url(name), timeout=2)
+        finally:
+            topo.in_ns(inst.ns, ["ip", "route", "del", topo.PARTNER_NET], check=False)
+        inbound, _ = self.lab.http(
+            "tn-app", f"http://{self.public}:{topo.INSTANCE_PORT}/after-untag", timeout=2
+        )
+        arrived = self.lab.app_peers()[before:]
+        gone = not route and not snat and not dnat and inst.private_ip not in stored
+        ok = gone and not answered and not answered_by_hand and not inbound and not arrived
+
+        def yes_no(flag: bool) -> str:
+            return "answered" if flag else "no answer"
+
+        figure = (
+            f"untag -> event -> handler in {seconds:.2f}s: {outcome.get('status')}; route on "
+            f"{name}: {'STILL THERE' if route else 'gone'}; gateway maps: "
+            f"{'STILL ' + str(snat) if snat else 'empty'}; GET: {yes_no(answered)} "
+            f"(with a hand-made route: {yes_no(answered_by_hand)}); partner -> S: "
+            f"{yes_no(inbound)}; app log: {'nothing new' if not arrived else arrived}"
+        )
+        return Step(
+            f"{name} untagged: route and mapping gone, traffic no longer arrives",
+            ok,
+            figure,
+            {
+                "outcome": outcome,
+                "route": route,
+                "snat": snat,
+                "dnat": dnat,
+                "stored": stored,
+                "answered": answered,
+                "answered_by_hand": answered_by_hand,
+                "inbound": inbound,
+                "arrived": arrived,
+            },
+        )
+
+    def all_steps(self) -> list[Any]:
+        """The story in order (callables, so a runner can stop or report as it goes)."""
+        return [
+            self.tunnel,
+            self.enrol,
+            self.request_arrives_as_s,
+            self.partner_reaches_instance,
+            self.unenrolled_blocked,
+            self.restart_tunnel,
+            self.unenrol,
+        ]
