@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,6 +212,7 @@ class Lab:
         self._procs.clear()
         if self._moto is not None:
             with contextlib.suppress(Exception):
+                self.reset_moto()  # leave no state to whoever uses moto next in this process
                 self._moto.stop()  # type: ignore[attr-defined]
             self._moto = None
         cleanup()
@@ -517,6 +519,8 @@ secrets {{
         self._moto = server
         host, port = server.get_host_and_port()
         self.moto_endpoint = f"http://{host}:{port}"
+        # moto's backends are per process, not per server: start from an empty AWS.
+        self.reset_moto()
         # The gateway's scripts reach moto through a unix socket: a file crosses namespaces,
         # no address or route is added anywhere, and the traffic stays on loopback.
         sock = RUN / "moto.sock"
@@ -560,6 +564,12 @@ secrets {{
         """Run the real ConfigureGateway document on the gateway; returns its CommandResult."""
         params = self.configure_gateway_parameters(**overrides)
         return self.commands.run(self.aws.gateway_id, "ConfigureGateway", params)
+
+    def reset_moto(self) -> None:
+        url = f"{self.moto_endpoint}/moto-api/reset"  # always http://127.0.0.1:PORT
+        request = urllib.request.Request(url, method="POST")  # noqa: S310
+        with urllib.request.urlopen(request, timeout=10) as reply:  # noqa: S310 - loopback
+            reply.read()
 
     def aws_env(self) -> dict[str, str]:
         """Environment for boto3 in this (root) namespace: moto, dummy credentials."""

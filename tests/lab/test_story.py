@@ -1,0 +1,81 @@
+"""The demo's story as assertions, with real packets through real strongSwan and nftables.
+
+The steps build on each other (tag, traffic, untag), so they run in file order on one lab.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from lab import topology as topo
+from lab.controller import LabController
+from lab.story import Story
+
+pytestmark = pytest.mark.lab
+
+
+@pytest.fixture(scope="module")
+def story(lab):
+    with LabController(lab) as controller:
+        yield Story(lab, controller)
+
+
+def test_tunnel_comes_up_through_configure_gateway(story):
+    step = story.tunnel()
+    assert step.data["status"] == "Success", step.figure
+    assert step.data["report"]["up"] is True
+    assert step.data["installed"] == 1 and step.data["partner_installed"] == 1
+    assert step.data["seconds"] < 10
+
+
+def test_tagging_web1_installs_route_and_nat(story):
+    step = story.enrol("web-1")
+    assert step.data["outcome"]["status"] == "enrolled", step.figure
+    assert step.data["outcome"]["public_ip"] == topo.POOL[0]
+    assert step.data["route"], "no host route A via G on web-1"
+    web1 = story.lab.instance("web-1").private_ip
+    assert step.data["snat"] == [f"{web1} : {topo.POOL[0]}"]
+    assert step.data["dnat"] == [f"{topo.POOL[0]} : {web1}"]
+    # The controller drove the real documents: the gateway's sync and the instance's route.
+    assert {"SyncNatTable", "AddHostRoute"} <= set(step.data["runs"])
+
+
+def test_request_from_web1_arrives_from_s_inside_esp_in_udp(story):
+    step = story.request_arrives_as_s("web-1")
+    assert step.data["answered"], step.figure
+    assert step.data["body"] == f"app saw {topo.POOL[0]}"
+    assert step.data["peers"] == [topo.POOL[0]], "the app server must log S as the source"
+    assert step.data["esp"] > 0, "no UDP 4500 packets between E and T"
+    assert step.data["clear"] == 0, "packets to A travelled in clear text"
+    assert step.data["child_out"] > 0
+
+
+def test_partner_connection_to_s_reaches_web1(story):
+    step = story.partner_reaches_instance("web-1")
+    assert step.data["body"] == f"web-1 saw {topo.APP}", step.figure
+
+
+def test_untagged_web2_is_refused_even_with_a_host_route(story):
+    step = story.unenrolled_blocked("web-2")
+    assert not step.data["without_route_answered"]
+    assert not step.data["answered"], step.figure
+    assert step.data["arrived"] == []
+    assert step.data["dropped"] > 0, "the gateway's forward chain did not count the drop"
+
+
+def test_restart_tunnel_document_brings_it_back(story):
+    step = story.restart_tunnel("web-1")
+    assert step.data["report"]["up"] is True, step.figure
+    assert step.data["answered"]
+    assert story.lab.child_sas_installed() == 1
+
+
+def test_untagging_web1_removes_route_and_mapping(story):
+    step = story.unenrol("web-1")
+    assert step.data["outcome"]["status"] == "not-tagged", step.figure
+    assert not step.data["route"]
+    assert step.data["snat"] == [] and step.data["dnat"] == []
+    assert step.data["stored"] == {}
+    assert not step.data["answered"] and not step.data["answered_by_hand"]
+    assert not step.data["inbound"]
+    assert step.data["arrived"] == []
