@@ -1,0 +1,498 @@
+#!/usr/bin/env python3
+"""The gateway's health agent: is each tunnel really up? Publish ``TunnelUp`` 1 or 0.
+
+It runs on the gateway from a systemd timer (every 60 s; every 10 s with high-resolution
+metrics), with the system's python3 and boto3, embedded in the ConfigureGateway document
+(``make documents`` copies it there).
+
+    tunnelnat_health.py once --tunnels partner --gateway-id ID|auto --region R
+                             [--deployment NAME] [--probe A:PORT [--probe-source S]]
+                             [--high-resolution] [--swanctl-uri URI] [--dry-run]
+
+Per tunnel (a child SA name), ``TunnelUp`` is 1 when an IKE SA is ESTABLISHED with at least one
+INSTALLED child SA of that name (rekeying briefly makes two), and, when a probe target is given,
+a TCP connection from S to the target through the tunnel gets an answer; else 0. A charon that
+is dead, hung or answers with something unreadable reads as 0: the agent publishes 0 rather than
+nothing, so the alarm sees the tunnel down, not merely missing. It also publishes the packets the
+gateway's nftables guard dropped since its previous run (``DroppedCleartext``,
+``DroppedUnenrolled``, ``DroppedInbound``) and whether that table exists (``NatTablePresent``).
+
+Prints one JSON line of what it published; exits 0 when the metrics were published, 2 when
+publishing failed (so the timer's unit shows the failure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import ipaddress
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+NAMESPACE = "tunnelnat"
+METRIC = "TunnelUp"
+NFT_TABLE = "tunnelnat"
+COUNTER_METRICS = {
+    "dropped_cleartext": "DroppedCleartext",
+    "dropped_unenrolled": "DroppedUnenrolled",
+    "dropped_inbound": "DroppedInbound",
+}
+STATE_FILE = Path("/var/lib/tunnelnat/health-counters.json")
+TUNNEL_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+GATEWAY_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+SWANCTL_TIMEOUT = 8.0
+IMDS = "http://169.254.169.254/latest"
+
+Runner = Callable[..., subprocess.CompletedProcess]
+
+
+# -- swanctl --list-sas --raw ------------------------------------------------------------------
+
+
+class ParseError(ValueError):
+    """swanctl printed something this parser does not understand."""
+
+
+@dataclass(frozen=True)
+class ChildSa:
+    name: str
+    state: str
+
+
+@dataclass(frozen=True)
+class IkeSa:
+    name: str
+    state: str
+    children: tuple[ChildSa, ...] = ()
+
+
+@dataclass(frozen=True)
+class SaReading:
+    """What charon said: its SAs, or why it could not say (then every tunnel reads as down)."""
+
+    sas: tuple[IkeSa, ...] = ()
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+_TOKEN = re.compile(
+    r"""\s*(?:
+        (?P<close>\})
+      | (?P<section>[^\s={}\[\]]+)\s\{
+      | (?P<lkey>[^\s={}\[\]]+)=\[(?P<list>[^\]]*)\]
+      | (?P<key>[^\s={}\[\]]+)=(?P<value>[^\s{}]*)
+    )""",
+    re.VERBOSE,
+)
+
+
+def parse_vici_raw(body: str) -> dict[str, Any]:
+    """One vici message as swanctl --raw prints it (``k=v``, ``k=[a b]``, ``name {...}``)."""
+    root: dict[str, Any] = {}
+    stack = [root]
+    pos = 0
+    body = body.strip()
+    while pos < len(body):
+        m = _TOKEN.match(body, pos)
+        if not m or m.end() == pos:
+            raise ParseError(f"unexpected text at {pos}: {body[pos : pos + 40]!r}")
+        pos = m.end()
+        if m["close"]:
+            if len(stack) == 1:
+                raise ParseError("unbalanced '}'")
+            stack.pop()
+        elif m["section"]:
+            child: dict[str, Any] = {}
+            stack[-1][m["section"]] = child
+            stack.append(child)
+        elif m["lkey"]:
+            stack[-1][m["lkey"]] = m["list"].split()
+        else:
+            stack[-1][m["key"]] = m["value"]
+        while pos < len(body) and body[pos].isspace():
+            pos += 1
+    if len(stack) != 1:
+        raise ParseError("unbalanced '{'")
+    return root
+
+
+def parse_list_sas_raw(text: str) -> tuple[IkeSa, ...]:
+    """Every IKE SA (with its child SAs) in ``swanctl --list-sas --raw`` output."""
+    sas: list[IkeSa] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("list-sas reply"):
+            continue
+        prefix = "list-sa event "
+        if not line.startswith(prefix):
+            raise ParseError(f"unexpected line: {line[:60]!r}")
+        body = line[len(prefix) :].strip()
+        if not (body.startswith("{") and body.endswith("}")):
+            raise ParseError(f"list-sa event without a message: {line[:60]!r}")
+        for ike_name, ike in parse_vici_raw(body[1:-1]).items():
+            if not isinstance(ike, dict):
+                raise ParseError(f"IKE SA {ike_name} is not a section")
+            children = []
+            child_sas = ike.get("child-sas", {})
+            if not isinstance(child_sas, dict):
+                raise ParseError(f"IKE SA {ike_name}: child-sas is not a section")
+            for key, child in child_sas.items():
+                if not isinstance(child, dict):
+                    raise ParseError(f"child SA {key} is not a section")
+                children.append(
+                    ChildSa(name=str(child.get("name", key)), state=str(child.get("state", "")))
+                )
+            sas.append(IkeSa(ike_name, str(ike.get("state", "")), tuple(children)))
+    return tuple(sas)
+
+
+def read_sas(
+    *, uri: str | None = None, run: Runner = subprocess.run, timeout: float = SWANCTL_TIMEOUT
+) -> SaReading:
+    """Ask charon for its SAs. Never raises: a failure is a reading with ``error`` set."""
+    argv = ["swanctl", "--list-sas", "--raw", "--noblock"]
+    if uri:
+        argv += ["--uri", uri]
+    try:
+        proc = run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    except FileNotFoundError:
+        return SaReading(error="swanctl is not installed")
+    except subprocess.TimeoutExpired:
+        return SaReading(error=f"swanctl did not answer within {timeout:.0f}s (charon hung?)")
+    except OSError as exc:
+        return SaReading(error=f"cannot run swanctl: {exc}")
+    if proc.returncode != 0:
+        return SaReading(error=f"swanctl exited {proc.returncode}: {_last_line(proc.stderr)}")
+    try:
+        return SaReading(sas=parse_list_sas_raw(proc.stdout))
+    except ParseError as exc:
+        return SaReading(error=f"unreadable swanctl output: {exc}")
+
+
+def _last_line(text: str) -> str:
+    # swanctl prints plugin noise first and its usage after the reason: pick the "Error:" line.
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith("Error:"):
+            return line
+    return lines[-1] if lines else "no message"
+
+
+# -- the verdict -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Probe:
+    host: ipaddress.IPv4Address
+    port: int
+    source: ipaddress.IPv4Address | None = None
+
+    @classmethod
+    def parse(cls, spec: str, source: str | None = None) -> Probe:
+        host, sep, port = spec.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"probe must be ADDRESS:PORT, not {spec!r}")
+        return cls(
+            ipaddress.IPv4Address(host),
+            int(port),
+            ipaddress.IPv4Address(source) if source else None,
+        )
+
+
+@dataclass(frozen=True)
+class TunnelStatus:
+    tunnel: str
+    up: bool
+    reason: str
+    installed: int = 0
+    probe_ok: bool | None = None
+
+
+def sa_status(tunnel: str, reading: SaReading) -> TunnelStatus:
+    """IKE SA ESTABLISHED and at least one INSTALLED child SA named ``tunnel``."""
+    if not reading.ok:
+        return TunnelStatus(tunnel, False, f"charon: {reading.error}")
+    installed = 0
+    ike_states = []
+    for ike in reading.sas:
+        named = [c for c in ike.children if c.name == tunnel]
+        if ike.state == "ESTABLISHED":
+            installed += sum(1 for c in named if c.state == "INSTALLED")
+        if named or ike.name == tunnel:
+            ike_states.append(ike.state)
+    if installed:
+        return TunnelStatus(tunnel, True, "established, child SA installed", installed)
+    if not ike_states:
+        return TunnelStatus(tunnel, False, "no IKE SA")
+    if "ESTABLISHED" in ike_states:
+        return TunnelStatus(tunnel, False, "IKE SA established, no INSTALLED child SA")
+    return TunnelStatus(tunnel, False, f"IKE SA {'/'.join(sorted(set(ike_states)))}")
+
+
+def tcp_probe(probe: Probe, *, timeout: float = 3.0) -> tuple[bool, str]:
+    """Open a TCP connection from S to the target. An answer of any kind (accept or reset)
+    crossed the tunnel both ways; silence or an unreachable error did not."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        if probe.source is not None:
+            sock.bind((str(probe.source), 0))
+        code = sock.connect_ex((str(probe.host), probe.port))
+    except OSError as exc:
+        return False, f"probe {probe.host}:{probe.port}: {exc}"
+    finally:
+        sock.close()
+    if code in (0, errno.ECONNREFUSED):
+        return True, "probe answered"
+    return False, f"probe {probe.host}:{probe.port}: {errno.errorcode.get(code, code)}"
+
+
+def tunnel_status(
+    tunnel: str,
+    reading: SaReading,
+    probe: Probe | None = None,
+    prober: Callable[[Probe], tuple[bool, str]] = tcp_probe,
+) -> TunnelStatus:
+    status = sa_status(tunnel, reading)
+    if probe is None or not status.up:
+        return status
+    ok, detail = prober(probe)
+    if ok:
+        return TunnelStatus(tunnel, True, status.reason + ", " + detail, status.installed, True)
+    return TunnelStatus(tunnel, False, detail, status.installed, False)
+
+
+# -- nftables counters -------------------------------------------------------------------------
+
+
+def parse_nft_counters(text: str) -> dict[str, int]:
+    """``nft -j list counters table ip tunnelnat``: counter name -> packets."""
+    data = json.loads(text)
+    out: dict[str, int] = {}
+    for entry in data.get("nftables", []):
+        counter = entry.get("counter") if isinstance(entry, dict) else None
+        if isinstance(counter, dict) and counter.get("table") == NFT_TABLE:
+            out[str(counter["name"])] = int(counter.get("packets", 0))
+    return out
+
+
+def read_counters(run: Runner = subprocess.run) -> dict[str, int] | None:
+    """The guard's counters, or None when the table is missing (or nft fails)."""
+    argv = ["nft", "-j", "list", "counters", "table", "ip", NFT_TABLE]
+    try:
+        proc = run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0:
+        return None
+    try:
+        return parse_nft_counters(proc.stdout)
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def counter_deltas(current: dict[str, int], previous: dict[str, int]) -> dict[str, int]:
+    """Packets since the previous run; a counter that went backwards was reset (table reload)."""
+    out = {}
+    for name, value in current.items():
+        before = previous.get(name)
+        out[name] = value if before is None or value < before else value - before
+    return out
+
+
+# -- publishing --------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    gateway: str
+    deployment: str
+    tunnels: list[TunnelStatus] = field(default_factory=list)
+    counters: dict[str, int] | None = None  # packets since the previous run
+    storage_resolution: int = 60
+
+
+def metric_data(report: Report, *, now: float) -> list[dict[str, Any]]:
+    """PutMetricData entries. TunnelUp goes out twice: per gateway (Tunnel, Gateway), and per
+    deployment (Deployment, Tunnel), the series the alarm watches, which a replaced gateway
+    keeps feeding."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+
+    def datum(name: str, value: float, dims: dict[str, str]) -> dict[str, Any]:
+        return {
+            "MetricName": name,
+            "Dimensions": [{"Name": k, "Value": v} for k, v in dims.items()],
+            "Timestamp": stamp,
+            "Value": value,
+            "Unit": "Count",
+            "StorageResolution": report.storage_resolution,
+        }
+
+    data = []
+    for status in report.tunnels:
+        value = 1.0 if status.up else 0.0
+        data.append(datum(METRIC, value, {"Tunnel": status.tunnel, "Gateway": report.gateway}))
+        data.append(
+            datum(METRIC, value, {"Deployment": report.deployment, "Tunnel": status.tunnel})
+        )
+    gw = {"Gateway": report.gateway}
+    data.append(datum("NatTablePresent", 0.0 if report.counters is None else 1.0, gw))
+    for counter, metric in COUNTER_METRICS.items():
+        if report.counters is not None and counter in report.counters:
+            data.append(datum(metric, float(report.counters[counter]), gw))
+    return data
+
+
+def publish(client: Any, data: list[dict[str, Any]]) -> None:
+    # PutMetricData takes at most 1000 entries a call; a gateway has a handful.
+    for start in range(0, len(data), 500):
+        client.put_metric_data(Namespace=NAMESPACE, MetricData=data[start : start + 500])
+
+
+def gateway_id_from_imds(timeout: float = 2.0) -> str:
+    token_req = urllib.request.Request(  # noqa: S310 - a fixed http URL
+        f"{IMDS}/api/token",
+        method="PUT",
+        headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"},
+    )
+    with urllib.request.urlopen(token_req, timeout=timeout) as r:  # noqa: S310 - fixed IMDS URL
+        token = r.read().decode()
+    req = urllib.request.Request(  # noqa: S310 - a fixed http URL
+        f"{IMDS}/meta-data/instance-id", headers={"X-aws-ec2-metadata-token": token}
+    )
+    with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 - fixed IMDS URL
+        return r.read().decode().strip()
+
+
+def _load_state(path: Path) -> dict[str, int]:
+    try:
+        data = json.loads(path.read_text())
+        return {str(k): int(v) for k, v in data.items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _save_state(path: Path, counters: dict[str, int]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(counters))
+        tmp.replace(path)
+    except OSError as exc:
+        print(f"tunnelnat-health: cannot save {path}: {exc}", file=sys.stderr)
+
+
+def collect(
+    tunnels: Sequence[str],
+    *,
+    gateway: str,
+    deployment: str,
+    probe: Probe | None = None,
+    uri: str | None = None,
+    high_resolution: bool = False,
+    state_file: Path = STATE_FILE,
+    run: Runner = subprocess.run,
+    prober: Callable[[Probe], tuple[bool, str]] = tcp_probe,
+) -> Report:
+    reading = read_sas(uri=uri, run=run)
+    report = Report(gateway, deployment, storage_resolution=1 if high_resolution else 60)
+    report.tunnels = [tunnel_status(t, reading, probe, prober) for t in tunnels]
+    current = read_counters(run)
+    if current is not None:
+        report.counters = counter_deltas(current, _load_state(state_file))
+        _save_state(state_file, current)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    once = sub.add_parser("once", help="read every tunnel once, publish, print a JSON line")
+    once.add_argument("--tunnels", required=True, help="comma-separated child SA names")
+    once.add_argument("--gateway-id", required=True, help="this instance's id, or 'auto' (IMDS)")
+    once.add_argument("--deployment", default="tunnelnat")
+    once.add_argument("--region", required=True)
+    once.add_argument("--probe", help="ADDRESS:PORT behind the tunnel to open a TCP connection to")
+    once.add_argument("--probe-source", help="S: the source address of the probe")
+    once.add_argument("--high-resolution", action="store_true", help="1-second storage")
+    once.add_argument("--swanctl-uri", help="charon's vici socket (default: swanctl's)")
+    once.add_argument("--state-file", type=Path, default=STATE_FILE)
+    once.add_argument("--dry-run", action="store_true", help="print, do not publish")
+    args = parser.parse_args(argv)
+
+    tunnels = [t for t in args.tunnels.split(",") if t]
+    bad = [t for t in tunnels if not TUNNEL_NAME.fullmatch(t)]
+    if not tunnels or bad:
+        parser.error(f"invalid tunnel name(s): {bad or args.tunnels!r}")
+    if not re.fullmatch(r"^[A-Za-z0-9_.:-]{1,64}$", args.deployment):
+        parser.error(f"invalid deployment {args.deployment!r}")
+    try:
+        probe = Probe.parse(args.probe, args.probe_source) if args.probe else None
+    except ValueError as exc:
+        parser.error(str(exc))
+    gateway = args.gateway_id
+    if gateway == "auto":
+        try:
+            gateway = gateway_id_from_imds()
+        except OSError as exc:
+            print(f"tunnelnat-health: cannot read instance id from IMDS: {exc}", file=sys.stderr)
+            return 2
+    if not GATEWAY_ID.fullmatch(gateway):
+        parser.error(f"invalid gateway id {gateway!r}")
+
+    now = time.time()
+    report = collect(
+        tunnels,
+        gateway=gateway,
+        deployment=args.deployment,
+        probe=probe,
+        uri=args.swanctl_uri,
+        high_resolution=args.high_resolution,
+        state_file=args.state_file,
+    )
+    data = metric_data(report, now=now)
+    line: dict[str, Any] = {
+        "gateway": gateway,
+        "deployment": args.deployment,
+        "time": round(now, 3),
+        "tunnels": [asdict(t) for t in report.tunnels],
+        "counters": report.counters,
+        "metrics": len(data),
+        "published": False,
+    }
+    code = 0
+    if not args.dry_run:
+        try:
+            import boto3
+            from botocore.config import Config
+
+            client = boto3.client(
+                "cloudwatch",
+                region_name=args.region,
+                config=Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 3}),
+            )
+            publish(client, data)
+            line["published"] = True
+        except Exception as exc:  # noqa: BLE001 - any failure: say so, exit non-zero
+            line["error"] = f"{type(exc).__name__}: {exc}"
+            code = 2
+    print(json.dumps(line, sort_keys=True))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

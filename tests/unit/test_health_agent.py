@@ -1,0 +1,345 @@
+"""The gateway's health agent, against real strongSwan and nftables output captured in the lab.
+
+tests/unit/data/swanctl/ holds what ``swanctl --list-sas [--raw]`` printed on the initiator in
+each state (tests/unit/data/capture_swanctl.sh re-captures it: two charons in tn-heal-*
+namespaces); tests/unit/data/nft/ what ``nft -j list counters`` printed (capture_nft.sh).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "gateway"))
+import tunnelnat_health as agent  # noqa: E402
+
+DATA = Path(__file__).parent / "data"
+SWANCTL = DATA / "swanctl"
+NFT = DATA / "nft"
+
+
+def recorded(name: str) -> subprocess.CompletedProcess:
+    """What swanctl --list-sas --raw returned in state ``name``: exit code, stdout, stderr."""
+    base = SWANCTL / f"{name}.raw"
+    return subprocess.CompletedProcess(
+        ["swanctl"],
+        int((SWANCTL / f"{name}.raw.rc").read_text()),
+        base.read_text(),
+        (SWANCTL / f"{name}.raw.stderr").read_text(),
+    )
+
+
+def runner(swanctl=None, nft=None, calls=None):
+    def run(argv, **kwargs):
+        if calls is not None:
+            calls.append((argv, kwargs))
+        if argv[0] == "swanctl":
+            if isinstance(swanctl, BaseException):
+                raise swanctl
+            return swanctl
+        if argv[0] == "nft":
+            if isinstance(nft, BaseException):
+                raise nft
+            return nft or subprocess.CompletedProcess(argv, 1, "", "Error: No such file")
+        raise AssertionError(argv)
+
+    return run
+
+
+def reading(name: str) -> agent.SaReading:
+    return agent.read_sas(run=runner(recorded(name)))
+
+
+# -- parsing real output ---------------------------------------------------------------------
+
+
+def test_established_tunnel_is_up():
+    status = agent.sa_status("partner", reading("established"))
+    assert status.up and status.installed == 1
+    assert status.reason == "established, child SA installed"
+
+
+def test_established_ike_sa_without_child_sa_is_down():
+    sas = agent.parse_list_sas_raw((SWANCTL / "child-missing.raw").read_text())
+    assert [(s.name, s.state, s.children) for s in sas] == [("partner", "ESTABLISHED", ())]
+    status = agent.sa_status("partner", reading("child-missing"))
+    assert not status.up
+    assert "no INSTALLED child SA" in status.reason
+
+
+def test_connecting_and_deleting_ike_sas_are_down():
+    sas = agent.parse_list_sas_raw((SWANCTL / "connecting.raw").read_text())
+    assert sorted(s.state for s in sas) == ["CONNECTING", "DELETING"]
+    status = agent.sa_status("partner", reading("connecting"))
+    assert not status.up
+    assert status.reason == "IKE SA CONNECTING/DELETING"
+
+
+def test_rekeying_counts_only_the_installed_child_sa():
+    (ike,) = agent.parse_list_sas_raw((SWANCTL / "rekeying.raw").read_text())
+    assert sorted(c.state for c in ike.children) == ["DELETED", "INSTALLED"]
+    status = agent.sa_status("partner", reading("rekeying"))
+    assert status.up and status.installed == 1
+
+
+def test_dead_charon_reads_as_down_not_as_an_error():
+    result = recorded("charon-dead")
+    assert result.returncode != 0 and result.stdout == ""
+    r = agent.read_sas(run=runner(result))
+    assert not r.ok
+    assert "Connection refused" in r.error
+    status = agent.sa_status("partner", r)
+    assert not status.up and status.reason.startswith("charon: swanctl exited")
+
+
+def test_other_tunnel_names_are_not_up():
+    status = agent.sa_status("other", reading("established"))
+    assert not status.up and status.reason == "no IKE SA"
+
+
+def test_the_plain_listing_agrees_with_the_raw_one():
+    # The lab's helper and RestartTunnel grep the plain listing; the agent reads --raw. Both
+    # captures come from the same moment.
+    for name, up in [("established", True), ("child-missing", False), ("rekeying", True)]:
+        plain = (SWANCTL / f"{name}.plain").read_text()
+        assert ("INSTALLED" in plain) is up
+        assert agent.sa_status("partner", reading(name)).up is up
+
+
+@pytest.mark.parametrize(
+    "failure, words",
+    [
+        (subprocess.TimeoutExpired(["swanctl"], 8), "did not answer"),
+        (FileNotFoundError(2, "swanctl"), "not installed"),
+        (PermissionError(13, "denied"), "cannot run swanctl"),
+    ],
+)
+def test_swanctl_that_hangs_or_is_missing_reads_as_down(failure, words):
+    r = agent.read_sas(run=runner(failure))
+    assert not r.ok and words in r.error
+    assert not agent.sa_status("partner", r).up
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "garbage\n",
+        "list-sa event {partner {state=ESTABLISHED child-sas {}\n",  # unbalanced
+        "list-sa event partner\n",
+        "list-sa event {partner {state=ESTABLISHED}}}\n",
+    ],
+)
+def test_unreadable_output_reads_as_down(text):
+    r = agent.read_sas(run=runner(subprocess.CompletedProcess(["swanctl"], 0, text, "")))
+    assert not r.ok and "unreadable" in r.error
+    assert not agent.sa_status("partner", r).up
+
+
+def test_empty_listing_is_no_ike_sa():
+    r = agent.read_sas(run=runner(subprocess.CompletedProcess(["swanctl"], 0, "", "")))
+    assert r.ok and r.sas == ()
+    assert agent.sa_status("partner", r).reason == "no IKE SA"
+
+
+def test_swanctl_is_asked_with_raw_noblock_and_a_timeout():
+    calls = []
+    agent.read_sas(uri="unix:///run/x.vici", run=runner(recorded("established"), calls=calls))
+    argv, kwargs = calls[0]
+    assert argv == ["swanctl", "--list-sas", "--raw", "--noblock", "--uri", "unix:///run/x.vici"]
+    assert kwargs["timeout"] > 0
+
+
+# -- the probe ---------------------------------------------------------------------------------
+
+
+PROBE = agent.Probe.parse("192.0.2.80:8080", "203.0.113.100")
+
+
+def test_probe_runs_only_when_the_sas_are_up():
+    asked = []
+
+    def prober(p):
+        asked.append(p)
+        return False, "probe 192.0.2.80:8080: ETIMEDOUT"
+
+    down = agent.tunnel_status("partner", reading("child-missing"), PROBE, prober)
+    assert not down.up and asked == []
+    failed = agent.tunnel_status("partner", reading("established"), PROBE, prober)
+    assert not failed.up and failed.probe_ok is False and "ETIMEDOUT" in failed.reason
+    ok = agent.tunnel_status("partner", reading("established"), PROBE, lambda p: (True, "ok"))
+    assert ok.up and ok.probe_ok is True
+
+
+def test_tcp_probe_counts_accept_and_reset_as_an_answer():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        probe = agent.Probe.parse(f"127.0.0.1:{port}", "127.0.0.1")
+        assert agent.tcp_probe(probe, timeout=2)[0]
+    # The listener is gone: the RST still came back.
+    assert agent.tcp_probe(probe, timeout=2)[0]
+
+
+def test_tcp_probe_from_an_address_we_do_not_have_fails():
+    probe = agent.Probe.parse("127.0.0.1:9", "198.51.100.254")
+    ok, detail = agent.tcp_probe(probe, timeout=1)
+    assert not ok and "probe" in detail
+
+
+@pytest.mark.parametrize("spec", ["192.0.2.80", "192.0.2.80:0", "host:80", "192.0.2.80:99999"])
+def test_bad_probe_specs_are_refused(spec):
+    with pytest.raises(ValueError):
+        agent.Probe.parse(spec)
+
+
+# -- nftables counters -------------------------------------------------------------------------
+
+
+def test_counters_from_real_nft_output():
+    assert agent.parse_nft_counters((NFT / "empty.json").read_text()) == {
+        "dropped_unenrolled": 0,
+        "dropped_inbound": 0,
+        "dropped_cleartext": 0,
+    }
+    assert agent.parse_nft_counters((NFT / "counting.json").read_text()) == {
+        "dropped_unenrolled": 1,
+        "dropped_inbound": 0,
+        "dropped_cleartext": 3,
+    }
+
+
+def test_missing_table_reads_as_none():
+    rc = int((NFT / "missing.rc").read_text())
+    missing = subprocess.CompletedProcess(["nft"], rc, "", (NFT / "missing.stderr").read_text())
+    assert agent.read_counters(runner(nft=missing)) is None
+    assert agent.read_counters(runner(nft=FileNotFoundError(2, "nft"))) is None
+    garbage = subprocess.CompletedProcess(["nft"], 0, "{not json", "")
+    assert agent.read_counters(runner(nft=garbage)) is None
+
+
+def test_counter_deltas_handle_first_run_and_reset():
+    assert agent.counter_deltas({"a": 5, "b": 7}, {}) == {"a": 5, "b": 7}
+    assert agent.counter_deltas({"a": 9, "b": 7}, {"a": 5, "b": 7}) == {"a": 4, "b": 0}
+    # The table was reloaded: counting restarted from zero.
+    assert agent.counter_deltas({"a": 2}, {"a": 5}) == {"a": 2}
+
+
+# -- collecting and publishing -----------------------------------------------------------------
+
+
+def nft_ok():
+    return subprocess.CompletedProcess(["nft"], 0, (NFT / "counting.json").read_text(), "")
+
+
+def test_collect_and_metric_data(tmp_path):
+    state = tmp_path / "counters.json"
+    state.write_text(json.dumps({"dropped_cleartext": 1}))
+    report = agent.collect(
+        ["partner"],
+        gateway="i-0123456789abcdef0",
+        deployment="lab",
+        high_resolution=True,
+        state_file=state,
+        run=runner(recorded("established"), nft_ok()),
+    )
+    assert report.counters == {
+        "dropped_unenrolled": 1,
+        "dropped_inbound": 0,
+        "dropped_cleartext": 2,
+    }
+    assert json.loads(state.read_text())["dropped_cleartext"] == 3
+    data = agent.metric_data(report, now=1_700_000_000)
+    up = [d for d in data if d["MetricName"] == "TunnelUp"]
+    assert [d["Dimensions"] for d in up] == [
+        [
+            {"Name": "Tunnel", "Value": "partner"},
+            {"Name": "Gateway", "Value": "i-0123456789abcdef0"},
+        ],
+        [{"Name": "Deployment", "Value": "lab"}, {"Name": "Tunnel", "Value": "partner"}],
+    ]
+    assert all(d["Value"] == 1.0 and d["StorageResolution"] == 1 for d in up)
+    by_name = {d["MetricName"]: d["Value"] for d in data if d["MetricName"] != "TunnelUp"}
+    assert by_name == {
+        "NatTablePresent": 1.0,
+        "DroppedCleartext": 2.0,
+        "DroppedUnenrolled": 1.0,
+        "DroppedInbound": 0.0,
+    }
+
+
+def test_dead_charon_and_missing_table_still_publish_zeros(tmp_path):
+    report = agent.collect(
+        ["partner", "backup"],
+        gateway="i-1",
+        deployment="lab",
+        state_file=tmp_path / "s.json",
+        run=runner(recorded("charon-dead")),
+    )
+    data = agent.metric_data(report, now=0)
+    assert [d["Value"] for d in data if d["MetricName"] == "TunnelUp"] == [0.0] * 4
+    assert {d["MetricName"]: d["Value"] for d in data if d["MetricName"] != "TunnelUp"} == {
+        "NatTablePresent": 0.0
+    }
+    assert all(d["StorageResolution"] == 60 for d in data)
+
+
+class FakeCloudWatch:
+    def __init__(self, fail=False):
+        self.calls = []
+        self.fail = fail
+
+    def put_metric_data(self, **kwargs):
+        if self.fail:
+            raise RuntimeError("endpoint unreachable")
+        self.calls.append(kwargs)
+
+
+def run_main(monkeypatch, capsys, client, *extra):
+    import boto3
+
+    monkeypatch.setattr(boto3, "client", lambda *a, **k: client)
+    monkeypatch.setattr(agent, "read_sas", lambda **k: agent.SaReading(error="swanctl exited 111"))
+    monkeypatch.setattr(agent, "read_counters", lambda run=None: None)
+    code = agent.main(
+        ["once", "--tunnels", "partner", "--gateway-id", "i-1", "--region", "us-east-1", *extra]
+    )
+    return code, json.loads(capsys.readouterr().out)
+
+
+def test_main_publishes_zero_when_charon_is_dead(monkeypatch, capsys, tmp_path):
+    client = FakeCloudWatch()
+    code, line = run_main(monkeypatch, capsys, client, "--state-file", str(tmp_path / "s"))
+    assert code == 0 and line["published"] is True
+    assert line["tunnels"][0]["up"] is False
+    (call,) = client.calls
+    assert call["Namespace"] == "tunnelnat"
+    assert [d["Value"] for d in call["MetricData"] if d["MetricName"] == "TunnelUp"] == [0.0, 0.0]
+
+
+def test_main_fails_loudly_when_publishing_fails(monkeypatch, capsys, tmp_path):
+    code, line = run_main(monkeypatch, capsys, FakeCloudWatch(fail=True))
+    assert code == 2 and line["published"] is False and "unreachable" in line["error"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--tunnels", "bad;name"],
+        ["--tunnels", "partner", "--probe", "nope"],
+        ["--tunnels", "partner", "--deployment", "a b"],
+    ],
+)
+def test_main_refuses_bad_arguments(args):
+    with pytest.raises(SystemExit):
+        agent.main(["once", "--gateway-id", "i-1", "--region", "us-east-1", *args])
+
+
+def test_agent_can_be_embedded_in_an_ssm_document():
+    assert "{{" not in (REPO / "gateway" / "tunnelnat_health.py").read_text()
