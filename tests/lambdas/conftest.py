@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,10 +73,24 @@ class FakeFleet:
     calls: list[tuple[str, str]] = field(default_factory=list)
     not_ready: set[str] = field(default_factory=set)
     failing: set[str] = field(default_factory=set)
+    # instance -> how many more commands fail with "agent not registered"
+    not_ready_for: dict[str, int] = field(default_factory=dict)
+    crash_on: set[str] = field(default_factory=set)  # documents that "kill the Lambda" once
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def run(self, instance_id, document, parameters):
+        with self.lock:
+            return self._run(instance_id, document, parameters)
+
+    def _run(self, instance_id, document, parameters):
         self.calls.append((instance_id, document))
+        if document in self.crash_on:
+            self.crash_on.discard(document)
+            raise SystemExit("the Lambda runtime was killed here")
         if instance_id in self.not_ready:
+            raise AgentNotReady(f"{instance_id}: SSM agent not registered")
+        if self.not_ready_for.get(instance_id, 0) > 0:
+            self.not_ready_for[instance_id] -= 1
             raise AgentNotReady(f"{instance_id}: SSM agent not registered")
         if document in self.failing:
             return CommandResult(instance_id, document, "Failed", stderr="boom")
@@ -90,7 +105,8 @@ class FakeFleet:
             table = tunnelnat_gateway.read_desired(
                 self.dynamodb, parameters["TableName"], "dedicated"
             )
-            if self.applied is None or table.generation > self.applied.generation:
+            full = parameters.get("Full") == "true"
+            if self.applied is None or full or table.generation > self.applied.generation:
                 self.applied = table
             report = {"applied_generation": self.applied.generation, "action": "updated"}
             return CommandResult(instance_id, document, "Success", stdout=json.dumps(report))

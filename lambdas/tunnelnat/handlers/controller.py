@@ -38,7 +38,8 @@ from tunnelnat.settings import ControllerSettings
 logger = Logger(service="tunnelnat")
 tracer = Tracer(service="tunnelnat")
 metrics = Metrics(namespace="tunnelnat", service="tunnelnat")
-processor = BatchProcessor(event_type=EventType.SQS)
+# Report every failed message, even when the whole batch failed, rather than raise.
+processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
 
 # Throttling is absorbed here first, then by the queue's redelivery.
 AWS_CONFIG = Config(retries={"mode": "adaptive", "max_attempts": 8}, connect_timeout=5)
