@@ -49,6 +49,10 @@ class Aws:
         self._clients: dict[str, Any] = dict(overrides or {})
 
     @property
+    def configured_region(self) -> str | None:
+        return self._session.region_name
+
+    @property
     def region(self) -> str:
         if not self._session.region_name:
             raise NoRegionError()

@@ -1,0 +1,182 @@
+"""Argument parsing, dispatch, and the one place AWS failures become one line and an exit code.
+
+Exit codes: 0 done / healthy; 1 the controller reported a failure, a wait timed out, or doctor
+has findings; 2 the command could not do its job (bad input, unknown instance, credentials,
+region, endpoint, missing table or queue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+from tunnelnat.cli import doctor, enrol, reconcile, status
+from tunnelnat.cli.aws import AWS_ERRORS, EXIT_ERROR, Aws, CliError, describe_failure
+from tunnelnat.cli.context import Change, Ctx, Runtime
+from tunnelnat.core.config import TAG_TEXT
+
+__all__ = ["Change", "Runtime", "build_parser", "main"]
+
+DEFAULT_TABLE = "tunnelnat"
+
+
+def _tag_text(value: str) -> str:
+    if not TAG_TEXT.fullmatch(value) or value.lower().startswith("aws:"):
+        raise argparse.ArgumentTypeError(
+            f"{value[:40]!r}: 1-128 letters, digits, spaces and _.:/=+@- (no aws: prefix)"
+        )
+    return value
+
+
+def _positive(value: str) -> float:
+    number = float(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return number
+
+
+def _common(*, top: bool) -> argparse.ArgumentParser:
+    """The global options, accepted before and after the subcommand. Only the top-level parser
+    sets defaults: a subparser's default would overwrite a value given before the subcommand."""
+
+    def default(value: object) -> object:
+        return value if top else argparse.SUPPRESS
+
+    common = argparse.ArgumentParser(add_help=False)
+    aws = common.add_argument_group("AWS and deployment")
+    aws.add_argument(
+        "--region",
+        default=default(None),
+        help="AWS region (default: standard resolution, AWS_REGION)",
+    )
+    aws.add_argument(
+        "--profile", default=default(None), help="AWS named profile (default: standard resolution)"
+    )
+    aws.add_argument(
+        "--endpoint-url",
+        default=default(None),
+        help="AWS endpoint override, e.g. the lab's moto server (default: AWS_ENDPOINT_URL)",
+    )
+    aws.add_argument(
+        "--table",
+        default=default(os.environ.get("TUNNELNAT_TABLE_NAME") or DEFAULT_TABLE),
+        help="enrolment table (default: $TUNNELNAT_TABLE_NAME or tunnelnat)",
+    )
+    aws.add_argument(
+        "--deployment",
+        default=default(os.environ.get("TUNNELNAT_DEPLOYMENT") or "tunnelnat"),
+        help="deployment name: gateway tag, queue/alarm prefix (default: tunnelnat)",
+    )
+    aws.add_argument("--debug", action="store_true", default=default(False), help="show tracebacks")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common(top=False)
+    tags = argparse.ArgumentParser(add_help=False)
+    tags.add_argument("--tag-key", type=_tag_text, help="enrolment tag key (default: tunnelnat)")
+    tags.add_argument("--tag-value", type=_tag_text, help="enrolment tag value (default: enabled)")
+
+    def json_flag(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+
+    def wait_flags(p: argparse.ArgumentParser, timeout: float) -> None:
+        p.add_argument("--wait", action="store_true", help="follow progress until done")
+        p.add_argument(
+            "--timeout", type=_positive, default=timeout, help="seconds (default: %(default)s)"
+        )
+        p.add_argument(
+            "--interval", type=_positive, default=2.0, help="poll seconds (default: %(default)s)"
+        )
+
+    parser = argparse.ArgumentParser(
+        prog="tunnelnat",
+        description="Operate a tunnelnat deployment: enrol instances, see status, diagnose.",
+        parents=[_common(top=True)],
+        epilog="exit codes: 0 ok, 1 failed / timed out / findings, 2 error",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("status", parents=[common, tags], help="instances, generations, tunnels")
+    json_flag(p)
+    p.set_defaults(func=status.run)
+
+    for name, func, text in (
+        ("enroll", enrol.run_enroll, "tag an instance for enrolment"),
+        ("unenroll", enrol.run_unenroll, "remove an instance's enrolment tag"),
+    ):
+        p = sub.add_parser(name, parents=[common, tags], help=text)
+        p.add_argument("instance", metavar="INSTANCE", help="instance ID (i-...)")
+        wait_flags(p, 300.0)
+        json_flag(p)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("reconcile", parents=[common], help="ask the controller to reconcile")
+    p.add_argument("instances", metavar="INSTANCE", nargs="*", help="instance IDs (none: all)")
+    p.add_argument("--queue-url", help="controller queue (default: <deployment>-events)")
+    wait_flags(p, 300.0)
+    json_flag(p)
+    p.set_defaults(func=reconcile.run)
+
+    p = sub.add_parser("doctor", parents=[common, tags], help="check the deployment")
+    p.add_argument("--gateway-ip", help="G, the fixed ENI address (default: from the config)")
+    p.add_argument(
+        "--function-name",
+        help="controller Lambda to read the config from (default: <deployment>-controller)",
+    )
+    p.add_argument("--strict", action="store_true", help="checks that could not run fail too")
+    json_flag(p)
+    p.set_defaults(func=doctor.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, runtime: Runtime | None = None) -> int:
+    """Run one ``tunnelnat`` command; returns its exit code (never raises for AWS failures)."""
+    runtime = runtime or Runtime()
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return int(exc.code or 0)
+    if args.command in ("status", "enroll", "unenroll"):
+        args.tag_key = args.tag_key or "tunnelnat"
+        args.tag_value = args.tag_value or "enabled"
+    if getattr(args, "gateway_ip", None):
+        from ipaddress import IPv4Address
+
+        try:
+            IPv4Address(args.gateway_ip)
+        except ValueError:
+            runtime.err.write(
+                f"tunnelnat: --gateway-ip {args.gateway_ip!r} is not an IPv4 address\n"
+            )
+            return EXIT_ERROR
+    region: str | None = args.region
+    try:
+        aws = Aws(
+            region=args.region,
+            endpoint_url=args.endpoint_url,
+            profile=args.profile,
+            overrides=runtime.clients,
+        )
+        region = aws.configured_region
+        func: Callable[[Ctx], int] = args.func
+        return func(Ctx(args, aws, runtime))
+    except CliError as exc:
+        runtime.err.write(f"tunnelnat: {exc.message}\n")
+        return exc.code
+    except AWS_ERRORS as exc:
+        if args.debug:
+            traceback.print_exc(file=runtime.err)
+        runtime.err.write(f"tunnelnat: {describe_failure(exc, table=args.table, region=region)}\n")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        runtime.err.write("tunnelnat: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

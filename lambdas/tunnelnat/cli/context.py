@@ -1,0 +1,73 @@
+"""What every subcommand gets: parsed options, AWS clients, the table, and the runtime's seams."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from tunnelnat.cli.aws import Aws
+from tunnelnat.cli.table import TableReader
+
+
+@dataclass(frozen=True)
+class Change:
+    """What a command just asked for, handed to ``Runtime.after_change``."""
+
+    action: str  # enroll | unenroll | reconcile
+    instance_ids: tuple[str, ...]
+    message: dict | None = None  # reconcile: the event sent to the queue
+    queue_url: str | None = None
+
+
+@dataclass
+class Runtime:
+    """Seams for tests and embedding; production uses the defaults.
+
+    ``after_change`` runs right after the CLI tagged/untagged an instance or sent a reconcile
+    request, before ``--wait`` polls: tests run the controller's handler there, the way the
+    deployed Lambda would react to the event.
+    """
+
+    out: TextIO = field(default_factory=lambda: sys.stdout)
+    err: TextIO = field(default_factory=lambda: sys.stderr)
+    clients: Mapping[str, Any] = field(default_factory=dict)
+    after_change: Callable[[Aws, Change], None] | None = None
+    sleep: Callable[[float], None] = time.sleep
+    monotonic: Callable[[], float] = time.monotonic
+    now: Callable[[], float] = time.time
+
+
+@dataclass
+class Ctx:
+    args: argparse.Namespace
+    aws: Aws
+    runtime: Runtime
+
+    @property
+    def out(self) -> TextIO:
+        return self.runtime.out
+
+    @property
+    def err(self) -> TextIO:
+        return self.runtime.err
+
+    @property
+    def deployment(self) -> str:
+        return self.args.deployment
+
+    @property
+    def reader(self) -> TableReader:
+        return TableReader(self.aws.client("dynamodb"), self.args.table)
+
+    def say(self, text: str) -> None:
+        """Human-readable output: stdout normally, stderr when stdout carries JSON."""
+        stream = self.err if getattr(self.args, "json", False) else self.out
+        stream.write(text + "\n")
+
+    def after_change(self, change: Change) -> None:
+        if self.runtime.after_change is not None:
+            self.runtime.after_change(self.aws, change)

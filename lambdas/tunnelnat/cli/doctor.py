@@ -1,0 +1,601 @@
+"""``tunnelnat doctor``: check a deployment; every finding names what is wrong and the fix.
+
+Statuses: ``ok``; ``fail`` (a finding: exit 1); ``unknown`` (could not be checked, e.g. an API
+the caller may not use or that moto does not implement; exit 0 unless ``--strict``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from ipaddress import IPv4Address, IPv4Network, ip_address
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from tunnelnat.cli.aws import EXIT_FINDINGS, EXIT_OK, CliError, error_code
+from tunnelnat.cli.context import Ctx
+from tunnelnat.cli.enrol import fix_for, is_failure
+from tunnelnat.cli.fleet import (
+    DeploymentConfig,
+    Instance,
+    gateways,
+    instances_by_id,
+    load_config,
+    tagged_instances,
+)
+from tunnelnat.cli.render import dump_json
+from tunnelnat.cli.table import Snapshot
+from tunnelnat.cli.tunnels import tunnel_states
+
+SCHEMA = "tunnelnat.doctor/v1"
+OK, FAIL, UNKNOWN = "ok", "fail", "unknown"
+SSM_IDS_MAX = 50
+PENDING_SSM_GRACE = 600  # seconds an instance may wait for its SSM agent before it is a finding
+
+
+@dataclass(frozen=True)
+class Finding:
+    check: str
+    status: str
+    summary: str
+    fix: str | None = None
+    resource: str | None = None
+
+
+@dataclass
+class Facts:
+    """What the checks share, gathered once."""
+
+    snapshot: Snapshot
+    config: DeploymentConfig
+    gateways: list[Instance]
+    tag_key: str
+    tag_value: str
+
+    @property
+    def gateway(self) -> Instance | None:
+        return self.gateways[-1] if self.gateways else None
+
+
+def run(ctx: Ctx) -> int:
+    findings = diagnose(ctx)
+    failed = [f for f in findings if f.status == FAIL]
+    unknown = [f for f in findings if f.status == UNKNOWN]
+    healthy = not failed and not (ctx.args.strict and unknown)
+    if ctx.args.json:
+        dump_json(
+            {
+                "schema": SCHEMA,
+                "deployment": ctx.deployment,
+                "region": ctx.aws.region,
+                "healthy": healthy,
+                "counts": {
+                    OK: sum(1 for f in findings if f.status == OK),
+                    FAIL: len(failed),
+                    UNKNOWN: len(unknown),
+                },
+                "findings": [asdict(f) for f in findings],
+            },
+            ctx.out,
+        )
+    else:
+        marks = {OK: "[ok]  ", FAIL: "[FAIL]", UNKNOWN: "[??]  "}
+        for f in findings:
+            ctx.out.write(f"{marks[f.status]} {f.check:<20} {f.summary}\n")
+            if f.fix and f.status != OK:
+                ctx.out.write(f"{'':27}fix: {f.fix}\n")
+        verdict = "healthy" if healthy else f"{len(failed)} finding(s)"
+        if unknown:
+            verdict += f", {len(unknown)} check(s) could not run"
+        ctx.out.write(f"\n{ctx.deployment}: {verdict}\n")
+    return EXIT_OK if healthy else EXIT_FINDINGS
+
+
+def diagnose(ctx: Ctx) -> list[Finding]:
+    args = ctx.args
+    snapshot = ctx.reader.snapshot()  # a missing table is an error (exit 2), not a finding
+    findings: list[Finding] = []
+    gateway_ip = IPv4Address(args.gateway_ip) if args.gateway_ip else None
+    try:
+        config = load_config(
+            ctx.aws.client("lambda"),
+            ctx.reader,
+            function_name=args.function_name or f"{ctx.deployment}-controller",
+            gateway_ip=gateway_ip,
+        )
+    except CliError as exc:
+        config = DeploymentConfig(None, "invalid", exc.message, gateway_ip_override=gateway_ip)
+        findings.append(
+            Finding("config", FAIL, exc.message, "fix the configuration and redeploy the stack")
+        )
+    else:
+        if config.config is None:
+            findings.append(
+                Finding(
+                    "config",
+                    UNKNOWN,
+                    f"controller configuration not readable ({config.problem})",
+                    "pass --function-name, or --gateway-ip for the ENI check",
+                )
+            )
+        else:
+            findings.append(Finding("config", OK, f"configuration from {config.source}"))
+    tag_key = args.tag_key or (config.config.enrolment_tag_key if config.config else "tunnelnat")
+    tag_value = args.tag_value or (
+        config.config.enrolment_tag_value if config.config else "enabled"
+    )
+    facts = Facts(
+        snapshot, config, gateways(ctx.aws.client("ec2"), ctx.deployment), tag_key, tag_value
+    )
+    checks: list[Callable[[Ctx, Facts], list[Finding]]] = [
+        check_gateway,
+        check_source_dest,
+        check_eni,
+        check_ssm,
+        check_tunnels,
+        check_generation,
+        check_dlq,
+        check_alarms,
+        check_instances,
+    ]
+    for check in checks:
+        findings.extend(check(ctx, facts))
+    return findings
+
+
+# -- the checks -------------------------------------------------------------------------------
+def check_gateway(ctx: Ctx, facts: Facts) -> list[Finding]:
+    d = ctx.deployment
+    if not facts.gateways:
+        return [
+            Finding(
+                "gateway",
+                FAIL,
+                f"no running instance tagged tunnelnat:role=gateway, tunnelnat:deployment={d}",
+                "start the gateway (or check its Auto Scaling group's activity); if it runs, "
+                f"tag it: aws ec2 create-tags --resources <id> --tags "
+                f"Key=tunnelnat:role,Value=gateway Key=tunnelnat:deployment,Value={d}",
+            )
+        ]
+    gw = facts.gateway
+    assert gw is not None
+    found = [
+        Finding("gateway", OK, f"{gw.instance_id} running ({gw.private_ip})", None, gw.instance_id)
+    ]
+    if len(facts.gateways) > 1:
+        others = ", ".join(g.instance_id for g in facts.gateways[:-1])
+        found.append(
+            Finding(
+                "gateway",
+                FAIL,
+                f"{len(facts.gateways)} running gateways; the controller uses {gw.instance_id}, "
+                f"not {others}",
+                f"terminate the stale gateway(s) once {gw.instance_id} serves: "
+                f"aws ec2 terminate-instances --instance-ids {others.replace(',', '')}",
+                gw.instance_id,
+            )
+        )
+    return found
+
+
+def check_source_dest(ctx: Ctx, facts: Facts) -> list[Finding]:
+    gw = facts.gateway
+    if gw is None:
+        return []
+    enabled = gw.source_dest_check
+    if enabled is None:
+        reply = ctx.aws.client("ec2").describe_instance_attribute(
+            InstanceId=gw.instance_id, Attribute="sourceDestCheck"
+        )
+        enabled = bool(reply.get("SourceDestCheck", {}).get("Value", True))
+    if enabled:
+        return [
+            Finding(
+                "source-dest-check",
+                FAIL,
+                f"source/destination check is ON on gateway {gw.instance_id}: EC2 drops the "
+                "packets it forwards",
+                f"aws ec2 modify-instance-attribute --instance-id {gw.instance_id} "
+                "--no-source-dest-check",
+                gw.instance_id,
+            )
+        ]
+    return [Finding("source-dest-check", OK, "off on the gateway", None, gw.instance_id)]
+
+
+def check_eni(ctx: Ctx, facts: Facts) -> list[Finding]:
+    gw = facts.gateway
+    g = facts.config.gateway_ip
+    if g is None:
+        return [
+            Finding(
+                "fixed-eni",
+                UNKNOWN,
+                "the gateway's fixed address G is unknown (configuration not readable)",
+                "pass --gateway-ip G (or --function-name of the controller Lambda)",
+            )
+        ]
+    if gw is None:
+        return [Finding("fixed-eni", UNKNOWN, f"no gateway to hold G={g}")]
+    filters = [{"Name": "addresses.private-ip-address", "Values": [str(g)]}]
+    vpc = gw.raw.get("VpcId")
+    if vpc:
+        filters.append({"Name": "vpc-id", "Values": [vpc]})
+    enis = ctx.aws.client("ec2").describe_network_interfaces(Filters=filters)["NetworkInterfaces"]
+    if not enis:
+        return [
+            Finding(
+                "fixed-eni",
+                FAIL,
+                f"no network interface holds G={g}{' in ' + vpc if vpc else ''}: instances' "
+                "routes via G lead nowhere",
+                f"aws ec2 create-network-interface --subnet-id {gw.subnet_id} "
+                f"--private-ip-address {g} --description 'tunnelnat fixed ENI', then "
+                "aws ec2 attach-network-interface --network-interface-id <eni> "
+                f"--instance-id {gw.instance_id} --device-index 1",
+                gw.instance_id,
+            )
+        ]
+    eni = enis[0]
+    eni_id = eni["NetworkInterfaceId"]
+    attachment = eni.get("Attachment") or {}
+    holder = attachment.get("InstanceId")
+    if holder != gw.instance_id:
+        where = f"attached to {holder}" if holder else "not attached"
+        detach = (
+            f"aws ec2 detach-network-interface --attachment-id {attachment.get('AttachmentId')}; "
+            if holder
+            else ""
+        )
+        return [
+            Finding(
+                "fixed-eni",
+                FAIL,
+                f"{eni_id} (G={g}) is {where}, not to gateway {gw.instance_id}",
+                f"{detach}aws ec2 attach-network-interface --network-interface-id {eni_id} "
+                f"--instance-id {gw.instance_id} --device-index 1",
+                eni_id,
+            )
+        ]
+    found = []
+    if int(attachment.get("DeviceIndex", 1)) == 0:
+        found.append(
+            Finding(
+                "fixed-eni",
+                FAIL,
+                f"G={g} is the gateway's primary interface {eni_id}: it is lost when the "
+                "gateway is replaced",
+                "put G on a dedicated ENI that the replacement gateway re-attaches at boot "
+                "(see docs/operations.md, replace the gateway)",
+                eni_id,
+            )
+        )
+    if eni.get("SourceDestCheck", True):
+        found.append(
+            Finding(
+                "fixed-eni",
+                FAIL,
+                f"source/destination check is ON on {eni_id} (G={g}): forwarded packets are "
+                "dropped",
+                f"aws ec2 modify-network-interface-attribute --network-interface-id {eni_id} "
+                "--no-source-dest-check",
+                eni_id,
+            )
+        )
+    return found or [
+        Finding("fixed-eni", OK, f"{eni_id} holds G={g} on {gw.instance_id}", None, eni_id)
+    ]
+
+
+def check_ssm(ctx: Ctx, facts: Facts) -> list[Finding]:
+    targets: dict[str, str] = {}
+    if facts.gateway is not None:
+        targets[facts.gateway.instance_id] = "gateway"
+    for instance_id, record in facts.snapshot.records.items():
+        if record.status in ("enrolled", "pending-ssm") or instance_id in facts.snapshot.mappings:
+            targets.setdefault(instance_id, "instance")
+    for instance_id in facts.snapshot.mappings:
+        targets.setdefault(instance_id, "instance")
+    if not targets:
+        return []
+    try:
+        pings = ssm_ping_status(ctx.aws.client("ssm"), sorted(targets))
+    except (ClientError, BotoCoreError) as exc:
+        reason = error_code(exc) if isinstance(exc, ClientError) else type(exc).__name__
+        return [
+            Finding(
+                "ssm-agent",
+                UNKNOWN,
+                f"cannot tell whether SSM agents are online: DescribeInstanceInformation "
+                f"failed ({reason or 'error'})",
+                "allow ssm:DescribeInstanceInformation to the caller (moto does not implement it)",
+            )
+        ]
+    found = []
+    for instance_id in sorted(targets):
+        role = targets[instance_id]
+        ping = pings.get(instance_id)
+        if ping == "Online":
+            continue
+        what = "not registered with SSM" if ping is None else f"SSM agent {ping}"
+        found.append(
+            Finding(
+                "ssm-agent",
+                FAIL,
+                f"{role} {instance_id}: {what}; the controller cannot run commands on it",
+                "check the instance profile has AmazonSSMManagedInstanceCore, the agent runs "
+                "(systemctl status amazon-ssm-agent) and it reaches the ssm/ssmmessages "
+                "endpoints (VPC endpoints or NAT)",
+                instance_id,
+            )
+        )
+    return found or [Finding("ssm-agent", OK, f"online on all {len(targets)} instance(s)")]
+
+
+def ssm_ping_status(ssm: Any, instance_ids: list[str]) -> dict[str, str]:
+    pings: dict[str, str] = {}
+    for start in range(0, len(instance_ids), SSM_IDS_MAX):
+        chunk = instance_ids[start : start + SSM_IDS_MAX]
+        paginator = ssm.get_paginator("describe_instance_information")
+        for page in paginator.paginate(Filters=[{"Key": "InstanceIds", "Values": chunk}]):
+            for info in page.get("InstanceInformationList", []):
+                pings[info["InstanceId"]] = info.get("PingStatus", "Unknown")
+    return pings
+
+
+def check_tunnels(ctx: Ctx, facts: Facts) -> list[Finding]:
+    gw = facts.gateway
+    if gw is None:
+        return []
+    states = tunnel_states(
+        ctx.aws.client("cloudwatch"), gateway_ids={gw.instance_id}, now=ctx.runtime.now()
+    )
+    if not states:
+        return [
+            Finding(
+                "tunnel",
+                UNKNOWN,
+                f"no TunnelUp metric from gateway {gw.instance_id}: its health agent publishes "
+                "nothing",
+                "check the health agent on the gateway (it publishes TunnelUp every minute)",
+                gw.instance_id,
+            )
+        ]
+    found = []
+    for s in states:
+        if s.state == "up":
+            found.append(Finding("tunnel", OK, f"{s.tunnel} up", None, s.tunnel))
+            continue
+        what = "down" if s.state == "down" else "no datapoint in the last 5 minutes"
+        found.append(
+            Finding(
+                "tunnel",
+                FAIL,
+                f"tunnel {s.tunnel} on {gw.instance_id}: {what}",
+                f"aws ssm send-command --instance-ids {gw.instance_id} --document-name "
+                f"tunnelnat-RestartTunnel --parameters TunnelName={s.tunnel}; if it stays down, "
+                "check the partner endpoint and the PSK (docs/operations.md)",
+                s.tunnel,
+            )
+        )
+    return found
+
+
+def check_generation(ctx: Ctx, facts: Facts) -> list[Finding]:
+    snap = facts.snapshot
+    desired, applied = snap.desired_generation, snap.applied_generation
+    gw = facts.gateway
+    if desired == 0:
+        return [Finding("generation", OK, "no mapping written yet (generation 0)")]
+    if gw is not None and snap.applied_by not in (None, gw.instance_id):
+        return [
+            Finding(
+                "generation",
+                FAIL,
+                f"gateway {gw.instance_id} has not reported a sync; generation {applied} was "
+                f"applied by {snap.applied_by}",
+                "tunnelnat reconcile   (a full reconcile syncs the new gateway)",
+            )
+        ]
+    if applied < desired:
+        return [
+            Finding(
+                "generation",
+                FAIL,
+                f"gateway is behind: applied generation {applied}, desired {desired}",
+                "tunnelnat reconcile --wait; if it stays behind, check the SSM agent on the "
+                "gateway and the DLQ",
+            )
+        ]
+    return [Finding("generation", OK, f"applied {applied} = desired {desired}")]
+
+
+def check_dlq(ctx: Ctx, facts: Facts) -> list[Finding]:
+    name = f"{ctx.deployment}-events-dlq"
+    sqs = ctx.aws.client("sqs")
+    try:
+        url = sqs.get_queue_url(QueueName=name)["QueueUrl"]
+    except ClientError as exc:
+        if error_code(exc) not in ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"):
+            raise
+        return [
+            Finding(
+                "dlq",
+                FAIL,
+                f"dead-letter queue {name} not found: failed events would be lost",
+                "check --deployment; deploy the stack (it creates the queue and its DLQ)",
+            )
+        ]
+    attrs = sqs.get_queue_attributes(
+        QueueUrl=url,
+        AttributeNames=[
+            "QueueArn",
+            "ApproximateNumberOfMessages",
+            "ApproximateNumberOfMessagesNotVisible",
+        ],
+    )["Attributes"]
+    count = int(attrs.get("ApproximateNumberOfMessages", 0)) + int(
+        attrs.get("ApproximateNumberOfMessagesNotVisible", 0)
+    )
+    if count:
+        return [
+            Finding(
+                "dlq",
+                FAIL,
+                f"{count} message(s) in {name}: events the controller gave up on",
+                f"read them (aws sqs receive-message --queue-url {url} --attribute-names All "
+                "--max-number-of-messages 10 --visibility-timeout 0), fix the cause, then "
+                f"redrive: aws sqs start-message-move-task --source-arn {attrs.get('QueueArn')}",
+                name,
+            )
+        ]
+    return [Finding("dlq", OK, f"{name} is empty", None, name)]
+
+
+def check_alarms(ctx: Ctx, facts: Facts) -> list[Finding]:
+    cloudwatch = ctx.aws.client("cloudwatch")
+    alarms = []
+    for page in cloudwatch.get_paginator("describe_alarms").paginate(
+        AlarmNamePrefix=ctx.deployment, AlarmTypes=["MetricAlarm", "CompositeAlarm"]
+    ):
+        alarms.extend(page.get("MetricAlarms", []))
+        alarms.extend(page.get("CompositeAlarms", []))
+    if not alarms:
+        return [
+            Finding(
+                "alarms",
+                UNKNOWN,
+                f"no CloudWatch alarm named {ctx.deployment}*",
+                "deploy the stack's alarms (DLQ, tunnel health)",
+            )
+        ]
+    found = []
+    for alarm in sorted(alarms, key=lambda a: a["AlarmName"]):
+        name, state = alarm["AlarmName"], alarm.get("StateValue", "?")
+        if state == "OK":
+            continue
+        reason = " ".join(str(alarm.get("StateReason", "")).split())[:200]
+        if state == "INSUFFICIENT_DATA":
+            fix = "its metric is not being published: check the component that emits it"
+        elif "dlq" in name.lower():
+            fix = "see the dlq finding: read, fix, redrive"
+        elif "tunnel" in name.lower():
+            fix = "see the tunnel finding; the healer restarts the tunnel, RestartTunnel by hand"
+        else:
+            fix = f"aws cloudwatch describe-alarm-history --alarm-name {name}"
+        found.append(Finding("alarms", FAIL, f"alarm {name} is {state}: {reason}", fix, name))
+    return found or [Finding("alarms", OK, f"all {len(alarms)} alarm(s) OK")]
+
+
+def check_instances(ctx: Ctx, facts: Facts) -> list[Finding]:
+    snap = facts.snapshot
+    ec2 = ctx.aws.client("ec2")
+    tagged = {i.instance_id: i for i in tagged_instances(ec2, facts.tag_key, facts.tag_value)}
+    ids = sorted(set(tagged) | set(snap.records) | set(snap.mappings))
+    known = instances_by_id(ec2, ids) if ids else {}
+    subnet = _gateway_subnet(ctx, facts)
+    now = ctx.runtime.now() if ctx.runtime else time.time()
+    found: list[Finding] = []
+    for instance_id in ids:
+        inst = known.get(instance_id)
+        record = snap.records.get(instance_id)
+        mapping = snap.mappings.get(instance_id)
+        private = (mapping.private_ip if mapping else None) or (inst.private_ip if inst else None)
+        outside = (
+            subnet is not None
+            and private is not None
+            and _ip(private) is not None
+            and _ip(private) not in subnet
+        )
+        if outside and (mapping is not None or instance_id in tagged):
+            state = "enrolled" if mapping is not None else "tagged"
+            found.append(
+                Finding(
+                    "unsupported-subnet",
+                    FAIL,
+                    f"{instance_id} is {state} but {private} is outside the gateway's subnet "
+                    f"{subnet}: a host route via G cannot work there",
+                    "launch it in the gateway's subnet (or enable route-table mode), or "
+                    f"tunnelnat unenroll {instance_id}",
+                    instance_id,
+                )
+            )
+            continue
+        if (
+            record is not None
+            and record.status not in ("not-running",)
+            and (
+                is_failure(record.status)
+                or (
+                    record.status == "pending-ssm"
+                    and now - (record.updated_at or now) > PENDING_SSM_GRACE
+                )
+            )
+        ):
+            found.append(
+                Finding(
+                    "instance",
+                    FAIL,
+                    f"{instance_id}: {record.status}: {record.reason}",
+                    fix_for(record.status, instance_id),
+                    instance_id,
+                )
+            )
+        elif mapping is not None and (inst is None or instance_id not in tagged):
+            why = "no longer exists" if inst is None else f"is not tagged {facts.tag_key}"
+            found.append(
+                Finding(
+                    "instance",
+                    FAIL,
+                    f"{instance_id} {why} but still has a mapping ({mapping.public_ip})",
+                    f"tunnelnat reconcile {instance_id}",
+                    instance_id,
+                )
+            )
+        elif inst is not None and instance_id in tagged and inst.state == "running":
+            if record is None:
+                found.append(
+                    Finding(
+                        "instance",
+                        FAIL,
+                        f"{instance_id} is tagged {facts.tag_key}={facts.tag_value} but the "
+                        "controller has not recorded it",
+                        f"tunnelnat reconcile {instance_id}; if it persists, check the "
+                        "EventBridge rules, the queue and the DLQ",
+                        instance_id,
+                    )
+                )
+            elif record.status == "enrolled" and mapping is None:
+                found.append(
+                    Finding(
+                        "instance",
+                        FAIL,
+                        f"{instance_id} is recorded enrolled but has no mapping",
+                        f"tunnelnat reconcile {instance_id}",
+                        instance_id,
+                    )
+                )
+    enrolled = sum(1 for r in snap.records.values() if r.status == "enrolled")
+    return found or [
+        Finding("instances", OK, f"{enrolled} enrolled; no instance stuck or misplaced")
+    ]
+
+
+def _gateway_subnet(ctx: Ctx, facts: Facts) -> IPv4Network | None:
+    if facts.config.config is not None:
+        return facts.config.config.gateway_subnet_cidr
+    gw = facts.gateway
+    if gw is None or not gw.subnet_id:
+        return None
+    subnets = ctx.aws.client("ec2").describe_subnets(SubnetIds=[gw.subnet_id])["Subnets"]
+    return IPv4Network(subnets[0]["CidrBlock"]) if subnets else None
+
+
+def _ip(text: str) -> IPv4Address | None:
+    try:
+        value = ip_address(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, IPv4Address) else None

@@ -1,0 +1,151 @@
+"""``tunnelnat status``: enrolled and pending instances, generations, tunnels."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from tunnelnat.cli.aws import EXIT_OK
+from tunnelnat.cli.context import Ctx
+from tunnelnat.cli.fleet import gateways, instances_by_id, tagged_instances
+from tunnelnat.cli.render import ago, dump_json, iso, table
+from tunnelnat.cli.tunnels import tunnel_states
+
+SCHEMA = "tunnelnat.status/v1"
+ENROLLED = "enrolled"
+NOT_SEEN = "not-seen"
+
+
+def collect(ctx: Ctx) -> dict[str, Any]:
+    """The status document (the ``--json`` output; its schema is ``schemas.STATUS``)."""
+    now = ctx.runtime.now()
+    snapshot = ctx.reader.snapshot()
+    ec2 = ctx.aws.client("ec2")
+    tagged = {i.instance_id: i for i in tagged_instances(ec2, ctx.args.tag_key, ctx.args.tag_value)}
+    ids = set(snapshot.records) | set(snapshot.mappings) | set(tagged)
+    known = instances_by_id(ec2, sorted(ids)) if ids else {}
+    rows = []
+    for instance_id in sorted(ids):
+        record = snapshot.records.get(instance_id)
+        mapping = snapshot.mappings.get(instance_id)
+        inst = known.get(instance_id)
+        if record is not None:
+            status, reason, updated = record.status, record.reason, record.updated_at
+        elif mapping is not None:
+            status, reason, updated = "mapped", "a mapping without an instance record", None
+        else:
+            status = NOT_SEEN
+            reason = "tagged, but the controller has not recorded it yet"
+            updated = None
+        rows.append(
+            {
+                "instance_id": instance_id,
+                "name": inst.name if inst else None,
+                "state": inst.state if inst else "gone",
+                "private_ip": (record.private_ip if record else None)
+                or (mapping.private_ip if mapping else None)
+                or (inst.private_ip if inst else None),
+                "public_ip": (mapping.public_ip if mapping else None)
+                or (record.public_ip if record else None),
+                "status": status,
+                "reason": reason,
+                "route_installed": bool(record and record.route_installed),
+                "mapped": mapping is not None,
+                "updated_at": iso(updated),
+            }
+        )
+    found = gateways(ec2, ctx.deployment)
+    gateway_id = found[-1].instance_id if found else None
+    tunnels = tunnel_states(
+        ctx.aws.client("cloudwatch"),
+        gateway_ids={g.instance_id for g in found} if found else None,
+        now=now,
+    )
+    enrolled = sum(1 for r in rows if r["status"] == ENROLLED)
+    return {
+        "schema": SCHEMA,
+        "deployment": ctx.deployment,
+        "table": ctx.args.table,
+        "region": ctx.aws.region,
+        "generated_at": iso(now),
+        "gateway": {
+            "instance_id": gateway_id,
+            "desired_generation": snapshot.desired_generation,
+            "applied_generation": snapshot.applied_generation,
+            "applied_by": snapshot.applied_by,
+            "applied_at": iso(snapshot.applied_at),
+            "in_sync": snapshot.applied_generation >= snapshot.desired_generation
+            and (snapshot.applied_by in (None, gateway_id) or snapshot.desired_generation == 0),
+        },
+        "instances": rows,
+        "tunnels": [
+            {
+                "tunnel": t.tunnel,
+                "gateway": t.gateway,
+                "state": t.state,
+                "value": t.value,
+                "timestamp": iso(t.timestamp),
+            }
+            for t in tunnels
+        ],
+        "summary": {"total": len(rows), "enrolled": enrolled, "pending": len(rows) - enrolled},
+    }
+
+
+def run(ctx: Ctx) -> int:
+    doc = collect(ctx)
+    if ctx.args.json:
+        dump_json(doc, ctx.out)
+        return EXIT_OK
+    now = ctx.runtime.now()
+    out = ctx.out
+    gw = doc["gateway"]
+    out.write(f"deployment {doc['deployment']}  table {doc['table']}  region {doc['region']}\n")
+    sync = "in sync" if gw["in_sync"] else "BEHIND: run `tunnelnat reconcile`"
+    out.write(
+        f"gateway {gw['instance_id'] or 'NOT FOUND'}  generation applied "
+        f"{gw['applied_generation']} / desired {gw['desired_generation']} ({sync})\n\n"
+    )
+    if doc["instances"]:
+        out.write(
+            table(
+                ["INSTANCE", "NAME", "PRIVATE IP", "PUBLIC (S)", "STATUS", "LAST CHANGE", "REASON"],
+                [
+                    [
+                        r["instance_id"],
+                        r["name"],
+                        r["private_ip"],
+                        r["public_ip"],
+                        r["status"],
+                        _ago_iso(r["updated_at"], now),
+                        r["reason"],
+                    ]
+                    for r in doc["instances"]
+                ],
+            )
+            + "\n"
+        )
+    else:
+        out.write(f"no instances enrolled or tagged {ctx.args.tag_key}={ctx.args.tag_value}\n")
+    summary = doc["summary"]
+    out.write(f"\n{summary['enrolled']} enrolled, {summary['pending']} not enrolled\n\n")
+    if doc["tunnels"]:
+        out.write(
+            table(
+                ["TUNNEL", "GATEWAY", "STATE", "LAST DATAPOINT"],
+                [
+                    [t["tunnel"], t["gateway"], t["state"], _ago_iso(t["timestamp"], now)]
+                    for t in doc["tunnels"]
+                ],
+            )
+            + "\n"
+        )
+    else:
+        out.write("tunnels: no TunnelUp metric found (is the gateway's health agent running?)\n")
+    return EXIT_OK
+
+
+def _ago_iso(text: str | None, now: float) -> str:
+    if text is None:
+        return "-"
+    return ago(datetime.strptime(text, "%Y-%m-%dT%H:%M:%S%z").timestamp(), now)
