@@ -170,9 +170,10 @@ class Story:
         arrived = self.lab.app_peers()[before:]
         ok = not no_route and not answered and not arrived and dropped > 0
         figure = (
-            f"untagged {name}: without route -> {err_no_route.splitlines()[-1:] or ['?']}; "
-            f"with a hand-made route -> no answer ({err[-60:]}); gateway dropped {dropped} "
-            f"packets (dropped_unenrolled); app log: {'nothing new' if not arrived else arrived}"
+            f"untagged {name}: without a route -> {err_no_route.rsplit(':', 1)[-1].strip()}; "
+            f"with a hand-made route -> {err.rsplit(':', 1)[-1].strip()}; "
+            f"gateway dropped {dropped} packets (dropped_unenrolled); "
+            f"app log: {'nothing new' if not arrived else arrived}"
         )
         return Step(
             f"untagged {name} does not reach the app server, even with a host route",
@@ -187,6 +188,40 @@ class Story:
         )
 
     # -- 6 -------------------------------------------------------------------------------------
+    def fail_closed(self, name: str = WEB1) -> Step:
+        inst = self.lab.instance(name)
+        self.lab.kill_gateway_charon()
+        dropped_before = self.lab.nft_counter("dropped_cleartext")
+        with self.lab.capture("tn-inet", "to-gw", f"host {topo.APP}") as clear:
+            answered, _ = self.lab.http(inst.ns, self.app_url(name), timeout=2)
+        dropped = self.lab.nft_counter("dropped_cleartext") - dropped_before
+        started = time.monotonic()
+        self.lab.start_gateway_charon()
+        back = False
+        while not back and time.monotonic() - started < 15:
+            back, _ = self.lab.http(inst.ns, self.app_url(name), timeout=1)
+        seconds = time.monotonic() - started
+        ok = not answered and not clear and dropped > 0 and back
+        figure = (
+            f"gateway charon killed (-9): {name} GET {'ANSWERED' if answered else 'no answer'}; "
+            f"{len(clear)} clear-text packets to A on the internet link; gateway dropped "
+            f"{dropped} (dropped_cleartext); charon restarted -> traffic again after "
+            f"{seconds:.2f}s" + ("" if back else " (NEVER)")
+        )
+        return Step(
+            "the gateway fails closed while its IKE daemon is down",
+            ok,
+            figure,
+            {
+                "answered": answered,
+                "clear": len(clear),
+                "dropped": dropped,
+                "back": back,
+                "seconds": seconds,
+            },
+        )
+
+    # -- 7 -------------------------------------------------------------------------------------
     def restart_tunnel(self, name: str = WEB1) -> Step:
         result = self.lab.commands.run(
             self.lab.aws.gateway_id, "RestartTunnel", {"TunnelName": topo.TUNNEL}
@@ -205,7 +240,7 @@ class Story:
             {"report": report, "answered": answered},
         )
 
-    # -- 7 -------------------------------------------------------------------------------------
+    # -- 8 -------------------------------------------------------------------------------------
     def unenrol(self, name: str = WEB1) -> Step:
         inst = self.lab.instance(name)
         before = len(self.lab.app_peers())
@@ -266,6 +301,7 @@ class Story:
             self.request_arrives_as_s,
             self.partner_reaches_instance,
             self.unenrolled_blocked,
+            self.fail_closed,
             self.restart_tunnel,
             self.unenrol,
         ]

@@ -63,6 +63,16 @@ def test_untagged_web2_is_refused_even_with_a_host_route(story):
     assert step.data["dropped"] > 0, "the gateway's forward chain did not count the drop"
 
 
+def test_gateway_fails_closed_while_charon_is_down(story):
+    step = story.fail_closed("web-1")
+    assert not step.data["answered"], step.figure
+    assert step.data["clear"] == 0, "packets to A left the gateway in clear text"
+    assert step.data["dropped"] > 0, "the guard chain did not count the drop"
+    assert step.data["back"], "traffic did not resume after charon restarted"
+    assert story.lab.child_sas_installed() == 1
+    assert topo.in_ns("tn-pvpn", ["swanctl", "--list-sas"]).count("ESTABLISHED") == 1
+
+
 def test_restart_tunnel_document_brings_it_back(story):
     step = story.restart_tunnel("web-1")
     assert step.data["report"]["up"] is True, step.figure
