@@ -1,0 +1,562 @@
+"""The healer: restart a tunnel whose TunnelUp alarm fired, with back-off, a cap, and a page.
+
+The decisions are pure (``decide``): an alarm that is OK again is left alone; a tunnel restarted
+recently waits (exponential back-off between attempts); a tunnel restarted ``max_restarts`` times
+within the window is not restarted again, someone is paged instead, once per window. ``Healer``
+carries a decision out through small adapters (CloudWatch alarms, the DynamoDB record of
+attempts, the command port, SNS), so the tests can drive every path.
+
+The record of attempts is one DynamoDB item per tunnel (``pk = healer``, ``sk = <tunnel>``) in
+the controller's table. Claiming an attempt is a conditional write on the item's version, so of
+two healers that decide to restart the same tunnel at once, one restarts and the other sees the
+fresh attempt and backs off.
+
+An alarm only emits an event when its state changes: a tunnel that stays in ALARM after a failed
+restart produces no new event. The healer's scheduled sweep (``sweep``) is what retries it once
+the back-off has passed, and what pages when the cap is reached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Protocol
+
+from botocore.exceptions import ClientError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tunnelnat.adapters.commands import CommandError, CommandPort, CommandResult
+from tunnelnat.core.config import ConfigError
+
+TUNNEL_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+HEALER_PK = "healer"
+METRIC_NAMESPACE = "tunnelnat"
+METRIC_NAME = "TunnelUp"
+DOCUMENT = "RestartTunnel"
+
+
+class InvalidAlarm(ValueError):
+    """The alarm is not one the healer acts on (deleted, not a TunnelUp alarm, bad tunnel name)."""
+
+
+# -- policy and pure decisions -------------------------------------------------------------------
+
+
+class HealerPolicy(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    backoff_base_seconds: float = Field(default=60.0, ge=0, le=86_400)
+    backoff_factor: float = Field(default=2.0, ge=1, le=10)
+    backoff_max_seconds: float = Field(default=900.0, ge=0, le=86_400)
+    max_restarts: int = Field(default=3, ge=1, le=100)
+    window_seconds: float = Field(default=3600.0, ge=60, le=86_400)
+
+    def backoff(self, attempts: int) -> float:
+        """Seconds to wait after the ``attempts``-th attempt in the window before the next."""
+        if attempts <= 0:
+            return 0.0
+        delay = self.backoff_base_seconds * self.backoff_factor ** (attempts - 1)
+        return min(self.backoff_max_seconds, delay)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    id: str
+    at: float
+    alarm: str
+    alarm_time: str
+    gateway: str = ""
+    status: str = "Running"  # Running (claimed), then Success, Failed, TimedOut, Error, ...
+    seconds: float = 0.0
+    detail: str = ""
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Attempt:
+        names = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True)
+class HealState:
+    """One tunnel's record: recent attempts, the last page, a version for conditional writes."""
+
+    tunnel: str
+    attempts: tuple[Attempt, ...] = ()
+    paged_at: float | None = None
+    recovered_at: float | None = None
+    version: int = 0
+
+    def recent(self, now: float, window: float) -> tuple[Attempt, ...]:
+        return tuple(a for a in self.attempts if now - a.at < window)
+
+
+class Action(StrEnum):
+    RESTART = "restart"
+    SKIP_OK = "skip-ok"  # the alarm is OK again: nothing to heal
+    SKIP_NOT_ALARM = "skip-not-alarm"  # INSUFFICIENT_DATA: not a verdict either way
+    WAIT = "wait"  # back-off: too soon after the previous attempt
+    PAGE = "page"  # the cap is reached: stop restarting, tell a human
+    ALREADY_PAGED = "already-paged"
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    reason: str
+    retry_at: float | None = None
+
+
+def decide(alarm_state: str, state: HealState, now: float, policy: HealerPolicy) -> Decision:
+    """What to do about a tunnel whose alarm is in ``alarm_state`` now."""
+    if alarm_state == "OK":
+        return Decision(Action.SKIP_OK, "the alarm is OK again")
+    if alarm_state != "ALARM":
+        return Decision(Action.SKIP_NOT_ALARM, f"the alarm is {alarm_state}, not ALARM")
+    recent = state.recent(now, policy.window_seconds)
+    if len(recent) >= policy.max_restarts:
+        window = f"{policy.window_seconds / 60:.0f} min"
+        if state.paged_at is not None and now - state.paged_at < policy.window_seconds:
+            return Decision(Action.ALREADY_PAGED, f"cap reached, paged within the last {window}")
+        return Decision(
+            Action.PAGE,
+            f"{len(recent)} restarts in the last {window} (cap {policy.max_restarts})",
+        )
+    if recent:
+        last = max(a.at for a in recent)
+        ready = last + policy.backoff(len(recent))
+        if now < ready:
+            return Decision(
+                Action.WAIT,
+                f"back-off: attempt {len(recent) + 1} not before {ready - now:.0f}s from now",
+                retry_at=ready,
+            )
+    return Decision(Action.RESTART, f"attempt {len(recent) + 1} of {policy.max_restarts}")
+
+
+def page_message(
+    tunnel: str, alarm: str, state: HealState, now: float, policy: HealerPolicy
+) -> dict:
+    """What the page says: which tunnel, and every attempt the healer made in the window."""
+    recent = state.recent(now, policy.window_seconds)
+    return {
+        "summary": (
+            f"tunnelnat: tunnel {tunnel} is still down after {len(recent)} restarts in "
+            f"{policy.window_seconds / 60:.0f} minutes; the healer has stopped restarting it"
+        ),
+        "tunnel": tunnel,
+        "alarm": alarm,
+        "cap": policy.max_restarts,
+        "window_seconds": policy.window_seconds,
+        "attempts": [
+            {
+                "at": _iso(a.at),
+                "status": a.status,
+                "seconds": a.seconds,
+                "gateway": a.gateway,
+                "alarm_time": a.alarm_time,
+                "detail": a.detail,
+            }
+            for a in recent
+        ],
+        "next": "investigate the gateway and the partner's endpoint; the healer resumes once "
+        "the alarm has been OK or the window has passed",
+    }
+
+
+def parse_alarm_time(value: str) -> float:
+    """CloudWatch's state timestamps ("2026-11-24T12:00:00.123+0000") as epoch seconds."""
+    for fmt in ("%Y-%m-%dT%H:%M:%S.%f%z", "%Y-%m-%dT%H:%M:%S%z"):
+        try:
+            return datetime.strptime(value, fmt).timestamp()
+        except ValueError:
+            continue
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def _iso(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def _excerpt(text: str, limit: int = 400) -> str:
+    text = (text or "").strip()
+    return text if len(text) <= limit else "..." + text[-limit:]
+
+
+# -- ports ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AlarmView:
+    name: str
+    state: str
+    tunnel: str
+    state_updated: float | None = None
+
+
+class AlarmPort(Protocol):
+    def current(self, name: str) -> AlarmView | None: ...
+
+    def in_alarm(self, prefix: str) -> list[str]: ...
+
+
+class StorePort(Protocol):
+    def load(self, tunnel: str) -> HealState: ...
+
+    def save(self, state: HealState, *, expected_version: int) -> bool: ...
+
+
+class PagerPort(Protocol):
+    def page(self, subject: str, message: Mapping[str, Any]) -> str: ...
+
+
+class GatewayLocator(Protocol):
+    def find_gateway(self, deployment: str) -> str: ...
+
+
+class Telemetry(Protocol):
+    def count(self, name: str, value: float = 1) -> None: ...
+
+    def seconds(self, name: str, value: float) -> None: ...
+
+
+class NoTelemetry:
+    def count(self, name: str, value: float = 1) -> None:
+        return None
+
+    def seconds(self, name: str, value: float) -> None:
+        return None
+
+
+# -- adapters ------------------------------------------------------------------------------------
+
+
+class CloudWatchAlarms:
+    def __init__(self, cloudwatch_client: Any) -> None:
+        self._cw = cloudwatch_client
+
+    def current(self, name: str) -> AlarmView | None:
+        reply = self._cw.describe_alarms(AlarmNames=[name], AlarmTypes=["MetricAlarm"])
+        alarms = reply.get("MetricAlarms", [])
+        if not alarms:
+            return None
+        raw = alarms[0]
+        updated = raw.get("StateUpdatedTimestamp")
+        return AlarmView(
+            name=name,
+            state=raw.get("StateValue", "INSUFFICIENT_DATA"),
+            tunnel=tunnel_of(raw),
+            state_updated=updated.timestamp() if isinstance(updated, datetime) else None,
+        )
+
+    def in_alarm(self, prefix: str) -> list[str]:
+        names: list[str] = []
+        pages = self._cw.get_paginator("describe_alarms").paginate(
+            AlarmNamePrefix=prefix, StateValue="ALARM", AlarmTypes=["MetricAlarm"]
+        )
+        for page in pages:
+            names.extend(a["AlarmName"] for a in page.get("MetricAlarms", []))
+        return sorted(names)
+
+
+def tunnel_of(alarm: Mapping[str, Any]) -> str:
+    """The tunnel a TunnelUp alarm watches, from its metric's ``Tunnel`` dimension."""
+    metrics = [alarm]
+    metrics += [m.get("MetricStat", {}).get("Metric", {}) for m in alarm.get("Metrics", []) or []]
+    for metric in metrics:
+        if metric.get("Namespace") != METRIC_NAMESPACE or metric.get("MetricName") != METRIC_NAME:
+            continue
+        for dim in metric.get("Dimensions", []):
+            if dim.get("Name") == "Tunnel":
+                value = str(dim.get("Value", ""))
+                if not TUNNEL_NAME.fullmatch(value):
+                    raise InvalidAlarm(f"alarm's Tunnel dimension {value!r} is not a tunnel name")
+                return value
+    raise InvalidAlarm(f"{alarm.get('AlarmName')}: not an alarm on tunnelnat TunnelUp by Tunnel")
+
+
+def _key(tunnel: str) -> dict:
+    return {"pk": {"S": HEALER_PK}, "sk": {"S": tunnel}}
+
+
+class DynamoHealStore:
+    """``healer/<tunnel>`` items: attempts as JSON, the last page, a version for conditions."""
+
+    def __init__(self, dynamodb_client: Any, table_name: str) -> None:
+        self._db = dynamodb_client
+        self._table = table_name
+
+    def load(self, tunnel: str) -> HealState:
+        reply = self._db.get_item(TableName=self._table, Key=_key(tunnel), ConsistentRead=True)
+        item = reply.get("Item")
+        if not item:
+            return HealState(tunnel)
+        attempts = tuple(Attempt.from_json(a) for a in json.loads(item["attempts"]["S"]))
+        return HealState(
+            tunnel=tunnel,
+            attempts=attempts,
+            paged_at=float(item["paged_at"]["N"]) if "paged_at" in item else None,
+            recovered_at=float(item["recovered_at"]["N"]) if "recovered_at" in item else None,
+            version=int(item["version"]["N"]),
+        )
+
+    def save(self, state: HealState, *, expected_version: int) -> bool:
+        """Write ``state`` (version ``expected_version + 1``) unless someone wrote first."""
+        item: dict[str, Any] = {
+            **_key(state.tunnel),
+            "attempts": {"S": json.dumps([asdict(a) for a in state.attempts])},
+            "version": {"N": str(expected_version + 1)},
+            "updated_at": {"N": f"{time.time():.3f}"},
+        }
+        if state.paged_at is not None:
+            item["paged_at"] = {"N": f"{state.paged_at:.3f}"}
+        if state.recovered_at is not None:
+            item["recovered_at"] = {"N": f"{state.recovered_at:.3f}"}
+        if expected_version == 0:
+            condition, values = "attribute_not_exists(pk)", None
+        else:
+            condition, values = "version = :v", {":v": {"N": str(expected_version)}}
+        kwargs: dict[str, Any] = {
+            "TableName": self._table,
+            "Item": item,
+            "ConditionExpression": condition,
+        }
+        if values:
+            kwargs["ExpressionAttributeValues"] = values
+        try:
+            self._db.put_item(**kwargs)
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
+                return False
+            raise
+        return True
+
+
+class SnsPager:
+    def __init__(self, sns_client: Any, topic_arn: str) -> None:
+        self._sns = sns_client
+        self._topic = topic_arn
+
+    def page(self, subject: str, message: Mapping[str, Any]) -> str:
+        reply = self._sns.publish(
+            TopicArn=self._topic,
+            Subject=subject[:99],
+            Message=json.dumps(message, indent=2, sort_keys=True),
+        )
+        return reply["MessageId"]
+
+
+# -- settings ------------------------------------------------------------------------------------
+
+
+class HealerSettings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    table_name: str = Field(pattern=r"^[A-Za-z0-9_.-]{3,255}$")
+    idempotency_table: str = Field(pattern=r"^[A-Za-z0-9_.-]{3,255}$")
+    page_topic_arn: str = Field(
+        pattern=r"^arn:aws[a-z-]*:sns:[a-z0-9-]+:\d{12}:[A-Za-z0-9_-]{1,256}$"
+    )
+    deployment: str = Field(default="tunnelnat", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    document_prefix: str = Field(default="tunnelnat-", pattern=r"^[A-Za-z0-9_.-]{0,100}$")
+    alarm_prefix: str = Field(default="tunnelnat-", pattern=r"^[A-Za-z0-9_.:/-]{1,200}$")
+    restart_wait_seconds: int = Field(default=30, ge=1, le=120)
+    command_timeout_seconds: float = Field(default=150.0, ge=30, le=800)
+    region: str = Field(pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]$")
+    policy: HealerPolicy = Field(default_factory=HealerPolicy)
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> HealerSettings:
+        env = os.environ if environ is None else environ
+        required = ("TUNNELNAT_TABLE_NAME", "TUNNELNAT_PAGE_TOPIC_ARN")
+        missing = [k for k in required if not env.get(k)]
+        if missing:
+            raise ConfigError(f"missing environment variable(s): {', '.join(missing)}")
+        policy_env = {
+            "backoff_base_seconds": "TUNNELNAT_HEALER_BACKOFF_BASE_SECONDS",
+            "backoff_factor": "TUNNELNAT_HEALER_BACKOFF_FACTOR",
+            "backoff_max_seconds": "TUNNELNAT_HEALER_BACKOFF_MAX_SECONDS",
+            "max_restarts": "TUNNELNAT_HEALER_MAX_RESTARTS_PER_HOUR",
+            "window_seconds": "TUNNELNAT_HEALER_WINDOW_SECONDS",
+        }
+        optional = {
+            "deployment": "TUNNELNAT_DEPLOYMENT",
+            "document_prefix": "TUNNELNAT_DOCUMENT_PREFIX",
+            "alarm_prefix": "TUNNELNAT_HEALER_ALARM_PREFIX",
+            "restart_wait_seconds": "TUNNELNAT_HEALER_RESTART_WAIT_SECONDS",
+            "command_timeout_seconds": "TUNNELNAT_HEALER_COMMAND_TIMEOUT_SECONDS",
+        }
+        try:
+            policy = HealerPolicy(**{k: env[v] for k, v in policy_env.items() if env.get(v)})
+            return cls(
+                table_name=env["TUNNELNAT_TABLE_NAME"],
+                idempotency_table=env.get("TUNNELNAT_IDEMPOTENCY_TABLE")
+                or env["TUNNELNAT_TABLE_NAME"],
+                page_topic_arn=env["TUNNELNAT_PAGE_TOPIC_ARN"],
+                region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+                policy=policy,
+                **{k: env[v] for k, v in optional.items() if env.get(v)},
+            )
+        except ValidationError as exc:
+            raise ConfigError(f"healer settings: {exc}") from None
+
+
+# -- the service ---------------------------------------------------------------------------------
+
+
+@dataclass
+class HealOutcome:
+    alarm: str
+    action: str
+    reason: str
+    tunnel: str = ""
+    gateway: str = ""
+    status: str = ""
+    seconds: float = 0.0
+    page_id: str = ""
+    retry_at: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v not in ("", None, 0.0)}
+
+
+@dataclass
+class Healer:
+    alarms: AlarmPort
+    store: StorePort
+    commands: CommandPort
+    gateways: GatewayLocator
+    pager: PagerPort
+    deployment: str
+    policy: HealerPolicy = field(default_factory=HealerPolicy)
+    restart_wait_seconds: int = 30
+    alarm_prefix: str = "tunnelnat-"
+    telemetry: Telemetry = field(default_factory=NoTelemetry)
+    clock: Callable[[], float] = time.time
+
+    def heal(self, alarm_name: str, alarm_time: str = "") -> HealOutcome:
+        """One alarm: re-read its state now, decide, and carry the decision out."""
+        alarm = self.alarms.current(alarm_name)
+        if alarm is None:
+            raise InvalidAlarm(f"alarm {alarm_name} does not exist")
+        out = HealOutcome(alarm=alarm_name, action="", reason="", tunnel=alarm.tunnel)
+        # Two tries: a lost race for the record re-reads it and decides again.
+        for _ in range(2):
+            state = self.store.load(alarm.tunnel)
+            now = self.clock()
+            decision = decide(alarm.state, state, now, self.policy)
+            out.action, out.reason, out.retry_at = decision.action, decision.reason, None
+            if decision.action is Action.RESTART:
+                if self._restart(alarm, alarm_time, state, now, out):
+                    return out
+                continue
+            if decision.action is Action.PAGE:
+                if self._page(alarm, state, now, out):
+                    return out
+                continue
+            out.retry_at = decision.retry_at
+            self.telemetry.count(
+                {
+                    Action.SKIP_OK: "SkippedAlreadyOk",
+                    Action.SKIP_NOT_ALARM: "SkippedNotAlarm",
+                    Action.WAIT: "SkippedBackoff",
+                    Action.ALREADY_PAGED: "SkippedCapped",
+                }[decision.action]
+            )
+            return out
+        out.action, out.reason = "concurrent", "another healer changed the record twice; it acts"
+        self.telemetry.count("SkippedConcurrent")
+        return out
+
+    def recovered(self, alarm_name: str, ok_time: str, alarm_since: str | None) -> HealOutcome:
+        """The alarm went back to OK: time to recovery, measured from the ALARM transition."""
+        out = HealOutcome(alarm=alarm_name, action="recovered", reason="the alarm is OK")
+        alarm = self.alarms.current(alarm_name)
+        if alarm is not None:
+            out.tunnel = alarm.tunnel
+        if alarm_since:
+            seconds = max(0.0, parse_alarm_time(ok_time) - parse_alarm_time(alarm_since))
+            out.seconds = round(seconds, 3)
+            self.telemetry.seconds("TimeToRecovery", seconds)
+        if alarm is not None:
+            for _ in range(2):
+                state = self.store.load(alarm.tunnel)
+                updated = replace(state, recovered_at=parse_alarm_time(ok_time))
+                if self.store.save(updated, expected_version=state.version):
+                    break
+        return out
+
+    def sweep(self) -> list[HealOutcome]:
+        """Every alarm of ours still in ALARM: retry after back-off, page at the cap."""
+        outcomes = []
+        for name in self.alarms.in_alarm(self.alarm_prefix):
+            try:
+                outcomes.append(self.heal(name))
+            except InvalidAlarm as exc:
+                outcomes.append(HealOutcome(alarm=name, action="invalid", reason=str(exc)))
+        return outcomes
+
+    # -- steps -----------------------------------------------------------------------------------
+    def _restart(
+        self, alarm: AlarmView, alarm_time: str, state: HealState, now: float, out: HealOutcome
+    ) -> bool:
+        attempt = Attempt(
+            id=uuid.uuid4().hex, at=now, alarm=alarm.name, alarm_time=alarm_time or _iso(now)
+        )
+        kept = state.recent(now, self.policy.window_seconds)
+        claimed = replace(state, attempts=(*kept, attempt))
+        if not self.store.save(claimed, expected_version=state.version):
+            return False  # someone else claimed first: decide again on the fresh record
+        version = state.version + 1
+        started = time.monotonic()
+        try:
+            attempt = replace(attempt, gateway=self.gateways.find_gateway(self.deployment))
+            result = self.commands.run(
+                attempt.gateway,
+                DOCUMENT,
+                {"TunnelName": alarm.tunnel, "WaitSeconds": str(self.restart_wait_seconds)},
+            )
+        except (CommandError, RuntimeError) as exc:
+            result = CommandResult(attempt.gateway, DOCUMENT, "Error", stderr=str(exc))
+        seconds = round(time.monotonic() - started, 3)
+        detail = _excerpt(result.stdout if result.ok else (result.stderr or result.stdout))
+        attempt = replace(attempt, status=result.status, seconds=seconds, detail=detail)
+        self._finish(claimed, version, attempt)
+        out.gateway, out.status, out.seconds = attempt.gateway, result.status, seconds
+        self.telemetry.count("Restarts")
+        if not result.ok:
+            self.telemetry.count("RestartFailures")
+        return True
+
+    def _finish(self, claimed: HealState, version: int, attempt: Attempt) -> None:
+        """Replace the claimed attempt with its result (re-reading if the record moved on)."""
+        state = claimed
+        for _ in range(3):
+            attempts = tuple(attempt if a.id == attempt.id else a for a in state.attempts)
+            if attempt.id not in {a.id for a in state.attempts}:
+                attempts = (*attempts, attempt)
+            if self.store.save(replace(state, attempts=attempts), expected_version=version):
+                return
+            state = self.store.load(claimed.tunnel)
+            version = state.version
+
+    def _page(self, alarm: AlarmView, state: HealState, now: float, out: HealOutcome) -> bool:
+        if not self.store.save(replace(state, paged_at=now), expected_version=state.version):
+            return False
+        message = page_message(alarm.tunnel, alarm.name, state, now, self.policy)
+        try:
+            out.page_id = self.pager.page(
+                f"tunnelnat: tunnel {alarm.tunnel} will not heal", message
+            )
+        except Exception:
+            # Undo the mark so the next trigger pages again, then let the failure show.
+            self.store.save(state, expected_version=state.version + 1)
+            raise
+        self.telemetry.count("Pages")
+        return True
