@@ -13,7 +13,8 @@ the gateway match it. Running it twice changes nothing the second time.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -39,7 +40,6 @@ STORE_ATTEMPTS = 5
 UNMANAGED = (Status.NOT_TAGGED, Status.GONE, Status.IS_GATEWAY)
 PENDING_SSM = "pending-ssm"
 TERMINATING = "terminating"
-_UNOBSERVED = object()
 
 
 class InstanceSource(Protocol):
@@ -123,35 +123,53 @@ class Controller:
     def reconcile_all(self) -> dict[str, Outcome | Exception]:
         """The scheduled repair: every tagged instance and everything the table remembers, and a
         full re-render on the gateway (it may have been rebooted, replaced or edited by hand)."""
-        observed: dict[str, ObservedInstance | None] = dict(
-            self.instances.tagged(self.config.enrolment_tag_key)
-        )
-        remembered = {m.instance_id for m in self.store.mappings()}
-        remembered |= {r.instance_id for r in self.store.records()}
-        unknown = remembered - set(observed)
-        found = self.instances.describe_many(unknown)
-        for instance_id in unknown:
-            observed[instance_id] = found.get(instance_id)
-        return self.converge(sorted(observed), observed=observed, full_sync=True)
+        ids = set(self.instances.tagged(self.config.enrolment_tag_key))
+        ids |= {m.instance_id for m in self.store.mappings()}
+        ids |= {r.instance_id for r in self.store.records()}
+        return self.converge(sorted(ids), full_sync=True)
 
     def converge(
         self,
         instance_ids: Iterable[str],
         *,
-        observed: Mapping[str, ObservedInstance | None] | None = None,
         terminating: Iterable[str] = (),
         full_sync: bool = False,
     ) -> dict[str, Outcome | Exception]:
         """Converge many instances with at most one gateway sync. Each instance's result is its
         Outcome or the exception that stopped it; one instance's failure never stops another's."""
-        ending = set(terminating)
+        owner = uuid.uuid4().hex
+        leased: list[str] = []
+        try:
+            return self._converge(instance_ids, set(terminating), full_sync, owner, leased)
+        finally:
+            for instance_id in leased:
+                self.store.release_lease(instance_id, owner)
+
+    def _converge(
+        self,
+        instance_ids: Iterable[str],
+        ending: set[str],
+        full_sync: bool,
+        owner: str,
+        leased: list[str],
+    ) -> dict[str, Outcome | Exception]:
         results: dict[str, Outcome | Exception] = {}
-        plans: list[_Plan] = []
         for instance_id in dict.fromkeys(instance_ids):
-            seen = observed.get(instance_id, _UNOBSERVED) if observed else _UNOBSERVED
             try:
-                plan = self._plan(instance_id, seen, terminating=instance_id in ending)
+                self.store.acquire_lease(instance_id, owner)
+                leased.append(instance_id)
             except Exception as exc:  # noqa: BLE001 - reported per instance, retried by the queue
+                results[instance_id] = exc
+        # Observe only under the leases (what we read can no longer be overtaken by another
+        # worker), and in one call per 1,000 instances.
+        observed = self.instances.describe_many(leased) if leased else {}
+        plans: list[_Plan] = []
+        for instance_id in leased:
+            try:
+                plan = self._plan(
+                    instance_id, observed.get(instance_id), terminating=instance_id in ending
+                )
+            except Exception as exc:  # noqa: BLE001
                 results[instance_id] = exc
                 continue
             if isinstance(plan, Outcome):
@@ -177,9 +195,9 @@ class Controller:
         return results
 
     # -- phase 1 -----------------------------------------------------------------------------
-    def _plan(self, instance_id: str, seen: object, *, terminating: bool) -> _Plan | Outcome:
-        instance = self.instances.describe(instance_id) if seen is _UNOBSERVED else seen
-        assert instance is None or isinstance(instance, ObservedInstance)
+    def _plan(
+        self, instance_id: str, instance: ObservedInstance | None, *, terminating: bool
+    ) -> _Plan | Outcome:
         decision = decide_enrolment(instance, self.config)
         if terminating:
             decision = Decision(False, Status.GONE, "Auto Scaling is terminating the instance")

@@ -21,11 +21,15 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-MAPPING, ADDRESS, INSTANCE, META = "mapping", "address", "instance", "meta"
+MAPPING, ADDRESS, INSTANCE, META, LEASE = "mapping", "address", "instance", "meta", "lease"
 
 
 class StoreConflict(RuntimeError):
     """A concurrent writer won; re-read and try again (the caller's loop, or the queue's)."""
+
+
+class InstanceBusy(StoreConflict):
+    """Another worker is reconciling this instance right now; try again after it is done."""
 
 
 class AddressTaken(StoreConflict):
@@ -179,6 +183,41 @@ class EnrolmentStore:
         items.append(self._bump(generation))
         self._transact(items)
         return generation + 1
+
+    def acquire_lease(self, instance_id: str, owner: str, *, seconds: float = 300.0) -> None:
+        """Serialise work on one instance across workers (as a workqueue does per key): a
+        reconcile that read an older state can then never write after one that read a newer."""
+        now = self._clock()
+        try:
+            self._db.put_item(
+                TableName=self._table,
+                Item={
+                    **_key(LEASE, instance_id),
+                    "owner": {"S": owner},
+                    "expires": {"N": f"{now + seconds:.3f}"},
+                },
+                ConditionExpression="attribute_not_exists(pk) OR expires < :now OR #o = :me",
+                ExpressionAttributeNames={"#o": "owner"},
+                ExpressionAttributeValues={":now": {"N": f"{now:.3f}"}, ":me": {"S": owner}},
+            )
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
+                raise InstanceBusy(f"{instance_id} is being reconciled by another worker") from exc
+            raise
+
+    def release_lease(self, instance_id: str, owner: str) -> None:
+        try:
+            self._db.delete_item(
+                TableName=self._table,
+                Key=_key(LEASE, instance_id),
+                ConditionExpression="#o = :me",
+                ExpressionAttributeNames={"#o": "owner"},
+                ExpressionAttributeValues={":me": {"S": owner}},
+            )
+        except ClientError as exc:
+            # Expired and taken over by another worker: theirs now, nothing to release.
+            if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
+                raise
 
     def record_applied(self, generation: int, gateway_id: str) -> None:
         """Remember what the gateway reported; never move the recorded generation backwards."""
