@@ -1,0 +1,1 @@
+"""The CDK side of tunnelnat: one stack (``TunnelnatStack``) made of readable constructs."""

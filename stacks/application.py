@@ -1,0 +1,60 @@
+"""Build the CDK app: context (cdk.json, then overrides) -> validated settings -> the stack.
+
+Used by ``app.py`` (``make synth`` and the CDK CLI) and by ``tests/infra``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from aws_cdk import App, Environment, Validations
+from cdk_nag import AwsSolutionsChecks
+
+from stacks.settings import load_settings
+from stacks.tunnelnat_stack import DOCUMENTS_DIR, LAMBDA_CODE_DIR, ROOT, TunnelnatStack
+
+CDK_JSON = ROOT / "cdk.json"
+
+
+def cdk_json_context(path: Path = CDK_JSON) -> dict[str, Any]:
+    """The quick-start defaults: the ``context`` of cdk.json."""
+    return dict(json.loads(path.read_text()).get("context", {}))
+
+
+def build_app(
+    context: Mapping[str, Any] | None = None,
+    *,
+    outdir: str | None = None,
+    documents_dir: Path = DOCUMENTS_DIR,
+    code_dir: Path = LAMBDA_CODE_DIR,
+    nag: bool = True,
+) -> tuple[App, TunnelnatStack]:
+    """The app and its one stack. Raises ConfigError (naming the key) on a bad context value.
+
+    ``context`` is the base (normally cdk.json's); under the CDK CLI its own context (cdk.json
+    plus ``-c`` overrides) takes precedence, as the App reads it from the environment.
+    """
+    app = App(context=dict(context or {}), outdir=outdir)
+    settings = load_settings(app.node.get_all_context())
+    stack_settings = settings.stack
+    env = None
+    if stack_settings.account or stack_settings.region:
+        env = Environment(account=stack_settings.account, region=stack_settings.region)
+    stack = TunnelnatStack(
+        app,
+        stack_settings.name,
+        settings=settings,
+        documents_dir=documents_dir,
+        code_dir=code_dir,
+        env=env,
+        description=(
+            f"tunnelnat ({stack_settings.deployment}): IPsec gateway that NATs enrolled "
+            "instances to our public addresses, its controller, documents and alarms"
+        ),
+    )
+    if nag:
+        Validations.of(app).add_plugins(AwsSolutionsChecks(app))
+    return app, stack

@@ -1,0 +1,322 @@
+"""Controller: the table, the event rules, the queue with its dead-letter queue, and the Lambda.
+
+EventBridge -> SQS (+ DLQ) -> Lambda. The queue absorbs bursts and is the controller's back-off:
+a record that may succeed later fails (partial batch response) and comes back after the
+visibility timeout; after ``queue_max_receive_count`` deliveries it lands in the DLQ, which
+pages. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from aws_cdk import ArnFormat, Duration, RemovalPolicy, Stack
+from aws_cdk import aws_dynamodb as dynamodb
+from aws_cdk import aws_events as events
+from aws_cdk import aws_events_targets as targets
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_lambda_event_sources as sources
+from aws_cdk import aws_logs as logs
+from aws_cdk import aws_sqs as sqs
+from aws_cdk import aws_ssm as ssm
+from constructs import Construct
+
+from stacks.documents import Documents
+from stacks.nag import acknowledge
+from stacks.settings import (
+    DEPLOYMENT_TAG,
+    LOG_RETENTION_DAYS,
+    ROLE_GATEWAY,
+    ROLE_TAG,
+    STATUS_TAG,
+    StackSettings,
+)
+from tunnelnat.core.config import TunnelnatConfig
+
+HANDLER = "tunnelnat.handlers.controller.handler"
+POWERTOOLS_LAYER_PARAMETER = "/aws/service/powertools/python/x86_64/python3.13/latest"
+SERVICE = "tunnelnat"
+# Not code: kept out of the Lambda asset.
+ASSET_EXCLUDES = ["**/__pycache__", "**/*.pyc", "*.egg-info", "**/.pytest_cache"]
+INSTANCE_STATES = ["running", "stopping", "stopped", "shutting-down", "terminated"]
+LIFECYCLE_DETAIL_TYPES = [
+    "EC2 Instance-launch Lifecycle Action",
+    "EC2 Instance-terminate Lifecycle Action",
+]
+
+
+class Controller(Construct):
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        config: TunnelnatConfig,
+        settings: StackSettings,
+        documents: Documents,
+        code_directory: Path,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        stack = Stack.of(self)
+        deployment = settings.deployment
+
+        # -- the one source of truth -----------------------------------------------------------
+        self.table = dynamodb.Table(
+            self,
+            "Table",
+            partition_key=dynamodb.Attribute(name="pk", type=dynamodb.AttributeType.STRING),
+            sort_key=dynamodb.Attribute(name="sk", type=dynamodb.AttributeType.STRING),
+            billing_mode=dynamodb.BillingMode.PAY_PER_REQUEST,
+            point_in_time_recovery_specification=dynamodb.PointInTimeRecoverySpecification(
+                point_in_time_recovery_enabled=True
+            ),
+            # Enrolments and address-pool claims: kept when the stack goes.
+            removal_policy=RemovalPolicy.RETAIN,
+        )
+
+        # -- the queue in front of the controller ----------------------------------------------
+        self.dead_letter_queue = sqs.Queue(
+            self,
+            "DeadLetterQueue",
+            retention_period=Duration.days(14),
+            encryption=sqs.QueueEncryption.SQS_MANAGED,
+            enforce_ssl=True,
+        )
+        timeout = Duration.seconds(settings.controller_timeout_seconds)
+        self.queue = sqs.Queue(
+            self,
+            "Queue",
+            # At least the function's timeout (AWS requires it), plus room for the batch window.
+            visibility_timeout=Duration.seconds(settings.controller_timeout_seconds + 30),
+            retention_period=Duration.days(4),
+            encryption=sqs.QueueEncryption.SQS_MANAGED,
+            enforce_ssl=True,
+            dead_letter_queue=sqs.DeadLetterQueue(
+                max_receive_count=settings.queue_max_receive_count, queue=self.dead_letter_queue
+            ),
+        )
+
+        # -- the function ----------------------------------------------------------------------
+        self.log_group = logs.LogGroup(
+            self,
+            "Logs",
+            retention=logs.RetentionDays[LOG_RETENTION_DAYS[settings.log_retention_days]],
+            removal_policy=RemovalPolicy.DESTROY,
+        )
+        self.role = iam.Role(
+            self,
+            "Role",
+            assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
+            description=f"{deployment} controller: observe EC2, drive SSM, own its table",
+        )
+        self.log_group.grant_write(self.role)
+        powertools = lambda_.LayerVersion.from_layer_version_arn(
+            self,
+            "Powertools",
+            ssm.StringParameter.value_for_string_parameter(self, POWERTOOLS_LAYER_PARAMETER),
+        )
+        self.function = lambda_.Function(
+            self,
+            "Function",
+            description=f"{deployment} controller: reconcile instances and the gateway",
+            runtime=lambda_.Runtime.PYTHON_3_13,
+            architecture=lambda_.Architecture.X86_64,
+            handler=HANDLER,
+            code=lambda_.Code.from_asset(str(code_directory), exclude=ASSET_EXCLUDES),
+            layers=[powertools],
+            role=self.role,
+            timeout=timeout,
+            memory_size=512,
+            log_group=self.log_group,
+            tracing=lambda_.Tracing.ACTIVE,
+            environment={
+                "TUNNELNAT_CONFIG": json.dumps(
+                    config.model_dump(mode="json"), separators=(",", ":"), sort_keys=True
+                ),
+                "TUNNELNAT_TABLE_NAME": self.table.table_name,
+                "TUNNELNAT_DEPLOYMENT": deployment,
+                "TUNNELNAT_DOCUMENT_PREFIX": documents.prefix,
+                "POWERTOOLS_SERVICE_NAME": SERVICE,
+                "POWERTOOLS_METRICS_NAMESPACE": SERVICE,
+            },
+        )
+        self.function.add_event_source(
+            sources.SqsEventSource(
+                self.queue,
+                batch_size=10,
+                max_batching_window=Duration.seconds(5),
+                report_batch_item_failures=True,
+                max_concurrency=settings.controller_max_concurrency,
+            )
+        )
+
+        # -- what sends events to the queue ----------------------------------------------------
+        target = targets.SqsQueue(
+            self.queue,
+            dead_letter_queue=self.dead_letter_queue,
+            retry_attempts=185,
+            max_event_age=Duration.hours(24),
+        )
+        self.rules = {
+            "InstanceState": events.Rule(
+                self,
+                "InstanceStateRule",
+                description=f"{deployment}: EC2 instance state changes",
+                event_pattern=events.EventPattern(
+                    source=["aws.ec2"],
+                    detail_type=["EC2 Instance State-change Notification"],
+                    detail={"state": INSTANCE_STATES},
+                ),
+                targets=[target],
+            ),
+            "TagChange": events.Rule(
+                self,
+                "TagChangeRule",
+                description=f"{deployment}: the enrolment tag added, changed or removed",
+                event_pattern=events.EventPattern(
+                    source=["aws.tag"],
+                    detail_type=["Tag Change on Resource"],
+                    detail={
+                        "service": ["ec2"],
+                        "resource-type": ["instance"],
+                        "changed-tag-keys": [config.enrolment_tag_key],
+                    },
+                ),
+                targets=[target],
+            ),
+            "Lifecycle": events.Rule(
+                self,
+                "LifecycleRule",
+                description=f"{deployment}: Auto Scaling lifecycle actions (launch, terminate)",
+                event_pattern=events.EventPattern(
+                    source=["aws.autoscaling"], detail_type=LIFECYCLE_DETAIL_TYPES
+                ),
+                targets=[target],
+            ),
+            "Reconcile": events.Rule(
+                self,
+                "ReconcileRule",
+                description=f"{deployment}: scheduled full reconcile",
+                schedule=events.Schedule.expression(settings.reconcile_schedule),
+                targets=[target],
+            ),
+        }
+
+        # -- least privilege -------------------------------------------------------------------
+        instances = stack.format_arn(service="ec2", resource="instance", resource_name="*")
+        key = config.enrolment_tag_key
+        statements = [
+            iam.PolicyStatement(
+                sid="ObserveInstances",
+                actions=["ec2:DescribeInstances"],
+                resources=["*"],
+            ),
+            iam.PolicyStatement(
+                sid="RunOnlyTheProjectsDocuments",
+                actions=["ssm:SendCommand"],
+                resources=documents.arns(),
+            ),
+            iam.PolicyStatement(
+                sid="OnInstancesCarryingTheEnrolmentTag",
+                actions=["ssm:SendCommand"],
+                resources=[instances],
+                conditions={"StringLike": {f"ssm:resourceTag/{key}": "*"}},
+            ),
+            iam.PolicyStatement(
+                # An instance whose enrolment tag was just removed still needs RemoveHostRoute:
+                # the controller's own status tag marks the instances it has put a route on.
+                sid="OnInstancesTheControllerEnrolled",
+                actions=["ssm:SendCommand"],
+                resources=[instances],
+                conditions={"StringLike": {f"ssm:resourceTag/{STATUS_TAG}": "*"}},
+            ),
+            iam.PolicyStatement(
+                sid="OnThisDeploymentsGateway",
+                actions=["ssm:SendCommand"],
+                resources=[instances],
+                conditions={
+                    "StringEquals": {
+                        f"ssm:resourceTag/{ROLE_TAG}": ROLE_GATEWAY,
+                        f"ssm:resourceTag/{DEPLOYMENT_TAG}": deployment,
+                    }
+                },
+            ),
+            iam.PolicyStatement(
+                sid="FollowCommands",
+                actions=["ssm:GetCommandInvocation", "ssm:DescribeInstanceInformation"],
+                resources=["*"],
+            ),
+            iam.PolicyStatement(
+                sid="OwnTable",
+                actions=[
+                    "dynamodb:GetItem",
+                    "dynamodb:PutItem",
+                    "dynamodb:UpdateItem",
+                    "dynamodb:DeleteItem",
+                    "dynamodb:Query",
+                    "dynamodb:ConditionCheckItem",
+                ],
+                resources=[self.table.table_arn],
+            ),
+            iam.PolicyStatement(
+                sid="OnlyTheStatusTag",
+                actions=["ec2:CreateTags", "ec2:DeleteTags"],
+                resources=[instances],
+                conditions={
+                    "ForAllValues:StringEquals": {"aws:TagKeys": [STATUS_TAG]},
+                    # DeleteTags without keys would delete every tag: require the key list.
+                    "Null": {"aws:TagKeys": "false"},
+                },
+            ),
+            iam.PolicyStatement(
+                sid="LifecycleOfEnrolledGroups",
+                actions=[
+                    "autoscaling:CompleteLifecycleAction",
+                    "autoscaling:RecordLifecycleActionHeartbeat",
+                ],
+                resources=[
+                    stack.format_arn(
+                        service="autoscaling",
+                        resource="autoScalingGroup",
+                        resource_name="*",
+                        arn_format=ArnFormat.COLON_RESOURCE_NAME,
+                    )
+                ],
+                conditions={"StringLike": {f"aws:ResourceTag/{key}": "*"}},
+            ),
+        ]
+        for statement in statements:
+            self.role.add_to_policy(statement)
+
+        acknowledge(
+            self.function,
+            "AwsSolutions-L1",
+            "Python 3.13 is the runtime the controller is built and tested for, and the one the "
+            "Powertools public layer is resolved for (its SSM parameter names python3.13); a "
+            "runtime upgrade is a deliberate change, made together with the layer.",
+        )
+        policy = self.role.node.find_child("DefaultPolicy")
+        for finding, reason in (
+            (
+                "Resource::*",
+                "ec2:DescribeInstances, ssm:GetCommandInvocation, "
+                "ssm:DescribeInstanceInformation and the X-Ray trace API have no resource-level "
+                "permissions.",
+            ),
+            (
+                "Resource::arn:<AWS::Partition>:ec2:<AWS::Region>:<AWS::AccountId>:instance/*",
+                "Enrolled instances are whatever the operator tags: every statement on instance/* "
+                "is conditioned on a tag (the enrolment tag, the controller's status tag, or the "
+                "gateway's role and deployment tags), and CreateTags/DeleteTags only on the status "
+                "tag key.",
+            ),
+            (
+                "Resource::arn:<AWS::Partition>:autoscaling:<AWS::Region>:<AWS::AccountId>:"
+                "autoScalingGroup:*",
+                "Lifecycle hooks live on the operator's groups, unknown here; the statement "
+                "requires the enrolment tag on the group.",
+            ),
+        ):
+            acknowledge(policy, f"AwsSolutions-IAM5[{finding}]", reason)

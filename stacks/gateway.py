@@ -1,0 +1,378 @@
+"""Gateway: the VPN/NAT instance, self-healing, with addresses that outlive it.
+
+- An Auto Scaling group of one (Amazon Linux 2023) replaces a failed gateway, also one whose
+  boot-time plumbing failed (it marks itself unhealthy).
+- The addresses the world knows stay out of the replaceable part: a standalone ENI carries G
+  (the fixed private IP every host route points at) and the Elastic IP E (the VPN endpoint the
+  partner configured); each new gateway re-attaches that ENI at boot.
+- ``ConfigureGateway`` is applied by a State Manager association that targets the gateway's tag,
+  so it runs on the first instance and again on every replacement.
+"""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address
+from pathlib import Path
+
+from aws_cdk import ArnFormat, Aws, Duration, RemovalPolicy, Stack, Tags
+from aws_cdk import aws_autoscaling as autoscaling
+from aws_cdk import aws_dynamodb as dynamodb
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_secretsmanager as secretsmanager
+from aws_cdk import aws_ssm as ssm
+from constructs import Construct
+
+from stacks.documents import Documents
+from stacks.nag import acknowledge
+from stacks.settings import (
+    DEPLOYMENT_TAG,
+    GATEWAY_TAG,
+    ROLE_GATEWAY,
+    ROLE_TAG,
+    StackSettings,
+)
+from tunnelnat.core.config import TunnelnatConfig
+
+BOOT_SCRIPT = Path(__file__).with_name("gateway_boot.sh")
+METRIC_NAMESPACE = "tunnelnat"
+IPSEC_BACKEND = "kernel"  # the kernel's ESP in AWS (the lab uses strongSwan's libipsec)
+
+
+class Gateway(Construct):
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        config: TunnelnatConfig,
+        settings: StackSettings,
+        vpc: ec2.IVpc,
+        subnet: ec2.ISubnet,
+        table: dynamodb.ITable,
+        documents: Documents,
+        internet_ready: Construct | None = None,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        stack = Stack.of(self)
+        deployment = settings.deployment
+        # The group propagates these to each instance at launch (the launch template does not
+        # repeat them); the ENI needs them for the attach permission's condition.
+        for key, value in (
+            (ROLE_TAG, ROLE_GATEWAY),
+            (DEPLOYMENT_TAG, deployment),
+            (GATEWAY_TAG, deployment),
+        ):
+            Tags.of(self).add(key, value, exclude_resource_types=["AWS::EC2::LaunchTemplate"])
+        Tags.of(self).add("Name", f"{deployment}-gateway")
+
+        # -- the pre-shared key: created (random, never in the template) or imported by name ---
+        if settings.psk_secret_name:
+            self.psk: secretsmanager.ISecret = secretsmanager.Secret.from_secret_name_v2(
+                self, "Psk", settings.psk_secret_name
+            )
+            psk_name = settings.psk_secret_name
+        else:
+            secret = secretsmanager.Secret(
+                self,
+                "Psk",
+                description=f"{deployment}: IPsec pre-shared key shared with the partner",
+                generate_secret_string=secretsmanager.SecretStringGenerator(
+                    password_length=48, exclude_punctuation=True
+                ),
+                removal_policy=RemovalPolicy.RETAIN,
+            )
+            acknowledge(
+                secret,
+                "AwsSolutions-SMG4",
+                "The IPsec PSK is agreed with the partner out of band; rotating it "
+                "automatically would take the tunnel down. It is changed by hand, in step "
+                "with the partner (docs/stack.md).",
+            )
+            self.psk = secret
+            psk_name = secret.secret_name
+
+        # -- security group: IKE and ESP from T only; forwarded traffic from the gateway subnet --
+        self.security_group = ec2.SecurityGroup(
+            self,
+            "SecurityGroup",
+            vpc=vpc,
+            description=f"{deployment} gateway: IKE/ESP from the partner endpoint, "
+            "forwarding from the gateway subnet",
+            allow_all_outbound=True,
+        )
+        partner = ec2.Peer.ipv4(f"{config.partner_endpoint}/32")
+        self.security_group.add_ingress_rule(partner, ec2.Port.udp(500), "IKE from the partner")
+        self.security_group.add_ingress_rule(
+            partner, ec2.Port.udp(4500), "IKE/ESP NAT-T from the partner"
+        )
+        self.security_group.add_ingress_rule(
+            partner,
+            ec2.Port(protocol=ec2.Protocol.ESP, string_representation="ESP"),
+            "ESP from the partner",
+        )
+        self.security_group.add_ingress_rule(
+            ec2.Peer.ipv4(str(config.gateway_subnet_cidr)),
+            ec2.Port.all_traffic(),
+            "enrolled instances' packets routed via G (nftables forwards enrolled sources only)",
+        )
+
+        # -- the standalone ENI with G, and the Elastic IP E on it ------------------------------
+        self.eni = ec2.CfnNetworkInterface(
+            self,
+            "Eni",
+            subnet_id=subnet.subnet_id,
+            private_ip_address=str(config.gateway_private_ip),
+            group_set=[self.security_group.security_group_id],
+            source_dest_check=False,
+            description=f"{deployment} gateway G: every enrolled host route points here",
+        )
+        if settings.gateway_eip_allocation_id:
+            allocation_id = settings.gateway_eip_allocation_id
+            self.public_ip: str = str(settings.gateway_eip_address)
+        else:
+            eip = ec2.CfnEIP(self, "Eip", domain="vpc")
+            # The partner whitelists E: deleting the stack must not release it.
+            eip.apply_removal_policy(RemovalPolicy.RETAIN)
+            allocation_id = eip.attr_allocation_id
+            self.public_ip = eip.attr_public_ip
+        association = ec2.CfnEIPAssociation(
+            self,
+            "EipAssociation",
+            allocation_id=allocation_id,
+            network_interface_id=self.eni.ref,
+            private_ip_address=str(config.gateway_private_ip),
+        )
+        if internet_ready is not None:
+            association.node.add_dependency(internet_ready)
+
+        # -- the instance role: SSM core plus exactly what the gateway does --------------------
+        self.role = iam.Role(
+            self,
+            "Role",
+            assumed_by=iam.ServicePrincipal("ec2.amazonaws.com"),
+            description=f"{deployment} gateway: SSM agent, read its table and PSK, put TunnelUp",
+            managed_policies=[
+                iam.ManagedPolicy.from_aws_managed_policy_name("AmazonSSMManagedInstanceCore")
+            ],
+        )
+        self.role.add_to_policy(
+            iam.PolicyStatement(
+                sid="ReadItsTable",
+                actions=["dynamodb:GetItem", "dynamodb:Query"],
+                resources=[table.table_arn],
+            )
+        )
+        self.role.add_to_policy(
+            iam.PolicyStatement(
+                sid="ReadThePsk",
+                actions=["secretsmanager:GetSecretValue"],
+                resources=[self.psk.secret_arn],
+            )
+        )
+        self.role.add_to_policy(
+            iam.PolicyStatement(
+                sid="PutTunnelMetrics",
+                actions=["cloudwatch:PutMetricData"],
+                resources=["*"],
+                conditions={"StringEquals": {"cloudwatch:namespace": METRIC_NAMESPACE}},
+            )
+        )
+        self.role.add_to_policy(
+            iam.PolicyStatement(
+                sid="SeeItsEni",
+                actions=["ec2:DescribeNetworkInterfaces"],
+                resources=["*"],
+            )
+        )
+        own_tags = {
+            f"aws:ResourceTag/{ROLE_TAG}": ROLE_GATEWAY,
+            f"aws:ResourceTag/{DEPLOYMENT_TAG}": deployment,
+        }
+        instances = stack.format_arn(service="ec2", resource="instance", resource_name="*")
+        eni_arn = stack.format_arn(
+            service="ec2", resource="network-interface", resource_name=self.eni.ref
+        )
+        self.role.add_to_policy(
+            iam.PolicyStatement(
+                sid="AttachTheGatewayEni",
+                actions=["ec2:AttachNetworkInterface"],
+                resources=[eni_arn, instances],
+                conditions={"StringEquals": own_tags},
+            )
+        )
+        self.role.add_to_policy(
+            iam.PolicyStatement(
+                sid="SourceDestCheckOffOnGateways",
+                actions=["ec2:ModifyInstanceAttribute"],
+                resources=[instances],
+                conditions={"StringEquals": own_tags},
+            )
+        )
+        self.role.add_to_policy(
+            iam.PolicyStatement(
+                sid="ReportBootFailure",
+                actions=["autoscaling:SetInstanceHealth"],
+                resources=[
+                    stack.format_arn(
+                        service="autoscaling",
+                        resource="autoScalingGroup",
+                        resource_name="*",
+                        arn_format=ArnFormat.COLON_RESOURCE_NAME,
+                    )
+                ],
+                conditions={"StringEquals": own_tags},
+            )
+        )
+
+        # -- launch template and the Auto Scaling group of one ---------------------------------
+        machine_image = _machine_image(settings)
+        self.launch_template = ec2.LaunchTemplate(
+            self,
+            "LaunchTemplate",
+            machine_image=machine_image,
+            instance_type=ec2.InstanceType(settings.gateway_instance_type),
+            role=self.role,
+            security_group=self.security_group,
+            associate_public_ip_address=True,
+            user_data=ec2.UserData.custom(
+                boot_user_data(
+                    region=Aws.REGION,
+                    eni_id=self.eni.ref,
+                    gateway_ip=config.gateway_private_ip,
+                    subnet_router=config.gateway_subnet_cidr.network_address + 1,
+                    partner_endpoint=config.partner_endpoint,
+                )
+            ),
+            require_imdsv2=True,
+            http_put_response_hop_limit=1,
+            instance_metadata_tags=True,
+            detailed_monitoring=True,
+            block_devices=[
+                ec2.BlockDevice(
+                    device_name="/dev/xvda",
+                    volume=ec2.BlockDeviceVolume.ebs(
+                        10, encrypted=True, volume_type=ec2.EbsDeviceVolumeType.GP3
+                    ),
+                )
+            ],
+        )
+        self.group = autoscaling.AutoScalingGroup(
+            self,
+            "Group",
+            vpc=vpc,
+            vpc_subnets=ec2.SubnetSelection(subnets=[subnet]),
+            launch_template=self.launch_template,
+            min_capacity=1,
+            max_capacity=1,
+            health_checks=autoscaling.HealthChecks.ec2(grace_period=Duration.minutes(15)),
+            # Replace by terminating first: the ENI can belong to one instance at a time.
+            min_healthy_percentage=0,
+            max_healthy_percentage=100,
+            update_policy=autoscaling.UpdatePolicy.rolling_update(
+                max_batch_size=1, min_instances_in_service=0
+            ),
+        )
+        # The group only launches once the ENI and E exist (the boot script attaches them).
+        self.group.node.add_dependency(association)
+        acknowledge(
+            self.group,
+            "AwsSolutions-AS3",
+            "Gateway launches and terminations are announced on the alarm topic by an "
+            "EventBridge rule (Monitoring), which also reaches e-mail and chat subscribers.",
+        )
+
+        # -- ConfigureGateway on the first gateway and on every replacement ---------------------
+        parameters = {
+            "PartnerEndpoint": str(config.partner_endpoint),
+            "PartnerNetworks": ",".join(str(n) for n in config.partner_networks),
+            "PublicAddresses": ",".join(str(a) for a in config.public_addresses),
+            "LocalId": self.public_ip,
+            "PskSecretName": psk_name,
+            "TableName": table.table_name,
+            "Region": Aws.REGION,
+            "NatMode": config.nat_mode.value,
+            "SharedAddress": str(config.shared_address) if config.shared_address else "none",
+            "IpsecBackend": IPSEC_BACKEND,
+            "TunnelMss": str(config.tunnel_mss),
+            "TunnelName": settings.tunnel_name,
+        }
+        if documents.declares("ConfigureGateway", "Deployment"):
+            parameters["Deployment"] = deployment
+        self.association = ssm.CfnAssociation(
+            self,
+            "ConfigureGateway",
+            name=documents.require("ConfigureGateway").ref,
+            association_name=f"{deployment}-ConfigureGateway",
+            document_version="$DEFAULT",
+            targets=[
+                ssm.CfnAssociation.TargetProperty(key=f"tag:{GATEWAY_TAG}", values=[deployment])
+            ],
+            parameters=documents.check_parameters("ConfigureGateway", parameters),
+            compliance_severity="CRITICAL",
+            max_concurrency="1",
+            max_errors="1",
+        )
+        acknowledge(
+            self.role,
+            "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/"
+            "AmazonSSMManagedInstanceCore]",
+            "The AWS-maintained minimum for the SSM agent (Run Command, State Manager); "
+            "a copy would drift as AWS changes what the agent needs.",
+        )
+        for finding, reason in (
+            (
+                "Resource::*",
+                "cloudwatch:PutMetricData and ec2:DescribeNetworkInterfaces have no "
+                "resource-level permissions; PutMetricData is limited to the tunnelnat namespace.",
+            ),
+            (
+                "Resource::arn:<AWS::Partition>:ec2:<AWS::Region>:<AWS::AccountId>:instance/*",
+                "Gateway instances are created by the Auto Scaling group, so their IDs are "
+                "unknown; the statements require the gateway role and deployment tags.",
+            ),
+            (
+                "Resource::arn:<AWS::Partition>:autoscaling:<AWS::Region>:<AWS::AccountId>:"
+                "autoScalingGroup:*",
+                "A group's ARN holds a generated UUID; the statement requires the gateway's tags, "
+                "which only this deployment's gateway group carries.",
+            ),
+        ):
+            acknowledge(self.role, f"AwsSolutions-IAM5[{finding}]", reason)
+        self.psk_name = psk_name
+
+
+def _machine_image(settings: StackSettings) -> ec2.IMachineImage:
+    if settings.gateway_ami_id:
+        assert settings.region is not None  # enforced by StackSettings
+        return ec2.MachineImage.generic_linux({settings.region: settings.gateway_ami_id})
+    arm = ec2.InstanceType(settings.gateway_instance_type).architecture
+    cpu = (
+        ec2.AmazonLinuxCpuType.ARM_64
+        if arm == ec2.InstanceArchitecture.ARM_64
+        else ec2.AmazonLinuxCpuType.X86_64
+    )
+    # Resolved from the public SSM parameter at deploy time: no lookup, no credentials.
+    return ec2.MachineImage.latest_amazon_linux2023(cpu_type=cpu)
+
+
+def boot_user_data(
+    *,
+    region: str,
+    eni_id: str,
+    gateway_ip: IPv4Address,
+    subnet_router: IPv4Address,
+    partner_endpoint: IPv4Address,
+) -> str:
+    """The gateway's user data: a cloud-config whose bootcmd runs ``gateway_boot.sh``."""
+    script = BOOT_SCRIPT.read_text()
+    for marker, value in (
+        ("@REGION@", region),
+        ("@ENI_ID@", eni_id),
+        ("@GATEWAY_IP@", str(gateway_ip)),
+        ("@SUBNET_ROUTER@", str(subnet_router)),
+        ("@PARTNER_ENDPOINT@", str(partner_endpoint)),
+    ):
+        script = script.replace(marker, value)
+    body = "\n".join(f"      {line}" if line else "" for line in script.splitlines())
+    return f"#cloud-config\nbootcmd:\n  - - /bin/bash\n    - -c\n    - |\n{body}\n"

@@ -1,0 +1,211 @@
+"""Monitoring: the page topic, the alarms that page, and a dashboard.
+
+- ``TunnelUp`` per tunnel (namespace ``tunnelnat``, dimensions ``Tunnel`` and ``Gateway``; the
+  gateway's health agent publishes it with ``Gateway`` = the deployment name, so the alarm
+  survives a gateway replacement). Missing data is breaching: a silent gateway is a down tunnel.
+- The dead-letter queue's depth, and the age of the oldest queued event (a stuck controller).
+- Gateway launches and terminations (a replacement is worth knowing about).
+"""
+
+from __future__ import annotations
+
+from aws_cdk import Duration, Stack
+from aws_cdk import aws_autoscaling as autoscaling
+from aws_cdk import aws_cloudwatch as cloudwatch
+from aws_cdk import aws_cloudwatch_actions as actions
+from aws_cdk import aws_events as events
+from aws_cdk import aws_events_targets as targets
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_sns as sns
+from aws_cdk import aws_sns_subscriptions as subscriptions
+from aws_cdk import aws_sqs as sqs
+from constructs import Construct
+
+from stacks.settings import StackSettings
+
+NAMESPACE = "tunnelnat"
+TUNNEL_METRIC = "TunnelUp"
+GATEWAY_EVENTS = [
+    "EC2 Instance Launch Successful",
+    "EC2 Instance Launch Unsuccessful",
+    "EC2 Instance Terminate Successful",
+    "EC2 Instance Terminate Unsuccessful",
+]
+
+
+class Monitoring(Construct):
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        settings: StackSettings,
+        tunnels: list[str],
+        queue: sqs.IQueue,
+        dead_letter_queue: sqs.IQueue,
+        function: lambda_.IFunction,
+        gateway_group: autoscaling.IAutoScalingGroup,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        stack = Stack.of(self)
+        deployment = settings.deployment
+
+        # -- the page topic, encrypted with a key CloudWatch and EventBridge may use ------------
+        self.key = kms.Key(
+            self,
+            "TopicKey",
+            description=f"{deployment}: encrypts the alarm topic",
+            enable_key_rotation=True,
+        )
+        for service in ("cloudwatch.amazonaws.com", "events.amazonaws.com"):
+            self.key.add_to_resource_policy(
+                iam.PolicyStatement(
+                    sid=f"Publish from {service.split('.')[0]}",
+                    principals=[iam.ServicePrincipal(service)],
+                    actions=["kms:Decrypt", "kms:GenerateDataKey*"],
+                    resources=["*"],
+                    conditions={"StringEquals": {"aws:SourceAccount": stack.account}},
+                )
+            )
+        self.topic = sns.Topic(
+            self,
+            "Topic",
+            display_name=f"{deployment} alarms",
+            master_key=self.key,
+            enforce_ssl=True,
+        )
+        if settings.alarm_email:
+            self.topic.add_subscription(subscriptions.EmailSubscription(settings.alarm_email))
+        page = actions.SnsAction(self.topic)
+
+        # -- the alarms ------------------------------------------------------------------------
+        self.tunnel_alarms: dict[str, cloudwatch.Alarm] = {}
+        period = Duration.seconds(settings.tunnel_alarm_period_seconds)
+        periods = settings.tunnel_alarm_evaluation_periods
+        for tunnel in tunnels:
+            metric = cloudwatch.Metric(
+                namespace=NAMESPACE,
+                metric_name=TUNNEL_METRIC,
+                dimensions_map={"Tunnel": tunnel, "Gateway": deployment},
+                statistic="Minimum",
+                period=period,
+            )
+            alarm = cloudwatch.Alarm(
+                self,
+                f"TunnelUp-{tunnel}",
+                alarm_name=f"{deployment}-TunnelUp-{tunnel}",
+                alarm_description=(
+                    f"Tunnel {tunnel} of {deployment} is down (or its gateway stopped reporting) "
+                    f"for {periods} x {period.to_seconds()} s."
+                ),
+                metric=metric,
+                comparison_operator=cloudwatch.ComparisonOperator.LESS_THAN_THRESHOLD,
+                threshold=1,
+                evaluation_periods=periods,
+                datapoints_to_alarm=periods,
+                treat_missing_data=cloudwatch.TreatMissingData.BREACHING,
+            )
+            alarm.add_alarm_action(page)
+            alarm.add_ok_action(page)
+            self.tunnel_alarms[tunnel] = alarm
+
+        self.dlq_alarm = cloudwatch.Alarm(
+            self,
+            "DeadLetters",
+            alarm_name=f"{deployment}-DeadLetters",
+            alarm_description=(
+                f"Events the {deployment} controller gave up on are in the dead-letter queue: "
+                "read them, fix the cause, then redrive them to the queue."
+            ),
+            metric=dead_letter_queue.metric_approximate_number_of_messages_visible(
+                period=Duration.minutes(1), statistic="Maximum"
+            ),
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+            threshold=settings.dlq_alarm_threshold,
+            evaluation_periods=1,
+            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+        )
+        self.dlq_alarm.add_alarm_action(page)
+        self.queue_age_alarm = cloudwatch.Alarm(
+            self,
+            "QueueAge",
+            alarm_name=f"{deployment}-QueueAge",
+            alarm_description=(
+                f"The {deployment} controller has left an event unprocessed for over "
+                f"{settings.queue_age_alarm_seconds} s (failing, throttled or not running)."
+            ),
+            metric=queue.metric_approximate_age_of_oldest_message(
+                period=Duration.minutes(5), statistic="Maximum"
+            ),
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+            threshold=settings.queue_age_alarm_seconds,
+            evaluation_periods=1,
+            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+        )
+        self.queue_age_alarm.add_alarm_action(page)
+
+        # -- a replaced gateway is announced ---------------------------------------------------
+        self.gateway_rule = events.Rule(
+            self,
+            "GatewayReplaced",
+            description=f"{deployment}: the gateway's Auto Scaling group launched or terminated",
+            event_pattern=events.EventPattern(
+                source=["aws.autoscaling"],
+                detail_type=GATEWAY_EVENTS,
+                detail={"AutoScalingGroupName": [gateway_group.auto_scaling_group_name]},
+            ),
+            targets=[targets.SnsTopic(self.topic)],
+        )
+
+        # -- the dashboard ---------------------------------------------------------------------
+        self.dashboard = cloudwatch.Dashboard(self, "Dashboard")
+        self.dashboard.add_widgets(
+            cloudwatch.AlarmStatusWidget(
+                title="Alarms",
+                alarms=[*self.tunnel_alarms.values(), self.dlq_alarm, self.queue_age_alarm],
+                width=24,
+                height=3,
+            )
+        )
+        self.dashboard.add_widgets(
+            cloudwatch.GraphWidget(
+                title="Tunnels up (1 = up)",
+                left=[alarm.metric for alarm in self.tunnel_alarms.values()],
+                left_y_axis=cloudwatch.YAxisProps(min=0, max=1),
+                width=12,
+            ),
+            cloudwatch.GraphWidget(
+                title="Controller queue",
+                left=[
+                    queue.metric_approximate_number_of_messages_visible(statistic="Maximum"),
+                    dead_letter_queue.metric_approximate_number_of_messages_visible(
+                        statistic="Maximum", label="Dead letters"
+                    ),
+                ],
+                right=[queue.metric_approximate_age_of_oldest_message(statistic="Maximum")],
+                width=12,
+            ),
+        )
+        self.dashboard.add_widgets(
+            cloudwatch.GraphWidget(
+                title="Controller",
+                left=[function.metric_invocations(), function.metric_errors()],
+                right=[function.metric_duration(statistic="p99")],
+                width=12,
+            ),
+            cloudwatch.GraphWidget(
+                title="Enrolments",
+                left=[
+                    cloudwatch.Metric(
+                        namespace=NAMESPACE,
+                        metric_name=name,
+                        dimensions_map={"service": NAMESPACE},
+                        statistic="Sum",
+                    )
+                    for name in ("Enrolments", "Unenrolments", "PoolExhausted", "RejectedEvents")
+                ],
+                width=12,
+            ),
+        )

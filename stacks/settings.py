@@ -1,0 +1,278 @@
+"""CDK context -> validated settings.
+
+Two models: ``TunnelnatConfig`` (the controller's own, reused unchanged, so a value that
+synthesizes is a value the controller accepts) and ``StackSettings`` (what only the stack needs:
+names, network placement, alarm tuning). Every error names the context key at fault.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tunnelnat.core.config import ConfigError, TunnelnatConfig, describe_validation_error
+
+SOURCE = "CDK context"
+
+# Tags the stack puts on the gateway (and the controller relies on).
+ROLE_TAG = "tunnelnat:role"
+ROLE_GATEWAY = "gateway"
+DEPLOYMENT_TAG = "tunnelnat:deployment"
+# One tag whose value names the deployment: the State Manager association's single target.
+GATEWAY_TAG = "tunnelnat:gateway"
+# The controller's own marker on instances it has put a route on (see docs/stack.md, IAM).
+STATUS_TAG = "tunnelnat:status"
+
+# Retention periods CloudWatch Logs accepts, and their names in aws_logs.RetentionDays.
+LOG_RETENTION_DAYS = {
+    1: "ONE_DAY", 3: "THREE_DAYS", 5: "FIVE_DAYS", 7: "ONE_WEEK", 14: "TWO_WEEKS",
+    30: "ONE_MONTH", 60: "TWO_MONTHS", 90: "THREE_MONTHS", 120: "FOUR_MONTHS",
+    150: "FIVE_MONTHS", 180: "SIX_MONTHS", 365: "ONE_YEAR", 400: "THIRTEEN_MONTHS",
+    545: "EIGHTEEN_MONTHS", 731: "TWO_YEARS", 1096: "THREE_YEARS", 1827: "FIVE_YEARS",
+    2192: "SIX_YEARS", 2557: "SEVEN_YEARS", 2922: "EIGHT_YEARS", 3288: "NINE_YEARS",
+    3653: "TEN_YEARS",
+}  # fmt: skip
+
+_EMAIL = re.compile(r"^[^@\s,;]+@[^@\s,;]+\.[^@\s,;]+$")
+# Context keys that belong to the CDK itself (feature flags, CLI settings) rather than to us.
+_OURS = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class StackSettings(BaseModel):
+    """Stack-only settings (names, placement, tuning); see docs/stack.md for each key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    deployment: str = Field(
+        default="tunnelnat",
+        pattern=r"^[a-z][a-z0-9-]{1,28}[a-z0-9]$",
+        description="name of this deployment: prefixes the documents, tags the gateway",
+    )
+    stack_name: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z][A-Za-z0-9-]{0,127}$",
+        description="CloudFormation stack name (default: the deployment name)",
+    )
+    account: str | None = Field(
+        default=None, pattern=r"^[0-9]{12}$", description="pin the stack to this account"
+    )
+    region: str | None = Field(
+        default=None,
+        pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]$",
+        description="pin the stack to this region (default: the CLI profile's)",
+    )
+    availability_zone: str | None = Field(
+        default=None,
+        pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9][a-z]$",
+        description="AZ of the created VPC's subnet (default: the region's first)",
+    )
+    vpc_id: str | None = Field(
+        default=None, pattern=r"^vpc-[0-9a-f]{8,17}$", description="use this existing VPC"
+    )
+    gateway_subnet_id: str | None = Field(
+        default=None,
+        pattern=r"^subnet-[0-9a-f]{8,17}$",
+        description="existing public subnet for the gateway (its CIDR is gateway_subnet_cidr)",
+    )
+    vpc_cidr: IPv4Network = Field(
+        default=IPv4Network("10.80.0.0/16"), description="CIDR of the VPC the stack creates"
+    )
+    gateway_instance_type: str = Field(
+        default="t3.small",
+        pattern=r"^[a-z][a-z0-9-]*\.[a-z0-9]+$",
+        description="EC2 instance type of the gateway",
+    )
+    gateway_ami_id: str | None = Field(
+        default=None,
+        pattern=r"^ami-[0-9a-f]{8,17}$",
+        description="pin the gateway's AMI (default: latest Amazon Linux 2023 at each deploy)",
+    )
+    gateway_eip_allocation_id: str | None = Field(
+        default=None,
+        pattern=r"^eipalloc-[0-9a-f]{8,17}$",
+        description="existing Elastic IP to use as E (with gateway_eip_address)",
+    )
+    gateway_eip_address: IPv4Address | None = Field(
+        default=None, description="the public address of gateway_eip_allocation_id"
+    )
+    psk_secret_name: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9/_+=.@-]{1,512}$",
+        description="existing Secrets Manager secret holding the PSK (default: stack creates one)",
+    )
+    tunnel_name: str = Field(
+        default="partner",
+        pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,31}$",
+        description="the swanctl connection's name; the TunnelUp alarm's Tunnel dimension",
+    )
+    tunnel_alarm_period_seconds: int = Field(
+        default=60, description="TunnelUp alarm period (10, 30 or a multiple of 60)"
+    )
+    tunnel_alarm_evaluation_periods: int = Field(
+        default=3, ge=1, le=60, description="periods TunnelUp must be down before the alarm"
+    )
+    dlq_alarm_threshold: int = Field(
+        default=1, ge=1, description="dead-letter messages that raise the DLQ alarm"
+    )
+    queue_age_alarm_seconds: int = Field(
+        default=3600, ge=60, description="age of the oldest queued event that raises an alarm"
+    )
+    alarm_email: str | None = Field(
+        default=None, description="subscribe this address to the alarm topic"
+    )
+    reconcile_schedule: str = Field(
+        default="rate(15 minutes)",
+        pattern=r"^(rate|cron)\(.+\)$",
+        description="EventBridge schedule of full reconciles",
+    )
+    controller_timeout_seconds: int = Field(
+        default=300, ge=60, le=900, description="controller Lambda timeout"
+    )
+    controller_max_concurrency: int = Field(
+        default=5, ge=2, le=1000, description="most concurrent controller invocations from SQS"
+    )
+    queue_max_receive_count: int = Field(
+        default=10, ge=1, le=1000, description="deliveries of an event before it goes to the DLQ"
+    )
+    log_retention_days: int = Field(default=30, description="CloudWatch Logs retention")
+
+    @field_validator("tunnel_alarm_period_seconds")
+    @classmethod
+    def _period(cls, value: int) -> int:
+        if value not in (10, 30) and (value < 60 or value % 60):
+            raise ValueError("must be 10, 30 or a multiple of 60")
+        return value
+
+    @field_validator("log_retention_days")
+    @classmethod
+    def _retention(cls, value: int) -> int:
+        if value not in LOG_RETENTION_DAYS:
+            raise ValueError(f"must be one of {', '.join(map(str, LOG_RETENTION_DAYS))}")
+        return value
+
+    @field_validator("alarm_email")
+    @classmethod
+    def _email(cls, value: str | None) -> str | None:
+        if value is not None and not _EMAIL.fullmatch(value):
+            raise ValueError("must be one e-mail address")
+        return value
+
+    @model_validator(mode="after")
+    def _pairs(self) -> StackSettings:
+        if (self.vpc_id is None) != (self.gateway_subnet_id is None):
+            raise ValueError("vpc_id and gateway_subnet_id go together: give both or neither")
+        if (self.gateway_eip_allocation_id is None) != (self.gateway_eip_address is None):
+            raise ValueError(
+                "gateway_eip_allocation_id and gateway_eip_address go together: "
+                "give both or neither"
+            )
+        if self.gateway_ami_id and not self.region:
+            raise ValueError("gateway_ami_id needs region (an AMI ID belongs to one region)")
+        return self
+
+    @property
+    def name(self) -> str:
+        return self.stack_name or self.deployment
+
+    @property
+    def document_prefix(self) -> str:
+        return f"{self.deployment}-"
+
+    @property
+    def creates_vpc(self) -> bool:
+        return self.vpc_id is None
+
+
+@dataclass(frozen=True)
+class Settings:
+    config: TunnelnatConfig
+    stack: StackSettings
+
+
+CONFIG_KEYS = tuple(TunnelnatConfig.model_fields)
+STACK_KEYS = tuple(StackSettings.model_fields)
+ALL_KEYS = CONFIG_KEYS + STACK_KEYS
+
+
+def load_settings(context: Mapping[str, Any]) -> Settings:
+    """Validate the CDK context; raise ConfigError naming every bad or unknown key."""
+    unknown = sorted(k for k in context if _OURS.fullmatch(k) and k not in ALL_KEYS)
+    if unknown:
+        lines = [f"invalid {SOURCE}:"]
+        for key in unknown:
+            close = difflib.get_close_matches(key, ALL_KEYS, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            lines.append(f"  {key}: unknown context key{hint}")
+        raise ConfigError("\n".join(lines))
+    given = {k: _clean(context[k]) for k in ALL_KEYS if k in context}
+    given = {k: v for k, v in given.items() if v is not None}
+    config = TunnelnatConfig.from_mapping(
+        {k: v for k, v in given.items() if k in CONFIG_KEYS}, source=SOURCE
+    )
+    try:
+        stack = StackSettings.model_validate({k: v for k, v in given.items() if k in STACK_KEYS})
+    except ValidationError as exc:
+        raise ConfigError(_name_pairs(describe_validation_error(exc, SOURCE))) from None
+    _check_placement(config, stack)
+    return Settings(config=config, stack=stack)
+
+
+def _clean(value: Any) -> Any:
+    """``-c key=`` (an empty string) means "not set"; lists may come as one CSV string."""
+    if isinstance(value, str) and not value.strip():
+        return None
+    if isinstance(value, str):
+        return value.strip()
+    return value
+
+
+def _name_pairs(message: str) -> str:
+    # A model-level error has no key of its own: name the keys its message is about.
+    return message.replace("  (model): Value error, ", "  ").replace("  : Value error, ", "  ")
+
+
+def _error(key: str, message: str) -> ConfigError:
+    return ConfigError(f"invalid {SOURCE}:\n  {key}: {message}")
+
+
+def _check_placement(config: TunnelnatConfig, stack: StackSettings) -> None:
+    """AWS-specific consistency the controller's model cannot know about."""
+    subnet = config.gateway_subnet_cidr
+    if subnet.prefixlen > 28 or subnet.prefixlen < 16:
+        raise _error(
+            "gateway_subnet_cidr",
+            f"{subnet}: an AWS subnet is between /16 and /28",
+        )
+    # AWS keeps the first four addresses and the last one of every subnet.
+    reserved = {subnet.network_address + i for i in range(4)} | {subnet.broadcast_address}
+    if config.gateway_private_ip in reserved:
+        raise _error(
+            "gateway_private_ip",
+            f"{config.gateway_private_ip} is reserved by AWS in {subnet} "
+            "(the first four addresses and the last one)",
+        )
+    if stack.creates_vpc:
+        vpc = stack.vpc_cidr
+        if not subnet.subnet_of(vpc):
+            raise _error("gateway_subnet_cidr", f"{subnet} is not inside vpc_cidr {vpc}")
+        if subnet.network_address != vpc.network_address:
+            first = IPv4Network(f"{vpc.network_address}/{subnet.prefixlen}")
+            raise _error(
+                "gateway_subnet_cidr",
+                f"when the stack creates the VPC its subnet is the first /{subnet.prefixlen} of "
+                f"vpc_cidr: use {first} (or set vpc_id and gateway_subnet_id)",
+            )
+        if vpc.prefixlen < 16 or vpc.prefixlen > 28:
+            raise _error("vpc_cidr", f"{vpc}: an AWS VPC is between /16 and /28")
+    if not config.public_addresses:
+        raise _error(
+            "address_pool",
+            f"nat_mode '{config.nat_mode.value}' still needs the public addresses our traffic "
+            "leaves with (the tunnel's traffic selectors, ConfigureGateway's PublicAddresses)",
+        )

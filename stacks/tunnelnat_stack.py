@@ -1,0 +1,150 @@
+"""The whole system in one stack: Documents, Controller, Gateway, Monitoring."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from aws_cdk import CfnOutput, Stack
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_logs as logs
+from constructs import Construct
+
+from stacks.controller import Controller
+from stacks.documents import Documents
+from stacks.gateway import Gateway
+from stacks.monitoring import Monitoring
+from stacks.settings import LOG_RETENTION_DAYS, Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCUMENTS_DIR = ROOT / "ssm_documents"
+LAMBDA_CODE_DIR = ROOT / "lambdas"
+
+
+class TunnelnatStack(Stack):
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        settings: Settings,
+        documents_dir: Path = DOCUMENTS_DIR,
+        code_dir: Path = LAMBDA_CODE_DIR,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(scope, construct_id, **kwargs)
+        config, stack_settings = settings.config, settings.stack
+        self._availability_zone = stack_settings.availability_zone
+
+        vpc, subnet, internet_ready = self._network(settings)
+        self.documents = Documents(
+            self, "Documents", directory=documents_dir, prefix=stack_settings.document_prefix
+        )
+        self.controller = Controller(
+            self,
+            "Controller",
+            config=config,
+            settings=stack_settings,
+            documents=self.documents,
+            code_directory=code_dir,
+        )
+        self.gateway = Gateway(
+            self,
+            "Gateway",
+            config=config,
+            settings=stack_settings,
+            vpc=vpc,
+            subnet=subnet,
+            table=self.controller.table,
+            documents=self.documents,
+            internet_ready=internet_ready,
+        )
+        self.monitoring = Monitoring(
+            self,
+            "Monitoring",
+            settings=stack_settings,
+            tunnels=[stack_settings.tunnel_name],
+            queue=self.controller.queue,
+            dead_letter_queue=self.controller.dead_letter_queue,
+            function=self.controller.function,
+            gateway_group=self.gateway.group,
+        )
+
+        CfnOutput(
+            self,
+            "GatewayPublicIp",
+            value=self.gateway.public_ip,
+            description="E: give this to the partner as our VPN endpoint",
+        )
+        CfnOutput(
+            self,
+            "GatewayPrivateIp",
+            value=str(config.gateway_private_ip),
+            description="G: enrolled instances route the partner's networks via this",
+        )
+        CfnOutput(
+            self,
+            "PskSecretName",
+            value=self.gateway.psk_name,
+            description="put the pre-shared key agreed with the partner here",
+        )
+        CfnOutput(self, "TableName", value=self.controller.table.table_name)
+        CfnOutput(self, "AlarmTopicArn", value=self.monitoring.topic.topic_arn)
+        CfnOutput(self, "DeadLetterQueueUrl", value=self.controller.dead_letter_queue.queue_url)
+
+    @property
+    def availability_zones(self) -> list[str]:
+        # Explicit AZs keep synthesis free of lookups (which need credentials).
+        zone = getattr(self, "_availability_zone", None)
+        return [zone] if zone else super().availability_zones
+
+    def _network(self, settings: Settings) -> tuple[ec2.IVpc, ec2.ISubnet, Construct | None]:
+        config, stack_settings = settings.config, settings.stack
+        if stack_settings.vpc_id and stack_settings.gateway_subnet_id:
+            vpc = ec2.Vpc.from_vpc_attributes(
+                self,
+                "Vpc",
+                vpc_id=stack_settings.vpc_id,
+                availability_zones=self.availability_zones[:1],
+            )
+            subnet = ec2.Subnet.from_subnet_attributes(
+                self,
+                "GatewaySubnet",
+                subnet_id=stack_settings.gateway_subnet_id,
+                ipv4_cidr_block=str(config.gateway_subnet_cidr),
+                availability_zone=stack_settings.availability_zone,
+            )
+            return vpc, subnet, None
+        created = ec2.Vpc(
+            self,
+            "Vpc",
+            ip_addresses=ec2.IpAddresses.cidr(str(stack_settings.vpc_cidr)),
+            max_azs=1,
+            nat_gateways=0,
+            subnet_configuration=[
+                ec2.SubnetConfiguration(
+                    name="Gateway",
+                    subnet_type=ec2.SubnetType.PUBLIC,
+                    cidr_mask=config.gateway_subnet_cidr.prefixlen,
+                    map_public_ip_on_launch=False,
+                )
+            ],
+            restrict_default_security_group=False,
+        )
+        created.add_flow_log(
+            "FlowLog",
+            destination=ec2.FlowLogDestination.to_cloud_watch_logs(
+                logs.LogGroup(
+                    self,
+                    "FlowLogs",
+                    retention=logs.RetentionDays[
+                        LOG_RETENTION_DAYS[stack_settings.log_retention_days]
+                    ],
+                )
+            ),
+            traffic_type=ec2.FlowLogTrafficType.ALL,
+        )
+        subnet = created.public_subnets[0]
+        assert subnet.ipv4_cidr_block == str(config.gateway_subnet_cidr), subnet.ipv4_cidr_block
+        # An Elastic IP can be associated only once the internet gateway is attached.
+        return created, subnet, created.node.find_child("VPCGW")

@@ -1,0 +1,527 @@
+"""The quick-start stack (cdk.json's context): every property issue 3 asks for, asserted."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from ipaddress import IPv4Network
+
+import pytest
+import yaml
+from aws_cdk.assertions import Match
+
+from stacks.application import cdk_json_context
+from stacks.gateway import boot_user_data
+from tests.infra.conftest import DOCUMENTS_DIR, as_list, statements, synthesize
+
+CONTEXT = cdk_json_context()
+T = CONTEXT["partner_endpoint"]
+G = CONTEXT["gateway_private_ip"]
+SUBNET = CONTEXT["gateway_subnet_cidr"]
+DEPLOYMENT = CONTEXT["deployment"]
+DOC_FILES = sorted(DOCUMENTS_DIR.glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def s(tmp_path_factory):
+    return synthesize(tmp_path_factory.mktemp("cdk.out"))
+
+
+# -- Gateway ---------------------------------------------------------------------------------
+
+
+def test_gateway_is_an_auto_scaling_group_of_one_in_the_gateway_subnet(s):
+    _, asg = s.one("AWS::AutoScaling::AutoScalingGroup")
+    props = asg["Properties"]
+    assert (props["MinSize"], props["MaxSize"]) == ("1", "1")
+    assert props["HealthCheckType"] == "EC2"
+    assert props["VPCZoneIdentifier"] == [s.ref(s.stack.node.find_child("Vpc").public_subnets[0])]
+    # Terminate before launch: the ENI with G can belong to one instance at a time.
+    assert props["InstanceMaintenancePolicy"] == {
+        "MinHealthyPercentage": 0,
+        "MaxHealthyPercentage": 100,
+    }
+    rolling = asg["UpdatePolicy"]["AutoScalingRollingUpdate"]
+    assert (rolling["MaxBatchSize"], rolling["MinInstancesInService"]) == (1, 0)
+    tags = {t["Key"]: (t["Value"], t["PropagateAtLaunch"]) for t in props["Tags"]}
+    assert tags["tunnelnat:role"] == ("gateway", True)
+    assert tags["tunnelnat:deployment"] == (DEPLOYMENT, True)
+    assert tags["tunnelnat:gateway"] == (DEPLOYMENT, True)
+    # The group launches only once G and E exist.
+    assert s.logical_id(s.stack.gateway.node.find_child("EipAssociation")) in asg["DependsOn"]
+
+
+def test_launch_template_amazon_linux_2023_imdsv2_encrypted_public_ip(s):
+    _, lt = s.one("AWS::EC2::LaunchTemplate")
+    data = lt["Properties"]["LaunchTemplateData"]
+    image = data["ImageId"]["Ref"]
+    assert "al2023" in s.json["Parameters"][image]["Default"]
+    assert data["InstanceType"] == CONTEXT["gateway_instance_type"]
+    assert data["MetadataOptions"]["HttpTokens"] == "required"
+    assert data["MetadataOptions"]["InstanceMetadataTags"] == "enabled"
+    assert data["Monitoring"] == {"Enabled": True}
+    assert all(b["Ebs"]["Encrypted"] for b in data["BlockDeviceMappings"])
+    (nic,) = data["NetworkInterfaces"]
+    assert nic["AssociatePublicIpAddress"] is True
+    assert nic["Groups"] == [
+        {"Fn::GetAtt": [s.logical_id(s.stack.gateway.security_group), "GroupId"]}
+    ]
+
+
+def test_user_data_attaches_the_eni_before_the_ssm_agent_starts(s):
+    _, lt = s.one("AWS::EC2::LaunchTemplate")
+    parts = lt["Properties"]["LaunchTemplateData"]["UserData"]["Fn::Base64"]["Fn::Join"][1]
+    text = "".join(p if isinstance(p, str) else "" for p in parts)
+    assert text.startswith("#cloud-config\nbootcmd:")
+    assert {"Ref": s.logical_id(s.stack.gateway.eni)} in parts
+    assert {"Ref": "AWS::Region"} in parts
+    assert f"GATEWAY_IP='{G}'" in text
+    assert f"PARTNER_ENDPOINT='{T}'" in text
+    assert f"SUBNET_ROUTER='{IPv4Network(SUBNET).network_address + 1}'" in text
+    for step in ("attach-network-interface", "--no-source-dest-check", "set-instance-health"):
+        assert step in text
+
+
+def test_boot_user_data_is_valid_cloud_config_and_bash():
+    text = boot_user_data(
+        region="eu-west-1",
+        eni_id="eni-0123456789abcdef0",
+        gateway_ip=G,
+        subnet_router="10.80.0.1",
+        partner_endpoint=T,
+    )
+    assert text.startswith("#cloud-config\n")
+    document = yaml.safe_load(text)
+    ((shell, flag, script),) = document["bootcmd"]
+    assert (shell, flag) == ("/bin/bash", "-c")
+    assert "ENI_ID='eni-0123456789abcdef0'" in script
+    assert not re.search(r"@[A-Z_]+@", script)
+    bash = shutil.which("bash")
+    if bash:
+        checked = subprocess.run([bash, "-n", "-c", script], capture_output=True, text=True)
+        assert checked.returncode == 0, checked.stderr
+
+
+def test_source_dest_check_off_on_the_standalone_eni_with_the_fixed_ip(s):
+    _, eni = s.one("AWS::EC2::NetworkInterface")
+    props = eni["Properties"]
+    assert props["PrivateIpAddress"] == G
+    assert props["SourceDestCheck"] is False
+    assert props["SubnetId"] == s.ref(s.stack.node.find_child("Vpc").public_subnets[0])
+    assert props["GroupSet"] == [
+        {"Fn::GetAtt": [s.logical_id(s.stack.gateway.security_group), "GroupId"]}
+    ]
+    tags = {t["Key"]: t["Value"] for t in props["Tags"]}
+    assert tags["tunnelnat:role"] == "gateway"
+    assert tags["tunnelnat:deployment"] == DEPLOYMENT
+
+
+def test_elastic_ip_e_is_retained_and_associated_with_the_eni_not_an_instance(s):
+    eip_id, eip = s.one("AWS::EC2::EIP")
+    assert eip["Properties"]["Domain"] == "vpc"
+    assert eip["DeletionPolicy"] == "Retain"
+    _, association = s.one("AWS::EC2::EIPAssociation")
+    assert association["Properties"] == {
+        "AllocationId": {"Fn::GetAtt": [eip_id, "AllocationId"]},
+        "NetworkInterfaceId": {"Ref": s.logical_id(s.stack.gateway.eni)},
+        "PrivateIpAddress": G,
+    }
+    # The VPC must have its internet gateway before an EIP can be associated.
+    assert any("VPCGW" in d for d in association["DependsOn"])
+    assert s.json["Outputs"]["GatewayPublicIp"]["Value"] == {"Fn::GetAtt": [eip_id, "PublicIp"]}
+
+
+def test_security_group_admits_ike_and_esp_from_the_partner_only(s):
+    _, sg = s.one("AWS::EC2::SecurityGroup")
+    ingress = {
+        (r["IpProtocol"], r.get("FromPort"), r.get("ToPort"), r["CidrIp"])
+        for r in sg["Properties"]["SecurityGroupIngress"]
+    }
+    assert ingress == {
+        ("udp", 500, 500, f"{T}/32"),
+        ("udp", 4500, 4500, f"{T}/32"),
+        ("50", None, None, f"{T}/32"),
+        ("-1", None, None, SUBNET),
+    }
+    assert not s.resources("AWS::EC2::SecurityGroupIngress")
+
+
+def test_gateway_role_ssm_core_plus_exactly_what_the_gateway_needs(s):
+    gateway = s.stack.gateway
+    _, role = next(
+        (k, v) for k, v in s.resources("AWS::IAM::Role").items() if k == s.logical_id(gateway.role)
+    )
+    (managed,) = role["Properties"]["ManagedPolicyArns"]
+    assert "AmazonSSMManagedInstanceCore" in json.dumps(managed)
+    policy = s.resources("AWS::IAM::Policy")[
+        s.logical_id(gateway.role.node.find_child("DefaultPolicy"))
+    ]
+    by_sid = {st["Sid"]: st for st in statements(policy)}
+    table = s.stack.controller.table
+    assert by_sid["ReadItsTable"]["Action"] == ["dynamodb:GetItem", "dynamodb:Query"]
+    assert by_sid["ReadItsTable"]["Resource"] == s.arn(table)
+    assert by_sid["ReadThePsk"]["Action"] == "secretsmanager:GetSecretValue"
+    assert by_sid["ReadThePsk"]["Resource"] == s.ref(gateway.psk)
+    assert by_sid["PutTunnelMetrics"]["Condition"] == {
+        "StringEquals": {"cloudwatch:namespace": "tunnelnat"}
+    }
+    own = {
+        "aws:ResourceTag/tunnelnat:role": "gateway",
+        "aws:ResourceTag/tunnelnat:deployment": DEPLOYMENT,
+    }
+    for sid in ("AttachTheGatewayEni", "SourceDestCheckOffOnGateways", "ReportBootFailure"):
+        assert by_sid[sid]["Condition"] == {"StringEquals": own}, sid
+    assert set(by_sid) == {
+        "ReadItsTable",
+        "ReadThePsk",
+        "PutTunnelMetrics",
+        "SeeItsEni",
+        "AttachTheGatewayEni",
+        "SourceDestCheckOffOnGateways",
+        "ReportBootFailure",
+    }
+    # The gateway may not write anything but metrics: no write action on the table, no SSM.
+    actions = {a for st in by_sid.values() for a in as_list(st["Action"])}
+    assert not {a for a in actions if a.startswith(("dynamodb:Put", "dynamodb:Update", "ssm:"))}
+
+
+def test_psk_is_generated_by_secrets_manager_never_in_the_template(s):
+    _, secret = s.one("AWS::SecretsManager::Secret")
+    assert "GenerateSecretString" in secret["Properties"]
+    assert "SecretString" not in secret["Properties"]
+    assert secret["DeletionPolicy"] == "Retain"
+
+
+def test_configure_gateway_association_targets_the_gateway_tag(s):
+    _, association = s.one("AWS::SSM::Association")
+    props = association["Properties"]
+    assert props["Name"] == {"Ref": s.logical_id(s.stack.documents.resources["ConfigureGateway"])}
+    assert props["Targets"] == [{"Key": "tag:tunnelnat:gateway", "Values": [DEPLOYMENT]}]
+    assert props["DocumentVersion"] == "$DEFAULT"
+    params = {k: v[0] for k, v in props["Parameters"].items()}
+    assert params["PartnerEndpoint"] == T
+    assert params["PartnerNetworks"] == ",".join(CONTEXT["partner_networks"])
+    assert params["PublicAddresses"] == ",".join(CONTEXT["address_pool"])
+    assert params["NatMode"] == "dedicated"
+    assert params["SharedAddress"] == "none"
+    assert params["IpsecBackend"] == "kernel"
+    assert params["TunnelMss"] == str(CONTEXT["tunnel_mss"])
+    assert params["TunnelName"] == CONTEXT["tunnel_name"]
+    assert params["Region"] == {"Ref": "AWS::Region"}
+    assert params["TableName"] == s.ref(s.stack.controller.table)
+    assert params["LocalId"] == {"Fn::GetAtt": [s.one("AWS::EC2::EIP")[0], "PublicIp"]}
+    assert "Fn::Select" in json.dumps(params["PskSecretName"])  # the name, from the secret's ARN
+
+
+# -- Documents -------------------------------------------------------------------------------
+
+
+def test_one_document_per_yaml_file_with_the_files_content(s):
+    documents = s.resources("AWS::SSM::Document")
+    assert len(documents) == len(DOC_FILES)
+    by_name = {d["Properties"]["Name"]: d["Properties"] for d in documents.values()}
+    for path in DOC_FILES:
+        props = by_name[f"{DEPLOYMENT}-{path.stem}"]
+        assert props["Content"] == yaml.safe_load(path.read_text()), path.name
+        assert props["DocumentType"] == "Command"
+        assert props["DocumentFormat"] == "YAML"
+        assert props["UpdateMethod"] == "NewVersion"
+
+
+# -- Controller ------------------------------------------------------------------------------
+
+
+def test_table_on_demand_with_point_in_time_recovery(s):
+    _, table = s.one("AWS::DynamoDB::Table")
+    props = table["Properties"]
+    assert props["KeySchema"] == [
+        {"AttributeName": "pk", "KeyType": "HASH"},
+        {"AttributeName": "sk", "KeyType": "RANGE"},
+    ]
+    assert sorted(
+        a["AttributeName"] + a["AttributeType"] for a in props["AttributeDefinitions"]
+    ) == [
+        "pkS",
+        "skS",
+    ]
+    assert props["BillingMode"] == "PAY_PER_REQUEST"
+    assert props["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"] is True
+    assert table["DeletionPolicy"] == "Retain"
+
+
+def test_controller_function_python313_powertools_layer_environment(s):
+    controller = s.stack.controller
+    function = s.resources("AWS::Lambda::Function")[s.logical_id(controller.function)]
+    props = function["Properties"]
+    assert props["Runtime"] == "python3.13"
+    assert props["Handler"] == "tunnelnat.handlers.controller.handler"
+    assert props["TracingConfig"] == {"Mode": "Active"}
+    assert props["Architectures"] == ["x86_64"]
+    (layer,) = props["Layers"]
+    parameter = s.json["Parameters"][layer["Ref"]]
+    assert parameter["Type"] == "AWS::SSM::Parameter::Value<String>"
+    assert parameter["Default"] == "/aws/service/powertools/python/x86_64/python3.13/latest"
+    env = props["Environment"]["Variables"]
+    assert env["TUNNELNAT_TABLE_NAME"] == s.ref(controller.table)
+    assert env["TUNNELNAT_DEPLOYMENT"] == DEPLOYMENT
+    assert env["TUNNELNAT_DOCUMENT_PREFIX"] == f"{DEPLOYMENT}-"
+    assert env["POWERTOOLS_SERVICE_NAME"] == "tunnelnat"
+    assert env["POWERTOOLS_METRICS_NAMESPACE"] == "tunnelnat"
+    config = json.loads(env["TUNNELNAT_CONFIG"])
+    from tunnelnat.core.config import TunnelnatConfig
+
+    parsed = TunnelnatConfig.from_mapping(config, source="TUNNELNAT_CONFIG")
+    assert str(parsed.partner_endpoint) == T
+    assert [str(a) for a in parsed.address_pool] == CONTEXT["address_pool"]
+
+
+def test_lambda_asset_is_the_lambdas_directory_without_build_litter(s):
+    function = s.resources("AWS::Lambda::Function")[s.logical_id(s.stack.controller.function)]
+    key = function["Properties"]["Code"]["S3Key"]
+    staged = s.outdir / f"asset.{key.removesuffix('.zip')}"
+    assert (staged / "tunnelnat" / "__init__.py").is_file()
+    assert not list(staged.rglob("__pycache__"))
+    assert not list(staged.glob("*.egg-info"))
+
+
+def test_queue_with_dead_letter_queue_in_front_of_the_controller(s):
+    controller = s.stack.controller
+    queues = s.resources("AWS::SQS::Queue")
+    queue = queues[s.logical_id(controller.queue)]["Properties"]
+    dlq = queues[s.logical_id(controller.dead_letter_queue)]["Properties"]
+    assert queue["RedrivePolicy"] == {
+        "deadLetterTargetArn": s.arn(controller.dead_letter_queue),
+        "maxReceiveCount": 10,
+    }
+    function = s.resources("AWS::Lambda::Function")[s.logical_id(controller.function)]
+    assert queue["VisibilityTimeout"] >= function["Properties"]["Timeout"]
+    assert dlq["MessageRetentionPeriod"] == 14 * 24 * 3600
+    assert queue["SqsManagedSseEnabled"] is True and dlq["SqsManagedSseEnabled"] is True
+    _, mapping = s.one("AWS::Lambda::EventSourceMapping")
+    props = mapping["Properties"]
+    assert props["EventSourceArn"] == s.arn(controller.queue)
+    assert props["FunctionName"] == s.ref(controller.function)
+    assert props["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    assert props["BatchSize"] == 10
+
+
+RULE_PATTERNS = {
+    "InstanceState": {
+        "source": ["aws.ec2"],
+        "detail-type": ["EC2 Instance State-change Notification"],
+        "detail": {"state": ["running", "stopping", "stopped", "shutting-down", "terminated"]},
+    },
+    "TagChange": {
+        "source": ["aws.tag"],
+        "detail-type": ["Tag Change on Resource"],
+        "detail": {
+            "service": ["ec2"],
+            "resource-type": ["instance"],
+            "changed-tag-keys": [CONTEXT["enrolment_tag_key"]],
+        },
+    },
+    "Lifecycle": {
+        "source": ["aws.autoscaling"],
+        "detail-type": [
+            "EC2 Instance-launch Lifecycle Action",
+            "EC2 Instance-terminate Lifecycle Action",
+        ],
+    },
+}
+
+
+@pytest.mark.parametrize("name", [*RULE_PATTERNS, "Reconcile"])
+def test_event_rules_send_to_the_queue_with_a_dead_letter_queue(s, name):
+    controller = s.stack.controller
+    rule = s.resources("AWS::Events::Rule")[s.logical_id(controller.rules[name])]["Properties"]
+    if name == "Reconcile":
+        assert rule["ScheduleExpression"] == CONTEXT["reconcile_schedule"]
+    else:
+        assert rule["EventPattern"] == RULE_PATTERNS[name]
+    (target,) = rule["Targets"]
+    assert target["Arn"] == s.arn(controller.queue)
+    assert target["DeadLetterConfig"] == {"Arn": s.arn(controller.dead_letter_queue)}
+
+
+def test_queue_policy_lets_only_the_rules_send(s):
+    controller = s.stack.controller
+    policy = next(
+        p
+        for p in s.resources("AWS::SQS::QueuePolicy").values()
+        if p["Properties"]["Queues"] == [s.ref(controller.queue)]
+    )
+    sends = [st for st in statements(policy) if st["Effect"] == "Allow"]
+    sources = {
+        st["Condition"]["ArnEquals"]["aws:SourceArn"]["Fn::GetAtt"][0]
+        for st in sends
+        if st["Principal"] == {"Service": "events.amazonaws.com"}
+    }
+    assert sources == {s.logical_id(rule) for rule in controller.rules.values()}
+    granted = {a for st in sends for a in as_list(st["Action"])}
+    assert granted <= {"sqs:SendMessage", "sqs:GetQueueAttributes", "sqs:GetQueueUrl"}
+
+
+def _controller_statements(s):
+    controller = s.stack.controller
+    policy = s.resources("AWS::IAM::Policy")[
+        s.logical_id(controller.role.node.find_child("DefaultPolicy"))
+    ]
+    return statements(policy)
+
+
+def test_send_command_only_the_projects_documents(s):
+    by_sid = {st.get("Sid"): st for st in _controller_statements(s)}
+    documents = by_sid["RunOnlyTheProjectsDocuments"]
+    assert documents["Action"] == "ssm:SendCommand"
+    resources = as_list(documents["Resource"])
+    assert len(resources) == len(DOC_FILES)
+    rendered = json.dumps(resources)
+    for path in DOC_FILES:
+        assert f":document/{DEPLOYMENT}-{path.stem}" in rendered
+    assert "*" not in rendered
+
+
+def test_send_command_on_instances_only_with_the_right_tags(s):
+    by_sid = {st.get("Sid"): st for st in _controller_statements(s)}
+    key = CONTEXT["enrolment_tag_key"]
+    expected = {
+        "OnInstancesCarryingTheEnrolmentTag": {"StringLike": {f"ssm:resourceTag/{key}": "*"}},
+        "OnInstancesTheControllerEnrolled": {
+            "StringLike": {"ssm:resourceTag/tunnelnat:status": "*"}
+        },
+        "OnThisDeploymentsGateway": {
+            "StringEquals": {
+                "ssm:resourceTag/tunnelnat:role": "gateway",
+                "ssm:resourceTag/tunnelnat:deployment": DEPLOYMENT,
+            }
+        },
+    }
+    for sid, condition in expected.items():
+        statement = by_sid[sid]
+        assert statement["Action"] == "ssm:SendCommand"
+        assert ":instance/*" in json.dumps(statement["Resource"])
+        assert statement["Condition"] == condition, sid
+    # No SendCommand on instances without one of those conditions.
+    for st in _controller_statements(s):
+        if "ssm:SendCommand" in as_list(st["Action"]) and "instance" in json.dumps(st["Resource"]):
+            assert st.get("Condition"), st
+
+
+def test_controller_least_privilege(s):
+    allowed_star = {
+        "ec2:DescribeInstances",
+        "ssm:GetCommandInvocation",
+        "ssm:DescribeInstanceInformation",
+        "xray:PutTraceSegments",
+        "xray:PutTelemetryRecords",
+    }
+    for st in _controller_statements(s):
+        actions = set(as_list(st["Action"]))
+        assert not any(a.endswith("*") for a in actions), st
+        if st["Resource"] == "*":
+            assert actions <= allowed_star, st
+    by_sid = {st.get("Sid"): st for st in _controller_statements(s)}
+    table = by_sid["OwnTable"]
+    assert table["Resource"] == s.arn(s.stack.controller.table)
+    assert "dynamodb:Scan" not in table["Action"]
+    tags = by_sid["OnlyTheStatusTag"]
+    assert tags["Condition"] == {
+        "ForAllValues:StringEquals": {"aws:TagKeys": ["tunnelnat:status"]},
+        "Null": {"aws:TagKeys": "false"},
+    }
+    lifecycle = by_sid["LifecycleOfEnrolledGroups"]
+    assert set(lifecycle["Action"]) == {
+        "autoscaling:CompleteLifecycleAction",
+        "autoscaling:RecordLifecycleActionHeartbeat",
+    }
+    assert lifecycle["Condition"] == {
+        "StringLike": {f"aws:ResourceTag/{CONTEXT['enrolment_tag_key']}": "*"}
+    }
+
+
+# -- Monitoring ------------------------------------------------------------------------------
+
+
+def test_tunnel_up_alarm_missing_data_breaching_pages_the_topic(s):
+    monitoring = s.stack.monitoring
+    (alarm_construct,) = monitoring.tunnel_alarms.values()
+    alarm = s.resources("AWS::CloudWatch::Alarm")[s.logical_id(alarm_construct)]["Properties"]
+    assert alarm["Namespace"] == "tunnelnat"
+    assert alarm["MetricName"] == "TunnelUp"
+    assert sorted(alarm["Dimensions"], key=lambda d: d["Name"]) == [
+        {"Name": "Gateway", "Value": DEPLOYMENT},
+        {"Name": "Tunnel", "Value": CONTEXT["tunnel_name"]},
+    ]
+    assert alarm["TreatMissingData"] == "breaching"
+    assert alarm["ComparisonOperator"] == "LessThanThreshold"
+    assert alarm["Threshold"] == 1
+    assert alarm["Statistic"] == "Minimum"
+    assert alarm["AlarmActions"] == [s.ref(monitoring.topic)]
+    assert alarm["OKActions"] == [s.ref(monitoring.topic)]
+
+
+def test_dead_letter_queue_depth_alarm_pages_the_topic(s):
+    monitoring, controller = s.stack.monitoring, s.stack.controller
+    alarm = s.resources("AWS::CloudWatch::Alarm")[s.logical_id(monitoring.dlq_alarm)]["Properties"]
+    assert alarm["Namespace"] == "AWS/SQS"
+    assert alarm["MetricName"] == "ApproximateNumberOfMessagesVisible"
+    assert alarm["Dimensions"] == [
+        {
+            "Name": "QueueName",
+            "Value": {"Fn::GetAtt": [s.logical_id(controller.dead_letter_queue), "QueueName"]},
+        }
+    ]
+    assert alarm["ComparisonOperator"] == "GreaterThanOrEqualToThreshold"
+    assert alarm["Threshold"] == 1
+    assert alarm["AlarmActions"] == [s.ref(monitoring.topic)]
+
+
+def test_topic_is_encrypted_tls_only_and_cloudwatch_can_use_its_key(s):
+    monitoring = s.stack.monitoring
+    _, topic = s.one("AWS::SNS::Topic")
+    assert topic["Properties"]["KmsMasterKeyId"] == s.arn(monitoring.key)
+    _, key = s.one("AWS::KMS::Key")
+    assert key["Properties"]["EnableKeyRotation"] is True
+    services = {
+        st["Principal"].get("Service")
+        for st in key["Properties"]["KeyPolicy"]["Statement"]
+        if isinstance(st["Principal"], dict)
+    }
+    assert {"cloudwatch.amazonaws.com", "events.amazonaws.com"} <= services
+    _, policy = s.one("AWS::SNS::TopicPolicy")
+    assert any(
+        st["Effect"] == "Deny" and st["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+        for st in statements(policy)
+    )
+
+
+def test_gateway_replacement_is_announced(s):
+    monitoring = s.stack.monitoring
+    rule = s.resources("AWS::Events::Rule")[s.logical_id(monitoring.gateway_rule)]["Properties"]
+    assert rule["EventPattern"]["source"] == ["aws.autoscaling"]
+    assert "EC2 Instance Terminate Successful" in rule["EventPattern"]["detail-type"]
+    assert rule["EventPattern"]["detail"] == {
+        "AutoScalingGroupName": [{"Ref": s.one("AWS::AutoScaling::AutoScalingGroup")[0]}]
+    }
+    assert rule["Targets"][0]["Arn"] == s.ref(monitoring.topic)
+
+
+def test_dashboard_shows_tunnels_queue_and_controller(s):
+    _, dashboard = s.one("AWS::CloudWatch::Dashboard")
+    body = json.dumps(dashboard["Properties"]["DashboardBody"])
+    for text in ("TunnelUp", "ApproximateNumberOfMessagesVisible", "Invocations", "Alarms"):
+        assert text in body
+
+
+def test_no_lookups_and_no_credentials_needed(s):
+    # Every AZ is explicit or Fn::GetAZs; nothing was recorded as missing context.
+    manifest = json.loads((s.outdir / "manifest.json").read_text())
+    assert not manifest.get("missing")
+    s.template.has_resource_properties(
+        "AWS::EC2::Subnet", {"CidrBlock": SUBNET, "MapPublicIpOnLaunch": False}
+    )
+    s.template.has_resource_properties(
+        "AWS::EC2::FlowLog", Match.object_like({"TrafficType": "ALL"})
+    )
