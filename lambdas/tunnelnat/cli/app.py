@@ -8,6 +8,7 @@ region, endpoint, missing table or queue).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import traceback
@@ -138,7 +139,8 @@ def main(argv: Sequence[str] | None = None, runtime: Runtime | None = None) -> i
     runtime = runtime or Runtime()
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        with contextlib.redirect_stdout(runtime.out), contextlib.redirect_stderr(runtime.err):
+            args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return int(exc.code or 0)
     if args.command in ("status", "enroll", "unenroll"):
@@ -161,6 +163,7 @@ def main(argv: Sequence[str] | None = None, runtime: Runtime | None = None) -> i
             endpoint_url=args.endpoint_url,
             profile=args.profile,
             overrides=runtime.clients,
+            session=runtime.session,
         )
         region = aws.configured_region
         func: Callable[[Ctx], int] = args.func

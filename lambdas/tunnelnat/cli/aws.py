@@ -43,20 +43,25 @@ class Aws:
         endpoint_url: str | None,
         profile: str | None = None,
         overrides: Mapping[str, Any] | None = None,
+        session: boto3.session.Session | None = None,
     ) -> None:
         self.endpoint_url = endpoint_url
-        self._session = boto3.session.Session(region_name=region, profile_name=profile)
+        self._region = region
+        # A given session (tests: one per run, so service models load once) keeps its own
+        # credentials; otherwise the standard chain, with --profile when given.
+        self._session = session or boto3.session.Session(region_name=region, profile_name=profile)
         self._clients: dict[str, Any] = dict(overrides or {})
 
     @property
     def configured_region(self) -> str | None:
-        return self._session.region_name
+        return self._region or self._session.region_name
 
     @property
     def region(self) -> str:
-        if not self._session.region_name:
+        region = self.configured_region
+        if not region:
             raise NoRegionError()
-        return self._session.region_name
+        return region
 
     def client(self, service: str) -> Any:
         if service not in self._clients:

@@ -35,6 +35,7 @@ class Runtime:
     out: TextIO = field(default_factory=lambda: sys.stdout)
     err: TextIO = field(default_factory=lambda: sys.stderr)
     clients: Mapping[str, Any] = field(default_factory=dict)
+    session: Any = None  # a boto3 Session to reuse instead of a new one per command
     after_change: Callable[[Aws, Change], None] | None = None
     sleep: Callable[[float], None] = time.sleep
     monotonic: Callable[[], float] = time.monotonic

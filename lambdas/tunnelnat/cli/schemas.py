@@ -1,0 +1,149 @@
+"""JSON Schemas of the ``--json`` outputs (draft 2020-12). Scripts may rely on these; a change
+that breaks one bumps the ``schema`` field's version (``tunnelnat.status/v1`` ...)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_TIME = {"type": ["string", "null"], "pattern": r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$"}
+_IP = {"type": ["string", "null"]}
+_INT = {"type": "integer", "minimum": 0}
+
+
+def _object(properties: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": sorted(properties),
+        "additionalProperties": False,
+        **extra,
+    }
+
+
+STATUS: dict[str, Any] = _object(
+    {
+        "schema": {"const": "tunnelnat.status/v1"},
+        "deployment": {"type": "string"},
+        "table": {"type": "string"},
+        "region": {"type": "string"},
+        "generated_at": _TIME,
+        "gateway": _object(
+            {
+                "instance_id": {"type": ["string", "null"]},
+                "desired_generation": _INT,
+                "applied_generation": _INT,
+                "applied_by": {"type": ["string", "null"]},
+                "applied_at": _TIME,
+                "in_sync": {"type": "boolean"},
+            }
+        ),
+        "instances": {
+            "type": "array",
+            "items": _object(
+                {
+                    "instance_id": {"type": "string", "pattern": "^i-[0-9a-f]+$"},
+                    "name": {"type": ["string", "null"]},
+                    "state": {"type": "string"},
+                    "private_ip": _IP,
+                    "public_ip": _IP,
+                    "status": {"type": "string"},
+                    "reason": {"type": "string"},
+                    "route_installed": {"type": "boolean"},
+                    "mapped": {"type": "boolean"},
+                    "updated_at": _TIME,
+                }
+            ),
+        },
+        "tunnels": {
+            "type": "array",
+            "items": _object(
+                {
+                    "tunnel": {"type": "string"},
+                    "gateway": {"type": "string"},
+                    "state": {"enum": ["up", "down", "unknown"]},
+                    "value": {"type": ["number", "null"]},
+                    "timestamp": _TIME,
+                }
+            ),
+        },
+        "summary": _object({"total": _INT, "enrolled": _INT, "pending": _INT}),
+    }
+)
+
+ENROLL: dict[str, Any] = _object(
+    {
+        "schema": {"const": "tunnelnat.enroll/v1"},
+        "action": {"enum": ["enroll", "unenroll"]},
+        "instance_id": {"type": "string"},
+        "result": {"enum": ["enrolled", "unenrolled", "failed", "timeout", "requested"]},
+        "status": {"type": ["string", "null"]},
+        "reason": {"type": ["string", "null"]},
+        "public_ip": _IP,
+        "message": {"type": "string"},
+        "fix": {"type": ["string", "null"]},
+    }
+)
+
+_VIEW = {
+    "oneOf": [
+        {"type": "null"},
+        _object(
+            {
+                "status": {"type": ["string", "null"]},
+                "reason": {"type": ["string", "null"]},
+                "private_ip": _IP,
+                "public_ip": _IP,
+                "route_installed": {"type": "boolean"},
+            }
+        ),
+    ]
+}
+_GENERATIONS = _object({"desired": _INT, "applied": _INT})
+
+RECONCILE: dict[str, Any] = _object(
+    {
+        "schema": {"const": "tunnelnat.reconcile/v1"},
+        "request_id": {"type": "string"},
+        "message_id": {"type": ["string", "null"]},
+        "queue_url": {"type": "string"},
+        "instance_ids": {"type": "array", "items": {"type": "string"}},
+        "waited": {"type": "boolean"},
+        "completed": {"type": ["boolean", "null"]},
+        "changes": {
+            "type": "array",
+            "items": _object(
+                {
+                    "instance_id": {"type": "string"},
+                    "change": {"enum": ["added", "removed", "changed"]},
+                    "before": _VIEW,
+                    "after": _VIEW,
+                }
+            ),
+        },
+        "generation": _object(
+            {"before": _GENERATIONS, "after": {"oneOf": [{"type": "null"}, _GENERATIONS]}}
+        ),
+    }
+)
+
+DOCTOR: dict[str, Any] = _object(
+    {
+        "schema": {"const": "tunnelnat.doctor/v1"},
+        "deployment": {"type": "string"},
+        "region": {"type": "string"},
+        "healthy": {"type": "boolean"},
+        "counts": _object({"ok": _INT, "fail": _INT, "unknown": _INT}),
+        "findings": {
+            "type": "array",
+            "items": _object(
+                {
+                    "check": {"type": "string"},
+                    "status": {"enum": ["ok", "fail", "unknown"]},
+                    "summary": {"type": "string"},
+                    "fix": {"type": ["string", "null"]},
+                    "resource": {"type": ["string", "null"]},
+                }
+            ),
+        },
+    }
+)

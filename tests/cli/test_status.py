@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+from datetime import timedelta
+
+import jsonschema
+
+from tests.cli.conftest import TABLE
+from tunnelnat.cli.schemas import STATUS
+
+TAG = {"tunnelnat": "enabled"}
+
+
+def test_status_of_an_empty_deployment(dep):
+    result = dep.run("status")
+    assert result.code == 0, result.err
+    assert f"gateway {dep.gateway_id}" in result.out
+    assert "applied 0 / desired 0 (in sync)" in result.out
+    assert "no instances enrolled or tagged tunnelnat=enabled" in result.out
+    assert "partner" in result.out and "up" in result.out
+
+
+def test_status_table_shows_enrolled_pending_and_unseen_instances(dep):
+    web1 = dep.launch("10.10.1.21", name="web-1")
+    assert dep.run("enroll", web1, "--wait").code == 0
+    far = dep.launch("10.10.2.30", name="far-1", subnet=dep.other_subnet_id)
+    assert dep.run("enroll", far, "--wait").code == 1  # unsupported-subnet
+    quiet = dep.launch("10.10.1.40", name="quiet-1", tags=TAG)  # tagged, no event seen
+
+    result = dep.run("status")
+    assert result.code == 0, result.err
+    lines = {line.split()[0]: line for line in result.out.splitlines() if line.startswith("i-")}
+    assert "web-1" in lines[web1] and "203.0.113.10" in lines[web1] and "enrolled" in lines[web1]
+    assert "10.10.1.21" in lines[web1]
+    assert "unsupported-subnet" in lines[far] and "far-1" in lines[far]
+    assert "not-seen" in lines[quiet] and "quiet-1" in lines[quiet]
+    assert "1 enrolled, 2 not enrolled" in result.out
+    assert "INSTANCE" in result.out and "LAST CHANGE" in result.out
+
+
+def test_status_json_follows_its_schema(dep):
+    web1 = dep.launch("10.10.1.21", name="web-1")
+    dep.run("enroll", web1, "--wait")
+    dep.launch("10.10.1.40", name="quiet-1", tags=TAG)
+    dep.put_metric("backup", 0)
+    dep.put_metric("stale", 1, age=timedelta(minutes=10))
+
+    result = dep.run("status", "--json")
+    assert result.code == 0, result.err
+    doc = result.json()
+    jsonschema.validate(doc, STATUS)
+    assert doc["schema"] == "tunnelnat.status/v1"
+    assert doc["table"] == TABLE and doc["deployment"] == "test" and doc["region"] == "us-east-1"
+    assert doc["gateway"]["instance_id"] == dep.gateway_id
+    assert doc["gateway"]["in_sync"] is True
+    assert doc["gateway"]["applied_generation"] == doc["gateway"]["desired_generation"] == 1
+    [row] = [r for r in doc["instances"] if r["instance_id"] == web1]
+    assert row == {
+        "instance_id": web1,
+        "name": "web-1",
+        "state": "running",
+        "private_ip": "10.10.1.21",
+        "public_ip": "203.0.113.10",
+        "status": "enrolled",
+        "reason": "route and NAT in place",
+        "route_installed": True,
+        "mapped": True,
+        "updated_at": row["updated_at"],
+    }
+    assert row["updated_at"].endswith("Z")
+    assert doc["summary"] == {"total": 2, "enrolled": 1, "pending": 1}
+    tunnels = {t["tunnel"]: t["state"] for t in doc["tunnels"]}
+    assert tunnels == {"partner": "up", "backup": "down", "stale": "unknown"}
+
+
+def test_status_shows_a_gateway_behind(dep):
+    web1 = dep.launch("10.10.1.21", name="web-1")
+    dep.run("enroll", web1, "--wait")
+    dep.dynamodb.update_item(
+        TableName=TABLE,
+        Key={"pk": {"S": "meta"}, "sk": {"S": "generation"}},
+        UpdateExpression="SET generation = :g",
+        ExpressionAttributeValues={":g": {"N": "7"}},
+    )
+    result = dep.run("status")
+    assert "applied 1 / desired 7 (BEHIND: run `tunnelnat reconcile`)" in result.out
+    assert dep.run("status", "--json").json()["gateway"]["in_sync"] is False
+
+
+def test_status_only_shows_tunnels_of_the_current_gateway(dep):
+    dep.put_metric("partner", 0, gateway="i-0000000000000dead")
+    tunnels = dep.run("status", "--json").json()["tunnels"]
+    assert [(t["tunnel"], t["gateway"], t["state"]) for t in tunnels] == [
+        ("partner", dep.gateway_id, "up")
+    ]
