@@ -109,6 +109,7 @@ class Controller:
         self.deployment = deployment
         self.region = region
         self.telemetry = telemetry or NoTelemetry()
+        self._gateway: str | None = None
 
     # -- entry points ------------------------------------------------------------------------
     def reconcile(self, instance_id: str, *, terminating: bool = False) -> Outcome:
@@ -177,13 +178,13 @@ class Controller:
             else:
                 plans.append(plan)
         synced = False
+        generation: int | None = None
         sync_error: Exception | None = None
         if plans or full_sync:
             try:
-                synced = self._sync_gateway(full=full_sync)
+                synced, generation = self._sync_gateway(full=full_sync)
             except Exception as exc:  # noqa: BLE001
                 sync_error = exc
-        generation = self.store.desired_generation() if plans else None
         for plan in plans:
             if sync_error is not None:
                 results[plan.instance_id] = sync_error
@@ -313,18 +314,30 @@ class Controller:
         )
 
     # -- the gateway ---------------------------------------------------------------------------
+    def gateway_id(self, *, refresh: bool = False) -> str:
+        """The gateway's instance ID, looked up once per container and again when it may have
+        changed (a full reconcile, or a command the old one could not take)."""
+        if refresh or self._gateway is None:
+            self._gateway = self.instances.find_gateway(self.deployment)
+        return self._gateway
+
     def sync_gateway(self, *, full: bool = False, gateway: str | None = None) -> dict[str, Any]:
         """Ask the gateway to pull and apply the newest table; returns what it reported."""
-        gateway = gateway or self.instances.find_gateway(self.deployment)
-        result = self._run(
-            gateway,
-            "SyncNatTable",
-            {
-                "TableName": self.store.table_name,
-                "Region": self.region,
-                "Full": "true" if full else "false",
-            },
-        )
+        gateway = gateway or self.gateway_id()
+        parameters = {
+            "TableName": self.store.table_name,
+            "Region": self.region,
+            "Full": "true" if full else "false",
+        }
+        try:
+            result = self._run(gateway, "SyncNatTable", parameters)
+        except AgentNotReady:
+            # Replaced since we looked it up? Ask EC2 again; the queue retries if it is the same.
+            fresh = self.gateway_id(refresh=True)
+            if fresh == gateway:
+                raise
+            gateway = fresh
+            result = self._run(gateway, "SyncNatTable", parameters)
         report = _last_json_line(result.stdout)
         applied = int(report.get("applied_generation", -1))
         if applied >= 0:
@@ -332,23 +345,17 @@ class Controller:
         self.telemetry.count("GatewaySyncs")
         return report
 
-    def _sync_gateway(self, *, full: bool = False) -> bool:
+    def _sync_gateway(self, *, full: bool = False) -> tuple[bool, int]:
         # The gateway pulls the newest table, so one sync covers every change written before it
         # starts; none is needed while the gateway reports the desired generation already.
-        desired = self.store.desired_generation()
-        applied, reported_by = self.store.gateway_state()
-        gateway = None
-        if full:
-            gateway = self.instances.find_gateway(self.deployment)
-            # A replaced gateway starts empty whatever its predecessor reported.
-            if reported_by != gateway:
-                applied = 0
-        elif applied >= desired:
-            return False
+        desired, applied, _ = self.store.generations()
+        if not full and applied >= desired:
+            return False, desired
+        gateway = self.gateway_id(refresh=full) if full else None
         report = self.sync_gateway(full=full, gateway=gateway)
         if int(report.get("applied_generation", -1)) < desired:
             raise CommandError(f"gateway reported {report}, but generation {desired} is desired")
-        return True
+        return True, desired
 
     # -- helpers -------------------------------------------------------------------------------
     @property

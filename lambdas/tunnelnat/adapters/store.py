@@ -103,20 +103,34 @@ class EnrolmentStore:
 
     def snapshot(self, instance_id: str) -> tuple[StoredMapping | None, InstanceRecord | None]:
         """The instance's mapping and record in one consistent BatchGetItem."""
-        keys = [_key(MAPPING, instance_id), _key(INSTANCE, instance_id)]
-        request = {self._table: {"Keys": keys, "ConsistentRead": True}}
-        items: list[dict] = []
-        while request:
-            reply = self._db.batch_get_item(RequestItems=request)
-            items.extend(reply.get("Responses", {}).get(self._table, []))
-            request = reply.get("UnprocessedKeys") or {}
-        by_pk = {i["pk"]["S"]: i for i in items}
-        mapping = by_pk.get(MAPPING)
-        record = by_pk.get(INSTANCE)
+        items = self._batch_get([_key(MAPPING, instance_id), _key(INSTANCE, instance_id)])
+        mapping = items.get((MAPPING, instance_id))
+        record = items.get((INSTANCE, instance_id))
         return (
             _mapping(mapping) if mapping else None,
             _record(record) if record else None,
         )
+
+    def generations(self) -> tuple[int, int, str | None]:
+        """Desired generation, applied generation and the gateway that applied it, in one call."""
+        items = self._batch_get([_key(META, "generation"), _key(META, "gateway")])
+        desired = items.get((META, "generation"))
+        gateway = items.get((META, "gateway"))
+        return (
+            int(desired["generation"]["N"]) if desired else 0,
+            int(gateway["applied_generation"]["N"]) if gateway else 0,
+            gateway.get("gateway_instance_id", {}).get("S") if gateway else None,
+        )
+
+    def _batch_get(self, keys: list[dict]) -> dict[tuple[str, str], dict]:
+        request = {self._table: {"Keys": keys, "ConsistentRead": True}}
+        found: dict[tuple[str, str], dict] = {}
+        while request:
+            reply = self._db.batch_get_item(RequestItems=request)
+            for item in reply.get("Responses", {}).get(self._table, []):
+                found[(item["pk"]["S"], item["sk"]["S"])] = item
+            request = reply.get("UnprocessedKeys") or {}
+        return found
 
     def records(self) -> list[InstanceRecord]:
         return [_record(i) for i in self._query(INSTANCE)]
@@ -127,10 +141,8 @@ class EnrolmentStore:
 
     def gateway_state(self) -> tuple[int, str | None]:
         """The generation the gateway last reported applying, and which gateway reported it."""
-        item = self._get(META, "gateway")
-        if not item:
-            return 0, None
-        return int(item["applied_generation"]["N"]), item.get("gateway_instance_id", {}).get("S")
+        _, applied, gateway = self.generations()
+        return applied, gateway
 
     # -- writes ------------------------------------------------------------------------------
     def put_mapping(
