@@ -1,0 +1,340 @@
+"""The markdown report and the verdict against issue 6's targets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _get(d: Any, *path: Any) -> Any:
+    for key in path:
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return d
+
+
+def _s(x: float | None, unit: str = "s") -> str:
+    if x is None:
+        return "n/a"
+    if unit == "s":
+        if x >= 10:
+            return f"{x:.1f} s"
+        if x >= 1:
+            return f"{x:.2f} s"
+        if x >= 0.01:
+            return f"{x * 1000:.0f} ms"
+        return f"{x * 1000:.1f} ms"
+    return f"{x:.3g}"
+
+
+def _x(x: float | None) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:.2f}×" if x < 10 else f"{x:.0f}×"
+
+
+def _n(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:,.0f}"
+
+
+def targets(results: dict) -> list[dict]:
+    parts = results.get("parts", {})
+    out = []
+    apply_ = parts.get("apply", {})
+    sizes = apply_.get("sizes") or {}
+    big = max(sizes, key=int) if sizes else None
+    if big:
+        r = apply_["ratios"][big]
+        v = r["sync_excl_api_over_raw_nft"]
+        out.append({
+            "target": f"apply {int(big):,} mappings ≤ 1.5× raw `nft -f` of the same ruleset",
+            "measured": f"{_x(v)} (gateway sync minus the DynamoDB calls); the whole "
+                        "SyncNatTable document incl. moto's read: "
+                        f"{_x(r['document_over_raw_nft'])}",
+            "met": v is not None and v <= 1.5,
+        })  # fmt: skip
+        v = r["seed_over_document"]
+        seed = sizes[big]["seed"]
+        how = "measured" if seed.get("measured") else "extrapolated"
+        out.append({
+            "target": f"apply {int(big):,} mappings ≥ 100× faster than the seed's way",
+            "measured": f"{_x(v)} vs the whole SyncNatTable document; "
+                        f"{_x(r['seed_over_sync_excl_api'])} vs the sync minus DynamoDB "
+                        f"(seed {how})",
+            "met": v is not None and v >= 100,
+        })  # fmt: skip
+    fl = parts.get("flows", {})
+    v = _get(fl, "ratios", "nft_10k_over_1")
+    if v is not None:
+        out.append({
+            "target": "new-connection rate at 10,000 mappings ≥ 90% of the rate at 1",
+            "measured": f"{v * 100:.0f}% (nft maps); linear iptables: "
+                        f"{(_get(fl, 'ratios', 'iptables_10k_over_1') or 0) * 100:.1f}%",
+            "met": v >= 0.9,
+        })  # fmt: skip
+    ctl = parts.get("controller", {})
+    v = _get(ctl, "one", "api_calls", "total")
+    if v is not None:
+        per = _get(ctl, "burst", "api_calls_per_enrolment")
+        out.append({
+            "target": "≤ 6 AWS API calls per enrolment",
+            "measured": f"{v} for one enrolment; {per:.1f} per enrolment in a burst of "
+                        f"{_get(ctl, 'burst', 'instances')}",
+            "met": v <= 6,
+        })  # fmt: skip
+    n = _get(ctl, "burst", "instances")
+    syncs = _get(ctl, "burst", "gateway_syncs")
+    if n is not None:
+        out.append({
+            "target": "a burst of 200 converges with ≤ 10 gateway syncs",
+            "measured": f"burst of {n}: {syncs} syncs, converged={_get(ctl, 'burst', 'converged')}"
+                        + ("" if n >= 200 else " (run `--burst 200` for the target's size)"),
+            "met": (syncs <= 10 and bool(_get(ctl, "burst", "converged"))) if n >= 200 else None,
+        })  # fmt: skip
+    imports = _get(parts, "coldstart", "imports") or []
+    ok = [i for i in imports if "importtime_cumulative_seconds" in i]
+    if ok:
+        worst = max(ok, key=lambda i: i["importtime_cumulative_seconds"])
+        out.append({
+            "target": "handler import ≤ 500 ms",
+            "measured": ", ".join(
+                f"`{i['module'].rsplit('.', 1)[-1]}` {_s(i['importtime_cumulative_seconds'])}"
+                for i in ok
+            ),
+            "met": worst["importtime_cumulative_seconds"] <= 0.5,
+        })  # fmt: skip
+    return out
+
+
+def markdown(results: dict) -> str:
+    m = results.get("machine", {})
+    parts = results.get("parts", {})
+    lines = [
+        "# tunnelnat benchmarks",
+        "",
+        f"Command: `{results.get('command', 'python -m bench.run')}` (`make bench`), "
+        f"total {results.get('total_seconds', 0):.0f} s.",
+        "",
+        "| machine | |",
+        "|---|---|",
+        f"| date | {m.get('date')} |",
+        f"| nproc | {m.get('nproc')} |",
+        f"| CPU | {m.get('cpu')} |",
+        f"| kernel | {m.get('kernel')} |",
+        f"| OS | {m.get('os')} |",
+        f"| tools | {m.get('nft')}; {m.get('iptables')}; Python {m.get('python')} |",
+        f"| load average at start | {', '.join(str(x) for x in m.get('loadavg_at_start', []))} |",
+        "",
+        "## Targets (issue 6)",
+        "",
+        "| target | measured | met |",
+        "|---|---|---|",
+    ]
+    for t in results.get("targets", []):
+        met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
+        lines.append(f"| {t['target']} | {t['measured']} | {met} |")
+    lines += ["", *_apply_md(parts.get("apply", {})), "", *_flows_md(parts.get("flows", {})), ""]
+    lines += [*_controller_md(parts.get("controller", {})), ""]
+    lines += [*_coldstart_md(parts.get("coldstart", {})), ""]
+    left = results.get("namespaces_left")
+    lines.append(f"Namespaces left after the run: {left if left else 'none'}.")
+    return "\n".join(lines) + "\n"
+
+
+def _skipped(title: str, part: dict) -> list[str] | None:
+    if not part:
+        return [f"## {title}", "", "Not run."]
+    if "skipped" in part:
+        return [f"## {title}", "", f"Skipped: {part['skipped']}."]
+    if "error" in part:
+        return [f"## {title}", "", f"**Failed**: `{part['error']}`"]
+    return None
+
+
+def _apply_md(a: dict) -> list[str]:
+    title = "1. Applying the gateway's NAT table"
+    skipped = _skipped(title, a)
+    if skipped:
+        return skipped
+    lines = [
+        f"## {title}",
+        "",
+        "Medians; from an empty ruleset each time, inside a throwaway namespace. "
+        "*document*: the real SyncNatTable document end to end (bash, python3 start, boto3, "
+        "the DynamoDB read from moto's server on the namespace's loopback, render, `nft -f`). "
+        "*sync − DynamoDB*: the gateway program's `sync()` in-process minus the time spent in "
+        "DynamoDB calls (moto) — what the gateway itself spends: building the table, rendering, "
+        "`nft -f`, bookkeeping. *raw nft*: `nft -f` of the very text it renders. Linear rules: "
+        "one SNAT + one DNAT per mapping.",
+        "",
+        "| mappings | document | of which DynamoDB calls (moto) | sync − DynamoDB "
+        "(build / render / nft) | raw `nft -f` | `iptables-restore` | seed's way "
+        "(1 process per rule) | seed ÷ document | sync−DDB ÷ raw nft |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n, r in sorted(a["sizes"].items(), key=lambda kv: int(kv[0])):
+        ph = r["sync_inproc"]
+        seed = r["seed"]
+        seed_txt = _s(seed.get("median")) + (
+            f" ({seed['processes']:,} procs)" if seed.get("measured")
+            else f" (**extrapolated**, {seed['processes']:,} procs)"
+        )  # fmt: skip
+        ratios = a["ratios"][n]
+        lines.append(
+            f"| {int(n):,} | {_s(r['document']['median'])} | {_s(ph['dynamodb_api']['median'])} "
+            f"| {_s(ph['apply_excl_api']['median'])} ({_s(ph['table_build']['median'])} / "
+            f"{_s(ph['render']['median'])} / {_s(ph['nft_apply']['median'])}) "
+            f"| {_s(r['raw_nft']['median'])} | {_s(r['iptables_restore']['median'])} "
+            f"| {seed_txt} | {_x(ratios['seed_over_document'])} "
+            f"| {_x(ratios['sync_excl_api_over_raw_nft'])} |"
+        )
+    model = a.get("seed_model", {})
+    if model.get("samples"):
+        pts = ", ".join(
+            f"{s['rules_in_table']:,} rules: {_s(s['per_process'])}" for s in model["samples"]
+        )
+        lines += [
+            "",
+            f"Seed's way: cost of one `iptables -t nat -A` process by table size ({pts}; "
+            f"{model['calls_per_sample']} processes each). Where the full script was not run, "
+            "its time is the sum of these per-process costs, interpolated linearly over the "
+            "table's growth. Check of that model where both exist: "
+            + "; ".join(
+                f"{int(n):,} mappings measured {_s(r['seed'].get('median'))}, model "
+                f"{_s(r['seed'].get('model_prediction'))}"
+                for n, r in a["sizes"].items()
+                if r["seed"].get("measured")
+            )
+            + ".",
+        ]
+    ch = a.get("change")
+    if ch:
+        ph = ch["sync_inproc"]
+        lines += [
+            "",
+            f"**One-mapping change on a {ch['mappings']:,}-mapping table** (medians):",
+            "",
+            "| way | time |",
+            "|---|---:|",
+            f"| SyncNatTable document (map update: flush the maps, re-add every element) "
+            f"| {_s(ch['document']['median'])} |",
+            f"| gateway sync − DynamoDB calls (build / render / nft) "
+            f"| {_s(ph['apply_excl_api']['median'])} ({_s(ph['table_build']['median'])} / "
+            f"{_s(ph['render']['median'])} / {_s(ph['nft_apply']['median'])}) |",
+            f"| raw `nft -f` of the same map update | {_s(ch['raw_nft_map_update']['median'])} |",
+            f"| raw `nft -f` changing only that element (not what tunnelnat does today) "
+            f"| {_s(ch['raw_nft_one_element']['median'])} |",
+            f"| seed's way: `iptables -D` ×2 + `-A` ×2 | {_s(ch['seed']['median'])} |",
+            f"| `iptables-restore` of the whole table | {_s(ch['iptables_restore']['median'])} |",
+        ]
+    return lines
+
+
+def _flows_md(f: dict) -> list[str]:
+    title = "2. New connections through the gateway"
+    skipped = _skipped(title, f)
+    if skipped:
+        return skipped
+    cfg = f["config"]
+    lines = [
+        f"## {title}",
+        "",
+        f"New UDP flows (each datagram a new 5-tuple: a new conntrack entry and a NAT lookup) "
+        f"from {cfg['sources']} source addresses (1 at 1 mapping), {cfg['workers']} sender "
+        f"processes, {cfg['seconds']} s per measurement, {cfg['rounds']} rounds with the four "
+        "conditions alternating. tunnelnat's table is the real one (maps, enrolled-only forward "
+        "filter, fail-closed guard on the egress device); the linear rules put the measured "
+        "sources last. Flows/s = datagrams that reached the server NATed to 203.0.113.x.",
+        "",
+        "| gateway table | flows/s (median) | min–max | ratio to 1 mapping |",
+        "|---|---:|---:|---:|",
+    ]
+    conds = f["conditions"]
+    for c in ("nft-1", "nft-10k", "iptables-1", "iptables-10k"):
+        s = conds[c]["flows_per_second"]
+        base = conds[c.split("-")[0] + "-1"]["flows_per_second"]["median"]
+        label = {
+            "nft-1": "tunnelnat (nft maps), 1 mapping",
+            "nft-10k": f"tunnelnat (nft maps), {cfg['large']:,} mappings",
+            "iptables-1": "seed (linear iptables), 1 mapping",
+            "iptables-10k": f"seed (linear iptables), {cfg['large']:,} mappings",
+        }[c]
+        lines.append(
+            f"| {label} | {_n(s['median'])} | {_n(s['min'])}–{_n(s['max'])} "
+            f"| {_x((s['median'] or 0) / base if base else None)} |"
+        )
+    r = f["ratios"]
+    lines += [
+        "",
+        f"At {cfg['large']:,} mappings tunnelnat accepts {_x(r['nft_10k_over_iptables_10k'])} "
+        f"the new flows of linear rules; with 1 mapping its extra forward/guard rules cost "
+        f"{(1 - (r['nft_1_over_iptables_1'] or 0)) * 100:.0f}% against one bare SNAT rule.",
+    ]
+    return lines
+
+
+def _controller_md(c: dict) -> list[str]:
+    title = "3. Controller cost"
+    skipped = _skipped(title, c)
+    if skipped:
+        return skipped
+    lines = [
+        f"## {title}",
+        "",
+        "The real handler in-process against moto's server on loopback, events as SQS batches "
+        f"of {c['config']['batch_size']} (the stack's batch size), one invocation at a time; "
+        "commands sent with the production SsmCommands adapter to moto's SSM (so counted), "
+        "their effects applied by a fake fleet whose gateway reads the table with the gateway "
+        "program's reader. No SSM latency is simulated: each command the controller waits for "
+        "adds a real SSM round trip in AWS. API calls counted with botocore's `before-call` hook.",
+        "",
+        "| scenario | wall to convergence | invocations | gateway syncs | commands "
+        "| API calls (per enrolment) | gateway's own DynamoDB reads | converged |",
+        "|---|---:|---:|---:|---|---:|---:|---|",
+    ]
+    for key, label in (("one", "one enrolment"), ("burst", f"burst of {c['burst']['instances']}")):
+        r = c[key]
+        cmds = ", ".join(f"{k} {v}" for k, v in sorted(r["commands"].items()))
+        lines.append(
+            f"| {label} | {_s(r['wall_seconds'])} | {r['invocations']} | {r['gateway_syncs']} "
+            f"| {cmds} | {r['api_calls']['total']} ({r['api_calls_per_enrolment']:.1f}) "
+            f"| {r['gateway_api_calls']['total']} | {r['converged']} |"
+        )
+    ops = c["one"]["api_calls"]["by_operation"]
+    lines += ["", "API calls of one enrolment: " + ", ".join(f"{k} {v}" for k, v in ops.items())]
+    return lines
+
+
+def _coldstart_md(c: dict) -> list[str]:
+    title = "4. Cold start"
+    skipped = _skipped(title, c)
+    if skipped:
+        return skipped
+    lines = [
+        f"## {title}",
+        "",
+        "| handler module | import (`-X importtime`, median) | `python -c import` − "
+        "`python -c pass` | heaviest direct imports |",
+        "|---|---:|---:|---|",
+    ]
+    for i in c["imports"]:
+        if "error" in i:
+            lines.append(f"| `{i['module']}` | import failed | | `{i['error'][-120:]}` |")
+            continue
+        heavy = ", ".join(
+            f"{h['module']} {_s(h['seconds'])}" for h in i["heaviest_direct_imports"][:4]
+        )
+        lines.append(
+            f"| `{i['module']}` | {_s(i['importtime_cumulative_seconds'])} "
+            f"| {_s(i['import_wall_minus_start_seconds'])} | {heavy} |"
+        )
+    a = c["asset"]
+    deps = ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in c["dependencies_zipped_bytes"].items())
+    lines += [
+        "",
+        f"Lambda code asset (`lambdas/` zipped, without `__pycache__`/egg-info): "
+        f"{a['zipped_bytes'] / 1024:.0f} KiB ({a['files']} files, "
+        f"{a['unzipped_bytes'] / 1024:.0f} KiB unzipped). Third-party packages it needs beyond "
+        f"the runtime's boto3, zipped (Powertools normally arrives as the public layer): {deps}.",
+    ]
+    return lines

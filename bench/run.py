@@ -1,0 +1,134 @@
+"""``python -m bench.run [--quick] [--burst N]`` (``make bench``): every benchmark, one run.
+
+Writes ``bench/results/latest.json`` (every sample) and ``latest.md`` (the tables, the machine,
+the targets of issue 6). The parts that need the kernel (NAT apply, new-connection rate) need
+root and run in ``tn-bench-<pid>-*`` namespaces that are removed at the end, also on failure or
+Ctrl-C; without root they are skipped and the report says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from bench import coldstart, controller, flows, gateway_apply, report
+from bench.common import REPO, is_root, machine
+from bench.netns import Sandbox, list_namespaces, remove_stale
+
+PARTS = ("apply", "flows", "controller", "coldstart")
+
+
+def run_all(
+    *,
+    quick: bool = False,
+    burst: int = 20,
+    parts: tuple[str, ...] = PARTS,
+    configs: dict | None = None,
+    out_dir: Path | None = None,
+    command: str = "",
+) -> dict:
+    """Run the selected parts; returns the results (and writes them when ``out_dir`` is set).
+
+    ``configs`` overrides a part's configuration (the smoke test uses tiny sizes)."""
+    configs = configs or {}
+    started = time.perf_counter()
+    results: dict = {
+        "command": command or "python -m bench.run" + (" --quick" if quick else ""),
+        "quick": quick,
+        "machine": machine(),
+        "parts": {},
+    }
+    netns_parts = [p for p in parts if p in ("apply", "flows")]
+    if netns_parts:
+        if not is_root():
+            for p in netns_parts:
+                results["parts"][p] = {"skipped": "needs root (network namespaces)"}
+        else:
+            remove_stale()
+            for p in netns_parts:
+                cfg = configs.get(p) or (
+                    gateway_apply.default_config(quick) if p == "apply"
+                    else flows.default_config(quick)
+                )  # fmt: skip
+                _log(f"{p}: starting")
+                t0 = time.perf_counter()
+                try:
+                    with Sandbox() as box:
+                        if p == "apply":
+                            res = gateway_apply.run(box, cfg)
+                            res["ratios"] = gateway_apply.ratios(res)
+                        else:
+                            res = flows.run(box, cfg)
+                except Exception as exc:  # noqa: BLE001 - reported, the other parts still run
+                    traceback.print_exc()
+                    res = {"error": f"{type(exc).__name__}: {exc}"}
+                res["seconds"] = time.perf_counter() - t0
+                results["parts"][p] = res
+    if "controller" in parts:
+        cfg = configs.get("controller") or controller.default_config(quick, burst)
+        _log("controller: starting")
+        t0 = time.perf_counter()
+        try:
+            res = controller.run(cfg)
+        except Exception as exc:  # noqa: BLE001
+            traceback.print_exc()
+            res = {"error": f"{type(exc).__name__}: {exc}"}
+        res["seconds"] = time.perf_counter() - t0
+        results["parts"]["controller"] = res
+    if "coldstart" in parts:
+        cfg = configs.get("coldstart") or coldstart.default_config(quick)
+        _log("coldstart: starting")
+        t0 = time.perf_counter()
+        try:
+            res = coldstart.run(cfg)
+        except Exception as exc:  # noqa: BLE001
+            traceback.print_exc()
+            res = {"error": f"{type(exc).__name__}: {exc}"}
+        res["seconds"] = time.perf_counter() - t0
+        results["parts"]["coldstart"] = res
+    results["total_seconds"] = time.perf_counter() - started
+    results["targets"] = report.targets(results)
+    results["namespaces_left"] = [ns for ns in list_namespaces() if ns.startswith("tn-bench-")]
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "latest.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+        (out_dir / "latest.md").write_text(report.markdown(results))
+    return results
+
+
+def _log(msg: str) -> None:
+    sys.stderr.write(f"bench: {msg}\n")
+    sys.stderr.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer runs")
+    parser.add_argument("--burst", type=int, default=20, help="launches in the controller burst")
+    parser.add_argument("--only", default=",".join(PARTS), help=f"comma list of {PARTS}")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results"))
+    args = parser.parse_args(argv)
+    parts = tuple(p for p in args.only.split(",") if p)
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        parser.error(f"unknown parts: {', '.join(sorted(unknown))}")
+    if not 1 <= args.burst <= controller.MAX_BURST:
+        parser.error(f"--burst must be 1..{controller.MAX_BURST}")
+    command = "python -m bench.run" + " ".join([""] + (argv if argv is not None else sys.argv[1:]))
+    results = run_all(quick=args.quick, burst=args.burst, parts=parts, out_dir=Path(args.out),
+                      command=command.strip())  # fmt: skip
+    print(report.markdown(results))
+    _log(f"done in {results['total_seconds']:.0f}s; wrote {args.out}/latest.json and latest.md")
+    errors = [p for p, r in results["parts"].items() if "error" in r]
+    if results["namespaces_left"]:
+        _log(f"namespaces left behind: {results['namespaces_left']}")
+        return 2
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

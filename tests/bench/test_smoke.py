@@ -1,0 +1,93 @@
+"""The benchmark code at tiny sizes, so it cannot rot. No timing assertions: only that every part
+runs, produces the fields the report needs, and leaves no namespace behind."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from bench import coldstart, gateway_apply, report, tables
+from bench.netns import list_namespaces
+from bench.run import run_all
+
+ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def test_tables_put_the_measured_sources_last_and_render():
+    maps = tables.mappings(300, measured=4)
+    assert len(maps) == 300
+    assert [str(m.private_ip) for m in maps[-4:]] == [f"10.20.1.{k}" for k in range(1, 5)]
+    rules = tables.linear_rules(maps)
+    assert len(rules) == 600 and rules[-2][0] == "POSTROUTING"
+    assert tables.iptables_restore_text(rules).count("\n-A ") == 600
+    assert tables.seed_script(rules).count("iptables -t nat -A") == 600
+    text = tables.render_nft(maps)
+    assert "snat to ip saddr map @snat_map" in text and 'oifname != "eth1"' in text
+
+
+def test_seed_model_sums_interpolated_costs():
+    samples = [
+        {"rules_in_table": 0, "per_process": 1.0},
+        {"rules_in_table": 10, "per_process": 2.0},
+    ]
+    assert gateway_apply.predict_seed(samples, 11) == pytest.approx(
+        sum(1 + k / 10 for k in range(11))
+    )
+    assert gateway_apply.predict_seed(samples[:1], 5) == 5.0
+
+
+def test_coldstart_parses_importtime_and_sizes_the_asset():
+    rows = coldstart._parse_importtime(
+        "import time: self [us] | cumulative | imported package\n"
+        "import time:       10 |         10 |     leaf\n"
+        "import time:       20 |         30 |   child\n"
+        "import time:        5 |         35 | top\n"
+    )
+    assert rows == [(10, 10, "leaf", 2), (20, 30, "child", 1), (5, 35, "top", 0)]
+    asset = coldstart.zip_size(tables.__file__ and coldstart.REPO / "bench")
+    assert asset["files"] > 0 and asset["zipped_bytes"] > 0
+
+
+TINY = {
+    "apply": {
+        "sizes": [1, 20],
+        "reps": 1,
+        "seed_full_max_rules": 10,
+        "seed_sample_rules": [0, 40],
+        "seed_sample_calls": 2,
+        "change_reps": 1,
+    },
+    "flows": {"rounds": 1, "seconds": 0.1, "max_flows": 500, "large": 300, "sources": 4},
+    "controller": {"burst": 2, "batch_size": 10, "ssm_latency": 0.0, "max_passes": 3},
+    "coldstart": {"runs": 1},
+}
+
+
+def test_controller_and_coldstart_parts_run_and_report(tmp_path):
+    results = run_all(parts=("controller", "coldstart"), configs=TINY, out_dir=tmp_path)
+    ctl = results["parts"]["controller"]
+    assert "error" not in ctl, ctl.get("error")
+    assert ctl["one"]["converged"] and ctl["burst"]["converged"]
+    assert ctl["one"]["api_calls"]["total"] > 0 and ctl["burst"]["gateway_syncs"] >= 1
+    assert "error" not in results["parts"]["coldstart"]
+    md = (tmp_path / "latest.md").read_text()
+    assert "Controller cost" in md and "Cold start" in md
+    assert (tmp_path / "latest.json").exists()
+
+
+@pytest.mark.skipif(not ROOT, reason="network namespaces need root")
+def test_namespace_parts_run_and_clean_up(tmp_path):
+    results = run_all(parts=("apply", "flows"), configs=TINY, out_dir=tmp_path)
+    apply_ = results["parts"]["apply"]
+    assert "error" not in apply_, apply_.get("error")
+    assert set(apply_["sizes"]) == {"1", "20"}
+    assert apply_["sizes"]["20"]["checks"]["snat_map_elements"] == 20
+    assert apply_["sizes"]["20"]["seed"]["measured"] is False  # beyond seed_full_max_rules
+    flows = results["parts"]["flows"]
+    assert "error" not in flows, flows.get("error")
+    for cond in ("nft-1", "nft-10k", "iptables-1", "iptables-10k"):
+        assert flows["conditions"][cond]["samples"][0]["sent"] > 0
+    assert results["namespaces_left"] == []
+    assert not [ns for ns in list_namespaces() if ns.startswith("tn-bench-")]
+    assert "Applying the gateway's NAT table" in report.markdown(results)
