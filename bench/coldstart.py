@@ -137,7 +137,7 @@ def dependency_sizes() -> dict:
 
 
 def run(config: dict) -> dict:
-    modules = handler_modules()
+    modules = config.get("modules") or handler_modules()
     imports = [import_time(m, config["runs"]) for m in modules]
     for r in imports:
         if "error" in r:

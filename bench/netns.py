@@ -202,8 +202,12 @@ class Sandbox:
             timeout=timeout, check=False, env=env,
         )  # fmt: skip
         if check and proc.returncode != 0:
+            gone = "" if ns in list_namespaces() else (
+                " — the namespace is gone: something else removed it (the lab's cleanup() "
+                "removes every tn-* namespace, tn-bench-* included)"
+            )  # fmt: skip
             raise SandboxError(
-                f"in {ns}: {' '.join(argv)[:200]} failed ({proc.returncode}): "
+                f"in {ns}: {' '.join(argv)[:200]} failed ({proc.returncode}){gone}: "
                 f"{proc.stderr.strip()[-800:]}"
             )
         return proc
