@@ -1,0 +1,69 @@
+"""Issue 5's lab story: the gateway's charon is killed and the health chain heals the tunnel.
+
+Agent (in tn-gw, publishing to moto) -> accelerated alarm evaluation -> EventBridge-shaped event
+-> the real healer handler -> RestartTunnel through LabCommands -> traffic from web-1 reaches A
+as S again. Needs root and the lab's packages (tests/lab/conftest.py skips otherwise).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lab import topology as topo
+from lab.controller import LabController
+from lab.healing_story import run_agent, run_healing_story
+from lab.story import Story
+
+PROPOSED = Path(__file__).parent / "data" / "RestartTunnel.proposed.yaml"
+
+
+@pytest.fixture(scope="module")
+def enrolled(lab):
+    with LabController(lab) as controller:
+        story = Story(lab, controller)
+        tunnel = story.tunnel()
+        assert tunnel.ok, tunnel.figure
+        enrol = story.enrol()
+        assert enrol.ok, enrol.figure
+        yield lab, controller, story.public
+
+
+def test_agent_publishes_one_while_the_tunnel_is_up(enrolled):
+    lab, _, _ = enrolled
+    line = run_agent(lab)
+    assert line["exit"] == 0 and line["published"] is True, line
+    (tunnel,) = line["tunnels"]
+    assert tunnel["up"] is True and tunnel["probe_ok"] is True, tunnel
+    assert line["counters"] is not None  # the gateway's nftables table is there
+
+
+def test_charon_killed_then_healed_by_the_healer(enrolled):
+    lab, controller, public = enrolled
+    report = run_healing_story(
+        lab, controller, public=public, document_overrides=_restart_tunnel_override()
+    )
+    print("\n" + report.figure())
+    for at, what in report.timeline:
+        print(f"  +{at:6.2f}s  {what}")
+    print(f"  alarm evaluations: {report.evaluations}; agent runs: {report.agent_runs}")
+    assert report.kill_to_agent_zero is not None, "the agent never published 0"
+    assert report.kill_to_alarm is not None, "the alarm never fired"
+    assert report.healer_outcome.get("action") == "restart", report.healer_outcome
+    assert report.healer_outcome.get("status") == "Success", report.healer_outcome
+    assert report.ok and report.kill_to_restored is not None, report.figure()
+    assert public in report.peers_after
+    assert report.recovery_outcome is not None and report.recovery_outcome["action"] == "recovered"
+    # The healer's attempt is on record.
+    item = lab.aws.client("dynamodb").get_item(
+        TableName=topo.TABLE, Key={"pk": {"S": "healer"}, "sk": {"S": topo.TUNNEL}}
+    )["Item"]
+    assert '"status": "Success"' in item["attempts"]["S"]
+
+
+def _restart_tunnel_override() -> dict[str, Path] | None:
+    """Until ssm_documents/RestartTunnel.yaml restarts a dead charon itself, run the proposed
+    revision (tests/lab/data); once it does, the shipped document is what runs."""
+    shipped = (topo.REPO / "ssm_documents" / "RestartTunnel.yaml").read_text()
+    return None if "charon_restarted" in shipped else {"RestartTunnel": PROPOSED}
