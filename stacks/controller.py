@@ -24,7 +24,7 @@ from aws_cdk import aws_ssm as ssm
 from constructs import Construct
 
 from stacks.documents import Documents
-from stacks.nag import acknowledge
+from stacks.nag import acknowledge, wildcard_arn
 from stacks.settings import (
     DEPLOYMENT_TAG,
     LOG_RETENTION_DAYS,
@@ -306,15 +306,14 @@ class Controller(Construct):
                 "permissions.",
             ),
             (
-                "Resource::arn:<AWS::Partition>:ec2:<AWS::Region>:<AWS::AccountId>:instance/*",
+                f"Resource::{wildcard_arn(self, 'ec2', 'instance/*')}",
                 "Enrolled instances are whatever the operator tags: every statement on instance/* "
                 "is conditioned on a tag (the enrolment tag, the controller's status tag, or the "
                 "gateway's role and deployment tags), and CreateTags/DeleteTags only on the status "
                 "tag key.",
             ),
             (
-                "Resource::arn:<AWS::Partition>:autoscaling:<AWS::Region>:<AWS::AccountId>:"
-                "autoScalingGroup:*",
+                f"Resource::{wildcard_arn(self, 'autoscaling', 'autoScalingGroup:*')}",
                 "Lifecycle hooks live on the operator's groups, unknown here; the statement "
                 "requires the enrolment tag on the group.",
             ),

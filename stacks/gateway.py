@@ -24,7 +24,7 @@ from aws_cdk import aws_ssm as ssm
 from constructs import Construct
 
 from stacks.documents import Documents
-from stacks.nag import acknowledge
+from stacks.nag import acknowledge, wildcard_arn
 from stacks.settings import (
     DEPLOYMENT_TAG,
     GATEWAY_TAG,
@@ -72,6 +72,13 @@ class Gateway(Construct):
                 self, "Psk", settings.psk_secret_name
             )
             psk_name = settings.psk_secret_name
+            # Secrets Manager appends "-" and six random characters to a secret's name in its ARN.
+            psk_arn = stack.format_arn(
+                service="secretsmanager",
+                resource="secret",
+                resource_name=f"{psk_name}-??????",
+                arn_format=ArnFormat.COLON_RESOURCE_NAME,
+            )
         else:
             secret = secretsmanager.Secret(
                 self,
@@ -91,6 +98,7 @@ class Gateway(Construct):
             )
             self.psk = secret
             psk_name = secret.secret_name
+            psk_arn = secret.secret_arn
 
         # -- security group: IKE and ESP from T only; forwarded traffic from the gateway subnet --
         self.security_group = ec2.SecurityGroup(
@@ -167,7 +175,7 @@ class Gateway(Construct):
             iam.PolicyStatement(
                 sid="ReadThePsk",
                 actions=["secretsmanager:GetSecretValue"],
-                resources=[self.psk.secret_arn],
+                resources=[psk_arn],
             )
         )
         self.role.add_to_policy(
@@ -327,13 +335,12 @@ class Gateway(Construct):
                 "resource-level permissions; PutMetricData is limited to the tunnelnat namespace.",
             ),
             (
-                "Resource::arn:<AWS::Partition>:ec2:<AWS::Region>:<AWS::AccountId>:instance/*",
+                f"Resource::{wildcard_arn(self, 'ec2', 'instance/*')}",
                 "Gateway instances are created by the Auto Scaling group, so their IDs are "
                 "unknown; the statements require the gateway role and deployment tags.",
             ),
             (
-                "Resource::arn:<AWS::Partition>:autoscaling:<AWS::Region>:<AWS::AccountId>:"
-                "autoScalingGroup:*",
+                f"Resource::{wildcard_arn(self, 'autoscaling', 'autoScalingGroup:*')}",
                 "A group's ARN holds a generated UUID; the statement requires the gateway's tags, "
                 "which only this deployment's gateway group carries.",
             ),

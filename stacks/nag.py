@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from aws_cdk import Acknowledgment, Validations
+from aws_cdk import Acknowledgment, Stack, Token, Validations
 from constructs import IConstruct
 
 
@@ -11,3 +11,12 @@ def acknowledge(scope: IConstruct, rule: str, reason: str) -> None:
     if len(reason) < 40:
         raise ValueError(f"{rule}: give a reason a reviewer would accept, not {reason!r}")
     Validations.of(scope).acknowledge(Acknowledgment(id=rule, reason=reason))
+
+
+def wildcard_arn(scope: IConstruct, service: str, resource: str) -> str:
+    """How cdk-nag spells ``arn:{partition}:{service}:{region}:{account}:{resource}`` in a
+    finding's id: unresolved pseudo parameters as ``<AWS::Region>``, pinned ones literally."""
+    stack = Stack.of(scope)
+    region = "<AWS::Region>" if Token.is_unresolved(stack.region) else stack.region
+    account = "<AWS::AccountId>" if Token.is_unresolved(stack.account) else stack.account
+    return f"arn:<AWS::Partition>:{service}:{region}:{account}:{resource}"

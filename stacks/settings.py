@@ -259,6 +259,8 @@ def _check_placement(config: TunnelnatConfig, stack: StackSettings) -> None:
         )
     if stack.creates_vpc:
         vpc = stack.vpc_cidr
+        if vpc.prefixlen < 16 or vpc.prefixlen > 28:
+            raise _error("vpc_cidr", f"{vpc}: an AWS VPC is between /16 and /28")
         if not subnet.subnet_of(vpc):
             raise _error("gateway_subnet_cidr", f"{subnet} is not inside vpc_cidr {vpc}")
         if subnet.network_address != vpc.network_address:
@@ -268,8 +270,6 @@ def _check_placement(config: TunnelnatConfig, stack: StackSettings) -> None:
                 f"when the stack creates the VPC its subnet is the first /{subnet.prefixlen} of "
                 f"vpc_cidr: use {first} (or set vpc_id and gateway_subnet_id)",
             )
-        if vpc.prefixlen < 16 or vpc.prefixlen > 28:
-            raise _error("vpc_cidr", f"{vpc}: an AWS VPC is between /16 and /28")
     if not config.public_addresses:
         raise _error(
             "address_pool",

@@ -1,0 +1,123 @@
+"""An existing VPC and subnet, an imported Elastic IP and PSK, shared mode, a pinned account,
+region, AZ and AMI: what changes in the template (and that it still passes cdk-nag)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.infra.conftest import statements, synthesize
+
+OVERRIDES = {
+    "account": "123456789012",
+    "region": "eu-west-1",
+    "availability_zone": "eu-west-1b",
+    "vpc_id": "vpc-0123456789abcdef0",
+    "gateway_subnet_id": "subnet-0123456789abcdef0",
+    "gateway_subnet_cidr": "10.10.1.0/24",
+    "gateway_private_ip": "10.10.1.5",
+    "gateway_ami_id": "ami-0123456789abcdef0",
+    "gateway_instance_type": "c7g.large",
+    "gateway_eip_allocation_id": "eipalloc-0123456789abcdef0",
+    "gateway_eip_address": "192.0.2.200",
+    "psk_secret_name": "partner/psk",
+    "nat_mode": "shared",
+    "shared_address": "192.0.2.50",
+    "address_pool": "",
+    "partner_networks": "198.51.100.0/28,198.51.100.64/27",
+    "alarm_email": "ops@example.com",
+    "deployment": "acme",
+}
+
+
+@pytest.fixture(scope="module")
+def s(tmp_path_factory):
+    return synthesize(tmp_path_factory.mktemp("cdk.out"), OVERRIDES)
+
+
+def test_existing_vpc_is_used_not_created(s):
+    assert not s.resources("AWS::EC2::VPC")
+    assert not s.resources("AWS::EC2::Subnet")
+    _, asg = s.one("AWS::AutoScaling::AutoScalingGroup")
+    assert asg["Properties"]["VPCZoneIdentifier"] == [OVERRIDES["gateway_subnet_id"]]
+    _, eni = s.one("AWS::EC2::NetworkInterface")
+    assert eni["Properties"]["SubnetId"] == OVERRIDES["gateway_subnet_id"]
+    assert eni["Properties"]["PrivateIpAddress"] == OVERRIDES["gateway_private_ip"]
+    _, sg = s.one("AWS::EC2::SecurityGroup")
+    assert sg["Properties"]["VpcId"] == OVERRIDES["vpc_id"]
+    assert any(
+        rule["CidrIp"] == "10.10.1.0/24" and rule["IpProtocol"] == "-1"
+        for rule in sg["Properties"]["SecurityGroupIngress"]
+    )
+
+
+def test_imported_elastic_ip_is_associated_not_allocated(s):
+    assert not s.resources("AWS::EC2::EIP")
+    _, association = s.one("AWS::EC2::EIPAssociation")
+    assert association["Properties"]["AllocationId"] == OVERRIDES["gateway_eip_allocation_id"]
+    assert "DependsOn" not in association
+    _, ssm_association = s.one("AWS::SSM::Association")
+    params = {k: v[0] for k, v in ssm_association["Properties"]["Parameters"].items()}
+    assert params["LocalId"] == OVERRIDES["gateway_eip_address"]
+
+
+def test_imported_psk_is_read_by_name_and_not_created(s):
+    assert not s.resources("AWS::SecretsManager::Secret")
+    _, association = s.one("AWS::SSM::Association")
+    assert association["Properties"]["Parameters"]["PskSecretName"] == ["partner/psk"]
+    policy = s.resources("AWS::IAM::Policy")[
+        s.logical_id(s.stack.gateway.role.node.find_child("DefaultPolicy"))
+    ]
+    (read,) = [st for st in statements(policy) if st["Sid"] == "ReadThePsk"]
+    assert json.dumps(read["Resource"]).endswith(
+        ':secretsmanager:eu-west-1:123456789012:secret:partner/psk-??????"]]}'
+    )
+
+
+def test_shared_mode_parameters_and_controller_config(s):
+    _, association = s.one("AWS::SSM::Association")
+    params = {k: v[0] for k, v in association["Properties"]["Parameters"].items()}
+    assert params["NatMode"] == "shared"
+    assert params["SharedAddress"] == "192.0.2.50"
+    assert params["PublicAddresses"] == "192.0.2.50"
+    assert params["PartnerNetworks"] == "198.51.100.0/28,198.51.100.64/27"
+    assert association["Properties"]["Targets"] == [
+        {"Key": "tag:tunnelnat:gateway", "Values": ["acme"]}
+    ]
+    function = s.resources("AWS::Lambda::Function")[s.logical_id(s.stack.controller.function)]
+    config = json.loads(function["Properties"]["Environment"]["Variables"]["TUNNELNAT_CONFIG"])
+    assert config["nat_mode"] == "shared"
+    assert config["shared_address"] == "192.0.2.50"
+    assert config["address_pool"] == []
+
+
+def test_pinned_region_account_ami_and_arm_instance(s):
+    assert s.stack.region == "eu-west-1" and s.stack.account == "123456789012"
+    _, lt = s.one("AWS::EC2::LaunchTemplate")
+    data = lt["Properties"]["LaunchTemplateData"]
+    assert data["ImageId"] == "ami-0123456789abcdef0"
+    assert data["InstanceType"] == "c7g.large"
+    documents = s.resources("AWS::SSM::Document")
+    assert {d["Properties"]["Name"].split("-", 1)[0] for d in documents.values()} == {"acme"}
+    policy = s.resources("AWS::IAM::Policy")[
+        s.logical_id(s.stack.controller.role.node.find_child("DefaultPolicy"))
+    ]
+    (docs,) = [st for st in statements(policy) if st.get("Sid") == "RunOnlyTheProjectsDocuments"]
+    assert ":ssm:eu-west-1:123456789012:document/acme-SyncNatTable" in json.dumps(docs["Resource"])
+
+
+def test_alarm_email_is_subscribed(s):
+    _, subscription = s.one("AWS::SNS::Subscription")
+    assert subscription["Properties"]["Protocol"] == "email"
+    assert subscription["Properties"]["Endpoint"] == "ops@example.com"
+
+
+def test_arm_instance_type_gets_an_arm_image_by_default(tmp_path):
+    # Without a pinned AMI the image follows the instance type's architecture.
+    overrides = {k: v for k, v in OVERRIDES.items() if k != "gateway_ami_id"}
+    from stacks.application import build_app, cdk_json_context
+
+    _, stack = build_app(cdk_json_context() | overrides, outdir=str(tmp_path), nag=False)
+    parameters = [c.node.id for c in stack.node.children if "ami-amazon-linux-latest" in c.node.id]
+    assert parameters and all("arm64" in p for p in parameters)
