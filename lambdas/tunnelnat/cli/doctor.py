@@ -272,7 +272,8 @@ def check_eni(ctx: Ctx, facts: Facts) -> list[Finding]:
                 eni_id,
             )
         )
-    if eni.get("SourceDestCheck", True):
+    # On the primary interface the instance's own attribute is the same switch (checked above).
+    if eni.get("SourceDestCheck", True) and int(attachment.get("DeviceIndex", 1)) != 0:
         found.append(
             Finding(
                 "fixed-eni",

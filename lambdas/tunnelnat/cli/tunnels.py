@@ -29,6 +29,7 @@ def tunnel_states(
 ) -> list[TunnelState]:
     """Every tunnel with a ``TunnelUp`` metric, of the given gateways (all when None)."""
     metrics = []
+    seen: set[tuple[str, str]] = set()
     for page in cloudwatch.get_paginator("list_metrics").paginate(
         Namespace=NAMESPACE, MetricName=METRIC
     ):
@@ -38,7 +39,11 @@ def tunnel_states(
                 continue
             if gateway_ids is not None and dims.get("Gateway") not in gateway_ids:
                 continue
-            metrics.append((dims["Tunnel"], dims.get("Gateway", ""), metric))
+            key = (dims["Tunnel"], dims.get("Gateway", ""))
+            if key in seen:  # moto lists a metric once per datapoint
+                continue
+            seen.add(key)
+            metrics.append((*key, metric))
     end = datetime.fromtimestamp(now, UTC)
     states = []
     for start in range(0, len(metrics), QUERIES_MAX):

@@ -1,0 +1,384 @@
+"""Every doctor finding, each triggered by breaking one thing in an otherwise healthy deployment."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import jsonschema
+import pytest
+
+from tests.cli.conftest import TABLE
+from tunnelnat.cli.schemas import DOCTOR
+
+TAG = {"tunnelnat": "enabled"}
+
+
+def doctor(dep, *args, ssm=True):
+    """Run ``doctor --json``; ``ssm``: answer DescribeInstanceInformation (moto lacks it)."""
+    if ssm is True:
+        dep.ssm_online()
+    elif isinstance(ssm, dict):
+        dep.ssm_online(ssm)
+    result = dep.run("doctor", "--json", *args)
+    doc = result.json()
+    jsonschema.validate(doc, DOCTOR)
+    assert result.code == (0 if doc["healthy"] else 1)
+    return doc
+
+
+def failures(doc):
+    return {(f["check"], f["resource"]): f for f in doc["findings"] if f["status"] == "fail"}
+
+
+def only_failure(doc, check):
+    found = [f for f in doc["findings"] if f["status"] == "fail"]
+    assert [f["check"] for f in found] == [check], found
+    return found[0]
+
+
+@pytest.fixture
+def enrolled(dep):
+    web1 = dep.launch("10.10.1.21", name="web-1")
+    assert dep.run("enroll", web1, "--wait").code == 0
+    return web1
+
+
+def test_a_healthy_deployment(dep, enrolled):
+    doc = doctor(dep)
+    assert doc["healthy"] is True
+    assert doc["counts"]["fail"] == 0 and doc["counts"]["unknown"] == 0
+    checks = [f["check"] for f in doc["findings"]]
+    for check in (
+        "config", "gateway", "source-dest-check", "fixed-eni", "ssm-agent", "tunnel",
+        "generation", "dlq", "alarms", "instances",
+    ):  # fmt: skip
+        assert check in checks
+    text = dep.run("doctor")
+    assert text.code == 0
+    assert f"[ok]   gateway              {dep.gateway_id} running (10.10.1.10)" in text.out
+    assert "test: healthy" in text.out
+
+
+def test_text_output_gives_each_finding_its_fix(dep):
+    dep.ec2.modify_instance_attribute(InstanceId=dep.gateway_id, SourceDestCheck={"Value": True})
+    dep.ssm_online()
+    result = dep.run("doctor")
+    assert result.code == 1
+    assert (
+        f"[FAIL] source-dest-check    source/destination check is ON on gateway {dep.gateway_id}"
+        in result.out
+    )
+    assert (
+        f"fix: aws ec2 modify-instance-attribute --instance-id {dep.gateway_id} "
+        "--no-source-dest-check" in result.out
+    )
+    assert "test: 1 finding(s)" in result.out
+
+
+def test_no_gateway(dep):
+    dep.ec2.stop_instances(InstanceIds=[dep.gateway_id])
+    finding = only_failure(doctor(dep), "gateway")
+    assert (
+        "no running instance tagged tunnelnat:role=gateway, tunnelnat:deployment=test"
+        in (finding["summary"])
+    )
+    assert "Key=tunnelnat:deployment,Value=test" in finding["fix"]
+
+
+def test_two_gateways(dep):
+    second = dep.launch(
+        "10.10.1.11", tags={"tunnelnat:role": "gateway", "tunnelnat:deployment": "test"}
+    )
+    dep.ec2.modify_instance_attribute(InstanceId=second, SourceDestCheck={"Value": False})
+    doc = doctor(dep, ssm={dep.gateway_id: "Online", second: "Online"})
+    fails = failures(doc)
+    newest, stale = sorted([dep.gateway_id, second])[::-1]
+    gateway = fails[("gateway", newest)]
+    assert "2 running gateways" in gateway["summary"]
+    assert f"aws ec2 terminate-instances --instance-ids {stale}" in gateway["fix"]
+
+
+def test_gateway_source_dest_check_on(dep):
+    dep.ec2.modify_instance_attribute(InstanceId=dep.gateway_id, SourceDestCheck={"Value": True})
+    finding = only_failure(doctor(dep), "source-dest-check")
+    assert finding["resource"] == dep.gateway_id
+    assert "EC2 drops the packets it forwards" in finding["summary"]
+
+
+def test_fixed_eni_missing(dep):
+    dep.ec2.detach_network_interface(AttachmentId=_attachment(dep), Force=True)
+    dep.ec2.delete_network_interface(NetworkInterfaceId=dep.eni_id)
+    finding = only_failure(doctor(dep), "fixed-eni")
+    assert finding["summary"].startswith(f"no network interface holds G=10.10.1.5 in {dep.vpc_id}")
+    assert f"--subnet-id {dep.subnet_id} --private-ip-address 10.10.1.5" in finding["fix"]
+    assert f"--instance-id {dep.gateway_id} --device-index 1" in finding["fix"]
+
+
+def test_fixed_eni_detached(dep):
+    dep.ec2.detach_network_interface(AttachmentId=_attachment(dep), Force=True)
+    finding = only_failure(doctor(dep), "fixed-eni")
+    assert f"{dep.eni_id} (G=10.10.1.5) is not attached, not to gateway" in finding["summary"]
+    assert finding["fix"] == (
+        f"aws ec2 attach-network-interface --network-interface-id {dep.eni_id} "
+        f"--instance-id {dep.gateway_id} --device-index 1"
+    )
+
+
+def test_fixed_eni_attached_to_another_instance(dep):
+    attachment = _attachment(dep)
+    dep.ec2.detach_network_interface(AttachmentId=attachment, Force=True)
+    old = dep.launch("10.10.1.12", name="old-gateway")
+    dep.ec2.attach_network_interface(NetworkInterfaceId=dep.eni_id, InstanceId=old, DeviceIndex=1)
+    finding = only_failure(doctor(dep), "fixed-eni")
+    assert f"is attached to {old}, not to gateway {dep.gateway_id}" in finding["summary"]
+    assert finding["fix"].startswith("aws ec2 detach-network-interface --attachment-id eni-attach-")
+
+
+def test_fixed_eni_source_dest_check_on(dep):
+    dep.ec2.modify_network_interface_attribute(
+        NetworkInterfaceId=dep.eni_id, SourceDestCheck={"Value": True}
+    )
+    finding = only_failure(doctor(dep), "fixed-eni")
+    assert "source/destination check is ON on" in finding["summary"]
+    assert finding["fix"] == (
+        f"aws ec2 modify-network-interface-attribute --network-interface-id {dep.eni_id} "
+        "--no-source-dest-check"
+    )
+
+
+def test_g_on_the_gateways_primary_interface(dep):
+    finding = only_failure(doctor(dep, "--gateway-ip", "10.10.1.10"), "fixed-eni")
+    assert "is the gateway's primary interface" in finding["summary"]
+    assert "it is lost when the gateway is replaced" in finding["summary"]
+
+
+def test_ssm_agents_offline_or_unregistered(dep, enrolled):
+    doc = doctor(dep, ssm={enrolled: "ConnectionLost"})
+    fails = failures(doc)
+    assert "gateway" in fails[("ssm-agent", dep.gateway_id)]["summary"]
+    assert "not registered with SSM" in fails[("ssm-agent", dep.gateway_id)]["summary"]
+    assert "SSM agent ConnectionLost" in fails[("ssm-agent", enrolled)]["summary"]
+    assert "AmazonSSMManagedInstanceCore" in fails[("ssm-agent", enrolled)]["fix"]
+
+
+def test_ssm_unknown_when_the_api_is_unavailable(dep, enrolled):
+    doc = doctor(dep, ssm=False)  # moto: DescribeInstanceInformation is not implemented
+    [finding] = [f for f in doc["findings"] if f["check"] == "ssm-agent"]
+    assert finding["status"] == "unknown"
+    assert "DescribeInstanceInformation failed" in finding["summary"]
+    assert doc["healthy"] is True, "a check that cannot run is not a finding"
+    strict = dep.run("doctor", "--strict")
+    assert strict.code == 1 and "could not run" in strict.out
+
+
+def test_tunnel_down(dep):
+    dep.put_metric("partner", 0, age=timedelta(seconds=5))
+    finding = only_failure(doctor(dep), "tunnel")
+    assert finding["summary"] == f"tunnel partner on {dep.gateway_id}: down"
+    assert (
+        "--document-name tunnelnat-RestartTunnel --parameters TunnelName=partner"
+        in (finding["fix"])
+    )
+
+
+def test_tunnel_without_a_recent_datapoint(dep):
+    dep.put_metric("backup", 1, age=timedelta(minutes=20))
+    finding = only_failure(doctor(dep), "tunnel")
+    assert finding["summary"].endswith("backup on " + dep.gateway_id + ": no datapoint in the "
+                                       "last 5 minutes")  # fmt: skip
+
+
+def test_generation_behind(dep, enrolled):
+    _set(dep, "generation", generation="5")
+    finding = only_failure(doctor(dep), "generation")
+    assert finding["summary"] == "gateway is behind: applied generation 1, desired 5"
+    assert finding["fix"].startswith("tunnelnat reconcile --wait")
+
+
+def test_replaced_gateway_never_synced(dep, enrolled):
+    _set(dep, "gateway", gateway_instance_id="i-00000000000000001", kind="S")
+    finding = only_failure(doctor(dep), "generation")
+    assert f"gateway {dep.gateway_id} has not reported a sync" in finding["summary"]
+    assert "by i-00000000000000001" in finding["summary"]
+
+
+def test_messages_in_the_dlq(dep):
+    dep.sqs.send_message(QueueUrl=dep.dlq_url, MessageBody=json.dumps({"reason": "boom"}))
+    finding = only_failure(doctor(dep), "dlq")
+    assert finding["summary"] == "1 message(s) in test-events-dlq: events the controller gave up on"
+    assert (
+        "aws sqs start-message-move-task --source-arn arn:aws:sqs:us-east-1:123456789012:"
+        "test-events-dlq" in finding["fix"]
+    )
+
+
+def test_dlq_missing(dep):
+    dep.sqs.delete_queue(QueueUrl=dep.dlq_url)
+    finding = only_failure(doctor(dep), "dlq")
+    assert "dead-letter queue test-events-dlq not found" in finding["summary"]
+
+
+def test_alarm_not_ok(dep):
+    dep.cloudwatch.set_alarm_state(
+        AlarmName="test-tunnel-partner", StateValue="ALARM", StateReason="TunnelUp < 1 for 3 min"
+    )
+    dep.cloudwatch.set_alarm_state(
+        AlarmName="test-dlq-not-empty", StateValue="INSUFFICIENT_DATA", StateReason="no data"
+    )
+    fails = failures(doctor(dep))
+    tunnel = fails[("alarms", "test-tunnel-partner")]
+    assert tunnel["summary"] == "alarm test-tunnel-partner is ALARM: TunnelUp < 1 for 3 min"
+    assert "RestartTunnel" in tunnel["fix"]
+    assert "metric is not being published" in fails[("alarms", "test-dlq-not-empty")]["fix"]
+
+
+def test_no_alarms_is_reported_as_unknown(dep):
+    dep.cloudwatch.delete_alarms(AlarmNames=["test-tunnel-partner", "test-dlq-not-empty"])
+    doc = doctor(dep)
+    [finding] = [f for f in doc["findings"] if f["check"] == "alarms"]
+    assert (
+        finding["status"] == "unknown" and "no CloudWatch alarm named test*" in finding["summary"]
+    )
+
+
+def test_enrolled_instance_in_an_unsupported_subnet(dep):
+    """An enrolment from before the subnet rule (or a manual edit): the route cannot work."""
+    far = dep.launch("10.10.2.30", subnet=dep.other_subnet_id, tags=TAG)
+    for pk, extra in (("mapping", {"public_ip": {"S": "203.0.113.12"}}), ("instance", {})):
+        item = {"pk": {"S": pk}, "sk": {"S": far}, "private_ip": {"S": "10.10.2.30"}, **extra}
+        if pk == "instance":
+            item |= {"status": {"S": "enrolled"}, "reason": {"S": "route and NAT in place"}}
+        dep.dynamodb.put_item(TableName=TABLE, Item=item)
+    doc = doctor(dep)
+    finding = failures(doc)[("unsupported-subnet", far)]
+    assert finding["summary"] == (
+        f"{far} is enrolled but 10.10.2.30 is outside the gateway's subnet 10.10.1.0/24: "
+        "a host route via G cannot work there"
+    )
+    assert f"tunnelnat unenroll {far}" in finding["fix"]
+
+
+def test_tagged_instance_in_an_unsupported_subnet(dep):
+    far = dep.launch("10.10.2.30", subnet=dep.other_subnet_id)
+    dep.run("enroll", far, "--wait")
+    finding = only_failure(doctor(dep), "unsupported-subnet")
+    assert finding["summary"].startswith(f"{far} is tagged but 10.10.2.30 is outside")
+
+
+def test_pool_exhausted_and_failed_instances(dep):
+    for i in range(3):
+        dep.run("enroll", dep.launch(f"10.10.1.{21 + i}"), "--wait")
+    fourth = dep.launch("10.10.1.24")
+    dep.run("enroll", fourth, "--wait")
+    broken = dep.launch("10.10.1.25", tags=TAG)
+    dep.dynamodb.put_item(
+        TableName=TABLE,
+        Item={
+            "pk": {"S": "instance"},
+            "sk": {"S": broken},
+            "status": {"S": "failed"},
+            "reason": {"S": "CommandError: AddHostRoute Failed: boom"},
+        },
+    )
+    fails = failures(doctor(dep))
+    assert fails[("instance", fourth)]["summary"].startswith(f"{fourth}: pool-exhausted: all 3")
+    assert "add Elastic IPs" in fails[("instance", fourth)]["fix"]
+    assert fails[("instance", broken)]["summary"] == (
+        f"{broken}: failed: CommandError: AddHostRoute Failed: boom"
+    )
+    assert f"tunnelnat reconcile {broken}" in fails[("instance", broken)]["fix"]
+
+
+def test_tagged_instance_the_controller_never_saw(dep):
+    missed = dep.launch("10.10.1.22", tags=TAG)
+    finding = only_failure(doctor(dep), "instance")
+    assert finding["summary"] == (
+        f"{missed} is tagged tunnelnat=enabled but the controller has not recorded it"
+    )
+    assert finding["fix"].startswith(f"tunnelnat reconcile {missed}")
+
+
+def test_stale_mapping_of_an_untagged_instance(dep, enrolled):
+    dep.ec2.delete_tags(Resources=[enrolled], Tags=[{"Key": "tunnelnat"}])  # event lost
+    finding = only_failure(doctor(dep), "instance")
+    assert f"{enrolled} is not tagged tunnelnat but still has a mapping" in finding["summary"]
+    assert finding["fix"] == f"tunnelnat reconcile {enrolled}"
+
+
+def test_instance_stuck_waiting_for_its_ssm_agent(dep):
+    stuck = dep.launch("10.10.1.22", tags=TAG)
+    dep.dynamodb.put_item(
+        TableName=TABLE,
+        Item={
+            "pk": {"S": "instance"},
+            "sk": {"S": stuck},
+            "status": {"S": "pending-ssm"},
+            "reason": {"S": "SSM agent not registered"},
+            "updated_at": {"N": "1000"},
+        },
+    )
+    doc = doctor(dep, ssm={dep.gateway_id: "Online", stuck: "Online"})
+    finding = failures(doc)[("instance", stuck)]
+    assert finding["summary"] == f"{stuck}: pending-ssm: SSM agent not registered"
+
+
+def test_config_from_the_table_when_the_lambda_is_unreadable(dep):
+    _delete_lambda(dep)
+    from tests.conftest import VALID_CONFIG
+
+    _set(dep, "config", config=json.dumps(VALID_CONFIG), kind="S")
+    doc = doctor(dep)
+    [config] = [f for f in doc["findings"] if f["check"] == "config"]
+    assert config["summary"] == "configuration from table:meta/config"
+    assert doc["healthy"] is True
+
+
+def test_unknown_config_skips_the_eni_check_unless_g_is_given(dep):
+    _delete_lambda(dep)
+    doc = doctor(dep)
+    by_check = {f["check"]: f for f in doc["findings"]}
+    assert by_check["config"]["status"] == "unknown"
+    assert (
+        "cannot read Lambda test-controller (ResourceNotFoundException)"
+        in (by_check["config"]["summary"])
+    )
+    assert by_check["fixed-eni"]["status"] == "unknown"
+    doc = doctor(dep, "--gateway-ip", "10.10.1.5")
+    assert {f["check"]: f for f in doc["findings"]}["fixed-eni"]["status"] == "ok"
+
+
+def test_invalid_config_is_a_finding_that_names_the_key(dep):
+    dep.session.client("lambda", endpoint_url=dep.url).update_function_configuration(
+        FunctionName="test-controller",
+        Environment={"Variables": {"TUNNELNAT_CONFIG": json.dumps({"nat_mode": "dedicated"})}},
+    )
+    finding = only_failure(doctor(dep, "--gateway-ip", "10.10.1.5"), "config")
+    assert "invalid lambda:test-controller" in finding["summary"]
+    assert "partner_endpoint" in finding["summary"]
+
+
+def test_invalid_gateway_ip_option(dep):
+    result = dep.run("doctor", "--gateway-ip", "10.10.1.999")
+    assert result.code == 2
+    assert result.err == "tunnelnat: --gateway-ip '10.10.1.999' is not an IPv4 address\n"
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def _attachment(dep) -> str:
+    eni = dep.ec2.describe_network_interfaces(NetworkInterfaceIds=[dep.eni_id])
+    return eni["NetworkInterfaces"][0]["Attachment"]["AttachmentId"]
+
+
+def _set(dep, sk: str, *, kind: str = "N", **values: str) -> None:
+    item = {"pk": {"S": "meta"}, "sk": {"S": sk}}
+    current = dep.dynamodb.get_item(TableName=TABLE, Key=item).get("Item", {})
+    dep.dynamodb.put_item(
+        TableName=TABLE, Item={**current, **item, **{k: {kind: v} for k, v in values.items()}}
+    )
+
+
+def _delete_lambda(dep) -> None:
+    dep.session.client("lambda", endpoint_url=dep.url).delete_function(
+        FunctionName="test-controller"
+    )
