@@ -72,6 +72,8 @@ class Controller(Construct):
             point_in_time_recovery_specification=dynamodb.PointInTimeRecoverySpecification(
                 point_in_time_recovery_enabled=True
             ),
+            # Expiring records (the healer's idempotency keys) carry this attribute.
+            time_to_live_attribute="expiration",
             # Enrolments and address-pool claims: kept when the stack goes.
             removal_policy=RemovalPolicy.RETAIN,
         )

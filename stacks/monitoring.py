@@ -1,8 +1,10 @@
 """Monitoring: the page topic, the alarms that page, and a dashboard.
 
-- ``TunnelUp`` per tunnel (namespace ``tunnelnat``, dimensions ``Tunnel`` and ``Gateway``; the
-  gateway's health agent publishes it with ``Gateway`` = the deployment name, so the alarm
-  survives a gateway replacement). Missing data is breaching: a silent gateway is a down tunnel.
+- ``TunnelUp`` per tunnel: namespace ``tunnelnat``, the series with dimensions ``Deployment`` and
+  ``Tunnel`` that the gateway's health agent publishes beside its per-instance one (``Tunnel``,
+  ``Gateway`` = instance ID); a replaced gateway keeps feeding it, so the alarm survives a
+  replacement (docs/health.md). Missing data is breaching: a silent gateway is a down tunnel.
+  Named ``tunnelnat-<deployment>-TunnelUp-<tunnel>``, the names the healer sweeps.
 - The dead-letter queue's depth, and the age of the oldest queued event (a stuck controller).
 - Gateway launches and terminations (a replacement is worth knowing about).
 """
@@ -26,6 +28,7 @@ from constructs import Construct
 from stacks.settings import StackSettings
 
 NAMESPACE = "tunnelnat"
+ALARM_PREFIX = "tunnelnat-"  # the healer sweeps tunnelnat-<deployment>-* (docs/health.md)
 TUNNEL_METRIC = "TunnelUp"
 GATEWAY_EVENTS = [
     "EC2 Instance Launch Successful",
@@ -84,27 +87,28 @@ class Monitoring(Construct):
         self.tunnel_alarms: dict[str, cloudwatch.Alarm] = {}
         period = Duration.seconds(settings.tunnel_alarm_period_seconds)
         periods = settings.tunnel_alarm_evaluation_periods
+        datapoints = settings.tunnel_alarm_datapoints
         for tunnel in tunnels:
             metric = cloudwatch.Metric(
                 namespace=NAMESPACE,
                 metric_name=TUNNEL_METRIC,
-                dimensions_map={"Tunnel": tunnel, "Gateway": deployment},
+                dimensions_map={"Deployment": deployment, "Tunnel": tunnel},
                 statistic="Minimum",
                 period=period,
             )
             alarm = cloudwatch.Alarm(
                 self,
                 f"TunnelUp-{tunnel}",
-                alarm_name=f"{deployment}-TunnelUp-{tunnel}",
+                alarm_name=f"{ALARM_PREFIX}{deployment}-TunnelUp-{tunnel}",
                 alarm_description=(
                     f"Tunnel {tunnel} of {deployment} is down (or its gateway stopped reporting) "
-                    f"for {periods} x {period.to_seconds()} s."
+                    f"in {datapoints} of {periods} periods of {period.to_seconds()} s."
                 ),
                 metric=metric,
                 comparison_operator=cloudwatch.ComparisonOperator.LESS_THAN_THRESHOLD,
                 threshold=1,
                 evaluation_periods=periods,
-                datapoints_to_alarm=periods,
+                datapoints_to_alarm=datapoints,
                 treat_missing_data=cloudwatch.TreatMissingData.BREACHING,
             )
             alarm.add_alarm_action(page)
@@ -114,7 +118,7 @@ class Monitoring(Construct):
         self.dlq_alarm = cloudwatch.Alarm(
             self,
             "DeadLetters",
-            alarm_name=f"{deployment}-DeadLetters",
+            alarm_name=f"{ALARM_PREFIX}{deployment}-DeadLetters",
             alarm_description=(
                 f"Events the {deployment} controller gave up on are in the dead-letter queue: "
                 "read them, fix the cause, then redrive them to the queue."
@@ -131,7 +135,7 @@ class Monitoring(Construct):
         self.queue_age_alarm = cloudwatch.Alarm(
             self,
             "QueueAge",
-            alarm_name=f"{deployment}-QueueAge",
+            alarm_name=f"{ALARM_PREFIX}{deployment}-QueueAge",
             alarm_description=(
                 f"The {deployment} controller has left an event unprocessed for over "
                 f"{settings.queue_age_alarm_seconds} s (failing, throttled or not running)."

@@ -115,7 +115,10 @@ class StackSettings(BaseModel):
         default=60, description="TunnelUp alarm period (10, 30 or a multiple of 60)"
     )
     tunnel_alarm_evaluation_periods: int = Field(
-        default=3, ge=1, le=60, description="periods TunnelUp must be down before the alarm"
+        default=3, ge=1, le=60, description="TunnelUp alarm: periods evaluated (M of N of M)"
+    )
+    tunnel_alarm_datapoints: int = Field(
+        default=2, ge=1, le=60, description="TunnelUp alarm: down periods that alarm (N of N of M)"
     )
     dlq_alarm_threshold: int = Field(
         default=1, ge=1, description="dead-letter messages that raise the DLQ alarm"
@@ -171,6 +174,10 @@ class StackSettings(BaseModel):
             raise ValueError(
                 "gateway_eip_allocation_id and gateway_eip_address go together: "
                 "give both or neither"
+            )
+        if self.tunnel_alarm_datapoints > self.tunnel_alarm_evaluation_periods:
+            raise ValueError(
+                "tunnel_alarm_datapoints cannot exceed tunnel_alarm_evaluation_periods"
             )
         if self.gateway_ami_id and not self.region:
             raise ValueError("gateway_ami_id needs region (an AMI ID belongs to one region)")

@@ -37,6 +37,7 @@ BAD = [
     ("alarm_email", "ops at example", "alarm_email"),
     ("tunnel_name", "two words", "tunnel_name"),
     ("controller_timeout_seconds", "901", "controller_timeout_seconds"),
+    ("tunnel_alarm_datapoints", "4", "tunnel_alarm_datapoints"),
     ("vpc_cidr", "10.0.0.0/8", "vpc_cidr"),
     ("vpc_cidr", "10.90.0.0/16", "gateway_subnet_cidr"),
 ]

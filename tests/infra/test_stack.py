@@ -248,6 +248,7 @@ def test_table_on_demand_with_point_in_time_recovery(s):
     ]
     assert props["BillingMode"] == "PAY_PER_REQUEST"
     assert props["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"] is True
+    assert props["TimeToLiveSpecification"] == {"AttributeName": "expiration", "Enabled": True}
     assert table["DeletionPolicy"] == "Retain"
 
 
@@ -450,10 +451,13 @@ def test_tunnel_up_alarm_missing_data_breaching_pages_the_topic(s):
     alarm = s.resources("AWS::CloudWatch::Alarm")[s.logical_id(alarm_construct)]["Properties"]
     assert alarm["Namespace"] == "tunnelnat"
     assert alarm["MetricName"] == "TunnelUp"
+    # The per-deployment series: a replaced gateway keeps feeding it (docs/health.md).
     assert sorted(alarm["Dimensions"], key=lambda d: d["Name"]) == [
-        {"Name": "Gateway", "Value": DEPLOYMENT},
+        {"Name": "Deployment", "Value": DEPLOYMENT},
         {"Name": "Tunnel", "Value": CONTEXT["tunnel_name"]},
     ]
+    assert alarm["AlarmName"] == f"tunnelnat-{DEPLOYMENT}-TunnelUp-{CONTEXT['tunnel_name']}"
+    assert (alarm["DatapointsToAlarm"], alarm["EvaluationPeriods"], alarm["Period"]) == (2, 3, 60)
     assert alarm["TreatMissingData"] == "breaching"
     assert alarm["ComparisonOperator"] == "LessThanThreshold"
     assert alarm["Threshold"] == 1
