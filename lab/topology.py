@@ -17,6 +17,7 @@ mounts, /run/tn-lab) and is safe to call at any time.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import secrets
@@ -137,6 +138,48 @@ def _zombie(pid: int) -> bool:
         return True
 
 
+LOCK = Path("/run/lock/tn-lab.lock")
+
+
+@contextlib.contextmanager
+def lab_lock(wait: float = 900) -> Iterator[None]:
+    """One lab per machine (the tn-* names are fixed): wait for another run to finish.
+
+    The lock is released by the kernel when its holder dies, so a crashed run never blocks
+    the next; the lock file is removed by whoever holds it last.
+    """
+    deadline = time.monotonic() + wait
+    announced = False
+    while True:
+        LOCK.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if time.monotonic() > deadline:
+                raise LabError(f"another lab holds {LOCK}; gave up after {wait:.0f}s") from None
+            if not announced:
+                print(f"lab: waiting for another lab run to finish ({LOCK})", file=sys.stderr)
+                announced = True
+            time.sleep(0.5)
+            continue
+        # The holder before us may have unlinked the file: then our lock is on a stale inode.
+        try:
+            same = os.stat(LOCK).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            LOCK.unlink()
+        os.close(fd)
+
+
 def cleanup() -> None:
     """Remove every tn-* namespace, the processes in them, our mounts and /run/tn-lab."""
     pids: set[int] = set()
@@ -185,11 +228,14 @@ class Lab:
     aws: Any = None  # lab.aws.LabAws once moto runs
     commands: Any = None  # lab.commands.LabCommands
     timings: dict[str, float] = field(default_factory=dict)
+    _lock: Any = None
 
     # -- lifecycle ----------------------------------------------------------------------------
     def __enter__(self) -> Lab:
-        cleanup()
+        self._lock = lab_lock()
+        self._lock.__enter__()
         try:
+            cleanup()
             self.build()
         except BaseException:
             self.close()
@@ -215,7 +261,12 @@ class Lab:
                 self.reset_moto()  # leave no state to whoever uses moto next in this process
                 self._moto.stop()  # type: ignore[attr-defined]
             self._moto = None
-        cleanup()
+        try:
+            cleanup()
+        finally:
+            if self._lock is not None:
+                self._lock.__exit__(None, None, None)
+                self._lock = None
 
     def build(self) -> None:
         started = time.monotonic()
@@ -684,5 +735,6 @@ secrets {{
 if __name__ == "__main__":
     # `python -m lab.topology cleanup` removes whatever a crashed run left behind.
     if sys.argv[1:] == ["cleanup"]:
-        cleanup()
+        with lab_lock(wait=0):
+            cleanup()
         print("lab: cleaned up")

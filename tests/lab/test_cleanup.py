@@ -13,6 +13,11 @@ pytestmark = pytest.mark.lab
 
 
 def test_cleanup_after_a_crashed_run():
+    with topo.lab_lock():
+        crash_and_clean()
+
+
+def crash_and_clean():
     topo.cleanup()
     topo.RUN.mkdir(parents=True, exist_ok=True)
     subprocess.run(["ip", "netns", "add", "tn-crashed"], check=True)
