@@ -54,18 +54,25 @@ def run_all(
                     gateway_apply.default_config(quick) if p == "apply"
                     else flows.default_config(quick)
                 )  # fmt: skip
-                _log(f"{p}: starting")
                 t0 = time.perf_counter()
-                try:
-                    with Sandbox() as box:
-                        if p == "apply":
-                            res = gateway_apply.run(box, cfg)
-                            res["ratios"] = gateway_apply.ratios(res)
-                        else:
-                            res = flows.run(box, cfg)
-                except Exception as exc:  # noqa: BLE001 - reported, the other parts still run
-                    traceback.print_exc()
-                    res = {"error": f"{type(exc).__name__}: {exc}"}
+                for attempt in range(1, ATTEMPTS + 1):
+                    _wait_for_lab()
+                    _log(f"{p}: starting (attempt {attempt})")
+                    try:
+                        with Sandbox() as box:
+                            if p == "apply":
+                                res = gateway_apply.run(box, cfg)
+                                res["ratios"] = gateway_apply.ratios(res)
+                            else:
+                                res = flows.run(box, cfg)
+                        break
+                    except Exception as exc:  # noqa: BLE001 - reported, the other parts still run
+                        traceback.print_exc()
+                        res = {"error": f"{type(exc).__name__}: {exc}"}
+                        if not _interfered(str(exc)):
+                            break
+                        _log(f"{p}: killed from outside (the lab's cleanup?); trying again")
+                res["attempts"] = attempt
                 res["seconds"] = time.perf_counter() - t0
                 results["parts"][p] = res
     if "controller" in parts:
@@ -98,6 +105,29 @@ def run_all(
         (out_dir / "latest.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
         (out_dir / "latest.md").write_text(report.markdown(results))
     return results
+
+
+ATTEMPTS = 3
+LAB_WAIT = 180.0
+
+
+def _foreign_lab() -> list[str]:
+    return [ns for ns in list_namespaces() if ns.startswith("tn-") and not
+            ns.startswith("tn-bench-")]  # fmt: skip
+
+
+def _wait_for_lab() -> None:
+    """The namespace lab's cleanup() kills every process in, and removes, every tn-* namespace
+    (ours too): while a lab runs, wait (bounded) for it to finish before starting a part."""
+    deadline = time.monotonic() + LAB_WAIT
+    if _foreign_lab():
+        _log(f"a namespace lab is running ({', '.join(_foreign_lab()[:3])}...); waiting for it")
+    while _foreign_lab() and time.monotonic() < deadline:
+        time.sleep(2)
+
+
+def _interfered(message: str) -> bool:
+    return "(-15)" in message or "(-9)" in message or "namespace is gone" in message
 
 
 def _log(msg: str) -> None:
