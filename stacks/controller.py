@@ -63,9 +63,13 @@ class Controller(Construct):
         deployment = settings.deployment
 
         # -- the one source of truth -----------------------------------------------------------
+        # Predictable names: the operator's CLI (tunnelnat doctor/reconcile) finds them by the
+        # deployment name. The retained table's fixed name also makes a re-deploy after a
+        # destroy stop at the old table (import it) instead of silently starting empty.
         self.table = dynamodb.Table(
             self,
             "Table",
+            table_name=deployment,
             partition_key=dynamodb.Attribute(name="pk", type=dynamodb.AttributeType.STRING),
             sort_key=dynamodb.Attribute(name="sk", type=dynamodb.AttributeType.STRING),
             billing_mode=dynamodb.BillingMode.PAY_PER_REQUEST,
@@ -82,6 +86,7 @@ class Controller(Construct):
         self.dead_letter_queue = sqs.Queue(
             self,
             "DeadLetterQueue",
+            queue_name=f"{deployment}-events-dlq",
             retention_period=Duration.days(14),
             encryption=sqs.QueueEncryption.SQS_MANAGED,
             enforce_ssl=True,
@@ -90,6 +95,7 @@ class Controller(Construct):
         self.queue = sqs.Queue(
             self,
             "Queue",
+            queue_name=f"{deployment}-events",
             # At least the function's timeout (AWS requires it), plus room for the batch window.
             visibility_timeout=Duration.seconds(settings.controller_timeout_seconds + 30),
             retention_period=Duration.days(4),
@@ -122,6 +128,7 @@ class Controller(Construct):
         self.function = lambda_.Function(
             self,
             "Function",
+            function_name=f"{deployment}-controller",
             description=f"{deployment} controller: reconcile instances and the gateway",
             runtime=lambda_.Runtime.PYTHON_3_13,
             architecture=lambda_.Architecture.X86_64,

@@ -250,6 +250,7 @@ def test_table_on_demand_with_point_in_time_recovery(s):
     assert props["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"] is True
     assert props["TimeToLiveSpecification"] == {"AttributeName": "expiration", "Enabled": True}
     assert table["DeletionPolicy"] == "Retain"
+    assert props["TableName"] == DEPLOYMENT
 
 
 def test_controller_function_python313_powertools_layer_environment(s):
@@ -300,6 +301,12 @@ def test_queue_with_dead_letter_queue_in_front_of_the_controller(s):
     assert queue["VisibilityTimeout"] >= function["Properties"]["Timeout"]
     assert dlq["MessageRetentionPeriod"] == 14 * 24 * 3600
     assert queue["SqsManagedSseEnabled"] is True and dlq["SqsManagedSseEnabled"] is True
+    # The names the operator's CLI looks for.
+    assert (queue["QueueName"], dlq["QueueName"]) == (
+        f"{DEPLOYMENT}-events",
+        f"{DEPLOYMENT}-events-dlq",
+    )
+    assert function["Properties"]["FunctionName"] == f"{DEPLOYMENT}-controller"
     _, mapping = s.one("AWS::Lambda::EventSourceMapping")
     props = mapping["Properties"]
     assert props["EventSourceArn"] == s.arn(controller.queue)
