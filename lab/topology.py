@@ -110,9 +110,18 @@ def in_ns(ns: str, argv: Sequence[str], *, check: bool = True, timeout: float = 
 # Teardown: works from any state, including a crashed earlier run.
 
 
+FIXED_MACHINES = ("tn-vpc", "tn-gw", "tn-inet", "tn-pvpn", "tn-app")
+
+
+def is_lab_namespace(name: str) -> bool:
+    """The lab's own names only: other tools (bench) run their own tn-* namespaces meanwhile."""
+    return name in FIXED_MACHINES or re.fullmatch(r"tn-web-[0-9]{1,3}", name) is not None
+
+
 def lab_namespaces() -> list[str]:
     out = sh(["ip", "netns", "list"], check=False).stdout
-    return [line.split()[0] for line in out.splitlines() if line.startswith(PREFIX)]
+    names = [line.split()[0] for line in out.splitlines() if line.strip()]
+    return [n for n in names if is_lab_namespace(n)]
 
 
 def _kill_pids(pids: set[int]) -> None:
@@ -181,7 +190,7 @@ def lab_lock(wait: float = 900) -> Iterator[None]:
 
 
 def cleanup() -> None:
-    """Remove every tn-* namespace, the processes in them, our mounts and /run/tn-lab."""
+    """Remove the lab's namespaces, the processes in them, our mounts and /run/tn-lab."""
     pids: set[int] = set()
     for ns in lab_namespaces():
         out = sh(["ip", "netns", "pids", ns], check=False).stdout
@@ -205,7 +214,8 @@ def cleanup() -> None:
     netns_etc = Path("/etc/netns")
     if netns_etc.is_dir():
         for d in netns_etc.glob(f"{PREFIX}*"):
-            sh(["rm", "-rf", str(d)], check=False)
+            if is_lab_namespace(d.name):
+                sh(["rm", "-rf", str(d)], check=False)
     left = lab_namespaces()
     if left:
         raise LabError(f"could not remove namespaces: {', '.join(left)}")
@@ -292,7 +302,7 @@ class Lab:
 
     # -- network ------------------------------------------------------------------------------
     def machines(self) -> list[str]:
-        return ["tn-vpc", "tn-gw", "tn-inet", "tn-pvpn", "tn-app", *[i.ns for i in self.instances]]
+        return [*FIXED_MACHINES, *[i.ns for i in self.instances]]
 
     def _build_network(self) -> None:
         for ns in self.machines():
@@ -508,6 +518,12 @@ secrets {{
                 proc.kill()
                 proc.wait()
                 self._procs.remove((name, proc))
+        # RestartTunnel may have started one itself (detached, so not ours to wait for).
+        pids = sh(["ip", "netns", "pids", "tn-gw"], check=False).stdout.split()
+        for pid in pids:
+            with contextlib.suppress(OSError, ValueError):
+                if Path(f"/proc/{pid}/comm").read_text().strip() == "charon-systemd":
+                    os.kill(int(pid), signal.SIGKILL)
 
     def start_gateway_charon(self) -> None:
         """Start the gateway's charon as its strongswan.service would, config loaded after."""

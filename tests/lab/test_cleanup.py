@@ -20,12 +20,17 @@ def test_cleanup_after_a_crashed_run():
 def crash_and_clean():
     topo.cleanup()
     topo.RUN.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["ip", "netns", "add", "tn-crashed"], check=True)
+    subprocess.run(["ip", "netns", "add", "tn-web-200"], check=True)
     # A process left running in the namespace, as after a kill -9 of the lab.
-    subprocess.Popen(["ip", "netns", "exec", "tn-crashed", "sleep", "300"], start_new_session=True)
+    subprocess.Popen(["ip", "netns", "exec", "tn-web-200", "sleep", "300"], start_new_session=True)
     time.sleep(0.2)
-    assert "tn-crashed" in topo.lab_namespaces()
+    assert "tn-web-200" in topo.lab_namespaces()
     topo.cleanup()
     assert topo.lab_namespaces() == []
     assert not topo.RUN.exists()
     topo.cleanup()  # idempotent
+
+
+def test_cleanup_leaves_other_tools_namespaces_alone():
+    assert not topo.is_lab_namespace("tn-bench-1234-apply")
+    assert topo.is_lab_namespace("tn-gw") and topo.is_lab_namespace("tn-web-25")
