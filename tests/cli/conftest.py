@@ -31,6 +31,8 @@ TABLE = "tunnelnat-cli"
 DEPLOYMENT = "test"
 G = "10.10.1.5"
 BASE = ["--table", TABLE, "--deployment", DEPLOYMENT]
+# As the stack names them (stacks/monitoring.py): tunnelnat-<deployment>-...
+ALARMS = (f"tunnelnat-{DEPLOYMENT}-DeadLetters", f"tunnelnat-{DEPLOYMENT}-TunnelUp-partner")
 
 
 @pytest.fixture(scope="session")
@@ -209,16 +211,25 @@ class Deployment:
         *,
         age: timedelta = timedelta(seconds=30),
         gateway: str | None = None,
+        deployment: str | None = None,
     ) -> None:
+        """A TunnelUp datapoint: the gateway's series, or the deployment's with ``deployment``."""
+        if deployment is not None:
+            dims = [
+                {"Name": "Deployment", "Value": deployment},
+                {"Name": "Tunnel", "Value": tunnel},
+            ]
+        else:
+            dims = [
+                {"Name": "Tunnel", "Value": tunnel},
+                {"Name": "Gateway", "Value": gateway or self.gateway_id},
+            ]
         self.cloudwatch.put_metric_data(
             Namespace="tunnelnat",
             MetricData=[
                 {
                     "MetricName": "TunnelUp",
-                    "Dimensions": [
-                        {"Name": "Tunnel", "Value": tunnel},
-                        {"Name": "Gateway", "Value": gateway or self.gateway_id},
-                    ],
+                    "Dimensions": dims,
                     "Value": value,
                     "Timestamp": datetime.now(UTC) - age,
                 }
@@ -322,7 +333,7 @@ def dep(aws_env, shared_session):
             "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "5"})
         },
     )["QueueUrl"]
-    for alarm in (f"{DEPLOYMENT}-dlq-not-empty", f"{DEPLOYMENT}-tunnel-partner"):
+    for alarm in ALARMS:
         d.cloudwatch.put_metric_alarm(
             AlarmName=alarm,
             Namespace="tunnelnat",

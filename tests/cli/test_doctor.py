@@ -8,7 +8,7 @@ from datetime import timedelta
 import jsonschema
 import pytest
 
-from tests.cli.conftest import TABLE
+from tests.cli.conftest import ALARMS, TABLE
 from tunnelnat.cli.schemas import DOCTOR
 
 TAG = {"tunnelnat": "enabled"}
@@ -176,10 +176,7 @@ def test_tunnel_down(dep):
     dep.put_metric("partner", 0, age=timedelta(seconds=5))
     finding = only_failure(doctor(dep), "tunnel")
     assert finding["summary"] == f"tunnel partner on {dep.gateway_id}: down"
-    assert (
-        "--document-name tunnelnat-RestartTunnel --parameters TunnelName=partner"
-        in (finding["fix"])
-    )
+    assert "--document-name test-RestartTunnel --parameters TunnelName=partner" in (finding["fix"])
 
 
 def test_tunnel_without_a_recent_datapoint(dep):
@@ -213,6 +210,23 @@ def test_messages_in_the_dlq(dep):
     )
 
 
+def test_dlq_by_url(dep):
+    other = dep.sqs.create_queue(QueueName="custom-dlq")["QueueUrl"]
+    dep.sqs.send_message(QueueUrl=other, MessageBody="{}")
+    dep.ssm_online()
+    doc = dep.run("doctor", "--json", "--dlq-url", other).json()
+    [finding] = [f for f in doc["findings"] if f["check"] == "dlq"]
+    assert finding["status"] == "fail" and finding["resource"] == "custom-dlq"
+
+
+def test_tunnel_seen_only_through_the_deployment_series(dep):
+    """The gateway publishes no series of its own: the alarm's (Deployment, Tunnel) one counts."""
+    dep.put_metric("backup", 0, deployment="test")
+    dep.put_metric("partner", 1, deployment="test")  # the gateway's own series wins
+    finding = only_failure(doctor(dep), "tunnel")
+    assert finding["summary"] == f"tunnel backup on {dep.gateway_id}: down"
+
+
 def test_dlq_missing(dep):
     dep.sqs.delete_queue(QueueUrl=dep.dlq_url)
     finding = only_failure(doctor(dep), "dlq")
@@ -220,26 +234,44 @@ def test_dlq_missing(dep):
 
 
 def test_alarm_not_ok(dep):
+    tunnel_alarm, dlq_alarm = "tunnelnat-test-TunnelUp-partner", "tunnelnat-test-DeadLetters"
     dep.cloudwatch.set_alarm_state(
-        AlarmName="test-tunnel-partner", StateValue="ALARM", StateReason="TunnelUp < 1 for 3 min"
+        AlarmName=tunnel_alarm, StateValue="ALARM", StateReason="TunnelUp < 1 for 3 min"
     )
     dep.cloudwatch.set_alarm_state(
-        AlarmName="test-dlq-not-empty", StateValue="INSUFFICIENT_DATA", StateReason="no data"
+        AlarmName=dlq_alarm, StateValue="INSUFFICIENT_DATA", StateReason="no data"
     )
+    dep.cloudwatch.put_metric_alarm(
+        AlarmName="test-custom", Namespace="x", MetricName="y", Statistic="Sum", Period=60,
+        EvaluationPeriods=1, Threshold=1, ComparisonOperator="GreaterThanThreshold",
+    )  # fmt: skip
+    dep.cloudwatch.set_alarm_state(AlarmName="test-custom", StateValue="ALARM", StateReason="r")
+    dep.cloudwatch.put_metric_alarm(
+        AlarmName="testing-other", Namespace="x", MetricName="y", Statistic="Sum", Period=60,
+        EvaluationPeriods=1, Threshold=1, ComparisonOperator="GreaterThanThreshold",
+    )  # fmt: skip
+    dep.cloudwatch.set_alarm_state(AlarmName="testing-other", StateValue="ALARM", StateReason="r")
     fails = failures(doctor(dep))
-    tunnel = fails[("alarms", "test-tunnel-partner")]
-    assert tunnel["summary"] == "alarm test-tunnel-partner is ALARM: TunnelUp < 1 for 3 min"
+    assert {name for check, name in fails if check == "alarms"} == {
+        tunnel_alarm,
+        dlq_alarm,
+        "test-custom",
+    }, "another deployment's alarm (testing-*) is not ours"
+    tunnel = fails[("alarms", tunnel_alarm)]
+    assert tunnel["summary"] == f"alarm {tunnel_alarm} is ALARM: TunnelUp < 1 for 3 min"
     assert "RestartTunnel" in tunnel["fix"]
-    assert "metric is not being published" in fails[("alarms", "test-dlq-not-empty")]["fix"]
+    assert "metric is not being published" in fails[("alarms", dlq_alarm)]["fix"]
+    assert (
+        "describe-alarm-history --alarm-name test-custom" in fails[("alarms", "test-custom")]["fix"]
+    )
 
 
 def test_no_alarms_is_reported_as_unknown(dep):
-    dep.cloudwatch.delete_alarms(AlarmNames=["test-tunnel-partner", "test-dlq-not-empty"])
+    dep.cloudwatch.delete_alarms(AlarmNames=list(ALARMS))
     doc = doctor(dep)
     [finding] = [f for f in doc["findings"] if f["check"] == "alarms"]
-    assert (
-        finding["status"] == "unknown" and "no CloudWatch alarm named test*" in finding["summary"]
-    )
+    assert finding["status"] == "unknown"
+    assert finding["summary"] == "no CloudWatch alarm named tunnelnat-test-* or test-*"
 
 
 def test_enrolled_instance_in_an_unsupported_subnet(dep):

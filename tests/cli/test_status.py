@@ -86,9 +86,14 @@ def test_status_shows_a_gateway_behind(dep):
     assert dep.run("status", "--json").json()["gateway"]["in_sync"] is False
 
 
-def test_status_only_shows_tunnels_of_the_current_gateway(dep):
-    dep.put_metric("partner", 0, gateway="i-0000000000000dead")
+def test_status_only_shows_tunnels_of_this_deployment_and_gateway(dep):
+    dep.put_metric("partner", 0, gateway="i-0000000000000dead")  # a replaced gateway
+    dep.put_metric("partner", 0, deployment="test")  # covered by the gateway's own series
+    dep.put_metric("backup", 1, deployment="test")  # only the deployment's series
+    dep.put_metric("backup", 0, deployment="other")  # another deployment
     tunnels = dep.run("status", "--json").json()["tunnels"]
     assert [(t["tunnel"], t["gateway"], t["state"]) for t in tunnels] == [
-        ("partner", dep.gateway_id, "up")
+        ("backup", None, "up"),
+        ("partner", dep.gateway_id, "up"),
     ]
+    assert "(deployment test)" in dep.run("status").out

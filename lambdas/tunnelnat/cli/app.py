@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--function-name",
         help="controller Lambda to read the config from (default: <deployment>-controller)",
     )
+    p.add_argument("--dlq-url", help="dead-letter queue (default: <deployment>-events-dlq)")
     p.add_argument("--strict", action="store_true", help="checks that could not run fail too")
     json_flag(p)
     p.set_defaults(func=doctor.run)

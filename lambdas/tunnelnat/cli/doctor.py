@@ -351,7 +351,10 @@ def check_tunnels(ctx: Ctx, facts: Facts) -> list[Finding]:
     if gw is None:
         return []
     states = tunnel_states(
-        ctx.aws.client("cloudwatch"), gateway_ids={gw.instance_id}, now=ctx.runtime.now()
+        ctx.aws.client("cloudwatch"),
+        gateway_ids={gw.instance_id},
+        deployment=ctx.deployment,
+        now=ctx.runtime.now(),
     )
     if not states:
         return [
@@ -376,7 +379,8 @@ def check_tunnels(ctx: Ctx, facts: Facts) -> list[Finding]:
                 FAIL,
                 f"tunnel {s.tunnel} on {gw.instance_id}: {what}",
                 f"aws ssm send-command --instance-ids {gw.instance_id} --document-name "
-                f"tunnelnat-RestartTunnel --parameters TunnelName={s.tunnel}; if it stays down, "
+                f"{ctx.deployment}-RestartTunnel --parameters TunnelName={s.tunnel}; if it stays "
+                "down, "
                 "check the partner endpoint and the PSK (docs/operations.md)",
                 s.tunnel,
             )
@@ -417,7 +421,8 @@ def check_dlq(ctx: Ctx, facts: Facts) -> list[Finding]:
     name = f"{ctx.deployment}-events-dlq"
     sqs = ctx.aws.client("sqs")
     try:
-        url = sqs.get_queue_url(QueueName=name)["QueueUrl"]
+        url = ctx.args.dlq_url or sqs.get_queue_url(QueueName=name)["QueueUrl"]
+        name = url.rstrip("/").rsplit("/", 1)[-1]
     except ClientError as exc:
         if error_code(exc) not in ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"):
             raise
@@ -426,7 +431,8 @@ def check_dlq(ctx: Ctx, facts: Facts) -> list[Finding]:
                 "dlq",
                 FAIL,
                 f"dead-letter queue {name} not found: failed events would be lost",
-                "check --deployment; deploy the stack (it creates the queue and its DLQ)",
+                "check --deployment or pass --dlq-url; deploy the stack (it creates the queue "
+                "and its DLQ)",
             )
         ]
     attrs = sqs.get_queue_attributes(
@@ -455,33 +461,42 @@ def check_dlq(ctx: Ctx, facts: Facts) -> list[Finding]:
     return [Finding("dlq", OK, f"{name} is empty", None, name)]
 
 
+def alarm_prefixes(deployment: str) -> tuple[str, ...]:
+    """The stack names alarms ``tunnelnat-<deployment>-...``; ``<deployment>-...`` also counts."""
+    return (f"tunnelnat-{deployment}-", f"{deployment}-")
+
+
 def check_alarms(ctx: Ctx, facts: Facts) -> list[Finding]:
     cloudwatch = ctx.aws.client("cloudwatch")
-    alarms = []
-    for page in cloudwatch.get_paginator("describe_alarms").paginate(
-        AlarmNamePrefix=ctx.deployment, AlarmTypes=["MetricAlarm", "CompositeAlarm"]
-    ):
-        alarms.extend(page.get("MetricAlarms", []))
-        alarms.extend(page.get("CompositeAlarms", []))
+    alarms: dict[str, dict] = {}
+    for prefix in alarm_prefixes(ctx.deployment):
+        for page in cloudwatch.get_paginator("describe_alarms").paginate(
+            AlarmNamePrefix=prefix, AlarmTypes=["MetricAlarm", "CompositeAlarm"]
+        ):
+            for alarm in page.get("MetricAlarms", []) + page.get("CompositeAlarms", []):
+                alarms[alarm["AlarmName"]] = alarm
     if not alarms:
         return [
             Finding(
                 "alarms",
                 UNKNOWN,
-                f"no CloudWatch alarm named {ctx.deployment}*",
+                "no CloudWatch alarm named "
+                + " or ".join(f"{p}*" for p in alarm_prefixes(ctx.deployment)),
                 "deploy the stack's alarms (DLQ, tunnel health)",
             )
         ]
     found = []
-    for alarm in sorted(alarms, key=lambda a: a["AlarmName"]):
+    for alarm in sorted(alarms.values(), key=lambda a: a["AlarmName"]):
         name, state = alarm["AlarmName"], alarm.get("StateValue", "?")
         if state == "OK":
             continue
         reason = " ".join(str(alarm.get("StateReason", "")).split())[:200]
         if state == "INSUFFICIENT_DATA":
             fix = "its metric is not being published: check the component that emits it"
-        elif "dlq" in name.lower():
+        elif "dlq" in name.lower() or "deadletter" in name.lower():
             fix = "see the dlq finding: read, fix, redrive"
+        elif "queueage" in name.lower():
+            fix = "the controller is not keeping up or not running: check its logs and errors"
         elif "tunnel" in name.lower():
             fix = "see the tunnel finding; the healer restarts the tunnel, RestartTunnel by hand"
         else:

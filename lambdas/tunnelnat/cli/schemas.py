@@ -59,7 +59,7 @@ STATUS: dict[str, Any] = _object(
             "items": _object(
                 {
                     "tunnel": {"type": "string"},
-                    "gateway": {"type": "string"},
+                    "gateway": {"type": ["string", "null"]},
                     "state": {"enum": ["up", "down", "unknown"]},
                     "value": {"type": ["number", "null"]},
                     "timestamp": _TIME,

@@ -58,7 +58,8 @@ def collect(ctx: Ctx) -> dict[str, Any]:
     gateway_id = found[-1].instance_id if found else None
     tunnels = tunnel_states(
         ctx.aws.client("cloudwatch"),
-        gateway_ids={g.instance_id for g in found} if found else None,
+        gateway_ids={g.instance_id for g in found},
+        deployment=ctx.deployment,
         now=now,
     )
     enrolled = sum(1 for r in rows if r["status"] == ENROLLED)
@@ -134,7 +135,12 @@ def run(ctx: Ctx) -> int:
             table(
                 ["TUNNEL", "GATEWAY", "STATE", "LAST DATAPOINT"],
                 [
-                    [t["tunnel"], t["gateway"], t["state"], _ago_iso(t["timestamp"], now)]
+                    [
+                        t["tunnel"],
+                        t["gateway"] or f"(deployment {ctx.deployment})",
+                        t["state"],
+                        _ago_iso(t["timestamp"], now),
+                    ]
                     for t in doc["tunnels"]
                 ],
             )

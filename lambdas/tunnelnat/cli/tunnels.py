@@ -1,5 +1,7 @@
 """Tunnel state from the gateway's health agent: CloudWatch metric ``TunnelUp`` (namespace
-``tunnelnat``, dimensions ``Tunnel`` and ``Gateway`` = the gateway's instance ID).
+``tunnelnat``). The agent publishes two series per tunnel: ``(Tunnel, Gateway=<instance ID>)`` and
+``(Deployment, Tunnel)`` (the one the alarm watches). The current gateway's own series is shown;
+a tunnel with only the deployment's series (the gateway publishes nothing) shows that one.
 
 The newest datapoint within the last 5 minutes decides: its 1-minute Minimum >= 1 is ``up``,
 below 1 is ``down``; no datapoint is ``unknown`` (the alarm treats that as breaching, too)."""
@@ -18,32 +20,32 @@ QUERIES_MAX = 500  # GetMetricData's limit per call
 @dataclass(frozen=True)
 class TunnelState:
     tunnel: str
-    gateway: str
+    gateway: str | None  # None: the deployment's series (no gateway publishes its own)
     state: str  # up | down | unknown
     value: float | None = None
     timestamp: float | None = None
 
 
 def tunnel_states(
-    cloudwatch: Any, *, gateway_ids: set[str] | None, now: float
+    cloudwatch: Any, *, gateway_ids: set[str], deployment: str, now: float
 ) -> list[TunnelState]:
-    """Every tunnel with a ``TunnelUp`` metric, of the given gateways (all when None)."""
-    metrics = []
-    seen: set[tuple[str, str]] = set()
+    """Every tunnel of the deployment: the series of ``gateway_ids``, else the deployment's."""
+    by_gateway: dict[tuple[str, str], dict] = {}
+    by_deployment: dict[str, dict] = {}
     for page in cloudwatch.get_paginator("list_metrics").paginate(
         Namespace=NAMESPACE, MetricName=METRIC
     ):
-        for metric in page.get("Metrics", []):
+        for metric in page.get("Metrics", []):  # moto lists a metric once per datapoint
             dims = {d["Name"]: d["Value"] for d in metric.get("Dimensions", [])}
-            if "Tunnel" not in dims:
-                continue
-            if gateway_ids is not None and dims.get("Gateway") not in gateway_ids:
-                continue
-            key = (dims["Tunnel"], dims.get("Gateway", ""))
-            if key in seen:  # moto lists a metric once per datapoint
-                continue
-            seen.add(key)
-            metrics.append((*key, metric))
+            if set(dims) == {"Tunnel", "Gateway"} and dims["Gateway"] in gateway_ids:
+                by_gateway[(dims["Tunnel"], dims["Gateway"])] = metric
+            elif set(dims) == {"Tunnel", "Deployment"} and dims["Deployment"] == deployment:
+                by_deployment[dims["Tunnel"]] = metric
+    covered = {tunnel for tunnel, _ in by_gateway}
+    metrics: list[tuple[str, str | None, dict]] = [
+        (tunnel, gateway, metric) for (tunnel, gateway), metric in by_gateway.items()
+    ]
+    metrics += [(t, None, m) for t, m in by_deployment.items() if t not in covered]
     end = datetime.fromtimestamp(now, UTC)
     states = []
     for start in range(0, len(metrics), QUERIES_MAX):
@@ -83,4 +85,4 @@ def tunnel_states(
             else:
                 state = "up" if point[1] >= 1 else "down"
                 states.append(TunnelState(tunnel, gateway, state, point[1], point[0]))
-    return sorted(states, key=lambda s: (s.gateway, s.tunnel))
+    return sorted(states, key=lambda s: (s.gateway or "", s.tunnel))
