@@ -14,8 +14,17 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
+from botocore.exceptions import ClientError
+
 from tunnelnat.cli import doctor, enrol, reconcile, status
-from tunnelnat.cli.aws import AWS_ERRORS, EXIT_ERROR, Aws, CliError, describe_failure
+from tunnelnat.cli.aws import (
+    AWS_ERRORS,
+    EXIT_ERROR,
+    Aws,
+    CliError,
+    describe_failure,
+    error_code,
+)
 from tunnelnat.cli.context import Change, Ctx, Runtime
 from tunnelnat.core.config import TAG_TEXT
 
@@ -63,8 +72,15 @@ def _common(*, top: bool) -> argparse.ArgumentParser:
     )
     aws.add_argument(
         "--table",
-        default=default(os.environ.get("TUNNELNAT_TABLE_NAME") or DEFAULT_TABLE),
-        help="enrolment table (default: $TUNNELNAT_TABLE_NAME or tunnelnat)",
+        default=default(None),
+        help="enrolment table (default: the stack's TableName output with --stack, else "
+        "$TUNNELNAT_TABLE_NAME, else tunnelnat)",
+    )
+    aws.add_argument(
+        "--stack",
+        default=default(None),
+        help="CloudFormation stack to read names from (outputs TableName, QueueUrl, "
+        "DeadLetterQueueUrl, ControllerFunctionName)",
     )
     aws.add_argument(
         "--deployment",
@@ -135,6 +151,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Stack output -> option it fills when the option was not given.
+STACK_OUTPUTS = {
+    "TableName": "table",
+    "QueueUrl": "queue_url",
+    "DeadLetterQueueUrl": "dlq_url",
+    "ControllerFunctionName": "function_name",
+}
+
+
+def stack_outputs(aws: Aws, stack: str) -> dict[str, str]:
+    try:
+        reply = aws.client("cloudformation").describe_stacks(StackName=stack)
+    except ClientError as exc:
+        if error_code(exc) == "ValidationError":
+            raise CliError(
+                f"CloudFormation stack {stack!r} not found in region {aws.region}: check --stack "
+                "and --region"
+            ) from None
+        raise
+    outputs = reply["Stacks"][0].get("Outputs", [])
+    return {o["OutputKey"]: o["OutputValue"] for o in outputs}
+
+
+def apply_stack_outputs(args: argparse.Namespace, outputs: dict[str, str]) -> None:
+    for key, option in STACK_OUTPUTS.items():
+        if key in outputs and getattr(args, option, "absent") is None:
+            setattr(args, option, outputs[key])
+
+
 def main(argv: Sequence[str] | None = None, runtime: Runtime | None = None) -> int:
     """Run one ``tunnelnat`` command; returns its exit code (never raises for AWS failures)."""
     runtime = runtime or Runtime()
@@ -167,6 +212,9 @@ def main(argv: Sequence[str] | None = None, runtime: Runtime | None = None) -> i
             session=runtime.session,
         )
         region = aws.configured_region
+        if args.stack:
+            apply_stack_outputs(args, stack_outputs(aws, args.stack))
+        args.table = args.table or os.environ.get("TUNNELNAT_TABLE_NAME") or DEFAULT_TABLE
         func: Callable[[Ctx], int] = args.func
         return func(Ctx(args, aws, runtime))
     except CliError as exc:
@@ -175,7 +223,8 @@ def main(argv: Sequence[str] | None = None, runtime: Runtime | None = None) -> i
     except AWS_ERRORS as exc:
         if args.debug:
             traceback.print_exc(file=runtime.err)
-        runtime.err.write(f"tunnelnat: {describe_failure(exc, table=args.table, region=region)}\n")
+        table = args.table or os.environ.get("TUNNELNAT_TABLE_NAME") or DEFAULT_TABLE
+        runtime.err.write(f"tunnelnat: {describe_failure(exc, table=table, region=region)}\n")
         return EXIT_ERROR
     except KeyboardInterrupt:
         runtime.err.write("tunnelnat: interrupted\n")
