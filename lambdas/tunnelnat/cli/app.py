@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 from botocore.exceptions import ClientError
 
-from tunnelnat.cli import doctor, enrol, reconcile, status
+from tunnelnat.cli import dlq, doctor, enrol, reconcile, status
 from tunnelnat.cli.aws import (
     AWS_ERRORS,
     EXIT_ERROR,
@@ -137,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     wait_flags(p, 300.0)
     json_flag(p)
     p.set_defaults(func=reconcile.run)
+
+    p = sub.add_parser("dlq", parents=[common], help="list or redrive the dead-letter queue")
+    p.add_argument("--redrive", action="store_true", help="reconcile their instances, delete them")
+    p.add_argument("--dlq-url", help="dead-letter queue (default: <deployment>-events-dlq)")
+    p.add_argument("--queue-url", help="controller queue (default: <deployment>-events)")
+    p.add_argument("--max", type=int, default=1000, help="most messages read (default: 1000)")
+    json_flag(p)
+    p.set_defaults(func=dlq.run)
 
     p = sub.add_parser("doctor", parents=[common, tags], help="check the deployment")
     p.add_argument("--gateway-ip", help="G, the fixed ENI address (default: from the config)")

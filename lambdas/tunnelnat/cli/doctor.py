@@ -443,6 +443,7 @@ def check_dlq(ctx: Ctx, facts: Facts) -> list[Finding]:
             "ApproximateNumberOfMessagesNotVisible",
         ],
     )["Attributes"]
+    opt = f" --dlq-url {url}" if ctx.args.dlq_url else ""
     count = int(attrs.get("ApproximateNumberOfMessages", 0)) + int(
         attrs.get("ApproximateNumberOfMessagesNotVisible", 0)
     )
@@ -452,9 +453,9 @@ def check_dlq(ctx: Ctx, facts: Facts) -> list[Finding]:
                 "dlq",
                 FAIL,
                 f"{count} message(s) in {name}: events the controller gave up on",
-                f"read them (aws sqs receive-message --queue-url {url} --attribute-names All "
-                "--max-number-of-messages 10 --visibility-timeout 0), fix the cause, then "
-                f"redrive: aws sqs start-message-move-task --source-arn {attrs.get('QueueArn')}",
+                f"see them with `tunnelnat dlq{opt}` (instances and reasons), fix the cause, "
+                f"then `tunnelnat dlq --redrive{opt}` (reconciles their instances; DLQ "
+                f"{attrs.get('QueueArn')})",
                 name,
             )
         ]

@@ -46,6 +46,12 @@ def request_event(instance_ids: list[str], *, region: str, account: str, now: fl
     }
 
 
+def account_of(url: str) -> str:
+    """The account in a queue URL (``https://sqs.<region>.amazonaws.com/<account>/<name>``)."""
+    parts = urlparse(url).path.strip("/").split("/")
+    return parts[0] if len(parts) == 2 and parts[0] else "000000000000"
+
+
 def queue_url(ctx: Ctx, name: str) -> str:
     try:
         return ctx.aws.client("sqs").get_queue_url(QueueName=name)["QueueUrl"]
@@ -63,7 +69,7 @@ def run(ctx: Ctx) -> int:
     ids = sorted({check_instance_id(i) for i in args.instances})
     url = args.queue_url or queue_url(ctx, f"{ctx.deployment}-events")
     before = ctx.reader.snapshot()
-    account = urlparse(url).path.strip("/").split("/")[0] or "000000000000"
+    account = account_of(url)
     event = request_event(ids, region=ctx.aws.region, account=account, now=ctx.runtime.now())
     sent = ctx.aws.client("sqs").send_message(QueueUrl=url, MessageBody=json.dumps(event))
     scope = ", ".join(ids) if ids else "all instances"

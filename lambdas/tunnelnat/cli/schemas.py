@@ -147,3 +147,38 @@ DOCTOR: dict[str, Any] = _object(
         },
     }
 )
+
+DLQ: dict[str, Any] = _object(
+    {
+        "schema": {"const": "tunnelnat.dlq/v1"},
+        "dlq_url": {"type": "string"},
+        "messages": {
+            "type": "array",
+            "items": _object(
+                {
+                    "message_id": {"type": "string"},
+                    "sent_at": _TIME,
+                    "receives": _INT,
+                    "instance_ids": {"type": "array", "items": {"type": "string"}},
+                    "full_reconcile": {"type": "boolean"},
+                    "readable": {"type": "boolean"},
+                    "reason": {"type": "string"},
+                }
+            ),
+        },
+        "redrive": {
+            "oneOf": [
+                {"type": "null"},
+                _object(
+                    {
+                        "request_id": {"type": "string"},
+                        "queue_url": {"type": "string"},
+                        "instance_ids": {"type": "array", "items": {"type": "string"}},
+                        "deleted": _INT,
+                        "left": _INT,
+                    }
+                ),
+            ]
+        },
+    }
+)
