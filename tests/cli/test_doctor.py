@@ -412,3 +412,20 @@ def _delete_lambda(dep) -> None:
     dep.session.client("lambda", endpoint_url=dep.url).delete_function(
         FunctionName="test-controller"
     )
+
+
+def test_a_denied_api_makes_its_check_unknown_not_the_whole_doctor(dep):
+    from botocore.stub import Stubber
+
+    cloudwatch = dep.session.client("cloudwatch", endpoint_url=dep.url)
+    stubber = Stubber(cloudwatch)
+    stubber.add_client_error("list_metrics", "AccessDenied", "no", http_status_code=403)
+    stubber.add_client_error("describe_alarms", "AccessDenied", "no", http_status_code=403)
+    stubber.activate()
+    dep.clients["cloudwatch"] = cloudwatch
+    doc = doctor(dep)
+    by_check = {f["check"]: f for f in doc["findings"]}
+    assert by_check["tunnels"]["status"] == "unknown"
+    assert by_check["tunnels"]["summary"] == "could not check: ListMetrics failed (AccessDenied)"
+    assert by_check["alarms"]["summary"] == "could not check: DescribeAlarms failed (AccessDenied)"
+    assert by_check["gateway"]["status"] == "ok", "the other checks still ran"

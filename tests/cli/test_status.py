@@ -97,3 +97,25 @@ def test_status_only_shows_tunnels_of_this_deployment_and_gateway(dep):
         ("partner", dep.gateway_id, "up"),
     ]
     assert "(deployment test)" in dep.run("status").out
+
+
+def test_status_without_cloudwatch_access_still_shows_the_table(dep):
+    from botocore.stub import Stubber
+
+    cloudwatch = dep.session.client("cloudwatch", endpoint_url=dep.url)
+    stubber = Stubber(cloudwatch)
+    stubber.add_client_error("list_metrics", "AccessDenied", "no", http_status_code=403)
+    stubber.activate()
+    dep.clients["cloudwatch"] = cloudwatch
+    result = dep.run("status", "--json")
+    assert result.code == 0
+    assert result.json()["tunnels"] == []
+    assert result.err == "tunnelnat: tunnels unknown: ListMetrics failed (AccessDenied)\n"
+
+
+def test_unenroll_of_an_instance_never_enrolled(dep):
+    web1 = dep.launch("10.10.1.21")
+    result = dep.run("unenroll", web1, "--wait")
+    assert result.code == 0
+    assert f"{web1} has no tunnelnat tag" in result.out
+    assert "was not enrolled: nothing to undo" in result.out

@@ -141,7 +141,18 @@ def diagnose(ctx: Ctx) -> list[Finding]:
         check_instances,
     ]
     for check in checks:
-        findings.extend(check(ctx, facts))
+        try:
+            findings.extend(check(ctx, facts))
+        except ClientError as exc:  # one API denied or failing: that check only, say which
+            name = check.__name__.removeprefix("check_").replace("_", "-")
+            findings.append(
+                Finding(
+                    name,
+                    UNKNOWN,
+                    f"could not check: {exc.operation_name} failed ({error_code(exc)})",
+                    f"allow {exc.operation_name} to the caller, or retry",
+                )
+            )
     return findings
 
 

@@ -130,6 +130,8 @@ def _wait(
                 return Outcome("enrolled", record, mapping, f"enrolled as {mapping.public_ip}")
         elif mapping is None and (record is None or record.status != "enrolled"):
             progress.done()
+            if baseline is None and record is None:
+                return Outcome("unenrolled", record, mapping, "was not enrolled: nothing to undo")
             return Outcome("unenrolled", record, mapping, "mapping and route removed")
         if (
             fresh

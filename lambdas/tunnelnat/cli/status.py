@@ -5,7 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from tunnelnat.cli.aws import EXIT_OK
+from botocore.exceptions import ClientError
+
+from tunnelnat.cli.aws import EXIT_OK, error_code
 from tunnelnat.cli.context import Ctx
 from tunnelnat.cli.fleet import gateways, instances_by_id, tagged_instances
 from tunnelnat.cli.render import ago, dump_json, iso, table
@@ -56,12 +58,18 @@ def collect(ctx: Ctx) -> dict[str, Any]:
         )
     found = gateways(ec2, ctx.deployment)
     gateway_id = found[-1].instance_id if found else None
-    tunnels = tunnel_states(
-        ctx.aws.client("cloudwatch"),
-        gateway_ids={g.instance_id for g in found},
-        deployment=ctx.deployment,
-        now=now,
-    )
+    try:
+        tunnels = tunnel_states(
+            ctx.aws.client("cloudwatch"),
+            gateway_ids={g.instance_id for g in found},
+            deployment=ctx.deployment,
+            now=now,
+        )
+    except ClientError as exc:  # the table is what status is for; tunnels are a bonus
+        ctx.err.write(
+            f"tunnelnat: tunnels unknown: {exc.operation_name} failed ({error_code(exc)})\n"
+        )
+        tunnels = []
     enrolled = sum(1 for r in rows if r["status"] == ENROLLED)
     return {
         "schema": SCHEMA,
