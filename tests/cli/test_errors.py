@@ -73,6 +73,14 @@ def test_invalid_region_name(dep):
     assert err.startswith("tunnelnat: AWS client error: Provided region_name 'not a region'")
 
 
+def test_table_defaults_to_the_deployment_name(dep, monkeypatch):
+    monkeypatch.delenv("TUNNELNAT_TABLE_NAME")
+    err = one_line(dep.run("status", "--deployment", "payments", base=False))
+    assert "DynamoDB table 'payments' not found" in err
+    err = one_line(dep.run("status", base=False))
+    assert "DynamoDB table 'test' not found" in err, "TUNNELNAT_DEPLOYMENT=test"
+
+
 def test_table_name_from_the_environment(dep, monkeypatch):
     monkeypatch.setenv("TUNNELNAT_TABLE_NAME", "from-env")
     err = one_line(dep.run("status", base=False))

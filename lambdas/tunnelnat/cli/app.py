@@ -30,8 +30,6 @@ from tunnelnat.core.config import TAG_TEXT
 
 __all__ = ["Change", "Runtime", "build_parser", "main"]
 
-DEFAULT_TABLE = "tunnelnat"
-
 
 def _tag_text(value: str) -> str:
     if not TAG_TEXT.fullmatch(value) or value.lower().startswith("aws:"):
@@ -74,7 +72,7 @@ def _common(*, top: bool) -> argparse.ArgumentParser:
         "--table",
         default=default(None),
         help="enrolment table (default: the stack's TableName output with --stack, else "
-        "$TUNNELNAT_TABLE_NAME, else tunnelnat)",
+        "$TUNNELNAT_TABLE_NAME, else the deployment's name)",
     )
     aws.add_argument(
         "--stack",
@@ -188,6 +186,12 @@ def apply_stack_outputs(args: argparse.Namespace, outputs: dict[str, str]) -> No
             setattr(args, option, outputs[key])
 
 
+def default_table(args: argparse.Namespace) -> str:
+    """--table, else the stack's output (applied before), else $TUNNELNAT_TABLE_NAME, else the
+    deployment's name (the stack names the table after the deployment)."""
+    return args.table or os.environ.get("TUNNELNAT_TABLE_NAME") or args.deployment
+
+
 def main(argv: Sequence[str] | None = None, runtime: Runtime | None = None) -> int:
     """Run one ``tunnelnat`` command; returns its exit code (never raises for AWS failures)."""
     runtime = runtime or Runtime()
@@ -222,7 +226,7 @@ def main(argv: Sequence[str] | None = None, runtime: Runtime | None = None) -> i
         region = aws.configured_region
         if args.stack:
             apply_stack_outputs(args, stack_outputs(aws, args.stack))
-        args.table = args.table or os.environ.get("TUNNELNAT_TABLE_NAME") or DEFAULT_TABLE
+        args.table = default_table(args)
         func: Callable[[Ctx], int] = args.func
         return func(Ctx(args, aws, runtime))
     except CliError as exc:
@@ -231,7 +235,7 @@ def main(argv: Sequence[str] | None = None, runtime: Runtime | None = None) -> i
     except AWS_ERRORS as exc:
         if args.debug:
             traceback.print_exc(file=runtime.err)
-        table = args.table or os.environ.get("TUNNELNAT_TABLE_NAME") or DEFAULT_TABLE
+        table = default_table(args)
         runtime.err.write(f"tunnelnat: {describe_failure(exc, table=table, region=region)}\n")
         return EXIT_ERROR
     except KeyboardInterrupt:
