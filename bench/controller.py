@@ -245,10 +245,10 @@ class ControllerBench:
 
     # -- lifecycle ------------------------------------------------------------------------------
     def __enter__(self) -> ControllerBench:
-        from moto.server import ThreadedMotoServer
+        from tools.moto_server import SerialMotoServer
 
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self._server = SerialMotoServer()
         self._server.start()
         host, port = self._server.get_host_and_port()
         self.url = f"http://{host}:{port}"

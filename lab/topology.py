@@ -582,9 +582,9 @@ secrets {{
 
     # -- AWS (moto) ---------------------------------------------------------------------------
     def start_moto(self) -> None:
-        from moto.server import ThreadedMotoServer
+        from tools.moto_server import SerialMotoServer
 
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server = SerialMotoServer()
         server.start()
         self._moto = server
         host, port = server.get_host_and_port()

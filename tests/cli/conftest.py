@@ -18,11 +18,11 @@ from datetime import UTC, datetime, timedelta
 import boto3
 import pytest
 from botocore.stub import ANY, Stubber
-from moto.server import ThreadedMotoServer
 
 from tests.conftest import VALID_CONFIG
 from tests.lambdas.conftest import FakeFleet
 from tests.lambdas.events import Context, sqs_batch, tag_change
+from tools.moto_server import SerialMotoServer
 from tunnelnat.cli import Runtime, main
 from tunnelnat.cli.context import Change
 
@@ -46,7 +46,7 @@ def shared_session():
 
 @pytest.fixture(scope="session")
 def moto_server():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server = SerialMotoServer()
     server.start()
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 from tests.conftest import VALID_CONFIG
+from tools.moto_server import SerialMotoServer
 from tunnelnat.adapters.commands import AgentNotReady, CommandResult
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,7 +32,7 @@ TABLE = "tunnelnat-test"
 
 @pytest.fixture(scope="session")
 def moto_url():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server = SerialMotoServer()
     server.start()
     host, port = server.get_host_and_port()
     url = f"http://{host}:{port}"
