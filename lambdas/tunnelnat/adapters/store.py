@@ -6,6 +6,7 @@ Items (partition ``pk``, sort ``sk``):
   instance/<instance-id>  status, reason, route, ...   what operators see
   meta/generation         generation                   bumped by every mapping change
   meta/gateway            applied_generation, gateway  what the gateway last reported
+  meta/reconcile          request_id, handled_at, ...  the last reconcile request handled
 
 Every mapping change, its address claim and the generation bump are one transaction, so the
 gateway, which reads the generation before the mappings, never labels a table with a generation
@@ -265,6 +266,19 @@ class EnrolmentStore:
         if record.public_ip:
             item["public_ip"] = {"S": record.public_ip}
         self._db.put_item(TableName=self._table, Item=item)
+
+    def record_reconcile(self, request_id: str, *, instances: int, failures: int) -> None:
+        """Say that a reconcile request was handled (``tunnelnat reconcile --wait`` waits for it)."""
+        self._db.put_item(
+            TableName=self._table,
+            Item={
+                **_key(META, "reconcile"),
+                "request_id": {"S": request_id},
+                "handled_at": {"N": f"{self._clock():.3f}"},
+                "instances": {"N": str(instances)},
+                "failures": {"N": str(failures)},
+            },
+        )
 
     def delete_record(self, instance_id: str) -> None:
         self._db.delete_item(TableName=self._table, Key=_key(INSTANCE, instance_id))
