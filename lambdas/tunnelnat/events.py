@@ -138,6 +138,9 @@ def parse_request(event: Any) -> Request:
             raise InvalidEvent(f"event body is not JSON: {exc}") from None
     if not isinstance(event, dict):
         raise InvalidEvent(f"event is a {type(event).__name__}, not an object")
+    if _is_dead_letter(event):
+        # Moved back from the dead-letter queue (an SQS redrive): the original event, retried.
+        return parse_request(event["event"])
     kind = event.get("detail-type")
     try:
         if kind == STATE_CHANGE:
@@ -165,6 +168,16 @@ def parse_request(event: Any) -> Request:
             raise
         raise InvalidEvent(f"malformed {str(kind)[:80]!r} event: {_short(exc)}") from None
     raise InvalidEvent(f"unsupported event type {str(kind)[:80]!r}")
+
+
+def _is_dead_letter(event: dict[str, Any]) -> bool:
+    """The controller parks a message as ``{"event": <original body>, "instance_ids": [...],
+    "reason": "..."}``; an original EventBridge event never has that shape."""
+    return (
+        "detail-type" not in event
+        and set(event) == {"event", "instance_ids", "reason"}
+        and isinstance(event["event"], str)
+    )
 
 
 def _short(exc: Exception) -> str:

@@ -15,7 +15,7 @@ from aws_lambda_powertools import Logger
 from tunnelnat.adapters.autoscaling import LifecyclePort
 from tunnelnat.controller import Controller, Outcome
 from tunnelnat.core.enrolment import Status
-from tunnelnat.events import Request
+from tunnelnat.events import RECONCILE_REQUEST, Request
 
 logger = Logger(service="tunnelnat", child=True)
 
@@ -60,7 +60,19 @@ class Service:
         rest = [i for i in ids if i not in results or i in terminating]
         if rest:
             results.update(self.controller.converge(rest, terminating=terminating))
-        return [self._settle(request, results) for request in requests], results
+        errors = [self._settle(request, results) for request in requests]
+        for request, error in zip(requests, errors, strict=True):
+            if request.kind == RECONCILE_REQUEST and error is None:
+                self._mark_handled(request, results)
+        return errors, results
+
+    def _mark_handled(self, request: Request, results: dict[str, Outcome | Exception]) -> None:
+        # The operator's `tunnelnat reconcile --wait` waits for this request ID to appear.
+        scope = list(results) if request.full else list(request.instance_ids)
+        failures = sum(isinstance(results.get(i), Exception) for i in scope)
+        self.controller.store.record_reconcile(
+            request.event_id, instances=len(scope), failures=failures
+        )
 
     def _settle(self, request: Request, results: dict[str, Any]) -> Exception | None:
         if request.full:
