@@ -24,7 +24,6 @@ from pathlib import Path
 from tunnelnat.core.nat import (
     TABLE,
     GatewayBase,
-    NatMapping,
     NatTable,
     NatTableError,
     render_map_update,
@@ -48,7 +47,8 @@ def read_desired(client: object, table_name: str, nat_mode: str) -> NatTable:
     generation we label it with (writes bump both in one transaction)."""
     meta = client.get_item(TableName=table_name, Key=META_KEY, ConsistentRead=True).get("Item", {})
     generation = int(meta.get("generation", {}).get("N", "0"))
-    mappings = []
+    rows: list[tuple[str, str]] = []
+    append = rows.append
     paginator = client.get_paginator("query")
     pages = paginator.paginate(
         TableName=table_name,
@@ -60,11 +60,17 @@ def read_desired(client: object, table_name: str, nat_mode: str) -> NatTable:
     for page in pages:
         for item in page["Items"]:
             try:
-                mappings.append(NatMapping.parse(item["private_ip"]["S"], item["public_ip"]["S"]))
-            except (KeyError, ValueError) as exc:
-                # Never hand nft a value that is not an address; a bad row stops the sync loudly.
+                append((item["private_ip"]["S"], item["public_ip"]["S"]))
+            except (KeyError, TypeError) as exc:
                 raise GatewayError(f"refusing malformed mapping row {item!r}: {exc}") from None
-    return NatTable(generation=generation, mappings=tuple(mappings), nat_mode=nat_mode)
+    try:
+        # Every address is validated here (NatTable.from_rows): nft is never handed a value
+        # that is not a canonical IPv4 address; a bad row stops the sync loudly.
+        return NatTable.from_rows(generation, rows, nat_mode)
+    except NatTableError:
+        raise  # a consistent-looking but ambiguous table (an address mapped twice)
+    except ValueError as exc:
+        raise GatewayError(f"refusing malformed mapping row: {exc}") from None
 
 
 def applied_generation() -> int | None:
@@ -119,7 +125,7 @@ def sync(client: object, table_name: str, *, full: bool = False) -> dict:
         "action": action,
         "applied_generation": current if action == "unchanged" else desired.generation,
         "previous_generation": current,
-        "mappings": len(desired.mappings),
+        "mappings": len(desired),
         "seconds": round(time.monotonic() - started, 3),
     }
 

@@ -11,6 +11,7 @@ from tunnelnat.core.nat import (
     NatMapping,
     NatTable,
     NatTableError,
+    ipv4_int,
     render_map_update,
     render_nat_table,
 )
@@ -139,3 +140,85 @@ def test_kernel_accepts_full_table_then_update(n, tmp_path):
         pytest.skip("needs root for a network namespace")
     assert proc.returncode == 0, proc.stderr
     assert "0x00000002" in proc.stdout or "2" in proc.stdout.split("elements = {")[1]
+
+
+# -- the gateway's fast path: text rows, validated without ipaddress objects ------------------
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "10.0.0.01",  # leading zero: not canonical (and octal to some parsers)
+        "10.1",  # inet_aton would take it
+        "10.0.0.256",
+        " 10.0.0.1",
+        "10.0.0.1\n",
+        "10.0.0.1; flush ruleset",
+        "10.0.0.1 }",
+        "",
+        "::1",
+        "0x0a.0.0.1",
+        "10.0.0.1\x00",
+        None,
+        167772161,
+    ],
+)
+def test_ipv4_int_takes_only_canonical_dotted_quads(bad):
+    with pytest.raises(ValueError):
+        ipv4_int(bad)
+
+
+def test_ipv4_int_matches_ipaddress():
+    for text in ("0.0.0.0", "10.0.0.1", "203.0.113.255", "255.255.255.255"):
+        assert ipv4_int(text) == int(ipaddress.IPv4Address(text))
+
+
+def test_from_rows_equals_the_mapping_constructor_and_sorts_numerically():
+    rows = [
+        ("10.0.0.10", "203.0.113.10"),
+        ("10.0.0.9", "203.0.113.9"),
+        ("10.0.0.10", "203.0.113.10"),
+    ]
+    table = NatTable.from_rows(3, rows)
+    assert table.rows == (("10.0.0.9", "203.0.113.9"), ("10.0.0.10", "203.0.113.10"))
+    assert table == NatTable(3, tuple(NatMapping.parse(p, s) for p, s in rows))
+    assert len(table) == 2
+    assert [str(m.private_ip) for m in table.mappings] == ["10.0.0.9", "10.0.0.10"]
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([("10.0.0.1", "203.0.113.2"), ("10.0.0.1", "203.0.113.1")], "private address 10.0.0.1"),
+        ([("10.0.0.2", "203.0.113.1"), ("10.0.0.1", "203.0.113.1")], "public address 203.0.113.1"),
+    ],
+)
+def test_from_rows_refuses_duplicates(rows, message):
+    with pytest.raises(NatTableError, match=message):
+        NatTable.from_rows(1, rows)
+
+
+def test_from_rows_refuses_a_malformed_address_anywhere():
+    rows = [
+        (f"10.0.{i // 250}.{i % 250 + 1}", f"100.64.{i // 250}.{i % 250 + 1}") for i in range(500)
+    ]
+    rows[321] = ("10.0.1.72", "100.64.1.72 } ; flush ruleset")
+    with pytest.raises(ValueError, match="not an IPv4 address"):
+        NatTable.from_rows(1, rows)
+    with pytest.raises(NatTableError, match="negative"):
+        NatTable.from_rows(-1, [])
+
+
+def test_shared_mode_rows_may_share_the_public_address():
+    table = NatTable.from_rows(
+        1, [("10.0.0.1", "203.0.113.100"), ("10.0.0.2", "203.0.113.100")], "shared"
+    )
+    text = render_map_update(table)
+    assert "10.0.0.1,\n      10.0.0.2" in text and " : " not in text
+
+
+def test_rendering_from_rows_is_the_rendering_from_mappings():
+    maps = mappings(300)
+    fast = NatTable.from_rows(4, [(str(m.private_ip), str(m.public_ip)) for m in reversed(maps)])
+    assert render_nat_table(base(), fast) == render_nat_table(base(), NatTable(4, maps))
+    assert render_map_update(fast) == render_map_update(NatTable(4, maps))
