@@ -51,7 +51,8 @@ PARTNER_ENDPOINT = "198.51.100.40"  # T
 PARTNER_NET = "192.0.2.0/24"
 PARTNER_INSIDE = "192.0.2.1"
 APP = "192.0.2.80"  # A
-POOL = tuple(f"203.0.113.{n}" for n in range(10, 20))  # S, dedicated mode
+# S, dedicated mode: room for web-1, web-2 and an Auto Scaling burst of 20 (and a few spare).
+POOL = tuple(f"203.0.113.{n}" for n in range(10, 50))
 SHARED = "203.0.113.100"  # S, shared mode
 APP_PORT = 8080
 INSTANCE_PORT = 8081
@@ -306,39 +307,11 @@ class Lab:
 
     def _build_network(self) -> None:
         for ns in self.machines():
-            sh(["ip", "netns", "add", ns])
-            self._make_machine(ns)
-            sh(["ip", "-n", ns, "link", "set", "lo", "up"])
-            # Quiet and fast: no IPv6 (no DAD, no router solicitations) in the lab.
-            sh(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])
+            self._new_machine(ns)
         vpc = "tn-vpc"
         sh(["ip", "-n", vpc, "link", "add", "br0", "type", "bridge"])
         sh(["ip", "-n", vpc, "link", "set", "br0", "up"])
-
-        def veth(ns_a: str, if_a: str, ns_b: str, if_b: str) -> None:
-            sh(
-                [
-                    "ip",
-                    "-n",
-                    ns_a,
-                    "link",
-                    "add",
-                    if_a,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    if_b,
-                    "netns",
-                    ns_b,
-                ]
-            )
-            sh(["ip", "-n", ns_a, "link", "set", if_a, "up"])
-            sh(["ip", "-n", ns_b, "link", "set", if_b, "up"])
-
-        def on_bridge(ns: str, port: str) -> None:
-            veth(vpc, port, ns, "eth0")
-            sh(["ip", "-n", vpc, "link", "set", port, "master", "br0"])
+        veth, on_bridge = self._veth, self._on_bridge
 
         # Gateway: VPC side (primary + the fixed ENI address G) and public side E.
         on_bridge("tn-gw", "p-gw")
@@ -363,8 +336,63 @@ class Lab:
         # Instances: on the subnet, no default route. Only the host route the controller
         # installs (A via G) makes the partner reachable.
         for inst in self.instances:
-            on_bridge(inst.ns, f"p-{inst.name}")
-            sh(["ip", "-n", inst.ns, "addr", "add", f"{inst.private_ip}/24", "dev", "eth0"])
+            self._wire_instance(inst)
+
+    @staticmethod
+    def _veth(ns_a: str, if_a: str, ns_b: str, if_b: str) -> None:
+        sh(
+            [
+                "ip",
+                "-n",
+                ns_a,
+                "link",
+                "add",
+                if_a,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                if_b,
+                "netns",
+                ns_b,
+            ]
+        )
+        sh(["ip", "-n", ns_a, "link", "set", if_a, "up"])
+        sh(["ip", "-n", ns_b, "link", "set", if_b, "up"])
+
+    def _on_bridge(self, ns: str, port: str) -> None:
+        self._veth("tn-vpc", port, ns, "eth0")
+        sh(["ip", "-n", "tn-vpc", "link", "set", port, "master", "br0"])
+
+    def _wire_instance(self, inst: Instance) -> None:
+        self._on_bridge(inst.ns, f"p-{inst.name}")
+        sh(["ip", "-n", inst.ns, "addr", "add", f"{inst.private_ip}/24", "dev", "eth0"])
+
+    def _new_machine(self, ns: str) -> None:
+        sh(["ip", "netns", "add", ns])
+        self._make_machine(ns)
+        sh(["ip", "-n", ns, "link", "set", "lo", "up"])
+        # Quiet and fast: no IPv6 (no DAD, no router solicitations) in the lab.
+        sh(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])
+
+    def add_instances(self, numbers: Sequence[int]) -> list[Instance]:
+        """Boot more instance machines (tn-web-N at ``instance_ip(N)``) in the running lab.
+
+        For instances launched after the lab was built (an Auto Scaling burst). They are lab
+        names, so ``cleanup()`` removes them with the rest, also after a failure.
+        """
+        taken = {i.name for i in self.instances}
+        added = []
+        for n in numbers:
+            inst = Instance(f"web-{n}", f"{PREFIX}web-{n}", instance_ip(n))
+            if inst.name in taken:
+                raise LabError(f"{inst.name} already exists in the lab")
+            # Appended first: a failure half-way still leaves it known to the lab.
+            self.instances.append(inst)
+            self._new_machine(inst.ns)
+            self._wire_instance(inst)
+            added.append(inst)
+        return added
 
     def _make_machine(self, ns: str) -> None:
         """Pin a mount namespace for ``ns`` whose /etc is a private overlay of the host's."""
@@ -750,7 +778,17 @@ secrets {{
 
 if __name__ == "__main__":
     # `python -m lab.topology cleanup` removes whatever a crashed run left behind.
+    # `make lab-clean` runs it.
     if sys.argv[1:] == ["cleanup"]:
-        with lab_lock(wait=0):
-            cleanup()
-        print("lab: cleaned up")
+        try:
+            with lab_lock(wait=0):
+                found = lab_namespaces()
+                cleanup()
+        except LabError as exc:
+            # Most likely a lab is running right now: its own exit removes it.
+            print(f"lab: not cleaned up: {exc}", file=sys.stderr)
+            sys.exit(1)
+        print(f"lab: cleaned up ({', '.join(found) if found else 'no namespaces were left'})")
+    else:
+        print("usage: python -m lab.topology cleanup", file=sys.stderr)
+        sys.exit(2)
