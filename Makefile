@@ -56,6 +56,12 @@ test-lab: deps
 demo: deps
 	$(PY) -m lab.demo
 
+# Removes what an interrupted lab left (namespaces, processes, mounts, /run/tn-lab); the lab's
+# own cleanup, refused while a lab is running.
+.PHONY: lab-clean
+lab-clean: venv
+	$(PY) -m lab.topology cleanup
+
 synth: venv
 	$(PY) app.py
 
