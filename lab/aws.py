@@ -6,7 +6,9 @@ so a mistake can never reach real AWS.
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +27,11 @@ class LabAws:
     vpc_id: str = ""
     subnet_id: str = ""
     gateway_id: str = ""
+    eni_id: str = ""  # the gateway's dedicated ENI holding G
+    image_id: str = ""
+    queue_url: str = ""
+    queue_arn: str = ""
+    dlq_url: str = ""
     instance_ids: dict[str, str] = field(default_factory=dict)  # lab name -> instance id
 
     def client(self, service: str) -> Any:
@@ -45,10 +52,11 @@ class LabAws:
         self.subnet_id = ec2.create_subnet(VpcId=self.vpc_id, CidrBlock=topo.SUBNET_CIDR)["Subnet"][
             "SubnetId"
         ]
-        image = ec2.describe_images()["Images"][0]["ImageId"]
+        image = self.image_id = ec2.describe_images()["Images"][0]["ImageId"]
         self.gateway_id = self._run_instance(image, topo.GW_PRIMARY, "gateway", GATEWAY_TAGS)
         # The gateway forwards packets that are not its own (the seed forgets this).
         ec2.modify_instance_attribute(InstanceId=self.gateway_id, SourceDestCheck={"Value": False})
+        self._seed_fixed_eni()
         for inst in lab.instances:
             inst.instance_id = self._run_instance(image, inst.private_ip, inst.name, {})
             self.instance_ids[inst.name] = inst.instance_id
@@ -65,6 +73,84 @@ class LabAws:
             BillingMode="PAY_PER_REQUEST",
         )
         self.client("secretsmanager").create_secret(Name=topo.PSK_SECRET, SecretString=lab.psk)
+        self._seed_queues()
+        self._seed_controller_function()
+        # Imported here: lab.autoscaling builds on this module.
+        from lab.autoscaling import create_group
+
+        create_group(self)
+
+    def _seed_fixed_eni(self) -> None:
+        """G on its own ENI, attached to the gateway as its second interface, as the stack does
+        (a replacement gateway re-attaches it). The gateway's namespace already holds G."""
+        ec2 = self.client("ec2")
+        eni = ec2.create_network_interface(
+            SubnetId=self.subnet_id,
+            PrivateIpAddress=topo.GW_ENI,
+            Description=f"tunnelnat {topo.DEPLOYMENT} fixed ENI (G)",
+        )["NetworkInterface"]
+        self.eni_id = eni["NetworkInterfaceId"]
+        ec2.attach_network_interface(
+            NetworkInterfaceId=self.eni_id, InstanceId=self.gateway_id, DeviceIndex=1
+        )
+        # Each interface has its own switch; packets forwarded through G arrive on this one.
+        ec2.modify_network_interface_attribute(
+            NetworkInterfaceId=self.eni_id, SourceDestCheck={"Value": False}
+        )
+
+    def _seed_controller_function(self) -> None:
+        """The controller Lambda as the stack deploys it (named ``<deployment>-controller``), so
+        ``tunnelnat doctor`` reads the configuration the lab's controller really runs with. It is
+        never invoked through moto (that needs Docker): the lab calls the handler in-process."""
+        role = self.client("iam").create_role(
+            RoleName=f"{topo.DEPLOYMENT}-controller",
+            AssumeRolePolicyDocument=json.dumps(
+                {
+                    "Version": "2012-10-17",
+                    "Statement": [
+                        {
+                            "Effect": "Allow",
+                            "Principal": {"Service": "lambda.amazonaws.com"},
+                            "Action": "sts:AssumeRole",
+                        }
+                    ],
+                }
+            ),
+        )["Role"]["Arn"]
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as archive:
+            # A placeholder: the code that runs is the repository's, in the lab's process.
+            archive.writestr("index.py", "def handler(event, context):\n    return None\n")
+        self.client("lambda").create_function(
+            FunctionName=f"{topo.DEPLOYMENT}-controller",
+            Runtime="python3.13",
+            Role=role,
+            Handler="tunnelnat.handlers.controller.handler",
+            Code={"ZipFile": buffer.getvalue()},
+            Environment={
+                "Variables": {
+                    "TUNNELNAT_CONFIG": json.dumps(controller_config()),
+                    "TUNNELNAT_TABLE_NAME": topo.TABLE,
+                    "TUNNELNAT_DEPLOYMENT": topo.DEPLOYMENT,
+                }
+            },
+        )
+
+    def _seed_queues(self) -> None:
+        """The controller's queue and dead-letter queue, named as the stack names them."""
+        sqs = self.client("sqs")
+        self.dlq_url = sqs.create_queue(QueueName=f"{topo.DEPLOYMENT}-events-dlq")["QueueUrl"]
+        dlq_arn = sqs.get_queue_attributes(QueueUrl=self.dlq_url, AttributeNames=["QueueArn"])[
+            "Attributes"
+        ]["QueueArn"]
+        redrive = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "10"})
+        self.queue_url = sqs.create_queue(
+            QueueName=f"{topo.DEPLOYMENT}-events",
+            Attributes={"VisibilityTimeout": "60", "RedrivePolicy": redrive},
+        )["QueueUrl"]
+        self.queue_arn = sqs.get_queue_attributes(
+            QueueUrl=self.queue_url, AttributeNames=["QueueArn"]
+        )["Attributes"]["QueueArn"]
 
     def _run_instance(self, image: str, ip: str, name: str, tags: dict[str, str]) -> str:
         all_tags = [{"Key": "Name", "Value": name}] + [

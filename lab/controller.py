@@ -2,8 +2,9 @@
 
 The handler module builds its AWS clients from the environment (AWS_ENDPOINT_URL points boto3 at
 moto); its commands go through ``LabCommands`` via ``build_controller(commands=...)`` and
-``use_controller``, the handler's seam for other adapters. ``LabController`` sets that
-environment for its lifetime only and restores it on close.
+``use_controller``, the handler's seam for other adapters; its Auto Scaling lifecycle calls go to
+``lab.autoscaling.LabLifecycle``. ``LabController`` sets that environment for its lifetime only and
+restores it on close.
 """
 
 from __future__ import annotations
@@ -47,13 +48,16 @@ class LabController:
         for key, value in environ.items():
             self._saved[key] = os.environ.get(key)
             os.environ[key] = value
+        from lab.autoscaling import LabLifecycle
         from tunnelnat.handlers import controller as handler_module
         from tunnelnat.settings import ControllerSettings
 
         self.module = handler_module
         settings = ControllerSettings.from_environ()
         self.controller = handler_module.build_controller(settings, commands=lab.commands)
-        handler_module.use_controller(self.controller)
+        # moto does not implement CompleteLifecycleAction: the lab's port checks and records it.
+        self.lifecycle = LabLifecycle(lab.aws)
+        handler_module.use_controller(self.controller, lifecycle=self.lifecycle)
 
     def close(self) -> None:
         self.module.use_controller(None)
