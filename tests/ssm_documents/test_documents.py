@@ -135,3 +135,51 @@ def test_patterns_accept_lists_and_refuse_bad_octets():
     assert re.fullmatch(pattern, "192.0.2.0/24,198.51.100.0/25,203.0.113.7/32")
     for bad in ("192.0.2.0", "192.0.2.0/24,", ",192.0.2.0/24", "300.0.2.0/24", "192.0.2.0/-1"):
         assert not re.fullmatch(pattern, bad), bad
+
+
+# -- ConfigureGateway's health agent parameters -----------------------------------------------
+
+CONFIGURE = ROOT / "ssm_documents" / "ConfigureGateway.yaml"
+HEALTH_PATTERNS = {
+    "HealthInterval": (
+        ["10", "30", "59", "60", "300", "1000", "3599", "3600"],
+        ["9", "0", "010", "3601", "9999", "60s", "-60", ""],
+    ),
+    "ProbeTarget": (
+        ["", "198.51.100.5:443", "192.0.2.1:1", "192.0.2.1:65535"],
+        ["198.51.100.5", ":443", "192.0.2.1:0", "192.0.2.1:65536", "a.example:443", "1.2.3:4"],
+    ),
+    "ProbeSource": (["", "192.0.2.50"], ["192.0.2.50:1", "192.0.2", "x"]),
+    "Deployment": (["tunnelnat", "acme-2"], ["", "a" * 65, "a b"]),
+}
+
+
+@pytest.mark.parametrize("name", HEALTH_PATTERNS)
+def test_health_parameters_have_defaults_and_tight_patterns(name):
+    spec = load_document(CONFIGURE)["parameters"][name]
+    assert "default" in spec  # existing callers keep working
+    good, bad = HEALTH_PATTERNS[name]
+    for value in good:
+        assert re.fullmatch(spec["allowedPattern"], value), value
+    for value in bad:
+        assert not re.fullmatch(spec["allowedPattern"], value), value
+
+
+def test_configure_gateway_installs_the_embedded_agent_with_a_timer():
+    document = load_document(CONFIGURE)
+    params = valid_parameters("ConfigureGateway") | {
+        "HealthInterval": "10",
+        "ProbeTarget": "192.0.2.7:443",
+        "ProbeSource": "203.0.113.10",
+        "Deployment": "acme",
+    }
+    (script,) = render_scripts(document, params)
+    agent = (ROOT / "gateway" / "tunnelnat_health.py").read_text()
+    assert agent.splitlines()[5].strip() in script  # the embedded agent, current
+    assert 'interval="10"' in script
+    assert "OnUnitActiveSec=${interval}s" in script and "AccuracySec=1s" in script
+    assert '--probe "192.0.2.7:443" --probe-source "203.0.113.10"' in script
+    assert '--deployment "acme"' in script
+    assert "/etc/systemd/system/tunnelnat-health.timer" in script
+    # Without systemd (the lab's namespaces) the timer is skipped with a line saying so.
+    assert "systemd is not PID 1 here" in script
