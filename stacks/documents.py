@@ -1,12 +1,17 @@
 """Documents: one ``AWS::SSM::Document`` per ``ssm_documents/*.yaml``, loaded from the file.
 
 The deployed documents are the tested ones: the content is the YAML file, parsed, never
-rewritten. A parameter value the stack itself passes (the State Manager association's) is
+rewritten. It is deployed as JSON: SSM refuses a document over 64 KB, and JSON is the smaller and
+the predictable serialization of the same content (the YAML file's indentation of embedded code
+alone is kilobytes); synthesis fails on a document over the limit rather than the deploy.
+
+A parameter value the stack itself passes (the State Manager association's) is
 checked at synthesis against the document's declared parameters and ``allowedPattern``s.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +23,9 @@ from aws_cdk import aws_ssm as ssm
 from constructs import Construct
 
 from tunnelnat.core.config import ConfigError
+
+# SSM's limit on a document's content (CreateDocument/UpdateDocument: MaxDocumentSizeExceeded).
+MAX_DOCUMENT_BYTES = 64 * 1024
 
 
 class DocumentError(ConfigError):
@@ -33,18 +41,25 @@ class Documents(Construct):
         self.prefix = prefix
         self.contents: dict[str, dict[str, Any]] = {}
         self.resources: dict[str, ssm.CfnDocument] = {}
+        self.sizes: dict[str, int] = {}
         paths = sorted(directory.glob("*.yaml"))
         if not paths:
             raise DocumentError(f"no SSM documents (*.yaml) in {directory}")
         for path in paths:
             content = load_document(path)
             self.contents[path.stem] = content
+            self.sizes[path.stem] = deployed_size(content)
+            if self.sizes[path.stem] > MAX_DOCUMENT_BYTES:
+                raise DocumentError(
+                    f"{path.name}: {self.sizes[path.stem]} bytes as deployed, over SSM's "
+                    f"{MAX_DOCUMENT_BYTES}-byte document limit"
+                )
             self.resources[path.stem] = ssm.CfnDocument(
                 self,
                 path.stem,
                 name=f"{prefix}{path.stem}",
                 document_type="Command",
-                document_format="YAML",
+                document_format="JSON",
                 content=content,
                 # A fixed name cannot be replaced in place; a new version can.
                 update_method="NewVersion",
@@ -100,6 +115,11 @@ class Documents(Construct):
 
     def declares(self, stem: str, parameter: str) -> bool:
         return parameter in (self.contents.get(stem, {}).get("parameters") or {})
+
+
+def deployed_size(content: Mapping[str, Any]) -> int:
+    """Bytes of the content as the stack deploys it (JSON, with the usual separators)."""
+    return len(json.dumps(content).encode())
 
 
 def load_document(path: Path) -> dict[str, Any]:

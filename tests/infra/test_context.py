@@ -133,6 +133,17 @@ def test_a_parameter_the_document_does_not_allow_fails_synthesis(tmp_path):
         build_app(cdk_json_context(), outdir=str(tmp_path / "out"), documents_dir=target)
 
 
+def test_a_document_over_ssms_size_limit_fails_synthesis(tmp_path):
+    target = tmp_path / "docs"
+    shutil.copytree(DOCUMENTS_DIR, target)
+    path = target / "RestartTunnel.yaml"
+    content = yaml.safe_load(path.read_text())
+    content["description"] = "x" * (64 * 1024)
+    path.write_text(yaml.safe_dump(content))
+    with pytest.raises(DocumentError, match=r"RestartTunnel.yaml: \d+ bytes as deployed, over"):
+        build_app(cdk_json_context(), outdir=str(tmp_path / "out"), documents_dir=target)
+
+
 # -- cdk.json and docs/stack.md agree with the code ------------------------------------------
 
 
