@@ -96,11 +96,16 @@ class Controller(Construct):
             self,
             "Queue",
             queue_name=f"{deployment}-events",
-            # At least the function's timeout (AWS requires it), plus room for the batch window.
-            visibility_timeout=Duration.seconds(settings.controller_timeout_seconds + 30),
+            # Six times the function's timeout (AWS's guidance for an SQS event source): a batch
+            # whose invocation was throttled and retried is not delivered twice meanwhile. The
+            # handler sets its own, shorter, back-off on each record it fails.
+            visibility_timeout=Duration.seconds(settings.queue_visibility_timeout_seconds),
             retention_period=Duration.days(4),
             encryption=sqs.QueueEncryption.SQS_MANAGED,
             enforce_ssl=True,
+            # The backstop: the handler dead-letters an event itself, with the instances and the
+            # reason, at its TUNNELNAT_MAX_ATTEMPTS-th attempt; SQS moves one only after more
+            # receives than that (a crash or timeout on every attempt).
             dead_letter_queue=sqs.DeadLetterQueue(
                 max_receive_count=settings.queue_max_receive_count, queue=self.dead_letter_queue
             ),
@@ -120,7 +125,11 @@ class Controller(Construct):
             description=f"{deployment} controller: observe EC2, drive SSM, own its table",
         )
         self.log_group.grant_write(self.role)
-        powertools = lambda_.LayerVersion.from_layer_version_arn(
+        # At its last attempt the handler parks the event in the DLQ itself, with the reason.
+        self.dead_letter_queue.grant_send_messages(self.role)
+        # One code asset for every function of the project (the healer's too).
+        self.code = lambda_.Code.from_asset(str(code_directory), exclude=ASSET_EXCLUDES)
+        self.powertools = lambda_.LayerVersion.from_layer_version_arn(
             self,
             "Powertools",
             ssm.StringParameter.value_for_string_parameter(self, POWERTOOLS_LAYER_PARAMETER),
@@ -133,8 +142,8 @@ class Controller(Construct):
             runtime=lambda_.Runtime.PYTHON_3_13,
             architecture=lambda_.Architecture.X86_64,
             handler=HANDLER,
-            code=lambda_.Code.from_asset(str(code_directory), exclude=ASSET_EXCLUDES),
-            layers=[powertools],
+            code=self.code,
+            layers=[self.powertools],
             role=self.role,
             timeout=timeout,
             memory_size=512,
@@ -147,6 +156,8 @@ class Controller(Construct):
                 "TUNNELNAT_TABLE_NAME": self.table.table_name,
                 "TUNNELNAT_DEPLOYMENT": deployment,
                 "TUNNELNAT_DOCUMENT_PREFIX": documents.prefix,
+                "TUNNELNAT_MAX_ATTEMPTS": str(settings.controller_max_attempts),
+                "TUNNELNAT_DLQ_URL": self.dead_letter_queue.queue_url,
                 "POWERTOOLS_SERVICE_NAME": SERVICE,
                 "POWERTOOLS_METRICS_NAMESPACE": SERVICE,
             },
@@ -154,8 +165,10 @@ class Controller(Construct):
         self.function.add_event_source(
             sources.SqsEventSource(
                 self.queue,
-                batch_size=10,
-                max_batching_window=Duration.seconds(5),
+                # A burst of launches waits up to the window and becomes one invocation, i.e.
+                # one gateway sync for the whole batch.
+                batch_size=settings.controller_batch_size,
+                max_batching_window=Duration.seconds(settings.controller_batch_window_seconds),
                 report_batch_item_failures=True,
                 max_concurrency=settings.controller_max_concurrency,
             )
@@ -254,7 +267,7 @@ class Controller(Construct):
             ),
             iam.PolicyStatement(
                 sid="FollowCommands",
-                actions=["ssm:GetCommandInvocation", "ssm:DescribeInstanceInformation"],
+                actions=["ssm:GetCommandInvocation"],
                 resources=["*"],
             ),
             iam.PolicyStatement(
@@ -266,6 +279,8 @@ class Controller(Construct):
                     "dynamodb:DeleteItem",
                     "dynamodb:Query",
                     "dynamodb:ConditionCheckItem",
+                    # The generations of a batch's instances in one call.
+                    "dynamodb:BatchGetItem",
                 ],
                 resources=[self.table.table_arn],
             ),
@@ -310,9 +325,8 @@ class Controller(Construct):
         for finding, reason in (
             (
                 "Resource::*",
-                "ec2:DescribeInstances, ssm:GetCommandInvocation, "
-                "ssm:DescribeInstanceInformation and the X-Ray trace API have no resource-level "
-                "permissions.",
+                "ec2:DescribeInstances, ssm:GetCommandInvocation and the X-Ray trace API have "
+                "no resource-level permissions.",
             ),
             (
                 f"Resource::{wildcard_arn(self, 'ec2', 'instance/*')}",

@@ -5,7 +5,7 @@ rewritten. It is deployed as JSON: SSM refuses a document over 64 KB, and JSON i
 the predictable serialization of the same content (the YAML file's indentation of embedded code
 alone is kilobytes); synthesis fails on a document over the limit rather than the deploy.
 
-A parameter value the stack itself passes (the State Manager association's) is
+A parameter value the stack itself passes (the State Manager association's, the healer's) is
 checked at synthesis against the document's declared parameters and ``allowedPattern``s.
 """
 

@@ -305,8 +305,13 @@ class Gateway(Construct):
             "TunnelMss": str(config.tunnel_mss),
             "TunnelName": settings.tunnel_name,
         }
-        if documents.declares("ConfigureGateway", "Deployment"):
-            parameters["Deployment"] = deployment
+        # The health agent that ConfigureGateway installs (docs/health.md).
+        parameters |= {
+            "Deployment": deployment,
+            "HealthInterval": str(settings.health_interval_seconds),
+            "ProbeTarget": settings.health_probe_target or "",
+            "ProbeSource": str(settings.health_probe_source or ""),
+        }
         self.association = ssm.CfnAssociation(
             self,
             "ConfigureGateway",

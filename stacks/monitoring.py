@@ -30,6 +30,9 @@ from stacks.settings import StackSettings
 NAMESPACE = "tunnelnat"
 ALARM_PREFIX = "tunnelnat-"  # the healer sweeps tunnelnat-<deployment>-* (docs/health.md)
 TUNNEL_METRIC = "TunnelUp"
+# Powertools' "service" dimension of each function's metrics (Metrics(service=...) in handlers/).
+CONTROLLER_SERVICE = "tunnelnat"
+HEALER_SERVICE = "tunnelnat-healer"
 GATEWAY_EVENTS = [
     "EC2 Instance Launch Successful",
     "EC2 Instance Launch Unsuccessful",
@@ -164,7 +167,9 @@ class Monitoring(Construct):
         )
 
         # -- the dashboard ---------------------------------------------------------------------
-        self.dashboard = cloudwatch.Dashboard(self, "Dashboard")
+        self.dashboard = cloudwatch.Dashboard(
+            self, "Dashboard", dashboard_name=f"{ALARM_PREFIX}{deployment}"
+        )
         self.dashboard.add_widgets(
             cloudwatch.AlarmStatusWidget(
                 title="Alarms",
@@ -194,22 +199,134 @@ class Monitoring(Construct):
         )
         self.dashboard.add_widgets(
             cloudwatch.GraphWidget(
-                title="Controller",
+                title="Controller function",
                 left=[function.metric_invocations(), function.metric_errors()],
                 right=[function.metric_duration(statistic="p99")],
-                width=12,
+                width=8,
             ),
             cloudwatch.GraphWidget(
                 title="Enrolments",
                 left=[
-                    cloudwatch.Metric(
-                        namespace=NAMESPACE,
-                        metric_name=name,
-                        dimensions_map={"service": NAMESPACE},
-                        statistic="Sum",
-                    )
-                    for name in ("Enrolments", "Unenrolments", "PoolExhausted", "RejectedEvents")
+                    controller_metric("Enrolments", "Sum"),
+                    controller_metric("Unenrolments", "Sum"),
                 ],
-                width=12,
+                width=8,
+            ),
+            cloudwatch.GraphWidget(
+                title="Enrolment latency: event to converged (s)",
+                left=[
+                    controller_metric("EnrolmentLatency", stat, label=stat)
+                    for stat in ("p50", "p90", "Maximum")
+                ],
+                left_y_axis=cloudwatch.YAxisProps(min=0),
+                width=8,
             ),
         )
+        self.dashboard.add_widgets(
+            cloudwatch.GraphWidget(
+                title="Gateway syncs",
+                left=[controller_metric("GatewaySyncs", "Sum")],
+                right=[
+                    controller_metric("GatewaySyncDuration", stat, label=f"duration {stat} (ms)")
+                    for stat in ("p50", "p99")
+                ],
+                width=8,
+            ),
+            cloudwatch.GraphWidget(
+                title="Address pool: free addresses",
+                left=[controller_metric("PoolFreeAddresses", "Minimum")],
+                right=[controller_metric("PoolExhausted", "Sum")],
+                left_y_axis=cloudwatch.YAxisProps(min=0),
+                width=8,
+            ),
+            cloudwatch.GraphWidget(
+                title="Controller failures by reason",
+                left=[
+                    cloudwatch.MathExpression(
+                        # One line per Reason the controller has reported, whatever they are.
+                        expression=(
+                            f'SEARCH(\'{{{NAMESPACE},Reason,service}} MetricName="Failures" '
+                            f"service=\"{CONTROLLER_SERVICE}\"', 'Sum', 300)"
+                        ),
+                        label="",
+                        period=Duration.minutes(5),
+                    )
+                ],
+                right=[
+                    controller_metric(name, "Sum")
+                    for name in (
+                        "CommandFailures",
+                        "StoreConflicts",
+                        "RejectedEvents",
+                        "DeadLettered",
+                    )
+                ],
+                width=8,
+            ),
+        )
+
+    def add_healer(self, function: lambda_.IFunction) -> None:
+        """The healer's row: what it did, how fast tunnels came back, and its function."""
+
+        def healer_metric(name: str, statistic: str, label: str | None = None) -> cloudwatch.Metric:
+            return cloudwatch.Metric(
+                namespace=NAMESPACE,
+                metric_name=name,
+                dimensions_map={"service": HEALER_SERVICE},
+                statistic=statistic,
+                label=label,
+                period=Duration.minutes(5),
+            )
+
+        self.dashboard.add_widgets(
+            cloudwatch.GraphWidget(
+                title="Healer: restarts and pages",
+                left=[
+                    healer_metric("Restarts", "Sum"),
+                    healer_metric("RestartFailures", "Sum"),
+                    healer_metric("Pages", "Sum"),
+                ],
+                width=6,
+            ),
+            cloudwatch.GraphWidget(
+                title="Healer: time to recovery (s)",
+                left=[
+                    healer_metric("TimeToRecovery", stat, label=stat)
+                    for stat in ("Average", "Maximum")
+                ],
+                left_y_axis=cloudwatch.YAxisProps(min=0),
+                width=6,
+            ),
+            cloudwatch.GraphWidget(
+                title="Healer: held back",
+                left=[
+                    healer_metric(name, "Sum")
+                    for name in (
+                        "SkippedBackoff",
+                        "SkippedCapped",
+                        "SkippedAlreadyOk",
+                        "DuplicateEvents",
+                        "RejectedEvents",
+                    )
+                ],
+                width=6,
+            ),
+            cloudwatch.GraphWidget(
+                title="Healer function",
+                left=[function.metric_invocations(), function.metric_errors()],
+                right=[function.metric_duration(statistic="Maximum")],
+                width=6,
+            ),
+        )
+
+
+def controller_metric(name: str, statistic: str, label: str | None = None) -> cloudwatch.Metric:
+    """One of the controller's Powertools metrics (namespace tunnelnat, dimension service)."""
+    return cloudwatch.Metric(
+        namespace=NAMESPACE,
+        metric_name=name,
+        dimensions_map={"service": CONTROLLER_SERVICE},
+        statistic=statistic,
+        label=label,
+        period=Duration.minutes(5),
+    )

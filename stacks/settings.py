@@ -141,7 +141,57 @@ class StackSettings(BaseModel):
         default=5, ge=2, le=1000, description="most concurrent controller invocations from SQS"
     )
     queue_max_receive_count: int = Field(
-        default=10, ge=1, le=1000, description="deliveries of an event before it goes to the DLQ"
+        default=10, ge=2, le=1000, description="deliveries of an event before it goes to the DLQ"
+    )
+    controller_max_attempts: int = Field(
+        default=8,
+        ge=1,
+        le=999,
+        description="attempts after which the controller parks an event in the DLQ with its reason",
+    )
+    controller_batch_size: int = Field(
+        default=10, ge=1, le=100, description="most events per controller invocation"
+    )
+    controller_batch_window_seconds: int = Field(
+        default=5, ge=0, le=300, description="how long the queue gathers a batch (bursts coalesce)"
+    )
+    health_interval_seconds: int = Field(
+        default=60, ge=10, le=3600, description="seconds between the gateway health agent's runs"
+    )
+    health_probe_target: str | None = Field(
+        default=None,
+        pattern=r"^((25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}"
+        r"(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9]):[0-9]{1,5}$",
+        description="ADDRESS:PORT behind the tunnel the health agent probes over TCP",
+    )
+    health_probe_source: IPv4Address | None = Field(
+        default=None, description="the probe's source: one of our public addresses S"
+    )
+    healer_backoff_base_seconds: int = Field(
+        default=60, ge=0, le=86_400, description="healer: wait after the first restart"
+    )
+    healer_backoff_factor: float = Field(
+        default=2.0, ge=1, le=10, description="healer: each further wait is this times longer"
+    )
+    healer_backoff_max_seconds: int = Field(
+        default=900, ge=0, le=86_400, description="healer: longest wait between restarts"
+    )
+    healer_max_restarts: int = Field(
+        default=3, ge=1, le=100, description="healer: restarts per window before it pages instead"
+    )
+    healer_window_seconds: int = Field(
+        default=3600, ge=60, le=86_400, description="healer: the window the cap counts restarts in"
+    )
+    healer_restart_wait_seconds: int = Field(
+        default=30, ge=1, le=120, description="RestartTunnel's WaitSeconds for the child SA"
+    )
+    healer_command_timeout_seconds: int = Field(
+        default=150, ge=30, le=800, description="healer: how long it waits for RestartTunnel"
+    )
+    healer_sweep_schedule: str = Field(
+        default="rate(1 minute)",
+        pattern=r"^(rate|cron)\(.+\)$",
+        description="EventBridge schedule of the healer's sweep of alarms still in ALARM",
     )
     log_retention_days: int = Field(default=30, description="CloudWatch Logs retention")
 
@@ -181,6 +231,38 @@ class StackSettings(BaseModel):
             )
         if self.gateway_ami_id and not self.region:
             raise ValueError("gateway_ami_id needs region (an AMI ID belongs to one region)")
+        if self.queue_max_receive_count <= self.controller_max_attempts:
+            # The controller dead-letters an event itself at its last attempt, with the reason;
+            # SQS's own redrive is only the backstop for crashes and must come later.
+            raise ValueError(
+                f"queue_max_receive_count ({self.queue_max_receive_count}) must exceed "
+                f"controller_max_attempts ({self.controller_max_attempts})"
+            )
+        if self.health_interval_seconds > self.tunnel_alarm_period_seconds:
+            # A period without a datapoint is missing data, which the alarm treats as down.
+            raise ValueError(
+                f"health_interval_seconds ({self.health_interval_seconds}) cannot exceed "
+                f"tunnel_alarm_period_seconds ({self.tunnel_alarm_period_seconds})"
+            )
+        if (self.health_probe_target is None) != (self.health_probe_source is None):
+            raise ValueError(
+                "health_probe_target and health_probe_source go together: give both or neither"
+            )
+        if self.health_probe_target is not None:
+            port = int(self.health_probe_target.rpartition(":")[2])
+            if not 0 < port < 65536:
+                raise ValueError(f"health_probe_target: port {port} is not between 1 and 65535")
+        if self.healer_backoff_max_seconds < self.healer_backoff_base_seconds:
+            raise ValueError(
+                "healer_backoff_max_seconds cannot be less than healer_backoff_base_seconds"
+            )
+        if self.healer_restart_wait_seconds + 30 > self.healer_command_timeout_seconds:
+            # RestartTunnel waits WaitSeconds inside the command; the healer must outwait it.
+            raise ValueError(
+                f"healer_command_timeout_seconds ({self.healer_command_timeout_seconds}) must be "
+                f"at least healer_restart_wait_seconds + 30 "
+                f"({self.healer_restart_wait_seconds + 30})"
+            )
         return self
 
     @property
@@ -194,6 +276,23 @@ class StackSettings(BaseModel):
     @property
     def creates_vpc(self) -> bool:
         return self.vpc_id is None
+
+    @property
+    def tunnel_alarm_prefix(self) -> str:
+        """The names of this deployment's TunnelUp alarms start with this, and only theirs:
+        ``TunnelUp-`` after the deployment keeps ``acme`` from matching ``acme-2``."""
+        return f"tunnelnat-{self.deployment}-TunnelUp-"
+
+    @property
+    def queue_visibility_timeout_seconds(self) -> int:
+        """The queue's visibility timeout: six times the function's timeout (AWS's guidance for
+        an SQS event source, so a throttled or retried invocation never sees its batch reappear)."""
+        return 6 * self.controller_timeout_seconds
+
+    @property
+    def healer_timeout_seconds(self) -> int:
+        """The healer outlives its longest wait for RestartTunnel, with room for the rest."""
+        return min(900, max(300, self.healer_command_timeout_seconds + 60))
 
 
 @dataclass(frozen=True)
@@ -283,3 +382,14 @@ def _check_placement(config: TunnelnatConfig, stack: StackSettings) -> None:
             f"nat_mode '{config.nat_mode.value}' still needs the public addresses our traffic "
             "leaves with (the tunnel's traffic selectors, ConfigureGateway's PublicAddresses)",
         )
+    if stack.health_probe_target is not None:
+        # The probe proves the tunnel only if it crosses it: from an S, to an address behind T.
+        target = IPv4Address(stack.health_probe_target.rpartition(":")[0])
+        if not any(target in network for network in config.partner_networks):
+            raise _error("health_probe_target", f"{target} is not inside partner_networks")
+        if stack.health_probe_source not in config.public_addresses:
+            raise _error(
+                "health_probe_source",
+                f"{stack.health_probe_source} is not one of our public addresses "
+                "(address_pool or shared_address): the tunnel carries only those",
+            )

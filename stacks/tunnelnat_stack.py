@@ -13,6 +13,7 @@ from constructs import Construct
 from stacks.controller import Controller
 from stacks.documents import Documents
 from stacks.gateway import Gateway
+from stacks.healer import Healer
 from stacks.monitoring import Monitoring
 from stacks.settings import LOG_RETENTION_DAYS, Settings
 
@@ -69,6 +70,19 @@ class TunnelnatStack(Stack):
             function=self.controller.function,
             gateway_group=self.gateway.group,
         )
+        self.healer = Healer(
+            self,
+            "Healer",
+            settings=stack_settings,
+            tunnel_name=stack_settings.tunnel_name,
+            table=self.controller.table,
+            topic=self.monitoring.topic,
+            topic_key=self.monitoring.key,
+            documents=self.documents,
+            code=self.controller.code,
+            powertools=self.controller.powertools,
+        )
+        self.monitoring.add_healer(self.healer.function)
 
         CfnOutput(
             self,
@@ -88,9 +102,14 @@ class TunnelnatStack(Stack):
             value=self.gateway.psk_name,
             description="put the pre-shared key agreed with the partner here",
         )
+        # What the operator's CLI reads with --stack (STACK_OUTPUTS in tunnelnat/cli/app.py).
         CfnOutput(self, "TableName", value=self.controller.table.table_name)
-        CfnOutput(self, "AlarmTopicArn", value=self.monitoring.topic.topic_arn)
+        CfnOutput(self, "QueueUrl", value=self.controller.queue.queue_url)
         CfnOutput(self, "DeadLetterQueueUrl", value=self.controller.dead_letter_queue.queue_url)
+        CfnOutput(self, "ControllerFunctionName", value=self.controller.function.function_name)
+        CfnOutput(self, "HealerFunctionName", value=self.healer.function.function_name)
+        CfnOutput(self, "AlarmTopicArn", value=self.monitoring.topic.topic_arn)
+        CfnOutput(self, "DashboardName", value=self.monitoring.dashboard.dashboard_name)
 
     @property
     def availability_zones(self) -> list[str]:

@@ -46,6 +46,18 @@ EXPECTED_ACKNOWLEDGEMENTS = {
         ":<AWS::AccountId>:autoScalingGroup:*]",
     ),
     ("Gateway/Group", "AwsSolutions-AS3"),
+    ("Healer/Function", "AwsSolutions-L1"),
+    ("Healer/Role/DefaultPolicy", "AwsSolutions-IAM5[Resource::*]"),
+    (
+        "Healer/Role/DefaultPolicy",
+        "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:ec2:<AWS::Region>:<AWS::AccountId>"
+        ":instance/*]",
+    ),
+    (
+        "Healer/Role/DefaultPolicy",
+        "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:cloudwatch:<AWS::Region>"
+        ":<AWS::AccountId>:alarm:tunnelnat-tunnelnat-TunnelUp-*]",
+    ),
 }
 
 

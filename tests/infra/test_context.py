@@ -40,7 +40,45 @@ BAD = [
     ("tunnel_alarm_datapoints", "4", "tunnel_alarm_datapoints"),
     ("vpc_cidr", "10.0.0.0/8", "vpc_cidr"),
     ("vpc_cidr", "10.90.0.0/16", "gateway_subnet_cidr"),
+    ("controller_max_attempts", "10", "queue_max_receive_count"),
+    ("queue_max_receive_count", "8", "controller_max_attempts"),
+    ("controller_batch_size", "0", "controller_batch_size"),
+    ("controller_batch_window_seconds", "301", "controller_batch_window_seconds"),
+    ("health_interval_seconds", "5", "health_interval_seconds"),
+    ("health_interval_seconds", "120", "tunnel_alarm_period_seconds"),
+    ("health_probe_target", "198.51.100.5:443", "health_probe_source"),
+    ("health_probe_target", "198.51.100.5", "health_probe_target"),
+    ("health_probe_source", "not-an-ip", "health_probe_source"),
+    ("healer_backoff_factor", "0.5", "healer_backoff_factor"),
+    ("healer_backoff_max_seconds", "30", "healer_backoff_base_seconds"),
+    ("healer_max_restarts", "0", "healer_max_restarts"),
+    ("healer_window_seconds", "30", "healer_window_seconds"),
+    ("healer_restart_wait_seconds", "121", "healer_restart_wait_seconds"),
+    ("healer_command_timeout_seconds", "40", "healer_restart_wait_seconds"),
+    ("healer_sweep_schedule", "every minute", "healer_sweep_schedule"),
 ]
+
+# Valid alone, wrong together with the rest of the configuration.
+BAD_TOGETHER = [
+    (
+        {"health_probe_target": "203.0.113.7:443", "health_probe_source": "192.0.2.10"},
+        "health_probe_target: 203.0.113.7 is not inside partner_networks",
+    ),
+    (
+        {"health_probe_target": "198.51.100.5:443", "health_probe_source": "192.0.2.99"},
+        "health_probe_source: 192.0.2.99 is not one of our public addresses",
+    ),
+    (
+        {"health_probe_target": "198.51.100.5:70000", "health_probe_source": "192.0.2.10"},
+        "port 70000",
+    ),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD_TOGETHER, ids=[m for _, m in BAD_TOGETHER])
+def test_inconsistent_values_are_named(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_settings(cdk_json_context() | overrides)
 
 
 @pytest.mark.parametrize(("key", "value", "named"), BAD, ids=[f"{k}={v}" for k, v, _ in BAD])

@@ -213,6 +213,10 @@ def test_configure_gateway_association_targets_the_gateway_tag(s):
     assert params["TableName"] == s.ref(s.stack.controller.table)
     assert params["LocalId"] == {"Fn::GetAtt": [s.one("AWS::EC2::EIP")[0], "PublicIp"]}
     assert "Fn::Select" in json.dumps(params["PskSecretName"])  # the name, from the secret's ARN
+    # The health agent ConfigureGateway installs: this deployment's series, every minute, no probe.
+    assert params["Deployment"] == DEPLOYMENT
+    assert params["HealthInterval"] == "60"
+    assert (params["ProbeTarget"], params["ProbeSource"]) == ("", "")
 
 
 # -- Documents -------------------------------------------------------------------------------
@@ -300,7 +304,8 @@ def test_queue_with_dead_letter_queue_in_front_of_the_controller(s):
         "maxReceiveCount": 10,
     }
     function = s.resources("AWS::Lambda::Function")[s.logical_id(controller.function)]
-    assert queue["VisibilityTimeout"] >= function["Properties"]["Timeout"]
+    # AWS's guidance for an SQS event source: at least six times the function's timeout.
+    assert queue["VisibilityTimeout"] == 6 * function["Properties"]["Timeout"]
     assert dlq["MessageRetentionPeriod"] == 14 * 24 * 3600
     assert queue["SqsManagedSseEnabled"] is True and dlq["SqsManagedSseEnabled"] is True
     # The names the operator's CLI looks for.
@@ -314,7 +319,48 @@ def test_queue_with_dead_letter_queue_in_front_of_the_controller(s):
     assert props["EventSourceArn"] == s.arn(controller.queue)
     assert props["FunctionName"] == s.ref(controller.function)
     assert props["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    # Bursts coalesce: the queue gathers up to 10 events for up to 5 s into one invocation.
     assert props["BatchSize"] == 10
+    assert props["MaximumBatchingWindowInSeconds"] == 5
+    assert props["ScalingConfig"] == {"MaximumConcurrency": 5}
+
+
+def test_the_handler_dead_letters_before_sqs_does(s):
+    """The handler parks an event in the DLQ itself, with its reason, at its last attempt; the
+    queue's own redrive (no reason) only catches what crashed on every attempt."""
+    from tunnelnat.handlers.controller import backoff_seconds
+
+    controller = s.stack.controller
+    queues = s.resources("AWS::SQS::Queue")
+    queue = queues[s.logical_id(controller.queue)]["Properties"]
+    function = s.resources("AWS::Lambda::Function")[s.logical_id(controller.function)]
+    env = function["Properties"]["Environment"]["Variables"]
+    attempts = int(env["TUNNELNAT_MAX_ATTEMPTS"])
+    assert attempts == 8
+    assert queue["RedrivePolicy"]["maxReceiveCount"] > attempts
+    assert env["TUNNELNAT_DLQ_URL"] == s.ref(controller.dead_letter_queue)
+    # Every back-off before the last attempt, and every attempt's run, fit in the retention.
+    waited = sum(backoff_seconds(n) for n in range(1, attempts))
+    waited += attempts * function["Properties"]["Timeout"]
+    assert waited < queue["MessageRetentionPeriod"]
+    # ... and it may send there.
+    (send,) = [
+        st
+        for st in _controller_statements(s)
+        if "sqs:SendMessage" in as_list(st["Action"])
+        and st["Resource"] == s.arn(controller.dead_letter_queue)
+    ]
+    assert send["Effect"] == "Allow"
+
+
+def test_controller_environment_is_what_its_settings_read(s):
+    from tunnelnat.settings import ControllerSettings
+
+    function = s.resources("AWS::Lambda::Function")[s.logical_id(s.stack.controller.function)]
+    env = dict(function["Properties"]["Environment"]["Variables"])
+    env |= {"TUNNELNAT_TABLE_NAME": DEPLOYMENT, "AWS_REGION": "eu-west-1"}
+    settings = ControllerSettings.from_environ(env)
+    assert (settings.deployment, settings.document_prefix) == (DEPLOYMENT, f"{DEPLOYMENT}-")
 
 
 RULE_PATTERNS = {
@@ -423,7 +469,6 @@ def test_controller_least_privilege(s):
     allowed_star = {
         "ec2:DescribeInstances",
         "ssm:GetCommandInvocation",
-        "ssm:DescribeInstanceInformation",
         "xray:PutTraceSegments",
         "xray:PutTelemetryRecords",
     }

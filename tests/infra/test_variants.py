@@ -28,6 +28,17 @@ OVERRIDES = {
     "partner_networks": "198.51.100.0/28,198.51.100.64/27",
     "alarm_email": "ops@example.com",
     "deployment": "acme",
+    "tunnel_alarm_period_seconds": "10",
+    "health_interval_seconds": "10",
+    "health_probe_target": "198.51.100.5:443",
+    "health_probe_source": "192.0.2.50",
+    "healer_max_restarts": "5",
+    "healer_backoff_base_seconds": "30",
+    "healer_sweep_schedule": "rate(2 minutes)",
+    "controller_batch_size": "50",
+    "controller_batch_window_seconds": "20",
+    "controller_max_attempts": "4",
+    "queue_max_receive_count": "6",
 }
 
 
@@ -121,3 +132,40 @@ def test_arm_instance_type_gets_an_arm_image_by_default(tmp_path):
     _, stack = build_app(cdk_json_context() | overrides, outdir=str(tmp_path), nag=False)
     parameters = [c.node.id for c in stack.node.children if "ami-amazon-linux-latest" in c.node.id]
     assert parameters and all("arm64" in p for p in parameters)
+
+
+def test_health_agent_parameters_high_resolution_and_probe(s):
+    _, association = s.one("AWS::SSM::Association")
+    params = {k: v[0] for k, v in association["Properties"]["Parameters"].items()}
+    assert params["Deployment"] == "acme"
+    assert params["HealthInterval"] == "10"
+    assert params["ProbeTarget"] == "198.51.100.5:443"
+    assert params["ProbeSource"] == "192.0.2.50"
+    (alarm,) = [
+        a["Properties"]
+        for a in s.resources("AWS::CloudWatch::Alarm").values()
+        if a["Properties"].get("MetricName") == "TunnelUp"
+    ]
+    assert alarm["Period"] == 10
+
+
+def test_healer_and_controller_tuning_from_context(s):
+    healer = s.resources("AWS::Lambda::Function")[s.logical_id(s.stack.healer.function)]
+    env = healer["Properties"]["Environment"]["Variables"]
+    assert env["TUNNELNAT_HEALER_MAX_RESTARTS_PER_HOUR"] == "5"
+    assert env["TUNNELNAT_HEALER_BACKOFF_BASE_SECONDS"] == "30"
+    assert env["TUNNELNAT_HEALER_ALARM_PREFIX"] == "tunnelnat-acme-TunnelUp-"
+    assert env["TUNNELNAT_DEPLOYMENT"] == "acme"
+    sweep = s.resources("AWS::Events::Rule")[s.logical_id(s.stack.healer.sweep_rule)]
+    assert sweep["Properties"]["ScheduleExpression"] == "rate(2 minutes)"
+    alarm_rule = s.resources("AWS::Events::Rule")[s.logical_id(s.stack.healer.alarm_rule)]
+    assert alarm_rule["Properties"]["EventPattern"]["detail"]["alarmName"] == [
+        {"prefix": "tunnelnat-acme-TunnelUp-"}
+    ]
+    _, mapping = s.one("AWS::Lambda::EventSourceMapping")
+    assert mapping["Properties"]["BatchSize"] == 50
+    assert mapping["Properties"]["MaximumBatchingWindowInSeconds"] == 20
+    controller = s.resources("AWS::Lambda::Function")[s.logical_id(s.stack.controller.function)]
+    assert controller["Properties"]["Environment"]["Variables"]["TUNNELNAT_MAX_ATTEMPTS"] == "4"
+    queue = s.resources("AWS::SQS::Queue")[s.logical_id(s.stack.controller.queue)]
+    assert queue["Properties"]["RedrivePolicy"]["maxReceiveCount"] == 6

@@ -1,0 +1,378 @@
+"""The healer in the quick-start stack (issue 5), the CLI's outputs and the dashboard (issue 7).
+
+What the healer's code needs is read from the code itself where it can be (the environment
+``HealerSettings.from_environ`` reads, the DynamoDB calls its adapters make, the metric names the
+handlers publish), so a change on either side that breaks the other fails here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stacks.application import cdk_json_context
+from stacks.settings import load_settings
+from tests.infra.conftest import ROOT, as_list, statements, synthesize
+
+CONTEXT = cdk_json_context()
+SETTINGS = load_settings(CONTEXT).stack
+DEPLOYMENT = CONTEXT["deployment"]
+PREFIX = f"tunnelnat-{DEPLOYMENT}-TunnelUp-"
+LAMBDAS = ROOT / "lambdas" / "tunnelnat"
+
+
+@pytest.fixture(scope="module")
+def s(tmp_path_factory):
+    return synthesize(tmp_path_factory.mktemp("cdk.out"))
+
+
+def _function(s, construct) -> dict[str, Any]:
+    return s.resources("AWS::Lambda::Function")[s.logical_id(construct)]["Properties"]
+
+
+def _healer_statements(s) -> list[dict[str, Any]]:
+    role = s.stack.healer.role
+    policy = s.resources("AWS::IAM::Policy")[s.logical_id(role.node.find_child("DefaultPolicy"))]
+    return statements(policy)
+
+
+class _Recording(dict):
+    """An environment that remembers which keys were asked for."""
+
+    def __init__(self, values: Mapping[str, str]) -> None:
+        super().__init__(values)
+        self.asked: set[str] = set()
+
+    def get(self, key, default=None):  # type: ignore[override]
+        self.asked.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.asked.add(key)
+        return super().__getitem__(key)
+
+
+def _deployed_env(s, construct) -> dict[str, str]:
+    """The function's environment as it would be deployed: CloudFormation tokens resolved to
+    plausible values of the right shape."""
+    resolved = {
+        s.logical_id(s.stack.controller.table): DEPLOYMENT,
+        s.logical_id(s.stack.monitoring.topic): (
+            f"arn:aws:sns:eu-west-1:123456789012:{DEPLOYMENT}-MonitoringTopic-ABC123"
+        ),
+        s.logical_id(s.stack.controller.dead_letter_queue): (
+            f"https://sqs.eu-west-1.amazonaws.com/123456789012/{DEPLOYMENT}-events-dlq"
+        ),
+    }
+    out = {}
+    for key, value in _function(s, construct)["Environment"]["Variables"].items():
+        if isinstance(value, dict):
+            (ref,) = [v for k, v in value.items() if k in ("Ref", "Fn::GetAtt")]
+            value = resolved[ref if isinstance(ref, str) else ref[0]]
+        out[key] = value
+    return out | {"AWS_REGION": "eu-west-1"}
+
+
+# -- the function ----------------------------------------------------------------------------
+
+
+def test_healer_function_same_asset_python313_powertools_xray(s):
+    healer = _function(s, s.stack.healer.function)
+    controller = _function(s, s.stack.controller.function)
+    assert healer["Runtime"] == "python3.13"
+    assert healer["Handler"] == "tunnelnat.handlers.healer.handler"
+    assert healer["TracingConfig"] == {"Mode": "Active"}
+    assert healer["FunctionName"] == f"{DEPLOYMENT}-healer"
+    # One code asset and one Powertools layer for both functions.
+    assert healer["Code"] == controller["Code"]
+    assert healer["Layers"] == controller["Layers"]
+    # It waits for RestartTunnel up to its command timeout, then records and reports.
+    assert healer["Timeout"] >= SETTINGS.healer_command_timeout_seconds + 30
+
+
+def test_healer_environment_is_everything_its_settings_read(s):
+    from tunnelnat.healer import HealerSettings
+
+    env = _Recording(_deployed_env(s, s.stack.healer.function))
+    settings = HealerSettings.from_environ(env)
+    read = {k for k in env.asked if k.startswith("TUNNELNAT_")}
+    assert read <= set(env), f"not set by the stack: {sorted(read - set(env))}"
+    assert settings.table_name == settings.idempotency_table == DEPLOYMENT
+    assert settings.deployment == DEPLOYMENT
+    assert settings.document_prefix == f"{DEPLOYMENT}-"
+    assert settings.alarm_prefix == PREFIX
+    assert settings.restart_wait_seconds == SETTINGS.healer_restart_wait_seconds
+    assert settings.command_timeout_seconds == SETTINGS.healer_command_timeout_seconds
+    policy = settings.policy
+    assert policy.backoff_base_seconds == SETTINGS.healer_backoff_base_seconds
+    assert policy.backoff_factor == SETTINGS.healer_backoff_factor
+    assert policy.backoff_max_seconds == SETTINGS.healer_backoff_max_seconds
+    assert policy.max_restarts == SETTINGS.healer_max_restarts
+    assert policy.window_seconds == SETTINGS.healer_window_seconds
+    raw = _function(s, s.stack.healer.function)["Environment"]["Variables"]
+    assert raw["TUNNELNAT_PAGE_TOPIC_ARN"] == s.ref(s.stack.monitoring.topic)
+    assert raw["POWERTOOLS_METRICS_NAMESPACE"] == "tunnelnat"
+
+
+def test_every_tunnel_up_alarm_is_one_the_healer_sweeps(s):
+    for alarm in s.stack.monitoring.tunnel_alarms.values():
+        name = s.resources("AWS::CloudWatch::Alarm")[s.logical_id(alarm)]["Properties"]
+        assert name["AlarmName"].startswith(PREFIX)
+    for alarm in (s.stack.monitoring.dlq_alarm, s.stack.monitoring.queue_age_alarm):
+        name = s.resources("AWS::CloudWatch::Alarm")[s.logical_id(alarm)]["Properties"]
+        assert not name["AlarmName"].startswith(PREFIX)
+
+
+# -- what invokes it -------------------------------------------------------------------------
+
+
+def test_alarm_rule_matches_only_this_deployments_tunnel_up_alarms(s):
+    healer = s.stack.healer
+    rule = s.resources("AWS::Events::Rule")[s.logical_id(healer.alarm_rule)]["Properties"]
+    assert rule["EventPattern"] == {
+        "source": ["aws.cloudwatch"],
+        "detail-type": ["CloudWatch Alarm State Change"],
+        "detail": {
+            "alarmName": [{"prefix": PREFIX}],
+            "state": {"value": ["ALARM", "OK"]},
+        },
+    }
+    (target,) = rule["Targets"]
+    assert target["Arn"] == s.arn(healer.function)
+    assert target["RetryPolicy"]["MaximumRetryAttempts"] == 2
+
+
+def test_sweep_rule_runs_the_healer_every_minute(s):
+    healer = s.stack.healer
+    rule = s.resources("AWS::Events::Rule")[s.logical_id(healer.sweep_rule)]["Properties"]
+    assert rule["ScheduleExpression"] == "rate(1 minute)"
+    (target,) = rule["Targets"]
+    assert target["Arn"] == s.arn(healer.function)
+
+
+def test_only_the_two_rules_may_invoke_the_healer(s):
+    healer = s.stack.healer
+    permissions = [
+        p["Properties"]
+        for p in s.resources("AWS::Lambda::Permission").values()
+        if p["Properties"]["FunctionName"] == s.arn(healer.function)
+    ]
+    assert {p["Principal"] for p in permissions} == {"events.amazonaws.com"}
+    assert {p["SourceArn"]["Fn::GetAtt"][0] for p in permissions} == {
+        s.logical_id(healer.alarm_rule),
+        s.logical_id(healer.sweep_rule),
+    }
+
+
+def test_handler_accepts_what_the_rules_send():
+    """The rules' two event shapes parse as the handler's models (and nothing else does)."""
+    from tunnelnat.handlers.healer import AlarmStateChangeEvent, ScheduledSweepEvent, classify
+
+    alarm = {
+        "version": "0",
+        "id": "c4c1c1c9-6542-e61b-6ef0-8c4d36933a92",
+        "detail-type": "CloudWatch Alarm State Change",
+        "source": "aws.cloudwatch",
+        "account": "123456789012",
+        "time": "2026-11-24T12:00:00Z",
+        "region": "eu-west-1",
+        "resources": ["arn:aws:cloudwatch:eu-west-1:123456789012:alarm:x"],
+        "detail": {
+            "alarmName": f"{PREFIX}partner",
+            "state": {"value": "ALARM", "timestamp": "2026-11-24T12:00:00.000+0000"},
+        },
+    }
+    sweep = alarm | {"detail-type": "Scheduled Event", "source": "aws.events", "detail": {}}
+    assert isinstance(classify(alarm), AlarmStateChangeEvent)
+    assert isinstance(classify(sweep), ScheduledSweepEvent)
+
+
+# -- least privilege -------------------------------------------------------------------------
+
+
+def test_healer_sends_only_restart_tunnel_and_only_to_this_gateway(s):
+    by_sid = {st.get("Sid"): st for st in _healer_statements(s)}
+    document = by_sid["RunOnlyRestartTunnel"]
+    assert document["Action"] == "ssm:SendCommand"
+    rendered = json.dumps(document["Resource"])
+    assert f":document/{DEPLOYMENT}-RestartTunnel" in rendered and "*" not in rendered
+    gateway = by_sid["OnThisDeploymentsGateway"]
+    assert ":instance/*" in json.dumps(gateway["Resource"])
+    assert gateway["Condition"] == {
+        "StringEquals": {
+            "ssm:resourceTag/tunnelnat:role": "gateway",
+            "ssm:resourceTag/tunnelnat:deployment": DEPLOYMENT,
+        }
+    }
+    sends = [st for st in _healer_statements(s) if "ssm:SendCommand" in as_list(st["Action"])]
+    assert {st["Sid"] for st in sends} == {"RunOnlyRestartTunnel", "OnThisDeploymentsGateway"}
+
+
+def test_healer_reads_only_tunnel_up_alarms_and_pages_only_its_topic(s):
+    by_sid = {st.get("Sid"): st for st in _healer_statements(s)}
+    alarms = by_sid["ReadTunnelUpAlarms"]
+    assert alarms["Action"] == "cloudwatch:DescribeAlarms"
+    assert json.dumps(alarms["Resource"]).endswith(f':alarm:{PREFIX}*"]]}}')
+    assert by_sid["PageTheTopic"] == {
+        "Sid": "PageTheTopic",
+        "Effect": "Allow",
+        "Action": "sns:Publish",
+        "Resource": s.ref(s.stack.monitoring.topic),
+    }
+    assert by_sid["EncryptForTheTopic"]["Resource"] == s.arn(s.stack.monitoring.key)
+    assert set(by_sid["EncryptForTheTopic"]["Action"]) == {"kms:GenerateDataKey", "kms:Decrypt"}
+
+
+def _dynamodb_calls(*paths: Path) -> set[str]:
+    """IAM actions of the DynamoDB calls in these modules (``self._db.put_item`` -> PutItem)."""
+    calls: set[str] = set()
+    for path in paths:
+        text = path.read_text()
+        calls |= set(re.findall(r"self\._db\.([a-z_]+)\(", text)) - {"get_paginator"}
+        calls |= set(re.findall(r"self\._db\.get_paginator\(\"([a-z_]+)\"\)", text))
+    # A transaction is authorized by the per-item actions in it.
+    calls.discard("transact_write_items")
+    return {"dynamodb:" + "".join(p.title() for p in c.split("_")) for c in calls}
+
+
+def test_healer_touches_only_its_own_items_with_the_calls_its_code_makes(s):
+    from aws_lambda_powertools.utilities.idempotency.persistence import dynamodb as persistence
+
+    from tunnelnat.handlers.healer import IDEMPOTENCY_PK
+    from tunnelnat.healer import HEALER_PK
+
+    by_sid = {st.get("Sid"): st for st in _healer_statements(s)}
+    table = by_sid["ItsRecordsInTheTable"]
+    assert table["Resource"] == s.arn(s.stack.controller.table)
+    assert table["Condition"] == {
+        "ForAllValues:StringEquals": {"dynamodb:LeadingKeys": [HEALER_PK, IDEMPOTENCY_PK]}
+    }
+    # The heal record's adapter, and Powertools Idempotency's DynamoDB layer.
+    needed = _dynamodb_calls(LAMBDAS / "healer.py")
+    idempotency = Path(persistence.__file__).read_text()
+    needed |= {
+        "dynamodb:" + "".join(p.title() for p in c.split("_"))
+        for c in re.findall(r"self\.client\.([a-z_]+)\(", idempotency)
+    }
+    assert needed <= set(table["Action"]), sorted(needed - set(table["Action"]))
+    assert not {a for a in table["Action"] if a in ("dynamodb:Scan", "dynamodb:Query")}
+
+
+def test_healer_has_nothing_else(s):
+    allowed_star = {
+        "ssm:GetCommandInvocation",
+        "ec2:DescribeInstances",
+        "xray:PutTraceSegments",
+        "xray:PutTelemetryRecords",
+    }
+    sids = set()
+    for st in _healer_statements(s):
+        actions = set(as_list(st["Action"]))
+        assert not any(a.endswith("*") for a in actions), st
+        if st["Resource"] == "*":
+            assert actions <= allowed_star, st
+        sids.add(st.get("Sid"))
+    assert sids - {None} == {
+        "RunOnlyRestartTunnel",
+        "OnThisDeploymentsGateway",
+        "FollowCommandsFindTheGateway",
+        "ReadTunnelUpAlarms",
+        "ItsRecordsInTheTable",
+        "PageTheTopic",
+        "EncryptForTheTopic",
+    }
+
+
+def test_controller_table_actions_cover_the_calls_its_store_makes(s):
+    controller = s.stack.controller
+    policy = s.resources("AWS::IAM::Policy")[
+        s.logical_id(controller.role.node.find_child("DefaultPolicy"))
+    ]
+    (table,) = [st for st in statements(policy) if st.get("Sid") == "OwnTable"]
+    needed = _dynamodb_calls(LAMBDAS / "adapters" / "store.py")
+    assert needed <= set(table["Action"]), sorted(needed - set(table["Action"]))
+
+
+# -- outputs and dashboard -------------------------------------------------------------------
+
+
+def test_outputs_the_cli_reads(s):
+    from tunnelnat.cli.app import STACK_OUTPUTS
+
+    outputs = s.json["Outputs"]
+    assert set(STACK_OUTPUTS) <= set(outputs)
+    controller = s.stack.controller
+    assert outputs["TableName"]["Value"] == s.ref(controller.table)
+    assert outputs["QueueUrl"]["Value"] == s.ref(controller.queue)
+    assert outputs["DeadLetterQueueUrl"]["Value"] == s.ref(controller.dead_letter_queue)
+    assert outputs["ControllerFunctionName"]["Value"] == s.ref(controller.function)
+    assert outputs["HealerFunctionName"]["Value"] == s.ref(s.stack.healer.function)
+
+
+def _published_metrics() -> set[str]:
+    """Metric names the Lambda code publishes (telemetry.count/seconds, add_metric, ...)."""
+    names: set[str] = set()
+    for path in LAMBDAS.rglob("*.py"):
+        text = path.read_text()
+        names |= set(re.findall(r"telemetry\.[a-z_]+\(\s*\"([A-Za-z]+)\"", text))
+        names |= set(re.findall(r"(?:add_metric|single_metric)\(\s*name=\"([A-Za-z]+)\"", text))
+        # The healer's skip counters, named in a mapping passed to telemetry.count.
+        names |= set(re.findall(r"Action\.[A-Z_]+: \"([A-Za-z]+)\"", text))
+    return names
+
+
+# Named in issue 7 and being added to the controller (the dashboard shows them from the start).
+PENDING_CONTROLLER_METRICS = {"EnrolmentLatency", "GatewaySyncDuration", "PoolFreeAddresses"}
+
+
+def _dashboard(s) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """The dashboard's tunnelnat metrics (name -> dimensions) and its math expressions."""
+    _, dashboard = s.one("AWS::CloudWatch::Dashboard")
+    parts = dashboard["Properties"]["DashboardBody"]["Fn::Join"][1]
+    # Tokens (ARNs, the region) sit inside JSON strings: a placeholder keeps it valid JSON.
+    body = json.loads("".join(p if isinstance(p, str) else "TOKEN" for p in parts))
+    metrics: dict[str, dict[str, str]] = {}
+    expressions: list[str] = []
+    for widget in body["widgets"]:
+        for line in widget["properties"].get("metrics", []):
+            if isinstance(line[0], dict):
+                expressions.append(line[0]["expression"])
+                continue
+            fields = [f for f in line if not isinstance(f, dict)]
+            if fields[0] == "tunnelnat":
+                metrics[fields[1]] = dict(zip(fields[2::2], fields[3::2], strict=True))
+    return metrics, expressions
+
+
+def test_dashboard_shows_the_controllers_and_the_healers_metrics(s):
+    metrics, expressions = _dashboard(s)
+    controller = {
+        "Enrolments",
+        "Unenrolments",
+        "GatewaySyncs",
+        "EnrolmentLatency",
+        "GatewaySyncDuration",
+        "PoolFreeAddresses",
+        "PoolExhausted",
+        "CommandFailures",
+        "DeadLettered",
+    }
+    healer = {"Restarts", "RestartFailures", "TimeToRecovery", "Pages"}
+    for name in controller:
+        assert metrics.get(name) == {"service": "tunnelnat"}, name
+    for name in healer:
+        assert metrics.get(name) == {"service": "tunnelnat-healer"}, name
+    # Failures by reason: every Reason the controller reports, without listing them here.
+    (search,) = [e for e in expressions if "Failures" in e]
+    assert search.startswith('SEARCH(\'{tunnelnat,Reason,service} MetricName="Failures"')
+
+
+def test_dashboard_names_only_metrics_the_code_publishes(s):
+    metrics, _ = _dashboard(s)
+    unknown = set(metrics) - _published_metrics() - PENDING_CONTROLLER_METRICS - {"TunnelUp"}
+    assert not unknown, f"on the dashboard but published by no code: {sorted(unknown)}"
