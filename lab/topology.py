@@ -239,6 +239,9 @@ class Lab:
     aws: Any = None  # lab.aws.LabAws once moto runs
     commands: Any = None  # lab.commands.LabCommands
     timings: dict[str, float] = field(default_factory=dict)
+    # Set by close() once cleanup() found none of the lab's namespaces left, under the lock: a
+    # later look could see the next lab run's namespaces.
+    cleaned: bool = False
     _lock: Any = None
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -273,7 +276,8 @@ class Lab:
                 self._moto.stop()  # type: ignore[attr-defined]
             self._moto = None
         try:
-            cleanup()
+            cleanup()  # raises when a namespace could not be removed
+            self.cleaned = True
         finally:
             if self._lock is not None:
                 self._lock.__exit__(None, None, None)
