@@ -1,11 +1,14 @@
 """``make demo``: the whole story in a namespace lab, as a short report. Needs root.
 
-    python -m lab.demo [--instances N] [--keep-going]
+    python -m lab.demo [--instances N] [--burst N] [--keep-going]
 
 Builds the lab (namespaces, strongSwan at both ends, moto as AWS), configures the gateway with
 the real ConfigureGateway document, drives the real controller handler with EC2 tag-change
-events, and checks each step with real packets. Everything is removed on exit, on Ctrl-C and on
-failure. Exit status 0 only when every step passed.
+events and Auto Scaling lifecycle events (through EventBridge and SQS, in batches), heals a
+killed tunnel through the health agent, the alarm and the healer, shows the operator's
+``tunnelnat status`` and ``tunnelnat doctor``, and checks each step with real packets.
+Everything is removed on exit, on Ctrl-C and on failure. Exit status 0 only when every step
+passed.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ import logging
 import os
 import shutil
 import sys
+import textwrap
 import time
+from typing import Any
 
 from lab import topology as topo
 
@@ -34,11 +39,19 @@ def missing_requirements() -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instances", type=int, default=2, help="instances web-1..N (>= 2)")
+    parser.add_argument(
+        "--burst", type=int, default=20, help="Auto Scaling launches at once (0: no burst)"
+    )
     parser.add_argument("--keep-going", action="store_true", help="run every step after a failure")
     args = parser.parse_args(argv)
     problems = missing_requirements()
     if problems:
         print("demo: cannot run:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 2
+    if not 0 <= args.burst <= 150 or not 2 <= args.instances <= 50:
+        print(
+            "demo: --instances 2..50, --burst 0..150 (the subnet has room for 200)", file=sys.stderr
+        )
         return 2
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     from lab.controller import LabController
@@ -47,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     print("tunnelnat demo: building the lab (namespaces tn-*, strongSwan, moto) ...", flush=True)
     started = time.monotonic()
     failed = 0
+    results: dict[str, Any] = {}
+    lab = topo.Lab(instances_count=max(2, args.instances))
     try:
-        with topo.Lab(instances_count=max(2, args.instances)) as lab:
+        with lab:
             names = ", ".join(f"{i.name}={i.private_ip}" for i in lab.instances)
             print(
                 f"  lab ready in {lab.timings['build']:.1f}s: gateway G={topo.GW_ENI} "
@@ -57,10 +72,15 @@ def main(argv: list[str] | None = None) -> int:
             )
             with LabController(lab) as controller:
                 story = Story(lab, controller)
-                for number, step_fn in enumerate(story.all_steps(), start=1):
+                for number, step_fn in enumerate(story.all_steps(burst=args.burst), start=1):
                     step = step_fn()
                     mark = "\u2713" if step.ok else "\u2717"
                     print(f"{mark} {number}. {step.title}\n     {step.figure}", flush=True)
+                    if "output" in step.data:
+                        # The operator's command as it printed itself.
+                        text = step.data["output"].rstrip("\n")
+                        print(textwrap.indent(text, "       | ", lambda _line: True))
+                    results[step.title] = step
                     if not step.ok:
                         failed += 1
                         if not args.keep_going:
@@ -69,13 +89,39 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: lab removed", file=sys.stderr)
         return 130
-    left = topo.lab_namespaces()
+    # Judged by the lab's own cleanup, under its lock: another lab may start right after ours.
+    left = [] if lab.cleaned else topo.lab_namespaces() or ["(cleanup did not finish)"]
+    print()
+    for line in headline(results):
+        print(line)
     print(
-        f"\n{'all steps passed' if not failed else f'{failed} step(s) failed'}; "
+        f"{'all steps passed' if not failed else f'{failed} step(s) failed'}; "
         f"{time.monotonic() - started:.1f}s; cleaned up "
         f"({'no namespaces left' if not left else 'LEFT: ' + ', '.join(left)})"
     )
     return 0 if not failed and not left else 1
+
+
+def headline(results: dict[str, Any]) -> list[str]:
+    """The figures the issues ask for, once more at the end of the report."""
+    lines = []
+    for step in results.values():
+        burst = step.data.get("report") if "burst" in step.title.lower() else None
+        if burst is not None:
+            lines.append(
+                f"Auto Scaling burst: {len(burst.instances)} instances converged in "
+                f"{burst.converge_seconds:.1f}s ({burst.wall_seconds:.1f}s from launch, namespaces "
+                f"booted included) at {burst.syncs} gateway sync(s) for {len(burst.batches)} "
+                "SQS batch(es)"
+            )
+        if step.data.get("kill_to_restored") is not None:
+            lines.append(
+                f"healing: kill -9 of the gateway's charon to traffic restored "
+                f"{step.data['kill_to_restored']:.1f}s (agent, alarm, healer, RestartTunnel)"
+            )
+        if "summary" in step.data:
+            lines.append(f"tunnelnat doctor: {step.data['summary']}")
+    return lines
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""The story of issue 2, step by step, with real packets: shared by ``make demo`` and tests/lab.
+"""The demo's story, step by step, with real packets: shared by ``make demo`` and tests/lab.
+
+Issue 2's data path (tunnel, enrolment, S at the app server, partner-initiated connections, an
+unenrolled instance refused, fail-closed, unenrolment), with the operator's ``tunnelnat status``
+and ``tunnelnat doctor`` (issue 7), the healing tunnel (issue 5, ``lab.healing_story``) and the
+Auto Scaling burst (issue 4, ``lab.burst_story``) in between.
 
 Each step acts, then observes what actually happened (routes, nftables maps and counters, the
 app server's log, packets on the wire) and returns a ``Step`` with a verdict, a one-line figure
@@ -7,13 +12,17 @@ and the raw observations, so the demo can print it and the tests can assert on i
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from lab import topology as topo
+from lab.burst_story import run_burst_story
+from lab.cli import doctor_json, quiet_moto_errors, run_cli, status_json
 from lab.controller import LabController
+from lab.healing_story import run_agent, run_healing_story
 
 WEB1, WEB2 = "web-1", "web-2"
 
@@ -263,7 +272,10 @@ class Story:
             "tn-app", f"http://{self.public}:{topo.INSTANCE_PORT}/after-untag", timeout=2
         )
         arrived = self.lab.app_peers()[before:]
-        gone = not route and not snat and not dnat and inst.private_ip not in stored
+        # Only web-1's own entries must go: other instances (the burst's) stay mapped.
+        own_snat = [e for e in snat if e.split(" : ")[0] == inst.private_ip]
+        own_dnat = [e for e in dnat if e.split(" : ")[-1] == inst.private_ip]
+        gone = not route and not own_snat and not own_dnat and inst.private_ip not in stored
         ok = gone and not answered and not answered_by_hand and not inbound and not arrived
 
         def yes_no(flag: bool) -> str:
@@ -272,7 +284,9 @@ class Story:
         figure = (
             f"untag -> event -> handler in {seconds:.2f}s: {outcome.get('status')}; route on "
             f"{name}: {'STILL THERE' if route else 'gone'}; gateway maps: "
-            f"{'STILL ' + str(snat) if snat else 'empty'}; GET: {yes_no(answered)} "
+            f"{'STILL ' + str(own_snat + own_dnat) if own_snat or own_dnat else 'its entries gone'}"
+            f"{f' ({len(snat)} other mappings stay)' if snat else ' (empty)'}; "
+            f"GET: {yes_no(answered)} "
             f"(with a hand-made route: {yes_no(answered_by_hand)}); partner -> S: "
             f"{yes_no(inbound)}; app log: {'nothing new' if not arrived else arrived}"
         )
@@ -293,15 +307,110 @@ class Story:
             },
         )
 
-    def all_steps(self) -> list[Any]:
+    # -- the operator's view -----------------------------------------------------------------
+    def status_cli(self, name: str = WEB1) -> Step:
+        """``tunnelnat status`` (the installed CLI) against the lab: ``name`` enrolled with S."""
+        inst = self.lab.instance(name)
+        text = run_cli(self.lab, "status")
+        doc = status_json(self.lab)
+        row = next((r for r in doc["instances"] if r["instance_id"] == inst.instance_id), {})
+        ok = (
+            text.returncode == 0
+            and row.get("status") == "enrolled"
+            and row.get("public_ip") == self.public
+            and row.get("private_ip") == inst.private_ip
+        )
+        figure = (
+            f"`tunnelnat status` (exit {text.returncode}): {name} {row.get('status')} with "
+            f"S={row.get('public_ip')}; gateway generation applied "
+            f"{doc['gateway']['applied_generation']} / desired "
+            f"{doc['gateway']['desired_generation']}"
+        )
+        return Step(
+            f"the operator's `tunnelnat status` shows {name} enrolled with S",
+            ok,
+            figure,
+            {"output": text.stdout, "stderr": text.stderr, "json": doc, "row": row},
+        )
+
+    def wait_tunnel_metric_up(self, timeout: float = 120) -> float:
+        """Run the gateway's health agent (as its timer would) until ``tunnelnat status`` reads
+        every tunnel up; the seconds that took. The CLI judges the newest 1-minute Minimum of
+        TunnelUp, so after a kill (the healing story) it reads down until that minute is over."""
+        started = time.monotonic()
+        while True:
+            run_agent(self.lab)
+            tunnels = status_json(self.lab)["tunnels"]
+            if tunnels and all(t["state"] == "up" for t in tunnels):
+                return time.monotonic() - started
+            if time.monotonic() - started > timeout:
+                return time.monotonic() - started
+            time.sleep(3)
+
+    def doctor_cli(self) -> Step:
+        """``tunnelnat doctor`` against the lab: no finding; what moto cannot answer is said."""
+        waited = self.wait_tunnel_metric_up()
+        with quiet_moto_errors():
+            proc = run_cli(self.lab, "doctor")
+        code, report = doctor_json(self.lab)
+        failed = [f for f in report["findings"] if f["status"] == "fail"]
+        unknown = [f for f in report["findings"] if f["status"] == "unknown"]
+        lines = [line for line in proc.stdout.splitlines() if line.strip()]
+        summary = lines[-1] if lines else proc.stderr.strip()
+        eni = [f for f in report["findings"] if f["check"] == "fixed-eni"]
+        ok = not failed and bool(eni) and all(f["status"] == "ok" for f in eni)
+        figure = (
+            f"`tunnelnat doctor` (after {waited:.0f}s for TunnelUp's last minute to read up): "
+            f"{summary!r} ({report['counts']['ok']} checks ok"
+        )
+        if unknown:
+            figure += "; could not run: " + "; ".join(
+                f"{f['check']}: {f['summary']}" for f in unknown
+            )
+        figure += ")"
+        if failed:
+            figure += "; FINDINGS: " + "; ".join(f"{f['check']}: {f['summary']}" for f in failed)
+        return Step(
+            "the operator's `tunnelnat doctor` finds nothing wrong",
+            ok,
+            figure,
+            {"output": proc.stdout, "exit": code, "report": report, "summary": summary},
+        )
+
+    # -- issue 5 and issue 4's stories ---------------------------------------------------------
+    def healing(self, name: str = WEB1) -> Step:
+        report = run_healing_story(
+            self.lab, self.controller, public=self.public or "", instance=name
+        )
+        return Step(
+            "the gateway's charon is killed; alarm -> healer -> RestartTunnel heal the tunnel",
+            report.ok,
+            report.figure(),
+            {"report": report, "kill_to_restored": report.kill_to_restored},
+        )
+
+    def burst(self, count: int = 20) -> Step:
+        report = run_burst_story(self.lab, self.controller, count=count)
+        return Step(
+            f"Auto Scaling burst: {count} launches held at the hook, enrolled, released",
+            report.ok,
+            report.figure(),
+            {"report": report},
+        )
+
+    def all_steps(self, *, burst: int = 20) -> list[Any]:
         """The story in order (callables, so a runner can stop or report as it goes)."""
-        return [
+        steps = [
             self.tunnel,
             self.enrol,
+            self.status_cli,
             self.request_arrives_as_s,
             self.partner_reaches_instance,
             self.unenrolled_blocked,
             self.fail_closed,
             self.restart_tunnel,
-            self.unenrol,
+            self.healing,
         ]
+        if burst:
+            steps.append(functools.partial(self.burst, burst))
+        return [*steps, self.doctor_cli, self.unenrol]

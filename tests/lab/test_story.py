@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from lab import topology as topo
+from lab.cli import doctor_json, status_json
 from lab.controller import LabController
 from lab.story import Story
 
@@ -38,6 +39,36 @@ def test_tagging_web1_installs_route_and_nat(story):
     assert step.data["dnat"] == [f"{topo.POOL[0]} : {web1}"]
     # The controller drove the real documents: the gateway's sync and the instance's route.
     assert {"SyncNatTable", "AddHostRoute"} <= set(step.data["runs"])
+
+
+def test_tunnelnat_status_shows_web1_enrolled_with_s(story):
+    # The installed CLI, as an operator runs it, with --endpoint-url at the lab's moto.
+    doc = status_json(story.lab)
+    web1 = story.lab.instance("web-1")
+    rows = {r["instance_id"]: r for r in doc["instances"]}
+    row = rows[web1.instance_id]
+    assert row["status"] == "enrolled", row
+    assert row["public_ip"] == story.public == topo.POOL[0]
+    assert row["private_ip"] == web1.private_ip and row["name"] == "web-1"
+    assert row["route_installed"] and row["mapped"]
+    assert doc["gateway"]["instance_id"] == story.lab.aws.gateway_id
+    assert doc["gateway"]["in_sync"]
+    step = story.status_cli("web-1")  # the demo's text output says the same
+    assert step.ok, step.figure
+    assert "web-1" in step.data["output"] and topo.POOL[0] in step.data["output"]
+
+
+def test_tunnelnat_doctor_finds_g_on_the_gateway_eni_and_nothing_wrong(story):
+    code, report = doctor_json(story.lab)
+    checks: dict[str, list[dict]] = {}
+    for finding in report["findings"]:
+        checks.setdefault(finding["check"], []).append(finding)
+    assert [f["status"] for f in checks["fixed-eni"]] == ["ok"], checks["fixed-eni"]
+    assert story.lab.aws.eni_id in checks["fixed-eni"][0]["summary"]
+    assert [f["status"] for f in checks["source-dest-check"]] == ["ok"]
+    assert checks["config"][0]["status"] == "ok"
+    failed = [f for f in report["findings"] if f["status"] == "fail"]
+    assert failed == [] and code == 0, failed
 
 
 def test_request_from_web1_arrives_from_s_inside_esp_in_udp(story):
