@@ -266,8 +266,9 @@ class Controller(Construct):
                 },
             ),
             iam.PolicyStatement(
+                # ListCommands: one poll for a command sent to many instances at once.
                 sid="FollowCommands",
-                actions=["ssm:GetCommandInvocation"],
+                actions=["ssm:GetCommandInvocation", "ssm:ListCommands"],
                 resources=["*"],
             ),
             iam.PolicyStatement(
@@ -325,8 +326,8 @@ class Controller(Construct):
         for finding, reason in (
             (
                 "Resource::*",
-                "ec2:DescribeInstances, ssm:GetCommandInvocation and the X-Ray trace API have "
-                "no resource-level permissions.",
+                "ec2:DescribeInstances, ssm:GetCommandInvocation, ssm:ListCommands and the "
+                "X-Ray trace API have no resource-level permissions.",
             ),
             (
                 f"Resource::{wildcard_arn(self, 'ec2', 'instance/*')}",

@@ -298,6 +298,40 @@ def test_controller_table_actions_cover_the_calls_its_store_makes(s):
     assert needed <= set(table["Action"]), sorted(needed - set(table["Action"]))
 
 
+# The controller's adapters and the IAM service prefix of the client each holds.
+CONTROLLER_CLIENTS = {
+    "_ssm": "ssm",
+    "_ec2": "ec2",
+    "_db": "dynamodb",
+    "_sqs": "sqs",
+    "_asg": "autoscaling",
+}
+
+
+def _pascal(call: str) -> str:
+    return "".join(part.title() for part in call.split("_"))
+
+
+def test_controller_may_make_every_call_its_adapters_make(s):
+    """Read the calls from the adapters' code: a new API call without its permission fails here,
+    not with AccessDenied in production."""
+    needed: set[str] = set()
+    for path in sorted((LAMBDAS / "adapters").glob("*.py")):
+        text = path.read_text()
+        for attr, service in CONTROLLER_CLIENTS.items():
+            calls = set(re.findall(rf"self\.{attr}\.([a-z_]+)\(", text))
+            calls |= set(re.findall(rf"self\.{attr}\.get_paginator\(\"([a-z_]+)\"\)", text))
+            calls -= {"get_paginator", "transact_write_items"}  # per-item actions authorize it
+            # SQS's batch calls are authorized by their single-message actions.
+            needed |= {f"{service}:{_pascal(c.removesuffix('_batch'))}" for c in calls}
+    controller = s.stack.controller
+    policy = s.resources("AWS::IAM::Policy")[
+        s.logical_id(controller.role.node.find_child("DefaultPolicy"))
+    ]
+    granted = {a for st in statements(policy) for a in as_list(st["Action"])}
+    assert needed <= granted, sorted(needed - granted)
+
+
 # -- outputs and dashboard -------------------------------------------------------------------
 
 

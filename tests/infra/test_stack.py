@@ -469,6 +469,7 @@ def test_controller_least_privilege(s):
     allowed_star = {
         "ec2:DescribeInstances",
         "ssm:GetCommandInvocation",
+        "ssm:ListCommands",
         "xray:PutTraceSegments",
         "xray:PutTelemetryRecords",
     }
