@@ -120,7 +120,8 @@ class Healer(Construct):
         )
 
         # -- what invokes it ---------------------------------------------------------------------
-        # Lambda's own async retries (2) cover a transient failure; the sweep covers the rest.
+        # EventBridge retries a failed delivery twice and Lambda a failed (asynchronous)
+        # invocation twice; past that the sweep finds the alarm still in ALARM a minute later.
         target = targets.LambdaFunction(
             self.function, retry_attempts=2, max_event_age=Duration.hours(1)
         )
