@@ -8,21 +8,42 @@ the gateway match it. Running it twice changes nothing the second time.
 1. per instance: observe, decide, write the desired mapping (or remove a route and the mapping);
 2. once: if the gateway is behind the desired generation, it pulls and applies the newest table;
 3. per instance: add the route, record the status.
+
+AWS calls are made per batch, not per instance (issue 6's budget): one transaction takes every
+lease, one DescribeInstances observes, one BatchGetItem reads every mapping, record and both
+generations, one transaction writes every mapping change with one generation bump, one command
+adds every route, one transaction writes the records that changed and gives the leases back, and
+one CreateTags per status value. Writes that would change nothing are skipped.
+
+Coalescing: one gateway sync is in flight at a time (a lease on ``meta/gateway``). A worker that
+finds one in flight does not start another: its instances come back through the queue
+(``GatewaySyncPending``), by when the holder's sync, or its trailing sync for changes written
+while it ran, has applied them. A burst of N launches costs a handful of syncs, not N / 10.
 """
 
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
 from typing import Any, Protocol
 
-from tunnelnat.adapters.commands import AgentNotReady, CommandError, CommandPort
+from tunnelnat.adapters.commands import (
+    AgentNotReady,
+    CommandError,
+    CommandPort,
+    CommandResult,
+    run_many,
+)
 from tunnelnat.adapters.store import (
     AddressTaken,
     EnrolmentStore,
     InstanceRecord,
+    MappingChange,
+    Snapshot,
     StoreConflict,
     StoredMapping,
 )
@@ -36,6 +57,10 @@ from tunnelnat.core.enrolment import (
 )
 
 STORE_ATTEMPTS = 5
+# Mapping changes per transaction: each is up to 3 items (mapping, claim, release), plus the bump.
+CHANGES_PER_TRANSACTION = 30
+# Syncs one lease holder runs back to back for changes written while its previous one ran.
+TRAILING_SYNCS = 3
 # Without the enrolment tag an instance is none of our business unless we enrolled it before.
 UNMANAGED = (Status.NOT_TAGGED, Status.GONE, Status.IS_GATEWAY)
 PENDING_SSM = "pending-ssm"
@@ -57,10 +82,44 @@ class InstanceSource(Protocol):
 class Telemetry(Protocol):
     def count(self, name: str, value: float = 1) -> None: ...
 
+    def measure(self, name: str, value: float, unit: str) -> None:
+        """One datapoint in ``unit`` (``Seconds``, ``Milliseconds``, ``Count``)."""
+        ...
+
+    def failure(self, reason: str) -> None:
+        """One failure, by reason (one of FAILURE_REASONS)."""
+        ...
+
 
 class NoTelemetry:
     def count(self, name: str, value: float = 1) -> None:
         return None
+
+    def measure(self, name: str, value: float, unit: str) -> None:
+        return None
+
+    def failure(self, reason: str) -> None:
+        return None
+
+
+FAILURE_REASONS = (
+    "agent-not-ready",
+    "command-failed",
+    "store-conflict",
+    "pool-exhausted",
+    "unsupported-subnet",
+    "gateway-sync",
+    "dead-lettered",
+)
+
+
+class GatewaySyncPending(RuntimeError):
+    """Another worker's gateway sync is in flight: retry soon (it, or its trailing sync, will
+    have applied our changes by then). Not a failure; never dead-lettered."""
+
+
+class GatewaySyncFailed(CommandError):
+    """The gateway did not apply the table; every instance of the batch waits for it."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +131,9 @@ class Outcome:
     generation: int | None = None
     gateway_synced: bool = False
     managed: bool = True
+    # True when this run brought the instance to enrolled (it was not before): what the
+    # Enrolments count and the EnrolmentLatency metric are about.
+    newly_enrolled: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -86,8 +148,22 @@ class _Plan:
     instance_id: str
     instance: ObservedInstance | None
     decision: Decision
-    mapping: StoredMapping | None
+    mapping: StoredMapping | None  # the mapping it should have (None: none)
     route: bool  # is our route on the instance now
+    record: InstanceRecord | None = None  # as stored before this run
+    previous: StoredMapping | None = None  # the mapping as stored
+    remove_route: bool = False
+
+    @property
+    def needs_write(self) -> bool:
+        if self.decision.status is Status.POOL_EXHAUSTED:
+            return False  # keeps whatever it has; nothing to claim
+        if self.mapping is None or self.previous is None:
+            return self.mapping is not self.previous
+        return (self.mapping.private_ip, self.mapping.public_ip) != (
+            self.previous.private_ip,
+            self.previous.public_ip,
+        )
 
 
 class Controller:
@@ -138,71 +214,84 @@ class Controller:
     ) -> dict[str, Outcome | Exception]:
         """Converge many instances with at most one gateway sync. Each instance's result is its
         Outcome or the exception that stopped it; one instance's failure never stops another's."""
-        owner = uuid.uuid4().hex
-        leased: list[str] = []
+        run = _Run(owner=uuid.uuid4().hex)
         try:
-            return self._converge(instance_ids, set(terminating), full_sync, owner, leased)
+            results = self._converge(list(instance_ids), set(terminating), full_sync, run)
         finally:
-            for instance_id in leased:
-                self.store.release_lease(instance_id, owner)
+            # Records that changed, records to forget, and the leases back: one write.
+            self.store.finish(
+                put=list(run.records.values()),
+                delete=sorted(run.forget),
+                release=run.leased,
+                owner=run.owner,
+            )
+        self._tag(run)
+        self._report(results, run)
+        return results
 
     def _converge(
-        self,
-        instance_ids: Iterable[str],
-        ending: set[str],
-        full_sync: bool,
-        owner: str,
-        leased: list[str],
+        self, instance_ids: list[str], ending: set[str], full_sync: bool, run: _Run
     ) -> dict[str, Outcome | Exception]:
         results: dict[str, Outcome | Exception] = {}
-        for instance_id in dict.fromkeys(instance_ids):
-            try:
-                self.store.acquire_lease(instance_id, owner)
-                leased.append(instance_id)
-            except Exception as exc:  # noqa: BLE001 - reported per instance, retried by the queue
-                results[instance_id] = exc
+        ids = list(dict.fromkeys(instance_ids))
+        busy = self.store.acquire_leases(ids, run.owner) if ids else {}
+        results.update(busy)
+        run.leased = [i for i in ids if i not in busy]
+        if not run.leased and not full_sync:
+            return results
         # Observe only under the leases (what we read can no longer be overtaken by another
-        # worker), and in one call per 1,000 instances.
-        observed = self.instances.describe_many(leased) if leased else {}
+        # worker), in one call per 1,000 instances; read the table's side in one call too.
+        observed = self.instances.describe_many(run.leased) if run.leased else {}
+        snap = self.store.snapshot_many(run.leased)
+        run.snapshot = snap
         plans: list[_Plan] = []
-        for instance_id in leased:
+        for instance_id in run.leased:
             try:
                 plan = self._plan(
-                    instance_id, observed.get(instance_id), terminating=instance_id in ending
-                )
-            except Exception as exc:  # noqa: BLE001
+                    instance_id, observed.get(instance_id), snap, run,
+                    terminating=instance_id in ending,
+                )  # fmt: skip
+            except Exception as exc:  # noqa: BLE001 - reported per instance, retried by the queue
                 results[instance_id] = exc
                 continue
             if isinstance(plan, Outcome):
                 results[instance_id] = plan
             else:
                 plans.append(plan)
+        plans = self._remove_routes(plans, results, run)
+        plans = self._write_mappings(plans, results, snap, run)
         synced = False
-        generation: int | None = None
+        generation = run.desired
         sync_error: Exception | None = None
         if plans or full_sync:
             try:
-                synced, generation = self._sync_gateway(full=full_sync)
+                synced, generation = self._sync_gateway(full=full_sync, run=run)
             except Exception as exc:  # noqa: BLE001
                 sync_error = exc
-        for plan in plans:
-            if sync_error is not None:
+                if not isinstance(exc, GatewaySyncPending):
+                    # Counted once as a gateway-sync failure, not per waiting instance.
+                    exc.gateway_sync = True  # type: ignore[attr-defined]
+        if sync_error is not None:
+            for plan in plans:
                 results[plan.instance_id] = sync_error
-                continue
-            try:
-                results[plan.instance_id] = self._finish(plan, generation, synced)
-            except Exception as exc:  # noqa: BLE001
-                results[plan.instance_id] = exc
+            return results
+        results.update(self._finish(plans, generation, synced, run))
         return results
 
     # -- phase 1 -----------------------------------------------------------------------------
     def _plan(
-        self, instance_id: str, instance: ObservedInstance | None, *, terminating: bool
+        self,
+        instance_id: str,
+        instance: ObservedInstance | None,
+        snap: Snapshot,
+        run: _Run,
+        *,
+        terminating: bool,
     ) -> _Plan | Outcome:
         decision = decide_enrolment(instance, self.config)
         if terminating:
             decision = Decision(False, Status.GONE, "Auto Scaling is terminating the instance")
-        mapping, record = self.store.snapshot(instance_id)
+        mapping, record = snap.mappings.get(instance_id), snap.records.get(instance_id)
         if not decision.enrol and mapping is None and record is None:
             if decision.status in UNMANAGED:
                 # Never ours: an event about some other instance. Nothing to write or undo.
@@ -210,108 +299,196 @@ class Controller:
         route = bool(record and record.route_installed)
         if decision.enrol:
             assert instance is not None
-            mapping = self._desire_mapping(instance, mapping)
-            if mapping is None:
+            address = self._address_for(instance, mapping, run)
+            if address is None:
                 reason = f"all {len(self.config.address_pool)} pool addresses are in use"
                 self.telemetry.count("PoolExhausted")
                 decision = Decision(False, Status.POOL_EXHAUSTED, reason)
-                self._record(instance_id, instance, decision.status, reason, route=route)
-                if route and instance.state == "running":
-                    self._run(instance_id, "RemoveHostRoute", self._route_parameters())
-                    self._record(instance_id, instance, decision.status, reason, route=False)
-                return Outcome(instance_id, decision.status, reason)
-            return _Plan(instance_id, instance, decision, mapping, route)
+                plan = _Plan(instance_id, instance, decision, None, route, record, mapping)
+                plan.remove_route = route and instance.state == "running"
+                return plan
+            wanted = StoredMapping(instance_id, instance.private_ip, address)  # type: ignore[arg-type]
+            plan = _Plan(instance_id, instance, decision, wanted, route, record)
+            plan.previous = mapping
+            return plan
         # Not to be enrolled: stop its traffic first (route), then forget its mapping.
+        plan = _Plan(instance_id, instance, decision, None, route, record)
+        plan.previous = mapping
         if route and instance is not None and instance.state == "running" and not terminating:
-            self._run(instance_id, "RemoveHostRoute", self._route_parameters())
-            route = False
+            plan.remove_route = True
         elif instance is None or instance.state == "terminated" or terminating:
-            route = False  # gone with the instance
+            plan.route = False  # gone with the instance
         # A stopped instance keeps its route file; we stay responsible and remove it at start.
-        if mapping is not None:
-            try:
-                self.store.delete_mapping(mapping, release=self._dedicated)
-            except StoreConflict:
-                if self.store.get_mapping(instance_id) is not None:
-                    raise
-            self.telemetry.count("Unenrolments")
-        return _Plan(instance_id, instance, decision, None, route)
+        return plan
 
-    def _desire_mapping(
-        self, instance: ObservedInstance, mapping: StoredMapping | None
-    ) -> StoredMapping | None:
-        assert instance.private_ip is not None
-        for _ in range(STORE_ATTEMPTS):
-            claimed = self.store.claimed_addresses() if self._dedicated and not mapping else []
-            address = public_address_for(
-                instance,
-                self.config,
-                current=mapping.public_ip if mapping else None,
-                claimed=claimed,
-            )
-            if address is None:
-                return None
-            if mapping and (mapping.private_ip, mapping.public_ip) == (
-                instance.private_ip,
-                address,
-            ):
-                return mapping
-            try:
-                self.store.put_mapping(
-                    instance.instance_id,
-                    instance.private_ip,
-                    address,
-                    claim=self._dedicated,
-                    previous=mapping,
+    def _address_for(
+        self, instance: ObservedInstance, mapping: StoredMapping | None, run: _Run
+    ) -> IPv4Address | None:
+        current = mapping.public_ip if mapping else None
+        claimed: Iterable[IPv4Address] = ()
+        if self._dedicated and (current is None or current not in self._pool):
+            claimed = self._claims(run)
+        address = public_address_for(instance, self.config, current=current, claimed=claimed)
+        if address is not None and self._dedicated and address != current:
+            run.claimed.add(address)  # no other instance of this batch picks it too
+        return address
+
+    def _claims(self, run: _Run) -> set[IPv4Address]:
+        # One Query per batch (and per retry after a conflict), only when an address is needed.
+        if run.claimed_read is None:
+            run.claimed_read = set(self.store.claimed_addresses())
+            run.claimed |= run.claimed_read
+        return run.claimed
+
+    def _remove_routes(
+        self, plans: list[_Plan], results: dict[str, Outcome | Exception], run: _Run
+    ) -> list[_Plan]:
+        """One RemoveHostRoute for every instance that must lose its route; an instance whose
+        route could not be removed keeps its mapping (its traffic is still ours to carry)."""
+        targets = [p for p in plans if p.remove_route]
+        if not targets:
+            return plans
+        replies = self._run_many([p.instance_id for p in targets], "RemoveHostRoute")
+        failed: set[str] = set()
+        for plan in targets:
+            reply = replies[plan.instance_id]
+            if isinstance(reply, Exception):
+                results[plan.instance_id] = reply
+                failed.add(plan.instance_id)
+                if plan.decision.status is Status.POOL_EXHAUSTED:
+                    # What we know, and why: the route stays until the next attempt.
+                    self._record(run, plan, plan.decision.status, plan.decision.reason, True)
+                continue
+            plan.route = False
+        return [p for p in plans if p.instance_id not in failed]
+
+    def _write_mappings(
+        self,
+        plans: list[_Plan],
+        results: dict[str, Outcome | Exception],
+        snap: Snapshot,
+        run: _Run,
+    ) -> list[_Plan]:
+        """Every mapping change of the batch in one transaction (per 30) with one generation
+        bump; on a conflict (another worker bumped the generation or took an address), read
+        again and retry the ones that failed."""
+        run.desired = snap.desired_generation
+        pending = [p for p in plans if p.needs_write]
+        for start in range(0, len(pending), CHANGES_PER_TRANSACTION):
+            chunk = pending[start : start + CHANGES_PER_TRANSACTION]
+            for attempt in range(STORE_ATTEMPTS):
+                changes = [MappingChange(p.instance_id, p.mapping, p.previous) for p in chunk]
+                try:
+                    run.desired = self.store.write_mappings(
+                        changes, generation=run.desired, claim=self._dedicated
+                    )
+                    break
+                except (AddressTaken, StoreConflict) as exc:
+                    self.telemetry.count("StoreConflicts")
+                    if attempt == STORE_ATTEMPTS - 1:
+                        for plan in chunk:
+                            results[plan.instance_id] = StoreConflict(
+                                f"{plan.instance_id}: gave up after {STORE_ATTEMPTS} conflicts: "
+                                f"{exc}"
+                            )
+                        chunk = []
+                        break
+                    chunk = self._replan(chunk, results, run)
+            for plan in chunk:
+                if plan.mapping is None and plan.previous is not None:
+                    self.telemetry.count("Unenrolments")
+                    run.claimed.discard(plan.previous.public_ip)
+                run.pool_changed = True
+                plan.previous = plan.mapping
+        failed = {i for i, r in results.items() if isinstance(r, Exception)}
+        done: list[_Plan] = []
+        for plan in plans:
+            if plan.instance_id in failed:
+                continue
+            if plan.decision.status is Status.POOL_EXHAUSTED:
+                self._record(run, plan, plan.decision.status, plan.decision.reason, plan.route)
+                results[plan.instance_id] = Outcome(
+                    plan.instance_id, plan.decision.status, plan.decision.reason
                 )
-                return StoredMapping(instance.instance_id, instance.private_ip, address)
-            except (AddressTaken, StoreConflict):
-                self.telemetry.count("StoreConflicts")
-                mapping = self.store.get_mapping(instance.instance_id)
-        raise StoreConflict(f"{instance.instance_id}: gave up after {STORE_ATTEMPTS} conflicts")
+                continue
+            done.append(plan)
+        return done
+
+    def _replan(
+        self, chunk: list[_Plan], results: dict[str, Outcome | Exception], run: _Run
+    ) -> list[_Plan]:
+        """After a cancelled transaction: the generation, the claims and these instances'
+        mappings as they are now (the leases keep the instances themselves ours)."""
+        snap = self.store.snapshot_many([p.instance_id for p in chunk])
+        run.desired = snap.desired_generation
+        run.claimed_read = None
+        run.claimed = set()
+        again: list[_Plan] = []
+        for plan in chunk:
+            plan.previous = snap.mappings.get(plan.instance_id)
+            if plan.decision.enrol:
+                assert plan.instance is not None
+                address = self._address_for(plan.instance, plan.previous, run)
+                if address is None:
+                    reason = f"all {len(self.config.address_pool)} pool addresses are in use"
+                    self.telemetry.count("PoolExhausted")
+                    plan.decision = Decision(False, Status.POOL_EXHAUSTED, reason)
+                    plan.mapping = None
+                    continue
+                plan.mapping = StoredMapping(plan.instance_id, plan.instance.private_ip, address)  # type: ignore[arg-type]
+            if plan.needs_write:
+                again.append(plan)
+        return again
 
     # -- phase 3 -----------------------------------------------------------------------------
-    def _finish(self, plan: _Plan, generation: int | None, synced: bool) -> Outcome:
-        instance, decision = plan.instance, plan.decision
-        if decision.enrol:
-            assert instance is not None and plan.mapping is not None
-            try:
-                self._run(plan.instance_id, "AddHostRoute", self._route_parameters())
-            except AgentNotReady as exc:
-                self._record(plan.instance_id, instance, PENDING_SSM, str(exc), route=plan.route)
-                raise
-            reason = "route and NAT in place"
-            self._record(
+    def _finish(
+        self, plans: list[_Plan], generation: int, synced: bool, run: _Run
+    ) -> dict[str, Outcome | Exception]:
+        results: dict[str, Outcome | Exception] = {}
+        enrol = [p for p in plans if p.decision.enrol]
+        replies = self._run_many([p.instance_id for p in enrol], "AddHostRoute") if enrol else {}
+        for plan in plans:
+            instance, decision = plan.instance, plan.decision
+            if decision.enrol:
+                assert instance is not None and plan.mapping is not None
+                reply = replies[plan.instance_id]
+                if isinstance(reply, Exception):
+                    if isinstance(reply, AgentNotReady):
+                        self._record(run, plan, PENDING_SSM, str(reply), plan.route)
+                    results[plan.instance_id] = reply
+                    continue
+                reason = "route and NAT in place"
+                was = plan.record
+                newly = not (was and was.status == Status.ENROLLED and was.route_installed)
+                self._record(run, plan, Status.ENROLLED, reason, True, mapping=plan.mapping)
+                if newly:
+                    self.telemetry.count("Enrolments")
+                results[plan.instance_id] = Outcome(
+                    plan.instance_id,
+                    Status.ENROLLED,
+                    reason,
+                    public_ip=str(plan.mapping.public_ip),
+                    generation=generation,
+                    gateway_synced=synced,
+                    newly_enrolled=newly,
+                )
+                continue
+            if decision.status is Status.GONE or (not plan.route and decision.status in UNMANAGED):
+                # Nothing of ours is left on it: forget it rather than keep a row per past instance.
+                if plan.record is not None:
+                    run.forget.add(plan.instance_id)
+                if instance is not None and decision.status is Status.NOT_TAGGED:
+                    run.tags[plan.instance_id] = (instance, "not-enrolled")
+            else:
+                self._record(run, plan, decision.status, decision.reason, plan.route)
+            results[plan.instance_id] = Outcome(
                 plan.instance_id,
-                instance,
-                Status.ENROLLED,
-                reason,
-                route=True,
-                mapping=plan.mapping,
-            )
-            self.telemetry.count("Enrolments")
-            return Outcome(
-                plan.instance_id,
-                Status.ENROLLED,
-                reason,
-                public_ip=str(plan.mapping.public_ip),
+                decision.status,
+                decision.reason,
                 generation=generation,
                 gateway_synced=synced,
             )
-        if decision.status is Status.GONE or (not plan.route and decision.status in UNMANAGED):
-            # Nothing of ours is left on it: forget it rather than keep a row per past instance.
-            self.store.delete_record(plan.instance_id)
-            if instance is not None and decision.status is Status.NOT_TAGGED:
-                self.instances.set_status_tag(instance, "not-enrolled")
-        else:
-            self._record(plan.instance_id, instance, decision.status, decision.reason, plan.route)
-        return Outcome(
-            plan.instance_id,
-            decision.status,
-            decision.reason,
-            generation=generation,
-            gateway_synced=synced,
-        )
+        return results
 
     # -- the gateway ---------------------------------------------------------------------------
     def gateway_id(self, *, refresh: bool = False) -> str:
@@ -323,44 +500,85 @@ class Controller:
 
     def sync_gateway(self, *, full: bool = False, gateway: str | None = None) -> dict[str, Any]:
         """Ask the gateway to pull and apply the newest table; returns what it reported."""
+        report, gateway = self._run_sync(full=full, gateway=gateway)
+        applied = int(report.get("applied_generation", -1))
+        if applied >= 0:
+            self.store.record_applied(applied, gateway)
+        return report
+
+    def _run_sync(self, *, full: bool, gateway: str | None) -> tuple[dict[str, Any], str]:
         gateway = gateway or self.gateway_id()
         parameters = {
             "TableName": self.store.table_name,
             "Region": self.region,
             "Full": "true" if full else "false",
         }
+        started = time.monotonic()
         try:
-            result = self._run(gateway, "SyncNatTable", parameters)
-        except AgentNotReady:
-            # Replaced since we looked it up? Ask EC2 again; the queue retries if it is the same.
-            fresh = self.gateway_id(refresh=True)
-            if fresh == gateway:
-                raise
-            gateway = fresh
-            result = self._run(gateway, "SyncNatTable", parameters)
-        report = _last_json_line(result.stdout)
-        applied = int(report.get("applied_generation", -1))
-        if applied >= 0:
-            self.store.record_applied(applied, gateway)
+            try:
+                result = self._run(gateway, "SyncNatTable", parameters)
+            except AgentNotReady:
+                # Replaced since we looked it up? Ask EC2 again; the queue retries if the same.
+                fresh = self.gateway_id(refresh=True)
+                if fresh == gateway:
+                    raise
+                gateway = fresh
+                result = self._run(gateway, "SyncNatTable", parameters)
+        finally:
+            elapsed = (time.monotonic() - started) * 1000
+            self.telemetry.measure("GatewaySyncDuration", elapsed, "Milliseconds")
         self.telemetry.count("GatewaySyncs")
-        return report
+        return _last_json_line(result.stdout), gateway
 
-    def _sync_gateway(self, *, full: bool = False) -> tuple[bool, int]:
+    def _sync_gateway(self, *, full: bool, run: _Run) -> tuple[bool, int]:
         # The gateway pulls the newest table, so one sync covers every change written before it
         # starts; none is needed while the gateway reports the desired generation already.
-        desired, applied, _ = self.store.generations()
+        snap = run.snapshot
+        desired = max(run.desired, snap.desired_generation if snap else 0)
+        applied = snap.applied_generation if snap else 0
         if not full and applied >= desired:
             return False, desired
-        gateway = self.gateway_id(refresh=full) if full else None
-        report = self.sync_gateway(full=full, gateway=gateway)
-        if int(report.get("applied_generation", -1)) < desired:
-            raise CommandError(f"gateway reported {report}, but generation {desired} is desired")
+        recorded = self.store.begin_sync(run.owner)
+        if recorded is None:
+            raise GatewaySyncPending(
+                f"a gateway sync is in flight; generation {desired} will be applied by it or next"
+            )
+        if not full and recorded >= desired:
+            # Another worker's sync applied ours while we were writing.
+            self.store.end_sync(run.owner, applied=None, gateway_id=None)
+            return False, desired
+        gateway = self.gateway_id(refresh=True) if full else None
+        reported: int | None = None
+        try:
+            for _ in range(TRAILING_SYNCS):
+                report, gateway = self._run_sync(full=full, gateway=gateway)
+                reported = int(report.get("applied_generation", -1))
+                if reported < desired:
+                    raise GatewaySyncFailed(
+                        f"gateway reported {report}, but generation {desired} is desired"
+                    )
+                # Trailing edge: changes other workers wrote while this sync ran (they did not
+                # start a sync of their own, we hold the lease) are applied before we let go.
+                latest = self.store.desired_generation()
+                if latest <= reported:
+                    break
+                full = False
+        finally:
+            self.store.end_sync(
+                run.owner,
+                applied=reported if reported is not None and reported >= 0 else None,
+                gateway_id=gateway,
+            )
         return True, desired
 
     # -- helpers -------------------------------------------------------------------------------
     @property
     def _dedicated(self) -> bool:
         return self.config.nat_mode is NatMode.DEDICATED
+
+    @property
+    def _pool(self) -> frozenset[IPv4Address]:
+        return frozenset(self.config.address_pool)
 
     def _route_parameters(self) -> dict[str, str]:
         return {
@@ -369,37 +587,95 @@ class Controller:
         }
 
     def _run(self, instance_id: str, document: str, parameters: dict[str, str]) -> Any:
-        result = self.commands.run(instance_id, document, parameters)
+        return self._check(self.commands.run(instance_id, document, parameters))
+
+    def _run_many(
+        self, instance_ids: list[str], document: str
+    ) -> dict[str, CommandResult | Exception]:
+        replies = run_many(self.commands, instance_ids, document, self._route_parameters())
+        out: dict[str, CommandResult | Exception] = {}
+        for instance_id in instance_ids:
+            reply = replies.get(instance_id) or CommandError(f"{instance_id}: no result")
+            if isinstance(reply, Exception):
+                out[instance_id] = reply
+                continue
+            try:
+                out[instance_id] = self._check(reply)
+            except CommandError as exc:
+                out[instance_id] = exc
+        return out
+
+    def _check(self, result: CommandResult) -> CommandResult:
         if not result.ok:
             self.telemetry.count("CommandFailures")
             detail = (result.stderr or result.stdout).strip()[-300:]
+            where = f"{result.instance_id}: {result.document} {result.status}: {detail}"
             if result.status in ("Undeliverable", "DeliveryTimedOut"):
-                raise AgentNotReady(f"{instance_id}: {document} {result.status}: {detail}")
-            raise CommandError(f"{instance_id}: {document} {result.status}: {detail}")
+                raise AgentNotReady(where)
+            raise CommandError(where)
         return result
 
     def _record(
         self,
-        instance_id: str,
-        instance: ObservedInstance | None,
+        run: _Run,
+        plan: _Plan,
         status: str,
         reason: str,
         route: bool,
         *,
         mapping: StoredMapping | None = None,
     ) -> None:
-        self.store.put_record(
-            InstanceRecord(
-                instance_id,
-                str(status),
-                reason,
-                route_installed=route,
-                private_ip=_text(instance.private_ip if instance else None),
-                public_ip=_text(mapping.public_ip if mapping else None),
-            )
+        """Queue the instance's record for the batch's last write, unless it would not change;
+        and its status tag."""
+        instance = plan.instance
+        record = InstanceRecord(
+            plan.instance_id,
+            str(status),
+            reason,
+            route_installed=route,
+            private_ip=_text(instance.private_ip if instance else None),
+            public_ip=_text(mapping.public_ip if mapping else None),
         )
+        before = plan.record
+        if before is None or _comparable(before) != _comparable(record):
+            run.records[plan.instance_id] = record
+        else:
+            run.records.pop(plan.instance_id, None)
         if instance is not None and instance.state not in ("terminated", "shutting-down"):
-            self.instances.set_status_tag(instance, str(status))
+            run.tags[plan.instance_id] = (instance, str(status))
+
+    def _tag(self, run: _Run) -> None:
+        """Each instance's last status as its tag: one CreateTags per status value."""
+        by_status: dict[str, list[ObservedInstance]] = {}
+        for instance, status in run.tags.values():
+            by_status.setdefault(status, []).append(instance)
+        many = getattr(self.instances, "set_status_tags", None)
+        for status, instances in by_status.items():
+            if many is not None:
+                many(instances, status)
+            else:
+                for instance in instances:
+                    self.instances.set_status_tag(instance, status)
+
+    def _report(self, results: dict[str, Outcome | Exception], run: _Run) -> None:
+        """Failures by reason, and the pool's free addresses after the batch (dedicated mode)."""
+        sync_failed = False
+        for result in results.values():
+            reason = _failure_reason(result)
+            if reason == "gateway-sync":
+                sync_failed = True  # one failed sync, whatever the number of instances waiting
+            elif reason is not None:
+                self.telemetry.failure(reason)
+        if sync_failed:
+            self.telemetry.failure("gateway-sync")
+        if self._dedicated and (run.claimed_read is not None or run.pool_changed):
+            # Known from this batch's own read of the claims; read once more only when the
+            # pool changed without one (addresses released).
+            claimed = run.claimed if run.claimed_read is not None else None
+            if claimed is None:
+                claimed = set(self.store.claimed_addresses())
+            free = len(self._pool - claimed)
+            self.telemetry.measure("PoolFreeAddresses", free, "Count")
 
     def record_failure(self, instance_id: str, reason: str) -> None:
         """Mark an instance whose retries ran out, keeping what we know of its route."""
@@ -414,6 +690,47 @@ class Controller:
                 public_ip=record.public_ip if record else None,
             )
         )
+
+
+@dataclass
+class _Run:
+    """What one ``converge`` call carries between its phases."""
+
+    owner: str
+    leased: list[str] = field(default_factory=list)
+    snapshot: Snapshot | None = None
+    desired: int = 0
+    claimed_read: set[IPv4Address] | None = None
+    claimed: set[IPv4Address] = field(default_factory=set)
+    records: dict[str, InstanceRecord] = field(default_factory=dict)
+    forget: set[str] = field(default_factory=set)
+    tags: dict[str, tuple[ObservedInstance, str]] = field(default_factory=dict)
+    pool_changed: bool = False
+
+
+def _failure_reason(result: Outcome | Exception) -> str | None:
+    if isinstance(result, Outcome):
+        if result.status is Status.POOL_EXHAUSTED:
+            return "pool-exhausted"
+        if result.status is Status.UNSUPPORTED_SUBNET:
+            return "unsupported-subnet"
+        return None
+    if isinstance(result, GatewaySyncPending):
+        return None  # coalescing, not a failure
+    if isinstance(result, GatewaySyncFailed) or getattr(result, "gateway_sync", False):
+        return "gateway-sync"
+    if isinstance(result, AgentNotReady):
+        return "agent-not-ready"
+    if isinstance(result, CommandError):
+        return "command-failed"
+    if isinstance(result, StoreConflict):
+        return "store-conflict"
+    return None
+
+
+def _comparable(record: InstanceRecord) -> tuple:
+    return (record.status, record.reason, record.route_installed, record.private_ip,
+            record.public_ip)  # fmt: skip
 
 
 def _text(value: object | None) -> str | None:

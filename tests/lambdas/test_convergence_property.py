@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -127,9 +128,13 @@ def state_of(ec2, instance_id: str) -> tuple[str, bool, str]:
 @given(
     tagged=st.lists(st.booleans(), min_size=INSTANCES, max_size=INSTANCES),
     ops=st.lists(operation, max_size=8),
-    drain_order=st.randoms(use_true_random=False),
+    # A seed, not st.randoms(): how many messages the drain shuffles depends on the two workers'
+    # timing (a busy lease, a sync in flight), and Hypothesis refuses data drawn in a
+    # timing-dependent amount (FlakyStrategyDefinition). One draw, whatever the batch's size.
+    drain_seed=st.integers(0, 2**32 - 1),
 )
-def test_any_interleaving_converges(env, tagged, ops, drain_order):
+def test_any_interleaving_converges(env, tagged, ops, drain_seed):
+    drain_order = random.Random(drain_seed)
     table, ids, fleet, workers = env.example(tagged)
     pending: list[str] = [json.dumps(state_change(i, "running")) for i in ids]
     lock = threading.Lock()

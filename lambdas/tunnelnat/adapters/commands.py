@@ -7,7 +7,7 @@ same document's script inside the instance's network namespace. The controller o
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -41,10 +41,44 @@ class AgentNotReady(CommandError):
     """The instance's SSM agent is not registered (yet): retry later, through the queue."""
 
 
+SEND_MAX = 50  # SendCommand's limit on InstanceIds
+
+
 class CommandPort(Protocol):
     def run(self, instance_id: str, document: str, parameters: Mapping[str, str]) -> CommandResult:
         """Run ``document`` (a name from DOCUMENTS) on the instance and wait for the result."""
         ...
+
+
+class BatchCommandPort(CommandPort, Protocol):
+    """Optional: one command for many instances (the controller uses it when a port has it)."""
+
+    def run_many(
+        self, instance_ids: Sequence[str], document: str, parameters: Mapping[str, str]
+    ) -> dict[str, CommandResult | CommandError]:
+        """Run ``document`` on every instance with the same parameters; each instance's result,
+        or the CommandError (AgentNotReady) that stopped it there."""
+        ...
+
+
+def run_many(
+    port: CommandPort,
+    instance_ids: Sequence[str],
+    document: str,
+    parameters: Mapping[str, str],
+) -> dict[str, CommandResult | CommandError]:
+    """``port.run_many`` when the port has it, else one ``run`` per instance (the lab's and the
+    tests' ports run documents one instance at a time)."""
+    many = getattr(port, "run_many", None)
+    if many is not None:
+        return many(instance_ids, document, parameters)
+    results: dict[str, CommandResult | CommandError] = {}
+    for instance_id in instance_ids:
+        try:
+            results[instance_id] = port.run(instance_id, document, parameters)
+        except CommandError as exc:
+            results[instance_id] = exc
+    return results
 
 
 class SsmCommands:
@@ -123,3 +157,87 @@ class SsmCommands:
                 raise CommandError(f"{instance_id}: {document} still {status} after {waited:.0f}s")
             self._sleep(self._poll)
             waited += self._poll
+
+    def run_many(
+        self, instance_ids: Sequence[str], document: str, parameters: Mapping[str, str]
+    ) -> dict[str, CommandResult | CommandError]:
+        """One SendCommand per 50 instances, polled with ListCommands (one call per poll for
+        all of them); per-instance detail is fetched only when not every invocation succeeded.
+        An unregistered agent fails a whole multi-instance SendCommand, so that chunk falls back
+        to one command per instance, each with its own answer."""
+        results: dict[str, CommandResult | CommandError] = {}
+        ids = list(dict.fromkeys(instance_ids))
+        if len(ids) == 1:
+            try:
+                results[ids[0]] = self.run(ids[0], document, parameters)
+            except CommandError as exc:
+                results[ids[0]] = exc
+            return results
+        for start in range(0, len(ids), SEND_MAX):
+            chunk = ids[start : start + SEND_MAX]
+            try:
+                sent = self._ssm.send_command(
+                    InstanceIds=chunk,
+                    DocumentName=self.document_name(document),
+                    Parameters={k: [v] for k, v in parameters.items()},
+                    TimeoutSeconds=max(30, int(self._timeout)),
+                    Comment=f"tunnelnat {document}",
+                )
+            except ClientError as exc:
+                if exc.response["Error"]["Code"] != "InvalidInstanceId":
+                    error = CommandError(
+                        f"SendCommand {document} failed: {exc.response['Error']['Code']}"
+                    )
+                    results.update(dict.fromkeys(chunk, error))
+                    continue
+                for instance_id in chunk:
+                    try:
+                        results[instance_id] = self.run(instance_id, document, parameters)
+                    except CommandError as one:
+                        results[instance_id] = one
+                continue
+            results.update(self._wait_many(sent["Command"]["CommandId"], chunk, document))
+        return results
+
+    COMMAND_TERMINAL = {"Success", "Cancelled", "Failed", "TimedOut"}
+
+    def _wait_many(
+        self, command_id: str, instance_ids: list[str], document: str
+    ) -> dict[str, CommandResult | CommandError]:
+        waited = 0.0
+        while True:
+            reply = self._ssm.list_commands(CommandId=command_id)
+            [command] = reply.get("Commands") or [{"Status": "Pending"}]
+            status = command.get("Status", "Pending")
+            if status == "Success":
+                # Every invocation succeeded: AddHostRoute/RemoveHostRoute need no output.
+                return {i: CommandResult(i, document, "Success") for i in instance_ids}
+            if status in self.COMMAND_TERMINAL:
+                return self._invocations(command_id, instance_ids, document)
+            if waited >= self._timeout:
+                error = CommandError(f"{document} still {status} after {waited:.0f}s")
+                return dict.fromkeys(instance_ids, error)
+            self._sleep(self._poll)
+            waited += self._poll
+
+    def _invocations(
+        self, command_id: str, instance_ids: list[str], document: str
+    ) -> dict[str, CommandResult | CommandError]:
+        """Each instance's own status, once the command as a whole did not succeed."""
+        results: dict[str, CommandResult | CommandError] = {}
+        for instance_id in instance_ids:
+            try:
+                inv = self._ssm.get_command_invocation(CommandId=command_id, InstanceId=instance_id)
+            except ClientError as exc:
+                results[instance_id] = CommandError(
+                    f"{instance_id}: {document}: {exc.response['Error']['Code']}"
+                )
+                continue
+            results[instance_id] = CommandResult(
+                instance_id=instance_id,
+                document=document,
+                status=inv.get("Status", "Failed"),
+                stdout=inv.get("StandardOutputContent", ""),
+                stderr=inv.get("StandardErrorContent", ""),
+            )
+        return results

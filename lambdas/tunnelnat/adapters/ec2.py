@@ -95,6 +95,26 @@ class Ec2Instances:
             if exc.response["Error"]["Code"] not in ("InvalidInstanceID.NotFound",):
                 raise
 
+    def set_status_tags(self, instances: Iterable[ObservedInstance], status: str) -> None:
+        """``set_status_tag`` for many instances: one CreateTags per 1,000 whose tag differs."""
+        ids = [i.instance_id for i in instances if i.tags.get(STATUS_TAG) != status]
+        for start in range(0, len(ids), DESCRIBE_CHUNK):
+            chunk = ids[start : start + DESCRIBE_CHUNK]
+            try:
+                self._ec2.create_tags(Resources=chunk, Tags=[{"Key": STATUS_TAG, "Value": status}])
+            except ClientError as exc:
+                if exc.response["Error"]["Code"] not in ("InvalidInstanceID.NotFound",):
+                    raise
+                # One of them is gone (terminated meanwhile): tag the others one by one.
+                for instance_id in chunk:
+                    try:
+                        self._ec2.create_tags(
+                            Resources=[instance_id], Tags=[{"Key": STATUS_TAG, "Value": status}]
+                        )
+                    except ClientError as one:
+                        if one.response["Error"]["Code"] != "InvalidInstanceID.NotFound":
+                            raise
+
     def find_gateway(self, deployment: str) -> str:
         reply = self._ec2.describe_instances(
             Filters=[

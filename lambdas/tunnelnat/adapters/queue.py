@@ -20,6 +20,26 @@ class EventQueue:
             VisibilityTimeout=max(0, min(seconds, 43_200)),
         )
 
+    def delay_retries(self, source_arn: str, delays: list[tuple[str, int]]) -> None:
+        """``delay_retry`` for many messages of one queue: one call per 10 (the API's limit)."""
+        url = self._url(source_arn)
+        for start in range(0, len(delays), 10):
+            chunk = delays[start : start + 10]
+            reply = self._sqs.change_message_visibility_batch(
+                QueueUrl=url,
+                Entries=[
+                    {
+                        "Id": str(k),
+                        "ReceiptHandle": handle,
+                        "VisibilityTimeout": max(0, min(seconds, 43_200)),
+                    }
+                    for k, (handle, seconds) in enumerate(chunk)
+                ],
+            )
+            failed = reply.get("Failed") or []
+            if failed:
+                raise RuntimeError(f"{len(failed)} retry delay(s) not set: {failed[0]}")
+
     def dead_letter(self, body: str, *, instance_ids: list[str], reason: str) -> bool:
         """Park a message that keeps failing, with the instances and the reason; False if no DLQ."""
         if not self._dlq:

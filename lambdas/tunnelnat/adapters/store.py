@@ -23,6 +23,12 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 MAPPING, ADDRESS, INSTANCE, META, LEASE = "mapping", "address", "instance", "meta", "lease"
+TRANSACT_MAX = 100  # DynamoDB's limit on items per TransactWriteItems
+BATCH_GET_MAX = 100  # and on keys per BatchGetItem
+_APPLIED_FORWARD = (
+    "attribute_not_exists(applied_generation) OR applied_generation <= :g "
+    "OR gateway_instance_id <> :gw"
+)
 
 
 class StoreConflict(RuntimeError):
@@ -53,6 +59,25 @@ class InstanceRecord:
     private_ip: str | None = None
     public_ip: str | None = None
     updated_at: float = 0.0
+
+
+@dataclass
+class Snapshot:
+    """What the table says about a batch of instances, read at one moment."""
+
+    mappings: dict[str, StoredMapping]
+    records: dict[str, InstanceRecord]
+    desired_generation: int
+    applied_generation: int
+
+
+@dataclass(frozen=True)
+class MappingChange:
+    """One mapping to write (``new``) or to delete (``new`` is None), replacing ``previous``."""
+
+    instance_id: str
+    new: StoredMapping | None
+    previous: StoredMapping | None
 
 
 def _mapping(item: dict) -> StoredMapping:
@@ -121,6 +146,30 @@ class EnrolmentStore:
             int(desired["generation"]["N"]) if desired else 0,
             int(gateway["applied_generation"]["N"]) if gateway else 0,
             gateway.get("gateway_instance_id", {}).get("S") if gateway else None,
+        )
+
+    def snapshot_many(self, instance_ids: list[str]) -> Snapshot:
+        """Every instance's mapping and record and both generations, consistently, in one
+        BatchGetItem per 100 keys (a batch of 10 instances: one call)."""
+        keys = [_key(META, "generation"), _key(META, "gateway")]
+        for instance_id in instance_ids:
+            keys += [_key(MAPPING, instance_id), _key(INSTANCE, instance_id)]
+        items: dict[tuple[str, str], dict] = {}
+        for start in range(0, len(keys), BATCH_GET_MAX):
+            items.update(self._batch_get(keys[start : start + BATCH_GET_MAX]))
+        desired = items.get((META, "generation"))
+        gateway = items.get((META, "gateway"))
+        return Snapshot(
+            mappings={
+                i: _mapping(items[(MAPPING, i)]) for i in instance_ids if (MAPPING, i) in items
+            },
+            records={
+                i: _record(items[(INSTANCE, i)]) for i in instance_ids if (INSTANCE, i) in items
+            },
+            desired_generation=int(desired["generation"]["N"]) if desired else 0,
+            applied_generation=int(gateway["applied_generation"]["N"])
+            if gateway and "applied_generation" in gateway
+            else 0,
         )
 
     def _batch_get(self, keys: list[dict]) -> dict[tuple[str, str], dict]:
@@ -197,6 +246,180 @@ class EnrolmentStore:
         self._transact(items)
         return generation + 1
 
+    def write_mappings(self, changes: list[MappingChange], *, generation: int, claim: bool) -> int:
+        """Many mapping changes, their address claims and releases and ONE generation bump, in
+        one transaction (all or nothing). ``generation`` is the one the caller read; a concurrent
+        bump, a taken address or a changed mapping cancels it (AddressTaken / StoreConflict).
+        Returns the new generation."""
+        items: list[dict] = []
+        claimed: list[IPv4Address] = []
+        for change in changes:
+            if change.new is not None:
+                new = change.new
+                items.append(
+                    {
+                        "Put": {
+                            "TableName": self._table,
+                            "Item": {
+                                **_key(MAPPING, change.instance_id),
+                                "private_ip": {"S": str(new.private_ip)},
+                                "public_ip": {"S": str(new.public_ip)},
+                                "generation": {"N": str(generation + 1)},
+                            },
+                        }
+                    }
+                )
+                if claim:
+                    items.append(self._claim(new.public_ip, change.instance_id))
+                    claimed.append(new.public_ip)
+                old = change.previous
+                if old is not None and old.public_ip != new.public_ip:
+                    items.append(self._release(old.public_ip, change.instance_id))
+            elif change.previous is not None:
+                old = change.previous
+                items.append(
+                    {
+                        "Delete": {
+                            "TableName": self._table,
+                            "Key": _key(MAPPING, change.instance_id),
+                            "ConditionExpression": "public_ip = :ip",
+                            "ExpressionAttributeValues": {":ip": {"S": str(old.public_ip)}},
+                        }
+                    }
+                )
+                if claim:
+                    items.append(self._release(old.public_ip, change.instance_id))
+        if not items:
+            return generation
+        if len(items) >= TRANSACT_MAX:
+            raise ValueError(f"{len(changes)} changes need {len(items) + 1} transaction items")
+        items.append(self._bump(generation))
+        try:
+            self._db.transact_write_items(TransactItems=items)
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] != "TransactionCanceledException":
+                raise
+            reasons = [r.get("Code", "None") for r in exc.response.get("CancellationReasons", [])]
+            taken = [
+                item["Put"]["Item"]["sk"]["S"]
+                for item, code in zip(items, reasons, strict=False)
+                if code == "ConditionalCheckFailed"
+                and "Put" in item
+                and item["Put"]["Item"]["pk"]["S"] == ADDRESS
+            ]
+            if taken:
+                raise AddressTaken(f"address(es) {', '.join(taken)} claimed by another") from exc
+            raise StoreConflict(f"concurrent change, transaction cancelled: {reasons}") from exc
+        return generation + 1
+
+    def acquire_leases(
+        self, instance_ids: list[str], owner: str, *, seconds: float = 300.0
+    ) -> dict[str, Exception]:
+        """``acquire_lease`` for many instances in one transaction; returns the instances NOT
+        leased, each with why (another worker holds it: InstanceBusy)."""
+        failed: dict[str, Exception] = {}
+        todo = list(dict.fromkeys(instance_ids))
+        if len(todo) == 1:
+            try:
+                self.acquire_lease(todo[0], owner, seconds=seconds)
+            except StoreConflict as exc:
+                failed[todo[0]] = exc
+            return failed
+        now = self._clock()
+        for start in range(0, len(todo), TRANSACT_MAX):
+            chunk = todo[start : start + TRANSACT_MAX]
+            for _ in range(3):
+                if not chunk:
+                    break
+                items = [self._lease_put(i, owner, now, seconds) for i in chunk]
+                try:
+                    self._db.transact_write_items(TransactItems=items)
+                    chunk = []
+                    break
+                except ClientError as exc:
+                    if exc.response["Error"]["Code"] != "TransactionCanceledException":
+                        raise
+                    reasons = [
+                        r.get("Code", "None") for r in exc.response.get("CancellationReasons", [])
+                    ]
+                    busy = [i for i, c in zip(chunk, reasons, strict=False) if c != "None"]
+                    if not busy:
+                        break  # cancelled without a reason per item: one by one below
+                    for instance_id in busy:
+                        failed[instance_id] = InstanceBusy(
+                            f"{instance_id} is being reconciled by another worker"
+                        )
+                    chunk = [i for i in chunk if i not in failed]
+            for instance_id in chunk:  # what the transactions could not settle
+                try:
+                    self.acquire_lease(instance_id, owner, seconds=seconds)
+                except StoreConflict as exc:
+                    failed[instance_id] = exc
+        return failed
+
+    def finish(
+        self,
+        *,
+        put: list[InstanceRecord],
+        delete: list[str],
+        release: list[str],
+        owner: str,
+    ) -> None:
+        """The batch's last write: the records that changed, the records to forget, and the
+        leases given back, in one transaction per 100 items. When a lease was taken over (it
+        expired), item by item instead, so the records still land."""
+        items: list[dict] = [
+            {"Put": {"TableName": self._table, "Item": self._record_item(r)}} for r in put
+        ]
+        items += [{"Delete": {"TableName": self._table, "Key": _key(INSTANCE, i)}} for i in delete]
+        items += [
+            {
+                "Delete": {
+                    "TableName": self._table,
+                    "Key": _key(LEASE, i),
+                    "ConditionExpression": "#o = :me",
+                    "ExpressionAttributeNames": {"#o": "owner"},
+                    "ExpressionAttributeValues": {":me": {"S": owner}},
+                }
+            }
+            for i in release
+        ]
+        if len(items) == 1 and release:
+            self.release_lease(release[0], owner)
+            return
+        if len(items) == 1 and put:
+            self.put_record(put[0])
+            return
+        for start in range(0, len(items), TRANSACT_MAX):
+            chunk = items[start : start + TRANSACT_MAX]
+            try:
+                self._db.transact_write_items(TransactItems=chunk)
+            except ClientError as exc:
+                if exc.response["Error"]["Code"] != "TransactionCanceledException":
+                    raise
+                for item in chunk:
+                    if "Put" in item:
+                        self._db.put_item(TableName=self._table, Item=item["Put"]["Item"])
+                    elif item["Delete"]["Key"]["pk"]["S"] == INSTANCE:
+                        self._db.delete_item(TableName=self._table, Key=item["Delete"]["Key"])
+                    else:
+                        self.release_lease(item["Delete"]["Key"]["sk"]["S"], owner)
+
+    def _lease_put(self, instance_id: str, owner: str, now: float, seconds: float) -> dict:
+        return {
+            "Put": {
+                "TableName": self._table,
+                "Item": {
+                    **_key(LEASE, instance_id),
+                    "owner": {"S": owner},
+                    "expires": {"N": f"{now + seconds:.3f}"},
+                },
+                "ConditionExpression": "attribute_not_exists(pk) OR expires < :now OR #o = :me",
+                "ExpressionAttributeNames": {"#o": "owner"},
+                "ExpressionAttributeValues": {":now": {"N": f"{now:.3f}"}, ":me": {"S": owner}},
+            }
+        }
+
     def acquire_lease(self, instance_id: str, owner: str, *, seconds: float = 300.0) -> None:
         """Serialise work on one instance across workers (as a workqueue does per key): a
         reconcile that read an older state can then never write after one that read a newer."""
@@ -233,27 +456,92 @@ class EnrolmentStore:
                 raise
 
     def record_applied(self, generation: int, gateway_id: str) -> None:
-        """Remember what the gateway reported; never move the recorded generation backwards."""
+        """Remember what the gateway reported; never move the recorded generation backwards.
+
+        An update, not a put: the same item carries the sync lease (``begin_sync``)."""
         try:
-            self._db.put_item(
+            self._db.update_item(
                 TableName=self._table,
-                Item={
-                    **_key(META, "gateway"),
-                    "applied_generation": {"N": str(generation)},
-                    "gateway_instance_id": {"S": gateway_id},
-                    "updated_at": {"N": f"{self._clock():.3f}"},
+                Key=_key(META, "gateway"),
+                UpdateExpression="SET applied_generation = :g, gateway_instance_id = :gw, "
+                "updated_at = :t",
+                ConditionExpression=_APPLIED_FORWARD,
+                ExpressionAttributeValues={
+                    ":g": {"N": str(generation)},
+                    ":gw": {"S": gateway_id},
+                    ":t": {"N": f"{self._clock():.3f}"},
                 },
-                ConditionExpression=(
-                    "attribute_not_exists(applied_generation) OR applied_generation <= :g "
-                    "OR gateway_instance_id <> :gw"
-                ),
-                ExpressionAttributeValues={":g": {"N": str(generation)}, ":gw": {"S": gateway_id}},
+            )
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
+                raise
+
+    # -- the gateway sync lease: one sync in flight; the others' changes ride on it ---------
+    def begin_sync(self, owner: str, *, seconds: float = 180.0) -> int | None:
+        """Take the gateway sync lease; returns the applied generation as recorded now, or None
+        when another worker's sync is in flight (it will pull our changes too, or its holder's
+        trailing sync will)."""
+        now = self._clock()
+        try:
+            reply = self._db.update_item(
+                TableName=self._table,
+                Key=_key(META, "gateway"),
+                UpdateExpression="SET sync_owner = :me, sync_expires = :exp",
+                ConditionExpression="attribute_not_exists(sync_owner) OR sync_expires < :now "
+                "OR sync_owner = :me",
+                ExpressionAttributeValues={
+                    ":me": {"S": owner},
+                    ":exp": {"N": f"{now + seconds:.3f}"},
+                    ":now": {"N": f"{now:.3f}"},
+                },
+                ReturnValues="ALL_NEW",
+            )
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
+                return None
+            raise
+        attrs = reply.get("Attributes", {})
+        return int(attrs.get("applied_generation", {}).get("N", "0"))
+
+    def end_sync(self, owner: str, *, applied: int | None, gateway_id: str | None) -> None:
+        """Record what the gateway applied and give the sync lease back, in one write."""
+        if applied is not None and gateway_id is not None:
+            try:
+                self._db.update_item(
+                    TableName=self._table,
+                    Key=_key(META, "gateway"),
+                    UpdateExpression="SET applied_generation = :g, gateway_instance_id = :gw, "
+                    "updated_at = :t REMOVE sync_owner, sync_expires",
+                    ConditionExpression=f"sync_owner = :me AND ({_APPLIED_FORWARD})",
+                    ExpressionAttributeValues={
+                        ":g": {"N": str(applied)},
+                        ":gw": {"S": gateway_id},
+                        ":t": {"N": f"{self._clock():.3f}"},
+                        ":me": {"S": owner},
+                    },
+                )
+                return
+            except ClientError as exc:
+                if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
+                    raise
+            # Our lease expired and was taken over, or a newer generation is recorded already.
+            self.record_applied(applied, gateway_id)
+        try:
+            self._db.update_item(
+                TableName=self._table,
+                Key=_key(META, "gateway"),
+                UpdateExpression="REMOVE sync_owner, sync_expires",
+                ConditionExpression="sync_owner = :me",
+                ExpressionAttributeValues={":me": {"S": owner}},
             )
         except ClientError as exc:
             if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
                 raise
 
     def put_record(self, record: InstanceRecord) -> None:
+        self._db.put_item(TableName=self._table, Item=self._record_item(record))
+
+    def _record_item(self, record: InstanceRecord) -> dict:
         item = {
             **_key(INSTANCE, record.instance_id),
             "status": {"S": record.status},
@@ -265,10 +553,10 @@ class EnrolmentStore:
             item["private_ip"] = {"S": record.private_ip}
         if record.public_ip:
             item["public_ip"] = {"S": record.public_ip}
-        self._db.put_item(TableName=self._table, Item=item)
+        return item
 
     def record_reconcile(self, request_id: str, *, instances: int, failures: int) -> None:
-        """Say that a reconcile request was handled (``tunnelnat reconcile --wait`` waits for it)."""
+        """Say that a reconcile request was handled (``tunnelnat reconcile --wait`` waits)."""
         self._db.put_item(
             TableName=self._table,
             Item={

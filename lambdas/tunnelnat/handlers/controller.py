@@ -11,60 +11,133 @@ from __future__ import annotations
 import functools
 import os
 import random
-from typing import Any
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import boto3
-from aws_lambda_powertools import Logger, Metrics, Tracer
-from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools import Logger, Metrics
+from aws_lambda_powertools.metrics import MetricUnit, single_metric
 from aws_lambda_powertools.utilities.batch import (
     BatchProcessor,
     EventType,
     process_partial_response,
 )
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
-from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.config import Config
 
-from tunnelnat.adapters.autoscaling import AutoScalingLifecycle, LifecyclePort
 from tunnelnat.adapters.commands import CommandPort, SsmCommands
 from tunnelnat.adapters.ec2 import Ec2Instances
 from tunnelnat.adapters.queue import EventQueue
 from tunnelnat.adapters.store import EnrolmentStore
-from tunnelnat.controller import Controller
+from tunnelnat.controller import Controller, GatewaySyncPending, Outcome
+from tunnelnat.core.enrolment import Status
 from tunnelnat.events import InvalidEvent, Request, parse_request
 from tunnelnat.service import Service
 from tunnelnat.settings import ControllerSettings
 
-logger = Logger(service="tunnelnat")
-tracer = Tracer(service="tunnelnat")
-metrics = Metrics(namespace="tunnelnat", service="tunnelnat")
+if TYPE_CHECKING:  # only for annotations: the hot path never needs these at import
+    from aws_lambda_powertools.utilities.typing import LambdaContext
+
+    from tunnelnat.adapters.autoscaling import LifecyclePort
+
+SERVICE = os.environ.get("POWERTOOLS_SERVICE_NAME") or "tunnelnat"
+logger = Logger(service=SERVICE)
+metrics = Metrics(
+    namespace=os.environ.get("POWERTOOLS_METRICS_NAMESPACE") or "tunnelnat", service=SERVICE
+)
 # Report every failed message, even when the whole batch failed, rather than raise.
 processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
 
 # Throttling is absorbed here first, then by the queue's redelivery.
 AWS_CONFIG = Config(retries={"mode": "adaptive", "max_attempts": 8}, connect_timeout=5)
 MAX_ATTEMPTS = int(os.environ.get("TUNNELNAT_MAX_ATTEMPTS", "8"))
+# A batch whose gateway sync rides on another worker's comes back this soon (seconds).
+SYNC_PENDING_DELAY = int(os.environ.get("TUNNELNAT_SYNC_PENDING_DELAY", "5"))
 
 _service: Service | None = None
 _queue: EventQueue | None = None
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _tracing_enabled(env: dict[str, str] | None = None) -> bool:
+    """Powertools' own rule (Tracer._is_tracer_disabled): on in Lambda unless disabled, off
+    outside it. Checked here so the X-Ray SDK (~150 ms of import, it builds a botocore client)
+    is imported only when traces are really sent."""
+    env = dict(os.environ) if env is None else env
+    if env.get("POWERTOOLS_TRACE_DISABLED", "false").strip().lower() in ("1", "true", "y", "yes",
+                                                                         "t", "on"):  # fmt: skip
+        return False
+    if not env.get("LAMBDA_TASK_ROOT"):
+        return False
+    return not (env.get("AWS_SAM_LOCAL") or env.get("AWS_CHALICE_CLI_MODE"))
+
+
+if _tracing_enabled():
+    from aws_lambda_powertools import Tracer
+
+    tracer: Any = Tracer(service=SERVICE)
+else:
+    tracer = None
+
+
+def _capture_method(fn: F) -> F:
+    return tracer.capture_method(fn) if tracer is not None else fn
+
+
+def _capture_lambda_handler(fn: F) -> F:
+    return tracer.capture_lambda_handler(fn) if tracer is not None else fn
+
 
 class PowertoolsTelemetry:
+    """The controller's metrics as Powertools EMF: counts and measures on the invocation's
+    metric set, failures as single metrics so each carries its own ``Reason`` dimension."""
+
     def count(self, name: str, value: float = 1) -> None:
         metrics.add_metric(name=name, unit=MetricUnit.Count, value=value)
 
+    def measure(self, name: str, value: float, unit: str) -> None:
+        metrics.add_metric(name=name, unit=MetricUnit(unit), value=value)
+
+    def failure(self, reason: str) -> None:
+        with single_metric(
+            name="Failures",
+            unit=MetricUnit.Count,
+            value=1,
+            namespace=metrics.namespace,
+            # The dashboard searches {namespace, Reason, service}: service always, env or not.
+            default_dimensions={**metrics.default_dimensions, "service": SERVICE},
+        ) as metric:
+            metric.add_dimension(name="Reason", value=reason)
+
+
+class _Session:
+    """What the controller needs of a boto3 Session (``client(name, config=...)``), on botocore
+    alone: the Lambda never touches boto3's resources or S3 transfers, and importing boto3
+    (with s3transfer) costs ~100 ms of cold start. Callers may still pass a boto3 Session."""
+
+    def __init__(self, region: str) -> None:
+        import botocore.session
+
+        self._session = botocore.session.get_session()
+        self._region = region
+
+    def client(self, service: str, *, config: Config | None = None) -> Any:
+        return self._session.create_client(service, region_name=self._region, config=config)
+
 
 @functools.cache
-def _session(region: str) -> boto3.session.Session:
+def _session(region: str) -> _Session:
     # A session loads every service model it touches; one per container keeps rebuilds cheap.
-    return boto3.session.Session(region_name=region)
+    return _Session(region)
 
 
 def build_controller(
     settings: ControllerSettings | None = None,
     *,
     commands: CommandPort | None = None,
-    session: boto3.session.Session | None = None,
+    session: Any = None,
 ) -> Controller:
     """A controller wired to AWS (or to moto via AWS_ENDPOINT_URL); ``commands`` swaps the port."""
     settings = settings or ControllerSettings.from_environ()
@@ -87,6 +160,8 @@ def build_service(
     lifecycle: LifecyclePort | None = None,
     settings: ControllerSettings | None = None,
 ) -> Service:
+    from tunnelnat.adapters.autoscaling import AutoScalingLifecycle  # lifecycle events only
+
     settings = settings or ControllerSettings.from_environ()
     session = _session(settings.region)
     return Service(
@@ -137,7 +212,7 @@ def _reject(reason: str) -> None:
     metrics.add_metric(name="RejectedEvents", unit=MetricUnit.Count, value=1)
 
 
-@tracer.capture_method
+@_capture_method
 def handle_records(records: list[SQSRecord]) -> dict[str, Exception | None]:
     """Every message of a batch through one ``process`` call; the result per message ID."""
     parsed: list[tuple[SQSRecord, Request]] = []
@@ -146,37 +221,89 @@ def handle_records(records: list[SQSRecord]) -> dict[str, Exception | None]:
         try:
             parsed.append((record, parse_request(record.body)))
         except InvalidEvent as exc:
+            _context(instance_ids=(), event_ids=(record.message_id,))
             _reject(str(exc))
             results[record.message_id] = None
-    errors, _ = _get_service().process([request for _, request in parsed]) if parsed else ([], {})
+    requests = [request for _, request in parsed]
+    # Lines logged while the batch converges name every instance and event of it.
+    _context(
+        instance_ids=[i for r in requests for i in r.instance_ids],
+        event_ids=[r.event_id for r in requests],
+    )
+    errors, outcomes = _get_service().process(requests) if parsed else ([], {})
+    _enrolment_latency(requests, outcomes)
+    delays: dict[str, list[tuple[str, int]]] = {}  # per source queue: one batch call
     for (record, request), error in zip(parsed, errors, strict=True):
+        _context(instance_ids=request.instance_ids, event_ids=(request.event_id,))
         results[record.message_id] = error
         if error is None:
+            for instance_id in request.instance_ids:
+                _log_outcome(instance_id, outcomes.get(instance_id))
             continue
         attempt = int(record.attributes.approximate_receive_count or 1)
         reason = f"{type(error).__name__}: {error}"
-        extra = {"instance_ids": list(request.instance_ids), "attempt": attempt, "reason": reason}
-        if attempt >= MAX_ATTEMPTS and _get_queue().dead_letter(
-            record.body, instance_ids=list(request.instance_ids), reason=reason
+        extra = {"attempt": attempt, "reason": reason}
+        pending = isinstance(error, GatewaySyncPending)
+        if (
+            not pending
+            and attempt >= MAX_ATTEMPTS
+            and _get_queue().dead_letter(
+                record.body, instance_ids=list(request.instance_ids), reason=reason
+            )
         ):
             logger.error("giving up: sent to the dead-letter queue", extra=extra)
             metrics.add_metric(name="DeadLettered", unit=MetricUnit.Count, value=1)
             for instance_id in request.instance_ids:
+                PowertoolsTelemetry().failure("dead-lettered")
                 _get_service().controller.record_failure(instance_id, reason)
             results[record.message_id] = None
             continue
         logger.warning("will retry", extra=extra)
+        delay = SYNC_PENDING_DELAY if pending else backoff_seconds(attempt)
+        delays.setdefault(record.event_source_arn, []).append((record.receipt_handle, delay))
+    for source_arn, entries in delays.items():
         try:
-            _get_queue().delay_retry(
-                record.event_source_arn, record.receipt_handle, backoff_seconds(attempt)
-            )
+            _get_queue().delay_retries(source_arn, entries)
         except Exception:  # noqa: BLE001 - the default visibility timeout still retries it
             logger.exception("could not set the retry delay")
     return results
 
 
+def _context(*, instance_ids: Any, event_ids: Any) -> None:
+    """The instance ID(s) and the correlation ID (the event's id) on every following line: one
+    value when there is one, the batch's list joined when the line is about the batch."""
+    ids = list(dict.fromkeys(instance_ids))
+    events = list(dict.fromkeys(event_ids))
+    logger.append_keys(instance_id=ids[0] if len(ids) == 1 else ",".join(ids) or None)
+    logger.set_correlation_id(events[0] if len(events) == 1 else ",".join(events) or None)
+
+
+def _log_outcome(instance_id: str, result: Any) -> None:
+    if isinstance(result, Outcome):
+        logger.info("reconciled", extra={"outcome": result.as_dict()})
+    elif isinstance(result, Exception):
+        logger.warning("not converged", extra={"reason": f"{type(result).__name__}: {result}"})
+
+
+def _enrolment_latency(requests: list[Request], outcomes: dict[str, Any]) -> None:
+    """Seconds from the earliest event about an instance (the original event, also when it was
+    redelivered) to its convergence, for each instance this batch enrolled."""
+    first: dict[str, datetime] = {}
+    for request in requests:
+        for instance_id in request.instance_ids:
+            if instance_id not in first or request.time < first[instance_id]:
+                first[instance_id] = request.time
+    now = time.time()
+    for instance_id, when in first.items():
+        result = outcomes.get(instance_id)
+        if isinstance(result, Outcome) and result.status is Status.ENROLLED:
+            if result.newly_enrolled:
+                latency = max(0.0, now - when.timestamp())
+                metrics.add_metric(name="EnrolmentLatency", unit=MetricUnit.Seconds, value=latency)
+
+
 @logger.inject_lambda_context(correlation_id_path="id", clear_state=True)
-@tracer.capture_lambda_handler
+@_capture_lambda_handler
 @metrics.log_metrics
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     if isinstance(event, dict) and "Records" in event:
@@ -196,17 +323,15 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     except InvalidEvent as exc:
         _reject(str(exc))
         return {"rejected": str(exc)}
-    logger.append_keys(event_id=request.event_id, instance_ids=list(request.instance_ids))
+    _context(instance_ids=request.instance_ids, event_ids=(request.event_id,))
     [error], results = _get_service().process([request])
+    _enrolment_latency([request], results)
     outcomes = []
     for instance_id, result in results.items():
-        if isinstance(result, Exception):
-            logger.warning(
-                "not converged", extra={"instance_id": instance_id, "reason": str(result)}
-            )
-            continue
-        logger.info("reconciled", extra={"instance_id": instance_id, "outcome": result.as_dict()})
-        outcomes.append(result.as_dict())
+        logger.append_keys(instance_id=instance_id)
+        _log_outcome(instance_id, result)
+        if isinstance(result, Outcome):
+            outcomes.append(result.as_dict())
     if error is not None:
         raise error  # EventBridge's own retry policy delivers it again
     return {"outcomes": outcomes}
