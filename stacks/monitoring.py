@@ -7,6 +7,8 @@
   Named ``tunnelnat-<deployment>-TunnelUp-<tunnel>``, the names the healer sweeps.
 - The dead-letter queue's depth, and the age of the oldest queued event (a stuck controller).
 - Gateway launches and terminations (a replacement is worth knowing about).
+- A dashboard: alarms, tunnels, queue, the controller's metrics (enrolment latency, gateway syncs,
+  free pool addresses, failures by reason) and, with ``add_healer``, the healer's.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from constructs import Construct
 from stacks.settings import StackSettings
 
 NAMESPACE = "tunnelnat"
-ALARM_PREFIX = "tunnelnat-"  # the healer sweeps tunnelnat-<deployment>-* (docs/health.md)
+ALARM_PREFIX = "tunnelnat-"  # every alarm of ours: tunnelnat-<deployment>-...
 TUNNEL_METRIC = "TunnelUp"
 # Powertools' "service" dimension of each function's metrics (Metrics(service=...) in handlers/).
 CONTROLLER_SERVICE = "tunnelnat"
@@ -102,7 +104,8 @@ class Monitoring(Construct):
             alarm = cloudwatch.Alarm(
                 self,
                 f"TunnelUp-{tunnel}",
-                alarm_name=f"{ALARM_PREFIX}{deployment}-TunnelUp-{tunnel}",
+                # The healer's rule and sweep match this prefix (settings.tunnel_alarm_prefix).
+                alarm_name=f"{settings.tunnel_alarm_prefix}{tunnel}",
                 alarm_description=(
                     f"Tunnel {tunnel} of {deployment} is down (or its gateway stopped reporting) "
                     f"in {datapoints} of {periods} periods of {period.to_seconds()} s."
