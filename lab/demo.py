@@ -17,6 +17,7 @@ import argparse
 import logging
 import os
 import shutil
+import signal
 import sys
 import textwrap
 import time
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    # A TERM (a CI timeout, kill) unwinds like Ctrl-C, so the lab is removed on the way out.
+    signal.signal(signal.SIGTERM, _interrupt)
     from lab.controller import LabController
     from lab.story import Story
 
@@ -100,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         f"({'no namespaces left' if not left else 'LEFT: ' + ', '.join(left)})"
     )
     return 0 if not failed and not left else 1
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def headline(results: dict[str, Any]) -> list[str]:

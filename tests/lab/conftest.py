@@ -7,6 +7,8 @@ also when a test fails. Skipped, with the reason, where the machine cannot run i
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 
 import pytest
 
@@ -23,6 +25,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.lab)
             if problems:
                 item.add_marker(pytest.mark.skip(reason="lab needs: " + "; ".join(problems)))
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A TERM (a CI timeout) unwinds like Ctrl-C: pytest then tears the lab fixture down, and the
+    # lab removes its namespaces, instead of dying with them in place.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
 
 
 @pytest.fixture(scope="module")
