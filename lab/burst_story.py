@@ -10,8 +10,11 @@
       and releases each launch with CompleteLifecycleAction CONTINUE
     then: every route, the gateway's maps and generation, and a request from every burst
       instance that must reach the partner's app server with that instance's S as its source
+    and back: the group scales in, each instance is held at the terminate hook until the
+      controller removed its mapping and returned its address, then EC2 terminates it
 
-``run_burst_story(lab, controller)`` returns a ``BurstReport`` for the demo and tests/lab. The
+``run_burst_story(lab, controller)`` returns a ``BurstReport`` for the demo and tests/lab,
+``run_scale_in(lab, controller, burst)`` a ``ScaleInReport``. The
 instances are booted before the events are sent, so the time measured is the controller's, not
 the boot's (in AWS the controller waits for the SSM agent through the queue's redelivery).
 """
@@ -189,3 +192,105 @@ def send_from_each(lab: topo.Lab, instances: list[topo.Instance]) -> dict[str, s
         if len(parts) == 3 and parts[2] in paths:
             seen[paths[parts[2]]] = parts[1]
     return seen
+
+
+@dataclass
+class ScaleInReport:
+    instances: list[topo.Instance]
+    seconds: float  # first terminate event sent -> last action released
+    batches: list[int]
+    failed_messages: int
+    syncs: int
+    continued: list[str]  # instance IDs whose terminate action was released with CONTINUE
+    left_mapped: list[str]  # names still in the store's mappings
+    left_in_snat: list[str]  # names whose private address is still in the gateway's snat map
+    claimed: list[str]  # addresses of theirs still claimed in the pool
+    desired_generation: int
+    applied_generation: int
+    terminated: list[str]  # instance IDs EC2 reports terminated afterwards
+
+    @property
+    def ok(self) -> bool:
+        ids = sorted(i.instance_id for i in self.instances)
+        return (
+            sorted(self.continued) == ids
+            and sorted(self.terminated) == ids
+            and self.failed_messages == 0
+            and not self.left_mapped
+            and not self.left_in_snat
+            and not self.claimed
+            and self.applied_generation == self.desired_generation
+            and 0 < self.syncs <= len(self.batches)
+        )
+
+    def figure(self) -> str:
+        n = len(self.instances)
+        left = len(set(self.left_mapped) | set(self.left_in_snat))
+        sync = "=" if self.applied_generation == self.desired_generation else "!="
+        return (
+            f"{n} terminate actions in {len(self.batches)} SQS batches "
+            f"({'+'.join(str(b) for b in self.batches)}) -> released in {self.seconds:.1f}s at "
+            f"{self.syncs} gateway sync(s); CONTINUE {len(self.continued)}/{n}; mappings left "
+            f"{left}, addresses still claimed {len(self.claimed)}; generation applied "
+            f"{self.applied_generation} {sync} desired {self.desired_generation}; terminated in "
+            f"EC2 {len(self.terminated)}/{n}"
+        )
+
+
+def run_scale_in(
+    lab: topo.Lab, controller: LabController, burst: BurstReport, *, timeout: float = 120
+) -> ScaleInReport:
+    """The group scales in by the burst's instances: each is held at the terminate hook, the
+    controller removes its mapping and returns its address before CONTINUE, then EC2 terminates
+    it. (Their namespaces stay until the lab closes, as powered-off machines.)"""
+    instances = burst.instances
+    lifecycle = controller.lifecycle
+    history_before = len(lab.commands.history)
+    calls_before = len(lifecycle.calls)
+    ids = [i.instance_id for i in instances]
+    source = autoscaling.LambdaSqsSource(lab.aws, controller.invoke)
+    started = time.monotonic()
+    autoscaling.emit_lifecycle_events(lab.aws, lifecycle, ids, autoscaling.TERMINATING)
+    runs = source.drain(timeout=timeout)
+    calls = [
+        c
+        for c in lifecycle.calls[calls_before:]
+        if c.call == "CompleteLifecycleAction" and c.transition == autoscaling.TERMINATING
+    ]
+    finished = max((c.at for c in calls), default=time.monotonic())
+    continued = [c.instance_id for c in calls if c.result == "CONTINUE"]
+    # Auto Scaling terminates what it was allowed to (and only that).
+    asg = lab.aws.client("autoscaling")
+    for instance_id in continued:
+        asg.terminate_instance_in_auto_scaling_group(
+            InstanceId=instance_id, ShouldDecrementDesiredCapacity=True
+        )
+    reply = lab.aws.client("ec2").describe_instances(InstanceIds=ids)
+    terminated = [
+        i["InstanceId"]
+        for r in reply["Reservations"]
+        for i in r["Instances"]
+        if i["State"]["Name"] == "terminated"
+    ]
+    store = controller.controller.store
+    mapped = {m.instance_id for m in store.mappings()}
+    claimed = {str(a) for a in store.claimed_addresses()}
+    snat = lab.nft_elements("map", "snat_map")
+    desired, applied, _ = store.generations()
+    runs_during = lab.commands.history[history_before:]
+    return ScaleInReport(
+        instances=instances,
+        seconds=finished - started,
+        batches=[r.size for r in runs],
+        failed_messages=sum(r.failed for r in runs),
+        syncs=sum(1 for r in runs_during if r.document == SYNC),
+        continued=continued,
+        left_mapped=[i.name for i in instances if i.instance_id in mapped],
+        left_in_snat=[
+            i.name for i in instances if any(e.split(" : ")[0] == i.private_ip for e in snat)
+        ],
+        claimed=sorted(claimed & {p for p in burst.public.values() if p}),
+        desired_generation=desired,
+        applied_generation=applied,
+        terminated=terminated,
+    )

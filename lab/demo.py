@@ -121,6 +121,13 @@ def headline(results: dict[str, Any]) -> list[str]:
                 f"booted included) at {burst.syncs} gateway sync(s) for {len(burst.batches)} "
                 "SQS batch(es)"
             )
+        scale_in = step.data.get("scale_in")
+        if scale_in is not None:
+            lines.append(
+                f"Auto Scaling scale-in: {len(scale_in.instances)} terminations released in "
+                f"{scale_in.seconds:.1f}s at {scale_in.syncs} gateway sync(s), every address "
+                f"back in the pool: {'yes' if not scale_in.claimed else 'NO'}"
+            )
         if step.data.get("kill_to_restored") is not None:
             lines.append(
                 f"healing: kill -9 of the gateway's charon to traffic restored "

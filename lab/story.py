@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lab import topology as topo
-from lab.burst_story import run_burst_story
+from lab.burst_story import BurstReport, run_burst_story, run_scale_in
 from lab.cli import doctor_json, quiet_moto_errors, run_cli, status_json
 from lab.controller import LabController
 from lab.healing_story import run_agent, run_healing_story
@@ -51,6 +51,7 @@ class Story:
         self.lab = lab
         self.controller = controller
         self.public: str | None = None  # the S web-1 was given
+        self.burst_report: BurstReport | None = None
 
     def app_url(self, name: str) -> str:
         return f"http://{topo.APP}:{topo.APP_PORT}/from-{name}"
@@ -390,12 +391,24 @@ class Story:
         )
 
     def burst(self, count: int = 20) -> Step:
-        report = run_burst_story(self.lab, self.controller, count=count)
+        report = self.burst_report = run_burst_story(self.lab, self.controller, count=count)
         return Step(
             f"Auto Scaling burst: {count} launches held at the hook, enrolled, released",
             report.ok,
             report.figure(),
             {"report": report},
+        )
+
+    def scale_in(self) -> Step:
+        if self.burst_report is None:
+            return Step("Auto Scaling scale-in", False, "no burst to scale in")
+        report = run_scale_in(self.lab, self.controller, self.burst_report)
+        return Step(
+            f"Auto Scaling scale-in: {len(report.instances)} terminations held until their "
+            "mappings and addresses are gone",
+            report.ok,
+            report.figure(),
+            {"scale_in": report},
         )
 
     def all_steps(self, *, burst: int = 20) -> list[Any]:
@@ -412,5 +425,5 @@ class Story:
             self.healing,
         ]
         if burst:
-            steps.append(functools.partial(self.burst, burst))
+            steps += [functools.partial(self.burst, burst), self.scale_in]
         return [*steps, self.doctor_cli, self.unenrol]

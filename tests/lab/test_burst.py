@@ -1,4 +1,5 @@
-"""Issue 4's Auto Scaling story: a burst of 20 launches converges, at a few gateway syncs.
+"""Issue 4's Auto Scaling story: a burst of 20 launches converges, at a few gateway syncs, and
+the scale-in that follows returns every address before Auto Scaling may terminate.
 
 20 instances in namespaces, launched into a group with a launch lifecycle hook in moto; their
 lifecycle events go through moto's EventBridge and the controller's SQS queue to the real handler
@@ -12,7 +13,7 @@ import pytest
 
 from lab import autoscaling
 from lab import topology as topo
-from lab.burst_story import BurstReport, run_burst_story
+from lab.burst_story import BurstReport, run_burst_story, run_scale_in
 from lab.controller import LabController
 
 pytestmark = pytest.mark.lab
@@ -92,3 +93,24 @@ def test_report_figure_names_time_and_syncs(burst):
     assert isinstance(report, BurstReport)
     figure = report.figure()
     assert f"{BURST} instances" in figure and "gateway syncs" in figure
+
+
+@pytest.fixture(scope="module")
+def scaled_in(burst):
+    lab, controller, report = burst
+    scale_in = run_scale_in(lab, controller, report)
+    print("\n" + scale_in.figure())
+    return lab, controller, report, scale_in
+
+
+def test_scale_in_removes_mappings_returns_addresses_then_continues(scaled_in):
+    lab, controller, burst_report, report = scaled_in
+    assert report.failed_messages == 0
+    assert sorted(report.continued) == sorted(burst_report.ids)
+    assert controller.lifecycle.completed("ABANDON", autoscaling.TERMINATING) == []
+    assert report.left_mapped == [] and report.left_in_snat == [], report.figure()
+    assert report.claimed == [], "their addresses must be back in the pool"
+    assert report.applied_generation == report.desired_generation
+    assert 1 <= report.syncs <= len(report.batches)
+    assert sorted(report.terminated) == sorted(burst_report.ids)
+    assert report.ok, report.figure()
