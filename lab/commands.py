@@ -9,7 +9,8 @@ demo and the tests can show what the controller asked for.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,11 +39,31 @@ class LabCommands:
     gateway_env: dict[str, str]
     timeout: float = 120.0
     history: list[Run] = field(default_factory=list)
+    parallel: int = 16  # instances a multi-instance command runs on at once (SSM: 50 per call)
 
     def document_path(self, document: str) -> Path:
         if document not in DOCUMENTS:
             raise ValueError(f"unknown document {document!r}")
         return DOCUMENT_DIR / f"{document}.yaml"
+
+    def run_many(
+        self, instance_ids: Sequence[str], document: str, parameters: Mapping[str, str]
+    ) -> dict[str, CommandResult | CommandError]:
+        """One command for many instances, as SendCommand with several InstanceIds: every
+        instance's agent runs it at the same time. The controller uses this when a port has it
+        (as SsmCommands does), so the lab drives the controller's production path."""
+        ids = list(dict.fromkeys(instance_ids))
+
+        def one(instance_id: str) -> CommandResult | CommandError:
+            try:
+                return self.run(instance_id, document, parameters)
+            except CommandError as exc:
+                return exc
+
+        if len(ids) <= 1:
+            return {i: one(i) for i in ids}
+        with ThreadPoolExecutor(max_workers=min(len(ids), self.parallel)) as pool:
+            return dict(zip(ids, pool.map(one, ids), strict=True))
 
     def run(self, instance_id: str, document: str, parameters: Mapping[str, str]) -> CommandResult:
         path = self.document_path(document)
