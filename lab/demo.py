@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instances", type=int, default=2, help="instances web-1..N (>= 2)")
     parser.add_argument(
-        "--burst", type=int, default=20, help="Auto Scaling launches at once (0: no burst)"
+        "--burst", type=int, default=20, help="Auto Scaling launches at once (0: none)"
     )
     parser.add_argument("--keep-going", action="store_true", help="run every step after a failure")
     args = parser.parse_args(argv)
@@ -49,10 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         print("demo: cannot run:\n  " + "\n  ".join(problems), file=sys.stderr)
         return 2
-    if not 0 <= args.burst <= 150 or not 2 <= args.instances <= 50:
-        print(
-            "demo: --instances 2..50, --burst 0..150 (the subnet has room for 200)", file=sys.stderr
-        )
+    # web-1 and the burst each need an address of the lab's pool.
+    most = len(topo.POOL) - 1
+    if not 0 <= args.burst <= most or not 2 <= args.instances <= 50:
+        print(f"demo: --instances 2..50, --burst 0..{most} (the pool's size)", file=sys.stderr)
         return 2
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     # A TERM (a CI timeout, kill) unwinds like Ctrl-C, so the lab is removed on the way out.
