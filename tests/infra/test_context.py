@@ -40,7 +40,7 @@ BAD = [
     ("tunnel_alarm_datapoints", "4", "tunnel_alarm_datapoints"),
     ("vpc_cidr", "10.0.0.0/8", "vpc_cidr"),
     ("vpc_cidr", "10.90.0.0/16", "gateway_subnet_cidr"),
-    ("controller_max_attempts", "10", "queue_max_receive_count"),
+    ("controller_max_attempts", "50", "queue_max_receive_count"),
     ("queue_max_receive_count", "8", "controller_max_attempts"),
     ("controller_batch_size", "0", "controller_batch_size"),
     ("controller_batch_window_seconds", "301", "controller_batch_window_seconds"),

@@ -360,10 +360,6 @@ def _published_metrics() -> set[str]:
     return names
 
 
-# Named in issue 7 and being added to the controller (the dashboard shows them from the start).
-PENDING_CONTROLLER_METRICS = {"EnrolmentLatency", "GatewaySyncDuration", "PoolFreeAddresses"}
-
-
 def _dashboard(s) -> tuple[dict[str, dict[str, str]], list[str]]:
     """The dashboard's tunnelnat metrics (name -> dimensions) and its math expressions."""
     _, dashboard = s.one("AWS::CloudWatch::Dashboard")
@@ -408,5 +404,5 @@ def test_dashboard_shows_the_controllers_and_the_healers_metrics(s):
 
 def test_dashboard_names_only_metrics_the_code_publishes(s):
     metrics, _ = _dashboard(s)
-    unknown = set(metrics) - _published_metrics() - PENDING_CONTROLLER_METRICS - {"TunnelUp"}
+    unknown = set(metrics) - _published_metrics() - {"TunnelUp"}
     assert not unknown, f"on the dashboard but published by no code: {sorted(unknown)}"
