@@ -143,7 +143,9 @@ class LabAws:
         dlq_arn = sqs.get_queue_attributes(QueueUrl=self.dlq_url, AttributeNames=["QueueArn"])[
             "Attributes"
         ]["QueueArn"]
-        redrive = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "10"})
+        # The stack's redrive (queue_max_receive_count); a shorter visibility timeout than the
+        # stack's, so a batch the lab's handler never answered comes back within a story.
+        redrive = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "50"})
         self.queue_url = sqs.create_queue(
             QueueName=f"{topo.DEPLOYMENT}-events",
             Attributes={"VisibilityTimeout": "60", "RedrivePolicy": redrive},
