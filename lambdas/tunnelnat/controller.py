@@ -24,6 +24,7 @@ while it ran, has applied them. A burst of N launches costs a handful of syncs, 
 from __future__ import annotations
 
 import json
+import random
 import time
 import uuid
 from collections.abc import Iterable
@@ -41,6 +42,7 @@ from tunnelnat.adapters.commands import (
 from tunnelnat.adapters.store import (
     AddressTaken,
     EnrolmentStore,
+    GenerationMoved,
     InstanceRecord,
     MappingChange,
     Snapshot,
@@ -49,6 +51,7 @@ from tunnelnat.adapters.store import (
 )
 from tunnelnat.core.config import NatMode, TunnelnatConfig
 from tunnelnat.core.enrolment import (
+    AddressPool,
     Decision,
     ObservedInstance,
     Status,
@@ -57,10 +60,12 @@ from tunnelnat.core.enrolment import (
 )
 
 STORE_ATTEMPTS = 5
+# Retries when only the generation bump lost (cheap: no re-read), before they count as attempts.
+GENERATION_RETRIES = 20
 # Mapping changes per transaction: each is up to 3 items (mapping, claim, release), plus the bump.
 CHANGES_PER_TRANSACTION = 30
 # Syncs one lease holder runs back to back for changes written while its previous one ran.
-TRAILING_SYNCS = 3
+TRAILING_SYNCS = 4
 # Without the enrolment tag an instance is none of our business unless we enrolled it before.
 UNMANAGED = (Status.NOT_TAGGED, Status.GONE, Status.IS_GATEWAY)
 PENDING_SSM = "pending-ssm"
@@ -328,6 +333,14 @@ class Controller:
         claimed: Iterable[IPv4Address] = ()
         if self._dedicated and (current is None or current not in self._pool):
             claimed = self._claims(run)
+            if run.contended:
+                # Workers that all took the lowest free address and lost to one another
+                # would keep colliding: after a conflict, any free address will do.
+                free = AddressPool(self.config.address_pool).free(claimed)
+                if free:
+                    address = free[random.randrange(len(free))]  # noqa: S311 - spreading only
+                    run.claimed.add(address)
+                    return address
         address = public_address_for(instance, self.config, current=current, claimed=claimed)
         if address is not None and self._dedicated and address != current:
             run.claimed.add(address)  # no other instance of this batch picks it too
@@ -376,24 +389,39 @@ class Controller:
         pending = [p for p in plans if p.needs_write]
         for start in range(0, len(pending), CHANGES_PER_TRANSACTION):
             chunk = pending[start : start + CHANGES_PER_TRANSACTION]
-            for attempt in range(STORE_ATTEMPTS):
+            attempt = bumps = 0
+            written = False
+            last: Exception | None = None
+            while attempt < STORE_ATTEMPTS and chunk:
+                attempt += 1
                 changes = [MappingChange(p.instance_id, p.mapping, p.previous) for p in chunk]
                 try:
                     run.desired = self.store.write_mappings(
                         changes, generation=run.desired, claim=self._dedicated
                     )
+                    written = True
                     break
+                except GenerationMoved as exc:
+                    # Only the counter raced (a burst's workers all bump it): the rest of the
+                    # transaction stands, retry at once with the generation DynamoDB returned.
+                    self.telemetry.count("StoreConflicts")
+                    run.desired = exc.current
+                    bumps += 1
+                    if bumps <= GENERATION_RETRIES:
+                        attempt -= 1
+                    continue
                 except (AddressTaken, StoreConflict) as exc:
                     self.telemetry.count("StoreConflicts")
-                    if attempt == STORE_ATTEMPTS - 1:
-                        for plan in chunk:
-                            results[plan.instance_id] = StoreConflict(
-                                f"{plan.instance_id}: gave up after {STORE_ATTEMPTS} conflicts: "
-                                f"{exc}"
-                            )
-                        chunk = []
-                        break
-                    chunk = self._replan(chunk, results, run)
+                    last = exc
+                    if attempt < STORE_ATTEMPTS:
+                        chunk = self._replan(chunk, results, run)
+                        written = not chunk  # nothing left to write after the re-read
+            if not written:
+                for plan in chunk:
+                    results[plan.instance_id] = StoreConflict(
+                        f"{plan.instance_id}: gave up after {attempt} conflicting attempts: {last}"
+                    )
+                chunk = []
             for plan in chunk:
                 if plan.mapping is None and plan.previous is not None:
                     self.telemetry.count("Unenrolments")
@@ -423,6 +451,7 @@ class Controller:
         run.desired = snap.desired_generation
         run.claimed_read = None
         run.claimed = set()
+        run.contended = True
         again: list[_Plan] = []
         for plan in chunk:
             plan.previous = snap.mappings.get(plan.instance_id)
@@ -549,26 +578,33 @@ class Controller:
             return False, desired
         gateway = self.gateway_id(refresh=True) if full else None
         reported: int | None = None
+        released = False
         try:
-            for _ in range(TRAILING_SYNCS):
+            for round_ in range(TRAILING_SYNCS):
                 report, gateway = self._run_sync(full=full, gateway=gateway)
                 reported = int(report.get("applied_generation", -1))
                 if reported < desired:
                     raise GatewaySyncFailed(
                         f"gateway reported {report}, but generation {desired} is desired"
                     )
-                # Trailing edge: changes other workers wrote while this sync ran (they did not
-                # start a sync of their own, we hold the lease) are applied before we let go.
-                latest = self.store.desired_generation()
-                if latest <= reported:
+                # Trailing edge: let go only if nobody wrote while this sync ran (they did not
+                # start a sync of their own: we hold the lease); checked in the same write.
+                released = self.store.end_sync(
+                    run.owner,
+                    applied=reported,
+                    gateway_id=gateway,
+                    unless_desired_moved=round_ < TRAILING_SYNCS - 1,
+                )
+                if released:
                     break
                 full = False
         finally:
-            self.store.end_sync(
-                run.owner,
-                applied=reported if reported is not None and reported >= 0 else None,
-                gateway_id=gateway,
-            )
+            if not released:
+                self.store.end_sync(
+                    run.owner,
+                    applied=reported if reported is not None and reported >= 0 else None,
+                    gateway_id=gateway,
+                )
         return True, desired
 
     # -- helpers -------------------------------------------------------------------------------
@@ -706,6 +742,7 @@ class _Run:
     forget: set[str] = field(default_factory=set)
     tags: dict[str, tuple[ObservedInstance, str]] = field(default_factory=dict)
     pool_changed: bool = False
+    contended: bool = False  # a mapping write lost to another worker's
 
 
 def _failure_reason(result: Outcome | Exception) -> str | None:

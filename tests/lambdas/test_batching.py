@@ -90,11 +90,13 @@ def test_a_batch_of_ten_enrolments_costs_a_fixed_number_of_calls(world, counted)
     result = handler(sqs_batch(*[state_change(i, "running") for i in ids]), Context())
     assert result == {"batchItemFailures": []}
     calls = counted.calls
-    assert calls["dynamodb:TransactWriteItems"] == 3, calls  # leases, mappings, records+leases
+    # leases; mappings; the sync's release (checking nobody wrote meanwhile); records+leases
+    assert calls["dynamodb:TransactWriteItems"] == 4, calls
+    assert calls["dynamodb:UpdateItem"] == 1, calls  # the sync lease, returning `applied`
     assert calls["dynamodb:BatchGetItem"] == 1, calls
     assert calls["ec2:DescribeInstances"] == 2, calls  # the instances, the gateway (once)
     assert calls["ec2:CreateTags"] == 2, calls  # one per status value
-    assert sum(calls.values()) <= 15, calls
+    assert sum(calls.values()) <= 13, calls
     assert world.fleet.syncs() == 1
 
     # Delivered again: nothing changed, so no mapping write, no record write, no tag, no sync.
@@ -157,3 +159,40 @@ def test_changes_written_during_a_sync_get_a_trailing_sync_before_the_lease_is_l
 
 def test_sync_pending_is_a_retry_not_an_error_of_the_instance():
     assert not issubclass(GatewaySyncPending, (AgentNotReady,))
+
+
+def test_a_lost_generation_bump_is_retried_with_the_generation_dynamodb_returned(world):
+    from tunnelnat.adapters.store import GenerationMoved, MappingChange, StoredMapping
+
+    ours, theirs = EnrolmentStore(world.dynamodb, TABLE), EnrolmentStore(world.dynamodb, TABLE)
+    seen = ours.desired_generation()
+    theirs.put_mapping("i-0bbbbbbbbbbbbbbbb", IPv4Address("10.10.1.98"),
+                       IPv4Address("203.0.113.11"), claim=True, previous=None)  # fmt: skip
+    mine = StoredMapping(
+        "i-0aaaaaaaaaaaaaaaa", IPv4Address("10.10.1.99"), IPv4Address("203.0.113.10")
+    )
+    change = MappingChange(mine.instance_id, mine, None)
+    with pytest.raises(GenerationMoved) as moved:
+        ours.write_mappings([change], generation=seen, claim=True)
+    assert moved.value.current == seen + 1
+    assert ours.write_mappings([change], generation=moved.value.current, claim=True) == seen + 2
+    assert set(world.items("address")) == {"203.0.113.10", "203.0.113.11"}
+
+
+def test_the_controller_retries_a_lost_bump_without_reading_again(world, counted, monkeypatch):
+    from tunnelnat.adapters.store import GenerationMoved
+
+    web1 = world.launch("10.10.1.21", tags=TAG)
+    original = EnrolmentStore.write_mappings
+    lost = []
+
+    def racing(self, changes, *, generation, claim):
+        if not lost:
+            lost.append(generation)
+            raise GenerationMoved("a rival bumped first", generation)
+        return original(self, changes, generation=generation, claim=claim)
+
+    monkeypatch.setattr(EnrolmentStore, "write_mappings", racing)
+    assert handler(sqs_batch(state_change(web1, "running")), Context()) == {"batchItemFailures": []}
+    assert counted.calls["dynamodb:BatchGetItem"] == 1, "no re-read after a lost bump"
+    assert world.items("instance")[web1]["status"]["S"] == "enrolled"

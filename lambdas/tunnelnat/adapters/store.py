@@ -43,6 +43,15 @@ class AddressTaken(StoreConflict):
     """The address we tried to claim belongs to another instance now."""
 
 
+class GenerationMoved(StoreConflict):
+    """Only the generation bump lost: another worker bumped first. ``current`` is the
+    generation now (DynamoDB returned it with the failure), so a retry needs no re-read."""
+
+    def __init__(self, message: str, current: int) -> None:
+        super().__init__(message)
+        self.current = current
+
+
 @dataclass(frozen=True)
 class StoredMapping:
     instance_id: str
@@ -293,13 +302,22 @@ class EnrolmentStore:
             return generation
         if len(items) >= TRANSACT_MAX:
             raise ValueError(f"{len(changes)} changes need {len(items) + 1} transaction items")
-        items.append(self._bump(generation))
+        bump = self._bump(generation)
+        bump["Update"]["ReturnValuesOnConditionCheckFailure"] = "ALL_OLD"
+        items.append(bump)
         try:
             self._db.transact_write_items(TransactItems=items)
         except ClientError as exc:
             if exc.response["Error"]["Code"] != "TransactionCanceledException":
                 raise
-            reasons = [r.get("Code", "None") for r in exc.response.get("CancellationReasons", [])]
+            raw = exc.response.get("CancellationReasons", [])
+            reasons = [r.get("Code", "None") for r in raw]
+            if len(raw) == len(items) and all(c == "None" for c in reasons[:-1]):
+                current = raw[-1].get("Item", {}).get("generation", {}).get("N")
+                if reasons[-1] == "ConditionalCheckFailed" and current is not None:
+                    raise GenerationMoved(
+                        f"generation moved from {generation} to {current}", int(current)
+                    ) from exc
             taken = [
                 item["Put"]["Item"]["sk"]["S"]
                 for item, code in zip(items, reasons, strict=False)
@@ -503,8 +521,60 @@ class EnrolmentStore:
         attrs = reply.get("Attributes", {})
         return int(attrs.get("applied_generation", {}).get("N", "0"))
 
-    def end_sync(self, owner: str, *, applied: int | None, gateway_id: str | None) -> None:
-        """Record what the gateway applied and give the sync lease back, in one write."""
+    def end_sync(
+        self,
+        owner: str,
+        *,
+        applied: int | None,
+        gateway_id: str | None,
+        unless_desired_moved: bool = False,
+    ) -> bool:
+        """Record what the gateway applied and give the sync lease back, in one write.
+
+        ``unless_desired_moved``: only if the desired generation is still ``applied`` (one
+        transaction with a check on it); False, and the lease kept, when another worker wrote
+        since: that worker found our sync in flight and left its change to us."""
+        if unless_desired_moved and applied is not None and gateway_id is not None:
+            try:
+                self._db.transact_write_items(
+                    TransactItems=[
+                        {
+                            "ConditionCheck": {
+                                "TableName": self._table,
+                                "Key": _key(META, "generation"),
+                                "ConditionExpression": "attribute_not_exists(generation) "
+                                "OR generation <= :g",
+                                "ExpressionAttributeValues": {":g": {"N": str(applied)}},
+                            }
+                        },
+                        {
+                            "Update": {
+                                "TableName": self._table,
+                                "Key": _key(META, "gateway"),
+                                "UpdateExpression": "SET applied_generation = :g, "
+                                "gateway_instance_id = :gw, updated_at = :t "
+                                "REMOVE sync_owner, sync_expires",
+                                "ConditionExpression": f"sync_owner = :me AND ({_APPLIED_FORWARD})",
+                                "ExpressionAttributeValues": {
+                                    ":g": {"N": str(applied)},
+                                    ":gw": {"S": gateway_id},
+                                    ":t": {"N": f"{self._clock():.3f}"},
+                                    ":me": {"S": owner},
+                                },
+                            }
+                        },
+                    ]
+                )
+                return True
+            except ClientError as exc:
+                if exc.response["Error"]["Code"] != "TransactionCanceledException":
+                    raise
+                reasons = [
+                    r.get("Code", "None") for r in exc.response.get("CancellationReasons", [])
+                ]
+                if reasons[:1] == ["ConditionalCheckFailed"]:
+                    return False
+                # Our lease was taken over (it expired): record and let go as below.
         if applied is not None and gateway_id is not None:
             try:
                 self._db.update_item(
@@ -537,6 +607,7 @@ class EnrolmentStore:
         except ClientError as exc:
             if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
                 raise
+        return True
 
     def put_record(self, record: InstanceRecord) -> None:
         self._db.put_item(TableName=self._table, Item=self._record_item(record))
