@@ -66,7 +66,7 @@ synth: venv
 	$(PY) app.py
 
 bench: deps
-	$(PY) -m bench.run
+	$(PY) -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf cdk.out .deps .pytest_cache

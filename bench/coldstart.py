@@ -32,6 +32,9 @@ LAMBDA_ENV = {
     "POWERTOOLS_METRICS_NAMESPACE": "tunnelnat",
     "POWERTOOLS_TRACE_DISABLED": "1",
 }
+# As deployed: inside Lambda (LAMBDA_TASK_ROOT) with X-Ray tracing on, the Tracer imports the
+# X-Ray SDK, which builds a botocore client at import.
+TRACED_ENV = {"LAMBDA_TASK_ROOT": "/var/task", "POWERTOOLS_TRACE_DISABLED": None}
 
 
 def default_config(quick: bool = False) -> dict:
@@ -44,16 +47,21 @@ def handler_modules() -> list[str]:
     )
 
 
-def _env() -> dict:
+def _env(overrides: dict | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "TUNNELNAT_"))}
     env.update(LAMBDA_ENV)
     env["PYTHONPATH"] = str(REPO / "lambdas")
     env.pop("PYTHONDONTWRITEBYTECODE", None)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
     return env
 
 
-def import_time(module: str, runs: int) -> dict:
-    env = _env()
+def import_time(module: str, runs: int, env_overrides: dict | None = None) -> dict:
+    env = _env(env_overrides)
     cumulative, walls, bases, top = [], [], [], []
     # One unmeasured run first: it writes the bytecode caches, as a deployed asset would have.
     subprocess.run([PYTHON, "-c", f"import {module}"], env=env, capture_output=True, check=False)
@@ -139,6 +147,7 @@ def dependency_sizes() -> dict:
 def run(config: dict) -> dict:
     modules = config.get("modules") or handler_modules()
     imports = [import_time(m, config["runs"]) for m in modules]
+    traced = [import_time(m, config["runs"], TRACED_ENV) for m in modules]
     for r in imports:
         if "error" in r:
             sys.stderr.write(f"  [coldstart] {r['module']}: import failed: {r['error']}\n")
@@ -148,9 +157,16 @@ def run(config: dict) -> dict:
                 f"(-X importtime), wall {r['import_wall_seconds'] * 1000:.0f} ms\n"
             )
     asset = zip_size(REPO / "lambdas")
+    for r in traced:
+        if "error" not in r:
+            sys.stderr.write(
+                f"  [coldstart] {r['module']} with X-Ray tracing on: "
+                f"{r['importtime_cumulative_seconds'] * 1000:.0f} ms\n"
+            )
     return {
         "config": config,
         "imports": imports,
+        "imports_tracing_on": traced,
         "asset": {"path": "lambdas/", **asset},
         "dependencies_zipped_bytes": dependency_sizes(),
     }

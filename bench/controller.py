@@ -1,8 +1,11 @@
 """Part 3: what the controller costs — one enrolment, and a burst of N launches.
 
-The real Lambda handler (``tunnelnat.handlers.controller.handler``) runs in-process against moto's
-server on loopback, fed the EventBridge events through SQS-shaped batches of ``batch_size``
-messages (the stack's event source uses 10), one invocation after the other. Commands go through
+The real Lambda handler (``tunnelnat.handlers.controller.handler``) runs against moto's server on
+loopback, fed the EventBridge events through SQS-shaped batches of ``batch_size`` messages (the
+stack's event source uses 10). One enrolment: one invocation, in-process. A burst: ``workers``
+processes, each a Lambda execution environment of its own (module state, clients, counters),
+take the batches concurrently the way SQS's event source invokes several at once; what a pass
+leaves failed is delivered again in the next pass (the queue's redelivery). Commands go through
 ``BenchFleet``: each one is really sent with the production ``SsmCommands`` adapter to moto's SSM
 (SendCommand + GetCommandInvocation, so they are counted), and its effect is then applied the way
 the documents do (tests/lambdas' fake fleet does the same): routes in memory, and for
@@ -12,8 +15,9 @@ Every AWS API call the controller makes is counted with botocore's ``before-call
 session the controller is built from (``before-send`` counts HTTP attempts, retries included).
 The gateway's own DynamoDB reads are counted apart: they are the gateway's, not the Lambda's.
 
-No SSM latency is simulated by default (``ssm_latency``): wall times are the controller's own
-cost plus moto's; every command the controller waits for adds a real SSM round trip in AWS.
+``ssm_latency`` seconds are added to every command (one SendCommand, however many instances):
+what an SSM round trip costs in AWS and what makes syncs overlap, so that coalescing (one sync in
+flight, the others' changes riding on it) shows in the burst's count of gateway syncs.
 
 Reusable: ``ControllerBench(...).one_enrolment()`` / ``.burst(n)`` work with whatever the
 handler does today (inline syncs, batch convergence, coalescing) and report what it issued.
@@ -32,7 +36,7 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from bench.common import REPO
@@ -52,8 +56,12 @@ POOL = [f"203.0.113.{k}" for k in range(1, 255)] + [f"198.51.100.{k}" for k in r
 MAX_BURST = len(POOL)
 
 
-def default_config(quick: bool = False, burst: int = 20) -> dict:
-    return {"burst": burst, "batch_size": 10, "ssm_latency": 0.0, "max_passes": 20}
+def default_config(quick: bool = False, burst: int | list[int] = 20) -> dict:
+    # 5 concurrent invocations: what SQS's event source starts a burst with; 1 s per command:
+    # a short SSM Run Command's round trip.
+    bursts = [burst] if isinstance(burst, int) else list(burst)
+    return {"burst": bursts[0], "bursts": bursts, "batch_size": 10, "ssm_latency": 1.0,
+            "max_passes": 20, "workers": 5}  # fmt: skip
 
 
 def controller_config() -> dict:
@@ -116,52 +124,94 @@ class CallCounter:
 
 @dataclass
 class BenchFleet:
-    """The command port: real SsmCommands calls against moto, then the documents' effects."""
+    """The command port: real SsmCommands calls against moto, then the documents' effects.
+
+    ``state`` holds what the commands did (routes, the gateway's applied table, the calls): plain
+    objects in-process, or a multiprocessing Manager's proxies shared by the burst's workers."""
 
     ssm: Any  # tunnelnat.adapters.commands.SsmCommands, or None to skip SSM
     gateway_db: Any  # the gateway's own DynamoDB client (counted apart)
     gateway_id: str = ""
     ssm_latency: float = 0.0
-    routes: dict[str, set[str]] = field(default_factory=dict)
-    applied_generation: int = -1
-    applied_pairs: set[tuple[str, str]] = field(default_factory=set)
-    calls: list[tuple[str, str]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    state: Any = None
+
+    def __post_init__(self) -> None:
+        if self.state is None:
+            self.state = local_state()
+
+    @property
+    def routes(self) -> Any:
+        return self.state["routes"]
+
+    @property
+    def calls(self) -> list[tuple[str, str]]:
+        return list(self.state["calls"])
+
+    @property
+    def applied_pairs(self) -> set[tuple[str, str]]:
+        return {tuple(p) for p in self.state["gateway"].get("pairs", [])}
 
     def run(self, instance_id: str, document: str, parameters: Any) -> Any:
-        from tunnelnat.adapters.commands import CommandResult
-
         if self.ssm is not None:
             sent = self.ssm.run(instance_id, document, dict(parameters))
             if not sent.ok:
                 return sent
         if self.ssm_latency:
             time.sleep(self.ssm_latency)
-        with self.lock:
-            self.calls.append((instance_id, document))
-            if document == "AddHostRoute":
-                self.routes[instance_id] = set(parameters["Destinations"].split(","))
-                return CommandResult(instance_id, document, "Success", stdout="{}")
-            if document == "RemoveHostRoute":
-                self.routes.pop(instance_id, None)
-                return CommandResult(instance_id, document, "Success", stdout="{}")
-            if document == "SyncNatTable":
-                if instance_id != self.gateway_id:
-                    return CommandResult(instance_id, document, "Failed", stderr="not the gateway")
+        return self._effect(instance_id, document, parameters)
+
+    def run_many(self, instance_ids: Any, document: str, parameters: Any) -> dict:
+        """One command for many instances (the production adapter's run_many against moto)."""
+        sent = self.ssm.run_many(list(instance_ids), document, dict(parameters)) if self.ssm else {}
+        if self.ssm_latency:
+            time.sleep(self.ssm_latency)
+        out = {}
+        for instance_id in instance_ids:
+            reply = sent.get(instance_id)
+            if reply is not None and (isinstance(reply, Exception) or not reply.ok):
+                out[instance_id] = reply
+            else:
+                out[instance_id] = self._effect(instance_id, document, parameters)
+        return out
+
+    def _effect(self, instance_id: str, document: str, parameters: Any) -> Any:
+        from tunnelnat.adapters.commands import CommandResult
+
+        self.state["calls"].append((instance_id, document))
+        if document == "AddHostRoute":
+            self.state["routes"][instance_id] = parameters["Destinations"]
+            return CommandResult(instance_id, document, "Success", stdout="{}")
+        if document == "RemoveHostRoute":
+            self.state["routes"].pop(instance_id, None)
+            return CommandResult(instance_id, document, "Success", stdout="{}")
+        if document == "SyncNatTable":
+            if instance_id != self.gateway_id:
+                return CommandResult(instance_id, document, "Failed", stderr="not the gateway")
+            # The real gateway serialises syncs with a flock; so does this one.
+            with self.state["lock"]:
                 gw = _gateway_module()
                 table = gw.read_desired(self.gateway_db, parameters["TableName"], "dedicated")
                 full = parameters.get("Full") == "true"
-                if full or table.generation > self.applied_generation:
-                    self.applied_generation = table.generation
-                    self.applied_pairs = {
-                        (str(m.private_ip), str(m.public_ip)) for m in table.mappings
-                    }
-                report = {"applied_generation": self.applied_generation, "action": "updated"}
-                return CommandResult(instance_id, document, "Success", stdout=json.dumps(report))
+                applied = self.state["gateway"].get("generation", -1)
+                if full or table.generation > applied:
+                    self.state["gateway"].update(generation=table.generation,
+                                                 pairs=[list(r) for r in table.rows])  # fmt: skip
+                    applied = table.generation
+            report = {"applied_generation": applied, "action": "updated"}
+            return CommandResult(instance_id, document, "Success", stdout=json.dumps(report))
         return CommandResult(instance_id, document, "Failed", stderr=f"unknown {document}")
 
     def count(self, document: str) -> int:
         return sum(1 for _, d in self.calls if d == document)
+
+
+def local_state() -> dict:
+    return {"routes": {}, "calls": [], "gateway": {}, "lock": threading.Lock()}
+
+
+def shared_state(manager: Any) -> dict:
+    return {"routes": manager.dict(), "calls": manager.list(), "gateway": manager.dict(),
+            "lock": manager.Lock()}  # fmt: skip
 
 
 def _gateway_module() -> Any:
@@ -234,9 +284,10 @@ class ControllerBench:
     """``with ControllerBench() as cb: cb.one_enrolment(); cb.burst(200)``."""
 
     def __init__(self, *, batch_size: int = 10, ssm_latency: float = 0.0, use_ssm: bool = True,
-                 max_passes: int = 20) -> None:  # fmt: skip
+                 max_passes: int = 20, workers: int = 1) -> None:  # fmt: skip
         self.batch_size = batch_size
         self.ssm_latency = ssm_latency
+        self.workers = workers
         self.use_ssm = use_ssm
         self.max_passes = max_passes
         self._server: Any = None
@@ -263,6 +314,7 @@ class ControllerBench:
             from tunnelnat.handlers import controller as handler_module
 
             handler_module.use_controller(None)
+            handler_module.use_queue(None)
         except Exception:  # noqa: BLE001, S110 - best effort on the way out
             pass
         if self._server is not None:
@@ -280,12 +332,7 @@ class ControllerBench:
         return boto3.session.Session().client(service, region_name=REGION, endpoint_url=self.url)
 
     def _world(self) -> dict:
-        import boto3
-
-        from tunnelnat.adapters.autoscaling import AutoScalingLifecycle
-        from tunnelnat.adapters.commands import DOCUMENTS, SsmCommands
-        from tunnelnat.handlers import controller as handler_module
-        from tunnelnat.settings import ControllerSettings
+        from tunnelnat.adapters.commands import DOCUMENTS
 
         request = urllib.request.Request(f"{self.url}/moto-api/reset", method="POST")
         urllib.request.urlopen(request).read()  # noqa: S310 - moto on loopback
@@ -302,6 +349,7 @@ class ControllerBench:
             ],
             BillingMode="PAY_PER_REQUEST",
         )
+        self._client("sqs").create_queue(QueueName=QUEUE_ARN.rsplit(":", 1)[-1])
         for name in DOCUMENTS:
             path = REPO / "ssm_documents" / f"{name}.yaml"
             if path.exists():
@@ -311,26 +359,8 @@ class ControllerBench:
         subnet = ec2.create_subnet(VpcId=vpc, CidrBlock=SUBNET_CIDR)["Subnet"]["SubnetId"]
         gateway = self._launch(ec2, subnet, GATEWAY_PRIMARY, {
             "tunnelnat:role": "gateway", "tunnelnat:deployment": DEPLOYMENT})  # fmt: skip
-        session = boto3.session.Session(region_name=REGION)
-        counter = CallCounter()
-        counter.attach(session)
-        gateway_session = boto3.session.Session(region_name=REGION)
-        gateway_counter = CallCounter()
-        gateway_counter.attach(gateway_session)
-        ssm_port = None
-        if self.use_ssm:
-            from tunnelnat.handlers.controller import AWS_CONFIG
-
-            ssm_port = SsmCommands(session.client("ssm", config=AWS_CONFIG),
-                                   document_prefix="tunnelnat-", poll_seconds=0.05)  # fmt: skip
-        fleet = BenchFleet(ssm_port, gateway_session.client("dynamodb"), gateway,
-                           ssm_latency=self.ssm_latency)  # fmt: skip
-        settings = ControllerSettings.from_environ()
-        controller = handler_module.build_controller(settings, commands=fleet, session=session)
-        lifecycle = AutoScalingLifecycle(session.client("autoscaling"))
-        handler_module.use_controller(controller, lifecycle=lifecycle)
-        return {"ec2": ec2, "db": db, "subnet": subnet, "gateway": gateway, "fleet": fleet,
-                "counter": counter, "gateway_counter": gateway_counter}  # fmt: skip
+        wiring = wire_handler(gateway, ssm_latency=self.ssm_latency, use_ssm=self.use_ssm)
+        return {"ec2": ec2, "db": db, "subnet": subnet, "gateway": gateway, **wiring}
 
     @staticmethod
     def _launch(ec2: Any, subnet: str, ip: str, tags: dict[str, str]) -> str:
@@ -363,18 +393,56 @@ class ControllerBench:
                 "applied_generation": applied}  # fmt: skip
 
     # -- the measurements -----------------------------------------------------------------------
-    def burst(self, n: int) -> dict:
-        """Launch ``n`` tagged instances, deliver their 'running' events in SQS batches, one
-        invocation at a time, redelivering failed messages, until converged."""
-        from tunnelnat.handlers.controller import handler
-
+    def burst(self, n: int, *, workers: int | None = None) -> dict:
+        """Launch ``n`` tagged instances and deliver their 'running' events in SQS batches, by
+        ``workers`` concurrent invocations (1: in-process, one after the other), delivering
+        failed messages again, pass after pass, until converged."""
         if not 1 <= n <= MAX_BURST:
             raise ValueError(f"burst must be 1..{MAX_BURST} (the documentation-range pool)")
+        workers = self.workers if workers is None else workers
         w = self._world()
         ids = [self._launch(w["ec2"], w["subnet"], instance_ip(k), dict([TAG])) for k in range(n)]
+        pending = [state_change(i) for i in ids]
+        if workers <= 1:
+            run = self._deliver_inprocess(w, pending)
+            fleet: BenchFleet = w["fleet"]
+            api, gateway_api = run.pop("api"), run.pop("gateway_api")
+            calls, pairs = fleet.calls, fleet.applied_pairs
+        else:
+            run = self._deliver_concurrently(w, pending, workers)
+            api, gateway_api = run.pop("api"), run.pop("gateway_api")
+            calls, pairs = run.pop("calls"), run.pop("pairs")
+        state = self._state(w["db"], ids)
+        converged = (
+            not run["left"]
+            and state["enrolled"] == n
+            and state["applied_generation"] >= state["desired_generation"]
+            and len(pairs) == n
+        )
+        commands = Counter(d for _, d in calls)
+        return {
+            "instances": n,
+            "batch_size": self.batch_size,
+            "workers": workers,
+            "invocations": run["invocations"],
+            "passes": run["passes"],
+            "redelivered_messages": run["failures"],
+            "wall_seconds": run["wall"],
+            "converged": converged,
+            "state": state,
+            "gateway_syncs": commands.get("SyncNatTable", 0),
+            "commands": dict(commands),
+            "api_calls": api,
+            "api_calls_per_enrolment": api["total"] / n,
+            "gateway_api_calls": gateway_api,
+            "ssm_latency_simulated": self.ssm_latency,
+        }
+
+    def _deliver_inprocess(self, w: dict, pending: list[dict]) -> dict:
+        from tunnelnat.handlers.controller import handler
+
         w["counter"].reset()
         w["gateway_counter"].reset()
-        pending = [state_change(i) for i in ids]
         passes, invocations, failures = 0, 0, 0
         sink = io.StringIO()
         started = time.perf_counter()
@@ -390,50 +458,171 @@ class ControllerBench:
                     retry.append(bodies[int(item["itemIdentifier"].split("-")[1])])
             failures += len(retry)
             pending = retry
-        wall = time.perf_counter() - started
-        state = self._state(w["db"], ids)
-        fleet: BenchFleet = w["fleet"]
-        converged = (
-            not pending
-            and state["enrolled"] == n
-            and state["applied_generation"] >= state["desired_generation"]
-            and len(fleet.applied_pairs) == n
-        )
-        api = w["counter"].snapshot()
-        gateway_api = w["gateway_counter"].snapshot()
+        return {"passes": passes, "invocations": invocations, "failures": failures,
+                "wall": time.perf_counter() - started, "left": len(pending),
+                "api": w["counter"].snapshot(),
+                "gateway_api": w["gateway_counter"].snapshot()}  # fmt: skip
+
+    def _deliver_concurrently(self, w: dict, pending: list[dict], workers: int) -> dict:
+        import multiprocessing
+
+        from multiprocessing.managers import SyncManager
+
+        ctx = multiprocessing.get_context("spawn")
+        # On loopback TCP, not a Unix socket: the tests allow loopback sockets only.
+        with SyncManager(address=("127.0.0.1", 0), ctx=ctx) as manager:
+            state = shared_state(manager)
+            tasks, done = ctx.Queue(), ctx.Queue()
+            procs = [
+                ctx.Process(target=_worker, args=(w["gateway"], self.ssm_latency, self.use_ssm,
+                                                  state, tasks, done), daemon=True)
+                for _ in range(workers)
+            ]  # fmt: skip
+            for proc in procs:
+                proc.start()
+            try:
+                for _ in procs:  # each worker has imported the handler and wired it
+                    _expect(done.get(timeout=120), "ready")
+                passes, invocations, failures = 0, 0, 0
+                started = time.perf_counter()
+                while pending and passes < self.max_passes:
+                    passes += 1
+                    batches = [pending[k : k + self.batch_size]
+                               for k in range(0, len(pending), self.batch_size)]  # fmt: skip
+                    for bodies in batches:
+                        tasks.put((bodies, passes))
+                    retry = []
+                    for _ in batches:
+                        reply = _expect(done.get(timeout=600), "batch")
+                        invocations += 1
+                        retry.extend(reply["retry"])
+                    failures += len(retry)
+                    pending = retry
+                wall = time.perf_counter() - started
+                for _ in procs:
+                    tasks.put(None)
+                api: Counter[str] = Counter()
+                gateway_api: Counter[str] = Counter()
+                sends = gateway_sends = 0
+                for _ in procs:
+                    reply = _expect(done.get(timeout=120), "counters")
+                    api.update(reply["api"]["by_operation"])
+                    gateway_api.update(reply["gateway_api"]["by_operation"])
+                    sends += reply["api"]["http_requests"]
+                    gateway_sends += reply["gateway_api"]["http_requests"]
+                calls = list(state["calls"])
+                pairs = {tuple(p) for p in state["gateway"].get("pairs", [])}
+            finally:
+                for proc in procs:
+                    proc.join(timeout=30)
+                    if proc.is_alive():
+                        proc.kill()
         return {
-            "instances": n,
-            "batch_size": self.batch_size,
-            "invocations": invocations,
-            "passes": passes,
-            "redelivered_messages": failures,
-            "wall_seconds": wall,
-            "converged": converged,
-            "state": state,
-            "gateway_syncs": fleet.count("SyncNatTable"),
-            "commands": dict(Counter(d for _, d in fleet.calls)),
-            "api_calls": api,
-            "api_calls_per_enrolment": api["total"] / n,
-            "gateway_api_calls": gateway_api,
-            "ssm_latency_simulated": self.ssm_latency,
-        }
+            "passes": passes, "invocations": invocations, "failures": failures, "wall": wall,
+            "left": len(pending), "calls": calls, "pairs": pairs,
+            "api": {"total": sum(api.values()), "http_requests": sends,
+                    "by_operation": dict(sorted(api.items()))},
+            "gateway_api": {"total": sum(gateway_api.values()), "http_requests": gateway_sends,
+                            "by_operation": dict(sorted(gateway_api.items()))},
+        }  # fmt: skip
 
     def one_enrolment(self) -> dict:
-        return self.burst(1)
+        return self.burst(1, workers=1)
 
 
 def run(config: dict) -> dict:
     with ControllerBench(batch_size=config["batch_size"], ssm_latency=config["ssm_latency"],
-                         max_passes=config["max_passes"]) as cb:  # fmt: skip
+                         max_passes=config["max_passes"],
+                         workers=config.get("workers", 1)) as cb:  # fmt: skip
         one = cb.one_enrolment()
         sys.stderr.write(
             f"  [controller] one enrolment: {one['wall_seconds']:.3f}s, "
             f"{one['api_calls']['total']} API calls, {one['gateway_syncs']} sync(s)\n"
         )
-        burst = cb.burst(config["burst"])
-        sys.stderr.write(
-            f"  [controller] burst of {config['burst']}: {burst['wall_seconds']:.2f}s, "
-            f"{burst['gateway_syncs']} syncs, {burst['api_calls_per_enrolment']:.1f} API "
-            f"calls/enrolment, converged={burst['converged']}\n"
-        )
-    return {"config": config, "one": one, "burst": burst}
+        bursts = {}
+        for n in config.get("bursts") or [config["burst"]]:
+            burst = cb.burst(n)
+            bursts[str(n)] = burst
+            sys.stderr.write(
+                f"  [controller] burst of {n} ({burst['workers']} concurrent invocations): "
+                f"{burst['wall_seconds']:.2f}s, {burst['gateway_syncs']} syncs, "
+                f"{burst['api_calls_per_enrolment']:.2f} API calls/enrolment, "
+                f"converged={burst['converged']}\n"
+            )
+    first = bursts[str((config.get("bursts") or [config["burst"]])[0])]
+    return {"config": config, "one": one, "burst": first, "bursts": bursts}
+
+
+def wire_handler(gateway: str, *, ssm_latency: float, use_ssm: bool, state: Any = None) -> dict:
+    """Point the handler module (of this process) at moto through a counted session, with the
+    bench fleet as its command port."""
+    import boto3
+
+    from tunnelnat.adapters.autoscaling import AutoScalingLifecycle
+    from tunnelnat.adapters.commands import SsmCommands
+    from tunnelnat.adapters.queue import EventQueue
+    from tunnelnat.handlers import controller as handler_module
+    from tunnelnat.settings import ControllerSettings
+
+    session = boto3.session.Session(region_name=REGION)
+    counter = CallCounter()
+    counter.attach(session)
+    gateway_session = boto3.session.Session(region_name=REGION)
+    gateway_counter = CallCounter()
+    gateway_counter.attach(gateway_session)
+    ssm_port = None
+    if use_ssm:
+        ssm_port = SsmCommands(session.client("ssm", config=handler_module.AWS_CONFIG),
+                               document_prefix="tunnelnat-", poll_seconds=0.05)  # fmt: skip
+    fleet = BenchFleet(ssm_port, gateway_session.client("dynamodb"), gateway,
+                       ssm_latency=ssm_latency, state=state)  # fmt: skip
+    settings = ControllerSettings.from_environ()
+    controller = handler_module.build_controller(settings, commands=fleet, session=session)
+    lifecycle = AutoScalingLifecycle(session.client("autoscaling"))
+    handler_module.use_controller(controller, lifecycle=lifecycle)
+    # Retry delays (ChangeMessageVisibility) are the Lambda's calls too: counted.
+    handler_module.use_queue(EventQueue(session.client("sqs", config=handler_module.AWS_CONFIG)))
+    return {"fleet": fleet, "counter": counter, "gateway_counter": gateway_counter}
+
+
+def _worker(gateway: str, ssm_latency: float, use_ssm: bool, state: Any, tasks: Any,
+            done: Any) -> None:  # fmt: skip
+    """One Lambda execution environment: handles batches until told to stop, then reports
+    what it counted."""
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    # The handler's JSON log lines (Powertools writes to the original stdout) are not the
+    # benchmark's output.
+    log_dir = os.environ.get("BENCH_WORKER_LOGS")  # a directory: keep them, one file a worker
+    target = os.path.join(log_dir, f"worker-{os.getpid()}.log") if log_dir else os.devnull
+    os.dup2(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644), 1)
+    try:
+        wiring = wire_handler(gateway, ssm_latency=ssm_latency, use_ssm=use_ssm, state=state)
+        from tunnelnat.handlers.controller import handler
+
+        wiring["counter"].reset()
+        wiring["gateway_counter"].reset()
+        done.put({"kind": "ready"})
+        sink = io.StringIO()
+        while True:
+            task = tasks.get()
+            if task is None:
+                break
+            bodies, attempt = task
+            with contextlib.redirect_stdout(sink):  # Powertools' EMF metrics lines
+                reply = handler(sqs_batch(bodies, attempt), Context())
+            sink.seek(0)
+            sink.truncate()
+            retry = [bodies[int(i["itemIdentifier"].split("-")[1])]
+                     for i in reply.get("batchItemFailures", [])]  # fmt: skip
+            done.put({"kind": "batch", "retry": retry})
+        done.put({"kind": "counters", "api": wiring["counter"].snapshot(),
+                  "gateway_api": wiring["gateway_counter"].snapshot()})  # fmt: skip
+    except BaseException as exc:  # noqa: BLE001 - the parent reports it
+        done.put({"kind": "error", "error": f"{type(exc).__name__}: {exc}"})
+        raise
+
+
+def _expect(reply: dict, kind: str) -> dict:
+    if reply.get("kind") != kind:
+        raise RuntimeError(f"bench worker: expected {kind}, got {reply}")
+    return reply

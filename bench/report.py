@@ -74,35 +74,57 @@ def targets(results: dict) -> list[dict]:
         })  # fmt: skip
     ctl = parts.get("controller", {})
     v = _get(ctl, "one", "api_calls", "total")
+    bursts = _get(ctl, "bursts") or ({str(ctl["burst"]["instances"]): ctl["burst"]}
+                                     if _get(ctl, "burst") else {})  # fmt: skip
     if v is not None:
-        per = _get(ctl, "burst", "api_calls_per_enrolment")
+        per = {n: b["api_calls_per_enrolment"] for n, b in bursts.items()}
+        amortized = max(per.values()) if per else None
         out.append({
             "target": "≤ 6 AWS API calls per enrolment",
-            "measured": f"{v} for one enrolment; {per:.1f} per enrolment in a burst of "
-                        f"{_get(ctl, 'burst', 'instances')}",
-            "met": v <= 6,
+            "measured": f"one enrolment alone: {v}; amortized in a burst: "
+                        + ", ".join(f"{x:.2f} per enrolment (burst of {n})"
+                                    for n, x in per.items()),
+            "met": "partly" if v > 6 and amortized is not None and amortized <= 6
+                   else v <= 6,
         })  # fmt: skip
-    n = _get(ctl, "burst", "instances")
-    syncs = _get(ctl, "burst", "gateway_syncs")
-    if n is not None:
+    big = bursts.get("200")
+    if bursts:
+        shown = big or bursts[max(bursts, key=int)]
+        n = shown["instances"]
         out.append({
             "target": "a burst of 200 converges with ≤ 10 gateway syncs",
-            "measured": f"burst of {n}: {syncs} syncs, converged={_get(ctl, 'burst', 'converged')}"
-                        + ("" if n >= 200 else " (run `--burst 200` for the target's size)"),
-            "met": (syncs <= 10 and bool(_get(ctl, "burst", "converged"))) if n >= 200 else None,
+            "measured": f"burst of {n}: {shown['gateway_syncs']} syncs, converged="
+                        f"{shown['converged']} ({shown.get('workers', 1)} concurrent "
+                        f"invocations, {shown.get('ssm_latency_simulated', 0):g} s per command)"
+                        + ("" if big else " (run `--burst 200` for the target's size)"),
+            "met": (big["gateway_syncs"] <= 10 and bool(big["converged"])) if big else None,
         })  # fmt: skip
     imports = _get(parts, "coldstart", "imports") or []
     ok = [i for i in imports if "importtime_cumulative_seconds" in i]
+    traced = {i["module"]: i for i in _get(parts, "coldstart", "imports_tracing_on") or []
+              if "importtime_cumulative_seconds" in i}  # fmt: skip
     if ok:
         worst = max(ok, key=lambda i: i["importtime_cumulative_seconds"])
+        measured = ", ".join(
+            f"`{i['module'].rsplit('.', 1)[-1]}` {_s(i['importtime_cumulative_seconds'])}"
+            for i in ok
+        )
+        if traced:
+            measured += "; with X-Ray tracing on (as deployed): " + ", ".join(
+                f"`{m.rsplit('.', 1)[-1]}` {_s(i['importtime_cumulative_seconds'])}"
+                for m, i in traced.items()
+            )
         out.append({
             "target": "handler import ≤ 500 ms",
-            "measured": ", ".join(
-                f"`{i['module'].rsplit('.', 1)[-1]}` {_s(i['importtime_cumulative_seconds'])}"
-                for i in ok
-            ),
+            "measured": measured,
             "met": worst["importtime_cumulative_seconds"] <= 0.5,
         })  # fmt: skip
+        controller = next((i for i in ok if i["module"].endswith(".controller")), None)
+        if controller is not None:
+            out[-1]["measured"] += (
+                f" (the controller handler, whose imports this work owns: "
+                f"{_s(controller['importtime_cumulative_seconds'])})"
+            )
     return out
 
 
@@ -131,7 +153,8 @@ def markdown(results: dict) -> str:
         "|---|---|---|",
     ]
     for t in results.get("targets", []):
-        met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
+        met = {True: "yes", False: "**no**", None: "not measured",
+               "partly": "in bursts yes; alone **no**"}[t["met"]]  # fmt: skip
         lines.append(f"| {t['target']} | {t['measured']} | {met} |")
     lines += ["", *_apply_md(parts.get("apply", {})), "", *_flows_md(parts.get("flows", {})), ""]
     lines += [*_controller_md(parts.get("controller", {})), ""]
@@ -278,30 +301,39 @@ def _controller_md(c: dict) -> list[str]:
     skipped = _skipped(title, c)
     if skipped:
         return skipped
+    cfg = c["config"]
     lines = [
         f"## {title}",
         "",
-        "The real handler in-process against moto's server on loopback, events as SQS batches "
-        f"of {c['config']['batch_size']} (the stack's batch size), one invocation at a time; "
-        "commands sent with the production SsmCommands adapter to moto's SSM (so counted), "
-        "their effects applied by a fake fleet whose gateway reads the table with the gateway "
-        "program's reader. No SSM latency is simulated: each command the controller waits for "
-        "adds a real SSM round trip in AWS. API calls counted with botocore's `before-call` hook.",
+        "The real handler against moto's server on loopback, events as SQS batches "
+        f"of {cfg['batch_size']} (the stack's batch size). One enrolment: one invocation, "
+        f"in-process. Bursts: {cfg.get('workers', 1)} worker processes, each a Lambda execution "
+        "environment of its own, take the batches concurrently (as SQS's event source does); "
+        "what a pass leaves failed (a retry, or a batch whose gateway sync rode on another's) is "
+        "delivered again in the next pass. Commands are sent with the production SsmCommands "
+        "adapter to moto's SSM (so counted), each followed by a simulated "
+        f"{cfg.get('ssm_latency', 0):g} s SSM round trip; their effects are applied by a fake "
+        "fleet whose gateway reads the table with the gateway program's reader. API calls "
+        "(the Lambda's, retry delays included) counted with botocore's `before-call` hook.",
         "",
-        "| scenario | wall to convergence | invocations | gateway syncs | commands "
+        "| scenario | wall to convergence | invocations (passes) | gateway syncs | commands "
         "| API calls (per enrolment) | gateway's own DynamoDB reads | converged |",
         "|---|---:|---:|---:|---|---:|---:|---|",
     ]
-    for key, label in (("one", "one enrolment"), ("burst", f"burst of {c['burst']['instances']}")):
-        r = c[key]
+    rows = [("one enrolment", c["one"])]
+    bursts = c.get("bursts") or {str(c["burst"]["instances"]): c["burst"]}
+    rows += [(f"burst of {n}", b) for n, b in sorted(bursts.items(), key=lambda kv: int(kv[0]))]
+    for label, r in rows:
         cmds = ", ".join(f"{k} {v}" for k, v in sorted(r["commands"].items()))
         lines.append(
-            f"| {label} | {_s(r['wall_seconds'])} | {r['invocations']} | {r['gateway_syncs']} "
-            f"| {cmds} | {r['api_calls']['total']} ({r['api_calls_per_enrolment']:.1f}) "
-            f"| {r['gateway_api_calls']['total']} | {r['converged']} |"
+            f"| {label} | {_s(r['wall_seconds'])} | {r['invocations']} ({r.get('passes', 1)}) "
+            f"| {r['gateway_syncs']} | {cmds} | {r['api_calls']['total']} "
+            f"({r['api_calls_per_enrolment']:.2f}) | {r['gateway_api_calls']['total']} "
+            f"| {r['converged']} |"
         )
-    ops = c["one"]["api_calls"]["by_operation"]
-    lines += ["", "API calls of one enrolment: " + ", ".join(f"{k} {v}" for k, v in ops.items())]
+    for label, r in rows:
+        ops = r["api_calls"]["by_operation"]
+        lines += ["", f"API calls, {label}: " + ", ".join(f"{k} {v}" for k, v in ops.items())]
     return lines
 
 
@@ -313,20 +345,25 @@ def _coldstart_md(c: dict) -> list[str]:
     lines = [
         f"## {title}",
         "",
+        "Tracing off: `POWERTOOLS_TRACE_DISABLED=1` (the default measurement). Tracing on: "
+        "as deployed, inside Lambda (`LAMBDA_TASK_ROOT` set) with X-Ray on.",
+        "",
         "| handler module | import (`-X importtime`, median) | `python -c import` − "
-        "`python -c pass` | heaviest direct imports |",
-        "|---|---:|---:|---|",
+        "`python -c pass` | with X-Ray tracing on | heaviest direct imports |",
+        "|---|---:|---:|---:|---|",
     ]
+    traced = {i["module"]: i for i in c.get("imports_tracing_on", [])}
     for i in c["imports"]:
         if "error" in i:
-            lines.append(f"| `{i['module']}` | import failed | | `{i['error'][-120:]}` |")
+            lines.append(f"| `{i['module']}` | import failed | | | `{i['error'][-120:]}` |")
             continue
         heavy = ", ".join(
             f"{h['module']} {_s(h['seconds'])}" for h in i["heaviest_direct_imports"][:4]
         )
+        on = traced.get(i["module"], {}).get("importtime_cumulative_seconds")
         lines.append(
             f"| `{i['module']}` | {_s(i['importtime_cumulative_seconds'])} "
-            f"| {_s(i['import_wall_minus_start_seconds'])} | {heavy} |"
+            f"| {_s(i['import_wall_minus_start_seconds'])} | {_s(on)} | {heavy} |"
         )
     a = c["asset"]
     deps = ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in c["dependencies_zipped_bytes"].items())

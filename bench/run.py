@@ -1,4 +1,5 @@
-"""``python -m bench.run [--quick] [--burst N]`` (``make bench``): every benchmark, one run.
+"""``python -m bench.run [--quick] [--burst N[,M...]]`` (``make bench``, ``make bench
+BENCH_ARGS="--burst 20,200"``): every benchmark, one run.
 
 Writes ``bench/results/latest.json`` (every sample) and ``latest.md`` (the tables, the machine,
 the targets of issue 6). The parts that need the kernel (NAT apply, new-connection rate) need
@@ -25,7 +26,7 @@ PARTS = ("apply", "flows", "controller", "coldstart")
 def run_all(
     *,
     quick: bool = False,
-    burst: int = 20,
+    burst: int | list[int] = 20,
     parts: tuple[str, ...] = PARTS,
     configs: dict | None = None,
     out_dir: Path | None = None,
@@ -138,7 +139,9 @@ def _log(msg: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer runs")
-    parser.add_argument("--burst", type=int, default=20, help="launches in the controller burst")
+    parser.add_argument(
+        "--burst", default="20", help="launches in the controller burst (20,200: both)"
+    )
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma list of {PARTS}")
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = parser.parse_args(argv)
@@ -146,10 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(parts) - set(PARTS)
     if unknown:
         parser.error(f"unknown parts: {', '.join(sorted(unknown))}")
-    if not 1 <= args.burst <= controller.MAX_BURST:
+    try:
+        bursts = [int(b) for b in args.burst.split(",") if b]
+    except ValueError:
+        parser.error("--burst takes numbers, e.g. 20 or 20,200")
+    if not bursts or not all(1 <= b <= controller.MAX_BURST for b in bursts):
         parser.error(f"--burst must be 1..{controller.MAX_BURST}")
     command = "python -m bench.run" + " ".join([""] + (argv if argv is not None else sys.argv[1:]))
-    results = run_all(quick=args.quick, burst=args.burst, parts=parts, out_dir=Path(args.out),
+    results = run_all(quick=args.quick, burst=bursts, parts=parts, out_dir=Path(args.out),
                       command=command.strip())  # fmt: skip
     print(report.markdown(results))
     _log(f"done in {results['total_seconds']:.0f}s; wrote {args.out}/latest.json and latest.md")

@@ -59,7 +59,15 @@ TINY = {
         "change_reps": 1,
     },
     "flows": {"rounds": 1, "seconds": 0.1, "max_flows": 500, "large": 300, "sources": 4},
-    "controller": {"burst": 2, "batch_size": 10, "ssm_latency": 0.0, "max_passes": 3},
+    # Two worker processes: the concurrent delivery path runs too.
+    "controller": {
+        "burst": 3,
+        "bursts": [3],
+        "batch_size": 2,
+        "ssm_latency": 0.0,
+        "max_passes": 5,
+        "workers": 2,
+    },
     # A light module keeps the smoke run short; make bench measures every handler.
     "coldstart": {"runs": 1, "modules": ["tunnelnat.core.nat"]},
 }
@@ -71,6 +79,8 @@ def test_controller_and_coldstart_parts_run_and_report(tmp_path):
     assert "error" not in ctl, ctl.get("error")
     assert ctl["one"]["converged"] and ctl["burst"]["converged"]
     assert ctl["one"]["api_calls"]["total"] > 0 and ctl["burst"]["gateway_syncs"] >= 1
+    assert ctl["burst"]["workers"] == 2 and ctl["burst"]["invocations"] >= 2
+    assert ctl["burst"]["api_calls"]["total"] > 0, "the workers' counters came back"
     assert "error" not in results["parts"]["coldstart"]
     md = (tmp_path / "latest.md").read_text()
     assert "Controller cost" in md and "Cold start" in md
