@@ -465,7 +465,6 @@ class ControllerBench:
 
     def _deliver_concurrently(self, w: dict, pending: list[dict], workers: int) -> dict:
         import multiprocessing
-
         from multiprocessing.managers import SyncManager
 
         ctx = multiprocessing.get_context("spawn")
