@@ -30,7 +30,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from botocore.exceptions import ClientError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tunnelnat.adapters.commands import CommandError, CommandPort, CommandResult
 from tunnelnat.core.config import ConfigError
@@ -365,11 +365,20 @@ class HealerSettings(BaseModel):
     )
     deployment: str = Field(default="tunnelnat", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     document_prefix: str = Field(default="tunnelnat-", pattern=r"^[A-Za-z0-9_.-]{0,100}$")
-    alarm_prefix: str = Field(default="tunnelnat-", pattern=r"^[A-Za-z0-9_.:/-]{1,200}$")
+    # Default: this deployment's TunnelUp alarms only, never another deployment's in the account.
+    alarm_prefix: str = Field(default="", pattern=r"^([A-Za-z0-9_.:/-]{1,200})?$")
     restart_wait_seconds: int = Field(default=30, ge=1, le=120)
     command_timeout_seconds: float = Field(default=150.0, ge=30, le=800)
     region: str = Field(pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]$")
     policy: HealerPolicy = Field(default_factory=HealerPolicy)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deployment_alarm_prefix(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("alarm_prefix"):
+            deployment = data.get("deployment") or "tunnelnat"
+            data = {**data, "alarm_prefix": f"tunnelnat-{deployment}-TunnelUp-"}
+        return data
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> HealerSettings:

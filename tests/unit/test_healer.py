@@ -343,3 +343,16 @@ def test_failed_page_is_retried_later(rig):
     assert rig.store.load("partner").paged_at is None
     rig.pager.page = FakePager().page
     assert rig.heal(ALARM).action == "page"
+
+
+def test_default_alarm_prefix_is_this_deployments_tunnel_alarms_only():
+    from tunnelnat.healer import HealerSettings
+
+    env = {
+        "TUNNELNAT_TABLE_NAME": "prod",
+        "TUNNELNAT_PAGE_TOPIC_ARN": "arn:aws:sns:eu-west-1:123456789012:pages",
+        "TUNNELNAT_DEPLOYMENT": "prod",
+    }
+    assert HealerSettings.from_environ(env).alarm_prefix == "tunnelnat-prod-TunnelUp-"
+    explicit = {**env, "TUNNELNAT_HEALER_ALARM_PREFIX": "custom-"}
+    assert HealerSettings.from_environ(explicit).alarm_prefix == "custom-"
