@@ -287,6 +287,7 @@ class LambdaSqsSource:
             QueueUrl=self.aws.queue_url,
             MaxNumberOfMessages=self.batch_size,
             AttributeNames=["All"],
+            MessageAttributeNames=["All"],
             WaitTimeSeconds=0,
         )
         messages = reply.get("Messages", [])
@@ -337,7 +338,10 @@ class LambdaSqsSource:
             "receiptHandle": message["ReceiptHandle"],
             "body": message["Body"],
             "attributes": dict(message.get("Attributes", {})),
-            "messageAttributes": {},
+            "messageAttributes": {
+                name: {"stringValue": value.get("StringValue"), "dataType": value["DataType"]}
+                for name, value in message.get("MessageAttributes", {}).items()
+            },
             "md5OfBody": message["MD5OfBody"],
             "eventSource": "aws:sqs",
             "eventSourceARN": self.aws.queue_arn,

@@ -145,7 +145,7 @@ class LabAws:
         ]["QueueArn"]
         # The stack's redrive (queue_max_receive_count); a shorter visibility timeout than the
         # stack's, so a batch the lab's handler never answered comes back within a story.
-        redrive = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "50"})
+        redrive = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "12"})
         self.queue_url = sqs.create_queue(
             QueueName=f"{topo.DEPLOYMENT}-events",
             Attributes={"VisibilityTimeout": "60", "RedrivePolicy": redrive},

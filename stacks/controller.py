@@ -125,8 +125,11 @@ class Controller(Construct):
             description=f"{deployment} controller: observe EC2, drive SSM, own its table",
         )
         self.log_group.grant_write(self.role)
-        # At its last attempt the handler parks the event in the DLQ itself, with the reason.
+        # At its last attempt the handler parks the event in the DLQ itself, with the reason; an
+        # event that waits for another worker's gateway sync goes back to the queue as a new
+        # message, so the wait uses none of its attempts.
         self.dead_letter_queue.grant_send_messages(self.role)
+        self.queue.grant_send_messages(self.role)
         # One code asset for every function of the project (the healer's too).
         self.code = lambda_.Code.from_asset(str(code_directory), exclude=ASSET_EXCLUDES)
         self.powertools = lambda_.LayerVersion.from_layer_version_arn(

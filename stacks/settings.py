@@ -140,11 +140,10 @@ class StackSettings(BaseModel):
     controller_max_concurrency: int = Field(
         default=5, ge=2, le=1000, description="most concurrent controller invocations from SQS"
     )
-    # Generous on purpose: an event whose batch found another worker's gateway sync in flight
-    # comes back every 5 s for as long as that sync's lease (180 s), and each of those receives
-    # counts here; SQS's redrive is only the backstop for events that crash every attempt.
+    # SQS's redrive is only the backstop for events that crash every attempt. A wait for another
+    # worker's gateway sync does not count: the handler sends such an event again as a new message.
     queue_max_receive_count: int = Field(
-        default=50, ge=2, le=1000, description="deliveries of an event before it goes to the DLQ"
+        default=12, ge=2, le=1000, description="deliveries of an event before it goes to the DLQ"
     )
     controller_max_attempts: int = Field(
         default=8,

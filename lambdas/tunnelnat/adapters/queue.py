@@ -1,9 +1,14 @@
-"""SQS: back-off through the queue's visibility timeout, and a dead letter that says why."""
+"""SQS: back-off through the queue's visibility timeout, a wait that is not an attempt, and a dead
+letter that says why."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
+
+# Failed attempts a message had before it was sent again as a new message (whose receive count
+# starts over): a wait for another worker's gateway sync is not an attempt and must not use one.
+FAILED_ATTEMPTS = "tunnelnat-failed-attempts"
 
 
 class EventQueue:
@@ -39,6 +44,31 @@ class EventQueue:
             failed = reply.get("Failed") or []
             if failed:
                 raise RuntimeError(f"{len(failed)} retry delay(s) not set: {failed[0]}")
+
+    def requeue(self, source_arn: str, entries: list[tuple[str, int, int]]) -> list[bool]:
+        """Send each ``(body, failed_attempts, delay_seconds)`` again as a new message of the
+        queue; per entry, whether it was sent (the caller keeps the original when not)."""
+        url = self._url(source_arn)
+        sent: list[bool] = []
+        for start in range(0, len(entries), 10):
+            chunk = entries[start : start + 10]
+            reply = self._sqs.send_message_batch(
+                QueueUrl=url,
+                Entries=[
+                    {
+                        "Id": str(k),
+                        "MessageBody": body,
+                        "DelaySeconds": max(0, min(delay, 900)),
+                        "MessageAttributes": {
+                            FAILED_ATTEMPTS: {"DataType": "Number", "StringValue": str(failed)}
+                        },
+                    }
+                    for k, (body, failed, delay) in enumerate(chunk)
+                ],
+            )
+            ok = {entry["Id"] for entry in reply.get("Successful") or []}
+            sent.extend(str(k) in ok for k in range(len(chunk)))
+        return sent
 
     def dead_letter(self, body: str, *, instance_ids: list[str], reason: str) -> bool:
         """Park a message that keeps failing, with the instances and the reason; False if no DLQ."""

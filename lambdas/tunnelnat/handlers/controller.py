@@ -28,7 +28,7 @@ from botocore.config import Config
 
 from tunnelnat.adapters.commands import CommandPort, SsmCommands
 from tunnelnat.adapters.ec2 import Ec2Instances
-from tunnelnat.adapters.queue import EventQueue
+from tunnelnat.adapters.queue import FAILED_ATTEMPTS, EventQueue
 from tunnelnat.adapters.store import EnrolmentStore
 from tunnelnat.controller import Controller, GatewaySyncPending, Outcome
 from tunnelnat.core.enrolment import Status
@@ -233,6 +233,7 @@ def handle_records(records: list[SQSRecord]) -> dict[str, Exception | None]:
     errors, outcomes = _get_service().process(requests) if parsed else ([], {})
     _enrolment_latency(requests, outcomes)
     delays: dict[str, list[tuple[str, int]]] = {}  # per source queue: one batch call
+    requeue: dict[str, list[tuple[SQSRecord, int]]] = {}
     for (record, request), error in zip(parsed, errors, strict=True):
         _context(instance_ids=request.instance_ids, event_ids=(request.event_id,))
         results[record.message_id] = error
@@ -240,16 +241,21 @@ def handle_records(records: list[SQSRecord]) -> dict[str, Exception | None]:
             for instance_id in request.instance_ids:
                 _log_outcome(instance_id, outcomes.get(instance_id))
             continue
-        attempt = int(record.attributes.approximate_receive_count or 1)
+        receives = int(record.attributes.approximate_receive_count or 1)
+        failed_before = _failed_attempts(record)
+        attempt = failed_before + receives
         reason = f"{type(error).__name__}: {error}"
         extra = {"attempt": attempt, "reason": reason}
-        pending = isinstance(error, GatewaySyncPending)
-        if (
-            not pending
-            and attempt >= MAX_ATTEMPTS
-            and _get_queue().dead_letter(
-                record.body, instance_ids=list(request.instance_ids), reason=reason
+        if isinstance(error, GatewaySyncPending):
+            # A wait, not an attempt: sent again as a new message so its receive count (which
+            # the queue's redrive policy counts) starts over; the attempts so far travel along.
+            logger.info("waiting for another worker's gateway sync", extra=extra)
+            requeue.setdefault(record.event_source_arn, []).append(
+                (record, failed_before + receives - 1)
             )
+            continue
+        if attempt >= MAX_ATTEMPTS and _get_queue().dead_letter(
+            record.body, instance_ids=list(request.instance_ids), reason=reason
         ):
             logger.error("giving up: sent to the dead-letter queue", extra=extra)
             metrics.add_metric(name="DeadLettered", unit=MetricUnit.Count, value=1)
@@ -259,14 +265,38 @@ def handle_records(records: list[SQSRecord]) -> dict[str, Exception | None]:
             results[record.message_id] = None
             continue
         logger.warning("will retry", extra=extra)
-        delay = SYNC_PENDING_DELAY if pending else backoff_seconds(attempt)
-        delays.setdefault(record.event_source_arn, []).append((record.receipt_handle, delay))
+        delays.setdefault(record.event_source_arn, []).append(
+            (record.receipt_handle, backoff_seconds(attempt))
+        )
+    for source_arn, waiting in requeue.items():
+        try:
+            sent = _get_queue().requeue(
+                source_arn, [(r.body, failed, SYNC_PENDING_DELAY) for r, failed in waiting]
+            )
+        except Exception:  # noqa: BLE001 - the originals stay and come back instead
+            logger.exception("could not send waiting messages again")
+            sent = [False] * len(waiting)
+        for (record, _), ok in zip(waiting, sent, strict=True):
+            if ok:
+                results[record.message_id] = None  # its copy carries on; this one is deleted
+            else:
+                delays.setdefault(source_arn, []).append(
+                    (record.receipt_handle, SYNC_PENDING_DELAY)
+                )
     for source_arn, entries in delays.items():
         try:
             _get_queue().delay_retries(source_arn, entries)
         except Exception:  # noqa: BLE001 - the default visibility timeout still retries it
             logger.exception("could not set the retry delay")
     return results
+
+
+def _failed_attempts(record: SQSRecord) -> int:
+    attribute = record.message_attributes[FAILED_ATTEMPTS]
+    try:
+        return max(0, int((attribute.string_value if attribute else None) or 0))
+    except ValueError:
+        return 0
 
 
 def _context(*, instance_ids: Any, event_ids: Any) -> None:
