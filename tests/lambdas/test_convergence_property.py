@@ -11,6 +11,7 @@ import json
 import os
 import random
 import threading
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import boto3
@@ -45,12 +46,28 @@ TAG = {"Key": "tunnelnat", "Value": "enabled"}
 tables = itertools.count()
 
 
-class Env:
-    """One VPC for every example; each example gets fresh instances and a fresh table."""
+# moto filters instances by tag in time quadratic in the instances it holds: letting them pile
+# up over 500 examples made the late examples ten times slower than the first. A reset is costly
+# too (moto reloads its AMIs), so AWS starts over every few examples.
+EXAMPLES_PER_RESET = 20
 
-    def __init__(self) -> None:
+
+class Env:
+    """Each example gets fresh instances and a fresh table; AWS itself (a VPC and the gateway)
+    starts over every ``EXAMPLES_PER_RESET`` examples."""
+
+    def __init__(self, moto_url: str) -> None:
+        self.moto_url = moto_url
         self.ec2 = boto3.client("ec2", region_name=REGION)
         self.dynamodb = boto3.client("dynamodb", region_name=REGION)
+        # Two workers, each with its own clients, as two Lambda instances would have.
+        sessions = [boto3.session.Session(region_name=REGION) for _ in range(2)]
+        self.clients = [(s.client("dynamodb"), s.client("ec2")) for s in sessions]
+        self.examples = 0
+
+    def _reset(self) -> None:
+        reset = urllib.request.Request(f"{self.moto_url}/moto-api/reset", method="POST")
+        urllib.request.urlopen(reset).close()
         vpc = self.ec2.create_vpc(CidrBlock="10.20.0.0/16")["Vpc"]["VpcId"]
         self.subnet = self.ec2.create_subnet(VpcId=vpc, CidrBlock="10.20.0.0/16")["Subnet"][
             "SubnetId"
@@ -58,8 +75,6 @@ class Env:
         tags = [{"Key": "tunnelnat:role", "Value": "gateway"}]
         tags.append({"Key": "tunnelnat:deployment", "Value": "prop"})
         self.gateway = self._run(1, tags)[0]
-        # Two workers, each with its own clients, as two Lambda instances would have.
-        self.sessions = [boto3.session.Session(region_name=REGION) for _ in range(2)]
 
     def _run(self, count: int, tags: list[dict]) -> list[str]:
         spec = {"TagSpecifications": [{"ResourceType": "instance", "Tags": tags}]} if tags else {}
@@ -69,6 +84,9 @@ class Env:
         return [i["InstanceId"] for i in reply["Instances"]]
 
     def example(self, tagged: list[bool]) -> tuple[str, list[str], FakeFleet, list[Service]]:
+        if self.examples % EXAMPLES_PER_RESET == 0:
+            self._reset()
+        self.examples += 1
         table = f"prop-{next(tables)}"
         self.dynamodb.create_table(
             TableName=table,
@@ -88,11 +106,11 @@ class Env:
                 self.ec2.create_tags(Resources=[instance_id], Tags=[TAG])
         fleet = FakeFleet(self.dynamodb, gateway_id=self.gateway)
         workers = []
-        for session in self.sessions:
+        for dynamodb, ec2 in self.clients:
             controller = Controller(
                 CONFIG,
-                store=EnrolmentStore(session.client("dynamodb"), table),
-                instances=Ec2Instances(session.client("ec2")),
+                store=EnrolmentStore(dynamodb, table),
+                instances=Ec2Instances(ec2),
                 commands=fleet,
                 deployment="prop",
                 region=REGION,
@@ -103,7 +121,7 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(moto_url):
-    return Env()
+    return Env(moto_url)
 
 
 operation = st.one_of(
