@@ -52,8 +52,13 @@ processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failu
 # Throttling is absorbed here first, then by the queue's redelivery.
 AWS_CONFIG = Config(retries={"mode": "adaptive", "max_attempts": 8}, connect_timeout=5)
 MAX_ATTEMPTS = int(os.environ.get("TUNNELNAT_MAX_ATTEMPTS", "8"))
+
+
 # A batch whose gateway sync rides on another worker's comes back this soon (seconds).
-SYNC_PENDING_DELAY = int(os.environ.get("TUNNELNAT_SYNC_PENDING_DELAY", "5"))
+def sync_pending_delay() -> int:
+    """Seconds before an event that waits for another worker's gateway sync comes back."""
+    return int(os.environ.get("TUNNELNAT_SYNC_PENDING_DELAY", "5"))
+
 
 _service: Service | None = None
 _queue: EventQueue | None = None
@@ -271,7 +276,7 @@ def handle_records(records: list[SQSRecord]) -> dict[str, Exception | None]:
     for source_arn, waiting in requeue.items():
         try:
             sent = _get_queue().requeue(
-                source_arn, [(r.body, failed, SYNC_PENDING_DELAY) for r, failed in waiting]
+                source_arn, [(r.body, failed, sync_pending_delay()) for r, failed in waiting]
             )
         except Exception:  # noqa: BLE001 - the originals stay and come back instead
             logger.exception("could not send waiting messages again")
@@ -281,7 +286,7 @@ def handle_records(records: list[SQSRecord]) -> dict[str, Exception | None]:
                 results[record.message_id] = None  # its copy carries on; this one is deleted
             else:
                 delays.setdefault(source_arn, []).append(
-                    (record.receipt_handle, SYNC_PENDING_DELAY)
+                    (record.receipt_handle, sync_pending_delay())
                 )
     for source_arn, entries in delays.items():
         try:
