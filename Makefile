@@ -41,11 +41,12 @@ lint: venv
 documents: venv
 	$(PY) -m tools.build_documents
 
-# The whole suite: unit, moto-backed Lambda tests, documents, CDK and the namespace lab.
+# The whole suite: unit, moto-backed Lambda tests, documents, CDK and the namespace lab, on two
+# workers (tests/conftest.py keeps each file, and the namespace suites, on one worker).
 test: deps
 	$(PY) -m ruff check .
 	$(PY) -m tools.build_documents --check
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup tests
 
 test-unit: venv
 	$(PY) -m pytest -q tests/unit tests/lambdas tests/ssm_documents

@@ -1,4 +1,4 @@
-"""Shared by every suite: a valid configuration to start from."""
+"""Shared by every suite: a valid configuration to start from, and how tests share workers."""
 
 from __future__ import annotations
 
@@ -19,3 +19,19 @@ VALID_CONFIG = {
 @pytest.fixture
 def config_values() -> dict:
     return {k: (list(v) if isinstance(v, list) else v) for k, v in VALID_CONFIG.items()}
+
+
+# Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): the namespace suites share one
+# worker (one lab per machine, and the benchmark's namespaces wait for it), every other file keeps
+# its tests on one worker (its module fixtures, e.g. a CDK synthesis, are built once), and tests
+# marked `spread` go wherever a worker is free.
+NAMESPACE_SUITES = ("tests/lab/", "tests/bench/")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("spread") or item.get_closest_marker("xdist_group"):
+            continue
+        path = item.nodeid.split("::", 1)[0]
+        group = "namespaces" if path.startswith(NAMESPACE_SUITES) else path
+        item.add_marker(pytest.mark.xdist_group(group))
