@@ -25,11 +25,9 @@ from constructs import Construct
 
 from stacks.documents import Documents
 from stacks.nag import acknowledge, wildcard_arn
+from stacks.policies import send_command_to_gateway
 from stacks.settings import (
-    DEPLOYMENT_TAG,
     LOG_RETENTION_DAYS,
-    ROLE_GATEWAY,
-    ROLE_TAG,
     StackSettings,
 )
 from tunnelnat.healer import DOCUMENT, HEALER_PK
@@ -169,17 +167,7 @@ class Healer(Construct):
                     )
                 ],
             ),
-            iam.PolicyStatement(
-                sid="OnThisDeploymentsGateway",
-                actions=["ssm:SendCommand"],
-                resources=[instances],
-                conditions={
-                    "StringEquals": {
-                        f"ssm:resourceTag/{ROLE_TAG}": ROLE_GATEWAY,
-                        f"ssm:resourceTag/{DEPLOYMENT_TAG}": deployment,
-                    }
-                },
-            ),
+            send_command_to_gateway(instances, deployment),
             iam.PolicyStatement(
                 sid="FollowCommandsFindTheGateway",
                 actions=["ssm:GetCommandInvocation", "ec2:DescribeInstances"],

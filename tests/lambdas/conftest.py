@@ -186,3 +186,17 @@ def world(moto_url):
     handler_module.use_controller(handler_module.build_controller(commands=fleet))
     yield w
     handler_module.use_controller(None)
+
+
+@pytest.fixture
+def queues(world):
+    """The controller's queue and dead-letter queue in moto, the handler wired to them."""
+    from tunnelnat.adapters.queue import EventQueue
+    from tunnelnat.handlers import controller as handler_module
+
+    sqs = boto3.client("sqs", region_name=REGION)
+    dlq = sqs.create_queue(QueueName="tunnelnat-events-dlq")["QueueUrl"]
+    main = sqs.create_queue(QueueName="tunnelnat-events")["QueueUrl"]
+    handler_module.use_queue(EventQueue(sqs, dead_letter_url=dlq))
+    yield sqs, main, dlq
+    handler_module.use_queue(None)

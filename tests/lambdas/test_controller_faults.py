@@ -12,7 +12,6 @@ from botocore.stub import Stubber
 from tests.lambdas.conftest import REGION
 from tests.lambdas.events import Context, sqs_batch, state_change, tag_change
 from tunnelnat.adapters.commands import AgentNotReady, CommandError, SsmCommands
-from tunnelnat.adapters.queue import EventQueue
 from tunnelnat.adapters.store import EnrolmentStore
 from tunnelnat.handlers import controller as handler_module
 from tunnelnat.handlers.controller import handler
@@ -63,16 +62,6 @@ def lifecycle(world):
     controller = handler_module._get_service().controller
     handler_module.use_controller(controller, lifecycle=fake)
     return fake
-
-
-@pytest.fixture
-def queues(world):
-    sqs = boto3.client("sqs", region_name=REGION)
-    dlq = sqs.create_queue(QueueName="tunnelnat-events-dlq")["QueueUrl"]
-    main = sqs.create_queue(QueueName="tunnelnat-events")["QueueUrl"]
-    handler_module.use_queue(EventQueue(sqs, dead_letter_url=dlq))
-    yield sqs, main, dlq
-    handler_module.use_queue(None)
 
 
 def batch_from(queue_arn: str, *events, receive_count: int = 1) -> dict:

@@ -6,28 +6,15 @@ from __future__ import annotations
 import json
 import time
 
-import boto3
-import pytest
-
-from tests.lambdas.conftest import REGION, TABLE
+from tests.lambdas.conftest import TABLE
 from tests.lambdas.events import Context, sqs_batch, state_change
-from tunnelnat.adapters.queue import FAILED_ATTEMPTS, EventQueue
+from tunnelnat.adapters.queue import FAILED_ATTEMPTS
 from tunnelnat.adapters.store import EnrolmentStore
 from tunnelnat.handlers import controller as handler_module
 from tunnelnat.handlers.controller import handler
 
 TAG = {"tunnelnat": "enabled"}
 QUEUE_ARN = "arn:aws:sqs:us-east-1:123456789012:tunnelnat-events"
-
-
-@pytest.fixture
-def queues(world):
-    sqs = boto3.client("sqs", region_name=REGION)
-    dlq = sqs.create_queue(QueueName="tunnelnat-events-dlq")["QueueUrl"]
-    main = sqs.create_queue(QueueName="tunnelnat-events")["QueueUrl"]
-    handler_module.use_queue(EventQueue(sqs, dead_letter_url=dlq))
-    yield sqs, main, dlq
-    handler_module.use_queue(None)
 
 
 def batch(event: dict, *, receives: int, failed_before: int | None = None) -> dict:
