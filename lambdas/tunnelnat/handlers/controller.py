@@ -12,9 +12,8 @@ import functools
 import os
 import random
 import time
-from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit, single_metric
@@ -33,6 +32,7 @@ from tunnelnat.adapters.store import EnrolmentStore
 from tunnelnat.controller import Controller, GatewaySyncPending, Outcome
 from tunnelnat.core.enrolment import Status
 from tunnelnat.events import InvalidEvent, Request, parse_request
+from tunnelnat.handlers.tracing import OptionalTracer
 from tunnelnat.service import Service
 from tunnelnat.settings import ControllerSettings
 
@@ -54,7 +54,6 @@ AWS_CONFIG = Config(retries={"mode": "adaptive", "max_attempts": 8}, connect_tim
 MAX_ATTEMPTS = int(os.environ.get("TUNNELNAT_MAX_ATTEMPTS", "8"))
 
 
-# A batch whose gateway sync rides on another worker's comes back this soon (seconds).
 def sync_pending_delay() -> int:
     """Seconds before an event that waits for another worker's gateway sync comes back."""
     return int(os.environ.get("TUNNELNAT_SYNC_PENDING_DELAY", "5"))
@@ -63,36 +62,8 @@ def sync_pending_delay() -> int:
 _service: Service | None = None
 _queue: EventQueue | None = None
 
-F = TypeVar("F", bound=Callable[..., Any])
 
-
-def _tracing_enabled(env: dict[str, str] | None = None) -> bool:
-    """Powertools' own rule (Tracer._is_tracer_disabled): on in Lambda unless disabled, off
-    outside it. Checked here so the X-Ray SDK (~150 ms of import, it builds a botocore client)
-    is imported only when traces are really sent."""
-    env = dict(os.environ) if env is None else env
-    if env.get("POWERTOOLS_TRACE_DISABLED", "false").strip().lower() in ("1", "true", "y", "yes",
-                                                                         "t", "on"):  # fmt: skip
-        return False
-    if not env.get("LAMBDA_TASK_ROOT"):
-        return False
-    return not (env.get("AWS_SAM_LOCAL") or env.get("AWS_CHALICE_CLI_MODE"))
-
-
-if _tracing_enabled():
-    from aws_lambda_powertools import Tracer
-
-    tracer: Any = Tracer(service=SERVICE)
-else:
-    tracer = None
-
-
-def _capture_method(fn: F) -> F:
-    return tracer.capture_method(fn) if tracer is not None else fn
-
-
-def _capture_lambda_handler(fn: F) -> F:
-    return tracer.capture_lambda_handler(fn) if tracer is not None else fn
+tracer = OptionalTracer(SERVICE)
 
 
 class PowertoolsTelemetry:
@@ -217,7 +188,7 @@ def _reject(reason: str) -> None:
     metrics.add_metric(name="RejectedEvents", unit=MetricUnit.Count, value=1)
 
 
-@_capture_method
+@tracer.capture_method
 def handle_records(records: list[SQSRecord]) -> dict[str, Exception | None]:
     """Every message of a batch through one ``process`` call; the result per message ID."""
     parsed: list[tuple[SQSRecord, Request]] = []
@@ -338,7 +309,7 @@ def _enrolment_latency(requests: list[Request], outcomes: dict[str, Any]) -> Non
 
 
 @logger.inject_lambda_context(correlation_id_path="id", clear_state=True)
-@_capture_lambda_handler
+@tracer.capture_lambda_handler
 @metrics.log_metrics
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     if isinstance(event, dict) and "Records" in event:

@@ -20,7 +20,7 @@ import functools
 from typing import Any, Literal
 
 import boto3
-from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.idempotency import (
     DynamoDBPersistenceLayer,
@@ -38,6 +38,7 @@ from pydantic import BaseModel, Field
 
 from tunnelnat.adapters.commands import CommandPort, SsmCommands
 from tunnelnat.adapters.ec2 import Ec2Instances
+from tunnelnat.handlers.tracing import OptionalTracer
 from tunnelnat.healer import (
     CloudWatchAlarms,
     DynamoHealStore,
@@ -48,7 +49,7 @@ from tunnelnat.healer import (
 )
 
 logger = Logger(service="tunnelnat")
-tracer = Tracer(service="tunnelnat")
+tracer = OptionalTracer("tunnelnat")
 metrics = Metrics(namespace="tunnelnat", service="tunnelnat-healer")
 
 AWS_CONFIG = Config(retries={"mode": "adaptive", "max_attempts": 8}, connect_timeout=5)
