@@ -43,7 +43,9 @@ def default_config(quick: bool = False) -> dict:
 
 def handler_modules() -> list[str]:
     return sorted(
-        f"tunnelnat.handlers.{p.stem}" for p in HANDLERS.glob("*.py") if p.stem != "__init__"
+        f"tunnelnat.handlers.{p.stem}"
+        for p in HANDLERS.glob("*.py")
+        if "\ndef handler(" in p.read_text()  # Lambda entry points, not their helpers
     )
 
 

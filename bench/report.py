@@ -119,12 +119,6 @@ def targets(results: dict) -> list[dict]:
             "measured": measured,
             "met": worst["importtime_cumulative_seconds"] <= 0.5,
         })  # fmt: skip
-        controller = next((i for i in ok if i["module"].endswith(".controller")), None)
-        if controller is not None:
-            out[-1]["measured"] += (
-                f" (the controller handler, whose imports this work owns: "
-                f"{_s(controller['importtime_cumulative_seconds'])})"
-            )
     return out
 
 
