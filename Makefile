@@ -42,11 +42,12 @@ documents: venv
 	$(PY) -m tools.build_documents
 
 # The whole suite: unit, moto-backed Lambda tests, documents, CDK and the namespace lab, on two
-# workers (tests/conftest.py keeps each file, and the namespace suites, on one worker).
+# workers (tests/conftest.py keeps each file, and the namespace suites, on one worker, and puts
+# the longest first).
 test: deps
 	$(PY) -m ruff check .
 	$(PY) -m tools.build_documents --check
-	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup tests
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup --no-loadscope-reorder tests
 
 test-unit: venv
 	$(PY) -m pytest -q tests/unit tests/lambdas tests/ssm_documents

@@ -21,14 +21,22 @@ def config_values() -> dict:
     return {k: (list(v) if isinstance(v, list) else v) for k, v in VALID_CONFIG.items()}
 
 
-# Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): the namespace suites share one
-# worker (one lab per machine, and the benchmark's namespaces wait for it), every other file keeps
-# its tests on one worker (its module fixtures, e.g. a CDK synthesis, are built once), and tests
-# marked `spread` go wherever a worker is free.
+# Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup --no-loadscope-reorder`): the
+# namespace suites share one worker (one lab per machine, and the benchmark's namespaces wait for
+# it), every other file keeps its tests on one worker (its module fixtures, e.g. a CDK synthesis,
+# are built once), and tests marked `spread` go wherever a worker is free. The longest units go
+# first (the spread halves of the property test, then the namespace suites), so neither worker is
+# left with a long one at the end.
 NAMESPACE_SUITES = ("tests/lab/", "tests/bench/")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        if item.get_closest_marker("spread"):
+            return 0
+        return 1 if item.nodeid.startswith(NAMESPACE_SUITES) else 2
+
+    items.sort(key=rank)  # stable: files keep their order within a rank
     for item in items:
         if item.get_closest_marker("spread") or item.get_closest_marker("xdist_group"):
             continue
