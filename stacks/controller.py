@@ -18,16 +18,15 @@ from aws_cdk import aws_events_targets as targets
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_lambda_event_sources as sources
-from aws_cdk import aws_logs as logs
 from aws_cdk import aws_sqs as sqs
 from aws_cdk import aws_ssm as ssm
 from constructs import Construct
 
 from stacks.documents import Documents
+from stacks.functions import log_group_and_role
 from stacks.nag import acknowledge, wildcard_arn
 from stacks.policies import send_command_to_gateway
 from stacks.settings import (
-    LOG_RETENTION_DAYS,
     STATUS_TAG,
     StackSettings,
 )
@@ -110,19 +109,9 @@ class Controller(Construct):
         )
 
         # -- the function ----------------------------------------------------------------------
-        self.log_group = logs.LogGroup(
-            self,
-            "Logs",
-            retention=logs.RetentionDays[LOG_RETENTION_DAYS[settings.log_retention_days]],
-            removal_policy=RemovalPolicy.DESTROY,
+        self.log_group, self.role = log_group_and_role(
+            self, settings, f"{deployment} controller: observe EC2, drive SSM, own its table"
         )
-        self.role = iam.Role(
-            self,
-            "Role",
-            assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
-            description=f"{deployment} controller: observe EC2, drive SSM, own its table",
-        )
-        self.log_group.grant_write(self.role)
         # At its last attempt the handler parks the event in the DLQ itself, with the reason; an
         # event that waits for another worker's gateway sync goes back to the queue as a new
         # message, so the wait uses none of its attempts.

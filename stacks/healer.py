@@ -12,22 +12,21 @@ the sweep, not by redelivery):
 
 from __future__ import annotations
 
-from aws_cdk import ArnFormat, Duration, RemovalPolicy, Stack
+from aws_cdk import ArnFormat, Duration, Stack
 from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_events as events
 from aws_cdk import aws_events_targets as targets
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_lambda as lambda_
-from aws_cdk import aws_logs as logs
 from aws_cdk import aws_sns as sns
 from constructs import Construct
 
 from stacks.documents import Documents
+from stacks.functions import log_group_and_role
 from stacks.nag import acknowledge, wildcard_arn
 from stacks.policies import send_command_to_gateway
 from stacks.settings import (
-    LOG_RETENTION_DAYS,
     StackSettings,
 )
 from tunnelnat.healer import DOCUMENT, HEALER_PK
@@ -66,19 +65,11 @@ class Healer(Construct):
             {"TunnelName": tunnel_name, "WaitSeconds": str(settings.healer_restart_wait_seconds)},
         )
 
-        self.log_group = logs.LogGroup(
+        self.log_group, self.role = log_group_and_role(
             self,
-            "Logs",
-            retention=logs.RetentionDays[LOG_RETENTION_DAYS[settings.log_retention_days]],
-            removal_policy=RemovalPolicy.DESTROY,
+            settings,
+            f"{deployment} healer: restart this deployment's tunnels, page at the cap",
         )
-        self.role = iam.Role(
-            self,
-            "Role",
-            assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
-            description=f"{deployment} healer: restart this deployment's tunnels, page at the cap",
-        )
-        self.log_group.grant_write(self.role)
         self.function = lambda_.Function(
             self,
             "Function",
