@@ -4,11 +4,18 @@ letter that says why."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 # Failed attempts a message had before it was sent again as a new message (whose receive count
 # starts over): a wait for another worker's gateway sync is not an attempt and must not use one.
 FAILED_ATTEMPTS = "tunnelnat-failed-attempts"
+
+
+def _batches(entries: list[T]) -> list[list[T]]:
+    """SQS's batch calls take at most 10 entries."""
+    return [entries[k : k + 10] for k in range(0, len(entries), 10)]
 
 
 class EventQueue:
@@ -17,19 +24,11 @@ class EventQueue:
         self._dlq = dead_letter_url
         self._urls: dict[str, str] = {}
 
-    def delay_retry(self, source_arn: str, receipt_handle: str, seconds: int) -> None:
-        """Make a failed message reappear after ``seconds`` instead of the queue's default."""
-        self._sqs.change_message_visibility(
-            QueueUrl=self._url(source_arn),
-            ReceiptHandle=receipt_handle,
-            VisibilityTimeout=max(0, min(seconds, 43_200)),
-        )
-
     def delay_retries(self, source_arn: str, delays: list[tuple[str, int]]) -> None:
-        """``delay_retry`` for many messages of one queue: one call per 10 (the API's limit)."""
+        """Make failed messages of one queue reappear after their ``(receipt handle, seconds)``
+        instead of the queue's default visibility timeout."""
         url = self._url(source_arn)
-        for start in range(0, len(delays), 10):
-            chunk = delays[start : start + 10]
+        for chunk in _batches(delays):
             reply = self._sqs.change_message_visibility_batch(
                 QueueUrl=url,
                 Entries=[
@@ -50,8 +49,7 @@ class EventQueue:
         queue; per entry, whether it was sent (the caller keeps the original when not)."""
         url = self._url(source_arn)
         sent: list[bool] = []
-        for start in range(0, len(entries), 10):
-            chunk = entries[start : start + 10]
+        for chunk in _batches(entries):
             reply = self._sqs.send_message_batch(
                 QueueUrl=url,
                 Entries=[
