@@ -24,20 +24,6 @@ class Ec2Instances:
     def __init__(self, ec2_client: Any) -> None:
         self._ec2 = ec2_client
 
-    def describe(self, instance_id: str) -> ObservedInstance | None:
-        """The instance's current state, or None when EC2 no longer knows it."""
-        try:
-            reply = self._ec2.describe_instances(InstanceIds=[instance_id])
-        except ClientError as exc:
-            if exc.response["Error"]["Code"] in ("InvalidInstanceID.NotFound", "InvalidInstanceID"):
-                return None
-            raise
-        for reservation in reply.get("Reservations", []):
-            for raw in reservation.get("Instances", []):
-                if raw.get("InstanceId") == instance_id:
-                    return observed(raw)
-        return None
-
     def describe_many(self, instance_ids: Iterable[str]) -> dict[str, ObservedInstance]:
         """Every instance EC2 still knows among ``instance_ids``, in calls of up to 1,000 IDs."""
         wanted = list(dict.fromkeys(instance_ids))

@@ -122,10 +122,6 @@ class EnrolmentStore:
         return self._table
 
     # -- reads -------------------------------------------------------------------------------
-    def get_mapping(self, instance_id: str) -> StoredMapping | None:
-        item = self._get(MAPPING, instance_id)
-        return _mapping(item) if item else None
-
     def mappings(self) -> list[StoredMapping]:
         return [_mapping(i) for i in self._query(MAPPING)]
 
@@ -235,24 +231,6 @@ class EnrolmentStore:
             items.append(self._release(previous.public_ip, instance_id))
         items.append(self._bump(generation))
         self._transact(items, claimed=public_ip if claim else None)
-        return generation + 1
-
-    def delete_mapping(self, mapping: StoredMapping, *, release: bool) -> int:
-        generation = self.desired_generation()
-        items: list[dict] = [
-            {
-                "Delete": {
-                    "TableName": self._table,
-                    "Key": _key(MAPPING, mapping.instance_id),
-                    "ConditionExpression": "public_ip = :ip",
-                    "ExpressionAttributeValues": {":ip": {"S": str(mapping.public_ip)}},
-                }
-            }
-        ]
-        if release:
-            items.append(self._release(mapping.public_ip, mapping.instance_id))
-        items.append(self._bump(generation))
-        self._transact(items)
         return generation + 1
 
     def write_mappings(self, changes: list[MappingChange], *, generation: int, claim: bool) -> int:
