@@ -1,0 +1,335 @@
+#!/usr/bin/env python3
+"""The gateway's boot program: put G's ENI on this instance, at every boot, without the AWS CLI.
+
+It runs from systemd units the gateway's cloud-init user data writes (stacks/gateway.py), with
+the distribution's python3 and boto3 (standard library + boto3 only):
+
+    tunnelnat_boot.py attach [--config /etc/tunnelnat/boot.json]
+    tunnelnat_boot.py restore-lo [--file /etc/tunnelnat/lo-addresses]
+
+``attach`` (unit ``tunnelnat-boot``, before strongSwan and the SSM agent):
+  1. reads the instance ID from IMDSv2;
+  2. turns the instance's source/destination check off (it forwards other hosts' packets);
+  3. attaches the standalone ENI holding G at device index 1, waiting while a replaced gateway
+     still holds it, retrying a failed attach;
+  4. finds the interface by the ENI's MAC address and puts G on it itself (``ip addr replace``,
+     ``ip link set up``): Ubuntu configures no hot-plugged second NIC, and no distribution's
+     hotplug is trusted to;
+  5. routes the partner's endpoint T via the subnet's router from G, so IKE and ESP leave with
+     source G, which the Internet gateway translates to E.
+On any failure it marks the instance Unhealthy (Auto Scaling replaces it) and exits non-zero.
+
+``restore-lo`` (unit ``tunnelnat-restore``, before the network, after the saved ruleset was
+loaded) puts the addresses ConfigureGateway listed back on ``lo``; each line is validated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface
+from pathlib import Path
+from typing import Any
+
+CONFIG_FILE = Path("/etc/tunnelnat/boot.json")
+LO_ADDRESSES = Path("/etc/tunnelnat/lo-addresses")
+IMDS = "http://169.254.169.254"
+ENI_ID = re.compile(r"^eni-[0-9a-f]{8,17}$")
+INSTANCE_ID = re.compile(r"^i-[0-9a-f]{8,17}$")
+REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-[0-9]$")
+MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+DEVICE_INDEX = 1
+# The subnet's own route via the primary interface stays preferred for the gateway's own
+# traffic; G's prefix route is only the fallback.
+ENI_ROUTE_METRIC = 1000
+
+
+class BootError(RuntimeError):
+    pass
+
+
+def log(message: str) -> None:
+    print(f"tunnelnat-boot: {message}", file=sys.stderr, flush=True)
+
+
+# -- configuration ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BootConfig:
+    region: str
+    eni_id: str
+    gateway: IPv4Interface  # G with its subnet's prefix length
+    partner_endpoint: IPv4Address | None = None  # T; None: no route to T (the lab, see docs)
+    subnet_router: IPv4Address | None = None
+    wait_seconds: float = 600.0
+    poll_seconds: float = 5.0
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> BootConfig:
+        region, eni = str(data.get("region", "")), str(data.get("eni_id", ""))
+        if not REGION.fullmatch(region):
+            raise BootError(f"invalid region {region!r}")
+        if not ENI_ID.fullmatch(eni):
+            raise BootError(f"invalid ENI ID {eni!r}")
+        try:
+            gateway = IPv4Interface(str(data["gateway"]))
+            endpoint = data.get("partner_endpoint")
+            router = data.get("subnet_router")
+            partner = IPv4Address(str(endpoint)) if endpoint else None
+            via = IPv4Address(str(router)) if router else None
+        except (KeyError, ValueError) as exc:
+            raise BootError(f"invalid boot configuration: {exc}") from None
+        if (partner is None) != (via is None):
+            raise BootError("partner_endpoint and subnet_router go together")
+        if via is not None and via not in gateway.network:
+            raise BootError(f"subnet router {via} is not in G's subnet {gateway.network}")
+        return cls(
+            region=region,
+            eni_id=eni,
+            gateway=gateway,
+            partner_endpoint=partner,
+            subnet_router=via,
+            wait_seconds=float(data.get("wait_seconds", 600)),
+            poll_seconds=float(data.get("poll_seconds", 5)),
+        )
+
+
+# -- IMDSv2 -------------------------------------------------------------------------------------
+
+
+def instance_id_from_imds(base: str = IMDS, timeout: float = 2.0, attempts: int = 30) -> str:
+    """The instance ID, by IMDSv2 (a session token first; the launch template requires it)."""
+    last: Exception | None = None
+    for _ in range(attempts):
+        try:
+            token_req = urllib.request.Request(  # noqa: S310 - link-local IMDS (or the lab's)
+                f"{base}/latest/api/token",
+                method="PUT",
+                headers={"X-aws-ec2-metadata-token-ttl-seconds": "300"},
+            )
+            with urllib.request.urlopen(token_req, timeout=timeout) as reply:  # noqa: S310
+                token = reply.read().decode()
+            id_req = urllib.request.Request(  # noqa: S310
+                f"{base}/latest/meta-data/instance-id",
+                headers={"X-aws-ec2-metadata-token": token},
+            )
+            with urllib.request.urlopen(id_req, timeout=timeout) as reply:  # noqa: S310
+                instance_id = reply.read().decode().strip()
+        except OSError as exc:  # URLError is an OSError; IMDS may lag the network by a moment
+            last = exc
+            time.sleep(1)
+            continue
+        if not INSTANCE_ID.fullmatch(instance_id):
+            raise BootError(f"IMDS returned an unexpected instance ID {instance_id!r}")
+        return instance_id
+    raise BootError(f"IMDS did not answer: {last}")
+
+
+# -- the `ip` seam ------------------------------------------------------------------------------
+
+Runner = Callable[[Sequence[str]], str]
+
+
+def run_ip(argv: Sequence[str]) -> str:
+    proc = subprocess.run(["ip", *argv], capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0:
+        raise BootError(f"ip {' '.join(argv)}: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+@dataclass
+class Links:
+    """Everything the boot does to the kernel's interfaces, through ``ip`` (faked in tests)."""
+
+    run: Runner = run_ip
+
+    def by_mac(self, mac: str) -> str | None:
+        for link in json.loads(self.run(["-j", "link", "show"]) or "[]"):
+            if str(link.get("address", "")).lower() == mac:
+                return str(link["ifname"])
+        return None
+
+    def configure(self, dev: str, address: IPv4Interface) -> None:
+        self.run(["addr", "replace", str(address), "dev", dev, "metric", str(ENI_ROUTE_METRIC)])
+        self.run(["link", "set", dev, "up"])
+
+    def route(self, dest: IPv4Address, via: IPv4Address, dev: str, src: IPv4Address) -> None:
+        self.run(["route", "replace", f"{dest}/32", "via", str(via), "dev", dev, "src", str(src)])
+
+    def add_lo(self, address: IPv4Address) -> None:
+        self.run(["addr", "replace", f"{address}/32", "dev", "lo"])
+
+
+# -- the boot -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Boot:
+    config: BootConfig
+    ec2: Any
+    instance_id: str
+    links: Links
+    sleep: Callable[[float], None] = time.sleep
+    clock: Callable[[], float] = time.monotonic
+
+    def eni(self) -> dict[str, Any]:
+        reply = self.ec2.describe_network_interfaces(NetworkInterfaceIds=[self.config.eni_id])
+        return reply["NetworkInterfaces"][0]
+
+    def holder(self, eni: dict[str, Any]) -> str | None:
+        attachment = eni.get("Attachment") or {}
+        if attachment.get("Status") in ("detaching", "detached"):
+            return None
+        return attachment.get("InstanceId")
+
+    def attach_eni(self) -> dict[str, Any]:
+        """Attach the ENI here, waiting for a replaced gateway to release it; retry failures."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        deadline = self.clock() + self.config.wait_seconds
+        attempts = 0
+        while True:
+            eni = self.eni()
+            holder = self.holder(eni)
+            if holder == self.instance_id:
+                return eni
+            if eni.get("Status") == "available" and holder is None:
+                attempts += 1
+                try:
+                    self.ec2.attach_network_interface(
+                        NetworkInterfaceId=self.config.eni_id,
+                        InstanceId=self.instance_id,
+                        DeviceIndex=DEVICE_INDEX,
+                    )
+                    log(f"attached {self.config.eni_id} at device index {DEVICE_INDEX}")
+                    continue  # re-read: the attachment is what we wait for, not the call
+                except (ClientError, BotoCoreError) as exc:
+                    log(f"attach failed ({exc}); retrying")
+            else:
+                log(f"{self.config.eni_id} is {eni.get('Status')} (held by {holder}): waiting")
+            if self.clock() >= deadline:
+                raise BootError(
+                    f"{self.config.eni_id} not attached after {self.config.wait_seconds:.0f}s "
+                    f"({attempts} attach attempts)"
+                )
+            self.sleep(self.config.poll_seconds)
+
+    def wait_for_link(self, mac: str, seconds: float = 120.0) -> str:
+        deadline = self.clock() + seconds
+        while True:
+            dev = self.links.by_mac(mac)
+            if dev:
+                return dev
+            if self.clock() >= deadline:
+                raise BootError(f"no interface has the ENI's MAC address {mac}")
+            self.sleep(1.0)
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.config
+        # Forwarded packets carry other hosts' addresses; the ENI's own check is off in the
+        # template, the primary interface's is the instance's attribute.
+        self.ec2.modify_instance_attribute(
+            InstanceId=self.instance_id, SourceDestCheck={"Value": False}
+        )
+        eni = self.attach_eni()
+        mac = str(eni.get("MacAddress", "")).lower()
+        if not MAC.fullmatch(mac):
+            raise BootError(f"{cfg.eni_id} has no usable MAC address ({mac!r})")
+        dev = self.wait_for_link(mac)
+        self.links.configure(dev, cfg.gateway)
+        result: dict[str, Any] = {
+            "eni": cfg.eni_id,
+            "device": dev,
+            "gateway": str(cfg.gateway),
+            "instance": self.instance_id,
+        }
+        if cfg.partner_endpoint is not None and cfg.subnet_router is not None:
+            self.links.route(cfg.partner_endpoint, cfg.subnet_router, dev, cfg.gateway.ip)
+            result["partner_route"] = f"{cfg.partner_endpoint} via {cfg.subnet_router} dev {dev}"
+        return result
+
+
+def mark_unhealthy(autoscaling: Any, instance_id: str) -> None:
+    """Tell Auto Scaling to replace this gateway: it never sits broken and quiet."""
+    try:
+        autoscaling.set_instance_health(
+            InstanceId=instance_id, HealthStatus="Unhealthy", ShouldRespectGracePeriod=False
+        )
+        log(f"marked {instance_id} Unhealthy")
+    except Exception as exc:  # noqa: BLE001 - the boot fails either way; say why this did too
+        log(f"could not mark {instance_id} Unhealthy: {type(exc).__name__}: {exc}")
+
+
+def restore_lo(path: Path, links: Links) -> list[str]:
+    if not path.exists():
+        return []
+    restored = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        address = ipaddress.IPv4Address(line.strip())  # ValueError: refuse, never pass along
+        links.add_lo(address)
+        restored.append(str(address))
+    return restored
+
+
+def _clients(region: str) -> tuple[Any, Any]:
+    import boto3  # the distribution's; only the attach needs it
+    from botocore.config import Config
+
+    config = Config(retries={"mode": "adaptive", "max_attempts": 10}, connect_timeout=5)
+    session = boto3.session.Session(region_name=region)
+    return session.client("ec2", config=config), session.client("autoscaling", config=config)
+
+
+def main(argv: list[str] | None = None, *, links: Links | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tunnelnat_boot")
+    sub = parser.add_subparsers(dest="command", required=True)
+    attach = sub.add_parser("attach")
+    attach.add_argument("--config", type=Path, default=CONFIG_FILE)
+    restore = sub.add_parser("restore-lo")
+    restore.add_argument("--file", type=Path, default=LO_ADDRESSES)
+    args = parser.parse_args(argv)
+    links = links or Links()
+
+    if args.command == "restore-lo":
+        try:
+            restored = restore_lo(args.file, links)
+        except (ValueError, BootError) as exc:
+            log(f"restore-lo FAILED: {exc}")
+            return 1
+        print(json.dumps({"lo": restored}))
+        return 0
+
+    started = time.monotonic()
+    instance_id = None
+    autoscaling = None
+    try:
+        config = BootConfig.from_json(json.loads(args.config.read_text()))
+        # The lab serves its own IMDS on loopback (boto3 reads AWS_ENDPOINT_URL likewise).
+        instance_id = instance_id_from_imds(os.environ.get("TUNNELNAT_IMDS_URL", IMDS))
+        ec2, autoscaling = _clients(config.region)
+        result = Boot(config, ec2, instance_id, links).run()
+    except Exception as exc:  # noqa: BLE001 - every failure ends the same way: loudly
+        log(f"FAILED: {type(exc).__name__}: {exc}")
+        if instance_id is not None and autoscaling is not None:
+            mark_unhealthy(autoscaling, instance_id)
+        return 1
+    result["seconds"] = round(time.monotonic() - started, 3)
+    print(json.dumps(result, sort_keys=True))
+    log(f"ready: {result}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

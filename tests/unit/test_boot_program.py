@@ -1,0 +1,349 @@
+"""The gateway's boot program (gateway/tunnelnat_boot.py) against moto's EC2 and Auto Scaling.
+
+The ``ip`` calls go through ``Links``' runner, faked here (the lab runs the real ones in the
+gateway's namespace); IMDSv2 is a small server on loopback that insists on the session token.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+from moto import mock_aws
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "gateway"))
+import tunnelnat_boot as boot  # noqa: E402
+
+MAC_PRIMARY = "02:00:00:00:00:01"
+
+
+class FakeIp:
+    """Records ``ip`` argv; knows the links (the primary, and the ENI's once attached)."""
+
+    def __init__(self, macs: dict[str, str]) -> None:
+        self.macs = dict(macs)  # ifname -> MAC
+        self.calls: list[list[str]] = []
+
+    def __call__(self, argv):
+        argv = list(argv)
+        if argv[:3] == ["-j", "link", "show"]:
+            return json.dumps([{"ifname": n, "address": m} for n, m in self.macs.items()])
+        self.calls.append(argv)
+        return ""
+
+
+@pytest.fixture
+def aws(monkeypatch):
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    with mock_aws():
+        ec2 = boto3.client("ec2", region_name="us-east-1")
+        vpc = ec2.create_vpc(CidrBlock="10.80.0.0/16")["Vpc"]["VpcId"]
+        subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.80.0.0/24")["Subnet"]["SubnetId"]
+        image = ec2.describe_images()["Images"][0]["ImageId"]
+        asg = boto3.client("autoscaling", region_name="us-east-1")
+        asg.create_launch_configuration(
+            LaunchConfigurationName="gw", ImageId=image, InstanceType="t3.micro"
+        )
+        asg.create_auto_scaling_group(
+            AutoScalingGroupName="gw",
+            LaunchConfigurationName="gw",
+            MinSize=1,
+            MaxSize=1,
+            VPCZoneIdentifier=subnet,
+        )
+        instance = asg.describe_auto_scaling_groups()["AutoScalingGroups"][0]["Instances"][0]
+        eni = ec2.create_network_interface(SubnetId=subnet, PrivateIpAddress="10.80.0.10")
+        yield {
+            "ec2": ec2,
+            "asg": asg,
+            "subnet": subnet,
+            "image": image,
+            "instance": instance["InstanceId"],
+            "eni": eni["NetworkInterface"]["NetworkInterfaceId"],
+            "mac": eni["NetworkInterface"]["MacAddress"],
+        }
+
+
+def config(aws, **extra) -> boot.BootConfig:
+    data = {
+        "region": "us-east-1",
+        "eni_id": aws["eni"] if aws else "eni-0123456789abcdef0",
+        "gateway": "10.80.0.10/24",
+        "partner_endpoint": "203.0.113.1",
+        "subnet_router": "10.80.0.1",
+        "poll_seconds": 0,
+        **extra,
+    }
+    return boot.BootConfig.from_json(data)
+
+
+def attachment(aws) -> dict:
+    eni = aws["ec2"].describe_network_interfaces(NetworkInterfaceIds=[aws["eni"]])
+    return eni["NetworkInterfaces"][0].get("Attachment") or {}
+
+
+def test_boot_attaches_the_eni_and_configures_g_itself(aws):
+    ip = FakeIp({"ens5": MAC_PRIMARY, "ens6": aws["mac"]})
+    result = boot.Boot(config(aws), aws["ec2"], aws["instance"], boot.Links(ip)).run()
+
+    assert attachment(aws)["InstanceId"] == aws["instance"]
+    assert attachment(aws)["DeviceIndex"] == 1
+    check = aws["ec2"].describe_instance_attribute(
+        InstanceId=aws["instance"], Attribute="sourceDestCheck"
+    )
+    assert check["SourceDestCheck"]["Value"] is False
+    assert ip.calls == [
+        ["addr", "replace", "10.80.0.10/24", "dev", "ens6", "metric", "1000"],
+        ["link", "set", "ens6", "up"],
+        [
+            "route",
+            "replace",
+            "203.0.113.1/32",
+            "via",
+            "10.80.0.1",
+            "dev",
+            "ens6",
+            "src",
+            "10.80.0.10",
+        ],
+    ]
+    assert result["device"] == "ens6"
+    assert result["partner_route"] == "203.0.113.1 via 10.80.0.1 dev ens6"
+
+
+def test_a_reboot_keeps_the_attachment_and_configures_again(aws):
+    aws["ec2"].attach_network_interface(
+        NetworkInterfaceId=aws["eni"], InstanceId=aws["instance"], DeviceIndex=1
+    )
+    before = attachment(aws)["AttachmentId"]
+    ip = FakeIp({"ens5": MAC_PRIMARY, "ens6": aws["mac"].upper()})  # MAC case does not matter
+    boot.Boot(config(aws), aws["ec2"], aws["instance"], boot.Links(ip)).run()
+    assert attachment(aws)["AttachmentId"] == before
+    assert ["link", "set", "ens6", "up"] in ip.calls
+
+
+def test_boot_waits_for_a_replaced_gateway_to_release_the_eni(aws):
+    ec2 = aws["ec2"]
+    old = ec2.run_instances(ImageId=aws["image"], MinCount=1, MaxCount=1, SubnetId=aws["subnet"])[
+        "Instances"
+    ][0]["InstanceId"]
+    ec2.attach_network_interface(NetworkInterfaceId=aws["eni"], InstanceId=old, DeviceIndex=1)
+    waits: list[float] = []
+
+    def sleep(seconds):
+        waits.append(seconds)
+        if len(waits) == 3:  # the old gateway terminates: AWS detaches its ENI
+            ec2.detach_network_interface(AttachmentId=attachment(aws)["AttachmentId"])
+
+    ip = FakeIp({"ens5": MAC_PRIMARY, "ens6": aws["mac"]})
+    cfg = config(aws, poll_seconds=5)
+    boot.Boot(cfg, ec2, aws["instance"], boot.Links(ip), sleep=sleep).run()
+    assert waits == [5, 5, 5]
+    assert attachment(aws)["InstanceId"] == aws["instance"]
+
+
+def test_a_failed_attach_is_retried(aws):
+    class FlakyEc2:
+        def __init__(self, real):
+            self.real, self.attach_calls = real, 0
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+        def attach_network_interface(self, **kwargs):
+            self.attach_calls += 1
+            if self.attach_calls == 1:
+                raise ClientError(
+                    {"Error": {"Code": "RequestLimitExceeded", "Message": "slow down"}},
+                    "AttachNetworkInterface",
+                )
+            return self.real.attach_network_interface(**kwargs)
+
+    flaky = FlakyEc2(aws["ec2"])
+    ip = FakeIp({"ens6": aws["mac"]})
+    boot.Boot(config(aws), flaky, aws["instance"], boot.Links(ip), sleep=lambda s: None).run()
+    assert flaky.attach_calls == 2
+    assert attachment(aws)["InstanceId"] == aws["instance"]
+
+
+def test_no_route_to_t_when_the_configuration_has_none(aws):
+    ip = FakeIp({"eni0": aws["mac"]})
+    cfg = config(aws, partner_endpoint=None, subnet_router=None)
+    result = boot.Boot(cfg, aws["ec2"], aws["instance"], boot.Links(ip)).run()
+    assert [c[0] for c in ip.calls] == ["addr", "link"]
+    assert "partner_route" not in result
+
+
+def test_an_interface_that_never_appears_fails_the_boot(aws):
+    ticks = iter(range(1000))
+    ip = FakeIp({"ens5": MAC_PRIMARY})
+    b = boot.Boot(
+        config(aws),
+        aws["ec2"],
+        aws["instance"],
+        boot.Links(ip),
+        sleep=lambda s: None,
+        clock=lambda: float(next(ticks)),
+    )
+    with pytest.raises(boot.BootError, match="no interface has the ENI's MAC"):
+        b.run()
+    assert ip.calls == []
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"eni_id": "eni-; rm -rf /"}, "invalid ENI ID"),
+        ({"region": "us-east-1; x"}, "invalid region"),
+        ({"gateway": "10.80.0.300/24"}, "invalid boot configuration"),
+        ({"subnet_router": "10.99.0.1"}, "not in G's subnet"),
+        ({"subnet_router": None}, "go together"),
+    ],
+)
+def test_the_configuration_is_validated(change, message):
+    with pytest.raises(boot.BootError, match=message):
+        config(None, **change)
+
+
+# -- main(): IMDSv2, the whole run, and failure marks the instance unhealthy ---------------------
+
+
+class Imds(BaseHTTPRequestHandler):
+    instance_id = ""
+    token = "t0ken"  # noqa: S105 - IMDS's session token in a test
+
+    def do_PUT(self):  # noqa: N802
+        if self.path != "/latest/api/token" or not self.headers.get(
+            "X-aws-ec2-metadata-token-ttl-seconds"
+        ):
+            self.send_error(400)
+            return
+        self._reply(self.token)
+
+    def do_GET(self):  # noqa: N802
+        if self.headers.get("X-aws-ec2-metadata-token") != self.token:
+            self.send_error(401)  # IMDSv2 only, as the launch template requires
+            return
+        if self.path != "/latest/meta-data/instance-id":
+            self.send_error(404)
+            return
+        self._reply(self.instance_id)
+
+    def _reply(self, body: str) -> None:
+        data = body.encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def imds(aws, monkeypatch):
+    handler = type("LabImds", (Imds,), {"instance_id": aws["instance"]})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("TUNNELNAT_IMDS_URL", f"http://127.0.0.1:{server.server_port}")
+    yield
+    server.shutdown()
+    server.server_close()
+
+
+def write_config(tmp_path, aws, **extra) -> Path:
+    path = tmp_path / "boot.json"
+    path.write_text(
+        json.dumps(
+            {
+                "region": "us-east-1",
+                "eni_id": aws["eni"],
+                "gateway": "10.80.0.10/24",
+                "partner_endpoint": "203.0.113.1",
+                "subnet_router": "10.80.0.1",
+                **extra,
+            }
+        )
+    )
+    return path
+
+
+def health(aws) -> str:
+    reply = aws["asg"].describe_auto_scaling_instances(InstanceIds=[aws["instance"]])
+    # AWS answers HEALTHY/UNHEALTHY; moto echoes the case it was given.
+    return reply["AutoScalingInstances"][0]["HealthStatus"].upper()
+
+
+def test_main_boots_through_imdsv2(aws, imds, tmp_path, capsys):
+    ip = FakeIp({"ens5": MAC_PRIMARY, "ens6": aws["mac"]})
+    code = boot.main(["attach", "--config", str(write_config(tmp_path, aws))], links=boot.Links(ip))
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["instance"] == aws["instance"] and out["device"] == "ens6"
+    assert attachment(aws)["InstanceId"] == aws["instance"]
+    assert health(aws) == "HEALTHY"
+
+
+def test_main_marks_the_instance_unhealthy_when_the_eni_stays_taken(aws, imds, tmp_path, capsys):
+    ec2 = aws["ec2"]
+    other = ec2.run_instances(ImageId=aws["image"], MinCount=1, MaxCount=1, SubnetId=aws["subnet"])[
+        "Instances"
+    ][0]["InstanceId"]
+    ec2.attach_network_interface(NetworkInterfaceId=aws["eni"], InstanceId=other, DeviceIndex=1)
+    ip = FakeIp({"ens6": aws["mac"]})
+    path = write_config(tmp_path, aws, wait_seconds=0, poll_seconds=0)
+    assert boot.main(["attach", "--config", str(path)], links=boot.Links(ip)) == 1
+    assert "not attached after 0s" in capsys.readouterr().err
+    assert health(aws) == "UNHEALTHY"
+    assert attachment(aws)["InstanceId"] == other  # never taken from a gateway that holds it
+    assert ip.calls == []
+
+
+def test_restore_lo_validates_every_line(tmp_path, capsys):
+    good = tmp_path / "lo-addresses"
+    good.write_text("203.0.113.10\n\n203.0.113.100\n")
+    ip = FakeIp({})
+    assert boot.main(["restore-lo", "--file", str(good)], links=boot.Links(ip)) == 0
+    assert ip.calls == [
+        ["addr", "replace", "203.0.113.10/32", "dev", "lo"],
+        ["addr", "replace", "203.0.113.100/32", "dev", "lo"],
+    ]
+    assert json.loads(capsys.readouterr().out) == {"lo": ["203.0.113.10", "203.0.113.100"]}
+
+    bad = tmp_path / "bad"
+    bad.write_text("203.0.113.10\n203.0.113.10 dev eth0\n")
+    ip = FakeIp({})
+    assert boot.main(["restore-lo", "--file", str(bad)], links=boot.Links(ip)) == 1
+    assert ip.calls == [["addr", "replace", "203.0.113.10/32", "dev", "lo"]]
+
+    ip = FakeIp({})
+    missing = tmp_path / "none"
+    assert boot.main(["restore-lo", "--file", str(missing)], links=boot.Links(ip)) == 0
+    assert ip.calls == []
+
+
+def test_the_program_uses_only_the_standard_library_and_boto3():
+    import ast
+
+    tree = ast.parse((REPO / "gateway" / "tunnelnat_boot.py").read_text())
+    modules = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            modules.add(node.module.split(".")[0])
+    assert modules - set(sys.stdlib_module_names) == {"boto3", "botocore"}
