@@ -9,6 +9,12 @@ It runs on the gateway, embedded in the ConfigureGateway and SyncNatTable docume
 The applied generation is kept inside the ruleset itself (the ``applied_generation`` set), so it
 changes atomically with the maps and vanishes with them on reboot: a gateway that lost its table
 reads as "nothing applied" and gets the whole table back on the next sync.
+
+At boot the ``tunnelnat-restore`` unit loads the saved ruleset ``/etc/tunnelnat/tunnelnat.nft``
+(guard and all, no mappings) before the network and strongSwan start. Its ``applied_generation``
+set is EMPTY: "nothing applied since boot". The health agent reports TunnelUp=0 while the set is
+empty or missing, and the next sync here applies the whole table; every successful sync or
+apply puts its generation (also 0) in the set.
 """
 
 from __future__ import annotations
@@ -74,7 +80,8 @@ def read_desired(client: object, table_name: str, nat_mode: str) -> NatTable:
 
 
 def applied_generation() -> int | None:
-    """The generation in the kernel's ruleset, or None when the table is not there."""
+    """The generation in the kernel's ruleset; None when the table is not there or its
+    ``applied_generation`` set is empty (the boot ruleset: nothing applied since boot)."""
     proc = subprocess.run(
         ["nft", "-j", "list", "set", "ip", TABLE, "applied_generation"],
         capture_output=True,
@@ -86,7 +93,14 @@ def applied_generation() -> int | None:
         elems = entry.get("set", {}).get("elem")
         if elems:
             return int(elems[0])
-    return 0
+    return None
+
+
+def render_boot_ruleset(base: GatewayBase) -> str:
+    """The ruleset the gateway loads at boot: every chain (the guard with them), no mappings,
+    and an empty ``applied_generation`` set, in one transaction."""
+    empty = render_nat_table(base, NatTable(0, (), base.nat_mode))
+    return empty + f"flush set ip {TABLE} applied_generation\n"
 
 
 def nft_apply(ruleset: str) -> None:
@@ -114,7 +128,7 @@ def sync(client: object, table_name: str, *, full: bool = False) -> dict:
         current = applied_generation()
         if current is None or full:
             nft_apply(render_nat_table(base, desired))
-            BOOT_RULESET.write_text(render_nat_table(base, NatTable(0, (), base.nat_mode)))
+            BOOT_RULESET.write_text(render_boot_ruleset(base))
             action = "full"
         elif current >= desired.generation:
             action = "unchanged"

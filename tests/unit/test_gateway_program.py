@@ -94,3 +94,59 @@ def test_sync_applies_forward_only_and_refuses_bad_rows(tmp_path):
     for private in ("10.10.1.21", "10.10.1.22", "10.10.1.23"):
         assert private in listing["snat_map"]
     assert (tmp_path / "tunnelnat.nft").read_text().count("elements") == 2  # nets + generation
+
+
+BOOT_SCRIPT = textwrap.dedent(
+    """
+    import json, subprocess, sys
+    from pathlib import Path
+    sys.path[:0] = [{repo!r} + "/lambdas", {repo!r} + "/gateway"]
+    import tunnelnat_gateway as g
+
+    g.STATE_DIR = Path({tmp!r}); g.BASE_FILE = g.STATE_DIR / "gateway.json"
+    g.BOOT_RULESET = g.STATE_DIR / "tunnelnat.nft"; g.LOCK_FILE = g.STATE_DIR / "lock"
+
+    class Table:
+        generation = 0
+        def get_item(self, **kw):
+            return {{"Item": {{"generation": {{"N": str(self.generation)}}}}}}
+        def get_paginator(self, name):
+            class P:
+                def paginate(self, **kw):
+                    return [{{"Items": []}}]
+            return P()
+
+    def nft(*args):
+        return subprocess.run(["nft", *args], capture_output=True, text=True)
+
+    out = []
+    base = json.dumps({{"partner_networks": ["192.0.2.0/24"], "tunnel_interface": "ipsec0"}})
+    out.append(g.configure(Table(), "x", base))  # generation 0: still "applied"
+    out.append(g.sync(Table(), "x"))
+    # A reboot: the kernel forgets everything, the restore unit loads the saved ruleset.
+    nft("flush", "ruleset")
+    loaded = nft("-f", str(g.BOOT_RULESET))
+    out.append({{"loaded": loaded.returncode, "applied": g.applied_generation(),
+                 "guard": nft("list", "chain", "ip", "tunnelnat", "guard").stdout}})
+    out.append(g.sync(Table(), "x"))
+    out.append({{"applied": g.applied_generation()}})
+    print(json.dumps(out))
+    """
+)
+
+
+def test_the_boot_ruleset_is_guarded_and_reads_as_nothing_applied(tmp_path):
+    """The contract with the health agent: the set is empty after a restore, and every
+    successful sync (also of generation 0) fills it."""
+    script = BOOT_SCRIPT.format(repo=str(REPO), tmp=str(tmp_path))
+    proc = subprocess.run(
+        ["unshare", "-n", sys.executable, "-c", script], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    configured, again, restored, synced, applied = json.loads(proc.stdout)
+    assert configured["action"] == "full" and configured["applied_generation"] == 0
+    assert again["action"] == "unchanged"
+    assert restored["loaded"] == 0 and restored["applied"] is None
+    assert 'oifname != "ipsec0"' in restored["guard"] and "drop" in restored["guard"]
+    assert synced["action"] == "full" and synced["previous_generation"] is None
+    assert applied == {"applied": 0}
