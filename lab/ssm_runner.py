@@ -1,9 +1,15 @@
 """Run an SSM Command document (schemaVersion 2.2, aws:runShellScript) the way SSM would.
 
 The lab and the tests run the YAML that ships, not a copy: this module parses it, validates the
-parameters as SSM's SendCommand does (reject, never sanitise), substitutes them and runs each
-step's script with bash, optionally inside a network namespace (`ip netns exec NS bash FILE`),
-returning what an invocation reports: status, exit code, stdout, stderr.
+parameters as SSM's SendCommand does (reject, never sanitise), then runs each step the way the SSM
+agent's runShellScript plugin does (amazon-ssm-agent, agent/plugins/runscript/runshellscript.go
+and runscript.go): the step's runCommand lines, parameters substituted, joined with newlines into
+``_script.sh`` (mode 0700) in a per-step orchestration directory, run as ``sh -c <that path>`` with
+``sh`` found on the agent's PATH (dash on Debian and Ubuntu: a script without a ``#!/bin/bash``
+first line runs under dash), from ``/``, in a process group that is SIGKILLed when the step's
+``timeoutSeconds`` (default 3600) runs out, its output truncated as the agent truncates it.
+Optionally inside a network namespace. It returns what an invocation reports: status, exit code,
+stdout, stderr. docs/parity.md lists where the lab still differs from the agent.
 
 Validation happens before anything runs; a bad parameter raises InvalidParameters, just as
 SendCommand raises its InvalidParameters error and never reaches an instance.
@@ -13,10 +19,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,14 +33,36 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-# SSM substitutes {{ Name }} and {{Name}}; parameter names are letters, digits and underscores.
-REFERENCE = re.compile(r"\{\{\s*([A-Za-z0-9_]+)\s*\}\}")
+# The agent substitutes {{ Name }} and {{Name}} (agent/framework/docparser/parameters, Go's \s:
+# space, tab, newline, form feed, carriage return); parameter names are letters, digits and _.
+REFERENCE = re.compile(r"\{\{[ \t\n\f\r]*([A-Za-z0-9_]+)[ \t\n\f\r]*\}\}")
 # Anything else that looks like a reference ({{ ssm:/x }}, {{ a-b }}) is refused: SSM would
 # resolve it against Parameter Store or fail, and the lab must not silently leave it in a script.
 ANY_REFERENCE = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
 SHELL_ACTION = "aws:runShellScript"
-# SSM's default step timeout.
-DEFAULT_STEP_TIMEOUT = 3600.0
+# A step's name becomes a directory name under the orchestration folder.
+STEP_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
+# The agent's timeoutSeconds rules (agent/plugins/pluginutil/pluginutil.go): missing, unparsable
+# or outside 5..172800 means the default, 3600.
+DEFAULT_STEP_TIMEOUT = 3600
+MIN_STEP_TIMEOUT = 5
+MAX_STEP_TIMEOUT = 172800
+# What the agent runs (runshellscript.go: ShellCommand "sh", ShellArguments ["-c"], ScriptName
+# "_script.sh"); exec.Command finds "sh" on the agent's own PATH, which is systemd's default
+# PATH for a service (amazon-ssm-agent.service sets none).
+AGENT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+SCRIPT_NAME = "_script.sh"
+# A step killed at its timeout: SIGKILL to the group, exit code 128 + 9, status TimedOut
+# (agent/appconfig/constants_unix.go CommandStoppedPreemptivelyExitCode, pluginutil GetStatus).
+TIMED_OUT_EXIT_CODE = 137
+# Output limits. The agent cuts each step's stdout and stderr to 24,000 bytes, the last 20 of
+# them replaced by "--output truncated--" (runpluginutil.go truncates both streams with
+# MaxStdoutLength, pluginutil.StringPrefix; input of exactly 24,000 bytes is cut too).
+# GetCommandInvocation documents StandardErrorContent as "the first 8,000 characters": the lab
+# applies that stricter limit to stderr on top, so nothing the lab reads could be missing on AWS.
+MAX_OUTPUT_BYTES = 24000
+TRUNCATED_SUFFIX = "--output truncated--"
+MAX_STDERR_CHARACTERS = 8000
 
 
 class DocumentError(ValueError):
@@ -107,6 +137,9 @@ def check_document(document: Any, *, name: str = "document") -> None:
         label = f"{name}: mainSteps[{index}]"
         if not isinstance(step, dict) or step.get("action") != SHELL_ACTION:
             raise DocumentError(f"{label}: action must be {SHELL_ACTION}")
+        step_name = step.get("name")
+        if not isinstance(step_name, str) or not STEP_NAME.fullmatch(step_name):
+            raise DocumentError(f"{label}: name must match {STEP_NAME.pattern}")
         commands = (step.get("inputs") or {}).get("runCommand")
         if not isinstance(commands, list) or not all(isinstance(c, str) for c in commands):
             raise DocumentError(f"{label}: inputs.runCommand must be a list of strings")
@@ -153,7 +186,9 @@ def render_scripts(document: dict, parameters: Mapping[str, str]) -> list[str]:
                 raise InvalidParameters(
                     f"document references {match.group(0)}, which is not a declared parameter"
                 )
-            return values[inner.group(1)]
+            # The agent turns "$$" in a value into "$" (parameters.go ReplaceParameter, kept
+            # for users of an old workaround); our patterns refuse "$", but the runner mirrors it.
+            return values[inner.group(1)].replace("$$", "$")
 
         # One pass: a value is never itself searched for references.
         return ANY_REFERENCE.sub(one, command)
@@ -169,10 +204,51 @@ def default_env() -> dict[str, str]:
     """A minimal environment like the SSM agent's, with the repo's venv first for boto3."""
     venv_bin = REPO / ".venv" / "bin"
     return {
-        "PATH": f"{venv_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "PATH": f"{venv_bin}:{AGENT_PATH}",
         "HOME": "/root",
         "LANG": "C.UTF-8",
     }
+
+
+def agent_shell() -> str:
+    """The ``sh`` the agent would start: the first on the agent's PATH (here: dash)."""
+    found = shutil.which("sh", path=AGENT_PATH)
+    if found is None:
+        raise RuntimeError(f"no sh on the agent's PATH {AGENT_PATH}")
+    return found
+
+
+def step_timeout(value: object) -> int:
+    """A step's ``timeoutSeconds`` as the agent reads it (pluginutil.ValidateExecutionTimeout)."""
+    seconds: int
+    if isinstance(value, bool) or value is None:
+        seconds = DEFAULT_STEP_TIMEOUT
+    elif isinstance(value, int):
+        seconds = value
+    elif isinstance(value, float):
+        seconds = int(value)
+    elif isinstance(value, str):
+        try:
+            seconds = int(value, 10)
+        except ValueError:
+            try:
+                seconds = int(float(value))
+            except (ValueError, OverflowError):
+                seconds = DEFAULT_STEP_TIMEOUT
+    else:
+        seconds = DEFAULT_STEP_TIMEOUT
+    if not MIN_STEP_TIMEOUT <= seconds <= MAX_STEP_TIMEOUT:
+        return DEFAULT_STEP_TIMEOUT
+    return seconds
+
+
+def truncate_output(data: bytes) -> str:
+    """One step's stream as the agent reports it: at most 24,000 bytes, the suffix marking a cut
+    (pluginutil.StringPrefix counts bytes and cuts input of exactly the limit too)."""
+    if len(data) < MAX_OUTPUT_BYTES:
+        return data.decode("utf-8", errors="replace")
+    keep = data[: MAX_OUTPUT_BYTES - len(TRUNCATED_SUFFIX)]
+    return keep.decode("utf-8", errors="replace") + TRUNCATED_SUFFIX
 
 
 def run_document(
@@ -187,37 +263,49 @@ def run_document(
     """Validate, then run each step in order; stop at the first failing step, like SSM's report.
 
     ``env`` entries are added to (and override) the minimal default environment. ``timeout``
-    bounds the whole document; a step's own ``timeoutSeconds`` bounds that step. ``mount_ns``
-    (with ``netns``) is a persistent mount namespace to enter as well: the lab gives each
-    machine one with a private /etc, so what a document writes there stays on that machine.
+    bounds the whole document (the lab's own bound); a step's own ``timeoutSeconds`` bounds that
+    step. ``mount_ns`` (with ``netns``) is a persistent mount namespace to enter as well: the lab
+    gives each machine one with a private /etc, so what a document writes there stays on that
+    machine. Each step's stdout and stderr are truncated as the agent truncates them; stderr is
+    then held to GetCommandInvocation's 8,000 characters.
     """
     document = load_document(path)
     scripts = render_scripts(document, parameters)  # raises before anything runs
     if mount_ns is not None and netns is None:
         raise ValueError("mount_ns needs netns")
+    shell = agent_shell()
+    command_id = str(uuid.uuid4())
     full_env = default_env()
+    full_env["SSM_COMMAND_ID"] = command_id  # runscript.go sets it for every step
     full_env.update(env or {})
     deadline = time.monotonic() + timeout
     out: list[str] = []
     err: list[str] = []
     exit_code = 0
-    with tempfile.TemporaryDirectory(prefix="tn-ssm-") as tmp:
-        for index, (step, script) in enumerate(zip(document["mainSteps"], scripts, strict=True)):
+    status = "Success"
+    # The agent's layout: <data>/<instance>/document/orchestration/<command id>/<step>/_script.sh
+    # (docparser.go, runscript.go). /tmp is shared with the lab's machines; /etc is not.
+    with tempfile.TemporaryDirectory(prefix="tn-ssm-") as data_dir:
+        orchestration = Path(data_dir) / "document" / "orchestration" / command_id
+        for step, script in zip(document["mainSteps"], scripts, strict=True):
             inputs = step.get("inputs") or {}
-            step_limit = float(inputs.get("timeoutSeconds", DEFAULT_STEP_TIMEOUT))
-            limit = min(step_limit, deadline - time.monotonic())
-            script_path = Path(tmp) / f"step{index}.sh"
+            limit = min(
+                float(step_timeout(inputs.get("timeoutSeconds"))), deadline - time.monotonic()
+            )
+            step_dir = orchestration / step["name"]
+            step_dir.mkdir(parents=True, mode=0o700)
+            script_path = step_dir / SCRIPT_NAME
             script_path.write_text(script)
-            script_path.chmod(0o700)
-            argv = ["bash", str(script_path)]
+            script_path.chmod(0o700)  # appconfig.ReadWriteExecuteAccess
+            argv = [shell, "-c", str(script_path)]
             if netns is not None:
                 argv = netns_argv(netns, argv, mount_ns=mount_ns)
             status, exit_code, stdout, stderr = _run(argv, full_env, max(limit, 0.0))
-            out.append(stdout)
-            err.append(stderr)
+            out.append(truncate_output(stdout))
+            err.append(truncate_output(stderr))
             if status != "Success":
-                return Invocation(status, exit_code, "".join(out), "".join(err))
-    return Invocation("Success", exit_code, "".join(out), "".join(err))
+                break
+    return Invocation(status, exit_code, "".join(out), "".join(err)[:MAX_STDERR_CHARACTERS])
 
 
 def netns_argv(netns: str, argv: Sequence[str], *, mount_ns: str | Path | None = None) -> list[str]:
@@ -229,17 +317,17 @@ def netns_argv(netns: str, argv: Sequence[str], *, mount_ns: str | Path | None =
     return ["nsenter", f"--net=/run/netns/{netns}", f"--mount={mount_ns}", "--", *argv]
 
 
-def _run(argv: list[str], env: Mapping[str, str], limit: float) -> tuple[str, int, str, str]:
-    # A new session makes the script and everything it starts one process group we can kill.
+def _run(argv: list[str], env: Mapping[str, str], limit: float) -> tuple[str, int, bytes, bytes]:
+    # Its own process group, as the agent's Setpgid: the script and everything it starts in that
+    # group are killed together at the timeout (executers_unix.go killProcess).
     proc = subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=dict(env),
-        start_new_session=True,
-        text=True,
-        errors="replace",
+        cwd="/",  # the agent's working directory (a service's: /)
+        process_group=0,
     )
     try:
         stdout, stderr = proc.communicate(timeout=limit)
@@ -250,15 +338,15 @@ def _run(argv: list[str], env: Mapping[str, str], limit: float) -> tuple[str, in
         except subprocess.TimeoutExpired:
             # A process that left the group still holds the pipes; give up on its output.
             proc.kill()
-            stdout, stderr = "", ""
-        note = f"\nstep timed out after {limit:.0f}s\n"
-        return "TimedOut", -1, stdout or "", (stderr or "") + note
+            stdout, stderr = b"", b""
+        return "TimedOut", TIMED_OUT_EXIT_CODE, stdout or b"", stderr or b""
     except BaseException:
         # KeyboardInterrupt and friends: never leave a script running behind us.
         _kill_group(proc.pid)
         proc.wait()
         raise
-    # A script that exits but leaves background children in its group must not outlive the step.
+    # A script that exits but leaves background children in its group must not outlive the step
+    # in the lab (the agent leaves them; docs/parity.md).
     _kill_group(proc.pid)
     return ("Success" if proc.returncode == 0 else "Failed"), proc.returncode, stdout, stderr
 
