@@ -4,7 +4,11 @@ It runs on the gateway, embedded in the ConfigureGateway and SyncNatTable docume
 ``tunnelnat/core/nat.py`` (``make documents`` copies both), with the system's python3 and boto3.
 
     tunnelnat_gateway.py configure --base-json JSON --table NAME --region R
-    tunnelnat_gateway.py sync --table NAME --region R [--full]
+    tunnelnat_gateway.py sync [--table NAME --region R] [--full]
+
+``configure`` also keeps a copy of this program (and nat.py) in ``/etc/tunnelnat/lib`` and the
+table's name and region in ``/etc/tunnelnat/source.json``: the boot unit ``tunnelnat-sync`` runs
+that copy as ``sync`` without arguments after a reboot (gateway/systemd/).
 
 The applied generation is kept inside the ruleset itself (the ``applied_generation`` set), so it
 changes atomically with the maps and vanishes with them on reboot: a gateway that lost its table
@@ -22,6 +26,8 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import os
+import re
 import subprocess
 import sys
 import time
@@ -40,6 +46,9 @@ STATE_DIR = Path("/etc/tunnelnat")
 BASE_FILE = STATE_DIR / "gateway.json"
 BOOT_RULESET = STATE_DIR / "tunnelnat.nft"
 LOCK_FILE = Path("/run/lock/tunnelnat-nat.lock")
+SOURCE_FILE = STATE_DIR / "source.json"  # the table and region ConfigureGateway was given
+TABLE_NAME = re.compile(r"^[A-Za-z0-9_.-]{3,255}$")
+REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-[0-9]$")
 MAPPING_PK = "mapping"
 META_KEY = {"pk": {"S": "meta"}, "sk": {"S": "generation"}}
 
@@ -151,13 +160,48 @@ def configure(client: object, table_name: str, base_json: str) -> dict:
     return sync(client, table_name, full=True)
 
 
+def _write(path: Path, text: str, mode: int = 0o644) -> None:
+    """Replace ``path`` whole (a reader never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.chmod(mode)
+    os.replace(tmp, path)
+
+
+def install_for_boot(table_name: str, region: str) -> str:
+    """Keep this program, nat.py and where the table lives, for the ``tunnelnat-sync`` unit."""
+    from tunnelnat.core import nat
+
+    lib = STATE_DIR / "lib"
+    _write(lib / "tunnelnat_gateway.py", Path(__file__).read_text(), 0o755)
+    _write(lib / "tunnelnat" / "__init__.py", "")
+    _write(lib / "tunnelnat" / "core" / "__init__.py", "")
+    _write(lib / "tunnelnat" / "core" / "nat.py", Path(nat.__file__).read_text())
+    _write(STATE_DIR / "source.json", json.dumps({"table": table_name, "region": region}) + "\n")
+    return str(lib / "tunnelnat_gateway.py")
+
+
+def saved_source() -> tuple[str, str]:
+    """The table and region ``configure`` saved (``sync`` without arguments, at boot)."""
+    try:
+        saved = json.loads(SOURCE_FILE.read_text())
+    except FileNotFoundError:
+        raise GatewayError(f"{SOURCE_FILE} is missing: run ConfigureGateway first") from None
+    table, region = str(saved.get("table", "")), str(saved.get("region", ""))
+    if not TABLE_NAME.fullmatch(table) or not REGION.fullmatch(region):
+        raise GatewayError(f"{SOURCE_FILE} holds an invalid table or region")
+    return table, region
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tunnelnat_gateway")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("sync", "configure"):
         p = sub.add_parser(name)
-        p.add_argument("--table", required=True)
-        p.add_argument("--region", required=True)
+        # sync without them uses what configure saved (the boot unit tunnelnat-sync)
+        p.add_argument("--table", required=name == "configure")
+        p.add_argument("--region", required=name == "configure")
         if name == "sync":
             p.add_argument("--full", action="store_true")
         else:
@@ -165,12 +209,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import boto3  # on the gateway only; the rendering above needs none of it
 
-    client = boto3.client("dynamodb", region_name=args.region)
     try:
+        if bool(args.table) != bool(args.region):
+            raise GatewayError("--table and --region go together")
+        table, region = (args.table, args.region) if args.table else saved_source()
+        client = boto3.client("dynamodb", region_name=region)
         if args.command == "sync":
-            result = sync(client, args.table, full=args.full)
+            result = sync(client, table, full=args.full)
         else:
-            result = configure(client, args.table, args.base_json)
+            result = configure(client, table, args.base_json)
+            result["installed"] = install_for_boot(table, region)
     except (GatewayError, NatTableError) as exc:
         print(f"tunnelnat: {exc}", file=sys.stderr)
         return 1

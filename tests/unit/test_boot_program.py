@@ -347,3 +347,51 @@ def test_the_program_uses_only_the_standard_library_and_boto3():
         elif isinstance(node, ast.ImportFrom) and node.module:
             modules.add(node.module.split(".")[0])
     assert modules - set(sys.stdlib_module_names) == {"boto3", "botocore"}
+
+
+def test_configure_leaves_the_boot_sync_its_program_and_table(tmp_path, monkeypatch):
+    """ConfigureGateway runs ``tunnelnat_gateway.py configure`` from a temporary directory; the
+    ``tunnelnat-sync`` unit runs the copy it keeps, with the table and region it saved."""
+    import subprocess
+
+    import tunnelnat_gateway as gateway
+
+    monkeypatch.setattr(gateway, "STATE_DIR", tmp_path)
+    monkeypatch.setattr(gateway, "SOURCE_FILE", tmp_path / "source.json")
+    with pytest.raises(gateway.GatewayError, match="run ConfigureGateway first"):
+        gateway.saved_source()
+    installed = gateway.install_for_boot("tunnelnat-lab", "eu-west-1")
+    assert installed == str(tmp_path / "lib" / "tunnelnat_gateway.py")
+    assert gateway.saved_source() == ("tunnelnat-lab", "eu-west-1")
+    lib = tmp_path / "lib"
+    assert (lib / "tunnelnat" / "core" / "nat.py").read_text() == (
+        REPO / "lambdas" / "tunnelnat" / "core" / "nat.py"
+    ).read_text()
+    # The copy runs on its own (no repository on the gateway): it imports its nat.py.
+    proc = subprocess.run(
+        [sys.executable, "-I", str(lib / "tunnelnat_gateway.py"), "sync", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (tmp_path / "source.json").write_text('{"table": "x; rm -rf /", "region": "eu-west-1"}')
+    with pytest.raises(gateway.GatewayError, match="invalid table or region"):
+        gateway.saved_source()
+
+
+def test_the_units_run_what_the_gateway_has():
+    """Every ExecStart names a program the gateway has at that path (user data or configure)."""
+    units = REPO / "gateway" / "systemd"
+    execs = [
+        line.split("=", 1)[1].split()
+        for unit in sorted(units.glob("*.service"))
+        for line in unit.read_text().splitlines()
+        if line.startswith("ExecStart=")
+    ]
+    assert execs == [
+        ["python3", "/etc/tunnelnat/lib/tunnelnat_boot.py", "attach"],
+        ["nft", "-f", "/etc/tunnelnat/tunnelnat.nft"],
+        ["python3", "/etc/tunnelnat/lib/tunnelnat_boot.py", "restore-lo"],
+        ["python3", "/etc/tunnelnat/lib/tunnelnat_gateway.py", "sync"],
+    ]
