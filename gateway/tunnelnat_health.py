@@ -2,20 +2,32 @@
 """The gateway's health agent: is each tunnel really up? Publish ``TunnelUp`` 1 or 0.
 
 It runs on the gateway from a systemd timer (every 60 s; every 10 s with high-resolution
-metrics), with the system's python3 and boto3, embedded in the ConfigureGateway document
+metrics), with the system's python3 and boto3, embedded in the InstallHealthAgent document
 (``make documents`` copies it there).
 
     tunnelnat_health.py once --tunnels partner --gateway-id ID|auto --region R
                              [--deployment NAME] [--probe A:PORT [--probe-source S]]
                              [--high-resolution] [--swanctl-uri URI] [--dry-run]
+                             [--state-file F] [--established-file F] [--config-dir D]
 
-Per tunnel (a child SA name), ``TunnelUp`` is 1 when an IKE SA is ESTABLISHED with at least one
-INSTALLED child SA of that name (rekeying briefly makes two), and, when a probe target is given,
-a TCP connection from S to the target through the tunnel gets an answer; else 0. A charon that
-is dead, hung or answers with something unreadable reads as 0: the agent publishes 0 rather than
-nothing, so the alarm sees the tunnel down, not merely missing. It also publishes the packets the
-gateway's nftables guard dropped since its previous run (``DroppedCleartext``,
-``DroppedUnenrolled``, ``DroppedInbound``) and whether that table exists (``NatTablePresent``).
+Per tunnel (a child SA name), ``TunnelUp`` is 1 when the gateway's NAT table has been applied
+(the ``applied_generation`` set of ``ip tunnelnat`` holds a generation: a boot-time restore
+leaves it empty until the first sync), an IKE SA is ESTABLISHED with at least one INSTALLED child
+SA of that name (rekeying briefly makes two), and, when a probe target is given, a TCP connection
+from S to the target through the tunnel gets an answer; else 0. A charon that is dead, hung or
+answers with something unreadable reads as 0: the agent publishes 0 rather than nothing, so the
+alarm sees the tunnel down, not merely missing.
+
+``TunnelEstablished`` is 1 once the tunnel has read up since its configuration last changed, else
+0. ConfigureGateway writes a new token to ``<config-dir>/<tunnel>.config-id`` whenever it changes
+the tunnel's connection or its key; the agent keeps, per tunnel, the token it last saw and whether
+the tunnel has been up since (``--established-file``). The healer restarts only an established
+tunnel: one that never came up (a PSK not set yet, a partner not ready) is waiting for the
+partner, which a restart cannot fix.
+
+It also publishes the packets the gateway's nftables guard dropped since its previous run
+(``DroppedCleartext``, ``DroppedUnenrolled``, ``DroppedInbound``) and whether that table exists
+(``NatTablePresent``).
 
 Prints one JSON line of what it published; exits 0 when the metrics were published, 2 when
 publishing failed (so the timer's unit shows the failure).
@@ -34,7 +46,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +58,11 @@ COUNTER_METRICS = {
     "dropped_unenrolled": "DroppedUnenrolled",
     "dropped_inbound": "DroppedInbound",
 }
+ESTABLISHED_METRIC = "TunnelEstablished"
 STATE_FILE = Path("/var/lib/tunnelnat/health-counters.json")
+ESTABLISHED_FILE = Path("/var/lib/tunnelnat/health-established.json")
+CONFIG_DIR = Path("/etc/tunnelnat/tunnels")
+CONFIG_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 TUNNEL_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
 GATEWAY_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 SWANCTL_TIMEOUT = 8.0
@@ -220,6 +236,7 @@ class TunnelStatus:
     reason: str
     installed: int = 0
     probe_ok: bool | None = None
+    established: bool = False  # up at least once since the tunnel's configuration last changed
 
 
 def sa_status(tunnel: str, reading: SaReading) -> TunnelStatus:
@@ -266,8 +283,16 @@ def tunnel_status(
     reading: SaReading,
     probe: Probe | None = None,
     prober: Callable[[Probe], tuple[bool, str]] = tcp_probe,
+    table: TableReading | None = None,
 ) -> TunnelStatus:
     status = sa_status(tunnel, reading)
+    if table is not None and not table.applied:
+        # Whatever strongSwan says: without the synced table there is no NAT (a boot-time copy
+        # may be stale), so nothing enrolled is served as it should be.
+        installed = status.installed
+        return TunnelStatus(
+            tunnel, False, f"{table.reason}; strongSwan: {status.reason}", installed
+        )
     if probe is None or not status.up:
         return status
     ok, detail = prober(probe)
@@ -276,7 +301,48 @@ def tunnel_status(
     return TunnelStatus(tunnel, False, detail, status.installed, False)
 
 
-# -- nftables counters -------------------------------------------------------------------------
+# -- nftables: the applied generation and the counters --------------------------------------
+
+
+@dataclass(frozen=True)
+class TableReading:
+    """The generation the NAT table was last synced to, or why there is none."""
+
+    generation: int | None
+    reason: str = ""
+
+    @property
+    def applied(self) -> bool:
+        return self.generation is not None
+
+
+def parse_applied_generation(text: str) -> int | None:
+    """``nft -j list set ip tunnelnat applied_generation``: its one element, None when empty."""
+    data = json.loads(text)
+    for entry in data.get("nftables", []):
+        found = entry.get("set") if isinstance(entry, dict) else None
+        if isinstance(found, dict) and found.get("name") == "applied_generation":
+            elements = found.get("elem") or []
+            return max(int(e) for e in elements) if elements else None
+    raise ValueError("no applied_generation set in nft's answer")
+
+
+def read_applied_generation(run: Runner = subprocess.run) -> TableReading:
+    """Never raises: a missing table, an empty set or an unreadable answer is a reason."""
+    argv = ["nft", "-j", "list", "set", "ip", NFT_TABLE, "applied_generation"]
+    try:
+        proc = run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return TableReading(None, f"NAT table not readable: {exc}")
+    if proc.returncode != 0:
+        return TableReading(None, f"NAT table ip {NFT_TABLE} missing: {_last_line(proc.stderr)}")
+    try:
+        generation = parse_applied_generation(proc.stdout)
+    except (ValueError, KeyError, TypeError) as exc:
+        return TableReading(None, f"NAT table's applied_generation unreadable: {exc}")
+    if generation is None:
+        return TableReading(None, "NAT table not synced since boot (applied_generation is empty)")
+    return TableReading(generation)
 
 
 def parse_nft_counters(text: str) -> dict[str, int]:
@@ -324,6 +390,7 @@ class Report:
     tunnels: list[TunnelStatus] = field(default_factory=list)
     counters: dict[str, int] | None = None  # packets since the previous run
     storage_resolution: int = 60
+    table: TableReading | None = None
 
 
 def metric_data(report: Report, *, now: float) -> list[dict[str, Any]]:
@@ -348,6 +415,13 @@ def metric_data(report: Report, *, now: float) -> list[dict[str, Any]]:
         data.append(datum(METRIC, value, {"Tunnel": status.tunnel, "Gateway": report.gateway}))
         data.append(
             datum(METRIC, value, {"Deployment": report.deployment, "Tunnel": status.tunnel})
+        )
+        data.append(
+            datum(
+                ESTABLISHED_METRIC,
+                1.0 if status.established else 0.0,
+                {"Deployment": report.deployment, "Tunnel": status.tunnel},
+            )
         )
     gw = {"Gateway": report.gateway}
     data.append(datum("NatTablePresent", 0.0 if report.counters is None else 1.0, gw))
@@ -387,13 +461,53 @@ def _load_state(path: Path) -> dict[str, int]:
 
 
 def _save_state(path: Path, counters: dict[str, int]) -> None:
+    _save_json(path, counters)
+
+
+def _save_json(path: Path, data: dict[str, Any]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(counters))
+        tmp.write_text(json.dumps(data, sort_keys=True))
         tmp.replace(path)
     except OSError as exc:
         print(f"tunnelnat-health: cannot save {path}: {exc}", file=sys.stderr)
+
+
+# -- "has it been up since it was configured?" -------------------------------------------------
+
+
+def read_config_id(config_dir: Path, tunnel: str) -> str | None:
+    """The token ConfigureGateway wrote for ``tunnel``; None before it ever finished."""
+    try:
+        token = (config_dir / f"{tunnel}.config-id").read_text().strip()
+    except OSError:
+        return None
+    return token if CONFIG_ID.fullmatch(token) else None
+
+
+def established_update(
+    previous: dict[str, Any], tunnel: str, config_id: str | None, up: bool, now: float
+) -> dict[str, Any] | None:
+    """The tunnel's new record ``{"config": token, "since": first up or None}``; None (nothing
+    to keep) while the tunnel has no configuration. A new token starts over: not established."""
+    if config_id is None:
+        return None
+    entry = previous.get(tunnel)
+    if not isinstance(entry, dict) or entry.get("config") != config_id:
+        entry = {"config": config_id, "since": None}
+    since = entry.get("since")
+    if since is None and up:
+        since = round(now, 3)
+    return {"config": config_id, "since": since}
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def collect(
@@ -405,12 +519,31 @@ def collect(
     uri: str | None = None,
     high_resolution: bool = False,
     state_file: Path = STATE_FILE,
+    established_file: Path = ESTABLISHED_FILE,
+    config_dir: Path = CONFIG_DIR,
+    now: float | None = None,
     run: Runner = subprocess.run,
     prober: Callable[[Probe], tuple[bool, str]] = tcp_probe,
 ) -> Report:
+    now = time.time() if now is None else now
     reading = read_sas(uri=uri, run=run)
-    report = Report(gateway, deployment, storage_resolution=1 if high_resolution else 60)
-    report.tunnels = [tunnel_status(t, reading, probe, prober) for t in tunnels]
+    table = read_applied_generation(run)
+    report = Report(
+        gateway, deployment, storage_resolution=1 if high_resolution else 60, table=table
+    )
+    previous = _load_json(established_file)
+    kept: dict[str, Any] = {}
+    for tunnel in tunnels:
+        status = tunnel_status(tunnel, reading, probe, prober, table)
+        entry = established_update(
+            previous, tunnel, read_config_id(config_dir, tunnel), status.up, now
+        )
+        if entry is not None:
+            kept[tunnel] = entry
+        established = entry is not None and entry["since"] is not None
+        report.tunnels.append(replace(status, established=established))
+    if kept != previous:
+        _save_json(established_file, kept)
     current = read_counters(run)
     if current is not None:
         report.counters = counter_deltas(current, _load_state(state_file))
@@ -431,6 +564,10 @@ def main(argv: list[str] | None = None) -> int:
     once.add_argument("--high-resolution", action="store_true", help="1-second storage")
     once.add_argument("--swanctl-uri", help="charon's vici socket (default: swanctl's)")
     once.add_argument("--state-file", type=Path, default=STATE_FILE)
+    once.add_argument("--established-file", type=Path, default=ESTABLISHED_FILE)
+    once.add_argument(
+        "--config-dir", type=Path, default=CONFIG_DIR, help="ConfigureGateway's <tunnel>.config-id"
+    )
     once.add_argument("--dry-run", action="store_true", help="print, do not publish")
     args = parser.parse_args(argv)
 
@@ -463,13 +600,18 @@ def main(argv: list[str] | None = None) -> int:
         uri=args.swanctl_uri,
         high_resolution=args.high_resolution,
         state_file=args.state_file,
+        established_file=args.established_file,
+        config_dir=args.config_dir,
+        now=now,
     )
     data = metric_data(report, now=now)
+    table = report.table or TableReading(None, "not read")
     line: dict[str, Any] = {
         "gateway": gateway,
         "deployment": args.deployment,
         "time": round(now, 3),
         "tunnels": [asdict(t) for t in report.tunnels],
+        "table": {"applied_generation": table.generation, "reason": table.reason or None},
         "counters": report.counters,
         "metrics": len(data),
         "published": False,

@@ -2,7 +2,8 @@
 
 tests/unit/data/swanctl/ holds what ``swanctl --list-sas [--raw]`` printed on the initiator in
 each state (tests/unit/data/capture_swanctl.sh re-captures it: two charons in tn-heal-*
-namespaces); tests/unit/data/nft/ what ``nft -j list counters`` printed (capture_nft.sh).
+namespaces); tests/unit/data/nft/ what ``nft -j list counters`` and ``nft -j list set ...
+applied_generation`` printed (capture_nft.sh).
 """
 
 from __future__ import annotations
@@ -35,7 +36,27 @@ def recorded(name: str) -> subprocess.CompletedProcess:
     )
 
 
-def runner(swanctl=None, nft=None, calls=None):
+def nft_recorded(name: str) -> subprocess.CompletedProcess:
+    rc = NFT / f"{name}.rc"
+    if rc.exists():
+        return subprocess.CompletedProcess(["nft"], int(rc.read_text()), "", "")
+    return subprocess.CompletedProcess(["nft"], 0, (NFT / f"{name}.json").read_text(), "")
+
+
+def generation_recorded(state: str) -> subprocess.CompletedProcess:
+    """``nft -j list set ip tunnelnat applied_generation`` in ``state``: applied, empty, missing."""
+    name = f"generation-{state}"
+    rc = NFT / f"{name}.rc"
+    if rc.exists():
+        stderr = (NFT / f"{name}.stderr").read_text()
+        return subprocess.CompletedProcess(["nft"], int(rc.read_text()), "", stderr)
+    return subprocess.CompletedProcess(["nft"], 0, (NFT / f"{name}.json").read_text(), "")
+
+
+def runner(swanctl=None, nft=None, calls=None, generation="applied"):
+    """swanctl's answer; nft's for the counters (``nft``) and for the applied generation set
+    (``generation``: a recorded state's name, a CompletedProcess or an exception)."""
+
     def run(argv, **kwargs):
         if calls is not None:
             calls.append((argv, kwargs))
@@ -43,6 +64,12 @@ def runner(swanctl=None, nft=None, calls=None):
             if isinstance(swanctl, BaseException):
                 raise swanctl
             return swanctl
+        if argv[:4] == ["nft", "-j", "list", "set"]:
+            if isinstance(generation, BaseException):
+                raise generation
+            if isinstance(generation, str):
+                return generation_recorded(generation)
+            return generation
         if argv[0] == "nft":
             if isinstance(nft, BaseException):
                 raise nft
@@ -238,6 +265,14 @@ def nft_ok():
     return subprocess.CompletedProcess(["nft"], 0, (NFT / "counting.json").read_text(), "")
 
 
+def configured(tmp_path, tunnel="partner", token="c1"):
+    """ConfigureGateway's marker for ``tunnel`` in a config dir under tmp_path."""
+    config_dir = tmp_path / "tunnels"
+    config_dir.mkdir(exist_ok=True)
+    (config_dir / f"{tunnel}.config-id").write_text(token + "\n")
+    return config_dir
+
+
 def test_collect_and_metric_data(tmp_path):
     state = tmp_path / "counters.json"
     state.write_text(json.dumps({"dropped_cleartext": 1}))
@@ -247,6 +282,8 @@ def test_collect_and_metric_data(tmp_path):
         deployment="lab",
         high_resolution=True,
         state_file=state,
+        established_file=tmp_path / "established.json",
+        config_dir=configured(tmp_path),
         run=runner(recorded("established"), nft_ok()),
     )
     assert report.counters == {
@@ -267,6 +304,7 @@ def test_collect_and_metric_data(tmp_path):
     assert all(d["Value"] == 1.0 and d["StorageResolution"] == 1 for d in up)
     by_name = {d["MetricName"]: d["Value"] for d in data if d["MetricName"] != "TunnelUp"}
     assert by_name == {
+        "TunnelEstablished": 1.0,
         "NatTablePresent": 1.0,
         "DroppedCleartext": 2.0,
         "DroppedUnenrolled": 1.0,
@@ -280,13 +318,19 @@ def test_dead_charon_and_missing_table_still_publish_zeros(tmp_path):
         gateway="i-1",
         deployment="lab",
         state_file=tmp_path / "s.json",
-        run=runner(recorded("charon-dead")),
+        established_file=tmp_path / "e.json",
+        config_dir=tmp_path / "none",
+        run=runner(recorded("charon-dead"), generation="missing"),
     )
     data = agent.metric_data(report, now=0)
     assert [d["Value"] for d in data if d["MetricName"] == "TunnelUp"] == [0.0] * 4
-    assert {d["MetricName"]: d["Value"] for d in data if d["MetricName"] != "TunnelUp"} == {
-        "NatTablePresent": 0.0
+    assert [d["Value"] for d in data if d["MetricName"] == "TunnelEstablished"] == [0.0] * 2
+    others = {
+        d["MetricName"]: d["Value"]
+        for d in data
+        if d["MetricName"] not in ("TunnelUp", "TunnelEstablished")
     }
+    assert others == {"NatTablePresent": 0.0}
     assert all(d["StorageResolution"] == 60 for d in data)
 
 
@@ -301,21 +345,36 @@ class FakeCloudWatch:
         self.calls.append(kwargs)
 
 
-def run_main(monkeypatch, capsys, client, *extra):
+def run_main(monkeypatch, capsys, state, client, *extra):
     import boto3
 
     monkeypatch.setattr(boto3, "client", lambda *a, **k: client)
     monkeypatch.setattr(agent, "read_sas", lambda **k: agent.SaReading(error="swanctl exited 111"))
     monkeypatch.setattr(agent, "read_counters", lambda run=None: None)
     code = agent.main(
-        ["once", "--tunnels", "partner", "--gateway-id", "i-1", "--region", "us-east-1", *extra]
+        [
+            "once",
+            "--tunnels",
+            "partner",
+            "--gateway-id",
+            "i-1",
+            "--region",
+            "us-east-1",
+            "--established-file",
+            str(state / "established.json"),
+            "--config-dir",
+            str(state / "tunnels"),
+            *extra,
+        ]
     )
     return code, json.loads(capsys.readouterr().out)
 
 
 def test_main_publishes_zero_when_charon_is_dead(monkeypatch, capsys, tmp_path):
     client = FakeCloudWatch()
-    code, line = run_main(monkeypatch, capsys, client, "--state-file", str(tmp_path / "s"))
+    code, line = run_main(
+        monkeypatch, capsys, tmp_path, client, "--state-file", str(tmp_path / "s")
+    )
     assert code == 0 and line["published"] is True
     assert line["tunnels"][0]["up"] is False
     (call,) = client.calls
@@ -324,7 +383,7 @@ def test_main_publishes_zero_when_charon_is_dead(monkeypatch, capsys, tmp_path):
 
 
 def test_main_fails_loudly_when_publishing_fails(monkeypatch, capsys, tmp_path):
-    code, line = run_main(monkeypatch, capsys, FakeCloudWatch(fail=True))
+    code, line = run_main(monkeypatch, capsys, tmp_path, FakeCloudWatch(fail=True))
     assert code == 2 and line["published"] is False and "unreachable" in line["error"]
 
 
@@ -343,3 +402,175 @@ def test_main_refuses_bad_arguments(args):
 
 def test_agent_can_be_embedded_in_an_ssm_document():
     assert "{{" not in (REPO / "gateway" / "tunnelnat_health.py").read_text()
+
+
+# -- the NAT table must be applied (synced), not just present ----------------------------------
+
+
+def test_applied_generation_from_real_nft_output():
+    assert agent.parse_applied_generation((NFT / "generation-applied.json").read_text()) == 7
+    # A boot-time restore leaves the set empty until the first sync.
+    assert agent.parse_applied_generation((NFT / "generation-empty.json").read_text()) is None
+    with pytest.raises(ValueError):
+        agent.parse_applied_generation((NFT / "counting.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "state, generation, words",
+    [
+        ("applied", 7, ""),
+        ("empty", None, "not synced since boot (applied_generation is empty)"),
+        ("missing", None, "NAT table ip tunnelnat missing: Error: No such file or directory"),
+    ],
+)
+def test_reading_the_applied_generation(state, generation, words):
+    table = agent.read_applied_generation(runner(generation=state))
+    assert table.generation == generation and table.applied is (generation is not None)
+    assert words in table.reason
+
+
+def test_nft_that_fails_to_run_reads_as_not_applied():
+    table = agent.read_applied_generation(runner(generation=FileNotFoundError(2, "nft")))
+    assert not table.applied and "not readable" in table.reason
+
+
+@pytest.mark.parametrize("state", ["empty", "missing"])
+def test_tunnel_reads_down_until_the_table_is_applied_whatever_strongswan_says(tmp_path, state):
+    probes = []
+    report = agent.collect(
+        ["partner"],
+        gateway="i-1",
+        deployment="lab",
+        probe=agent.Probe.parse("192.0.2.7:443", "203.0.113.10"),
+        state_file=tmp_path / "s.json",
+        established_file=tmp_path / "e.json",
+        config_dir=configured(tmp_path),
+        run=runner(recorded("established"), nft_ok(), generation=state),
+        prober=lambda p: probes.append(p) or (True, "probe answered"),
+    )
+    (status,) = report.tunnels
+    assert status.up is False and status.installed == 1
+    assert "NAT table" in status.reason and "strongSwan: established" in status.reason
+    assert probes == []  # a tunnel without its table is not probed
+    data = agent.metric_data(report, now=0)
+    assert [d["Value"] for d in data if d["MetricName"] == "TunnelUp"] == [0.0, 0.0]
+    # Once the table is synced the same SAs read up.
+    synced = agent.collect(
+        ["partner"],
+        gateway="i-1",
+        deployment="lab",
+        state_file=tmp_path / "s.json",
+        established_file=tmp_path / "e.json",
+        config_dir=configured(tmp_path),
+        run=runner(recorded("established"), nft_ok(), generation="applied"),
+    )
+    assert synced.tunnels[0].up is True and synced.table.generation == 7
+
+
+def test_main_prints_why_the_tunnel_reads_down(monkeypatch, capsys, tmp_path):
+    import boto3
+
+    client = FakeCloudWatch()
+    monkeypatch.setattr(boto3, "client", lambda *a, **k: client)
+    established = reading("established")
+    monkeypatch.setattr(agent, "read_sas", lambda **k: established)
+    monkeypatch.setattr(agent, "read_counters", lambda run=None: None)
+    monkeypatch.setattr(
+        agent,
+        "read_applied_generation",
+        lambda run=None: agent.TableReading(None, "NAT table not synced since boot"),
+    )
+    code = agent.main(
+        [
+            "once",
+            *("--tunnels", "partner", "--gateway-id", "i-1", "--region", "us-east-1"),
+            *("--state-file", str(tmp_path / "s"), "--established-file", str(tmp_path / "e")),
+            *("--config-dir", str(configured(tmp_path))),
+        ]
+    )
+    line = json.loads(capsys.readouterr().out)
+    assert code == 0 and line["tunnels"][0]["up"] is False
+    assert "not synced since boot" in line["tunnels"][0]["reason"]
+    assert line["table"] == {
+        "applied_generation": None,
+        "reason": "NAT table not synced since boot",
+    }
+
+
+# -- TunnelEstablished: up at least once since the configuration changed -----------------------
+
+
+def run_once(tmp_path, swanctl_state, token="c1", now=1000.0):
+    return agent.collect(
+        ["partner"],
+        gateway="i-1",
+        deployment="lab",
+        state_file=tmp_path / "s.json",
+        established_file=tmp_path / "e.json",
+        config_dir=configured(tmp_path, token=token),
+        now=now,
+        run=runner(recorded(swanctl_state), nft_ok()),
+    ).tunnels[0]
+
+
+def test_established_only_once_the_tunnel_has_been_up_and_until_the_configuration_changes(
+    tmp_path,
+):
+    # A new gateway (or a PSK nobody set yet): down, never up since configured.
+    first = run_once(tmp_path, "connecting", now=1000)
+    assert (first.up, first.established) == (False, False)
+    up = run_once(tmp_path, "established", now=1060)
+    assert (up.up, up.established) == (True, True)
+    # It stays established when the tunnel goes down: that is what the healer heals.
+    down = run_once(tmp_path, "charon-dead", now=1120)
+    assert (down.up, down.established) == (False, True)
+    assert json.loads((tmp_path / "e.json").read_text()) == {
+        "partner": {"config": "c1", "since": 1060.0}
+    }
+    # ConfigureGateway changed the connection or the key: a new token, waiting again.
+    reconfigured = run_once(tmp_path, "charon-dead", token="c2", now=1180)
+    assert (reconfigured.up, reconfigured.established) == (False, False)
+    assert run_once(tmp_path, "established", token="c2", now=1240).established is True
+
+
+def test_not_established_without_configure_gateways_marker(tmp_path):
+    report = agent.collect(
+        ["partner"],
+        gateway="i-1",
+        deployment="lab",
+        state_file=tmp_path / "s.json",
+        established_file=tmp_path / "e.json",
+        config_dir=tmp_path / "absent",
+        run=runner(recorded("established"), nft_ok()),
+    )
+    assert report.tunnels[0].up is True and report.tunnels[0].established is False
+    assert not (tmp_path / "e.json").exists()
+
+
+@pytest.mark.parametrize("token", ["", "a b", "x" * 129, "../etc"])
+def test_a_malformed_marker_counts_as_not_configured(tmp_path, token):
+    config_dir = tmp_path / "tunnels"
+    config_dir.mkdir()
+    (config_dir / "partner.config-id").write_text(token)
+    assert agent.read_config_id(config_dir, "partner") is None
+
+
+def test_a_corrupt_established_file_starts_over(tmp_path):
+    (tmp_path / "e.json").write_text("{not json")
+    status = run_once(tmp_path, "established")
+    assert status.established is True
+    assert json.loads((tmp_path / "e.json").read_text())["partner"]["config"] == "c1"
+
+
+def test_established_is_published_on_the_deployment_series(tmp_path):
+    report = agent.Report(
+        "i-1", "lab", tunnels=[agent.TunnelStatus("partner", False, "no IKE SA", established=True)]
+    )
+    (datum,) = [
+        d for d in agent.metric_data(report, now=0) if d["MetricName"] == "TunnelEstablished"
+    ]
+    assert datum["Value"] == 1.0
+    assert datum["Dimensions"] == [
+        {"Name": "Deployment", "Value": "lab"},
+        {"Name": "Tunnel", "Value": "partner"},
+    ]
