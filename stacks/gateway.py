@@ -305,13 +305,7 @@ class Gateway(Construct):
             "TunnelMss": str(config.tunnel_mss),
             "TunnelName": settings.tunnel_name,
         }
-        # The health agent that ConfigureGateway installs (docs/health.md).
-        parameters |= {
-            "Deployment": deployment,
-            "HealthInterval": str(settings.health_interval_seconds),
-            "ProbeTarget": settings.health_probe_target or "",
-            "ProbeSource": str(settings.health_probe_source or ""),
-        }
+        # The health agent has its own document and association (stacks/health_agent.py).
         self.association = ssm.CfnAssociation(
             self,
             "ConfigureGateway",

@@ -1,4 +1,5 @@
-"""The whole system in one stack: Documents, Controller, Gateway, Monitoring."""
+"""The whole system in one stack: Documents, Controller, Gateway, HealthAgent, Monitoring,
+Healer."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from stacks.controller import Controller
 from stacks.documents import Documents
 from stacks.gateway import Gateway
 from stacks.healer import Healer
+from stacks.health_agent import HealthAgent
 from stacks.monitoring import Monitoring
 from stacks.settings import LOG_RETENTION_DAYS, Settings
 
@@ -59,6 +61,13 @@ class TunnelnatStack(Stack):
             table=self.controller.table,
             documents=self.documents,
             internet_ready=internet_ready,
+        )
+        self.health_agent = HealthAgent(
+            self,
+            "HealthAgent",
+            config=config,
+            settings=stack_settings,
+            documents=self.documents,
         )
         self.monitoring = Monitoring(
             self,

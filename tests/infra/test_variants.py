@@ -135,7 +135,9 @@ def test_arm_instance_type_gets_an_arm_image_by_default(tmp_path):
 
 
 def test_health_agent_parameters_high_resolution_and_probe(s):
-    _, association = s.one("AWS::SSM::Association")
+    association = s.resources("AWS::SSM::Association")[
+        s.logical_id(s.stack.health_agent.association)
+    ]
     params = {k: v[0] for k, v in association["Properties"]["Parameters"].items()}
     assert params["Deployment"] == "acme"
     assert params["HealthInterval"] == "10"

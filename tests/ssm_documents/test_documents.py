@@ -154,9 +154,10 @@ def test_patterns_accept_lists_and_refuse_bad_octets():
         assert not re.fullmatch(pattern, bad), bad
 
 
-# -- ConfigureGateway's health agent parameters -----------------------------------------------
+# -- InstallHealthAgent's parameters (the health agent's own document) ------------------------
 
 CONFIGURE = ROOT / "ssm_documents" / "ConfigureGateway.yaml"
+INSTALL_HEALTH = ROOT / "ssm_documents" / "InstallHealthAgent.yaml"
 HEALTH_PATTERNS = {
     "HealthInterval": (
         ["10", "30", "59", "60", "300", "1000", "3599", "3600"],
@@ -173,7 +174,7 @@ HEALTH_PATTERNS = {
 
 @pytest.mark.parametrize("name", HEALTH_PATTERNS)
 def test_health_parameters_have_defaults_and_tight_patterns(name):
-    spec = load_document(CONFIGURE)["parameters"][name]
+    spec = load_document(INSTALL_HEALTH)["parameters"][name]
     assert "default" in spec  # existing callers keep working
     good, bad = HEALTH_PATTERNS[name]
     for value in good:
@@ -182,9 +183,9 @@ def test_health_parameters_have_defaults_and_tight_patterns(name):
         assert not re.fullmatch(spec["allowedPattern"], value), value
 
 
-def test_configure_gateway_installs_the_embedded_agent_with_a_timer():
-    document = load_document(CONFIGURE)
-    params = valid_parameters("ConfigureGateway") | {
+def test_install_health_agent_installs_the_embedded_agent_with_a_timer():
+    document = load_document(INSTALL_HEALTH)
+    params = valid_parameters("InstallHealthAgent") | {
         "HealthInterval": "10",
         "ProbeTarget": "192.0.2.7:443",
         "ProbeSource": "203.0.113.10",
@@ -193,10 +194,25 @@ def test_configure_gateway_installs_the_embedded_agent_with_a_timer():
     (script,) = render_scripts(document, params)
     agent = (ROOT / "gateway" / "tunnelnat_health.py").read_text()
     assert agent.splitlines()[5].strip() in script  # the embedded agent, current
+    assert script.startswith("#!/bin/bash\n")
     assert 'interval="10"' in script
     assert "OnUnitActiveSec=${interval}s" in script and "AccuracySec=1s" in script
-    assert '--probe "192.0.2.7:443" --probe-source "203.0.113.10"' in script
+    assert 'probe="192.0.2.7:443"' in script and 'probe_source="203.0.113.10"' in script
     assert '--deployment "acme"' in script
     assert "/etc/systemd/system/tunnelnat-health.timer" in script
     # Without systemd (the lab's namespaces) the timer is skipped with a line saying so.
     assert "systemd is not PID 1 here" in script
+
+
+def test_configure_gateway_no_longer_carries_the_agent():
+    document = load_document(CONFIGURE)
+    assert not {"Deployment", "HealthInterval", "ProbeTarget", "ProbeSource"} & set(
+        document["parameters"]
+    )
+    (script,) = render_scripts(document, valid_parameters("ConfigureGateway"))
+    assert "tunnelnat_health" not in script
+    assert script.startswith("#!/bin/bash\n")
+    # It waits (bounded) for cloud-init's first-boot packages, and renews the tunnel's
+    # configuration token the health agent's TunnelEstablished starts over from.
+    assert "timeout 600 cloud-init status --wait" in script
+    assert "/etc/tunnelnat/tunnels/$tunnel.config-id" in script

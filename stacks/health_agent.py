@@ -1,0 +1,67 @@
+"""HealthAgent: ``InstallHealthAgent`` on the gateway, by a State Manager association of its own.
+
+The agent (gateway/tunnelnat_health.py, docs/health.md) publishes ``TunnelUp`` and
+``TunnelEstablished`` from a systemd timer. It lives in its own document rather than in
+ConfigureGateway's so that each stays well under SSM's document size limit (issue 11), and so
+that changing how the health is measured never re-runs the tunnel's configuration. The
+association targets the gateway's tag like ConfigureGateway's: it runs on the first gateway, on
+every replacement, and again whenever its parameters change.
+"""
+
+from __future__ import annotations
+
+from aws_cdk import Aws
+from aws_cdk import aws_ssm as ssm
+from constructs import Construct
+
+from stacks.documents import Documents
+from stacks.settings import GATEWAY_TAG, StackSettings
+from tunnelnat.core.config import TunnelnatConfig
+
+DOCUMENT = "InstallHealthAgent"
+
+
+def health_agent_parameters(config: TunnelnatConfig, settings: StackSettings) -> dict[str, str]:
+    """What the association passes: this deployment's series, the interval, the probe (if any)
+    with the networks and addresses the document checks it against."""
+    return {
+        "TunnelName": settings.tunnel_name,
+        "Region": Aws.REGION,
+        "Deployment": settings.deployment,
+        "HealthInterval": str(settings.health_interval_seconds),
+        "ProbeTarget": settings.health_probe_target or "",
+        "ProbeSource": str(settings.health_probe_source or ""),
+        "PartnerNetworks": ",".join(str(n) for n in config.partner_networks),
+        "PublicAddresses": ",".join(str(a) for a in config.public_addresses),
+    }
+
+
+class HealthAgent(Construct):
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        config: TunnelnatConfig,
+        settings: StackSettings,
+        documents: Documents,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        deployment = settings.deployment
+        self.parameters = health_agent_parameters(config, settings)
+        self.association = ssm.CfnAssociation(
+            self,
+            DOCUMENT,
+            name=documents.require(DOCUMENT).ref,
+            association_name=f"{deployment}-{DOCUMENT}",
+            document_version="$DEFAULT",
+            targets=[
+                ssm.CfnAssociation.TargetProperty(key=f"tag:{GATEWAY_TAG}", values=[deployment])
+            ],
+            parameters=documents.check_parameters(DOCUMENT, self.parameters),
+            # A gateway without its agent is a tunnel nobody watches (the alarm reads missing
+            # data as down, and the healer waits: docs/health.md).
+            compliance_severity="HIGH",
+            max_concurrency="1",
+            max_errors="1",
+        )

@@ -1,0 +1,101 @@
+"""Documents at synthesis: every one within tunnelnat's 48 KB (SSM refuses 64 KB), the first line
+the SSM agent's ``sh -c`` needs, and the health agent's document with its own association.
+
+Built in a bare stack (Documents and HealthAgent only): seconds, not a whole synthesis.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import yaml
+from aws_cdk import App, Stack
+from aws_cdk.assertions import Template
+
+from stacks.documents import MAX_DOCUMENT_BYTES, DocumentError, Documents, deployed_size
+from stacks.health_agent import HealthAgent
+from stacks.settings import load_settings
+from tests.infra.conftest import DOCUMENTS_DIR, example_context
+
+PROBE = {"health_probe_target": "198.51.100.5:443", "health_probe_source": "192.0.2.11"}
+
+
+def build(context=None, documents_dir=DOCUMENTS_DIR):
+    settings = load_settings(example_context(context))
+    stack = Stack(App(), "Docs", env={"region": "eu-west-1", "account": "123456789012"})
+    documents = Documents(stack, "Documents", directory=documents_dir, prefix="tn-")
+    agent = HealthAgent(
+        stack, "HealthAgent", config=settings.config, settings=settings.stack, documents=documents
+    )
+    return stack, documents, agent
+
+
+@pytest.fixture(scope="module")
+def built():
+    stack, documents, agent = build(PROBE)
+    return Template.from_stack(stack).to_json(), stack, documents, agent
+
+
+def test_every_document_is_within_48_kb_as_deployed(built):
+    template, _, documents, _ = built
+    assert MAX_DOCUMENT_BYTES == 48 * 1024
+    contents = [
+        r["Properties"]["Content"]
+        for r in template["Resources"].values()
+        if r["Type"] == "AWS::SSM::Document"
+    ]
+    assert len(contents) == len(list(DOCUMENTS_DIR.glob("*.yaml")))
+    for content in contents:
+        assert len(json.dumps(content).encode()) <= MAX_DOCUMENT_BYTES
+    assert documents.sizes["ConfigureGateway"] <= MAX_DOCUMENT_BYTES
+    assert documents.sizes["InstallHealthAgent"] <= MAX_DOCUMENT_BYTES
+
+
+def test_a_document_between_48_and_64_kb_fails_synthesis(tmp_path):
+    target = tmp_path / "docs"
+    shutil.copytree(DOCUMENTS_DIR, target)
+    path = target / "RestartTunnel.yaml"
+    content = yaml.safe_load(path.read_text())
+    content["description"] = "x" * (50 * 1024)
+    assert MAX_DOCUMENT_BYTES < deployed_size(content) < 64 * 1024
+    path.write_text(yaml.safe_dump(content))
+    with pytest.raises(DocumentError, match=r"RestartTunnel.yaml: \d+ bytes as deployed, over"):
+        build(documents_dir=target)
+
+
+@pytest.mark.parametrize("stem", ["ConfigureGateway", "InstallHealthAgent"])
+def test_gateway_documents_start_with_bash(built, stem):
+    # The SSM agent runs the script with `sh -c`: dash on Ubuntu, unless line 1 says bash.
+    _, _, documents, _ = built
+    (step,) = documents.contents[stem]["mainSteps"]
+    assert step["inputs"]["runCommand"][0].splitlines()[0] == "#!/bin/bash"
+
+
+def test_health_agent_has_its_own_association_on_the_gateway_tag(built):
+    template, stack, documents, agent = built
+    association = template["Resources"][stack.get_logical_id(agent.association)]["Properties"]
+    assert association["Name"] == {
+        "Ref": stack.get_logical_id(documents.resources["InstallHealthAgent"])
+    }
+    assert association["AssociationName"] == "tunnelnat-InstallHealthAgent"
+    assert association["Targets"] == [{"Key": "tag:tunnelnat:gateway", "Values": ["tunnelnat"]}]
+    params = {k: v[0] for k, v in association["Parameters"].items()}
+    assert params == {
+        "TunnelName": "partner",
+        "Region": {"Ref": "AWS::Region"},
+        "Deployment": "tunnelnat",
+        "HealthInterval": "60",
+        "ProbeTarget": "198.51.100.5:443",
+        "ProbeSource": "192.0.2.11",
+        "PartnerNetworks": "198.51.100.0/28",
+        "PublicAddresses": "192.0.2.10,192.0.2.11",
+    }
+
+
+def test_configure_gateway_no_longer_takes_the_health_parameters(built):
+    _, _, documents, _ = built
+    for name in ("Deployment", "HealthInterval", "ProbeTarget", "ProbeSource"):
+        assert not documents.declares("ConfigureGateway", name)
+        assert documents.declares("InstallHealthAgent", name)
