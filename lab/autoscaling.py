@@ -34,11 +34,12 @@ from botocore.exceptions import ClientError
 
 from lab import topology as topo
 from lab.aws import ENROLMENT_TAG, LabAws
-from tunnelnat.events import LAUNCH_ACTION, TERMINATE_ACTION, LifecycleDetail
+from tunnelnat.events import HOOK_PREFIX, LAUNCH_ACTION, TERMINATE_ACTION, LifecycleDetail
 
 GROUP = f"{topo.DEPLOYMENT}-web"
-HOOK = f"{topo.DEPLOYMENT}-web-launch"
-TERMINATE_HOOK = f"{topo.DEPLOYMENT}-web-terminate"
+# The controller answers only hooks named with its prefix (events.HOOK_PREFIX, the stack's rule).
+HOOK = f"{HOOK_PREFIX}{topo.DEPLOYMENT}-web-launch"
+TERMINATE_HOOK = f"{HOOK_PREFIX}{topo.DEPLOYMENT}-web-terminate"
 TEMPLATE = f"{topo.DEPLOYMENT}-web"
 RULE = f"{topo.DEPLOYMENT}-lifecycle"
 BATCH_SIZE = 10  # the stack's SqsEventSource batch_size
@@ -99,7 +100,11 @@ def create_group(aws: LabAws) -> None:
     events.put_rule(
         Name=RULE,
         EventPattern=json.dumps(
-            {"source": ["aws.autoscaling"], "detail-type": [LAUNCH_ACTION, TERMINATE_ACTION]}
+            {
+                "source": ["aws.autoscaling"],
+                "detail-type": [LAUNCH_ACTION, TERMINATE_ACTION],
+                "detail": {"LifecycleHookName": [{"prefix": HOOK_PREFIX}]},
+            }
         ),
         State="ENABLED",
         Description=f"{topo.DEPLOYMENT}: Auto Scaling lifecycle actions (launch, terminate)",

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from aws_lambda_powertools.utilities.parser import parse
@@ -22,6 +22,9 @@ LAUNCH_ACTION = "EC2 Instance-launch Lifecycle Action"
 TERMINATE_ACTION = "EC2 Instance-terminate Lifecycle Action"
 SCHEDULED = "Scheduled Event"
 RECONCILE_REQUEST = "tunnelnat Reconcile Request"
+# Lifecycle hooks the controller answers are named with this prefix; the stack's rule matches it
+# too, and every other hook in the account and region is left to its owner.
+HOOK_PREFIX = "tunnelnat-"
 
 
 class InvalidEvent(ValueError):
@@ -114,10 +117,19 @@ class Request:
 
     event_id: str
     kind: str
-    time: datetime
+    time: datetime  # timezone-aware, UTC (events that name no zone are read as UTC)
     instance_ids: tuple[str, ...] = ()
     full: bool = False
     lifecycle: LifecycleDetail | None = None
+
+    def __post_init__(self) -> None:
+        when = self.time
+        try:
+            when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+            when.timestamp()
+        except (OverflowError, ValueError, OSError):
+            raise InvalidEvent(f"event time out of range: {str(self.time)[:40]!r}") from None
+        object.__setattr__(self, "time", when)
 
 
 def _arn_instance_id(arn: str) -> str:
@@ -136,6 +148,9 @@ def parse_request(event: Any) -> Request:
             event = json.loads(event)
         except ValueError as exc:
             raise InvalidEvent(f"event body is not JSON: {exc}") from None
+        except RecursionError:
+            # json's C parser recurses per nesting level: a body of 100,000 "[" ends here.
+            raise InvalidEvent("event body is nested too deeply to be an event") from None
     if not isinstance(event, dict):
         raise InvalidEvent(f"event is a {type(event).__name__}, not an object")
     if _is_dead_letter(event):
@@ -155,6 +170,12 @@ def parse_request(event: Any) -> Request:
         if kind in (LAUNCH_ACTION, TERMINATE_ACTION):
             action = parse(event=event, model=LifecycleEvent)
             detail = action.detail
+            if not detail.hook_name.startswith(HOOK_PREFIX):
+                # Another team's hook (CodeDeploy, a drain hook): never ours to complete.
+                raise InvalidEvent(
+                    f"lifecycle hook {detail.hook_name!r} is not tunnelnat's "
+                    f"(its hooks are named {HOOK_PREFIX}...): ignored"
+                )
             return Request(action.id, kind, action.time, (detail.instance_id,), lifecycle=detail)
         if kind == SCHEDULED:
             scheduled = parse(event=event, model=ScheduledEvent)

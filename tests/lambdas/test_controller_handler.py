@@ -187,3 +187,22 @@ def test_failed_gateway_sync_is_raised_for_redelivery(world):
 def test_outcome_is_json_serialisable(world):
     web1 = world.launch("10.10.1.21", tags=TAG)
     json.dumps(handler(state_change(web1, "running"), Context()))
+
+
+def test_deeply_nested_body_is_dropped_and_the_good_event_beside_it_enrols(world):
+    """Issue 14, finding 3: json's parser raised RecursionError out of the handler, the whole
+    batch failed and both messages ended in the DLQ without a reason."""
+    good = world.launch("10.10.1.21", tags=TAG)
+    nested = "[" * 100_000 + "]" * 100_000
+    result = handler(sqs_batch(nested, state_change(good, "running")), Context())
+    assert result == {"batchItemFailures": []}, "the nested body is dropped, never retried"
+    assert world.items("instance")[good]["status"]["S"] == "enrolled"
+
+
+def test_events_naming_a_zone_and_events_naming_none_share_a_batch(world):
+    """Comparing a naive time with an aware one raised TypeError out of the handler."""
+    web1 = world.launch("10.10.1.21", tags=TAG)
+    naive = state_change(web1, "running") | {"time": "2026-11-25T12:00:00"}
+    result = handler(sqs_batch(naive, state_change(web1, "running")), Context())
+    assert result == {"batchItemFailures": []}
+    assert world.items("instance")[web1]["status"]["S"] == "enrolled"

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import functools
 import os
-import random
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -27,10 +27,17 @@ from botocore.config import Config
 
 from tunnelnat.adapters.commands import CommandPort, SsmCommands
 from tunnelnat.adapters.ec2 import Ec2Instances
-from tunnelnat.adapters.queue import FAILED_ATTEMPTS, EventQueue
+from tunnelnat.adapters.queue import EventQueue
 from tunnelnat.adapters.store import EnrolmentStore
-from tunnelnat.controller import Controller, GatewaySyncPending, Outcome
+from tunnelnat.controller import Controller, Outcome
 from tunnelnat.core.enrolment import Status
+from tunnelnat.delivery import (  # noqa: F401 - backoff_seconds: part of the handler's surface
+    MAX_ATTEMPTS,
+    DeliveryPolicy,
+    Failure,
+    backoff_seconds,
+    sync_pending_delay,
+)
 from tunnelnat.events import InvalidEvent, Request, parse_request
 from tunnelnat.handlers.tracing import OptionalTracer
 from tunnelnat.service import Service
@@ -51,12 +58,6 @@ processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failu
 
 # Throttling is absorbed here first, then by the queue's redelivery.
 AWS_CONFIG = Config(retries={"mode": "adaptive", "max_attempts": 8}, connect_timeout=5)
-MAX_ATTEMPTS = int(os.environ.get("TUNNELNAT_MAX_ATTEMPTS", "8"))
-
-
-def sync_pending_delay() -> int:
-    """Seconds before an event that waits for another worker's gateway sync comes back."""
-    return int(os.environ.get("TUNNELNAT_SYNC_PENDING_DELAY", "5"))
 
 
 _service: Service | None = None
@@ -177,12 +178,6 @@ def _get_queue() -> EventQueue:
     return _queue
 
 
-def backoff_seconds(attempt: int) -> int:
-    """Redelivery delay after the ``attempt``-th failure: 15 s doubling to 15 min, with jitter."""
-    base = min(900, 15 * 2 ** max(0, attempt - 1))
-    return int(base * random.uniform(0.8, 1.0))  # noqa: S311 - jitter, not crypto
-
-
 def _reject(reason: str) -> None:
     logger.error("dropping event that can never succeed", extra={"reason": reason})
     metrics.add_metric(name="RejectedEvents", unit=MetricUnit.Count, value=1)
@@ -194,12 +189,11 @@ def handle_records(records: list[SQSRecord]) -> dict[str, Exception | None]:
     parsed: list[tuple[SQSRecord, Request]] = []
     results: dict[str, Exception | None] = {}
     for record in records:
-        try:
-            parsed.append((record, parse_request(record.body)))
-        except InvalidEvent as exc:
-            _context(instance_ids=(), event_ids=(record.message_id,))
-            _reject(str(exc))
-            results[record.message_id] = None
+        request = _parse_or_reject(record)
+        if request is None:
+            results[record.message_id] = None  # dropped with its reason: never retried
+        else:
+            parsed.append((record, request))
     requests = [request for _, request in parsed]
     # Lines logged while the batch converges name every instance and event of it.
     _context(
@@ -208,71 +202,44 @@ def handle_records(records: list[SQSRecord]) -> dict[str, Exception | None]:
     )
     errors, outcomes = _get_service().process(requests) if parsed else ([], {})
     _enrolment_latency(requests, outcomes)
-    delays: dict[str, list[tuple[str, int]]] = {}  # per source queue: one batch call
-    requeue: dict[str, list[tuple[SQSRecord, int]]] = {}
+    failures: list[Failure] = []
     for (record, request), error in zip(parsed, errors, strict=True):
         _context(instance_ids=request.instance_ids, event_ids=(request.event_id,))
         results[record.message_id] = error
         if error is None:
             for instance_id in request.instance_ids:
                 _log_outcome(instance_id, outcomes.get(instance_id))
-            continue
-        receives = int(record.attributes.approximate_receive_count or 1)
-        failed_before = _failed_attempts(record)
-        attempt = failed_before + receives
-        reason = f"{type(error).__name__}: {error}"
-        extra = {"attempt": attempt, "reason": reason}
-        if isinstance(error, GatewaySyncPending):
-            # A wait, not an attempt: sent again as a new message so its receive count (which
-            # the queue's redrive policy counts) starts over; the attempts so far travel along.
-            logger.info("waiting for another worker's gateway sync", extra=extra)
-            requeue.setdefault(record.event_source_arn, []).append(
-                (record, failed_before + receives - 1)
-            )
-            continue
-        if attempt >= MAX_ATTEMPTS and _get_queue().dead_letter(
-            record.body, instance_ids=list(request.instance_ids), reason=reason
-        ):
-            logger.error("giving up: sent to the dead-letter queue", extra=extra)
-            metrics.add_metric(name="DeadLettered", unit=MetricUnit.Count, value=1)
-            for instance_id in request.instance_ids:
-                PowertoolsTelemetry().failure("dead-lettered")
-                _get_service().controller.record_failure(instance_id, reason)
-            results[record.message_id] = None
-            continue
-        logger.warning("will retry", extra=extra)
-        delays.setdefault(record.event_source_arn, []).append(
-            (record.receipt_handle, backoff_seconds(attempt))
-        )
-    for source_arn, waiting in requeue.items():
-        try:
-            sent = _get_queue().requeue(
-                source_arn, [(r.body, failed, sync_pending_delay()) for r, failed in waiting]
-            )
-        except Exception:  # noqa: BLE001 - the originals stay and come back instead
-            logger.exception("could not send waiting messages again")
-            sent = [False] * len(waiting)
-        for (record, _), ok in zip(waiting, sent, strict=True):
-            if ok:
-                results[record.message_id] = None  # its copy carries on; this one is deleted
-            else:
-                delays.setdefault(source_arn, []).append(
-                    (record.receipt_handle, sync_pending_delay())
-                )
-    for source_arn, entries in delays.items():
-        try:
-            _get_queue().delay_retries(source_arn, entries)
-        except Exception:  # noqa: BLE001 - the default visibility timeout still retries it
-            logger.exception("could not set the retry delay")
+        else:
+            failures.append(Failure(record, request.instance_ids, error))
+    if failures:
+        results.update(_delivery().settle(failures))
     return results
 
 
-def _failed_attempts(record: SQSRecord) -> int:
-    attribute = record.message_attributes[FAILED_ATTEMPTS]
+def _parse_or_reject(record: SQSRecord) -> Request | None:
+    """The message's request, or None when it can never be acted on (logged and counted with
+    the reason). Whatever the body holds (not JSON, nested a million deep, a wrong shape), one
+    message never fails the others of its batch."""
     try:
-        return max(0, int((attribute.string_value if attribute else None) or 0))
-    except ValueError:
-        return 0
+        return parse_request(record.body)
+    except InvalidEvent as exc:
+        reason = str(exc)
+    except Exception as exc:  # noqa: BLE001 - RecursionError, MemoryError-free surprises
+        reason = f"unreadable event body ({type(exc).__name__}): {str(exc)[:200]}"
+    _context(instance_ids=(), event_ids=(record.message_id,))
+    _reject(reason)
+    return None
+
+
+def _dead_lettered(instance_ids: Sequence[str], reason: str) -> None:
+    metrics.add_metric(name="DeadLettered", unit=MetricUnit.Count, value=1)
+    for instance_id in instance_ids:
+        PowertoolsTelemetry().failure("dead-lettered")
+        _get_service().controller.record_failure(instance_id, reason)
+
+
+def _delivery() -> DeliveryPolicy:
+    return DeliveryPolicy(_get_queue, on_dead_letter=_dead_lettered, max_attempts=MAX_ATTEMPTS)
 
 
 def _context(*, instance_ids: Any, event_ids: Any) -> None:
@@ -326,9 +293,10 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         )
     try:
         request = parse_request(event)
-    except InvalidEvent as exc:
-        _reject(str(exc))
-        return {"rejected": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - InvalidEvent, or anything an odd event raises
+        reason = str(exc) if isinstance(exc, InvalidEvent) else f"unreadable event: {exc!r:.200}"
+        _reject(reason)
+        return {"rejected": reason}
     _context(instance_ids=request.instance_ids, event_ids=(request.event_id,))
     [error], results = _get_service().process([request])
     _enrolment_latency([request], results)
