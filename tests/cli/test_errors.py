@@ -161,3 +161,73 @@ def test_main_is_importable_from_the_package():
     out = io.StringIO()
     assert main(["--help"], Runtime(out=out, err=out)) == 0
     assert "usage: tunnelnat" in out.getvalue()
+
+
+# -- issue 14, finding 7: a stranger's inputs end in one line and exit 2, never a traceback -------
+@pytest.mark.parametrize("endpoint", ["not-a-url", "ftp://127.0.0.1:1", "http://", "http://a b"])
+def test_an_endpoint_that_is_not_a_url_is_one_line(dep, endpoint):
+    err = one_line(dep.run("status", "--endpoint-url", endpoint))
+    assert err.startswith(f"tunnelnat: --endpoint-url {endpoint!r} is not an http(s) URL"), err
+
+
+def test_an_endpoint_in_the_environment_that_is_not_a_url_is_one_line(dep, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "not-a-url")
+    err = one_line(dep.run("status", fresh=True))
+    assert err.startswith("tunnelnat: AWS_ENDPOINT_URL 'not-a-url' is not an http(s) URL"), err
+
+
+@pytest.mark.parametrize("option", ["--interval", "--timeout"])
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "-1", "0", "1e999"])
+def test_wait_numbers_are_finite_and_positive(dep, option, value):
+    # --opt=VALUE: argparse would read a separate "-inf" as an option (also one line, exit 2).
+    for command in (["enroll", "i-0123456789abcdef0"], ["reconcile"]):
+        err = one_line(dep.run(*command, "--wait", f"{option}={value}"))
+        assert f"argument {option}: must be > 0 and finite, got {value!r}" in err, err
+    err = one_line(dep.run("reconcile", option, "-inf"))
+    assert f"argument {option}: expected one argument" in err
+
+
+def test_usage_errors_are_one_line(dep):
+    err = one_line(dep.run("frobnicate", base=False))
+    assert "invalid choice: 'frobnicate'" in err
+    err = one_line(dep.run("enroll", base=False))
+    assert err.startswith("tunnelnat enroll: error: the following arguments are required: INSTANCE")
+
+
+def test_only_aws_region_set_is_honoured(dep, monkeypatch):
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    result = dep.run("status", "--json", fresh=True)
+    assert result.code == 0, result.err
+    assert result.json()["region"] == "us-east-1"
+
+
+def test_only_aws_default_region_set_is_honoured(dep, monkeypatch):
+    monkeypatch.delenv("AWS_REGION")
+    result = dep.run("status", "--json", fresh=True)
+    assert result.code == 0, result.err
+    assert result.json()["region"] == "us-east-1"
+
+
+def test_aws_region_wins_over_aws_default_region(dep, monkeypatch):
+    """As in the AWS CLI v2: AWS_REGION overrides AWS_DEFAULT_REGION; --region overrides both."""
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    err = one_line(dep.run("status", fresh=True))
+    assert f"DynamoDB table {TABLE!r} not found in region eu-west-3" in err
+    result = dep.run("status", "--json", "--region", "us-east-1", fresh=True)
+    assert result.code == 0 and result.json()["region"] == "us-east-1"
+
+
+def test_an_unexpected_failure_is_one_line(dep, monkeypatch):
+    from tunnelnat.cli import status
+
+    def broken(ctx):
+        raise RuntimeError("something nobody planned for\nwith a second line")
+
+    monkeypatch.setattr(status, "collect", broken)
+    err = one_line(dep.run("status"))
+    assert err == (
+        "tunnelnat: unexpected error: RuntimeError: something nobody planned for with a second "
+        "line (run with --debug for the traceback)\n"
+    )
+    result = dep.run("status", "--debug")
+    assert result.code == 2 and "Traceback" in result.err and "RuntimeError" in result.err

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from typing import NoReturn
+from urllib.parse import urlsplit
 
 from botocore.exceptions import ClientError
+from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url
 
 from tunnelnat.cli import dlq, doctor, enrol, reconcile, status
 from tunnelnat.cli.aws import (
@@ -40,10 +44,73 @@ def _tag_text(value: str) -> str:
 
 
 def _positive(value: str) -> float:
-    number = float(value)
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    """Seconds: a finite number > 0 (``nan`` compares false with everything, ``inf`` never ends)."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not (math.isfinite(number) and number > 0):
+        raise argparse.ArgumentTypeError(f"must be > 0 and finite, got {value[:40]!r}")
     return number
+
+
+def _count(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value[:40]!r}")
+    return number
+
+
+def one_line(text: str) -> str:
+    """Every error the CLI prints is one line, whatever the message carried."""
+    return " ".join(str(text).split())
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit 2) like every other error; subcommand
+    parsers are made of the same class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see: {self.prog} --help)\n")
+
+
+def endpoint_problem(url: str) -> str | None:
+    """Why botocore would refuse ``url`` as an endpoint (it raises ValueError when building the
+    client), or None. Its own check, plus: the scheme is http(s) and the port a number."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
+    except ValueError:
+        return "is not an http(s) URL"
+    if parts.scheme not in ("http", "https") or not (
+        is_valid_endpoint_url(url) or is_valid_ipv6_endpoint_url(url)
+    ):
+        return "is not an http(s) URL"
+    return None
+
+
+def check_endpoints(endpoint_url: str | None) -> None:
+    """--endpoint-url, else the AWS_ENDPOINT_URL* variables botocore would use."""
+    if endpoint_url is not None:
+        problem = endpoint_problem(endpoint_url)
+        if problem:
+            raise CliError(
+                f"--endpoint-url {endpoint_url[:80]!r} {problem} (e.g. http://127.0.0.1:5000)"
+            )
+        return
+    if os.environ.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").lower() == "true":
+        return
+    for name in sorted(os.environ):
+        value = os.environ[name]
+        if (name == "AWS_ENDPOINT_URL" or name.startswith("AWS_ENDPOINT_URL_")) and value:
+            problem = endpoint_problem(value)
+            if problem:
+                raise CliError(
+                    f"{name} {value[:80]!r} {problem}: fix or unset it, or pass --endpoint-url"
+                )
 
 
 def _common(*, top: bool) -> argparse.ArgumentParser:
@@ -53,12 +120,12 @@ def _common(*, top: bool) -> argparse.ArgumentParser:
     def default(value: object) -> object:
         return value if top else argparse.SUPPRESS
 
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     aws = common.add_argument_group("AWS and deployment")
     aws.add_argument(
         "--region",
         default=default(None),
-        help="AWS region (default: standard resolution, AWS_REGION)",
+        help="AWS region (default: AWS_REGION, else AWS_DEFAULT_REGION, else the profile's)",
     )
     aws.add_argument(
         "--profile", default=default(None), help="AWS named profile (default: standard resolution)"
@@ -91,7 +158,7 @@ def _common(*, top: bool) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     common = _common(top=False)
-    tags = argparse.ArgumentParser(add_help=False)
+    tags = _Parser(add_help=False)
     tags.add_argument("--tag-key", type=_tag_text, help="enrolment tag key (default: tunnelnat)")
     tags.add_argument("--tag-value", type=_tag_text, help="enrolment tag value (default: enabled)")
 
@@ -107,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--interval", type=_positive, default=2.0, help="poll seconds (default: %(default)s)"
         )
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tunnelnat",
         description="Operate a tunnelnat deployment: enrol instances, see status, diagnose.",
         parents=[_common(top=True)],
@@ -140,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redrive", action="store_true", help="reconcile their instances, delete them")
     p.add_argument("--dlq-url", help="dead-letter queue (default: <deployment>-events-dlq)")
     p.add_argument("--queue-url", help="controller queue (default: <deployment>-events)")
-    p.add_argument("--max", type=int, default=1000, help="most messages read (default: 1000)")
+    p.add_argument(
+        "--max", type=_count, default=1000, help="most messages read (default: %(default)s)"
+    )
     json_flag(p)
     p.set_defaults(func=dlq.run)
 
@@ -193,7 +262,8 @@ def default_table(args: argparse.Namespace) -> str:
 
 
 def main(argv: Sequence[str] | None = None, runtime: Runtime | None = None) -> int:
-    """Run one ``tunnelnat`` command; returns its exit code (never raises for AWS failures)."""
+    """Run one ``tunnelnat`` command; returns its exit code. Nothing escapes as a traceback:
+    every failure is one line on stderr and exit 2 (``--debug`` adds the traceback)."""
     runtime = runtime or Runtime()
     parser = build_parser()
     try:
@@ -201,6 +271,34 @@ def main(argv: Sequence[str] | None = None, runtime: Runtime | None = None) -> i
             args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return int(exc.code or 0)
+    region: str | None = args.region
+    try:
+        return _run(args, runtime)
+    except CliError as exc:
+        runtime.err.write(f"tunnelnat: {one_line(exc.message)}\n")
+        return exc.code
+    except AWS_ERRORS as exc:
+        if args.debug:
+            traceback.print_exc(file=runtime.err)
+        region = getattr(args, "resolved_region", region)
+        table = default_table(args)
+        failure = describe_failure(exc, table=table, region=region)
+        runtime.err.write(f"tunnelnat: {one_line(failure)}\n")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        runtime.err.write("tunnelnat: interrupted\n")
+        return 130
+    except Exception as exc:  # the last resort: a bug or a case nobody foresaw, still one line
+        if args.debug:
+            traceback.print_exc(file=runtime.err)
+        runtime.err.write(
+            f"tunnelnat: unexpected error: {type(exc).__name__}: {one_line(str(exc))} "
+            "(run with --debug for the traceback)\n"
+        )
+        return EXIT_ERROR
+
+
+def _run(args: argparse.Namespace, runtime: Runtime) -> int:
     if args.command in ("status", "enroll", "unenroll"):
         args.tag_key = args.tag_key or "tunnelnat"
         args.tag_value = args.tag_value or "enabled"
@@ -210,37 +308,21 @@ def main(argv: Sequence[str] | None = None, runtime: Runtime | None = None) -> i
         try:
             IPv4Address(args.gateway_ip)
         except ValueError:
-            runtime.err.write(
-                f"tunnelnat: --gateway-ip {args.gateway_ip!r} is not an IPv4 address\n"
-            )
-            return EXIT_ERROR
-    region: str | None = args.region
-    try:
-        aws = Aws(
-            region=args.region,
-            endpoint_url=args.endpoint_url,
-            profile=args.profile,
-            overrides=runtime.clients,
-            session=runtime.session,
-        )
-        region = aws.configured_region
-        if args.stack:
-            apply_stack_outputs(args, stack_outputs(aws, args.stack))
-        args.table = default_table(args)
-        func: Callable[[Ctx], int] = args.func
-        return func(Ctx(args, aws, runtime))
-    except CliError as exc:
-        runtime.err.write(f"tunnelnat: {exc.message}\n")
-        return exc.code
-    except AWS_ERRORS as exc:
-        if args.debug:
-            traceback.print_exc(file=runtime.err)
-        table = default_table(args)
-        runtime.err.write(f"tunnelnat: {describe_failure(exc, table=table, region=region)}\n")
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        runtime.err.write("tunnelnat: interrupted\n")
-        return 130
+            raise CliError(f"--gateway-ip {args.gateway_ip!r} is not an IPv4 address") from None
+    check_endpoints(args.endpoint_url)
+    aws = Aws(
+        region=args.region,
+        endpoint_url=args.endpoint_url,
+        profile=args.profile,
+        overrides=runtime.clients,
+        session=runtime.session,
+    )
+    args.resolved_region = aws.configured_region
+    if args.stack:
+        apply_stack_outputs(args, stack_outputs(aws, args.stack))
+    args.table = default_table(args)
+    func: Callable[[Ctx], int] = args.func
+    return func(Ctx(args, aws, runtime))
 
 
 if __name__ == "__main__":

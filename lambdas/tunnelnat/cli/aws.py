@@ -4,6 +4,7 @@ line an operator can act on."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -46,6 +47,10 @@ class Aws:
         session: boto3.session.Session | None = None,
     ) -> None:
         self.endpoint_url = endpoint_url
+        # botocore reads AWS_DEFAULT_REGION only; the AWS CLI v2 and the other SDKs read
+        # AWS_REGION first. Both are honoured, in the CLI's order: --region, AWS_REGION,
+        # AWS_DEFAULT_REGION, the profile's region.
+        region = region or os.environ.get("AWS_REGION") or None
         self._region = region
         # A given session (tests: one per run, so service models load once) keeps its own
         # credentials; otherwise the standard chain, with --profile when given.
