@@ -83,3 +83,33 @@ def test_empty_and_missing_dlq(dep):
     result = dep.run("dlq")
     assert result.code == 2
     assert "dead-letter queue 'test-events-dlq' not found in region us-east-1" in result.err
+
+
+# -- issue 14, finding 7: never "empty" while the queue holds messages --------------------------
+def test_dlq_max_must_be_positive(dep):
+    park(dep, ["i-0123456789abcdef0"])
+    for value in ("0", "-3", "nan", "x"):
+        result = dep.run("dlq", "--max", value)
+        assert result.code == 2 and result.out == "", result
+        assert result.err.count("\n") == 1 and "argument --max" in result.err, result.err
+
+
+def test_dlq_max_lists_that_many_and_says_more_wait(dep):
+    for n in range(3):
+        park(dep, [f"i-0123456789abcdef{n}"])
+    result = dep.run("dlq", "--max", "2")
+    assert result.code == 0, result.err
+    assert result.out.count("i-0123456789abcdef") == 2
+    assert "2 of about 3 message(s) shown (--max 2)" in result.out
+    doc = dep.run("dlq", "--max", "1", "--json").json()
+    assert len(doc["messages"]) == 1
+
+
+def test_dlq_in_flight_messages_are_not_called_empty(dep):
+    park(dep, ["i-0123456789abcdef0"])
+    held = dep.sqs.receive_message(QueueUrl=dep.dlq_url, VisibilityTimeout=60)
+    assert len(held["Messages"]) == 1, "another reader holds the only message"
+    result = dep.run("dlq")
+    assert "empty" not in result.out
+    assert result.code == 1
+    assert "1 message(s) in the queue but none readable now" in result.out

@@ -24,6 +24,9 @@ from tunnelnat.core.config import is_instance_id
 
 SCHEMA = "tunnelnat.dlq/v1"
 HIDE_SECONDS = 30  # while reading; a listing makes them visible again at once
+# Long polling: a short poll (WaitTimeSeconds=0) samples a subset of SQS's servers and may return
+# nothing from a small queue that holds messages (SQS developer guide, "short and long polling").
+POLL_SECONDS = 1
 
 
 @dataclass(frozen=True)
@@ -79,16 +82,40 @@ def _event_ids(event: dict) -> tuple[tuple[str, ...], bool, bool]:
     return tuple(request.instance_ids), bool(request.full), True
 
 
+@dataclass(frozen=True)
+class Depth:
+    """What SQS counts in the queue (approximate, as SQS says), read before receiving."""
+
+    visible: int
+    in_flight: int
+
+    @property
+    def total(self) -> int:
+        return self.visible + self.in_flight
+
+
+def depth(sqs: Any, url: str) -> Depth:
+    attrs = sqs.get_queue_attributes(
+        QueueUrl=url,
+        AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+    ).get("Attributes", {})
+    return Depth(
+        visible=int(attrs.get("ApproximateNumberOfMessages", 0)),
+        in_flight=int(attrs.get("ApproximateNumberOfMessagesNotVisible", 0)),
+    )
+
+
 def receive_all(sqs: Any, url: str, limit: int) -> list[Parked]:
+    """Up to ``limit`` messages (never more: a message received past it would stay hidden)."""
     parked: dict[str, Parked] = {}
     while len(parked) < limit:
         reply = sqs.receive_message(
             QueueUrl=url,
-            MaxNumberOfMessages=10,
+            MaxNumberOfMessages=min(10, limit - len(parked)),
             VisibilityTimeout=HIDE_SECONDS,
             AttributeNames=["All"],
             MessageAttributeNames=["All"],
-            WaitTimeSeconds=0,
+            WaitTimeSeconds=POLL_SECONDS,
         )
         messages = reply.get("Messages", [])
         if not messages:
@@ -111,6 +138,7 @@ def run(ctx: Ctx) -> int:
             f"dead-letter queue {name!r} not found in region {ctx.aws.region}: check "
             "--deployment and --region, or pass --dlq-url (or --stack)"
         ) from None
+    counted = depth(sqs, url)
     parked = receive_all(sqs, url, args.max)
     doc: dict[str, Any] = {
         "schema": SCHEMA,
@@ -129,14 +157,18 @@ def run(ctx: Ctx) -> int:
         ],
         "redrive": None,
     }
+    # Never "empty" while SQS counts messages: others may be in flight (another reader, or a
+    # listing less than HIDE_SECONDS ago that was interrupted before releasing them).
+    unseen = not parked and counted.total > 0
     if not args.redrive:
         _release(sqs, url, parked)
-        return _show(ctx, doc, EXIT_OK)
+        return _show(ctx, doc, EXIT_FINDINGS if unseen else EXIT_OK, counted)
     covered = [p for p in parked if p.readable]
     left = [p for p in parked if not p.readable]
     _release(sqs, url, left)
     if not covered:
-        return _show(ctx, doc, EXIT_OK if not left else EXIT_FINDINGS)
+        code = EXIT_OK if not left and not unseen else EXIT_FINDINGS
+        return _show(ctx, doc, code, counted)
     ids = sorted({i for p in covered for i in p.instance_ids})
     full = any(p.full for p in covered)
     target = args.queue_url or queue_url(ctx, f"{ctx.deployment}-events")
@@ -161,7 +193,7 @@ def run(ctx: Ctx) -> int:
         "left": len(left),
     }
     ctx.after_change(Change("reconcile", tuple(ids), message=event, queue_url=target))
-    return _show(ctx, doc, EXIT_OK if not left else EXIT_FINDINGS)
+    return _show(ctx, doc, EXIT_OK if not left else EXIT_FINDINGS, counted)
 
 
 def _release(sqs: Any, url: str, parked: list[Parked]) -> None:
@@ -176,11 +208,18 @@ def _release(sqs: Any, url: str, parked: list[Parked]) -> None:
         )
 
 
-def _show(ctx: Ctx, doc: dict[str, Any], code: int) -> int:
+def _show(ctx: Ctx, doc: dict[str, Any], code: int, counted: Depth) -> int:
     if ctx.args.json:
         dump_json(doc, ctx.out)
         return code
     messages = doc["messages"]
+    if not messages and counted.total:
+        ctx.say(
+            f"{doc['dlq_url']}: {counted.total} message(s) in the queue but none readable now "
+            f"({counted.in_flight} in flight: another reader holds them for its visibility "
+            "timeout); run this again in a minute"
+        )
+        return code
     if not messages:
         ctx.say(f"{doc['dlq_url']}: empty")
         return code
@@ -200,6 +239,11 @@ def _show(ctx: Ctx, doc: dict[str, Any], code: int) -> int:
             ],
         )
     )
+    if len(messages) < counted.total:
+        shown = f"{len(messages)} of about {counted.total} message(s) shown"
+        if len(messages) >= ctx.args.max:
+            shown += f" (--max {ctx.args.max})"
+        ctx.say(f"\n{shown}")
     redrive = doc["redrive"]
     if redrive is None:
         ctx.say(f"\n{len(messages)} message(s); after fixing the cause: tunnelnat dlq --redrive")
