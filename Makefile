@@ -1,7 +1,10 @@
 # tunnelnat — every target installs what it needs (Debian packages, the .venv) on first use.
 SHELL := /bin/bash
 PY := .venv/bin/python
-APT_PACKAGES := strongswan-swanctl charon-systemd libcharon-extra-plugins nftables iproute2 \
+# What the AWS gateway installs from its image's archive (stacks/gateway.py GATEWAY_PACKAGES; a
+# test keeps the two equal), then what only the lab needs (kernel-libipsec, tools, packets).
+GATEWAY_PACKAGES := strongswan-swanctl charon-systemd nftables python3-boto3
+APT_PACKAGES := $(GATEWAY_PACKAGES) libcharon-extra-plugins iproute2 \
 	iptables curl tcpdump socat procps
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 export CDK_DISABLE_CLI_TELEMETRY := 1

@@ -1,7 +1,11 @@
 """Gateway: the VPN/NAT instance, self-healing, with addresses that outlive it.
 
-- An Auto Scaling group of one (Amazon Linux 2023) replaces a failed gateway, also one whose
-  boot-time plumbing failed (it marks itself unhealthy).
+- An Auto Scaling group of one (Ubuntu 24.04 LTS, strongSwan/nftables/boto3 from its own
+  archive) replaces a failed gateway, also one whose boot-time plumbing failed (it marks itself
+  unhealthy).
+- Its cloud-init user data writes the boot program (gateway/tunnelnat_boot.py) and the systemd
+  units of gateway/systemd/: at every boot the saved NAT table (guard first) is restored before
+  the network, G's ENI is attached and configured, then the table is synced from DynamoDB.
 - The addresses the world knows stay out of the replaceable part: a standalone ENI carries G
   (the fixed private IP every host route points at) and the Elastic IP E (the VPN endpoint the
   partner configured); each new gateway re-attaches that ENI at boot.
@@ -11,7 +15,10 @@
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address
+import base64
+import gzip
+import json
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 from aws_cdk import ArnFormat, Aws, Duration, RemovalPolicy, Stack, Tags
@@ -34,7 +41,23 @@ from stacks.settings import (
 )
 from tunnelnat.core.config import TunnelnatConfig
 
-BOOT_SCRIPT = Path(__file__).with_name("gateway_boot.sh")
+GATEWAY_DIR = Path(__file__).resolve().parents[1] / "gateway"
+BOOT_PROGRAM = GATEWAY_DIR / "tunnelnat_boot.py"
+UNITS_DIR = GATEWAY_DIR / "systemd"
+# The units the user data installs, in boot order (their Before/After say the same).
+BOOT_UNITS = ("tunnelnat-restore.service", "tunnelnat-boot.service", "tunnelnat-sync.service")
+SSM_AGENT_UNIT = "snap.amazon-ssm-agent.amazon-ssm-agent.service"  # Ubuntu's agent is a snap
+# What the gateway installs from its image's archive at first boot; the lab installs the same
+# list (Makefile GATEWAY_PACKAGES, compared by tests/infra). Not the `strongswan` metapackage:
+# it adds strongswan-starter, a second charon.
+GATEWAY_PACKAGES = ("strongswan-swanctl", "charon-systemd", "nftables", "python3-boto3")
+# Canonical's public SSM parameters: resolved by CloudFormation at deploy time (no lookup).
+UBUNTU_AMI_PARAMETER = (
+    "/aws/service/canonical/ubuntu/server/24.04/stable/current/{arch}/hvm/ebs-gp3/ami-id"
+)
+ROOT_DEVICE = "/dev/sda1"  # Ubuntu's AMIs (Amazon Linux's is /dev/xvda)
+USER_DATA_LIMIT = 16 * 1024  # EC2's limit on user data, before base64
+CONFIGURE_SCHEDULE = "rate(30 minutes)"
 METRIC_NAMESPACE = "tunnelnat"
 IPSEC_BACKEND = "kernel"  # the kernel's ESP in AWS (the lab uses strongSwan's libipsec)
 
@@ -248,7 +271,7 @@ class Gateway(Construct):
                     region=Aws.REGION,
                     eni_id=self.eni.ref,
                     gateway_ip=config.gateway_private_ip,
-                    subnet_router=config.gateway_subnet_cidr.network_address + 1,
+                    subnet=config.gateway_subnet_cidr,
                     partner_endpoint=config.partner_endpoint,
                 )
             ),
@@ -258,7 +281,7 @@ class Gateway(Construct):
             detailed_monitoring=True,
             block_devices=[
                 ec2.BlockDevice(
-                    device_name="/dev/xvda",
+                    device_name=ROOT_DEVICE,
                     volume=ec2.BlockDeviceVolume.ebs(
                         10, encrypted=True, volume_type=ec2.EbsDeviceVolumeType.GP3
                     ),
@@ -319,6 +342,10 @@ class Gateway(Construct):
             compliance_severity="CRITICAL",
             max_concurrency="1",
             max_errors="1",
+            # AWS runs an association when it is created or changed and on each new target; a
+            # reboot is not documented to re-run it (the boot units restore the gateway). The
+            # schedule is the backstop: drift (a hand edit, a failed first run) is repaired.
+            schedule_expression=CONFIGURE_SCHEDULE,
         )
         acknowledge(
             self.role,
@@ -350,16 +377,29 @@ class Gateway(Construct):
 
 def _machine_image(settings: StackSettings) -> ec2.IMachineImage:
     if settings.gateway_ami_id:
+        # A pre-baked image must be built from the Ubuntu one (root device, packages, agent).
         assert settings.region is not None  # enforced by StackSettings
         return ec2.MachineImage.generic_linux({settings.region: settings.gateway_ami_id})
-    arm = ec2.InstanceType(settings.gateway_instance_type).architecture
-    cpu = (
-        ec2.AmazonLinuxCpuType.ARM_64
-        if arm == ec2.InstanceArchitecture.ARM_64
-        else ec2.AmazonLinuxCpuType.X86_64
+    return ec2.MachineImage.from_ssm_parameter(
+        UBUNTU_AMI_PARAMETER.format(arch=ubuntu_architecture(settings.gateway_instance_type)),
+        os=ec2.OperatingSystemType.LINUX,
     )
-    # Resolved from the public SSM parameter at deploy time: no lookup, no credentials.
-    return ec2.MachineImage.latest_amazon_linux2023(cpu_type=cpu)
+
+
+def ubuntu_architecture(instance_type: str) -> str:
+    """Canonical's name for the instance type's architecture (Graviton types are arm64)."""
+    arch = ec2.InstanceType(instance_type).architecture
+    return "arm64" if arch == ec2.InstanceArchitecture.ARM_64 else "amd64"
+
+
+def _packed(path: Path) -> str:
+    """A file for write_files as gz+b64: the boot program fits EC2's 16 KB with room to spare."""
+    return base64.b64encode(gzip.compress(path.read_bytes(), mtime=0)).decode()
+
+
+def _literal(text: str, indent: int = 6) -> str:
+    pad = " " * indent
+    return "\n".join(f"{pad}{line}" if line else "" for line in text.splitlines())
 
 
 def boot_user_data(
@@ -367,18 +407,63 @@ def boot_user_data(
     region: str,
     eni_id: str,
     gateway_ip: IPv4Address,
-    subnet_router: IPv4Address,
+    subnet: IPv4Network,
     partner_endpoint: IPv4Address,
 ) -> str:
-    """The gateway's user data: a cloud-config whose bootcmd runs ``gateway_boot.sh``."""
-    script = BOOT_SCRIPT.read_text()
-    for marker, value in (
-        ("@REGION@", region),
-        ("@ENI_ID@", eni_id),
-        ("@GATEWAY_IP@", str(gateway_ip)),
-        ("@SUBNET_ROUTER@", str(subnet_router)),
-        ("@PARTNER_ENDPOINT@", str(partner_endpoint)),
-    ):
-        script = script.replace(marker, value)
-    body = "\n".join(f"      {line}" if line else "" for line in script.splitlines())
-    return f"#cloud-config\nbootcmd:\n  - - /bin/bash\n    - -c\n    - |\n{body}\n"
+    """The gateway's cloud-config: packages from the image's archive, the boot program and the
+    units of gateway/systemd/ (no AWS CLI anywhere). ``region`` and ``eni_id`` may be tokens.
+
+    First boot: the units are enabled and the ENI attached in runcmd (after the packages); the
+    SSM agent is held until then, so ConfigureGateway never runs on a half-installed gateway.
+    Every later boot: systemd runs the units in their order, the agent after tunnelnat-boot.
+    """
+    boot_config = {
+        "region": region,
+        "eni_id": eni_id,
+        "gateway": f"{gateway_ip}/{subnet.prefixlen}",
+        "partner_endpoint": str(partner_endpoint),
+        "subnet_router": str(subnet.network_address + 1),  # the VPC router: the subnet's .1
+    }
+    files = [
+        ("/etc/tunnelnat/boot.json", "0644", "", json.dumps(boot_config, indent=1)),
+        ("/etc/tunnelnat/lib/tunnelnat_boot.py", "0755", "gz+b64", _packed(BOOT_PROGRAM)),
+        *(
+            (f"/etc/systemd/system/{unit}", "0644", "", (UNITS_DIR / unit).read_text())
+            for unit in BOOT_UNITS
+        ),
+        (
+            f"/etc/systemd/system/{SSM_AGENT_UNIT}.d/tunnelnat.conf",
+            "0644",
+            "",
+            (UNITS_DIR / "ssm-agent-after-boot.conf").read_text(),
+        ),
+    ]
+    out = ["#cloud-config", "package_update: true", "packages:"]
+    out += [f"  - {name}" for name in GATEWAY_PACKAGES]
+    out.append("write_files:")
+    for path, mode, encoding, content in files:
+        out += [f"  - path: {path}", f"    permissions: '{mode}'"]
+        if encoding:
+            out += [f"    encoding: {encoding}", f"    content: {content}"]
+        else:
+            out += ["    content: |", _literal(content)]
+    hold = f"/run/systemd/system/{SSM_AGENT_UNIT}.d"
+    out += [
+        # The network stage (bootcmd) runs before sysinit.target, so before the agent starts:
+        # on the first boot only, a runtime condition holds the agent until runcmd releases it.
+        "bootcmd:",
+        "  - - cloud-init-per",
+        "    - instance",
+        "    - tunnelnat-hold-ssm-agent",
+        "    - sh",
+        "    - -c",
+        f"    - mkdir -p {hold} && printf '[Unit]\\nConditionPathExists=/run/tunnelnat-ready\\n'"
+        f" > {hold}/tunnelnat-first-boot.conf && systemctl daemon-reload",
+        "runcmd:",
+        "  - [systemctl, daemon-reload]",
+        f"  - [systemctl, enable, {', '.join(BOOT_UNITS)}]",
+        "  - [systemctl, start, tunnelnat-boot.service]",
+        "  - [touch, /run/tunnelnat-ready]",
+        f"  - [systemctl, start, {SSM_AGENT_UNIT}]",
+    ]
+    return "\n".join(out) + "\n"

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import gzip
 import json
 import re
-import shutil
-import subprocess
 from ipaddress import IPv4Network
 
 import pytest
@@ -13,7 +13,16 @@ import yaml
 from aws_cdk.assertions import Match
 
 from stacks.application import cdk_json_context
-from stacks.gateway import boot_user_data
+from stacks.gateway import (
+    BOOT_PROGRAM,
+    BOOT_UNITS,
+    CONFIGURE_SCHEDULE,
+    GATEWAY_PACKAGES,
+    SSM_AGENT_UNIT,
+    UNITS_DIR,
+    USER_DATA_LIMIT,
+    boot_user_data,
+)
 from tests.infra.conftest import DOCUMENTS_DIR, as_list, statements, synthesize
 
 CONTEXT = cdk_json_context()
@@ -53,11 +62,17 @@ def test_gateway_is_an_auto_scaling_group_of_one_in_the_gateway_subnet(s):
     assert s.logical_id(s.stack.gateway.node.find_child("EipAssociation")) in asg["DependsOn"]
 
 
-def test_launch_template_amazon_linux_2023_imdsv2_encrypted_public_ip(s):
+def test_launch_template_ubuntu_2404_imdsv2_encrypted_public_ip(s):
     _, lt = s.one("AWS::EC2::LaunchTemplate")
     data = lt["Properties"]["LaunchTemplateData"]
-    image = data["ImageId"]["Ref"]
-    assert "al2023" in s.json["Parameters"][image]["Default"]
+    image = s.json["Parameters"][data["ImageId"]["Ref"]]
+    # Canonical's public parameter, resolved by CloudFormation at deploy time.
+    assert image["Type"] == "AWS::SSM::Parameter::Value<AWS::EC2::Image::Id>"
+    assert image["Default"] == (
+        "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id"
+    )
+    # Ubuntu's root device: a wrong name would add a second volume instead.
+    assert [b["DeviceName"] for b in data["BlockDeviceMappings"]] == ["/dev/sda1"]
     assert data["InstanceType"] == CONTEXT["gateway_instance_type"]
     assert data["MetadataOptions"]["HttpTokens"] == "required"
     assert data["MetadataOptions"]["InstanceMetadataTags"] == "enabled"
@@ -70,38 +85,77 @@ def test_launch_template_amazon_linux_2023_imdsv2_encrypted_public_ip(s):
     ]
 
 
-def test_user_data_attaches_the_eni_before_the_ssm_agent_starts(s):
+def _user_data(s) -> tuple[list, str]:
     _, lt = s.one("AWS::EC2::LaunchTemplate")
     parts = lt["Properties"]["LaunchTemplateData"]["UserData"]["Fn::Base64"]["Fn::Join"][1]
-    text = "".join(p if isinstance(p, str) else "" for p in parts)
-    assert text.startswith("#cloud-config\nbootcmd:")
+    # Tokens stand in with values of their longest deployed length (an ENI ID, a long region).
+    stand_in = {"Ref": "AWS::Region"}, "ap-southeast-5"
+    text = "".join(
+        p if isinstance(p, str) else (stand_in[1] if p == stand_in[0] else "eni-" + "0" * 17)
+        for p in parts
+    )
+    return parts, text
+
+
+def test_user_data_boots_the_gateway_without_the_aws_cli(s):
+    parts, text = _user_data(s)
     assert {"Ref": s.logical_id(s.stack.gateway.eni)} in parts
     assert {"Ref": "AWS::Region"} in parts
-    assert f"GATEWAY_IP='{G}'" in text
-    assert f"PARTNER_ENDPOINT='{T}'" in text
-    assert f"SUBNET_ROUTER='{IPv4Network(SUBNET).network_address + 1}'" in text
-    for step in ("attach-network-interface", "--no-source-dest-check", "set-instance-health"):
-        assert step in text
+    assert len(text.encode()) <= USER_DATA_LIMIT
+    data = yaml.safe_load(text)
+    # Packages from the image's own archive; no AWS CLI, no curl to AWS, no other source.
+    assert data["packages"] == list(GATEWAY_PACKAGES) and data["package_update"] is True
+    assert "strongswan" not in data["packages"]  # the metapackage adds a second charon
+    assert not re.search(r"(^|[\s\[,'\"])aws\s", text, re.MULTILINE)
+    assert "apt_sources" not in data and "snap" not in data
+    files = {f["path"]: f for f in data["write_files"]}
+    boot = json.loads(files["/etc/tunnelnat/boot.json"]["content"])
+    assert boot["gateway"] == f"{G}/{IPv4Network(SUBNET).prefixlen}"
+    assert boot["partner_endpoint"] == T
+    assert boot["subnet_router"] == str(IPv4Network(SUBNET).network_address + 1)
 
 
-def test_boot_user_data_is_valid_cloud_config_and_bash():
+def test_boot_user_data_carries_the_tested_program_and_units():
     text = boot_user_data(
         region="eu-west-1",
         eni_id="eni-0123456789abcdef0",
-        gateway_ip=G,
-        subnet_router="10.80.0.1",
+        gateway_ip=IPv4Network(SUBNET).network_address + 10,
+        subnet=IPv4Network(SUBNET),
         partner_endpoint=T,
     )
     assert text.startswith("#cloud-config\n")
-    document = yaml.safe_load(text)
-    ((shell, flag, script),) = document["bootcmd"]
-    assert (shell, flag) == ("/bin/bash", "-c")
-    assert "ENI_ID='eni-0123456789abcdef0'" in script
-    assert not re.search(r"@[A-Z_]+@", script)
-    bash = shutil.which("bash")
-    if bash:
-        checked = subprocess.run([bash, "-n", "-c", script], capture_output=True, text=True)
-        assert checked.returncode == 0, checked.stderr
+    data = yaml.safe_load(text)
+    files = {f["path"]: f for f in data["write_files"]}
+    program = files["/etc/tunnelnat/lib/tunnelnat_boot.py"]
+    assert program["encoding"] == "gz+b64"
+    assert gzip.decompress(base64.b64decode(program["content"])) == BOOT_PROGRAM.read_bytes()
+    for unit in BOOT_UNITS:
+        assert files[f"/etc/systemd/system/{unit}"]["content"] == (UNITS_DIR / unit).read_text()
+    drop_in = files[f"/etc/systemd/system/{SSM_AGENT_UNIT}.d/tunnelnat.conf"]["content"]
+    assert "After=tunnelnat-boot.service" in drop_in
+    config = json.loads(files["/etc/tunnelnat/boot.json"]["content"])
+    assert config["eni_id"] == "eni-0123456789abcdef0" and config["region"] == "eu-west-1"
+    # First boot: the agent is held (bootcmd) until the units are enabled and the ENI is up.
+    ((*hold, script),) = data["bootcmd"]
+    assert hold == ["cloud-init-per", "instance", "tunnelnat-hold-ssm-agent", "sh", "-c"]
+    assert "ConditionPathExists=/run/tunnelnat-ready" in script
+    assert data["runcmd"] == [
+        ["systemctl", "daemon-reload"],
+        ["systemctl", "enable", *BOOT_UNITS],
+        ["systemctl", "start", "tunnelnat-boot.service"],
+        ["touch", "/run/tunnelnat-ready"],
+        ["systemctl", "start", SSM_AGENT_UNIT],
+    ]
+    for line in (UNITS_DIR / "tunnelnat-restore.service").read_text().splitlines():
+        if line.startswith("ExecStart="):
+            assert line.split("=", 1)[1].split()[0] in ("nft", "python3")
+
+
+def test_the_lab_installs_the_gateways_packages():
+    makefile = (DOCUMENTS_DIR.parent / "Makefile").read_text()
+    (line,) = [x for x in makefile.splitlines() if x.startswith("GATEWAY_PACKAGES :=")]
+    assert tuple(line.split(":=", 1)[1].split()) == GATEWAY_PACKAGES
+    assert re.search(r"^APT_PACKAGES := \$\(GATEWAY_PACKAGES\) ", makefile, re.MULTILINE)
 
 
 def test_source_dest_check_off_on_the_standalone_eni_with_the_fixed_ip(s):
@@ -213,6 +267,8 @@ def test_configure_gateway_association_targets_the_gateway_tag(s):
     assert params["TableName"] == s.ref(s.stack.controller.table)
     assert params["LocalId"] == {"Fn::GetAtt": [s.one("AWS::EC2::EIP")[0], "PublicIp"]}
     assert "Fn::Select" in json.dumps(params["PskSecretName"])  # the name, from the secret's ARN
+    # Re-applied on a schedule as well as on new gateways and changes (docs/stack.md).
+    assert props["ScheduleExpression"] == CONFIGURE_SCHEDULE == "rate(30 minutes)"
     # The health agent is InstallHealthAgent's (its own association: tests/infra/test_documents.py).
     assert not {"Deployment", "HealthInterval", "ProbeTarget", "ProbeSource"} & set(params)
 

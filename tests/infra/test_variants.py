@@ -130,8 +130,13 @@ def test_arm_instance_type_gets_an_arm_image_by_default(tmp_path):
     from stacks.application import build_app, cdk_json_context
 
     _, stack = build_app(cdk_json_context() | overrides, outdir=str(tmp_path), nag=False)
-    parameters = [c.node.id for c in stack.node.children if "ami-amazon-linux-latest" in c.node.id]
-    assert parameters and all("arm64" in p for p in parameters)
+    # Canonical's parameter for arm64 (a CfnParameter of the stack, resolved at deploy time).
+    images = [
+        c.default for c in stack.node.children if "canonical" in c.node.id and hasattr(c, "default")
+    ]
+    assert images == [
+        "/aws/service/canonical/ubuntu/server/24.04/stable/current/arm64/hvm/ebs-gp3/ami-id"
+    ]
 
 
 def test_health_agent_parameters_high_resolution_and_probe(s):
