@@ -40,6 +40,11 @@ IDEMPOTENCY_PK = "idempotency#tunnelnat-healer"
 ALARM_STATE_CHANGE = "CloudWatch Alarm State Change"
 
 
+def established_lookback_seconds(settings: StackSettings) -> int:
+    """How old the newest TunnelEstablished may be: three agent runs, at least 15 minutes."""
+    return max(900, 3 * settings.health_interval_seconds)
+
+
 class Healer(Construct):
     def __init__(
         self,
@@ -103,6 +108,10 @@ class Healer(Construct):
                 "TUNNELNAT_HEALER_COMMAND_TIMEOUT_SECONDS": str(
                     settings.healer_command_timeout_seconds
                 ),
+                # The newest TunnelEstablished may be a few agent runs old (docs/health.md).
+                "TUNNELNAT_HEALER_ESTABLISHED_LOOKBACK_SECONDS": str(
+                    established_lookback_seconds(settings)
+                ),
                 "POWERTOOLS_SERVICE_NAME": SERVICE,
                 "POWERTOOLS_METRICS_NAMESPACE": METRIC_NAMESPACE,
             },
@@ -165,6 +174,13 @@ class Healer(Construct):
                 resources=["*"],
             ),
             iam.PolicyStatement(
+                # Has the tunnel been up since the gateway was configured? (TunnelEstablished,
+                # the health agent's.) GetMetricData has no resource-level permissions.
+                sid="ReadTunnelEstablished",
+                actions=["cloudwatch:GetMetricData"],
+                resources=["*"],
+            ),
+            iam.PolicyStatement(
                 sid="ReadTunnelUpAlarms",
                 actions=["cloudwatch:DescribeAlarms"],
                 resources=[alarms],
@@ -214,7 +230,8 @@ class Healer(Construct):
             (
                 "Resource::*",
                 "ssm:GetCommandInvocation, ec2:DescribeInstances (finding the gateway by its "
-                "tags) and the X-Ray trace API have no resource-level permissions.",
+                "tags), cloudwatch:GetMetricData (reading TunnelEstablished) and the X-Ray "
+                "trace API have no resource-level permissions.",
             ),
             (
                 f"Resource::{wildcard_arn(self, 'ec2', 'instance/*')}",

@@ -32,6 +32,7 @@ from stacks.settings import StackSettings
 NAMESPACE = "tunnelnat"
 ALARM_PREFIX = "tunnelnat-"  # every alarm of ours: tunnelnat-<deployment>-...
 TUNNEL_METRIC = "TunnelUp"
+ESTABLISHED_METRIC = "TunnelEstablished"  # the health agent's: up since configured (docs/health.md)
 # Powertools' "service" dimension of each function's metrics (Metrics(service=...) in handlers/).
 CONTROLLER_SERVICE = "tunnelnat"
 HEALER_SERVICE = "tunnelnat-healer"
@@ -108,7 +109,9 @@ class Monitoring(Construct):
                 alarm_name=f"{settings.tunnel_alarm_prefix}{tunnel}",
                 alarm_description=(
                     f"Tunnel {tunnel} of {deployment} is down (or its gateway stopped reporting) "
-                    f"in {datapoints} of {periods} periods of {period.to_seconds()} s."
+                    f"in {datapoints} of {periods} periods of {period.to_seconds()} s. If it has "
+                    "never been up since the gateway was configured (TunnelEstablished 0), the "
+                    "healer waits for the partner: check the PSK is set and the partner is up."
                 ),
                 metric=metric,
                 comparison_operator=cloudwatch.ComparisonOperator.LESS_THAN_THRESHOLD,
@@ -183,8 +186,19 @@ class Monitoring(Construct):
         )
         self.dashboard.add_widgets(
             cloudwatch.GraphWidget(
-                title="Tunnels up (1 = up)",
-                left=[alarm.metric for alarm in self.tunnel_alarms.values()],
+                title="Tunnels up (1 = up; established: up since configured)",
+                left=[alarm.metric for alarm in self.tunnel_alarms.values()]
+                + [
+                    cloudwatch.Metric(
+                        namespace=NAMESPACE,
+                        metric_name=ESTABLISHED_METRIC,
+                        dimensions_map={"Deployment": deployment, "Tunnel": tunnel},
+                        statistic="Maximum",
+                        label=f"{tunnel} established",
+                        period=Duration.seconds(settings.tunnel_alarm_period_seconds),
+                    )
+                    for tunnel in self.tunnel_alarms
+                ],
                 left_y_axis=cloudwatch.YAxisProps(min=0, max=1),
                 width=12,
             ),
@@ -307,6 +321,8 @@ class Monitoring(Construct):
                     for name in (
                         "SkippedBackoff",
                         "SkippedCapped",
+                        "SkippedWaitingForPartner",
+                        "SkippedNoReport",
                         "SkippedAlreadyOk",
                         "DuplicateEvents",
                         "RejectedEvents",

@@ -14,6 +14,19 @@ fresh attempt and backs off.
 An alarm only emits an event when its state changes: a tunnel that stays in ALARM after a failed
 restart produces no new event. The healer's scheduled sweep (``sweep``) is what retries it once
 the back-off has passed, and what pages when the cap is reached.
+
+It acts only on its own deployment's TunnelUp alarms, checked here and not only by the
+EventBridge rule: the alarm's name carries the deployment's prefix, and its metric is
+``tunnelnat``/``TunnelUp`` with this deployment's ``Deployment`` dimension. Anything else is
+``InvalidAlarm`` (logged and dropped by the handler, never a restart of this gateway's tunnel).
+
+It restarts only a tunnel that has been up since the gateway last configured it: the health
+agent's ``TunnelEstablished`` (docs/health.md). At a first deploy, before the PSK is set or while
+the partner is not ready yet, TunnelUp's missing data is breaching and the alarm fires; a restart
+cannot help there, so the healer waits (``waiting-for-partner``) and neither uses its cap nor
+pages. No TunnelEstablished datapoint at all (the agent is not installed yet, or the gateway is
+not reporting) is ``no-report``: no restart either, since RestartTunnel cannot reach a gateway that
+cannot publish; the TunnelUp alarm's own notification is what tells a human.
 """
 
 from __future__ import annotations
@@ -25,7 +38,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -39,6 +52,7 @@ TUNNEL_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
 HEALER_PK = "healer"
 METRIC_NAMESPACE = "tunnelnat"
 METRIC_NAME = "TunnelUp"
+ESTABLISHED_METRIC = "TunnelEstablished"
 DOCUMENT = "RestartTunnel"
 
 
@@ -101,6 +115,9 @@ class Action(StrEnum):
     RESTART = "restart"
     SKIP_OK = "skip-ok"  # the alarm is OK again: nothing to heal
     SKIP_NOT_ALARM = "skip-not-alarm"  # INSUFFICIENT_DATA: not a verdict either way
+    # Never up since the gateway configured it (PSK not set, partner not ready): not ours to heal.
+    SKIP_WAITING = "waiting-for-partner"
+    SKIP_NO_REPORT = "no-report"  # no TunnelEstablished datapoint: the agent is not reporting
     WAIT = "wait"  # back-off: too soon after the previous attempt
     PAGE = "page"  # the cap is reached: stop restarting, tell a human
     ALREADY_PAGED = "already-paged"
@@ -113,12 +130,34 @@ class Decision:
     retry_at: float | None = None
 
 
-def decide(alarm_state: str, state: HealState, now: float, policy: HealerPolicy) -> Decision:
-    """What to do about a tunnel whose alarm is in ``alarm_state`` now."""
+WAITING_REASON = (
+    "waiting for the partner: the tunnel has not been up since the gateway was configured "
+    "(is the PSK set? is the partner's endpoint up?)"
+)
+NO_REPORT_REASON = (
+    "no TunnelEstablished datapoint from the gateway's health agent recently (not installed "
+    "yet, or the gateway is not reporting): a restart cannot help"
+)
+
+
+def decide(
+    alarm_state: str,
+    state: HealState,
+    now: float,
+    policy: HealerPolicy,
+    *,
+    established: bool | None,
+) -> Decision:
+    """What to do about a tunnel whose alarm is in ``alarm_state`` now. ``established``: the
+    newest TunnelEstablished (True: up since configured; False: never; None: no datapoint)."""
     if alarm_state == "OK":
         return Decision(Action.SKIP_OK, "the alarm is OK again")
     if alarm_state != "ALARM":
         return Decision(Action.SKIP_NOT_ALARM, f"the alarm is {alarm_state}, not ALARM")
+    if established is None:
+        return Decision(Action.SKIP_NO_REPORT, NO_REPORT_REASON)
+    if not established:
+        return Decision(Action.SKIP_WAITING, WAITING_REASON)
     recent = state.recent(now, policy.window_seconds)
     if len(recent) >= policy.max_restarts:
         window = f"{policy.window_seconds / 60:.0f} min"
@@ -180,6 +219,14 @@ def parse_alarm_time(value: str) -> float:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
+def _alarm_time(value: str) -> float:
+    """parse_alarm_time, or InvalidAlarm: a malformed timestamp is dropped, never retried."""
+    try:
+        return parse_alarm_time(value)
+    except (ValueError, TypeError, OverflowError):
+        raise InvalidAlarm(f"malformed alarm state timestamp {value[:40]!r}") from None
+
+
 def _iso(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
@@ -198,12 +245,17 @@ class AlarmView:
     state: str
     tunnel: str
     state_updated: float | None = None
+    deployment: str = ""  # the Deployment dimension of the alarm's TunnelUp metric
 
 
 class AlarmPort(Protocol):
+    """CloudWatch: the TunnelUp alarms, and the health agent's TunnelEstablished reports."""
+
     def current(self, name: str) -> AlarmView | None: ...
 
     def in_alarm(self, prefix: str) -> list[str]: ...
+
+    def established(self, deployment: str, tunnel: str) -> bool | None: ...
 
 
 class StorePort(Protocol):
@@ -238,8 +290,16 @@ class NoTelemetry:
 
 
 class CloudWatchAlarms:
-    def __init__(self, cloudwatch_client: Any) -> None:
+    def __init__(
+        self,
+        cloudwatch_client: Any,
+        *,
+        established_lookback_seconds: float = 900.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._cw = cloudwatch_client
+        self._lookback = established_lookback_seconds
+        self._clock = clock
 
     def current(self, name: str) -> AlarmView | None:
         reply = self._cw.describe_alarms(AlarmNames=[name], AlarmTypes=["MetricAlarm"])
@@ -248,11 +308,21 @@ class CloudWatchAlarms:
             return None
         raw = alarms[0]
         updated = raw.get("StateUpdatedTimestamp")
+        dimensions = tunnel_up_dimensions(raw)
         return AlarmView(
             name=name,
             state=raw.get("StateValue", "INSUFFICIENT_DATA"),
             tunnel=tunnel_of(raw),
             state_updated=updated.timestamp() if isinstance(updated, datetime) else None,
+            deployment=dimensions.get("Deployment", ""),
+        )
+
+    def established(self, deployment: str, tunnel: str) -> bool | None:
+        """The newest TunnelEstablished (1-minute Maximum) within the lookback: True/False, or
+        None when there is no datapoint at all. The window is real time, whatever the caller's
+        clock: it asks whether the agent reported lately."""
+        return latest_established(
+            self._cw, deployment, tunnel, now=self._clock(), lookback=self._lookback
         )
 
     def in_alarm(self, prefix: str) -> list[str]:
@@ -265,20 +335,68 @@ class CloudWatchAlarms:
         return sorted(names)
 
 
-def tunnel_of(alarm: Mapping[str, Any]) -> str:
-    """The tunnel a TunnelUp alarm watches, from its metric's ``Tunnel`` dimension."""
+def latest_established(
+    cloudwatch: Any, deployment: str, tunnel: str, *, now: float, lookback: float
+) -> bool | None:
+    """The newest ``TunnelEstablished`` (Deployment, Tunnel) datapoint in ``lookback`` seconds
+    before ``now``: True when it is 1, False when 0, None when there is none."""
+    end = datetime.fromtimestamp(now, UTC)
+    reply = cloudwatch.get_metric_data(
+        MetricDataQueries=[
+            {
+                "Id": "established",
+                "MetricStat": {
+                    "Metric": {
+                        "Namespace": METRIC_NAMESPACE,
+                        "MetricName": ESTABLISHED_METRIC,
+                        "Dimensions": [
+                            {"Name": "Deployment", "Value": deployment},
+                            {"Name": "Tunnel", "Value": tunnel},
+                        ],
+                    },
+                    "Period": 60,
+                    "Stat": "Maximum",
+                },
+                "ReturnData": True,
+            }
+        ],
+        StartTime=end - timedelta(seconds=lookback),
+        EndTime=end + timedelta(seconds=60),  # the current, incomplete minute counts too
+        ScanBy="TimestampDescending",
+    )
+    newest: tuple[datetime, float] | None = None
+    for result in reply.get("MetricDataResults", []):
+        for stamp, value in zip(
+            result.get("Timestamps", []), result.get("Values", []), strict=False
+        ):
+            if newest is None or stamp > newest[0]:
+                newest = (stamp, value)
+    return None if newest is None else newest[1] >= 1
+
+
+def tunnel_up_dimensions(alarm: Mapping[str, Any]) -> dict[str, str]:
+    """The dimensions of the ``tunnelnat``/``TunnelUp`` metric an alarm watches (directly or in
+    a metric query); InvalidAlarm when it watches no such metric."""
     metrics = [alarm]
     metrics += [m.get("MetricStat", {}).get("Metric", {}) for m in alarm.get("Metrics", []) or []]
     for metric in metrics:
         if metric.get("Namespace") != METRIC_NAMESPACE or metric.get("MetricName") != METRIC_NAME:
             continue
-        for dim in metric.get("Dimensions", []):
-            if dim.get("Name") == "Tunnel":
-                value = str(dim.get("Value", ""))
-                if not TUNNEL_NAME.fullmatch(value):
-                    raise InvalidAlarm(f"alarm's Tunnel dimension {value!r} is not a tunnel name")
-                return value
+        return {str(d.get("Name")): str(d.get("Value", "")) for d in metric.get("Dimensions", [])}
     raise InvalidAlarm(f"{alarm.get('AlarmName')}: not an alarm on tunnelnat TunnelUp by Tunnel")
+
+
+def tunnel_of(alarm: Mapping[str, Any]) -> str:
+    """The tunnel a TunnelUp alarm watches, from its metric's ``Tunnel`` dimension."""
+    dimensions = tunnel_up_dimensions(alarm)
+    if "Tunnel" not in dimensions:
+        raise InvalidAlarm(
+            f"{alarm.get('AlarmName')}: not an alarm on tunnelnat TunnelUp by Tunnel"
+        )
+    value = dimensions["Tunnel"]
+    if not TUNNEL_NAME.fullmatch(value):
+        raise InvalidAlarm(f"alarm's Tunnel dimension {value!r} is not a tunnel name")
+    return value
 
 
 def _key(tunnel: str) -> dict:
@@ -369,6 +487,8 @@ class HealerSettings(BaseModel):
     alarm_prefix: str = Field(default="", pattern=r"^([A-Za-z0-9_.:/-]{1,200})?$")
     restart_wait_seconds: int = Field(default=30, ge=1, le=120)
     command_timeout_seconds: float = Field(default=150.0, ge=30, le=800)
+    # How far back the newest TunnelEstablished may lie (at least a few agent intervals).
+    established_lookback_seconds: int = Field(default=900, ge=60, le=86_400)
     region: str = Field(pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]$")
     policy: HealerPolicy = Field(default_factory=HealerPolicy)
 
@@ -400,6 +520,7 @@ class HealerSettings(BaseModel):
             "alarm_prefix": "TUNNELNAT_HEALER_ALARM_PREFIX",
             "restart_wait_seconds": "TUNNELNAT_HEALER_RESTART_WAIT_SECONDS",
             "command_timeout_seconds": "TUNNELNAT_HEALER_COMMAND_TIMEOUT_SECONDS",
+            "established_lookback_seconds": "TUNNELNAT_HEALER_ESTABLISHED_LOOKBACK_SECONDS",
         }
         try:
             policy = HealerPolicy(**{k: env[v] for k, v in policy_env.items() if env.get(v)})
@@ -449,17 +570,39 @@ class Healer:
     telemetry: Telemetry = field(default_factory=NoTelemetry)
     clock: Callable[[], float] = time.time
 
-    def heal(self, alarm_name: str, alarm_time: str = "") -> HealOutcome:
-        """One alarm: re-read its state now, decide, and carry the decision out."""
+    def ours(self, alarm_name: str) -> AlarmView:
+        """The alarm, re-read now, if it is one of this deployment's TunnelUp alarms: its name
+        has our prefix and its metric our Deployment dimension. Else InvalidAlarm."""
+        if not self.alarm_prefix or not alarm_name.startswith(self.alarm_prefix):
+            raise InvalidAlarm(
+                f"alarm {alarm_name!r} is not one of this deployment's TunnelUp alarms "
+                f"(they are named {self.alarm_prefix}...)"
+            )
         alarm = self.alarms.current(alarm_name)
         if alarm is None:
             raise InvalidAlarm(f"alarm {alarm_name} does not exist")
+        if alarm.deployment != self.deployment:
+            raise InvalidAlarm(
+                f"alarm {alarm_name} watches TunnelUp of deployment {alarm.deployment!r}, "
+                f"not {self.deployment!r}"
+            )
+        return alarm
+
+    def heal(self, alarm_name: str, alarm_time: str = "") -> HealOutcome:
+        """One alarm: re-read its state now, decide, and carry the decision out."""
+        alarm = self.ours(alarm_name)
         out = HealOutcome(alarm=alarm_name, action="", reason="", tunnel=alarm.tunnel)
+        # Read only for an alarm in ALARM: OK and INSUFFICIENT_DATA are decided without it.
+        established = (
+            self.alarms.established(self.deployment, alarm.tunnel)
+            if alarm.state == "ALARM"
+            else None
+        )
         # Two tries: a lost race for the record re-reads it and decides again.
         for _ in range(2):
             state = self.store.load(alarm.tunnel)
             now = self.clock()
-            decision = decide(alarm.state, state, now, self.policy)
+            decision = decide(alarm.state, state, now, self.policy, established=established)
             out.action, out.reason, out.retry_at = decision.action, decision.reason, None
             if decision.action is Action.RESTART:
                 if self._restart(alarm, alarm_time, state, now, out):
@@ -474,6 +617,8 @@ class Healer:
                 {
                     Action.SKIP_OK: "SkippedAlreadyOk",
                     Action.SKIP_NOT_ALARM: "SkippedNotAlarm",
+                    Action.SKIP_WAITING: "SkippedWaitingForPartner",
+                    Action.SKIP_NO_REPORT: "SkippedNoReport",
                     Action.WAIT: "SkippedBackoff",
                     Action.ALREADY_PAGED: "SkippedCapped",
                 }[decision.action]
@@ -486,19 +631,19 @@ class Healer:
     def recovered(self, alarm_name: str, ok_time: str, alarm_since: str | None) -> HealOutcome:
         """The alarm went back to OK: time to recovery, measured from the ALARM transition."""
         out = HealOutcome(alarm=alarm_name, action="recovered", reason="the alarm is OK")
-        alarm = self.alarms.current(alarm_name)
-        if alarm is not None:
-            out.tunnel = alarm.tunnel
-        if alarm_since:
-            seconds = max(0.0, parse_alarm_time(ok_time) - parse_alarm_time(alarm_since))
+        ok_at = _alarm_time(ok_time)
+        since = _alarm_time(alarm_since) if alarm_since else None
+        alarm = self.ours(alarm_name)
+        out.tunnel = alarm.tunnel
+        if since is not None:
+            seconds = max(0.0, ok_at - since)
             out.seconds = round(seconds, 3)
             self.telemetry.seconds("TimeToRecovery", seconds)
-        if alarm is not None:
-            for _ in range(2):
-                state = self.store.load(alarm.tunnel)
-                updated = replace(state, recovered_at=parse_alarm_time(ok_time))
-                if self.store.save(updated, expected_version=state.version):
-                    break
+        for _ in range(2):
+            state = self.store.load(alarm.tunnel)
+            updated = replace(state, recovered_at=ok_at)
+            if self.store.save(updated, expected_version=state.version):
+                break
         return out
 
     def sweep(self) -> list[HealOutcome]:

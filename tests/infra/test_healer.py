@@ -108,6 +108,7 @@ def test_healer_environment_is_everything_its_settings_read(s):
     assert settings.alarm_prefix == PREFIX
     assert settings.restart_wait_seconds == SETTINGS.healer_restart_wait_seconds
     assert settings.command_timeout_seconds == SETTINGS.healer_command_timeout_seconds
+    assert settings.established_lookback_seconds == max(900, 3 * SETTINGS.health_interval_seconds)
     policy = settings.policy
     assert policy.backoff_base_seconds == SETTINGS.healer_backoff_base_seconds
     assert policy.backoff_factor == SETTINGS.healer_backoff_factor
@@ -267,6 +268,7 @@ def test_healer_has_nothing_else(s):
     allowed_star = {
         "ssm:GetCommandInvocation",
         "ec2:DescribeInstances",
+        "cloudwatch:GetMetricData",
         "xray:PutTraceSegments",
         "xray:PutTelemetryRecords",
     }
@@ -282,6 +284,7 @@ def test_healer_has_nothing_else(s):
         "OnThisDeploymentsGateway",
         "FollowCommandsFindTheGateway",
         "ReadTunnelUpAlarms",
+        "ReadTunnelEstablished",
         "ItsRecordsInTheTable",
         "PageTheTopic",
         "EncryptForTheTopic",
@@ -404,5 +407,6 @@ def test_dashboard_shows_the_controllers_and_the_healers_metrics(s):
 
 def test_dashboard_names_only_metrics_the_code_publishes(s):
     metrics, _ = _dashboard(s)
-    unknown = set(metrics) - _published_metrics() - {"TunnelUp"}
+    # TunnelUp and TunnelEstablished are the gateway's health agent's (gateway/).
+    unknown = set(metrics) - _published_metrics() - {"TunnelUp", "TunnelEstablished"}
     assert not unknown, f"on the dashboard but published by no code: {sorted(unknown)}"

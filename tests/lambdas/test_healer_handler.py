@@ -2,7 +2,8 @@
 
 moto never evaluates alarms; the tests set their state with ``set_alarm_state`` and deliver the
 EventBridge event AWS would send. RestartTunnel goes through a fake command port (moto's SSM
-would report Success without running anything); tests/lab runs the real document.
+would report Success without running anything); tests/lab runs the real document. The health
+agent's TunnelEstablished is put into moto's CloudWatch as the agent would publish it.
 """
 
 from __future__ import annotations
@@ -81,6 +82,23 @@ class Aws:
     def pages(self) -> list[dict]:
         reply = self.sqs.receive_message(QueueUrl=self.queue_url, MaxNumberOfMessages=10)
         return [json.loads(json.loads(m["Body"])["Message"]) for m in reply.get("Messages", [])]
+
+    def report_established(self, value: float, deployment: str = "test") -> None:
+        """What the gateway's health agent publishes every run (gateway/tunnelnat_health.py)."""
+        self.cloudwatch.put_metric_data(
+            Namespace="tunnelnat",
+            MetricData=[
+                {
+                    "MetricName": "TunnelEstablished",
+                    "Dimensions": [
+                        {"Name": "Deployment", "Value": deployment},
+                        {"Name": "Tunnel", "Value": "partner"},
+                    ],
+                    "Value": value,
+                    "Unit": "Count",
+                }
+            ],
+        )
 
     def record(self) -> dict:
         key = {"pk": {"S": "healer"}, "sk": {"S": "partner"}}
@@ -190,8 +208,35 @@ def aws(moto_url, monkeypatch):
     port = RestartPort()
     healer, persistence = module.build_healer(commands=port)
     module.use_healer(healer, persistence)
-    yield Aws(cloudwatch, dynamodb, sqs, queue_url, gateway, port, module, healer)
+    rig = Aws(cloudwatch, dynamodb, sqs, queue_url, gateway, port, module, healer)
+    # The tunnel has been up since the gateway was configured (tests of the waiting state say
+    # otherwise in their own series).
+    rig.report_established(1.0)
+    yield rig
     module.use_healer(None)
+
+
+@pytest.fixture
+def fresh(aws, moto_url):
+    """``aws`` without any TunnelEstablished datapoint (moto has no DeleteMetricData): the
+    same alarm and tunnel, watched by another deployment's healer and alarm."""
+    aws.cloudwatch.put_metric_alarm(
+        AlarmName="tunnelnat-fresh-TunnelUp-partner",
+        Namespace="tunnelnat",
+        MetricName="TunnelUp",
+        Dimensions=[
+            {"Name": "Deployment", "Value": "fresh"},
+            {"Name": "Tunnel", "Value": "partner"},
+        ],
+        Statistic="Minimum",
+        Period=60,
+        EvaluationPeriods=3,
+        DatapointsToAlarm=2,
+        Threshold=1,
+        ComparisonOperator="LessThanThreshold",
+        TreatMissingData="breaching",
+    )
+    return aws
 
 
 def test_alarm_restarts_the_tunnel_on_the_gateway(aws):
@@ -338,3 +383,141 @@ def test_alarm_on_another_metric_is_dropped(aws):
         alarm_event("tunnelnat-test-cpu", "ALARM", "2026-11-24T12:00:00.000+0000", "OK", "x")
     )
     assert "rejected" in out and aws.port.calls == []
+
+
+# -- no healing before the first report ----------------------------------------------------------
+
+
+def _deployment_healer(aws, monkeypatch, deployment):
+    monkeypatch.setenv("TUNNELNAT_DEPLOYMENT", deployment)
+    monkeypatch.setenv("TUNNELNAT_HEALER_ALARM_PREFIX", f"tunnelnat-{deployment}-")
+    healer, persistence = aws.module.build_healer(commands=aws.port)
+    aws.module.use_healer(healer, persistence)
+    return healer
+
+
+def _alarm(aws, name, state):
+    aws.cloudwatch.set_alarm_state(AlarmName=name, StateValue=state, StateReason="test")
+    alarm = aws.cloudwatch.describe_alarms(AlarmNames=[name])["MetricAlarms"][0]
+    stamp = alarm["StateUpdatedTimestamp"]
+    return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}+0000"
+
+
+SWEEP = {
+    "version": "0",
+    "id": "sweep-fresh",
+    "detail-type": "Scheduled Event",
+    "source": "aws.events",
+    "account": ACCOUNT,
+    "time": "2026-11-24T12:00:00Z",
+    "region": REGION,
+    "resources": [f"arn:aws:events:{REGION}:{ACCOUNT}:rule/tunnelnat-healer-sweep"],
+    "detail": {},
+}
+
+
+def test_first_deploy_tunnel_never_up_is_waiting_no_restart_no_page(fresh, monkeypatch):
+    # The agent reports the tunnel has not been up since ConfigureGateway (PSK not set yet).
+    fresh.report_established(0.0, deployment="fresh")
+    healer = _deployment_healer(fresh, monkeypatch, "fresh")
+    now = [time.time()]
+    healer.clock = lambda: now[0]
+    name = "tunnelnat-fresh-TunnelUp-partner"
+    at = _alarm(fresh, name, "ALARM")
+    out = fresh.invoke(alarm_event(name, "ALARM", at, "OK", at))
+    assert out["action"] == "waiting-for-partner" and "PSK" in out["reason"]
+    for _ in range(6):  # an hour of sweeps, far past the cap of 3: nothing
+        now[0] += 600
+        (swept,) = fresh.invoke(SWEEP)["sweep"]
+        assert swept["action"] == "waiting-for-partner"
+    assert fresh.port.calls == [] and fresh.pages() == []
+    key = {"pk": {"S": "healer"}, "sk": {"S": "partner"}}
+    assert "Item" not in fresh.dynamodb.get_item(TableName=TABLE, Key=key)
+
+
+def test_no_established_datapoint_at_all_is_no_report(fresh, monkeypatch):
+    _deployment_healer(fresh, monkeypatch, "fresh")
+    name = "tunnelnat-fresh-TunnelUp-partner"
+    at = _alarm(fresh, name, "ALARM")
+    out = fresh.invoke(alarm_event(name, "ALARM", at, "OK", at))
+    assert out["action"] == "no-report" and fresh.port.calls == []
+
+
+def test_once_established_a_down_tunnel_is_restarted(fresh, monkeypatch):
+    fresh.report_established(0.0, deployment="fresh")
+    fresh.report_established(1.0, deployment="fresh")  # the newest minute says: up since
+    _deployment_healer(fresh, monkeypatch, "fresh")
+    name = "tunnelnat-fresh-TunnelUp-partner"
+    at = _alarm(fresh, name, "ALARM")
+    assert fresh.invoke(alarm_event(name, "ALARM", at, "OK", at))["action"] == "restart"
+
+
+# -- issue 14, finding 4: only this deployment's TunnelUp alarms ---------------------------------
+
+
+def test_alarm_of_another_deployment_is_dropped_even_with_our_prefix(aws):
+    # Routed to us and named like ours, but watching another deployment's TunnelUp.
+    name = "tunnelnat-test-TunnelUp-prod"
+    aws.cloudwatch.put_metric_alarm(
+        AlarmName=name,
+        Namespace="tunnelnat",
+        MetricName="TunnelUp",
+        Dimensions=[
+            {"Name": "Deployment", "Value": "prod"},
+            {"Name": "Tunnel", "Value": "partner"},
+        ],
+        Statistic="Minimum",
+        Period=60,
+        EvaluationPeriods=3,
+        Threshold=1,
+        ComparisonOperator="LessThanThreshold",
+    )
+    at = _alarm(aws, name, "ALARM")
+    out = aws.invoke(alarm_event(name, "ALARM", at, "OK", at))
+    assert "rejected" in out and "deployment 'prod'" in out["rejected"]
+    assert aws.port.calls == []
+    # The sweep lists it too (same prefix): still no restart.
+    swept = {o["alarm"]: o for o in aws.invoke(SWEEP)["sweep"]}
+    assert swept[name]["action"] == "invalid" and "deployment 'prod'" in swept[name]["reason"]
+    assert aws.port.calls == []
+
+
+def test_alarm_outside_our_prefix_is_dropped_even_on_our_metric(aws):
+    name = "someone-else-TunnelUp-watch"  # any alarm routed to the healer
+    aws.cloudwatch.put_metric_alarm(
+        AlarmName=name,
+        Namespace="tunnelnat",
+        MetricName="TunnelUp",
+        Dimensions=[
+            {"Name": "Deployment", "Value": "test"},
+            {"Name": "Tunnel", "Value": "partner"},
+        ],
+        Statistic="Minimum",
+        Period=60,
+        EvaluationPeriods=3,
+        Threshold=1,
+        ComparisonOperator="LessThanThreshold",
+    )
+    at = _alarm(aws, name, "ALARM")
+    out = aws.invoke(alarm_event(name, "ALARM", at, "OK", at))
+    assert "rejected" in out and "not one of this deployment's" in out["rejected"]
+    assert aws.port.calls == []
+
+
+@pytest.mark.parametrize(
+    "ok, since",
+    [
+        ("2026-13-45T99:00:00.000+0000", "2026-11-24T12:00:00.000+0000"),
+        ("2026-11-24T12:01:30.000+0000", "not-a-time-at-all"),
+    ],
+)
+def test_malformed_state_timestamp_is_dropped_with_a_log_line(aws, caplog, ok, since):
+    _alarm(aws, ALARM, "ALARM")
+    _alarm(aws, ALARM, "OK")
+    out = aws.invoke(aws.event("OK", ok, previous="ALARM", since=since))
+    assert "rejected" in out and "malformed" in out["rejected"]
+    dropped = [
+        r for r in caplog.records if r.getMessage() == "dropping event that can never succeed"
+    ]
+    assert dropped and "malformed" in dropped[0].reason
+    assert "recovered_at" not in aws.record()

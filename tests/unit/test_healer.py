@@ -20,9 +20,11 @@ from tunnelnat.healer import (
     HealState,
     InvalidAlarm,
     decide,
+    latest_established,
     page_message,
     parse_alarm_time,
     tunnel_of,
+    tunnel_up_dimensions,
 )
 
 POLICY = HealerPolicy(
@@ -45,7 +47,7 @@ def test_backoff_is_exponential_and_capped():
 
 
 def test_first_alarm_restarts():
-    d = decide("ALARM", HealState("partner"), T0, POLICY)
+    d = decide("ALARM", HealState("partner"), T0, POLICY, established=True)
     assert d.action is Action.RESTART and d.reason == "attempt 1 of 3"
 
 
@@ -54,30 +56,32 @@ def test_first_alarm_restarts():
 )
 def test_alarm_no_longer_in_alarm_is_left_alone(state, action):
     busy = HealState("partner", attempts=(attempt(T0 - 5000),))
-    assert decide(state, busy, T0, POLICY).action is action
+    assert decide(state, busy, T0, POLICY, established=True).action is action
 
 
 def test_backoff_between_attempts():
     one = HealState("partner", attempts=(attempt(T0),))
-    d = decide("ALARM", one, T0 + 59, POLICY)
+    d = decide("ALARM", one, T0 + 59, POLICY, established=True)
     assert d.action is Action.WAIT and d.retry_at == T0 + 60
-    assert decide("ALARM", one, T0 + 60, POLICY).action is Action.RESTART
+    assert decide("ALARM", one, T0 + 60, POLICY, established=True).action is Action.RESTART
     two = HealState("partner", attempts=(attempt(T0), attempt(T0 + 60)))
-    assert decide("ALARM", two, T0 + 179, POLICY).action is Action.WAIT
-    assert decide("ALARM", two, T0 + 180, POLICY).action is Action.RESTART
+    assert decide("ALARM", two, T0 + 179, POLICY, established=True).action is Action.WAIT
+    assert decide("ALARM", two, T0 + 180, POLICY, established=True).action is Action.RESTART
 
 
 def test_cap_per_window_then_page_once():
     three = HealState("partner", attempts=(attempt(T0), attempt(T0 + 60), attempt(T0 + 180)))
-    d = decide("ALARM", three, T0 + 500, POLICY)
+    d = decide("ALARM", three, T0 + 500, POLICY, established=True)
     assert d.action is Action.PAGE and "3 restarts" in d.reason
     paged = replace(three, paged_at=T0 + 500)
-    assert decide("ALARM", paged, T0 + 900, POLICY).action is Action.ALREADY_PAGED
+    assert decide("ALARM", paged, T0 + 900, POLICY, established=True).action is Action.ALREADY_PAGED
     # An hour after the first attempt it leaves the (rolling) window: one more restart is allowed
     # (the last attempt is long past its back-off); then the cap holds again, already paged.
-    assert decide("ALARM", paged, T0 + 3600, POLICY).action is Action.RESTART
+    assert decide("ALARM", paged, T0 + 3600, POLICY, established=True).action is Action.RESTART
     again = replace(paged, attempts=(*paged.attempts, attempt(T0 + 3600)))
-    assert decide("ALARM", again, T0 + 3620, POLICY).action is Action.ALREADY_PAGED
+    assert (
+        decide("ALARM", again, T0 + 3620, POLICY, established=True).action is Action.ALREADY_PAGED
+    )
 
 
 def test_page_message_lists_the_attempts():
@@ -149,14 +153,24 @@ def test_settings_from_environ():
 @dataclass
 class FakeAlarms:
     states: dict[str, str] = field(default_factory=dict)
+    deployments: dict[str, str] = field(default_factory=dict)  # alarm -> Deployment dimension
+    # The newest TunnelEstablished per (deployment, tunnel); absent: no datapoint at all.
+    reports: dict[tuple[str, str], bool] = field(default_factory=lambda: {("lab", "partner"): True})
+    established_reads: int = 0
 
     def current(self, name):
         if name not in self.states:
             return None
-        return AlarmView(name, self.states[name], "partner")
+        return AlarmView(
+            name, self.states[name], "partner", deployment=self.deployments.get(name, "lab")
+        )
 
     def in_alarm(self, prefix):
         return sorted(n for n, s in self.states.items() if s == "ALARM" and n.startswith(prefix))
+
+    def established(self, deployment, tunnel):
+        self.established_reads += 1
+        return self.reports.get((deployment, tunnel))
 
 
 class MemoryStore:
@@ -238,6 +252,7 @@ def rig():
         pager=FakePager(),
         deployment="lab",
         policy=POLICY,
+        alarm_prefix="tunnelnat-lab-TunnelUp-",
         telemetry=Counting(),
         clock=lambda: now[0],
     )
@@ -356,3 +371,136 @@ def test_default_alarm_prefix_is_this_deployments_tunnel_alarms_only():
     assert HealerSettings.from_environ(env).alarm_prefix == "tunnelnat-prod-TunnelUp-"
     explicit = {**env, "TUNNELNAT_HEALER_ALARM_PREFIX": "custom-"}
     assert HealerSettings.from_environ(explicit).alarm_prefix == "custom-"
+
+
+# -- no healing before the first report: TunnelEstablished ---------------------------------------
+
+
+def test_a_tunnel_never_up_since_configured_is_waiting_not_restarted_not_paged():
+    # At the cap, even: a tunnel that was never up is not the healer's to restart or page about.
+    three = HealState("partner", attempts=(attempt(T0), attempt(T0 + 60), attempt(T0 + 180)))
+    for state in (HealState("partner"), three):
+        d = decide("ALARM", state, T0 + 500, POLICY, established=False)
+        assert d.action is Action.SKIP_WAITING
+        assert "waiting for the partner" in d.reason and "PSK" in d.reason
+    # No datapoint at all (agent not installed yet, gateway silent) is its own answer.
+    d = decide("ALARM", HealState("partner"), T0, POLICY, established=None)
+    assert d.action is Action.SKIP_NO_REPORT and "no TunnelEstablished datapoint" in d.reason
+    # OK stays OK whatever the report.
+    assert decide("OK", HealState("partner"), T0, POLICY, established=None).action is Action.SKIP_OK
+
+
+def test_first_deploy_alarm_neither_restarts_nor_uses_the_cap_nor_pages(rig):
+    rig.alarms.reports[("lab", "partner")] = False  # the agent reports: never up since configured
+    for minute in range(10):  # the alarm stays in ALARM; the sweep comes every minute
+        rig.now[0] = T0 + 60 * minute
+        (out,) = rig.sweep()
+        assert out.action == "waiting-for-partner" and "PSK" in out.reason
+    assert rig.commands.calls == [] and rig.pager.pages == []
+    assert rig.store.load("partner").attempts == ()
+    assert rig.telemetry.counts == {"SkippedWaitingForPartner": 10}
+    # The partner is ready and the tunnel came up once: from then on a failure is healed.
+    rig.alarms.reports[("lab", "partner")] = True
+    assert rig.heal(ALARM).action == "restart"
+
+
+def test_no_report_at_all_is_not_restarted(rig):
+    rig.alarms.reports.clear()
+    out = rig.heal(ALARM)
+    assert out.action == "no-report" and rig.commands.calls == []
+    assert rig.telemetry.counts == {"SkippedNoReport": 1}
+
+
+def test_established_is_read_only_for_an_alarm_in_alarm(rig):
+    rig.alarms.states[ALARM] = "OK"
+    rig.heal(ALARM)
+    assert rig.alarms.established_reads == 0
+    rig.alarms.states[ALARM] = "ALARM"
+    rig.heal(ALARM)
+    assert rig.alarms.established_reads == 1
+
+
+@dataclass
+class MetricDataClient:
+    points: list  # (datetime, value)
+    calls: list = field(default_factory=list)
+
+    def get_metric_data(self, **kwargs):
+        self.calls.append(kwargs)
+        return {
+            "MetricDataResults": [
+                {
+                    "Id": "established",
+                    "Timestamps": [t for t, _ in self.points],
+                    "Values": [v for _, v in self.points],
+                }
+            ]
+        }
+
+
+def test_latest_established_reads_the_newest_datapoint_of_our_series():
+    from datetime import UTC, datetime
+
+    def at(seconds):
+        return datetime.fromtimestamp(T0 - seconds, UTC)
+
+    client = MetricDataClient([(at(120), 1.0), (at(60), 0.0), (at(600), 1.0)])
+    assert latest_established(client, "lab", "partner", now=T0, lookback=900) is False
+    (call,) = client.calls
+    (query,) = call["MetricDataQueries"]
+    assert query["MetricStat"]["Metric"] == {
+        "Namespace": "tunnelnat",
+        "MetricName": "TunnelEstablished",
+        "Dimensions": [
+            {"Name": "Deployment", "Value": "lab"},
+            {"Name": "Tunnel", "Value": "partner"},
+        ],
+    }
+    assert (T0 - call["StartTime"].timestamp()) == 900
+    assert latest_established(MetricDataClient([(at(5), 1.0)]), "lab", "p", now=T0, lookback=900)
+    assert latest_established(MetricDataClient([]), "lab", "p", now=T0, lookback=900) is None
+
+
+# -- issue 14, finding 4: only this deployment's TunnelUp alarms ---------------------------------
+
+
+def test_alarm_of_another_deployment_is_never_acted_on(rig):
+    # Named with our prefix, but its metric is another deployment's TunnelUp.
+    rig.alarms.deployments[ALARM] = "prod"
+    rig.alarms.reports[("prod", "partner")] = True
+    with pytest.raises(InvalidAlarm, match="deployment 'prod', not 'lab'"):
+        rig.heal(ALARM, "2026-11-24T12:00:00.000+0000")
+    assert rig.commands.calls == [] and rig.store.load("partner").attempts == ()
+    (out,) = rig.sweep()
+    assert out.action == "invalid" and rig.commands.calls == []
+
+
+def test_alarm_outside_our_prefix_is_never_acted_on(rig):
+    for name in ("tunnelnat-prod-TunnelUp-partner", "someone-elses-alarm"):
+        rig.alarms.states[name] = "ALARM"  # its metric even has our Deployment dimension
+        with pytest.raises(InvalidAlarm, match="not one of this deployment's TunnelUp alarms"):
+            rig.heal(name, "2026-11-24T12:00:00.000+0000")
+        with pytest.raises(InvalidAlarm):
+            rig.recovered(name, "2026-11-24T12:00:00.000+0000", None)
+    assert rig.commands.calls == []
+
+
+def test_malformed_recovery_timestamp_is_an_invalid_alarm_not_a_crash(rig):
+    for ok_time, since in (("yesterday-ish", None), ("2026-11-24T12:01:30.000+0000", "garbage")):
+        with pytest.raises(InvalidAlarm, match="malformed alarm state timestamp"):
+            rig.recovered(ALARM, ok_time, since)
+    assert rig.store.load("partner").version == 0  # nothing written
+
+
+def test_tunnel_up_dimensions():
+    alarm = {
+        "AlarmName": "a",
+        "Namespace": "tunnelnat",
+        "MetricName": "TunnelUp",
+        "Dimensions": [{"Name": "Deployment", "Value": "lab"}, {"Name": "Tunnel", "Value": "p"}],
+    }
+    assert tunnel_up_dimensions(alarm) == {"Deployment": "lab", "Tunnel": "p"}
+    with pytest.raises(InvalidAlarm):
+        tunnel_up_dimensions({**alarm, "Namespace": "AWS/EC2"})
+    with pytest.raises(InvalidAlarm):
+        tunnel_of({**alarm, "Dimensions": [{"Name": "Deployment", "Value": "lab"}]})

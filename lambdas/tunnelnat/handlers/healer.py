@@ -10,8 +10,9 @@ Events (EventBridge, directly):
     pages at the cap).
 
 Thin on purpose: parse, hand over to ``tunnelnat.healer.Healer``, report. An event that can never
-succeed (unparseable, an alarm that is gone or is not a TunnelUp alarm) is logged and dropped;
-anything else raises so EventBridge/Lambda retries it.
+succeed (unparseable, a malformed state timestamp, an alarm that is gone, is not a TunnelUp alarm
+or is another deployment's: ``Healer.ours``) is logged and dropped; anything else raises so
+EventBridge/Lambda retries it.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from aws_lambda_powertools.utilities.parser import ValidationError, parse
 from aws_lambda_powertools.utilities.parser.models import EventBridgeModel
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.config import Config
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from tunnelnat.adapters.commands import CommandPort, SsmCommands
 from tunnelnat.adapters.ec2 import Ec2Instances
@@ -46,6 +47,7 @@ from tunnelnat.healer import (
     HealerSettings,
     InvalidAlarm,
     SnsPager,
+    parse_alarm_time,
 )
 
 logger = Logger(service="tunnelnat")
@@ -54,6 +56,7 @@ metrics = Metrics(namespace="tunnelnat", service="tunnelnat-healer")
 
 AWS_CONFIG = Config(retries={"mode": "adaptive", "max_attempts": 8}, connect_timeout=5)
 IDEMPOTENCY_PK = "idempotency#tunnelnat-healer"
+ALARM_STATE_CHANGE = "CloudWatch Alarm State Change"
 
 _healer: Healer | None = None
 _persistence: DynamoDBPersistenceLayer | None = None
@@ -66,6 +69,15 @@ class AlarmState(BaseModel):
     value: Literal["OK", "ALARM", "INSUFFICIENT_DATA"]
     timestamp: str = Field(min_length=10, max_length=40)
     reason: str = ""
+
+    @field_validator("timestamp")
+    @classmethod
+    def _a_timestamp(cls, value: str) -> str:
+        try:
+            parse_alarm_time(value)
+        except (ValueError, TypeError, OverflowError):
+            raise ValueError(f"malformed state timestamp {value!r}") from None
+        return value
 
 
 class AlarmStateChangeDetail(BaseModel):
@@ -118,7 +130,10 @@ def build_healer(
     session = session or _session(settings.region)
     client = lambda name: session.client(name, config=AWS_CONFIG)  # noqa: E731
     healer = Healer(
-        alarms=CloudWatchAlarms(client("cloudwatch")),
+        alarms=CloudWatchAlarms(
+            client("cloudwatch"),
+            established_lookback_seconds=settings.established_lookback_seconds,
+        ),
         store=DynamoHealStore(client("dynamodb"), settings.table_name),
         commands=commands
         or SsmCommands(
@@ -215,12 +230,24 @@ def detail_of(event: AlarmStateChangeEvent) -> AlarmStateChangeDetail:
 
 
 def classify(event: Any) -> AlarmStateChangeEvent | ScheduledSweepEvent:
+    problems = []
     for model in (AlarmStateChangeEvent, ScheduledSweepEvent):
         try:
             return parse(event=event, model=model)
-        except (ValidationError, ValueError, TypeError):
-            continue
+        except (ValidationError, ValueError, TypeError) as exc:
+            problems.append(exc)
+    if isinstance(event, dict) and event.get("detail-type") == ALARM_STATE_CHANGE:
+        # An alarm event that does not parse: say what (a malformed timestamp, a bad name).
+        raise InvalidEvent(f"malformed alarm state change: {_first_error(problems[0])}")
     raise InvalidEvent("neither a CloudWatch Alarm State Change nor a Scheduled Event")
+
+
+def _first_error(exc: Exception) -> str:
+    if isinstance(exc, ValidationError) and exc.errors():
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error.get("loc", ()))
+        return f"{where}: {error.get('msg', '')}"[:300]
+    return str(exc)[:300]
 
 
 @logger.inject_lambda_context(correlation_id_path="id", clear_state=True)
