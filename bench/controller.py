@@ -51,8 +51,9 @@ SUBNET_CIDR = "10.10.0.0/20"
 GATEWAY_PRIMARY = "10.10.0.10"
 GATEWAY_ENI = "10.10.0.5"
 PARTNER = "192.0.2.0/24"
-# Documentation ranges only: 203.0.113.0/24 first, then 198.51.100.0/24.
-POOL = [f"203.0.113.{k}" for k in range(1, 255)] + [f"198.51.100.{k}" for k in range(1, 255)]
+PARTNER_ENDPOINT = "198.51.100.254"
+# Documentation ranges only: 203.0.113.0/24 first, then 198.51.100.0/24 up to T (not an S).
+POOL = [f"203.0.113.{k}" for k in range(1, 255)] + [f"198.51.100.{k}" for k in range(1, 254)]
 MAX_BURST = len(POOL)
 
 
@@ -66,7 +67,7 @@ def default_config(quick: bool = False, burst: int | list[int] = 20) -> dict:
 
 def controller_config() -> dict:
     return {
-        "partner_endpoint": "198.51.100.254",
+        "partner_endpoint": PARTNER_ENDPOINT,
         "partner_networks": [PARTNER],
         "nat_mode": "dedicated",
         "address_pool": POOL,

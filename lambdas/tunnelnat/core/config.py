@@ -20,6 +20,30 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 TAG_TEXT = re.compile(r"^[A-Za-z0-9 _.:/=+@-]{1,128}$")
 INSTANCE_ID = re.compile(r"^i-[0-9a-f]{8,17}$")
 
+# Networks no unicast peer lives in: the partner's endpoint T cannot be here, and routing a
+# partner network that overlaps them via G would capture the instance's own loopback, its metadata
+# service (169.254.169.254) or multicast.
+NOT_UNICAST: tuple[tuple[IPv4Network, str], ...] = (
+    (IPv4Network("169.254.0.0/16"), "link-local (RFC 3927: the instance metadata service)"),
+    (IPv4Network("127.0.0.0/8"), "loopback (RFC 1122)"),
+    (IPv4Network("0.0.0.0/8"), "'this network' (RFC 791; 0.0.0.0 is the unspecified address)"),
+    (IPv4Network("224.0.0.0/4"), "multicast (RFC 5771)"),
+    (IPv4Network("240.0.0.0/4"), "reserved (RFC 1112; 255.255.255.255 is broadcast)"),
+)
+# Our public addresses S are Elastic IPs: none of them lies in a private or special-purpose range.
+# The documentation ranges of RFC 5737 (192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24) are allowed
+# on purpose: the lab, the tests and the examples use them, and AWS never hands them out, so a
+# real deployment cannot use them by accident (its Elastic IPs are real addresses).
+NOT_PUBLIC: tuple[tuple[IPv4Network, str], ...] = (
+    *NOT_UNICAST,
+    (IPv4Network("10.0.0.0/8"), "private (RFC 1918)"),
+    (IPv4Network("172.16.0.0/12"), "private (RFC 1918)"),
+    (IPv4Network("192.168.0.0/16"), "private (RFC 1918)"),
+    (IPv4Network("100.64.0.0/10"), "shared address space for carrier-grade NAT (RFC 6598)"),
+    (IPv4Network("192.0.0.0/24"), "IETF protocol assignments (RFC 6890)"),
+    (IPv4Network("198.18.0.0/15"), "benchmarking (RFC 2544)"),
+)
+
 
 class NatMode(StrEnum):
     """How an enrolled instance's public source address S is chosen (see DESIGN, NAT modes)."""
@@ -76,26 +100,74 @@ class TunnelnatConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> TunnelnatConfig:
-        if self.gateway_private_ip not in self.gateway_subnet_cidr:
-            raise ValueError(
+        # Every problem at once, one line each, each naming its keys.
+        problems = [*self._placement_problems(), *self._public_address_problems()]
+        if self.nat_mode is NatMode.DEDICATED and not self.address_pool:
+            problems.append("nat_mode 'dedicated' needs address_pool: a list of public addresses")
+        if self.nat_mode is NatMode.SHARED and self.shared_address is None:
+            problems.append("nat_mode 'shared' needs shared_address")
+        if problems:
+            raise ValueError("\n  ".join(problems))
+        return self
+
+    def _placement_problems(self) -> list[str]:
+        problems = []
+        subnet = self.gateway_subnet_cidr
+        if self.gateway_private_ip not in subnet:
+            problems.append(
                 f"gateway_private_ip {self.gateway_private_ip} is outside "
-                f"gateway_subnet_cidr {self.gateway_subnet_cidr}"
+                f"gateway_subnet_cidr {subnet}"
+            )
+        endpoint = self.partner_endpoint
+        if reserved := special_range(endpoint, NOT_UNICAST):
+            problems.append(f"partner_endpoint {endpoint} is {reserved}: not a VPN peer")
+        if endpoint in subnet:
+            problems.append(
+                f"partner_endpoint {endpoint} lies inside gateway_subnet_cidr {subnet}: "
+                "T is the partner's, not an address of our VPC"
             )
         for net in self.partner_networks:
-            if net.overlaps(self.gateway_subnet_cidr):
-                raise ValueError(f"partner_networks {net} overlaps the gateway's subnet")
-            if self.partner_endpoint in net:
-                raise ValueError(f"partner_endpoint {self.partner_endpoint} lies inside {net}")
+            if net.overlaps(subnet):
+                problems.append(f"partner_networks {net} overlaps the gateway's subnet")
+            if endpoint in net:
+                problems.append(f"partner_endpoint {endpoint} lies inside {net}")
+            special = next(((n, what) for n, what in NOT_UNICAST if net.overlaps(n)), None)
+            if special:
+                problems.append(
+                    f"partner_networks {net} overlaps {special[0]}, {special[1]}: a route to it "
+                    "via G would take that range away from every enrolled instance"
+                )
+        return problems
+
+    def _public_address_problems(self) -> list[str]:
+        problems = []
         if len(set(self.address_pool)) != len(self.address_pool):
-            raise ValueError("address_pool lists an address twice")
-        for address in (*self.address_pool, self.shared_address):
-            if address is not None and any(address in net for net in self.partner_networks):
-                raise ValueError(f"public address {address} lies inside partner_networks")
-        if self.nat_mode is NatMode.DEDICATED and not self.address_pool:
-            raise ValueError("nat_mode 'dedicated' needs address_pool: a list of public addresses")
-        if self.nat_mode is NatMode.SHARED and self.shared_address is None:
-            raise ValueError("nat_mode 'shared' needs shared_address")
-        return self
+            problems.append("address_pool lists an address twice")
+        public = [("address_pool", a) for a in self.address_pool]
+        if self.shared_address is not None:
+            public.append(("shared_address", self.shared_address))
+        for key, address in public:
+            if any(address in net for net in self.partner_networks):
+                problems.append(f"public address {address} ({key}) lies inside partner_networks")
+            if address == self.partner_endpoint:
+                problems.append(
+                    f"{key} {address} is partner_endpoint: S is our address, T the partner's"
+                )
+            if address == self.gateway_private_ip:
+                problems.append(
+                    f"{key} {address} is gateway_private_ip: S is a public address, G a private one"
+                )
+            elif address in self.gateway_subnet_cidr:
+                problems.append(
+                    f"{key} {address} lies inside gateway_subnet_cidr {self.gateway_subnet_cidr}: "
+                    "S must be a public address (an Elastic IP we own)"
+                )
+            elif reserved := special_range(address, NOT_PUBLIC):
+                problems.append(
+                    f"{key} {address} is {reserved}: S must be a public address (an Elastic IP "
+                    "we own) the partner can whitelist"
+                )
+        return problems
 
     @property
     def public_addresses(self) -> tuple[IPv4Address, ...]:
@@ -119,6 +191,10 @@ class TunnelnatConfig(BaseModel):
 def describe_validation_error(exc: ValidationError, source: str) -> str:
     lines = [f"invalid {source}:"]
     for err in exc.errors():
+        if not err["loc"] and err["type"] == "value_error":
+            # A check across keys: its message names the keys, one problem a line.
+            lines.append(f"  {err['ctx']['error']}")
+            continue
         key = ".".join(str(part) for part in err["loc"]) or "(model)"
         given = err.get("input")
         shown = "" if isinstance(given, dict) else f" (got {given!r})"
@@ -130,6 +206,14 @@ def _split_csv(value: Any) -> Any:
     if isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
     return value
+
+
+def special_range(address: IPv4Address, ranges: tuple[tuple[IPv4Network, str], ...]) -> str | None:
+    """``"<network>, <what it is>"`` for the first of ``ranges`` holding ``address``, else None."""
+    for network, what in ranges:
+        if address in network:
+            return f"in {network}, {what}"
+    return None
 
 
 def is_instance_id(value: str) -> bool:
