@@ -19,11 +19,10 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_lambda_event_sources as sources
 from aws_cdk import aws_sqs as sqs
-from aws_cdk import aws_ssm as ssm
 from constructs import Construct
 
 from stacks.documents import Documents
-from stacks.functions import log_group_and_role
+from stacks.functions import log_group_and_role, powertools_layer
 from stacks.nag import acknowledge, wildcard_arn
 from stacks.policies import send_command_to_gateway
 from stacks.settings import (
@@ -33,7 +32,6 @@ from stacks.settings import (
 from tunnelnat.core.config import TunnelnatConfig
 
 HANDLER = "tunnelnat.handlers.controller.handler"
-POWERTOOLS_LAYER_PARAMETER = "/aws/service/powertools/python/x86_64/python3.13/latest"
 SERVICE = "tunnelnat"
 # Not code: kept out of the Lambda asset.
 ASSET_EXCLUDES = ["**/__pycache__", "**/*.pyc", "*.egg-info", "**/.pytest_cache"]
@@ -119,10 +117,11 @@ class Controller(Construct):
         self.queue.grant_send_messages(self.role)
         # One code asset for every function of the project (the healer's too).
         self.code = lambda_.Code.from_asset(str(code_directory), exclude=ASSET_EXCLUDES)
-        self.powertools = lambda_.LayerVersion.from_layer_version_arn(
+        self.powertools = powertools_layer(
             self,
             "Powertools",
-            ssm.StringParameter.value_for_string_parameter(self, POWERTOOLS_LAYER_PARAMETER),
+            runtime=lambda_.Runtime.PYTHON_3_13,
+            architecture=lambda_.Architecture.X86_64,
         )
         self.function = lambda_.Function(
             self,

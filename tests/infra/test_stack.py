@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import importlib.metadata
 import json
 import re
 from ipaddress import IPv4Network
@@ -31,6 +32,7 @@ G = CONTEXT["gateway_private_ip"]
 SUBNET = CONTEXT["gateway_subnet_cidr"]
 DEPLOYMENT = CONTEXT["deployment"]
 DOC_FILES = sorted(DOCUMENTS_DIR.glob("*.yaml"))
+REQUIREMENTS = DOCUMENTS_DIR.parent / "requirements.txt"
 
 
 @pytest.fixture(scope="module")
@@ -324,7 +326,10 @@ def test_controller_function_python313_powertools_layer_environment(s):
     (layer,) = props["Layers"]
     parameter = s.json["Parameters"][layer["Ref"]]
     assert parameter["Type"] == "AWS::SSM::Parameter::Value<String>"
-    assert parameter["Default"] == "/aws/service/powertools/python/x86_64/python3.13/latest"
+    # Pinned to the release the tests run (installed from requirements.txt), never "latest".
+    version = importlib.metadata.version("aws-lambda-powertools")
+    assert f"aws-lambda-powertools[parser,tracer]=={version}\n" in REQUIREMENTS.read_text()
+    assert parameter["Default"] == f"/aws/service/powertools/python/x86_64/python3.13/{version}"
     env = props["Environment"]["Variables"]
     assert env["TUNNELNAT_TABLE_NAME"] == s.ref(controller.table)
     assert env["TUNNELNAT_DEPLOYMENT"] == DEPLOYMENT
