@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import jsonschema
 import pytest
@@ -177,6 +177,47 @@ def test_tunnel_down(dep):
     finding = only_failure(doctor(dep), "tunnel")
     assert finding["summary"] == f"tunnel partner on {dep.gateway_id}: down"
     assert "--document-name test-RestartTunnel --parameters TunnelName=partner" in (finding["fix"])
+
+
+def put_established(dep, tunnel, value):
+    """The health agent's TunnelEstablished (Deployment, Tunnel): up since configured?"""
+    dep.cloudwatch.put_metric_data(
+        Namespace="tunnelnat",
+        MetricData=[
+            {
+                "MetricName": "TunnelEstablished",
+                "Dimensions": [
+                    {"Name": "Deployment", "Value": "test"},
+                    {"Name": "Tunnel", "Value": tunnel},
+                ],
+                "Value": value,
+                "Timestamp": datetime.now(UTC) - timedelta(seconds=5),
+            }
+        ],
+    )
+
+
+def test_tunnel_never_up_since_configured_is_waiting_for_the_partner(dep):
+    # A first deploy: the PSK is not set yet (or the partner is not ready).
+    dep.put_metric("partner", 0, age=timedelta(seconds=5))
+    put_established(dep, "partner", 0)
+    finding = only_failure(doctor(dep), "tunnel")
+    assert finding["summary"] == (
+        f"tunnel partner on {dep.gateway_id}: waiting for the partner (not up since the gateway "
+        "was configured): is the PSK set? is the partner up?"
+    )
+    assert "put-secret-value" in finding["fix"] and "RestartTunnel" not in finding["fix"]
+    text = dep.run("doctor")
+    (line,) = [x for x in text.out.splitlines() if x.startswith("[FAIL] tunnel ")]
+    assert "waiting for the partner" in line and ": down" not in line
+
+
+def test_tunnel_down_after_it_was_established_is_down(dep):
+    dep.put_metric("partner", 0, age=timedelta(seconds=5))
+    put_established(dep, "partner", 1)
+    finding = only_failure(doctor(dep), "tunnel")
+    assert finding["summary"] == f"tunnel partner on {dep.gateway_id}: down"
+    assert "RestartTunnel" in finding["fix"]
 
 
 def test_tunnel_without_a_recent_datapoint(dep):

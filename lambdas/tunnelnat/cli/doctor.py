@@ -28,11 +28,14 @@ from tunnelnat.cli.fleet import (
 from tunnelnat.cli.render import dump_json
 from tunnelnat.cli.table import Snapshot
 from tunnelnat.cli.tunnels import tunnel_states
+from tunnelnat.healer import latest_established
 
 SCHEMA = "tunnelnat.doctor/v1"
 OK, FAIL, UNKNOWN = "ok", "fail", "unknown"
 SSM_IDS_MAX = 50
 PENDING_SSM_GRACE = 600  # seconds an instance may wait for its SSM agent before it is a finding
+# How old the newest TunnelEstablished may be (the healer's default lookback).
+ESTABLISHED_LOOKBACK = 900
 
 
 @dataclass(frozen=True)
@@ -382,6 +385,29 @@ def check_tunnels(ctx: Ctx, facts: Facts) -> list[Finding]:
     for s in states:
         if s.state == "up":
             found.append(Finding("tunnel", OK, f"{s.tunnel} up", None, s.tunnel))
+            continue
+        established = latest_established(
+            ctx.aws.client("cloudwatch"),
+            ctx.deployment,
+            s.tunnel,
+            now=ctx.runtime.now(),
+            lookback=ESTABLISHED_LOOKBACK,
+        )
+        if established is False:
+            # Never up since the gateway was configured: the healer waits, a restart cannot help.
+            found.append(
+                Finding(
+                    "tunnel",
+                    FAIL,
+                    f"tunnel {s.tunnel} on {gw.instance_id}: waiting for the partner (not up "
+                    "since the gateway was configured): is the PSK set? is the partner up?",
+                    "put the key agreed with the partner into the PskSecretName secret (aws "
+                    "secretsmanager put-secret-value --secret-id <PskSecretName output>) and ask "
+                    "the partner to bring their side up; the healer restarts a tunnel only once "
+                    "it has been up (docs/health.md)",
+                    s.tunnel,
+                )
+            )
             continue
         what = "down" if s.state == "down" else "no datapoint in the last 5 minutes"
         found.append(
