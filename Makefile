@@ -67,8 +67,14 @@ demo: deps
 lab-clean: venv
 	$(PY) -m lab.topology cleanup
 
+# cdk.json gives no partner or addresses (nobody's values are right for everyone): synth passes
+# the documented example (documentation ranges, docs/stack.md) explicitly, as a deploy must.
+# Another example: make synth SYNTH_CONTEXT="-c partner_endpoint=... ...".
+SYNTH_CONTEXT ?= -c partner_endpoint=203.0.113.1 -c partner_networks=198.51.100.0/28 \
+	-c address_pool=192.0.2.10,192.0.2.11 -c gateway_subnet_cidr=10.80.0.0/24 \
+	-c gateway_private_ip=10.80.0.10
 synth: venv
-	$(PY) app.py
+	$(PY) app.py $(SYNTH_CONTEXT)
 
 bench: deps
 	$(PY) -m bench.run $(BENCH_ARGS)

@@ -15,8 +15,10 @@ def acknowledge(scope: IConstruct, rule: str, reason: str) -> None:
 
 def wildcard_arn(scope: IConstruct, service: str, resource: str) -> str:
     """How cdk-nag spells ``arn:{partition}:{service}:{region}:{account}:{resource}`` in a
-    finding's id: unresolved pseudo parameters as ``<AWS::Region>``, pinned ones literally."""
+    finding's id: unresolved pseudo parameters as ``<AWS::Region>``, pinned ones literally (the
+    partition too: with a pinned region, ``@aws-cdk/core:enablePartitionLiterals`` writes it)."""
     stack = Stack.of(scope)
+    partition = "<AWS::Partition>" if Token.is_unresolved(stack.partition) else stack.partition
     region = "<AWS::Region>" if Token.is_unresolved(stack.region) else stack.region
     account = "<AWS::AccountId>" if Token.is_unresolved(stack.account) else stack.account
-    return f"arn:<AWS::Partition>:{service}:{region}:{account}:{resource}"
+    return f"arn:{partition}:{service}:{region}:{account}:{resource}"

@@ -16,7 +16,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tunnelnat.core.config import ConfigError, TunnelnatConfig, describe_validation_error
+from tunnelnat.core.config import (
+    NOT_PUBLIC,
+    ConfigError,
+    NatMode,
+    TunnelnatConfig,
+    describe_validation_error,
+    special_range,
+)
 
 SOURCE = "CDK context"
 
@@ -306,6 +313,20 @@ class Settings:
 CONFIG_KEYS = tuple(TunnelnatConfig.model_fields)
 STACK_KEYS = tuple(StackSettings.model_fields)
 ALL_KEYS = CONFIG_KEYS + STACK_KEYS
+# No default can be right for anyone: every deployment gives these (docs/stack.md has examples),
+# and a deploy that forgets one stops instead of using someone else's addresses.
+REQUIRED_KEYS = (
+    "partner_endpoint",
+    "partner_networks",
+    "gateway_subnet_cidr",
+    "gateway_private_ip",
+)
+# ... and the public addresses its NAT mode hands out.
+REQUIRED_BY_MODE = {
+    NatMode.DEDICATED: "address_pool",
+    NatMode.INSTANCE: "address_pool",
+    NatMode.SHARED: "shared_address",
+}
 
 
 def load_settings(context: Mapping[str, Any]) -> Settings:
@@ -320,6 +341,7 @@ def load_settings(context: Mapping[str, Any]) -> Settings:
         raise ConfigError("\n".join(lines))
     given = {k: _clean(context[k]) for k in ALL_KEYS if k in context}
     given = {k: v for k, v in given.items() if v is not None}
+    _check_required(given)
     config = TunnelnatConfig.from_mapping(
         {k: v for k, v in given.items() if k in CONFIG_KEYS}, source=SOURCE
     )
@@ -328,7 +350,34 @@ def load_settings(context: Mapping[str, Any]) -> Settings:
     except ValidationError as exc:
         raise ConfigError(_name_pairs(describe_validation_error(exc, SOURCE))) from None
     _check_placement(config, stack)
+    _check_addresses(config, stack)
     return Settings(config=config, stack=stack)
+
+
+def missing_keys(context: Mapping[str, Any]) -> list[str]:
+    """The required keys ``context`` lacks (an empty value counts as missing), in REQUIRED_KEYS
+    order, then the one its NAT mode needs."""
+    given = {k for k in ALL_KEYS if k in context and _clean(context[k]) not in (None, [], "")}
+    missing = [k for k in REQUIRED_KEYS if k not in given]
+    try:
+        mode = NatMode(_clean(context.get("nat_mode")) or NatMode.DEDICATED)
+    except ValueError:
+        return missing  # the model names the bad nat_mode
+    if REQUIRED_BY_MODE[mode] not in given:
+        missing.append(REQUIRED_BY_MODE[mode])
+    return missing
+
+
+def _check_required(given: Mapping[str, Any]) -> None:
+    missing = missing_keys(given)
+    if missing:
+        lines = [
+            f"invalid {SOURCE}: required keys missing; give each with -c KEY=VALUE "
+            "(examples in docs/stack.md):"
+        ]
+        for key in missing:
+            lines.append(f"  {key}: missing; {TunnelnatConfig.model_fields[key].description}")
+        raise ConfigError("\n".join(lines))
 
 
 def _clean(value: Any) -> Any:
@@ -395,3 +444,51 @@ def _check_placement(config: TunnelnatConfig, stack: StackSettings) -> None:
                 f"{stack.health_probe_source} is not one of our public addresses "
                 "(address_pool or shared_address): the tunnel carries only those",
             )
+
+
+def _check_addresses(config: TunnelnatConfig, stack: StackSettings) -> None:
+    """Addresses that cannot work against our VPC and E (every problem at once, keys named).
+
+    The VPC's CIDR is known when the stack creates the VPC; in an existing VPC (``vpc_id``) the
+    controller's model has checked the same against the gateway's subnet.
+    """
+    problems = []
+    vpc = stack.vpc_cidr if stack.creates_vpc else None
+    if vpc is not None:
+        if config.partner_endpoint in vpc:
+            problems.append(
+                f"partner_endpoint {config.partner_endpoint} lies inside vpc_cidr {vpc}: "
+                "T is the partner's, not an address of our VPC"
+            )
+        for net in config.partner_networks:
+            if net.overlaps(vpc):
+                problems.append(
+                    f"partner_networks {net} overlaps vpc_cidr {vpc}: the VPC's own route "
+                    "claims those addresses"
+                )
+        for key, address in _public(config):
+            if address in vpc:
+                problems.append(
+                    f"{key} {address} lies inside vpc_cidr {vpc}: S must be a public address "
+                    "(an Elastic IP we own)"
+                )
+    eip = stack.gateway_eip_address
+    if eip is not None:
+        if eip == config.partner_endpoint:
+            problems.append(
+                f"gateway_eip_address {eip} is partner_endpoint: E is our end of the tunnel, "
+                "T the partner's"
+            )
+        if vpc is not None and eip in vpc:
+            problems.append(f"gateway_eip_address {eip} lies inside vpc_cidr {vpc}")
+        elif reserved := special_range(eip, NOT_PUBLIC):
+            problems.append(f"gateway_eip_address {eip} is {reserved}: E is an Elastic IP")
+    if problems:
+        raise ConfigError("\n  ".join([f"invalid {SOURCE}:", *problems]))
+
+
+def _public(config: TunnelnatConfig) -> list[tuple[str, IPv4Address]]:
+    pairs = [("address_pool", address) for address in config.address_pool]
+    if config.shared_address is not None:
+        pairs.append(("shared_address", config.shared_address))
+    return pairs

@@ -19,6 +19,22 @@ os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
 ROOT = Path(__file__).resolve().parents[2]
 DOCUMENTS_DIR = ROOT / "ssm_documents"
 
+# The documented example deployment (docs/stack.md; `make synth` passes the same values): the
+# required keys, in documentation address ranges. cdk.json has no defaults for them, so every
+# synthesis here gives them explicitly, as a deploy must.
+EXAMPLE_CONTEXT: dict[str, Any] = {
+    "partner_endpoint": "203.0.113.1",
+    "partner_networks": ["198.51.100.0/28"],
+    "address_pool": ["192.0.2.10", "192.0.2.11"],
+    "gateway_subnet_cidr": "10.80.0.0/24",
+    "gateway_private_ip": "10.80.0.10",
+}
+
+
+def example_context(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """cdk.json's context (the feature flags), the example's keys, then ``overrides``."""
+    return cdk_json_context() | EXAMPLE_CONTEXT | dict(overrides or {})
+
 
 class Synthesized:
     """One synthesized app: the stack, its Template, the raw template and the assembly dir."""
@@ -56,8 +72,7 @@ def synthesize(
     documents_dir: Path = DOCUMENTS_DIR,
     nag: bool = True,
 ) -> Synthesized:
-    context = cdk_json_context()
-    context.update(overrides or {})
+    context = example_context(overrides)
     app, stack = build_app(context, outdir=str(outdir), documents_dir=documents_dir, nag=nag)
     app.synth()
     return Synthesized(stack, outdir)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from aws_cdk import aws_ec2 as ec2
 
-from stacks.application import build_app, cdk_json_context
-from tests.infra.conftest import synthesize
+from stacks.application import build_app
+from tests.infra.conftest import example_context, synthesize
 
 # Every finding we acknowledge, where, and why is in the code next to it (reviewed here).
 EXPECTED_ACKNOWLEDGEMENTS = {
@@ -91,7 +91,7 @@ def test_every_acknowledgement_is_expected_and_has_a_reason(s):
 
 def test_cdk_nag_is_wired_in(tmp_path):
     """The control: an obviously bad resource makes synthesis fail with the rule's id."""
-    app, stack = build_app(cdk_json_context(), outdir=str(tmp_path))
+    app, stack = build_app(example_context(), outdir=str(tmp_path))
     group = ec2.SecurityGroup(stack, "WideOpen", vpc=stack.node.find_child("Vpc"))
     group.add_ingress_rule(ec2.Peer.any_ipv4(), ec2.Port.tcp(22))
     with pytest.raises(Exception, match="AwsSolutions-EC23"):

@@ -15,11 +15,10 @@ from typing import Any
 
 import pytest
 
-from stacks.application import cdk_json_context
 from stacks.settings import load_settings
-from tests.infra.conftest import ROOT, as_list, statements, synthesize
+from tests.infra.conftest import ROOT, as_list, example_context, statements, synthesize
 
-CONTEXT = cdk_json_context()
+CONTEXT = example_context()
 SETTINGS = load_settings(CONTEXT).stack
 DEPLOYMENT = CONTEXT["deployment"]
 PREFIX = f"tunnelnat-{DEPLOYMENT}-TunnelUp-"

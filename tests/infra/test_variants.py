@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.infra.conftest import statements, synthesize
+from tests.infra.conftest import example_context, statements, synthesize
 
 OVERRIDES = {
     "account": "123456789012",
@@ -127,9 +127,9 @@ def test_alarm_email_is_subscribed(s):
 def test_arm_instance_type_gets_an_arm_image_by_default(tmp_path):
     # Without a pinned AMI the image follows the instance type's architecture.
     overrides = {k: v for k, v in OVERRIDES.items() if k != "gateway_ami_id"}
-    from stacks.application import build_app, cdk_json_context
+    from stacks.application import build_app
 
-    _, stack = build_app(cdk_json_context() | overrides, outdir=str(tmp_path), nag=False)
+    _, stack = build_app(example_context(overrides), outdir=str(tmp_path), nag=False)
     # Canonical's parameter for arm64 (a CfnParameter of the stack, resolved at deploy time).
     images = [
         c.default for c in stack.node.children if "canonical" in c.node.id and hasattr(c, "default")
