@@ -1,5 +1,5 @@
 """The whole system in one stack: Documents, Controller, Gateway, HealthAgent, Monitoring,
-Healer."""
+Healer, PskRollout."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from stacks.gateway import Gateway
 from stacks.healer import Healer
 from stacks.health_agent import HealthAgent
 from stacks.monitoring import Monitoring
+from stacks.psk_rollout import PskRollout
 from stacks.settings import LOG_RETENTION_DAYS, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,6 +93,15 @@ class TunnelnatStack(Stack):
             powertools=self.controller.powertools,
         )
         self.monitoring.add_healer(self.healer.function)
+        self.psk_rollout = PskRollout(
+            self,
+            "PskRollout",
+            settings=stack_settings,
+            psk=self.gateway.psk,
+            psk_name=self.gateway.psk_name,
+            association=self.gateway.association,
+            documents=self.documents,
+        )
 
         CfnOutput(
             self,

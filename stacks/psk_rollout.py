@@ -1,0 +1,161 @@
+"""PskRollout: a new pre-shared key reaches the gateway by itself.
+
+The gateway reads the PSK only when ``ConfigureGateway`` runs. The State Manager association runs
+it on each new gateway and on a parameter change, but putting a new secret value changes neither,
+so without this the gateway would keep the old (at first: the random) key until the association's
+next scheduled run.
+
+What triggers: Secrets Manager's own ``Secret Label Updated`` event, which it sends to the default
+event bus when a staging label (here ``AWSCURRENT``, the version the gateway reads) moves to a new
+version: ``put-secret-value``, ``update-secret`` with a value, the end of a rotation, a hand-moved
+label. It needs no CloudTrail trail. The older way, matching ``AWS API Call via CloudTrail`` events
+(PutSecretValue, UpdateSecret, ...), needs a trail with logging enabled in the account (EventBridge
+user guide, "AWS service events delivered via AWS CloudTrail"), which a new account lacks, and
+also fires on a PutSecretValue into ``AWSPENDING`` that changes nothing the gateway reads. Sources:
+https://docs.aws.amazon.com/secretsmanager/latest/userguide/secret-event-notifications.html and
+https://docs.aws.amazon.com/eventbridge/latest/userguide/eb-service-event-cloudtrail.html.
+
+What runs: no Lambda. The rule's target is Run Command itself (an EventBridge target with
+``RunCommandParameters``): ``ConfigureGateway`` on the instances carrying the gateway tag, with
+exactly the association's parameters (read from the association, so the two cannot drift), through
+a role that may send only that document, only to this deployment's gateway. The run shows in Run
+Command's history, where ``tunnelnat psk set --wait`` follows it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aws_cdk import ArnFormat, Stack
+from aws_cdk import aws_events as events
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_secretsmanager as secretsmanager
+from aws_cdk import aws_ssm as ssm
+from constructs import Construct
+
+from stacks.documents import Documents
+from stacks.nag import acknowledge, wildcard_arn
+from stacks.policies import send_command_to_gateway
+from stacks.settings import GATEWAY_TAG, StackSettings
+
+DOCUMENT = "ConfigureGateway"
+SOURCE = "aws.secretsmanager"
+LABEL_UPDATED = "Secret Label Updated"
+CURRENT = "AWSCURRENT"  # the version GetSecretValue returns by default: what the gateway reads
+# A failed SendCommand (throttled, the gateway replaced mid-way) is retried for an hour; past
+# that the association's own schedule is the backstop.
+RETRY_ATTEMPTS = 20
+MAX_EVENT_AGE_SECONDS = 3600
+
+
+def secret_pattern(*, secret_arn: str | None, secret_name: str, account: str) -> dict[str, Any]:
+    """The event pattern for "the PSK's AWSCURRENT version changed", for this secret only.
+
+    A secret the stack created is matched by its full ARN (the event's ``resources``); an
+    imported one, whose ARN suffix the stack does not know, by its name (``detail.name``), which
+    is unique in the account and region the rule sees.
+    """
+    pattern: dict[str, Any] = {
+        "source": [SOURCE],
+        "detail-type": [LABEL_UPDATED],
+        "account": [account],
+        "detail": {"labelUpdated": [CURRENT]},
+    }
+    if secret_arn is not None:
+        pattern["resources"] = [secret_arn]
+    else:
+        pattern["detail"]["name"] = [secret_name]
+    return pattern
+
+
+class PskRollout(Construct):
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        settings: StackSettings,
+        psk: secretsmanager.ISecret,
+        psk_name: str,
+        association: ssm.CfnAssociation,
+        documents: Documents,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        stack = Stack.of(self)
+        deployment = settings.deployment
+        # The association's own parameters, not a copy: whatever ConfigureGateway is given there
+        # (checked against the document's allowedPatterns by Documents.check_parameters) is
+        # what this run is given.
+        self.parameters: dict[str, list[str]] = dict(association.parameters or {})
+        if self.parameters.get("PskSecretName") != [psk_name]:
+            raise ValueError(
+                f"the {DOCUMENT} association reads PskSecretName "
+                f"{self.parameters.get('PskSecretName')!r}, not this secret"
+            )
+        document_arn = stack.format_arn(
+            service="ssm",
+            resource="document",
+            resource_name=documents.name(DOCUMENT),
+            arn_format=ArnFormat.SLASH_RESOURCE_NAME,
+        )
+        instances = stack.format_arn(service="ec2", resource="instance", resource_name="*")
+
+        self.role = iam.Role(
+            self,
+            "Role",
+            assumed_by=iam.ServicePrincipal("events.amazonaws.com"),
+            description=f"{deployment}: EventBridge runs ConfigureGateway on the gateway when "
+            "the PSK changes",
+            inline_policies={
+                "RunConfigureGatewayOnTheGateway": iam.PolicyDocument(
+                    statements=[
+                        iam.PolicyStatement(
+                            sid="RunOnlyConfigureGateway",
+                            actions=["ssm:SendCommand"],
+                            resources=[document_arn],
+                        ),
+                        send_command_to_gateway(instances, deployment),
+                    ]
+                )
+            },
+        )
+        acknowledge(
+            self.role,
+            f"AwsSolutions-IAM5[Resource::{wildcard_arn(self, 'ec2', 'instance/*')}]",
+            "The gateway is whichever instance its Auto Scaling group launched: SendCommand on "
+            "instance/* requires the gateway role tag and this deployment's tag.",
+        )
+
+        pattern = secret_pattern(
+            secret_arn=psk.secret_full_arn,
+            secret_name=psk_name,
+            account=stack.account,
+        )
+        self.rule = events.CfnRule(
+            self,
+            "Rule",
+            description=f"{deployment}: a new PSK (AWSCURRENT moved) re-runs ConfigureGateway",
+            state="ENABLED",
+            event_pattern=pattern,
+            targets=[
+                events.CfnRule.TargetProperty(
+                    id="ConfigureGateway",
+                    arn=document_arn,
+                    role_arn=self.role.role_arn,
+                    # Run Command's parameters, as SendCommand takes them: name -> [value].
+                    input=stack.to_json_string(self.parameters),
+                    run_command_parameters=events.CfnRule.RunCommandParametersProperty(
+                        run_command_targets=[
+                            events.CfnRule.RunCommandTargetProperty(
+                                key=f"tag:{GATEWAY_TAG}", values=[deployment]
+                            )
+                        ]
+                    ),
+                    retry_policy=events.CfnRule.RetryPolicyProperty(
+                        maximum_retry_attempts=RETRY_ATTEMPTS,
+                        maximum_event_age_in_seconds=MAX_EVENT_AGE_SECONDS,
+                    ),
+                )
+            ],
+        )
+        self.document_name = documents.name(DOCUMENT)
