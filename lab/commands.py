@@ -30,6 +30,11 @@ class Run:
     seconds: float
 
 
+# Documents only a State Manager association runs (no Lambda sends them): the lab runs them on
+# the gateway as the association would (Lab.configure_gateway).
+ASSOCIATED_ONLY = ("InstallHealthAgent",)
+
+
 @dataclass
 class LabCommands:
     """``CommandPort`` for the lab: instance id -> namespace, document name -> its YAML."""
@@ -42,7 +47,7 @@ class LabCommands:
     parallel: int = 16  # instances a multi-instance command runs on at once (SSM: 50 per call)
 
     def document_path(self, document: str) -> Path:
-        if document not in DOCUMENTS:
+        if document not in DOCUMENTS and document not in ASSOCIATED_ONLY:
             raise ValueError(f"unknown document {document!r}")
         return DOCUMENT_DIR / f"{document}.yaml"
 

@@ -2,8 +2,9 @@
 
     tunnel up, web-1 enrolled, its requests reach A as S
     kill -9 the gateway's charon
-    the health agent (gateway/tunnelnat_health.py, run in tn-gw with the moto environment exactly
-      as its systemd timer would, accelerated to every second) publishes TunnelUp 0 to moto
+    the health agent (installed by InstallHealthAgent in tn-gw's /etc/tunnelnat, run there with
+      the moto environment as its systemd timer would, accelerated to every second) publishes
+      TunnelUp 0 to moto; TunnelEstablished stays 1 (the tunnel was up since configured)
     ``AlarmEvaluator`` (CloudWatch's evaluation, which moto does not do, accelerated: N of M
       periods, missing data = breaching) sets the alarm to ALARM with set_alarm_state and
       delivers the EventBridge "CloudWatch Alarm State Change" event to the real healer handler
@@ -30,10 +31,14 @@ from typing import Any
 from lab import topology as topo
 from lab.commands import LabCommands
 from lab.controller import QUIET, FakeContext, LabController
-from lab.ssm_runner import REPO, default_env
+from lab.ssm_runner import default_env
 
 ALARM = f"tunnelnat-{topo.DEPLOYMENT}-TunnelUp-{topo.TUNNEL}"
-AGENT = REPO / "gateway" / "tunnelnat_health.py"
+# The copy InstallHealthAgent installed in the gateway's /etc (its private overlay), the file
+# the systemd unit runs; its state files live there too, removed with the lab's machine.
+AGENT = "/etc/tunnelnat/tunnelnat_health.py"
+AGENT_STATE = "/etc/tunnelnat/lab-health-counters.json"
+AGENT_ESTABLISHED = "/etc/tunnelnat/lab-health-established.json"
 ACCOUNT = "123456789012"
 
 
@@ -43,7 +48,7 @@ ACCOUNT = "123456789012"
 def agent_argv(gateway_id: str, *, probe: bool = True) -> list[str]:
     argv = [
         "python3",
-        str(AGENT),
+        AGENT,
         "once",
         "--tunnels",
         topo.TUNNEL,
@@ -55,7 +60,9 @@ def agent_argv(gateway_id: str, *, probe: bool = True) -> list[str]:
         topo.REGION,
         "--high-resolution",
         "--state-file",
-        "/run/tunnelnat-health-counters.json",
+        AGENT_STATE,
+        "--established-file",
+        AGENT_ESTABLISHED,
     ]
     if probe:
         # The shared address is on lo and inside the tunnel's selectors; no instance uses it in

@@ -662,10 +662,36 @@ secrets {{
             **overrides,
         }
 
+    def health_agent_parameters(self, **overrides: str) -> dict[str, str]:
+        """InstallHealthAgent's parameters for the lab: this deployment's series, the probe from
+        the shared address (on lo, inside the tunnel's selectors, mapped to no instance) to A."""
+        return {
+            "TunnelName": TUNNEL,
+            "Region": REGION,
+            "Deployment": DEPLOYMENT,
+            "HealthInterval": "10",
+            "ProbeTarget": f"{APP}:{APP_PORT}",
+            "ProbeSource": SHARED,
+            "PartnerNetworks": PARTNER_NET,
+            "PublicAddresses": ",".join([*POOL, SHARED]),
+            **overrides,
+        }
+
     def configure_gateway(self, **overrides: str) -> Any:
-        """Run the real ConfigureGateway document on the gateway; returns its CommandResult."""
+        """Run the real ConfigureGateway document on the gateway and, once it succeeded, the real
+        InstallHealthAgent (the stack's two associations); returns ConfigureGateway's
+        CommandResult, or InstallHealthAgent's when that one failed."""
         params = self.configure_gateway_parameters(**overrides)
-        return self.commands.run(self.aws.gateway_id, "ConfigureGateway", params)
+        result = self.commands.run(self.aws.gateway_id, "ConfigureGateway", params)
+        if not result.ok:
+            return result
+        self.health_install = self.install_health_agent()
+        return result if self.health_install.ok else self.health_install
+
+    def install_health_agent(self, **overrides: str) -> Any:
+        """Run the real InstallHealthAgent document on the gateway; returns its CommandResult."""
+        params = self.health_agent_parameters(**overrides)
+        return self.commands.run(self.aws.gateway_id, "InstallHealthAgent", params)
 
     def reset_moto(self) -> None:
         url = f"{self.moto_endpoint}/moto-api/reset"  # always http://127.0.0.1:PORT

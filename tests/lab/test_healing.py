@@ -7,6 +7,7 @@ as S again. Needs root and the lab's packages (tests/lab/conftest.py skips other
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -32,11 +33,39 @@ def enrolled(lab):
 
 def test_agent_publishes_one_while_the_tunnel_is_up(enrolled):
     lab, _, _ = enrolled
+    # The agent InstallHealthAgent installed (its own document, run after ConfigureGateway).
+    assert lab.health_install.ok, lab.health_install.stderr[-800:]
+    installed = json.loads(lab.health_install.stdout.strip().splitlines()[-1])
+    assert installed["installed"] is True and installed["timer"] == "skipped"  # no systemd here
     line = run_agent(lab)
     assert line["exit"] == 0 and line["published"] is True, line
     (tunnel,) = line["tunnels"]
     assert tunnel["up"] is True and tunnel["probe_ok"] is True, tunnel
+    # Up since ConfigureGateway wrote the tunnel's token: the healer may restart it.
+    assert tunnel["established"] is True, tunnel
     assert line["counters"] is not None  # the gateway's nftables table is there
+    assert line["table"]["applied_generation"] is not None
+
+
+def test_agent_reads_down_until_the_table_is_synced(enrolled):
+    """A boot-time restore leaves applied_generation empty: TunnelUp 0 whatever strongSwan says,
+    until the gateway's next sync fills it (the contract with the gateway program)."""
+    lab, _, _ = enrolled
+    topo.in_ns("tn-gw", ["nft", "flush", "set", "ip", "tunnelnat", "applied_generation"])
+    try:
+        line = run_agent(lab)
+        (tunnel,) = line["tunnels"]
+        assert tunnel["up"] is False and "applied_generation is empty" in tunnel["reason"], line
+        assert tunnel["installed"] == 1  # strongSwan's child SA is there all the same
+        assert tunnel["established"] is True  # down now, but it was up since configured
+    finally:
+        sync = lab.commands.run(
+            lab.aws.gateway_id, "SyncNatTable", {"TableName": topo.TABLE, "Region": topo.REGION}
+        )
+    assert sync.ok, sync.stderr[-800:]
+    line = run_agent(lab)
+    assert line["tunnels"][0]["up"] is True, line
+    assert line["table"]["applied_generation"] is not None
 
 
 def test_charon_killed_then_healed_by_the_healer(enrolled):
