@@ -5,7 +5,7 @@ It runs from systemd units the gateway's cloud-init user data writes (stacks/gat
 the distribution's python3 and boto3 (standard library + boto3 only):
 
     tunnelnat_boot.py attach [--config /etc/tunnelnat/boot.json]
-    tunnelnat_boot.py restore-lo [--file /etc/tunnelnat/lo-addresses]
+    tunnelnat_boot.py restore-lo [--file PATH ...]
 
 ``attach`` (unit ``tunnelnat-boot``, before strongSwan and the SSM agent):
   1. reads the instance ID from IMDSv2;
@@ -20,7 +20,8 @@ the distribution's python3 and boto3 (standard library + boto3 only):
 On any failure it marks the instance Unhealthy (Auto Scaling replaces it) and exits non-zero.
 
 ``restore-lo`` (unit ``tunnelnat-restore``, before the network, after the saved ruleset was
-loaded) puts the addresses ConfigureGateway listed back on ``lo``; each line is validated.
+loaded) puts the addresses ConfigureGateway (``lo-addresses``) and InstallHealthAgent
+(``probe-source``) listed back on ``lo``; each line is validated.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ from pathlib import Path
 from typing import Any
 
 CONFIG_FILE = Path("/etc/tunnelnat/boot.json")
-LO_ADDRESSES = Path("/etc/tunnelnat/lo-addresses")
+LO_ADDRESSES = Path("/etc/tunnelnat/lo-addresses")  # ConfigureGateway's (libipsec: S on lo)
+PROBE_SOURCE = Path("/etc/tunnelnat/probe-source")  # InstallHealthAgent's probe source
 IMDS = "http://169.254.169.254"
 ENI_ID = re.compile(r"^eni-[0-9a-f]{8,17}$")
 INSTANCE_ID = re.compile(r"^i-[0-9a-f]{8,17}$")
@@ -270,16 +272,18 @@ def mark_unhealthy(autoscaling: Any, instance_id: str) -> None:
         log(f"could not mark {instance_id} Unhealthy: {type(exc).__name__}: {exc}")
 
 
-def restore_lo(path: Path, links: Links) -> list[str]:
-    if not path.exists():
-        return []
-    restored = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
+def restore_lo(paths: Sequence[Path], links: Links) -> list[str]:
+    restored: list[str] = []
+    for path in paths:
+        if not path.exists():
             continue
-        address = ipaddress.IPv4Address(line.strip())  # ValueError: refuse, never pass along
-        links.add_lo(address)
-        restored.append(str(address))
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            address = ipaddress.IPv4Address(line.strip())  # ValueError: refused, never passed on
+            if str(address) not in restored:
+                links.add_lo(address)
+                restored.append(str(address))
     return restored
 
 
@@ -298,13 +302,13 @@ def main(argv: list[str] | None = None, *, links: Links | None = None) -> int:
     attach = sub.add_parser("attach")
     attach.add_argument("--config", type=Path, default=CONFIG_FILE)
     restore = sub.add_parser("restore-lo")
-    restore.add_argument("--file", type=Path, default=LO_ADDRESSES)
+    restore.add_argument("--file", type=Path, action="append", dest="files")
     args = parser.parse_args(argv)
     links = links or Links()
 
     if args.command == "restore-lo":
         try:
-            restored = restore_lo(args.file, links)
+            restored = restore_lo(args.files or [LO_ADDRESSES, PROBE_SOURCE], links)
         except (ValueError, BootError) as exc:
             log(f"restore-lo FAILED: {exc}")
             return 1

@@ -28,6 +28,7 @@ class LabAws:
     subnet_id: str = ""
     gateway_id: str = ""
     eni_id: str = ""  # the gateway's dedicated ENI holding G
+    eni_mac: str = ""  # its MAC address: the lab gives the gateway's ENI link this one
     image_id: str = ""
     queue_url: str = ""
     queue_arn: str = ""
@@ -81,8 +82,8 @@ class LabAws:
         create_group(self)
 
     def _seed_fixed_eni(self) -> None:
-        """G on its own ENI, attached to the gateway as its second interface, as the stack does
-        (a replacement gateway re-attaches it). The gateway's namespace already holds G."""
+        """G on its own ENI, standalone as the stack creates it: the gateway's boot program
+        attaches it (at device index 1) and configures G on the link with its MAC."""
         ec2 = self.client("ec2")
         eni = ec2.create_network_interface(
             SubnetId=self.subnet_id,
@@ -90,9 +91,7 @@ class LabAws:
             Description=f"tunnelnat {topo.DEPLOYMENT} fixed ENI (G)",
         )["NetworkInterface"]
         self.eni_id = eni["NetworkInterfaceId"]
-        ec2.attach_network_interface(
-            NetworkInterfaceId=self.eni_id, InstanceId=self.gateway_id, DeviceIndex=1
-        )
+        self.eni_mac = eni["MacAddress"].lower()
         # Each interface has its own switch; packets forwarded through G arrive on this one.
         ec2.modify_network_interface_attribute(
             NetworkInterfaceId=self.eni_id, SourceDestCheck={"Value": False}

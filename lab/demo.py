@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         with lab:
             names = ", ".join(f"{i.name}={i.private_ip}" for i in lab.instances)
             print(
-                f"  lab ready in {lab.timings['build']:.1f}s: gateway G={topo.GW_ENI} "
+                f"  lab ready in {lab.timings['build']:.1f}s (the gateway booted through its "
+                f"units in {lab.timings['gateway_boot']:.1f}s: ENI attached, G on "
+                f"{topo.ENI_LINK}): gateway G={topo.GW_ENI} "
                 f"E={topo.GW_PUBLIC}, partner T={topo.PARTNER_ENDPOINT} A={topo.APP}, "
                 f"instances {names}\n"
             )
@@ -132,6 +134,11 @@ def headline(results: dict[str, Any]) -> list[str]:
             lines.append(
                 f"healing: kill -9 of the gateway's charon to traffic restored "
                 f"{step.data['kill_to_restored']:.1f}s (agent, alarm, healer, RestartTunnel)"
+            )
+        if step.data.get("boot_to_a") is not None:
+            lines.append(
+                f"gateway reboot: boot start to the first packet at A as S "
+                f"{step.data['boot_to_a']:.2f}s; {step.data['clear']} clear-text packets"
             )
         if "summary" in step.data:
             lines.append(f"tunnelnat doctor: {step.data['summary']}")

@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -231,6 +235,106 @@ class Story:
             },
         )
 
+    # -- gateway reboot (issue 11) ------------------------------------------------------------
+    def gateway_reboot(self, name: str = WEB1) -> Step:
+        """The gateway reboots while ``name`` keeps sending to A: its boot units (the same files
+        its user data writes) bring it back on their own, fail-closed throughout, and the NAT
+        table comes back from DynamoDB without the controller."""
+        inst = self.lab.instance(name)
+        public = self.public or ""
+        documents_before = len(self.lab.commands.history)
+        # A new flow per datagram (a fresh socket, a new source port): each one is NATed by the
+        # table as it is at that moment, never by a connection-tracking entry from before.
+        sender = (
+            "import socket, time\n"
+            "while True:\n"
+            "    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            f"    s.sendto(b'reboot', ('{topo.APP}', 9))\n"
+            "    s.close()\n"
+            "    time.sleep(0.02)\n"
+        )
+        at_a = f"udp and dst port 9 and src host {public}"
+        with (
+            self.lab.capture("tn-inet", "to-gw", f"host {topo.APP}") as clear,
+            self.lab.capture("tn-app", "eth0", at_a, epoch=True) as arrived,
+        ):
+            proc = subprocess.Popen(
+                topo.machine_argv(inst.ns, [sys.executable, "-c", sender]),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            try:
+                time.sleep(0.5)  # flowing before the reboot
+                self.lab.power_off_gateway()
+                powered_off = time.time()
+                time.sleep(0.5)  # off: nothing of the gateway answers
+                booted = time.time()
+                boot = self.lab.boot_gateway()
+                boot_seconds = time.time() - booted
+                back = False
+                while not back and time.time() - booted < 30:
+                    back, _ = self.lab.http(inst.ns, self.app_url(name), timeout=1)
+                time.sleep(0.3)
+            finally:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=5)
+        times = sorted(float(line.split()[0]) for line in arrived if line.strip())
+        during_off = [t for t in times if powered_off < t < booted]
+        after = [t for t in times if t >= booted]
+        to_a = after[0] - booted if after else None
+        runs = {r.name: r for r in boot.runs}
+        sync = runs.get("tunnelnat-sync.service")
+        synced = _last_json(sync.output) if sync else {}
+        snat = self.lab.nft_elements("map", "snat_map")
+        applied = self.lab.nft_elements("set", "applied_generation")
+        documents = len(self.lab.commands.history) - documents_before
+        mapped = f"{inst.private_ip} : {public}" in snat
+        ok = (
+            not clear
+            and not during_off
+            and to_a is not None
+            and back
+            and mapped
+            and bool(applied)
+            and documents == 0
+            and all(r.state == "done" for r in boot.runs)
+            and synced.get("action") == "full"
+        )
+        order = " -> ".join(
+            f"{r.name.removesuffix('.service')} {r.state} {r.seconds:.2f}s"
+            for r in boot.runs
+            if r.name.startswith(("tunnelnat", "strongswan"))
+        )
+        figure = (
+            f"reboot while {name} sends to A every 20 ms: {len(clear)} clear-text packets to A on "
+            f"the internet link; boot units in {boot_seconds:.2f}s ({order}); NAT back from "
+            f"DynamoDB without the controller ({documents} documents run; sync "
+            f"{synced.get('action')}, generation {synced.get('applied_generation')}, "
+            f"{synced.get('mappings')} mappings); boot start -> first packet at A as S "
+            + (f"{to_a:.2f}s" if to_a is not None else "NEVER")
+        )
+        return Step(
+            "the gateway reboots: guard first, ENI, table from DynamoDB; traffic back on its own",
+            ok,
+            figure,
+            {
+                "clear": len(clear),
+                "clear_packets": clear[:10],
+                "arrived_while_off": len(during_off),
+                "boot_seconds": boot_seconds,
+                "boot_to_a": to_a,
+                "units": [
+                    (r.name, r.state, round(r.started, 3), round(r.seconds, 3)) for r in boot.runs
+                ],
+                "sync": synced,
+                "documents": documents,
+                "mapped": mapped,
+                "applied_generation": applied,
+                "answered": back,
+            },
+        )
+
     # -- 7 -------------------------------------------------------------------------------------
     def restart_tunnel(self, name: str = WEB1) -> Step:
         result = self.lab.commands.run(
@@ -421,6 +525,7 @@ class Story:
             self.partner_reaches_instance,
             self.unenrolled_blocked,
             self.fail_closed,
+            self.gateway_reboot,
             self.restart_tunnel,
             self.healing,
         ]

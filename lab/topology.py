@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import re
 import secrets
@@ -26,7 +27,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,8 @@ VPC_CIDR = "10.10.0.0/16"
 SUBNET_CIDR = "10.10.1.0/24"
 GW_PRIMARY = "10.10.1.10"
 GW_ENI = "10.10.1.5"  # G: the fixed ENI address instances route via
+ENI_LINK = "eni0"  # the gateway's second interface: the ENI holding G (the boot program finds
+# it by the MAC moto reports for the ENI and configures G on it)
 GW_PUBLIC = "198.51.100.10"  # E
 INET_GW_SIDE = "198.51.100.1"
 INET_PARTNER_SIDE = "198.51.100.33"
@@ -63,6 +66,10 @@ DEPLOYMENT = "lab"
 TUNNEL = "partner"
 # The shell scripts in the namespaces see moto on this loopback port (bridged, see start_moto).
 MOTO_NS_PORT = 5000
+IMDS_NS_PORT = 5001  # the gateway's IMDSv2 (lab.imds), on its own loopback
+GATEWAY_DIR = REPO / "gateway"
+# The units the gateway's user data installs (stacks/gateway.py BOOT_UNITS), same files.
+GATEWAY_UNITS = ("tunnelnat-restore.service", "tunnelnat-boot.service", "tunnelnat-sync.service")
 
 
 class LabError(RuntimeError):
@@ -299,9 +306,15 @@ class Lab:
         self._configure_partner()
         self._start_charon("tn-pvpn")
         in_ns("tn-pvpn", ["swanctl", "--load-all"])
-        self._start_charon("tn-gw")
         self.start_moto()
         self._seed_aws()
+        # The gateway boots as on AWS: its boot units attach the ENI and start strongSwan.
+        self.install_gateway_boot()
+        boot = self.boot_gateway()
+        self.timings["gateway_boot"] = sum(r.seconds for r in boot.runs)
+        attach = boot.unit("tunnelnat-boot.service")
+        if attach is None or attach.state != "done":
+            raise LabError(f"the gateway's boot failed: {attach}")
         self._start_servers()
         self.timings["build"] = time.monotonic() - started
 
@@ -317,10 +330,13 @@ class Lab:
         sh(["ip", "-n", vpc, "link", "set", "br0", "up"])
         veth, on_bridge = self._veth, self._on_bridge
 
-        # Gateway: VPC side (primary + the fixed ENI address G) and public side E.
+        # Gateway: VPC side (primary, and the ENI's link: G is the boot program's to configure
+        # once it has attached the ENI, as on AWS) and public side E.
         on_bridge("tn-gw", "p-gw")
         sh(["ip", "-n", "tn-gw", "addr", "add", f"{GW_PRIMARY}/24", "dev", "eth0"])
-        sh(["ip", "-n", "tn-gw", "addr", "add", f"{GW_ENI}/24", "dev", "eth0"])
+        sh(["ip", "-n", vpc, "link", "add", "p-gw-eni", "type", "veth", "peer", "name", ENI_LINK])
+        sh(["ip", "-n", vpc, "link", "set", ENI_LINK, "netns", "tn-gw"])
+        sh(["ip", "-n", vpc, "link", "set", "p-gw-eni", "master", "br0", "up"])
         veth("tn-gw", "eth1", "tn-inet", "to-gw")
         sh(["ip", "-n", "tn-gw", "addr", "add", f"{GW_PUBLIC}/28", "dev", "eth1"])
         sh(["ip", "-n", "tn-gw", "route", "add", "default", "via", INET_GW_SIDE])
@@ -563,6 +579,84 @@ secrets {{
         # The unit's ExecStartPost: the daemon itself remembers nothing of the configuration.
         in_ns("tn-gw", ["swanctl", "--load-all", "--noprompt"])
 
+    # -- the gateway's boot (gateway/systemd/ units, lab.gateway_boot) -------------------------
+    def install_gateway_boot(self) -> None:
+        """What the gateway's user data writes (stacks/gateway.py): the boot program, its
+        configuration, the units; its IMDS; the ENI's link gets the MAC moto reports."""
+        sh(["ip", "-n", "tn-gw", "link", "set", ENI_LINK, "address", self.aws.eni_mac])
+        program = (GATEWAY_DIR / "tunnelnat_boot.py").read_text()
+        self.write_etc("tn-gw", "tunnelnat/lib/tunnelnat_boot.py", program, mode=0o755)
+        # No partner route in the lab: E sits on the gateway's public link itself (on AWS the
+        # Internet gateway maps G to E, so IKE must leave from G; docs/stack.md).
+        config = {"region": REGION, "eni_id": self.aws.eni_id, "gateway": f"{GW_ENI}/24"}
+        self.write_etc("tn-gw", "tunnelnat/boot.json", json.dumps(config, indent=1) + "\n")
+        for unit in GATEWAY_UNITS:
+            text = (GATEWAY_DIR / "systemd" / unit).read_text()
+            self.write_etc("tn-gw", f"systemd/system/{unit}", text)
+        py = str(REPO / ".venv" / "bin" / "python")
+        argv = [py, "-m", "lab.imds", "--port", str(IMDS_NS_PORT)]
+        self.spawn("imds-gw", "tn-gw", [*argv, "--instance-id", self.aws.gateway_id])
+        self.wait_listening("tn-gw", IMDS_NS_PORT)
+
+    def boot_gateway(self) -> Any:
+        """Run the gateway's boot units in their order (``lab.gateway_boot.GatewayBoot``)."""
+        from lab.gateway_boot import GatewayBoot, read_machine_file
+
+        def run(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Any:
+            return subprocess.run(
+                machine_argv("tn-gw", argv),
+                capture_output=True,
+                text=True,
+                timeout=180,
+                env=dict(env) if env is not None else None,
+                check=False,
+            )
+
+        boot = GatewayBoot(
+            run_on_machine=run,
+            read_file=lambda path: read_machine_file(run, path),
+            milestones={
+                "systemd-sysctl.service": self._gateway_sysctl,
+                "network-pre.target": lambda: None,
+                "network-online.target": self._gateway_network_up,
+                "strongswan.service": self.start_gateway_charon,
+            },
+            env={**self.gateway_env(), "TUNNELNAT_IMDS_URL": f"http://127.0.0.1:{IMDS_NS_PORT}"},
+            unit_names=GATEWAY_UNITS,
+        )
+        boot.run()
+        return boot
+
+    def power_off_gateway(self) -> None:
+        """What a reboot takes from the gateway, short of its disk (/etc stays): the IKE daemon,
+        the ruleset, forwarding (a fresh kernel's default), the links and the addresses the boot
+        adds (G on the ENI, ours on lo). The ENI stays attached, as through a reboot on AWS."""
+        # Links and forwarding first: a machine that is off forwards nothing, so the lab's
+        # power-off must not open a window between flushing the ruleset and going quiet.
+        for link in ("eth0", ENI_LINK, "eth1"):
+            in_ns("tn-gw", ["ip", "link", "set", link, "down"])
+        in_ns("tn-gw", ["sysctl", "-qw", "net.ipv4.ip_forward=0"])
+        self.kill_gateway_charon()
+        in_ns("tn-gw", ["nft", "flush", "ruleset"])
+        in_ns("tn-gw", ["ip", "-4", "addr", "flush", "dev", ENI_LINK])
+        for line in in_ns("tn-gw", ["ip", "-4", "-o", "addr", "show", "dev", "lo"]).splitlines():
+            address = line.split()[3]
+            if address != "127.0.0.1/8":
+                in_ns("tn-gw", ["ip", "addr", "del", address, "dev", "lo"])
+
+    def _gateway_sysctl(self) -> None:
+        from lab.gateway_boot import net_sysctls
+
+        proc = sh(machine_argv("tn-gw", ["cat", "/etc/sysctl.d/90-tunnelnat.conf"]), check=False)
+        for setting in net_sysctls(proc.stdout if proc.returncode == 0 else ""):
+            in_ns("tn-gw", ["sysctl", "-qw", setting])
+
+    def _gateway_network_up(self) -> None:
+        # networkd's part on AWS: the primary interfaces and the default route.
+        for link in ("eth0", "eth1"):
+            in_ns("tn-gw", ["ip", "link", "set", link, "up"])
+        in_ns("tn-gw", ["ip", "route", "replace", "default", "via", INET_GW_SIDE])
+
     # -- processes ----------------------------------------------------------------------------
     def spawn(self, name: str, ns: str | None, argv: Sequence[str]) -> subprocess.Popen:
         log = (LOGS / f"{name}.log").open("ab")
@@ -762,8 +856,9 @@ secrets {{
         return [" ".join(line.split()) for line in in_ns(ns, ["ip", "-4", "route"]).splitlines()]
 
     @contextlib.contextmanager
-    def capture(self, ns: str, iface: str, bpf: str) -> Iterator[list[str]]:
-        """tcpdump on ``iface`` in ``ns`` while the block runs; the list fills with its lines."""
+    def capture(self, ns: str, iface: str, bpf: str, *, epoch: bool = False) -> Iterator[list[str]]:
+        """tcpdump on ``iface`` in ``ns`` while the block runs; the list fills with its lines
+        (each starting with its time in seconds since the epoch when ``epoch``)."""
         pcap = LOGS / f"capture-{ns}-{iface}-{time.monotonic_ns()}.pcap"
         argv = ["tcpdump", "-i", iface, "-n", "--immediate-mode", "-U", "-w", str(pcap), bpf]
         proc = subprocess.Popen(
@@ -791,7 +886,8 @@ secrets {{
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         if pcap.exists():
-            out = sh(["tcpdump", "-r", str(pcap), "-n"], check=False).stdout
+            read = ["tcpdump", "-r", str(pcap), "-n", *(["-tt"] if epoch else [])]
+            out = sh(read, check=False).stdout
             lines.extend(out.splitlines())
             pcap.unlink()
 

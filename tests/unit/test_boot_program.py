@@ -335,6 +335,13 @@ def test_restore_lo_validates_every_line(tmp_path, capsys):
     assert boot.main(["restore-lo", "--file", str(missing)], links=boot.Links(ip)) == 0
     assert ip.calls == []
 
+    probe = tmp_path / "probe-source"
+    probe.write_text("203.0.113.100\n")  # also listed in lo-addresses: added once
+    ip = FakeIp({})
+    argv = ["restore-lo", "--file", str(good), "--file", str(probe)]
+    assert boot.main(argv, links=boot.Links(ip)) == 0
+    assert len(ip.calls) == 2
+
 
 def test_the_program_uses_only_the_standard_library_and_boto3():
     import ast
