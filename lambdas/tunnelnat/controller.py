@@ -9,23 +9,23 @@ the gateway match it. Running it twice changes nothing the second time.
 2. once: if the gateway is behind the desired generation, it pulls and applies the newest table;
 3. per instance: add the route, record the status.
 
+The gateway's side (finding it, the coalesced sync) is ``gateway_sync.GatewaySync``.
+
 AWS calls are made per batch, not per instance (issue 6's budget): one transaction takes every
 lease, one DescribeInstances observes, one BatchGetItem reads every mapping, record and both
 generations, one transaction writes every mapping change with one generation bump, one command
 adds every route, one transaction writes the records that changed and gives the leases back, and
 one CreateTags per status value. Writes that would change nothing are skipped.
 
-Coalescing: one gateway sync is in flight at a time (a lease on ``meta/gateway``). A worker that
-finds one in flight does not start another: its instances come back through the queue
-(``GatewaySyncPending``), by when the holder's sync, or its trailing sync for changes written
-while it ran, has applied them. A burst of N launches costs a handful of syncs, not N / 10.
+Isolation: an instance that cannot be served (its private address mapped for another instance,
+another VPC, no pool address) gets a status naming why and, where there is one, the other party;
+it is skipped and reported, and the rest of the batch converges. No private address is ever
+mapped twice: its claim is written in the same transaction as the mapping.
 """
 
 from __future__ import annotations
 
-import json
 import random
-import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -37,14 +37,19 @@ from tunnelnat.adapters.commands import (
     CommandError,
     CommandPort,
     CommandResult,
+    raise_for_status,
     run_many,
 )
 from tunnelnat.adapters.store import (
+    ADDRESS,
+    MAPPING,
+    PRIVATE,
     AddressTaken,
     EnrolmentStore,
     GenerationMoved,
     InstanceRecord,
     MappingChange,
+    PrivateAddressTaken,
     Snapshot,
     StoreConflict,
     StoredMapping,
@@ -58,16 +63,22 @@ from tunnelnat.core.enrolment import (
     decide_enrolment,
     public_address_for,
 )
+from tunnelnat.gateway_sync import (  # noqa: F401 - GatewaySyncFailed: re-exported
+    GatewaySync,
+    GatewaySyncFailed,
+    GatewaySyncPending,
+)
+from tunnelnat.telemetry import FAILURE_REASONS, NoTelemetry, Telemetry  # noqa: F401
 
 STORE_ATTEMPTS = 5
 # Retries when only the generation bump lost (cheap: no re-read), before they count as attempts.
 GENERATION_RETRIES = 20
-# Mapping changes per transaction: each is up to 3 items (mapping, claim, release), plus the bump.
-CHANGES_PER_TRANSACTION = 30
-# Syncs one lease holder runs back to back for changes written while its previous one ran.
-TRAILING_SYNCS = 4
-# Without the enrolment tag an instance is none of our business unless we enrolled it before.
-UNMANAGED = (Status.NOT_TAGGED, Status.GONE, Status.IS_GATEWAY)
+# Items per transaction, the generation bump aside (DynamoDB's limit is 100): a mapping change is
+# up to 5 (the mapping, a claim and a release of its public and of its private address).
+TRANSACTION_ITEMS = 99
+# Without the enrolment tag (or in another VPC) an instance is none of our business unless we
+# enrolled it before.
+UNMANAGED = (Status.NOT_TAGGED, Status.GONE, Status.IS_GATEWAY, Status.OTHER_VPC)
 PENDING_SSM = "pending-ssm"
 TERMINATING = "terminating"
 
@@ -80,49 +91,6 @@ class InstanceSource(Protocol):
     def find_gateway(self, deployment: str) -> str: ...
 
     def set_status_tag(self, instance: ObservedInstance, status: str) -> None: ...
-
-
-class Telemetry(Protocol):
-    def count(self, name: str, value: float = 1) -> None: ...
-
-    def measure(self, name: str, value: float, unit: str) -> None:
-        """One datapoint in ``unit`` (``Seconds``, ``Milliseconds``, ``Count``)."""
-        ...
-
-    def failure(self, reason: str) -> None:
-        """One failure, by reason (one of FAILURE_REASONS)."""
-        ...
-
-
-class NoTelemetry:
-    def count(self, name: str, value: float = 1) -> None:
-        return None
-
-    def measure(self, name: str, value: float, unit: str) -> None:
-        return None
-
-    def failure(self, reason: str) -> None:
-        return None
-
-
-FAILURE_REASONS = (
-    "agent-not-ready",
-    "command-failed",
-    "store-conflict",
-    "pool-exhausted",
-    "unsupported-subnet",
-    "gateway-sync",
-    "dead-lettered",
-)
-
-
-class GatewaySyncPending(RuntimeError):
-    """Another worker's gateway sync is in flight: retry soon (it, or its trailing sync, will
-    have applied our changes by then). Not a failure; never dead-lettered."""
-
-
-class GatewaySyncFailed(CommandError):
-    """The gateway did not apply the table; every instance of the batch waits for it."""
 
 
 @dataclass(frozen=True)
@@ -156,11 +124,14 @@ class _Plan:
     record: InstanceRecord | None = None  # as stored before this run
     previous: StoredMapping | None = None  # the mapping as stored
     remove_route: bool = False
+    claim_missing: bool = False  # a mapping stored before private addresses were claimed
 
     @property
     def needs_write(self) -> bool:
         if self.decision.status is Status.POOL_EXHAUSTED:
             return False  # keeps whatever it has; nothing to claim
+        if self.claim_missing and self.mapping is not None:
+            return True
         if self.mapping is None or self.previous is None:
             return self.mapping is not self.previous
         return (self.mapping.private_ip, self.mapping.public_ip) != (
@@ -180,6 +151,7 @@ class Controller:
         deployment: str,
         region: str,
         telemetry: Telemetry | None = None,
+        vpc_id: str | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -187,8 +159,16 @@ class Controller:
         self.commands = commands
         self.deployment = deployment
         self.region = region
+        self.vpc_id = vpc_id  # the gateway's VPC: instances elsewhere are never enrolled
         self.telemetry = telemetry or NoTelemetry()
-        self._gateway: str | None = None
+        self.gateway = GatewaySync(
+            store=store,
+            instances=instances,
+            commands=commands,
+            deployment=deployment,
+            region=region,
+            telemetry=self.telemetry,
+        )
 
     # -- entry points ------------------------------------------------------------------------
     def reconcile(self, instance_id: str, *, terminating: bool = False) -> Outcome:
@@ -245,7 +225,7 @@ class Controller:
         # Observe only under the leases (what we read can no longer be overtaken by another
         # worker), in one call per 1,000 instances; read the table's side in one call too.
         observed = self.instances.describe_many(run.leased) if run.leased else {}
-        snap = self.store.snapshot_many(run.leased)
+        snap = self.store.snapshot_many(run.leased, _private_ips(observed.values()))
         run.snapshot = snap
         plans: list[_Plan] = []
         for instance_id in run.leased:
@@ -291,10 +271,19 @@ class Controller:
         *,
         terminating: bool,
     ) -> _Plan | Outcome:
-        decision = decide_enrolment(instance, self.config)
+        decision = decide_enrolment(instance, self.config, vpc_id=self.vpc_id)
         if terminating:
             decision = Decision(False, Status.GONE, "Auto Scaling is terminating the instance")
         mapping, record = snap.mappings.get(instance_id), snap.records.get(instance_id)
+        claim_missing = False
+        if decision.enrol:
+            assert instance is not None and instance.private_ip is not None
+            holder = snap.private_claims.get(str(instance.private_ip))
+            if holder is not None and holder != instance_id and holder not in run.leased:
+                # Served already for another instance: never map one P twice. (A holder in this
+                # batch may be letting go of it: the transaction decides, in order.)
+                decision = _conflict(instance.private_ip, holder)
+            claim_missing = holder is None and mapping is not None
         if not decision.enrol and mapping is None and record is None:
             if decision.status in UNMANAGED:
                 # Never ours: an event about some other instance. Nothing to write or undo.
@@ -312,7 +301,7 @@ class Controller:
                 return plan
             wanted = StoredMapping(instance_id, instance.private_ip, address)  # type: ignore[arg-type]
             plan = _Plan(instance_id, instance, decision, wanted, route, record)
-            plan.previous = mapping
+            plan.previous, plan.claim_missing = mapping, claim_missing
             return plan
         # Not to be enrolled: stop its traffic first (route), then forget its mapping.
         plan = _Plan(instance_id, instance, decision, None, route, record)
@@ -385,8 +374,7 @@ class Controller:
         again and retry the ones that failed."""
         run.desired = snap.desired_generation
         pending = [p for p in plans if p.needs_write]
-        for start in range(0, len(pending), CHANGES_PER_TRANSACTION):
-            chunk = pending[start : start + CHANGES_PER_TRANSACTION]
+        for chunk in _transactions(pending):
             attempt = bumps = 0
             written = False
             last: Exception | None = None
@@ -404,6 +392,16 @@ class Controller:
                     # transaction stands, retry at once with the generation DynamoDB returned.
                     self.telemetry.count("StoreConflicts")
                     run.desired = exc.current
+                    bumps += 1
+                    if bumps <= GENERATION_RETRIES:
+                        attempt -= 1
+                    continue
+                except PrivateAddressTaken as exc:
+                    # Those instances lost their private address to another's mapping: each
+                    # becomes a conflict (and lets go of any mapping it has); the rest of the
+                    # transaction is written again at once.
+                    chunk = _conflicted(chunk, exc.taken)
+                    written = not chunk
                     bumps += 1
                     if bumps <= GENERATION_RETRIES:
                         attempt -= 1
@@ -517,93 +515,22 @@ class Controller:
             )
         return results
 
-    # -- the gateway ---------------------------------------------------------------------------
+    # -- the gateway (gateway_sync.py) -----------------------------------------------------------
     def gateway_id(self, *, refresh: bool = False) -> str:
-        """The gateway's instance ID, looked up once per container and again when it may have
-        changed (a full reconcile, or a command the old one could not take)."""
-        if refresh or self._gateway is None:
-            self._gateway = self.instances.find_gateway(self.deployment)
-        return self._gateway
+        return self.gateway.gateway_id(refresh=refresh)
 
     def sync_gateway(self, *, full: bool = False, gateway: str | None = None) -> dict[str, Any]:
         """Ask the gateway to pull and apply the newest table; returns what it reported."""
-        report, gateway = self._run_sync(full=full, gateway=gateway)
-        applied = int(report.get("applied_generation", -1))
-        if applied >= 0:
-            self.store.record_applied(applied, gateway)
-        return report
-
-    def _run_sync(self, *, full: bool, gateway: str | None) -> tuple[dict[str, Any], str]:
-        gateway = gateway or self.gateway_id()
-        parameters = {
-            "TableName": self.store.table_name,
-            "Region": self.region,
-            "Full": "true" if full else "false",
-        }
-        started = time.monotonic()
-        try:
-            try:
-                result = self._run(gateway, "SyncNatTable", parameters)
-            except AgentNotReady:
-                # Replaced since we looked it up? Ask EC2 again; the queue retries if the same.
-                fresh = self.gateway_id(refresh=True)
-                if fresh == gateway:
-                    raise
-                gateway = fresh
-                result = self._run(gateway, "SyncNatTable", parameters)
-        finally:
-            elapsed = (time.monotonic() - started) * 1000
-            self.telemetry.measure("GatewaySyncDuration", elapsed, "Milliseconds")
-        self.telemetry.count("GatewaySyncs")
-        return _last_json_line(result.stdout), gateway
+        return self.gateway.sync(full=full, gateway=gateway)
 
     def _sync_gateway(self, *, full: bool, run: _Run) -> tuple[bool, int]:
-        # The gateway pulls the newest table, so one sync covers every change written before it
-        # starts; none is needed while the gateway reports the desired generation already.
         snap = run.snapshot
-        desired = max(run.desired, snap.desired_generation if snap else 0)
-        applied = snap.applied_generation if snap else 0
-        if not full and applied >= desired:
-            return False, desired
-        recorded = self.store.begin_sync(run.owner)
-        if recorded is None:
-            raise GatewaySyncPending(
-                f"a gateway sync is in flight; generation {desired} will be applied by it or next"
-            )
-        if not full and recorded >= desired:
-            # Another worker's sync applied ours while we were writing.
-            self.store.end_sync(run.owner, applied=None, gateway_id=None)
-            return False, desired
-        gateway = self.gateway_id(refresh=True) if full else None
-        reported: int | None = None
-        released = False
-        try:
-            for round_ in range(TRAILING_SYNCS):
-                report, gateway = self._run_sync(full=full, gateway=gateway)
-                reported = int(report.get("applied_generation", -1))
-                if reported < desired:
-                    raise GatewaySyncFailed(
-                        f"gateway reported {report}, but generation {desired} is desired"
-                    )
-                # Trailing edge: let go only if nobody wrote while this sync ran (they did not
-                # start a sync of their own: we hold the lease); checked in the same write.
-                released = self.store.end_sync(
-                    run.owner,
-                    applied=reported,
-                    gateway_id=gateway,
-                    unless_desired_moved=round_ < TRAILING_SYNCS - 1,
-                )
-                if released:
-                    break
-                full = False
-        finally:
-            if not released:
-                self.store.end_sync(
-                    run.owner,
-                    applied=reported if reported is not None and reported >= 0 else None,
-                    gateway_id=gateway,
-                )
-        return True, desired
+        return self.gateway.converge(
+            owner=run.owner,
+            desired=max(run.desired, snap.desired_generation if snap else 0),
+            applied=snap.applied_generation if snap else 0,
+            full=full,
+        )
 
     # -- helpers -------------------------------------------------------------------------------
     @property
@@ -619,9 +546,6 @@ class Controller:
             "Destinations": ",".join(str(n) for n in self.config.partner_networks),
             "Gateway": str(self.config.gateway_private_ip),
         }
-
-    def _run(self, instance_id: str, document: str, parameters: dict[str, str]) -> Any:
-        return self._check(self.commands.run(instance_id, document, parameters))
 
     def _run_many(
         self, instance_ids: list[str], document: str
@@ -642,12 +566,7 @@ class Controller:
     def _check(self, result: CommandResult) -> CommandResult:
         if not result.ok:
             self.telemetry.count("CommandFailures")
-            detail = (result.stderr or result.stdout).strip()[-300:]
-            where = f"{result.instance_id}: {result.document} {result.status}: {detail}"
-            if result.status in ("Undeliverable", "DeliveryTimedOut"):
-                raise AgentNotReady(where)
-            raise CommandError(where)
-        return result
+        return raise_for_status(result)
 
     def _record(
         self,
@@ -749,6 +668,8 @@ def _failure_reason(result: Outcome | Exception) -> str | None:
             return "pool-exhausted"
         if result.status is Status.UNSUPPORTED_SUBNET:
             return "unsupported-subnet"
+        if result.status is Status.CONFLICT:
+            return "conflict"
         return None
     if isinstance(result, GatewaySyncPending):
         return None  # coalescing, not a failure
@@ -772,12 +693,57 @@ def _text(value: object | None) -> str | None:
     return None if value is None else str(value)
 
 
-def _last_json_line(text: str) -> dict[str, Any]:
-    for line in reversed(text.strip().splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                return json.loads(line)
-            except ValueError:
-                continue
-    return {}
+def _conflict(private_ip: object, holder: str) -> Decision:
+    return Decision(
+        False,
+        Status.CONFLICT,
+        f"private address {private_ip} is mapped for {holder} already; one of them must go "
+        "(another VPC, or an address reused before the old mapping was removed)",
+    )
+
+
+def _conflicted(chunk: list[_Plan], taken: dict[str, tuple[str, str]]) -> list[_Plan]:
+    """The chunk after some of its instances lost their private address: each becomes a
+    conflict, kept only when it still has a mapping of its own to give up."""
+    again: list[_Plan] = []
+    for plan in chunk:
+        if plan.instance_id in taken:
+            private_ip, holder = taken[plan.instance_id]
+            plan.decision = _conflict(private_ip, holder)
+            plan.mapping = None
+            plan.claim_missing = False
+        if plan.needs_write:
+            again.append(plan)
+    return again
+
+
+def _keys(plan: _Plan) -> set[tuple[str, str]]:
+    """The table items a plan's write touches (a transaction may touch each only once)."""
+    keys = {(MAPPING, plan.instance_id)}
+    for mapping in (plan.mapping, plan.previous):
+        if mapping is not None:
+            keys |= {(PRIVATE, str(mapping.private_ip)), (ADDRESS, str(mapping.public_ip))}
+    return keys
+
+
+def _transactions(pending: list[_Plan]) -> list[list[_Plan]]:
+    """The batch's writes in as few transactions as fit, each touching an item at most once.
+    Removals go first and a write that touches an item an earlier one touched goes in a later
+    transaction: an address one instance lets go of is free when the next one claims it."""
+    ordered = sorted(pending, key=lambda p: p.mapping is not None)
+    chunks: list[tuple[list[_Plan], set[tuple[str, str]]]] = []
+    for plan in ordered:
+        keys = _keys(plan)
+        after = max((i for i, (_, used) in enumerate(chunks) if used & keys), default=-1)
+        for plans, used in chunks[after + 1 :]:
+            if len(used) + len(keys) <= TRANSACTION_ITEMS:
+                plans.append(plan)
+                used |= keys
+                break
+        else:
+            chunks.append(([plan], set(keys)))
+    return [plans for plans, _ in chunks]
+
+
+def _private_ips(instances: Iterable[ObservedInstance]) -> list[IPv4Address]:
+    return [i.private_ip for i in instances if i.private_ip is not None]

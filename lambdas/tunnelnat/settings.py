@@ -19,6 +19,10 @@ class ControllerSettings(BaseModel):
     deployment: str = Field(default="tunnelnat", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     document_prefix: str = Field(default="tunnelnat-", pattern=r"^[A-Za-z0-9_.-]{0,100}$")
     region: str = Field(pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]$")
+    # The gateway's VPC: instances elsewhere are never enrolled (the stack always sets it).
+    vpc_id: str | None = Field(default=None, pattern=r"^vpc-[0-9a-f]{8,17}$")
+    # The gateway's Auto Scaling group: the gateway is the member of it that holds G.
+    gateway_group: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:/ +=@-]{1,255}$")
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> ControllerSettings:
@@ -37,4 +41,6 @@ class ControllerSettings(BaseModel):
             deployment=env.get("TUNNELNAT_DEPLOYMENT", "tunnelnat"),
             document_prefix=env.get("TUNNELNAT_DOCUMENT_PREFIX", "tunnelnat-"),
             region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+            vpc_id=env.get("TUNNELNAT_VPC_ID") or None,
+            gateway_group=env.get("TUNNELNAT_GATEWAY_GROUP") or None,
         )

@@ -141,6 +141,26 @@ class World:
         reply = self.ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1, **spec)
         return reply["Instances"][0]["InstanceId"]
 
+    def hold_g(self, instance_id: str) -> None:
+        """Move G's ENI (created on first use) to ``instance_id``, as a replacement gateway's
+        boot does: the gateway is the instance holding G, whatever else carries its tags."""
+        if not getattr(self, "eni_id", None):
+            eni = self.ec2.create_network_interface(
+                SubnetId=self.subnet_id, PrivateIpAddress=VALID_CONFIG["gateway_private_ip"]
+            )
+            self.eni_id = eni["NetworkInterface"]["NetworkInterfaceId"]
+        [interface] = self.ec2.describe_network_interfaces(NetworkInterfaceIds=[self.eni_id])[
+            "NetworkInterfaces"
+        ]
+        attachment = interface.get("Attachment") or {}
+        if attachment.get("InstanceId") == instance_id:
+            return
+        if attachment.get("AttachmentId"):
+            self.ec2.detach_network_interface(AttachmentId=attachment["AttachmentId"], Force=True)
+        self.ec2.attach_network_interface(
+            NetworkInterfaceId=self.eni_id, InstanceId=instance_id, DeviceIndex=1
+        )
+
     def items(self, pk: str) -> dict[str, dict]:
         reply = self.dynamodb.query(
             TableName=TABLE,
@@ -154,7 +174,7 @@ class World:
 
 
 @pytest.fixture
-def world(moto_url):
+def world(moto_url, monkeypatch):
     urllib.request.urlopen(urllib.request.Request(f"{moto_url}/moto-api/reset", method="POST"))
     ec2 = boto3.client("ec2", region_name=REGION)
     dynamodb = boto3.client("dynamodb", region_name=REGION)
@@ -180,6 +200,9 @@ def world(moto_url):
         "10.10.1.10", tags={"tunnelnat:role": "gateway", "tunnelnat:deployment": "test"}
     )
     w.gateway_id = fleet.gateway_id = gateway
+    w.hold_g(gateway)
+    w.vpc_id = vpc
+    monkeypatch.setenv("TUNNELNAT_VPC_ID", vpc)
 
     from tunnelnat.handlers import controller as handler_module
 

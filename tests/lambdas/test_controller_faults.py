@@ -205,6 +205,7 @@ def test_gateway_replaced_keeps_every_mapping(world):
     world.ec2.terminate_instances(InstanceIds=[world.gateway_id])
     tags = {"tunnelnat:role": "gateway", "tunnelnat:deployment": "test"}
     new_gateway = world.launch("10.10.1.11", tags=tags)
+    world.hold_g(new_gateway)
     world.fleet.gateway_id = new_gateway
     world.fleet.applied = None  # a new instance: nothing applied yet
     scheduled = {**state_change(web1, "running"), "detail-type": "Scheduled Event"}

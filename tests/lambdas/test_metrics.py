@@ -161,7 +161,8 @@ def test_dead_lettered_is_a_failure_reason(world, capsys):
 def test_every_reason_is_one_of_the_documented_names():
     assert set(FAILURE_REASONS) == {
         "agent-not-ready", "command-failed", "store-conflict", "pool-exhausted",
-        "unsupported-subnet", "gateway-sync", "dead-lettered",
+        "unsupported-subnet", "gateway-sync", "dead-lettered", "conflict", "invalid-mapping",
+        "gateway-ambiguous",
     }  # fmt: skip
 
 

@@ -41,6 +41,18 @@ class AgentNotReady(CommandError):
     """The instance's SSM agent is not registered (yet): retry later, through the queue."""
 
 
+def raise_for_status(result: CommandResult) -> CommandResult:
+    """The result when it succeeded; else AgentNotReady (never delivered: retry later) or
+    CommandError, naming the instance, the document and the end of its output."""
+    if result.ok:
+        return result
+    detail = (result.stderr or result.stdout).strip()[-300:]
+    where = f"{result.instance_id}: {result.document} {result.status}: {detail}"
+    if result.status in ("Undeliverable", "DeliveryTimedOut"):
+        raise AgentNotReady(where)
+    raise CommandError(where)
+
+
 SEND_MAX = 50  # SendCommand's limit on InstanceIds
 
 

@@ -1,17 +1,29 @@
-"""EC2: what an instance looks like now, and where the gateway is."""
+"""EC2: what an instance looks like now, and where the gateway is.
+
+The gateway is the running instance that holds G (the fixed address on its dedicated ENI) in our
+VPC and carries this deployment's gateway tags (and, when the group is known, is a member of the
+gateway's Auto Scaling group): not whatever carries the tags. An instance tagged like the gateway
+that does not hold G is an impostor and receives nothing; two instances that both qualify are a
+loud failure (``GatewayAmbiguous``), never a guess.
+"""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from ipaddress import IPv4Address
 from typing import Any
 
+from aws_lambda_powertools import Logger
 from botocore.exceptions import ClientError
 
 from tunnelnat.core.config import parse_ipv4
 from tunnelnat.core.enrolment import GATEWAY_ROLE_TAG, STATUS_TAG, ObservedInstance
 
+logger = Logger(service="tunnelnat", child=True)
+
 DEPLOYMENT_TAG = "tunnelnat:deployment"
+GROUP_TAG = "aws:autoscaling:groupName"  # Auto Scaling puts it on every instance it launches
 DESCRIBE_CHUNK = 1000  # DescribeInstances' limit on InstanceIds
 _INSTANCE_IDS = re.compile(r"i-[0-9a-f]{8,17}")
 
@@ -20,9 +32,25 @@ class GatewayNotFound(RuntimeError):
     """No running gateway instance carries the deployment's tags (being replaced, or not up)."""
 
 
+class GatewayAmbiguous(GatewayNotFound):
+    """More than one running instance qualifies as the gateway: nothing is sent to either."""
+
+
 class Ec2Instances:
-    def __init__(self, ec2_client: Any) -> None:
+    def __init__(
+        self,
+        ec2_client: Any,
+        *,
+        status_tag: str = STATUS_TAG,
+        gateway_ip: IPv4Address | None = None,
+        vpc_id: str | None = None,
+        gateway_group: str | None = None,
+    ) -> None:
         self._ec2 = ec2_client
+        self.status_tag = status_tag
+        self._gateway_ip = str(gateway_ip) if gateway_ip is not None else None
+        self._vpc_id = vpc_id or None
+        self._gateway_group = gateway_group or None
 
     def describe_many(self, instance_ids: Iterable[str]) -> dict[str, ObservedInstance]:
         """Every instance EC2 still knows among ``instance_ids``, in calls of up to 1,000 IDs."""
@@ -71,11 +99,11 @@ class Ec2Instances:
 
     def set_status_tag(self, instance: ObservedInstance, status: str) -> None:
         """Show the enrolment status in the console; skipped when the tag already says so."""
-        if instance.tags.get(STATUS_TAG) == status:
+        if instance.tags.get(self.status_tag) == status:
             return
         try:
             self._ec2.create_tags(
-                Resources=[instance.instance_id], Tags=[{"Key": STATUS_TAG, "Value": status}]
+                Resources=[instance.instance_id], Tags=[{"Key": self.status_tag, "Value": status}]
             )
         except ClientError as exc:
             if exc.response["Error"]["Code"] not in ("InvalidInstanceID.NotFound",):
@@ -83,20 +111,19 @@ class Ec2Instances:
 
     def set_status_tags(self, instances: Iterable[ObservedInstance], status: str) -> None:
         """``set_status_tag`` for many instances: one CreateTags per 1,000 whose tag differs."""
-        ids = [i.instance_id for i in instances if i.tags.get(STATUS_TAG) != status]
+        tag = [{"Key": self.status_tag, "Value": status}]
+        ids = [i.instance_id for i in instances if i.tags.get(self.status_tag) != status]
         for start in range(0, len(ids), DESCRIBE_CHUNK):
             chunk = ids[start : start + DESCRIBE_CHUNK]
             try:
-                self._ec2.create_tags(Resources=chunk, Tags=[{"Key": STATUS_TAG, "Value": status}])
+                self._ec2.create_tags(Resources=chunk, Tags=tag)
             except ClientError as exc:
                 if exc.response["Error"]["Code"] not in ("InvalidInstanceID.NotFound",):
                     raise
                 # One of them is gone (terminated meanwhile): tag the others one by one.
                 for instance_id in chunk:
                     try:
-                        self._ec2.create_tags(
-                            Resources=[instance_id], Tags=[{"Key": STATUS_TAG, "Value": status}]
-                        )
+                        self._ec2.create_tags(Resources=[instance_id], Tags=tag)
                     except ClientError as one:
                         if one.response["Error"]["Code"] != "InvalidInstanceID.NotFound":
                             raise
@@ -109,13 +136,52 @@ class Ec2Instances:
                 {"Name": "instance-state-name", "Values": ["running"]},
             ]
         )
-        ids = sorted(
-            i["InstanceId"] for r in reply.get("Reservations", []) for i in r.get("Instances", [])
-        )
-        if not ids:
+        tagged = [i for r in reply.get("Reservations", []) for i in r.get("Instances", [])]
+        if not tagged:
             raise GatewayNotFound(f"no running gateway tagged {DEPLOYMENT_TAG}={deployment}")
-        # An ASG replacement can briefly show two; either pulls the same table.
-        return ids[-1]
+        if self._gateway_ip is None:
+            # Without G to check (callers that know only the tags): the newest-looking one.
+            return sorted(i["InstanceId"] for i in tagged)[-1]
+        holders = [raw for raw in tagged if self._is_gateway(raw)]
+        impostors = sorted(i["InstanceId"] for i in tagged if i not in holders)
+        if impostors:
+            logger.warning(
+                "instances tagged as the gateway that do not hold G: ignored",
+                extra={"impostors": impostors, "gateway_ip": self._gateway_ip},
+            )
+        if not holders:
+            raise GatewayNotFound(
+                f"no running instance tagged {DEPLOYMENT_TAG}={deployment} holds G "
+                f"{self._gateway_ip}{self._where()} (tagged: {', '.join(impostors)})"
+            )
+        if len(holders) > 1:
+            names = ", ".join(sorted(i["InstanceId"] for i in holders))
+            raise GatewayAmbiguous(
+                f"{len(holders)} instances qualify as the gateway of {deployment} ({names}): "
+                "refusing to sync either until one is gone"
+            )
+        return holders[0]["InstanceId"]
+
+    def _is_gateway(self, raw: dict) -> bool:
+        """Holds G on one of its interfaces, in our VPC, and is in the gateway's group."""
+        if self._vpc_id is not None and raw.get("VpcId") != self._vpc_id:
+            return False
+        if self._gateway_group is not None:
+            tags = {t.get("Key"): t.get("Value") for t in raw.get("Tags", [])}
+            if tags.get(GROUP_TAG) != self._gateway_group:
+                return False
+        for interface in raw.get("NetworkInterfaces", []):
+            if self._vpc_id is not None and interface.get("VpcId", self._vpc_id) != self._vpc_id:
+                continue
+            addresses = [a.get("PrivateIpAddress") for a in interface.get("PrivateIpAddresses", [])]
+            if self._gateway_ip in addresses or interface.get("PrivateIpAddress") == (
+                self._gateway_ip
+            ):
+                return True
+        return False
+
+    def _where(self) -> str:
+        return f" in {self._vpc_id}" if self._vpc_id else ""
 
 
 def observed(raw: dict) -> ObservedInstance:
@@ -125,5 +191,6 @@ def observed(raw: dict) -> ObservedInstance:
         private_ip=parse_ipv4(raw.get("PrivateIpAddress")),
         public_ip=parse_ipv4(raw.get("PublicIpAddress")),
         subnet_id=raw.get("SubnetId"),
+        vpc_id=raw.get("VpcId"),
         tags={t["Key"]: t["Value"] for t in raw.get("Tags", [])},
     )

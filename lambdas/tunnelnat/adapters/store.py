@@ -3,6 +3,8 @@
 Items (partition ``pk``, sort ``sk``):
   mapping/<instance-id>   private_ip, public_ip        what the gateway renders (it queries this)
   address/<ip>            instance_id                  a claim on a pool address
+  private/<ip>            instance_id                  a claim on a private address (one mapping
+                                                       per P, whatever the VPC or the instance)
   instance/<instance-id>  status, reason, route, ...   what operators see
   meta/generation         generation                   bumped by every mapping change
   meta/gateway            applied_generation, gateway  what the gateway last reported
@@ -10,19 +12,22 @@ Items (partition ``pk``, sort ``sk``):
 
 Every mapping change, its address claim and the generation bump are one transaction, so the
 gateway, which reads the generation before the mappings, never labels a table with a generation
-newer than its contents; and two writers never claim one address.
+newer than its contents; two writers never claim one address; and no private address is ever
+mapped twice (the gateway could not tell which instance a packet to or from it belongs to).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import Any
 
 from botocore.exceptions import ClientError
 
 MAPPING, ADDRESS, INSTANCE, META, LEASE = "mapping", "address", "instance", "meta", "lease"
+PRIVATE = "private"
 TRANSACT_MAX = 100  # DynamoDB's limit on items per TransactWriteItems
 BATCH_GET_MAX = 100  # and on keys per BatchGetItem
 _APPLIED_FORWARD = (
@@ -41,6 +46,15 @@ class InstanceBusy(StoreConflict):
 
 class AddressTaken(StoreConflict):
     """The address we tried to claim belongs to another instance now."""
+
+
+class PrivateAddressTaken(StoreConflict):
+    """Another instance's mapping holds the private address: ``taken`` maps each instance of
+    the cancelled transaction that lost to (its private address, the holder's instance ID)."""
+
+    def __init__(self, message: str, taken: dict[str, tuple[str, str]]) -> None:
+        super().__init__(message)
+        self.taken = taken
 
 
 class GenerationMoved(StoreConflict):
@@ -78,6 +92,8 @@ class Snapshot:
     records: dict[str, InstanceRecord]
     desired_generation: int
     applied_generation: int
+    # private address -> the instance whose mapping claims it (for the addresses asked about)
+    private_claims: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -153,12 +169,17 @@ class EnrolmentStore:
             gateway.get("gateway_instance_id", {}).get("S") if gateway else None,
         )
 
-    def snapshot_many(self, instance_ids: list[str]) -> Snapshot:
-        """Every instance's mapping and record and both generations, consistently, in one
-        BatchGetItem per 100 keys (a batch of 10 instances: one call)."""
+    def snapshot_many(
+        self, instance_ids: list[str], private_ips: Iterable[IPv4Address | str] = ()
+    ) -> Snapshot:
+        """Every instance's mapping and record, both generations, and who claims each of
+        ``private_ips``, consistently, in one BatchGetItem per 100 keys (a batch of 10 instances:
+        one call)."""
         keys = [_key(META, "generation"), _key(META, "gateway")]
         for instance_id in instance_ids:
             keys += [_key(MAPPING, instance_id), _key(INSTANCE, instance_id)]
+        privates = list(dict.fromkeys(str(ip) for ip in private_ips))
+        keys += [_key(PRIVATE, ip) for ip in privates]
         items: dict[tuple[str, str], dict] = {}
         for start in range(0, len(keys), BATCH_GET_MAX):
             items.update(self._batch_get(keys[start : start + BATCH_GET_MAX]))
@@ -175,6 +196,11 @@ class EnrolmentStore:
             applied_generation=int(gateway["applied_generation"]["N"])
             if gateway and "applied_generation" in gateway
             else 0,
+            private_claims={
+                ip: items[(PRIVATE, ip)]["instance_id"]["S"]
+                for ip in privates
+                if (PRIVATE, ip) in items
+            },
         )
 
     def _batch_get(self, keys: list[dict]) -> dict[tuple[str, str], dict]:
@@ -229,6 +255,7 @@ class EnrolmentStore:
             items.append(self._claim(public_ip, instance_id))
         if previous is not None and previous.public_ip != public_ip:
             items.append(self._release(previous.public_ip, instance_id))
+        items.append(self._claim(private_ip, instance_id, PRIVATE))
         items.append(self._bump(generation))
         self._transact(items, claimed=public_ip if claim else None)
         return generation + 1
@@ -259,9 +286,12 @@ class EnrolmentStore:
                 if claim:
                     items.append(self._claim(new.public_ip, change.instance_id))
                     claimed.append(new.public_ip)
+                items.append(self._claim(new.private_ip, change.instance_id, PRIVATE))
                 old = change.previous
                 if old is not None and old.public_ip != new.public_ip:
                     items.append(self._release(old.public_ip, change.instance_id))
+                if old is not None and old.private_ip != new.private_ip:
+                    items.append(self._release(old.private_ip, change.instance_id, PRIVATE))
             elif change.previous is not None:
                 old = change.previous
                 items.append(
@@ -276,6 +306,7 @@ class EnrolmentStore:
                 )
                 if claim:
                     items.append(self._release(old.public_ip, change.instance_id))
+                items.append(self._release(old.private_ip, change.instance_id, PRIVATE))
         if not items:
             return generation
         if len(items) >= TRANSACT_MAX:
@@ -296,6 +327,19 @@ class EnrolmentStore:
                     raise GenerationMoved(
                         f"generation moved from {generation} to {current}", int(current)
                     ) from exc
+            private = {
+                item["Put"]["Item"]["instance_id"]["S"]: (
+                    item["Put"]["Item"]["sk"]["S"],
+                    reason.get("Item", {}).get("instance_id", {}).get("S", "another instance"),
+                )
+                for item, reason in zip(items, raw, strict=False)
+                if reason.get("Code") == "ConditionalCheckFailed"
+                and "Put" in item
+                and item["Put"]["Item"]["pk"]["S"] == PRIVATE
+            }
+            if private:
+                shown = ", ".join(f"{ip} (held by {holder})" for ip, holder in private.values())
+                raise PrivateAddressTaken(f"private address(es) {shown}", private) from exc
             taken = [
                 item["Put"]["Item"]["sk"]["S"]
                 for item, code in zip(items, reasons, strict=False)
@@ -637,21 +681,25 @@ class EnrolmentStore:
             items.extend(page["Items"])
         return items
 
-    def _claim(self, address: IPv4Address, instance_id: str) -> dict:
-        return {
+    def _claim(self, address: IPv4Address, instance_id: str, kind: str = ADDRESS) -> dict:
+        claim = {
             "Put": {
                 "TableName": self._table,
-                "Item": {**_key(ADDRESS, str(address)), "instance_id": {"S": instance_id}},
+                "Item": {**_key(kind, str(address)), "instance_id": {"S": instance_id}},
                 "ConditionExpression": "attribute_not_exists(pk) OR instance_id = :me",
                 "ExpressionAttributeValues": {":me": {"S": instance_id}},
             }
         }
+        if kind == PRIVATE:
+            # Who holds it comes back with the cancellation: the conflict names the other party.
+            claim["Put"]["ReturnValuesOnConditionCheckFailure"] = "ALL_OLD"
+        return claim
 
-    def _release(self, address: IPv4Address, instance_id: str) -> dict:
+    def _release(self, address: IPv4Address, instance_id: str, kind: str = ADDRESS) -> dict:
         return {
             "Delete": {
                 "TableName": self._table,
-                "Key": _key(ADDRESS, str(address)),
+                "Key": _key(kind, str(address)),
                 "ConditionExpression": "attribute_not_exists(pk) OR instance_id = :me",
                 "ExpressionAttributeValues": {":me": {"S": instance_id}},
             }

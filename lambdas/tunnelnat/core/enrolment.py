@@ -10,7 +10,15 @@ from ipaddress import IPv4Address
 from tunnelnat.core.config import TAG_TEXT, NatMode, TunnelnatConfig
 
 GATEWAY_ROLE_TAG = "tunnelnat:role"
+# The shared key of earlier versions; each deployment now writes its own (``status_tag``).
 STATUS_TAG = "tunnelnat:status"
+
+
+def status_tag(deployment: str) -> str:
+    """The status tag's key for one deployment: ``tunnelnat:status:<deployment>``. Keyed per
+    deployment so two deployments in one account never read (or are authorised by) each
+    other's marks; the controller's IAM conditions name the same key."""
+    return f"{STATUS_TAG}:{deployment}"
 
 
 class Status(StrEnum):
@@ -26,6 +34,10 @@ class Status(StrEnum):
     UNSUPPORTED_SUBNET = "unsupported-subnet"
     POOL_EXHAUSTED = "pool-exhausted"
     IS_GATEWAY = "is-gateway"
+    # Tagged, but in another VPC than the gateway's: never ours, whatever its address.
+    OTHER_VPC = "other-vpc"
+    # Its private address is mapped for another instance already: never both (a human looks).
+    CONFLICT = "conflict"
 
 
 @dataclass(frozen=True)
@@ -38,6 +50,7 @@ class ObservedInstance:
     public_ip: IPv4Address | None = None
     subnet_id: str | None = None
     tags: Mapping[str, str] = field(default_factory=dict)
+    vpc_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -47,12 +60,24 @@ class Decision:
     reason: str
 
 
-def decide_enrolment(instance: ObservedInstance | None, config: TunnelnatConfig) -> Decision:
-    """Should ``instance`` be enrolled? Ordered so the reason given is the most useful one."""
+def decide_enrolment(
+    instance: ObservedInstance | None, config: TunnelnatConfig, *, vpc_id: str | None = None
+) -> Decision:
+    """Should ``instance`` be enrolled? Ordered so the reason given is the most useful one.
+
+    ``vpc_id`` is the gateway's VPC: an instance elsewhere is never enrolled, even when its
+    address falls in the gateway subnet's range (the gateway would NAT whichever instance of
+    its own VPC holds that address)."""
     if instance is None or instance.state in ("terminated", "shutting-down"):
         return Decision(False, Status.GONE, "the instance no longer exists")
     if instance.tags.get(GATEWAY_ROLE_TAG) == "gateway":
         return Decision(False, Status.IS_GATEWAY, "the gateway itself is never enrolled")
+    if vpc_id is not None and instance.vpc_id != vpc_id:
+        return Decision(
+            False,
+            Status.OTHER_VPC,
+            f"the instance is in {instance.vpc_id or 'no VPC'}, not the gateway's {vpc_id}",
+        )
     value = instance.tags.get(config.enrolment_tag_key)
     if value is None:
         return Decision(False, Status.NOT_TAGGED, f"no {config.enrolment_tag_key} tag")

@@ -30,7 +30,7 @@ from tunnelnat.adapters.ec2 import Ec2Instances
 from tunnelnat.adapters.queue import EventQueue
 from tunnelnat.adapters.store import EnrolmentStore
 from tunnelnat.controller import Controller, Outcome
-from tunnelnat.core.enrolment import Status
+from tunnelnat.core.enrolment import Status, status_tag
 from tunnelnat.delivery import (  # noqa: F401 - backoff_seconds: part of the handler's surface
     MAX_ATTEMPTS,
     DeliveryPolicy,
@@ -123,11 +123,18 @@ def build_controller(
     return Controller(
         settings.config,
         store=EnrolmentStore(client("dynamodb"), settings.table_name),
-        instances=Ec2Instances(client("ec2")),
+        instances=Ec2Instances(
+            client("ec2"),
+            status_tag=status_tag(settings.deployment),
+            gateway_ip=settings.config.gateway_private_ip,
+            vpc_id=settings.vpc_id,
+            gateway_group=settings.gateway_group,
+        ),
         commands=commands or SsmCommands(client("ssm"), document_prefix=settings.document_prefix),
         deployment=settings.deployment,
         region=settings.region,
         telemetry=PowertoolsTelemetry(),
+        vpc_id=settings.vpc_id,
     )
 
 

@@ -1,0 +1,196 @@
+"""The gateway side of the controller: find the gateway, have it pull and apply the newest table.
+
+The gateway pulls the whole table itself (``SyncNatTable``), so one sync covers every change
+written before it starts, and none is needed while the gateway reports the desired generation.
+
+Coalescing: one gateway sync is in flight at a time (a lease on ``meta/gateway``). A worker that
+finds one in flight does not start another: its instances come back through the queue
+(``GatewaySyncPending``), by when the holder's sync, or its trailing sync for changes written
+while it ran, has applied them. A burst of N launches costs a handful of syncs, not N / 10.
+
+Isolation: the gateway applies every valid mapping and reports the rows it refused (``rejected``
+in its JSON line); they are logged and counted here (``Failures``, Reason ``invalid-mapping``),
+never a reason to fail the sync for everyone else.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Protocol
+
+from aws_lambda_powertools import Logger
+
+from tunnelnat.adapters.commands import (
+    AgentNotReady,
+    CommandError,
+    CommandPort,
+    CommandResult,
+    raise_for_status,
+)
+from tunnelnat.adapters.ec2 import GatewayAmbiguous
+from tunnelnat.adapters.store import EnrolmentStore
+from tunnelnat.telemetry import Telemetry
+
+logger = Logger(service="tunnelnat", child=True)
+
+# Syncs one lease holder runs back to back for changes written while its previous one ran.
+TRAILING_SYNCS = 4
+
+
+class GatewaySyncPending(RuntimeError):
+    """Another worker's gateway sync is in flight: retry soon (it, or its trailing sync, will
+    have applied our changes by then). Not a failure; never dead-lettered."""
+
+
+class GatewaySyncFailed(CommandError):
+    """The gateway did not apply the table; every instance of the batch waits for it."""
+
+
+class GatewayLocator(Protocol):
+    def find_gateway(self, deployment: str) -> str: ...
+
+
+class GatewaySync:
+    def __init__(
+        self,
+        *,
+        store: EnrolmentStore,
+        instances: GatewayLocator,
+        commands: CommandPort,
+        deployment: str,
+        region: str,
+        telemetry: Telemetry,
+    ) -> None:
+        self.store = store
+        self.instances = instances
+        self.commands = commands
+        self.deployment = deployment
+        self.region = region
+        self.telemetry = telemetry
+        self._gateway: str | None = None
+
+    def gateway_id(self, *, refresh: bool = False) -> str:
+        """The gateway's instance ID, looked up once per container and again when it may have
+        changed (a full reconcile, or a command the old one could not take)."""
+        if refresh or self._gateway is None:
+            self._gateway = None
+            try:
+                self._gateway = self.instances.find_gateway(self.deployment)
+            except GatewayAmbiguous as exc:
+                # Loud: a second instance looks like the gateway; nothing goes to either.
+                logger.error("more than one gateway candidate: no sync", extra={"reason": str(exc)})
+                self.telemetry.failure("gateway-ambiguous")
+                raise
+        return self._gateway
+
+    def sync(self, *, full: bool = False, gateway: str | None = None) -> dict[str, Any]:
+        """Ask the gateway to pull and apply the newest table; returns what it reported."""
+        report, gateway = self._run_sync(full=full, gateway=gateway)
+        applied = int(report.get("applied_generation", -1))
+        if applied >= 0:
+            self.store.record_applied(applied, gateway)
+        return report
+
+    def converge(self, *, owner: str, desired: int, applied: int, full: bool) -> tuple[bool, int]:
+        """Bring the gateway to ``desired`` (or re-render it all when ``full``), at most one sync
+        in flight across workers; (whether this call synced, the generation now desired)."""
+        if not full and applied >= desired:
+            return False, desired
+        recorded = self.store.begin_sync(owner)
+        if recorded is None:
+            raise GatewaySyncPending(
+                f"a gateway sync is in flight; generation {desired} will be applied by it or next"
+            )
+        if not full and recorded >= desired:
+            # Another worker's sync applied ours while we were writing.
+            self.store.end_sync(owner, applied=None, gateway_id=None)
+            return False, desired
+        reported: int | None = None
+        released = False
+        gateway: str | None = None
+        try:
+            gateway = self.gateway_id(refresh=True) if full else None
+            for round_ in range(TRAILING_SYNCS):
+                report, gateway = self._run_sync(full=full, gateway=gateway)
+                reported = int(report.get("applied_generation", -1))
+                if reported < desired:
+                    raise GatewaySyncFailed(
+                        f"gateway reported {report}, but generation {desired} is desired"
+                    )
+                # Trailing edge: let go only if nobody wrote while this sync ran (they did not
+                # start a sync of their own: we hold the lease); checked in the same write.
+                released = self.store.end_sync(
+                    owner,
+                    applied=reported,
+                    gateway_id=gateway,
+                    unless_desired_moved=round_ < TRAILING_SYNCS - 1,
+                )
+                if released:
+                    break
+                full = False
+        finally:
+            if not released:
+                self.store.end_sync(
+                    owner,
+                    applied=reported if reported is not None and reported >= 0 else None,
+                    gateway_id=gateway,
+                )
+        return True, desired
+
+    def _run_sync(self, *, full: bool, gateway: str | None) -> tuple[dict[str, Any], str]:
+        gateway = gateway or self.gateway_id()
+        parameters = {
+            "TableName": self.store.table_name,
+            "Region": self.region,
+            "Full": "true" if full else "false",
+        }
+        started = time.monotonic()
+        try:
+            try:
+                result = self._run(gateway, parameters)
+            except AgentNotReady:
+                # Replaced since we looked it up? Ask EC2 again; the queue retries if the same.
+                fresh = self.gateway_id(refresh=True)
+                if fresh == gateway:
+                    raise
+                gateway = fresh
+                result = self._run(gateway, parameters)
+        finally:
+            elapsed = (time.monotonic() - started) * 1000
+            self.telemetry.measure("GatewaySyncDuration", elapsed, "Milliseconds")
+        self.telemetry.count("GatewaySyncs")
+        report = last_json_line(result.stdout)
+        self._report_rejected(report)
+        return report, gateway
+
+    def _run(self, gateway: str, parameters: dict[str, str]) -> CommandResult:
+        result = self.commands.run(gateway, "SyncNatTable", parameters)
+        if not result.ok:
+            self.telemetry.count("CommandFailures")
+        return raise_for_status(result)
+
+    def _report_rejected(self, report: dict[str, Any]) -> None:
+        rejected = report.get("rejected")
+        if not rejected or not isinstance(rejected, list):
+            return
+        count = int(report.get("rejected_count", len(rejected)) or len(rejected))
+        logger.error(
+            "the gateway refused mapping rows (it applied every other one)",
+            extra={"rejected": rejected[:20], "rejected_count": count},
+        )
+        self.telemetry.failure("invalid-mapping")
+        self.telemetry.count("RejectedMappings", count)
+
+
+def last_json_line(text: str) -> dict[str, Any]:
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                value = json.loads(line)
+            except (ValueError, RecursionError):
+                continue
+            if isinstance(value, dict):
+                return value
+    return {}
