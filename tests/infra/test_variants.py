@@ -47,6 +47,11 @@ def s(tmp_path_factory):
     return synthesize(tmp_path_factory.mktemp("cdk.out"), OVERRIDES)
 
 
+def _configure_gateway(s):
+    """ConfigureGateway's association (the health agent has one of its own)."""
+    return s.resources("AWS::SSM::Association")[s.logical_id(s.stack.gateway.association)]
+
+
 def test_existing_vpc_is_used_not_created(s):
     assert not s.resources("AWS::EC2::VPC")
     assert not s.resources("AWS::EC2::Subnet")
@@ -63,19 +68,24 @@ def test_existing_vpc_is_used_not_created(s):
     )
 
 
+def configure_gateway_association(s):
+    """ConfigureGateway's association (the health agent has its own: InstallHealthAgent)."""
+    return s.resources("AWS::SSM::Association")[s.logical_id(s.stack.gateway.association)]
+
+
 def test_imported_elastic_ip_is_associated_not_allocated(s):
     assert not s.resources("AWS::EC2::EIP")
     _, association = s.one("AWS::EC2::EIPAssociation")
     assert association["Properties"]["AllocationId"] == OVERRIDES["gateway_eip_allocation_id"]
     assert "DependsOn" not in association
-    _, ssm_association = s.one("AWS::SSM::Association")
+    ssm_association = configure_gateway_association(s)
     params = {k: v[0] for k, v in ssm_association["Properties"]["Parameters"].items()}
     assert params["LocalId"] == OVERRIDES["gateway_eip_address"]
 
 
 def test_imported_psk_is_read_by_name_and_not_created(s):
     assert not s.resources("AWS::SecretsManager::Secret")
-    _, association = s.one("AWS::SSM::Association")
+    association = configure_gateway_association(s)
     assert association["Properties"]["Parameters"]["PskSecretName"] == ["partner/psk"]
     policy = s.resources("AWS::IAM::Policy")[
         s.logical_id(s.stack.gateway.role.node.find_child("DefaultPolicy"))
@@ -87,7 +97,7 @@ def test_imported_psk_is_read_by_name_and_not_created(s):
 
 
 def test_shared_mode_parameters_and_controller_config(s):
-    _, association = s.one("AWS::SSM::Association")
+    association = configure_gateway_association(s)
     params = {k: v[0] for k, v in association["Properties"]["Parameters"].items()}
     assert params["NatMode"] == "shared"
     assert params["SharedAddress"] == "192.0.2.50"
