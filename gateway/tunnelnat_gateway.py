@@ -59,7 +59,11 @@ class GatewayError(RuntimeError):
 
 def read_desired(client: object, table_name: str, nat_mode: str) -> NatTable:
     """Read the generation first, then the mappings: the table we build is never older than the
-    generation we label it with (writes bump both in one transaction)."""
+    generation we label it with (writes bump both in one transaction).
+
+    Every address is validated (NatTable.from_rows): nft is never handed a value that is not a
+    canonical IPv4 address. A row that cannot be applied (malformed, or colliding with another
+    on P or S) is left out and listed in the table's ``rejected``; every other row is applied."""
     meta = client.get_item(TableName=table_name, Key=META_KEY, ConsistentRead=True).get("Item", {})
     generation = int(meta.get("generation", {}).get("N", "0"))
     rows: list[tuple[str, str]] = []
@@ -76,16 +80,24 @@ def read_desired(client: object, table_name: str, nat_mode: str) -> NatTable:
         for item in page["Items"]:
             try:
                 append((item["private_ip"]["S"], item["public_ip"]["S"]))
-            except (KeyError, TypeError) as exc:
-                raise GatewayError(f"refusing malformed mapping row {item!r}: {exc}") from None
-    try:
-        # Every address is validated here (NatTable.from_rows): nft is never handed a value
-        # that is not a canonical IPv4 address; a bad row stops the sync loudly.
-        return NatTable.from_rows(generation, rows, nat_mode)
-    except NatTableError:
-        raise  # a consistent-looking but ambiguous table (an address mapped twice)
-    except ValueError as exc:
-        raise GatewayError(f"refusing malformed mapping row: {exc}") from None
+            except (KeyError, TypeError):
+                # Kept as whatever text it has: from_rows rejects it with the reason.
+                append((_text(item, "private_ip"), _text(item, "public_ip")))
+    return NatTable.from_rows(generation, rows, nat_mode)
+
+
+def _text(item: object, name: str) -> str:
+    value = item.get(name) if isinstance(item, dict) else None
+    value = value.get("S") if isinstance(value, dict) else value
+    return str(value)[:60]
+
+
+def rejected_report(table: NatTable, limit: int = 20) -> dict:
+    """The rows left out, for the sync's JSON line (the controller logs and counts them)."""
+    if not table.rejected:
+        return {}
+    rows = [{"private_ip": p, "public_ip": s, "reason": r} for p, s, r in table.rejected[:limit]]
+    return {"rejected": rows, "rejected_count": len(table.rejected)}
 
 
 def applied_generation() -> int | None:
@@ -150,6 +162,7 @@ def sync(client: object, table_name: str, *, full: bool = False) -> dict:
         "previous_generation": current,
         "mappings": len(desired),
         "seconds": round(time.monotonic() - started, 3),
+        **rejected_report(desired),
     }
 
 

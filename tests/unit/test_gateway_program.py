@@ -60,11 +60,11 @@ SCRIPT = textwrap.dedent(
     out.append(g.sync(t, "x"))
     t.generation = 2; t.rows = []
     out.append(g.sync(t, "x"))
-    t.generation = 4; t.rows = [row("10.10.1.21; flush ruleset", "203.0.113.10")]
-    try:
-        g.sync(t, "x")
-    except g.GatewayError as e:
-        out.append({{"error": str(e)}})
+    t.generation = 4
+    t.rows = [row("10.10.1.21", "203.0.113.10"), row("10.10.1.22", "203.0.113.11"),
+              row("10.10.1.23", "203.0.113.12"), row("10.10.1.24; flush ruleset", "203.0.113.13"),
+              row("10.10.1.22", "203.0.113.14"), {{"private_ip": {{"S": "10.10.1.25"}}}}]
+    out.append(g.sync(t, "x"))
     out.append({{"applied": g.applied_generation()}})
     import subprocess
     listing = subprocess.run(["nft", "list", "map", "ip", "tunnelnat", "snat_map"],
@@ -89,10 +89,20 @@ def test_sync_applies_forward_only_and_refuses_bad_rows(tmp_path):
     assert unchanged["action"] == "unchanged"
     assert updated["action"] == "updated" and updated["mappings"] == 3
     assert older == {**older, "action": "unchanged", "applied_generation": 3}, "never backwards"
-    assert "malformed" in malformed["error"]
-    assert applied == {"applied": 3}
-    for private in ("10.10.1.21", "10.10.1.22", "10.10.1.23"):
+    # Issue 14: bad rows are left out and reported; every other row is applied.
+    assert malformed["action"] == "updated" and malformed["applied_generation"] == 4
+    assert malformed["mappings"] == 2 and malformed["rejected_count"] == 4  # 22 twice, 24, 25
+    reasons = {(r["private_ip"], r["reason"].split(":")[0]) for r in malformed["rejected"]}
+    assert (
+        "10.10.1.22",
+        "private address 10.10.1.22 is mapped to both 203.0.113.11 and 203.0.113.14",
+    ) in reasons
+    assert ("10.10.1.24; flush ruleset", "not an IPv4 address") in reasons
+    assert ("10.10.1.25", "not an IPv4 address") in reasons
+    assert applied == {"applied": 4}
+    for private in ("10.10.1.21", "10.10.1.23"):
         assert private in listing["snat_map"]
+    assert "10.10.1.22" not in listing["snat_map"] and "flush" not in listing["snat_map"]
     assert (tmp_path / "tunnelnat.nft").read_text().count("elements") == 2  # nets + generation
 
 

@@ -193,18 +193,31 @@ def test_from_rows_equals_the_mapping_constructor_and_sorts_numerically():
         ([("10.0.0.2", "203.0.113.1"), ("10.0.0.1", "203.0.113.1")], "public address 203.0.113.1"),
     ],
 )
-def test_from_rows_refuses_duplicates(rows, message):
-    with pytest.raises(NatTableError, match=message):
-        NatTable.from_rows(1, rows)
+def test_from_rows_leaves_out_and_reports_both_sides_of_a_duplicate(rows, message):
+    """Issue 14, finding 1: one duplicate used to refuse the whole table, so no sync applied
+    anything any more; now the colliding rows are left out, reported, and the rest applied."""
+    good = ("10.0.0.9", "203.0.113.9")
+    table = NatTable.from_rows(1, [good, *rows])
+    assert table.rows == (good,)
+    assert {(p, s) for p, s, _ in table.rejected} == set(rows)
+    assert all(message in reason for _, _, reason in table.rejected)
+    with pytest.raises(NatTableError, match=message):  # the constructor stays strict
+        NatTable(1, tuple(NatMapping.parse(p, s) for p, s in [good, *rows]))
 
 
-def test_from_rows_refuses_a_malformed_address_anywhere():
+def test_from_rows_reports_a_malformed_address_anywhere_and_applies_the_rest():
     rows = [
         (f"10.0.{i // 250}.{i % 250 + 1}", f"100.64.{i // 250}.{i % 250 + 1}") for i in range(500)
     ]
     rows[321] = ("10.0.1.72", "100.64.1.72 } ; flush ruleset")
-    with pytest.raises(ValueError, match="not an IPv4 address"):
-        NatTable.from_rows(1, rows)
+    rows[400] = (None, "100.64.1.151")  # a row without a private address
+    table = NatTable.from_rows(1, rows)
+    assert len(table) == 498
+    assert [(p, r.split(":")[0]) for p, _, r in table.rejected] == [
+        ("10.0.1.72", "not an IPv4 address"),
+        ("None", "not an IPv4 address"),
+    ]
+    assert "flush ruleset" not in render_map_update(table)
     with pytest.raises(NatTableError, match="negative"):
         NatTable.from_rows(-1, [])
 

@@ -108,13 +108,14 @@ def ipv4_int(text: object) -> int:
 
 
 class NatTable:
-    """The desired mappings at one generation; construction refuses an ambiguous table.
+    """The desired mappings at one generation. The constructor refuses an ambiguous table;
+    ``from_rows`` (the gateway's reader) leaves the rows out and lists them in ``rejected``.
 
     Kept as validated canonical text rows ``(private, public)`` sorted by address, so the gateway
     renders them without building an ``ipaddress`` object per address; ``mappings`` gives the
     same rows as ``NatMapping`` objects for callers that want them (built on first use)."""
 
-    __slots__ = ("generation", "nat_mode", "rows", "_mappings")
+    __slots__ = ("generation", "nat_mode", "rows", "rejected", "_mappings")
 
     def __init__(
         self,
@@ -123,12 +124,20 @@ class NatTable:
         nat_mode: str = "dedicated",
     ) -> None:
         self._build(generation, ((str(m.private_ip), str(m.public_ip)) for m in mappings), nat_mode)
+        if self.rejected:
+            raise NatTableError(self.rejected[0][2])
 
     @classmethod
     def from_rows(
         cls, generation: int, rows: Iterable[tuple[str, str]], nat_mode: str = "dedicated"
     ) -> NatTable:
-        """From ``(private, public)`` text pairs, each address validated (the gateway's path)."""
+        """From ``(private, public)`` text pairs, each address validated (the gateway's path).
+
+        A row that cannot be applied (an address that is not a canonical IPv4 address, a private
+        address mapped to two public ones, a public address mapped from two private ones outside
+        shared mode) is left out with every row it collides with, and listed in ``rejected`` as
+        ``(private, public, reason)``: the gateway applies every valid row and reports the rest,
+        it never refuses the whole table for one row."""
         table = cls.__new__(cls)
         table._build(generation, rows, nat_mode)
         return table
@@ -138,33 +147,46 @@ class NatTable:
             raise NatTableError("generation must not be negative")
         by_private: dict[int, tuple[int, str, str]] = {}
         get = by_private.get
+        rejected: list[tuple[str, str, str]] = []
+        ambiguous: dict[int, set[int]] = {}  # private -> every public it was mapped to
         for private, public in rows:
-            p, s = ipv4_int(private), ipv4_int(public)
+            try:
+                p, s = ipv4_int(private), ipv4_int(public)
+            except ValueError as exc:
+                rejected.append((str(private)[:60], str(public)[:60], str(exc)))
+                continue
             seen = get(p)
             if seen is None:
                 by_private[p] = (s, private, public)
             elif seen[0] != s:
-                a, b = sorted((seen[0], s))
-                raise NatTableError(
-                    f"private address {private} is mapped to both {_dotted(a)} and {_dotted(b)}"
-                )
+                ambiguous.setdefault(p, {seen[0]}).add(s)
+        for p, publics in ambiguous.items():
+            # Which one is meant cannot be known here: neither is applied.
+            del by_private[p]
+            a, b = sorted(publics)[:2]
+            reason = f"private address {_dotted(p)} is mapped to both {_dotted(a)} and {_dotted(b)}"
+            rejected.extend((_dotted(p), _dotted(s), reason) for s in sorted(publics))
         # In shared mode every instance has the same S on purpose (ports tell them apart).
         if nat_mode != "shared" and len({v[0] for v in by_private.values()}) != len(by_private):
-            owner: dict[int, int] = {}
+            owners: dict[int, list[int]] = {}
             for p in sorted(by_private):
-                s = by_private[p][0]
-                if s in owner:
-                    raise NatTableError(
+                owners.setdefault(by_private[p][0], []).append(p)
+            for s, privates in owners.items():
+                if len(privates) > 1:
+                    reason = (
                         f"public address {_dotted(s)} is mapped from both "
-                        f"{_dotted(owner[s])} and {_dotted(p)}"
+                        f"{_dotted(privates[0])} and {_dotted(privates[1])}"
                     )
-                owner[s] = p
+                    for p in privates:
+                        del by_private[p]
+                        rejected.append((_dotted(p), _dotted(s), reason))
         self.generation = generation
         self.nat_mode = nat_mode
         # Sorted by the private address as a number: a stable order for diffs and tests.
         self.rows: tuple[tuple[str, str], ...] = tuple(
             by_private[p][1:] for p in sorted(by_private)
         )
+        self.rejected: tuple[tuple[str, str, str], ...] = tuple(rejected)
         self._mappings: tuple[NatMapping, ...] | None = None
 
     @property
