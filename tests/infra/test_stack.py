@@ -242,6 +242,35 @@ def test_gateway_role_ssm_core_plus_exactly_what_the_gateway_needs(s):
     assert not {a for a in actions if a.startswith(("dynamodb:Put", "dynamodb:Update", "ssm:"))}
 
 
+def test_gateway_role_allows_every_call_of_the_boot_program_and_the_sync(s):
+    """What tunnelnat_boot.py and tunnelnat_gateway.py call, read from their source, is what the
+    role allows (IMDS needs no permission)."""
+    gateway = s.stack.gateway
+    policy = s.resources("AWS::IAM::Policy")[
+        s.logical_id(gateway.role.node.find_child("DefaultPolicy"))
+    ]
+    allowed = {a for st in statements(policy) for a in as_list(st["Action"])}
+    calls = set()
+    for path, clients in (
+        (BOOT_PROGRAM, {"ec2": "ec2", "autoscaling": "autoscaling"}),
+        (BOOT_PROGRAM.with_name("tunnelnat_gateway.py"), {"client": "dynamodb"}),
+    ):
+        for client, op in re.findall(r"\b(ec2|autoscaling|client)\.([a-z_]+)\(", path.read_text()):
+            if op == "get_paginator":
+                continue
+            calls.add(f"{clients[client]}:" + "".join(w.title() for w in op.split("_")))
+    calls.add("dynamodb:Query")  # through get_paginator("query")
+    assert calls == {
+        "ec2:DescribeNetworkInterfaces",
+        "ec2:ModifyInstanceAttribute",
+        "ec2:AttachNetworkInterface",
+        "autoscaling:SetInstanceHealth",
+        "dynamodb:GetItem",
+        "dynamodb:Query",
+    }
+    assert calls <= allowed
+
+
 def test_psk_is_generated_by_secrets_manager_never_in_the_template(s):
     _, secret = s.one("AWS::SecretsManager::Secret")
     assert "GenerateSecretString" in secret["Properties"]
