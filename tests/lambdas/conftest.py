@@ -109,6 +109,7 @@ class FakeFleet:
             if self.applied is None or full or table.generation > self.applied.generation:
                 self.applied = table
             report = {"applied_generation": self.applied.generation, "action": "updated"}
+            report.update(tunnelnat_gateway.rejected_report(table))  # as the real program
             return CommandResult(instance_id, document, "Success", stdout=json.dumps(report))
         raise AssertionError(f"unexpected document {document}")
 
