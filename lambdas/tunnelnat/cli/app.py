@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 from botocore.exceptions import ClientError
 from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url
 
-from tunnelnat.cli import dlq, doctor, enrol, reconcile, status
+from tunnelnat.cli import dlq, doctor, enrol, psk, reconcile, status
 from tunnelnat.cli.aws import (
     AWS_ERRORS,
     EXIT_ERROR,
@@ -73,7 +73,16 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (and exit 2) like every other error; subcommand
     parsers are made of the same class."""
 
+    # Set when the command line may hold a secret typed in the wrong place (`psk set KEY`):
+    # argparse would print the stray words back.
+    redact_unrecognized = False
+
     def error(self, message: str) -> NoReturn:
+        if self.redact_unrecognized and message.startswith("unrecognized arguments"):
+            message = (
+                "unrecognized arguments (not shown: a key is never given as an argument; pipe "
+                "it on stdin or pass --file)"
+            )
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see: {self.prog} --help)\n")
 
 
@@ -145,7 +154,7 @@ def _common(*, top: bool) -> argparse.ArgumentParser:
         "--stack",
         default=default(None),
         help="CloudFormation stack to read names from (outputs TableName, QueueUrl, "
-        "DeadLetterQueueUrl, ControllerFunctionName)",
+        "DeadLetterQueueUrl, ControllerFunctionName, PskSecretName)",
     )
     aws.add_argument(
         "--deployment",
@@ -223,6 +232,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="checks that could not run fail too")
     json_flag(p)
     p.set_defaults(func=doctor.run)
+
+    p = sub.add_parser("psk", help="the IPsec pre-shared key")
+    psk_sub = p.add_subparsers(dest="psk_command", metavar="ACTION", required=True)
+    p = psk_sub.add_parser(
+        "set",
+        parents=[common],
+        help="store a new pre-shared key (stdin or --file, never an argument)",
+        description="Store the pre-shared key agreed with the partner in the deployment's "
+        "secret. The key is read from stdin (prompted for twice, not shown, on a terminal) or "
+        "from --file, never from the command line. The stack then re-runs ConfigureGateway on "
+        "the gateway by itself; --wait follows that to the tunnel.",
+    )
+    p.add_argument("--file", metavar="PATH", help="read the key from PATH ('-': stdin)")
+    p.add_argument(
+        "--secret",
+        help="secret name or ARN (default: the stack's PskSecretName output with --stack, else "
+        "the one <deployment>-ConfigureGateway reads)",
+    )
+    wait_flags(p, 900.0)
+    json_flag(p)
+    p.set_defaults(func=psk.run_set, interval=5.0)  # several AWS calls per poll
     return parser
 
 
@@ -232,6 +262,7 @@ STACK_OUTPUTS = {
     "QueueUrl": "queue_url",
     "DeadLetterQueueUrl": "dlq_url",
     "ControllerFunctionName": "function_name",
+    "PskSecretName": "secret",
 }
 
 
@@ -266,6 +297,8 @@ def main(argv: Sequence[str] | None = None, runtime: Runtime | None = None) -> i
     every failure is one line on stderr and exit 2 (``--debug`` adds the traceback)."""
     runtime = runtime or Runtime()
     parser = build_parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    parser.redact_unrecognized = "psk" in words
     try:
         with contextlib.redirect_stdout(runtime.out), contextlib.redirect_stderr(runtime.err):
             args = parser.parse_args(argv)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -17,9 +18,9 @@ from tunnelnat.cli.table import TableReader
 class Change:
     """What a command just asked for, handed to ``Runtime.after_change``."""
 
-    action: str  # enroll | unenroll | reconcile
+    action: str  # enroll | unenroll | reconcile | psk
     instance_ids: tuple[str, ...]
-    message: dict | None = None  # reconcile: the event sent to the queue
+    message: dict | None = None  # reconcile: the event sent; psk: secret, version_id, changed_at
     queue_url: str | None = None
 
 
@@ -34,6 +35,8 @@ class Runtime:
 
     out: TextIO = field(default_factory=lambda: sys.stdout)
     err: TextIO = field(default_factory=lambda: sys.stderr)
+    stdin: TextIO = field(default_factory=lambda: sys.stdin)
+    getpass: Callable[[str], str] = getpass.getpass  # prompts on the terminal, never echoes
     clients: Mapping[str, Any] = field(default_factory=dict)
     session: Any = None  # a boto3 Session to reuse instead of a new one per command
     after_change: Callable[[Aws, Change], None] | None = None
