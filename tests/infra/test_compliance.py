@@ -58,6 +58,11 @@ EXPECTED_ACKNOWLEDGEMENTS = {
         "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:cloudwatch:<AWS::Region>"
         ":<AWS::AccountId>:alarm:tunnelnat-tunnelnat-TunnelUp-*]",
     ),
+    (
+        "PskRollout/Role",
+        "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:ec2:<AWS::Region>:<AWS::AccountId>"
+        ":instance/*]",
+    ),
 }
 
 
