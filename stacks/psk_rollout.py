@@ -10,8 +10,11 @@ event bus when a staging label (here ``AWSCURRENT``, the version the gateway rea
 version: ``put-secret-value``, ``update-secret`` with a value, the end of a rotation, a hand-moved
 label. It needs no CloudTrail trail. The older way, matching ``AWS API Call via CloudTrail`` events
 (PutSecretValue, UpdateSecret, ...), needs a trail with logging enabled in the account (EventBridge
-user guide, "AWS service events delivered via AWS CloudTrail"), which a new account lacks, and
-also fires on a PutSecretValue into ``AWSPENDING`` that changes nothing the gateway reads. Sources:
+user guide, "AWS service events delivered via AWS CloudTrail"), which a new account lacks; it
+also fires on a PutSecretValue into ``AWSPENDING`` that changes nothing the gateway reads, and
+its ``requestParameters.secretId`` is whatever the caller passed (a name, a full or a partial
+ARN), so only ``responseElements.arn`` (spelt ``aRN`` by some operations before February 2024)
+names the secret reliably. The native event carries the full ARN in ``resources``. Sources:
 https://docs.aws.amazon.com/secretsmanager/latest/userguide/secret-event-notifications.html and
 https://docs.aws.amazon.com/eventbridge/latest/userguide/eb-service-event-cloudtrail.html.
 
