@@ -376,6 +376,10 @@ class ControllerBench:
         subnet = ec2.create_subnet(VpcId=vpc, CidrBlock=SUBNET_CIDR)["Subnet"]["SubnetId"]
         gateway = self._launch(ec2, subnet, GATEWAY_PRIMARY, {
             "tunnelnat:role": "gateway", "tunnelnat:deployment": DEPLOYMENT})  # fmt: skip
+        # The controller syncs the instance holding G (its ENI), as the stack's gateway does.
+        eni = ec2.create_network_interface(SubnetId=subnet, PrivateIpAddress=GATEWAY_ENI)
+        ec2.attach_network_interface(NetworkInterfaceId=eni["NetworkInterface"][
+            "NetworkInterfaceId"], InstanceId=gateway, DeviceIndex=1)  # fmt: skip
         wiring = wire_handler(gateway, ssm_latency=self.ssm_latency, use_ssm=self.use_ssm)
         return {"ec2": ec2, "db": db, "subnet": subnet, "gateway": gateway, **wiring}
 

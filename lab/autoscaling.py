@@ -34,6 +34,7 @@ from botocore.exceptions import ClientError
 
 from lab import topology as topo
 from lab.aws import ENROLMENT_TAG, LabAws
+from tunnelnat.adapters.autoscaling import ActionState
 from tunnelnat.events import HOOK_PREFIX, LAUNCH_ACTION, TERMINATE_ACTION, LifecycleDetail
 
 GROUP = f"{topo.DEPLOYMENT}-web"
@@ -201,6 +202,17 @@ class LabLifecycle:
                 time.monotonic(),
             )
         )
+
+    def describe(self, action: LifecycleDetail) -> ActionState:
+        """Open while its token is (moto never holds an instance in Pending:Wait); the hook's
+        timeouts as moto's DescribeLifecycleHooks reports them."""
+        hooks = self.aws.client("autoscaling").describe_lifecycle_hooks(
+            AutoScalingGroupName=action.group_name, LifecycleHookNames=[action.hook_name]
+        )["LifecycleHooks"]
+        heartbeat = float(hooks[0]["HeartbeatTimeout"]) if hooks else 3600.0
+        limit = float(hooks[0].get("GlobalTimeout") or min(100 * heartbeat, 172800.0))
+        waiting = self.issued.get(action.token, ("",))[0] == action.instance_id
+        return ActionState(waiting, heartbeat, limit)
 
     def _check(self, action: LifecycleDetail, operation: str) -> None:
         issued = self.issued.get(action.token)

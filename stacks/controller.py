@@ -24,12 +24,14 @@ from constructs import Construct
 from stacks.documents import Documents
 from stacks.functions import log_group_and_role, powertools_layer
 from stacks.nag import acknowledge, wildcard_arn
-from stacks.policies import send_command_to_gateway
-from stacks.settings import (
-    STATUS_TAG,
-    StackSettings,
+from stacks.policies import (
+    only_the_status_tag,
+    send_command_to_gateway,
+    send_command_to_marked_instances,
 )
+from stacks.settings import StackSettings
 from tunnelnat.core.config import TunnelnatConfig
+from tunnelnat.events import HOOK_PREFIX
 
 HANDLER = "tunnelnat.handlers.controller.handler"
 SERVICE = "tunnelnat"
@@ -200,9 +202,14 @@ class Controller(Construct):
             "Lifecycle": events.Rule(
                 self,
                 "LifecycleRule",
-                description=f"{deployment}: Auto Scaling lifecycle actions (launch, terminate)",
+                description=f"{deployment}: Auto Scaling lifecycle actions (launch, terminate) "
+                f"of hooks named {HOOK_PREFIX}*",
                 event_pattern=events.EventPattern(
-                    source=["aws.autoscaling"], detail_type=LIFECYCLE_DETAIL_TYPES
+                    source=["aws.autoscaling"],
+                    detail_type=LIFECYCLE_DETAIL_TYPES,
+                    # Only tunnelnat's hooks: every other team's hooks in the account and region
+                    # stay theirs to complete (the handler checks the name too).
+                    detail={"LifecycleHookName": events.Match.prefix(HOOK_PREFIX)},
                 ),
                 targets=[target],
             ),
@@ -235,14 +242,7 @@ class Controller(Construct):
                 resources=[instances],
                 conditions={"StringLike": {f"ssm:resourceTag/{key}": "*"}},
             ),
-            iam.PolicyStatement(
-                # An instance whose enrolment tag was just removed still needs RemoveHostRoute:
-                # the controller's own status tag marks the instances it has put a route on.
-                sid="OnInstancesTheControllerEnrolled",
-                actions=["ssm:SendCommand"],
-                resources=[instances],
-                conditions={"StringLike": {f"ssm:resourceTag/{STATUS_TAG}": "*"}},
-            ),
+            send_command_to_marked_instances(instances, deployment),
             send_command_to_gateway(instances, deployment),
             iam.PolicyStatement(
                 # ListCommands: one poll for a command sent to many instances at once.
@@ -264,15 +264,15 @@ class Controller(Construct):
                 ],
                 resources=[self.table.table_arn],
             ),
+            only_the_status_tag(instances, deployment),
             iam.PolicyStatement(
-                sid="OnlyTheStatusTag",
-                actions=["ec2:CreateTags", "ec2:DeleteTags"],
-                resources=[instances],
-                conditions={
-                    "ForAllValues:StringEquals": {"aws:TagKeys": [STATUS_TAG]},
-                    # DeleteTags without keys would delete every tag: require the key list.
-                    "Null": {"aws:TagKeys": "false"},
-                },
+                # Whether a held lifecycle action is still open, and its hook's timeouts.
+                sid="ReadLifecycleActions",
+                actions=[
+                    "autoscaling:DescribeAutoScalingInstances",
+                    "autoscaling:DescribeLifecycleHooks",
+                ],
+                resources=["*"],
             ),
             iam.PolicyStatement(
                 sid="LifecycleOfEnrolledGroups",
@@ -305,15 +305,16 @@ class Controller(Construct):
         for finding, reason in (
             (
                 "Resource::*",
-                "ec2:DescribeInstances, ssm:GetCommandInvocation, ssm:ListCommands and the "
+                "ec2:DescribeInstances, ssm:GetCommandInvocation, ssm:ListCommands, "
+                "autoscaling:DescribeAutoScalingInstances and DescribeLifecycleHooks and the "
                 "X-Ray trace API have no resource-level permissions.",
             ),
             (
                 f"Resource::{wildcard_arn(self, 'ec2', 'instance/*')}",
                 "Enrolled instances are whatever the operator tags: every statement on instance/* "
-                "is conditioned on a tag (the enrolment tag, the controller's status tag, or the "
-                "gateway's role and deployment tags), and CreateTags/DeleteTags only on the status "
-                "tag key.",
+                "is conditioned on a tag (the enrolment tag, this deployment's status tag, or the "
+                "gateway's role and deployment tags), and CreateTags/DeleteTags only on this "
+                "deployment's status tag key.",
             ),
             (
                 f"Resource::{wildcard_arn(self, 'autoscaling', 'autoScalingGroup:*')}",
@@ -322,3 +323,10 @@ class Controller(Construct):
             ),
         ):
             acknowledge(policy, f"AwsSolutions-IAM5[{finding}]", reason)
+
+    def serve_gateway(self, *, vpc_id: str, gateway_group: str) -> None:
+        """Tell the controller which VPC it serves and which group its gateway is in: instances
+        of other VPCs are never enrolled, and the gateway is the member of that group holding G
+        (not whatever carries the gateway's tags)."""
+        self.function.add_environment("TUNNELNAT_VPC_ID", vpc_id)
+        self.function.add_environment("TUNNELNAT_GATEWAY_GROUP", gateway_group)

@@ -70,6 +70,9 @@ class TunnelnatStack(Stack):
             settings=stack_settings,
             documents=self.documents,
         )
+        self.controller.serve_gateway(
+            vpc_id=vpc.vpc_id, gateway_group=self.gateway.group.auto_scaling_group_name
+        )
         self.monitoring = Monitoring(
             self,
             "Monitoring",

@@ -18,7 +18,8 @@ from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
 from tunnelnat.adapters.queue import FAILED_ATTEMPTS, EventQueue
-from tunnelnat.controller import GatewaySyncPending
+from tunnelnat.events import Request
+from tunnelnat.gateway_sync import GatewaySyncPending
 
 logger = Logger(service=os.environ.get("POWERTOOLS_SERVICE_NAME") or "tunnelnat", child=True)
 
@@ -47,24 +48,24 @@ def failed_attempts(record: SQSRecord) -> int:
 
 @dataclass(frozen=True)
 class Failure:
-    """One message that failed this time, and the instances it is about."""
+    """One message that failed this time, and what it asked."""
 
     record: SQSRecord
-    instance_ids: Sequence[str]
+    request: Request
     error: Exception
 
 
 class DeliveryPolicy:
     """Settles failed messages: which come back (when), which are sent again, which are parked.
 
-    ``on_dead_letter(instance_ids, reason)`` runs for each message parked in the dead-letter
-    queue (the handler counts it and records the instances as failed)."""
+    ``on_dead_letter(request, reason)`` runs for each message parked in the dead-letter queue
+    (the handler counts it, records the instances as failed and ends a held lifecycle action)."""
 
     def __init__(
         self,
         queue: Callable[[], EventQueue],
         *,
-        on_dead_letter: Callable[[Sequence[str], str], None],
+        on_dead_letter: Callable[[Request, str], None],
         max_attempts: int | None = None,
     ) -> None:
         self._queue = queue
@@ -94,10 +95,10 @@ class DeliveryPolicy:
                 )
                 continue
             if attempt >= self.max_attempts and self._queue().dead_letter(
-                record.body, instance_ids=list(failure.instance_ids), reason=reason
+                record.body, instance_ids=list(failure.request.instance_ids), reason=reason
             ):
                 logger.error("giving up: sent to the dead-letter queue", extra=extra)
-                self._on_dead_letter(failure.instance_ids, reason)
+                self._on_dead_letter(failure.request, reason)
                 results[record.message_id] = None
                 continue
             logger.warning("will retry", extra=extra)

@@ -23,6 +23,11 @@ logger = Logger(service="tunnelnat", child=True)
 RELEASE_LAUNCH = {Status.ENROLLED, Status.NOT_TAGGED, Status.GONE, Status.IS_GATEWAY}
 
 
+# The longest the controller may be away before it retries (the delivery policy's longest
+# back-off): a held action with less than this left is ended now.
+RETRY_RESERVE_SECONDS = 900.0
+
+
 class StillWaiting(RuntimeError):
     """A held launch is not enrolled yet for a reason that may clear (pool, subnet fix, tag)."""
 
@@ -33,12 +38,10 @@ class Service:
         controller: Controller,
         *,
         lifecycle: LifecyclePort | None = None,
-        lifecycle_timeout: float = 900.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.controller = controller
         self.lifecycle = lifecycle
-        self.lifecycle_timeout = lifecycle_timeout
         self.clock = clock
 
     def process(
@@ -66,6 +69,19 @@ class Service:
                 self._mark_handled(request, results)
         return errors, results
 
+    def give_up(self, request: Request) -> None:
+        """The controller will not come back to this request (it is dead-lettered): a held
+        launch is abandoned, a held termination continued, now rather than at the hook's
+        timeout (whose default result might let an unenrolled instance into service)."""
+        action = request.lifecycle
+        if action is None or self.lifecycle is None:
+            return
+        state = self.lifecycle.describe(action)
+        if state.waiting:
+            outcome = "ABANDON" if action.launching else "CONTINUE"
+            logger.error("lifecycle action given up", extra={"result": outcome})
+            self.lifecycle.complete(action, outcome)
+
     def _mark_handled(self, request: Request, results: dict[str, Outcome | Exception]) -> None:
         # The operator's `tunnelnat reconcile --wait` waits for this request ID to appear.
         scope = list(results) if request.full else list(request.instance_ids)
@@ -86,6 +102,10 @@ class Service:
         action = request.lifecycle
         assert action is not None and self.lifecycle is not None
         if isinstance(result, Outcome):
+            if result.status is Status.OTHER_VPC:
+                # Another deployment's instance (hooks share the tunnelnat- prefix): its to end.
+                logger.info("lifecycle action left alone: the instance is in another VPC")
+                return None
             if not action.launching or result.status in RELEASE_LAUNCH:
                 self.lifecycle.complete(action, "CONTINUE")
                 logger.info(
@@ -96,12 +116,21 @@ class Service:
             failure: Exception = StillWaiting(f"{result.status}: {result.reason}")
         else:
             failure = result if isinstance(result, Exception) else StillWaiting("no result")
-        waited = self.clock() - request.time.timestamp()
-        if waited >= self.lifecycle_timeout:
+        # How long the action may still be held is the action's own business, not the event's
+        # time (a delayed or redriven event is still worth a heartbeat while the action is open).
+        state = self.lifecycle.describe(action)
+        if not state.waiting:
+            # Completed, or timed out with the hook's default result: nothing left to hold.
+            logger.info("lifecycle action no longer open", extra={"reason": str(failure)})
+            return None if isinstance(failure, StillWaiting) else failure
+        held = self.clock() - self.controller.store.lifecycle_started(action.token)
+        if held + RETRY_RESERVE_SECONDS >= state.global_timeout:
+            # The hook ends the action before the controller is back for certain: end it now
+            # with our result rather than the hook's default.
             outcome = "ABANDON" if action.launching else "CONTINUE"
             logger.error(
                 "lifecycle action timed out",
-                extra={"result": outcome, "waited_s": round(waited), "reason": str(failure)},
+                extra={"result": outcome, "held_s": round(held), "reason": str(failure)},
             )
             self.lifecycle.complete(action, outcome)
             return None

@@ -448,8 +448,14 @@ def test_controller_environment_is_what_its_settings_read(s):
     function = s.resources("AWS::Lambda::Function")[s.logical_id(s.stack.controller.function)]
     env = dict(function["Properties"]["Environment"]["Variables"])
     env |= {"TUNNELNAT_TABLE_NAME": DEPLOYMENT, "AWS_REGION": "eu-west-1"}
+    env |= {"TUNNELNAT_VPC_ID": "vpc-0123456789abcdef0", "TUNNELNAT_GATEWAY_GROUP": "g"}
     settings = ControllerSettings.from_environ(env)
     assert (settings.deployment, settings.document_prefix) == (DEPLOYMENT, f"{DEPLOYMENT}-")
+    # Issue 14, findings 2 and 5: the VPC it serves and the gateway's group come from the stack.
+    variables = function["Properties"]["Environment"]["Variables"]
+    [vpc] = s.resources("AWS::EC2::VPC")
+    assert variables["TUNNELNAT_VPC_ID"] == {"Ref": vpc}
+    assert variables["TUNNELNAT_GATEWAY_GROUP"] == s.ref(s.stack.gateway.group)
 
 
 RULE_PATTERNS = {
@@ -473,6 +479,8 @@ RULE_PATTERNS = {
             "EC2 Instance-launch Lifecycle Action",
             "EC2 Instance-terminate Lifecycle Action",
         ],
+        # Issue 14, finding 6: only tunnelnat's hooks, never another team's.
+        "detail": {"LifecycleHookName": [{"prefix": "tunnelnat-"}]},
     },
 }
 
@@ -534,7 +542,7 @@ def test_send_command_on_instances_only_with_the_right_tags(s):
     expected = {
         "OnInstancesCarryingTheEnrolmentTag": {"StringLike": {f"ssm:resourceTag/{key}": "*"}},
         "OnInstancesTheControllerEnrolled": {
-            "StringLike": {"ssm:resourceTag/tunnelnat:status": "*"}
+            "StringLike": {f"ssm:resourceTag/tunnelnat:status:{DEPLOYMENT}": "*"}
         },
         "OnThisDeploymentsGateway": {
             "StringEquals": {
@@ -559,6 +567,9 @@ def test_controller_least_privilege(s):
         "ec2:DescribeInstances",
         "ssm:GetCommandInvocation",
         "ssm:ListCommands",
+        # Auto Scaling's Describe actions have no resource types (Service Authorization Reference).
+        "autoscaling:DescribeAutoScalingInstances",
+        "autoscaling:DescribeLifecycleHooks",
         "xray:PutTraceSegments",
         "xray:PutTelemetryRecords",
     }
@@ -573,7 +584,7 @@ def test_controller_least_privilege(s):
     assert "dynamodb:Scan" not in table["Action"]
     tags = by_sid["OnlyTheStatusTag"]
     assert tags["Condition"] == {
-        "ForAllValues:StringEquals": {"aws:TagKeys": ["tunnelnat:status"]},
+        "ForAllValues:StringEquals": {"aws:TagKeys": [f"tunnelnat:status:{DEPLOYMENT}"]},
         "Null": {"aws:TagKeys": "false"},
     }
     lifecycle = by_sid["LifecycleOfEnrolledGroups"]

@@ -11,6 +11,7 @@ from botocore.stub import Stubber
 
 from tests.lambdas.conftest import REGION
 from tests.lambdas.events import Context, sqs_batch, state_change, tag_change
+from tunnelnat.adapters.autoscaling import ActionState
 from tunnelnat.adapters.commands import AgentNotReady, CommandError, SsmCommands
 from tunnelnat.adapters.store import EnrolmentStore
 from tunnelnat.handlers import controller as handler_module
@@ -43,17 +44,22 @@ def lifecycle_event(instance_id: str, *, launching: bool, age_s: float = 0) -> d
 
 
 class FakeLifecycle:
-    """moto implements neither CompleteLifecycleAction nor heartbeats; this records them."""
+    """moto implements neither CompleteLifecycleAction nor heartbeats, and never holds an
+    instance in Pending:Wait; this records the calls and says the action is open."""
 
     def __init__(self):
         self.completed: list[tuple[str, str]] = []
         self.heartbeats: list[str] = []
+        self.state = ActionState(waiting=True, heartbeat_timeout=3600, global_timeout=172800)
 
     def complete(self, action, result):
         self.completed.append((action.instance_id, result))
 
     def heartbeat(self, action):
         self.heartbeats.append(action.instance_id)
+
+    def describe(self, action):
+        return self.state
 
 
 @pytest.fixture
@@ -252,11 +258,55 @@ def test_launch_is_held_until_enrolled_then_continued(world, lifecycle):
     assert world.fleet.routes[web1] and world.fleet.applied_pairs()
 
 
-def test_launch_that_cannot_enrol_is_abandoned_after_the_timeout(world, lifecycle):
+def test_launch_that_cannot_enrol_is_abandoned_before_the_hook_times_out(world, lifecycle):
     web1 = world.launch("10.10.1.21", tags=TAG)
     world.fleet.not_ready.add(web1)
-    handler(lifecycle_event(web1, launching=True, age_s=3600), Context())
+    # The hook's own limit (HeartbeatTimeout 6 s: GlobalTimeout 600 s) ends before the
+    # controller's next try could: it abandons now rather than leave the hook's default.
+    lifecycle.state = ActionState(waiting=True, heartbeat_timeout=6, global_timeout=600)
+    handler(lifecycle_event(web1, launching=True), Context())
     assert lifecycle.completed == [(web1, "ABANDON")]
+
+
+def test_a_delayed_launch_event_gets_a_heartbeat_not_an_abandon(world, lifecycle):
+    """Issue 14, finding 6: the time left was computed from the event's time, so an event
+    delivered (or redriven from the DLQ) an hour late abandoned a launch at once."""
+    web1 = world.launch("10.10.1.21", tags=TAG)
+    world.fleet.not_ready.add(web1)
+    with pytest.raises(AgentNotReady):
+        handler(lifecycle_event(web1, launching=True, age_s=3600), Context())
+    assert lifecycle.completed == [] and lifecycle.heartbeats == [web1]
+
+
+def test_a_lifecycle_action_that_already_ended_is_left_alone(world, lifecycle):
+    web1 = world.launch("10.10.1.21", tags=TAG)
+    world.fleet.not_ready.add(web1)
+    lifecycle.state = ActionState(waiting=False, heartbeat_timeout=3600, global_timeout=172800)
+    with pytest.raises(AgentNotReady):  # the instance itself is still retried
+        handler(lifecycle_event(web1, launching=True, age_s=3600), Context())
+    assert lifecycle.completed == [] and lifecycle.heartbeats == []
+
+
+def test_a_held_launch_is_abandoned_when_its_event_is_dead_lettered(world, lifecycle, queues):
+    _, _, dlq = queues
+    web1 = world.launch("10.10.1.21", tags=TAG)
+    world.fleet.not_ready.add(web1)
+    arn = f"arn:aws:sqs:{REGION}:123456789012:tunnelnat-events"
+    event = lifecycle_event(web1, launching=True)
+    result = handler(batch_from(arn, event, receive_count=handler_module.MAX_ATTEMPTS), Context())
+    assert result == {"batchItemFailures": []}
+    assert lifecycle.completed == [(web1, "ABANDON")], "ended now, not at the hook's timeout"
+
+
+def test_other_teams_lifecycle_hooks_are_never_answered(world, lifecycle):
+    """Finding 6: every hook in the account reached the controller, which completed other
+    teams' hooks (CodeDeploy, drain hooks) with CONTINUE."""
+    web1 = world.launch("10.10.1.21", tags=TAG)
+    event = lifecycle_event(web1, launching=True)
+    event["detail"]["LifecycleHookName"] = "codedeploy-drain"
+    assert "not tunnelnat's" in handler(event, Context())["rejected"]
+    assert lifecycle.completed == [] and lifecycle.heartbeats == []
+    assert world.fleet.calls == []
 
 
 def test_untagged_launch_is_released_at_once(world, lifecycle):

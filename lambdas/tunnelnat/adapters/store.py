@@ -9,6 +9,7 @@ Items (partition ``pk``, sort ``sk``):
   meta/generation         generation                   bumped by every mapping change
   meta/gateway            applied_generation, gateway  what the gateway last reported
   meta/reconcile          request_id, handled_at, ...  the last reconcile request handled
+  lifecycle/<token>       first_seen, expiration       when the controller first held an action
 
 Every mapping change, its address claim and the generation bump are one transaction, so the
 gateway, which reads the generation before the mappings, never labels a table with a generation
@@ -28,6 +29,7 @@ from botocore.exceptions import ClientError
 
 MAPPING, ADDRESS, INSTANCE, META, LEASE = "mapping", "address", "instance", "meta", "lease"
 PRIVATE = "private"
+LIFECYCLE = "lifecycle"
 TRANSACT_MAX = 100  # DynamoDB's limit on items per TransactWriteItems
 BATCH_GET_MAX = 100  # and on keys per BatchGetItem
 _APPLIED_FORWARD = (
@@ -660,6 +662,24 @@ class EnrolmentStore:
                 "failures": {"N": str(failures)},
             },
         )
+
+    def lifecycle_started(self, token: str, *, keep_seconds: float = 3 * 86400) -> float:
+        """When the controller first held the lifecycle action ``token`` (now, the first time):
+        a lower bound of how long the action has been open, whatever the event's own time. The
+        item expires by itself (the table's TTL) after the longest a hook may hold."""
+        now = self._clock()
+        reply = self._db.update_item(
+            TableName=self._table,
+            Key=_key(LIFECYCLE, token),
+            UpdateExpression="SET first_seen = if_not_exists(first_seen, :now), "
+            "expiration = if_not_exists(expiration, :exp)",
+            ExpressionAttributeValues={
+                ":now": {"N": f"{now:.3f}"},
+                ":exp": {"N": str(int(now + keep_seconds))},
+            },
+            ReturnValues="ALL_NEW",
+        )
+        return float(reply["Attributes"]["first_seen"]["N"])
 
     def delete_record(self, instance_id: str) -> None:
         self._db.delete_item(TableName=self._table, Key=_key(INSTANCE, instance_id))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import os
 import time
-from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -152,7 +151,6 @@ def build_service(
         controller or build_controller(settings),
         lifecycle=lifecycle
         or AutoScalingLifecycle(session.client("autoscaling", config=AWS_CONFIG)),
-        lifecycle_timeout=float(os.environ.get("TUNNELNAT_LIFECYCLE_TIMEOUT", "900")),
     )
 
 
@@ -217,7 +215,7 @@ def handle_records(records: list[SQSRecord]) -> dict[str, Exception | None]:
             for instance_id in request.instance_ids:
                 _log_outcome(instance_id, outcomes.get(instance_id))
         else:
-            failures.append(Failure(record, request.instance_ids, error))
+            failures.append(Failure(record, request, error))
     if failures:
         results.update(_delivery().settle(failures))
     return results
@@ -238,11 +236,16 @@ def _parse_or_reject(record: SQSRecord) -> Request | None:
     return None
 
 
-def _dead_lettered(instance_ids: Sequence[str], reason: str) -> None:
+def _dead_lettered(request: Request, reason: str) -> None:
     metrics.add_metric(name="DeadLettered", unit=MetricUnit.Count, value=1)
-    for instance_id in instance_ids:
+    service = _get_service()
+    for instance_id in request.instance_ids:
         PowertoolsTelemetry().failure("dead-lettered")
-        _get_service().controller.record_failure(instance_id, reason)
+        service.controller.record_failure(instance_id, reason)
+    try:
+        service.give_up(request)  # a held launch is abandoned now, not at the hook's timeout
+    except Exception:  # noqa: BLE001 - the hook's own timeout still ends it
+        logger.exception("could not end the lifecycle action")
 
 
 def _delivery() -> DeliveryPolicy:
