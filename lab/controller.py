@@ -45,6 +45,8 @@ class LabController:
         self.lab = lab
         self._saved: dict[str, str | None] = {}
         environ = {**QUIET, **lab_aws.controller_environ(lab)}
+        # The VPC the controller serves, as the stack sets it (instances elsewhere: other-vpc).
+        environ["TUNNELNAT_VPC_ID"] = lab.aws.vpc_id
         for key, value in environ.items():
             self._saved[key] = os.environ.get(key)
             os.environ[key] = value

@@ -125,6 +125,7 @@ class _Plan:
     previous: StoredMapping | None = None  # the mapping as stored
     remove_route: bool = False
     claim_missing: bool = False  # a mapping stored before private addresses were claimed
+    holds_private: bool = True  # the previous mapping's private address is claimed by it
 
     @property
     def needs_write(self) -> bool:
@@ -302,10 +303,12 @@ class Controller:
             wanted = StoredMapping(instance_id, instance.private_ip, address)  # type: ignore[arg-type]
             plan = _Plan(instance_id, instance, decision, wanted, route, record)
             plan.previous, plan.claim_missing = mapping, claim_missing
+            plan.holds_private = _holds_private(snap, instance_id, mapping)
             return plan
         # Not to be enrolled: stop its traffic first (route), then forget its mapping.
         plan = _Plan(instance_id, instance, decision, None, route, record)
         plan.previous = mapping
+        plan.holds_private = _holds_private(snap, instance_id, mapping)
         if route and instance is not None and instance.state == "running" and not terminating:
             plan.remove_route = True
         elif instance is None or instance.state == "terminated" or terminating:
@@ -380,7 +383,10 @@ class Controller:
             last: Exception | None = None
             while attempt < STORE_ATTEMPTS and chunk:
                 attempt += 1
-                changes = [MappingChange(p.instance_id, p.mapping, p.previous) for p in chunk]
+                changes = [
+                    MappingChange(p.instance_id, p.mapping, p.previous, p.holds_private)
+                    for p in chunk
+                ]
                 try:
                     run.desired = self.store.write_mappings(
                         changes, generation=run.desired, claim=self._dedicated
@@ -423,7 +429,7 @@ class Controller:
                     self.telemetry.count("Unenrolments")
                     run.claimed.discard(plan.previous.public_ip)
                 run.pool_changed = True
-                plan.previous = plan.mapping
+                plan.previous, plan.holds_private = plan.mapping, True
         failed = {i for i, r in results.items() if isinstance(r, Exception)}
         done: list[_Plan] = []
         for plan in plans:
@@ -451,6 +457,7 @@ class Controller:
         again: list[_Plan] = []
         for plan in chunk:
             plan.previous = snap.mappings.get(plan.instance_id)
+            plan.holds_private = _holds_private(snap, plan.instance_id, plan.previous)
             if plan.decision.enrol:
                 assert plan.instance is not None
                 address = self._address_for(plan.instance, plan.previous, run)
@@ -747,3 +754,7 @@ def _transactions(pending: list[_Plan]) -> list[list[_Plan]]:
 
 def _private_ips(instances: Iterable[ObservedInstance]) -> list[IPv4Address]:
     return [i.private_ip for i in instances if i.private_ip is not None]
+
+
+def _holds_private(snap: Snapshot, instance_id: str, mapping: StoredMapping | None) -> bool:
+    return mapping is not None and snap.private_claims.get(str(mapping.private_ip)) == instance_id

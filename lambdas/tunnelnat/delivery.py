@@ -40,10 +40,15 @@ def backoff_seconds(attempt: int) -> int:
 def failed_attempts(record: SQSRecord) -> int:
     """The failures a message carried over from the copy it replaced (see ``requeue``)."""
     attribute = record.message_attributes[FAILED_ATTEMPTS]
+    return _count(attribute.string_value if attribute else None, default=0)
+
+
+def _count(text: object, *, default: int) -> int:
+    # A count SQS or our own requeue wrote; anything else reads as the default, never raises.
     try:
-        return max(0, int((attribute.string_value if attribute else None) or 0))
+        return min(max(0, int(text)), 1_000_000) if text not in (None, "") else default  # type: ignore[call-overload]
     except (TypeError, ValueError):
-        return 0
+        return default
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,7 @@ class DeliveryPolicy:
         for failure in failures:
             record, error = failure.record, failure.error
             results[record.message_id] = error
-            receives = int(record.attributes.approximate_receive_count or 1)
+            receives = _count(record.attributes.approximate_receive_count, default=1)
             failed_before = failed_attempts(record)
             attempt = failed_before + receives
             reason = f"{type(error).__name__}: {error}"

@@ -63,7 +63,7 @@ class Service:
         rest = [i for i in ids if i not in results or i in terminating]
         if rest:
             results.update(self.controller.converge(rest, terminating=terminating))
-        errors = [self._settle(request, results) for request in requests]
+        errors = [self._settle_one(request, results) for request in requests]
         for request, error in zip(requests, errors, strict=True):
             if request.kind == RECONCILE_REQUEST and error is None:
                 self._mark_handled(request, results)
@@ -89,6 +89,14 @@ class Service:
         self.controller.store.record_reconcile(
             request.event_id, instances=len(scope), failures=failures
         )
+
+    def _settle_one(self, request: Request, results: dict[str, Any]) -> Exception | None:
+        try:
+            return self._settle(request, results)
+        except Exception as exc:  # noqa: BLE001 - e.g. Auto Scaling refused a completion
+            # That request is retried; the other requests of the batch are settled regardless.
+            logger.warning("could not settle the request", extra={"reason": repr(exc)[:300]})
+            return exc
 
     def _settle(self, request: Request, results: dict[str, Any]) -> Exception | None:
         if request.full:

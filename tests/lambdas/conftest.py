@@ -17,6 +17,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from tests.conftest import VALID_CONFIG
 from tools.moto_server import SerialMotoServer
@@ -28,6 +29,13 @@ import tunnelnat_gateway  # noqa: E402
 
 REGION = "us-east-1"
 TABLE = "tunnelnat-test"
+
+# The property tests at the edges (issue 14): at least 300 examples each in CI, the same ones on
+# every run there (derandomized); a quick, random sample locally. A test that sets its own
+# max_examples keeps it.
+hypothesis_settings.register_profile("ci", max_examples=300, derandomize=True, deadline=None)
+hypothesis_settings.register_profile("dev", max_examples=30, deadline=None)
+hypothesis_settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 
 @pytest.fixture(scope="session")

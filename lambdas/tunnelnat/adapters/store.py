@@ -105,6 +105,9 @@ class MappingChange:
     instance_id: str
     new: StoredMapping | None
     previous: StoredMapping | None
+    # Whether the previous mapping's private address is claimed by this instance (a mapping
+    # written before claims existed, or beside another's, has nothing of its own to release).
+    release_private: bool = True
 
 
 def _mapping(item: dict) -> StoredMapping:
@@ -185,6 +188,15 @@ class EnrolmentStore:
         items: dict[tuple[str, str], dict] = {}
         for start in range(0, len(keys), BATCH_GET_MAX):
             items.update(self._batch_get(keys[start : start + BATCH_GET_MAX]))
+        # Who claims each stored mapping's private address too (one more read, only when an
+        # instance's mapping names an address it was not observed with, or it was not observed).
+        stored = {
+            items[(MAPPING, i)]["private_ip"]["S"] for i in instance_ids if (MAPPING, i) in items
+        }
+        more = [_key(PRIVATE, ip) for ip in sorted(stored - set(privates))]
+        privates += [k["sk"]["S"] for k in more]
+        for start in range(0, len(more), BATCH_GET_MAX):
+            items.update(self._batch_get(more[start : start + BATCH_GET_MAX]))
         desired = items.get((META, "generation"))
         gateway = items.get((META, "gateway"))
         return Snapshot(
@@ -292,7 +304,7 @@ class EnrolmentStore:
                 old = change.previous
                 if old is not None and old.public_ip != new.public_ip:
                     items.append(self._release(old.public_ip, change.instance_id))
-                if old is not None and old.private_ip != new.private_ip:
+                if old is not None and old.private_ip != new.private_ip and change.release_private:
                     items.append(self._release(old.private_ip, change.instance_id, PRIVATE))
             elif change.previous is not None:
                 old = change.previous
@@ -308,7 +320,8 @@ class EnrolmentStore:
                 )
                 if claim:
                     items.append(self._release(old.public_ip, change.instance_id))
-                items.append(self._release(old.private_ip, change.instance_id, PRIVATE))
+                if change.release_private:
+                    items.append(self._release(old.private_ip, change.instance_id, PRIVATE))
         if not items:
             return generation
         if len(items) >= TRANSACT_MAX:

@@ -205,7 +205,11 @@ def handle_records(records: list[SQSRecord]) -> dict[str, Exception | None]:
         instance_ids=[i for r in requests for i in r.instance_ids],
         event_ids=[r.event_id for r in requests],
     )
-    errors, outcomes = _get_service().process(requests) if parsed else ([], {})
+    try:
+        errors, outcomes = _get_service().process(requests) if parsed else ([], {})
+    except Exception as exc:  # noqa: BLE001 - e.g. DynamoDB unreachable: every message retries
+        logger.exception("the batch could not be processed")
+        errors, outcomes = [exc] * len(parsed), {}
     _enrolment_latency(requests, outcomes)
     failures: list[Failure] = []
     for (record, request), error in zip(parsed, errors, strict=True):
