@@ -237,27 +237,109 @@ class TunnelStatus:
     installed: int = 0
     probe_ok: bool | None = None
     established: bool = False  # up at least once since the tunnel's configuration last changed
+    diagnosis: str | None = None  # why it is down, in charon's own words (diagnose())
 
 
-def sa_status(tunnel: str, reading: SaReading) -> TunnelStatus:
-    """IKE SA ESTABLISHED and at least one INSTALLED child SA named ``tunnel``."""
+def sa_status(tunnel: str, reading: SaReading, children: Sequence[str] = ()) -> TunnelStatus:
+    """IKE SA ESTABLISHED and at least one INSTALLED child SA of each name in ``children``
+    (ConfigureGateway's list: ``tunnel`` itself, or ``tunnel-1..N`` with SelectorLayout
+    per-pair, where a missing pair is a partner refusing some of our traffic)."""
     if not reading.ok:
         return TunnelStatus(tunnel, False, f"charon: {reading.error}")
-    installed = 0
+    per_child = dict.fromkeys(children or [tunnel], 0)
     ike_states = []
     for ike in reading.sas:
-        named = [c for c in ike.children if c.name == tunnel]
+        named = [c for c in ike.children if c.name in per_child]
         if ike.state == "ESTABLISHED":
-            installed += sum(1 for c in named if c.state == "INSTALLED")
+            for c in named:
+                per_child[c.name] += c.state == "INSTALLED"
         if named or ike.name == tunnel:
             ike_states.append(ike.state)
-    if installed:
+    installed = sum(per_child.values())
+    missing = [name for name, count in per_child.items() if not count]
+    if installed and not missing:
         return TunnelStatus(tunnel, True, "established, child SA installed", installed)
+    if installed:
+        detail = f"{len(per_child) - len(missing)} of {len(per_child)} child SAs installed"
+        return TunnelStatus(
+            tunnel, False, f"{detail} (missing {', '.join(missing[:5])})", installed
+        )
     if not ike_states:
         return TunnelStatus(tunnel, False, "no IKE SA")
     if "ESTABLISHED" in ike_states:
         return TunnelStatus(tunnel, False, "IKE SA established, no INSTALLED child SA")
     return TunnelStatus(tunnel, False, f"IKE SA {'/'.join(sorted(set(ike_states)))}")
+
+
+# -- why a tunnel is down, from charon's own log (ConfigureGateway's CharonLog) --------------
+
+# charon's messages (strongSwan 5.9, level 1), newest deciding; {offer} is what we offer.
+_CAUSES = (
+    (r"received AUTHENTICATION_FAILED notify", "authentication failed: the partner refused our "
+     "pre-shared key (the PSK does not match theirs, or their ID for us is not {local_id})"),
+    (r"tried \d+ shared keys? for .* but MAC mismatched", "authentication failed: the partner's "
+     "pre-shared key does not match ours"),
+    (r"received NO_PROPOSAL_CHOSEN notify, no CHILD_SA built", "no common ESP proposal: the "
+     "partner accepts none of ours (we offer {esp}){theirs}; a policy-based peer also says this "
+     "for selectors it refuses (SelectorLayout per-pair)"),
+    (r"received NO_PROPOSAL_CHOSEN notify error", "no common IKE proposal: the partner accepts "
+     "none of ours (we offer {ike}){theirs}"),
+    (r"received TS_UNACCEPTABLE notify", "traffic selectors unacceptable: the partner refused "
+     "{child}'s selectors (our PublicAddresses to its networks): compare its encryption domain"),
+    (r"(retransmit \d+ of request with message ID 0|peer not responding)",
+     "partner not answering (retransmits to {partner}{since})"),
+)  # fmt: skip
+_LINE = re.compile(r"^(?P<time>\d+) \d+\[\w+\] <(?P<ike>[^|>]*)\|?\d*> (?P<text>.*)$")
+
+
+def diagnose(log_text: str, tunnel: str, facts: dict[str, Any], now: float) -> str | None:
+    """The newest failure charon logged for ``tunnel`` since its last success, as one line;
+    None when there is none. ``log_text`` is the tail of the log (``time_format = %s``)."""
+    last, first_retransmit, theirs, child, partner = None, None, "", tunnel, facts.get("partner")
+    for line in log_text.splitlines():
+        m = _LINE.match(line)
+        if not m or (m["ike"] != tunnel and not m["ike"].isdigit()):
+            continue
+        text = m["text"]
+        if re.search(r"(CHILD_SA \S+ established with SPIs|IKE_SA \S+ established between)", text):
+            last, first_retransmit, theirs = None, None, ""
+            continue
+        if found := re.search(r"initiating IKE_SA \S+ to (\S+)", text):
+            partner = found[1]
+        if found := re.search(r"establishing CHILD_SA (\S+?)\{", text):
+            child = found[1]
+        if found := re.search(r"received proposals: (.*)", text):
+            theirs = f"; the partner offers {found[1].strip()}"
+        for pattern, cause in _CAUSES:
+            if re.search(pattern, text):
+                last = (int(m["time"]), cause)
+                if "retransmit" in cause and first_retransmit is None:
+                    first_retransmit = int(m["time"])
+                break
+    if last is None:
+        return None
+    since = f" for {int(now - first_retransmit)} s" if first_retransmit else ""
+    values = {"ike": facts.get("ike", "?"), "esp": facts.get("esp", "?"), "theirs": theirs}
+    values |= {"child": child, "partner": partner or "the partner", "since": since}
+    values["local_id"] = facts.get("local_id", "our LocalId")
+    line = last[1].format(**values)
+    return f"{line} [charon, {int(now - last[0])} s ago]"
+
+
+def read_log_tail(path: str | None, size: int = 65536) -> str:
+    if not path:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - size))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def read_tunnel_facts(config_dir: Path, tunnel: str) -> dict[str, Any]:
+    """What ConfigureGateway wrote for the tunnel (children, offer, charon's log); {} if none."""
+    return _load_json(config_dir / f"{tunnel}.json")
 
 
 def tcp_probe(probe: Probe, *, timeout: float = 3.0) -> tuple[bool, str]:
@@ -284,8 +366,9 @@ def tunnel_status(
     probe: Probe | None = None,
     prober: Callable[[Probe], tuple[bool, str]] = tcp_probe,
     table: TableReading | None = None,
+    children: Sequence[str] = (),
 ) -> TunnelStatus:
-    status = sa_status(tunnel, reading)
+    status = sa_status(tunnel, reading, children)
     if table is not None and not table.applied:
         # Whatever strongSwan says: without the synced table there is no NAT (a boot-time copy
         # may be stale), so nothing enrolled is served as it should be.
@@ -534,7 +617,12 @@ def collect(
     previous = _load_json(established_file)
     kept: dict[str, Any] = {}
     for tunnel in tunnels:
-        status = tunnel_status(tunnel, reading, probe, prober, table)
+        facts = read_tunnel_facts(config_dir, tunnel)
+        children = [c for c in facts.get("children", []) if TUNNEL_NAME.fullmatch(str(c))]
+        status = tunnel_status(tunnel, reading, probe, prober, table, children)
+        if not status.up:
+            log = read_log_tail(facts.get("log"))
+            status = replace(status, diagnosis=diagnose(log, tunnel, facts, now))
         entry = established_update(
             previous, tunnel, read_config_id(config_dir, tunnel), status.up, now
         )

@@ -64,6 +64,7 @@ TABLE = "tunnelnat-lab"
 PSK_SECRET = "tunnelnat/lab/psk"  # noqa: S105 - a secret's name, not a secret
 DEPLOYMENT = "lab"
 TUNNEL = "partner"
+CHARON_LOG = "/etc/tunnelnat/charon.log"  # ConfigureGateway's CharonLog in the lab
 # The shell scripts in the namespaces see moto on this loopback port (bridged, see start_moto).
 MOTO_NS_PORT = 5000
 IMDS_NS_PORT = 5001  # the gateway's IMDSv2 (lab.imds), on its own loopback
@@ -239,6 +240,7 @@ class Lab:
     instances_count: int = 2
     listeners: int = 1  # instances (from web-1) that run the listener the partner connects to
     psk: str = field(default_factory=lambda: secrets.token_hex(24))
+    partner: str = "aws"  # the partner's profile (lab/partners.py)
     instances: list[Instance] = field(default_factory=list)
     _procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
     moto_endpoint: str = ""
@@ -509,44 +511,43 @@ swanctl {{
     def _configure_partner(self) -> None:
         self.write_etc("tn-pvpn", "strongswan.conf", self._strongswan_conf("tn-pvpn"))
         self.write_etc("tn-gw", "strongswan.conf", self._strongswan_conf("tn-gw"))
-        remote_ts = ",".join([f"{POOL[0]}-{POOL[-1]}", f"{SHARED}/32"])
-        # The third party's side, configured by hand as they would. unique = replace: a
-        # restarted gateway replaces its stale IKE SA here instead of adding a second one.
-        conf = f"""\
-connections {{
-  {TUNNEL} {{
-    version = 2
-    local_addrs = {PARTNER_ENDPOINT}
-    remote_addrs = {GW_PUBLIC}
-    encap = yes
-    unique = replace
-    dpd_delay = 10s
-    local {{
-      auth = psk
-      id = {PARTNER_ENDPOINT}
-    }}
-    remote {{
-      auth = psk
-      id = {GW_PUBLIC}
-    }}
-    children {{
-      {TUNNEL} {{
-        local_ts = {PARTNER_NET}
-        remote_ts = {remote_ts}
-        esp_proposals = aes256-sha256
-        dpd_action = clear
-      }}
-    }}
-  }}
-}}
-secrets {{
-  ike-tunnelnat {{
-    id-1 = {GW_PUBLIC}
-    secret = "{self.psk}"
-  }}
-}}
-"""
+        self.write_partner(self.partner)
+
+    def write_partner(self, profile: str, **lifetimes: int) -> None:
+        """The third party's side, configured by hand as they would (lab/partners.py)."""
+        from lab import partners
+
+        conf = partners.render(
+            partners.PROFILES[profile],
+            psk=self.psk,
+            endpoint=PARTNER_ENDPOINT,
+            gateway=GW_PUBLIC,
+            partner_net=PARTNER_NET,
+            our_selectors=[f"{s}/32" for s in (*POOL, SHARED)],
+            tunnel=TUNNEL,
+            **lifetimes,
+        )
         self.write_etc("tn-pvpn", "swanctl/conf.d/tunnelnat.conf", conf, mode=0o600)
+
+    def reconfigure_partner(self, profile: str, *, start: bool = True, **lifetimes: int) -> None:
+        """Give the partner another profile: its daemon restarted from scratch (no SA left), or
+        left stopped (``start=False``: a partner that is down)."""
+        self.stop_partner_charon()
+        self.write_partner(profile, **lifetimes)
+        if start:
+            self.start_partner_charon()
+
+    def stop_partner_charon(self) -> None:
+        """kill -9 the partner's IKE daemon (its SAs vanish without a word to us)."""
+        for name, proc in list(self._procs):
+            if name == "tn-pvpn-charon":
+                proc.kill()
+                proc.wait()
+                self._procs.remove((name, proc))
+
+    def start_partner_charon(self) -> None:
+        self._start_charon("tn-pvpn")
+        in_ns("tn-pvpn", ["swanctl", "--load-all", "--noprompt"])
 
     def _start_charon(self, ns: str) -> None:
         self.spawn(f"{ns}-charon", ns, ["charon-systemd"])
@@ -753,6 +754,7 @@ secrets {{
             "TunnelName": TUNNEL,
             "TableName": TABLE,
             "Region": REGION,
+            "CharonLog": CHARON_LOG,  # on the machine's own /etc, not the host's /var/log
             **overrides,
         }
 

@@ -327,7 +327,10 @@ class Gateway(Construct):
             "IpsecBackend": IPSEC_BACKEND,
             "TunnelMss": str(config.tunnel_mss),
             "TunnelName": settings.tunnel_name,
+            **partner_parameters(settings),
         }
+        if settings.local_id:
+            parameters["LocalId"] = settings.local_id
         # The health agent has its own document and association (stacks/health_agent.py).
         self.association = ssm.CfnAssociation(
             self,
@@ -467,3 +470,18 @@ def boot_user_data(
         f"  - [systemctl, start, {SSM_AGENT_UNIT}]",
     ]
     return "\n".join(out) + "\n"
+
+
+def partner_parameters(settings: StackSettings) -> dict[str, str]:
+    """ConfigureGateway's partner settings (docs/stack.md, Partner worksheet)."""
+    return {
+        "IkeProposals": ",".join(settings.ike_proposals),
+        "EspProposals": ",".join(settings.esp_proposals),
+        "IkeLifetimes": ",".join(map(str, settings.ike_lifetimes)),
+        "ChildLifetimes": ",".join(map(str, settings.child_lifetimes)),
+        "Dpd": f"{settings.dpd_delay_seconds},{settings.dpd_timeout_seconds}",
+        "RemoteId": settings.remote_id or "",
+        "SelectorLayout": settings.selector_layout,
+        "KeyingTries": str(settings.keyingtries),
+        "StartAction": settings.start_action,
+    }

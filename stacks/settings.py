@@ -12,9 +12,17 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from tunnelnat.core.config import (
     NOT_PUBLIC,
@@ -24,6 +32,15 @@ from tunnelnat.core.config import (
     describe_validation_error,
     special_range,
 )
+from tunnelnat.core.crypto import (
+    DEFAULT_CHILD_LIFETIMES,
+    DEFAULT_ESP_PROPOSALS,
+    DEFAULT_IKE_LIFETIMES,
+    DEFAULT_IKE_PROPOSALS,
+    lifetime_problems,
+    proposal_problems,
+)
+from tunnelnat.core.crypto import IDENTITY as IKE_IDENTITY
 
 SOURCE = "CDK context"
 
@@ -203,6 +220,73 @@ class StackSettings(BaseModel):
         description="EventBridge schedule of the healer's sweep of alarms still in ALARM",
     )
     log_retention_days: int = Field(default=30, description="CloudWatch Logs retention")
+    # -- the partner's tunnel (docs/stack.md, Partner worksheet; core/crypto.py) ---------------
+    ike_proposals: list[str] = Field(
+        default=list(DEFAULT_IKE_PROPOSALS),
+        min_length=1,
+        max_length=8,
+        description="IKE proposals we offer (each with a DH group of 14/19 or stronger)",
+    )
+    esp_proposals: list[str] = Field(
+        default=list(DEFAULT_ESP_PROPOSALS),
+        min_length=1,
+        max_length=8,
+        description="ESP proposals we offer (each with a DH group: PFS)",
+    )
+    ike_lifetimes: tuple[int, int, int] = Field(
+        default=DEFAULT_IKE_LIFETIMES, description="IKE SA rekey_time,over_time,rand_time (s)"
+    )
+    child_lifetimes: tuple[int, int, int] = Field(
+        default=DEFAULT_CHILD_LIFETIMES, description="CHILD SA rekey_time,life_time,rand_time (s)"
+    )
+    dpd_delay_seconds: int = Field(default=10, ge=5, le=300, description="DPD after this silence")
+    dpd_timeout_seconds: int = Field(
+        default=30, ge=10, le=600, description="the partner is dead after this without an answer"
+    )
+    local_id: str | None = Field(
+        default=None, description="our IKE identity (default: E, the gateway's Elastic IP)"
+    )
+    remote_id: str | None = Field(
+        default=None, description="the partner's IKE identity (default: partner_endpoint)"
+    )
+    selector_layout: Literal["single", "per-pair"] = Field(
+        default="single", description="one CHILD_SA, or one per (S, partner network)"
+    )
+    keyingtries: int = Field(default=0, ge=0, le=100, description="0: never stop initiating")
+    start_action: Literal["start", "none"] = Field(
+        default="start", description="start: we initiate; none: only the partner does"
+    )
+
+    @field_validator("ike_proposals", "esp_proposals", mode="before")
+    @classmethod
+    def _csv(cls, value: Any) -> Any:
+        return (
+            [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) else value
+        )
+
+    @field_validator("ike_lifetimes", "child_lifetimes", mode="before")
+    @classmethod
+    def _triple(cls, value: Any) -> Any:
+        return tuple(v.strip() for v in value.split(",")) if isinstance(value, str) else value
+
+    @field_validator("ike_proposals", "esp_proposals")
+    @classmethod
+    def _strong(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        problems = [
+            m for p in value for m in proposal_problems(p, esp=info.field_name == "esp_proposals")
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
+
+    @field_validator("local_id", "remote_id")
+    @classmethod
+    def _identity(cls, value: str | None) -> str | None:
+        if value is not None and not IKE_IDENTITY.fullmatch(value):
+            raise ValueError("must be an IPv4 address, an FQDN, user@FQDN or @#hex key ID")
+        if value is not None and value.replace(".", "").isdigit():
+            IPv4Address(value)  # a dotted quad is an address
+        return value
 
     @field_validator("tunnel_alarm_period_seconds")
     @classmethod
@@ -265,6 +349,10 @@ class StackSettings(BaseModel):
             raise ValueError(
                 "healer_backoff_max_seconds cannot be less than healer_backoff_base_seconds"
             )
+        problems = lifetime_problems("IKE", *self.ike_lifetimes)
+        problems += lifetime_problems("CHILD", *self.child_lifetimes)
+        if problems:
+            raise ValueError("ike_lifetimes/child_lifetimes: " + "; ".join(problems))
         if self.healer_restart_wait_seconds + 30 > self.healer_command_timeout_seconds:
             # RestartTunnel waits WaitSeconds inside the command; the healer must outwait it.
             raise ValueError(

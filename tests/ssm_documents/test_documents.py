@@ -34,8 +34,7 @@ ADDRESS_PARAMETERS = {
     "PartnerEndpoint",
     "PartnerNetworks",
     "PublicAddresses",
-    "LocalId",
-}
+}  # LocalId and RemoteId are IKE identities (FQDNs too): core/swanctl.py refuses a bad quad
 BAD_ADDRESSES = ["256.1.1.1", "10.0.0.999/24", "1.2.3.4/33", "1.2.3", "01.2.3.4.5"]
 
 

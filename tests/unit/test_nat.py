@@ -235,3 +235,12 @@ def test_rendering_from_rows_is_the_rendering_from_mappings():
     fast = NatTable.from_rows(4, [(str(m.private_ip), str(m.public_ip)) for m in reversed(maps)])
     assert render_nat_table(base(), fast) == render_nat_table(base(), NatTable(4, maps))
     assert render_map_update(fast) == render_map_update(NatTable(4, maps))
+
+
+def test_mss_is_clamped_in_both_directions():
+    """Towards the partner (SYN to A) and from it (SYN from A to an instance): deleting either
+    rule fails here."""
+    text = render_nat_table(base(mss=1300), NatTable(1, mappings(1)))
+    rules = [" ".join(line.split()) for line in text.splitlines() if "maxseg" in line]
+    clamp = "tcp flags syn tcp option maxseg size > 1300 tcp option maxseg size set 1300"
+    assert rules == [f"ip daddr @partner_nets {clamp}", f"ip saddr @partner_nets {clamp}"]

@@ -1,0 +1,147 @@
+"""The partner's tunnel as strongSwan configuration (docs/stack.md, Partner worksheet).
+
+Standard library only: embedded in ConfigureGateway, run there as ``python3 -m
+tunnelnat.core.swanctl OUT`` with ``TN_*`` set. Policy is core/crypto.py's, checked at synthesis.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+
+LB, RB = "{", "}"  # never two braces in a row: SSM would read them as a parameter
+
+
+@dataclass(frozen=True)
+class Tunnel:
+    name: str
+    partner: IPv4Address
+    local_ts: tuple[IPv4Network, ...]
+    remote_ts: tuple[IPv4Network, ...]
+    local_id: str
+    remote_id: str  # "": the partner's address
+    ike: str  # proposals, comma-separated
+    esp: str
+    ike_life: tuple[int, int, int]  # rekey_time, over_time, rand_time
+    child_life: tuple[int, int, int]  # rekey_time, life_time, rand_time
+    dpd: tuple[int, int]  # delay, timeout
+    keyingtries: int = 0
+    layout: str = "single"  # per-pair: one CHILD_SA per (S, partner network)
+    start: str = "start"  # none: the partner initiates
+    encap: bool = False
+    log: str = "/var/log/tunnelnat/charon.log"
+
+    @property
+    def children(self) -> list[tuple[str, str, str]]:
+        """(name, local_ts, remote_ts) of each CHILD_SA."""
+        if self.layout == "single":
+            return [(self.name, _csv(self.local_ts), _csv(self.remote_ts))]
+        pairs = [(s, r) for s in self.local_ts for r in self.remote_ts]
+        return [(f"{self.name}-{i}", str(s), str(r)) for i, (s, r) in enumerate(pairs, 1)]
+
+
+def _csv(items: object) -> str:
+    return ",".join(map(str, items))  # type: ignore[call-overload]
+
+
+def render_connection(t: Tunnel) -> str:
+    """The swanctl connection: no close_action; start with dpd_action restart, or none with
+    clear (DESIGN, Lessons). MOBIKE off: both endpoints are fixed."""
+    (rekey, over, rand), (c_rekey, c_life, c_rand) = t.ike_life, t.child_life
+    out = [f"connections {LB}", f"  {t.name} {LB}", "    version = 2"]
+    out += [f"    remote_addrs = {t.partner}", f"    encap = {'yes' if t.encap else 'no'}"]
+    out += ["    mobike = no", f"    proposals = {t.ike}", f"    rekey_time = {rekey}s"]
+    out += [f"    over_time = {over}s", f"    rand_time = {rand}s"]
+    out += [f"    dpd_delay = {t.dpd[0]}s", f"    keyingtries = {t.keyingtries}"]
+    for side, ident in (("local", t.local_id), ("remote", t.remote_id or t.partner)):
+        out += [f"    {side} {LB}", "      auth = psk", f'      id = "{ident}"', f"    {RB}"]
+    out.append(f"    children {LB}")
+    for name, local_ts, remote_ts in t.children:
+        out += [f"      {name} {LB}", f"        local_ts = {local_ts}"]
+        out += [f"        remote_ts = {remote_ts}", f"        esp_proposals = {t.esp}"]
+        out += [f"        rekey_time = {c_rekey}s", f"        life_time = {c_life}s"]
+        out += [f"        rand_time = {c_rand}s", f"        start_action = {t.start}"]
+        out += [f"        dpd_action = {'restart' if t.start == 'start' else 'clear'}"]
+        out.append(f"      {RB}")
+    return "\n".join([*out, f"    {RB}", f"  {RB}", RB, ""])
+
+
+def render_charon_settings(t: Tunnel) -> str:
+    """strongswan.conf: DPD's timeout as IKEv2 retransmits (docs/stack.md), the log."""
+    out = [f"charon-systemd {LB}", f"  retransmit_timeout = {t.dpd[1] / 5:g}"]
+    out += ["  retransmit_base = 1", "  retransmit_tries = 4", f"  filelog {LB}"]
+    out += [f"    tunnelnat {LB}", f"      path = {t.log}", "      time_format = %s"]
+    out += ["      ike_name = yes", "      flush_line = yes", "      default = 1", "      enc = 0"]
+    out.append("      net = 0")
+    return "\n".join([*out, f"    {RB}", f"  {RB}", RB, ""])
+
+
+def _ints(text: str, n: int) -> tuple[int, ...]:
+    values = tuple(int(v) for v in text.split(","))
+    if len(values) != n:
+        raise ValueError(f"{text!r}: {n} numbers expected")
+    return values
+
+
+def from_environ(env: dict[str, str]) -> tuple[Tunnel, dict]:
+    """The Tunnel and the nftables base (core/nat.py GatewayBase) from ``TN_*``."""
+    nets = tuple(IPv4Network(x) for x in env["TN_NETS"].split(","))
+    public = tuple(IPv4Network(x) for x in env["TN_PUBLIC"].split(","))
+    partner = IPv4Address(env["TN_PARTNER"])
+    shared = None if env["TN_SHARED"] == "none" else IPv4Address(env["TN_SHARED"])
+    mss, dpd = int(env["TN_MSS"]), _ints(env["TN_DPD"], 2)
+    ike, child = _ints(env["TN_IKE_LIFE"], 3), _ints(env["TN_CHILD_LIFE"], 3)
+    if any(partner in x for x in nets) or any(p.overlaps(x) for p in public for x in nets):
+        raise ValueError("PartnerEndpoint or PublicAddresses overlap PartnerNetworks")
+    if env["TN_MODE"] == "shared" and not any(shared in p for p in public if shared):
+        raise ValueError("NatMode shared needs a SharedAddress among PublicAddresses")
+    if not (536 <= mss <= 1460 and 5 <= dpd[0] <= 300 and 10 <= dpd[1] <= 600):
+        raise ValueError("TunnelMss 536-1460, DpdDelay 5-300 and DpdTimeout 10-600 s")
+    if not (ike[2] < ike[0] and ike[1] > 0 and child[2] < child[0] < child[1]):
+        raise ValueError("lifetimes: rand_time < rekey_time < life_time, over_time > 0")
+    for ident in (env["TN_LOCAL_ID"], env["TN_REMOTE_ID"]):
+        if ident.replace(".", "").isdigit():
+            IPv4Address(ident)  # a dotted quad is an address, never an FQDN
+    libipsec = env["TN_BACKEND"] == "libipsec"
+    tunnel = Tunnel(
+        env["TN_TUNNEL"], partner, public, nets, env["TN_LOCAL_ID"], env["TN_REMOTE_ID"],
+        env["TN_IKE"], env["TN_ESP"], ike, child, dpd, int(env["TN_KEYINGTRIES"]),
+        env["TN_LAYOUT"], env["TN_START"], libipsec, env["TN_LOG"],
+    )  # fmt: skip
+    if len(tunnel.children) > 256:
+        raise ValueError("per-pair: more than 256 CHILD_SAs")
+    base = {"partner_networks": [str(x) for x in nets], "nat_mode": env["TN_MODE"], "mss": mss}
+    base["shared_address"] = str(shared) if shared else None
+    # Userspace ESP leaves through its TUN device: the guard matches on it.
+    base["tunnel_interface"] = "ipsec0" if libipsec else None
+    return tunnel, base
+
+
+def main(out: str) -> int:
+    try:
+        t, base = from_environ(dict(os.environ))
+    except (ValueError, KeyError) as exc:
+        print(f"ConfigureGateway: {exc}", file=sys.stderr)
+        return 1
+    # libipsec routes need a local address inside local_ts: the first of each S entry, on lo.
+    lo = [p.network_address if p.prefixlen == 32 else next(p.hosts()) for p in t.local_ts]
+    facts = {"children": [c[0] for c in t.children], "ike": t.ike, "esp": t.esp, "log": t.log}
+    files = {
+        "tunnel.conf": render_connection(t),
+        "charon.conf": render_charon_settings(t),
+        "tunnel.json": json.dumps(facts) + "\n",  # for the health agent
+        "base.json": json.dumps(base),
+        "ids": f"{t.local_id} {t.remote_id or t.partner}\n",
+        "lo_addresses": "".join(f"{a}\n" for a in lo),
+    }
+    for name, text in files.items():
+        with open(os.path.join(out, name), "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
