@@ -9,7 +9,8 @@ the gateway match it. Running it twice changes nothing the second time.
 2. once: if the gateway is behind the desired generation, it pulls and applies the newest table;
 3. per instance: add the route, record the status.
 
-The gateway's side (finding it, the coalesced sync) is ``gateway_sync.GatewaySync``.
+The gateway's side (finding it, the coalesced sync) is ``gateway_sync.GatewaySync``; the plan each
+instance carries between the phases, and the pure helpers, are in ``plan.py``.
 
 AWS calls are made per batch, not per instance (issue 6's budget): one transaction takes every
 lease, one DescribeInstances observes, one BatchGetItem reads every mapping, record and both
@@ -28,7 +29,6 @@ from __future__ import annotations
 import random
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import Any, Protocol
 
@@ -41,9 +41,6 @@ from tunnelnat.adapters.commands import (
     run_many,
 )
 from tunnelnat.adapters.store import (
-    ADDRESS,
-    MAPPING,
-    PRIVATE,
     AddressTaken,
     EnrolmentStore,
     GenerationMoved,
@@ -68,14 +65,24 @@ from tunnelnat.gateway_sync import (  # noqa: F401 - GatewaySyncFailed: re-expor
     GatewaySyncFailed,
     GatewaySyncPending,
 )
+from tunnelnat.plan import (
+    Outcome,
+    Plan,
+    Run,
+    as_text,
+    comparable,
+    conflict,
+    conflicted,
+    failure_reason,
+    holds_private,
+    private_ips,
+    transactions,
+)
 from tunnelnat.telemetry import FAILURE_REASONS, NoTelemetry, Telemetry  # noqa: F401
 
 STORE_ATTEMPTS = 5
 # Retries when only the generation bump lost (cheap: no re-read), before they count as attempts.
 GENERATION_RETRIES = 20
-# Items per transaction, the generation bump aside (DynamoDB's limit is 100): a mapping change is
-# up to 5 (the mapping, a claim and a release of its public and of its private address).
-TRANSACTION_ITEMS = 99
 # Without the enrolment tag (or in another VPC) an instance is none of our business unless we
 # enrolled it before.
 UNMANAGED = (Status.NOT_TAGGED, Status.GONE, Status.IS_GATEWAY, Status.OTHER_VPC)
@@ -91,54 +98,6 @@ class InstanceSource(Protocol):
     def find_gateway(self, deployment: str) -> str: ...
 
     def set_status_tag(self, instance: ObservedInstance, status: str) -> None: ...
-
-
-@dataclass(frozen=True)
-class Outcome:
-    instance_id: str
-    status: str
-    reason: str
-    public_ip: str | None = None
-    generation: int | None = None
-    gateway_synced: bool = False
-    managed: bool = True
-    # True when this run brought the instance to enrolled (it was not before): what the
-    # Enrolments count and the EnrolmentLatency metric are about.
-    newly_enrolled: bool = False
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            k: str(v) if k == "status" else v for k, v in self.__dict__.items() if v is not None
-        }
-
-
-@dataclass
-class _Plan:
-    """One instance between phase 1 and phase 3."""
-
-    instance_id: str
-    instance: ObservedInstance | None
-    decision: Decision
-    mapping: StoredMapping | None  # the mapping it should have (None: none)
-    route: bool  # is our route on the instance now
-    record: InstanceRecord | None = None  # as stored before this run
-    previous: StoredMapping | None = None  # the mapping as stored
-    remove_route: bool = False
-    claim_missing: bool = False  # a mapping stored before private addresses were claimed
-    holds_private: bool = True  # the previous mapping's private address is claimed by it
-
-    @property
-    def needs_write(self) -> bool:
-        if self.decision.status is Status.POOL_EXHAUSTED:
-            return False  # keeps whatever it has; nothing to claim
-        if self.claim_missing and self.mapping is not None:
-            return True
-        if self.mapping is None or self.previous is None:
-            return self.mapping is not self.previous
-        return (self.mapping.private_ip, self.mapping.public_ip) != (
-            self.previous.private_ip,
-            self.previous.public_ip,
-        )
 
 
 class Controller:
@@ -198,7 +157,7 @@ class Controller:
     ) -> dict[str, Outcome | Exception]:
         """Converge many instances with at most one gateway sync. Each instance's result is its
         Outcome or the exception that stopped it; one instance's failure never stops another's."""
-        run = _Run(owner=uuid.uuid4().hex)
+        run = Run(owner=uuid.uuid4().hex)
         try:
             results = self._converge(list(instance_ids), set(terminating), full_sync, run)
         finally:
@@ -214,7 +173,7 @@ class Controller:
         return results
 
     def _converge(
-        self, instance_ids: list[str], ending: set[str], full_sync: bool, run: _Run
+        self, instance_ids: list[str], ending: set[str], full_sync: bool, run: Run
     ) -> dict[str, Outcome | Exception]:
         results: dict[str, Outcome | Exception] = {}
         ids = list(dict.fromkeys(instance_ids))
@@ -226,9 +185,9 @@ class Controller:
         # Observe only under the leases (what we read can no longer be overtaken by another
         # worker), in one call per 1,000 instances; read the table's side in one call too.
         observed = self.instances.describe_many(run.leased) if run.leased else {}
-        snap = self.store.snapshot_many(run.leased, _private_ips(observed.values()))
+        snap = self.store.snapshot_many(run.leased, private_ips(observed.values()))
         run.snapshot = snap
-        plans: list[_Plan] = []
+        plans: list[Plan] = []
         for instance_id in run.leased:
             try:
                 plan = self._plan(
@@ -268,10 +227,10 @@ class Controller:
         instance_id: str,
         instance: ObservedInstance | None,
         snap: Snapshot,
-        run: _Run,
+        run: Run,
         *,
         terminating: bool,
-    ) -> _Plan | Outcome:
+    ) -> Plan | Outcome:
         decision = decide_enrolment(instance, self.config, vpc_id=self.vpc_id)
         if terminating:
             decision = Decision(False, Status.GONE, "Auto Scaling is terminating the instance")
@@ -283,7 +242,7 @@ class Controller:
             if holder is not None and holder != instance_id and holder not in run.leased:
                 # Served already for another instance: never map one P twice. (A holder in this
                 # batch may be letting go of it: the transaction decides, in order.)
-                decision = _conflict(instance.private_ip, holder)
+                decision = conflict(instance.private_ip, holder)
             claim_missing = holder is None and mapping is not None
         if not decision.enrol and mapping is None and record is None:
             if decision.status in UNMANAGED:
@@ -297,18 +256,18 @@ class Controller:
                 reason = f"all {len(self.config.address_pool)} pool addresses are in use"
                 self.telemetry.count("PoolExhausted")
                 decision = Decision(False, Status.POOL_EXHAUSTED, reason)
-                plan = _Plan(instance_id, instance, decision, None, route, record, mapping)
+                plan = Plan(instance_id, instance, decision, None, route, record, mapping)
                 plan.remove_route = route and instance.state == "running"
                 return plan
             wanted = StoredMapping(instance_id, instance.private_ip, address)  # type: ignore[arg-type]
-            plan = _Plan(instance_id, instance, decision, wanted, route, record)
+            plan = Plan(instance_id, instance, decision, wanted, route, record)
             plan.previous, plan.claim_missing = mapping, claim_missing
-            plan.holds_private = _holds_private(snap, instance_id, mapping)
+            plan.holds_private = holds_private(snap, instance_id, mapping)
             return plan
         # Not to be enrolled: stop its traffic first (route), then forget its mapping.
-        plan = _Plan(instance_id, instance, decision, None, route, record)
+        plan = Plan(instance_id, instance, decision, None, route, record)
         plan.previous = mapping
-        plan.holds_private = _holds_private(snap, instance_id, mapping)
+        plan.holds_private = holds_private(snap, instance_id, mapping)
         if route and instance is not None and instance.state == "running" and not terminating:
             plan.remove_route = True
         elif instance is None or instance.state == "terminated" or terminating:
@@ -317,7 +276,7 @@ class Controller:
         return plan
 
     def _address_for(
-        self, instance: ObservedInstance, mapping: StoredMapping | None, run: _Run
+        self, instance: ObservedInstance, mapping: StoredMapping | None, run: Run
     ) -> IPv4Address | None:
         current = mapping.public_ip if mapping else None
         claimed: Iterable[IPv4Address] = ()
@@ -336,7 +295,7 @@ class Controller:
             run.claimed.add(address)  # no other instance of this batch picks it too
         return address
 
-    def _claims(self, run: _Run) -> set[IPv4Address]:
+    def _claims(self, run: Run) -> set[IPv4Address]:
         # One Query per batch (and per retry after a conflict), only when an address is needed.
         if run.claimed_read is None:
             run.claimed_read = set(self.store.claimed_addresses())
@@ -344,8 +303,8 @@ class Controller:
         return run.claimed
 
     def _remove_routes(
-        self, plans: list[_Plan], results: dict[str, Outcome | Exception], run: _Run
-    ) -> list[_Plan]:
+        self, plans: list[Plan], results: dict[str, Outcome | Exception], run: Run
+    ) -> list[Plan]:
         """One RemoveHostRoute for every instance that must lose its route; an instance whose
         route could not be removed keeps its mapping (its traffic is still ours to carry)."""
         targets = [p for p in plans if p.remove_route]
@@ -367,17 +326,17 @@ class Controller:
 
     def _write_mappings(
         self,
-        plans: list[_Plan],
+        plans: list[Plan],
         results: dict[str, Outcome | Exception],
         snap: Snapshot,
-        run: _Run,
-    ) -> list[_Plan]:
+        run: Run,
+    ) -> list[Plan]:
         """Every mapping change of the batch in one transaction (per 30) with one generation
         bump; on a conflict (another worker bumped the generation or took an address), read
         again and retry the ones that failed."""
         run.desired = snap.desired_generation
         pending = [p for p in plans if p.needs_write]
-        for chunk in _transactions(pending):
+        for chunk in transactions(pending):
             attempt = bumps = 0
             written = False
             last: Exception | None = None
@@ -406,7 +365,7 @@ class Controller:
                     # Those instances lost their private address to another's mapping: each
                     # becomes a conflict (and lets go of any mapping it has); the rest of the
                     # transaction is written again at once.
-                    chunk = _conflicted(chunk, exc.taken)
+                    chunk = conflicted(chunk, exc.taken)
                     written = not chunk
                     bumps += 1
                     if bumps <= GENERATION_RETRIES:
@@ -431,7 +390,7 @@ class Controller:
                 run.pool_changed = True
                 plan.previous, plan.holds_private = plan.mapping, True
         failed = {i for i, r in results.items() if isinstance(r, Exception)}
-        done: list[_Plan] = []
+        done: list[Plan] = []
         for plan in plans:
             if plan.instance_id in failed:
                 continue
@@ -445,8 +404,8 @@ class Controller:
         return done
 
     def _replan(
-        self, chunk: list[_Plan], results: dict[str, Outcome | Exception], run: _Run
-    ) -> list[_Plan]:
+        self, chunk: list[Plan], results: dict[str, Outcome | Exception], run: Run
+    ) -> list[Plan]:
         """After a cancelled transaction: the generation, the claims and these instances'
         mappings as they are now (the leases keep the instances themselves ours)."""
         snap = self.store.snapshot_many([p.instance_id for p in chunk])
@@ -454,10 +413,10 @@ class Controller:
         run.claimed_read = None
         run.claimed = set()
         run.contended = True
-        again: list[_Plan] = []
+        again: list[Plan] = []
         for plan in chunk:
             plan.previous = snap.mappings.get(plan.instance_id)
-            plan.holds_private = _holds_private(snap, plan.instance_id, plan.previous)
+            plan.holds_private = holds_private(snap, plan.instance_id, plan.previous)
             if plan.decision.enrol:
                 assert plan.instance is not None
                 address = self._address_for(plan.instance, plan.previous, run)
@@ -474,7 +433,7 @@ class Controller:
 
     # -- phase 3 -----------------------------------------------------------------------------
     def _finish(
-        self, plans: list[_Plan], generation: int, synced: bool, run: _Run
+        self, plans: list[Plan], generation: int, synced: bool, run: Run
     ) -> dict[str, Outcome | Exception]:
         results: dict[str, Outcome | Exception] = {}
         enrol = [p for p in plans if p.decision.enrol]
@@ -530,7 +489,7 @@ class Controller:
         """Ask the gateway to pull and apply the newest table; returns what it reported."""
         return self.gateway.sync(full=full, gateway=gateway)
 
-    def _sync_gateway(self, *, full: bool, run: _Run) -> tuple[bool, int]:
+    def _sync_gateway(self, *, full: bool, run: Run) -> tuple[bool, int]:
         snap = run.snapshot
         return self.gateway.converge(
             owner=run.owner,
@@ -577,8 +536,8 @@ class Controller:
 
     def _record(
         self,
-        run: _Run,
-        plan: _Plan,
+        run: Run,
+        plan: Plan,
         status: str,
         reason: str,
         route: bool,
@@ -593,18 +552,18 @@ class Controller:
             str(status),
             reason,
             route_installed=route,
-            private_ip=_text(instance.private_ip if instance else None),
-            public_ip=_text(mapping.public_ip if mapping else None),
+            private_ip=as_text(instance.private_ip if instance else None),
+            public_ip=as_text(mapping.public_ip if mapping else None),
         )
         before = plan.record
-        if before is None or _comparable(before) != _comparable(record):
+        if before is None or comparable(before) != comparable(record):
             run.records[plan.instance_id] = record
         else:
             run.records.pop(plan.instance_id, None)
         if instance is not None and instance.state not in ("terminated", "shutting-down"):
             run.tags[plan.instance_id] = (instance, str(status))
 
-    def _tag(self, run: _Run) -> None:
+    def _tag(self, run: Run) -> None:
         """Each instance's last status as its tag: one CreateTags per status value."""
         by_status: dict[str, list[ObservedInstance]] = {}
         for instance, status in run.tags.values():
@@ -617,11 +576,11 @@ class Controller:
                 for instance in instances:
                     self.instances.set_status_tag(instance, status)
 
-    def _report(self, results: dict[str, Outcome | Exception], run: _Run) -> None:
+    def _report(self, results: dict[str, Outcome | Exception], run: Run) -> None:
         """Failures by reason, and the pool's free addresses after the batch (dedicated mode)."""
         sync_failed = False
         for result in results.values():
-            reason = _failure_reason(result)
+            reason = failure_reason(result)
             if reason == "gateway-sync":
                 sync_failed = True  # one failed sync, whatever the number of instances waiting
             elif reason is not None:
@@ -650,111 +609,3 @@ class Controller:
                 public_ip=record.public_ip if record else None,
             )
         )
-
-
-@dataclass
-class _Run:
-    """What one ``converge`` call carries between its phases."""
-
-    owner: str
-    leased: list[str] = field(default_factory=list)
-    snapshot: Snapshot | None = None
-    desired: int = 0
-    claimed_read: set[IPv4Address] | None = None
-    claimed: set[IPv4Address] = field(default_factory=set)
-    records: dict[str, InstanceRecord] = field(default_factory=dict)
-    forget: set[str] = field(default_factory=set)
-    tags: dict[str, tuple[ObservedInstance, str]] = field(default_factory=dict)
-    pool_changed: bool = False
-    contended: bool = False  # a mapping write lost to another worker's
-
-
-def _failure_reason(result: Outcome | Exception) -> str | None:
-    if isinstance(result, Outcome):
-        if result.status is Status.POOL_EXHAUSTED:
-            return "pool-exhausted"
-        if result.status is Status.UNSUPPORTED_SUBNET:
-            return "unsupported-subnet"
-        if result.status is Status.CONFLICT:
-            return "conflict"
-        return None
-    if isinstance(result, GatewaySyncPending):
-        return None  # coalescing, not a failure
-    if isinstance(result, GatewaySyncFailed) or getattr(result, "gateway_sync", False):
-        return "gateway-sync"
-    if isinstance(result, AgentNotReady):
-        return "agent-not-ready"
-    if isinstance(result, CommandError):
-        return "command-failed"
-    if isinstance(result, StoreConflict):
-        return "store-conflict"
-    return None
-
-
-def _comparable(record: InstanceRecord) -> tuple:
-    return (record.status, record.reason, record.route_installed, record.private_ip,
-            record.public_ip)  # fmt: skip
-
-
-def _text(value: object | None) -> str | None:
-    return None if value is None else str(value)
-
-
-def _conflict(private_ip: object, holder: str) -> Decision:
-    return Decision(
-        False,
-        Status.CONFLICT,
-        f"private address {private_ip} is mapped for {holder} already; one of them must go "
-        "(another VPC, or an address reused before the old mapping was removed)",
-    )
-
-
-def _conflicted(chunk: list[_Plan], taken: dict[str, tuple[str, str]]) -> list[_Plan]:
-    """The chunk after some of its instances lost their private address: each becomes a
-    conflict, kept only when it still has a mapping of its own to give up."""
-    again: list[_Plan] = []
-    for plan in chunk:
-        if plan.instance_id in taken:
-            private_ip, holder = taken[plan.instance_id]
-            plan.decision = _conflict(private_ip, holder)
-            plan.mapping = None
-            plan.claim_missing = False
-        if plan.needs_write:
-            again.append(plan)
-    return again
-
-
-def _keys(plan: _Plan) -> set[tuple[str, str]]:
-    """The table items a plan's write touches (a transaction may touch each only once)."""
-    keys = {(MAPPING, plan.instance_id)}
-    for mapping in (plan.mapping, plan.previous):
-        if mapping is not None:
-            keys |= {(PRIVATE, str(mapping.private_ip)), (ADDRESS, str(mapping.public_ip))}
-    return keys
-
-
-def _transactions(pending: list[_Plan]) -> list[list[_Plan]]:
-    """The batch's writes in as few transactions as fit, each touching an item at most once.
-    Removals go first and a write that touches an item an earlier one touched goes in a later
-    transaction: an address one instance lets go of is free when the next one claims it."""
-    ordered = sorted(pending, key=lambda p: p.mapping is not None)
-    chunks: list[tuple[list[_Plan], set[tuple[str, str]]]] = []
-    for plan in ordered:
-        keys = _keys(plan)
-        after = max((i for i, (_, used) in enumerate(chunks) if used & keys), default=-1)
-        for plans, used in chunks[after + 1 :]:
-            if len(used) + len(keys) <= TRANSACTION_ITEMS:
-                plans.append(plan)
-                used |= keys
-                break
-        else:
-            chunks.append(([plan], set(keys)))
-    return [plans for plans, _ in chunks]
-
-
-def _private_ips(instances: Iterable[ObservedInstance]) -> list[IPv4Address]:
-    return [i.private_ip for i in instances if i.private_ip is not None]
-
-
-def _holds_private(snap: Snapshot, instance_id: str, mapping: StoredMapping | None) -> bool:
-    return mapping is not None and snap.private_claims.get(str(mapping.private_ip)) == instance_id
