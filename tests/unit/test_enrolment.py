@@ -97,3 +97,21 @@ def test_address_pool_set_semantics():
     assert len(pool) == 2
     assert IPv4Address("203.0.113.1") in pool
     assert pool.free([IPv4Address("203.0.113.1")]) == [IPv4Address("203.0.113.2")]
+
+
+def test_an_instance_of_another_vpc_is_never_enrolled(config):
+    """Issue 14, finding 2: in range of the gateway's subnet, but not in the gateway's VPC."""
+    ours = "vpc-0aaaaaaaaaaaaaaaa"
+    far = instance(vpc_id="vpc-0bbbbbbbbbbbbbbbb")
+    decision = decide_enrolment(far, config, vpc_id=ours)
+    assert (decision.enrol, decision.status) == (False, Status.OTHER_VPC)
+    assert ours in decision.reason and "vpc-0bbbbbbbbbbbbbbbb" in decision.reason
+    assert decide_enrolment(instance(vpc_id=ours), config, vpc_id=ours).enrol
+    assert decide_enrolment(instance(vpc_id=None), config, vpc_id=ours).status is Status.OTHER_VPC
+
+
+def test_the_status_tag_key_names_the_deployment():
+    from tunnelnat.core.enrolment import status_tag
+
+    assert status_tag("blue") == "tunnelnat:status:blue"
+    assert status_tag("blue") != status_tag("green")
