@@ -79,16 +79,20 @@ class Ec2Instances:
         return found
 
     def tagged(self, tag_key: str) -> dict[str, ObservedInstance]:
-        """Every not-yet-terminated instance carrying ``tag_key`` (any value)."""
+        """Every not-yet-terminated instance carrying ``tag_key`` (any value), in our VPC when
+        it is known (another VPC's instances are another deployment's business)."""
         found: dict[str, ObservedInstance] = {}
+        filters = [
+            {"Name": "tag-key", "Values": [tag_key]},
+            {
+                "Name": "instance-state-name",
+                "Values": ["pending", "running", "stopping", "stopped", "shutting-down"],
+            },
+        ]
+        if self._vpc_id is not None:
+            filters.append({"Name": "vpc-id", "Values": [self._vpc_id]})
         pages = self._ec2.get_paginator("describe_instances").paginate(
-            Filters=[
-                {"Name": "tag-key", "Values": [tag_key]},
-                {
-                    "Name": "instance-state-name",
-                    "Values": ["pending", "running", "stopping", "stopped", "shutting-down"],
-                },
-            ],
+            Filters=filters,
             PaginationConfig={"PageSize": 1000},
         )
         for page in pages:
