@@ -140,6 +140,14 @@ def headline(results: dict[str, Any]) -> list[str]:
                 f"gateway reboot: boot start to the first packet at A as S "
                 f"{step.data['boot_to_a']:.2f}s; {step.data['clear']} clear-text packets"
             )
+        if "make_before_break" in step.data:
+            lines.append(
+                f"rekeys: {step.data['sent']} packets to A across {step.data['ours']} CHILD_SA "
+                f"rekeys by us, {step.data['theirs']} by the partner, {step.data['ike']} IKE_SA: "
+                f"{step.data['lost']} lost, {step.data['clear']} clear-text"
+            )
+        if "diagnosis" in step.data:
+            lines.append(f"broken partner: {step.data['diagnosis']}")
         if "summary" in step.data:
             lines.append(f"tunnelnat doctor: {step.data['summary']}")
     return lines

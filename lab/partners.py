@@ -21,6 +21,7 @@ with real partners.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 # AWS's documented algorithms, as strongSwan keywords (the lab's plugins: CBC and MODP only).
@@ -166,3 +167,35 @@ secrets {{
   }}
 }}
 """
+
+
+@dataclass(frozen=True)
+class Rekeys:
+    """CHILD_SA and IKE_SA rekeys one side's charon log shows (its level-1 lines)."""
+
+    child_initiated: int  # CREATE_CHILD_SA rekeys this side started
+    ike_rekeyed: int  # IKE SAs rekeyed (either side started them)
+    make_before_break: bool  # every closed CHILD_SA was replaced by an installed one first
+    closed: int
+
+
+def count_rekeys(log_text: str) -> Rekeys:
+    """From charon's log: an initiated rekey is ``establishing CHILD_SA name{n} reqid r`` (the
+    first CHILD_SA of an IKE SA has no reqid yet). Make-before-break: before each ``closing
+    CHILD_SA`` of a rekeyed SA, a new ``inbound CHILD_SA ... established`` since the previous
+    close (the new SA takes traffic before the old one goes)."""
+    initiated = ike = closed = 0
+    installed_since_close = 0
+    mbb = True
+    for line in log_text.splitlines():
+        if re.search(r"establishing CHILD_SA \S+ reqid \d+", line):
+            initiated += 1
+        elif re.search(r"IKE_SA \S+ rekeyed between", line):
+            ike += 1
+        elif re.search(r"inbound CHILD_SA \S+ established", line):
+            installed_since_close += 1
+        elif re.search(r"closing CHILD_SA \S+ with SPIs", line):
+            closed += 1
+            mbb = mbb and installed_since_close > 0
+            installed_since_close = 0
+    return Rekeys(initiated, ike, mbb, closed)

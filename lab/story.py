@@ -515,6 +515,146 @@ class Story:
             {"scale_in": report},
         )
 
+    # -- real partners (issue 12) ---------------------------------------------------------------
+    def rekey(self, name: str = WEB1, *, deadline: float = 70.0, wanted: int = 3) -> Step:
+        """A 100 packets/s stream from ``name`` to A across CHILD_SA and IKE_SA rekeys started
+        by both sides. The partner (AWS-like profile, short lifetimes: its CHILD_SA rekeys 10-15 s
+        into each SA's life, its IKE_SA 20-30 s) rekeys on its own clock; ours are as short
+        (CHILD 18-20 s, IKE 38-40 s), so to rekey as often ourselves we start one with ``swanctl
+        --rekey`` (the exchange our lifetimes start) 2 s after each of the partner's."""
+        from lab.partners import count_rekeys
+
+        inst = self.lab.instance(name)
+        public = self.public or ""
+        self.lab.stop_partner_charon()
+        self.lab.write_partner(self.lab.partner, child_life=20, ike_life=40)
+        configured = self.lab.configure_gateway(ChildLifetimes="20,30,2", IkeLifetimes="40,10,2")
+        # The stale SA goes; the AWS-like partner initiates as it starts.
+        topo.in_ns(
+            "tn-gw", ["swanctl", "--terminate", "--ike", topo.TUNNEL, "--force"], check=False
+        )
+        self.lab.start_partner_charon()
+        _wait(lambda: self.lab.child_sas_installed() >= 1, 15)
+        ours_log, theirs_log = self._charon_logs()
+        sender = (
+            "import signal, socket, sys, time\n"
+            "n = 0\n"
+            "def stop(*_):\n"
+            "    print(n, flush=True)\n"
+            "    sys.exit(0)\n"
+            "signal.signal(signal.SIGTERM, stop)\n"
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "start = time.monotonic()\n"
+            "while True:\n"
+            f"    s.sendto(n.to_bytes(4, 'big'), ('{topo.APP}', 9))\n"
+            "    n += 1\n"
+            "    time.sleep(max(0, start + n / 100 - time.monotonic()))\n"
+        )
+        at_a = f"udp and dst port 9 and src host {public}"
+        started = time.monotonic()
+        ours = theirs = ike_ours = 0
+        with (
+            self.lab.capture("tn-inet", "to-gw", f"host {topo.APP}") as clear,
+            self.lab.capture("tn-app", "eth0", at_a) as arrived,
+        ):
+            proc = subprocess.Popen(
+                topo.machine_argv(inst.ns, [sys.executable, "-c", sender]),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+                start_new_session=True,
+            )
+            try:
+                seen = 0
+                while time.monotonic() - started < deadline:
+                    gw_now, pvpn_now = self._charon_logs()
+                    theirs = count_rekeys(pvpn_now[len(theirs_log) :]).child_initiated
+                    ike = count_rekeys(gw_now[len(ours_log) :]).ike_rekeyed
+                    if theirs >= wanted and ours >= wanted and ike >= 2:
+                        break  # and an IKE_SA rekey each: ours, and the partner's by lifetime
+                    if theirs > seen:  # the partner just rekeyed: our turn in 2 s
+                        seen = theirs
+                        time.sleep(2)
+                        what = "--ike" if ours == 1 and not ike_ours else "--child"
+                        topo.in_ns("tn-gw", ["swanctl", "--rekey", what, topo.TUNNEL], check=False)
+                        ike_ours += what == "--ike"
+                        ours += what == "--child"
+                    time.sleep(0.2)
+                time.sleep(1)  # the last packets in flight
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                out, _ = proc.communicate(timeout=5)
+        seconds = time.monotonic() - started
+        sent = int(out.strip() or 0)
+        received = len([line for line in arrived if line.strip()])
+        gw_log, pvpn_log = self._charon_logs()
+        mine = count_rekeys(gw_log[len(ours_log) :])
+        partner = count_rekeys(pvpn_log[len(theirs_log) :])
+        lost = sent - received
+        ok = (
+            configured.ok
+            and lost == 0
+            and not clear
+            and mine.child_initiated >= wanted
+            and partner.child_initiated >= wanted
+            and mine.ike_rekeyed >= 2
+            and mine.make_before_break
+            and partner.make_before_break
+            and sent >= 50 * seconds * 0.9
+        )
+        figure = (
+            f"{sent} packets from {name} to A in {seconds:.0f}s ({sent / seconds:.0f}/s) across "
+            f"{mine.child_initiated} CHILD_SA rekeys we started and {partner.child_initiated} "
+            f"the partner started, {mine.ike_rekeyed} IKE_SA rekeys: {lost} lost, {len(clear)} "
+            f"clear-text packets; new SA installed before the old one closed: "
+            f"{'yes' if mine.make_before_break and partner.make_before_break else 'NO'}"
+        )
+        restored = self._restore_partner()
+        return Step(
+            "rekeys without loss: CHILD_SA and IKE_SA, started by us and by the partner",
+            ok and restored,
+            figure,
+            {
+                "sent": sent,
+                "received": received,
+                "lost": lost,
+                "clear": len(clear),
+                "seconds": seconds,
+                "ours": mine.child_initiated,
+                "theirs": partner.child_initiated,
+                "ike": mine.ike_rekeyed,
+                "make_before_break": mine.make_before_break and partner.make_before_break,
+            },
+        )
+
+    def broken_partner(self, profile: str = "no-common-proposal") -> Step:
+        """A partner that cannot work, and the health agent's one line on why (read from
+        charon's log on the gateway); then the AWS-like partner again."""
+        line = diagnose_partner(self.lab, profile)
+        restored = self._restore_partner()
+        return Step(
+            f"broken partner ({profile}): the health agent names the cause",
+            bool(line) and restored,
+            f"health agent: {line}",
+            {"diagnosis": line},
+        )
+
+    def _charon_logs(self) -> tuple[str, str]:
+        ours = topo.in_ns("tn-gw", ["cat", topo.CHARON_LOG], check=False)
+        theirs = (topo.LOGS / "tn-pvpn-charon.log").read_text(errors="replace")
+        return ours, theirs
+
+    def _restore_partner(self) -> bool:
+        """The AWS-like partner with its own lifetimes, ours the defaults; tunnel up again."""
+        self.lab.stop_partner_charon()
+        self.lab.write_partner(self.lab.partner)
+        result = self.lab.configure_gateway()
+        topo.in_ns(
+            "tn-gw", ["swanctl", "--terminate", "--ike", topo.TUNNEL, "--force"], check=False
+        )
+        self.lab.start_partner_charon()
+        return result.ok and _wait(lambda: self.lab.child_sas_installed() >= 1, 15)
+
     def all_steps(self, *, burst: int = 20) -> list[Any]:
         """The story in order (callables, so a runner can stop or report as it goes)."""
         steps = [
@@ -531,4 +671,34 @@ class Story:
         ]
         if burst:
             steps += [functools.partial(self.burst, burst), self.scale_in]
-        return [*steps, self.doctor_cli, self.unenrol]
+        return [*steps, self.rekey, self.broken_partner, self.doctor_cli, self.unenrol]
+
+
+def _wait(check: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.2)
+    return bool(check())
+
+
+def run_health_agent(lab: topo.Lab) -> dict[str, Any]:
+    """The installed health agent, once, without publishing: its JSON line."""
+    argv = ["python3", "/etc/tunnelnat/tunnelnat_health.py", "once", "--tunnels", topo.TUNNEL]
+    argv += ["--gateway-id", "i-lab", "--region", topo.REGION, "--dry-run"]
+    argv += ["--state-file", "/etc/tunnelnat/lab-diagnosis-counters.json"]
+    argv += ["--established-file", "/etc/tunnelnat/lab-diagnosis-established.json"]
+    return _last_json(topo.in_ns("tn-gw", argv, check=False))
+
+
+def diagnose_partner(lab: topo.Lab, profile: str, *, settle: float = 3.0) -> str | None:
+    """Give the partner ``profile``, make our side try again, return the agent's diagnosis."""
+    lab.reconfigure_partner(profile, start=profile != "down")
+    topo.in_ns("tn-gw", ["swanctl", "--terminate", "--ike", topo.TUNNEL, "--force"], check=False)
+    initiate = ["swanctl", "--initiate", "--child", topo.TUNNEL, "--timeout", "3"]
+    topo.in_ns("tn-gw", initiate, check=False)
+    time.sleep(settle)
+    line = run_health_agent(lab)
+    tunnels = line.get("tunnels") or [{}]
+    return tunnels[0].get("diagnosis")
