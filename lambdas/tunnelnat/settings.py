@@ -23,6 +23,13 @@ class ControllerSettings(BaseModel):
     vpc_id: str | None = Field(default=None, pattern=r"^vpc-[0-9a-f]{8,17}$")
     # The gateway's Auto Scaling group: the gateway is the member of it that holds G.
     gateway_group: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:/ +=@-]{1,255}$")
+    # The standalone ENI that holds G. With it (and vpc_id), route-table mode is on: instances in
+    # other subnets of the VPC are served by a route in their subnet's route table to this ENI.
+    gateway_eni_id: str | None = Field(default=None, pattern=r"^eni-[0-9a-f]{8,17}$")
+
+    @property
+    def route_table_mode(self) -> bool:
+        return self.vpc_id is not None and self.gateway_eni_id is not None
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> ControllerSettings:
@@ -43,4 +50,5 @@ class ControllerSettings(BaseModel):
             region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
             vpc_id=env.get("TUNNELNAT_VPC_ID") or None,
             gateway_group=env.get("TUNNELNAT_GATEWAY_GROUP") or None,
+            gateway_eni_id=env.get("TUNNELNAT_GATEWAY_ENI_ID") or None,
         )
