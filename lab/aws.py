@@ -26,6 +26,9 @@ class LabAws:
     clients: dict[str, Any] = field(default_factory=dict)
     vpc_id: str = ""
     subnet_id: str = ""
+    private_subnet_id: str = ""  # the private subnet: behind the VPC router, its own route table
+    private_route_table_id: str = ""  # explicitly associated with the private subnet
+    main_route_table_id: str = ""  # the VPC's main table (the gateway's subnet uses it)
     gateway_id: str = ""
     eni_id: str = ""  # the gateway's dedicated ENI holding G
     eni_mac: str = ""  # its MAC address: the lab gives the gateway's ENI link this one
@@ -53,6 +56,7 @@ class LabAws:
         self.subnet_id = ec2.create_subnet(VpcId=self.vpc_id, CidrBlock=topo.SUBNET_CIDR)["Subnet"][
             "SubnetId"
         ]
+        self._seed_private_subnet()
         image = self.image_id = ec2.describe_images()["Images"][0]["ImageId"]
         self.gateway_id = self._run_instance(image, topo.GW_PRIMARY, "gateway", GATEWAY_TAGS)
         # The gateway forwards packets that are not its own (the seed forgets this).
@@ -60,6 +64,11 @@ class LabAws:
         self._seed_fixed_eni()
         for inst in lab.instances:
             inst.instance_id = self._run_instance(image, inst.private_ip, inst.name, {})
+            self.instance_ids[inst.name] = inst.instance_id
+        for inst in lab.private_instances:
+            inst.instance_id = self._run_instance(
+                image, inst.private_ip, inst.name, {}, subnet_id=self.private_subnet_id
+            )
             self.instance_ids[inst.name] = inst.instance_id
         self.client("dynamodb").create_table(
             TableName=topo.TABLE,
@@ -80,6 +89,57 @@ class LabAws:
         from lab.autoscaling import create_group
 
         create_group(self)
+
+    def _seed_private_subnet(self) -> None:
+        """The private subnet with its own route table (explicitly associated, as real private
+        subnets have): only ``local`` in it until the controller adds the partner's networks.
+        The gateway's subnet keeps the VPC's main table."""
+        ec2 = self.client("ec2")
+        self.private_subnet_id = ec2.create_subnet(VpcId=self.vpc_id, CidrBlock=topo.PRIVATE_CIDR)[
+            "Subnet"
+        ]["SubnetId"]
+        tables = ec2.describe_route_tables(
+            Filters=[
+                {"Name": "vpc-id", "Values": [self.vpc_id]},
+                {"Name": "association.main", "Values": ["true"]},
+            ]
+        )["RouteTables"]
+        self.main_route_table_id = tables[0]["RouteTableId"]
+        self.private_route_table_id = ec2.create_route_table(
+            VpcId=self.vpc_id,
+            TagSpecifications=[
+                {"ResourceType": "route-table", "Tags": [{"Key": "Name", "Value": "private"}]}
+            ],
+        )["RouteTable"]["RouteTableId"]
+        ec2.associate_route_table(
+            RouteTableId=self.private_route_table_id, SubnetId=self.private_subnet_id
+        )
+
+    def routes(self, route_table_id: str) -> dict[str, str]:
+        """A route table's routes in EC2: destination -> target (``local``, an ENI, ...)."""
+        reply = self.client("ec2").describe_route_tables(RouteTableIds=[route_table_id])
+        found = {}
+        for route in reply["RouteTables"][0].get("Routes", []):
+            keys = ("NetworkInterfaceId", "GatewayId", "NatGatewayId")
+            target = next((route[k] for k in keys if k in route), "?")
+            found[route.get("DestinationCidrBlock", "")] = target
+        return found
+
+    def run_appliance(self, ip: str) -> dict[str, str]:
+        """Another team's appliance in the private subnet, as EC2 sees it (no lab machine):
+        source/dest check off, so a route to its ENI forwards there (lab.vpc_router)."""
+        ec2 = self.client("ec2")
+        instance_id = self._run_instance(
+            self.image_id, ip, "appliance", {}, subnet_id=self.private_subnet_id
+        )
+        ec2.modify_instance_attribute(InstanceId=instance_id, SourceDestCheck={"Value": False})
+        raw = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]
+        eni_id = raw["NetworkInterfaces"][0]["NetworkInterfaceId"]
+        # The instance's attribute is its primary ENI's on AWS; moto keeps them apart.
+        ec2.modify_network_interface_attribute(
+            NetworkInterfaceId=eni_id, SourceDestCheck={"Value": False}
+        )
+        return {"instance_id": instance_id, "eni_id": eni_id}
 
     def _seed_fixed_eni(self) -> None:
         """G on its own ENI, standalone as the stack creates it: the gateway's boot program
@@ -131,6 +191,9 @@ class LabAws:
                     "TUNNELNAT_CONFIG": json.dumps(controller_config()),
                     "TUNNELNAT_TABLE_NAME": topo.TABLE,
                     "TUNNELNAT_DEPLOYMENT": topo.DEPLOYMENT,
+                    # Route-table mode, as the stack sets it (the ENI holding G, our VPC).
+                    "TUNNELNAT_VPC_ID": self.vpc_id,
+                    "TUNNELNAT_GATEWAY_ENI_ID": self.eni_id,
                 }
             },
         )
@@ -153,7 +216,9 @@ class LabAws:
             QueueUrl=self.queue_url, AttributeNames=["QueueArn"]
         )["Attributes"]["QueueArn"]
 
-    def _run_instance(self, image: str, ip: str, name: str, tags: dict[str, str]) -> str:
+    def _run_instance(
+        self, image: str, ip: str, name: str, tags: dict[str, str], *, subnet_id: str = ""
+    ) -> str:
         all_tags = [{"Key": "Name", "Value": name}] + [
             {"Key": k, "Value": v} for k, v in tags.items()
         ]
@@ -162,7 +227,7 @@ class LabAws:
             InstanceType="t3.micro",
             MinCount=1,
             MaxCount=1,
-            SubnetId=self.subnet_id,
+            SubnetId=subnet_id or self.subnet_id,
             PrivateIpAddress=ip,
             TagSpecifications=[{"ResourceType": "instance", "Tags": all_tags}],
         )
@@ -239,4 +304,8 @@ def controller_environ(lab: topo.Lab) -> dict[str, str]:
         "TUNNELNAT_TABLE_NAME": topo.TABLE,
         "TUNNELNAT_DEPLOYMENT": topo.DEPLOYMENT,
         "AWS_REGION": topo.REGION,
+        # Route-table mode: instances outside the gateway's subnet get a route to G's ENI in
+        # their subnet's route table (no command on them).
+        "TUNNELNAT_VPC_ID": lab.aws.vpc_id,
+        "TUNNELNAT_GATEWAY_ENI_ID": lab.aws.eni_id,
     }

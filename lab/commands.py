@@ -44,6 +44,9 @@ class LabCommands:
     gateway_env: dict[str, str]
     timeout: float = 120.0
     history: list[Run] = field(default_factory=list)
+    # Every (instance id, document) the controller asked for, run or not: an instance without
+    # an agent (the private subnet's) must never be asked.
+    asked: list[tuple[str, str]] = field(default_factory=list)
     parallel: int = 16  # instances a multi-instance command runs on at once (SSM: 50 per call)
 
     def document_path(self, document: str) -> Path:
@@ -71,6 +74,7 @@ class LabCommands:
             return dict(zip(ids, pool.map(one, ids), strict=True))
 
     def run(self, instance_id: str, document: str, parameters: Mapping[str, str]) -> CommandResult:
+        self.asked.append((instance_id, document))
         path = self.document_path(document)
         ns = self.namespaces.get(instance_id)
         if ns is None:

@@ -44,9 +44,9 @@ class LabController:
     def __init__(self, lab: topo.Lab) -> None:
         self.lab = lab
         self._saved: dict[str, str | None] = {}
+        # The VPC the controller serves and G's ENI, as the stack sets them (instances in another
+        # VPC: other-vpc; in another subnet of ours: route-table mode).
         environ = {**QUIET, **lab_aws.controller_environ(lab)}
-        # The VPC the controller serves, as the stack sets it (instances elsewhere: other-vpc).
-        environ["TUNNELNAT_VPC_ID"] = lab.aws.vpc_id
         for key, value in environ.items():
             self._saved[key] = os.environ.get(key)
             os.environ[key] = value

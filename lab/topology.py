@@ -3,6 +3,11 @@
     tn-web-N ─┐                          ┌───────── tn-inet ─────────┐
     tn-web-2 ─┼─ br0 (tn-vpc) ─ tn-gw ───┤ 198.51.100.1   .33        ├── tn-pvpn ── tn-app
     tn-web-1 ─┘  10.10.1.0/24   G, E     └───────────────────────────┘    T   192.0.2.1   A
+                 │ .1
+             tn-vpcrtr (the VPC router: routes by moto's route tables, lab/vpc_router.py)
+                 │ .1
+    tn-priv-1 ─┬─ br1 (tn-vpc)  10.10.2.0/24, the private subnet (no SSM agent stand-in)
+    tn-priv-2 ─┘
 
 Every "machine" is a network namespace plus a persistent mount namespace whose /etc is an overlay
 of the host's: what a document or daemon writes under /etc stays on that machine (in
@@ -43,6 +48,13 @@ LOGS = RUN / "logs"
 
 VPC_CIDR = "10.10.0.0/16"
 SUBNET_CIDR = "10.10.1.0/24"
+# A private subnet of the same VPC: its instances reach the partner only through the VPC router,
+# by their subnet's route table (route-table mode). The router has each subnet's base + 1, as
+# AWS's implicit router does (AWS reserves that address for it).
+PRIVATE_CIDR = "10.10.2.0/24"
+VPC_ROUTER = "10.10.1.1"
+PRIVATE_ROUTER = "10.10.2.1"
+ROUTER_NS = "tn-vpcrtr"
 GW_PRIMARY = "10.10.1.10"
 GW_ENI = "10.10.1.5"  # G: the fixed ENI address instances route via
 ENI_LINK = "eni0"  # the gateway's second interface: the ENI holding G (the boot program finds
@@ -91,6 +103,12 @@ def instance_ip(n: int) -> str:
     return f"10.10.1.{20 + n}"
 
 
+def private_instance_ip(n: int) -> str:
+    if not 1 <= n <= 20:
+        raise ValueError("the lab's private subnet has room for instances 1..20")
+    return f"10.10.2.{20 + n}"
+
+
 def sh(
     argv: Sequence[str], *, check: bool = True, input: str | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
@@ -119,12 +137,12 @@ def in_ns(ns: str, argv: Sequence[str], *, check: bool = True, timeout: float = 
 # Teardown: works from any state, including a crashed earlier run.
 
 
-FIXED_MACHINES = ("tn-vpc", "tn-gw", "tn-inet", "tn-pvpn", "tn-app")
+FIXED_MACHINES = ("tn-vpc", "tn-gw", "tn-inet", "tn-pvpn", "tn-app", ROUTER_NS)
 
 
 def is_lab_namespace(name: str) -> bool:
     """The lab's own names only: other tools (bench) run their own tn-* namespaces meanwhile."""
-    return name in FIXED_MACHINES or re.fullmatch(r"tn-web-[0-9]{1,3}", name) is not None
+    return name in FIXED_MACHINES or re.fullmatch(r"tn-(web|priv)-[0-9]{1,3}", name) is not None
 
 
 def lab_namespaces() -> list[str]:
@@ -241,7 +259,12 @@ class Lab:
     listeners: int = 1  # instances (from web-1) that run the listener the partner connects to
     psk: str = field(default_factory=lambda: secrets.token_hex(24))
     partner: str = "aws"  # the partner's profile (lab/partners.py)
+    private_count: int = 2  # instances priv-1..N in the private subnet (no SSM agent stand-in)
     instances: list[Instance] = field(default_factory=list)
+    # In the private subnet: EC2 knows them, but they have no agent: the lab's command port has
+    # no namespace for them, so a document sent there would fail (and is recorded as asked).
+    private_instances: list[Instance] = field(default_factory=list)
+    vpc_router: Any = None  # lab.vpc_router.VpcRouter once moto runs
     _procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
     moto_endpoint: str = ""
     _moto: object | None = None
@@ -269,6 +292,8 @@ class Lab:
         self.close()
 
     def close(self) -> None:
+        if self.vpc_router is not None:
+            self.vpc_router.stop()  # before moto goes: it polls moto
         for _name, proc in reversed(self._procs):
             with contextlib.suppress(ProcessLookupError):
                 proc.terminate()
@@ -303,6 +328,10 @@ class Lab:
             Instance(f"web-{n}", f"{PREFIX}web-{n}", instance_ip(n))
             for n in range(1, self.instances_count + 1)
         ]
+        self.private_instances = [
+            Instance(f"priv-{n}", f"{PREFIX}priv-{n}", private_instance_ip(n))
+            for n in range(1, self.private_count + 1)
+        ]
         self._build_network()
         self.timings["network"] = time.monotonic() - started
         self._configure_partner()
@@ -310,6 +339,7 @@ class Lab:
         in_ns("tn-pvpn", ["swanctl", "--load-all"])
         self.start_moto()
         self._seed_aws()
+        self._start_vpc_router()
         # The gateway boots as on AWS: its boot units attach the ENI and start strongSwan.
         self.install_gateway_boot()
         boot = self.boot_gateway()
@@ -322,7 +352,7 @@ class Lab:
 
     # -- network ------------------------------------------------------------------------------
     def machines(self) -> list[str]:
-        return [*FIXED_MACHINES, *[i.ns for i in self.instances]]
+        return [*FIXED_MACHINES, *[i.ns for i in (*self.instances, *self.private_instances)]]
 
     def _build_network(self) -> None:
         for ns in self.machines():
@@ -342,6 +372,7 @@ class Lab:
         veth("tn-gw", "eth1", "tn-inet", "to-gw")
         sh(["ip", "-n", "tn-gw", "addr", "add", f"{GW_PUBLIC}/28", "dev", "eth1"])
         sh(["ip", "-n", "tn-gw", "route", "add", "default", "via", INET_GW_SIDE])
+        self._gateway_vpc_route()
         # Internet router between our E and the partner's T.
         sh(["ip", "-n", "tn-inet", "addr", "add", f"{INET_GW_SIDE}/28", "dev", "to-gw"])
         veth("tn-inet", "to-pvpn", "tn-pvpn", "eth0")
@@ -359,6 +390,65 @@ class Lab:
         # installs (A via G) makes the partner reachable.
         for inst in self.instances:
             self._wire_instance(inst)
+        self._build_private_subnet()
+
+    def _build_private_subnet(self) -> None:
+        """The VPC router between the two subnets, and the private subnet's instances behind it.
+
+        Its links carry each subnet's base + 1; what it forwards is decided by the route tables
+        (lab.vpc_router fills them from moto). Private instances get the router as their default
+        gateway, as AWS's DHCP gives every instance its subnet's router."""
+        vpc, rtr = "tn-vpc", ROUTER_NS
+        sh(["ip", "-n", vpc, "link", "add", "br1", "type", "bridge"])
+        sh(["ip", "-n", vpc, "link", "set", "br1", "up"])
+        self._veth(vpc, "p-rtr-1", rtr, "sn-1")
+        sh(["ip", "-n", vpc, "link", "set", "p-rtr-1", "master", "br0"])
+        self._veth(vpc, "p-rtr-2", rtr, "sn-2")
+        sh(["ip", "-n", vpc, "link", "set", "p-rtr-2", "master", "br1"])
+        sh(["ip", "-n", rtr, "addr", "add", f"{VPC_ROUTER}/24", "dev", "sn-1"])
+        sh(["ip", "-n", rtr, "addr", "add", f"{PRIVATE_ROUTER}/24", "dev", "sn-2"])
+        for setting in (
+            "net.ipv4.ip_forward=1",
+            # The router is not a host: no redirects, and the tables decide, not the source.
+            "net.ipv4.conf.all.send_redirects=0",
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.default.rp_filter=0",
+        ):
+            sh(["ip", "netns", "exec", rtr, "sysctl", "-qw", setting])
+        for inst in self.private_instances:
+            self._wire_private_instance(inst)
+
+    def _wire_private_instance(self, inst: Instance) -> None:
+        self._veth("tn-vpc", f"p-{inst.name}", inst.ns, "eth0")
+        sh(["ip", "-n", "tn-vpc", "link", "set", f"p-{inst.name}", "master", "br1"])
+        sh(["ip", "-n", inst.ns, "addr", "add", f"{inst.private_ip}/24", "dev", "eth0"])
+        sh(["ip", "-n", inst.ns, "route", "add", "default", "via", PRIVATE_ROUTER])
+
+    def _gateway_vpc_route(self) -> None:
+        # On AWS the gateway's default route goes to its subnet's router, which also reaches the
+        # VPC's other subnets. The lab's gateway sends its default to its public link (E sits on
+        # it, no Internet gateway), so the VPC's CIDR goes to the VPC router explicitly: replies
+        # to the private subnet leave through the same gateway and the VPC router, as on AWS.
+        in_ns("tn-gw", ["ip", "route", "replace", VPC_CIDR, "via", VPC_ROUTER, "dev", "eth0"])
+
+    def _start_vpc_router(self) -> None:
+        """The route-table mirror: moto's route tables -> the router's kernel tables, now and
+        then every second (lab.vpc_router)."""
+        from lab.vpc_router import FIRST_TABLE, RouterLink, VpcRouter
+
+        def run_ip(argv: list[str], input: str | None = None) -> str:
+            return sh(["ip", "-n", ROUTER_NS, *argv], input=input).stdout
+
+        links = {
+            self.aws.subnet_id: RouterLink(SUBNET_CIDR, "sn-1", VPC_ROUTER, FIRST_TABLE),
+            self.aws.private_subnet_id: RouterLink(
+                PRIVATE_CIDR, "sn-2", PRIVATE_ROUTER, FIRST_TABLE + 1
+            ),
+        }
+        self.vpc_router = VpcRouter(self.aws.client("ec2"), self.aws.vpc_id, links, run_ip)
+        self.vpc_router.install_rules()
+        self.vpc_router.sync()
+        self.vpc_router.start()
 
     @staticmethod
     def _veth(ns_a: str, if_a: str, ns_b: str, if_b: str) -> None:
@@ -657,6 +747,7 @@ swanctl {{
         for link in ("eth0", "eth1"):
             in_ns("tn-gw", ["ip", "link", "set", link, "up"])
         in_ns("tn-gw", ["ip", "route", "replace", "default", "via", INET_GW_SIDE])
+        self._gateway_vpc_route()
 
     # -- processes ----------------------------------------------------------------------------
     def spawn(self, name: str, ns: str | None, argv: Sequence[str]) -> subprocess.Popen:
@@ -676,6 +767,10 @@ swanctl {{
         self._procs.append((name, proc))
         (PIDS / f"{name}.pid").write_text(str(proc.pid))
         return proc
+
+    def spawned(self, name: str) -> bool:
+        """Whether the lab runs a process it spawned as ``name``."""
+        return any(n == name and proc.poll() is None for n, proc in self._procs)
 
     def _start_servers(self) -> None:
         py = str(REPO / ".venv" / "bin" / "python")
@@ -811,7 +906,7 @@ swanctl {{
 
     # -- observation helpers ------------------------------------------------------------------
     def instance(self, name: str) -> Instance:
-        for inst in self.instances:
+        for inst in (*self.instances, *self.private_instances):
             if inst.name == name:
                 return inst
         raise KeyError(name)
