@@ -1,36 +1,23 @@
 #!/usr/bin/env python3
-"""The gateway's health agent: is each tunnel really up? Publish ``TunnelUp`` 1 or 0.
+"""The gateway's health agent: is each tunnel really up, and what goes through it?
 
-It runs on the gateway from a systemd timer (every 60 s; every 10 s with high-resolution
-metrics), with the system's python3 and boto3, embedded in the InstallHealthAgent document
-(``make documents`` copies it there).
+Run from a systemd timer (InstallHealthAgent embeds this file; docs/health.md says more):
 
     tunnelnat_health.py once --tunnels partner --gateway-id ID|auto --region R
                              [--deployment NAME] [--probe A:PORT [--probe-source S]]
                              [--high-resolution] [--swanctl-uri URI] [--dry-run]
                              [--state-file F] [--established-file F] [--config-dir D]
 
-Per tunnel (a child SA name), ``TunnelUp`` is 1 when the gateway's NAT table has been applied
-(the ``applied_generation`` set of ``ip tunnelnat`` holds a generation: a boot-time restore
-leaves it empty until the first sync), an IKE SA is ESTABLISHED with at least one INSTALLED child
-SA of that name (rekeying briefly makes two), and, when a probe target is given, a TCP connection
-from S to the target through the tunnel gets an answer; else 0. A charon that is dead, hung or
-answers with something unreadable reads as 0: the agent publishes 0 rather than nothing, so the
-alarm sees the tunnel down, not merely missing.
+Per tunnel: ``TunnelUp`` 1 when the NAT table has been synced since boot, an IKE SA is
+ESTABLISHED with an INSTALLED CHILD_SA of each of its names and the probe (if any) is answered,
+else 0 (a dead or hung charon reads as 0, never as nothing). ``TunnelEstablished``: up at least
+once since ConfigureGateway last changed the tunnel (its ``<tunnel>.config-id`` token).
+``TunnelDataIn``/``Out`` (bytes since the previous run), ``SecondsSinceInbound``,
+``ChildSaRekeys``/``ChildSaRekeyFailures`` (since the previous run, from charon's log), summed
+over the tunnel's CHILD_SAs. Per deployment ``NatMappings``; per gateway ``NatTablePresent`` and
+the guard's drops (``DroppedCleartext``, ``DroppedUnenrolled``, ``DroppedInbound``).
 
-``TunnelEstablished`` is 1 once the tunnel has read up since its configuration last changed, else
-0. ConfigureGateway writes a new token to ``<config-dir>/<tunnel>.config-id`` whenever it changes
-the tunnel's connection or its key; the agent keeps, per tunnel, the token it last saw and whether
-the tunnel has been up since (``--established-file``). The healer restarts only an established
-tunnel: one that never came up (a PSK not set yet, a partner not ready) is waiting for the
-partner, which a restart cannot fix.
-
-It also publishes the packets the gateway's nftables guard dropped since its previous run
-(``DroppedCleartext``, ``DroppedUnenrolled``, ``DroppedInbound``) and whether that table exists
-(``NatTablePresent``).
-
-Prints one JSON line of what it published; exits 0 when the metrics were published, 2 when
-publishing failed (so the timer's unit shows the failure).
+Prints one JSON line; exits 0 when published, 2 when publishing failed.
 """
 
 from __future__ import annotations
@@ -39,6 +26,7 @@ import argparse
 import errno
 import ipaddress
 import json
+import os
 import re
 import socket
 import subprocess
@@ -82,6 +70,12 @@ class ParseError(ValueError):
 class ChildSa:
     name: str
     state: str
+    info: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # vici's keys
+
+    def number(self, key: str) -> int | None:
+        """One of vici's counters (``bytes-in``, ``use-in``, ...); None when charon left it out."""
+        value = self.info.get(key)
+        return int(value) if isinstance(value, str) and value.isdigit() else None
 
 
 @dataclass(frozen=True)
@@ -89,6 +83,7 @@ class IkeSa:
     name: str
     state: str
     children: tuple[ChildSa, ...] = ()
+    info: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -169,10 +164,9 @@ def parse_list_sas_raw(text: str) -> tuple[IkeSa, ...]:
             for key, child in child_sas.items():
                 if not isinstance(child, dict):
                     raise ParseError(f"child SA {key} is not a section")
-                children.append(
-                    ChildSa(name=str(child.get("name", key)), state=str(child.get("state", "")))
-                )
-            sas.append(IkeSa(ike_name, str(ike.get("state", "")), tuple(children)))
+                name, state = str(child.get("name", key)), str(child.get("state", ""))
+                children.append(ChildSa(name, state, child))
+            sas.append(IkeSa(ike_name, str(ike.get("state", "")), tuple(children), ike))
     return tuple(sas)
 
 
@@ -238,6 +232,7 @@ class TunnelStatus:
     probe_ok: bool | None = None
     established: bool = False  # up at least once since the tunnel's configuration last changed
     diagnosis: str | None = None  # why it is down, in charon's own words (diagnose())
+    stats: TunnelStats | None = None
 
 
 def sa_status(tunnel: str, reading: SaReading, children: Sequence[str] = ()) -> TunnelStatus:
@@ -463,6 +458,140 @@ def counter_deltas(current: dict[str, int], previous: dict[str, int]) -> dict[st
     return out
 
 
+# -- inside the tunnel: traffic, rekeys, the NAT map's size ------------------------------------
+
+
+@dataclass(frozen=True)
+class TunnelStats:
+    """Summed over the tunnel's CHILD_SAs, since the previous run; None: unknown, unpublished."""
+
+    bytes_in: int | None = None
+    bytes_out: int | None = None
+    idle_in: float | None = None
+    rekeys: int | None = None
+    rekey_failures: int | None = None
+
+
+def tunnel_children(reading: SaReading, tunnel: str, children: Sequence[str] = ()) -> list[ChildSa]:
+    names = set(children or [tunnel])
+    return [c for ike in reading.sas for c in ike.children if c.name in names]
+
+
+def traffic(
+    sas: Sequence[ChildSa], previous: dict[str, Any], last_in: float | None, now: float
+) -> tuple[int, int, float | None, dict[str, list[int]]]:
+    """Bytes in and out since ``previous`` (SPI -> [in, out]; a new SA counts all it has), the
+    newest inbound packet's time (vici's ``use-in``, else ``last_in``), the SAs' counters."""
+    seen: dict[str, list[int]] = {}
+    total_in = total_out = 0
+    for sa in sas:
+        spi, now_in, now_out = sa.info.get("spi-in"), sa.number("bytes-in"), sa.number("bytes-out")
+        if not isinstance(spi, str) or now_in is None or now_out is None:
+            continue
+        before = previous.get(spi)
+        b_in, b_out = before if isinstance(before, list) and len(before) == 2 else (0, 0)
+        if now_in < b_in or now_out < b_out:  # went backwards: not the SA we counted
+            b_in = b_out = 0
+        total_in, total_out = total_in + now_in - b_in, total_out + now_out - b_out
+        seen[spi] = [now_in, now_out]
+        use_in = sa.number("use-in")
+        if use_in is not None and (last_in is None or now - use_in > last_in):
+            last_in = now - use_in
+    return total_in, total_out, last_in, seen
+
+
+# A rekey done logs the new SA's "outbound CHILD_SA x{n} established" on both sides (a first
+# CHILD_SA logs "CHILD_SA x{n} established"); a refused one "CHILD_SA rekeying failed, trying
+# again in N seconds" (strongSwan's child_rekey.c, child_delete.c).
+_REKEY = re.compile(
+    r"^\d+ \d+\[\w+\] <([^|>]*)\|?\d*> "
+    r"(?:(outbound) CHILD_SA \S+ established|CHILD_SA rekeying failed)",
+    re.MULTILINE,
+)
+
+
+def rekey_counts(log_text: str) -> dict[str, list[int]]:
+    """IKE SA name (the tunnel) -> [rekeys done, rekeys failed] in charon's log lines."""
+    counts: dict[str, list[int]] = {}
+    for m in _REKEY.finditer(log_text):
+        counts.setdefault(m[1], [0, 0])[0 if m[2] else 1] += 1
+    return counts
+
+
+def read_log_since(path: str, mark: Any, limit: int = 1 << 20) -> tuple[str, dict[str, int]]:
+    """Lines ``path`` gained since ``mark`` ({"ino", "offset"}; none: a baseline), the new mark."""
+    try:
+        with open(path, "rb") as f:
+            stat = os.fstat(f.fileno())
+            here = {"ino": stat.st_ino, "offset": stat.st_size}
+            if not isinstance(mark, dict):
+                return "", here
+            start = mark.get("offset", 0)
+            if mark.get("ino") != stat.st_ino or not isinstance(start, int) or start > stat.st_size:
+                start = 0
+            f.seek(max(start, stat.st_size - limit))
+            data = f.read(stat.st_size - f.tell())
+    except OSError:
+        return "", mark if isinstance(mark, dict) else {}
+    cut = data.rfind(b"\n") + 1  # a line still being written is read next time
+    here["offset"] += cut - len(data)
+    return data[:cut].decode(errors="replace"), here
+
+
+def read_map_size(run: Runner = subprocess.run) -> int | None:
+    """Mappings in the NAT table's ``snat_map``; None when unreadable."""
+    argv = ["nft", "-j", "list", "map", "ip", NFT_TABLE, "snat_map"]
+    try:
+        proc = run(argv, capture_output=True, text=True, timeout=10, check=False)
+        for entry in json.loads(proc.stdout).get("nftables", []) if proc.returncode == 0 else []:
+            found = entry.get("map") if isinstance(entry, dict) else None
+            if isinstance(found, dict) and found.get("name") == "snat_map":
+                return len(found.get("elem") or [])
+    except (OSError, subprocess.TimeoutExpired, ValueError, AttributeError):
+        pass
+    return None
+
+
+def _section(data: Any, key: str) -> dict[str, Any]:
+    found = data.get(key) if isinstance(data, dict) else None
+    return found if isinstance(found, dict) else {}
+
+
+def tunnel_stats(
+    tunnel: str,
+    reading: SaReading,
+    facts: dict[str, Any],
+    before: dict[str, Any],
+    after: dict[str, Any],
+    now: float,
+    logs: dict[str, str],
+    children: Sequence[str] = (),
+) -> TunnelStats:
+    """Against the previous run's ``before``; writes the tunnel's part of ``after``."""
+    last_in = _section(before, "inbound").get(tunnel)
+    last_in = float(last_in) if isinstance(last_in, (int, float)) else None
+    bytes_in = bytes_out = None
+    if reading.ok:
+        sas = tunnel_children(reading, tunnel, children)
+        counted = _section(_section(before, "bytes"), tunnel)
+        bytes_in, bytes_out, last_in, after["bytes"][tunnel] = traffic(sas, counted, last_in, now)
+    if last_in is not None:
+        after["inbound"][tunnel] = round(last_in, 3)
+    rekeys = failures = None
+    path = facts.get("log")
+    if isinstance(path, str) and path:
+        if path not in logs:
+            mark = _section(before, "logs").get(path)
+            logs[path], after["logs"][path] = read_log_since(path, mark)
+        rekeys, failures = rekey_counts(logs[path]).get(tunnel, [0, 0])
+    idle = None if last_in is None else round(max(0.0, now - last_in), 1)
+    return TunnelStats(bytes_in, bytes_out, idle, rekeys, failures)
+
+
+def stats_file(state_file: Path) -> Path:
+    return state_file.with_name(f"{state_file.stem}-tunnels.json")
+
+
 # -- publishing --------------------------------------------------------------------------------
 
 
@@ -474,6 +603,7 @@ class Report:
     counters: dict[str, int] | None = None  # packets since the previous run
     storage_resolution: int = 60
     table: TableReading | None = None
+    nat_mappings: int | None = None
 
 
 def metric_data(report: Report, *, now: float) -> list[dict[str, Any]]:
@@ -482,13 +612,13 @@ def metric_data(report: Report, *, now: float) -> list[dict[str, Any]]:
     keeps feeding."""
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
 
-    def datum(name: str, value: float, dims: dict[str, str]) -> dict[str, Any]:
+    def datum(name: str, value: float, dims: dict[str, str], unit: str = "Count") -> dict[str, Any]:
         return {
             "MetricName": name,
             "Dimensions": [{"Name": k, "Value": v} for k, v in dims.items()],
             "Timestamp": stamp,
             "Value": value,
-            "Unit": "Count",
+            "Unit": unit,
             "StorageResolution": report.storage_resolution,
         }
 
@@ -506,6 +636,20 @@ def metric_data(report: Report, *, now: float) -> list[dict[str, Any]]:
                 {"Deployment": report.deployment, "Tunnel": status.tunnel},
             )
         )
+        stats = status.stats or TunnelStats()
+        for name, number, unit in (
+            ("TunnelDataIn", stats.bytes_in, "Bytes"),
+            ("TunnelDataOut", stats.bytes_out, "Bytes"),
+            ("SecondsSinceInbound", stats.idle_in, "Seconds"),
+            ("ChildSaRekeys", stats.rekeys, "Count"),
+            ("ChildSaRekeyFailures", stats.rekey_failures, "Count"),
+        ):
+            if number is not None:
+                dims = {"Deployment": report.deployment, "Tunnel": status.tunnel}
+                data.append(datum(name, float(number), dims, unit))
+    if report.nat_mappings is not None:
+        deployment = {"Deployment": report.deployment}
+        data.append(datum("NatMappings", float(report.nat_mappings), deployment))
     gw = {"Gateway": report.gateway}
     data.append(datum("NatTablePresent", 0.0 if report.counters is None else 1.0, gw))
     for counter, metric in COUNTER_METRICS.items():
@@ -616,6 +760,9 @@ def collect(
     )
     previous = _load_json(established_file)
     kept: dict[str, Any] = {}
+    before = _load_json(stats_file(state_file))
+    after: dict[str, Any] = {"bytes": {}, "inbound": {}, "logs": {}}
+    logs: dict[str, str] = {}
     for tunnel in tunnels:
         facts = read_tunnel_facts(config_dir, tunnel)
         children = [c for c in facts.get("children", []) if TUNNEL_NAME.fullmatch(str(c))]
@@ -623,6 +770,8 @@ def collect(
         if not status.up:
             log = read_log_tail(facts.get("log"))
             status = replace(status, diagnosis=diagnose(log, tunnel, facts, now))
+        stats = tunnel_stats(tunnel, reading, facts, before, after, now, logs, children)
+        status = replace(status, stats=stats)
         entry = established_update(
             previous, tunnel, read_config_id(config_dir, tunnel), status.up, now
         )
@@ -632,6 +781,8 @@ def collect(
         report.tunnels.append(replace(status, established=established))
     if kept != previous:
         _save_json(established_file, kept)
+    _save_json(stats_file(state_file), after)
+    report.nat_mappings = read_map_size(run)
     current = read_counters(run)
     if current is not None:
         report.counters = counter_deltas(current, _load_state(state_file))

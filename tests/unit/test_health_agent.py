@@ -53,9 +53,10 @@ def generation_recorded(state: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["nft"], 0, (NFT / f"{name}.json").read_text(), "")
 
 
-def runner(swanctl=None, nft=None, calls=None, generation="applied"):
-    """swanctl's answer; nft's for the counters (``nft``) and for the applied generation set
-    (``generation``: a recorded state's name, a CompletedProcess or an exception)."""
+def runner(swanctl=None, nft=None, calls=None, generation="applied", nat_map=None):
+    """swanctl's answer; nft's for the counters (``nft``), for the applied generation set
+    (``generation``: a recorded state's name, a CompletedProcess or an exception) and for the
+    NAT map (``nat_map``; default: the table is missing)."""
 
     def run(argv, **kwargs):
         if calls is not None:
@@ -70,6 +71,8 @@ def runner(swanctl=None, nft=None, calls=None, generation="applied"):
             if isinstance(generation, str):
                 return generation_recorded(generation)
             return generation
+        if argv[:4] == ["nft", "-j", "list", "map"]:
+            return nat_map or subprocess.CompletedProcess(argv, 1, "", "Error: No such file")
         if argv[0] == "nft":
             if isinstance(nft, BaseException):
                 raise nft
@@ -305,6 +308,9 @@ def test_collect_and_metric_data(tmp_path):
     by_name = {d["MetricName"]: d["Value"] for d in data if d["MetricName"] != "TunnelUp"}
     assert by_name == {
         "TunnelEstablished": 1.0,
+        # The captured SA carried nothing yet; no log to count rekeys from, no NAT map listed.
+        "TunnelDataIn": 0.0,
+        "TunnelDataOut": 0.0,
         "NatTablePresent": 1.0,
         "DroppedCleartext": 2.0,
         "DroppedUnenrolled": 1.0,
