@@ -6,9 +6,12 @@
   replacement (docs/health.md). Missing data is breaching: a silent gateway is a down tunnel.
   Named ``tunnelnat-<deployment>-TunnelUp-<tunnel>``, the names the healer sweeps.
 - The dead-letter queue's depth, and the age of the oldest queued event (a stuck controller).
+- The controller's ``Failures`` of the reasons only a human can settle (``PAGED_FAILURES``): one
+  is enough, the rest of the fleet converges around it (issue 14).
 - Gateway launches and terminations (a replacement is worth knowing about).
-- A dashboard: alarms, tunnels, queue, the controller's metrics (enrolment latency, gateway syncs,
-  free pool addresses, failures by reason) and, with ``add_healer``, the healer's.
+- A dashboard: alarms, tunnels (up, traffic, silence, rekeys, NAT mappings: the health agent's
+  per-tunnel metrics), queue, the controller's metrics (enrolment latency, gateway syncs, free
+  pool addresses, failures by reason) and, with ``add_healer``, the healer's.
 """
 
 from __future__ import annotations
@@ -36,6 +39,34 @@ ESTABLISHED_METRIC = "TunnelEstablished"  # the health agent's: up since configu
 # Powertools' "service" dimension of each function's metrics (Metrics(service=...) in handlers/).
 CONTROLLER_SERVICE = "tunnelnat"
 HEALER_SERVICE = "tunnelnat-healer"
+# The health agent's per-tunnel series (Deployment, Tunnel) and the statistic each is shown by.
+TUNNEL_STATS = {
+    "TunnelDataIn": "Sum",
+    "TunnelDataOut": "Sum",
+    "SecondsSinceInbound": "Maximum",
+    "ChildSaRekeys": "Sum",
+    "ChildSaRekeyFailures": "Sum",
+}
+NAT_MAPPINGS_METRIC = "NatMappings"  # per Deployment
+# Failure reasons (telemetry.FAILURE_REASONS) that page: each needs a human, and what to do.
+PAGED_FAILURES = {
+    "conflict": (
+        "an instance's private address is already mapped for another instance (both are named "
+        "by `tunnelnat doctor`): re-address or untag one"
+    ),
+    "gateway-ambiguous": (
+        "more than one instance is tagged as the gateway and holds G in the VPC and gateway "
+        "group: the NAT table is not synced until one is stopped or untagged (`tunnelnat doctor`)"
+    ),
+    "invalid-mapping": (
+        "the gateway left rows of the NAT table out (it applied every other one): "
+        "`tunnelnat doctor` shows the rejected rows and why"
+    ),
+    "route-conflict": (
+        "a route for a partner network in an enrolled instance's route table is not tunnelnat's: "
+        "remove it, or keep the instance out (`tunnelnat doctor` names the table)"
+    ),
+}
 GATEWAY_EVENTS = [
     "EC2 Instance Launch Successful",
     "EC2 Instance Launch Unsuccessful",
@@ -158,6 +189,28 @@ class Monitoring(Construct):
             treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
         )
         self.queue_age_alarm.add_alarm_action(page)
+        self.failure_alarms: dict[str, cloudwatch.Alarm] = {}
+        for reason, what in PAGED_FAILURES.items():
+            alarm = cloudwatch.Alarm(
+                self,
+                f"Failures-{reason}",
+                alarm_name=f"{ALARM_PREFIX}{deployment}-Failures-{reason}",
+                alarm_description=f"The {deployment} controller reported {reason}: {what}.",
+                metric=cloudwatch.Metric(
+                    namespace=NAMESPACE,
+                    metric_name="Failures",
+                    dimensions_map={"Reason": reason, "service": CONTROLLER_SERVICE},
+                    statistic="Sum",
+                    period=Duration.minutes(5),
+                ),
+                comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+                threshold=1,
+                evaluation_periods=1,
+                # No failure reported is no failure: the metric exists only when one happens.
+                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            )
+            alarm.add_alarm_action(page)
+            self.failure_alarms[reason] = alarm
 
         # -- a replaced gateway is announced ---------------------------------------------------
         self.gateway_rule = events.Rule(
@@ -179,7 +232,12 @@ class Monitoring(Construct):
         self.dashboard.add_widgets(
             cloudwatch.AlarmStatusWidget(
                 title="Alarms",
-                alarms=[*self.tunnel_alarms.values(), self.dlq_alarm, self.queue_age_alarm],
+                alarms=[
+                    *self.tunnel_alarms.values(),
+                    self.dlq_alarm,
+                    self.queue_age_alarm,
+                    *self.failure_alarms.values(),
+                ],
                 width=24,
                 height=3,
             )
@@ -212,6 +270,57 @@ class Monitoring(Construct):
                 ],
                 right=[queue.metric_approximate_age_of_oldest_message(statistic="Maximum")],
                 width=12,
+            ),
+        )
+
+        def tunnel_stat(name: str, tunnel: str, label: str) -> cloudwatch.Metric:
+            return cloudwatch.Metric(
+                namespace=NAMESPACE,
+                metric_name=name,
+                dimensions_map={"Deployment": deployment, "Tunnel": tunnel},
+                statistic=TUNNEL_STATS[name],
+                label=label,
+                period=Duration.minutes(5),
+            )
+
+        tunnel_names = list(self.tunnel_alarms)
+        self.dashboard.add_widgets(
+            cloudwatch.GraphWidget(
+                title="Tunnel traffic (bytes per 5 min)",
+                left=[tunnel_stat("TunnelDataIn", t, f"{t} in") for t in tunnel_names],
+                right=[tunnel_stat("TunnelDataOut", t, f"{t} out") for t in tunnel_names],
+                width=6,
+            ),
+            cloudwatch.GraphWidget(
+                title="Seconds since the last inbound packet",
+                left=[tunnel_stat("SecondsSinceInbound", t, t) for t in tunnel_names],
+                left_y_axis=cloudwatch.YAxisProps(min=0),
+                width=6,
+            ),
+            cloudwatch.GraphWidget(
+                title="CHILD_SA rekeys (done, failed)",
+                left=[tunnel_stat("ChildSaRekeys", t, f"{t} rekeys") for t in tunnel_names]
+                + [
+                    tunnel_stat("ChildSaRekeyFailures", t, f"{t} failed rekeys")
+                    for t in tunnel_names
+                ],
+                left_y_axis=cloudwatch.YAxisProps(min=0),
+                width=6,
+            ),
+            cloudwatch.GraphWidget(
+                title="NAT mappings on the gateway",
+                left=[
+                    cloudwatch.Metric(
+                        namespace=NAMESPACE,
+                        metric_name=NAT_MAPPINGS_METRIC,
+                        dimensions_map={"Deployment": deployment},
+                        statistic="Maximum",
+                        label="mappings",
+                        period=Duration.minutes(5),
+                    )
+                ],
+                left_y_axis=cloudwatch.YAxisProps(min=0),
+                width=6,
             ),
         )
         self.dashboard.add_widgets(
