@@ -68,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with lab:
             names = ", ".join(f"{i.name}={i.private_ip}" for i in lab.instances)
+            if lab.private_instances:
+                names += "; behind the VPC router (tn-vpcrtr), in the private subnet: " + ", ".join(
+                    f"{i.name}={i.private_ip}" for i in lab.private_instances
+                )
             print(
                 f"  lab ready in {lab.timings['build']:.1f}s (the gateway booted through its "
                 f"units in {lab.timings['gateway_boot']:.1f}s: ENI attached, G on "
@@ -145,6 +149,23 @@ def headline(results: dict[str, Any]) -> list[str]:
                 f"rekeys: {step.data['sent']} packets to A across {step.data['ours']} CHILD_SA "
                 f"rekeys by us, {step.data['theirs']} by the partner, {step.data['ike']} IKE_SA: "
                 f"{step.data['lost']} lost, {step.data['clear']} clear-text"
+            )
+        if "before_at_g" in step.data:  # the private subnet (route-table mode)
+            lines.append(
+                f"private subnet: an instance with no SSM agent reached A as "
+                f"S={step.data['outcome'].get('public_ip')} through its route table "
+                f"({step.data['target']}) in {step.data['seconds']:.2f}s, "
+                f"{len(step.data['asked'])} documents sent to it"
+            )
+        if "at_g" in step.data and "dropped" in step.data:
+            lines.append(
+                f"private subnet: the untagged neighbour's {step.data['at_g']} packets reached G, "
+                f"{step.data['dropped']} dropped there (dropped_unenrolled)"
+            )
+        if "target_after_leave" in step.data:
+            lines.append(
+                f"private subnet: a foreign route -> {step.data['outcome'].get('status')}, left "
+                f"alone (still -> {step.data['target_after_leave']} after the instance left)"
             )
         if "diagnosis" in step.data:
             lines.append(f"broken partner: {step.data['diagnosis']}")

@@ -3,7 +3,8 @@
 Issue 2's data path (tunnel, enrolment, S at the app server, partner-initiated connections, an
 unenrolled instance refused, fail-closed, unenrolment), with the operator's ``tunnelnat status``
 and ``tunnelnat doctor`` (issue 7), the healing tunnel (issue 5, ``lab.healing_story``) and the
-Auto Scaling burst (issue 4, ``lab.burst_story``) in between.
+Auto Scaling burst (issue 4, ``lab.burst_story``) in between, and the private subnet behind the
+VPC router (issue 13, route-table mode: ``lab.vpc_router`` applies moto's route tables).
 
 Each step acts, then observes what actually happened (routes, nftables maps and counters, the
 app server's log, packets on the wire) and returns a ``Step`` with a verdict, a one-line figure
@@ -29,6 +30,8 @@ from lab.controller import LabController
 from lab.healing_story import run_agent, run_healing_story
 
 WEB1, WEB2 = "web-1", "web-2"
+PRIV1, PRIV2 = "priv-1", "priv-2"  # the private subnet's instances (route-table mode)
+FOREIGN_APPLIANCE = "10.10.2.50"  # another team's appliance in the private subnet
 
 
 @dataclass
@@ -55,6 +58,7 @@ class Story:
         self.lab = lab
         self.controller = controller
         self.public: str | None = None  # the S web-1 was given
+        self.private_public: str | None = None  # the S priv-1 was given
         self.burst_report: BurstReport | None = None
 
     def app_url(self, name: str) -> str:
@@ -198,6 +202,257 @@ class Story:
                 "arrived": arrived,
                 "dropped": dropped,
                 "without_route_answered": no_route,
+            },
+        )
+
+    # -- the private subnet: route-table mode (issue 13) ---------------------------------------
+    def private_request(self, name: str, timeout: float = 2) -> tuple[bool, str, int, list[str]]:
+        """GET A from a private instance: (answered, body or error, packets from it that reached
+        G, new peers in the app's log). What reaches G shows where its subnet's table sends A."""
+        inst = self.lab.instance(name)
+        before = len(self.lab.app_peers())
+        bpf = f"src host {inst.private_ip} and dst host {topo.APP}"
+        with self.lab.capture("tn-gw", topo.ENI_LINK, bpf) as at_g:
+            answered, body = self.lab.http(inst.ns, self.app_url(name), timeout=timeout)
+        return answered, body, len([p for p in at_g if p.strip()]), self.lab.app_peers()[before:]
+
+    def private_table_route(self) -> tuple[str | None, str | None]:
+        """The partner route in the private subnet's table: (target in EC2, the router's route)."""
+        self.lab.vpc_router.sync()  # the next poll would do it within a second; don't wait
+        target = self.lab.aws.routes(self.lab.aws.private_route_table_id).get(topo.PARTNER_NET)
+        kernel = self.lab.vpc_router.kernel_table(self.lab.aws.private_subnet_id)
+        return target, next((r for r in kernel if r.startswith(f"{topo.PARTNER_NET} ")), None)
+
+    def _asked(self, name: str) -> list[str]:
+        """Documents the controller asked to run on ``name`` (an instance without an agent)."""
+        instance_id = self.lab.aws.instance_ids[name]
+        return [doc for target, doc in self.lab.commands.asked if target == instance_id]
+
+    def private_enrol(self, name: str = PRIV1) -> Step:
+        """An instance in the private subnet, with no SSM agent, is tagged: the controller puts
+        the partner's networks -> G's ENI in its subnet's route table, the VPC router applies
+        what EC2 holds, and its requests reach A as its own S (and A reaches it back)."""
+        inst = self.lab.instance(name)
+        rtb = self.lab.aws.private_route_table_id
+        before_answered, _, before_at_g, _ = self.private_request(name)
+        target_before, _ = self.private_table_route()
+        started = time.monotonic()
+        reply = self.controller.tag_changed(name, enrol=True)
+        seconds = time.monotonic() - started
+        outcome = (reply.get("outcomes") or [{}])[0]
+        public = self.private_public = outcome.get("public_ip")
+        target, kernel = self.private_table_route()
+        answered, body, at_g, peers = self.private_request(name, timeout=3)
+        self._private_listener(inst)
+        inbound, inbound_body = self.lab.http(
+            "tn-app", f"http://{public}:{topo.INSTANCE_PORT}/from-partner", timeout=3
+        )
+        asked = self._asked(name)
+        ok = (
+            not before_answered
+            and before_at_g == 0
+            and target_before is None
+            and outcome.get("status") == "enrolled"
+            and target == self.lab.aws.eni_id
+            and kernel == f"{topo.PARTNER_NET} via {topo.GW_ENI} dev sn-1"
+            and answered
+            and peers == [public]
+            and inbound_body == f"{name} saw {topo.APP}"
+            and not asked
+        )
+        figure = (
+            f"before: no {topo.PARTNER_NET} route in {rtb}: the VPC router drops it (GET "
+            f"{'ANSWERED' if before_answered else 'no answer'}, {before_at_g} packets at G); "
+            f"tag -> handler in {seconds:.2f}s: {outcome.get('status')}, S={public}; {rtb}: "
+            f"{topo.PARTNER_NET} -> {target or 'none'}; router: {kernel or 'no route'}; "
+            f"documents sent to {name}: {len(asked)}; GET -> {body!r} ({at_g} packets via G); "
+            f"app log: {', '.join(peers) or 'nothing'}; partner -> S:{topo.INSTANCE_PORT} -> "
+            f"{inbound_body!r}"
+        )
+        return Step(
+            f"{name} in the private subnet (no SSM agent) tagged: route table -> G, reaches A as S",
+            ok,
+            figure,
+            {
+                "outcome": outcome,
+                "seconds": seconds,
+                "before_answered": before_answered,
+                "before_at_g": before_at_g,
+                "target_before": target_before,
+                "target": target,
+                "kernel": kernel,
+                "answered": answered,
+                "body": body,
+                "at_g": at_g,
+                "peers": peers,
+                "inbound": inbound,
+                "inbound_body": inbound_body,
+                "asked": asked,
+            },
+        )
+
+    def _private_listener(self, inst: topo.Instance) -> None:
+        """The listener the partner connects to, on a private instance (once)."""
+        if self.lab.spawned(f"{inst.name}-listener"):
+            return
+        log = self.lab.listener_log(inst.name)
+        py = str(topo.REPO / ".venv" / "bin" / "python")
+        argv = [py, "-m", "lab.app_server", "--name", inst.name]
+        argv += ["--port", str(topo.INSTANCE_PORT), "--log", str(log)]
+        self.lab.spawn(f"{inst.name}-listener", inst.ns, argv)
+        self.lab.wait_listening(inst.ns, topo.INSTANCE_PORT)
+
+    def private_neighbour_dropped(self, name: str = PRIV2) -> Step:
+        """The untagged neighbour behind the same table: its packets for the partner now reach
+        the gateway (the table sends the partner's networks there), which drops them, counted."""
+        dropped_before = self.lab.nft_counter("dropped_unenrolled")
+        target, kernel = self.private_table_route()
+        answered, body, at_g, peers = self.private_request(name)
+        dropped = self.lab.nft_counter("dropped_unenrolled") - dropped_before
+        asked = self._asked(name)
+        ok = (
+            target == self.lab.aws.eni_id
+            and not answered
+            and at_g > 0
+            and dropped > 0
+            and not peers
+            and not asked
+        )
+        figure = (
+            f"untagged {name}, same table ({topo.PARTNER_NET} -> {target}): GET -> "
+            f"{body.rsplit(':', 1)[-1].strip() if not answered else repr(body)}; {at_g} packets "
+            f"reached G; gateway dropped {dropped} (dropped_unenrolled); app log: "
+            f"{'nothing new' if not peers else peers}"
+        )
+        return Step(
+            f"untagged {name} behind the same table is dropped at the gateway (counted)",
+            ok,
+            figure,
+            {
+                "target": target,
+                "answered": answered,
+                "at_g": at_g,
+                "dropped": dropped,
+                "peers": peers,
+                "asked": asked,
+            },
+        )
+
+    def private_last_leaves(self, name: str = PRIV1) -> Step:
+        """The last enrolled instance behind the table is untagged: the route goes, in EC2 and
+        therefore on the VPC router; its mapping goes; its packets no longer reach G."""
+        inst = self.lab.instance(name)
+        rtb = self.lab.aws.private_route_table_id
+        started = time.monotonic()
+        reply = self.controller.tag_changed(name, enrol=False)
+        seconds = time.monotonic() - started
+        outcome = (reply.get("outcomes") or [{}])[0]
+        target, kernel = self.private_table_route()
+        stored = self.lab.aws.mappings()
+        answered, body, at_g, peers = self.private_request(name)
+        asked = self._asked(name)
+        ok = (
+            outcome.get("status") == "not-tagged"
+            and target is None
+            and kernel is None
+            and inst.private_ip not in stored
+            and not answered
+            and at_g == 0
+            and not peers
+            and not asked
+        )
+        figure = (
+            f"untag -> handler in {seconds:.2f}s: {outcome.get('status')}; {rtb}: "
+            f"{topo.PARTNER_NET} {'-> ' + target if target else 'gone'} (DeleteRoute); router: "
+            f"{kernel or 'no route, dropped'}; mapping "
+            f"{'STILL THERE' if inst.private_ip in stored else 'gone'}; GET "
+            f"{'ANSWERED' if answered else 'no answer'}, {at_g} packets at G"
+        )
+        return Step(
+            f"the last enrolled instance behind the table leaves: the route is gone ({name})",
+            ok,
+            figure,
+            {
+                "outcome": outcome,
+                "target": target,
+                "kernel": kernel,
+                "stored": stored,
+                "answered": answered,
+                "at_g": at_g,
+                "peers": peers,
+                "asked": asked,
+            },
+        )
+
+    def foreign_route_left_alone(self, name: str = PRIV1) -> Step:
+        """Another team routes the partner's network in the private table to their own appliance
+        (an instance at 10.10.2.50, its check off). Tagging ``name`` then is ``route-conflict``,
+        naming table and route; the route is never replaced, nor deleted when ``name`` leaves."""
+        ec2 = self.lab.aws.client("ec2")
+        rtb = self.lab.aws.private_route_table_id
+        appliance = self.lab.aws.run_appliance(FOREIGN_APPLIANCE)
+        eni = appliance["eni_id"]
+        ec2.create_route(
+            RouteTableId=rtb, DestinationCidrBlock=topo.PARTNER_NET, NetworkInterfaceId=eni
+        )
+        try:
+            _, kernel_before = self.private_table_route()
+            reply = self.controller.tag_changed(name, enrol=True)
+            outcome = (reply.get("outcomes") or [{}])[0]
+            target, kernel = self.private_table_route()
+            status_tag = self.lab.aws.tags(self.lab.aws.instance_ids[name]).get(
+                f"tunnelnat:status:{topo.DEPLOYMENT}"
+            )
+            answered, _, at_g, peers = self.private_request(name)
+            reply = self.controller.tag_changed(name, enrol=False)
+            left = (reply.get("outcomes") or [{}])[0]
+            target_after_leave, _ = self.private_table_route()
+        finally:
+            # The other team takes its route and appliance away again.
+            ec2.delete_route(RouteTableId=rtb, DestinationCidrBlock=topo.PARTNER_NET)
+            ec2.terminate_instances(InstanceIds=[appliance["instance_id"]])
+            self.lab.vpc_router.sync()
+        reason = str(outcome.get("reason", ""))
+        asked = self._asked(name)
+        ok = (
+            outcome.get("status") == "route-conflict"
+            and rtb in reason
+            and eni in reason
+            and status_tag == "route-conflict"
+            and target == eni
+            and kernel == kernel_before == f"{topo.PARTNER_NET} via {FOREIGN_APPLIANCE} dev sn-2"
+            and not answered
+            and at_g == 0
+            and not peers
+            and left.get("status") == "not-tagged"
+            and target_after_leave == eni
+            and not asked
+        )
+        figure = (
+            f"{rtb} already sends {topo.PARTNER_NET} -> {eni} (another team's appliance "
+            f"{FOREIGN_APPLIANCE}); tag {name} -> {outcome.get('status')}: {reason!r}; status tag "
+            f"{status_tag}; route left alone: {topo.PARTNER_NET} -> {target} (router: {kernel}); "
+            f"GET {'ANSWERED' if answered else 'no answer'}, {at_g} packets at G; untag -> "
+            f"{left.get('status')}, their route still -> {target_after_leave}"
+        )
+        return Step(
+            "a route someone else put in the table is left alone and reported (route-conflict)",
+            ok,
+            figure,
+            {
+                "outcome": outcome,
+                "reason": reason,
+                "status_tag": status_tag,
+                "eni": eni,
+                "target": target,
+                "kernel": kernel,
+                "kernel_before": kernel_before,
+                "answered": answered,
+                "at_g": at_g,
+                "peers": peers,
+                "left": left,
+                "target_after_leave": target_after_leave,
+                "asked": asked,
             },
         )
 
@@ -664,6 +919,10 @@ class Story:
             self.request_arrives_as_s,
             self.partner_reaches_instance,
             self.unenrolled_blocked,
+            self.private_enrol,
+            self.private_neighbour_dropped,
+            self.private_last_leaves,
+            self.foreign_route_left_alone,
             self.fail_closed,
             self.gateway_reboot,
             self.restart_tunnel,
