@@ -229,8 +229,8 @@ class Healer(Construct):
         for finding, reason in (
             (
                 "Resource::*",
-                "ssm:GetCommandInvocation, ec2:DescribeInstances (finding the gateway by its "
-                "tags), cloudwatch:GetMetricData (reading TunnelEstablished) and the X-Ray "
+                "ssm:GetCommandInvocation, ec2:DescribeInstances (finding the gateway: tagged, "
+                "holding G), cloudwatch:GetMetricData (reading TunnelEstablished) and the X-Ray "
                 "trace API have no resource-level permissions.",
             ),
             (
@@ -245,3 +245,11 @@ class Healer(Construct):
             ),
         ):
             acknowledge(policy, f"AwsSolutions-IAM5[{finding}]", reason)
+
+    def serve_gateway(self, *, vpc_id: str, gateway_group: str, gateway_ip: str) -> None:
+        """Find the gateway as the controller does (``Controller.serve_gateway``): the tagged
+        instance holding G in this VPC and in the gateway's group; a second candidate is a
+        failed restart naming both, never a RestartTunnel sent to either."""
+        self.function.add_environment("TUNNELNAT_VPC_ID", vpc_id)
+        self.function.add_environment("TUNNELNAT_GATEWAY_GROUP", gateway_group)
+        self.function.add_environment("TUNNELNAT_GATEWAY_IP", gateway_ip)

@@ -95,6 +95,11 @@ class TunnelnatStack(Stack):
             code=self.controller.code,
             powertools=self.controller.powertools,
         )
+        self.healer.serve_gateway(
+            vpc_id=vpc.vpc_id,
+            gateway_group=self.gateway.group.auto_scaling_group_name,
+            gateway_ip=str(config.gateway_private_ip),
+        )
         self.monitoring.add_healer(self.healer.function)
         self.psk_rollout = PskRollout(
             self,

@@ -40,6 +40,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from ipaddress import IPv4Address
 from typing import Any, Protocol
 
 from botocore.exceptions import ClientError
@@ -491,6 +492,11 @@ class HealerSettings(BaseModel):
     established_lookback_seconds: int = Field(default=900, ge=60, le=86_400)
     region: str = Field(pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]$")
     policy: HealerPolicy = Field(default_factory=HealerPolicy)
+    # The gateway is the tagged instance holding G in this VPC and in the gateway's group, as
+    # the controller finds it (adapters/ec2.py): never an impostor that only carries the tags.
+    gateway_ip: IPv4Address | None = None
+    vpc_id: str | None = Field(default=None, pattern=r"^vpc-[0-9a-f]{8,17}$")
+    gateway_group: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:/ +=@-]{1,255}$")
 
     @model_validator(mode="before")
     @classmethod
@@ -521,6 +527,9 @@ class HealerSettings(BaseModel):
             "restart_wait_seconds": "TUNNELNAT_HEALER_RESTART_WAIT_SECONDS",
             "command_timeout_seconds": "TUNNELNAT_HEALER_COMMAND_TIMEOUT_SECONDS",
             "established_lookback_seconds": "TUNNELNAT_HEALER_ESTABLISHED_LOOKBACK_SECONDS",
+            "gateway_ip": "TUNNELNAT_GATEWAY_IP",
+            "vpc_id": "TUNNELNAT_VPC_ID",
+            "gateway_group": "TUNNELNAT_GATEWAY_GROUP",
         }
         try:
             policy = HealerPolicy(**{k: env[v] for k, v in policy_env.items() if env.get(v)})

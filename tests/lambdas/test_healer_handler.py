@@ -521,3 +521,80 @@ def test_malformed_state_timestamp_is_dropped_with_a_log_line(aws, caplog, ok, s
     ]
     assert dropped and "malformed" in dropped[0].reason
     assert "recovered_at" not in aws.record()
+
+
+# -- which instance is the gateway (issue 14, finding 5, for the healer too) -----------------
+
+
+G = "10.10.1.5"
+GATEWAY_TAGS = [
+    {"Key": "tunnelnat:role", "Value": "gateway"},
+    {"Key": "tunnelnat:deployment", "Value": "test"},
+]
+
+
+def _serve_gateway(aws, monkeypatch, **env: str) -> None:
+    """The healer as the stack deploys it (Healer.serve_gateway's environment)."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    healer, persistence = aws.module.build_healer(commands=aws.port)
+    aws.module.use_healer(healer, persistence)
+
+
+def _launch_tagged(ec2, subnet: str) -> str:
+    return ec2.run_instances(
+        ImageId="ami-12345678",
+        MinCount=1,
+        MaxCount=1,
+        SubnetId=subnet,
+        TagSpecifications=[{"ResourceType": "instance", "Tags": GATEWAY_TAGS}],
+    )["Instances"][0]["InstanceId"]
+
+
+def _hold_g(ec2, subnet: str, instance_id: str) -> None:
+    eni = ec2.create_network_interface(SubnetId=subnet, PrivateIpAddress=G)
+    ec2.attach_network_interface(
+        NetworkInterfaceId=eni["NetworkInterface"]["NetworkInterfaceId"],
+        InstanceId=instance_id,
+        DeviceIndex=1,
+    )
+
+
+def test_the_healer_restarts_the_instance_holding_g_not_an_impostor(aws, monkeypatch):
+    ec2 = boto3.client("ec2", region_name=REGION)
+    [raw] = ec2.describe_instances(InstanceIds=[aws.gateway_id])["Reservations"][0]["Instances"]
+    impostor = _launch_tagged(ec2, raw["SubnetId"])
+    # G on the one whose ID sorts first: by tags alone the healer took the last.
+    holder, other = sorted([aws.gateway_id, impostor])
+    _hold_g(ec2, raw["SubnetId"], holder)
+    _serve_gateway(aws, monkeypatch, TUNNELNAT_GATEWAY_IP=G, TUNNELNAT_VPC_ID=raw["VpcId"])
+    out = aws.invoke(aws.event("ALARM", aws.set_alarm("ALARM")))
+    assert out["action"] == "restart" and out["status"] == "Success"
+    assert [call[0] for call in aws.port.calls] == [holder]
+    assert other not in json.dumps(out)
+
+
+def test_another_vpcs_gateway_holding_its_own_g_is_not_ours(aws, monkeypatch):
+    ec2 = boto3.client("ec2", region_name=REGION)
+    [raw] = ec2.describe_instances(InstanceIds=[aws.gateway_id])["Reservations"][0]["Instances"]
+    _hold_g(ec2, raw["SubnetId"], aws.gateway_id)
+    far_vpc = ec2.create_vpc(CidrBlock="10.10.0.0/16")["Vpc"]["VpcId"]
+    far_subnet = ec2.create_subnet(VpcId=far_vpc, CidrBlock="10.10.1.0/24")["Subnet"]["SubnetId"]
+    far = _launch_tagged(ec2, far_subnet)
+    _hold_g(ec2, far_subnet, far)
+    # Without the VPC to tell them apart: two candidates, a failed restart naming both, and no
+    # RestartTunnel sent to either.
+    _serve_gateway(aws, monkeypatch, TUNNELNAT_GATEWAY_IP=G)
+    out = aws.invoke(aws.event("ALARM", aws.set_alarm("ALARM")))
+    assert out["action"] == "restart" and out["status"] == "Error"
+    assert aws.port.calls == []
+    [attempt] = json.loads(aws.record()["attempts"]["S"])
+    assert "2 instances qualify" in attempt["detail"] and far in attempt["detail"]
+    # As deployed (the VPC set): ours, and only ours.
+    _serve_gateway(aws, monkeypatch, TUNNELNAT_VPC_ID=raw["VpcId"])
+    monkeypatch.setenv("TUNNELNAT_HEALER_BACKOFF_BASE_SECONDS", "1")
+    _serve_gateway(aws, monkeypatch)
+    time.sleep(1.1)
+    out = aws.invoke(aws.event("ALARM", aws.set_alarm("ALARM")))
+    assert out["status"] == "Success"
+    assert [call[0] for call in aws.port.calls] == [aws.gateway_id]

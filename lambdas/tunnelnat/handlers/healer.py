@@ -141,7 +141,12 @@ def build_healer(
             document_prefix=settings.document_prefix,
             timeout_seconds=settings.command_timeout_seconds,
         ),
-        gateways=Ec2Instances(client("ec2")),
+        gateways=Ec2Instances(
+            client("ec2"),
+            gateway_ip=settings.gateway_ip,
+            vpc_id=settings.vpc_id,
+            gateway_group=settings.gateway_group,
+        ),
         pager=SnsPager(client("sns"), settings.page_topic_arn),
         deployment=settings.deployment,
         policy=settings.policy,
