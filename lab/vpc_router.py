@@ -164,19 +164,15 @@ def kernel_routes(
         else:
             via = eni["PrivateIpAddress"]
             other.append(KernelRoute(destination, via=via, dev=link.link, because=label))
-    routes = local + other
-    if not any(r.destination in ("0.0.0.0/0", "default") for r in routes):
-        routes.append(KernelRoute("default", blackhole=True, because="no route matches: dropped"))
-    return [
-        KernelRoute(
-            "default" if r.destination == "0.0.0.0/0" else r.destination,
-            r.via,
-            r.dev,
-            r.blackhole,
-            r.because,
-        )
-        for r in routes
-    ]
+    # One route per destination, as in EC2; a route more specific than local that names a
+    # subnet's own CIDR (AWS allows it, to put a middlebox in between) wins over local's part.
+    routes: dict[str, KernelRoute] = {}
+    for r in local + other:
+        destination = "default" if r.destination == "0.0.0.0/0" else r.destination
+        routes[destination] = KernelRoute(destination, r.via, r.dev, r.blackhole, r.because)
+    if "default" not in routes:
+        routes["default"] = KernelRoute("default", blackhole=True, because="no route matches")
+    return list(routes.values())
 
 
 def _target(route: Mapping[str, Any]) -> str:

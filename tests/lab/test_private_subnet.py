@@ -67,6 +67,17 @@ def test_kernel_routes_stand_for_what_ec2_holds():
     ]
 
 
+def test_a_route_for_a_subnets_own_cidr_wins_over_local_and_settles():
+    middlebox = {"DestinationCidrBlock": "10.10.2.0/24", "NetworkInterfaceId": ENI}
+    routes = kernel_routes(table(middlebox), LINKS, {ENI: eni()})
+    assert [r.spec() for r in routes] == [
+        "10.10.1.0/24 dev sn-1 scope link",
+        "10.10.2.0/24 via 10.10.1.5 dev sn-1",
+        "blackhole default",
+    ]
+    assert batch(101, routes, {r.destination: r for r in routes}) == []
+
+
 @pytest.mark.parametrize(
     ("route", "interfaces", "why"),
     [
@@ -221,6 +232,40 @@ def test_the_untagged_neighbour_is_dropped_at_the_gateway(story):
     assert step.data["dropped"] > 0, "the forward chain did not count the drop"
     assert asked_private(story.lab) == []
     assert step.ok, step.figure
+
+
+def test_a_route_deleted_under_us_is_put_back_by_the_scheduled_reconcile(story):
+    """Level-triggered: someone deletes tunnelnat's route; priv-1's packets stop reaching G (the
+    router follows EC2); the scheduled full reconcile puts the route back, and traffic with it."""
+    lab = story.lab
+    ec2 = lab.aws.client("ec2")
+    ec2.delete_route(
+        RouteTableId=lab.aws.private_route_table_id, DestinationCidrBlock=topo.PARTNER_NET
+    )
+    target, kernel = story.private_table_route()
+    assert target is None and kernel is None
+    answered, _, at_g, _ = story.private_request(PRIV1)
+    assert not answered and at_g == 0
+    reply = story.controller.invoke(
+        {
+            "version": "0",
+            "id": "lab-scheduled",
+            "detail-type": "Scheduled Event",
+            "source": "aws.events",
+            "account": "123456789012",
+            "time": "2026-11-24T12:05:00Z",
+            "region": topo.REGION,
+            "resources": [f"arn:aws:events:{topo.REGION}:123456789012:rule/lab-reconcile"],
+            "detail": {},
+        }
+    )
+    target, kernel = story.private_table_route()
+    assert target == lab.aws.eni_id, reply
+    assert kernel == f"{topo.PARTNER_NET} via {topo.GW_ENI} dev sn-1"
+    answered, body, at_g, peers = story.private_request(PRIV1, timeout=3)
+    public = story.private_public
+    assert answered and body == f"app saw {public}" and peers == [public] and at_g > 0
+    assert asked_private(lab) == []
 
 
 def test_the_route_goes_with_the_last_enrolled_instance_behind_the_table(story):
