@@ -32,6 +32,8 @@ from collections.abc import Iterable
 from ipaddress import IPv4Address
 from typing import Any, Protocol
 
+from aws_lambda_powertools import Logger
+
 from tunnelnat.adapters.commands import (
     AgentNotReady,
     CommandError,
@@ -55,11 +57,13 @@ from tunnelnat.core.config import NatMode, TunnelnatConfig
 from tunnelnat.core.enrolment import (
     AddressPool,
     Decision,
+    Mode,
     ObservedInstance,
     Status,
     decide_enrolment,
     public_address_for,
 )
+from tunnelnat.core.routes import describe_routes
 from tunnelnat.gateway_sync import (  # noqa: F401 - GatewaySyncFailed: re-exported
     GatewaySync,
     GatewaySyncFailed,
@@ -78,7 +82,10 @@ from tunnelnat.plan import (
     private_ips,
     transactions,
 )
+from tunnelnat.route_sync import RouteBatch, RouteTableSync, TableOutcome
 from tunnelnat.telemetry import FAILURE_REASONS, NoTelemetry, Telemetry  # noqa: F401
+
+logger = Logger(service="tunnelnat", child=True)
 
 STORE_ATTEMPTS = 5
 # Retries when only the generation bump lost (cheap: no re-read), before they count as attempts.
@@ -112,6 +119,7 @@ class Controller:
         region: str,
         telemetry: Telemetry | None = None,
         vpc_id: str | None = None,
+        routes: RouteTableSync | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -121,6 +129,8 @@ class Controller:
         self.region = region
         self.vpc_id = vpc_id  # the gateway's VPC: instances elsewhere are never enrolled
         self.telemetry = telemetry or NoTelemetry()
+        # Route-table mode (None: off, other subnets are unsupported-subnet).
+        self.routes = routes if vpc_id is not None else None
         self.gateway = GatewaySync(
             store=store,
             instances=instances,
@@ -146,7 +156,19 @@ class Controller:
         ids = set(self.instances.tagged(self.config.enrolment_tag_key))
         ids |= {m.instance_id for m in self.store.mappings()}
         ids |= {r.instance_id for r in self.store.records()}
-        return self.converge(sorted(ids), full_sync=True)
+        if self.routes is not None:
+            # Every instance a route table counts (level-triggered: each puts back a route of
+            # ours that was deleted, or leaves); tables left without members lose our routes.
+            for record in self.routes.records.all().values():
+                ids |= set(record.members)
+        results = self.converge(sorted(ids), full_sync=True)
+        if self.routes is not None:
+            try:
+                self.routes.begin().tidy()
+            except Exception as exc:  # noqa: BLE001 - the next scheduled run tries again
+                logger.warning("route tables not tidied", extra={"reason": repr(exc)[:300]})
+                self.telemetry.failure("store-conflict")
+        return results
 
     def converge(
         self,
@@ -187,6 +209,7 @@ class Controller:
         observed = self.instances.describe_many(run.leased) if run.leased else {}
         snap = self.store.snapshot_many(run.leased, private_ips(observed.values()))
         run.snapshot = snap
+        run.routes = self.routes.begin() if self.routes is not None else None
         plans: list[Plan] = []
         for instance_id in run.leased:
             try:
@@ -231,10 +254,25 @@ class Controller:
         *,
         terminating: bool,
     ) -> Plan | Outcome:
-        decision = decide_enrolment(instance, self.config, vpc_id=self.vpc_id)
+        decision = decide_enrolment(
+            instance, self.config, vpc_id=self.vpc_id, route_tables=self.routes is not None
+        )
         if terminating:
             decision = Decision(False, Status.GONE, "Auto Scaling is terminating the instance")
         mapping, record = snap.mappings.get(instance_id), snap.records.get(instance_id)
+        tables: set[str] = set()
+        batch: RouteBatch | None = run.routes
+        if batch is not None and self._maybe_routed(instance, mapping, record):
+            tables = batch.memberships(instance_id)
+            if decision.enrol and decision.mode is Mode.ROUTE_TABLE:
+                assert instance is not None
+                if batch.table_for(instance.subnet_id) is None:
+                    decision = Decision(
+                        False,
+                        Status.UNSUPPORTED_SUBNET,
+                        f"no route table of {self.vpc_id} serves {instance.subnet_id} "
+                        "(neither an explicit association nor a main table)",
+                    )
         claim_missing = False
         if decision.enrol:
             assert instance is not None and instance.private_ip is not None
@@ -244,7 +282,7 @@ class Controller:
                 # batch may be letting go of it: the transaction decides, in order.)
                 decision = conflict(instance.private_ip, holder)
             claim_missing = holder is None and mapping is not None
-        if not decision.enrol and mapping is None and record is None:
+        if not decision.enrol and mapping is None and record is None and not tables:
             if decision.status in UNMANAGED:
                 # Never ours: an event about some other instance. Nothing to write or undo.
                 return Outcome(instance_id, decision.status, decision.reason, managed=False)
@@ -258,22 +296,49 @@ class Controller:
                 decision = Decision(False, Status.POOL_EXHAUSTED, reason)
                 plan = Plan(instance_id, instance, decision, None, route, record, mapping)
                 plan.remove_route = route and instance.state == "running"
+                plan.tables, plan.leave_tables = tables, bool(tables)
                 return plan
             wanted = StoredMapping(instance_id, instance.private_ip, address)  # type: ignore[arg-type]
             plan = Plan(instance_id, instance, decision, wanted, route, record)
             plan.previous, plan.claim_missing = mapping, claim_missing
             plan.holds_private = holds_private(snap, instance_id, mapping)
+            plan.tables = tables
+            if decision.mode is Mode.ROUTE_TABLE:
+                assert batch is not None
+                plan.table = batch.table_for(instance.subnet_id)
             return plan
         # Not to be enrolled: stop its traffic first (route), then forget its mapping.
         plan = Plan(instance_id, instance, decision, None, route, record)
         plan.previous = mapping
         plan.holds_private = holds_private(snap, instance_id, mapping)
+        # Route-table mode: it leaves the tables that count it, whatever its state (a route
+        # table's route is not on the instance; the last member's leaving removes it).
+        plan.tables, plan.leave_tables = tables, bool(tables)
         if route and instance is not None and instance.state == "running" and not terminating:
             plan.remove_route = True
         elif instance is None or instance.state == "terminated" or terminating:
             plan.route = False  # gone with the instance
         # A stopped instance keeps its route file; we stay responsible and remove it at start.
         return plan
+
+    def _maybe_routed(
+        self,
+        instance: ObservedInstance | None,
+        mapping: StoredMapping | None,
+        record: InstanceRecord | None,
+    ) -> bool:
+        """Whether the instance may be, or have been, in route-table mode: only then are the
+        route tables' records read (a batch of the gateway's own subnet never reads them).
+        A table counts an instance only while it has a mapping outside the gateway's subnet."""
+        subnet = self.config.gateway_subnet_cidr
+        for address in (
+            instance.private_ip if instance else None,
+            mapping.private_ip if mapping else None,
+            IPv4Address(record.private_ip) if record and record.private_ip else None,
+        ):
+            if address is not None and address not in subnet:
+                return True
+        return instance is None and (mapping is not None or record is not None)
 
     def _address_for(
         self, instance: ObservedInstance, mapping: StoredMapping | None, run: Run
@@ -305,13 +370,26 @@ class Controller:
     def _remove_routes(
         self, plans: list[Plan], results: dict[str, Outcome | Exception], run: Run
     ) -> list[Plan]:
-        """One RemoveHostRoute for every instance that must lose its route; an instance whose
-        route could not be removed keeps its mapping (its traffic is still ours to carry)."""
-        targets = [p for p in plans if p.remove_route]
-        if not targets:
-            return plans
-        replies = self._run_many([p.instance_id for p in targets], "RemoveHostRoute")
+        """One RemoveHostRoute for every instance that must lose its route, and every instance
+        in route-table mode that leaves its tables (the last one behind a table takes the
+        table's routes with it); an instance whose route could not be removed keeps its mapping
+        (its traffic is still ours to carry)."""
         failed: set[str] = set()
+        leaving = [p for p in plans if p.leave_tables and p.tables]
+        if leaving:
+            assert run.routes is not None
+            left = run.routes.apply({}, {p.instance_id: p.tables for p in leaving})
+            for plan in leaving:
+                outcome = left.get(plan.instance_id)
+                if isinstance(outcome, Exception):
+                    results[plan.instance_id] = outcome
+                    failed.add(plan.instance_id)
+                else:
+                    plan.tables = set()
+        targets = [p for p in plans if p.remove_route and p.instance_id not in failed]
+        if not targets:
+            return [p for p in plans if p.instance_id not in failed]
+        replies = self._run_many([p.instance_id for p in targets], "RemoveHostRoute")
         for plan in targets:
             reply = replies[plan.instance_id]
             if isinstance(reply, Exception):
@@ -436,10 +514,14 @@ class Controller:
         self, plans: list[Plan], generation: int, synced: bool, run: Run
     ) -> dict[str, Outcome | Exception]:
         results: dict[str, Outcome | Exception] = {}
-        enrol = [p for p in plans if p.decision.enrol]
+        enrol = [p for p in plans if p.decision.enrol and p.decision.mode is Mode.HOST_ROUTE]
         replies = self._run_many([p.instance_id for p in enrol], "AddHostRoute") if enrol else {}
+        routed = self._join_tables(plans, run)
         for plan in plans:
             instance, decision = plan.instance, plan.decision
+            if decision.enrol and decision.mode is Mode.ROUTE_TABLE:
+                results[plan.instance_id] = self._routed(plan, routed, generation, synced, run)
+                continue
             if decision.enrol:
                 assert instance is not None and plan.mapping is not None
                 reply = replies[plan.instance_id]
@@ -480,6 +562,63 @@ class Controller:
                 gateway_synced=synced,
             )
         return results
+
+    def _join_tables(self, plans: list[Plan], run: Run) -> dict[str, TableOutcome | Exception]:
+        """Every enrolled instance counted behind the table that serves its subnet now, and no
+        longer behind any other (its subnet's table was replaced or re-associated): one
+        record write and the routes each table needs, per table."""
+        joins: dict[str, str] = {}
+        leaves: dict[str, set[str]] = {}
+        for plan in plans:
+            if not plan.decision.enrol:
+                continue
+            if plan.table is not None:
+                joins[plan.instance_id] = plan.table
+            stale = plan.tables - ({plan.table} if plan.table else set())
+            if stale:
+                leaves[plan.instance_id] = stale
+        if not joins and not leaves:
+            return {}
+        assert run.routes is not None
+        return run.routes.apply(joins, leaves)
+
+    def _routed(
+        self,
+        plan: Plan,
+        routed: dict[str, TableOutcome | Exception],
+        generation: int,
+        synced: bool,
+        run: Run,
+    ) -> Outcome | Exception:
+        """A route-table instance's outcome: enrolled once its table sends the partner's
+        networks to the gateway, route-conflict (no retry) when a route there is not ours."""
+        assert plan.mapping is not None
+        outcome = routed.get(plan.instance_id)
+        if isinstance(outcome, Exception):
+            return outcome
+        if outcome is None or outcome.table_id is None:
+            return RuntimeError(f"{plan.instance_id}: no route table result")
+        public_ip = str(plan.mapping.public_ip)
+        if outcome.conflicts:
+            reason = "; ".join(c.describe() for c in outcome.conflicts)
+            self._record(run, plan, Status.ROUTE_CONFLICT, reason[:1000], False,
+                         mapping=plan.mapping)  # fmt: skip
+            return Outcome(
+                plan.instance_id, Status.ROUTE_CONFLICT, reason, public_ip=public_ip,
+                generation=generation, gateway_synced=synced,
+            )  # fmt: skip
+        assert self.routes is not None
+        reason = describe_routes(outcome.table_id, outcome.routes, self.routes.eni)
+        reason += " (route-table mode); NAT in place"
+        was = plan.record
+        newly = not (was and was.status == Status.ENROLLED)
+        self._record(run, plan, Status.ENROLLED, reason, False, mapping=plan.mapping)
+        if newly:
+            self.telemetry.count("Enrolments")
+        return Outcome(
+            plan.instance_id, Status.ENROLLED, reason, public_ip=public_ip,
+            generation=generation, gateway_synced=synced, newly_enrolled=newly,
+        )  # fmt: skip
 
     # -- the gateway (gateway_sync.py) -----------------------------------------------------------
     def gateway_id(self, *, refresh: bool = False) -> str:

@@ -60,6 +60,10 @@ class Plan:
     remove_route: bool = False
     claim_missing: bool = False  # a mapping stored before private addresses were claimed
     holds_private: bool = True  # the previous mapping's private address is claimed by it
+    # Route-table mode: the tables whose record counts it now, and the one that should.
+    tables: set[str] = field(default_factory=set)
+    table: str | None = None
+    leave_tables: bool = False  # leave them all before its mapping goes (phase 1)
 
     @property
     def needs_write(self) -> bool:
@@ -90,6 +94,7 @@ class Run:
     tags: dict[str, tuple[ObservedInstance, str]] = field(default_factory=dict)
     pool_changed: bool = False
     contended: bool = False  # a mapping write lost to another worker's
+    routes: Any = None  # the batch's route tables and their records (route_sync.RouteBatch)
 
 
 def failure_reason(result: Outcome | Exception) -> str | None:
@@ -100,6 +105,8 @@ def failure_reason(result: Outcome | Exception) -> str | None:
             return "unsupported-subnet"
         if result.status is Status.CONFLICT:
             return "conflict"
+        if result.status is Status.ROUTE_CONFLICT:
+            return "route-conflict"
         return None
     if isinstance(result, GatewaySyncPending):
         return None  # coalescing, not a failure

@@ -18,6 +18,8 @@ FAILURE_REASONS = (
     "invalid-mapping",
     # More than one instance claims to be the gateway: no sync until a human settles it.
     "gateway-ambiguous",
+    # Route-table mode: a route for a partner network that tunnelnat did not create.
+    "route-conflict",
 )
 
 

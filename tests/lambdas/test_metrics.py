@@ -162,7 +162,7 @@ def test_every_reason_is_one_of_the_documented_names():
     assert set(FAILURE_REASONS) == {
         "agent-not-ready", "command-failed", "store-conflict", "pool-exhausted",
         "unsupported-subnet", "gateway-sync", "dead-lettered", "conflict", "invalid-mapping",
-        "gateway-ambiguous",
+        "gateway-ambiguous", "route-conflict",
     }  # fmt: skip
 
 

@@ -7,6 +7,7 @@ import pytest
 from tunnelnat.core.config import TunnelnatConfig
 from tunnelnat.core.enrolment import (
     AddressPool,
+    Mode,
     ObservedInstance,
     Status,
     decide_enrolment,
@@ -115,3 +116,34 @@ def test_the_status_tag_key_names_the_deployment():
 
     assert status_tag("blue") == "tunnelnat:status:blue"
     assert status_tag("blue") != status_tag("green")
+
+
+# -- route-table mode (issue 13) --------------------------------------------------------------
+def test_another_subnet_of_our_vpc_is_route_table_mode_when_it_is_on(config):
+    far = instance(private_ip=IPv4Address("10.10.2.21"), subnet_id="subnet-2", vpc_id="vpc-1")
+    decision = decide_enrolment(far, config, vpc_id="vpc-1", route_tables=True)
+    assert (decision.enrol, decision.status, decision.mode) == (
+        True,
+        Status.ENROLLED,
+        Mode.ROUTE_TABLE,
+    )
+    assert "subnet-2" in decision.reason
+    here = instance(vpc_id="vpc-1")
+    assert decide_enrolment(here, config, vpc_id="vpc-1", route_tables=True).mode is (
+        Mode.HOST_ROUTE
+    ), "the gateway's own subnet keeps the host route"
+
+
+@pytest.mark.parametrize(
+    ("vpc_id", "route_tables", "subnet_id", "status"),
+    [
+        ("vpc-1", False, "subnet-2", Status.UNSUPPORTED_SUBNET),  # route-table mode off
+        (None, True, "subnet-2", Status.UNSUPPORTED_SUBNET),  # the VPC unknown: never guess
+        ("vpc-1", True, None, Status.UNSUPPORTED_SUBNET),  # no subnet to find a table for
+        ("vpc-9", True, "subnet-2", Status.OTHER_VPC),  # another VPC, whatever its address
+    ],
+)
+def test_what_route_table_mode_still_cannot_serve(config, vpc_id, route_tables, subnet_id, status):
+    far = instance(private_ip=IPv4Address("10.10.2.21"), subnet_id=subnet_id, vpc_id="vpc-1")
+    decision = decide_enrolment(far, config, vpc_id=vpc_id, route_tables=route_tables)
+    assert (decision.enrol, decision.status) == (False, status)

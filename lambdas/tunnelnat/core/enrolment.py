@@ -38,6 +38,19 @@ class Status(StrEnum):
     OTHER_VPC = "other-vpc"
     # Its private address is mapped for another instance already: never both (a human looks).
     CONFLICT = "conflict"
+    # Route-table mode: its subnet's route table has a route for a partner network that
+    # tunnelnat did not create (or someone changed ours): left alone, reported, not retried.
+    ROUTE_CONFLICT = "route-conflict"
+
+
+class Mode(StrEnum):
+    """How an enrolled instance's partner-bound packets reach the gateway."""
+
+    # In the gateway's subnet: a host route via G on the instance (AddHostRoute).
+    HOST_ROUTE = "host-route"
+    # Any other subnet of the gateway's VPC: a route in the subnet's route table to the
+    # gateway's ENI, shared by every instance behind that table; nothing on the instance.
+    ROUTE_TABLE = "route-table"
 
 
 @dataclass(frozen=True)
@@ -58,16 +71,24 @@ class Decision:
     enrol: bool
     status: Status
     reason: str
+    mode: Mode = Mode.HOST_ROUTE
 
 
 def decide_enrolment(
-    instance: ObservedInstance | None, config: TunnelnatConfig, *, vpc_id: str | None = None
+    instance: ObservedInstance | None,
+    config: TunnelnatConfig,
+    *,
+    vpc_id: str | None = None,
+    route_tables: bool = False,
 ) -> Decision:
-    """Should ``instance`` be enrolled? Ordered so the reason given is the most useful one.
+    """Should ``instance`` be enrolled, and how? Ordered so the reason given is the most useful.
 
     ``vpc_id`` is the gateway's VPC: an instance elsewhere is never enrolled, even when its
     address falls in the gateway subnet's range (the gateway would NAT whichever instance of
-    its own VPC holds that address)."""
+    its own VPC holds that address). ``route_tables``: route-table mode is on (the controller
+    knows the VPC and the gateway's ENI), so other subnets of the VPC are served through their
+    route tables; without it only the gateway's own subnet can be (a host route needs G
+    on-link)."""
     if instance is None or instance.state in ("terminated", "shutting-down"):
         return Decision(False, Status.GONE, "the instance no longer exists")
     if instance.tags.get(GATEWAY_ROLE_TAG) == "gateway":
@@ -92,15 +113,26 @@ def decide_enrolment(
         return Decision(False, Status.NOT_RUNNING, f"instance is {instance.state}")
     if instance.private_ip is None:
         return Decision(False, Status.NO_PRIVATE_IP, "the instance has no private IPv4 address")
+    mode = Mode.HOST_ROUTE
     if instance.private_ip not in config.gateway_subnet_cidr:
-        return Decision(
-            False,
-            Status.UNSUPPORTED_SUBNET,
-            f"{instance.private_ip} is outside the gateway's subnet {config.gateway_subnet_cidr}: "
-            "a host route via the gateway cannot work there",
-        )
+        if not route_tables or vpc_id is None or not instance.subnet_id:
+            return Decision(
+                False,
+                Status.UNSUPPORTED_SUBNET,
+                f"{instance.private_ip} is outside the gateway's subnet "
+                f"{config.gateway_subnet_cidr} and route-table mode is off: a host route via "
+                "the gateway cannot work there",
+            )
+        mode = Mode.ROUTE_TABLE
     if config.nat_mode is NatMode.INSTANCE and instance.public_ip is None:
         return Decision(False, Status.NO_PUBLIC_IP, "nat_mode 'instance' needs a public IP")
+    if mode is Mode.ROUTE_TABLE:
+        return Decision(
+            True,
+            Status.ENROLLED,
+            f"tagged, running, in {instance.subnet_id} of the gateway's VPC (route-table mode)",
+            Mode.ROUTE_TABLE,
+        )
     return Decision(True, Status.ENROLLED, "tagged, running, in the gateway's subnet")
 
 

@@ -119,11 +119,12 @@ def build_controller(
     settings = settings or ControllerSettings.from_environ()
     session = session or _session(settings.region)
     client = functools.partial(session.client, config=AWS_CONFIG)
+    dynamodb, ec2 = client("dynamodb"), client("ec2")
     return Controller(
         settings.config,
-        store=EnrolmentStore(client("dynamodb"), settings.table_name),
+        store=EnrolmentStore(dynamodb, settings.table_name),
         instances=Ec2Instances(
-            client("ec2"),
+            ec2,
             status_tag=status_tag(settings.deployment),
             gateway_ip=settings.config.gateway_private_ip,
             vpc_id=settings.vpc_id,
@@ -134,6 +135,26 @@ def build_controller(
         region=settings.region,
         telemetry=PowertoolsTelemetry(),
         vpc_id=settings.vpc_id,
+        routes=_route_tables(settings, ec2, dynamodb),
+    )
+
+
+def _route_tables(settings: ControllerSettings, ec2: Any, dynamodb: Any) -> Any:
+    """Route-table mode's side, when the stack gave the VPC and the gateway's ENI."""
+    if not settings.route_table_mode:
+        return None
+    from tunnelnat.adapters.route_records import RouteTableRecords
+    from tunnelnat.adapters.routes import Ec2Routes
+    from tunnelnat.route_sync import RouteTableSync
+
+    assert settings.vpc_id is not None and settings.gateway_eni_id is not None
+    return RouteTableSync(
+        routes=Ec2Routes(ec2),
+        records=RouteTableRecords(dynamodb, settings.table_name),
+        vpc_id=settings.vpc_id,
+        eni=settings.gateway_eni_id,
+        destinations=[str(n) for n in settings.config.partner_networks],
+        telemetry=PowertoolsTelemetry(),
     )
 
 
