@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import math
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -20,7 +21,7 @@ from urllib.parse import urlsplit
 from botocore.exceptions import ClientError
 from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url
 
-from tunnelnat.cli import dlq, doctor, enrol, psk, reconcile, status
+from tunnelnat.cli import dlq, doctor, enrol, psk, reconcile, status, tunnels
 from tunnelnat.cli.aws import (
     AWS_ERRORS,
     EXIT_ERROR,
@@ -33,6 +34,7 @@ from tunnelnat.cli.context import Change, Ctx, Runtime
 from tunnelnat.core.config import TAG_TEXT
 
 __all__ = ["Change", "Runtime", "build_parser", "main"]
+TUNNEL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")  # as ShowTunnels' allowedPattern
 
 
 def _tag_text(value: str) -> str:
@@ -52,6 +54,14 @@ def _positive(value: str) -> float:
     if not (math.isfinite(number) and number > 0):
         raise argparse.ArgumentTypeError(f"must be > 0 and finite, got {value[:40]!r}")
     return number
+
+
+def _tunnel_name(value: str) -> str:
+    if not TUNNEL_NAME.fullmatch(value):
+        raise argparse.ArgumentTypeError(
+            f"{value[:40]!r}: a letter, then up to 31 letters, digits, _ or -"
+        )
+    return value
 
 
 def _count(value: str) -> int:
@@ -221,6 +231,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     json_flag(p)
     p.set_defaults(func=dlq.run)
+
+    p = sub.add_parser(
+        "tunnels",
+        parents=[common],
+        help="the gateway's IPsec SAs: selectors, proposals, age, last rekey, traffic",
+        description="List the gateway's IKE and CHILD SAs as charon reports them now, through "
+        "the read-only <deployment>-ShowTunnels document (SSM Run Command).",
+    )
+    p.add_argument("--tunnel", type=_tunnel_name, help="only this tunnel (default: every one)")
+    p.add_argument(
+        "--timeout", type=_positive, default=60.0, help="seconds to wait (default: %(default)s)"
+    )
+    json_flag(p)
+    p.set_defaults(func=tunnels.run)
 
     p = sub.add_parser("doctor", parents=[common, tags], help="check the deployment")
     p.add_argument("--gateway-ip", help="G, the fixed ENI address (default: from the config)")

@@ -40,6 +40,9 @@ class Runtime:
     clients: Mapping[str, Any] = field(default_factory=dict)
     session: Any = None  # a boto3 Session to reuse instead of a new one per command
     after_change: Callable[[Aws, Change], None] | None = None
+    # A command port (adapters/commands.py) for documents the CLI runs itself (ShowTunnels):
+    # None is SSM Run Command; tests and the lab run the real document in place.
+    commands: Any = None
     sleep: Callable[[float], None] = time.sleep
     monotonic: Callable[[], float] = time.monotonic
     now: Callable[[], float] = time.time

@@ -1,4 +1,6 @@
-"""Tunnel state from the gateway's health agent: CloudWatch metric ``TunnelUp`` (namespace
+"""Tunnels: their state from the health agent's metrics, and ``tunnelnat tunnels``, the SAs.
+
+Tunnel state from the gateway's health agent: CloudWatch metric ``TunnelUp`` (namespace
 ``tunnelnat``). The agent publishes two series per tunnel: ``(Tunnel, Gateway=<instance ID>)`` and
 ``(Deployment, Tunnel)`` (the one the alarm watches). The current gateway's own series is shown;
 a tunnel with only the deployment's series (the gateway publishes nothing) shows that one.
@@ -8,9 +10,17 @@ below 1 is ``down``; no datapoint is ``unknown`` (the alarm treats that as breac
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+from tunnelnat.adapters.commands import CommandError, SsmCommands
+from tunnelnat.adapters.ec2 import Ec2Instances, GatewayNotFound
+from tunnelnat.cli.aws import EXIT_FINDINGS, EXIT_OK, CliError
+from tunnelnat.cli.context import Ctx
+from tunnelnat.cli.fleet import load_config
+from tunnelnat.cli.render import dump_json, table
 
 NAMESPACE, METRIC = "tunnelnat", "TunnelUp"
 WINDOW = timedelta(minutes=5)
@@ -86,3 +96,192 @@ def tunnel_states(
                 state = "up" if point[1] >= 1 else "down"
                 states.append(TunnelState(tunnel, gateway, state, point[1], point[0]))
     return sorted(states, key=lambda s: (s.gateway or "", s.tunnel))
+
+
+# -- ``tunnelnat tunnels``: the SAs on the gateway ----------------------------------------------
+#
+# The gateway runs the read-only ShowTunnels document (SSM Run Command, as the controller runs
+# its documents): charon's own listing, live, with nothing to install or open. Its output is one
+# JSON line per SA (gateway/tunnelnat_sas.py); SSM keeps the first 24,000 characters of it.
+
+SCHEMA = "tunnelnat.tunnels/v1"
+DOCUMENT = "ShowTunnels"
+SSM_OUTPUT_LIMIT = 24_000
+
+
+class ShowTunnelsCommand(SsmCommands):
+    """SSM Run Command for ShowTunnels, which only operators send (not among the controller's
+    DOCUMENTS, nor in its role's permissions)."""
+
+    def document_name(self, document: str) -> str:
+        if document != DOCUMENT:
+            raise ValueError(f"unknown document {document!r}")
+        return f"{self._prefix}{document}"
+
+
+def find_gateway(ctx: Ctx) -> str:
+    """The gateway as the controller finds it: the tagged instance holding G (G from the
+    controller's configuration; by its tags alone when that is not readable)."""
+    config = load_config(
+        ctx.aws.client("lambda"), ctx.reader, function_name=f"{ctx.deployment}-controller"
+    )
+    try:
+        return Ec2Instances(ctx.aws.client("ec2"), gateway_ip=config.gateway_ip).find_gateway(
+            ctx.deployment
+        )
+    except GatewayNotFound as exc:
+        raise CliError(f"{exc} (is the gateway running? `tunnelnat doctor` says more)") from None
+
+
+def parse_listing(stdout: str) -> tuple[dict[str, list[dict[str, Any]]], int, bool]:
+    """ShowTunnels' lines by kind; how many lines were unreadable; whether SSM cut the output."""
+    kinds: dict[str, list[dict[str, Any]]] = {"ike": [], "child": [], "tunnel": [], "error": []}
+    unreadable = 0
+    cut = len(stdout) >= SSM_OUTPUT_LIMIT or "--output truncated--" in stdout
+    for line in stdout.splitlines():
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError:
+            unreadable += 1
+            continue
+        if isinstance(item, dict) and item.get("kind") in kinds:
+            kinds[item["kind"]].append(item)
+        else:
+            unreadable += 1
+    return kinds, unreadable, cut
+
+
+def run(ctx: Ctx) -> int:
+    gateway = find_gateway(ctx)
+    port = ctx.runtime.commands or ShowTunnelsCommand(
+        ctx.aws.client("ssm"),
+        document_prefix=f"{ctx.deployment}-",
+        timeout_seconds=ctx.args.timeout,
+        poll_seconds=1.0,
+        sleep=ctx.runtime.sleep,
+    )
+    parameters = {"TunnelName": ctx.args.tunnel or ""}
+    try:
+        result = port.run(gateway, DOCUMENT, parameters)
+    except CommandError as exc:
+        raise CliError(f"{DOCUMENT} on gateway {gateway}: {exc}") from None
+    if not result.ok:
+        detail = (result.stderr or result.stdout).strip().splitlines()
+        raise CliError(
+            f"{DOCUMENT} {result.status} on gateway {gateway}: "
+            f"{detail[-1] if detail else 'no output'} (is the {ctx.deployment}-{DOCUMENT} "
+            "document deployed, and the caller allowed ssm:SendCommand with it?)"
+        )
+    kinds, unreadable, cut = parse_listing(result.stdout)
+    doc = {
+        "schema": SCHEMA,
+        "deployment": ctx.deployment,
+        "gateway": gateway,
+        "tunnels": kinds["tunnel"],
+        "ike_sas": kinds["ike"],
+        "child_sas": kinds["child"],
+        "errors": [e.get("error") for e in kinds["error"]],
+        "truncated": cut or unreadable > 0,
+    }
+    if ctx.args.json:
+        dump_json(doc, ctx.out)
+    else:
+        render(ctx, doc, unreadable)
+    return EXIT_FINDINGS if doc["errors"] else EXIT_OK
+
+
+def _seconds(value: Any) -> str:
+    if not isinstance(value, int):
+        return "-"
+    if value < 0:
+        return f"overdue {-value}s"
+    if value < 120:
+        return f"{value}s"
+    if value < 7200:
+        return f"{value // 60}m"
+    return f"{value // 3600}h{(value % 3600) // 60:02d}m"
+
+
+def _ago(value: Any) -> str:
+    return f"{_seconds(value)} ago" if isinstance(value, int) else "-"
+
+
+def render(ctx: Ctx, doc: dict[str, Any], unreadable: int) -> None:
+    out = ctx.out
+    out.write(f"gateway {doc['gateway']}  deployment {doc['deployment']}\n")
+    last: dict[str, int] = {}
+    for t in doc["tunnels"]:
+        last.update(t.get("last_rekey_ago") or {})
+        out.write(
+            f"tunnel {t['tunnel']}: {len(t.get('children') or [])} CHILD_SA name(s); charon's "
+            f"log holds {t.get('rekeys_in_log', 0)} rekey(s), "
+            f"{t.get('failed_rekeys_in_log', 0)} failed\n"
+        )
+    for error in doc["errors"]:
+        out.write(f"{error}\n")
+    if doc["ike_sas"]:
+        out.write("\n")
+        out.write(
+            table(
+                ["IKE SA", "ID", "STATE", "REMOTE", "REMOTE ID", "PROPOSAL", "UP", "REKEY IN"],
+                [
+                    [
+                        i["ike"],
+                        i.get("id"),
+                        i["state"],
+                        i.get("remote"),
+                        i.get("remote_id"),
+                        i.get("proposal"),
+                        _seconds(i.get("established")),
+                        _seconds(i.get("rekey_in")),
+                    ]
+                    for i in doc["ike_sas"]
+                ],
+            )
+            + "\n"
+        )
+    if doc["child_sas"]:
+        out.write("\n")
+        out.write(
+            table(
+                [
+                    "CHILD SA",
+                    "ID",
+                    "STATE",
+                    "LOCAL",
+                    "REMOTE",
+                    "PROPOSAL",
+                    "AGE",
+                    "LAST REKEY",
+                    "REKEY IN",
+                    "BYTES IN/OUT",
+                    "LAST IN",
+                ],
+                [
+                    [
+                        c["child"],
+                        c.get("id"),
+                        c["state"],
+                        ",".join(c.get("local_ts") or []),
+                        ",".join(c.get("remote_ts") or []),
+                        c.get("proposal"),
+                        _seconds(c.get("age")),
+                        _ago(last.get(c["child"])),
+                        _seconds(c.get("rekey_in")),
+                        f"{c.get('bytes_in')}/{c.get('bytes_out')}",
+                        _ago(c.get("idle_in")),
+                    ]
+                    for c in doc["child_sas"]
+                ],
+            )
+            + "\n"
+        )
+    elif not doc["errors"]:
+        out.write("no SA on the gateway: the tunnel is down (`tunnelnat doctor` says why)\n")
+    if doc["truncated"]:
+        ctx.err.write(
+            f"tunnelnat: SSM kept only the first {SSM_OUTPUT_LIMIT:,} characters of the listing"
+            f"{f' ({unreadable} line(s) cut)' if unreadable else ''}: pass --tunnel NAME\n"
+        )
