@@ -1,24 +1,15 @@
 """The gateway-side program: applies the NAT table the controller wants, pulled from DynamoDB.
 
-It runs on the gateway, embedded in the ConfigureGateway and SyncNatTable documents next to
-``tunnelnat/core/nat.py`` (``make documents`` copies both), with the system's python3 and boto3.
-
     tunnelnat_gateway.py configure --base-json JSON --table NAME --region R
     tunnelnat_gateway.py sync [--table NAME --region R] [--full]
 
-``configure`` also keeps a copy of this program (and nat.py) in ``/etc/tunnelnat/lib`` and the
-table's name and region in ``/etc/tunnelnat/source.json``: the boot unit ``tunnelnat-sync`` runs
-that copy as ``sync`` without arguments after a reboot (gateway/systemd/).
+Embedded in ConfigureGateway and SyncNatTable with ``tunnelnat/core/nat.py`` (SyncNatTable adds
+``tunnelnat_delta.py``, the change-log reader). ``configure`` keeps a copy of it and nat.py in
+``/etc/tunnelnat/lib``, run as ``sync`` by the boot unit ``tunnelnat-sync`` (gateway/systemd/).
 
-The applied generation is kept inside the ruleset itself (the ``applied_generation`` set), so it
-changes atomically with the maps and vanishes with them on reboot: a gateway that lost its table
-reads as "nothing applied" and gets the whole table back on the next sync.
-
-At boot the ``tunnelnat-restore`` unit loads the saved ruleset ``/etc/tunnelnat/tunnelnat.nft``
-(guard and all, no mappings) before the network and strongSwan start. Its ``applied_generation``
-set is EMPTY: "nothing applied since boot". The health agent reports TunnelUp=0 while the set is
-empty or missing, and the next sync here applies the whole table; every successful sync or
-apply puts its generation (also 0) in the set.
+What is applied lives in the ruleset, changing atomically with the maps: ``applied_generation``
+and ``applied_state``. Both are EMPTY in the boot ruleset (``tunnelnat.nft``): nothing applied
+since boot (TunnelUp=0 meanwhile); the next sync rebuilds the whole table (reason ``boot``).
 """
 
 from __future__ import annotations
@@ -34,6 +25,8 @@ import time
 from pathlib import Path
 
 from tunnelnat.core.nat import (
+    APPLIED_SETS,
+    M32,
     TABLE,
     GatewayBase,
     NatTable,
@@ -57,19 +50,28 @@ class GatewayError(RuntimeError):
     pass
 
 
-def read_desired(client: object, table_name: str, nat_mode: str) -> NatTable:
-    """Read the generation first, then the mappings: the table we build is never older than the
-    generation we label it with (writes bump both in one transaction).
-
-    Every address is validated (NatTable.from_rows): nft is never handed a value that is not a
-    canonical IPv4 address. A row that cannot be applied (malformed, or colliding with another
-    on P or S) is left out and listed in the table's ``rejected``; every other row is applied."""
+def read_meta(client: object, table_name: str) -> tuple[int, int | None]:
+    """The desired generation and checksum (None: the store cannot vouch for it)."""
     meta = client.get_item(TableName=table_name, Key=META_KEY, ConsistentRead=True).get("Item", {})
-    generation = int(meta.get("generation", {}).get("N", "0"))
+    checksum = meta.get("checksum", {}).get("N")
+    known = checksum is not None and meta.get("checksum_from", {}).get("N") == "0"
+    return int(meta.get("generation", {}).get("N", "0")), int(checksum) & M32 if known else None
+
+
+def read_desired(
+    client: object, table_name: str, nat_mode: str, generation: int | None = None
+) -> NatTable:
+    """The generation first, then the mappings: the table is never older than its label (writes
+    bump both at once). A row that cannot be applied is left out and listed in ``rejected``."""
+    if generation is None:
+        generation = read_meta(client, table_name)[0]
+    return NatTable.from_rows(generation, read_rows(client, table_name), nat_mode)
+
+
+def read_rows(client: object, table_name: str) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     append = rows.append
-    paginator = client.get_paginator("query")
-    pages = paginator.paginate(
+    pages = client.get_paginator("query").paginate(
         TableName=table_name,
         KeyConditionExpression="pk = :pk",
         ExpressionAttributeValues={":pk": {"S": MAPPING_PK}},
@@ -80,10 +82,9 @@ def read_desired(client: object, table_name: str, nat_mode: str) -> NatTable:
         for item in page["Items"]:
             try:
                 append((item["private_ip"]["S"], item["public_ip"]["S"]))
-            except (KeyError, TypeError):
-                # Kept as whatever text it has: from_rows rejects it with the reason.
+            except (KeyError, TypeError):  # from_rows rejects it with the reason
                 append((_text(item, "private_ip"), _text(item, "public_ip")))
-    return NatTable.from_rows(generation, rows, nat_mode)
+    return rows
 
 
 def _text(item: object, name: str) -> str:
@@ -100,28 +101,38 @@ def rejected_report(table: NatTable, limit: int = 20) -> dict:
     return {"rejected": rows, "rejected_count": len(table.rejected)}
 
 
-def applied_generation() -> int | None:
-    """The generation in the kernel's ruleset; None when the table is not there or its
-    ``applied_generation`` set is empty (the boot ruleset: nothing applied since boot)."""
+def _set_element(name: str) -> object:
     proc = subprocess.run(
-        ["nft", "-j", "list", "set", "ip", TABLE, "applied_generation"],
-        capture_output=True,
-        text=True,
+        ["nft", "-j", "list", "set", "ip", TABLE, name], capture_output=True, text=True
     )
     if proc.returncode != 0:
         return None
     for entry in json.loads(proc.stdout).get("nftables", []):
         elems = entry.get("set", {}).get("elem")
         if elems:
-            return int(elems[0])
+            return elems[0]
     return None
 
 
+def applied_generation() -> int | None:
+    """None: no table, or nothing applied since boot."""
+    element = _set_element("applied_generation")
+    return None if element is None else int(element)
+
+
+def applied_state() -> tuple[int, int, int] | None:
+    """(generation, checksum, mappings) applied; None: empty or missing."""
+    element = _set_element("applied_state")
+    if not isinstance(element, dict) or len(element.get("concat", ())) != 3:
+        return None
+    generation, checksum, count = (int(x) for x in element["concat"])
+    return generation, checksum, count
+
+
 def render_boot_ruleset(base: GatewayBase) -> str:
-    """The ruleset the gateway loads at boot: every chain (the guard with them), no mappings,
-    and an empty ``applied_generation`` set, in one transaction."""
+    """Loaded at boot: every chain (the guard too), no mappings, nothing applied."""
     empty = render_nat_table(base, NatTable(0, (), base.nat_mode))
-    return empty + f"flush set ip {TABLE} applied_generation\n"
+    return empty + "".join(f"flush set ip {TABLE} {n}\n" for n in APPLIED_SETS)
 
 
 def nft_apply(ruleset: str) -> None:
@@ -145,24 +156,42 @@ def sync(client: object, table_name: str, *, full: bool = False) -> dict:
         # overwrites a newer generation with an older one.
         fcntl.flock(lock, fcntl.LOCK_EX)
         base = load_base()
-        desired = read_desired(client, table_name, base.nat_mode)
-        current = applied_generation()
-        if current is None or full:
-            nft_apply(render_nat_table(base, desired))
-            BOOT_RULESET.write_text(render_boot_ruleset(base))
-            action = "full"
-        elif current >= desired.generation:
-            action = "unchanged"
+        generation, checksum = read_meta(client, table_name)
+        state = applied_state()
+        current = state[0] if state else applied_generation()
+        report: dict = {"items_read": 1}
+        try:
+            import tunnelnat_delta as log  # SyncNatTable's; the boot copy reads no change log
+        except ImportError:
+            log = None
+        if full:
+            reason = "forced"
+        elif state is None:  # a generation without a state: an older program's table
+            reason = "boot" if current is None else "drift"
+        elif generation < current or (generation == current and log is None):
+            reason, report["action"] = None, "unchanged"  # never backwards
+        elif log is None:
+            reason = "gap"
         else:
-            nft_apply(render_map_update(desired))
-            action = "updated"
+            args = (client, table_name, base.nat_mode, generation, checksum, state, report)
+            reason = log.catch_up(*args, apply=nft_apply)
+        if reason is not None:
+            rows = read_rows(client, table_name)
+            report["items_read"] += len(rows)
+            desired = NatTable.from_rows(generation, rows, base.nat_mode)
+            if state is not None and reason in ("gap", "drift"):  # maps only, chains stay
+                nft_apply(render_map_update(desired))
+            else:
+                nft_apply(render_nat_table(base, desired))
+                BOOT_RULESET.write_text(render_boot_ruleset(base))
+            report.update(action="full", reason=reason, mappings=len(desired))
+            report.update(rejected_report(desired))
+        report.setdefault("mappings", state[2] if state else 0)
     return {
-        "action": action,
-        "applied_generation": current if action == "unchanged" else desired.generation,
+        "applied_generation": current if report["action"] == "unchanged" else generation,
         "previous_generation": current,
-        "mappings": len(desired),
         "seconds": round(time.monotonic() - started, 3),
-        **rejected_report(desired),
+        **report,
     }
 
 

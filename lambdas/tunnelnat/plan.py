@@ -13,6 +13,7 @@ from tunnelnat.adapters.commands import AgentNotReady, CommandError
 from tunnelnat.adapters.store import (
     ADDRESS,
     MAPPING,
+    MAPPING_ITEMS_MAX,
     PRIVATE,
     InstanceRecord,
     Snapshot,
@@ -22,9 +23,10 @@ from tunnelnat.adapters.store import (
 from tunnelnat.core.enrolment import Decision, ObservedInstance, Status
 from tunnelnat.gateway_sync import GatewaySyncFailed, GatewaySyncPending
 
-# Items per transaction, the generation bump aside (DynamoDB's limit is 100): a mapping change is
-# up to 5 (the mapping, a claim and a release of its public and of its private address).
-TRANSACTION_ITEMS = 99
+# Items per transaction, the generation bump and its change-log entry aside (DynamoDB's limit is
+# 100): a mapping change is up to 5 (the mapping, a claim and a release of its public and of its
+# private address).
+TRANSACTION_ITEMS = MAPPING_ITEMS_MAX
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ Items (partition ``pk``, sort ``sk``):
   private/<ip>            instance_id                  a claim on a private address (one mapping
                                                        per P, whatever the VPC or the instance)
   instance/<instance-id>  status, reason, route, ...   what operators see
-  meta/generation         generation                   bumped by every mapping change
+  meta/generation         generation, checksum, ...    bumped by every mapping change
+  change/<generation>     changes, expiration          what that generation changed (the log)
   meta/gateway            applied_generation, gateway  what the gateway last reported
   meta/reconcile          request_id, handled_at, ...  the last reconcile request handled
   lifecycle/<token>       first_seen, expiration       when the controller first held an action
@@ -15,6 +16,15 @@ Every mapping change, its address claim and the generation bump are one transact
 gateway, which reads the generation before the mappings, never labels a table with a generation
 newer than its contents; two writers never claim one address; and no private address is ever
 mapped twice (the gateway could not tell which instance a packet to or from it belongs to).
+
+The same transaction writes the generation's change-log entry (``change/<generation, 20 digits>``:
+the rows removed and added, in order; it expires after ``CHANGE_KEEP_SECONDS``) and moves
+``meta/generation``'s ``checksum`` (the sum of ``mapping_digest`` over every mapping row, kept
+with ADD, so no writer reads the table for it). The gateway reads only the entries after the
+generation it applied, and compares checksums to catch drift. ``checksum_from`` is the
+generation the sum started at: anything but 0 (a table older than the checksum) means unknown.
+Writing the mapping is conditional on ``previous`` being what the item holds, so the log and
+the checksum never describe a row that was not there.
 """
 
 from __future__ import annotations
@@ -27,10 +37,17 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
+from tunnelnat.core.nat import mapping_digest
+
 MAPPING, ADDRESS, INSTANCE, META, LEASE = "mapping", "address", "instance", "meta", "lease"
 PRIVATE = "private"
 LIFECYCLE = "lifecycle"
+CHANGE = "change"
 TRANSACT_MAX = 100  # DynamoDB's limit on items per TransactWriteItems
+# A mapping transaction's own items: the rest are the generation bump and its change-log entry.
+MAPPING_ITEMS_MAX = TRANSACT_MAX - 2
+GENERATION_DIGITS = 20  # change/<generation>, zero-padded: the sort key orders generations
+CHANGE_KEEP_SECONDS = 3 * 86400  # a gateway further behind reads the whole table instead
 BATCH_GET_MAX = 100  # and on keys per BatchGetItem
 _APPLIED_FORWARD = (
     "attribute_not_exists(applied_generation) OR applied_generation <= :g "
@@ -108,6 +125,41 @@ class MappingChange:
     # Whether the previous mapping's private address is claimed by this instance (a mapping
     # written before claims existed, or beside another's, has nothing of its own to release).
     release_private: bool = True
+
+
+def change_ops(changes: Iterable[MappingChange]) -> tuple[list[dict], int]:
+    """The change-log entry's rows (removals first: the transaction is atomic, and an address a
+    row lets go of may be taken by another in it) and what the checksum moves by."""
+    removed: list[dict] = []
+    added: list[dict] = []
+    moved = 0
+    for change in changes:
+        old, new = change.previous, change.new
+        old_pair = (old.private_ip, old.public_ip) if old is not None else None
+        new_pair = (new.private_ip, new.public_ip) if new is not None else None
+        if old_pair == new_pair:
+            continue
+        if old_pair is not None:
+            removed.append(_op("remove", *old_pair))
+            moved -= mapping_digest(int(old_pair[0]), int(old_pair[1]))
+        if new_pair is not None:
+            added.append(_op("add", *new_pair))
+            moved += mapping_digest(int(new_pair[0]), int(new_pair[1]))
+    return removed + added, moved
+
+
+def _op(op: str, private_ip: IPv4Address, public_ip: IPv4Address) -> dict:
+    return {
+        "M": {
+            "op": {"S": op},
+            "private_ip": {"S": str(private_ip)},
+            "public_ip": {"S": str(public_ip)},
+        }
+    }
+
+
+def change_key(generation: int) -> dict:
+    return _key(CHANGE, f"{generation:0{GENERATION_DIGITS}d}")
 
 
 def _mapping(item: dict) -> StoredMapping:
@@ -252,25 +304,14 @@ class EnrolmentStore:
         """Write the mapping (claiming ``public_ip`` from the pool when ``claim``) and bump the
         generation, atomically. Returns the new generation."""
         generation = self.desired_generation()
-        items: list[dict] = [
-            {
-                "Put": {
-                    "TableName": self._table,
-                    "Item": {
-                        **_key(MAPPING, instance_id),
-                        "private_ip": {"S": str(private_ip)},
-                        "public_ip": {"S": str(public_ip)},
-                        "generation": {"N": str(generation + 1)},
-                    },
-                }
-            }
-        ]
+        new = StoredMapping(instance_id, private_ip, public_ip)
+        items: list[dict] = [self._put_mapping(new, previous, generation)]
         if claim:
             items.append(self._claim(public_ip, instance_id))
         if previous is not None and previous.public_ip != public_ip:
             items.append(self._release(previous.public_ip, instance_id))
         items.append(self._claim(private_ip, instance_id, PRIVATE))
-        items.append(self._bump(generation))
+        items += self._log_and_bump([MappingChange(instance_id, new, previous)], generation)
         self._transact(items, claimed=public_ip if claim else None)
         return generation + 1
 
@@ -284,19 +325,7 @@ class EnrolmentStore:
         for change in changes:
             if change.new is not None:
                 new = change.new
-                items.append(
-                    {
-                        "Put": {
-                            "TableName": self._table,
-                            "Item": {
-                                **_key(MAPPING, change.instance_id),
-                                "private_ip": {"S": str(new.private_ip)},
-                                "public_ip": {"S": str(new.public_ip)},
-                                "generation": {"N": str(generation + 1)},
-                            },
-                        }
-                    }
-                )
+                items.append(self._put_mapping(new, change.previous, generation))
                 if claim:
                     items.append(self._claim(new.public_ip, change.instance_id))
                     claimed.append(new.public_ip)
@@ -313,8 +342,12 @@ class EnrolmentStore:
                         "Delete": {
                             "TableName": self._table,
                             "Key": _key(MAPPING, change.instance_id),
-                            "ConditionExpression": "public_ip = :ip",
-                            "ExpressionAttributeValues": {":ip": {"S": str(old.public_ip)}},
+                            # What the log says it removes is what was there.
+                            "ConditionExpression": "private_ip = :p AND public_ip = :ip",
+                            "ExpressionAttributeValues": {
+                                ":p": {"S": str(old.private_ip)},
+                                ":ip": {"S": str(old.public_ip)},
+                            },
                         }
                     }
                 )
@@ -324,11 +357,11 @@ class EnrolmentStore:
                     items.append(self._release(old.private_ip, change.instance_id, PRIVATE))
         if not items:
             return generation
-        if len(items) >= TRANSACT_MAX:
-            raise ValueError(f"{len(changes)} changes need {len(items) + 1} transaction items")
-        bump = self._bump(generation)
+        if len(items) > MAPPING_ITEMS_MAX:
+            raise ValueError(f"{len(changes)} changes need {len(items) + 2} transaction items")
+        log, bump = self._log_and_bump(changes, generation)
         bump["Update"]["ReturnValuesOnConditionCheckFailure"] = "ALL_OLD"
-        items.append(bump)
+        items += [log, bump]
         try:
             self._db.transact_write_items(TransactItems=items)
         except ClientError as exc:
@@ -738,16 +771,60 @@ class EnrolmentStore:
             }
         }
 
-    def _bump(self, generation: int) -> dict:
+    def _put_mapping(
+        self, new: StoredMapping, previous: StoredMapping | None, generation: int
+    ) -> dict:
+        if previous is None:
+            condition: dict = {"ConditionExpression": "attribute_not_exists(pk)"}
+        else:  # the log removes ``previous``: it must be what the item holds
+            condition = {
+                "ConditionExpression": "private_ip = :p AND public_ip = :s",
+                "ExpressionAttributeValues": {
+                    ":p": {"S": str(previous.private_ip)},
+                    ":s": {"S": str(previous.public_ip)},
+                },
+            }
+        return {
+            "Put": {
+                "TableName": self._table,
+                "Item": {
+                    **_key(MAPPING, new.instance_id),
+                    "private_ip": {"S": str(new.private_ip)},
+                    "public_ip": {"S": str(new.public_ip)},
+                    "generation": {"N": str(generation + 1)},
+                },
+                **condition,
+            }
+        }
+
+    def _log_and_bump(self, changes: Iterable[MappingChange], generation: int) -> list[dict]:
+        """The change-log entry of ``generation + 1`` and the bump to it (last: callers read
+        the bump's cancellation reason there), moving the checksum by the rows changed."""
+        ops, moved = change_ops(changes)
+        log = {
+            "Put": {
+                "TableName": self._table,
+                "Item": {
+                    **change_key(generation + 1),
+                    "changes": {"L": ops},
+                    "expiration": {"N": str(int(self._clock() + CHANGE_KEEP_SECONDS))},
+                },
+            }
+        }
+        return [log, self._bump(generation, moved)]
+
+    def _bump(self, generation: int, moved: int = 0) -> dict:
         return {
             "Update": {
                 "TableName": self._table,
                 "Key": _key(META, "generation"),
-                "UpdateExpression": "SET generation = :next",
+                "UpdateExpression": "SET generation = :next, "
+                "checksum_from = if_not_exists(checksum_from, :seen) ADD checksum :moved",
                 "ConditionExpression": "attribute_not_exists(generation) OR generation = :seen",
                 "ExpressionAttributeValues": {
                     ":next": {"N": str(generation + 1)},
                     ":seen": {"N": str(generation)},
+                    ":moved": {"N": str(moved)},
                 },
             }
         }

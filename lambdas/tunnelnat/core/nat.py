@@ -1,12 +1,12 @@
 """The gateway's NAT table: the desired mappings and their nftables rendering.
 
-Standard library only: this module also runs on the gateway, embedded in the SyncNatTable and
-ConfigureGateway documents (``make documents`` copies it there), so the code the unit tests
-exercise is the code that programs the kernel.
+Standard library only: embedded in the gateway's documents (``make documents``), so the code the
+unit tests exercise is the code that programs the kernel.
 
-The table lives in its own nftables table ``ip tunnelnat``. Lookups go through maps and sets, so a
-packet costs one hash lookup whatever the number of enrolments, and a sync swaps the maps' contents
-in one atomic ``nft -f`` transaction without touching the chains (and so never the guard rules).
+One nftables table ``ip tunnelnat``; lookups go through maps and sets (one hash lookup whatever
+the number of enrolments); a sync changes the maps in one atomic ``nft -f`` transaction, never
+the chains (so never the guard rules). ``applied_state`` holds generation . checksum . mappings:
+the checksum is the sum of ``mapping_digest`` over the rows, mod 2**32 (the store's likewise).
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ TABLE = "tunnelnat"
 # file would read a double brace as an SSM parameter reference.
 LB, RB = "{", "}"
 MODES = ("dedicated", "instance", "shared")
+APPLIED_SETS = ("applied_generation", "applied_state")
 ELEMENT_INDENT = "      "
+M32, M64 = 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF
 _from_bytes = int.from_bytes
 
 
@@ -92,12 +94,9 @@ class GatewayBase:
 
 
 def ipv4_int(text: object) -> int:
-    """The address as an integer, for a canonical dotted quad only (``10.0.0.1``; never
-    ``10.0.0.01``, ``10.1``, a name, or anything with spaces or punctuation); ValueError else.
-
-    This is the gateway's hot loop (twice per mapping, 20,000 times for a 10,000-mapping table):
-    inet_pton/inet_ntop do it in C, and the round trip proves the text is exactly the canonical
-    form nft will be given, whatever the platform's inet_pton tolerates."""
+    """The address as an integer, for a canonical dotted quad only (never ``10.0.0.01``,
+    ``10.1``, a name, spaces or punctuation); ValueError else. The gateway's hot loop: done in C,
+    and the round trip proves the text is the canonical form nft will be given."""
     try:
         packed = _pton(AF_INET, text)  # type: ignore[arg-type]
         if _ntop(AF_INET, packed) == text:
@@ -107,15 +106,21 @@ def ipv4_int(text: object) -> int:
     raise ValueError(f"not an IPv4 address: {str(text)[:60]!r}")
 
 
+def mapping_digest(private: int, public: int) -> int:
+    """32 bits of a mapping: splitmix64's finalizer (swapping two rows' S moves the sum)."""
+    x = (private << 32) | public
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & M64
+    return (x ^ (x >> 31)) & M32
+
+
 class NatTable:
     """The desired mappings at one generation. The constructor refuses an ambiguous table;
     ``from_rows`` (the gateway's reader) leaves the rows out and lists them in ``rejected``.
+    Rows are validated canonical text ``(private, public)`` sorted by address (no ``ipaddress``
+    object per address on the gateway); ``mappings``: as ``NatMapping`` objects."""
 
-    Kept as validated canonical text rows ``(private, public)`` sorted by address, so the gateway
-    renders them without building an ``ipaddress`` object per address; ``mappings`` gives the
-    same rows as ``NatMapping`` objects for callers that want them (built on first use)."""
-
-    __slots__ = ("generation", "nat_mode", "rows", "rejected", "_mappings")
+    __slots__ = ("generation", "nat_mode", "rows", "rejected", "checksum", "_mappings")
 
     def __init__(
         self,
@@ -131,13 +136,10 @@ class NatTable:
     def from_rows(
         cls, generation: int, rows: Iterable[tuple[str, str]], nat_mode: str = "dedicated"
     ) -> NatTable:
-        """From ``(private, public)`` text pairs, each address validated (the gateway's path).
-
-        A row that cannot be applied (an address that is not a canonical IPv4 address, a private
-        address mapped to two public ones, a public address mapped from two private ones outside
-        shared mode) is left out with every row it collides with, and listed in ``rejected`` as
-        ``(private, public, reason)``: the gateway applies every valid row and reports the rest,
-        it never refuses the whole table for one row."""
+        """From ``(private, public)`` text pairs (the gateway's path). A row that cannot be
+        applied (a malformed address, a P mapped to two S, an S from two P outside shared mode)
+        is left out with every row it collides with and listed in ``rejected`` as ``(private,
+        public, reason)``: never the whole table refused for one row."""
         table = cls.__new__(cls)
         table._build(generation, rows, nat_mode)
         return table
@@ -187,6 +189,7 @@ class NatTable:
             by_private[p][1:] for p in sorted(by_private)
         )
         self.rejected: tuple[tuple[str, str, str], ...] = tuple(rejected)
+        self.checksum = sum(mapping_digest(p, v[0]) for p, v in by_private.items()) & M32
         self._mappings: tuple[NatMapping, ...] | None = None
 
     @property
@@ -240,6 +243,7 @@ def render_nat_table(base: GatewayBase, table: NatTable) -> str:
         *_declare("map", "snat_map", "ipv4_addr : ipv4_addr", _elements_snat(table)),
         *_declare("map", "dnat_map", "ipv4_addr : ipv4_addr", _elements_dnat(table)),
         *_declare("set", "applied_generation", "mark", [str(table.generation)]),
+        *_declare("set", "applied_state", "mark . mark . mark", [state_element(table)]),
         "  counter dropped_unenrolled { }",
         "  counter dropped_inbound { }",
         "  counter dropped_cleartext { }",
@@ -282,19 +286,24 @@ def render_map_update(table: NatTable) -> str:
         f"flush set ip {TABLE} enrolled",
         f"flush map ip {TABLE} snat_map",
         f"flush map ip {TABLE} dnat_map",
-        f"flush set ip {TABLE} applied_generation",
+        *(f"flush set ip {TABLE} {name}" for name in APPLIED_SETS),
     ]
     for name, elements in (
         ("enrolled", _elements_enrolled(table)),
         ("snat_map", _elements_snat(table)),
         ("dnat_map", _elements_dnat(table)),
         ("applied_generation", [str(table.generation)]),
+        ("applied_state", [state_element(table)]),
     ):
         if elements:
             out.append(f"add element ip {TABLE} {name} {LB}")
             out.append(_element_block(elements))
             out.append(RB)
     return "\n".join(out) + "\n"
+
+
+def state_element(table: NatTable) -> str:
+    return f"{table.generation} . {table.checksum} . {len(table.rows)}"
 
 
 def _snat_rules(base: GatewayBase) -> list[str]:
