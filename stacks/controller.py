@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from aws_cdk import ArnFormat, Duration, RemovalPolicy, Stack
+from aws_cdk import aws_autoscaling as autoscaling
 from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_events as events
 from aws_cdk import aws_events_targets as targets
@@ -38,6 +39,9 @@ SERVICE = "tunnelnat"
 # Not code: kept out of the Lambda asset.
 ASSET_EXCLUDES = ["**/__pycache__", "**/*.pyc", "*.egg-info", "**/.pytest_cache"]
 INSTANCE_STATES = ["running", "stopping", "stopped", "shutting-down", "terminated"]
+# How long Auto Scaling waits for a heartbeat or a completion: more than the controller's longest
+# back-off between attempts (delivery.py: 900 s), so a held launch never times out between two.
+HOOK_HEARTBEAT_SECONDS = 1800
 LIFECYCLE_DETAIL_TYPES = [
     "EC2 Instance-launch Lifecycle Action",
     "EC2 Instance-terminate Lifecycle Action",
@@ -58,6 +62,7 @@ class Controller(Construct):
         super().__init__(scope, construct_id)
         stack = Stack.of(self)
         deployment = settings.deployment
+        self._settings = settings
 
         # -- the one source of truth -----------------------------------------------------------
         # Predictable names: the operator's CLI (tunnelnat doctor/reconcile) finds them by the
@@ -291,8 +296,38 @@ class Controller(Construct):
                 conditions={"StringLike": {f"aws:ResourceTag/{key}": "*"}},
             ),
         ]
+        if settings.auto_scaling_groups:
+            # The user's own groups named in auto_scaling_groups: tunnelnat's hooks are on them
+            # (add_lifecycle_hooks), whatever tags the groups carry.
+            statements.append(
+                iam.PolicyStatement(
+                    sid="LifecycleOfNamedGroups",
+                    actions=[
+                        "autoscaling:CompleteLifecycleAction",
+                        "autoscaling:RecordLifecycleActionHeartbeat",
+                    ],
+                    resources=[
+                        stack.format_arn(
+                            service="autoscaling",
+                            resource="autoScalingGroup",
+                            resource_name=f"*:autoScalingGroupName/{name}",
+                            arn_format=ArnFormat.COLON_RESOURCE_NAME,
+                        )
+                        for name in settings.auto_scaling_groups
+                    ],
+                )
+            )
         for statement in statements:
             self.role.add_to_policy(statement)
+        self.hooks = self._lifecycle_hooks(settings)
+        for name in settings.auto_scaling_groups:
+            group = f"autoScalingGroup:*:autoScalingGroupName/{name}"
+            acknowledge(
+                self.role.node.find_child("DefaultPolicy"),
+                f"AwsSolutions-IAM5[Resource::{wildcard_arn(self, 'autoscaling', group)}]",
+                "A group named in auto_scaling_groups exists already: its ARN's only unknown part "
+                "is the group's ID, so the resource names the group and nothing else.",
+            )
 
         acknowledge(
             self.function,
@@ -307,7 +342,13 @@ class Controller(Construct):
                 "Resource::*",
                 "ec2:DescribeInstances, ssm:GetCommandInvocation, ssm:ListCommands, "
                 "autoscaling:DescribeAutoScalingInstances and DescribeLifecycleHooks and the "
-                "X-Ray trace API have no resource-level permissions.",
+                "X-Ray trace API have no resource-level permissions"
+                + (
+                    "; nor has ec2:DescribeRouteTables (route-table mode: the route changes "
+                    "themselves are allowed only on route tables of the gateway's VPC)."
+                    if settings.route_table_mode
+                    else "."
+                ),
             ),
             (
                 f"Resource::{wildcard_arn(self, 'ec2', 'instance/*')}",
@@ -324,9 +365,76 @@ class Controller(Construct):
         ):
             acknowledge(policy, f"AwsSolutions-IAM5[{finding}]", reason)
 
-    def serve_gateway(self, *, vpc_id: str, gateway_group: str) -> None:
+    def serve_gateway(
+        self, *, vpc_id: str, gateway_group: str, gateway_eni_id: str | None = None
+    ) -> None:
         """Tell the controller which VPC it serves and which group its gateway is in: instances
         of other VPCs are never enrolled, and the gateway is the member of that group holding G
-        (not whatever carries the gateway's tags)."""
+        (not whatever carries the gateway's tags). With route-table mode, the ENI holding G:
+        other subnets' route tables send the partner's networks to it."""
         self.function.add_environment("TUNNELNAT_VPC_ID", vpc_id)
         self.function.add_environment("TUNNELNAT_GATEWAY_GROUP", gateway_group)
+        if not self._settings.route_table_mode or gateway_eni_id is None:
+            return
+        self.function.add_environment("TUNNELNAT_GATEWAY_ENI_ID", gateway_eni_id)
+        stack = Stack.of(self)
+        self.role.add_to_policy(
+            iam.PolicyStatement(
+                # No resource-level permissions (Service Authorization Reference): "*".
+                sid="ReadRouteTables",
+                actions=["ec2:DescribeRouteTables"],
+                resources=["*"],
+            )
+        )
+        self.role.add_to_policy(
+            iam.PolicyStatement(
+                # Only route tables of the gateway's VPC: ec2:Vpc applies to the route-table
+                # resource of all three actions (Service Authorization Reference, Amazon EC2).
+                sid="RoutesInTheGatewaysVpc",
+                actions=["ec2:CreateRoute", "ec2:ReplaceRoute", "ec2:DeleteRoute"],
+                resources=[
+                    stack.format_arn(service="ec2", resource="route-table", resource_name="*")
+                ],
+                conditions={
+                    "ArnEquals": {
+                        "ec2:Vpc": stack.format_arn(
+                            service="ec2", resource="vpc", resource_name=vpc_id
+                        )
+                    }
+                },
+            )
+        )
+        policy = self.role.node.find_child("DefaultPolicy")
+        acknowledge(
+            policy,
+            f"AwsSolutions-IAM5[Resource::{wildcard_arn(self, 'ec2', 'route-table/*')}]",
+            "Route-table mode serves whichever subnets the operator's instances are in: the "
+            "statement allows CreateRoute/ReplaceRoute/DeleteRoute only on route tables whose "
+            "VPC is the gateway's (condition ec2:Vpc), and the controller never touches a route "
+            "it did not create.",
+        )
+
+    def _lifecycle_hooks(self, settings: StackSettings) -> list[autoscaling.CfnLifecycleHook]:
+        """tunnelnat's launch and terminate hooks on each group of ``auto_scaling_groups``:
+        launches are held until enrolled, terminations until the mapping is gone. Auto Scaling
+        sends the actions to EventBridge by itself, so the hooks need no notification target
+        and no role; their names carry the prefix the Lifecycle rule matches."""
+        hooks = []
+        for index, name in enumerate(settings.auto_scaling_groups):
+            for transition, lifecycle, default in (
+                ("launch", "autoscaling:EC2_INSTANCE_LAUNCHING", "ABANDON"),
+                ("terminate", "autoscaling:EC2_INSTANCE_TERMINATING", "CONTINUE"),
+            ):
+                hooks.append(
+                    autoscaling.CfnLifecycleHook(
+                        self,
+                        f"Group{index}{transition.title()}Hook",
+                        auto_scaling_group_name=name,
+                        lifecycle_hook_name=settings.hook_name(transition),
+                        lifecycle_transition=lifecycle,
+                        heartbeat_timeout=HOOK_HEARTBEAT_SECONDS,
+                        # Launch: an instance never enrolled is never put in service.
+                        default_result=default,
+                    )
+                )
+        return hooks

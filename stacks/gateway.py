@@ -142,11 +142,17 @@ class Gateway(Construct):
             ec2.Port(protocol=ec2.Protocol.ESP, string_representation="ESP"),
             "ESP from the partner",
         )
-        self.security_group.add_ingress_rule(
-            ec2.Peer.ipv4(str(config.gateway_subnet_cidr)),
-            ec2.Port.all_traffic(),
-            "enrolled instances' packets routed via G (nftables forwards enrolled sources only)",
-        )
+        # Forwarded packets: from the gateway's subnet (host routes via G), and in route-table
+        # mode from the whole VPC, secondary CIDRs too (its subnets' route tables send the
+        # partner's networks to G's ENI). nftables forwards enrolled sources only, and drops
+        # (and counts) the rest: a neighbour behind the same table gets nowhere.
+        forwarded = settings.vpc_networks if settings.route_table_mode else []
+        for network in forwarded or [config.gateway_subnet_cidr]:
+            self.security_group.add_ingress_rule(
+                ec2.Peer.ipv4(str(network)),
+                ec2.Port.all_traffic(),
+                "instances' packets routed via G (nftables forwards enrolled sources only)",
+            )
 
         # -- the standalone ENI with G, and the Elastic IP E on it ------------------------------
         self.eni = ec2.CfnNetworkInterface(

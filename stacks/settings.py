@@ -64,6 +64,8 @@ LOG_RETENTION_DAYS = {
 }  # fmt: skip
 
 _EMAIL = re.compile(r"^[^@\s,;]+@[^@\s,;]+\.[^@\s,;]+$")
+# What Auto Scaling accepts in a group name (no ARN, no commas: the key is a CSV list).
+_GROUP_NAME = re.compile(r"^[A-Za-z0-9_.:/ +=@-]{1,255}$")
 # Context keys that belong to the CDK itself (feature flags, CLI settings) rather than to us.
 _OURS = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -106,6 +108,29 @@ class StackSettings(BaseModel):
     )
     vpc_cidr: IPv4Network = Field(
         default=IPv4Network("10.80.0.0/16"), description="CIDR of the VPC the stack creates"
+    )
+    # -- route-table mode and the user's own groups (issue 13; docs/stack.md) -----------------
+    route_table_mode: bool = Field(
+        default=True,
+        description="serve instances in other subnets of the VPC through their subnets' route "
+        "tables (the controller adds a route for each partner network to G's ENI)",
+    )
+    vpc_cidrs: list[IPv4Network] = Field(
+        default_factory=list,
+        max_length=5,
+        description="with vpc_id: the VPC's IPv4 CIDR blocks, primary and secondary (the "
+        "gateway admits forwarded packets from them)",
+    )
+    private_subnet_ssm_endpoints: bool = Field(
+        default=False,
+        description="the created VPC's private subnet gets interface endpoints for SSM "
+        "(ssm, ssmmessages, ec2messages); tunnelnat itself does not need them",
+    )
+    auto_scaling_groups: list[str] = Field(
+        default_factory=list,
+        max_length=20,
+        description="existing Auto Scaling groups that get tunnelnat's launch and terminate "
+        "lifecycle hooks",
     )
     gateway_instance_type: str = Field(
         default="t3.small",
@@ -264,6 +289,23 @@ class StackSettings(BaseModel):
             [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) else value
         )
 
+    @field_validator("vpc_cidrs", "auto_scaling_groups", mode="before")
+    @classmethod
+    def _list(cls, value: Any) -> Any:
+        return (
+            [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) else value
+        )
+
+    @field_validator("auto_scaling_groups")
+    @classmethod
+    def _group_names(cls, value: list[str]) -> list[str]:
+        bad = [n for n in value if not _GROUP_NAME.fullmatch(n)]
+        if bad:
+            raise ValueError(f"not an Auto Scaling group name: {', '.join(map(repr, bad))}")
+        if len(set(value)) != len(value):
+            raise ValueError("a group is named twice")
+        return value
+
     @field_validator("ike_lifetimes", "child_lifetimes", mode="before")
     @classmethod
     def _triple(cls, value: Any) -> Any:
@@ -322,6 +364,20 @@ class StackSettings(BaseModel):
             raise ValueError(
                 "tunnel_alarm_datapoints cannot exceed tunnel_alarm_evaluation_periods"
             )
+        if self.vpc_cidrs and self.vpc_id is None:
+            raise ValueError(
+                "vpc_cidrs describes an existing VPC (vpc_id); the created VPC's is vpc_cidr"
+            )
+        if self.route_table_mode and self.vpc_id is not None and not self.vpc_cidrs:
+            raise ValueError(
+                "vpc_cidrs: with vpc_id and route_table_mode, give the VPC's IPv4 CIDR blocks "
+                "(aws ec2 describe-vpcs --vpc-ids <vpc_id> --query "
+                "'Vpcs[0].CidrBlockAssociationSet[].CidrBlock'), or -c route_table_mode=false"
+            )
+        if self.private_subnet_ssm_endpoints and self.vpc_id is not None:
+            raise ValueError(
+                "private_subnet_ssm_endpoints applies to the VPC the stack creates, not vpc_id"
+            )
         if self.gateway_ami_id and not self.region:
             raise ValueError("gateway_ami_id needs region (an AMI ID belongs to one region)")
         if self.queue_max_receive_count <= self.controller_max_attempts:
@@ -373,6 +429,15 @@ class StackSettings(BaseModel):
     @property
     def creates_vpc(self) -> bool:
         return self.vpc_id is None
+
+    @property
+    def vpc_networks(self) -> list[IPv4Network]:
+        """The VPC's IPv4 CIDR blocks as far as the stack knows them."""
+        return [self.vpc_cidr] if self.creates_vpc else list(self.vpc_cidrs)
+
+    def hook_name(self, transition: str) -> str:
+        """tunnelnat's lifecycle hook names: the prefix the controller's rule matches."""
+        return f"tunnelnat-{self.deployment}-{transition}"
 
     @property
     def tunnel_alarm_prefix(self) -> str:
@@ -537,27 +602,28 @@ def _check_placement(config: TunnelnatConfig, stack: StackSettings) -> None:
 def _check_addresses(config: TunnelnatConfig, stack: StackSettings) -> None:
     """Addresses that cannot work against our VPC and E (every problem at once, keys named).
 
-    The VPC's CIDR is known when the stack creates the VPC; in an existing VPC (``vpc_id``) the
-    controller's model has checked the same against the gateway's subnet.
+    The VPC's CIDR is known when the stack creates the VPC, and given as ``vpc_cidrs`` for an
+    existing one (``vpc_id``); without them the controller's model has checked the same against
+    the gateway's subnet.
     """
     problems = []
-    vpc = stack.vpc_cidr if stack.creates_vpc else None
-    if vpc is not None:
+    where = "vpc_cidr" if stack.creates_vpc else "vpc_cidrs"
+    for vpc in stack.vpc_networks:
         if config.partner_endpoint in vpc:
             problems.append(
-                f"partner_endpoint {config.partner_endpoint} lies inside vpc_cidr {vpc}: "
+                f"partner_endpoint {config.partner_endpoint} lies inside {where} {vpc}: "
                 "T is the partner's, not an address of our VPC"
             )
         for net in config.partner_networks:
             if net.overlaps(vpc):
                 problems.append(
-                    f"partner_networks {net} overlaps vpc_cidr {vpc}: the VPC's own route "
+                    f"partner_networks {net} overlaps {where} {vpc}: the VPC's own route "
                     "claims those addresses"
                 )
         for key, address in _public(config):
             if address in vpc:
                 problems.append(
-                    f"{key} {address} lies inside vpc_cidr {vpc}: S must be a public address "
+                    f"{key} {address} lies inside {where} {vpc}: S must be a public address "
                     "(an Elastic IP we own)"
                 )
     eip = stack.gateway_eip_address
@@ -567,8 +633,9 @@ def _check_addresses(config: TunnelnatConfig, stack: StackSettings) -> None:
                 f"gateway_eip_address {eip} is partner_endpoint: E is our end of the tunnel, "
                 "T the partner's"
             )
-        if vpc is not None and eip in vpc:
-            problems.append(f"gateway_eip_address {eip} lies inside vpc_cidr {vpc}")
+        inside = [vpc for vpc in stack.vpc_networks if eip in vpc]
+        if inside:
+            problems.append(f"gateway_eip_address {eip} lies inside {where} {inside[0]}")
         elif reserved := special_range(eip, NOT_PUBLIC):
             problems.append(f"gateway_eip_address {eip} is {reserved}: E is an Elastic IP")
     if problems:

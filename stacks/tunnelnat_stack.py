@@ -71,7 +71,9 @@ class TunnelnatStack(Stack):
             documents=self.documents,
         )
         self.controller.serve_gateway(
-            vpc_id=vpc.vpc_id, gateway_group=self.gateway.group.auto_scaling_group_name
+            vpc_id=vpc.vpc_id,
+            gateway_group=self.gateway.group.auto_scaling_group_name,
+            gateway_eni_id=self.gateway.eni.ref,
         )
         self.monitoring = Monitoring(
             self,
@@ -173,10 +175,43 @@ class TunnelnatStack(Stack):
                     subnet_type=ec2.SubnetType.PUBLIC,
                     cidr_mask=config.gateway_subnet_cidr.prefixlen,
                     map_public_ip_on_launch=False,
-                )
+                ),
+                # Where applications live: route-table mode serves it (its route table sends
+                # the partner's networks to G's ENI); no NAT, no internet, no SSM needed.
+                ec2.SubnetConfiguration(
+                    name="Private",
+                    subnet_type=ec2.SubnetType.PRIVATE_ISOLATED,
+                    cidr_mask=config.gateway_subnet_cidr.prefixlen,
+                ),
             ],
             restrict_default_security_group=False,
         )
+        if stack_settings.private_subnet_ssm_endpoints:
+            # Optional (docs/stack.md, cost): Session Manager and Run Command for the private
+            # subnet's instances without a NAT; route-table mode itself never needs them.
+            endpoints = ec2.SecurityGroup(
+                self,
+                "SsmEndpointsSecurityGroup",
+                vpc=created,
+                description="SSM interface endpoints: HTTPS from the VPC",
+                allow_all_outbound=False,
+            )
+            endpoints.add_ingress_rule(
+                ec2.Peer.ipv4(str(stack_settings.vpc_cidr)), ec2.Port.tcp(443), "HTTPS from the VPC"
+            )
+            for name, service in (
+                ("Ssm", ec2.InterfaceVpcEndpointAwsService.SSM),
+                ("SsmMessages", ec2.InterfaceVpcEndpointAwsService.SSM_MESSAGES),
+                ("Ec2Messages", ec2.InterfaceVpcEndpointAwsService.EC2_MESSAGES),
+            ):
+                created.add_interface_endpoint(
+                    f"{name}Endpoint",
+                    service=service,
+                    subnets=ec2.SubnetSelection(subnet_type=ec2.SubnetType.PRIVATE_ISOLATED),
+                    private_dns_enabled=True,
+                    security_groups=[endpoints],
+                    open=False,
+                )
         created.add_flow_log(
             "FlowLog",
             destination=ec2.FlowLogDestination.to_cloud_watch_logs(

@@ -28,6 +28,12 @@ EXPECTED_ACKNOWLEDGEMENTS = {
         "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:autoscaling:<AWS::Region>"
         ":<AWS::AccountId>:autoScalingGroup:*]",
     ),
+    # Route-table mode: route changes only on route tables whose VPC is the gateway's.
+    (
+        "Controller/Role/DefaultPolicy",
+        "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:ec2:<AWS::Region>:<AWS::AccountId>"
+        ":route-table/*]",
+    ),
     ("Gateway/Psk", "AwsSolutions-SMG4"),
     (
         "Gateway/Role",

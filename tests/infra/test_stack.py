@@ -198,7 +198,8 @@ def test_security_group_admits_ike_and_esp_from_the_partner_only(s):
         ("udp", 500, 500, f"{T}/32"),
         ("udp", 4500, 4500, f"{T}/32"),
         ("50", None, None, f"{T}/32"),
-        ("-1", None, None, SUBNET),
+        # Route-table mode: forwarded packets from the whole VPC (nftables: enrolled only).
+        ("-1", None, None, CONTEXT["vpc_cidr"]),
     }
     assert not s.resources("AWS::EC2::SecurityGroupIngress")
 
@@ -449,6 +450,7 @@ def test_controller_environment_is_what_its_settings_read(s):
     env = dict(function["Properties"]["Environment"]["Variables"])
     env |= {"TUNNELNAT_TABLE_NAME": DEPLOYMENT, "AWS_REGION": "eu-west-1"}
     env |= {"TUNNELNAT_VPC_ID": "vpc-0123456789abcdef0", "TUNNELNAT_GATEWAY_GROUP": "g"}
+    env |= {"TUNNELNAT_GATEWAY_ENI_ID": "eni-0123456789abcdef0"}
     settings = ControllerSettings.from_environ(env)
     assert (settings.deployment, settings.document_prefix) == (DEPLOYMENT, f"{DEPLOYMENT}-")
     # Issue 14, findings 2 and 5: the VPC it serves and the gateway's group come from the stack.
@@ -456,6 +458,9 @@ def test_controller_environment_is_what_its_settings_read(s):
     [vpc] = s.resources("AWS::EC2::VPC")
     assert variables["TUNNELNAT_VPC_ID"] == {"Ref": vpc}
     assert variables["TUNNELNAT_GATEWAY_GROUP"] == s.ref(s.stack.gateway.group)
+    # Issue 13: route-table mode's target, the ENI holding G.
+    assert variables["TUNNELNAT_GATEWAY_ENI_ID"] == s.ref(s.stack.gateway.eni)
+    assert settings.route_table_mode
 
 
 RULE_PATTERNS = {
@@ -565,6 +570,8 @@ def test_send_command_on_instances_only_with_the_right_tags(s):
 def test_controller_least_privilege(s):
     allowed_star = {
         "ec2:DescribeInstances",
+        # Route-table mode (issue 13): no resource-level permissions either.
+        "ec2:DescribeRouteTables",
         "ssm:GetCommandInvocation",
         "ssm:ListCommands",
         # Auto Scaling's Describe actions have no resource types (Service Authorization Reference).

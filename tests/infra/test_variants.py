@@ -17,6 +17,7 @@ OVERRIDES = {
     "gateway_subnet_id": "subnet-0123456789abcdef0",
     "gateway_subnet_cidr": "10.10.1.0/24",
     "gateway_private_ip": "10.10.1.5",
+    "vpc_cidrs": "10.10.0.0/16",
     "gateway_ami_id": "ami-0123456789abcdef0",
     "gateway_instance_type": "c7g.large",
     "gateway_eip_allocation_id": "eipalloc-0123456789abcdef0",
@@ -63,9 +64,9 @@ def test_existing_vpc_is_used_not_created(s):
     _, sg = s.one("AWS::EC2::SecurityGroup")
     assert sg["Properties"]["VpcId"] == OVERRIDES["vpc_id"]
     assert any(
-        rule["CidrIp"] == "10.10.1.0/24" and rule["IpProtocol"] == "-1"
+        rule["CidrIp"] == "10.10.0.0/16" and rule["IpProtocol"] == "-1"
         for rule in sg["Properties"]["SecurityGroupIngress"]
-    )
+    ), "route-table mode: the VPC's CIDRs (vpc_cidrs)"
 
 
 def configure_gateway_association(s):
