@@ -319,3 +319,33 @@ def test_a_table_whose_drain_was_interrupted_is_tidied_by_the_scheduled_run(rout
     handler(scheduled(), Context())
     assert partner_routes(w, w.private_table) == {}
     assert record(w, w.private_table) is None
+
+
+def test_a_join_racing_the_last_leave_ends_with_the_route_in_place(routed, monkeypatch):
+    """Worker 1 takes the last instance away and deletes the route; before it forgets the table,
+    worker 2 counts a new instance behind it. Worker 1's conditional delete fails, it reads again
+    and decides again: the route worker 2 put back stays, and the table is not forgotten."""
+    from tunnelnat.adapters.route_records import RouteTableRecords
+
+    w = routed
+    a = launch_private(w, "10.10.2.21", TAG)
+    handler(state_change(a, "running"), Context())
+    b = launch_private(w, "10.10.2.22", TAG)
+    other = handler_module.build_controller(commands=w.fleet)
+    real_delete = RouteTableRecords.delete
+    raced = []
+
+    def delete(self, table_id, *, version):
+        if not raced:
+            # Worker 1 has deleted the route; worker 2 comes in before it forgets the table.
+            assert partner_routes(w, w.private_table) == {}
+            raced.append(other.converge([b]))
+        return real_delete(self, table_id, version=version)
+
+    monkeypatch.setattr(RouteTableRecords, "delete", delete)
+    w.ec2.terminate_instances(InstanceIds=[a])
+    [gone] = handler(state_change(a, "terminated"), Context())["outcomes"]
+    assert gone["status"] == "gone"
+    assert raced and raced[0][b].status == "enrolled"
+    assert partner_routes(w, w.private_table) == {PARTNER: w.eni_id}
+    assert members(w, w.private_table) == {b}
