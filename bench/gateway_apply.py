@@ -179,15 +179,43 @@ class Driver:
         self.bump()
 
     def bump(self) -> None:
+        """A bulk load's generation, with the checksum of what is stored (as the store keeps
+        it); no change-log entry: a gateway that had an older table rebuilds it (gap)."""
+        from ipaddress import IPv4Address
+
+        from tunnelnat.core.nat import mapping_digest
+
         self.generation += 1
+        checksum = sum(
+            mapping_digest(int(IPv4Address(p)), int(IPv4Address(s)))
+            for p, s in self.stored.values()
+        )
         self.db.put_item(
             TableName=TABLE,
             Item={
                 "pk": {"S": "meta"},
                 "sk": {"S": "generation"},
                 "generation": {"N": str(self.generation)},
+                "checksum": {"N": str(checksum)},
+                "checksum_from": {"N": "0"},
             },
         )
+
+    def change(self, old: object, new: object) -> None:
+        """One mapping's change as the controller writes it: the store's transaction (the
+        mapping, its private claim, the change-log entry, the generation and checksum)."""
+        from tunnelnat.adapters.store import EnrolmentStore, MappingChange, StoredMapping
+
+        iid = self.instance_id(old.private_ip)  # type: ignore[attr-defined]
+        before = StoredMapping(iid, old.private_ip, old.public_ip)  # type: ignore[attr-defined]
+        after = StoredMapping(iid, new.private_ip, new.public_ip)  # type: ignore[attr-defined]
+        store = EnrolmentStore(self.db, TABLE)
+        self.generation = store.write_mappings(
+            [MappingChange(iid, after, before, release_private=False)],
+            generation=self.generation,
+            claim=False,
+        )
+        self.stored[iid] = (str(new.private_ip), str(new.public_ip))  # type: ignore[attr-defined]
 
     # -- the apply paths -----------------------------------------------------------------------
     def document(self, expect: str) -> dict:
@@ -211,8 +239,8 @@ class Driver:
         import tunnelnat_gateway as gw
 
         phases: dict[str, float] = {}
-        names = ("read_desired", "render_nat_table", "render_map_update", "nft_apply",
-                 "applied_generation")  # fmt: skip
+        names = ("read_meta", "read_rows", "render_nat_table", "render_map_update", "nft_apply",
+                 "applied_generation", "applied_state")  # fmt: skip
         originals = {n: getattr(gw, n) for n in names}
 
         def wrap(name: str, fn: object) -> object:
@@ -227,14 +255,16 @@ class Driver:
 
         # The DynamoDB calls themselves (request, moto's work, response parsing), by botocore's
         # event hooks; the rest of read_desired is turning items into a NatTable.
-        api = {"seconds": 0.0, "calls": 0, "t0": 0.0}
+        api = {"seconds": 0.0, "calls": 0, "t0": 0.0, "items": 0}
 
         def before(**_kw: object) -> None:
             api["t0"] = time.perf_counter()
 
-        def after(**_kw: object) -> None:
+        def after(parsed: object = None, **_kw: object) -> None:
             api["seconds"] += time.perf_counter() - api["t0"]
             api["calls"] += 1
+            if isinstance(parsed, dict):  # the items DynamoDB returned (and bills reads for)
+                api["items"] += len(parsed.get("Items", ())) + ("Item" in parsed)
 
         events = self.db.meta.events
         events.register("before-call.dynamodb", before, unique_id="bench-before")
@@ -252,13 +282,15 @@ class Driver:
             events.unregister("after-call.dynamodb", unique_id="bench-after")
         if report.get("action") != expect:
             raise RuntimeError(f"sync() reported {report}, expected {expect}")
-        read = phases.get("read_desired", 0.0)
+        read = phases.get("read_rows", 0.0) + phases.get("read_meta", 0.0)
         render = phases.get("render_nat_table", 0.0) + phases.get("render_map_update", 0.0)
         nft = phases.get("nft_apply", 0.0)
         return {
             "total": total,
             "dynamodb_api": api["seconds"],
             "dynamodb_calls": api["calls"],
+            "dynamodb_items": api["items"],
+            "report_items_read": report.get("items_read"),
             "table_build": read - api["seconds"],
             "render": render,
             "nft_apply": nft,
@@ -457,44 +489,39 @@ def _one_change(d: Driver, tables: object, n: int, config: dict) -> dict:
     phases = []
     current = maps[victim_index]
     spare = list(tables.SPARE_PUBLIC)  # type: ignore[attr-defined]
-    flip = 0
 
     def changed(old: NatMapping) -> NatMapping:
-        nonlocal flip
-        flip += 1
-        return NatMapping(old.private_ip, spare[flip % 2])
+        """The same P with the other spare S (never the one it has: a real change)."""
+        return NatMapping(old.private_ip, spare[1] if old.public_ip == spare[0] else spare[0])
 
-    for _ in range(config["change_reps"]):
-        # SyncNatTable document: the map update it really sends.
-        new = changed(current)
-        maps[victim_index] = new
-        d.store(maps)
-        runs["document"].append(d.document("updated")["seconds"])
-        current = new
-        # The gateway program in-process, phases.
-        new = changed(current)
-        maps[victim_index] = new
-        d.store(maps)
-        phases.append(d.sync_inproc("updated"))
-        current = new
-        # Raw nft: the same map update text (flush the maps, add every element).
-        new = changed(current)
-        maps[victim_index] = new
-        text = render_map_update(NatTable(d.generation, tuple(maps)))
-        runs["raw_nft_map_update"].append(d.raw_nft(text))
-        # Raw nft: only the changed elements (what an incremental update could send).
-        old, current = new, changed(new)
-        maps[victim_index] = current
-        inc = "\n".join([
+    def one_element(old: NatMapping, new: NatMapping) -> str:
+        return "\n".join([
             f"delete element ip tunnelnat snat_map {{ {old.private_ip} }}",
-            f"add element ip tunnelnat snat_map {{ {current.private_ip} : {current.public_ip} }}",
+            f"add element ip tunnelnat snat_map {{ {new.private_ip} : {new.public_ip} }}",
             f"delete element ip tunnelnat dnat_map {{ {old.public_ip} }}",
-            f"add element ip tunnelnat dnat_map {{ {current.public_ip} : {current.private_ip} }}",
+            f"add element ip tunnelnat dnat_map {{ {new.public_ip} : {new.private_ip} }}",
             "flush set ip tunnelnat applied_generation",
             f"add element ip tunnelnat applied_generation {{ {d.generation} }}",
         ]) + "\n"  # fmt: skip
-        runs["raw_nft_one_element"].append(d.raw_nft(inc))
-        d.store(maps)  # keep DynamoDB the truth for the next document run
+
+    for _ in range(config["change_reps"]):
+        # SyncNatTable document: the store's write, then the delta it really applies.
+        new = changed(current)
+        d.change(current, new)
+        maps[victim_index] = current = new
+        runs["document"].append(d.document("delta")["seconds"])
+        # The gateway program in-process, phases and items read.
+        new = changed(current)
+        d.change(current, new)
+        maps[victim_index] = current = new
+        phases.append(d.sync_inproc("delta"))
+        # Raw nft: the whole map update (flush the maps, add every element) of the same table.
+        text = render_map_update(NatTable(d.generation, tuple(maps)))
+        runs["raw_nft_map_update"].append(d.raw_nft(text))
+        # Raw nft: only that element changed, then back (untimed): the kernel stays the store's.
+        new = changed(current)
+        runs["raw_nft_one_element"].append(d.raw_nft(one_element(current, new)))
+        d.raw_nft(one_element(new, current))
     # iptables: the seed's way (delete the two old rules, append two new) vs a full restore.
     ipt_current = ipt_maps[victim_index]
     for _ in range(config["change_reps"]):

@@ -1,4 +1,4 @@
-"""The markdown report and the verdict against issue 6's targets."""
+"""The markdown report and the verdicts against issue 16's and issue 6's targets."""
 
 from __future__ import annotations
 
@@ -122,6 +122,73 @@ def targets(results: dict) -> list[dict]:
     return out
 
 
+def targets_issue16(results: dict) -> list[dict]:
+    """Issue 16's table: every target, measured in this run (None: the part did not run)."""
+    parts = results.get("parts", {})
+    apply_ = parts.get("apply", {})
+    ch = apply_.get("change") or {}
+    n = ch.get("mappings")
+    at = f"one-mapping change on {n:,}" if n else "one-mapping change"
+    work = _get(ch, "sync_inproc", "apply_excl_api", "median")
+    raw = _get(ch, "raw_nft_one_element", "median")
+    v = work / raw if work is not None and raw else None
+    out = [{
+        "target": f"{at}: gateway work ÷ raw `nft -f` of that single change ≤ 2×",
+        "measured": f"{_x(v)} ({_s(work)} vs {_s(raw)}; the sync minus its DynamoDB calls)"
+                    if v is not None else "n/a",
+        "met": None if v is None else v <= 2,
+    }]  # fmt: skip
+    items = _get(ch, "sync_inproc", "dynamodb_items", "max")
+    out.append({
+        "target": f"{at}: DynamoDB items read by the gateway ≤ 10",
+        "measured": "n/a" if items is None else
+                    f"{items:.0f} (the generation item and one change-log entry; counted in "
+                    "DynamoDB's replies)",
+        "met": None if items is None else items <= 10,
+    })  # fmt: skip
+    doc = _get(ch, "document", "median")
+    out.append({
+        "target": f"{at}: whole SyncNatTable document on moto ≤ 1.5 s",
+        "measured": _s(doc) + " (bash, python3 and boto3 start, the reads, `nft -f`)",
+        "met": None if doc is None else doc <= 1.5,
+    })  # fmt: skip
+    sizes = apply_.get("sizes") or {}
+    big = max(sizes, key=int) if sizes else None
+    v = apply_["ratios"][big]["sync_excl_api_over_raw_nft"] if big else None
+    out.append({
+        "target": f"full apply of {int(big):,} ÷ raw `nft -f` ≤ 1.5×" if big
+                  else "full apply ÷ raw `nft -f` ≤ 1.5×",
+        "measured": f"{_x(v)} (the sync minus its DynamoDB calls, from an empty ruleset)",
+        "met": None if v is None else v <= 1.5,
+    })  # fmt: skip
+    calls = _get(parts, "controller", "one", "api_calls", "total")
+    out.append({
+        "target": "API calls, one enrolment alone ≤ 6",
+        "measured": "n/a" if calls is None else f"{calls}",
+        "met": None if calls is None else calls <= 6,
+    })  # fmt: skip
+    lab = parts.get("lab", {})
+    med, worst = lab.get("median"), lab.get("max")
+    out.append({
+        "target": "tag → traffic in the lab, median ≤ 3 s",
+        "measured": "n/a" if med is None else
+                    f"median {_s(med)}, max {_s(worst)} over {lab.get('reached')} of "
+                    f"{len(lab.get('samples', []))} enrolments",
+        "met": None if med is None else med <= 3 and lab.get("reached") == len(lab["samples"]),
+    })  # fmt: skip
+    imports = [i for i in _get(parts, "coldstart", "imports") or []
+               if "importtime_cumulative_seconds" in i]  # fmt: skip
+    worst_import = max((i["importtime_cumulative_seconds"] for i in imports), default=None)
+    out.append({
+        "target": "handler import, median ≤ 400 ms",
+        "measured": ", ".join(f"`{i['module'].rsplit('.', 1)[-1]}` "
+                              f"{_s(i['importtime_cumulative_seconds'])}" for i in imports)
+                    or "n/a",
+        "met": None if worst_import is None else worst_import <= 0.4,
+    })  # fmt: skip
+    return out
+
+
 def markdown(results: dict) -> str:
     m = results.get("machine", {})
     parts = results.get("parts", {})
@@ -141,6 +208,16 @@ def markdown(results: dict) -> str:
         f"| tools | {m.get('nft')}; {m.get('iptables')}; Python {m.get('python')} |",
         f"| load average at start | {', '.join(str(x) for x in m.get('loadavg_at_start', []))} |",
         "",
+        "## Targets (issue 16)",
+        "",
+        "| target | measured | met |",
+        "|---|---|---|",
+    ]
+    for t in results.get("targets_issue16", []):
+        met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
+        lines.append(f"| {t['target']} | {t['measured']} | {met} |")
+    lines += [
+        "",
         "## Targets (issue 6)",
         "",
         "| target | measured | met |",
@@ -153,6 +230,7 @@ def markdown(results: dict) -> str:
     lines += ["", *_apply_md(parts.get("apply", {})), "", *_flows_md(parts.get("flows", {})), ""]
     lines += [*_controller_md(parts.get("controller", {})), ""]
     lines += [*_coldstart_md(parts.get("coldstart", {})), ""]
+    lines += [*_lab_md(parts.get("lab", {})), ""]
     left = results.get("namespaces_left")
     lines.append(f"Namespaces left after the run: {left if left else 'none'}.")
     return "\n".join(lines) + "\n"
@@ -233,13 +311,17 @@ def _apply_md(a: dict) -> list[str]:
             "",
             "| way | time |",
             "|---|---:|",
-            f"| SyncNatTable document (map update: flush the maps, re-add every element) "
+            f"| SyncNatTable document (delta: the change-log entry, element changes) "
             f"| {_s(ch['document']['median'])} |",
-            f"| gateway sync − DynamoDB calls (build / render / nft) "
-            f"| {_s(ph['apply_excl_api']['median'])} ({_s(ph['table_build']['median'])} / "
-            f"{_s(ph['render']['median'])} / {_s(ph['nft_apply']['median'])}) |",
-            f"| raw `nft -f` of the same map update | {_s(ch['raw_nft_map_update']['median'])} |",
-            f"| raw `nft -f` changing only that element (not what tunnelnat does today) "
+            f"| gateway sync − DynamoDB calls (nft / the rest) "
+            f"| {_s(ph['apply_excl_api']['median'])} ({_s(ph['nft_apply']['median'])} / "
+            f"{_s(ph['other']['median'])}) |",
+            f"| of which DynamoDB: calls / items read (moto) "
+            f"| {_s(ph['dynamodb_api']['median'])}: {ph['dynamodb_calls']['median']:.0f} / "
+            f"{ph['dynamodb_items']['median']:.0f} |",
+            f"| raw `nft -f` of the whole map update (what a full sync sends) "
+            f"| {_s(ch['raw_nft_map_update']['median'])} |",
+            f"| raw `nft -f` changing only that element "
             f"| {_s(ch['raw_nft_one_element']['median'])} |",
             f"| seed's way: `iptables -D` ×2 + `-A` ×2 | {_s(ch['seed']['median'])} |",
             f"| `iptables-restore` of the whole table | {_s(ch['iptables_restore']['median'])} |",
@@ -367,5 +449,39 @@ def _coldstart_md(c: dict) -> list[str]:
         f"{a['zipped_bytes'] / 1024:.0f} KiB ({a['files']} files, "
         f"{a['unzipped_bytes'] / 1024:.0f} KiB unzipped). Third-party packages it needs beyond "
         f"the runtime's boto3, zipped (Powertools normally arrives as the public layer): {deps}.",
+    ]
+    return lines
+
+
+def _lab_md(lab: dict) -> list[str]:
+    title = "5. Tag → traffic in the lab"
+    skipped = _skipped(title, lab)
+    if skipped:
+        return skipped
+    cfg = lab["config"]
+    lines = [
+        f"## {title}",
+        "",
+        f"The namespace lab ({lab['config']['instances']} instances; real strongSwan, nftables, "
+        "the documents run as the SSM agent runs them, moto for AWS), the tunnel up. Per "
+        f"instance, one at a time: a sender in its namespace sends a datagram to A every "
+        f"{cfg['interval'] * 1000:.0f} ms from a fresh socket (a new flow each); the tag is "
+        "written and the tag-change event handed to the real controller handler (SyncNatTable "
+        "and AddHostRoute run in the gateway's and the instance's namespaces); a capture on A's "
+        "interface gives the first datagram arriving with the instance's S as its source. "
+        f"Lab built in {_s(lab['lab_build_seconds'])}.",
+        "",
+        "| instance | status | S | handler returned | first packet at A as S |",
+        "|---|---|---|---:|---:|",
+    ]
+    for x in lab["samples"]:
+        lines.append(
+            f"| {x['instance']} | {x['status']} | {x['public_ip']} "
+            f"| {_s(x['handler_seconds'])} | {_s(x['seconds'])} |"
+        )
+    lines += [
+        "",
+        f"Median {_s(lab['median'])}, min {_s(lab['min'])}, max {_s(lab['max'])}; "
+        f"{lab['reached']} of {len(lab['samples'])} reached A.",
     ]
     return lines

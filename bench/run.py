@@ -2,9 +2,11 @@
 BENCH_ARGS="--burst 20,200"``): every benchmark, one run.
 
 Writes ``bench/results/latest.json`` (every sample) and ``latest.md`` (the tables, the machine,
-the targets of issue 6). The parts that need the kernel (NAT apply, new-connection rate) need
-root and run in ``tn-bench-<pid>-*`` namespaces that are removed at the end, also on failure or
-Ctrl-C; without root they are skipped and the report says so.
+the targets of issues 16 and 6). The lab part (tag -> traffic) builds the namespace lab, which
+takes the lab's lock: a running lab test or demo makes it wait. The parts that need the kernel
+(NAT apply, new-connection rate) need root and run in ``tn-bench-<pid>-*`` namespaces that are
+removed at the end, also on failure or Ctrl-C; without root they are skipped and the report
+says so.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ import time
 import traceback
 from pathlib import Path
 
-from bench import coldstart, controller, flows, gateway_apply, report
+from bench import coldstart, controller, flows, gateway_apply, lab_enrol, report
 from bench.common import REPO, is_root, machine
 from bench.netns import Sandbox, list_namespaces, remove_stale
 
-PARTS = ("apply", "flows", "controller", "coldstart")
+PARTS = ("apply", "flows", "controller", "coldstart", "lab")
 
 
 def run_all(
@@ -98,8 +100,23 @@ def run_all(
             res = {"error": f"{type(exc).__name__}: {exc}"}
         res["seconds"] = time.perf_counter() - t0
         results["parts"]["coldstart"] = res
+    if "lab" in parts:
+        if not is_root():
+            results["parts"]["lab"] = {"skipped": "needs root (the namespace lab)"}
+        else:
+            cfg = configs.get("lab") or lab_enrol.default_config(quick)
+            _log("lab: starting (tag -> traffic; waits for another lab run to finish)")
+            t0 = time.perf_counter()
+            try:
+                res = lab_enrol.run(cfg)
+            except Exception as exc:  # noqa: BLE001
+                traceback.print_exc()
+                res = {"error": f"{type(exc).__name__}: {exc}"}
+            res["seconds"] = time.perf_counter() - t0
+            results["parts"]["lab"] = res
     results["total_seconds"] = time.perf_counter() - started
     results["targets"] = report.targets(results)
+    results["targets_issue16"] = report.targets_issue16(results)
     results["namespaces_left"] = [ns for ns in list_namespaces() if ns.startswith("tn-bench-")]
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)

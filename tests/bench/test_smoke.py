@@ -95,6 +95,11 @@ def test_namespace_parts_run_and_clean_up(tmp_path):
     assert set(apply_["sizes"]) == {"1", "20"}
     assert apply_["sizes"]["20"]["checks"]["snat_map_elements"] == 20
     assert apply_["sizes"]["20"]["seed"]["measured"] is False  # beyond seed_full_max_rules
+    # The one-mapping change is a delta: the generation item and one change-log entry read.
+    assert apply_["change"]["sync_inproc"]["dynamodb_items"]["max"] == 2
+    assert apply_["change"]["sync_inproc"]["report_items_read"]["max"] == 2
+    table16 = {t["target"].split(":")[-1].strip(): t for t in results["targets_issue16"]}
+    assert table16["DynamoDB items read by the gateway ≤ 10"]["met"] is True
     flows = results["parts"]["flows"]
     assert "error" not in flows, flows.get("error")
     for cond in ("nft-1", "nft-10k", "iptables-1", "iptables-10k"):
@@ -102,3 +107,28 @@ def test_namespace_parts_run_and_clean_up(tmp_path):
     assert results["namespaces_left"] == []
     assert not [ns for ns in list_namespaces() if ns.startswith("tn-bench-")]
     assert "Applying the gateway's NAT table" in report.markdown(results)
+
+
+def test_issue16_targets_name_every_figure_and_its_verdict():
+    """The table the README shows: every target of issue 16, measured or 'not measured'."""
+    lab = {
+        "config": {"instances": 2, "interval": 0.01, "settle": 1.0},
+        "lab_build_seconds": 20.0,
+        "samples": [
+            {"instance": "web-1", "status": "enrolled", "public_ip": "203.0.113.10",
+             "handler_seconds": 1.2, "seconds": 1.3},
+            {"instance": "web-2", "status": "enrolled", "public_ip": "203.0.113.11",
+             "handler_seconds": 1.1, "seconds": 4.0},
+        ],
+        "reached": 2, "median": 2.65, "max": 4.0, "min": 1.3,
+    }  # fmt: skip
+    results = {"parts": {"lab": lab, "controller": {"one": {"api_calls": {"total": 7}}}}}
+    rows = report.targets_issue16(results)
+    assert len(rows) == 7
+    verdict = {r["target"]: r["met"] for r in rows}
+    assert verdict["tag → traffic in the lab, median ≤ 3 s"] is True
+    assert verdict["API calls, one enrolment alone ≤ 6"] is False
+    assert verdict["handler import, median ≤ 400 ms"] is None  # not run
+    md = report.markdown({"parts": {"lab": lab}, "targets_issue16": rows})
+    assert "## Targets (issue 16)" in md and "Tag → traffic in the lab" in md
+    assert "| web-2 | enrolled | 203.0.113.11 | 1.10 s | 4.00 s |" in md
