@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -16,10 +17,13 @@ TAG = {"tunnelnat": "enabled"}
 
 def doctor(dep, *args, ssm=True):
     """Run ``doctor --json``; ``ssm``: answer DescribeInstanceInformation (moto lacks it)."""
+    stub = None
     if ssm is True:
-        dep.ssm_online()
+        stub = dep.ssm_online()
     elif isinstance(ssm, dict):
-        dep.ssm_online(ssm)
+        stub = dep.ssm_online(ssm)
+    if stub is not None:  # the stubbed client answers the rejected-rows check too: no sync yet
+        stub.add_response("list_commands", {"Commands": []}, None)
     result = dep.run("doctor", "--json", *args)
     doc = result.json()
     jsonschema.validate(doc, DOCTOR)
@@ -470,3 +474,122 @@ def test_a_denied_api_makes_its_check_unknown_not_the_whole_doctor(dep):
     assert by_check["tunnels"]["summary"] == "could not check: ListMetrics failed (AccessDenied)"
     assert by_check["alarms"]["summary"] == "could not check: DescribeAlarms failed (AccessDenied)"
     assert by_check["gateway"]["status"] == "ok", "the other checks still ran"
+
+
+# -- isolation (issue 14): what the controller skipped so that the rest converge --------------
+
+
+def _other_vpc_twin(dep, private_ip: str) -> str:
+    """An instance in another VPC whose subnet has the gateway subnet's range, tagged."""
+    vpc = dep.ec2.create_vpc(CidrBlock="10.10.0.0/16")["Vpc"]["VpcId"]
+    subnet = dep.ec2.create_subnet(VpcId=vpc, CidrBlock="10.10.1.0/24")["Subnet"]["SubnetId"]
+    return dep.launch(private_ip, subnet=subnet, name="twin")
+
+
+def test_a_private_address_twice_is_a_conflict_naming_the_other(dep):
+    first = dep.launch("10.10.1.21", name="web-1")
+    assert dep.run("enroll", first, "--wait").code == 0
+    twin = _other_vpc_twin(dep, "10.10.1.21")
+    # The controller decided (conflict): enroll --wait says so at once, no timeout.
+    waited = dep.run("enroll", twin, "--wait")
+    assert waited.code == 1 and "conflict" in waited.err + waited.out
+    fails = failures(doctor(dep))
+    finding = fails[("conflict", twin)]
+    assert finding["summary"].startswith(f"{twin}: conflict: private address 10.10.1.21")
+    assert first in finding["summary"]
+    assert "two instances have one private address" in finding["fix"]
+    assert f"tunnelnat reconcile {twin}" in finding["fix"]
+    assert ("instance", first) not in fails and ("conflict", first) not in fails
+    status = dep.run("status")
+    assert "needs a human: 1 conflict" in status.out
+    assert dep.run("status", "--json").json()["summary"]["attention"] == {"conflict": 1}
+
+
+@pytest.mark.parametrize(
+    ("status", "reason", "fix"),
+    [
+        (
+            "other-vpc",
+            "the instance is in vpc-0feedbeef0000000a, not the gateway's vpc-0aaaaaaaaaaaaaaaa",
+            "only the gateway's VPC is served",
+        ),
+        (
+            "route-conflict",
+            "route table rtb-0123456789abcdef0 already routes 198.51.100.0/28 to "
+            "igw-0123456789abcdef0, not tunnelnat's",
+            "is not tunnelnat's",
+        ),
+    ],
+)
+def test_isolation_statuses_are_findings_with_their_reasons(dep, status, reason, fix):
+    # In another subnet's range: the status, not unsupported-subnet, is what the controller said.
+    far = dep.launch("10.10.2.30", subnet=dep.other_subnet_id, tags=TAG)
+    dep.dynamodb.put_item(
+        TableName=TABLE,
+        Item={
+            "pk": {"S": "instance"},
+            "sk": {"S": far},
+            "status": {"S": status},
+            "reason": {"S": reason},
+            "private_ip": {"S": "10.10.2.30"},
+        },
+    )
+    finding = only_failure(doctor(dep), status)
+    assert finding["summary"] == f"{far}: {status}: {reason}"
+    assert fix in finding["fix"] and finding["resource"] == far
+    text = dep.run("status")
+    assert f"needs a human: 1 {status}" in text.out
+    assert reason in text.out
+
+
+def test_rows_the_gateway_left_out_at_its_last_sync(dep):
+    """SyncNatTable's own report of the rows it did not apply (the gateway program's format),
+    read back from Run Command's history."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "gateway"))
+    from tunnelnat.core.nat import NatTable
+    from tunnelnat_gateway import rejected_report
+
+    table = NatTable.from_rows(
+        7,
+        [("10.10.1.21", "203.0.113.10"), ("10.10.1.99", "203.0.113.11"),
+         ("10.10.1.99", "203.0.113.12")],
+    )  # fmt: skip
+    line = json.dumps({"applied_generation": 7, **rejected_report(table)})
+    stub = dep.ssm_online()
+    command = "11111111-2222-3333-4444-555555555555"
+    stub.add_response(
+        "list_commands",
+        {
+            "Commands": [
+                {
+                    "CommandId": command,
+                    "DocumentName": "test-SyncNatTable",
+                    "Status": "Success",
+                    "RequestedDateTime": datetime.now(UTC) - timedelta(minutes=3),
+                }
+            ]
+        },
+        {
+            "InstanceId": dep.gateway_id,
+            "Filters": [{"key": "DocumentName", "value": "test-SyncNatTable"}],
+            "MaxResults": 10,
+        },
+    )
+    stub.add_response(
+        "get_command_invocation",
+        {"Status": "Success", "StandardOutputContent": f"synced\n{line}\n"},
+        {"CommandId": command, "InstanceId": dep.gateway_id},
+    )
+    result = dep.run("doctor", "--json")
+    doc = result.json()
+    jsonschema.validate(doc, DOCTOR)
+    finding = only_failure(doc, "rejected-rows")
+    assert finding["summary"].startswith(
+        f"gateway {dep.gateway_id} left 2 mapping row(s) out of its NAT table at its last sync"
+    )
+    assert "10.10.1.99 -> 203.0.113.11: " in finding["summary"]
+    assert "10.10.1.99 -> 203.0.113.12: " in finding["summary"]
+    assert "10.10.1.21" not in finding["summary"]
+    stub.assert_no_pending_responses()

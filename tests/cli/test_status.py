@@ -67,7 +67,7 @@ def test_status_json_follows_its_schema(dep):
         "updated_at": row["updated_at"],
     }
     assert row["updated_at"].endswith("Z")
-    assert doc["summary"] == {"total": 2, "enrolled": 1, "pending": 1}
+    assert doc["summary"] == {"total": 2, "enrolled": 1, "pending": 1, "attention": {}}
     tunnels = {t["tunnel"]: t["state"] for t in doc["tunnels"]}
     assert tunnels == {"partner": "up", "backup": "down", "stale": "unknown"}
 

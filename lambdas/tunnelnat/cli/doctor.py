@@ -6,6 +6,7 @@ the caller may not use or that moto does not implement; exit 0 unless ``--strict
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -36,6 +37,10 @@ SSM_IDS_MAX = 50
 PENDING_SSM_GRACE = 600  # seconds an instance may wait for its SSM agent before it is a finding
 # How old the newest TunnelEstablished may be (the healer's default lookback).
 ESTABLISHED_LOOKBACK = 900
+# Statuses the controller gives an instance it skipped so that the rest converge (issue 14):
+# each is its own finding, named by the status, with the controller's reason.
+ISOLATION_STATUSES = ("conflict", "other-vpc", "route-conflict")
+REJECTED_SHOWN = 10  # rows of the gateway's last sync report shown in one finding
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,7 @@ def diagnose(ctx: Ctx) -> list[Finding]:
         check_ssm,
         check_tunnels,
         check_generation,
+        check_rejected,
         check_dlq,
         check_alarms,
         check_instances,
@@ -454,6 +460,73 @@ def check_generation(ctx: Ctx, facts: Facts) -> list[Finding]:
     return [Finding("generation", OK, f"applied {applied} = desired {desired}")]
 
 
+def check_rejected(ctx: Ctx, facts: Facts) -> list[Finding]:
+    """The rows the gateway left out of the NAT table at its last sync (it applies every valid
+    one and lists the others), from that SyncNatTable command's own output, when SSM still has
+    it (Run Command keeps 30 days of history)."""
+    gw = facts.gateway
+    if gw is None:
+        return []
+    ssm = ctx.aws.client("ssm")
+    document = f"{ctx.deployment}-SyncNatTable"
+    try:
+        reply = ssm.list_commands(
+            InstanceId=gw.instance_id,
+            Filters=[{"key": "DocumentName", "value": document}],
+            MaxResults=10,
+        )
+        commands = [c for c in reply.get("Commands", []) if c.get("DocumentName") == document]
+        done = [c for c in commands if c.get("Status") in ("Success", "Failed")]
+        if not done:
+            return []
+        newest = max(done, key=lambda c: c.get("RequestedDateTime") or 0)
+        invocation = ssm.get_command_invocation(
+            CommandId=newest["CommandId"], InstanceId=gw.instance_id
+        )
+    except (ClientError, BotoCoreError) as exc:
+        reason = error_code(exc) if isinstance(exc, ClientError) else type(exc).__name__
+        return [
+            Finding(
+                "rejected-rows",
+                UNKNOWN,
+                f"cannot read the gateway's last SyncNatTable output ({reason or 'error'})",
+                "allow ssm:ListCommands and ssm:GetCommandInvocation to the caller",
+            )
+        ]
+    report = _last_json(invocation.get("StandardOutputContent") or "")
+    rows = report.get("rejected")
+    if not isinstance(rows, list) or not rows:
+        return [Finding("rejected-rows", OK, "the gateway's last sync applied every mapping")]
+    count = report.get("rejected_count") if isinstance(report.get("rejected_count"), int) else 0
+    shown = "; ".join(
+        f"{r.get('private_ip')} -> {r.get('public_ip')}: {r.get('reason')}"
+        for r in rows[:REJECTED_SHOWN]
+        if isinstance(r, dict)
+    )
+    return [
+        Finding(
+            "rejected-rows",
+            FAIL,
+            f"gateway {gw.instance_id} left {max(count, len(rows))} mapping row(s) out of its "
+            f"NAT table at its last sync (command {newest['CommandId']}): {shown}",
+            "each instance named is skipped until the rows agree: see its status "
+            "(`tunnelnat status`), settle the conflict, then `tunnelnat reconcile`",
+            gw.instance_id,
+        )
+    ]
+
+
+def _last_json(text: str) -> dict[str, Any]:
+    for line in reversed(text.strip().splitlines()):
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return {}
+
+
 def check_dlq(ctx: Ctx, facts: Facts) -> list[Finding]:
     name = f"{ctx.deployment}-events-dlq"
     sqs = ctx.aws.client("sqs")
@@ -556,6 +629,17 @@ def check_instances(ctx: Ctx, facts: Facts) -> list[Finding]:
         inst = known.get(instance_id)
         record = snap.records.get(instance_id)
         mapping = snap.mappings.get(instance_id)
+        if record is not None and record.status in ISOLATION_STATUSES:
+            found.append(
+                Finding(
+                    record.status,
+                    FAIL,
+                    f"{instance_id}: {record.status}: {record.reason}",
+                    fix_for(record.status, instance_id),
+                    instance_id,
+                )
+            )
+            continue
         private = (mapping.private_ip if mapping else None) or (inst.private_ip if inst else None)
         outside = (
             subnet is not None

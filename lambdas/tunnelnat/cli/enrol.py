@@ -21,6 +21,10 @@ TERMINAL_FAILURES = (
     "no-public-ip",
     "not-running",
     "is-gateway",
+    # Isolation (issue 14): the controller skipped it; only a human settles these.
+    "conflict",
+    "other-vpc",
+    "route-conflict",
 )
 
 FIXES = {
@@ -33,6 +37,13 @@ FIXES = {
     "no-public-ip": "nat_mode 'instance' uses the instance's public IP: associate an Elastic IP",
     "not-running": "start the instance: it is enrolled when it runs",
     "is-gateway": "the gateway is never enrolled; pick another instance",
+    "conflict": "two instances have one private address (the reason names the other): "
+    "terminate or re-address one, or untag it; then `tunnelnat reconcile {id}`",
+    "other-vpc": "only the gateway's VPC is served: launch it there, or untag it (if another "
+    "deployment serves that VPC, give the two deployments different enrolment tags)",
+    "route-conflict": "a route for a partner network in its subnet's route table is not "
+    "tunnelnat's (the reason names it): remove it if it is stale, then "
+    "`tunnelnat reconcile {id}`; else keep the instance out: `tunnelnat unenroll {id}`",
 }
 
 

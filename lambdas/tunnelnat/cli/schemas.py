@@ -66,7 +66,15 @@ STATUS: dict[str, Any] = _object(
                 }
             ),
         },
-        "summary": _object({"total": _INT, "enrolled": _INT, "pending": _INT}),
+        "summary": _object(
+            {
+                "total": _INT,
+                "enrolled": _INT,
+                "pending": _INT,
+                # Instances the controller skipped for a human to settle: status -> count.
+                "attention": {"type": "object", "additionalProperties": _INT},
+            }
+        ),
     }
 )
 

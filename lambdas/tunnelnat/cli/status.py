@@ -16,6 +16,8 @@ from tunnelnat.cli.tunnels import tunnel_states
 SCHEMA = "tunnelnat.status/v1"
 ENROLLED = "enrolled"
 NOT_SEEN = "not-seen"
+# Skipped so that everything else converges (issue 14); only a human settles them.
+ATTENTION = ("conflict", "other-vpc", "route-conflict")
 
 
 def collect(ctx: Ctx) -> dict[str, Any]:
@@ -71,6 +73,7 @@ def collect(ctx: Ctx) -> dict[str, Any]:
         )
         tunnels = []
     enrolled = sum(1 for r in rows if r["status"] == ENROLLED)
+    attention = {s: n for s in ATTENTION if (n := sum(1 for r in rows if r["status"] == s))}
     return {
         "schema": SCHEMA,
         "deployment": ctx.deployment,
@@ -97,7 +100,12 @@ def collect(ctx: Ctx) -> dict[str, Any]:
             }
             for t in tunnels
         ],
-        "summary": {"total": len(rows), "enrolled": enrolled, "pending": len(rows) - enrolled},
+        "summary": {
+            "total": len(rows),
+            "enrolled": enrolled,
+            "pending": len(rows) - enrolled,
+            "attention": attention,
+        },
     }
 
 
@@ -137,7 +145,14 @@ def run(ctx: Ctx) -> int:
     else:
         out.write(f"no instances enrolled or tagged {ctx.args.tag_key}={ctx.args.tag_value}\n")
     summary = doc["summary"]
-    out.write(f"\n{summary['enrolled']} enrolled, {summary['pending']} not enrolled\n\n")
+    out.write(f"\n{summary['enrolled']} enrolled, {summary['pending']} not enrolled\n")
+    if summary["attention"]:
+        counts = ", ".join(f"{n} {status}" for status, n in summary["attention"].items())
+        out.write(
+            f"needs a human: {counts} (skipped so the rest converge; the REASON column names the "
+            "other party; `tunnelnat doctor` gives the fix)\n"
+        )
+    out.write("\n")
     if doc["tunnels"]:
         out.write(
             table(
