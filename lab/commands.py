@@ -30,9 +30,9 @@ class Run:
     seconds: float
 
 
-# Documents only a State Manager association runs (no Lambda sends them): the lab runs them on
-# the gateway as the association would (Lab.configure_gateway).
-ASSOCIATED_ONLY = ("InstallHealthAgent",)
+# Documents only a State Manager association (or ConfigureTunnel's PskRollout rule) runs, no
+# Lambda: the lab runs them on the gateway as the association would (Lab.configure_gateway).
+ASSOCIATED_ONLY = ("InstallHealthAgent", "ConfigureTunnel")
 
 
 @dataclass

@@ -837,7 +837,8 @@ swanctl {{
         self.commands = LabCommands(namespaces, self.aws.gateway_id, self.gateway_env())
 
     def configure_gateway_parameters(self, **overrides: str) -> dict[str, str]:
-        """ConfigureGateway's parameters for the lab (dedicated pool plus the shared address)."""
+        """ConfigureGateway's and ConfigureTunnel's parameters for the lab, together (dedicated
+        pool plus the shared address); each document is given those it declares."""
         return {
             "PartnerEndpoint": PARTNER_ENDPOINT,
             "PartnerNetworks": PARTNER_NET,
@@ -869,15 +870,24 @@ swanctl {{
         }
 
     def configure_gateway(self, **overrides: str) -> Any:
-        """Run the real ConfigureGateway document on the gateway and, once it succeeded, the real
-        InstallHealthAgent (the stack's two associations); returns ConfigureGateway's
-        CommandResult, or InstallHealthAgent's when that one failed."""
+        """Run the real ConfigureGateway (NAT, guard, forwarding), then the real ConfigureTunnel
+        (strongSwan, the PSK), then the real InstallHealthAgent: the stack's three associations
+        (in AWS in no set order: docs/stack.md). Returns ConfigureTunnel's CommandResult (its
+        JSON says whether the tunnel is up), or the first that failed; each is kept as
+        ``gateway_configure``, ``tunnel_configure`` and ``health_install``."""
+        from lab.ssm_runner import load_document  # the documents' declared parameters
+
         params = self.configure_gateway_parameters(**overrides)
-        result = self.commands.run(self.aws.gateway_id, "ConfigureGateway", params)
-        if not result.ok:
-            return result
+        results = []
+        for document in ("ConfigureGateway", "ConfigureTunnel"):
+            declared = load_document(REPO / "ssm_documents" / f"{document}.yaml")["parameters"]
+            own = {k: v for k, v in params.items() if k in declared}
+            results.append(self.commands.run(self.aws.gateway_id, document, own))
+            if not results[-1].ok:
+                return results[-1]
+        self.gateway_configure, self.tunnel_configure = results
         self.health_install = self.install_health_agent()
-        return result if self.health_install.ok else self.health_install
+        return self.tunnel_configure if self.health_install.ok else self.health_install
 
     def install_health_agent(self, **overrides: str) -> Any:
         """Run the real InstallHealthAgent document on the gateway; returns its CommandResult."""

@@ -9,8 +9,10 @@
 - The addresses the world knows stay out of the replaceable part: a standalone ENI carries G
   (the fixed private IP every host route points at) and the Elastic IP E (the VPN endpoint the
   partner configured); each new gateway re-attaches that ENI at boot.
-- ``ConfigureGateway`` is applied by a State Manager association that targets the gateway's tag,
-  so it runs on the first instance and again on every replacement.
+- ``ConfigureGateway`` (the NAT table, its guard, forwarding) and ``ConfigureTunnel`` (strongSwan,
+  the PSK) are applied by two State Manager associations that target the gateway's tag, so they
+  run on the first instance and again on every replacement; either order is fail-closed
+  (docs/stack.md, Order on a new gateway).
 """
 
 from __future__ import annotations
@@ -319,42 +321,36 @@ class Gateway(Construct):
             "EventBridge rule (Monitoring), which also reaches e-mail and chat subscribers.",
         )
 
-        # -- ConfigureGateway on the first gateway and on every replacement ---------------------
-        parameters = {
-            "PartnerEndpoint": str(config.partner_endpoint),
+        # -- ConfigureGateway and ConfigureTunnel on the first gateway and on every replacement
+        # ConfigureGateway: the NAT table (guard first), then forwarding.
+        gateway_parameters = {
             "PartnerNetworks": ",".join(str(n) for n in config.partner_networks),
-            "PublicAddresses": ",".join(str(a) for a in config.public_addresses),
-            "LocalId": self.public_ip,
-            "PskSecretName": psk_name,
             "TableName": table.table_name,
             "Region": Aws.REGION,
             "NatMode": config.nat_mode.value,
             "SharedAddress": str(config.shared_address) if config.shared_address else "none",
             "IpsecBackend": IPSEC_BACKEND,
             "TunnelMss": str(config.tunnel_mss),
+        }
+        # ConfigureTunnel: strongSwan's connection to the partner and the PSK.
+        tunnel_parameters = {
+            "PartnerEndpoint": str(config.partner_endpoint),
+            "PartnerNetworks": ",".join(str(n) for n in config.partner_networks),
+            "PublicAddresses": ",".join(str(a) for a in config.public_addresses),
+            "LocalId": settings.local_id or self.public_ip,
+            "PskSecretName": psk_name,
+            "Region": Aws.REGION,
+            "IpsecBackend": IPSEC_BACKEND,
             "TunnelName": settings.tunnel_name,
             **partner_parameters(settings),
         }
-        if settings.local_id:
-            parameters["LocalId"] = settings.local_id
         # The health agent has its own document and association (stacks/health_agent.py).
-        self.association = ssm.CfnAssociation(
-            self,
-            "ConfigureGateway",
-            name=documents.require("ConfigureGateway").ref,
-            association_name=f"{deployment}-ConfigureGateway",
-            document_version="$DEFAULT",
-            targets=[
-                ssm.CfnAssociation.TargetProperty(key=f"tag:{GATEWAY_TAG}", values=[deployment])
-            ],
-            parameters=documents.check_parameters("ConfigureGateway", parameters),
-            compliance_severity="CRITICAL",
-            max_concurrency="1",
-            max_errors="1",
-            # AWS runs an association when it is created or changed and on each new target; a
-            # reboot is not documented to re-run it (the boot units restore the gateway). The
-            # schedule is the backstop: drift (a hand edit, a failed first run) is repaired.
-            schedule_expression=CONFIGURE_SCHEDULE,
+        self.association = self._configure_association(
+            documents, deployment, "ConfigureGateway", gateway_parameters
+        )
+        # The PSK's rollout (stacks/psk_rollout.py) sends this one with these parameters.
+        self.tunnel_association = self._configure_association(
+            documents, deployment, "ConfigureTunnel", tunnel_parameters
         )
         acknowledge(
             self.role,
@@ -382,6 +378,30 @@ class Gateway(Construct):
         ):
             acknowledge(self.role, f"AwsSolutions-IAM5[{finding}]", reason)
         self.psk_name = psk_name
+
+    def _configure_association(
+        self, documents: Documents, deployment: str, document: str, parameters: dict[str, str]
+    ) -> ssm.CfnAssociation:
+        """``document`` on the gateway's tag: on each new gateway, on a parameter change, and on
+        a schedule. Two such associations run in no set order (docs/stack.md)."""
+        return ssm.CfnAssociation(
+            self,
+            document,
+            name=documents.require(document).ref,
+            association_name=f"{deployment}-{document}",
+            document_version="$DEFAULT",
+            targets=[
+                ssm.CfnAssociation.TargetProperty(key=f"tag:{GATEWAY_TAG}", values=[deployment])
+            ],
+            parameters=documents.check_parameters(document, parameters),
+            compliance_severity="CRITICAL",
+            max_concurrency="1",
+            max_errors="1",
+            # AWS runs an association when it is created or changed and on each new target; a
+            # reboot is not documented to re-run it (the boot units restore the gateway). The
+            # schedule is the backstop: drift (a hand edit, a failed first run) is repaired.
+            schedule_expression=CONFIGURE_SCHEDULE,
+        )
 
 
 def _machine_image(settings: StackSettings) -> ec2.IMachineImage:
@@ -479,7 +499,7 @@ def boot_user_data(
 
 
 def partner_parameters(settings: StackSettings) -> dict[str, str]:
-    """ConfigureGateway's partner settings (docs/stack.md, Partner worksheet)."""
+    """ConfigureTunnel's partner settings (docs/stack.md, Partner worksheet)."""
     return {
         "IkeProposals": ",".join(settings.ike_proposals),
         "EspProposals": ",".join(settings.esp_proposals),

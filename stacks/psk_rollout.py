@@ -1,9 +1,10 @@
 """PskRollout: a new pre-shared key reaches the gateway by itself.
 
-The gateway reads the PSK only when ``ConfigureGateway`` runs. The State Manager association runs
+The gateway reads the PSK only when ``ConfigureTunnel`` runs. Its State Manager association runs
 it on each new gateway and on a parameter change, but putting a new secret value changes neither,
 so without this the gateway would keep the old (at first: the random) key until the association's
-next scheduled run.
+next scheduled run. ConfigureTunnel restarts the tunnel's IKE SA when the key changed (an IKE SA
+that is up never authenticates again by itself), so the new key is proven by the run.
 
 What triggers: Secrets Manager's own ``Secret Label Updated`` event, which it sends to the default
 event bus when a staging label (here ``AWSCURRENT``, the version the gateway reads) moves to a new
@@ -19,10 +20,11 @@ https://docs.aws.amazon.com/secretsmanager/latest/userguide/secret-event-notific
 https://docs.aws.amazon.com/eventbridge/latest/userguide/eb-service-event-cloudtrail.html.
 
 What runs: no Lambda. The rule's target is Run Command itself (an EventBridge target with
-``RunCommandParameters``): ``ConfigureGateway`` on the instances carrying the gateway tag, with
-exactly the association's parameters (read from the association, so the two cannot drift), through
+``RunCommandParameters``): ``ConfigureTunnel`` on the instances carrying the gateway tag, with
+exactly its association's parameters (read from the association, so the two cannot drift), through
 a role that may send only that document, only to this deployment's gateway. The run shows in Run
-Command's history, where ``tunnelnat psk set --wait`` follows it.
+Command's history, where ``tunnelnat psk set --wait`` follows it. ConfigureTunnel holds a lock,
+so this run and an association's never overlap on the gateway.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from stacks.nag import acknowledge, wildcard_arn
 from stacks.policies import send_command_to_gateway
 from stacks.settings import GATEWAY_TAG, StackSettings
 
-DOCUMENT = "ConfigureGateway"
+DOCUMENT = "ConfigureTunnel"
 SOURCE = "aws.secretsmanager"
 LABEL_UPDATED = "Secret Label Updated"
 CURRENT = "AWSCURRENT"  # the version GetSecretValue returns by default: what the gateway reads
@@ -86,7 +88,7 @@ class PskRollout(Construct):
         super().__init__(scope, construct_id)
         stack = Stack.of(self)
         deployment = settings.deployment
-        # The association's own parameters, not a copy: whatever ConfigureGateway is given there
+        # The association's own parameters, not a copy: whatever ConfigureTunnel is given there
         # (checked against the document's allowedPatterns by Documents.check_parameters) is
         # what this run is given.
         self.parameters: dict[str, list[str]] = dict(association.parameters or {})
@@ -107,13 +109,13 @@ class PskRollout(Construct):
             self,
             "Role",
             assumed_by=iam.ServicePrincipal("events.amazonaws.com"),
-            description=f"{deployment}: EventBridge runs ConfigureGateway on the gateway when "
+            description=f"{deployment}: EventBridge runs ConfigureTunnel on the gateway when "
             "the PSK changes",
             inline_policies={
-                "RunConfigureGatewayOnTheGateway": iam.PolicyDocument(
+                "RunConfigureTunnelOnTheGateway": iam.PolicyDocument(
                     statements=[
                         iam.PolicyStatement(
-                            sid="RunOnlyConfigureGateway",
+                            sid="RunOnlyConfigureTunnel",
                             actions=["ssm:SendCommand"],
                             resources=[document_arn],
                         ),
@@ -137,12 +139,12 @@ class PskRollout(Construct):
         self.rule = events.CfnRule(
             self,
             "Rule",
-            description=f"{deployment}: a new PSK (AWSCURRENT moved) re-runs ConfigureGateway",
+            description=f"{deployment}: a new PSK (AWSCURRENT moved) re-runs ConfigureTunnel",
             state="ENABLED",
             event_pattern=pattern,
             targets=[
                 events.CfnRule.TargetProperty(
-                    id="ConfigureGateway",
+                    id=DOCUMENT,
                     arn=document_arn,
                     role_arn=self.role.role_arn,
                     # Run Command's parameters, as SendCommand takes them: name -> [value].

@@ -109,7 +109,7 @@ class TunnelnatStack(Stack):
             settings=stack_settings,
             psk=self.gateway.psk,
             psk_name=self.gateway.psk_name,
-            association=self.gateway.association,
+            association=self.gateway.tunnel_association,
             documents=self.documents,
         )
 

@@ -1,6 +1,6 @@
 """``tunnelnat psk set`` against moto: the key goes into the secret and nowhere else; ``--wait``
 follows what the stack's PskRollout rule does (simulated here: moto runs no EventBridge target),
-a ConfigureGateway command on the gateway, then TunnelUp."""
+a ConfigureTunnel command on the gateway, then TunnelUp."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from tunnelnat.cli.psk import SCHEMA
 
 KEY = "correct-horse-battery-staple-2026"
 GATEWAY_TAG = "tunnelnat:gateway"
-DOCUMENT = f"{DEPLOYMENT}-ConfigureGateway"
+DOCUMENT = f"{DEPLOYMENT}-ConfigureTunnel"
+EARLIER = f"{DEPLOYMENT}-ConfigureGateway"  # a stack deployed before ConfigureTunnel existed
 
 
 class Stdin(io.StringIO):
@@ -75,7 +76,7 @@ def run(dep, *argv, stdin="", tty=False, prompts=(), after=None, sleep=None, now
 
 
 class Rule:
-    """What PskRollout does in AWS, a few polls late: send ConfigureGateway to the instances with
+    """What PskRollout does in AWS, a few polls late: send ConfigureTunnel to the instances with
     the gateway tag; then the gateway's health agent reports the tunnel at every poll."""
 
     def __init__(self, dep, *, tunnel_up: float = 1, delay_polls: int = 1) -> None:
@@ -236,9 +237,41 @@ def test_by_default_the_secret_is_the_one_the_association_reads(dep, psk):
     stubber.assert_no_pending_responses()
 
 
+def test_a_stack_from_before_configure_tunnel_is_read_from_configure_gateways(dep, psk):
+    ssm = dep.session.client("ssm", endpoint_url=dep.url)
+    stubber = Stubber(ssm)
+    stubber.add_response(
+        "list_associations",
+        {"Associations": []},
+        {"AssociationFilterList": [{"key": "AssociationName", "value": DOCUMENT}]},
+    )
+    stubber.add_response(
+        "list_associations",
+        {"Associations": [{"AssociationId": "11111111-2222-3333-4444-666666666666"}]},
+        {"AssociationFilterList": [{"key": "AssociationName", "value": EARLIER}]},
+    )
+    stubber.add_response(
+        "describe_association",
+        {
+            "AssociationDescription": {
+                "Name": EARLIER,
+                "Parameters": {"PskSecretName": [f"{DEPLOYMENT}-psk"]},
+            }
+        },
+        {"AssociationId": "11111111-2222-3333-4444-666666666666"},
+    )
+    stubber.activate()
+    dep.clients["ssm"] = ssm
+    result = run(dep, "psk", "set", stdin=KEY)
+    assert result.code == 0, result.err
+    assert current(psk) == KEY
+    stubber.assert_no_pending_responses()
+
+
 def test_without_any_way_to_find_the_secret_it_says_what_to_pass(dep, psk):
     ssm = dep.session.client("ssm", endpoint_url=dep.url)
     stubber = Stubber(ssm)
+    stubber.add_response("list_associations", {"Associations": []})
     stubber.add_response("list_associations", {"Associations": []})
     stubber.activate()
     dep.clients["ssm"] = ssm
@@ -249,7 +282,7 @@ def test_without_any_way_to_find_the_secret_it_says_what_to_pass(dep, psk):
     )
 
 
-# -- --wait: ConfigureGateway on the gateway after the change, then the tunnel --------------------
+# -- --wait: ConfigureTunnel on the gateway after the change, then the tunnel --------------------
 def test_wait_follows_the_rule_to_the_tunnel(dep, psk):
     rule = Rule(dep)
     result = run(
@@ -268,11 +301,11 @@ def test_wait_follows_the_rule_to_the_tunnel(dep, psk):
     )
     assert result.code == 0, result.err
     assert len(rule.sent) == 1
-    assert f"{dep.gateway_id} ran ConfigureGateway with the new key and reports partner up" in (
+    assert f"{dep.gateway_id} ran ConfigureTunnel with the new key and reports partner up" in (
         result.out
     )
-    assert f"{dep.gateway_id}: waiting for EventBridge to start ConfigureGateway" in result.err
-    assert "ConfigureGateway done; waiting for TunnelUp=1" in result.err
+    assert f"{dep.gateway_id}: waiting for EventBridge to start ConfigureTunnel" in result.err
+    assert "ConfigureTunnel done; waiting for TunnelUp=1" in result.err
     assert KEY not in result.out + result.err
     [change] = rule.changes
     assert change.message["secret"] == f"{DEPLOYMENT}-psk"
@@ -307,7 +340,7 @@ def test_wait_times_out_when_nothing_runs_configure_gateway(dep, psk):
     )
     assert result.code == 1
     assert "timed out after 60s; last: " in result.err
-    assert "waiting for EventBridge to start ConfigureGateway" in result.err
+    assert "waiting for EventBridge to start ConfigureTunnel" in result.err
     assert "fix: check the EventBridge rule of the stack's PskRollout" in result.err
     assert current(psk) == KEY, "the key is stored all the same"
 
@@ -341,9 +374,8 @@ def test_wait_says_so_when_the_tunnel_stays_down(dep, psk):
         now=rule.now,
     )
     assert result.code == 1
-    assert (
-        "ConfigureGateway done; waiting for TunnelUp=1 reported after it (now: partner down)"
-        in (result.err)
+    assert "ConfigureTunnel done; waiting for TunnelUp=1 reported after it (now: partner down)" in (
+        result.err
     )
     assert (
         "fix: the tunnel is not up with the new key: check that the partner uses the same key"
@@ -375,7 +407,7 @@ def test_wait_reports_a_failed_configure_gateway_in_one_line(dep, psk):
             "InstanceId": dep.gateway_id,
             "Status": "Failed",
             "StatusDetails": "Failed",
-            "StandardErrorContent": "loading...\nConfigureGateway: swanctl --load-all failed\n",
+            "StandardErrorContent": "loading...\nConfigureTunnel: swanctl --load-all failed\n",
         },
         {"CommandId": "0b1c2d3e-aaaa-bbbb-cccc-000000000001", "InstanceId": dep.gateway_id},
     )
@@ -384,7 +416,7 @@ def test_wait_reports_a_failed_configure_gateway_in_one_line(dep, psk):
     result = run(dep, "psk", "set", "--secret", f"{DEPLOYMENT}-psk", "--wait", stdin=KEY)
     assert result.code == 1
     assert result.err.splitlines()[-2] == (
-        f"ConfigureGateway Failed on {dep.gateway_id} (command "
-        "0b1c2d3e-aaaa-bbbb-cccc-000000000001): ConfigureGateway: swanctl --load-all failed"
+        f"ConfigureTunnel Failed on {dep.gateway_id} (command "
+        "0b1c2d3e-aaaa-bbbb-cccc-000000000001): ConfigureTunnel: swanctl --load-all failed"
     )
     assert result.err.splitlines()[-1].startswith("  fix: aws ssm get-command-invocation")

@@ -291,7 +291,7 @@ def test_a_missing_configure_gateway_document_fails_synthesis(tmp_path):
 def test_a_parameter_the_document_does_not_allow_fails_synthesis(tmp_path):
     target = tmp_path / "docs"
     shutil.copytree(DOCUMENTS_DIR, target)
-    path = target / "ConfigureGateway.yaml"
+    path = target / "ConfigureTunnel.yaml"
     content = yaml.safe_load(path.read_text())
     content["parameters"]["TunnelName"]["allowedPattern"] = "^only-this$"
     path.write_text(yaml.safe_dump(content))

@@ -1,5 +1,6 @@
 """Documents at synthesis: every one within tunnelnat's 48 KB (SSM refuses 64 KB), the first line
-the SSM agent's ``sh -c`` needs, and the health agent's document with its own association.
+the SSM agent's ``sh -c`` needs, the gateway's configuration split between ConfigureGateway and
+ConfigureTunnel, and the health agent's document with its own association.
 
 Built in a bare stack (Documents and HealthAgent only): seconds, not a whole synthesis.
 """
@@ -49,8 +50,8 @@ def test_every_document_is_within_48_kb_as_deployed(built):
     assert len(contents) == len(list(DOCUMENTS_DIR.glob("*.yaml")))
     for content in contents:
         assert len(json.dumps(content).encode()) <= MAX_DOCUMENT_BYTES
-    assert documents.sizes["ConfigureGateway"] <= MAX_DOCUMENT_BYTES
-    assert documents.sizes["InstallHealthAgent"] <= MAX_DOCUMENT_BYTES
+    for stem in ("ConfigureGateway", "ConfigureTunnel", "InstallHealthAgent"):
+        assert documents.sizes[stem] <= MAX_DOCUMENT_BYTES, stem
 
 
 def test_a_document_between_48_and_64_kb_fails_synthesis(tmp_path):
@@ -65,7 +66,7 @@ def test_a_document_between_48_and_64_kb_fails_synthesis(tmp_path):
         build(documents_dir=target)
 
 
-@pytest.mark.parametrize("stem", ["ConfigureGateway", "InstallHealthAgent"])
+@pytest.mark.parametrize("stem", ["ConfigureGateway", "ConfigureTunnel", "InstallHealthAgent"])
 def test_gateway_documents_start_with_bash(built, stem):
     # The SSM agent runs the script with `sh -c`: dash on Ubuntu, unless line 1 says bash.
     _, _, documents, _ = built
@@ -98,4 +99,33 @@ def test_configure_gateway_no_longer_takes_the_health_parameters(built):
     _, _, documents, _ = built
     for name in ("Deployment", "HealthInterval", "ProbeTarget", "ProbeSource"):
         assert not documents.declares("ConfigureGateway", name)
+        assert not documents.declares("ConfigureTunnel", name)
         assert documents.declares("InstallHealthAgent", name)
+
+
+def test_the_tunnel_is_configure_tunnels_and_the_nat_configure_gateways(built):
+    """The split that keeps both documents well under the limit: strongSwan and the PSK in
+    ConfigureTunnel, the NAT table and forwarding in ConfigureGateway."""
+    _, _, documents, _ = built
+    tunnel = {"PartnerEndpoint", "PublicAddresses", "LocalId", "RemoteId", "PskSecretName"}
+    tunnel |= {"IkeProposals", "EspProposals", "IkeLifetimes", "ChildLifetimes", "Dpd"}
+    tunnel |= {"SelectorLayout", "KeyingTries", "StartAction", "CharonLog", "TunnelName"}
+    nat = {"TableName", "NatMode", "SharedAddress", "TunnelMss"}
+    for name in tunnel:
+        assert documents.declares("ConfigureTunnel", name), name
+        assert not documents.declares("ConfigureGateway", name), name
+    for name in nat:
+        assert documents.declares("ConfigureGateway", name), name
+        assert not documents.declares("ConfigureTunnel", name), name
+    for name in ("PartnerNetworks", "IpsecBackend", "Region"):  # both need them
+        assert documents.declares("ConfigureGateway", name)
+        assert documents.declares("ConfigureTunnel", name)
+    script = {
+        stem: documents.contents[stem]["mainSteps"][0]["inputs"]["runCommand"][0]
+        for stem in ("ConfigureGateway", "ConfigureTunnel")
+    }
+    assert "embed lambdas/tunnelnat/core/swanctl.py" in script["ConfigureTunnel"]
+    assert "embed lambdas/tunnelnat/core/nat.py" in script["ConfigureGateway"]
+    assert "swanctl" not in script["ConfigureGateway"]
+    assert "ip_forward" not in script["ConfigureTunnel"]
+    assert "nat.py" not in script["ConfigureTunnel"]

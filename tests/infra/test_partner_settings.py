@@ -1,4 +1,4 @@
-"""The partner's crypto, identities and selector layout: context keys -> ConfigureGateway's
+"""The partner's crypto, identities and selector layout: context keys -> ConfigureTunnel's
 association, refused at synthesis when a strict peer would refuse them (docs/stack.md, Partner
 worksheet)."""
 
@@ -34,13 +34,15 @@ def s(tmp_path_factory):
 
 
 def test_association_passes_every_partner_setting(s):
-    association = s.resources("AWS::SSM::Association")[s.logical_id(s.stack.gateway.association)]
+    association = s.resources("AWS::SSM::Association")[
+        s.logical_id(s.stack.gateway.tunnel_association)
+    ]
     params = {k: v[0] for k, v in association["Properties"]["Parameters"].items()}
     assert {k: params[k] for k in params if k in EXPECTED} == EXPECTED
-    content = s.stack.documents.contents["ConfigureGateway"]["parameters"]
+    content = s.stack.documents.contents["ConfigureTunnel"]["parameters"]
     for key, value in EXPECTED.items():
         assert re.fullmatch(content[key]["allowedPattern"], value), key
-    assert s.stack.documents.sizes["ConfigureGateway"] <= MAX_DOCUMENT_BYTES
+    assert s.stack.documents.sizes["ConfigureTunnel"] <= MAX_DOCUMENT_BYTES
 
 
 EXPECTED = {

@@ -1,4 +1,4 @@
-"""PskRollout (issue 11, point 5): a new PSK re-runs ConfigureGateway on the gateway by itself.
+"""PskRollout (issue 11, point 5): a new PSK re-runs ConfigureTunnel on the gateway by itself.
 
 The events the rule is tried against are shaped as AWS documents them (Secrets Manager user guide,
 "Secret Label Updated event"; CloudTrail entries for Secrets Manager), with this stack's values.
@@ -162,20 +162,26 @@ def test_secret_pattern_names_one_secret_either_way():
 
 
 # -- what runs -------------------------------------------------------------------------------------
-def test_the_target_runs_configure_gateway_on_the_gateway_with_the_associations_parameters(s):
+def test_the_target_runs_configure_tunnel_on_the_gateway_with_its_associations_parameters(s):
     refs = deployed(s)
     [target] = rule(s)["Targets"]
     prefix = s.stack.documents.prefix
     assert resolve(target["Arn"], refs) == (
-        f"arn:aws:ssm:{REGION}:{ACCOUNT}:document/{prefix}ConfigureGateway"
+        f"arn:aws:ssm:{REGION}:{ACCOUNT}:document/{prefix}ConfigureTunnel"
     )
     assert target["RunCommandParameters"] == {
         "RunCommandTargets": [{"Key": f"tag:{GATEWAY_TAG}", "Values": [deployment(s)]}]
     }
-    association = s.resources("AWS::SSM::Association")[s.logical_id(s.stack.gateway.association)]
+    association = s.resources("AWS::SSM::Association")[
+        s.logical_id(s.stack.gateway.tunnel_association)
+    ]
+    assert association["Properties"]["Name"] == {
+        "Ref": s.logical_id(s.stack.documents.resources["ConfigureTunnel"])
+    }
     expected = resolve(association["Properties"]["Parameters"], refs)
     assert json.loads(resolve(target["Input"], refs)) == expected
     assert expected["PskSecretName"] == [resolve(s.stack.resolve(s.stack.gateway.psk_name), refs)]
+    assert "TableName" not in expected, "the NAT table (ConfigureGateway) is not re-applied"
     assert association["Properties"]["Targets"] == [
         {"Key": f"tag:{GATEWAY_TAG}", "Values": [deployment(s)]}
     ], "the same instances as the association"
@@ -189,7 +195,7 @@ def test_the_input_fits_eventbridge(s):
     assert len(resolve(rule(s)["Targets"][0]["Input"], refs)) < 8192 // 2
 
 
-def test_the_role_may_send_only_configure_gateway_only_to_this_gateway(s):
+def test_the_role_may_send_only_configure_tunnel_only_to_this_gateway(s):
     refs = deployed(s)
     role = s.resources("AWS::IAM::Role")[s.logical_id(s.stack.psk_rollout.role)]["Properties"]
     [trust] = role["AssumeRolePolicyDocument"]["Statement"]
@@ -199,12 +205,12 @@ def test_the_role_may_send_only_configure_gateway_only_to_this_gateway(s):
     [policy] = role["Policies"]
     found = resolve(statements({"Properties": {"PolicyDocument": policy["PolicyDocument"]}}), refs)
     by_sid = {st["Sid"]: st for st in found}
-    assert set(by_sid) == {"RunOnlyConfigureGateway", "OnThisDeploymentsGateway"}
+    assert set(by_sid) == {"RunOnlyConfigureTunnel", "OnThisDeploymentsGateway"}
     for st in found:
         assert st["Effect"] == "Allow" and st["Action"] == "ssm:SendCommand"
     prefix = s.stack.documents.prefix
-    assert by_sid["RunOnlyConfigureGateway"]["Resource"] == (
-        f"arn:aws:ssm:{REGION}:{ACCOUNT}:document/{prefix}ConfigureGateway"
+    assert by_sid["RunOnlyConfigureTunnel"]["Resource"] == (
+        f"arn:aws:ssm:{REGION}:{ACCOUNT}:document/{prefix}ConfigureTunnel"
     )
     gateway = by_sid["OnThisDeploymentsGateway"]
     assert gateway["Resource"] == f"arn:aws:ec2:{REGION}:{ACCOUNT}:instance/*"

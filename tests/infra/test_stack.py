@@ -279,29 +279,45 @@ def test_psk_is_generated_by_secrets_manager_never_in_the_template(s):
     assert secret["DeletionPolicy"] == "Retain"
 
 
-def test_configure_gateway_association_targets_the_gateway_tag(s):
-    association = s.resources("AWS::SSM::Association")[s.logical_id(s.stack.gateway.association)]
-    props = association["Properties"]
-    assert props["Name"] == {"Ref": s.logical_id(s.stack.documents.resources["ConfigureGateway"])}
-    assert props["Targets"] == [{"Key": "tag:tunnelnat:gateway", "Values": [DEPLOYMENT]}]
-    assert props["DocumentVersion"] == "$DEFAULT"
-    params = {k: v[0] for k, v in props["Parameters"].items()}
+def test_configure_associations_target_the_gateway_tag(s):
+    """ConfigureGateway (NAT, guard, forwarding) and ConfigureTunnel (strongSwan, PSK): two
+    associations with the same targets and schedule, each given only its own parameters."""
+    found = s.resources("AWS::SSM::Association")
+    gateway = found[s.logical_id(s.stack.gateway.association)]["Properties"]
+    tunnel = found[s.logical_id(s.stack.gateway.tunnel_association)]["Properties"]
+    for props, stem in ((gateway, "ConfigureGateway"), (tunnel, "ConfigureTunnel")):
+        assert props["Name"] == {"Ref": s.logical_id(s.stack.documents.resources[stem])}
+        assert props["AssociationName"] == f"{DEPLOYMENT}-{stem}"
+        assert props["Targets"] == [{"Key": "tag:tunnelnat:gateway", "Values": [DEPLOYMENT]}]
+        assert props["DocumentVersion"] == "$DEFAULT"
+        # Re-applied on a schedule as well as on new gateways and changes (docs/stack.md).
+        assert props["ScheduleExpression"] == CONFIGURE_SCHEDULE == "rate(30 minutes)"
+        assert props["ComplianceSeverity"] == "CRITICAL"
+    params = {k: v[0] for k, v in gateway["Parameters"].items()}
+    assert params == {
+        "PartnerNetworks": ",".join(CONTEXT["partner_networks"]),
+        "NatMode": "dedicated",
+        "SharedAddress": "none",
+        "IpsecBackend": "kernel",
+        "TunnelMss": str(CONTEXT["tunnel_mss"]),
+        "Region": {"Ref": "AWS::Region"},
+        "TableName": s.ref(s.stack.controller.table),
+    }
+    params = {k: v[0] for k, v in tunnel["Parameters"].items()}
     assert params["PartnerEndpoint"] == T
     assert params["PartnerNetworks"] == ",".join(CONTEXT["partner_networks"])
     assert params["PublicAddresses"] == ",".join(CONTEXT["address_pool"])
-    assert params["NatMode"] == "dedicated"
-    assert params["SharedAddress"] == "none"
     assert params["IpsecBackend"] == "kernel"
-    assert params["TunnelMss"] == str(CONTEXT["tunnel_mss"])
     assert params["TunnelName"] == CONTEXT["tunnel_name"]
     assert params["Region"] == {"Ref": "AWS::Region"}
-    assert params["TableName"] == s.ref(s.stack.controller.table)
     assert params["LocalId"] == {"Fn::GetAtt": [s.one("AWS::EC2::EIP")[0], "PublicIp"]}
     assert "Fn::Select" in json.dumps(params["PskSecretName"])  # the name, from the secret's ARN
-    # Re-applied on a schedule as well as on new gateways and changes (docs/stack.md).
-    assert props["ScheduleExpression"] == CONFIGURE_SCHEDULE == "rate(30 minutes)"
+    assert not {"TableName", "NatMode", "SharedAddress", "TunnelMss"} & set(params)
     # The health agent is InstallHealthAgent's (its own association: tests/infra/test_documents.py).
-    assert not {"Deployment", "HealthInterval", "ProbeTarget", "ProbeSource"} & set(params)
+    for props in (gateway, tunnel):
+        assert not {"Deployment", "HealthInterval", "ProbeTarget", "ProbeSource"} & set(
+            props["Parameters"]
+        )
 
 
 # -- Documents -------------------------------------------------------------------------------

@@ -74,19 +74,24 @@ def configure_gateway_association(s):
     return s.resources("AWS::SSM::Association")[s.logical_id(s.stack.gateway.association)]
 
 
+def configure_tunnel_association(s):
+    """ConfigureTunnel's association: strongSwan's connection and the PSK."""
+    return s.resources("AWS::SSM::Association")[s.logical_id(s.stack.gateway.tunnel_association)]
+
+
 def test_imported_elastic_ip_is_associated_not_allocated(s):
     assert not s.resources("AWS::EC2::EIP")
     _, association = s.one("AWS::EC2::EIPAssociation")
     assert association["Properties"]["AllocationId"] == OVERRIDES["gateway_eip_allocation_id"]
     assert "DependsOn" not in association
-    ssm_association = configure_gateway_association(s)
+    ssm_association = configure_tunnel_association(s)
     params = {k: v[0] for k, v in ssm_association["Properties"]["Parameters"].items()}
     assert params["LocalId"] == OVERRIDES["gateway_eip_address"]
 
 
 def test_imported_psk_is_read_by_name_and_not_created(s):
     assert not s.resources("AWS::SecretsManager::Secret")
-    association = configure_gateway_association(s)
+    association = configure_tunnel_association(s)
     assert association["Properties"]["Parameters"]["PskSecretName"] == ["partner/psk"]
     policy = s.resources("AWS::IAM::Policy")[
         s.logical_id(s.stack.gateway.role.node.find_child("DefaultPolicy"))
@@ -104,11 +109,13 @@ def test_shared_mode_parameters_and_controller_config(s):
     params = {k: v[0] for k, v in association["Properties"]["Parameters"].items()}
     assert params["NatMode"] == "shared"
     assert params["SharedAddress"] == "192.0.2.50"
-    assert params["PublicAddresses"] == "192.0.2.50"
     assert params["PartnerNetworks"] == "198.51.100.0/28,198.51.100.64/27"
     assert association["Properties"]["Targets"] == [
         {"Key": "tag:tunnelnat:gateway", "Values": ["acme"]}
     ]
+    tunnel = configure_tunnel_association(s)
+    assert tunnel["Properties"]["Parameters"]["PublicAddresses"] == ["192.0.2.50"]
+    assert tunnel["Properties"]["Targets"] == association["Properties"]["Targets"]
     function = s.resources("AWS::Lambda::Function")[s.logical_id(s.stack.controller.function)]
     config = json.loads(function["Properties"]["Environment"]["Variables"]["TUNNELNAT_CONFIG"])
     assert config["nat_mode"] == "shared"

@@ -1,19 +1,67 @@
-"""ConfigureGateway and RestartTunnel run for real on the lab's gateway."""
+"""ConfigureGateway, ConfigureTunnel and RestartTunnel run for real on the lab's gateway."""
 
 from __future__ import annotations
 
 import json
+import re
+import secrets
+import subprocess
+import time
 
 import pytest
 
 from lab import topology as topo
+from lab.ssm_runner import load_document
+from lab.story import _wait
 from tunnelnat.adapters.commands import CommandError
 
 pytestmark = pytest.mark.lab
+TUNNEL_LOCK = "/run/lock/tunnelnat-configure-tunnel.lock"
 
 
 def last_json(text):
     return json.loads(text.strip().splitlines()[-1])
+
+
+def configure_tunnel(lab, **overrides):
+    """ConfigureTunnel alone, with its association's parameters: what the PskRollout rule sends
+    when the secret's AWSCURRENT version moved."""
+    declared = load_document(topo.REPO / "ssm_documents" / "ConfigureTunnel.yaml")["parameters"]
+    params = lab.configure_gateway_parameters(**overrides)
+    return lab.commands.run(
+        lab.aws.gateway_id, "ConfigureTunnel", {k: v for k, v in params.items() if k in declared}
+    )
+
+
+def ike_sas():
+    """The tunnel's ESTABLISHED IKE SAs on the gateway: unique id ('#N') -> True when the
+    partner initiated it (the '*' marks our own SPI: on the responder's, the partner started)."""
+    out = topo.in_ns("tn-gw", ["swanctl", "--list-sas", "--ike", topo.TUNNEL], check=False)
+    found = re.findall(
+        rf"^{topo.TUNNEL}: (#\d+), ESTABLISHED, IKEv2, \w+_i(\*?) \w+_r", out, re.MULTILINE
+    )
+    return {sa: star == "" for sa, star in found}
+
+
+def settled(lab):
+    """The AWS-like partner initiates too (its start action, retried until answered): wait until
+    it has been answered, so nothing starts an IKE SA by itself while a test compares."""
+    assert _wait(lambda: any(ike_sas().values()), 45), topo.in_ns("tn-gw", ["swanctl", "-l"])
+    return ike_sas()
+
+
+def config_id():
+    return topo.in_ns("tn-gw", ["cat", f"/etc/tunnelnat/tunnels/{topo.TUNNEL}.config-id"]).strip()
+
+
+def set_psk(lab, psk, *, partner=True):
+    """A new key in the secret (AWSCURRENT moves) and, agreed, on the partner's side too (it
+    loads the key; its IKE SA stays as it is)."""
+    lab.aws.client("secretsmanager").put_secret_value(SecretId=topo.PSK_SECRET, SecretString=psk)
+    if partner:
+        lab.psk = psk
+        lab.write_partner(lab.partner)
+        topo.in_ns("tn-pvpn", ["swanctl", "--load-creds", "--noprompt"])
 
 
 def gateway_state(lab):
@@ -27,20 +75,92 @@ def gateway_state(lab):
 
 def test_configure_gateway_twice_is_idempotent(configured_lab):
     lab = configured_lab
-    before = gateway_state(lab)
+    sas = settled(lab)
+    before, token = gateway_state(lab), config_id()
     again = lab.configure_gateway()
     assert again.ok, again.stderr[-1500:]
-    report = last_json(again.stdout)
+    report = last_json(again.stdout)  # ConfigureTunnel's
     assert report["up"] is True
-    assert report["swanctl_changed"] is False
+    assert report["swanctl_changed"] is False and report["restarted"] is False
+    assert last_json(lab.gateway_configure.stdout)["forwarding"] is True
     assert gateway_state(lab) == before
-    # Still exactly one tunnel at both ends: the re-run did not start a second one.
-    assert lab.child_sas_installed() == 1
-    assert lab.child_sas_installed("tn-pvpn") == 1
+    # The established tunnel was kept: the same IKE SAs, the same configuration token, and the
+    # re-run started none.
+    assert ike_sas() == sas and config_id() == token
     # The key never appears in the output; it sits in a root-only file.
-    assert lab.psk not in again.stdout + again.stderr
+    for run in (lab.gateway_configure, lab.tunnel_configure):
+        assert lab.psk not in run.stdout + run.stderr
     mode = topo.in_ns("tn-gw", ["stat", "-c", "%a", "/etc/swanctl/conf.d/tunnelnat-secret.conf"])
     assert mode.strip() == "600"
+    assert topo.in_ns("tn-gw", ["sysctl", "-n", "net.ipv4.ip_forward"]).strip() == "1"
+
+
+def test_a_new_psk_takes_effect_at_once(configured_lab):
+    """The rule's ConfigureTunnel run with a new key: the IKE SA that was up is replaced by one
+    authenticated with the new key, in the same run. A key the partner does not have is refused
+    at once, not at some later re-authentication; the good key brings the tunnel back."""
+    lab = configured_lab
+    old_key, before, token = lab.psk, settled(lab), config_id()
+    new_key = secrets.token_hex(24)
+    set_psk(lab, new_key)
+    result = configure_tunnel(lab)
+    assert result.ok, result.stderr[-1500:]
+    report = last_json(result.stdout)
+    assert report["restarted"] is True and report["up"] is True, report
+    # Every IKE SA of the old key is gone; one new one, ours, authenticated with the new key.
+    after = ike_sas()
+    assert len(after) == 1 and not set(after) & set(before), (before, after)
+    assert lab.child_sas_installed() == 1 and lab.child_sas_installed("tn-pvpn") == 1
+    assert config_id() != token  # TunnelEstablished starts over
+    assert new_key not in result.stdout + result.stderr
+    # Only our side has the next key: refused by the partner in this very run.
+    logged = len(topo.in_ns("tn-gw", ["cat", topo.CHARON_LOG]))
+    set_psk(lab, secrets.token_hex(24), partner=False)
+    refused = configure_tunnel(lab)
+    assert refused.ok, refused.stderr[-1500:]  # configured; the tunnel's state is reported
+    report = last_json(refused.stdout)
+    assert report["restarted"] is True and report["up"] is False, report
+    assert ike_sas() == {} and lab.child_sas_installed() == 0
+    assert "AUTHENTICATION_FAILED" in topo.in_ns("tn-gw", ["cat", topo.CHARON_LOG])[logged:]
+    # The agreed key again: back up.
+    set_psk(lab, old_key)
+    back = configure_tunnel(lab)
+    assert back.ok and last_json(back.stdout)["up"] is True, back.stdout + back.stderr
+    assert _wait(lambda: lab.child_sas_installed("tn-pvpn") == 1, 5)
+
+
+def test_configure_tunnel_runs_one_at_a_time(configured_lab):
+    """A run waits for the one holding the lock (the association's, here a stand-in holding it
+    3 s) instead of interleaving with it."""
+    lab = configured_lab
+    holder = subprocess.Popen(  # noqa: S603 - fixed arguments
+        topo.machine_argv("tn-gw", ["flock", TUNNEL_LOCK, "sleep", "3"])
+    )
+    try:
+        time.sleep(0.5)
+        started = time.monotonic()
+        result = configure_tunnel(lab)
+        waited = time.monotonic() - started
+        assert holder.poll() is not None, "the run finished while the lock was still held"
+    finally:
+        holder.wait(timeout=10)
+    assert result.ok, result.stderr[-1500:]
+    assert waited >= 2.4, waited
+    assert last_json(result.stdout)["restarted"] is False
+
+
+def test_the_tunnel_alone_turns_nothing_on(configured_lab):
+    """A new gateway where ConfigureTunnel's association ran first: the tunnel comes up, but the
+    gateway forwards nothing until ConfigureGateway loads the guard and turns forwarding on."""
+    lab = configured_lab
+    topo.in_ns("tn-gw", ["sysctl", "-qw", "net.ipv4.ip_forward=0"])
+    try:
+        result = configure_tunnel(lab)
+        assert result.ok and last_json(result.stdout)["up"] is True, result.stderr[-1500:]
+        assert topo.in_ns("tn-gw", ["sysctl", "-n", "net.ipv4.ip_forward"]).strip() == "0"
+    finally:
+        again = lab.configure_gateway()
+    assert again.ok, again.stderr[-1500:]
     assert topo.in_ns("tn-gw", ["sysctl", "-n", "net.ipv4.ip_forward"]).strip() == "1"
 
 

@@ -156,6 +156,7 @@ def test_patterns_accept_lists_and_refuse_bad_octets():
 # -- InstallHealthAgent's parameters (the health agent's own document) ------------------------
 
 CONFIGURE = ROOT / "ssm_documents" / "ConfigureGateway.yaml"
+CONFIGURE_TUNNEL = ROOT / "ssm_documents" / "ConfigureTunnel.yaml"
 INSTALL_HEALTH = ROOT / "ssm_documents" / "InstallHealthAgent.yaml"
 HEALTH_PATTERNS = {
     "HealthInterval": (
@@ -203,15 +204,48 @@ def test_install_health_agent_installs_the_embedded_agent_with_a_timer():
     assert "systemd is not PID 1 here" in script
 
 
-def test_configure_gateway_no_longer_carries_the_agent():
-    document = load_document(CONFIGURE)
+@pytest.mark.parametrize("path", [CONFIGURE, CONFIGURE_TUNNEL], ids=lambda p: p.stem)
+def test_configure_documents_no_longer_carry_the_agent(path):
+    document = load_document(path)
     assert not {"Deployment", "HealthInterval", "ProbeTarget", "ProbeSource"} & set(
         document["parameters"]
     )
-    (script,) = render_scripts(document, valid_parameters("ConfigureGateway"))
+    (script,) = render_scripts(document, valid_parameters(path.stem))
     assert "tunnelnat_health" not in script
     assert script.startswith("#!/bin/bash\n")
-    # It waits (bounded) for cloud-init's first-boot packages, and renews the tunnel's
-    # configuration token the health agent's TunnelEstablished starts over from.
+    # Each waits (bounded) for cloud-init's first-boot packages, then takes its own lock: an
+    # association's run and another (the PskRollout rule's, a hand-made one) never overlap.
     assert "timeout 600 cloud-init status --wait" in script
+    assert f"exec 9>/run/lock/tunnelnat-configure-{path.stem[9:].lower()}.lock" in script
+    assert script.index("cloud-init status --wait") < script.index("flock -w 240 9")
+
+
+def _script(path: Path) -> str:
+    (script,) = render_scripts(load_document(path), valid_parameters(path.stem))
+    return script
+
+
+def test_configure_gateway_turns_forwarding_on_only_after_the_guard():
+    """On a new gateway ip_forward is off until ConfigureGateway: the table with its guard is
+    applied first, so forwarding never runs ahead of it, whichever document runs first."""
+    script = _script(CONFIGURE)
+    applied = script.index('python3 "$work/tunnelnat_gateway.py" configure')
+    assert applied < script.index("sysctl -qw net.ipv4.ip_forward=1")
+    assert applied < script.index("/etc/sysctl.d/90-tunnelnat.conf")
+    assert "|| fail" in script[applied : script.index("sysctl -qw net.ipv4.ip_forward=1")]
+    assert "swanctl" not in script and "PskSecretName" not in script
+
+
+def test_configure_tunnel_owns_the_tunnel_token_lo_and_the_restart_on_a_new_key():
+    script = _script(CONFIGURE_TUNNEL)
+    # The token TunnelEstablished starts over from, renewed when the connection or key changed.
     assert "/etc/tunnelnat/tunnels/$tunnel.config-id" in script
+    # The lo addresses userspace ESP needs, in the file the boot's restore-lo reads.
+    assert 'cp "$wanted" "$state/lo-addresses"' in script and "state=/etc/tunnelnat" in script
+    # A changed key or connection: the IKE SA that was up before the load is terminated and
+    # every CHILD_SA initiated again; unchanged: nothing is terminated.
+    restart = script.index('if [ -n "$conf_changed$secret_changed" ] && [ "$had_sa" = yes ]')
+    assert script.index("had_sa=yes") < script.index("swanctl --load-all") < restart
+    assert 'swanctl --terminate --ike "$tunnel" --force' in script[restart:]
+    assert script.count("swanctl --terminate") == 1
+    assert "ip_forward" not in script and "nft " not in script

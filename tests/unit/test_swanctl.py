@@ -1,5 +1,5 @@
 """The partner's tunnel as charon reads it: every setting asserted where it is rendered
-(lambdas/tunnelnat/core/swanctl.py, run on the gateway by ConfigureGateway), and the proposal
+(lambdas/tunnelnat/core/swanctl.py, run on the gateway by ConfigureTunnel), and the proposal
 policy checked at synthesis (core/crypto.py)."""
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import yaml
 from tunnelnat.core import crypto, swanctl
 
 ROOT = Path(__file__).resolve().parents[2]
-DOCUMENT = yaml.safe_load((ROOT / "ssm_documents" / "ConfigureGateway.yaml").read_text())
+DOCUMENT = yaml.safe_load((ROOT / "ssm_documents" / "ConfigureTunnel.yaml").read_text())
 DEFAULTS = {k: v.get("default") for k, v in DOCUMENT["parameters"].items()}
 
 
 def environ(**overrides: str) -> dict[str, str]:
-    """TN_* as ConfigureGateway sets them, from the document's own defaults."""
+    """TN_* as ConfigureTunnel sets them, from the document's own defaults."""
     d = DEFAULTS
     env = {
         "TN_PARTNER": "198.51.100.40",
@@ -29,9 +29,6 @@ def environ(**overrides: str) -> dict[str, str]:
         "TN_PUBLIC": "203.0.113.10,203.0.113.11",
         "TN_LOCAL_ID": "198.51.100.10",
         "TN_REMOTE_ID": d["RemoteId"],
-        "TN_MODE": d["NatMode"],
-        "TN_SHARED": d["SharedAddress"],
-        "TN_MSS": d["TunnelMss"],
         "TN_IKE": d["IkeProposals"],
         "TN_ESP": d["EspProposals"],
         "TN_IKE_LIFE": d["IkeLifetimes"],
@@ -48,8 +45,7 @@ def environ(**overrides: str) -> dict[str, str]:
 
 
 def render(**overrides: str) -> str:
-    tunnel, _ = swanctl.from_environ(environ(**overrides))
-    return swanctl.render_connection(tunnel)
+    return swanctl.render_connection(swanctl.from_environ(environ(**overrides)))
 
 
 def lines(text: str) -> list[str]:
@@ -163,7 +159,7 @@ def test_per_pair_layout_has_one_child_per_public_address_and_partner_network():
 
 
 def test_charon_settings_make_dpd_timeout_the_retransmission_budget():
-    tunnel, _ = swanctl.from_environ(environ(TN_DPD="10,30"))
+    tunnel = swanctl.from_environ(environ(TN_DPD="10,30"))
     text = swanctl.render_charon_settings(tunnel)
     top = section(text, "charon-systemd")
     assert top == ["retransmit_timeout = 6", "retransmit_base = 1", "retransmit_tries = 4"]
@@ -182,10 +178,8 @@ def test_charon_settings_make_dpd_timeout_the_retransmission_budget():
         ({"TN_CHILD_LIFE": "3600,3600,60"}, "lifetimes"),
         ({"TN_DPD": "1,30"}, "DpdDelay"),
         ({"TN_DPD": "10,5"}, "DpdTimeout"),
-        ({"TN_MSS": "100"}, "TunnelMss"),
         ({"TN_PUBLIC": "192.0.2.1"}, "overlap"),
         ({"TN_LOCAL_ID": "256.1.1.1"}, "256"),
-        ({"TN_MODE": "shared"}, "SharedAddress"),
         (
             {
                 "TN_LAYOUT": "per-pair",
@@ -198,13 +192,13 @@ def test_charon_settings_make_dpd_timeout_the_retransmission_budget():
 )
 def test_the_gateway_refuses_what_cannot_work(overrides, message):
     if message is None:  # 3 children: fine
-        assert len(swanctl.from_environ(environ(**overrides))[0].children) == 3
+        assert len(swanctl.from_environ(environ(**overrides)).children) == 3
         return
     with pytest.raises(ValueError, match=message):
         swanctl.from_environ(environ(**overrides))
 
 
-def test_main_writes_what_configure_gateway_installs(tmp_path):
+def test_main_writes_what_configure_tunnel_installs(tmp_path):
     env = environ(TN_LAYOUT="per-pair", TN_BACKEND="libipsec", TN_PUBLIC="203.0.113.8/30")
     proc = subprocess.run(
         [sys.executable, "-m", "tunnelnat.core.swanctl", str(tmp_path)],
@@ -223,8 +217,8 @@ def test_main_writes_what_configure_gateway_installs(tmp_path):
     }
     assert (tmp_path / "ids").read_text() == "198.51.100.10 198.51.100.40\n"
     assert (tmp_path / "lo_addresses").read_text() == "203.0.113.9\n"
-    base = json.loads((tmp_path / "base.json").read_text())
-    assert base["tunnel_interface"] == "ipsec0" and base["mss"] == 1360
+    # The NAT table's fixed part is ConfigureGateway's, from its own parameters.
+    assert not (tmp_path / "base.json").exists()
     assert (tmp_path / "tunnel.conf").read_text().count("start_action = start") == 2
 
 
@@ -237,7 +231,7 @@ def test_main_fails_with_one_line_naming_the_problem(tmp_path):
         check=False,
     )
     assert proc.returncode == 1
-    assert proc.stderr.startswith("ConfigureGateway: ") and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("ConfigureTunnel: ") and proc.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize(

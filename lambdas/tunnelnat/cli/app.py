@@ -265,14 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="store a new pre-shared key (stdin or --file, never an argument)",
         description="Store the pre-shared key agreed with the partner in the deployment's "
         "secret. The key is read from stdin (prompted for twice, not shown, on a terminal) or "
-        "from --file, never from the command line. The stack then re-runs ConfigureGateway on "
+        "from --file, never from the command line. The stack then re-runs ConfigureTunnel on "
         "the gateway by itself; --wait follows that to the tunnel.",
     )
     p.add_argument("--file", metavar="PATH", help="read the key from PATH ('-': stdin)")
     p.add_argument(
         "--secret",
         help="secret name or ARN (default: the stack's PskSecretName output with --stack, else "
-        "the one <deployment>-ConfigureGateway reads)",
+        "the one <deployment>-ConfigureTunnel reads)",
     )
     wait_flags(p, 900.0)
     json_flag(p)

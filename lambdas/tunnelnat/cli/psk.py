@@ -4,9 +4,10 @@ secret; ``--wait`` follows it to the tunnel.
 The key is read from stdin or ``--file`` (never from the command line, where ``ps`` and the shell's
 history would keep it), prompted for twice without echo when stdin is a terminal, and never
 printed. Nothing here sends it to the gateway: the stack's PskRollout rule reacts to the secret's
-new ``AWSCURRENT`` version by running ``ConfigureGateway`` there (stacks/psk_rollout.py). So
-``--wait`` watches what the deployment does by itself: a ``ConfigureGateway`` command on the
-gateway requested after the change, its outcome, then the gateway's ``TunnelUp`` metric.
+new ``AWSCURRENT`` version by running ``ConfigureTunnel`` there (stacks/psk_rollout.py), which
+restarts the tunnel's IKE SA with the new key. So ``--wait`` watches what the deployment does by
+itself: a ``ConfigureTunnel`` command on the gateway requested after the change, its outcome,
+then the gateway's ``TunnelUp`` metric.
 """
 
 from __future__ import annotations
@@ -26,15 +27,17 @@ from tunnelnat.cli.render import Progress, dump_json, iso
 from tunnelnat.cli.tunnels import METRIC, NAMESPACE, TunnelState, tunnel_states
 
 SCHEMA_ID = "tunnelnat.psk/v1"
-MIN_LENGTH = 20  # ConfigureGateway refuses a shorter key
+MIN_LENGTH = 20  # ConfigureTunnel refuses a shorter key
 MAX_BYTES = 65536  # Secrets Manager's limit on a SecretString
-SECRET_NAME = re.compile(r"^[A-Za-z0-9/_+=.@-]{1,512}$")  # ConfigureGateway's allowedPattern
+SECRET_NAME = re.compile(r"^[A-Za-z0-9/_+=.@-]{1,512}$")  # ConfigureTunnel's allowedPattern
 SECRET_ARN = re.compile(
     r"^arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:\d{12}:secret:[A-Za-z0-9/_+=.@-]+$"
 )
-DOCUMENT = "ConfigureGateway"
+DOCUMENT = "ConfigureTunnel"
+# Before the tunnel had a document of its own, ConfigureGateway's association read the secret.
+EARLIER_DOCUMENTS = ("ConfigureGateway",)
 RUNNING = ("Pending", "InProgress", "Delayed")
-# TunnelUp counts from the first whole minute after ConfigureGateway was requested: CloudWatch's
+# TunnelUp counts from the first whole minute after ConfigureTunnel was requested: CloudWatch's
 # 1-minute buckets start on the minute, so a bucket from there holds no datapoint older than the
 # run, and its Minimum >= 1 says the tunnel was up all the time it reported.
 MINUTE = 60
@@ -140,18 +143,21 @@ def check_secret_id(value: str) -> str:
 
 
 def association_secret(ssm: Any, deployment: str) -> str | None:
-    """The secret ConfigureGateway's association reads: what the gateway really uses."""
-    name = f"{deployment}-{DOCUMENT}"
+    """The secret ConfigureTunnel's association reads: what the gateway really uses (a stack
+    deployed before ConfigureTunnel existed: ConfigureGateway's)."""
     try:
-        reply = ssm.list_associations(
-            AssociationFilterList=[{"key": "AssociationName", "value": name}]
-        )
-        for association in reply.get("Associations", []):
-            described = ssm.describe_association(AssociationId=association["AssociationId"])
-            values = described["AssociationDescription"].get("Parameters", {})
-            secret = (values.get("PskSecretName") or [None])[0]
-            if secret:
-                return str(secret)
+        for document in (DOCUMENT, *EARLIER_DOCUMENTS):
+            reply = ssm.list_associations(
+                AssociationFilterList=[
+                    {"key": "AssociationName", "value": f"{deployment}-{document}"}
+                ]
+            )
+            for association in reply.get("Associations", []):
+                described = ssm.describe_association(AssociationId=association["AssociationId"])
+                values = described["AssociationDescription"].get("Parameters", {})
+                secret = (values.get("PskSecretName") or [None])[0]
+                if secret:
+                    return str(secret)
     except ClientError as exc:
         if not error_code(exc).startswith("AccessDenied"):
             raise
@@ -318,7 +324,7 @@ def _launched_at(gateway: Instance) -> float | None:
 
 
 def follow(ctx: Ctx, rollout: Rollout) -> Rollout:
-    """Poll until the gateway ran ConfigureGateway after the change and reports its tunnels up,
+    """Poll until the gateway ran ConfigureTunnel after the change and reports its tunnels up,
     the run failed, or the timeout passed."""
     runtime, args = ctx.runtime, ctx.args
     ec2, ssm = ctx.aws.client("ec2"), ctx.aws.client("ssm")

@@ -1,7 +1,8 @@
 """The partner's tunnel as strongSwan configuration (docs/stack.md, Partner worksheet).
 
-Standard library only: embedded in ConfigureGateway, run there as ``python3 -m
+Standard library only: embedded in ConfigureTunnel, run there as ``python3 -m
 tunnelnat.core.swanctl OUT`` with ``TN_*`` set. Policy is core/crypto.py's, checked at synthesis.
+The NAT side (the nftables base: partner networks, NAT mode, MSS) is ConfigureGateway's.
 """
 
 from __future__ import annotations
@@ -86,20 +87,17 @@ def _ints(text: str, n: int) -> tuple[int, ...]:
     return values
 
 
-def from_environ(env: dict[str, str]) -> tuple[Tunnel, dict]:
-    """The Tunnel and the nftables base (core/nat.py GatewayBase) from ``TN_*``."""
+def from_environ(env: dict[str, str]) -> Tunnel:
+    """The Tunnel from ``TN_*``."""
     nets = tuple(IPv4Network(x) for x in env["TN_NETS"].split(","))
     public = tuple(IPv4Network(x) for x in env["TN_PUBLIC"].split(","))
     partner = IPv4Address(env["TN_PARTNER"])
-    shared = None if env["TN_SHARED"] == "none" else IPv4Address(env["TN_SHARED"])
-    mss, dpd = int(env["TN_MSS"]), _ints(env["TN_DPD"], 2)
+    dpd = _ints(env["TN_DPD"], 2)
     ike, child = _ints(env["TN_IKE_LIFE"], 3), _ints(env["TN_CHILD_LIFE"], 3)
     if any(partner in x for x in nets) or any(p.overlaps(x) for p in public for x in nets):
         raise ValueError("PartnerEndpoint or PublicAddresses overlap PartnerNetworks")
-    if env["TN_MODE"] == "shared" and not any(shared in p for p in public if shared):
-        raise ValueError("NatMode shared needs a SharedAddress among PublicAddresses")
-    if not (536 <= mss <= 1460 and 5 <= dpd[0] <= 300 and 10 <= dpd[1] <= 600):
-        raise ValueError("TunnelMss 536-1460, DpdDelay 5-300 and DpdTimeout 10-600 s")
+    if not (5 <= dpd[0] <= 300 and 10 <= dpd[1] <= 600):
+        raise ValueError("DpdDelay 5-300 and DpdTimeout 10-600 s")
     if not (ike[2] < ike[0] and ike[1] > 0 and child[2] < child[0] < child[1]):
         raise ValueError("lifetimes: rand_time < rekey_time < life_time, over_time > 0")
     for ident in (env["TN_LOCAL_ID"], env["TN_REMOTE_ID"]):
@@ -113,27 +111,23 @@ def from_environ(env: dict[str, str]) -> tuple[Tunnel, dict]:
     )  # fmt: skip
     if len(tunnel.children) > 256:
         raise ValueError("per-pair: more than 256 CHILD_SAs")
-    base = {"partner_networks": [str(x) for x in nets], "nat_mode": env["TN_MODE"], "mss": mss}
-    base["shared_address"] = str(shared) if shared else None
-    # Userspace ESP leaves through its TUN device: the guard matches on it.
-    base["tunnel_interface"] = "ipsec0" if libipsec else None
-    return tunnel, base
+    return tunnel
 
 
 def main(out: str) -> int:
     try:
-        t, base = from_environ(dict(os.environ))
+        t = from_environ(dict(os.environ))
     except (ValueError, KeyError) as exc:
-        print(f"ConfigureGateway: {exc}", file=sys.stderr)
+        print(f"ConfigureTunnel: {exc}", file=sys.stderr)
         return 1
-    # libipsec routes need a local address inside local_ts: the first of each S entry, on lo.
+    # libipsec routes need a local address inside local_ts: the first of each S entry, on lo
+    # (ConfigureTunnel keeps them in /etc/tunnelnat/lo-addresses, which the boot restores).
     lo = [p.network_address if p.prefixlen == 32 else next(p.hosts()) for p in t.local_ts]
     facts = {"children": [c[0] for c in t.children], "ike": t.ike, "esp": t.esp, "log": t.log}
     files = {
         "tunnel.conf": render_connection(t),
         "charon.conf": render_charon_settings(t),
         "tunnel.json": json.dumps(facts) + "\n",  # for the health agent
-        "base.json": json.dumps(base),
         "ids": f"{t.local_id} {t.remote_id or t.partner}\n",
         "lo_addresses": "".join(f"{a}\n" for a in lo),
     }
