@@ -526,7 +526,7 @@ def test_malformed_state_timestamp_is_dropped_with_a_log_line(aws, caplog, ok, s
 # -- which instance is the gateway (issue 14, finding 5, for the healer too) -----------------
 
 
-G = "10.10.1.5"
+G = "10.10.1.250"
 GATEWAY_TAGS = [
     {"Key": "tunnelnat:role", "Value": "gateway"},
     {"Key": "tunnelnat:deployment", "Value": "test"},
@@ -542,17 +542,26 @@ def _serve_gateway(aws, monkeypatch, **env: str) -> None:
 
 
 def _launch_tagged(ec2, subnet: str) -> str:
+    # Beside the gateway moto addressed at random, never on its address nor on G.
+    taken = {
+        i.get("PrivateIpAddress")
+        for r in ec2.describe_instances()["Reservations"]
+        for i in r["Instances"]
+        if i.get("SubnetId") == subnet
+    }
+    address = next(f"10.10.1.{n}" for n in range(60, 200) if f"10.10.1.{n}" not in taken)
     return ec2.run_instances(
         ImageId="ami-12345678",
         MinCount=1,
         MaxCount=1,
         SubnetId=subnet,
+        PrivateIpAddress=address,
         TagSpecifications=[{"ResourceType": "instance", "Tags": GATEWAY_TAGS}],
     )["Instances"][0]["InstanceId"]
 
 
-def _hold_g(ec2, subnet: str, instance_id: str) -> None:
-    eni = ec2.create_network_interface(SubnetId=subnet, PrivateIpAddress=G)
+def _hold_g(ec2, subnet: str, instance_id: str, g: str) -> None:
+    eni = ec2.create_network_interface(SubnetId=subnet, PrivateIpAddress=g)
     ec2.attach_network_interface(
         NetworkInterfaceId=eni["NetworkInterface"]["NetworkInterfaceId"],
         InstanceId=instance_id,
@@ -563,11 +572,12 @@ def _hold_g(ec2, subnet: str, instance_id: str) -> None:
 def test_the_healer_restarts_the_instance_holding_g_not_an_impostor(aws, monkeypatch):
     ec2 = boto3.client("ec2", region_name=REGION)
     [raw] = ec2.describe_instances(InstanceIds=[aws.gateway_id])["Reservations"][0]["Instances"]
+    g = G if raw["PrivateIpAddress"] != G else "10.10.1.251"  # moto addresses at random
     impostor = _launch_tagged(ec2, raw["SubnetId"])
     # G on the one whose ID sorts first: by tags alone the healer took the last.
     holder, other = sorted([aws.gateway_id, impostor])
-    _hold_g(ec2, raw["SubnetId"], holder)
-    _serve_gateway(aws, monkeypatch, TUNNELNAT_GATEWAY_IP=G, TUNNELNAT_VPC_ID=raw["VpcId"])
+    _hold_g(ec2, raw["SubnetId"], holder, g)
+    _serve_gateway(aws, monkeypatch, TUNNELNAT_GATEWAY_IP=g, TUNNELNAT_VPC_ID=raw["VpcId"])
     out = aws.invoke(aws.event("ALARM", aws.set_alarm("ALARM")))
     assert out["action"] == "restart" and out["status"] == "Success"
     assert [call[0] for call in aws.port.calls] == [holder]
@@ -577,14 +587,15 @@ def test_the_healer_restarts_the_instance_holding_g_not_an_impostor(aws, monkeyp
 def test_another_vpcs_gateway_holding_its_own_g_is_not_ours(aws, monkeypatch):
     ec2 = boto3.client("ec2", region_name=REGION)
     [raw] = ec2.describe_instances(InstanceIds=[aws.gateway_id])["Reservations"][0]["Instances"]
-    _hold_g(ec2, raw["SubnetId"], aws.gateway_id)
+    g = G if raw["PrivateIpAddress"] != G else "10.10.1.251"  # moto addresses at random
+    _hold_g(ec2, raw["SubnetId"], aws.gateway_id, g)
     far_vpc = ec2.create_vpc(CidrBlock="10.10.0.0/16")["Vpc"]["VpcId"]
     far_subnet = ec2.create_subnet(VpcId=far_vpc, CidrBlock="10.10.1.0/24")["Subnet"]["SubnetId"]
     far = _launch_tagged(ec2, far_subnet)
-    _hold_g(ec2, far_subnet, far)
+    _hold_g(ec2, far_subnet, far, g)
     # Without the VPC to tell them apart: two candidates, a failed restart naming both, and no
     # RestartTunnel sent to either.
-    _serve_gateway(aws, monkeypatch, TUNNELNAT_GATEWAY_IP=G)
+    _serve_gateway(aws, monkeypatch, TUNNELNAT_GATEWAY_IP=g)
     out = aws.invoke(aws.event("ALARM", aws.set_alarm("ALARM")))
     assert out["action"] == "restart" and out["status"] == "Error"
     assert aws.port.calls == []
