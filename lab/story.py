@@ -232,6 +232,7 @@ class Story:
         """An instance in the private subnet, with no SSM agent, is tagged: the controller puts
         the partner's networks -> G's ENI in its subnet's route table, the VPC router applies
         what EC2 holds, and its requests reach A as its own S (and A reaches it back)."""
+        step_started = time.monotonic()
         inst = self.lab.instance(name)
         rtb = self.lab.aws.private_route_table_id
         before_answered, _, before_at_g, _ = self.private_request(name)
@@ -274,6 +275,7 @@ class Story:
             ok,
             figure,
             {
+                "step_seconds": time.monotonic() - step_started,
                 "outcome": outcome,
                 "seconds": seconds,
                 "before_answered": before_answered,
@@ -305,6 +307,7 @@ class Story:
     def private_neighbour_dropped(self, name: str = PRIV2) -> Step:
         """The untagged neighbour behind the same table: its packets for the partner now reach
         the gateway (the table sends the partner's networks there), which drops them, counted."""
+        step_started = time.monotonic()
         dropped_before = self.lab.nft_counter("dropped_unenrolled")
         target, kernel = self.private_table_route()
         answered, body, at_g, peers = self.private_request(name)
@@ -329,6 +332,7 @@ class Story:
             ok,
             figure,
             {
+                "step_seconds": time.monotonic() - step_started,
                 "target": target,
                 "answered": answered,
                 "at_g": at_g,
@@ -341,6 +345,7 @@ class Story:
     def private_last_leaves(self, name: str = PRIV1) -> Step:
         """The last enrolled instance behind the table is untagged: the route goes, in EC2 and
         therefore on the VPC router; its mapping goes; its packets no longer reach G."""
+        step_started = time.monotonic()
         inst = self.lab.instance(name)
         rtb = self.lab.aws.private_route_table_id
         started = time.monotonic()
@@ -373,6 +378,7 @@ class Story:
             ok,
             figure,
             {
+                "step_seconds": time.monotonic() - step_started,
                 "outcome": outcome,
                 "target": target,
                 "kernel": kernel,
@@ -388,6 +394,7 @@ class Story:
         """Another team routes the partner's network in the private table to their own appliance
         (an instance at 10.10.2.50, its check off). Tagging ``name`` then is ``route-conflict``,
         naming table and route; the route is never replaced, nor deleted when ``name`` leaves."""
+        step_started = time.monotonic()
         ec2 = self.lab.aws.client("ec2")
         rtb = self.lab.aws.private_route_table_id
         appliance = self.lab.aws.run_appliance(FOREIGN_APPLIANCE)
@@ -440,6 +447,7 @@ class Story:
             ok,
             figure,
             {
+                "step_seconds": time.monotonic() - step_started,
                 "outcome": outcome,
                 "reason": reason,
                 "status_tag": status_tag,

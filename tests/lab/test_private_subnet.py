@@ -20,6 +20,8 @@ from lab.vpc_router import KernelRoute, RouterLink, batch, kernel_routes, subnet
 
 pytestmark = pytest.mark.lab
 
+STEP_SECONDS: dict[str, float] = {}  # the demo's private-subnet steps, by title
+
 ENI = "eni-0000000000000000a"
 LINKS = {
     "subnet-a": RouterLink("10.10.1.0/24", "sn-1", "10.10.1.1", 101),
@@ -206,6 +208,7 @@ def test_a_route_to_an_eni_whose_check_is_on_drops_as_on_aws(story):
 
 def test_a_private_instance_without_agent_is_enrolled_through_its_route_table(story):
     step = story.private_enrol(PRIV1)
+    STEP_SECONDS[step.title] = step.data["step_seconds"]
     assert not step.data["before_answered"] and step.data["before_at_g"] == 0, step.figure
     assert step.data["target_before"] is None
     assert step.data["outcome"]["status"] == "enrolled", step.figure
@@ -226,6 +229,7 @@ def test_a_private_instance_without_agent_is_enrolled_through_its_route_table(st
 
 def test_the_untagged_neighbour_is_dropped_at_the_gateway(story):
     step = story.private_neighbour_dropped(PRIV2)
+    STEP_SECONDS[step.title] = step.data["step_seconds"]
     assert step.data["target"] == story.lab.aws.eni_id, step.figure
     assert not step.data["answered"] and step.data["peers"] == []
     assert step.data["at_g"] > 0, "the table sends the partner's network to G"
@@ -270,6 +274,7 @@ def test_a_route_deleted_under_us_is_put_back_by_the_scheduled_reconcile(story):
 
 def test_the_route_goes_with_the_last_enrolled_instance_behind_the_table(story):
     step = story.private_last_leaves(PRIV1)
+    STEP_SECONDS[step.title] = step.data["step_seconds"]
     assert step.data["outcome"]["status"] == "not-tagged", step.figure
     assert step.data["target"] is None, "the route is still in EC2's table"
     assert step.data["kernel"] is None, "the router still routes the partner's network"
@@ -281,6 +286,7 @@ def test_the_route_goes_with_the_last_enrolled_instance_behind_the_table(story):
 
 def test_a_foreign_route_is_left_alone_and_reported(story):
     step = story.foreign_route_left_alone(PRIV1)
+    STEP_SECONDS[step.title] = step.data["step_seconds"]
     assert step.data["outcome"]["status"] == "route-conflict", step.figure
     assert story.lab.aws.private_route_table_id in step.data["reason"]
     assert step.data["eni"] in step.data["reason"]
@@ -292,6 +298,11 @@ def test_a_foreign_route_is_left_alone_and_reported(story):
     assert not step.data["answered"] and step.data["at_g"] == 0 and step.data["peers"] == []
     assert asked_private(story.lab) == []
     assert step.ok, step.figure
+
+
+def test_the_demo_steps_stay_short():
+    assert len(STEP_SECONDS) == 4, STEP_SECONDS
+    assert sum(STEP_SECONDS.values()) <= 40, STEP_SECONDS
 
 
 def test_no_document_was_ever_asked_for_a_private_instance(story):
