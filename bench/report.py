@@ -313,9 +313,9 @@ def _apply_md(a: dict) -> list[str]:
             "|---|---:|",
             f"| SyncNatTable document (delta: the change-log entry, element changes) "
             f"| {_s(ch['document']['median'])} |",
-            f"| gateway sync − DynamoDB calls (nft / the rest) "
+            f"| gateway sync − DynamoDB calls (`nft -f` / the rest) "
             f"| {_s(ph['apply_excl_api']['median'])} ({_s(ph['nft_apply']['median'])} / "
-            f"{_s(ph['other']['median'])}) |",
+            f"{_s(_minus(ph['apply_excl_api']['median'], ph['nft_apply']['median']))}) |",
             f"| of which DynamoDB: calls / items read (moto) "
             f"| {_s(ph['dynamodb_api']['median'])}: {ph['dynamodb_calls']['median']:.0f} / "
             f"{ph['dynamodb_items']['median']:.0f} |",
@@ -469,7 +469,8 @@ def _lab_md(lab: dict) -> list[str]:
         "written and the tag-change event handed to the real controller handler (SyncNatTable "
         "and AddHostRoute run in the gateway's and the instance's namespaces); a capture on A's "
         "interface gives the first datagram arriving with the instance's S as its source. "
-        f"Lab built in {_s(lab['lab_build_seconds'])}.",
+        f"Lab ready {_s(lab['lab_build_seconds'])} after the part started (waiting for "
+        "another lab run's lock included).",
         "",
         "| instance | status | S | handler returned | first packet at A as S |",
         "|---|---|---|---:|---:|",
@@ -485,3 +486,7 @@ def _lab_md(lab: dict) -> list[str]:
         f"{lab['reached']} of {len(lab['samples'])} reached A.",
     ]
     return lines
+
+
+def _minus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
