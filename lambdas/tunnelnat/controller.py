@@ -52,6 +52,7 @@ from tunnelnat.adapters.store import (
     Snapshot,
     StoreConflict,
     StoredMapping,
+    SyncLeaseBusy,
 )
 from tunnelnat.core.config import NatMode, TunnelnatConfig
 from tunnelnat.core.enrolment import (
@@ -183,6 +184,9 @@ class Controller:
         try:
             results = self._converge(list(instance_ids), set(terminating), full_sync, run)
         finally:
+            if run.sync_leased and not run.sync_handed:
+                # Taken with a mapping write, never used (the run stopped before its sync).
+                self.store.end_sync(run.owner, applied=None, gateway_id=None)
             # Records that changed, records to forget, and the leases back: one write.
             self.store.finish(
                 put=list(run.records.values()),
@@ -206,9 +210,12 @@ class Controller:
             return results
         # Observe only under the leases (what we read can no longer be overtaken by another
         # worker), in one call per 1,000 instances; read the table's side in one call too.
-        observed = self.instances.describe_many(run.leased) if run.leased else {}
+        observed = self._observe(run.leased) if run.leased else {}
         snap = self.store.snapshot_many(run.leased, private_ips(observed.values()))
         run.snapshot = snap
+        # A cold container starts from the gateway the table says last applied (what the warm
+        # one keeps in memory), checked by the next invocation's DescribeInstances.
+        self.gateway.adopt(snap.gateway_id)
         run.routes = self.routes.begin() if self.routes is not None else None
         plans: list[Plan] = []
         for instance_id in run.leased:
@@ -243,6 +250,18 @@ class Controller:
             return results
         results.update(self._finish(plans, generation, synced, run))
         return results
+
+    def _observe(self, instance_ids: list[str]) -> dict[str, ObservedInstance]:
+        """The instances as EC2 has them now; the gateway known from before is checked in the
+        same DescribeInstances (still running, tagged, holding G in our VPC and group), so
+        knowing it costs no call of its own."""
+        candidate = self.gateway.candidate()
+        observe = getattr(self.instances, "observe", None)
+        if candidate is None or observe is None:
+            return self.instances.describe_many(instance_ids)
+        observed, holds = observe(instance_ids, gateway=candidate, deployment=self.deployment)
+        self.gateway.confirm(candidate, holds)
+        return observed
 
     # -- phase 1 -----------------------------------------------------------------------------
     def _plan(
@@ -424,12 +443,24 @@ class Controller:
                     MappingChange(p.instance_id, p.mapping, p.previous, p.holds_private)
                     for p in chunk
                 ]
+                # The gateway sync this write calls for takes its lease along, unless a sync was
+                # in flight when read (its trailing sync will carry this change).
+                take = not (run.sync_leased or run.sync_busy or run.snapshot is None
+                            or run.snapshot.sync_in_flight)  # fmt: skip
                 try:
                     run.desired = self.store.write_mappings(
-                        changes, generation=run.desired, claim=self._dedicated
+                        changes,
+                        generation=run.desired,
+                        claim=self._dedicated,
+                        sync_owner=run.owner if take else None,
                     )
                     written = True
+                    run.sync_leased = run.sync_leased or take
                     break
+                except SyncLeaseBusy:
+                    run.sync_busy = True  # nothing else lost: write again at once without it
+                    attempt -= 1
+                    continue
                 except GenerationMoved as exc:
                     # Only the counter raced (a burst's workers all bump it): the rest of the
                     # transaction stands, retry at once with the generation DynamoDB returned.
@@ -630,11 +661,13 @@ class Controller:
 
     def _sync_gateway(self, *, full: bool, run: Run) -> tuple[bool, int]:
         snap = run.snapshot
+        run.sync_handed = True
         return self.gateway.converge(
             owner=run.owner,
             desired=max(run.desired, snap.desired_generation if snap else 0),
             applied=snap.applied_generation if snap else 0,
             full=full,
+            leased=run.sync_leased,
         )
 
     # -- helpers -------------------------------------------------------------------------------

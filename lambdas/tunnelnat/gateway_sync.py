@@ -70,6 +70,23 @@ class GatewaySync:
         self.telemetry = telemetry
         self._gateway: str | None = None
 
+    def candidate(self) -> str | None:
+        """The gateway known from before (this container's, or the table's), to be checked."""
+        return self._gateway
+
+    def confirm(self, gateway: str, holds: bool) -> None:
+        """What EC2 said of ``candidate()``: when it no longer qualifies (replaced, stopped, G
+        moved), it is looked up again before the next sync."""
+        if not holds and self._gateway == gateway:
+            logger.info("the gateway known from before no longer qualifies: looked up again")
+            self._gateway = None
+
+    def adopt(self, recorded: str | None) -> None:
+        """The gateway that last reported applying, as the table remembers it (a sync recorded
+        it after sending to it), when this container knows none yet."""
+        if self._gateway is None and recorded:
+            self._gateway = recorded
+
     def gateway_id(self, *, refresh: bool = False) -> str:
         """The gateway's instance ID, looked up once per container and again when it may have
         changed (a full reconcile, or a command the old one could not take)."""
@@ -92,17 +109,23 @@ class GatewaySync:
             self.store.record_applied(applied, gateway)
         return report
 
-    def converge(self, *, owner: str, desired: int, applied: int, full: bool) -> tuple[bool, int]:
+    def converge(
+        self, *, owner: str, desired: int, applied: int, full: bool, leased: bool = False
+    ) -> tuple[bool, int]:
         """Bring the gateway to ``desired`` (or re-render it all when ``full``), at most one sync
-        in flight across workers; (whether this call synced, the generation now desired)."""
+        in flight across workers; (whether this call synced, the generation now desired).
+        ``leased``: ``owner`` took the sync lease with its mapping write (no sync can have run
+        since that write: none was in flight, and none could start)."""
         if not full and applied >= desired:
+            if leased:
+                self.store.end_sync(owner, applied=None, gateway_id=None)
             return False, desired
-        recorded = self.store.begin_sync(owner)
-        if recorded is None:
+        recorded = None if leased else self.store.begin_sync(owner)
+        if not leased and recorded is None:
             raise GatewaySyncPending(
                 f"a gateway sync is in flight; generation {desired} will be applied by it or next"
             )
-        if not full and recorded >= desired:
+        if recorded is not None and not full and recorded >= desired:
             # Another worker's sync applied ours while we were writing.
             self.store.end_sync(owner, applied=None, gateway_id=None)
             return False, desired

@@ -23,9 +23,9 @@ from tunnelnat.adapters.store import (
 from tunnelnat.core.enrolment import Decision, ObservedInstance, Status
 from tunnelnat.gateway_sync import GatewaySyncFailed, GatewaySyncPending
 
-# Items per transaction, the generation bump and its change-log entry aside (DynamoDB's limit is
-# 100): a mapping change is up to 5 (the mapping, a claim and a release of its public and of its
-# private address).
+# Items per transaction, the generation bump, its change-log entry and the sync lease aside
+# (DynamoDB's limit is 100): a mapping change is up to 5 (the mapping, a claim and a release of
+# its public and of its private address).
 TRANSACTION_ITEMS = MAPPING_ITEMS_MAX
 
 
@@ -97,6 +97,11 @@ class Run:
     pool_changed: bool = False
     contended: bool = False  # a mapping write lost to another worker's
     routes: Any = None  # the batch's route tables and their records (route_sync.RouteBatch)
+    # The gateway sync lease, taken in a mapping transaction (the sync then needs no call to
+    # take it), and whether it was found taken by another worker's sync meanwhile.
+    sync_leased: bool = False
+    sync_busy: bool = False
+    sync_handed: bool = False  # GatewaySync.converge owns the lease now (it lets go)
 
 
 def failure_reason(result: Outcome | Exception) -> str | None:

@@ -92,11 +92,12 @@ def test_a_batch_of_ten_enrolments_costs_a_fixed_number_of_calls(world, counted)
     calls = counted.calls
     # leases; mappings; the sync's release (checking nobody wrote meanwhile); records+leases
     assert calls["dynamodb:TransactWriteItems"] == 4, calls
-    assert calls["dynamodb:UpdateItem"] == 1, calls  # the sync lease, returning `applied`
+    # The sync lease is taken in the mapping transaction (no sync was in flight): no call.
+    assert calls["dynamodb:UpdateItem"] == 0, calls
     assert calls["dynamodb:BatchGetItem"] == 1, calls
     assert calls["ec2:DescribeInstances"] == 2, calls  # the instances, the gateway (once)
     assert calls["ec2:CreateTags"] == 2, calls  # one per status value
-    assert sum(calls.values()) <= 13, calls
+    assert sum(calls.values()) <= 12, calls
     assert world.fleet.syncs() == 1
 
     # Delivered again: nothing changed, so no mapping write, no record write, no tag, no sync.
@@ -179,6 +180,32 @@ def test_a_lost_generation_bump_is_retried_with_the_generation_dynamodb_returned
     assert set(world.items("address")) == {"203.0.113.10", "203.0.113.11"}
 
 
+def test_the_sync_lease_rides_on_the_mapping_write_and_never_takes_one_held(world):
+    from tunnelnat.adapters.store import MappingChange, StoredMapping, SyncLeaseBusy
+
+    ours, theirs = EnrolmentStore(world.dynamodb, TABLE), EnrolmentStore(world.dynamodb, TABLE)
+    mine = StoredMapping(
+        "i-0aaaaaaaaaaaaaaaa", IPv4Address("10.10.1.99"), IPv4Address("203.0.113.10")
+    )
+    change = MappingChange(mine.instance_id, mine, None)
+    assert theirs.begin_sync("their-sync") is not None
+    assert ours.snapshot_many([]).sync_in_flight
+    with pytest.raises(SyncLeaseBusy):
+        ours.write_mappings([change], generation=0, claim=True, sync_owner="our-run")
+    assert world.items("mapping") == {}, "nothing of the cancelled write landed"
+    assert ours.write_mappings([change], generation=0, claim=True) == 1
+    theirs.end_sync("their-sync", applied=None, gateway_id=None)
+    assert not ours.snapshot_many([]).sync_in_flight
+    other = StoredMapping(
+        "i-0bbbbbbbbbbbbbbbb", IPv4Address("10.10.1.98"), IPv4Address("203.0.113.11")
+    )
+    gen = ours.write_mappings([MappingChange(other.instance_id, other, None)], generation=1,
+                              claim=True, sync_owner="our-run")  # fmt: skip
+    assert gen == 2 and ours.snapshot_many([]).sync_in_flight
+    assert theirs.begin_sync("their-sync") is None, "ours now: the next sync waits"
+    assert ours.begin_sync("our-run") is not None
+
+
 def test_the_controller_retries_a_lost_bump_without_reading_again(world, counted, monkeypatch):
     from tunnelnat.adapters.store import GenerationMoved
 
@@ -186,11 +213,11 @@ def test_the_controller_retries_a_lost_bump_without_reading_again(world, counted
     original = EnrolmentStore.write_mappings
     lost = []
 
-    def racing(self, changes, *, generation, claim):
+    def racing(self, changes, *, generation, claim, **kwargs):
         if not lost:
             lost.append(generation)
             raise GenerationMoved("a rival bumped first", generation)
-        return original(self, changes, generation=generation, claim=claim)
+        return original(self, changes, generation=generation, claim=claim, **kwargs)
 
     monkeypatch.setattr(EnrolmentStore, "write_mappings", racing)
     assert handler(sqs_batch(state_change(web1, "running")), Context()) == {"batchItemFailures": []}

@@ -117,12 +117,17 @@ class SsmCommands:
         document_prefix: str = "tunnelnat-",
         timeout_seconds: float = 120.0,
         poll_seconds: float = 1.0,
+        first_poll_seconds: float | None = None,
         sleep: Any = time.sleep,
     ) -> None:
         self._ssm = ssm_client
         self._prefix = document_prefix
         self._timeout = timeout_seconds
         self._poll = poll_seconds
+        # Before the first look: a command is not delivered, let alone done, the moment
+        # SendCommand returns (GetCommandInvocation then answers InvocationDoesNotExist or
+        # Pending), so asking at once is a call that never has the answer.
+        self._first_poll = poll_seconds if first_poll_seconds is None else first_poll_seconds
         self._sleep = sleep
 
     def document_name(self, document: str) -> str:
@@ -147,7 +152,8 @@ class SsmCommands:
                 raise AgentNotReady(f"{instance_id}: SSM agent not registered") from exc
             raise CommandError(f"{instance_id}: SendCommand {document} failed: {code}") from exc
         command_id = sent["Command"]["CommandId"]
-        waited = 0.0
+        self._sleep(self._first_poll)
+        waited = self._first_poll
         while True:
             try:
                 inv = self._ssm.get_command_invocation(CommandId=command_id, InstanceId=instance_id)
@@ -216,7 +222,8 @@ class SsmCommands:
     def _wait_many(
         self, command_id: str, instance_ids: list[str], document: str
     ) -> dict[str, CommandResult | CommandError]:
-        waited = 0.0
+        self._sleep(self._first_poll)
+        waited = self._first_poll
         while True:
             reply = self._ssm.list_commands(CommandId=command_id)
             [command] = reply.get("Commands") or [{"Status": "Pending"}]

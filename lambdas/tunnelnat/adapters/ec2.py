@@ -54,8 +54,31 @@ class Ec2Instances:
 
     def describe_many(self, instance_ids: Iterable[str]) -> dict[str, ObservedInstance]:
         """Every instance EC2 still knows among ``instance_ids``, in calls of up to 1,000 IDs."""
+        return {i: observed(raw) for i, raw in self._describe(instance_ids).items()}
+
+    def observe(
+        self, instance_ids: Iterable[str], *, gateway: str, deployment: str
+    ) -> tuple[dict[str, ObservedInstance], bool]:
+        """``describe_many`` of ``instance_ids``, and whether ``gateway`` (a gateway known from
+        before) still qualifies, as ``find_gateway`` would have it: running, tagged as this
+        deployment's gateway, holding G in our VPC and group. The same DescribeInstances."""
         wanted = list(dict.fromkeys(instance_ids))
-        found: dict[str, ObservedInstance] = {}
+        raws = self._describe([*wanted, gateway])
+        found = {i: observed(raws[i]) for i in wanted if i in raws}
+        raw = raws.get(gateway)
+        holds = raw is not None and raw.get("State", {}).get("Name") == "running"
+        if holds and raw is not None:
+            tags = {t.get("Key"): t.get("Value") for t in raw.get("Tags", [])}
+            holds = tags.get(GATEWAY_ROLE_TAG) == "gateway" and tags.get(DEPLOYMENT_TAG) == (
+                deployment
+            )
+            # Without G to check, only find_gateway's tag lookup can say which one it is.
+            holds = holds and self._gateway_ip is not None and self._is_gateway(raw)
+        return found, holds
+
+    def _describe(self, instance_ids: Iterable[str]) -> dict[str, dict]:
+        wanted = list(dict.fromkeys(instance_ids))
+        found: dict[str, dict] = {}
         for start in range(0, len(wanted), DESCRIBE_CHUNK):
             chunk = wanted[start : start + DESCRIBE_CHUNK]
             while chunk:
@@ -66,7 +89,7 @@ class Ec2Instances:
                     for page in pages:
                         for reservation in page.get("Reservations", []):
                             for raw in reservation.get("Instances", []):
-                                found[raw["InstanceId"]] = observed(raw)
+                                found[raw["InstanceId"]] = raw
                     break
                 except ClientError as exc:
                     if exc.response["Error"]["Code"] != "InvalidInstanceID.NotFound":

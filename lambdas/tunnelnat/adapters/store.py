@@ -44,8 +44,9 @@ PRIVATE = "private"
 LIFECYCLE = "lifecycle"
 CHANGE = "change"
 TRANSACT_MAX = 100  # DynamoDB's limit on items per TransactWriteItems
-# A mapping transaction's own items: the rest are the generation bump and its change-log entry.
-MAPPING_ITEMS_MAX = TRANSACT_MAX - 2
+# A mapping transaction's own items: the rest are the generation bump, its change-log entry and
+# the gateway sync lease taken along.
+MAPPING_ITEMS_MAX = TRANSACT_MAX - 3
 GENERATION_DIGITS = 20  # change/<generation>, zero-padded: the sort key orders generations
 CHANGE_KEEP_SECONDS = 3 * 86400  # a gateway further behind reads the whole table instead
 BATCH_GET_MAX = 100  # and on keys per BatchGetItem
@@ -74,6 +75,11 @@ class PrivateAddressTaken(StoreConflict):
     def __init__(self, message: str, taken: dict[str, tuple[str, str]]) -> None:
         super().__init__(message)
         self.taken = taken
+
+
+class SyncLeaseBusy(StoreConflict):
+    """Only the gateway sync lease a mapping transaction tried to take along lost (another
+    worker's sync started since the snapshot): write again without it."""
 
 
 class GenerationMoved(StoreConflict):
@@ -113,6 +119,10 @@ class Snapshot:
     applied_generation: int
     # private address -> the instance whose mapping claims it (for the addresses asked about)
     private_claims: dict[str, str] = field(default_factory=dict)
+    # The gateway that last reported applying (meta/gateway), and whether a sync was in flight
+    # when read (its lease held and not expired).
+    gateway_id: str | None = None
+    sync_in_flight: bool = False
 
 
 @dataclass(frozen=True)
@@ -267,6 +277,12 @@ class EnrolmentStore:
                 for ip in privates
                 if (PRIVATE, ip) in items
             },
+            gateway_id=gateway.get("gateway_instance_id", {}).get("S") if gateway else None,
+            sync_in_flight=bool(
+                gateway
+                and "sync_owner" in gateway
+                and float(gateway.get("sync_expires", {}).get("N", "0")) >= self._clock()
+            ),
         )
 
     def _batch_get(self, keys: list[dict]) -> dict[tuple[str, str], dict]:
@@ -315,10 +331,20 @@ class EnrolmentStore:
         self._transact(items, claimed=public_ip if claim else None)
         return generation + 1
 
-    def write_mappings(self, changes: list[MappingChange], *, generation: int, claim: bool) -> int:
+    def write_mappings(
+        self,
+        changes: list[MappingChange],
+        *,
+        generation: int,
+        claim: bool,
+        sync_owner: str | None = None,
+        sync_seconds: float = 180.0,
+    ) -> int:
         """Many mapping changes, their address claims and releases and ONE generation bump, in
         one transaction (all or nothing). ``generation`` is the one the caller read; a concurrent
         bump, a taken address or a changed mapping cancels it (AddressTaken / StoreConflict).
+        ``sync_owner``: take the gateway sync lease (``begin_sync``) in the same transaction, so
+        the sync that must follow costs no call of its own (SyncLeaseBusy when only it lost).
         Returns the new generation."""
         items: list[dict] = []
         claimed: list[IPv4Address] = []
@@ -358,9 +384,13 @@ class EnrolmentStore:
         if not items:
             return generation
         if len(items) > MAPPING_ITEMS_MAX:
-            raise ValueError(f"{len(changes)} changes need {len(items) + 2} transaction items")
+            raise ValueError(f"{len(changes)} changes need {len(items) + 3} transaction items")
         log, bump = self._log_and_bump(changes, generation)
         bump["Update"]["ReturnValuesOnConditionCheckFailure"] = "ALL_OLD"
+        sync = None
+        if sync_owner is not None:
+            sync = self._sync_lease(sync_owner, sync_seconds)
+            items.append(sync)
         items += [log, bump]
         try:
             self._db.transact_write_items(TransactItems=items)
@@ -369,6 +399,14 @@ class EnrolmentStore:
                 raise
             raw = exc.response.get("CancellationReasons", [])
             reasons = [r.get("Code", "None") for r in raw]
+            if sync is not None:
+                if len(raw) == len(items):
+                    lost = sum(c != "None" for c in reasons)
+                    if reasons[-3] == "ConditionalCheckFailed" and lost == 1:
+                        raise SyncLeaseBusy("a gateway sync started since the snapshot") from exc
+                    # Lost more than the lease: the rest reads as if it had not been asked for.
+                    raw, reasons = raw[:-3] + raw[-2:], reasons[:-3] + reasons[-2:]
+                items = [i for i in items if i is not sync]
             if len(raw) == len(items) and all(c == "None" for c in reasons[:-1]):
                 current = raw[-1].get("Item", {}).get("generation", {}).get("N")
                 if reasons[-1] == "ConditionalCheckFailed" and current is not None:
@@ -590,6 +628,24 @@ class EnrolmentStore:
             raise
         attrs = reply.get("Attributes", {})
         return int(attrs.get("applied_generation", {}).get("N", "0"))
+
+    def _sync_lease(self, owner: str, seconds: float) -> dict:
+        """``begin_sync``'s write as a transaction item."""
+        now = self._clock()
+        return {
+            "Update": {
+                "TableName": self._table,
+                "Key": _key(META, "gateway"),
+                "UpdateExpression": "SET sync_owner = :me, sync_expires = :exp",
+                "ConditionExpression": "attribute_not_exists(sync_owner) OR sync_expires < :now "
+                "OR sync_owner = :me",
+                "ExpressionAttributeValues": {
+                    ":me": {"S": owner},
+                    ":exp": {"N": f"{now + seconds:.3f}"},
+                    ":now": {"N": f"{now:.3f}"},
+                },
+            }
+        }
 
     def end_sync(
         self,
