@@ -16,7 +16,7 @@ DEFAULT_IKE_PROPOSALS = ("aes256-sha256-modp2048",)
 DEFAULT_ESP_PROPOSALS = ("aes256-sha256-modp2048",)
 DEFAULT_IKE_LIFETIMES = (28_260, 540, 540)  # rekey_time, over_time, rand_time
 DEFAULT_CHILD_LIFETIMES = (3_060, 3_600, 540)  # rekey_time, life_time, rand_time
-# The same expressions as ConfigureGateway's allowedPatterns.
+# The same expressions as ConfigureTunnel's allowedPatterns.
 IDENTITY = re.compile(
     r"@?[A-Za-z0-9]([A-Za-z0-9-]{0,62}\.)*[A-Za-z0-9-]{1,63}"
     r"|[A-Za-z0-9._+-]{1,64}@[A-Za-z0-9-]{1,63}(\.[A-Za-z0-9-]{1,63})+|@#[0-9a-fA-F]{2,128}"
