@@ -83,6 +83,7 @@ def test_defaults_a_strict_peer_accepts():
         "rand_time = 540s",
         "dpd_delay = 10s",
         "keyingtries = 0",  # never give up on a partner that is not up yet
+        "unique = replace",  # a partner initiating too: its second IKE SA replaces ours
     ]
     text = render()
     assert section(text, "local") == ["auth = psk", 'id = "198.51.100.10"']
@@ -137,8 +138,10 @@ def test_every_setting_follows_its_parameter():
 
 
 def test_responder_only_waits_for_the_partner_and_clears_on_dpd():
-    child = section(render(TN_START="none").split("children {", 1)[1], "partner")
+    text = render(TN_START="none")
+    child = section(text.split("children {", 1)[1], "partner")
     assert child[-2:] == ["start_action = none", "dpd_action = clear"]
+    assert section(text, "partner")[-1] == "unique = replace"  # whoever initiated it
 
 
 def test_per_pair_layout_has_one_child_per_public_address_and_partner_network():

@@ -57,6 +57,12 @@ def render_connection(t: Tunnel) -> str:
     out += ["    mobike = no", f"    proposals = {t.ike}", f"    rekey_time = {rekey}s"]
     out += [f"    over_time = {over}s", f"    rand_time = {rand}s"]
     out += [f"    dpd_delay = {t.dpd[0]}s", f"    keyingtries = {t.keyingtries}"]
+    # A partner that initiates too (AWS's startup action start) can complete a second IKE SA
+    # with us answering, e.g. its retransmitted attempt from before we were up. replace: charon
+    # then deletes the older one (10 s later, as for a reauthentication: make-before-break),
+    # one IKE SA and CHILD_SA per selector set remain. Only the responder checks, so the two
+    # sides never both delete. INITIAL_CONTACT is still sent (unique is not never).
+    out.append("    unique = replace")
     for side, ident in (("local", t.local_id), ("remote", t.remote_id or t.partner)):
         out += [f"    {side} {LB}", "      auth = psk", f'      id = "{ident}"', f"    {RB}"]
     out.append(f"    children {LB}")
