@@ -69,6 +69,7 @@ from tunnelnat.gateway_sync import (  # noqa: F401 - GatewaySyncFailed: re-expor
     GatewaySync,
     GatewaySyncFailed,
     GatewaySyncPending,
+    SyncRelease,
 )
 from tunnelnat.plan import (
     Outcome,
@@ -187,13 +188,18 @@ class Controller:
             if run.sync_leased and not run.sync_handed:
                 # Taken with a mapping write, never used (the run stopped before its sync).
                 self.store.end_sync(run.owner, applied=None, gateway_id=None)
-            # Records that changed, records to forget, and the leases back: one write.
-            self.store.finish(
+            # Records that changed, records to forget, the leases back and the gateway sync's
+            # release: one write.
+            release = run.sync_release
+            released = self.store.finish(
                 put=list(run.records.values()),
                 delete=sorted(run.forget),
                 release=run.leased,
                 owner=run.owner,
+                sync=(release.applied, release.gateway) if release is not None else None,
             )
+            if release is not None and not released:
+                self._trail(release)
         self._tag(run)
         self._report(results, run)
         return results
@@ -662,13 +668,24 @@ class Controller:
     def _sync_gateway(self, *, full: bool, run: Run) -> tuple[bool, int]:
         snap = run.snapshot
         run.sync_handed = True
-        return self.gateway.converge(
+        synced, desired, run.sync_release = self.gateway.converge(
             owner=run.owner,
             desired=max(run.desired, snap.desired_generation if snap else 0),
             applied=snap.applied_generation if snap else 0,
             full=full,
             leased=run.sync_leased,
+            defer=True,
         )
+        return synced, desired
+
+    def _trail(self, release: SyncRelease) -> None:
+        """Another worker wrote while our sync ran and left its change to us (our sync was in
+        flight): the trailing sync, after this run's own work is recorded."""
+        try:
+            self.gateway.trail(release)
+        except Exception as exc:  # noqa: BLE001 - theirs: their redelivery syncs it
+            logger.warning("trailing gateway sync failed", extra={"reason": repr(exc)[:300]})
+            self.telemetry.failure("gateway-sync")
 
     # -- helpers -------------------------------------------------------------------------------
     @property

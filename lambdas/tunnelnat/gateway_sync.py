@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aws_lambda_powertools import Logger
@@ -45,6 +46,16 @@ class GatewaySyncPending(RuntimeError):
 
 class GatewaySyncFailed(CommandError):
     """The gateway did not apply the table; every instance of the batch waits for it."""
+
+
+@dataclass(frozen=True)
+class SyncRelease:
+    """The gateway sync lease's release, deferred to the run's last write: the generation the
+    gateway reported and which gateway it was."""
+
+    owner: str
+    applied: int
+    gateway: str
 
 
 class GatewayLocator(Protocol):
@@ -110,16 +121,27 @@ class GatewaySync:
         return report
 
     def converge(
-        self, *, owner: str, desired: int, applied: int, full: bool, leased: bool = False
-    ) -> tuple[bool, int]:
+        self,
+        *,
+        owner: str,
+        desired: int,
+        applied: int,
+        full: bool,
+        leased: bool = False,
+        defer: bool = False,
+    ) -> tuple[bool, int, SyncRelease | None]:
         """Bring the gateway to ``desired`` (or re-render it all when ``full``), at most one sync
-        in flight across workers; (whether this call synced, the generation now desired).
+        in flight across workers; (whether this call synced, the generation now desired, the
+        lease's release when deferred).
         ``leased``: ``owner`` took the sync lease with its mapping write (no sync can have run
-        since that write: none was in flight, and none could start)."""
+        since that write: none was in flight, and none could start).
+        ``defer``: after a good first sync, keep the lease and return what its release must
+        record: the caller writes it with its own last write (``EnrolmentStore.finish``) and
+        calls ``trail`` when someone wrote while the sync ran."""
         if not full and applied >= desired:
             if leased:
                 self.store.end_sync(owner, applied=None, gateway_id=None)
-            return False, desired
+            return False, desired, None
         recorded = None if leased else self.store.begin_sync(owner)
         if not leased and recorded is None:
             raise GatewaySyncPending(
@@ -128,19 +150,34 @@ class GatewaySync:
         if recorded is not None and not full and recorded >= desired:
             # Another worker's sync applied ours while we were writing.
             self.store.end_sync(owner, applied=None, gateway_id=None)
-            return False, desired
+            return False, desired, None
+        gateway = self.gateway_id(refresh=True) if full else None
+        release = self._rounds(owner, desired, full=full, gateway=gateway, first=0, defer=defer)
+        return True, desired, release
+
+    def trail(self, release: SyncRelease) -> None:
+        """The trailing syncs of a deferred release the caller could not write (the desired
+        generation moved while the sync ran: a writer found it in flight and left its change
+        to us), and the lease's release."""
+        self._rounds(release.owner, release.applied, full=False, gateway=release.gateway,
+                     first=1, defer=False)  # fmt: skip
+
+    def _rounds(
+        self, owner: str, desired: int, *, full: bool, gateway: str | None, first: int, defer: bool
+    ) -> SyncRelease | None:
         reported: int | None = None
         released = False
-        gateway: str | None = None
         try:
-            gateway = self.gateway_id(refresh=True) if full else None
-            for round_ in range(TRAILING_SYNCS):
+            for round_ in range(first, TRAILING_SYNCS):
                 report, gateway = self._run_sync(full=full, gateway=gateway)
                 reported = int(report.get("applied_generation", -1))
                 if reported < desired:
                     raise GatewaySyncFailed(
                         f"gateway reported {report}, but generation {desired} is desired"
                     )
+                if defer:
+                    released = True  # the caller's to write
+                    return SyncRelease(owner, reported, gateway)
                 # Trailing edge: let go only if nobody wrote while this sync ran (they did not
                 # start a sync of their own: we hold the lease); checked in the same write.
                 released = self.store.end_sync(
@@ -159,7 +196,7 @@ class GatewaySync:
                     applied=reported if reported is not None and reported >= 0 else None,
                     gateway_id=gateway,
                 )
-        return True, desired
+        return None
 
     def _run_sync(self, *, full: bool, gateway: str | None) -> tuple[dict[str, Any], str]:
         gateway = gateway or self.gateway_id()

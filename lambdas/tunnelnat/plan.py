@@ -102,6 +102,8 @@ class Run:
     sync_leased: bool = False
     sync_busy: bool = False
     sync_handed: bool = False  # GatewaySync.converge owns the lease now (it lets go)
+    # A good sync's lease release, written with the run's last write (EnrolmentStore.finish).
+    sync_release: Any = None  # gateway_sync.SyncRelease
 
 
 def failure_reason(result: Outcome | Exception) -> str | None:

@@ -490,32 +490,54 @@ class EnrolmentStore:
         delete: list[str],
         release: list[str],
         owner: str,
-    ) -> None:
+        sync: tuple[int, str] | None = None,
+    ) -> bool:
         """The batch's last write: the records that changed, the records to forget, and the
         leases given back, in one transaction per 100 items. When a lease was taken over (it
-        expired), item by item instead, so the records still land."""
+        expired), item by item instead, so the records still land.
+
+        ``sync``: (applied generation, gateway) of this run's gateway sync, whose lease is given
+        back here too (``end_sync`` with ``unless_desired_moved``, in the same transaction).
+        Returns False when the sync lease is kept because the desired generation moved while
+        the sync ran (the caller runs the trailing sync); True otherwise."""
+        if sync is not None:
+            extra = self._end_sync_items(owner, *sync)
+            records = len(put) + len(delete) + len(release)
+            if records + len(extra) <= TRANSACT_MAX:
+                items = [{"Put": {"TableName": self._table, "Item": self._record_item(r)}}
+                         for r in put]  # fmt: skip
+                items += [{"Delete": {"TableName": self._table, "Key": _key(INSTANCE, i)}}
+                          for i in delete]  # fmt: skip
+                items += [self._lease_delete(i, owner) for i in release]
+                try:
+                    self._db.transact_write_items(TransactItems=items + extra)
+                    return True
+                except ClientError as exc:
+                    if exc.response["Error"]["Code"] != "TransactionCanceledException":
+                        raise
+                    codes = [
+                        r.get("Code", "None") for r in exc.response.get("CancellationReasons", [])
+                    ]
+                    # Written apart: the records (and leases) first, then the sync's release.
+                    self.finish(put=put, delete=delete, release=release, owner=owner)
+                    if codes[-2:-1] == ["ConditionalCheckFailed"]:
+                        return False  # the desired generation moved: a trailing sync is due
+                    return self.end_sync(owner, applied=sync[0], gateway_id=sync[1],
+                                         unless_desired_moved=True)  # fmt: skip
+            self.finish(put=put, delete=delete, release=release, owner=owner)
+            return self.end_sync(owner, applied=sync[0], gateway_id=sync[1],
+                                 unless_desired_moved=True)  # fmt: skip
         items: list[dict] = [
             {"Put": {"TableName": self._table, "Item": self._record_item(r)}} for r in put
         ]
         items += [{"Delete": {"TableName": self._table, "Key": _key(INSTANCE, i)}} for i in delete]
-        items += [
-            {
-                "Delete": {
-                    "TableName": self._table,
-                    "Key": _key(LEASE, i),
-                    "ConditionExpression": "#o = :me",
-                    "ExpressionAttributeNames": {"#o": "owner"},
-                    "ExpressionAttributeValues": {":me": {"S": owner}},
-                }
-            }
-            for i in release
-        ]
+        items += [self._lease_delete(i, owner) for i in release]
         if len(items) == 1 and release:
             self.release_lease(release[0], owner)
-            return
+            return True
         if len(items) == 1 and put:
             self.put_record(put[0])
-            return
+            return True
         for start in range(0, len(items), TRANSACT_MAX):
             chunk = items[start : start + TRANSACT_MAX]
             try:
@@ -530,6 +552,18 @@ class EnrolmentStore:
                         self._db.delete_item(TableName=self._table, Key=item["Delete"]["Key"])
                     else:
                         self.release_lease(item["Delete"]["Key"]["sk"]["S"], owner)
+        return True
+
+    def _lease_delete(self, instance_id: str, owner: str) -> dict:
+        return {
+            "Delete": {
+                "TableName": self._table,
+                "Key": _key(LEASE, instance_id),
+                "ConditionExpression": "#o = :me",
+                "ExpressionAttributeNames": {"#o": "owner"},
+                "ExpressionAttributeValues": {":me": {"S": owner}},
+            }
+        }
 
     def _lease_put(self, instance_id: str, owner: str, now: float, seconds: float) -> dict:
         return {
@@ -629,6 +663,37 @@ class EnrolmentStore:
         attrs = reply.get("Attributes", {})
         return int(attrs.get("applied_generation", {}).get("N", "0"))
 
+    def _end_sync_items(self, owner: str, applied: int, gateway_id: str) -> list[dict]:
+        """``end_sync`` with ``unless_desired_moved`` as transaction items: a check that the
+        desired generation is still ``applied`` (second to last: callers read its reason there),
+        then the record of what the gateway applied and the lease given back."""
+        return [
+            {
+                "ConditionCheck": {
+                    "TableName": self._table,
+                    "Key": _key(META, "generation"),
+                    "ConditionExpression": "attribute_not_exists(generation) OR generation <= :g",
+                    "ExpressionAttributeValues": {":g": {"N": str(applied)}},
+                }
+            },
+            {
+                "Update": {
+                    "TableName": self._table,
+                    "Key": _key(META, "gateway"),
+                    "UpdateExpression": "SET applied_generation = :g, "
+                    "gateway_instance_id = :gw, updated_at = :t "
+                    "REMOVE sync_owner, sync_expires",
+                    "ConditionExpression": f"sync_owner = :me AND ({_APPLIED_FORWARD})",
+                    "ExpressionAttributeValues": {
+                        ":g": {"N": str(applied)},
+                        ":gw": {"S": gateway_id},
+                        ":t": {"N": f"{self._clock():.3f}"},
+                        ":me": {"S": owner},
+                    },
+                }
+            },
+        ]
+
     def _sync_lease(self, owner: str, seconds: float) -> dict:
         """``begin_sync``'s write as a transaction item."""
         now = self._clock()
@@ -663,33 +728,7 @@ class EnrolmentStore:
         if unless_desired_moved and applied is not None and gateway_id is not None:
             try:
                 self._db.transact_write_items(
-                    TransactItems=[
-                        {
-                            "ConditionCheck": {
-                                "TableName": self._table,
-                                "Key": _key(META, "generation"),
-                                "ConditionExpression": "attribute_not_exists(generation) "
-                                "OR generation <= :g",
-                                "ExpressionAttributeValues": {":g": {"N": str(applied)}},
-                            }
-                        },
-                        {
-                            "Update": {
-                                "TableName": self._table,
-                                "Key": _key(META, "gateway"),
-                                "UpdateExpression": "SET applied_generation = :g, "
-                                "gateway_instance_id = :gw, updated_at = :t "
-                                "REMOVE sync_owner, sync_expires",
-                                "ConditionExpression": f"sync_owner = :me AND ({_APPLIED_FORWARD})",
-                                "ExpressionAttributeValues": {
-                                    ":g": {"N": str(applied)},
-                                    ":gw": {"S": gateway_id},
-                                    ":t": {"N": f"{self._clock():.3f}"},
-                                    ":me": {"S": owner},
-                                },
-                            }
-                        },
-                    ]
+                    TransactItems=self._end_sync_items(owner, applied, gateway_id)
                 )
                 return True
             except ClientError as exc:
@@ -716,7 +755,7 @@ class EnrolmentStore:
                         ":me": {"S": owner},
                     },
                 )
-                return
+                return True
             except ClientError as exc:
                 if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
                     raise
