@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -53,6 +54,47 @@ def _last_json(text: str) -> dict[str, Any]:
     return {}
 
 
+# How long a second IKE SA with the partner may live: charon's uniqueness policy (our
+# unique = replace) deletes the older one 10 s after the newer is established (a fixed delay, as
+# for a reauthentication: make-before-break), plus margin for a DELETE and a rekey in flight.
+SETTLE_SECONDS = 25.0
+
+
+def tunnel_sas(ns: str, name: str = topo.TUNNEL) -> tuple[int, int]:
+    """(IKE SAs in any state, INSTALLED CHILD_SAs) of connection ``name`` as charon in ``ns``
+    lists them (an IKE SA's line starts at column 0, its CHILD_SAs' are indented)."""
+    out = topo.in_ns(ns, ["swanctl", "--list-sas"], check=False)
+    ike = re.findall(rf"^{re.escape(name)}: #\d+, ", out, re.MULTILINE)
+    child = re.findall(rf"^\s+{re.escape(name)}: #\d+, reqid \d+, INSTALLED", out, re.MULTILINE)
+    return len(ike), len(child)
+
+
+def settle_sas(timeout: float = SETTLE_SECONDS) -> dict[str, Any]:
+    """Wait until each side has exactly one IKE SA and one INSTALLED CHILD_SA of the tunnel.
+
+    Both sides initiate (our start_action start, the AWS-like partner's startup action start), so
+    a second IKE SA is legitimate for a while: until the uniqueness policy deletes the older one
+    (SETTLE_SECONDS), as an overlapping CHILD_SA is while a rekey makes before it breaks. Returns
+    the counts last seen (``one_each`` says whether they settled), when, and the most IKE SAs
+    either side had meanwhile."""
+    started = time.monotonic()
+    most = 0
+    while True:
+        gateway, partner = tunnel_sas("tn-gw"), tunnel_sas("tn-pvpn")
+        most = max(most, gateway[0], partner[0])
+        one_each = gateway == partner == (1, 1)
+        elapsed = time.monotonic() - started
+        if one_each or elapsed > timeout:
+            return {
+                "one_each": one_each,
+                "gateway": gateway,
+                "partner": partner,
+                "seconds": round(elapsed, 1),
+                "most_ike": most,
+            }
+        time.sleep(0.5)
+
+
 class Story:
     def __init__(self, lab: topo.Lab, controller: LabController) -> None:
         self.lab = lab
@@ -72,11 +114,19 @@ class Story:
         report = _last_json(result.stdout)
         installed = self.lab.child_sas_installed()
         partner = self.lab.child_sas_installed("tn-pvpn")
-        ok = result.ok and report.get("up") is True and installed == 1 and partner == 1
+        # Up when the document returns; one IKE SA and CHILD_SA a side once any duplicate from
+        # both sides initiating is replaced (settle_sas).
+        settled = settle_sas() if result.ok else {"one_each": False}
+        ok = result.ok and report.get("up") is True and installed >= 1 and settled["one_each"]
         figure = (
             f"ConfigureGateway {result.status} in {seconds:.2f}s; child SA INSTALLED "
             f"(gateway {installed}, partner {partner})"
         )
+        if result.ok:
+            figure += (
+                f"; one IKE SA and CHILD_SA a side after {settled['seconds']}s: "
+                f"{'yes' if settled['one_each'] else 'NO'} (at most {settled['most_ike']} IKE SAs)"
+            )
         if not result.ok:
             figure += f": {result.stderr.strip()[-200:]}"
         return Step(
@@ -89,6 +139,7 @@ class Story:
                 "status": result.status,
                 "installed": installed,
                 "partner_installed": partner,
+                "settled": settled,
             },
         )
 
