@@ -158,7 +158,10 @@ def sync(client: object, table_name: str, *, full: bool = False) -> dict:
         base = load_base()
         generation, checksum = read_meta(client, table_name)
         state = applied_state()
-        current = state[0] if state else applied_generation()
+        # An empty applied_generation means nothing applied since boot, whatever applied_state
+        # holds: the boot restore, the health agent (TunnelUp=0) and this sync agree on it.
+        marker = applied_generation()
+        current = state[0] if state and marker is not None else marker
         report: dict = {"items_read": 1}
         try:
             import tunnelnat_delta as log  # SyncNatTable's; the boot copy reads no change log
@@ -166,8 +169,10 @@ def sync(client: object, table_name: str, *, full: bool = False) -> dict:
             log = None
         if full:
             reason = "forced"
+        elif marker is None:
+            reason = "boot"
         elif state is None:  # a generation without a state: an older program's table
-            reason = "boot" if current is None else "drift"
+            reason = "drift"
         elif generation < current or (generation == current and log is None):
             reason, report["action"] = None, "unchanged"  # never backwards
         elif log is None:

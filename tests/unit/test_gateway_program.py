@@ -107,6 +107,10 @@ SCRIPT = PRELUDE + textwrap.dedent(
     gen = store.write_mappings([MappingChange("i-7", m(7, "10.10.1.27", "203.0.113.17"), None)],
                                generation=gen, claim=True)
     out.append(g.sync(db, "t"))
+    # What a restart leaves (the health agent's test does the same): applied_generation
+    # emptied, applied_state untouched. The contract reads that as nothing applied since boot.
+    nft("flush", "set", "ip", "tunnelnat", "applied_generation")
+    out.append(g.sync(db, "t"))
     print(json.dumps(out))
     """
 )
@@ -124,7 +128,7 @@ def run(script: str, tmp_path: Path) -> list:
 
 def test_sync_applies_deltas_forward_only_and_isolates_bad_rows(tmp_path):
     script = SCRIPT.format(repo=str(REPO), tmp=str(tmp_path))
-    missing, configured, unchanged, delta, older, gap, applied, listing, drift = run(
+    missing, configured, unchanged, delta, older, gap, applied, listing, drift, booted = run(
         script, tmp_path
     )
     assert "run ConfigureGateway first" in missing["error"]
@@ -152,6 +156,8 @@ def test_sync_applies_deltas_forward_only_and_isolates_bad_rows(tmp_path):
     assert "10.10.1.22" not in listing["snat_map"] and "flush" not in listing["snat_map"]
     assert drift == {**drift, "action": "full", "reason": "drift", "applied_generation": 4}
     assert drift["mappings"] == 3 and drift["rejected_count"] == 4
+    assert booted == {**booted, "action": "full", "reason": "boot", "applied_generation": 4}
+    assert booted["previous_generation"] is None
     boot = (tmp_path / "tunnelnat.nft").read_text()
     assert boot.count("elements") == 3  # nets, then generation and state, flushed after
     assert boot.endswith("flush set ip tunnelnat applied_state\n")
