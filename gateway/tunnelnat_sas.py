@@ -6,10 +6,11 @@
 Read-only: ``swanctl --list-sas --raw`` (parsed by the health agent's parser, which ShowTunnels
 embeds beside this file) and charon's log (ConfigureGateway's ``<tunnel>.json`` names it). Prints
 one JSON line per IKE SA (``"kind": "ike"``), per CHILD_SA (``"child"``) and per configured tunnel
-(``"tunnel"``: its CHILD_SA names and the last rekey of each from charon's log), or an ``"error"``
-line when charon does not answer. One line per SA, so that SSM's 24,000-character cut of a
-command's output loses whole SAs, never the meaning of the others. Times are seconds, counted on
-the gateway (``time`` on every tunnel line): no clock skew between it and the operator's machine.
+(``"tunnel"``: its CHILD_SA names, the last rekey of each and why it is down, from charon's log),
+or an ``"error"`` line when charon does not answer. One line per SA, so that SSM's 24,000-character
+cut of a command's output loses whole SAs, never the meaning of the others. Times are seconds,
+counted on the gateway (``time`` on every tunnel line): no clock skew between it and the
+operator's machine.
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ def child_line(ike: agent.IkeSa, child: agent.ChildSa) -> dict[str, Any]:
 
 
 def tunnel_line(tunnel: str, facts: dict[str, Any], now: float) -> dict[str, Any]:
-    """The tunnel's CHILD_SA names and, from the tail of charon's log, the last rekey of each."""
+    """The tunnel's CHILD_SA names and, from the tail of charon's log, the last rekey of each and
+    the health agent's one-line diagnosis (None: no failure since the last success)."""
     log = agent.read_log_tail(facts.get("log"), size=1 << 20)
     last: dict[str, int] = {}
     for m in _REKEYED.finditer(log):
@@ -104,6 +106,7 @@ def tunnel_line(tunnel: str, facts: dict[str, Any], now: float) -> dict[str, Any
         "rekeys_in_log": done,
         "failed_rekeys_in_log": failed,
         "log": facts.get("log"),
+        "diagnosis": agent.diagnose(log, tunnel, facts, now),
     }
 
 
