@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -9,14 +10,36 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from tests.cli.conftest import ALARMS, TABLE
+from tests.cli.conftest import ALARMS, BASE, TABLE, Result
+from tests.cli.test_tunnels import BROKEN_CAUSES, GatewayDocuments
+from tunnelnat.adapters.commands import CommandError
+from tunnelnat.cli import Runtime, main
 from tunnelnat.cli.schemas import DOCTOR
 
 TAG = {"tunnelnat": "enabled"}
 
 
-def doctor(dep, *args, ssm=True):
-    """Run ``doctor --json``; ``ssm``: answer DescribeInstanceInformation (moto lacks it)."""
+def run_doctor(dep, *args, commands=None) -> Result:
+    """``doctor`` as ``dep.run`` runs it; ``commands``: the gateway's side of ShowTunnels."""
+    if commands is None:
+        return dep.run("doctor", *args)
+    out, err = io.StringIO(), io.StringIO()
+    runtime = Runtime(
+        out=out,
+        err=err,
+        clients=dict(dep.clients),
+        sleep=dep.clock.sleep,
+        monotonic=dep.clock.monotonic,
+        session=dep.session,
+        commands=commands,
+    )
+    code = main(["doctor", *args, *BASE], runtime)
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+def doctor(dep, *args, ssm=True, commands=None):
+    """Run ``doctor --json``; ``ssm``: answer DescribeInstanceInformation (moto lacks it);
+    ``commands``: the gateway's side of ShowTunnels (asked when a tunnel is not up)."""
     stub = None
     if ssm is True:
         stub = dep.ssm_online()
@@ -24,7 +47,7 @@ def doctor(dep, *args, ssm=True):
         stub = dep.ssm_online(ssm)
     if stub is not None:  # the stubbed client answers the rejected-rows check too: no sync yet
         stub.add_response("list_commands", {"Commands": []}, None)
-    result = dep.run("doctor", "--json", *args)
+    result = run_doctor(dep, "--json", *args, commands=commands)
     doc = result.json()
     jsonschema.validate(doc, DOCTOR)
     assert result.code == (0 if doc["healthy"] else 1)
@@ -176,11 +199,40 @@ def test_ssm_unknown_when_the_api_is_unavailable(dep, enrolled):
     assert strict.code == 1 and "could not run" in strict.out
 
 
-def test_tunnel_down(dep):
+@pytest.mark.parametrize("broken", sorted(BROKEN_CAUSES))
+def test_tunnel_down_names_the_cause_from_charons_log(dep, tmp_path, broken):
     dep.put_metric("partner", 0, age=timedelta(seconds=5))
-    finding = only_failure(doctor(dep), "tunnel")
-    assert finding["summary"] == f"tunnel partner on {dep.gateway_id}: down"
+    gateway = GatewayDocuments(tmp_path, broken=broken)
+    finding = only_failure(doctor(dep, commands=gateway), "tunnel")
+    assert finding["summary"].startswith(
+        f"tunnel partner on {dep.gateway_id}: down — {BROKEN_CAUSES[broken]}"
+    ), finding["summary"]
+    assert finding["summary"].endswith(" s ago]") and "\n" not in finding["summary"]
+    assert gateway.calls == [(dep.gateway_id, "ShowTunnels", {"TunnelName": ""})]
     assert "--document-name test-RestartTunnel --parameters TunnelName=partner" in (finding["fix"])
+    text = run_doctor(dep, commands=gateway)
+    (line,) = [x for x in text.out.splitlines() if x.startswith("[FAIL] tunnel ")]
+    assert f": down — {BROKEN_CAUSES[broken]}" in line
+
+
+def test_tunnel_down_when_the_gateway_cannot_be_asked_is_one_line(dep):
+    class Unreachable:
+        def run(self, instance_id, document, parameters):
+            raise CommandError(f"{instance_id}: {document} still InProgress after 30s")
+
+    dep.put_metric("partner", 0, age=timedelta(seconds=5))
+    finding = only_failure(doctor(dep, commands=Unreachable()), "tunnel")
+    assert finding["summary"] == (
+        f"tunnel partner on {dep.gateway_id}: down — could not ask the gateway: ShowTunnels on "
+        f"gateway {dep.gateway_id}: {dep.gateway_id}: ShowTunnels still InProgress after 30s"
+    )
+
+
+def test_tunnel_up_asks_the_gateway_nothing(dep, tmp_path):
+    dep.put_metric("partner", 1, age=timedelta(seconds=5))
+    gateway = GatewayDocuments(tmp_path, broken="wrong-psk")
+    doctor(dep, commands=gateway)
+    assert gateway.calls == []
 
 
 def put_established(dep, tunnel, value):
@@ -201,34 +253,41 @@ def put_established(dep, tunnel, value):
     )
 
 
-def test_tunnel_never_up_since_configured_is_waiting_for_the_partner(dep):
+def test_tunnel_never_up_since_configured_is_waiting_for_the_partner(dep, tmp_path):
     # A first deploy: the PSK is not set yet (or the partner is not ready).
     dep.put_metric("partner", 0, age=timedelta(seconds=5))
     put_established(dep, "partner", 0)
-    finding = only_failure(doctor(dep), "tunnel")
-    assert finding["summary"] == (
+    gateway = GatewayDocuments(tmp_path, broken="partner-down")
+    finding = only_failure(doctor(dep, commands=gateway), "tunnel")
+    assert finding["summary"].startswith(
         f"tunnel partner on {dep.gateway_id}: waiting for the partner (not up since the gateway "
-        "was configured): is the PSK set? is the partner up?"
-    )
+        "was configured): is the PSK set? is the partner up? — partner not answering "
+        "(retransmits to 198.51.100.40 for 10"
+    ), finding["summary"]
     assert "put-secret-value" in finding["fix"] and "RestartTunnel" not in finding["fix"]
-    text = dep.run("doctor")
+    text = run_doctor(dep, commands=gateway)
     (line,) = [x for x in text.out.splitlines() if x.startswith("[FAIL] tunnel ")]
     assert "waiting for the partner" in line and ": down" not in line
 
 
-def test_tunnel_down_after_it_was_established_is_down(dep):
+def test_tunnel_down_after_it_was_established_is_down(dep, tmp_path):
     dep.put_metric("partner", 0, age=timedelta(seconds=5))
     put_established(dep, "partner", 1)
-    finding = only_failure(doctor(dep), "tunnel")
-    assert finding["summary"] == f"tunnel partner on {dep.gateway_id}: down"
+    finding = only_failure(doctor(dep, commands=GatewayDocuments(tmp_path)), "tunnel")
+    assert finding["summary"] == (
+        f"tunnel partner on {dep.gateway_id}: down — charon's log shows no failure since its "
+        "last success"
+    )
     assert "RestartTunnel" in finding["fix"]
 
 
-def test_tunnel_without_a_recent_datapoint(dep):
+def test_tunnel_without_a_recent_datapoint(dep, tmp_path):
     dep.put_metric("backup", 1, age=timedelta(minutes=20))
-    finding = only_failure(doctor(dep), "tunnel")
-    assert finding["summary"].endswith("backup on " + dep.gateway_id + ": no datapoint in the "
-                                       "last 5 minutes")  # fmt: skip
+    finding = only_failure(doctor(dep, commands=GatewayDocuments(tmp_path)), "tunnel")
+    # ShowTunnels lists the gateway's configured tunnels: backup is not among them.
+    assert finding["summary"] == (
+        f"tunnel backup on {dep.gateway_id}: no datapoint in the last 5 minutes"
+    )
 
 
 def test_generation_behind(dep, enrolled):
@@ -262,11 +321,11 @@ def test_dlq_by_url(dep):
     assert finding["status"] == "fail" and finding["resource"] == "custom-dlq"
 
 
-def test_tunnel_seen_only_through_the_deployment_series(dep):
+def test_tunnel_seen_only_through_the_deployment_series(dep, tmp_path):
     """The gateway publishes no series of its own: the alarm's (Deployment, Tunnel) one counts."""
     dep.put_metric("backup", 0, deployment="test")
     dep.put_metric("partner", 1, deployment="test")  # the gateway's own series wins
-    finding = only_failure(doctor(dep), "tunnel")
+    finding = only_failure(doctor(dep, commands=GatewayDocuments(tmp_path)), "tunnel")
     assert finding["summary"] == f"tunnel backup on {dep.gateway_id}: down"
 
 

@@ -31,11 +31,22 @@ COMMAND_ID = "11111111-2222-3333-4444-555555555555"  # SSM's are UUIDs (36 chara
 GATEWAY_TAGS = {"tunnelnat:role": "gateway", "tunnelnat:deployment": DEPLOYMENT}
 
 
+CHARON = REPO / "tests" / "unit" / "data" / "charon"
+# ConfigureGateway's facts for the tunnel of the broken partners' logs (as tests/unit's).
+BROKEN_FACTS = {
+    "children": ["partner"],
+    "ike": "aes256-sha256-modp2048",
+    "esp": "aes256-sha256-modp2048",
+}
+
+
 class GatewayDocuments:
     """The gateway's side of Run Command: ShowTunnels run in place, swanctl answering ``raw``
-    (or failing as with a dead charon), ConfigureGateway's facts and charon's log in tmp."""
+    (or failing as with a dead charon), ConfigureGateway's facts and charon's log in tmp.
+    ``broken``: a broken partner's log from tests/unit/data/charon/ (the lab's capture) and no
+    SA at all, as charon lists them while the partner refuses us."""
 
-    def __init__(self, tmp_path: Path, raw: str = "second") -> None:
+    def __init__(self, tmp_path: Path, raw: str = "second", broken: str | None = None) -> None:
         self.calls: list[tuple[str, str, dict]] = []
         bin_dir, tunnels = tmp_path / "bin", tmp_path / "tunnels"
         bin_dir.mkdir()
@@ -46,11 +57,13 @@ class GatewayDocuments:
                 "#!/bin/sh\necho \"Error: connecting to 'unix:///var/run/charon.vici' failed: "
                 'Connection refused" >&2\nexit 111\n'
             )
+        elif broken:
+            swanctl.write_text("#!/bin/sh\nexit 0\n")
         else:
             swanctl.write_text(f"#!/bin/sh\ncat {DATA / f'{raw}.raw'}\n")
         swanctl.chmod(0o755)
         # charon's log of the capture, its clock moved so that the last line is 90 s old.
-        text = (DATA / "charon.log").read_text()
+        text = (CHARON / f"{broken}.log" if broken else DATA / "charon.log").read_text()
         stamps = [int(line.split(" ", 1)[0]) for line in text.splitlines()]
         shift = int(time.time()) - 90 - max(stamps)
         log = tmp_path / "charon.log"
@@ -60,8 +73,8 @@ class GatewayDocuments:
                 for line in text.splitlines()
             )
         )
-        facts = {"children": ["partner-1", "partner-2"], "log": str(log)}
-        (tunnels / "partner.json").write_text(json.dumps(facts))
+        facts = BROKEN_FACTS if broken else {"children": ["partner-1", "partner-2"]}
+        (tunnels / "partner.json").write_text(json.dumps({**facts, "log": str(log)}))
         self.env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "TUNNELNAT_TUNNELS_DIR": str(tunnels)}
 
     def invoke(self, parameters: dict) -> object:
@@ -139,6 +152,39 @@ def test_json_has_every_sa_and_the_tunnels_last_rekeys(dep, tmp_path):
     assert by_id["1"]["bytes_in"] == 200 and by_id["1"]["packets_out"] == 5
     assert by_id["4"]["rekey_in"] == 3442 and by_id["4"]["expires_in"] == 3957
     assert doc["ike_sas"][0]["rekey_in"] == 13733
+
+
+# Each broken partner of the lab (tests/unit/data/charon/) and the start of its one-line cause.
+BROKEN_CAUSES = {
+    "wrong-psk": "authentication failed: the partner refused our pre-shared key (the PSK does "
+    "not match theirs",
+    "no-common-proposal": "no common ESP proposal: the partner accepts none of ours (we offer "
+    "aes256-sha256-modp2048)",
+    "selector-mismatch": "traffic selectors unacceptable: the partner refused partner's selectors",
+    "partner-down": "partner not answering (retransmits to 198.51.100.40 for 10",
+}
+
+
+@pytest.mark.parametrize("broken", sorted(BROKEN_CAUSES))
+def test_a_broken_partner_is_named_in_one_line_from_charons_log(dep, tmp_path, broken):
+    gateway = GatewayDocuments(tmp_path, broken=broken)
+    doc = tunnels(dep, "--json", commands=gateway).json()
+    [tunnel] = doc["tunnels"]
+    assert tunnel["diagnosis"].startswith(BROKEN_CAUSES[broken]), tunnel["diagnosis"]
+    assert re.search(r" \[charon, 9\d s ago\]$", tunnel["diagnosis"])
+    assert doc["child_sas"] == [] and doc["errors"] == []
+    text = tunnels(dep, commands=gateway)
+    [line] = [x for x in text.out.splitlines() if "charon's last failure" in x]
+    assert line.startswith(f"tunnel partner: charon's last failure: {BROKEN_CAUSES[broken]}")
+    assert "no SA on the gateway: the tunnel is down" in text.out
+
+
+def test_a_tunnel_without_a_failure_since_its_last_success_has_no_diagnosis(dep, tmp_path):
+    # The capture's refused rekey of partner-1 came before partner-2's successful one.
+    gateway = GatewayDocuments(tmp_path)
+    doc = tunnels(dep, "--json", commands=gateway).json()
+    assert doc["tunnels"][0]["diagnosis"] is None
+    assert "charon's last failure" not in tunnels(dep, commands=gateway).out
 
 
 def test_one_tunnel_only(dep, tmp_path):

@@ -28,7 +28,7 @@ from tunnelnat.cli.fleet import (
 )
 from tunnelnat.cli.render import dump_json
 from tunnelnat.cli.table import Snapshot
-from tunnelnat.cli.tunnels import tunnel_states
+from tunnelnat.cli.tunnels import show_tunnels, tunnel_states
 from tunnelnat.healer import latest_established
 
 SCHEMA = "tunnelnat.doctor/v1"
@@ -37,6 +37,8 @@ SSM_IDS_MAX = 50
 PENDING_SSM_GRACE = 600  # seconds an instance may wait for its SSM agent before it is a finding
 # How old the newest TunnelEstablished may be (the healer's default lookback).
 ESTABLISHED_LOOKBACK = 900
+# How long doctor waits for ShowTunnels (charon's log, read on the gateway) for a tunnel not up.
+SHOW_TUNNELS_TIMEOUT = 30.0
 # Statuses the controller gives an instance it skipped so that the rest converge (issue 14):
 # each is its own finding, named by the status, with the controller's reason.
 ISOLATION_STATUSES = ("conflict", "other-vpc", "route-conflict")
@@ -388,7 +390,12 @@ def check_tunnels(ctx: Ctx, facts: Facts) -> list[Finding]:
             )
         ]
     found = []
+    causes: dict[str, str] | None = None
     for s in states:
+        if s.state != "up" and causes is None:
+            causes = tunnel_causes(ctx, gw.instance_id)
+        why = (causes or {}).get(s.tunnel) or (causes or {}).get("")
+        cause = f" — {why}" if why else ""
         if s.state == "up":
             found.append(Finding("tunnel", OK, f"{s.tunnel} up", None, s.tunnel))
             continue
@@ -406,7 +413,8 @@ def check_tunnels(ctx: Ctx, facts: Facts) -> list[Finding]:
                     "tunnel",
                     FAIL,
                     f"tunnel {s.tunnel} on {gw.instance_id}: waiting for the partner (not up "
-                    "since the gateway was configured): is the PSK set? is the partner up?",
+                    "since the gateway was configured): is the PSK set? is the partner up?"
+                    f"{cause}",
                     "put the key agreed with the partner into the PskSecretName secret (aws "
                     "secretsmanager put-secret-value --secret-id <PskSecretName output>) and ask "
                     "the partner to bring their side up; the healer restarts a tunnel only once "
@@ -420,7 +428,7 @@ def check_tunnels(ctx: Ctx, facts: Facts) -> list[Finding]:
             Finding(
                 "tunnel",
                 FAIL,
-                f"tunnel {s.tunnel} on {gw.instance_id}: {what}",
+                f"tunnel {s.tunnel} on {gw.instance_id}: {what}{cause}",
                 f"aws ssm send-command --instance-ids {gw.instance_id} --document-name "
                 f"{ctx.deployment}-RestartTunnel --parameters TunnelName={s.tunnel}; if it stays "
                 "down, "
@@ -429,6 +437,21 @@ def check_tunnels(ctx: Ctx, facts: Facts) -> list[Finding]:
             )
         )
     return found
+
+
+def tunnel_causes(ctx: Ctx, gateway_id: str) -> dict[str, str]:
+    """Why each tunnel is down, in one line: the health agent's diagnosis of charon's log, read
+    on the gateway by ShowTunnels (as ``tunnelnat tunnels``). ``""`` maps every tunnel when the
+    gateway could not be asked."""
+    try:
+        doc, _ = show_tunnels(ctx, gateway_id, None, timeout=SHOW_TUNNELS_TIMEOUT)
+    except CliError as exc:
+        return {"": f"could not ask the gateway: {exc.message}"}
+    return {
+        t["tunnel"]: t.get("diagnosis") or "charon's log shows no failure since its last success"
+        for t in doc["tunnels"]
+        if isinstance(t.get("tunnel"), str)
+    }
 
 
 def check_generation(ctx: Ctx, facts: Facts) -> list[Finding]:

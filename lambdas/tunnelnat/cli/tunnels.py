@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from botocore.exceptions import ClientError
+
 from tunnelnat.adapters.commands import CommandError, SsmCommands
 from tunnelnat.adapters.ec2 import Ec2Instances, GatewayNotFound
 from tunnelnat.cli.aws import EXIT_FINDINGS, EXIT_OK, CliError
@@ -153,19 +155,21 @@ def parse_listing(stdout: str) -> tuple[dict[str, list[dict[str, Any]]], int, bo
     return kinds, unreadable, cut
 
 
-def run(ctx: Ctx) -> int:
-    gateway = find_gateway(ctx)
+def show_tunnels(
+    ctx: Ctx, gateway: str, tunnel: str | None, *, timeout: float
+) -> tuple[dict[str, Any], int]:
+    """ShowTunnels run on ``gateway`` (one tunnel, or every one): the ``tunnelnat tunnels``
+    document and how many lines were unreadable. A failure is a one-line CliError."""
     port = ctx.runtime.commands or ShowTunnelsCommand(
         ctx.aws.client("ssm"),
         document_prefix=f"{ctx.deployment}-",
-        timeout_seconds=ctx.args.timeout,
+        timeout_seconds=timeout,
         poll_seconds=1.0,
         sleep=ctx.runtime.sleep,
     )
-    parameters = {"TunnelName": ctx.args.tunnel or ""}
     try:
-        result = port.run(gateway, DOCUMENT, parameters)
-    except CommandError as exc:
+        result = port.run(gateway, DOCUMENT, {"TunnelName": tunnel or ""})
+    except (CommandError, ClientError) as exc:
         raise CliError(f"{DOCUMENT} on gateway {gateway}: {exc}") from None
     if not result.ok:
         detail = (result.stderr or result.stdout).strip().splitlines()
@@ -185,6 +189,12 @@ def run(ctx: Ctx) -> int:
         "errors": [e.get("error") for e in kinds["error"]],
         "truncated": cut or unreadable > 0,
     }
+    return doc, unreadable
+
+
+def run(ctx: Ctx) -> int:
+    gateway = find_gateway(ctx)
+    doc, unreadable = show_tunnels(ctx, gateway, ctx.args.tunnel, timeout=ctx.args.timeout)
     if ctx.args.json:
         dump_json(doc, ctx.out)
     else:
@@ -219,6 +229,8 @@ def render(ctx: Ctx, doc: dict[str, Any], unreadable: int) -> None:
             f"log holds {t.get('rekeys_in_log', 0)} rekey(s), "
             f"{t.get('failed_rekeys_in_log', 0)} failed\n"
         )
+        if t.get("diagnosis"):
+            out.write(f"tunnel {t['tunnel']}: charon's last failure: {t['diagnosis']}\n")
     for error in doc["errors"]:
         out.write(f"{error}\n")
     if doc["ike_sas"]:
