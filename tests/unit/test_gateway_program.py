@@ -116,11 +116,18 @@ SCRIPT = PRELUDE + textwrap.dedent(
 )
 
 
+def isolated_env() -> dict[str, str]:
+    """The scripts mock AWS in-process inside a namespace with no network: an endpoint another
+    suite on this worker left in the environment (tests/lambdas' moto server) must not leak in."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("AWS_ENDPOINT_URL")}
+
+
 def run(script: str, tmp_path: Path) -> list:
     proc = subprocess.run(
         ["unshare", "-n", sys.executable, "-c", script],
         capture_output=True,
         text=True,
+        env=isolated_env(),
     )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -275,7 +282,10 @@ def test_the_boot_ruleset_is_guarded_and_reads_as_nothing_applied(tmp_path):
     successful sync (also of generation 0) fills it."""
     script = BOOT_SCRIPT.format(repo=str(REPO), tmp=str(tmp_path))
     proc = subprocess.run(
-        ["unshare", "-n", sys.executable, "-c", script], capture_output=True, text=True
+        ["unshare", "-n", sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=isolated_env(),
     )
     assert proc.returncode == 0, proc.stderr
     configured, again, restored, synced, applied = json.loads(proc.stdout)
