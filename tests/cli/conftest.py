@@ -258,9 +258,15 @@ class Deployment:
         return stubber
 
     def run(
-        self, *argv: str, base: bool = True, react: bool | None = None, fresh: bool = False
+        self,
+        *argv: str,
+        base: bool = True,
+        react: bool | None = None,
+        fresh: bool = False,
+        commands=None,
     ) -> Result:
-        """The CLI as an operator runs it; ``fresh`` resolves credentials like a new process."""
+        """The CLI as an operator runs it; ``fresh`` resolves credentials like a new process;
+        ``commands`` stands in for Run Command on the gateway (ShowTunnels)."""
         if react is not None:
             self.react = react
         out, err = io.StringIO(), io.StringIO()
@@ -272,6 +278,7 @@ class Deployment:
             sleep=self.clock.sleep,
             monotonic=self.clock.monotonic,
             session=None if fresh else self.session,
+            commands=commands,
         )
         code = main([*argv, *(BASE if base else [])], runtime)
         return Result(code, out.getvalue(), err.getvalue())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -10,10 +9,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from tests.cli.conftest import ALARMS, BASE, TABLE, Result
+from tests.cli.conftest import ALARMS, TABLE, Result
 from tests.cli.test_tunnels import BROKEN_CAUSES, GatewayDocuments
 from tunnelnat.adapters.commands import CommandError
-from tunnelnat.cli import Runtime, main
 from tunnelnat.cli.schemas import DOCTOR
 
 TAG = {"tunnelnat": "enabled"}
@@ -21,20 +19,7 @@ TAG = {"tunnelnat": "enabled"}
 
 def run_doctor(dep, *args, commands=None) -> Result:
     """``doctor`` as ``dep.run`` runs it; ``commands``: the gateway's side of ShowTunnels."""
-    if commands is None:
-        return dep.run("doctor", *args)
-    out, err = io.StringIO(), io.StringIO()
-    runtime = Runtime(
-        out=out,
-        err=err,
-        clients=dict(dep.clients),
-        sleep=dep.clock.sleep,
-        monotonic=dep.clock.monotonic,
-        session=dep.session,
-        commands=commands,
-    )
-    code = main(["doctor", *args, *BASE], runtime)
-    return Result(code, out.getvalue(), err.getvalue())
+    return dep.run("doctor", *args, commands=commands)
 
 
 def doctor(dep, *args, ssm=True, commands=None):

@@ -10,7 +10,6 @@ botocore's Stubber.
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import time
@@ -21,8 +20,7 @@ from botocore.stub import ANY, Stubber
 
 from lab.commands import to_result
 from lab.ssm_runner import run_document
-from tests.cli.conftest import BASE, DEPLOYMENT, Result
-from tunnelnat.cli import Runtime, main
+from tests.cli.conftest import DEPLOYMENT, Result
 
 REPO = Path(__file__).resolve().parents[2]
 DOCUMENT = REPO / "ssm_documents" / "ShowTunnels.yaml"
@@ -86,18 +84,7 @@ class GatewayDocuments:
 
 
 def tunnels(dep, *argv: str, commands=None) -> Result:
-    out, err = io.StringIO(), io.StringIO()
-    runtime = Runtime(
-        out=out,
-        err=err,
-        clients=dict(dep.clients),
-        sleep=dep.clock.sleep,
-        monotonic=dep.clock.monotonic,
-        session=dep.session,
-        commands=commands,
-    )
-    code = main(["tunnels", *argv, *BASE], runtime)
-    return Result(code, out.getvalue(), err.getvalue())
+    return dep.run("tunnels", *argv, commands=commands)
 
 
 def rows(text: str, first: str) -> list[list[str]]:
