@@ -182,13 +182,10 @@ class World:
         return self.dynamodb.scan(TableName=TABLE)["Items"]
 
 
-@pytest.fixture
-def world(moto_url, monkeypatch):
-    urllib.request.urlopen(urllib.request.Request(f"{moto_url}/moto-api/reset", method="POST"))
-    ec2 = boto3.client("ec2", region_name=REGION)
-    dynamodb = boto3.client("dynamodb", region_name=REGION)
+def create_enrolment_table(dynamodb, name: str) -> None:
+    """The controller's table as the stack defines its keys (pk, sk), on demand."""
     dynamodb.create_table(
-        TableName=TABLE,
+        TableName=name,
         KeySchema=[
             {"AttributeName": "pk", "KeyType": "HASH"},
             {"AttributeName": "sk", "KeyType": "RANGE"},
@@ -199,6 +196,14 @@ def world(moto_url, monkeypatch):
         ],
         BillingMode="PAY_PER_REQUEST",
     )
+
+
+@pytest.fixture
+def world(moto_url, monkeypatch):
+    urllib.request.urlopen(urllib.request.Request(f"{moto_url}/moto-api/reset", method="POST"))
+    ec2 = boto3.client("ec2", region_name=REGION)
+    dynamodb = boto3.client("dynamodb", region_name=REGION)
+    create_enrolment_table(dynamodb, TABLE)
     vpc = ec2.create_vpc(CidrBlock="10.10.0.0/16")["Vpc"]["VpcId"]
     subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.10.1.0/24")["Subnet"]["SubnetId"]
     other = ec2.create_subnet(VpcId=vpc, CidrBlock="10.10.2.0/24")["Subnet"]["SubnetId"]

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.lambdas.conftest import REGION, FakeFleet
+from tests.lambdas.conftest import REGION, FakeFleet, create_enrolment_table
 from tests.lambdas.events import state_change, tag_change
 from tunnelnat.adapters.ec2 import Ec2Instances
 from tunnelnat.adapters.store import EnrolmentStore
@@ -91,18 +91,7 @@ class Env:
             self._reset()
         self.examples += 1
         table = f"prop-{next(tables)}"
-        self.dynamodb.create_table(
-            TableName=table,
-            KeySchema=[
-                {"AttributeName": "pk", "KeyType": "HASH"},
-                {"AttributeName": "sk", "KeyType": "RANGE"},
-            ],
-            AttributeDefinitions=[
-                {"AttributeName": "pk", "AttributeType": "S"},
-                {"AttributeName": "sk", "AttributeType": "S"},
-            ],
-            BillingMode="PAY_PER_REQUEST",
-        )
+        create_enrolment_table(self.dynamodb, table)
         ids = self._run(INSTANCES, [])
         for instance_id, on in zip(ids, tagged, strict=True):
             if on:

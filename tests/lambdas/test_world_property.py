@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.lambdas.conftest import REGION, FakeFleet
+from tests.lambdas.conftest import REGION, FakeFleet, create_enrolment_table
 from tests.lambdas.events import state_change, tag_change
 from tunnelnat.adapters.ec2 import Ec2Instances
 from tunnelnat.adapters.store import EnrolmentStore
@@ -108,18 +108,7 @@ class Worlds:
             # two launches
         self.examples += 1
         table = f"world-{next(tables)}"
-        self.dynamodb.create_table(
-            TableName=table,
-            KeySchema=[
-                {"AttributeName": "pk", "KeyType": "HASH"},
-                {"AttributeName": "sk", "KeyType": "RANGE"},
-            ],
-            AttributeDefinitions=[
-                {"AttributeName": "pk", "AttributeType": "S"},
-                {"AttributeName": "sk", "AttributeType": "S"},
-            ],
-            BillingMode="PAY_PER_REQUEST",
-        )
+        create_enrolment_table(self.dynamodb, table)
         fleet = FakeFleet(self.dynamodb, gateway_id=self.gateway)
         instances = Ec2Instances(
             self.ec2, status_tag=status_tag("prop"), gateway_ip=IPv4Address(G), vpc_id=self.vpc
