@@ -50,7 +50,7 @@ documents: venv
 test: deps
 	$(PY) -m ruff check .
 	$(PY) -m tools.build_documents --check
-	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup --no-loadscope-reorder tests
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup --no-loadscope-reorder --durations=25 tests
 
 test-unit: venv
 	$(PY) -m pytest -q tests/unit tests/lambdas tests/ssm_documents
