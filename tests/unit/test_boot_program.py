@@ -398,6 +398,7 @@ def test_the_units_run_what_the_gateway_has():
     ]
     assert execs == [
         ["python3", "/etc/tunnelnat/lib/tunnelnat_boot.py", "attach"],
+        ["python3", "/etc/tunnelnat/lib/tunnelnat_pair.py", "run"],
         ["nft", "-f", "/etc/tunnelnat/tunnelnat.nft"],
         ["python3", "/etc/tunnelnat/lib/tunnelnat_boot.py", "restore-lo"],
         ["python3", "/etc/tunnelnat/lib/tunnelnat_gateway.py", "sync"],
