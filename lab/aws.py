@@ -16,7 +16,12 @@ import boto3
 
 from lab import topology as topo
 
-GATEWAY_TAGS = {"tunnelnat:role": "gateway", "tunnelnat:deployment": topo.DEPLOYMENT}
+# As the stack tags the gateway (stacks/settings.py ROLE_TAG, DEPLOYMENT_TAG, GATEWAY_TAG).
+GATEWAY_TAGS = {
+    "tunnelnat:role": "gateway",
+    "tunnelnat:deployment": topo.DEPLOYMENT,
+    "tunnelnat:gateway": topo.DEPLOYMENT,
+}
 ENROLMENT_TAG = ("tunnelnat", "enabled")
 
 
@@ -140,6 +145,14 @@ class LabAws:
             NetworkInterfaceId=eni_id, SourceDestCheck={"Value": False}
         )
         return {"instance_id": instance_id, "eni_id": eni_id}
+
+    def add_gateway(self, ip: str) -> str:
+        """A second gateway instance (the pair's standby), launched and tagged as the first."""
+        instance_id = self._run_instance(self.image_id, ip, "gateway", GATEWAY_TAGS)
+        self.client("ec2").modify_instance_attribute(
+            InstanceId=instance_id, SourceDestCheck={"Value": False}
+        )
+        return instance_id
 
     def _seed_fixed_eni(self) -> None:
         """G on its own ENI, standalone as the stack creates it: the gateway's boot program

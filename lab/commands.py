@@ -48,6 +48,8 @@ class LabCommands:
     # an agent (the private subnet's) must never be asked.
     asked: list[tuple[str, str]] = field(default_factory=list)
     parallel: int = 16  # instances a multi-instance command runs on at once (SSM: 50 per call)
+    # The pair's standby (issue 15): a gateway too, its runs reach moto like the first's.
+    other_gateways: set[str] = field(default_factory=set)
 
     def document_path(self, document: str) -> Path:
         if document not in DOCUMENTS and document not in ASSOCIATED_ONLY:
@@ -82,7 +84,8 @@ class LabCommands:
             raise CommandError(
                 f"{instance_id}: no lab machine (InvalidInstanceId)", retryable=False
             )
-        env = self.gateway_env if instance_id == self.gateway_id else {}
+        gateway = instance_id == self.gateway_id or instance_id in self.other_gateways
+        env = self.gateway_env if gateway else {}
         started = time.monotonic()
         try:
             inv = run_document(

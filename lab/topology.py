@@ -56,6 +56,12 @@ VPC_ROUTER = "10.10.1.1"
 PRIVATE_ROUTER = "10.10.2.1"
 ROUTER_NS = "tn-vpcrtr"
 GW_PRIMARY = "10.10.1.10"
+# The gateway pair (issue 15): the standby's machine, on the same subnet as the first gateway.
+STANDBY_NS = "tn-gw2"
+STANDBY_PRIMARY = "10.10.1.11"
+GATEWAY_MACHINES = {"tn-gw": GW_PRIMARY, STANDBY_NS: STANDBY_PRIMARY}
+PUBLIC_LINK = "eth1"  # E's side, towards tn-inet: it moves with the ENI (lab.eni_mirror)
+HEARTBEAT_PORT = 7465  # the pair agents' heartbeats (PAIR.md)
 GW_ENI = "10.10.1.5"  # G: the fixed ENI address instances route via
 ENI_LINK = "eni0"  # the gateway's second interface: the ENI holding G (the boot program finds
 # it by the MAC moto reports for the ENI and configures G on it)
@@ -142,7 +148,9 @@ FIXED_MACHINES = ("tn-vpc", "tn-gw", "tn-inet", "tn-pvpn", "tn-app", ROUTER_NS)
 
 def is_lab_namespace(name: str) -> bool:
     """The lab's own names only: other tools (bench) run their own tn-* namespaces meanwhile."""
-    return name in FIXED_MACHINES or re.fullmatch(r"tn-(web|priv)-[0-9]{1,3}", name) is not None
+    if name in (*FIXED_MACHINES, STANDBY_NS):
+        return True
+    return re.fullmatch(r"tn-(web|priv)-[0-9]{1,3}", name) is not None
 
 
 def lab_namespaces() -> list[str]:
@@ -157,6 +165,8 @@ def _kill_pids(pids: set[int]) -> None:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
+                # A powered-off machine's processes are stopped: a TERM waits for a CONT.
+                os.kill(pid, signal.SIGCONT)
                 alive.add(pid)
         deadline = time.monotonic() + 2
         while alive and time.monotonic() < deadline:
@@ -275,6 +285,13 @@ class Lab:
     # later look could see the next lab run's namespaces.
     cleaned: bool = False
     _lock: Any = None
+    # The gateway pair (issue 15): ``pair=True`` builds the standby tn-gw2 with the lab (or
+    # ``add_standby_gateway()`` later); only labs that ask pay for it.
+    pair: bool = False
+    standby_id: str = ""  # the standby's instance ID in moto, once built
+    eni_mirror: Any = None  # lab.eni_mirror.EniMirror once the pair is built
+    standby_boot: Any = None  # the standby's GatewayBoot (its units' runs)
+    frozen: set[int] = field(default_factory=set)  # processes of powered-off machines
 
     # -- lifecycle ----------------------------------------------------------------------------
     def __enter__(self) -> Lab:
@@ -294,6 +311,9 @@ class Lab:
     def close(self) -> None:
         if self.vpc_router is not None:
             self.vpc_router.stop()  # before moto goes: it polls moto
+        if self.eni_mirror is not None:
+            self.eni_mirror.stop()
+        self.thaw()  # a stopped process never acts on TERM
         for _name, proc in reversed(self._procs):
             with contextlib.suppress(ProcessLookupError):
                 proc.terminate()
@@ -348,6 +368,8 @@ class Lab:
         if attach is None or attach.state != "done":
             raise LabError(f"the gateway's boot failed: {attach}")
         self._start_servers()
+        if self.pair:
+            self.add_standby_gateway()
         self.timings["build"] = time.monotonic() - started
 
     # -- network ------------------------------------------------------------------------------
@@ -424,12 +446,12 @@ class Lab:
         sh(["ip", "-n", inst.ns, "addr", "add", f"{inst.private_ip}/24", "dev", "eth0"])
         sh(["ip", "-n", inst.ns, "route", "add", "default", "via", PRIVATE_ROUTER])
 
-    def _gateway_vpc_route(self) -> None:
+    def _gateway_vpc_route(self, ns: str = "tn-gw") -> None:
         # On AWS the gateway's default route goes to its subnet's router, which also reaches the
         # VPC's other subnets. The lab's gateway sends its default to its public link (E sits on
         # it, no Internet gateway), so the VPC's CIDR goes to the VPC router explicitly: replies
         # to the private subnet leave through the same gateway and the VPC router, as on AWS.
-        in_ns("tn-gw", ["ip", "route", "replace", VPC_CIDR, "via", VPC_ROUTER, "dev", "eth0"])
+        in_ns(ns, ["ip", "route", "replace", VPC_CIDR, "via", VPC_ROUTER, "dev", "eth0"])
 
     def _start_vpc_router(self) -> None:
         """The route-table mirror: moto's route tables -> the router's kernel tables, now and
@@ -650,52 +672,63 @@ swanctl {{
                 raise LabError(f"charon in {ns} did not answer; see {LOGS}/{ns}-charon.log")
             time.sleep(0.05)
 
-    def kill_gateway_charon(self) -> None:
+    def kill_gateway_charon(self, ns: str = "tn-gw") -> None:
         """kill -9 the gateway's IKE daemon (a crash: no orderly SA deletion)."""
         for name, proc in list(self._procs):
-            if name == "tn-gw-charon":
+            if name == f"{ns}-charon":
                 proc.kill()
                 proc.wait()
                 self._procs.remove((name, proc))
         # RestartTunnel may have started one itself (detached, so not ours to wait for).
-        pids = sh(["ip", "netns", "pids", "tn-gw"], check=False).stdout.split()
+        pids = sh(["ip", "netns", "pids", ns], check=False).stdout.split()
         for pid in pids:
             with contextlib.suppress(OSError, ValueError):
                 if Path(f"/proc/{pid}/comm").read_text().strip() == "charon-systemd":
                     os.kill(int(pid), signal.SIGKILL)
 
-    def start_gateway_charon(self) -> None:
+    def start_gateway_charon(self, ns: str = "tn-gw") -> None:
         """Start the gateway's charon as its strongswan.service would, config loaded after."""
-        self._start_charon("tn-gw")
+        self._start_charon(ns)
         # The unit's ExecStartPost: the daemon itself remembers nothing of the configuration.
-        in_ns("tn-gw", ["swanctl", "--load-all", "--noprompt"])
+        in_ns(ns, ["swanctl", "--load-all", "--noprompt"])
 
     # -- the gateway's boot (gateway/systemd/ units, lab.gateway_boot) -------------------------
-    def install_gateway_boot(self) -> None:
+    def install_gateway_boot(self, ns: str = "tn-gw", instance_id: str = "") -> None:
         """What the gateway's user data writes (stacks/gateway.py): the boot program, its
         configuration, the units; its IMDS; the ENI's link gets the MAC moto reports."""
-        sh(["ip", "-n", "tn-gw", "link", "set", ENI_LINK, "address", self.aws.eni_mac])
-        program = (GATEWAY_DIR / "tunnelnat_boot.py").read_text()
-        self.write_etc("tn-gw", "tunnelnat/lib/tunnelnat_boot.py", program, mode=0o755)
-        # No partner route in the lab: E sits on the gateway's public link itself (on AWS the
-        # Internet gateway maps G to E, so IKE must leave from G; docs/stack.md).
-        config = {"region": REGION, "eni_id": self.aws.eni_id, "gateway": f"{GW_ENI}/24"}
-        self.write_etc("tn-gw", "tunnelnat/boot.json", json.dumps(config, indent=1) + "\n")
-        for unit in GATEWAY_UNITS:
-            text = (GATEWAY_DIR / "systemd" / unit).read_text()
-            self.write_etc("tn-gw", f"systemd/system/{unit}", text)
+        if self.has_link(ns, ENI_LINK):
+            sh(["ip", "-n", ns, "link", "set", ENI_LINK, "address", self.aws.eni_mac])
+        self._write_boot_files(ns)
         py = str(REPO / ".venv" / "bin" / "python")
         argv = [py, "-m", "lab.imds", "--port", str(IMDS_NS_PORT)]
-        self.spawn("imds-gw", "tn-gw", [*argv, "--instance-id", self.aws.gateway_id])
-        self.wait_listening("tn-gw", IMDS_NS_PORT)
+        name = "imds-gw" if ns == "tn-gw" else f"imds-{ns.removeprefix(PREFIX)}"
+        self.spawn(name, ns, [*argv, "--instance-id", instance_id or self.aws.gateway_id])
+        self.wait_listening(ns, IMDS_NS_PORT)
 
-    def boot_gateway(self) -> Any:
+    def _write_boot_files(self, ns: str) -> None:
+        program = (GATEWAY_DIR / "tunnelnat_boot.py").read_text()
+        self.write_etc(ns, "tunnelnat/lib/tunnelnat_boot.py", program, mode=0o755)
+        # No partner route in the lab: E sits on the gateway's public link itself (on AWS the
+        # Internet gateway maps G to E, so IKE must leave from G; docs/stack.md).
+        config: dict[str, Any] = {
+            "region": REGION,
+            "eni_id": self.aws.eni_id,
+            "gateway": f"{GW_ENI}/24",
+        }
+        if self.standby_id:
+            config["pair"] = True  # a standby finds the ENI held and boots as the standby
+        self.write_etc(ns, "tunnelnat/boot.json", json.dumps(config, indent=1) + "\n")
+        for unit in GATEWAY_UNITS:
+            text = (GATEWAY_DIR / "systemd" / unit).read_text()
+            self.write_etc(ns, f"systemd/system/{unit}", text)
+
+    def boot_gateway(self, ns: str = "tn-gw") -> Any:
         """Run the gateway's boot units in their order (``lab.gateway_boot.GatewayBoot``)."""
         from lab.gateway_boot import GatewayBoot, read_machine_file
 
         def run(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Any:
             return subprocess.run(
-                machine_argv("tn-gw", argv),
+                machine_argv(ns, argv),
                 capture_output=True,
                 text=True,
                 timeout=180,
@@ -707,10 +740,10 @@ swanctl {{
             run_on_machine=run,
             read_file=lambda path: read_machine_file(run, path),
             milestones={
-                "systemd-sysctl.service": self._gateway_sysctl,
+                "systemd-sysctl.service": lambda: self._gateway_sysctl(ns),
                 "network-pre.target": lambda: None,
-                "network-online.target": self._gateway_network_up,
-                "strongswan.service": self.start_gateway_charon,
+                "network-online.target": lambda: self._gateway_network_up(ns),
+                "strongswan.service": lambda: self.start_gateway_charon(ns),
             },
             env={**self.gateway_env(), "TUNNELNAT_IMDS_URL": f"http://127.0.0.1:{IMDS_NS_PORT}"},
             unit_names=GATEWAY_UNITS,
@@ -735,25 +768,198 @@ swanctl {{
             if address != "127.0.0.1/8":
                 in_ns("tn-gw", ["ip", "addr", "del", address, "dev", "lo"])
 
-    def _gateway_sysctl(self) -> None:
+    # -- the gateway pair (issue 15) ------------------------------------------------------------
+    def add_standby_gateway(self, *, agents: bool = True) -> str:
+        """The second gateway, tn-gw2, next to the running lab, as the pair's Auto Scaling group
+        launches it: tagged as the stack tags gateways, its own IMDS, its boot units (the ENI is
+        held: it boots as the standby), its own charon, configured by the same documents the
+        first gateway gets, its NAT table synced from DynamoDB. Then the ENI mirror (EC2's
+        hypervisor) and, with ``agents``, both gateways' pair agents. Returns its instance ID."""
+        if self.standby_id:
+            return self.standby_id
+        started = time.monotonic()
+        self.build_standby_machine()
+        boot = self.boot_gateway(STANDBY_NS)
+        self.standby_boot = boot
+        failed = [r for r in boot.runs if r.state not in ("done", "skipped")]
+        if failed:
+            raise LabError(f"the standby's boot failed: {failed}")
+        self.timings["standby_boot"] = sum(r.seconds for r in boot.runs)
+        for result in self.configure_standby():
+            if not result.ok:
+                raise LabError(
+                    f"{result.document} on the standby: {result.status}: {result.stderr[-800:]}"
+                )
+        if agents:
+            self.start_pair_agents()
+        self.timings["standby"] = time.monotonic() - started
+        return self.standby_id
+
+    def build_standby_machine(self) -> None:
+        """tn-gw2 on the VPC bridge, in moto, with its IMDS, moto bridge and boot files; the
+        ENI mirror running. Not booted (``add_standby_gateway`` does the rest)."""
+        from lab.eni_mirror import EniMirror
+
+        ns = STANDBY_NS
+        self._new_machine(ns)
+        self._on_bridge(ns, "p-gw2")
+        sh(["ip", "-n", ns, "addr", "add", f"{STANDBY_PRIMARY}/24", "dev", "eth0"])
+        self.write_etc(ns, "strongswan.conf", self._strongswan_conf(ns))
+        self.standby_id = self.aws.add_gateway(STANDBY_PRIMARY)
+        self.commands.namespaces[self.standby_id] = ns
+        self.commands.other_gateways.add(self.standby_id)
+        self._bridge_moto(ns)
+        self._write_boot_files("tn-gw")  # the pair's user data: both in pair mode
+        self.install_gateway_boot(ns, self.standby_id)
+        self.eni_mirror = EniMirror(
+            ec2=self.aws.client("ec2"),
+            eni_id=self.aws.eni_id,
+            namespaces=self.gateway_namespaces(),
+            location=self.eni_holder_ns() or "tn-gw",
+            eni_link=ENI_LINK,
+            public_link=PUBLIC_LINK,
+            public_address=f"{GW_PUBLIC}/28",
+            public_router=INET_GW_SIDE,
+        )
+        self.eni_mirror.sync()
+        self.eni_mirror.start()
+
+    def gateway_namespaces(self) -> dict[str, str]:
+        """Instance ID -> machine, for both gateways (the pair) or the one."""
+        found = {self.aws.gateway_id: "tn-gw"}
+        if self.standby_id:
+            found[self.standby_id] = STANDBY_NS
+        return found
+
+    def eni_holder(self) -> str | None:
+        """The instance G's ENI is attached to, as EC2 (moto) says: the active gateway."""
+        reply = self.aws.client("ec2").describe_network_interfaces(
+            NetworkInterfaceIds=[self.aws.eni_id]
+        )
+        attachment = reply["NetworkInterfaces"][0].get("Attachment") or {}
+        return attachment.get("InstanceId")
+
+    def eni_holder_ns(self) -> str | None:
+        holder = self.eni_holder()
+        return self.gateway_namespaces().get(holder) if holder else None
+
+    def configure_standby(self) -> list[Any]:
+        """The stack's associations on the standby (ConfigureGateway, ConfigureTunnel,
+        InstallHealthAgent, the same parameters as the first gateway's), then SyncNatTable as
+        the controller sends it to every running gateway. Returns their CommandResults."""
+        from lab.ssm_runner import load_document
+
+        params = self.configure_gateway_parameters()
+        results = []
+        for document in ("ConfigureGateway", "ConfigureTunnel"):
+            declared = load_document(REPO / "ssm_documents" / f"{document}.yaml")["parameters"]
+            own = {k: v for k, v in params.items() if k in declared}
+            results.append(self.commands.run(self.standby_id, document, own))
+            if not results[-1].ok:
+                return results
+        health = self.health_agent_parameters()
+        results.append(self.commands.run(self.standby_id, "InstallHealthAgent", health))
+        results.append(self.sync_standby())
+        return results
+
+    def sync_standby(self) -> Any:
+        """SyncNatTable on the standby (its table from DynamoDB, as the active's)."""
+        params = {"TableName": TABLE, "Region": REGION}
+        return self.commands.run(self.standby_id, "SyncNatTable", params)
+
+    def pair_config(self) -> dict[str, Any]:
+        """pair.json for the lab's gateways (PAIR.md): fast heartbeats on the VPC bridge."""
+        return {
+            "region": REGION,
+            "eni_id": self.aws.eni_id,
+            "gateway": f"{GW_ENI}/24",
+            "deployment": DEPLOYMENT,
+            "table": TABLE,
+            "heartbeat_port": HEARTBEAT_PORT,
+            "interval_seconds": 0.5,
+            "misses": 4,
+            "hold_down_seconds": 60,
+            "tunnel": TUNNEL,
+            "children": [TUNNEL],
+            "namespace": "tunnelnat",
+            # The lab's /run is shared by its machines (docs/parity.md): each its own file.
+            "role_file": "/etc/tunnelnat/pair-role",
+            # No partner_endpoint/subnet_router: E sits on the moved link itself (no route to T
+            # from G, as the lab's boot.json).
+        }
+
+    def start_pair_agents(self) -> None:
+        """Both gateways' pair agents, as their tunnelnat-pair.service runs them."""
+        program = GATEWAY_DIR / "tunnelnat_pair.py"
+        if not program.exists():
+            raise LabError(f"{program} is not there yet: no pair agent to run")
+        config = json.dumps(self.pair_config(), indent=1) + "\n"
+        for ns in self.gateway_namespaces().values():
+            self.write_etc(ns, "tunnelnat/lib/tunnelnat_pair.py", program.read_text(), 0o755)
+            self.write_etc(ns, "tunnelnat/pair.json", config)
+            env = {**self.gateway_env(), "TUNNELNAT_IMDS_URL": f"http://127.0.0.1:{IMDS_NS_PORT}"}
+            argv = ["python3", "/etc/tunnelnat/lib/tunnelnat_pair.py", "run"]
+            self.spawn(f"pair-{ns.removeprefix(PREFIX)}", ns, argv, env=env)
+
+    def power_off(self, ns: str) -> float:
+        """Pull the plug on machine ``ns``: every link down, every process in it stopped
+        (SIGSTOP: frozen mid-step, nothing orderly). Returns when it started (time.time()).
+        ``thaw()`` (and the lab's cleanup) let them go again to be killed."""
+        at = time.time()
+        links = json.loads(sh(["ip", "-n", ns, "-j", "link", "show"]).stdout or "[]")
+        from lab.eni_mirror import run_ip_batch
+
+        run_ip_batch(ns, [f"link set dev {link['ifname']} down" for link in links])
+        # Twice: a process forked while the first round ran is caught by the second.
+        for _ in range(2):
+            for pid in sh(["ip", "netns", "pids", ns], check=False).stdout.split():
+                with contextlib.suppress(OSError, ValueError):
+                    # The lab's own `ip -n` calls reach in for milliseconds; they are not the
+                    # machine's (the ENI mirror's move must not freeze with it).
+                    if Path(f"/proc/{pid}/comm").read_text().strip() == "ip":
+                        continue
+                    os.kill(int(pid), signal.SIGSTOP)
+                    self.frozen.add(int(pid))
+        return at
+
+    def thaw(self) -> None:
+        """SIGCONT to every process a power-off stopped (before the cleanup kills them)."""
+        for pid in sorted(self.frozen):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        self.frozen.clear()
+
+    def _gateway_sysctl(self, ns: str = "tn-gw") -> None:
         from lab.gateway_boot import net_sysctls
 
-        proc = sh(machine_argv("tn-gw", ["cat", "/etc/sysctl.d/90-tunnelnat.conf"]), check=False)
+        proc = sh(machine_argv(ns, ["cat", "/etc/sysctl.d/90-tunnelnat.conf"]), check=False)
         for setting in net_sysctls(proc.stdout if proc.returncode == 0 else ""):
-            in_ns("tn-gw", ["sysctl", "-qw", setting])
+            in_ns(ns, ["sysctl", "-qw", setting])
 
-    def _gateway_network_up(self) -> None:
-        # networkd's part on AWS: the primary interfaces and the default route.
-        for link in ("eth0", "eth1"):
-            in_ns("tn-gw", ["ip", "link", "set", link, "up"])
-        in_ns("tn-gw", ["ip", "route", "replace", "default", "via", INET_GW_SIDE])
-        self._gateway_vpc_route()
+    def _gateway_network_up(self, ns: str = "tn-gw") -> None:
+        # networkd's part on AWS: the primary interfaces and the default route. In a pair, the
+        # public link (E's) is only on the machine holding the ENI (lab.eni_mirror).
+        in_ns(ns, ["ip", "link", "set", "eth0", "up"])
+        if self.has_link(ns, PUBLIC_LINK):
+            in_ns(ns, ["ip", "link", "set", PUBLIC_LINK, "up"])
+            in_ns(ns, ["ip", "route", "replace", "default", "via", INET_GW_SIDE])
+        self._gateway_vpc_route(ns)
+
+    @staticmethod
+    def has_link(ns: str, link: str) -> bool:
+        return sh(["ip", "-n", ns, "link", "show", "dev", link], check=False).returncode == 0
 
     # -- processes ----------------------------------------------------------------------------
-    def spawn(self, name: str, ns: str | None, argv: Sequence[str]) -> subprocess.Popen:
+    def spawn(
+        self,
+        name: str,
+        ns: str | None,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None = None,
+    ) -> subprocess.Popen:
         log = (LOGS / f"{name}.log").open("ab")
         full = machine_argv(ns, argv) if ns else list(argv)
-        env = {**default_env(), "PYTHONPATH": f"{REPO}:{REPO / 'lambdas'}"}
+        env = {**default_env(), "PYTHONPATH": f"{REPO}:{REPO / 'lambdas'}", **(env or {})}
         proc = subprocess.Popen(
             full,
             stdout=log,
@@ -818,12 +1024,18 @@ swanctl {{
         sock = RUN / "moto.sock"
         listen_unix = f"UNIX-LISTEN:{sock},fork,mode=600"
         self.spawn("moto-bridge-root", None, ["socat", listen_unix, f"TCP:127.0.0.1:{port}"])
-        listen_tcp = f"TCP-LISTEN:{MOTO_NS_PORT},bind=127.0.0.1,fork,reuseaddr"
-        self.spawn("moto-bridge-gw", "tn-gw", ["socat", listen_tcp, f"UNIX-CONNECT:{sock}"])
         deadline = time.monotonic() + 10
         while not sock.exists() and time.monotonic() < deadline:
             time.sleep(0.02)
-        self.wait_listening("tn-gw", MOTO_NS_PORT)
+        self._bridge_moto("tn-gw")
+
+    def _bridge_moto(self, ns: str) -> None:
+        """moto on ``ns``'s own loopback, port MOTO_NS_PORT, through the root bridge's socket."""
+        sock = RUN / "moto.sock"
+        listen_tcp = f"TCP-LISTEN:{MOTO_NS_PORT},bind=127.0.0.1,fork,reuseaddr"
+        name = "moto-bridge-gw" if ns == "tn-gw" else f"moto-bridge-{ns.removeprefix(PREFIX)}"
+        self.spawn(name, ns, ["socat", listen_tcp, f"UNIX-CONNECT:{sock}"])
+        self.wait_listening(ns, MOTO_NS_PORT)
 
     def _seed_aws(self) -> None:
         # Imported here: these modules build on this one.
