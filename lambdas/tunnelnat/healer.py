@@ -497,6 +497,9 @@ class HealerSettings(BaseModel):
     gateway_ip: IPv4Address | None = None
     vpc_id: str | None = Field(default=None, pattern=r"^vpc-[0-9a-f]{8,17}$")
     gateway_group: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:/ +=@-]{1,255}$")
+    # G's ENI (the stack's): RestartTunnel goes to the instance holding it, the active gateway of
+    # a pair (a standby holds no SA and must not initiate); without it, the tags and G decide.
+    gateway_eni_id: str | None = Field(default=None, pattern=r"^eni-[0-9a-f]{8,17}$")
 
     @model_validator(mode="before")
     @classmethod
@@ -530,6 +533,7 @@ class HealerSettings(BaseModel):
             "gateway_ip": "TUNNELNAT_GATEWAY_IP",
             "vpc_id": "TUNNELNAT_VPC_ID",
             "gateway_group": "TUNNELNAT_GATEWAY_GROUP",
+            "gateway_eni_id": "TUNNELNAT_GATEWAY_ENI_ID",
         }
         try:
             policy = HealerPolicy(**{k: env[v] for k, v in policy_env.items() if env.get(v)})

@@ -39,6 +39,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from tunnelnat.adapters.commands import CommandPort, SsmCommands
 from tunnelnat.adapters.ec2 import Ec2Instances
+from tunnelnat.adapters.pair import EniHolder
 from tunnelnat.handlers.tracing import OptionalTracer
 from tunnelnat.healer import (
     CloudWatchAlarms,
@@ -141,7 +142,9 @@ def build_healer(
             document_prefix=settings.document_prefix,
             timeout_seconds=settings.command_timeout_seconds,
         ),
-        gateways=Ec2Instances(
+        gateways=EniHolder(client("ec2"), eni_id=settings.gateway_eni_id)
+        if settings.gateway_eni_id
+        else Ec2Instances(
             client("ec2"),
             gateway_ip=settings.gateway_ip,
             vpc_id=settings.vpc_id,
