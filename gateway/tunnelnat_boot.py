@@ -17,6 +17,9 @@ the distribution's python3 and boto3 (standard library + boto3 only):
      hotplug is trusted to;
   5. routes the partner's endpoint T via the subnet's router from G, so IKE and ESP leave with
      source G, which the Internet gateway translates to E.
+In a gateway pair (``"pair": true``), the ENI held by another live instance (the pair's active)
+ends the boot at step 3 as the standby (exit 0, ``"role": "standby"``, no wait): the pair agent
+(tunnelnat_pair.py) takes the ENI over when the active falls silent.
 On any failure it marks the instance Unhealthy (Auto Scaling replaces it) and exits non-zero.
 
 ``restore-lo`` (unit ``tunnelnat-restore``, before the network, after the saved ruleset was
@@ -59,6 +62,17 @@ class BootError(RuntimeError):
     pass
 
 
+class HeldByPartner(Exception):  # noqa: N818 - not an error: the pair's other gateway is active
+    def __init__(self, holder: str) -> None:
+        super().__init__(holder)
+        self.holder = holder
+
+
+# The ENI's holder is the pair's active while it exists (a stopped instance keeps its ENIs);
+# one shutting down or terminated lets go of it by itself.
+HOLDER_ALIVE = ("pending", "running", "stopping", "stopped")
+
+
 def log(message: str) -> None:
     print(f"tunnelnat-boot: {message}", file=sys.stderr, flush=True)
 
@@ -75,6 +89,7 @@ class BootConfig:
     subnet_router: IPv4Address | None = None
     wait_seconds: float = 600.0
     poll_seconds: float = 5.0
+    pair: bool = False  # a gateway pair: the ENI held by the other gateway makes this the standby
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> BootConfig:
@@ -95,6 +110,9 @@ class BootConfig:
             raise BootError("partner_endpoint and subnet_router go together")
         if via is not None and via not in gateway.network:
             raise BootError(f"subnet router {via} is not in G's subnet {gateway.network}")
+        pair = data.get("pair", False)
+        if not isinstance(pair, bool):
+            raise BootError(f"pair must be true or false, not {pair!r}")
         return cls(
             region=region,
             eni_id=eni,
@@ -103,6 +121,7 @@ class BootConfig:
             subnet_router=via,
             wait_seconds=float(data.get("wait_seconds", 600)),
             poll_seconds=float(data.get("poll_seconds", 5)),
+            pair=pair,
         )
 
 
@@ -217,6 +236,8 @@ class Boot:
                     continue  # re-read: the attachment is what we wait for, not the call
                 except (ClientError, BotoCoreError) as exc:
                     log(f"attach failed ({exc}); retrying")
+            elif self.config.pair and holder is not None and self.alive(holder):
+                raise HeldByPartner(holder)
             else:
                 log(f"{self.config.eni_id} is {eni.get('Status')} (held by {holder}): waiting")
             if self.clock() >= deadline:
@@ -225,6 +246,21 @@ class Boot:
                     f"({attempts} attach attempts)"
                 )
             self.sleep(self.config.poll_seconds)
+
+    def alive(self, instance_id: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            reply = self.ec2.describe_instances(InstanceIds=[instance_id])
+        except ClientError as exc:  # gone from EC2's answers: not alive
+            log(f"{instance_id}: {exc}")
+            return False
+        states = [
+            i.get("State", {}).get("Name")
+            for r in reply.get("Reservations", [])
+            for i in r.get("Instances", [])
+        ]
+        return any(state in HOLDER_ALIVE for state in states)
 
     def wait_for_link(self, mac: str, seconds: float = 120.0) -> str:
         deadline = self.clock() + seconds
@@ -243,7 +279,17 @@ class Boot:
         self.ec2.modify_instance_attribute(
             InstanceId=self.instance_id, SourceDestCheck={"Value": False}
         )
-        eni = self.attach_eni()
+        try:
+            eni = self.attach_eni()
+        except HeldByPartner as held:
+            # The pair's standby: G stays where it is; tunnelnat-pair watches the active.
+            log(f"{cfg.eni_id} is held by {held.holder}, the active of the pair: standby")
+            return {
+                "eni": cfg.eni_id,
+                "holder": held.holder,
+                "instance": self.instance_id,
+                "role": "standby",
+            }
         mac = str(eni.get("MacAddress", "")).lower()
         if not MAC.fullmatch(mac):
             raise BootError(f"{cfg.eni_id} has no usable MAC address ({mac!r})")
@@ -254,6 +300,7 @@ class Boot:
             "device": dev,
             "gateway": str(cfg.gateway),
             "instance": self.instance_id,
+            "role": "active",
         }
         if cfg.partner_endpoint is not None and cfg.subnet_router is not None:
             self.links.route(cfg.partner_endpoint, cfg.subnet_router, dev, cfg.gateway.ip)

@@ -403,3 +403,88 @@ def test_the_units_run_what_the_gateway_has():
         ["python3", "/etc/tunnelnat/lib/tunnelnat_boot.py", "restore-lo"],
         ["python3", "/etc/tunnelnat/lib/tunnelnat_gateway.py", "sync"],
     ]
+
+
+# -- pair mode: the ENI held by the other gateway makes this one the standby ---------------------
+
+
+def other_instance(aws) -> str:
+    reply = aws["ec2"].run_instances(
+        ImageId=aws["image"], MinCount=1, MaxCount=1, SubnetId=aws["subnet"]
+    )
+    return reply["Instances"][0]["InstanceId"]
+
+
+def test_pair_mode_boots_as_standby_when_the_other_gateway_holds_the_eni(aws):
+    other = other_instance(aws)
+    aws["ec2"].attach_network_interface(
+        NetworkInterfaceId=aws["eni"], InstanceId=other, DeviceIndex=1
+    )
+    waits: list[float] = []
+    ip = FakeIp({"ens5": MAC_PRIMARY})
+    b = boot.Boot(config(aws, pair=True), aws["ec2"], aws["instance"], boot.Links(ip), waits.append)
+    result = b.run()
+    assert result["role"] == "standby" and result["holder"] == other
+    assert waits == []  # no 600 s wait
+    assert attachment(aws)["InstanceId"] == other  # never taken at boot
+    assert ip.calls == []
+    check = aws["ec2"].describe_instance_attribute(
+        InstanceId=aws["instance"], Attribute="sourceDestCheck"
+    )
+    assert check["SourceDestCheck"]["Value"] is False  # ready to forward after a takeover
+
+
+@pytest.mark.parametrize("state", ["stopped", "running"])
+def test_pair_mode_counts_a_stopped_holder_as_the_active(aws, state):
+    other = other_instance(aws)
+    aws["ec2"].attach_network_interface(
+        NetworkInterfaceId=aws["eni"], InstanceId=other, DeviceIndex=1
+    )
+    if state == "stopped":  # a stopped instance keeps its ENIs: waiting would be forever
+        aws["ec2"].stop_instances(InstanceIds=[other])
+    result = boot.Boot(
+        config(aws, pair=True), aws["ec2"], aws["instance"], boot.Links(FakeIp({}))
+    ).run()
+    assert result["role"] == "standby"
+
+
+def test_pair_mode_attaches_an_available_eni_as_today(aws):
+    ip = FakeIp({"ens6": aws["mac"]})
+    result = boot.Boot(config(aws, pair=True), aws["ec2"], aws["instance"], boot.Links(ip)).run()
+    assert result["role"] == "active"
+    assert attachment(aws)["InstanceId"] == aws["instance"]
+
+
+def test_pair_mode_waits_for_a_terminating_holder(aws):
+    other = other_instance(aws)
+    aws["ec2"].attach_network_interface(
+        NetworkInterfaceId=aws["eni"], InstanceId=other, DeviceIndex=1
+    )
+    aws["ec2"].terminate_instances(InstanceIds=[other])  # moto keeps the attachment: AWS drops it
+    waits: list[float] = []
+
+    def sleep(seconds):
+        waits.append(seconds)
+        aws["ec2"].detach_network_interface(AttachmentId=attachment(aws)["AttachmentId"])
+
+    ip = FakeIp({"ens6": aws["mac"]})
+    cfg = config(aws, pair=True, poll_seconds=5)
+    result = boot.Boot(cfg, aws["ec2"], aws["instance"], boot.Links(ip), sleep=sleep).run()
+    assert waits == [5] and result["role"] == "active"
+
+
+def test_pair_mode_main_prints_the_standby_role(aws, imds, tmp_path, capsys):
+    other = other_instance(aws)
+    aws["ec2"].attach_network_interface(
+        NetworkInterfaceId=aws["eni"], InstanceId=other, DeviceIndex=1
+    )
+    path = write_config(tmp_path, aws, pair=True)
+    assert boot.main(["attach", "--config", str(path)], links=boot.Links(FakeIp({}))) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["role"] == "standby" and out["holder"] == other
+    assert health(aws) == "HEALTHY"
+
+
+def test_pair_must_be_a_boolean():
+    with pytest.raises(boot.BootError, match="pair must be true or false"):
+        config(None, pair="yes")
