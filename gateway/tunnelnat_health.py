@@ -17,6 +17,7 @@ once since ConfigureGateway last changed the tunnel (its ``<tunnel>.config-id`` 
 over the tunnel's CHILD_SAs. Per deployment ``NatMappings``; per gateway ``NatTablePresent`` and
 the guard's drops (``DroppedCleartext``, ``DroppedUnenrolled``, ``DroppedInbound``).
 
+In a gateway pair, the standby (``--role-file``, the pair agent's) publishes no tunnel metric.
 Prints one JSON line; exits 0 when published, 2 when publishing failed.
 """
 
@@ -55,6 +56,7 @@ TUNNEL_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
 GATEWAY_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 SWANCTL_TIMEOUT = 8.0
 IMDS = "http://169.254.169.254/latest"
+ROLE_FILE = Path("/run/tunnelnat/pair-role")  # tunnelnat_pair.py's: active|standby; none: single
 
 Runner = Callable[..., subprocess.CompletedProcess]
 
@@ -807,6 +809,7 @@ def main(argv: list[str] | None = None) -> int:
     once.add_argument(
         "--config-dir", type=Path, default=CONFIG_DIR, help="ConfigureGateway's <tunnel>.config-id"
     )
+    once.add_argument("--role-file", type=Path, default=ROLE_FILE)
     once.add_argument("--dry-run", action="store_true", help="print, do not publish")
     args = parser.parse_args(argv)
 
@@ -843,7 +846,12 @@ def main(argv: list[str] | None = None) -> int:
         config_dir=args.config_dir,
         now=now,
     )
-    data = metric_data(report, now=now)
+    try:
+        role = args.role_file.read_text().strip()
+    except OSError:
+        role = None
+    # The standby holds no SA by design: its 0 must not reach the active's series (the alarm).
+    data = metric_data(replace(report, tunnels=[]) if role == "standby" else report, now=now)
     table = report.table or TableReading(None, "not read")
     line: dict[str, Any] = {
         "gateway": gateway,
@@ -854,6 +862,7 @@ def main(argv: list[str] | None = None) -> int:
         "counters": report.counters,
         "metrics": len(data),
         "published": False,
+        "role": role,
     }
     code = 0
     if not args.dry_run:

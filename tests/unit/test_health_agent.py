@@ -370,6 +370,8 @@ def run_main(monkeypatch, capsys, state, client, *extra):
             str(state / "established.json"),
             "--config-dir",
             str(state / "tunnels"),
+            "--role-file",  # a pair agent's, absent unless the test writes it: single mode
+            str(state / "pair-role"),
             *extra,
         ]
     )
@@ -386,6 +388,24 @@ def test_main_publishes_zero_when_charon_is_dead(monkeypatch, capsys, tmp_path):
     (call,) = client.calls
     assert call["Namespace"] == "tunnelnat"
     assert [d["Value"] for d in call["MetricData"] if d["MetricName"] == "TunnelUp"] == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("role", ["active", "standby"])
+def test_the_standby_of_a_pair_publishes_no_tunnel_metric(monkeypatch, capsys, tmp_path, role):
+    """Its tunnel reads 0 by design (it holds no SA): that 0 must never reach the series the
+    alarm watches, which the active feeds. The gateway's own metrics still go out."""
+    (tmp_path / "pair-role").write_text(f"{role}\n")
+    client = FakeCloudWatch()
+    code, line = run_main(
+        monkeypatch, capsys, tmp_path, client, "--state-file", str(tmp_path / "s")
+    )
+    assert code == 0 and line["role"] == role and line["tunnels"][0]["up"] is False
+    names = {d["MetricName"] for d in client.calls[0]["MetricData"]}
+    tunnel_metrics = {"TunnelUp", "TunnelEstablished"}
+    if role == "standby":
+        assert names & tunnel_metrics == set() and "NatTablePresent" in names
+    else:
+        assert tunnel_metrics <= names
 
 
 def test_main_fails_loudly_when_publishing_fails(monkeypatch, capsys, tmp_path):
