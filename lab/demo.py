@@ -170,6 +170,17 @@ def headline(results: dict[str, Any]) -> list[str]:
                 f"private subnet: a foreign route -> {step.data['outcome'].get('status')}, left "
                 f"alone (still -> {step.data['target_after_leave']} after the instance left)"
             )
+        failover = step.data.get("failover")
+        if failover is not None:
+            seconds = failover.failover_seconds
+            lines.append(
+                "gateway failover: "
+                + (f"{seconds:.2f}s" if seconds is not None else "NEVER")
+                + f" from the last packet through the old active to the first through the new "
+                f"({failover.lost} of {failover.sent} lost, {len(failover.clear)} clear-text; "
+                f"E and G {'unchanged' if failover.e_and_g.get('unchanged') else 'CHANGED'}, "
+                f"{len(failover.commands_after)} commands to instances)"
+            )
         if "diagnosis" in step.data:
             lines.append(f"broken partner: {step.data['diagnosis']}")
         if "summary" in step.data:

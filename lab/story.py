@@ -649,6 +649,34 @@ class Story:
             },
         )
 
+    # -- gateway pair failover (issue 15) --------------------------------------------------------
+    def gateway_failover(self, name: str = WEB1) -> Step:
+        """The standby (built now, if the lab has none) takes over from a powered-off active
+        while ``name`` sends to A (lab.failover_story). ``name`` is enrolled first if it is not."""
+        from lab.failover_story import figure, run_failover
+
+        inst = self.lab.instance(name)
+        enrolled = self.lab.aws.mappings().get(inst.private_ip)
+        if enrolled is None:
+            step = self.enrol(name)
+            if not step.ok:
+                return Step("gateway failover", False, f"could not enrol {name}: {step.figure}")
+            enrolled = self.public
+        report = run_failover(self.lab, name, enrolled or "")
+        built = report.standby_built_seconds
+        prefix = (
+            f"standby {topo.STANDBY_NS} built, booted as standby, configured and synced in "
+            f"{built:.1f}s; "
+            if built is not None
+            else ""
+        )
+        return Step(
+            "gateway failover: the standby takes G's ENI from a powered-off active",
+            report.ok,
+            prefix + figure(report),
+            {"failover": report},
+        )
+
     # -- 7 -------------------------------------------------------------------------------------
     def restart_tunnel(self, name: str = WEB1) -> Step:
         result = self.lab.commands.run(
@@ -989,7 +1017,15 @@ class Story:
         ]
         if burst:
             steps += [functools.partial(self.burst, burst), self.scale_in]
-        return [*steps, self.rekey, self.broken_partner, self.doctor_cli, self.unenrol]
+        return [
+            *steps,
+            self.rekey,
+            self.broken_partner,
+            self.doctor_cli,
+            self.unenrol,
+            # Last: the active gateway stays powered off (the pair is one gateway short after).
+            self.gateway_failover,
+        ]
 
 
 def _wait(check: Any, timeout: float) -> bool:
