@@ -183,6 +183,17 @@ def test_health_parameters_have_defaults_and_tight_patterns(name):
         assert not re.fullmatch(spec["allowedPattern"], value), value
 
 
+def test_configure_tunnel_local_address_is_an_ipv4_address_or_empty():
+    spec = load_document(CONFIGURE_TUNNEL)["parameters"]["LocalAddress"]
+    assert spec["default"] == ""  # a single gateway, and every existing caller: as before
+    for good in ("", "10.10.0.10", "192.0.2.255", "0.0.0.0"):
+        assert re.fullmatch(spec["allowedPattern"], good), good
+    for bad in ("10.10.0.256", "10.10.0", "10.10.0.10/32", " 10.10.0.10", "10.10.0.10;x", "::1"):
+        assert not re.fullmatch(spec["allowedPattern"], bad), bad
+    script = _script(CONFIGURE_TUNNEL)
+    assert 'TN_LOCAL_ADDR=""' in script  # the default, rendered
+
+
 def test_install_health_agent_installs_the_embedded_agent_with_a_timer():
     document = load_document(INSTALL_HEALTH)
     params = valid_parameters("InstallHealthAgent") | {

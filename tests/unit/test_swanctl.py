@@ -40,6 +40,7 @@ def environ(**overrides: str) -> dict[str, str]:
         "TN_LOG": d["CharonLog"],
         "TN_TUNNEL": d["TunnelName"],
         "TN_BACKEND": d["IpsecBackend"],
+        "TN_LOCAL_ADDR": d["LocalAddress"],
     }
     return env | overrides
 
@@ -199,6 +200,19 @@ def test_the_gateway_refuses_what_cannot_work(overrides, message):
         return
     with pytest.raises(ValueError, match=message):
         swanctl.from_environ(environ(**overrides))
+
+
+def test_a_pair_gateway_initiates_only_from_the_address_on_the_eni():
+    """LocalAddress (a gateway pair): local_addrs pins IKE to G, which only the ENI's holder has;
+    empty (the default, a single gateway): no local_addrs, as before."""
+    conn = section(render(TN_LOCAL_ADDR="10.10.0.10"), "partner")
+    assert conn[1:3] == ["remote_addrs = 198.51.100.40", "local_addrs = 10.10.0.10"]
+    assert "unique = replace" in conn  # INITIAL_CONTACT needs unique other than never
+    assert not [line for line in section(render(), "partner") if line.startswith("local_addrs")]
+    tunnel = swanctl.from_environ({k: v for k, v in environ().items() if k != "TN_LOCAL_ADDR"})
+    assert tunnel.local_addr is None  # an older document's environment still renders
+    with pytest.raises(ValueError):
+        swanctl.from_environ(environ(TN_LOCAL_ADDR="10.10.0.300"))
 
 
 def test_main_writes_what_configure_tunnel_installs(tmp_path):

@@ -34,6 +34,7 @@ class Tunnel:
     start: str = "start"  # none: the partner initiates
     encap: bool = False
     log: str = "/var/log/tunnelnat/charon.log"
+    local_addr: IPv4Address | None = None  # a gateway pair: the address on the moving ENI
 
     @property
     def children(self) -> list[tuple[str, str, str]]:
@@ -53,7 +54,13 @@ def render_connection(t: Tunnel) -> str:
     clear (DESIGN, Lessons). MOBIKE off: both endpoints are fixed."""
     (rekey, over, rand), (c_rekey, c_life, c_rand) = t.ike_life, t.child_life
     out = [f"connections {LB}", f"  {t.name} {LB}", "    version = 2"]
-    out += [f"    remote_addrs = {t.partner}", f"    encap = {'yes' if t.encap else 'no'}"]
+    out.append(f"    remote_addrs = {t.partner}")
+    if t.local_addr is not None:
+        # A gateway pair: IKE only from the address on G's ENI (G; E in the lab). The standby
+        # does not have it, so its charon cannot initiate from its own address (the kernel
+        # refuses the source): it never reaches the partner until it holds the ENI.
+        out.append(f"    local_addrs = {t.local_addr}")
+    out.append(f"    encap = {'yes' if t.encap else 'no'}")
     out += ["    mobike = no", f"    proposals = {t.ike}", f"    rekey_time = {rekey}s"]
     out += [f"    over_time = {over}s", f"    rand_time = {rand}s"]
     out += [f"    dpd_delay = {t.dpd[0]}s", f"    keyingtries = {t.keyingtries}"]
@@ -61,7 +68,10 @@ def render_connection(t: Tunnel) -> str:
     # with us answering, e.g. its retransmitted attempt from before we were up. replace: charon
     # then deletes the older one (10 s later, as for a reauthentication: make-before-break),
     # one IKE SA and CHILD_SA per selector set remain. Only the responder checks, so the two
-    # sides never both delete. INITIAL_CONTACT is still sent (unique is not never).
+    # sides never both delete. INITIAL_CONTACT is still sent: strongSwan's ike_auth.c build_i()
+    # adds it to the first IKE_AUTH when unique is not never, the remote ID has no wildcards and
+    # ike_sa_manager has_contact() knows no IKE SA between the two IDs; so a pair's new active
+    # (which holds none) makes the partner drop the dead gateway's SAs (RFC 7296, 2.4).
     out.append("    unique = replace")
     for side, ident in (("local", t.local_id), ("remote", t.remote_id or t.partner)):
         out += [f"    {side} {LB}", "      auth = psk", f'      id = "{ident}"', f"    {RB}"]
@@ -110,10 +120,11 @@ def from_environ(env: dict[str, str]) -> Tunnel:
         if ident.replace(".", "").isdigit():
             IPv4Address(ident)  # a dotted quad is an address, never an FQDN
     libipsec = env["TN_BACKEND"] == "libipsec"
+    local = IPv4Address(env["TN_LOCAL_ADDR"]) if env.get("TN_LOCAL_ADDR") else None
     tunnel = Tunnel(
         env["TN_TUNNEL"], partner, public, nets, env["TN_LOCAL_ID"], env["TN_REMOTE_ID"],
         env["TN_IKE"], env["TN_ESP"], ike, child, dpd, int(env["TN_KEYINGTRIES"]),
-        env["TN_LAYOUT"], env["TN_START"], libipsec, env["TN_LOG"],
+        env["TN_LAYOUT"], env["TN_START"], libipsec, env["TN_LOG"], local,
     )  # fmt: skip
     if len(tunnel.children) > 256:
         raise ValueError("per-pair: more than 256 CHILD_SAs")
