@@ -304,6 +304,7 @@ class PairMachine:
     check_seconds: float = 30.0
     counting_since: float = field(init=False)  # the silence counts from here until first heard
     active_heard_at: float | None = field(default=None, init=False)
+    active_instance: str | None = field(default=None, init=False)  # who it was
     peer_heard_at: float | None = field(default=None, init=False)
     not_before: float = field(default=0.0, init=False)  # no takeover attempt before this
     next_check: float = field(init=False)
@@ -331,6 +332,7 @@ class PairMachine:
         if heartbeat.role != ACTIVE:
             return []
         self.active_heard_at = now
+        self.active_instance = heartbeat.instance
         if self.role == ACTIVE and now >= self.next_split_check:
             # Both claim the ENI: EC2 says which one holds it; the other steps down.
             self.next_split_check = now + max(self.misses * self.interval, 1.0)
@@ -354,10 +356,12 @@ class PairMachine:
         if silent >= self.limit and now >= self.not_before:
             misses = int(silent / self.interval + 1e-9)
             if self.active_heard_at is None:
-                who = "no active heard since start"
+                reason = f"no active heard for {silent:.1f} s (start or step-down)"
             else:
-                who = "the active"
-            actions.append(TakeOver(f"{who}: silent for {silent:.1f} s ({misses} misses)", silent))
+                reason = (
+                    f"active {self.active_instance} silent for {silent:.1f} s ({misses} misses)"
+                )
+            actions.append(TakeOver(reason, silent))
         return actions
 
     def eni_seen(self, now: float, holder: str | None) -> list[Action]:
