@@ -13,22 +13,33 @@
   the PSK) are applied by two State Manager associations that target the gateway's tag, so they
   run on the first instance and again on every replacement; either order is fail-closed
   (docs/stack.md, Order on a new gateway).
+- Pair mode (``tunnelnat:gatewayPair``, the default; /work/notes/PAIR.md, docs/stack.md): the same
+  group holds two gateways in G's subnet. The one G's ENI is attached to is the active; the other
+  is a warm standby whose pair agent (gateway/tunnelnat_pair.py) hears the active's heartbeat
+  (UDP 7465, between the gateways only) and takes the ENI over when it stops. EC2 allows one
+  attachment at a time: the attachment decides who is active.
 """
 
 from __future__ import annotations
 
 import base64
 import gzip
+import hashlib
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
-from aws_cdk import ArnFormat, Aws, Duration, RemovalPolicy, Stack, Tags
+from aws_cdk import Annotations, ArnFormat, Aws, Duration, RemovalPolicy, Stack, Tags
 from aws_cdk import aws_autoscaling as autoscaling
 from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_s3_assets as s3_assets
 from aws_cdk import aws_secretsmanager as secretsmanager
+from aws_cdk import aws_sns as sns
 from aws_cdk import aws_ssm as ssm
 from constructs import Construct
 
@@ -45,6 +56,9 @@ from tunnelnat.core.config import TunnelnatConfig
 
 GATEWAY_DIR = Path(__file__).resolve().parents[1] / "gateway"
 BOOT_PROGRAM = GATEWAY_DIR / "tunnelnat_boot.py"
+PAIR_PROGRAM = GATEWAY_DIR / "tunnelnat_pair.py"
+PAIR_UNIT = "tunnelnat-pair.service"
+PAIR_PATH = "/etc/tunnelnat/lib/tunnelnat_pair.py"  # beside tunnelnat_boot.py, which it imports
 UNITS_DIR = GATEWAY_DIR / "systemd"
 # The units the user data installs, in boot order (their Before/After say the same).
 BOOT_UNITS = ("tunnelnat-restore.service", "tunnelnat-boot.service", "tunnelnat-sync.service")
@@ -62,6 +76,19 @@ USER_DATA_LIMIT = 16 * 1024  # EC2's limit on user data, before base64
 CONFIGURE_SCHEDULE = "rate(30 minutes)"
 METRIC_NAMESPACE = "tunnelnat"
 IPSEC_BACKEND = "kernel"  # the kernel's ESP in AWS (the lab uses strongSwan's libipsec)
+# The pair agent's settings (pair.json; PAIR.md). Detection takes misses x interval (2 s); the
+# hold-down keeps a just-moved ENI where it is (no flapping between two half-alive gateways).
+HEARTBEAT_PORT = 7465
+HEARTBEAT_INTERVAL_SECONDS = 0.5
+HEARTBEAT_MISSES = 4
+HOLD_DOWN_SECONDS = 60
+# The pair's items in the controller's table (pk values): gateway/<instance-id> is each agent's
+# readiness, meta/pair the active and the last failover.
+READINESS_PK = "gateway"
+PAIR_META_PK, PAIR_META_SK = "meta", "pair"
+# The only attributes a gateway may touch in the meta partition (the controller's generation and
+# gateway records live there too: a gateway can add these to an item, never change theirs).
+PAIR_META_ATTRIBUTES = ("pk", "sk", "active", "active_since", "last_failover", "failovers")
 
 
 class Gateway(Construct):
@@ -77,10 +104,13 @@ class Gateway(Construct):
         table: dynamodb.ITable,
         documents: Documents,
         internet_ready: Construct | None = None,
+        failover_topic: sns.ITopic | None = None,
+        failover_topic_key: kms.IKey | None = None,
     ) -> None:
         super().__init__(scope, construct_id)
         stack = Stack.of(self)
         deployment = settings.deployment
+        self.pair = settings.gateway_pair
         # The group propagates these to each instance at launch (the launch template does not
         # repeat them); the ENI needs them for the attach permission's condition.
         for key, value in (
@@ -154,6 +184,14 @@ class Gateway(Construct):
                 ec2.Peer.ipv4(str(network)),
                 ec2.Port.all_traffic(),
                 "instances' packets routed via G (nftables forwards enrolled sources only)",
+            )
+        if self.pair:
+            # The heartbeat: from one gateway's primary address to the other's, both in this
+            # group (the rule names the group itself, not the subnet).
+            self.security_group.add_ingress_rule(
+                self.security_group,
+                ec2.Port.udp(HEARTBEAT_PORT),
+                "the gateway pair's heartbeat, between the two gateways only",
             )
 
         # -- the standalone ENI with G, and the Elastic IP E on it ------------------------------
@@ -263,8 +301,29 @@ class Gateway(Construct):
                 conditions={"StringEquals": own_tags},
             )
         )
+        pair_program: PairProgram | None = None
+        if self.pair:
+            self._pair_permissions(
+                table, eni_arn, instances, own_tags, failover_topic, failover_topic_key
+            )
+            # The pair agent is too big for EC2's 16 KB of user data beside the boot program
+            # (~16 KB packed on its own): the user data fetches it from the stack's asset bucket
+            # at first boot and installs it only if its SHA-256 is the one synthesized here.
+            asset = s3_assets.Asset(self, "PairProgram", path=str(PAIR_PROGRAM))
+            pair_program = PairProgram(
+                bucket=asset.s3_bucket_name,
+                key=asset.s3_object_key,
+                sha256=hashlib.sha256(PAIR_PROGRAM.read_bytes()).hexdigest(),
+            )
+            self.role.add_to_policy(
+                iam.PolicyStatement(
+                    sid="FetchThePairAgent",
+                    actions=["s3:GetObject"],
+                    resources=[asset.bucket.arn_for_objects(asset.s3_object_key)],
+                )
+            )
 
-        # -- launch template and the Auto Scaling group of one ---------------------------------
+        # -- launch template and the Auto Scaling group (one gateway, or the pair) -------------
         machine_image = _machine_image(settings)
         self.launch_template = ec2.LaunchTemplate(
             self,
@@ -281,6 +340,10 @@ class Gateway(Construct):
                     gateway_ip=config.gateway_private_ip,
                     subnet=config.gateway_subnet_cidr,
                     partner_endpoint=config.partner_endpoint,
+                    pair=self._pair_config(config, settings, table, failover_topic)
+                    if self.pair
+                    else None,
+                    pair_program=pair_program,
                 )
             ),
             require_imdsv2=True,
@@ -296,22 +359,32 @@ class Gateway(Construct):
                 )
             ],
         )
+        # Single: replace by terminating first (the ENI can belong to one instance at a time).
+        # Pair: both in G's subnet (an ENI never leaves its zone); one replaced at a time, the
+        # other keeps (or takes over) the ENI, so a rolling update never leaves the pair empty.
+        size = 2 if self.pair else 1
         self.group = autoscaling.AutoScalingGroup(
             self,
             "Group",
             vpc=vpc,
             vpc_subnets=ec2.SubnetSelection(subnets=[subnet]),
             launch_template=self.launch_template,
-            min_capacity=1,
-            max_capacity=1,
+            min_capacity=size,
+            max_capacity=size,
+            desired_capacity=size if self.pair else None,
             health_checks=autoscaling.HealthChecks.ec2(grace_period=Duration.minutes(15)),
-            # Replace by terminating first: the ENI can belong to one instance at a time.
-            min_healthy_percentage=0,
+            min_healthy_percentage=50 if self.pair else 0,
             max_healthy_percentage=100,
             update_policy=autoscaling.UpdatePolicy.rolling_update(
-                max_batch_size=1, min_instances_in_service=0
+                max_batch_size=1, min_instances_in_service=size - 1
             ),
         )
+        if self.pair:
+            Annotations.of(self.group).acknowledge_warning(
+                "@aws-cdk/aws-autoscaling:desiredCapacitySet",
+                "The pair is always two: min = max = desired, so a deployment resetting the "
+                "desired size to 2 is what it should do.",
+            )
         # The group only launches once the ENI and E exist (the boot script attaches them).
         self.group.node.add_dependency(association)
         acknowledge(
@@ -362,8 +435,9 @@ class Gateway(Construct):
         for finding, reason in (
             (
                 "Resource::*",
-                "cloudwatch:PutMetricData and ec2:DescribeNetworkInterfaces have no "
-                "resource-level permissions; PutMetricData is limited to the tunnelnat namespace.",
+                "cloudwatch:PutMetricData, ec2:DescribeNetworkInterfaces and (pair mode, "
+                "finding the other gateway) ec2:DescribeInstances have no resource-level "
+                "permissions; PutMetricData is limited to the tunnelnat namespace.",
             ),
             (
                 f"Resource::{wildcard_arn(self, 'ec2', 'instance/*')}",
@@ -378,6 +452,104 @@ class Gateway(Construct):
         ):
             acknowledge(self.role, f"AwsSolutions-IAM5[{finding}]", reason)
         self.psk_name = psk_name
+
+    def _pair_permissions(
+        self,
+        table: dynamodb.ITable,
+        eni_arn: str,
+        instances: str,
+        own_tags: dict[str, str],
+        topic: sns.ITopic | None,
+        topic_key: kms.IKey | None,
+    ) -> None:
+        """What the pair agent calls (PAIR.md): take G's ENI from the other gateway, find the
+        other gateway, record readiness and failovers, announce a failover."""
+        self.role.add_to_policy(
+            iam.PolicyStatement(
+                # Force-detach from the silent active (AttachTheGatewayEni then attaches it here):
+                # only G's ENI, only from this deployment's gateways (ENI and instances tagged).
+                sid="TakeTheGatewayEniFromThePeer",
+                actions=["ec2:DetachNetworkInterface"],
+                resources=[eni_arn, instances],
+                conditions={"StringEquals": own_tags},
+            )
+        )
+        self.role.add_to_policy(
+            iam.PolicyStatement(
+                # The peer's primary address (no resource-level permissions for Describe*).
+                sid="FindThePeerGateway",
+                actions=["ec2:DescribeInstances"],
+                resources=["*"],
+            )
+        )
+        self.role.add_to_policy(
+            iam.PolicyStatement(
+                # Each agent's readiness item, gateway/<instance-id>: a partition of its own.
+                sid="ReportPairReadiness",
+                actions=["dynamodb:PutItem", "dynamodb:UpdateItem"],
+                resources=[table.table_arn],
+                conditions={"ForAllValues:StringEquals": {"dynamodb:LeadingKeys": [READINESS_PK]}},
+            )
+        )
+        self.role.add_to_policy(
+            iam.PolicyStatement(
+                # meta/pair lives in the controller's meta partition (meta/generation,
+                # meta/gateway): UpdateItem only (a PutItem would replace a whole item) and only
+                # the pair's attributes, so a gateway can never move the table's generation.
+                sid="RecordFailovers",
+                actions=["dynamodb:UpdateItem"],
+                resources=[table.table_arn],
+                conditions={
+                    "ForAllValues:StringEquals": {
+                        "dynamodb:LeadingKeys": [PAIR_META_PK],
+                        "dynamodb:Attributes": list(PAIR_META_ATTRIBUTES),
+                    },
+                    "StringEqualsIfExists": {
+                        "dynamodb:ReturnValues": ["NONE", "UPDATED_OLD", "UPDATED_NEW"]
+                    },
+                },
+            )
+        )
+        if topic is not None:
+            self.role.add_to_policy(
+                iam.PolicyStatement(
+                    sid="AnnounceFailovers", actions=["sns:Publish"], resources=[topic.topic_arn]
+                )
+            )
+        if topic_key is not None:
+            self.role.add_to_policy(
+                iam.PolicyStatement(
+                    # The topic is encrypted: a publisher needs a data key from its key.
+                    sid="EncryptForTheTopic",
+                    actions=["kms:GenerateDataKey", "kms:Decrypt"],
+                    resources=[topic_key.key_arn],
+                )
+            )
+
+    @staticmethod
+    def _pair_config(
+        config: TunnelnatConfig,
+        settings: StackSettings,
+        table: dynamodb.ITable,
+        topic: sns.ITopic | None,
+    ) -> dict[str, object]:
+        """pair.json's keys that boot.json does not already say (PAIR.md)."""
+        return {
+            "deployment": settings.deployment,
+            "table": table.table_name,
+            "heartbeat_port": HEARTBEAT_PORT,
+            "interval_seconds": HEARTBEAT_INTERVAL_SECONDS,
+            "misses": HEARTBEAT_MISSES,
+            "hold_down_seconds": HOLD_DOWN_SECONDS,
+            "tunnel": settings.tunnel_name,
+            "children": child_sa_names(
+                settings.tunnel_name,
+                settings.selector_layout,
+                len(config.public_addresses) * len(config.partner_networks),
+            ),
+            **({"topic_arn": topic.topic_arn} if topic is not None else {}),
+            "namespace": METRIC_NAMESPACE,
+        }
 
     def _configure_association(
         self, documents: Documents, deployment: str, document: str, parameters: dict[str, str]
@@ -431,6 +603,28 @@ def _literal(text: str, indent: int = 6) -> str:
     return "\n".join(f"{pad}{line}" if line else "" for line in text.splitlines())
 
 
+@dataclass(frozen=True)
+class PairProgram:
+    """Where the user data fetches gateway/tunnelnat_pair.py from, and its SHA-256."""
+
+    bucket: str
+    key: str
+    sha256: str
+
+
+def _fetch_command(region: str, program: PairProgram, path: str) -> str:
+    """runcmd's one Python line (boto3 is installed; no AWS CLI): fetch with retries, refuse a
+    file whose SHA-256 is not the synthesized one, install it in one rename."""
+    return (
+        "import boto3,hashlib,os;from botocore.config import Config;"
+        f"b=boto3.client('s3',region_name='{region}',config=Config(retries="
+        "{'mode':'standard','max_attempts':10})).get_object("
+        f"Bucket='{program.bucket}',Key='{program.key}')['Body'].read();"
+        f"assert hashlib.sha256(b).hexdigest()=='{program.sha256}','checksum mismatch';"
+        f"t='{path}.new';open(t,'wb').write(b);os.chmod(t,0o755);os.replace(t,'{path}')"
+    )
+
+
 def boot_user_data(
     *,
     region: str,
@@ -438,6 +632,8 @@ def boot_user_data(
     gateway_ip: IPv4Address,
     subnet: IPv4Network,
     partner_endpoint: IPv4Address,
+    pair: Mapping[str, object] | None = None,
+    pair_program: PairProgram | None = None,
 ) -> str:
     """The gateway's cloud-config: packages from the image's archive, the boot program and the
     units of gateway/systemd/ (no AWS CLI anywhere). ``region`` and ``eni_id`` may be tokens.
@@ -445,20 +641,36 @@ def boot_user_data(
     First boot: the units are enabled and the ENI attached in runcmd (after the packages); the
     SSM agent is held until then, so ConfigureGateway never runs on a half-installed gateway.
     Every later boot: systemd runs the units in their order, the agent after tunnelnat-boot.
+
+    ``pair`` (pair mode): pair.json's own keys (``Gateway._pair_config``); the pair agent's unit
+    is installed and started after the boot, the agent itself fetched from ``pair_program``
+    (too big for the user data), and boot.json says ``"pair": true`` (a boot that finds the ENI
+    on the other gateway ends as the standby instead of waiting for it).
     """
-    boot_config = {
+    boot_config: dict[str, object] = {
         "region": region,
         "eni_id": eni_id,
         "gateway": f"{gateway_ip}/{subnet.prefixlen}",
         "partner_endpoint": str(partner_endpoint),
         "subnet_router": str(subnet.network_address + 1),  # the VPC router: the subnet's .1
     }
+    units = BOOT_UNITS
+    files = []
+    if (pair is None) != (pair_program is None):
+        raise ValueError("pair and pair_program go together")
+    if pair is not None:
+        units = (*BOOT_UNITS, PAIR_UNIT)
+        # One line: JSON is compact enough, and YAML's literal block keeps it as it is.
+        pair_config = {**boot_config, **pair}
+        boot_config["pair"] = True
+        files.append(("/etc/tunnelnat/pair.json", "0644", "", json.dumps(pair_config)))
     files = [
         ("/etc/tunnelnat/boot.json", "0644", "", json.dumps(boot_config, indent=1)),
         ("/etc/tunnelnat/lib/tunnelnat_boot.py", "0755", "gz+b64", _packed(BOOT_PROGRAM)),
+        *files,
         *(
             (f"/etc/systemd/system/{unit}", "0644", "", (UNITS_DIR / unit).read_text())
-            for unit in BOOT_UNITS
+            for unit in units
         ),
         (
             f"/etc/systemd/system/{SSM_AGENT_UNIT}.d/tunnelnat.conf",
@@ -490,12 +702,29 @@ def boot_user_data(
         f" > {hold}/tunnelnat-first-boot.conf && systemctl daemon-reload",
         "runcmd:",
         "  - [systemctl, daemon-reload]",
-        f"  - [systemctl, enable, {', '.join(BOOT_UNITS)}]",
+        f"  - [systemctl, enable, {', '.join(units)}]",
         "  - [systemctl, start, tunnelnat-boot.service]",
+        *(
+            [
+                f"  - [python3, -c, {json.dumps(_fetch_command(region, pair_program, PAIR_PATH))}]",
+                f"  - [systemctl, start, --no-block, {PAIR_UNIT}]",
+            ]
+            if pair_program is not None
+            else []
+        ),
         "  - [touch, /run/tunnelnat-ready]",
         f"  - [systemctl, start, {SSM_AGENT_UNIT}]",
     ]
     return "\n".join(out) + "\n"
+
+
+def child_sa_names(tunnel: str, layout: str, pairs: int) -> list[str]:
+    """The CHILD_SA names ConfigureTunnel gives the connection (core/swanctl.py, Tunnel.children):
+    the tunnel's own name, or one per (S, partner network) numbered from 1. The pair agent
+    initiates each after taking the ENI over."""
+    if layout == "single":
+        return [tunnel]
+    return [f"{tunnel}-{i}" for i in range(1, pairs + 1)]
 
 
 def partner_parameters(settings: StackSettings) -> dict[str, str]:

@@ -170,7 +170,11 @@ class Healer(Construct):
             send_command_to_gateway(instances, deployment),
             iam.PolicyStatement(
                 sid="FollowCommandsFindTheGateway",
-                actions=["ssm:GetCommandInvocation", "ec2:DescribeInstances"],
+                actions=[
+                    "ssm:GetCommandInvocation",
+                    "ec2:DescribeInstances",
+                    "ec2:DescribeNetworkInterfaces",
+                ],
                 resources=["*"],
             ),
             iam.PolicyStatement(
@@ -229,9 +233,10 @@ class Healer(Construct):
         for finding, reason in (
             (
                 "Resource::*",
-                "ssm:GetCommandInvocation, ec2:DescribeInstances (finding the gateway: tagged, "
-                "holding G), cloudwatch:GetMetricData (reading TunnelEstablished) and the X-Ray "
-                "trace API have no resource-level permissions.",
+                "ssm:GetCommandInvocation, ec2:DescribeInstances and DescribeNetworkInterfaces "
+                "(finding the gateway: holding G's ENI, tagged), cloudwatch:GetMetricData "
+                "(reading TunnelEstablished) and the X-Ray trace API have no resource-level "
+                "permissions.",
             ),
             (
                 f"Resource::{wildcard_arn(self, 'ec2', 'instance/*')}",
@@ -246,10 +251,14 @@ class Healer(Construct):
         ):
             acknowledge(policy, f"AwsSolutions-IAM5[{finding}]", reason)
 
-    def serve_gateway(self, *, vpc_id: str, gateway_group: str, gateway_ip: str) -> None:
-        """Find the gateway as the controller does (``Controller.serve_gateway``): the tagged
-        instance holding G in this VPC and in the gateway's group; a second candidate is a
-        failed restart naming both, never a RestartTunnel sent to either."""
+    def serve_gateway(
+        self, *, vpc_id: str, gateway_group: str, gateway_ip: str, gateway_eni_id: str
+    ) -> None:
+        """RestartTunnel goes to the instance G's ENI is attached to: the active gateway (of a
+        pair, or the only one), which must also be a running gateway of this deployment; a
+        detached ENI (a failover under way) is a failed restart, never a command to a standby.
+        VPC, group and G stay in the environment (the healer's fallback without an ENI ID)."""
         self.function.add_environment("TUNNELNAT_VPC_ID", vpc_id)
         self.function.add_environment("TUNNELNAT_GATEWAY_GROUP", gateway_group)
         self.function.add_environment("TUNNELNAT_GATEWAY_IP", gateway_ip)
+        self.function.add_environment("TUNNELNAT_GATEWAY_ENI_ID", gateway_eni_id)

@@ -8,7 +8,9 @@
 - The dead-letter queue's depth, and the age of the oldest queued event (a stuck controller).
 - The controller's ``Failures`` of the reasons only a human can settle (``PAGED_FAILURES``): one
   is enough, the rest of the fleet converges around it (issue 14).
-- Gateway launches and terminations (a replacement is worth knowing about).
+- Gateway launches and terminations (a replacement is worth knowing about), with ``watch_gateway``;
+  in pair mode the pair agent publishes each failover to the same topic itself, and the dashboard
+  shows ``Failovers`` and ``FailoverSeconds`` (namespace tunnelnat, dimension Deployment).
 - A dashboard: alarms, tunnels (up, traffic, silence, rekeys, NAT mappings: the health agent's
   per-tunnel metrics), queue, the controller's metrics (enrolment latency, gateway syncs, free
   pool addresses, failures by reason) and, with ``add_healer``, the healer's.
@@ -48,6 +50,9 @@ TUNNEL_STATS = {
     "ChildSaRekeyFailures": "Sum",
 }
 NAT_MAPPINGS_METRIC = "NatMappings"  # per Deployment
+# The pair agent's, per Deployment (gateway/tunnelnat_pair.py; PAIR.md).
+FAILOVERS_METRIC = "Failovers"
+FAILOVER_SECONDS_METRIC = "FailoverSeconds"
 # Failure reasons (telemetry.FAILURE_REASONS) that page: each needs a human, and what to do.
 PAGED_FAILURES = {
     "conflict": (
@@ -86,11 +91,11 @@ class Monitoring(Construct):
         queue: sqs.IQueue,
         dead_letter_queue: sqs.IQueue,
         function: lambda_.IFunction,
-        gateway_group: autoscaling.IAutoScalingGroup,
     ) -> None:
         super().__init__(scope, construct_id)
         stack = Stack.of(self)
         deployment = settings.deployment
+        self._settings = settings
 
         # -- the page topic, encrypted with a key CloudWatch and EventBridge may use ------------
         self.key = kms.Key(
@@ -211,19 +216,6 @@ class Monitoring(Construct):
             )
             alarm.add_alarm_action(page)
             self.failure_alarms[reason] = alarm
-
-        # -- a replaced gateway is announced ---------------------------------------------------
-        self.gateway_rule = events.Rule(
-            self,
-            "GatewayReplaced",
-            description=f"{deployment}: the gateway's Auto Scaling group launched or terminated",
-            event_pattern=events.EventPattern(
-                source=["aws.autoscaling"],
-                detail_type=GATEWAY_EVENTS,
-                detail={"AutoScalingGroupName": [gateway_group.auto_scaling_group_name]},
-            ),
-            targets=[targets.SnsTopic(self.topic)],
-        )
 
         # -- the dashboard ---------------------------------------------------------------------
         self.dashboard = cloudwatch.Dashboard(
@@ -388,6 +380,61 @@ class Monitoring(Construct):
                     )
                 ],
                 width=8,
+            ),
+        )
+
+    def watch_gateway(self, gateway_group: autoscaling.IAutoScalingGroup, *, pair: bool) -> None:
+        """A replaced gateway is announced; in pair mode the dashboard shows the failovers (the
+        pair agent publishes each to the topic itself: a switch is news even when it worked)."""
+        deployment = self._settings.deployment
+        self.gateway_rule = events.Rule(
+            self,
+            "GatewayReplaced",
+            description=f"{deployment}: the gateway's Auto Scaling group launched or terminated",
+            event_pattern=events.EventPattern(
+                source=["aws.autoscaling"],
+                detail_type=GATEWAY_EVENTS,
+                detail={"AutoScalingGroupName": [gateway_group.auto_scaling_group_name]},
+            ),
+            targets=[targets.SnsTopic(self.topic)],
+        )
+        if not pair:
+            return
+
+        def pair_metric(name: str, statistic: str, label: str) -> cloudwatch.Metric:
+            return cloudwatch.Metric(
+                namespace=NAMESPACE,
+                metric_name=name,
+                dimensions_map={"Deployment": deployment},
+                statistic=statistic,
+                label=label,
+                period=Duration.minutes(5),
+            )
+
+        self.dashboard.add_widgets(
+            cloudwatch.GraphWidget(
+                title="Gateway pair: failovers (standby took G's ENI) and their time (s)",
+                left=[pair_metric(FAILOVERS_METRIC, "Sum", "failovers")],
+                right=[
+                    pair_metric(FAILOVER_SECONDS_METRIC, "Maximum", "failover seconds (max)"),
+                ],
+                left_y_axis=cloudwatch.YAxisProps(min=0),
+                right_y_axis=cloudwatch.YAxisProps(min=0),
+                width=12,
+            ),
+            cloudwatch.SingleValueWidget(
+                title="Failovers (last 7 days)",
+                metrics=[
+                    cloudwatch.Metric(
+                        namespace=NAMESPACE,
+                        metric_name=FAILOVERS_METRIC,
+                        dimensions_map={"Deployment": deployment},
+                        statistic="Sum",
+                        period=Duration.days(7),
+                        label="failovers",
+                    )
+                ],
+                width=12,
             ),
         )
 

@@ -66,14 +66,16 @@ LOG_RETENTION_DAYS = {
 _EMAIL = re.compile(r"^[^@\s,;]+@[^@\s,;]+\.[^@\s,;]+$")
 # What Auto Scaling accepts in a group name (no ARN, no commas: the key is a CSV list).
 _GROUP_NAME = re.compile(r"^[A-Za-z0-9_.:/ +=@-]{1,255}$")
-# Context keys that belong to the CDK itself (feature flags, CLI settings) rather than to us.
-_OURS = re.compile(r"^[a-z][a-z0-9_]*$")
+# Context keys that belong to the CDK itself (feature flags, CLI settings) rather than to us;
+# ours are snake_case, or namespaced ``tunnelnat:`` (the key the gateway pair's design names).
+_OURS = re.compile(r"^([a-z][a-z0-9_]*|tunnelnat:.*)$")
+GATEWAY_PAIR_KEY = "tunnelnat:gatewayPair"
 
 
 class StackSettings(BaseModel):
     """Stack-only settings (names, placement, tuning); see docs/stack.md for each key."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     deployment: str = Field(
         default="tunnelnat",
@@ -131,6 +133,13 @@ class StackSettings(BaseModel):
         max_length=20,
         description="existing Auto Scaling groups that get tunnelnat's launch and terminate "
         "lifecycle hooks",
+    )
+    # -- the gateway pair (issue 15; docs/stack.md, Gateway pair) --------------------------------
+    gateway_pair: bool = Field(
+        default=True,
+        alias=GATEWAY_PAIR_KEY,
+        description="two gateways in G's subnet, one active (holding G's ENI) and a warm standby "
+        "that takes the ENI over in seconds; false: the single self-healing gateway",
     )
     gateway_instance_type: str = Field(
         default="t3.small",
@@ -464,8 +473,11 @@ class Settings:
 
 
 CONFIG_KEYS = tuple(TunnelnatConfig.model_fields)
-STACK_KEYS = tuple(StackSettings.model_fields)
+# A field with an alias is given by its alias (the context key), never by the field's name.
+STACK_KEYS = tuple(field.alias or name for name, field in StackSettings.model_fields.items())
 ALL_KEYS = CONFIG_KEYS + STACK_KEYS
+# Field name -> its context key, for the hint when someone types the field's name.
+_ALIASED = {n: f.alias for n, f in StackSettings.model_fields.items() if f.alias}
 # No default can be right for anyone: every deployment gives these (docs/stack.md has examples),
 # and a deploy that forgets one stops instead of using someone else's addresses.
 REQUIRED_KEYS = (
@@ -488,7 +500,8 @@ def load_settings(context: Mapping[str, Any]) -> Settings:
     if unknown:
         lines = [f"invalid {SOURCE}:"]
         for key in unknown:
-            close = difflib.get_close_matches(key, ALL_KEYS, n=1)
+            close = [_ALIASED[key]] if key in _ALIASED else []
+            close = close or difflib.get_close_matches(key, ALL_KEYS, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             lines.append(f"  {key}: unknown context key{hint}")
         raise ConfigError("\n".join(lines))

@@ -52,6 +52,15 @@ class TunnelnatStack(Stack):
             documents=self.documents,
             code_directory=code_dir,
         )
+        self.monitoring = Monitoring(
+            self,
+            "Monitoring",
+            settings=stack_settings,
+            tunnels=[stack_settings.tunnel_name],
+            queue=self.controller.queue,
+            dead_letter_queue=self.controller.dead_letter_queue,
+            function=self.controller.function,
+        )
         self.gateway = Gateway(
             self,
             "Gateway",
@@ -62,6 +71,9 @@ class TunnelnatStack(Stack):
             table=self.controller.table,
             documents=self.documents,
             internet_ready=internet_ready,
+            # A failover is announced on the alarm topic (its subscribers hear of it at once).
+            failover_topic=self.monitoring.topic,
+            failover_topic_key=self.monitoring.key,
         )
         self.health_agent = HealthAgent(
             self,
@@ -75,16 +87,7 @@ class TunnelnatStack(Stack):
             gateway_group=self.gateway.group.auto_scaling_group_name,
             gateway_eni_id=self.gateway.eni.ref,
         )
-        self.monitoring = Monitoring(
-            self,
-            "Monitoring",
-            settings=stack_settings,
-            tunnels=[stack_settings.tunnel_name],
-            queue=self.controller.queue,
-            dead_letter_queue=self.controller.dead_letter_queue,
-            function=self.controller.function,
-            gateway_group=self.gateway.group,
-        )
+        self.monitoring.watch_gateway(self.gateway.group, pair=stack_settings.gateway_pair)
         self.healer = Healer(
             self,
             "Healer",
@@ -101,6 +104,7 @@ class TunnelnatStack(Stack):
             vpc_id=vpc.vpc_id,
             gateway_group=self.gateway.group.auto_scaling_group_name,
             gateway_ip=str(config.gateway_private_ip),
+            gateway_eni_id=self.gateway.eni.ref,
         )
         self.monitoring.add_healer(self.healer.function)
         self.psk_rollout = PskRollout(

@@ -22,6 +22,7 @@ BAD = [
     ("partner_endpoint", "not-an-ip", "partner_endpoint"),
     ("partner_networks", "198.51.100.0/33", "partner_networks"),
     ("nat_mode", "sometimes", "nat_mode"),
+    ("tunnelnat:gatewayPair", "maybe", "tunnelnat:gatewayPair"),
     ("address_pool", "", "address_pool"),
     ("gateway_private_ip", "10.80.0.1", "gateway_private_ip"),
     ("gateway_private_ip", "10.81.0.10", "gateway_private_ip"),
@@ -149,6 +150,22 @@ def test_a_misspelt_key_is_an_error_with_a_suggestion():
         ConfigError, match=r"partner_endpont: unknown .*did you mean partner_endpoint"
     ):
         load_settings(context)
+
+
+def test_the_gateway_pair_key_is_ours_and_checked():
+    assert load_settings(example_context()).stack.gateway_pair is True
+    for value, expected in (("false", False), (False, False), ("true", True)):
+        settings = load_settings(example_context({"tunnelnat:gatewayPair": value}))
+        assert settings.stack.gateway_pair is expected
+    # The field's own name is not a context key; a misspelt namespaced key is not ignored.
+    with pytest.raises(
+        ConfigError, match=r"gateway_pair: unknown .*did you mean tunnelnat:gatewayPair"
+    ):
+        load_settings(example_context({"gateway_pair": False}))
+    with pytest.raises(
+        ConfigError, match=r"tunnelnat:gatewaypair: unknown .*tunnelnat:gatewayPair"
+    ):
+        load_settings(example_context({"tunnelnat:gatewaypair": False}))
 
 
 def test_cdk_own_context_keys_are_not_ours_to_judge():
@@ -367,5 +384,7 @@ def test_no_feature_flag_is_left_unconfigured(flag_report):
 
 def test_every_context_key_is_documented():
     text = (ROOT / "docs" / "stack.md").read_text()
-    documented = set(re.findall(r"^\| `([a-z_]+)` \|", text, flags=re.MULTILINE))
+    documented = set(
+        re.findall(r"^\| `([a-z_]+|tunnelnat:[A-Za-z]+)` \|", text, flags=re.MULTILINE)
+    )
     assert documented == set(ALL_KEYS)

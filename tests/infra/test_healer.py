@@ -70,6 +70,7 @@ def _deployed_env(s, construct) -> dict[str, str]:
         ),
         s.one("AWS::EC2::VPC")[0]: "vpc-0123456789abcdef0",
         s.logical_id(s.stack.gateway.group): f"{DEPLOYMENT}-gateway-ABC123",
+        s.logical_id(s.stack.gateway.eni): "eni-0123456789abcdef0",
     }
     out = {}
     for key, value in _function(s, construct)["Environment"]["Variables"].items():
@@ -126,6 +127,9 @@ def test_healer_environment_is_everything_its_settings_read(s):
     for key in ("TUNNELNAT_VPC_ID", "TUNNELNAT_GATEWAY_GROUP"):
         assert raw[key] == controller[key], key
     assert raw["TUNNELNAT_GATEWAY_GROUP"] == s.ref(s.stack.gateway.group)
+    # RestartTunnel goes to the holder of G's ENI: the active gateway of the pair.
+    assert settings.gateway_eni_id == "eni-0123456789abcdef0"
+    assert raw["TUNNELNAT_GATEWAY_ENI_ID"] == s.ref(s.stack.gateway.eni)
     assert raw["TUNNELNAT_PAGE_TOPIC_ARN"] == s.ref(s.stack.monitoring.topic)
     assert raw["POWERTOOLS_METRICS_NAMESPACE"] == "tunnelnat"
 
@@ -278,6 +282,7 @@ def test_healer_has_nothing_else(s):
     allowed_star = {
         "ssm:GetCommandInvocation",
         "ec2:DescribeInstances",
+        "ec2:DescribeNetworkInterfaces",
         "cloudwatch:GetMetricData",
         "xray:PutTraceSegments",
         "xray:PutTelemetryRecords",
@@ -329,7 +334,8 @@ def test_controller_may_make_every_call_its_adapters_make(s):
     """Read the calls from the adapters' code: a new API call without its permission fails here,
     not with AccessDenied in production."""
     needed: set[str] = set()
-    for path in sorted((LAMBDAS / "adapters").glob("*.py")):
+    # adapters/pair.py serves the healer and the CLI (test_healer_may_find_the_eni_holder).
+    for path in sorted(p for p in (LAMBDAS / "adapters").glob("*.py") if p.name != "pair.py"):
         text = path.read_text()
         for attr, service in CONTROLLER_CLIENTS.items():
             calls = set(re.findall(rf"self\.{attr}\.([a-z_]+)\(", text))
@@ -342,6 +348,15 @@ def test_controller_may_make_every_call_its_adapters_make(s):
         s.logical_id(controller.role.node.find_child("DefaultPolicy"))
     ]
     granted = {a for st in statements(policy) for a in as_list(st["Action"])}
+    assert needed <= granted, sorted(needed - granted)
+
+
+def test_healer_may_find_the_eni_holder(s):
+    """EniHolder's EC2 calls (the healer's GatewayLocator in pair and single mode alike)."""
+    text = (LAMBDAS / "adapters" / "pair.py").read_text()
+    needed = {f"ec2:{_pascal(c)}" for c in re.findall(r"self\._ec2\.([a-z_]+)\(", text)}
+    assert needed == {"ec2:DescribeNetworkInterfaces", "ec2:DescribeInstances"}
+    granted = {a for st in _healer_statements(s) for a in as_list(st["Action"])}
     assert needed <= granted, sorted(needed - granted)
 
 
@@ -390,6 +405,12 @@ def _agent_metrics() -> set[str]:
     return {d["MetricName"] for d in agent.metric_data(report, now=0)}
 
 
+def _pair_metrics() -> set[str]:
+    """Metric names the pair agent (gateway/tunnelnat_pair.py) publishes."""
+    text = (ROOT / "gateway" / "tunnelnat_pair.py").read_text()
+    return set(re.findall(r"\"MetricName\": \"([A-Za-z]+)\"", text))
+
+
 def _dashboard(s) -> tuple[dict[str, dict[str, str]], list[str]]:
     """The dashboard's tunnelnat metrics (name -> dimensions) and its math expressions."""
     _, dashboard = s.one("AWS::CloudWatch::Dashboard")
@@ -423,6 +444,9 @@ def test_dashboard_shows_the_controllers_and_the_healers_metrics(s):
         "DeadLettered",
     }
     healer = {"Restarts", "RestartFailures", "TimeToRecovery", "Pages"}
+    # Pair mode (the default): the pair agent's, per deployment.
+    for name in ("Failovers", "FailoverSeconds"):
+        assert metrics.get(name) == {"Deployment": DEPLOYMENT}, name
     for name in controller:
         assert metrics.get(name) == {"service": "tunnelnat"}, name
     for name in healer:
@@ -434,5 +458,5 @@ def test_dashboard_shows_the_controllers_and_the_healers_metrics(s):
 
 def test_dashboard_names_only_metrics_the_code_publishes(s):
     metrics, _ = _dashboard(s)
-    unknown = set(metrics) - _published_metrics() - _agent_metrics()
+    unknown = set(metrics) - _published_metrics() - _agent_metrics() - _pair_metrics()
     assert not unknown, f"on the dashboard but published by no code: {sorted(unknown)}"

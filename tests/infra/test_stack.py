@@ -1,9 +1,13 @@
-"""The quick-start stack (cdk.json's context): every property issue 3 asks for, asserted."""
+"""The quick-start stack (cdk.json's context): every property issue 3 asks for, asserted.
+
+The default is the gateway pair (issue 15, ``tunnelnat:gatewayPair``); tests/infra/test_variants.py
+synthesizes the single gateway (``tunnelnat:gatewayPair=false``) and proves it is as before."""
 
 from __future__ import annotations
 
 import base64
 import gzip
+import hashlib
 import importlib.metadata
 import json
 import re
@@ -18,9 +22,14 @@ from stacks.gateway import (
     BOOT_UNITS,
     CONFIGURE_SCHEDULE,
     GATEWAY_PACKAGES,
+    HEARTBEAT_PORT,
+    PAIR_META_ATTRIBUTES,
+    PAIR_PROGRAM,
+    PAIR_UNIT,
     SSM_AGENT_UNIT,
     UNITS_DIR,
     USER_DATA_LIMIT,
+    PairProgram,
     boot_user_data,
 )
 from tests.infra.conftest import DOCUMENTS_DIR, as_list, example_context, statements, synthesize
@@ -42,19 +51,20 @@ def s(tmp_path_factory):
 # -- Gateway ---------------------------------------------------------------------------------
 
 
-def test_gateway_is_an_auto_scaling_group_of_one_in_the_gateway_subnet(s):
+def test_gateway_is_an_auto_scaling_group_of_two_in_the_gateway_subnet(s):
     _, asg = s.one("AWS::AutoScaling::AutoScalingGroup")
     props = asg["Properties"]
-    assert (props["MinSize"], props["MaxSize"]) == ("1", "1")
+    assert (props["MinSize"], props["MaxSize"], props["DesiredCapacity"]) == ("2", "2", "2")
     assert props["HealthCheckType"] == "EC2"
+    # Both in G's subnet, so in the ENI's zone: an ENI never moves between zones.
     assert props["VPCZoneIdentifier"] == [s.ref(s.stack.node.find_child("Vpc").public_subnets[0])]
-    # Terminate before launch: the ENI with G can belong to one instance at a time.
+    # One replaced at a time, never both: the other keeps (or takes over) the ENI.
     assert props["InstanceMaintenancePolicy"] == {
-        "MinHealthyPercentage": 0,
+        "MinHealthyPercentage": 50,
         "MaxHealthyPercentage": 100,
     }
     rolling = asg["UpdatePolicy"]["AutoScalingRollingUpdate"]
-    assert (rolling["MaxBatchSize"], rolling["MinInstancesInService"]) == (1, 0)
+    assert (rolling["MaxBatchSize"], rolling["MinInstancesInService"]) == (1, 1)
     tags = {t["Key"]: (t["Value"], t["PropagateAtLaunch"]) for t in props["Tags"]}
     assert tags["tunnelnat:role"] == ("gateway", True)
     assert tags["tunnelnat:deployment"] == (DEPLOYMENT, True)
@@ -89,10 +99,17 @@ def test_launch_template_ubuntu_2404_imdsv2_encrypted_public_ip(s):
 def _user_data(s) -> tuple[list, str]:
     _, lt = s.one("AWS::EC2::LaunchTemplate")
     parts = lt["Properties"]["LaunchTemplateData"]["UserData"]["Fn::Base64"]["Fn::Join"][1]
-    # Tokens stand in with values of their longest deployed length (an ENI ID, a long region).
-    stand_in = {"Ref": "AWS::Region"}, "ap-southeast-5"
+    # Tokens stand in with values of their longest deployed length: a long region, an ENI ID,
+    # and for the generated names (table, topic, asset bucket) more than CloudFormation makes.
+    eni, region = s.ref(s.stack.gateway.eni), {"Ref": "AWS::Region"}
     text = "".join(
-        p if isinstance(p, str) else (stand_in[1] if p == stand_in[0] else "eni-" + "0" * 17)
+        p
+        if isinstance(p, str)
+        else "ap-southeast-5"
+        if p == region
+        else "eni-" + "0" * 17
+        if p == eni
+        else "x" * 128
         for p in parts
     )
     return parts, text
@@ -114,6 +131,40 @@ def test_user_data_boots_the_gateway_without_the_aws_cli(s):
     assert boot["gateway"] == f"{G}/{IPv4Network(SUBNET).prefixlen}"
     assert boot["partner_endpoint"] == T
     assert boot["subnet_router"] == str(IPv4Network(SUBNET).network_address + 1)
+    assert boot["pair"] is True
+
+
+def test_user_data_writes_pair_json_and_fetches_the_checked_pair_agent(s):
+    parts, text = _user_data(s)
+    data = yaml.safe_load(text)
+    files = {f["path"]: f for f in data["write_files"]}
+    pair = json.loads(files["/etc/tunnelnat/pair.json"]["content"])
+    boot = json.loads(files["/etc/tunnelnat/boot.json"]["content"])
+    # PAIR.md's keys, the shared ones as boot.json says them.
+    assert set(pair) == {
+        "region", "eni_id", "gateway", "deployment", "table", "heartbeat_port",
+        "interval_seconds", "misses", "hold_down_seconds", "tunnel", "children", "topic_arn",
+        "namespace", "partner_endpoint", "subnet_router",
+    }  # fmt: skip
+    assert {k: pair[k] for k in boot if k != "pair"} == {
+        k: v for k, v in boot.items() if k != "pair"
+    }
+    assert (pair["heartbeat_port"], pair["interval_seconds"], pair["misses"]) == (7465, 0.5, 4)
+    assert pair["hold_down_seconds"] == 60 and pair["namespace"] == "tunnelnat"
+    assert pair["deployment"] == DEPLOYMENT
+    assert pair["tunnel"] == CONTEXT["tunnel_name"] and pair["children"] == [pair["tunnel"]]
+    assert (
+        files[f"/etc/systemd/system/{PAIR_UNIT}"]["content"] == (UNITS_DIR / PAIR_UNIT).read_text()
+    )
+    for token in (s.stack.controller.table, s.stack.monitoring.topic):
+        assert s.ref(token) in parts
+    # The agent itself: fetched from the asset bucket, installed only with the synthesized hash.
+    (fetch,) = [c for c in data["runcmd"] if c[0] == "python3"]
+    assert hashlib.sha256(PAIR_PROGRAM.read_bytes()).hexdigest() in fetch[2]
+    assert data["runcmd"].index(fetch) < data["runcmd"].index(
+        ["systemctl", "start", "--no-block", PAIR_UNIT]
+    )
+    assert ["systemctl", "enable", *BOOT_UNITS, PAIR_UNIT] in data["runcmd"]
 
 
 def test_boot_user_data_carries_the_tested_program_and_units():
@@ -201,7 +252,17 @@ def test_security_group_admits_ike_and_esp_from_the_partner_only(s):
         # Route-table mode: forwarded packets from the whole VPC (nftables: enrolled only).
         ("-1", None, None, CONTEXT["vpc_cidr"]),
     }
-    assert not s.resources("AWS::EC2::SecurityGroupIngress")
+    # The pair's heartbeat: UDP 7465 from the group itself (the two gateways), nothing else.
+    sg_id = s.logical_id(s.stack.gateway.security_group)
+    (rule,) = [r["Properties"] for r in s.resources("AWS::EC2::SecurityGroupIngress").values()]
+    assert rule == {
+        "IpProtocol": "udp",
+        "FromPort": HEARTBEAT_PORT,
+        "ToPort": HEARTBEAT_PORT,
+        "GroupId": {"Fn::GetAtt": [sg_id, "GroupId"]},
+        "SourceSecurityGroupId": {"Fn::GetAtt": [sg_id, "GroupId"]},
+        "Description": rule["Description"],
+    }
 
 
 def test_gateway_role_ssm_core_plus_exactly_what_the_gateway_needs(s):
@@ -227,8 +288,16 @@ def test_gateway_role_ssm_core_plus_exactly_what_the_gateway_needs(s):
         "aws:ResourceTag/tunnelnat:role": "gateway",
         "aws:ResourceTag/tunnelnat:deployment": DEPLOYMENT,
     }
-    for sid in ("AttachTheGatewayEni", "SourceDestCheckOffOnGateways", "ReportBootFailure"):
+    for sid in (
+        "AttachTheGatewayEni",
+        "TakeTheGatewayEniFromThePeer",
+        "SourceDestCheckOffOnGateways",
+        "ReportBootFailure",
+    ):
         assert by_sid[sid]["Condition"] == {"StringEquals": own}, sid
+    eni = s.logical_id(gateway.eni)
+    assert by_sid["TakeTheGatewayEniFromThePeer"]["Action"] == "ec2:DetachNetworkInterface"
+    assert eni in json.dumps(by_sid["TakeTheGatewayEniFromThePeer"]["Resource"])
     assert set(by_sid) == {
         "ReadItsTable",
         "ReadThePsk",
@@ -237,15 +306,66 @@ def test_gateway_role_ssm_core_plus_exactly_what_the_gateway_needs(s):
         "AttachTheGatewayEni",
         "SourceDestCheckOffOnGateways",
         "ReportBootFailure",
+        # The pair agent's (PAIR.md).
+        "TakeTheGatewayEniFromThePeer",
+        "FindThePeerGateway",
+        "ReportPairReadiness",
+        "RecordFailovers",
+        "AnnounceFailovers",
+        "EncryptForTheTopic",
+        "FetchThePairAgent",
     }
-    # The gateway may not write anything but metrics: no write action on the table, no SSM.
+    # Table writes: only the pair's items. Its own partition for readiness; in the meta
+    # partition (the controller's generation lives there) UpdateItem of the pair's attributes.
+    assert by_sid["ReportPairReadiness"]["Condition"] == {
+        "ForAllValues:StringEquals": {"dynamodb:LeadingKeys": ["gateway"]}
+    }
+    record = by_sid["RecordFailovers"]
+    assert record["Action"] == "dynamodb:UpdateItem"
+    assert record["Condition"]["ForAllValues:StringEquals"] == {
+        "dynamodb:LeadingKeys": ["meta"],
+        "dynamodb:Attributes": list(PAIR_META_ATTRIBUTES),
+    }
+    writes = [
+        st
+        for st in by_sid.values()
+        if any(a.startswith("dynamodb:") for a in as_list(st["Action"]))
+    ]
+    assert all(
+        "dynamodb:LeadingKeys" in json.dumps(st.get("Condition", {}))
+        for st in writes
+        if st["Sid"] != "ReadItsTable"
+    )
+    assert by_sid["AnnounceFailovers"]["Resource"] == s.ref(s.stack.monitoring.topic)
+    assert by_sid["EncryptForTheTopic"]["Resource"] == s.arn(s.stack.monitoring.key)
+    # No SSM, no other write.
     actions = {a for st in by_sid.values() for a in as_list(st["Action"])}
-    assert not {a for a in actions if a.startswith(("dynamodb:Put", "dynamodb:Update", "ssm:"))}
+    assert not {a for a in actions if a.startswith("ssm:")}
+    assert {a for a in actions if a.startswith("dynamodb:")} == {
+        "dynamodb:GetItem",
+        "dynamodb:Query",
+        "dynamodb:PutItem",
+        "dynamodb:UpdateItem",
+    }
+
+
+def test_pair_agent_writes_only_the_attributes_the_role_allows():
+    """What tunnelnat_pair.py writes into meta/pair, read from its source, is within
+    PAIR_META_ATTRIBUTES (the role's dynamodb:Attributes condition would deny anything else)."""
+    source = PAIR_PROGRAM.read_text()
+    expressions = re.findall(r'UpdateExpression="([^"]+)"(?:\s*"([^"]+)")?', source)
+    assert expressions, "the pair agent's UpdateItem calls were not found"
+    written = set()
+    for parts in expressions:
+        text = " ".join(parts)
+        written |= set(re.findall(r"(?:SET|,|ADD)\s+([a-z_]+)\s*(?:=|:)", text))
+        written |= set(re.findall(r"if_not_exists\(([a-z_]+)", text))
+    assert written and written <= set(PAIR_META_ATTRIBUTES), written
 
 
 def test_gateway_role_allows_every_call_of_the_boot_program_and_the_sync(s):
-    """What tunnelnat_boot.py and tunnelnat_gateway.py call, read from their source, is what the
-    role allows (IMDS needs no permission)."""
+    """What tunnelnat_boot.py, tunnelnat_gateway.py and the pair agent call, read from their
+    source, is what the role allows (IMDS needs no permission)."""
     gateway = s.stack.gateway
     policy = s.resources("AWS::IAM::Policy")[
         s.logical_id(gateway.role.node.find_child("DefaultPolicy"))
@@ -255,8 +375,14 @@ def test_gateway_role_allows_every_call_of_the_boot_program_and_the_sync(s):
     for path, clients in (
         (BOOT_PROGRAM, {"ec2": "ec2", "autoscaling": "autoscaling"}),
         (BOOT_PROGRAM.with_name("tunnelnat_gateway.py"), {"client": "dynamodb"}),
+        (PAIR_PROGRAM, {s: s for s in ("ec2", "dynamodb", "cloudwatch", "sns")}),
     ):
-        for client, op in re.findall(r"\b(ec2|autoscaling|client)\.([a-z_]+)\(", path.read_text()):
+        found = re.findall(
+            r"\b(ec2|autoscaling|client|dynamodb|cloudwatch|sns)\.([a-z_]+)\(", path.read_text()
+        )
+        for client, op in found:
+            if client not in clients:
+                continue
             if op == "get_paginator":
                 continue
             calls.add(f"{clients[client]}:" + "".join(w.title() for w in op.split("_")))
@@ -268,6 +394,13 @@ def test_gateway_role_allows_every_call_of_the_boot_program_and_the_sync(s):
         "autoscaling:SetInstanceHealth",
         "dynamodb:GetItem",
         "dynamodb:Query",
+        # Pair mode: the boot asks whether the ENI's holder lives; the pair agent's own.
+        "ec2:DescribeInstances",
+        "ec2:DetachNetworkInterface",
+        "dynamodb:PutItem",
+        "dynamodb:UpdateItem",
+        "cloudwatch:PutMetricData",
+        "sns:Publish",
     }
     assert calls <= allowed
 
@@ -707,3 +840,34 @@ def test_no_lookups_and_no_credentials_needed(s):
     s.template.has_resource_properties(
         "AWS::EC2::FlowLog", Match.object_like({"TrafficType": "ALL"})
     )
+
+
+def test_the_fetch_line_installs_the_agent_only_with_its_hash(tmp_path, monkeypatch):
+    """runcmd's fetch, run as written (moto's S3 in place of the asset bucket): the agent lands
+    executable; a file with another hash is refused and nothing is installed."""
+    from moto import mock_aws
+
+    from stacks.gateway import _fetch_command
+
+    for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    body = PAIR_PROGRAM.read_bytes()
+    target = tmp_path / "tunnelnat_pair.py"
+    with mock_aws():
+        import boto3
+
+        s3 = boto3.client("s3", region_name="eu-west-1")
+        s3.create_bucket(
+            Bucket="assets", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"}
+        )
+        s3.put_object(Bucket="assets", Key="agent.py", Body=body)
+        good = PairProgram("assets", "agent.py", hashlib.sha256(body).hexdigest())
+        exec(_fetch_command("eu-west-1", good, str(target)), {})
+        assert target.read_bytes() == body and target.stat().st_mode & 0o111
+        target.unlink()
+        bad = PairProgram("assets", "agent.py", "0" * 64)
+        with pytest.raises(AssertionError, match="checksum mismatch"):
+            exec(_fetch_command("eu-west-1", bad, str(target)), {})
+        assert not target.exists()

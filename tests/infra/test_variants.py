@@ -1,5 +1,6 @@
 """An existing VPC and subnet, an imported Elastic IP and PSK, shared mode, a pinned account,
-region, AZ and AMI: what changes in the template (and that it still passes cdk-nag)."""
+region, AZ and AMI, the single gateway (``tunnelnat:gatewayPair=false``): what changes in the
+template (and that it still passes cdk-nag)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ OVERRIDES = {
     "controller_batch_window_seconds": "20",
     "controller_max_attempts": "4",
     "queue_max_receive_count": "6",
+    "tunnelnat:gatewayPair": "false",
 }
 
 
@@ -196,3 +198,41 @@ def test_healer_and_controller_tuning_from_context(s):
     assert controller["Properties"]["Environment"]["Variables"]["TUNNELNAT_MAX_ATTEMPTS"] == "4"
     queue = s.resources("AWS::SQS::Queue")[s.logical_id(s.stack.controller.queue)]
     assert queue["Properties"]["RedrivePolicy"]["maxReceiveCount"] == 6
+
+
+def test_single_gateway_is_the_group_of_one_as_before_the_pair(s):
+    """tunnelnat:gatewayPair=false: exactly the gateway of before issue 15."""
+    _, asg = s.one("AWS::AutoScaling::AutoScalingGroup")
+    props = asg["Properties"]
+    assert (props["MinSize"], props["MaxSize"]) == ("1", "1")
+    assert "DesiredCapacity" not in props
+    # Terminate before launch: the ENI with G can belong to one instance at a time.
+    assert props["InstanceMaintenancePolicy"] == {
+        "MinHealthyPercentage": 0,
+        "MaxHealthyPercentage": 100,
+    }
+    rolling = asg["UpdatePolicy"]["AutoScalingRollingUpdate"]
+    assert (rolling["MaxBatchSize"], rolling["MinInstancesInService"]) == (1, 0)
+    # No heartbeat rule, no pair agent (asset, unit, pair.json), no pair permissions.
+    assert not s.resources("AWS::EC2::SecurityGroupIngress")
+    _, lt = s.one("AWS::EC2::LaunchTemplate")
+    user_data = json.dumps(lt["Properties"]["LaunchTemplateData"]["UserData"])
+    for text in ("pair.json", "tunnelnat-pair", "tunnelnat_pair", '\\"pair\\"'):
+        assert text not in user_data, text
+    gateway = s.stack.gateway
+    policy = s.resources("AWS::IAM::Policy")[
+        s.logical_id(gateway.role.node.find_child("DefaultPolicy"))
+    ]
+    assert {st["Sid"] for st in statements(policy)} == {
+        "ReadItsTable",
+        "ReadThePsk",
+        "PutTunnelMetrics",
+        "SeeItsEni",
+        "AttachTheGatewayEni",
+        "SourceDestCheckOffOnGateways",
+        "ReportBootFailure",
+    }
+    _, dashboard = s.one("AWS::CloudWatch::Dashboard")
+    assert "Failovers" not in json.dumps(dashboard)
+    # The healer still follows G's ENI: with one gateway, its holder is that gateway.
+    assert s.stack.healer.function.node.default_child is not None
