@@ -878,7 +878,10 @@ swanctl {{
             "heartbeat_port": HEARTBEAT_PORT,
             "interval_seconds": 0.5,
             "misses": 4,
-            "hold_down_seconds": 60,
+            # An ENI attached less than this ago is not taken (no flapping). The lab's test
+            # powers the active off seconds after the build attached the ENI: 10 s, not the
+            # default 60, so it needs no minute's wait. The failover time does not depend on it.
+            "hold_down_seconds": 10,
             "tunnel": TUNNEL,
             "children": [TUNNEL],
             "namespace": "tunnelnat",
@@ -1063,6 +1066,10 @@ swanctl {{
             "TableName": TABLE,
             "Region": REGION,
             "CharonLog": CHARON_LOG,  # on the machine's own /etc, not the host's /var/log
+            # A pair: IKE leaves only from the address on the moved link (on AWS G, the Internet
+            # gateway maps it to E; in the lab E itself sits on that link). The standby, without
+            # it, never initiates from its own address.
+            **({"LocalAddress": GW_PUBLIC} if self.standby_id else {}),
             **overrides,
         }
 
