@@ -903,8 +903,13 @@ class Agent:
             return
         attached = self.clock()
         self.mac = result.mac or self.mac
-        self.bring_up(self.mac)
-        failed = initiate(self.config, self.run_cmd)
+        try:
+            self.bring_up(self.mac)
+            failed = initiate(self.config, self.run_cmd)
+        except Exception as exc:  # noqa: BLE001 - level-triggered: the next attempt finds it here
+            log(f"standby: holds {self.config.eni_id} but cannot bring G up ({exc}); retrying")
+            self.machine.takeover_failed(self.clock())
+            return
         switched = self.clock()
         self.machine.took_over(switched)
         write_role(self.config.role_file, ACTIVE)

@@ -431,3 +431,37 @@ def test_the_agent_runs_from_its_install_directory_next_to_the_boot_program(tmp_
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_heartbeats_over_real_udp_on_loopback():
+    """The agent's socket: a heartbeat from the peer's address is heard within the interval;
+    the same datagram from another address, and junk, are not."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cfg = pair.PairConfig.from_json(VALID | {"heartbeat_port": port, "peer_address": "127.0.0.2"})
+    agent = pair.Agent(cfg, ME, ec2=None, records=None)
+    agent.machine = machine()
+    agent.peers = [pair.IPv4Address("127.0.0.2")]
+    sock = agent.open_socket()
+    try:
+        with (
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer,
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger,
+        ):
+            peer.bind(("127.0.0.2", 0))
+            stranger.bind(("127.0.0.3", 0))
+            stranger.sendto(beat().encode(), ("127.0.0.1", port))
+            peer.sendto(b"junk", ("127.0.0.1", port))
+            agent.receive(0.2)
+            assert agent.machine.peer_heard_at is None
+            peer.sendto(beat().encode(), ("127.0.0.1", port))
+            agent.receive(0.2)
+            assert agent.machine.active_heard_at is not None
+            agent.send_heartbeat()  # to 127.0.0.2:port, which the agent's own socket receives
+            agent.receive(0.1)  # from 127.0.0.1: not the peer, ignored
+            assert agent.seq == 1
+    finally:
+        sock.close()
