@@ -46,13 +46,16 @@ from tunnelnat.adapters.store import (
     AddressTaken,
     EnrolmentStore,
     GenerationMoved,
+    InstanceBusy,
     InstanceRecord,
+    LeaseLost,
     MappingChange,
     PrivateAddressTaken,
     Snapshot,
     StoreConflict,
     StoredMapping,
     SyncLeaseBusy,
+    claimed_delta,
 )
 from tunnelnat.core.config import NatMode, TunnelnatConfig
 from tunnelnat.core.enrolment import (
@@ -81,7 +84,6 @@ from tunnelnat.plan import (
     conflicted,
     failure_reason,
     holds_private,
-    private_ips,
     transactions,
 )
 from tunnelnat.route_sync import RouteBatch, RouteTableSync, TableOutcome
@@ -196,12 +198,14 @@ class Controller:
                 delete=sorted(run.forget),
                 release=run.leased,
                 owner=run.owner,
-                sync=(release.applied, release.gateway) if release is not None else None,
+                sync=(release.applied, release.gateway, release.standbys)
+                if release is not None
+                else None,
             )
             if release is not None and not released:
                 self._trail(release)
         self._tag(run)
-        self._report(results, run)
+        self._report(results, run, full_sync=full_sync)
         return results
 
     def _converge(
@@ -209,22 +213,34 @@ class Controller:
     ) -> dict[str, Outcome | Exception]:
         results: dict[str, Outcome | Exception] = {}
         ids = list(dict.fromkeys(instance_ids))
-        busy = self.store.acquire_leases(ids, run.owner) if ids else {}
-        results.update(busy)
-        run.leased = [i for i in ids if i not in busy]
-        if not run.leased and not full_sync:
+        if not ids and not full_sync:
             return results
-        # Observe only under the leases (what we read can no longer be overtaken by another
-        # worker), in one call per 1,000 instances; read the table's side in one call too.
-        observed = self._observe(run.leased) if run.leased else {}
-        snap = self.store.snapshot_many(run.leased, private_ips(observed.values()))
+        # The table's side first, in one call (leases included), then EC2's: each instance's
+        # lease is taken later conditional on its epoch as read here (nobody took it between
+        # this read and our write), so what we observe cannot have been overtaken by another
+        # worker's newer read. An instance whose lease is held is another worker's now.
+        snap = self.store.snapshot_many(ids, leases=True)
         run.snapshot = snap
+        run.claimed_count = snap.claimed_count
+        for instance_id in ids:
+            lease = snap.leases.get(instance_id)
+            if lease is not None and lease.held_by_other(run.owner, snap.read_at):
+                results[instance_id] = InstanceBusy(
+                    f"{instance_id} is being reconciled by another worker"
+                )
+            else:
+                run.batch.add(instance_id)
+                run.lease_epochs[instance_id] = lease.epoch if lease is not None else None
+        ids = [i for i in ids if i in run.batch]
+        if not ids and not full_sync:
+            return results
         # A cold container starts from the gateway the table says last applied (what the warm
-        # one keeps in memory), checked by the next invocation's DescribeInstances.
-        self.gateway.adopt(snap.gateway_id)
+        # one keeps in memory), checked in the instances' own DescribeInstances.
+        self.gateway.adopt(snap.gateway_id, snap.standby_ids)
+        observed = self._observe(ids) if ids else {}
         run.routes = self.routes.begin() if self.routes is not None else None
         plans: list[Plan] = []
-        for instance_id in run.leased:
+        for instance_id in ids:
             try:
                 plan = self._plan(
                     instance_id, observed.get(instance_id), snap, run,
@@ -234,11 +250,19 @@ class Controller:
                 results[instance_id] = exc
                 continue
             if isinstance(plan, Outcome):
-                results[instance_id] = plan
+                results[instance_id] = plan  # read only: no lease, nothing written
             else:
                 plans.append(plan)
+        # Leases taken alone: before a command that comes ahead of the write (a route removed,
+        # route tables left) and where no mapping write can take them along.
+        alone = [p for p in plans if p.remove_route or (p.leave_tables and p.tables)
+                 or not p.needs_write]  # fmt: skip
+        plans = self._lease_alone(alone, plans, results, run)
         plans = self._remove_routes(plans, results, run)
         plans = self._write_mappings(plans, results, snap, run)
+        # A write that no longer happened (its instance became a conflict, or nothing was left
+        # to write after a re-read) took no lease: taken alone before anything else is done.
+        plans = self._lease_alone([p for p in plans if p.lease_pending], plans, results, run)
         synced = False
         generation = run.desired
         sync_error: Exception | None = None
@@ -257,11 +281,38 @@ class Controller:
         results.update(self._finish(plans, generation, synced, run))
         return results
 
+    def _lease_alone(
+        self, wanted: list[Plan], plans: list[Plan], results: dict[str, Outcome | Exception],
+        run: Run,
+    ) -> list[Plan]:  # fmt: skip
+        """Take these plans' leases (one call), conditional on each epoch as first read; a plan
+        that lost its lease is another worker's (InstanceBusy) and goes no further."""
+        wanted = [p for p in wanted if p.lease_pending]
+        if not wanted:
+            return plans
+        ids = [p.instance_id for p in wanted]
+        epochs = {i: run.lease_epochs.get(i) for i in ids}
+        busy = self.store.acquire_leases(ids, run.owner, epochs=epochs)
+        for plan in wanted:
+            if plan.instance_id in busy:
+                results[plan.instance_id] = busy[plan.instance_id]
+            else:
+                plan.lease_pending = False
+                run.leased.append(plan.instance_id)
+        return [p for p in plans if p.instance_id not in busy]
+
     def _observe(self, instance_ids: list[str]) -> dict[str, ObservedInstance]:
         """The instances as EC2 has them now; the gateway known from before is checked in the
         same DescribeInstances (still running, tagged, holding G in our VPC and group), so
         knowing it costs no call of its own."""
         candidate = self.gateway.candidate()
+        pair = getattr(self.instances, "observe_gateways", None)
+        if candidate is not None and pair is not None:
+            observed, active, others = pair(
+                instance_ids, gateways=self.gateway.candidates(), deployment=self.deployment
+            )
+            self.gateway.confirm_pair(active, others)
+            return observed
         observe = getattr(self.instances, "observe", None)
         if candidate is None or observe is None:
             return self.instances.describe_many(instance_ids)
@@ -302,7 +353,7 @@ class Controller:
         if decision.enrol:
             assert instance is not None and instance.private_ip is not None
             holder = snap.private_claims.get(str(instance.private_ip))
-            if holder is not None and holder != instance_id and holder not in run.leased:
+            if holder is not None and holder != instance_id and holder not in run.batch:
                 # Served already for another instance: never map one P twice. (A holder in this
                 # batch may be letting go of it: the transaction decides, in order.)
                 decision = conflict(instance.private_ip, holder)
@@ -371,6 +422,9 @@ class Controller:
         current = mapping.public_ip if mapping else None
         claimed: Iterable[IPv4Address] = ()
         if self._dedicated and (current is None or current not in self._pool):
+            candidate = self._candidate(instance, run)
+            if candidate is not None:
+                return candidate
             claimed = self._claims(run)
             if run.contended:
                 # Workers that all took the lowest free address and lost to one another
@@ -385,11 +439,34 @@ class Controller:
             run.claimed.add(address)  # no other instance of this batch picks it too
         return address
 
+    def _candidate(self, instance: ObservedInstance, run: Run) -> IPv4Address | None:
+        """An address to try without reading every claim: with ``k`` addresses claimed (the
+        count the mapping writes keep), the pool's ``k``-th in order, which is the lowest free
+        one while claims fill the pool from the bottom (the next one for each further instance
+        of the batch). The mapping transaction's claim is conditional: taken (a hole below it,
+        another worker), the write is cancelled (AddressTaken), and the batch reads the claims
+        and takes the lowest free one. None: read the claims now (count unknown, a conflict
+        already, or the pool full)."""
+        if run.contended or run.claimed_read is not None or run.claimed_count is None:
+            return None
+        pool = sorted(self._pool)
+        for address in pool[run.claimed_count :]:
+            if address not in run.claimed:
+                run.claimed.add(address)  # no other instance of this batch picks it too
+                run.guessed = True
+                return address
+        return None
+
     def _claims(self, run: Run) -> set[IPv4Address]:
-        # One Query per batch (and per retry after a conflict), only when an address is needed.
+        # One Query per batch (and per retry after a conflict), only when an address is needed
+        # and the hashed candidate is not tried (see _candidate).
         if run.claimed_read is None:
             run.claimed_read = set(self.store.claimed_addresses())
             run.claimed |= run.claimed_read
+            if run.claimed_count is None:
+                # Read after the generation ``run.desired`` was: exact at it, should the write
+                # conditional on it succeed (else the bump's failure says the count then).
+                run.claimed_count = len(run.claimed_read)
         return run.claimed
 
     def _remove_routes(
@@ -453,16 +530,41 @@ class Controller:
                 # in flight when read (its trailing sync will carry this change).
                 take = not (run.sync_leased or run.sync_busy or run.snapshot is None
                             or run.snapshot.sync_in_flight)  # fmt: skip
+                # Each instance's lease rides along, conditional on its epoch as first read.
+                leases = {p.instance_id: run.lease_epochs.get(p.instance_id)
+                          for p in chunk if p.lease_pending}  # fmt: skip
+                claimed = run.claimed_count if self._dedicated else None
                 try:
                     run.desired = self.store.write_mappings(
                         changes,
                         generation=run.desired,
                         claim=self._dedicated,
                         sync_owner=run.owner if take else None,
+                        lease_owner=run.owner,
+                        leases=leases,
+                        claims_before=claimed,
                     )
                     written = True
                     run.sync_leased = run.sync_leased or take
+                    if claimed is not None:
+                        run.claimed_count = max(0, claimed + claimed_delta(changes))
+                    for plan in chunk:
+                        if plan.lease_pending:
+                            plan.lease_pending = False
+                            run.leased.append(plan.instance_id)
                     break
+                except LeaseLost as exc:
+                    # Another worker took those instances since we read them: theirs (the
+                    # queue retries ours); the rest is written again at once.
+                    for plan in chunk:
+                        if plan.instance_id in exc.instances:
+                            results[plan.instance_id] = InstanceBusy(
+                                f"{plan.instance_id} is being reconciled by another worker"
+                            )
+                    chunk = [p for p in chunk if p.instance_id not in exc.instances]
+                    written = not chunk
+                    attempt -= 1
+                    continue
                 except SyncLeaseBusy:
                     run.sync_busy = True  # nothing else lost: write again at once without it
                     attempt -= 1
@@ -472,6 +574,7 @@ class Controller:
                     # transaction stands, retry at once with the generation DynamoDB returned.
                     self.telemetry.count("StoreConflicts")
                     run.desired = exc.current
+                    run.claimed_count = exc.claimed_count
                     bumps += 1
                     if bumps <= GENERATION_RETRIES:
                         attempt -= 1
@@ -522,12 +625,19 @@ class Controller:
         self, chunk: list[Plan], results: dict[str, Outcome | Exception], run: Run
     ) -> list[Plan]:
         """After a cancelled transaction: the generation, the claims and these instances'
-        mappings as they are now (the leases keep the instances themselves ours)."""
+        mappings as they are now (the instances themselves stay as observed: their leases are
+        held, or taken with the write conditional on the epochs first read)."""
         snap = self.store.snapshot_many([p.instance_id for p in chunk])
         run.desired = snap.desired_generation
+        run.claimed_count = snap.claimed_count
         run.claimed_read = None
         run.claimed = set()
-        run.contended = True
+        # A guessed address lost: the claims are read and the lowest free one taken; lost
+        # again (or after a read): any free one (see _address_for).
+        run.contended = not run.guessed
+        if run.guessed:
+            run.guessed = False
+            self._claims(run)  # no second guess
         again: list[Plan] = []
         for plan in chunk:
             plan.previous = snap.mappings.get(plan.instance_id)
@@ -765,7 +875,9 @@ class Controller:
                 for instance in instances:
                     self.instances.set_status_tag(instance, status)
 
-    def _report(self, results: dict[str, Outcome | Exception], run: Run) -> None:
+    def _report(
+        self, results: dict[str, Outcome | Exception], run: Run, *, full_sync: bool = False
+    ) -> None:
         """Failures by reason, and the pool's free addresses after the batch (dedicated mode)."""
         sync_failed = False
         for result in results.values():
@@ -776,13 +888,24 @@ class Controller:
                 self.telemetry.failure(reason)
         if sync_failed:
             self.telemetry.failure("gateway-sync")
-        if self._dedicated and (run.claimed_read is not None or run.pool_changed):
-            # Known from this batch's own read of the claims; read once more only when the
-            # pool changed without one (addresses released).
-            claimed = run.claimed if run.claimed_read is not None else None
-            if claimed is None:
-                claimed = set(self.store.claimed_addresses())
-            free = len(self._pool - claimed)
+        if not self._dedicated:
+            return
+        if full_sync:
+            # The scheduled repair counts the claims themselves and puts the table's count
+            # right (a pool changed in the configuration, a claim written by an older version).
+            claimed = set(self.store.claimed_addresses())
+            if run.claimed_count != len(claimed) and run.desired:
+                self.store.set_claimed_count(len(claimed), run.desired)
+            self.telemetry.measure("PoolFreeAddresses", len(self._pool - claimed), "Count")
+        elif run.claimed_read is not None or run.pool_changed:
+            # Known from this batch's own read of the claims, or from the count the mapping
+            # writes keep on meta/generation; read once more only when neither is known.
+            if run.claimed_read is not None:
+                free = len(self._pool - run.claimed)
+            elif run.claimed_count is not None:
+                free = max(0, len(self._pool) - run.claimed_count)
+            else:
+                free = len(self._pool - set(self.store.claimed_addresses()))
             self.telemetry.measure("PoolFreeAddresses", free, "Count")
 
     def record_failure(self, instance_id: str, reason: str) -> None:

@@ -28,6 +28,7 @@ from tunnelnat.adapters.commands import (
     CommandPort,
     CommandResult,
     raise_for_status,
+    run_many,
 )
 from tunnelnat.adapters.ec2 import GatewayAmbiguous
 from tunnelnat.adapters.store import EnrolmentStore
@@ -51,11 +52,13 @@ class GatewaySyncFailed(CommandError):
 @dataclass(frozen=True)
 class SyncRelease:
     """The gateway sync lease's release, deferred to the run's last write: the generation the
-    gateway reported and which gateway it was."""
+    gateway reported and which gateway it was (the active: G's holder), and the pair's standby
+    that got the table too."""
 
     owner: str
     applied: int
     gateway: str
+    standbys: tuple[str, ...] = ()
 
 
 class GatewayLocator(Protocol):
@@ -80,10 +83,17 @@ class GatewaySync:
         self.region = region
         self.telemetry = telemetry
         self._gateway: str | None = None
+        # The other running gateways of the deployment (the pair's standby): they get every
+        # sync too; their failure is counted, never anyone's enrolment's.
+        self._standbys: tuple[str, ...] = ()
 
     def candidate(self) -> str | None:
         """The gateway known from before (this container's, or the table's), to be checked."""
         return self._gateway
+
+    def candidates(self) -> list[str]:
+        """Every gateway known from before (the active first), to be checked."""
+        return [self._gateway, *self._standbys] if self._gateway else []
 
     def confirm(self, gateway: str, holds: bool) -> None:
         """What EC2 said of ``candidate()``: when it no longer qualifies (replaced, stopped, G
@@ -92,19 +102,53 @@ class GatewaySync:
             logger.info("the gateway known from before no longer qualifies: looked up again")
             self._gateway = None
 
-    def adopt(self, recorded: str | None) -> None:
+    def confirm_pair(self, active: str | None, others: list[str]) -> None:
+        """What EC2 said of ``candidates()``: the one holding G now (the standby after a
+        failover: no lookup needed), and the others still running; none holding G: looked up
+        again before the next sync."""
+        if active is None:
+            logger.info("no gateway known from before holds G: looked up again")
+            self._gateway, self._standbys = None, ()
+            return
+        if active != self._gateway:
+            logger.info("G moved to the standby known from before", extra={"active": active})
+        gone = set(self.candidates()) - {active, *others}
+        if gone:
+            # A gateway known from before is gone (replaced): its successor is found by a
+            # lookup before the next sync, so it gets the table too.
+            logger.info("a gateway known from before is gone: looked up again",
+                        extra={"gone": sorted(gone)})  # fmt: skip
+            self._gateway, self._standbys = None, ()
+            return
+        self._gateway, self._standbys = active, tuple(others)
+
+    def adopt(self, recorded: str | None, standbys: tuple[str, ...] = ()) -> None:
         """The gateway that last reported applying, as the table remembers it (a sync recorded
-        it after sending to it), when this container knows none yet."""
+        it after sending to it), and the standby it recorded, when this container knows none."""
         if self._gateway is None and recorded:
             self._gateway = recorded
+            self._standbys = tuple(s for s in standbys if s != recorded)
 
     def gateway_id(self, *, refresh: bool = False) -> str:
         """The gateway's instance ID, looked up once per container and again when it may have
         changed (a full reconcile, or a command the old one could not take)."""
         if refresh or self._gateway is None:
-            self._gateway = None
+            self._gateway, self._standbys = None, ()
             try:
-                self._gateway = self.instances.find_gateway(self.deployment)
+                many = getattr(self.instances, "find_gateways", None)
+                if many is None:
+                    self._gateway = self.instances.find_gateway(self.deployment)
+                else:
+                    active, standbys = many(self.deployment)
+                    if len(standbys) > 1:
+                        # A pair is two: a third is a rolling replacement caught mid-way, or
+                        # something launched by hand. Synced too (harmless), and said.
+                        logger.error(
+                            "more than two running gateways: all of them get the table",
+                            extra={"active": active, "others": standbys},
+                        )
+                        self.telemetry.count("ExtraGateways", len(standbys) - 1)
+                    self._gateway, self._standbys = active, tuple(standbys)
             except GatewayAmbiguous as exc:
                 # Loud: a second instance looks like the gateway; nothing goes to either.
                 logger.error("more than one gateway candidate: no sync", extra={"reason": str(exc)})
@@ -117,7 +161,7 @@ class GatewaySync:
         report, gateway = self._run_sync(full=full, gateway=gateway)
         applied = int(report.get("applied_generation", -1))
         if applied >= 0:
-            self.store.record_applied(applied, gateway)
+            self.store.record_applied(applied, gateway, standbys=self._standbys)
         return report
 
     def converge(
@@ -177,7 +221,7 @@ class GatewaySync:
                     )
                 if defer:
                     released = True  # the caller's to write
-                    return SyncRelease(owner, reported, gateway)
+                    return SyncRelease(owner, reported, gateway, self._standbys)
                 # Trailing edge: let go only if nobody wrote while this sync ran (they did not
                 # start a sync of their own: we hold the lease); checked in the same write.
                 released = self.store.end_sync(
@@ -185,6 +229,7 @@ class GatewaySync:
                     applied=reported,
                     gateway_id=gateway,
                     unless_desired_moved=round_ < TRAILING_SYNCS - 1,
+                    standbys=self._standbys,
                 )
                 if released:
                     break
@@ -195,6 +240,7 @@ class GatewaySync:
                     owner,
                     applied=reported if reported is not None and reported >= 0 else None,
                     gateway_id=gateway,
+                    standbys=self._standbys,
                 )
         return None
 
@@ -225,10 +271,37 @@ class GatewaySync:
         return report, gateway
 
     def _run(self, gateway: str, parameters: dict[str, str]) -> CommandResult:
-        result = self.commands.run(gateway, "SyncNatTable", parameters)
+        """SyncNatTable on the active and, in the same command, on every standby; the active's
+        result is the sync's. A standby's failure is logged and counted, never the sync's: it
+        pulls the whole table again on its next sync (and at takeover, the boot restore)."""
+        standbys = [s for s in self._standbys if s != gateway]
+        if not standbys:
+            result = self.commands.run(gateway, "SyncNatTable", parameters)
+        else:
+            replies = run_many(self.commands, [gateway, *standbys], "SyncNatTable", parameters)
+            for standby in standbys:
+                self._standby_result(standby, replies.get(standby))
+            reply = replies.get(gateway) or CommandError(f"{gateway}: no result")
+            if isinstance(reply, Exception):
+                raise reply
+            result = reply
         if not result.ok:
             self.telemetry.count("CommandFailures")
         return raise_for_status(result)
+
+    def _standby_result(self, standby: str, reply: CommandResult | Exception | None) -> None:
+        if isinstance(reply, CommandResult) and reply.ok:
+            report = last_json_line(reply.stdout)
+            logger.info("standby gateway synced", extra={"standby": standby,
+                        "applied_generation": report.get("applied_generation")})  # fmt: skip
+            return
+        if isinstance(reply, CommandResult):
+            detail = f"{reply.status}: {(reply.stderr or reply.stdout).strip()[-300:]}"
+        else:
+            detail = repr(reply)[:300]
+        logger.warning("standby gateway sync failed (the enrolment goes on)",
+                       extra={"standby": standby, "reason": detail})  # fmt: skip
+        self.telemetry.count("StandbySyncFailures")
 
     def _report_rejected(self, report: dict[str, Any]) -> None:
         rejected = report.get("rejected")

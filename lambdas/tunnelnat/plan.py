@@ -12,6 +12,7 @@ from typing import Any
 from tunnelnat.adapters.commands import AgentNotReady, CommandError
 from tunnelnat.adapters.store import (
     ADDRESS,
+    LEASE,
     MAPPING,
     MAPPING_ITEMS_MAX,
     PRIVATE,
@@ -66,6 +67,9 @@ class Plan:
     tables: set[str] = field(default_factory=set)
     table: str | None = None
     leave_tables: bool = False  # leave them all before its mapping goes (phase 1)
+    # Its instance lease is still to be taken: with its mapping write (conditional on the
+    # lease's epoch as read), or alone when no write takes it along.
+    lease_pending: bool = True
 
     @property
     def needs_write(self) -> bool:
@@ -87,6 +91,15 @@ class Run:
 
     owner: str
     leased: list[str] = field(default_factory=list)
+    batch: set[str] = field(default_factory=set)  # the instances this run reads and plans
+    # Each instance's lease epoch as first read (before it was observed): every take of its
+    # lease, alone or with a mapping write, is conditional on it.
+    lease_epochs: dict[str, int | None] = field(default_factory=dict)
+    # Pool addresses claimed, valid at ``desired`` (None: not known; counted by a Query).
+    claimed_count: int | None = None
+    # An address was picked without reading the claims (controller._candidate): a conflict
+    # then reads them and takes the lowest free one before spreading at random.
+    guessed: bool = False
     snapshot: Snapshot | None = None
     desired: int = 0
     claimed_read: set[IPv4Address] | None = None
@@ -164,8 +177,9 @@ def conflicted(chunk: list[Plan], taken: dict[str, tuple[str, str]]) -> list[Pla
 
 
 def touched_items(plan: Plan) -> set[tuple[str, str]]:
-    """The table items a plan's write touches (a transaction may touch each only once)."""
-    keys = {(MAPPING, plan.instance_id)}
+    """The table items a plan's write touches (a transaction may touch each only once): its
+    mapping, its lease, and the addresses it claims or lets go of."""
+    keys = {(MAPPING, plan.instance_id), (LEASE, plan.instance_id)}
     for mapping in (plan.mapping, plan.previous):
         if mapping is not None:
             keys |= {(PRIVATE, str(mapping.private_ip)), (ADDRESS, str(mapping.public_ip))}

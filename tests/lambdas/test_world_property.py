@@ -171,8 +171,14 @@ def test_any_world_converges_and_the_table_stays_valid(worlds, specs, ops, stale
         private = IPv4Address(worlds.address("ours", slot))
         store.put_mapping(gone, private, IPv4Address("203.0.113.17"), claim=True, previous=None)
         if not claimed:
+            # A mapping from before private claims: no claim, and no mark of one on it.
             key = {"pk": {"S": "private"}, "sk": {"S": str(private)}}
             worlds.dynamodb.delete_item(TableName=table, Key=key)
+            worlds.dynamodb.update_item(
+                TableName=table,
+                Key={"pk": {"S": "mapping"}, "sk": {"S": gone}},
+                UpdateExpression="REMOVE private_claimed",
+            )
     try:
         for where, slot, tagged in specs:
             ids.append(worlds.run(where, worlds.address(where, slot), [TAG] if tagged else []))

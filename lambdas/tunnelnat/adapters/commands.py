@@ -218,6 +218,9 @@ class SsmCommands:
         return results
 
     COMMAND_TERMINAL = {"Success", "Cancelled", "Failed", "TimedOut"}
+    # Documents whose output the controller reads (SyncNatTable's report): each invocation's
+    # output is fetched even when the command as a whole succeeded.
+    REPORTING = frozenset({"SyncNatTable"})
 
     def _wait_many(
         self, command_id: str, instance_ids: list[str], document: str
@@ -228,7 +231,7 @@ class SsmCommands:
             reply = self._ssm.list_commands(CommandId=command_id)
             [command] = reply.get("Commands") or [{"Status": "Pending"}]
             status = command.get("Status", "Pending")
-            if status == "Success":
+            if status == "Success" and document not in self.REPORTING:
                 # Every invocation succeeded: AddHostRoute/RemoveHostRoute need no output.
                 return {i: CommandResult(i, document, "Success") for i in instance_ids}
             if status in self.COMMAND_TERMINAL:

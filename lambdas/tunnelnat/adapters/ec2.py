@@ -76,6 +76,34 @@ class Ec2Instances:
             holds = holds and self._gateway_ip is not None and self._is_gateway(raw)
         return found, holds
 
+    def observe_gateways(
+        self, instance_ids: Iterable[str], *, gateways: Iterable[str], deployment: str
+    ) -> tuple[dict[str, ObservedInstance], str | None, list[str]]:
+        """``describe_many`` of ``instance_ids``, and of the gateways known from before (the
+        active and the pair's standby) in the same DescribeInstances: which of them holds G now
+        (None: none does, look it up), and which others are still running gateways of ours."""
+        wanted = list(dict.fromkeys(instance_ids))
+        known = list(dict.fromkeys(gateways))
+        raws = self._describe([*wanted, *known])
+        found = {i: observed(raws[i]) for i in wanted if i in raws}
+        active: str | None = None
+        others: list[str] = []
+        for gateway in known:
+            raw = raws.get(gateway)
+            if raw is None or not self._is_tagged_gateway(raw, deployment):
+                continue
+            if self._gateway_ip is not None and self._is_gateway(raw) and active is None:
+                active = gateway
+            elif self._is_standby(raw):
+                others.append(gateway)
+        return found, active, others
+
+    def _is_tagged_gateway(self, raw: dict, deployment: str) -> bool:
+        if raw.get("State", {}).get("Name") != "running":
+            return False
+        tags = {t.get("Key"): t.get("Value") for t in raw.get("Tags", [])}
+        return tags.get(GATEWAY_ROLE_TAG) == "gateway" and tags.get(DEPLOYMENT_TAG) == deployment
+
     def _describe(self, instance_ids: Iterable[str]) -> dict[str, dict]:
         wanted = list(dict.fromkeys(instance_ids))
         found: dict[str, dict] = {}
@@ -156,6 +184,13 @@ class Ec2Instances:
                             raise
 
     def find_gateway(self, deployment: str) -> str:
+        """The running gateway that holds G (the pair's active)."""
+        return self.find_gateways(deployment)[0]
+
+    def find_gateways(self, deployment: str) -> tuple[str, list[str]]:
+        """The running gateway that holds G (the pair's active), and the other running
+        instances tagged as this deployment's gateway in our VPC and group (the standby; during
+        a rolling replacement, briefly another): every one of them gets the NAT table."""
         reply = self._ec2.describe_instances(
             Filters=[
                 {"Name": f"tag:{GATEWAY_ROLE_TAG}", "Values": ["gateway"]},
@@ -168,9 +203,12 @@ class Ec2Instances:
             raise GatewayNotFound(f"no running gateway tagged {DEPLOYMENT_TAG}={deployment}")
         if self._gateway_ip is None:
             # Without G to check (callers that know only the tags): the newest-looking one.
-            return sorted(i["InstanceId"] for i in tagged)[-1]
+            return sorted(i["InstanceId"] for i in tagged)[-1], []
         holders = [raw for raw in tagged if self._is_gateway(raw)]
-        impostors = sorted(i["InstanceId"] for i in tagged if i not in holders)
+        standbys = sorted(i["InstanceId"] for i in tagged
+                          if i not in holders and self._is_standby(i))  # fmt: skip
+        impostors = sorted(i["InstanceId"] for i in tagged
+                           if i not in holders and i["InstanceId"] not in standbys)  # fmt: skip
         if impostors:
             logger.warning(
                 "instances tagged as the gateway that do not hold G: ignored",
@@ -179,7 +217,8 @@ class Ec2Instances:
         if not holders:
             raise GatewayNotFound(
                 f"no running instance tagged {DEPLOYMENT_TAG}={deployment} holds G "
-                f"{self._gateway_ip}{self._where()} (tagged: {', '.join(impostors)})"
+                f"{self._gateway_ip}{self._where()} "
+                f"(tagged: {', '.join(sorted(i['InstanceId'] for i in tagged))})"
             )
         if len(holders) > 1:
             names = ", ".join(sorted(i["InstanceId"] for i in holders))
@@ -187,16 +226,27 @@ class Ec2Instances:
                 f"{len(holders)} instances qualify as the gateway of {deployment} ({names}): "
                 "refusing to sync either until one is gone"
             )
-        return holders[0]["InstanceId"]
+        return holders[0]["InstanceId"], standbys
 
-    def _is_gateway(self, raw: dict) -> bool:
-        """Holds G on one of its interfaces, in our VPC, and is in the gateway's group."""
+    def _is_member(self, raw: dict) -> bool:
+        """In our VPC and in the gateway's group (when known): a gateway of ours, G or not."""
         if self._vpc_id is not None and raw.get("VpcId") != self._vpc_id:
             return False
         if self._gateway_group is not None:
             tags = {t.get("Key"): t.get("Value") for t in raw.get("Tags", [])}
             if tags.get(GROUP_TAG) != self._gateway_group:
                 return False
+        return True
+
+    def _is_standby(self, raw: dict) -> bool:
+        """A gateway of ours without G: only a member of the gateway's Auto Scaling group can
+        be told from an instance merely tagged like one (without the group known: none)."""
+        return self._gateway_group is not None and self._is_member(raw)
+
+    def _is_gateway(self, raw: dict) -> bool:
+        """Holds G on one of its interfaces, in our VPC, and is in the gateway's group."""
+        if not self._is_member(raw):
+            return False
         for interface in raw.get("NetworkInterfaces", []):
             if self._vpc_id is not None and interface.get("VpcId", self._vpc_id) != self._vpc_id:
                 continue

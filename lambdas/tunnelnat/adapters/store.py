@@ -50,6 +50,10 @@ MAPPING_ITEMS_MAX = TRANSACT_MAX - 3
 GENERATION_DIGITS = 20  # change/<generation>, zero-padded: the sort key orders generations
 CHANGE_KEEP_SECONDS = 3 * 86400  # a gateway further behind reads the whole table instead
 BATCH_GET_MAX = 100  # and on keys per BatchGetItem
+# A released instance lease stays as an item (its epoch) this long: a worker that read the
+# instance before someone else took and released its lease must still see that it did (an
+# optimistic take is conditional on the epoch as read). Longer than any run.
+LEASE_KEEP_SECONDS = 86400
 _APPLIED_FORWARD = (
     "attribute_not_exists(applied_generation) OR applied_generation <= :g "
     "OR gateway_instance_id <> :gw"
@@ -84,11 +88,35 @@ class SyncLeaseBusy(StoreConflict):
 
 class GenerationMoved(StoreConflict):
     """Only the generation bump lost: another worker bumped first. ``current`` is the
-    generation now (DynamoDB returned it with the failure), so a retry needs no re-read."""
+    generation now (DynamoDB returned it with the failure), so a retry needs no re-read;
+    ``claimed_count`` the pool's claimed count valid at it (None: not known)."""
 
-    def __init__(self, message: str, current: int) -> None:
+    def __init__(self, message: str, current: int, claimed_count: int | None = None) -> None:
         super().__init__(message)
         self.current = current
+        self.claimed_count = claimed_count
+
+
+class LeaseLost(StoreConflict):
+    """An instance lease taken along with a mapping write lost: another worker holds it, or
+    took it (and perhaps gave it back) since we read the instance. ``instances`` are those:
+    their reads may be stale, so they are retried through the queue; the rest is written."""
+
+    def __init__(self, message: str, instances: set[str]) -> None:
+        super().__init__(message)
+        self.instances = instances
+
+
+@dataclass(frozen=True)
+class LeaseState:
+    """An instance lease as read: its epoch (bumped by every take; None: no item) and holder."""
+
+    epoch: int | None = None
+    owner: str | None = None
+    expires: float = 0.0
+
+    def held_by_other(self, owner: str, now: float) -> bool:
+        return self.owner is not None and self.owner != owner and self.expires >= now
 
 
 @dataclass(frozen=True)
@@ -123,6 +151,14 @@ class Snapshot:
     # when read (its lease held and not expired).
     gateway_id: str | None = None
     sync_in_flight: bool = False
+    # The instances' leases (when asked for): what an optimistic take is conditional on.
+    leases: dict[str, LeaseState] = field(default_factory=dict)
+    # How many pool addresses are claimed, when meta/generation's count is valid at
+    # ``desired_generation`` (None: not known; the claims must be counted).
+    claimed_count: int | None = None
+    # The other gateways of the deployment that last synced (a standby of the pair).
+    standby_ids: tuple[str, ...] = ()
+    read_at: float = 0.0  # the store's clock when read (leases are held until ``expires``)
 
 
 @dataclass(frozen=True)
@@ -190,6 +226,48 @@ def _record(item: dict) -> InstanceRecord:
     )
 
 
+def _lease(item: dict | None) -> LeaseState:
+    if item is None:
+        return LeaseState()
+    epoch = item.get("epoch", {}).get("N")
+    owner = item.get("owner", {}).get("S")
+    # An item from before epochs: held by its owner; "no epoch" is what a take checks.
+    return LeaseState(
+        int(epoch) if epoch is not None else None,
+        owner,
+        float(item.get("expires", {}).get("N", "0")),
+    )
+
+
+def claimed_count(generation_item: dict | None, generation: int) -> int | None:
+    """meta/generation's count of claimed pool addresses, when it is valid at ``generation``
+    (written by the bump to it; a writer that did not keep it leaves it behind: not valid)."""
+    if generation_item is None:
+        return 0 if generation == 0 else None
+    count = generation_item.get("claimed_count", {}).get("N")
+    at = generation_item.get("claimed_generation", {}).get("N")
+    if count is None or at is None or int(at) != generation:
+        return None
+    return int(count)
+
+
+def claimed_delta(changes: Iterable[MappingChange]) -> int:
+    """How many more pool addresses are claimed after ``changes`` (dedicated mode): a new
+    address claimed +1, an address let go -1; keeping one's address changes nothing."""
+    delta = 0
+    for change in changes:
+        old, new = change.previous, change.new
+        if new is not None and (old is None or old.public_ip != new.public_ip):
+            delta += 1
+        if old is not None and (new is None or old.public_ip != new.public_ip):
+            delta -= 1
+    return delta
+
+
+def _ids(instance_ids: Iterable[str]) -> dict:
+    return {"L": [{"S": i} for i in instance_ids]}
+
+
 def _key(pk: str, sk: str) -> dict:
     return {"pk": {"S": pk}, "sk": {"S": sk}}
 
@@ -237,30 +315,50 @@ class EnrolmentStore:
         )
 
     def snapshot_many(
-        self, instance_ids: list[str], private_ips: Iterable[IPv4Address | str] = ()
+        self,
+        instance_ids: list[str],
+        private_ips: Iterable[IPv4Address | str] = (),
+        *,
+        leases: bool = False,
     ) -> Snapshot:
-        """Every instance's mapping and record, both generations, and who claims each of
-        ``private_ips``, consistently, in one BatchGetItem per 100 keys (a batch of 10 instances:
-        one call)."""
+        """Every instance's mapping and record (and lease, when ``leases``), both generations,
+        and who claims each of ``private_ips`` and of the stored mappings' private addresses,
+        consistently, in one BatchGetItem per 100 keys (a batch of 10 instances: one call).
+
+        A mapping written with its private claim says so (``private_claimed``): its claim needs
+        no read. Only a mapping from before that (or an address asked about) is looked up."""
         keys = [_key(META, "generation"), _key(META, "gateway")]
         for instance_id in instance_ids:
             keys += [_key(MAPPING, instance_id), _key(INSTANCE, instance_id)]
+            if leases:
+                keys.append(_key(LEASE, instance_id))
         privates = list(dict.fromkeys(str(ip) for ip in private_ips))
         keys += [_key(PRIVATE, ip) for ip in privates]
         items: dict[tuple[str, str], dict] = {}
         for start in range(0, len(keys), BATCH_GET_MAX):
             items.update(self._batch_get(keys[start : start + BATCH_GET_MAX]))
-        # Who claims each stored mapping's private address too (one more read, only when an
-        # instance's mapping names an address it was not observed with, or it was not observed).
+        known: dict[str, str] = {}
+        for instance_id in instance_ids:
+            item = items.get((MAPPING, instance_id))
+            if item is not None and item.get("private_claimed", {}).get("BOOL"):
+                known.setdefault(item["private_ip"]["S"], instance_id)
+        # Who claims each older stored mapping's private address (one more read, only for a
+        # mapping written before it carried ``private_claimed``).
         stored = {
             items[(MAPPING, i)]["private_ip"]["S"] for i in instance_ids if (MAPPING, i) in items
         }
-        more = [_key(PRIVATE, ip) for ip in sorted(stored - set(privates))]
+        more = [_key(PRIVATE, ip) for ip in sorted(stored - set(privates) - set(known))]
         privates += [k["sk"]["S"] for k in more]
         for start in range(0, len(more), BATCH_GET_MAX):
             items.update(self._batch_get(more[start : start + BATCH_GET_MAX]))
         desired = items.get((META, "generation"))
         gateway = items.get((META, "gateway"))
+        generation = int(desired["generation"]["N"]) if desired else 0
+        claims = {
+            ip: items[(PRIVATE, ip)]["instance_id"]["S"]
+            for ip in privates
+            if (PRIVATE, ip) in items
+        }
         return Snapshot(
             mappings={
                 i: _mapping(items[(MAPPING, i)]) for i in instance_ids if (MAPPING, i) in items
@@ -268,22 +366,41 @@ class EnrolmentStore:
             records={
                 i: _record(items[(INSTANCE, i)]) for i in instance_ids if (INSTANCE, i) in items
             },
-            desired_generation=int(desired["generation"]["N"]) if desired else 0,
+            desired_generation=generation,
             applied_generation=int(gateway["applied_generation"]["N"])
             if gateway and "applied_generation" in gateway
             else 0,
-            private_claims={
-                ip: items[(PRIVATE, ip)]["instance_id"]["S"]
-                for ip in privates
-                if (PRIVATE, ip) in items
-            },
+            private_claims={**known, **claims},
             gateway_id=gateway.get("gateway_instance_id", {}).get("S") if gateway else None,
             sync_in_flight=bool(
                 gateway
                 and "sync_owner" in gateway
                 and float(gateway.get("sync_expires", {}).get("N", "0")) >= self._clock()
             ),
+            leases={i: _lease(items.get((LEASE, i))) for i in instance_ids} if leases else {},
+            read_at=self._clock(),
+            claimed_count=claimed_count(desired, generation),
+            standby_ids=tuple(
+                v["S"] for v in (gateway or {}).get("standby_ids", {}).get("L", []) if "S" in v
+            ),
         )
+
+    def set_claimed_count(self, count: int, generation: int) -> bool:
+        """Put meta/generation's count of claimed pool addresses right (counted by the caller
+        at ``generation``, which must still be current); False when it moved meanwhile."""
+        try:
+            self._db.update_item(
+                TableName=self._table,
+                Key=_key(META, "generation"),
+                UpdateExpression="SET claimed_count = :c, claimed_generation = :g",
+                ConditionExpression="generation = :g",
+                ExpressionAttributeValues={":c": {"N": str(count)}, ":g": {"N": str(generation)}},
+            )
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
+                raise
+            return False
+        return True
 
     def _batch_get(self, keys: list[dict]) -> dict[tuple[str, str], dict]:
         request = {self._table: {"Keys": keys, "ConsistentRead": True}}
@@ -339,12 +456,21 @@ class EnrolmentStore:
         claim: bool,
         sync_owner: str | None = None,
         sync_seconds: float = 180.0,
+        lease_owner: str | None = None,
+        leases: dict[str, int | None] | None = None,
+        lease_seconds: float = 300.0,
+        claims_before: int | None = None,
     ) -> int:
         """Many mapping changes, their address claims and releases and ONE generation bump, in
         one transaction (all or nothing). ``generation`` is the one the caller read; a concurrent
         bump, a taken address or a changed mapping cancels it (AddressTaken / StoreConflict).
         ``sync_owner``: take the gateway sync lease (``begin_sync``) in the same transaction, so
         the sync that must follow costs no call of its own (SyncLeaseBusy when only it lost).
+        ``leases``: instance -> the lease epoch read before the instance was observed: take
+        each instance's lease for ``lease_owner`` here, conditional on nobody having taken it
+        since (LeaseLost names those who lost), so what was read still holds when written.
+        ``claims_before``: the count of claimed pool addresses valid at ``generation``; the bump
+        writes it moved by this write's claims (else the count is left behind, not valid).
         Returns the new generation."""
         items: list[dict] = []
         claimed: list[IPv4Address] = []
@@ -383,10 +509,25 @@ class EnrolmentStore:
                     items.append(self._release(old.private_ip, change.instance_id, PRIVATE))
         if not items:
             return generation
-        if len(items) > MAPPING_ITEMS_MAX:
+        if len(items) + (len(leases or {}) if lease_owner else 0) > MAPPING_ITEMS_MAX:
             raise ValueError(f"{len(changes)} changes need {len(items) + 3} transaction items")
         log, bump = self._log_and_bump(changes, generation)
         bump["Update"]["ReturnValuesOnConditionCheckFailure"] = "ALL_OLD"
+        if claims_before is not None and claim:
+            update = bump["Update"]
+            update["UpdateExpression"] = update["UpdateExpression"].replace(
+                "SET ", "SET claimed_count = :claimed, claimed_generation = :next, ", 1
+            )
+            update["ExpressionAttributeValues"][":claimed"] = {
+                "N": str(max(0, claims_before + claimed_delta(changes)))
+            }
+        now = self._clock()
+        taking = [
+            self._lease_take(i, lease_owner, now, lease_seconds, epoch=epoch)
+            for i, epoch in (leases or {}).items()
+            if lease_owner is not None
+        ]
+        items += taking
         sync = None
         if sync_owner is not None:
             sync = self._sync_lease(sync_owner, sync_seconds)
@@ -399,6 +540,15 @@ class EnrolmentStore:
                 raise
             raw = exc.response.get("CancellationReasons", [])
             reasons = [r.get("Code", "None") for r in raw]
+            if taking and len(raw) == len(items):
+                lost = {
+                    item["Update"]["Key"]["sk"]["S"]
+                    for item, code in zip(items, reasons, strict=True)
+                    if code == "ConditionalCheckFailed" and any(item is t for t in taking)
+                }
+                if lost:
+                    raise LeaseLost(f"instance lease(s) of {', '.join(sorted(lost))} taken "
+                                    "by another worker since read", lost) from exc  # fmt: skip
             if sync is not None:
                 if len(raw) == len(items):
                     lost = sum(c != "None" for c in reasons)
@@ -408,10 +558,13 @@ class EnrolmentStore:
                     raw, reasons = raw[:-3] + raw[-2:], reasons[:-3] + reasons[-2:]
                 items = [i for i in items if i is not sync]
             if len(raw) == len(items) and all(c == "None" for c in reasons[:-1]):
-                current = raw[-1].get("Item", {}).get("generation", {}).get("N")
+                now_item = raw[-1].get("Item", {})
+                current = now_item.get("generation", {}).get("N")
                 if reasons[-1] == "ConditionalCheckFailed" and current is not None:
                     raise GenerationMoved(
-                        f"generation moved from {generation} to {current}", int(current)
+                        f"generation moved from {generation} to {current}",
+                        int(current),
+                        claimed_count(now_item, int(current)),
                     ) from exc
             private = {
                 item["Put"]["Item"]["instance_id"]["S"]: (
@@ -439,15 +592,22 @@ class EnrolmentStore:
         return generation + 1
 
     def acquire_leases(
-        self, instance_ids: list[str], owner: str, *, seconds: float = 300.0
+        self,
+        instance_ids: list[str],
+        owner: str,
+        *,
+        seconds: float = 300.0,
+        epochs: dict[str, int | None] | None = None,
     ) -> dict[str, Exception]:
         """``acquire_lease`` for many instances in one transaction; returns the instances NOT
-        leased, each with why (another worker holds it: InstanceBusy)."""
+        leased, each with why (another worker holds it, or took it since ``epochs`` were read:
+        InstanceBusy)."""
         failed: dict[str, Exception] = {}
         todo = list(dict.fromkeys(instance_ids))
+        epochs = epochs or {}
         if len(todo) == 1:
             try:
-                self.acquire_lease(todo[0], owner, seconds=seconds)
+                self.acquire_lease(todo[0], owner, seconds=seconds, **self._epoch(epochs, todo[0]))
             except StoreConflict as exc:
                 failed[todo[0]] = exc
             return failed
@@ -457,7 +617,8 @@ class EnrolmentStore:
             for _ in range(3):
                 if not chunk:
                     break
-                items = [self._lease_put(i, owner, now, seconds) for i in chunk]
+                items = [self._lease_take(i, owner, now, seconds, **self._epoch(epochs, i))
+                         for i in chunk]  # fmt: skip
                 try:
                     self._db.transact_write_items(TransactItems=items)
                     chunk = []
@@ -478,7 +639,9 @@ class EnrolmentStore:
                     chunk = [i for i in chunk if i not in failed]
             for instance_id in chunk:  # what the transactions could not settle
                 try:
-                    self.acquire_lease(instance_id, owner, seconds=seconds)
+                    self.acquire_lease(
+                        instance_id, owner, seconds=seconds, **self._epoch(epochs, instance_id)
+                    )
                 except StoreConflict as exc:
                     failed[instance_id] = exc
         return failed
@@ -490,7 +653,7 @@ class EnrolmentStore:
         delete: list[str],
         release: list[str],
         owner: str,
-        sync: tuple[int, str] | None = None,
+        sync: tuple[int, str] | tuple[int, str, tuple[str, ...]] | None = None,
     ) -> bool:
         """The batch's last write: the records that changed, the records to forget, and the
         leases given back, in one transaction per 100 items. When a lease was taken over (it
@@ -501,14 +664,15 @@ class EnrolmentStore:
         Returns False when the sync lease is kept because the desired generation moved while
         the sync ran (the caller runs the trailing sync); True otherwise."""
         if sync is not None:
-            extra = self._end_sync_items(owner, *sync)
+            standbys = sync[2] if len(sync) > 2 else ()  # type: ignore[misc]
+            extra = self._end_sync_items(owner, sync[0], sync[1], standbys)
             records = len(put) + len(delete) + len(release)
             if records + len(extra) <= TRANSACT_MAX:
                 items = [{"Put": {"TableName": self._table, "Item": self._record_item(r)}}
                          for r in put]  # fmt: skip
                 items += [{"Delete": {"TableName": self._table, "Key": _key(INSTANCE, i)}}
                           for i in delete]  # fmt: skip
-                items += [self._lease_delete(i, owner) for i in release]
+                items += [self._lease_release(i, owner) for i in release]
                 try:
                     self._db.transact_write_items(TransactItems=items + extra)
                     return True
@@ -523,15 +687,16 @@ class EnrolmentStore:
                     if codes[-2:-1] == ["ConditionalCheckFailed"]:
                         return False  # the desired generation moved: a trailing sync is due
                     return self.end_sync(owner, applied=sync[0], gateway_id=sync[1],
-                                         unless_desired_moved=True)  # fmt: skip
+                                         unless_desired_moved=True,
+                                         standbys=standbys)  # fmt: skip
             self.finish(put=put, delete=delete, release=release, owner=owner)
             return self.end_sync(owner, applied=sync[0], gateway_id=sync[1],
-                                 unless_desired_moved=True)  # fmt: skip
+                                 unless_desired_moved=True, standbys=standbys)  # fmt: skip
         items: list[dict] = [
             {"Put": {"TableName": self._table, "Item": self._record_item(r)}} for r in put
         ]
         items += [{"Delete": {"TableName": self._table, "Key": _key(INSTANCE, i)}} for i in delete]
-        items += [self._lease_delete(i, owner) for i in release]
+        items += [self._lease_release(i, owner) for i in release]
         if len(items) == 1 and release:
             self.release_lease(release[0], owner)
             return True
@@ -548,54 +713,75 @@ class EnrolmentStore:
                 for item in chunk:
                     if "Put" in item:
                         self._db.put_item(TableName=self._table, Item=item["Put"]["Item"])
-                    elif item["Delete"]["Key"]["pk"]["S"] == INSTANCE:
+                    elif "Delete" in item:
                         self._db.delete_item(TableName=self._table, Key=item["Delete"]["Key"])
                     else:
-                        self.release_lease(item["Delete"]["Key"]["sk"]["S"], owner)
+                        self.release_lease(item["Update"]["Key"]["sk"]["S"], owner)
         return True
 
-    def _lease_delete(self, instance_id: str, owner: str) -> dict:
+    @staticmethod
+    def _epoch(epochs: dict[str, int | None], instance_id: str) -> dict[str, Any]:
+        return {"epoch": epochs[instance_id]} if instance_id in epochs else {}
+
+    def _lease_release(self, instance_id: str, owner: str) -> dict:
+        """Give the lease back, keeping the item (its epoch) for ``LEASE_KEEP_SECONDS``."""
         return {
-            "Delete": {
+            "Update": {
                 "TableName": self._table,
                 "Key": _key(LEASE, instance_id),
+                "UpdateExpression": "SET expiration = :ttl REMOVE #o, expires",
                 "ConditionExpression": "#o = :me",
                 "ExpressionAttributeNames": {"#o": "owner"},
-                "ExpressionAttributeValues": {":me": {"S": owner}},
+                "ExpressionAttributeValues": {
+                    ":me": {"S": owner},
+                    ":ttl": {"N": str(int(self._clock() + LEASE_KEEP_SECONDS))},
+                },
             }
         }
 
-    def _lease_put(self, instance_id: str, owner: str, now: float, seconds: float) -> dict:
+    _ANY_EPOCH = object()
+
+    def _lease_take(
+        self, instance_id: str, owner: str | None, now: float, seconds: float,
+        *, epoch: Any = _ANY_EPOCH,
+    ) -> dict:  # fmt: skip
+        """Take the lease when nobody holds it (or it expired, or it is ours already), bumping
+        its epoch; with ``epoch`` (as read, None: no epoch) only if nobody took it since."""
+        condition = "(attribute_not_exists(#o) OR expires < :now OR #o = :me)"
+        values: dict[str, dict] = {
+            ":me": {"S": str(owner)},
+            ":exp": {"N": f"{now + seconds:.3f}"},
+            ":now": {"N": f"{now:.3f}"},
+            ":one": {"N": "1"},
+            ":ttl": {"N": str(int(now + seconds + LEASE_KEEP_SECONDS))},
+        }
+        if epoch is None:
+            condition += " AND attribute_not_exists(epoch)"
+        elif epoch is not self._ANY_EPOCH:
+            condition += " AND epoch = :epoch"
+            values[":epoch"] = {"N": str(epoch)}
         return {
-            "Put": {
+            "Update": {
                 "TableName": self._table,
-                "Item": {
-                    **_key(LEASE, instance_id),
-                    "owner": {"S": owner},
-                    "expires": {"N": f"{now + seconds:.3f}"},
-                },
-                "ConditionExpression": "attribute_not_exists(pk) OR expires < :now OR #o = :me",
+                "Key": _key(LEASE, instance_id),
+                "UpdateExpression": "SET #o = :me, expires = :exp, expiration = :ttl "
+                "ADD epoch :one",
+                "ConditionExpression": condition,
                 "ExpressionAttributeNames": {"#o": "owner"},
-                "ExpressionAttributeValues": {":now": {"N": f"{now:.3f}"}, ":me": {"S": owner}},
+                "ExpressionAttributeValues": values,
             }
         }
 
-    def acquire_lease(self, instance_id: str, owner: str, *, seconds: float = 300.0) -> None:
+    def acquire_lease(
+        self, instance_id: str, owner: str, *, seconds: float = 300.0, epoch: Any = _ANY_EPOCH
+    ) -> None:
         """Serialise work on one instance across workers (as a workqueue does per key): a
-        reconcile that read an older state can then never write after one that read a newer."""
-        now = self._clock()
+        reconcile that read an older state can then never write after one that read a newer.
+        ``epoch``: the lease's epoch when the caller read the instance (taken only if nobody
+        took it since)."""
+        update = self._lease_take(instance_id, owner, self._clock(), seconds, epoch=epoch)
         try:
-            self._db.put_item(
-                TableName=self._table,
-                Item={
-                    **_key(LEASE, instance_id),
-                    "owner": {"S": owner},
-                    "expires": {"N": f"{now + seconds:.3f}"},
-                },
-                ConditionExpression="attribute_not_exists(pk) OR expires < :now OR #o = :me",
-                ExpressionAttributeNames={"#o": "owner"},
-                ExpressionAttributeValues={":now": {"N": f"{now:.3f}"}, ":me": {"S": owner}},
-            )
+            self._db.update_item(**update["Update"])
         except ClientError as exc:
             if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
                 raise InstanceBusy(f"{instance_id} is being reconciled by another worker") from exc
@@ -603,20 +789,17 @@ class EnrolmentStore:
 
     def release_lease(self, instance_id: str, owner: str) -> None:
         try:
-            self._db.delete_item(
-                TableName=self._table,
-                Key=_key(LEASE, instance_id),
-                ConditionExpression="#o = :me",
-                ExpressionAttributeNames={"#o": "owner"},
-                ExpressionAttributeValues={":me": {"S": owner}},
-            )
+            self._db.update_item(**self._lease_release(instance_id, owner)["Update"])
         except ClientError as exc:
             # Expired and taken over by another worker: theirs now, nothing to release.
             if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
                 raise
 
-    def record_applied(self, generation: int, gateway_id: str) -> None:
-        """Remember what the gateway reported; never move the recorded generation backwards.
+    def record_applied(
+        self, generation: int, gateway_id: str, *, standbys: Iterable[str] = ()
+    ) -> None:
+        """Remember what the gateway reported (and the standby synced with it); never move the
+        recorded generation backwards.
 
         An update, not a put: the same item carries the sync lease (``begin_sync``)."""
         try:
@@ -624,12 +807,13 @@ class EnrolmentStore:
                 TableName=self._table,
                 Key=_key(META, "gateway"),
                 UpdateExpression="SET applied_generation = :g, gateway_instance_id = :gw, "
-                "updated_at = :t",
+                "updated_at = :t, standby_ids = :sb",
                 ConditionExpression=_APPLIED_FORWARD,
                 ExpressionAttributeValues={
                     ":g": {"N": str(generation)},
                     ":gw": {"S": gateway_id},
                     ":t": {"N": f"{self._clock():.3f}"},
+                    ":sb": _ids(standbys),
                 },
             )
         except ClientError as exc:
@@ -663,7 +847,9 @@ class EnrolmentStore:
         attrs = reply.get("Attributes", {})
         return int(attrs.get("applied_generation", {}).get("N", "0"))
 
-    def _end_sync_items(self, owner: str, applied: int, gateway_id: str) -> list[dict]:
+    def _end_sync_items(
+        self, owner: str, applied: int, gateway_id: str, standbys: Iterable[str] = ()
+    ) -> list[dict]:
         """``end_sync`` with ``unless_desired_moved`` as transaction items: a check that the
         desired generation is still ``applied`` (second to last: callers read its reason there),
         then the record of what the gateway applied and the lease given back."""
@@ -681,7 +867,7 @@ class EnrolmentStore:
                     "TableName": self._table,
                     "Key": _key(META, "gateway"),
                     "UpdateExpression": "SET applied_generation = :g, "
-                    "gateway_instance_id = :gw, updated_at = :t "
+                    "gateway_instance_id = :gw, updated_at = :t, standby_ids = :sb "
                     "REMOVE sync_owner, sync_expires",
                     "ConditionExpression": f"sync_owner = :me AND ({_APPLIED_FORWARD})",
                     "ExpressionAttributeValues": {
@@ -689,6 +875,7 @@ class EnrolmentStore:
                         ":gw": {"S": gateway_id},
                         ":t": {"N": f"{self._clock():.3f}"},
                         ":me": {"S": owner},
+                        ":sb": _ids(standbys),
                     },
                 }
             },
@@ -719,6 +906,7 @@ class EnrolmentStore:
         applied: int | None,
         gateway_id: str | None,
         unless_desired_moved: bool = False,
+        standbys: Iterable[str] = (),
     ) -> bool:
         """Record what the gateway applied and give the sync lease back, in one write.
 
@@ -728,7 +916,7 @@ class EnrolmentStore:
         if unless_desired_moved and applied is not None and gateway_id is not None:
             try:
                 self._db.transact_write_items(
-                    TransactItems=self._end_sync_items(owner, applied, gateway_id)
+                    TransactItems=self._end_sync_items(owner, applied, gateway_id, standbys)
                 )
                 return True
             except ClientError as exc:
@@ -746,13 +934,14 @@ class EnrolmentStore:
                     TableName=self._table,
                     Key=_key(META, "gateway"),
                     UpdateExpression="SET applied_generation = :g, gateway_instance_id = :gw, "
-                    "updated_at = :t REMOVE sync_owner, sync_expires",
+                    "updated_at = :t, standby_ids = :sb REMOVE sync_owner, sync_expires",
                     ConditionExpression=f"sync_owner = :me AND ({_APPLIED_FORWARD})",
                     ExpressionAttributeValues={
                         ":g": {"N": str(applied)},
                         ":gw": {"S": gateway_id},
                         ":t": {"N": f"{self._clock():.3f}"},
                         ":me": {"S": owner},
+                        ":sb": _ids(standbys),
                     },
                 )
                 return True
@@ -760,7 +949,7 @@ class EnrolmentStore:
                 if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
                     raise
             # Our lease expired and was taken over, or a newer generation is recorded already.
-            self.record_applied(applied, gateway_id)
+            self.record_applied(applied, gateway_id, standbys=standbys)
         try:
             self._db.update_item(
                 TableName=self._table,
@@ -887,6 +1076,9 @@ class EnrolmentStore:
                     "private_ip": {"S": str(new.private_ip)},
                     "public_ip": {"S": str(new.public_ip)},
                     "generation": {"N": str(generation + 1)},
+                    # Written with its private address's claim (every caller claims it in the
+                    # same transaction): a snapshot needs no read to know the claim is its own.
+                    "private_claimed": {"BOOL": True},
                 },
                 **condition,
             }
