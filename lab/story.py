@@ -657,19 +657,20 @@ class Story:
 
         inst = self.lab.instance(name)
         enrolled = self.lab.aws.mappings().get(inst.private_ip)
+        prefix = ""
         if enrolled is None:
             step = self.enrol(name)
             if not step.ok:
                 return Step("gateway failover", False, f"could not enrol {name}: {step.figure}")
             enrolled = self.public
+            prefix = f"{name} tagged again (S={enrolled}); "
         report = run_failover(self.lab, name, enrolled or "")
         built = report.standby_built_seconds
-        prefix = (
-            f"standby {topo.STANDBY_NS} built, booted as standby, configured and synced in "
-            f"{built:.1f}s; "
-            if built is not None
-            else ""
-        )
+        if built is not None:
+            prefix += (
+                f"standby {topo.STANDBY_NS} built, booted as standby, configured and synced in "
+                f"{built:.1f}s; "
+            )
         return Step(
             "gateway failover: the standby takes G's ENI from a powered-off active",
             report.ok,
