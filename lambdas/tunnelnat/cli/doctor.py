@@ -26,7 +26,8 @@ from tunnelnat.cli.fleet import (
     load_config,
     tagged_instances,
 )
-from tunnelnat.cli.render import dump_json
+from tunnelnat.cli.pair import PairState, pair_state
+from tunnelnat.cli.render import ago, dump_json
 from tunnelnat.cli.table import Snapshot
 from tunnelnat.cli.tunnels import show_tunnels, tunnel_states
 from tunnelnat.healer import latest_established
@@ -63,9 +64,13 @@ class Facts:
     gateways: list[Instance]
     tag_key: str
     tag_value: str
+    pair: PairState | None = None  # None: a single gateway
 
     @property
     def gateway(self) -> Instance | None:
+        """The gateway the checks look at: of a pair, the active (G's ENI holder)."""
+        if self.pair is not None:
+            return next((g for g in self.gateways if g.instance_id == self.pair.active), None)
         return self.gateways[-1] if self.gateways else None
 
 
@@ -139,8 +144,26 @@ def diagnose(ctx: Ctx) -> list[Finding]:
     facts = Facts(
         snapshot, config, gateways(ctx.aws.client("ec2"), ctx.deployment), tag_key, tag_value
     )
+    try:
+        facts.pair = pair_state(
+            ctx.aws.client("ec2"),
+            ctx.aws.client("dynamodb"),
+            args.table,
+            facts.gateways,
+            config.gateway_ip,
+        )
+    except ClientError as exc:
+        findings.append(
+            Finding(
+                "pair",
+                UNKNOWN,
+                f"could not read the gateway pair: {exc.operation_name} failed ({error_code(exc)})",
+                f"allow {exc.operation_name} to the caller, or retry",
+            )
+        )
     checks: list[Callable[[Ctx, Facts], list[Finding]]] = [
         check_gateway,
+        check_pair,
         check_source_dest,
         check_eni,
         check_ssm,
@@ -181,6 +204,8 @@ def check_gateway(ctx: Ctx, facts: Facts) -> list[Finding]:
                 f"Key=tunnelnat:role,Value=gateway Key=tunnelnat:deployment,Value={d}",
             )
         ]
+    if facts.pair is not None:
+        return _check_pair_gateways(facts)
     gw = facts.gateway
     assert gw is not None
     found = [
@@ -197,6 +222,137 @@ def check_gateway(ctx: Ctx, facts: Facts) -> list[Finding]:
                 f"terminate the stale gateway(s) once {gw.instance_id} serves: "
                 f"aws ec2 terminate-instances --instance-ids {others.replace(',', '')}",
                 gw.instance_id,
+            )
+        )
+    return found
+
+
+def _check_pair_gateways(facts: Facts) -> list[Finding]:
+    pair = facts.pair
+    assert pair is not None
+    ids = ", ".join(g.instance_id for g in facts.gateways)
+    if pair.active is None:
+        return [
+            Finding(
+                "gateway",
+                FAIL,
+                f"G's ENI is attached to none of the running gateways ({ids}): a failover in "
+                "progress, or the ENI was detached by hand",
+                "wait a minute and run doctor again; if it stays, check the pair agents' logs "
+                "(journalctl -u tunnelnat-pair) on the gateways",
+            )
+        ]
+    found = [
+        Finding(
+            "gateway",
+            OK,
+            f"{pair.active} is the active gateway (holds G's ENI {pair.eni_id})",
+            None,
+            pair.active,
+        )
+    ]
+    if len(facts.gateways) > 2:
+        found.append(
+            Finding(
+                "gateway",
+                FAIL,
+                f"{len(facts.gateways)} running gateways ({ids}); a pair is two",
+                "terminate the stale gateway(s) that do not hold G's ENI "
+                f"(the active is {pair.active}); the Auto Scaling group keeps two",
+                pair.active,
+            )
+        )
+    return found
+
+
+def check_pair(ctx: Ctx, facts: Facts) -> list[Finding]:
+    """Pair mode only: a standby is running, reporting, current, loaded and hearing the active;
+    and the last failover, for the record."""
+    pair = facts.pair
+    if pair is None:
+        return []
+    now = ctx.runtime.now()
+    desired = facts.snapshot.desired_generation
+    found: list[Finding] = []
+    if not pair.standbys:
+        found.append(
+            Finding(
+                "pair",
+                FAIL,
+                f"pair mode, but only {len(facts.gateways)} gateway running: nobody takes over "
+                "if it fails",
+                "check the gateway Auto Scaling group's activity (it keeps two: "
+                "aws autoscaling describe-scaling-activities); -c tunnelnat:gatewayPair=false "
+                "for a single gateway on purpose",
+            )
+        )
+    for standby in pair.standbys:
+        sid = standby.instance_id
+        ready = standby.readiness
+        age = standby.age(now)
+        if standby.stale(now):
+            when = "never" if age is None else f"last {ago(now - age, now)}"
+            found.append(
+                Finding(
+                    "pair",
+                    FAIL,
+                    f"standby {sid}: its pair agent has not reported ({when}): it is not "
+                    "running, or cannot write to the table; it would not take over",
+                    f"on {sid}: systemctl status tunnelnat-pair; journalctl -u tunnelnat-pair",
+                    sid,
+                )
+            )
+            continue
+        assert ready is not None
+        problems = []
+        if standby.behind(desired):
+            problems.append(
+                (
+                    f"behind the NAT table: applied generation {ready.applied_generation}, "
+                    f"desired {desired}",
+                    "tunnelnat reconcile --wait (SyncNatTable reaches both gateways); if it "
+                    "stays behind, check the SSM agent on the standby",
+                )
+            )
+        if ready.tunnel_loaded is False:
+            problems.append(
+                (
+                    "the tunnel's connection is not loaded in its strongSwan: a takeover could "
+                    "not initiate",
+                    "aws ssm start-associations-once --association-ids <ConfigureTunnel's> "
+                    "(it targets both gateways)",
+                )
+            )
+        if standby.heard(now) is False:
+            problems.append(
+                (
+                    "has not heard the active's heartbeat recently",
+                    "check UDP 7465 between the gateways (the security group's self rule) and "
+                    f"the active's pair agent on {pair.active}",
+                )
+            )
+        for summary, fix in problems:
+            found.append(Finding("pair", FAIL, f"standby {sid}: {summary}", fix, sid))
+        if not problems:
+            found.append(
+                Finding(
+                    "pair",
+                    OK,
+                    f"standby {sid} ready (generation {ready.applied_generation}/{desired}, "
+                    f"reported {ago(now - (age or 0), now)})",
+                    None,
+                    sid,
+                )
+            )
+    last = pair.record.last_failover if pair.record else None
+    if last is not None:
+        when = ago(last.at, now) if last.at else "at an unknown time"
+        found.append(
+            Finding(
+                "pair",
+                OK,
+                f"last failover {last.from_instance} -> {last.to_instance} {when} "
+                f"({pair.record.failovers if pair.record else 0} in all)",
             )
         )
     return found
@@ -316,6 +472,9 @@ def check_ssm(ctx: Ctx, facts: Facts) -> list[Finding]:
     targets: dict[str, str] = {}
     if facts.gateway is not None:
         targets[facts.gateway.instance_id] = "gateway"
+    for standby in facts.pair.standbys if facts.pair else []:
+        # SyncNatTable and ConfigureTunnel reach the standby through its agent too.
+        targets[standby.instance_id] = "standby gateway"
     for instance_id, record in facts.snapshot.records.items():
         if record.status in ("enrolled", "pending-ssm") or instance_id in facts.snapshot.mappings:
             targets.setdefault(instance_id, "instance")

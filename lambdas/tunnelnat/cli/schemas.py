@@ -37,6 +37,50 @@ STATUS: dict[str, Any] = _object(
                 "in_sync": {"type": "boolean"},
             }
         ),
+        # The gateway pair (issue 15): null for a single gateway.
+        "pair": {
+            "oneOf": [
+                {"type": "null"},
+                _object(
+                    {
+                        "active": {"type": ["string", "null"]},
+                        "eni_id": {"type": ["string", "null"]},
+                        "standbys": {
+                            "type": "array",
+                            "items": _object(
+                                {
+                                    "instance_id": {"type": "string"},
+                                    "applied_generation": {"type": ["integer", "null"]},
+                                    "behind": {"type": ["boolean", "null"]},
+                                    "sas": {"type": ["integer", "null"]},
+                                    "tunnel_loaded": {"type": ["boolean", "null"]},
+                                    "heartbeat_heard_at": _TIME,
+                                    "heard": {"type": ["boolean", "null"]},
+                                    "reported_at": _TIME,
+                                    "stale": {"type": "boolean"},
+                                }
+                            ),
+                        },
+                        "failovers": _INT,
+                        "last_failover": {
+                            "oneOf": [
+                                {"type": "null"},
+                                _object(
+                                    {
+                                        "from": {"type": ["string", "null"]},
+                                        "to": {"type": ["string", "null"]},
+                                        "at": _TIME,
+                                        "detected_seconds": {"type": ["number", "null"]},
+                                        "switch_seconds": {"type": ["number", "null"]},
+                                        "reason": {"type": ["string", "null"]},
+                                    }
+                                ),
+                            ]
+                        },
+                    }
+                ),
+            ]
+        },
         "instances": {
             "type": "array",
             "items": _object(

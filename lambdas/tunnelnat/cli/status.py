@@ -10,6 +10,7 @@ from botocore.exceptions import ClientError
 from tunnelnat.cli.aws import EXIT_OK, error_code
 from tunnelnat.cli.context import Ctx
 from tunnelnat.cli.fleet import gateways, instances_by_id, tagged_instances
+from tunnelnat.cli.pair import PairState, pair_state
 from tunnelnat.cli.render import ago, dump_json, iso, table
 from tunnelnat.cli.tunnels import tunnel_states
 
@@ -59,7 +60,9 @@ def collect(ctx: Ctx) -> dict[str, Any]:
             }
         )
     found = gateways(ec2, ctx.deployment)
-    gateway_id = found[-1].instance_id if found else None
+    pair = _pair(ctx, ec2, found)
+    # Of a pair, the gateway is the active (G's ENI holder); a single one as before.
+    gateway_id = pair.active if pair else (found[-1].instance_id if found else None)
     try:
         tunnels = tunnel_states(
             ctx.aws.client("cloudwatch"),
@@ -89,6 +92,7 @@ def collect(ctx: Ctx) -> dict[str, Any]:
             "in_sync": snapshot.applied_generation >= snapshot.desired_generation
             and (snapshot.applied_by in (None, gateway_id) or snapshot.desired_generation == 0),
         },
+        "pair": _pair_doc(pair, snapshot.desired_generation, now),
         "instances": rows,
         "tunnels": [
             {
@@ -121,8 +125,11 @@ def run(ctx: Ctx) -> int:
     sync = "in sync" if gw["in_sync"] else "BEHIND: run `tunnelnat reconcile`"
     out.write(
         f"gateway {gw['instance_id'] or 'NOT FOUND'}  generation applied "
-        f"{gw['applied_generation']} / desired {gw['desired_generation']} ({sync})\n\n"
+        f"{gw['applied_generation']} / desired {gw['desired_generation']} ({sync})\n"
     )
+    if doc["pair"] is not None:
+        _write_pair(out, doc["pair"], now)
+    out.write("\n")
     if doc["instances"]:
         out.write(
             table(
@@ -172,6 +179,89 @@ def run(ctx: Ctx) -> int:
     else:
         out.write("tunnels: no TunnelUp metric found (is the gateway's health agent running?)\n")
     return EXIT_OK
+
+
+def _pair(ctx: Ctx, ec2: Any, found: list) -> PairState | None:
+    """The pair (None: a single gateway). G's ENI is the gateways' one secondary interface
+    (doctor, which reads the configuration, also matches it against G)."""
+    return pair_state(ec2, ctx.aws.client("dynamodb"), ctx.args.table, found, None)
+
+
+def _pair_doc(pair: PairState | None, desired: int, now: float) -> dict[str, Any] | None:
+    if pair is None:
+        return None
+    record, last = pair.record, pair.record.last_failover if pair.record else None
+    return {
+        "active": pair.active,
+        "eni_id": pair.eni_id,
+        "standbys": [
+            {
+                "instance_id": s.instance_id,
+                "applied_generation": s.readiness.applied_generation if s.readiness else None,
+                "behind": s.behind(desired),
+                "sas": s.readiness.sas if s.readiness else None,
+                "tunnel_loaded": s.readiness.tunnel_loaded if s.readiness else None,
+                "heartbeat_heard_at": iso(s.readiness.peer_heard_at) if s.readiness else None,
+                "heard": s.heard(now),
+                "reported_at": iso(s.readiness.updated_at) if s.readiness else None,
+                "stale": s.stale(now),
+            }
+            for s in pair.standbys
+        ],
+        "failovers": record.failovers if record else 0,
+        "last_failover": {
+            "from": last.from_instance,
+            "to": last.to_instance,
+            "at": iso(last.at),
+            "detected_seconds": last.detected_seconds,
+            "switch_seconds": last.switch_seconds,
+            "reason": last.reason,
+        }
+        if last
+        else None,
+    }
+
+
+def _write_pair(out: Any, pair: dict[str, Any], now: float) -> None:
+    out.write(f"pair: active {pair['active'] or 'NONE (G is attached to no gateway)'}")
+    out.write(f" (G's ENI {pair['eni_id']})\n" if pair["eni_id"] else "\n")
+    if not pair["standbys"]:
+        out.write("  standby NONE: nobody takes over if the active fails (`tunnelnat doctor`)\n")
+    for s in pair["standbys"]:
+        problems = []
+        if s["stale"]:
+            problems.append(f"agent silent (last report {_ago_iso(s['reported_at'], now)})")
+        if s["behind"]:
+            problems.append(f"behind (generation {s['applied_generation']})")
+        if s["tunnel_loaded"] is False:
+            problems.append("tunnel not loaded")
+        if s["heard"] is False:
+            problems.append("not hearing the active")
+        facts = [
+            f"generation {s['applied_generation'] if s['applied_generation'] is not None else '?'}",
+            "tunnel loaded"
+            if s["tunnel_loaded"]
+            else "tunnel ?"
+            if s["tunnel_loaded"] is None
+            else "tunnel NOT loaded",
+            f"SAs {s['sas'] if s['sas'] is not None else '?'}",
+            f"heard the active {_ago_iso(s['heartbeat_heard_at'], now)}",
+        ]
+        verdict = "NOT READY: " + "; ".join(problems) if problems else "ready"
+        out.write(f"  standby {s['instance_id']} {verdict} ({', '.join(facts)})\n")
+    last = pair["last_failover"]
+    if last is None:
+        out.write("  no failover recorded\n")
+    else:
+        timing = ", ".join(
+            f"{name} {last[key]:.1f} s"
+            for name, key in (("detected", "detected_seconds"), ("switched", "switch_seconds"))
+            if last[key] is not None
+        )
+        out.write(
+            f"  last failover {last['from']} -> {last['to']} {_ago_iso(last['at'], now)}"
+            f"{' (' + timing + ')' if timing else ''}; {pair['failovers']} in all\n"
+        )
 
 
 def _ago_iso(text: str | None, now: float) -> str:
