@@ -395,6 +395,7 @@ def figure(report: FailoverReport) -> str:
         f"{'unchanged' if e_g.get('unchanged') else 'CHANGED'}; re-enrolment: "
         f"{len(report.commands_after)} commands, generation {report.generation_before} -> "
         f"{report.generation_after}, mappings "
-        f"{'unchanged' if report.mappings_unchanged else 'CHANGED'}"
+        f"{'unchanged' if report.mappings_unchanged else 'CHANGED'}; the standby's table before: "
+        f"{report.standby_synced_by}"
         + (f"; problems: {'; '.join(report.errors)}" if report.errors else "")
     )
