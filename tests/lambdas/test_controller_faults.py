@@ -130,12 +130,12 @@ def test_conditional_write_conflict_moves_to_the_next_address(world, monkeypatch
     """Another worker claims the address between our read of the pool and our write."""
     web1 = world.launch("10.10.1.21", tags=TAG)
     store = handler_module._get_service().controller.store
-    original = EnrolmentStore.claimed_addresses
+    original = EnrolmentStore.snapshot_many
     rival = EnrolmentStore(world.dynamodb, store.table_name)
 
-    def stale_then_rival(self):
-        seen = original(self)
-        if not seen:
+    def then_rival(self, ids, *args, **kwargs):
+        seen = original(self, ids, *args, **kwargs)
+        if kwargs.get("leases") and not rival.mappings():
             from ipaddress import IPv4Address
 
             rival.put_mapping(
@@ -147,7 +147,7 @@ def test_conditional_write_conflict_moves_to_the_next_address(world, monkeypatch
             )
         return seen
 
-    monkeypatch.setattr(EnrolmentStore, "claimed_addresses", stale_then_rival)
+    monkeypatch.setattr(EnrolmentStore, "snapshot_many", then_rival)
     [outcome] = handler(state_change(web1, "running"), Context())["outcomes"]
     # After a conflict any free address will do (workers that all retried the lowest one
     # would keep colliding in a burst).
