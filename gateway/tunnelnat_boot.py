@@ -262,7 +262,10 @@ class Boot:
         ]
         return any(state in HOLDER_ALIVE for state in states)
 
-    def wait_for_link(self, mac: str, seconds: float = 120.0) -> str:
+    def wait_for_link(self, mac: str, seconds: float = 120.0, poll: float = 0.1) -> str:
+        # Polled finely: a takeover waits here between the attach and G, and each poll is one
+        # cheap `ip -o link` (the link appears about 0.1 s after EC2 reports it attached in the
+        # lab; seconds later on AWS).
         deadline = self.clock() + seconds
         while True:
             dev = self.links.by_mac(mac)
@@ -270,7 +273,7 @@ class Boot:
                 return dev
             if self.clock() >= deadline:
                 raise BootError(f"no interface has the ENI's MAC address {mac}")
-            self.sleep(1.0)
+            self.sleep(poll)
 
     def run(self) -> dict[str, Any]:
         cfg = self.config
