@@ -534,6 +534,27 @@ def read_sas(children: Sequence[str], run: Runner = subprocess.run) -> int:
     return installed_children(proc.stdout, children) if proc.returncode == 0 else 0
 
 
+_CONN = re.compile(r"^([A-Za-z0-9_-]+): IKEv", re.MULTILINE)
+
+
+def read_tunnel_loaded(tunnel: str, run: Runner = subprocess.run) -> bool | None:
+    """Whether charon has the tunnel's connection loaded (``swanctl --list-conns``): a standby
+    with it loaded only has to initiate at a takeover. None: charon did not answer."""
+    try:
+        proc = run(
+            ["swanctl", "--list-conns"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0:
+        return None
+    return tunnel in _CONN.findall(proc.stdout)
+
+
 def read_generation(run: Runner = subprocess.run) -> int | None:
     """The NAT table generation applied here (the ruleset's applied_generation set)."""
     argv = ["nft", "-j", "list", "set", "ip", "tunnelnat", "applied_generation"]
@@ -670,9 +691,13 @@ class Records:
         sas: int,
         peer_heard_at: float | None,
         now: float,
+        *,
+        tunnel_loaded: bool | None = None,
     ) -> None:
         def number(value: float | None) -> dict[str, Any]:
             return {"NULL": True} if value is None else {"N": f"{value:.3f}"}
+
+        loaded = {"NULL": True} if tunnel_loaded is None else {"BOOL": tunnel_loaded}
 
         self.dynamodb.put_item(
             TableName=self.config.table,
@@ -682,6 +707,7 @@ class Records:
                 "role": {"S": role},
                 "applied_generation": number(generation),
                 "sas": {"N": str(sas)},
+                "tunnel_loaded": loaded,
                 "peer_heard_at": number(peer_heard_at),
                 "updated_at": number(now),
                 "expiration": {"N": str(int(now + READINESS_KEEP_SECONDS))},
@@ -723,6 +749,7 @@ class Agent:
     seq: int = 0
     generation: int | None = None
     sas: int = 0
+    tunnel_loaded: bool | None = None  # charon has the tunnel's connection (None: unknown)
     mac: str = ""
     awaiting_tunnel: float | None = None  # monotonic time of the takeover while no SA yet
     next_status: float = 0.0
@@ -835,6 +862,7 @@ class Agent:
     def refresh_status(self, now: float) -> None:
         self.generation = read_generation(self.run_cmd)
         self.sas = read_sas(self.config.children, self.run_cmd)
+        self.tunnel_loaded = read_tunnel_loaded(self.config.tunnel, self.run_cmd)
         fast = self.awaiting_tunnel is not None
         self.next_status = now + (self.config.interval_seconds if fast else STATUS_SECONDS)
         if self.awaiting_tunnel is not None and self.sas >= len(self.config.children):
@@ -883,8 +911,9 @@ class Agent:
         now_wall, now = self.wall(), self.clock()
         heard_wall = None if heard is None else now_wall - (now - heard)
         self.records.readiness(
-            self.instance_id, self.machine.role, self.generation, self.sas, heard_wall, now_wall
-        )
+            self.instance_id, self.machine.role, self.generation, self.sas, heard_wall, now_wall,
+            tunnel_loaded=self.tunnel_loaded,
+        )  # fmt: skip
 
     def take_over(self, action: TakeOver) -> None:
         assert self.machine is not None

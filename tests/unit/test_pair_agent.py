@@ -465,3 +465,22 @@ def test_heartbeats_over_real_udp_on_loopback():
             assert agent.seq == 1
     finally:
         sock.close()
+
+
+def test_tunnel_loaded_read_from_list_conns() -> None:
+    listing = (
+        "partner: IKEv2, no reauthentication, rekeying every 28800s, dpd delay 10s\n"
+        "  local:  %any\n  remote: 198.51.100.40\n"
+        "  partner-1: TUNNEL, rekeying every 3600s, dpd action is restart\n"
+    )
+
+    def run(argv, **_kw):
+        return subprocess.CompletedProcess(argv, 0, stdout=listing, stderr="")
+
+    def down(argv, **_kw):
+        return subprocess.CompletedProcess(argv, 1, stdout="", stderr="connecting failed")
+
+    assert pair.read_tunnel_loaded("partner", run) is True
+    assert pair.read_tunnel_loaded("partner-1", run) is False  # a child, not a connection
+    assert pair.read_tunnel_loaded("other", run) is False
+    assert pair.read_tunnel_loaded("partner", down) is None
