@@ -417,6 +417,10 @@ class Gateway(Construct):
             "TunnelName": settings.tunnel_name,
             **partner_parameters(settings),
         }
+        if self.pair:
+            # IKE leaves only from G: the standby, without G's ENI, never initiates from its own
+            # address (its primary interface may have a public IPv4 of its own).
+            tunnel_parameters["LocalAddress"] = str(config.gateway_private_ip)
         # The health agent has its own document and association (stacks/health_agent.py).
         self.association = self._configure_association(
             documents, deployment, "ConfigureGateway", gateway_parameters

@@ -443,6 +443,8 @@ def test_configure_associations_target_the_gateway_tag(s):
     assert params["IpsecBackend"] == "kernel"
     assert params["TunnelName"] == CONTEXT["tunnel_name"]
     assert params["Region"] == {"Ref": "AWS::Region"}
+    # The pair (the default): IKE only from G, so the standby never initiates.
+    assert params["LocalAddress"] == G
     assert params["LocalId"] == {"Fn::GetAtt": [s.one("AWS::EC2::EIP")[0], "PublicIp"]}
     assert "Fn::Select" in json.dumps(params["PskSecretName"])  # the name, from the secret's ARN
     assert not {"TableName", "NatMode", "SharedAddress", "TunnelMss"} & set(params)

@@ -234,5 +234,7 @@ def test_single_gateway_is_the_group_of_one_as_before_the_pair(s):
     }
     _, dashboard = s.one("AWS::CloudWatch::Dashboard")
     assert "Failovers" not in json.dumps(dashboard)
+    tunnel = s.resources("AWS::SSM::Association")[s.logical_id(gateway.tunnel_association)]
+    assert "LocalAddress" not in tunnel["Properties"]["Parameters"]
     # The healer still follows G's ENI: with one gateway, its holder is that gateway.
     assert s.stack.healer.function.node.default_child is not None
