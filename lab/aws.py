@@ -17,10 +17,14 @@ import boto3
 from lab import topology as topo
 
 # As the stack tags the gateway (stacks/settings.py ROLE_TAG, DEPLOYMENT_TAG, GATEWAY_TAG).
+# The gateways' Auto Scaling group: Auto Scaling tags every instance it launches with its name,
+# and the controller counts a tagged gateway without G as the pair's standby only in that group.
+GATEWAY_GROUP = f"tunnelnat-{topo.DEPLOYMENT}-gateway"
 GATEWAY_TAGS = {
     "tunnelnat:role": "gateway",
     "tunnelnat:deployment": topo.DEPLOYMENT,
     "tunnelnat:gateway": topo.DEPLOYMENT,
+    "aws:autoscaling:groupName": GATEWAY_GROUP,
 }
 ENROLMENT_TAG = ("tunnelnat", "enabled")
 
@@ -321,4 +325,5 @@ def controller_environ(lab: topo.Lab) -> dict[str, str]:
         # their subnet's route table (no command on them).
         "TUNNELNAT_VPC_ID": lab.aws.vpc_id,
         "TUNNELNAT_GATEWAY_ENI_ID": lab.aws.eni_id,
+        "TUNNELNAT_GATEWAY_GROUP": GATEWAY_GROUP,
     }
