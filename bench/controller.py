@@ -547,7 +547,38 @@ class ControllerBench:
         }  # fmt: skip
 
     def one_enrolment(self) -> dict:
+        """One enrolment on a new deployment: nothing has recorded the gateway yet."""
         return self.burst(1, workers=1)
+
+    def one_enrolment_running(self) -> dict:
+        """One enrolment in a running deployment, the common case: a first instance enrolled
+        (the table has recorded the gateway), then a second one alone in a cold execution
+        environment (new clients, nothing in memory), counted on its own."""
+        w = self._world()
+        first = self._launch(w["ec2"], w["subnet"], instance_ip(0), dict([TAG]))
+        warm = self._deliver_inprocess(w, [state_change(first)])
+        if warm["left"]:
+            raise RuntimeError("the first enrolment did not converge")
+        w.update(wire_handler(w["gateway"], ssm_latency=self.ssm_latency, use_ssm=self.use_ssm))
+        second = self._launch(w["ec2"], w["subnet"], instance_ip(1), dict([TAG]))
+        run = self._deliver_inprocess(w, [state_change(second)])
+        state = self._state(w["db"], [first, second])
+        fleet: BenchFleet = w["fleet"]
+        commands = Counter(d for _, d in fleet.calls)
+        converged = (
+            not run["left"]
+            and state["enrolled"] == 2
+            and state["applied_generation"] >= state["desired_generation"]
+        )
+        return {
+            "instances": 1, "batch_size": self.batch_size, "workers": 1,
+            "invocations": run["invocations"], "passes": run["passes"],
+            "redelivered_messages": run["failures"], "wall_seconds": run["wall"],
+            "converged": converged, "state": state,
+            "gateway_syncs": commands.get("SyncNatTable", 0), "commands": dict(commands),
+            "api_calls": run["api"], "api_calls_per_enrolment": run["api"]["total"],
+            "gateway_api_calls": run["gateway_api"], "ssm_latency_simulated": self.ssm_latency,
+        }  # fmt: skip
 
 
 def run(config: dict) -> dict:
@@ -558,6 +589,11 @@ def run(config: dict) -> dict:
         sys.stderr.write(
             f"  [controller] one enrolment: {one['wall_seconds']:.3f}s, "
             f"{one['api_calls']['total']} API calls, {one['gateway_syncs']} sync(s)\n"
+        )
+        running = cb.one_enrolment_running()
+        sys.stderr.write(
+            f"  [controller] one enrolment in a running deployment: "
+            f"{running['wall_seconds']:.3f}s, {running['api_calls']['total']} API calls\n"
         )
         bursts = {}
         for n in config.get("bursts") or [config["burst"]]:
@@ -570,7 +606,7 @@ def run(config: dict) -> dict:
                 f"converged={burst['converged']}\n"
             )
     first = bursts[str((config.get("bursts") or [config["burst"]])[0])]
-    return {"config": config, "one": one, "burst": first, "bursts": bursts}
+    return {"config": config, "one": one, "one_running": running, "burst": first, "bursts": bursts}
 
 
 def wire_handler(gateway: str, *, ssm_latency: float, use_ssm: bool, state: Any = None) -> dict:

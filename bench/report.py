@@ -162,10 +162,14 @@ def targets_issue16(results: dict) -> list[dict]:
         "met": None if v is None else v <= 1.5,
     })  # fmt: skip
     calls = _get(parts, "controller", "one", "api_calls", "total")
+    running = _get(parts, "controller", "one_running", "api_calls", "total")
+    worst = max((c for c in (calls, running) if c is not None), default=None)
     out.append({
         "target": "API calls, one enrolment alone ≤ 6",
-        "measured": "n/a" if calls is None else f"{calls}",
-        "met": None if calls is None else calls <= 6,
+        "measured": "n/a" if calls is None else
+                    f"{calls} on a new deployment; {'n/a' if running is None else running} in a "
+                    "running one (cold container, the gateway already recorded)",
+        "met": None if worst is None else worst <= 6,
     })  # fmt: skip
     lab = parts.get("lab", {})
     med, worst = lab.get("median"), lab.get("max")
@@ -396,7 +400,9 @@ def _controller_md(c: dict) -> list[str]:
         "| API calls (per enrolment) | gateway's own DynamoDB reads | converged |",
         "|---|---:|---:|---:|---|---:|---:|---|",
     ]
-    rows = [("one enrolment", c["one"])]
+    rows = [("one enrolment (new deployment)", c["one"])]
+    if c.get("one_running"):
+        rows.append(("one enrolment (running deployment, cold container)", c["one_running"]))
     bursts = c.get("bursts") or {str(c["burst"]["instances"]): c["burst"]}
     rows += [(f"burst of {n}", b) for n, b in sorted(bursts.items(), key=lambda kv: int(kv[0]))]
     for label, r in rows:
