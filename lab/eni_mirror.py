@@ -19,11 +19,12 @@ Detach/AttachNetworkInterface against moto drive it, as they drive EC2.
 from __future__ import annotations
 
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from lab.poller import Poller
 
 PARKING_NS = "tn-vpc"  # where a detached ENI's links wait: no instance's
 
@@ -68,8 +69,7 @@ class EniMirror:
     moves: list[Move] = field(default_factory=list)
     polls: int = 0
     last_error: str | None = None
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
+    _poller: Poller | None = None
 
     def holder(self) -> str | None:
         """The instance the ENI is attached to (attaching or attached), as EC2 reports it."""
@@ -118,22 +118,13 @@ class EniMirror:
 
     # -- the polling thread --------------------------------------------------------------------
     def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._poll, name="eni-mirror", daemon=True)
-        self._thread.start()
+        if self._poller is None:
+            self._poller = Poller("eni-mirror", self.interval, self.sync, self._report)
+        self._poller.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+        if self._poller is not None:
+            self._poller.stop()
 
-    def _poll(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.sync()
-                self.last_error = None
-            except Exception as exc:  # noqa: BLE001 - kept and shown; the next poll tries again
-                self.last_error = f"{type(exc).__name__}: {exc}"
+    def _report(self, error: str | None) -> None:
+        self.last_error = error

@@ -32,6 +32,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from lab.poller import Poller
+
 FIRST_TABLE = 101  # kernel table of the router's first link; the next link gets 102, ...
 RULE_PREF = 1000
 
@@ -223,8 +225,7 @@ class VpcRouter:
     changes: list[str] = field(default_factory=list)  # every ip -batch line applied, in order
     last_error: str | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
+    _poller: Poller | None = None
 
     # -- set-up --------------------------------------------------------------------------------
     def install_rules(self) -> None:
@@ -309,22 +310,13 @@ class VpcRouter:
 
     # -- the polling thread --------------------------------------------------------------------
     def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._poll, name="vpc-router-mirror", daemon=True)
-        self._thread.start()
+        if self._poller is None:
+            self._poller = Poller("vpc-router-mirror", self.interval, self.sync, self._report)
+        self._poller.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+        if self._poller is not None:
+            self._poller.stop()
 
-    def _poll(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.sync()
-                self.last_error = None
-            except Exception as exc:  # noqa: BLE001 - kept and shown; the next poll tries again
-                self.last_error = f"{type(exc).__name__}: {exc}"
+    def _report(self, error: str | None) -> None:
+        self.last_error = error
