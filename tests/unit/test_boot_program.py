@@ -17,6 +17,8 @@ import pytest
 from botocore.exceptions import ClientError
 from moto import mock_aws
 
+from tests.unit.imports import third_party_imports
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "gateway"))
 import tunnelnat_boot as boot  # noqa: E402
@@ -344,16 +346,7 @@ def test_restore_lo_validates_every_line(tmp_path, capsys):
 
 
 def test_the_program_uses_only_the_standard_library_and_boto3():
-    import ast
-
-    tree = ast.parse((REPO / "gateway" / "tunnelnat_boot.py").read_text())
-    modules = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            modules |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            modules.add(node.module.split(".")[0])
-    assert modules - set(sys.stdlib_module_names) == {"boto3", "botocore"}
+    assert third_party_imports(REPO / "gateway" / "tunnelnat_boot.py") == {"boto3", "botocore"}
 
 
 def test_configure_leaves_the_boot_sync_its_program_and_table(tmp_path, monkeypatch):

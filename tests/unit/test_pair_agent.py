@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.imports import third_party_imports
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "gateway"))
 import tunnelnat_pair as pair  # noqa: E402
@@ -403,16 +405,8 @@ def test_initiate_drops_the_half_open_sa_then_starts_every_child():
 
 
 def test_the_agent_uses_only_the_standard_library_boto3_and_the_boot_program():
-    import ast
-
-    tree = ast.parse((REPO / "gateway" / "tunnelnat_pair.py").read_text())
-    modules = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            modules |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            modules.add(node.module.split(".")[0])
-    assert modules - set(sys.stdlib_module_names) == {"botocore", "boto3", "tunnelnat_boot"}
+    found = third_party_imports(REPO / "gateway" / "tunnelnat_pair.py")
+    assert found == {"botocore", "boto3", "tunnelnat_boot"}
 
 
 def test_the_agent_runs_from_its_install_directory_next_to_the_boot_program(tmp_path):
