@@ -579,22 +579,10 @@ def initiate(config: PairConfig, run: Runner = subprocess.run) -> list[str]:
     wildcards, it is the first authentication round, the connection's ``unique`` is not ``never``
     and ``ike_sa_manager->has_contact()`` finds no IKE SA with the same identities; the standby
     holds none, so the partner deletes the dead gateway's SAs (RFC 7296, 2.4)."""
+    drop_sas(config, run)
     failed = []
-    run(
-        ["swanctl", "--terminate", "--ike", config.tunnel, "--force"],
-        capture_output=True,
-        text=True,
-        timeout=10,
-        check=False,
-    )
     for child in config.children:
-        proc = run(
-            ["swanctl", "--initiate", "--child", child, "--timeout", "-1"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
+        proc = _swanctl(run, "--initiate", "--child", child, "--timeout", "-1")
         if proc.returncode != 0:
             failed.append(child)
     return failed
@@ -602,13 +590,11 @@ def initiate(config: PairConfig, run: Runner = subprocess.run) -> list[str]:
 
 def drop_sas(config: PairConfig, run: Runner = subprocess.run) -> None:
     """A fenced active holds no SA: the standby never has one with the partner."""
-    run(
-        ["swanctl", "--terminate", "--ike", config.tunnel, "--force"],
-        capture_output=True,
-        text=True,
-        timeout=10,
-        check=False,
-    )
+    _swanctl(run, "--terminate", "--ike", config.tunnel, "--force")
+
+
+def _swanctl(run: Runner, *args: str) -> subprocess.CompletedProcess:
+    return run(["swanctl", *args], capture_output=True, text=True, timeout=10, check=False)
 
 
 # -- records ------------------------------------------------------------------------------------
