@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
+import time
+import traceback
+import warnings
 
 import pytest
 
@@ -25,6 +29,38 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.lab)
             if problems:
                 item.add_marker(pytest.mark.skip(reason="lab needs: " + "; ".join(problems)))
+
+
+SLOW_SETUP_SECONDS = 90
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item: pytest.Item):
+    """A lab test's set-up that runs past SLOW_SETUP_SECONDS (a lab build takes ~10 s) leaves a
+    warning with where it was waiting, so CI's summary says why a run was slow."""
+    main = threading.get_ident()
+    seen: list[str] = []
+
+    def look() -> None:
+        frame = sys._current_frames().get(main)
+        if frame is not None:
+            seen.append("".join(traceback.format_stack(frame, limit=12)))
+
+    timer = threading.Timer(SLOW_SETUP_SECONDS, look)
+    timer.daemon = True
+    started = time.monotonic()
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+    if seen:
+        took = time.monotonic() - started
+        warnings.warn(
+            f"{item.nodeid}: set-up took {took:.0f}s; at {SLOW_SETUP_SECONDS}s it was in:\n"
+            + seen[0],
+            stacklevel=1,
+        )
 
 
 def _interrupt(signum: int, _frame: object) -> None:
