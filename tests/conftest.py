@@ -30,6 +30,11 @@ def config_values() -> dict:
 NAMESPACE_SUITES = ("tests/lab/", "tests/bench/")
 
 
+# tryfirst: xdist's own hook turns xdist_group markers into the "@group" its scheduler reads;
+# run after it, this hook's markers came too late and every test was scheduled on its own: a lab
+# module split over both workers, two labs waiting minutes for each other's lock. (pytest is
+# also kept below 9, whose node ids xdist 3.8 cannot suffix: requirements-dev.txt.)
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     def rank(item: pytest.Item) -> int:
         if item.get_closest_marker("spread"):
