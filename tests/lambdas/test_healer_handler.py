@@ -12,6 +12,7 @@ import json
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import boto3
@@ -141,6 +142,12 @@ def alarm_event(name: str, state: str, at: str, previous: str, since: str) -> di
 
 @pytest.fixture
 def aws(moto_url, monkeypatch):
+    yield from healer_world(moto_url, monkeypatch)
+
+
+def healer_world(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Aws]:
+    """The healer's rig on moto (a gateway, the alarm, the page topic): the ``aws`` fixture, and
+    the pair's healer tests build on it."""
     urllib.request.urlopen(urllib.request.Request(f"{moto_url}/moto-api/reset", method="POST"))
     ec2 = boto3.client("ec2", region_name=REGION)
     dynamodb = boto3.client("dynamodb", region_name=REGION)

@@ -10,14 +10,18 @@ import json
 import time
 
 import boto3
+import pytest
 
 from tests.lambdas.conftest import REGION, TABLE
-from tests.lambdas.test_healer_handler import _launch_tagged, _serve_gateway
-
-# The healer suite's moto rig (its "aws" fixture), used here under its own name.
-pytest_plugins = ["tests.lambdas.test_healer_handler"]
+from tests.lambdas.test_healer_handler import _launch_tagged, _serve_gateway, healer_world
 
 G = "10.10.1.250"
+
+
+@pytest.fixture
+def aws(moto_url, monkeypatch):
+    """The healer suite's moto rig."""
+    yield from healer_world(moto_url, monkeypatch)
 
 
 def _pair(aws):
