@@ -671,12 +671,32 @@ class Story:
                 f"standby {topo.STANDBY_NS} built, booted as standby, configured and synced in "
                 f"{built:.1f}s; "
             )
+        seen, ok = self._pair_status()
         return Step(
             "gateway failover: the standby takes G's ENI from a powered-off active",
-            report.ok,
-            prefix + figure(report),
+            report.ok and ok,
+            prefix + figure(report) + "; " + seen,
             {"failover": report},
         )
+
+    def _pair_status(self) -> tuple[str, bool]:
+        """What ``tunnelnat status`` says of the pair after the failover, and whether it names
+        the instance that now holds G's ENI as the active."""
+        from lab.cli import status_json
+
+        try:
+            pair = status_json(self.lab)["pair"] or {}
+        except (topo.LabError, ValueError, KeyError) as exc:
+            return f"tunnelnat status failed: {exc}", False
+        last = pair.get("last_failover") or {}
+        holder = self.lab.eni_holder()
+        text = (
+            f"`tunnelnat status`: active {pair.get('active')}, standby "
+            f"{', '.join(s['instance_id'] for s in pair.get('standbys', [])) or 'none'}, "
+            f"last failover {last.get('from')} -> {last.get('to')} ({pair.get('failovers', 0)} "
+            "in all)"
+        )
+        return text, pair.get("active") == holder and last.get("to") == holder
 
     # -- 7 -------------------------------------------------------------------------------------
     def restart_tunnel(self, name: str = WEB1) -> Step:

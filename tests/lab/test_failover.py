@@ -129,6 +129,22 @@ def test_the_failover_is_recorded(failover):
     assert record.get("last_failover", {}).get("from") == lab.aws.gateway_id
 
 
+def test_the_operator_s_status_shows_the_new_active_and_the_failover(failover):
+    """``tunnelnat status`` (the real command, against the lab's moto) after the failover: the
+    active is the instance that now holds G's ENI, the old one is listed as the standby, and the
+    failover is there with its timings."""
+    from lab.cli import status_json
+
+    lab = failover["lab"]
+    pair = status_json(lab)["pair"]
+    assert pair is not None, "a pair deployment shows its pair"
+    assert pair["active"] == lab.standby_id, pair
+    assert [s["instance_id"] for s in pair["standbys"]] == [lab.aws.gateway_id], pair
+    assert pair["failovers"] >= 1, pair
+    last = pair["last_failover"]
+    assert (last["from"], last["to"]) == (lab.aws.gateway_id, lab.standby_id), last
+
+
 def test_the_powered_off_active_is_frozen_and_dark(failover):
     assert failover["frozen"], "nothing was frozen"
     assert set(failover["frozen"].values()) <= {"T", "gone"}, failover["frozen"]
