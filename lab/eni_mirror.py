@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from lab.poller import Poller
+from lab.poller import Polled, Poller
 
 PARKING_NS = "tn-vpc"  # where a detached ENI's links wait: no instance's
 
@@ -53,8 +53,10 @@ def run_ip_batch(ns: str, commands: list[str]) -> None:
 
 
 @dataclass
-class EniMirror:
+class EniMirror(Polled):
     """Keep ``links`` in the namespace of the instance moto says holds ``eni_id``."""
+
+    poller_name = "eni-mirror"
 
     ec2: Any  # a boto3 EC2 client on moto
     eni_id: str
@@ -115,16 +117,3 @@ class EniMirror:
         move = Move(time.time(), holder, source, target, time.monotonic() - started)
         self.moves.append(move)
         return move
-
-    # -- the polling thread --------------------------------------------------------------------
-    def start(self) -> None:
-        if self._poller is None:
-            self._poller = Poller("eni-mirror", self.interval, self.sync, self._report)
-        self._poller.start()
-
-    def stop(self) -> None:
-        if self._poller is not None:
-            self._poller.stop()
-
-    def _report(self, error: str | None) -> None:
-        self.last_error = error

@@ -42,3 +42,28 @@ class Poller:
                 self.report(None)
             except Exception as exc:  # noqa: BLE001 - kept and shown; the next poll tries again
                 self.report(f"{type(exc).__name__}: {exc}")
+
+
+class Polled:
+    """``start()``/``stop()`` for a mirror with ``interval``, ``sync()`` and ``last_error``: a
+    Poller named ``poller_name`` behind them."""
+
+    poller_name = "mirror"
+    interval: float
+    last_error: str | None
+    _poller: Poller | None
+
+    def sync(self) -> object:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        if self._poller is None:
+            self._poller = Poller(self.poller_name, self.interval, self.sync, self._report)
+        self._poller.start()
+
+    def stop(self) -> None:
+        if self._poller is not None:
+            self._poller.stop()
+
+    def _report(self, error: str | None) -> None:
+        self.last_error = error

@@ -32,7 +32,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from lab.poller import Poller
+from lab.poller import Polled, Poller
 
 FIRST_TABLE = 101  # kernel table of the router's first link; the next link gets 102, ...
 RULE_PREF = 1000
@@ -212,8 +212,10 @@ def batch(table: int, wanted: list[KernelRoute], current: Mapping[str, KernelRou
 
 
 @dataclass
-class VpcRouter:
+class VpcRouter(Polled):
     """The router namespace's tables, kept equal to moto's route tables."""
+
+    poller_name = "vpc-router-mirror"
 
     ec2: Any  # a boto3 EC2 client on the lab's moto
     vpc_id: str
@@ -307,16 +309,3 @@ class VpcRouter:
         return [
             KernelRoute.from_json(entry).spec() for entry in self._show(self.links[subnet_id].table)
         ]
-
-    # -- the polling thread --------------------------------------------------------------------
-    def start(self) -> None:
-        if self._poller is None:
-            self._poller = Poller("vpc-router-mirror", self.interval, self.sync, self._report)
-        self._poller.start()
-
-    def stop(self) -> None:
-        if self._poller is not None:
-            self._poller.stop()
-
-    def _report(self, error: str | None) -> None:
-        self.last_error = error
