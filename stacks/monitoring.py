@@ -266,14 +266,8 @@ class Monitoring(Construct):
         )
 
         def tunnel_stat(name: str, tunnel: str, label: str) -> cloudwatch.Metric:
-            return cloudwatch.Metric(
-                namespace=NAMESPACE,
-                metric_name=name,
-                dimensions_map={"Deployment": deployment, "Tunnel": tunnel},
-                statistic=TUNNEL_STATS[name],
-                label=label,
-                period=Duration.minutes(5),
-            )
+            dimensions = {"Deployment": deployment, "Tunnel": tunnel}
+            return tunnelnat_metric(name, TUNNEL_STATS[name], dimensions, label)
 
         tunnel_names = list(self.tunnel_alarms)
         self.dashboard.add_widgets(
@@ -401,15 +395,10 @@ class Monitoring(Construct):
         if not pair:
             return
 
-        def pair_metric(name: str, statistic: str, label: str) -> cloudwatch.Metric:
-            return cloudwatch.Metric(
-                namespace=NAMESPACE,
-                metric_name=name,
-                dimensions_map={"Deployment": deployment},
-                statistic=statistic,
-                label=label,
-                period=Duration.minutes(5),
-            )
+        def pair_metric(
+            name: str, statistic: str, label: str, period: Duration | None = None
+        ) -> cloudwatch.Metric:
+            return tunnelnat_metric(name, statistic, {"Deployment": deployment}, label, period)
 
         self.dashboard.add_widgets(
             cloudwatch.GraphWidget(
@@ -424,16 +413,7 @@ class Monitoring(Construct):
             ),
             cloudwatch.SingleValueWidget(
                 title="Failovers (last 7 days)",
-                metrics=[
-                    cloudwatch.Metric(
-                        namespace=NAMESPACE,
-                        metric_name=FAILOVERS_METRIC,
-                        dimensions_map={"Deployment": deployment},
-                        statistic="Sum",
-                        period=Duration.days(7),
-                        label="failovers",
-                    )
-                ],
+                metrics=[pair_metric(FAILOVERS_METRIC, "Sum", "failovers", Duration.days(7))],
                 width=12,
             ),
         )
@@ -442,14 +422,7 @@ class Monitoring(Construct):
         """The healer's row: what it did, how fast tunnels came back, and its function."""
 
         def healer_metric(name: str, statistic: str, label: str | None = None) -> cloudwatch.Metric:
-            return cloudwatch.Metric(
-                namespace=NAMESPACE,
-                metric_name=name,
-                dimensions_map={"service": HEALER_SERVICE},
-                statistic=statistic,
-                label=label,
-                period=Duration.minutes(5),
-            )
+            return tunnelnat_metric(name, statistic, {"service": HEALER_SERVICE}, label)
 
         self.dashboard.add_widgets(
             cloudwatch.GraphWidget(
@@ -495,13 +468,24 @@ class Monitoring(Construct):
         )
 
 
-def controller_metric(name: str, statistic: str, label: str | None = None) -> cloudwatch.Metric:
-    """One of the controller's Powertools metrics (namespace tunnelnat, dimension service)."""
+def tunnelnat_metric(
+    name: str,
+    statistic: str,
+    dimensions: dict[str, str],
+    label: str | None = None,
+    period: Duration | None = None,
+) -> cloudwatch.Metric:
+    """A metric in tunnelnat's namespace (5-minute periods unless told)."""
     return cloudwatch.Metric(
         namespace=NAMESPACE,
         metric_name=name,
-        dimensions_map={"service": CONTROLLER_SERVICE},
+        dimensions_map=dimensions,
         statistic=statistic,
         label=label,
-        period=Duration.minutes(5),
+        period=period or Duration.minutes(5),
     )
+
+
+def controller_metric(name: str, statistic: str, label: str | None = None) -> cloudwatch.Metric:
+    """One of the controller's Powertools metrics (namespace tunnelnat, dimension service)."""
+    return tunnelnat_metric(name, statistic, {"service": CONTROLLER_SERVICE}, label)
