@@ -265,6 +265,15 @@ class LabAws:
         )
         return {t["Key"]: t["Value"] for t in reply["Tags"]}
 
+    def meta_item(self, name: str) -> dict[str, Any] | None:
+        """The table's ``meta/<name>`` item as DynamoDB returns it (None: not written yet)."""
+        reply = self.client("dynamodb").get_item(
+            TableName=topo.TABLE,
+            Key={"pk": {"S": "meta"}, "sk": {"S": name}},
+            ConsistentRead=True,
+        )
+        return reply.get("Item")
+
     def mappings(self) -> dict[str, str]:
         """private -> public, as the controller stored them (what the gateway renders)."""
         reply = self.client("dynamodb").query(

@@ -90,28 +90,12 @@ class FailoverReport:
 
 
 def _generation(lab: topo.Lab) -> int:
-    item = (
-        lab.aws.client("dynamodb")
-        .get_item(
-            TableName=topo.TABLE,
-            Key={"pk": {"S": "meta"}, "sk": {"S": "generation"}},
-            ConsistentRead=True,
-        )
-        .get("Item")
-    )
+    item = lab.aws.meta_item("generation")
     return int(item["generation"]["N"]) if item else 0
 
 
 def _pair_record(lab: topo.Lab) -> dict[str, Any]:
-    item = (
-        lab.aws.client("dynamodb")
-        .get_item(
-            TableName=topo.TABLE,
-            Key={"pk": {"S": "meta"}, "sk": {"S": "pair"}},
-            ConsistentRead=True,
-        )
-        .get("Item")
-    )
+    item = lab.aws.meta_item("pair")
     return _plain(item) if item else {}
 
 
