@@ -35,11 +35,13 @@ def _records(dep) -> agent.Records:
     return agent.Records(config, dep.dynamodb, dep.cloudwatch, None)
 
 
-def _report(dep, instance_id: str, role: str, *, generation=1, sas=0, heard=0.0, age=5.0):
+def _report(
+    dep, instance_id: str, role: str, *, generation=1, sas=0, heard=0.0, age=5.0, loaded=None
+):
     """One agent's readiness write, ``age`` seconds ago (heard: seconds before that)."""
     now = time.time() - age
     heard_at = None if heard is None else now - heard
-    _records(dep).readiness(instance_id, role, generation, sas, heard_at, now)
+    _records(dep).readiness(instance_id, role, generation, sas, heard_at, now, tunnel_loaded=loaded)
 
 
 @pytest.fixture
@@ -160,13 +162,7 @@ def test_doctor_standby_behind_the_desired_generation(pair):
 
 
 def test_doctor_standby_without_the_tunnel_loaded(pair):
-    # The agent's item with the connection's state (PAIR.md, requested field tunnel_loaded).
-    pair.dynamodb.update_item(
-        TableName=TABLE,
-        Key={"pk": {"S": "gateway"}, "sk": {"S": pair.standby_id}},
-        UpdateExpression="SET tunnel_loaded = :no",
-        ExpressionAttributeValues={":no": {"BOOL": False}},
-    )
+    _report(pair, pair.standby_id, "standby", loaded=False)
     finding = failures(doctor(pair, ssm=_ssm(pair)))[("pair", pair.standby_id)]
     assert "connection is not loaded" in finding["summary"]
 
