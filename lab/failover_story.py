@@ -17,10 +17,7 @@ the mapping records and generation unchanged).
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -194,16 +191,6 @@ def _wait(check: Any, timeout: float, every: float = 0.05) -> bool:
     return check()
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 def run_failover(lab: topo.Lab, name: str, public: str) -> FailoverReport:
     """Power off the active gateway while ``name`` (enrolled as ``public``) sends to A."""
     built: float | None = None
@@ -283,9 +270,9 @@ def run_failover(lab: topo.Lab, name: str, public: str) -> FailoverReport:
                 errors.append(f"A heard nothing for {WAIT_FOR_TRAFFIC:.0f}s after the power-off")
             time.sleep(1.0)  # traffic through the new active for a while
         finally:
-            _stop(sender)
+            topo.stop_group(sender)
             time.sleep(0.3)  # the last datagrams in flight
-            _stop(receiver)
+            topo.stop_group(receiver)
     sent = read_log(sent_log)
     arrived = read_log(at_a_log)
     received_seqs = {n for _, n in arrived}

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 import signal
 import subprocess
@@ -591,8 +590,7 @@ class Story:
                     back, _ = self.lab.http(inst.ns, self.app_url(name), timeout=1)
                 time.sleep(0.3)
             finally:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=5)
+                topo.stop_group(proc)
         times = sorted(float(line.split()[0]) for line in arrived if line.strip())
         during_off = [t for t in times if powered_off < t < booted]
         after = [t for t in times if t >= booted]

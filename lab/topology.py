@@ -177,6 +177,21 @@ def _kill_pids(pids: set[int]) -> None:
             return
 
 
+def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, wait: float = 5) -> None:
+    """Stop a process started in a group of its own (``start_new_session``): ``sig`` to the
+    group, KILL after ``wait`` seconds."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    try:
+        proc.wait(timeout=wait)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def _zombie(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
@@ -1204,13 +1219,7 @@ swanctl {{
             yield lines
             time.sleep(0.2)  # let the last packets reach the file
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop_group(proc, signal.SIGINT)
         if pcap.exists():
             read = ["tcpdump", "-r", str(pcap), "-n", *(["-tt"] if epoch else [])]
             out = sh(read, check=False).stdout
