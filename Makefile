@@ -5,7 +5,7 @@ PY := .venv/bin/python
 # test keeps the two equal), then what only the lab needs (kernel-libipsec, tools, packets).
 GATEWAY_PACKAGES := strongswan-swanctl charon-systemd nftables python3-boto3
 APT_PACKAGES := $(GATEWAY_PACKAGES) libcharon-extra-plugins iproute2 \
-	iptables curl tcpdump socat procps
+	iptables curl tcpdump socat procps iputils-ping
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 export CDK_DISABLE_CLI_TELEMETRY := 1
 export AWS_EC2_METADATA_DISABLED := true

@@ -158,6 +158,40 @@ class LabAws:
         )
         return instance_id
 
+    def seed_pair(self, heartbeat_key: str, gateway_ids: list[str]) -> None:
+        """What the stack adds for a pair: the heartbeat key's secret (only the gateways' role
+        may read it) and the gateways' Auto Scaling group with its termination lifecycle hook
+        (stacks/gateway.py). The lab's gateways are launched by the lab, then attached to the
+        group (AttachInstances also tags them aws:autoscaling:groupName, as a launch does)."""
+        self.client("secretsmanager").create_secret(
+            Name=topo.PAIR_KEY_SECRET, SecretString=heartbeat_key
+        )
+        asg = self.client("autoscaling")
+        from lab.autoscaling import TEMPLATE  # created by create_group at seed time
+
+        asg.create_auto_scaling_group(
+            AutoScalingGroupName=GATEWAY_GROUP,
+            LaunchTemplate={"LaunchTemplateName": TEMPLATE, "Version": "$Latest"},
+            MinSize=0,
+            MaxSize=4,  # two, and two more while a rolling update replaces them
+            DesiredCapacity=0,
+            VPCZoneIdentifier=self.subnet_id,
+        )
+        # HeartbeatTimeout as the stack's hook; CONTINUE: a termination is never held for ever.
+        asg.put_lifecycle_hook(
+            LifecycleHookName=topo.GATEWAY_TERMINATE_HOOK,
+            AutoScalingGroupName=GATEWAY_GROUP,
+            LifecycleTransition="autoscaling:EC2_INSTANCE_TERMINATING",
+            HeartbeatTimeout=120,
+            DefaultResult="CONTINUE",
+        )
+        self.join_gateway_group(gateway_ids)
+
+    def join_gateway_group(self, instance_ids: list[str]) -> None:
+        self.client("autoscaling").attach_instances(
+            AutoScalingGroupName=GATEWAY_GROUP, InstanceIds=instance_ids
+        )
+
     def _seed_fixed_eni(self) -> None:
         """G on its own ENI, standalone as the stack creates it: the gateway's boot program
         attaches it (at device index 1) and configures G on the link with its MAC."""

@@ -50,6 +50,9 @@ class LabCommands:
     parallel: int = 16  # instances a multi-instance command runs on at once (SSM: 50 per call)
     # The pair's standby (issue 15): a gateway too, its runs reach moto like the first's.
     other_gateways: set[str] = field(default_factory=set)
+    # A gateway's own environment (its access key id: the strict fakes tell callers apart by
+    # it), where it differs from ``gateway_env``.
+    gateway_envs: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def document_path(self, document: str) -> Path:
         if document not in DOCUMENTS and document not in ASSOCIATED_ONLY:
@@ -85,7 +88,7 @@ class LabCommands:
                 f"{instance_id}: no lab machine (InvalidInstanceId)", retryable=False
             )
         gateway = instance_id == self.gateway_id or instance_id in self.other_gateways
-        env = self.gateway_env if gateway else {}
+        env = self.gateway_envs.get(instance_id, self.gateway_env) if gateway else {}
         started = time.monotonic()
         try:
             inv = run_document(

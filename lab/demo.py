@@ -25,7 +25,18 @@ from typing import Any
 
 from lab import topology as topo
 
-TOOLS = ("ip", "nft", "swanctl", "charon-systemd", "tcpdump", "curl", "socat", "nsenter", "unshare")
+TOOLS = (
+    "ip",
+    "nft",
+    "swanctl",
+    "charon-systemd",
+    "tcpdump",
+    "curl",
+    "socat",
+    "nsenter",
+    "unshare",
+    "ping",
+)
 
 
 def missing_requirements() -> list[str]:

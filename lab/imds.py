@@ -5,7 +5,16 @@ serves it on the gateway namespace's loopback instead (the boot program reads th
 ``TUNNELNAT_IMDS_URL``). Like an instance launched with ``HttpTokens=required``, a request
 without a session token is refused.
 
-    python -m lab.imds --port 5001 --instance-id i-0123456789abcdef0
+It also serves the Auto Scaling target lifecycle state
+(``/latest/meta-data/autoscaling/target-lifecycle-state``), which EC2 Auto Scaling sets on
+instances in a group: ``InService`` while in service, ``Terminated`` once the group decided to
+terminate the instance (its termination lifecycle hook then holds it in Terminating:Wait), per
+https://docs.aws.amazon.com/autoscaling/ec2/userguide/retrieving-target-lifecycle-state-through-imds.html
+The lab plays Auto Scaling: it writes the state into ``--lifecycle-file`` (a file in the lab's
+/run, read at every request; absent or empty = ``InService``); nothing else can change it.
+
+    python -m lab.imds --port 5001 --instance-id i-0123456789abcdef0 \
+        --lifecycle-file /run/tn-lab/imds/tn-gw.lifecycle
 """
 
 from __future__ import annotations
@@ -14,9 +23,25 @@ import argparse
 import re
 import secrets
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+LIFECYCLE_PATH = "/latest/meta-data/autoscaling/target-lifecycle-state"
+DEFAULT_LIFECYCLE_STATE = "InService"
 
 
-def make_handler(instance_id: str) -> type[BaseHTTPRequestHandler]:
+def lifecycle_state(path: Path | None) -> str:
+    """The target lifecycle state the lab set for this machine (``InService`` by default)."""
+    if path is None:
+        return DEFAULT_LIFECYCLE_STATE
+    try:
+        return path.read_text().strip() or DEFAULT_LIFECYCLE_STATE
+    except OSError:
+        return DEFAULT_LIFECYCLE_STATE
+
+
+def make_handler(
+    instance_id: str, lifecycle_file: Path | None = None
+) -> type[BaseHTTPRequestHandler]:
     tokens: set[str] = set()
 
     class Imds(BaseHTTPRequestHandler):
@@ -35,10 +60,12 @@ def make_handler(instance_id: str) -> type[BaseHTTPRequestHandler]:
             if self.headers.get("X-aws-ec2-metadata-token") not in tokens:
                 self.send_error(401)
                 return
-            if self.path != "/latest/meta-data/instance-id":
+            if self.path == "/latest/meta-data/instance-id":
+                self._reply(instance_id)
+            elif self.path == LIFECYCLE_PATH:
+                self._reply(lifecycle_state(lifecycle_file))
+            else:
                 self.send_error(404)
-                return
-            self._reply(instance_id)
 
         def _reply(self, body: str) -> None:
             data = body.encode()
@@ -58,10 +85,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="lab.imds")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--instance-id", required=True)
+    parser.add_argument("--lifecycle-file", type=Path, default=None)
     args = parser.parse_args()
     if not re.fullmatch(r"i-[0-9a-f]{8,17}", args.instance_id):
         parser.error(f"invalid instance ID {args.instance_id!r}")
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(args.instance_id))
+    server = ThreadingHTTPServer(
+        ("127.0.0.1", args.port), make_handler(args.instance_id, args.lifecycle_file)
+    )
     server.serve_forever()
 
 

@@ -89,6 +89,28 @@ IMDS_NS_PORT = 5001  # the gateway's IMDSv2 (lab.imds), on its own loopback
 GATEWAY_DIR = REPO / "gateway"
 # The units the gateway's user data installs (stacks/gateway.py BOOT_UNITS), same files.
 GATEWAY_UNITS = ("tunnelnat-restore.service", "tunnelnat-boot.service", "tunnelnat-sync.service")
+# The pair's machines by number: each its own AWS access key id (``gateway_access_key``), as each
+# EC2 instance gets its own role session credentials; the strict fakes (tools/aws_strict.py) tell
+# the callers apart by the key id in SigV4's Authorization header (moto accepts any key).
+GATEWAY_NUMBERS = {"tn-gw": 1, STANDBY_NS: 2}
+# The pair agents' heartbeat key (Secrets Manager; pair.json's key_secret), the gateway group's
+# termination hook and the files the agents use (PAIR.md; issue 20's contracts).
+PAIR_KEY_SECRET = "tunnelnat/lab/pair-key"  # noqa: S105 - a secret's name, not a secret
+GATEWAY_TERMINATE_HOOK = f"tunnelnat-{DEPLOYMENT}-gateway-terminating"
+SIGNAL_STACK = f"tunnelnat-{DEPLOYMENT}"  # the stack whose rolling update waits for signals
+SIGNAL_RESOURCE = "GatewayGroup"  # the gateway group's logical ID in it
+ROLE_FILE = "/etc/tunnelnat/pair-role"
+REQUEST_FILE = "/etc/tunnelnat/switchover"  # the switchover request (the Switchover document's)
+KEY_FILE = "/etc/tunnelnat/pair.key"
+IMDS_STATE = RUN / "imds"  # <ns>.lifecycle: the target lifecycle state each machine's IMDS serves
+
+
+def gateway_access_key(ns: str) -> str:
+    """Gateway machine ``ns``'s own access key id: AKIATNGW<n> padded to 20 characters."""
+    number = GATEWAY_NUMBERS.get(ns)
+    if number is None:
+        raise KeyError(f"{ns} is not a gateway machine")
+    return f"AKIATNGW{number}".ljust(20, "X")
 
 
 class LabError(RuntimeError):
@@ -273,6 +295,23 @@ def cleanup() -> None:
         raise LabError(f"could not remove namespaces: {', '.join(left)}")
 
 
+# Issue 20's pair.json keys: optional for the agent, which refuses keys it does not know.
+ISSUE20_PAIR_KEYS = (
+    "key_secret",
+    "key_file",
+    "lifecycle_hook",
+    "signal_stack",
+    "signal_resource",
+    "request_file",
+)
+
+
+def agent_config(config: Mapping[str, Any], program: str) -> dict[str, Any]:
+    """``config`` without the issue-20 keys the pair agent's ``program`` does not read yet (it
+    refuses unknown keys; the lab runs whichever agent the tree holds)."""
+    return {k: v for k, v in config.items() if k not in ISSUE20_PAIR_KEYS or f'"{k}"' in program}
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -306,6 +345,10 @@ class Lab:
     standby_id: str = ""  # the standby's instance ID in moto, once built
     eni_mirror: Any = None  # lab.eni_mirror.EniMirror once the pair is built
     standby_boot: Any = None  # the standby's GatewayBoot (its units' runs)
+    # Gateway machine -> primary address (machines a rolling replacement adds join it).
+    gateway_primary: dict[str, str] = field(default_factory=lambda: dict(GATEWAY_MACHINES))
+    # The pair agents' heartbeat key (Secrets Manager PAIR_KEY_SECRET; >= 32 characters).
+    psk_for_heartbeats: str = field(default_factory=lambda: secrets.token_hex(32))
     frozen: set[int] = field(default_factory=set)  # processes of powered-off machines
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -717,8 +760,18 @@ swanctl {{
         py = str(REPO / ".venv" / "bin" / "python")
         argv = [py, "-m", "lab.imds", "--port", str(IMDS_NS_PORT)]
         name = "imds-gw" if ns == "tn-gw" else f"imds-{ns.removeprefix(PREFIX)}"
+        IMDS_STATE.mkdir(parents=True, exist_ok=True)
+        argv += ["--lifecycle-file", str(IMDS_STATE / f"{ns}.lifecycle")]
         self.spawn(name, ns, [*argv, "--instance-id", instance_id or self.aws.gateway_id])
         self.wait_listening(ns, IMDS_NS_PORT)
+
+    def set_target_lifecycle_state(self, ns: str, state: str) -> None:
+        """What Auto Scaling sets in machine ``ns``'s IMDS (``InService``, ``Terminated``, ...)."""
+        IMDS_STATE.mkdir(parents=True, exist_ok=True)
+        path = IMDS_STATE / f"{ns}.lifecycle"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(state + "\n")
+        tmp.replace(path)  # the IMDS reads it whole or not at all
 
     def _write_boot_files(self, ns: str) -> None:
         program = (GATEWAY_DIR / "tunnelnat_boot.py").read_text()
@@ -760,28 +813,40 @@ swanctl {{
                 "network-online.target": lambda: self._gateway_network_up(ns),
                 "strongswan.service": lambda: self.start_gateway_charon(ns),
             },
-            env={**self.gateway_env(), "TUNNELNAT_IMDS_URL": f"http://127.0.0.1:{IMDS_NS_PORT}"},
+            env={**self.gateway_env(ns), "TUNNELNAT_IMDS_URL": f"http://127.0.0.1:{IMDS_NS_PORT}"},
             unit_names=GATEWAY_UNITS,
         )
         boot.run()
         return boot
 
-    def power_off_gateway(self) -> None:
-        """What a reboot takes from the gateway, short of its disk (/etc stays): the IKE daemon,
-        the ruleset, forwarding (a fresh kernel's default), the links and the addresses the boot
-        adds (G on the ENI, ours on lo). The ENI stays attached, as through a reboot on AWS."""
+    def power_off_gateway(self, ns: str = "tn-gw") -> None:
+        """What a reboot takes from gateway ``ns``, short of its disk (/etc stays): the IKE
+        daemon, the ruleset, forwarding (a fresh kernel's default), the links and the addresses
+        the boot adds (G on the ENI, ours on lo). The ENI stays attached, as through a reboot on
+        AWS. In a pair the ENI's and E's links may be elsewhere (or move meanwhile: the mirror)."""
         # Links and forwarding first: a machine that is off forwards nothing, so the lab's
         # power-off must not open a window between flushing the ruleset and going quiet.
         for link in ("eth0", ENI_LINK, "eth1"):
-            in_ns("tn-gw", ["ip", "link", "set", link, "down"])
-        in_ns("tn-gw", ["sysctl", "-qw", "net.ipv4.ip_forward=0"])
-        self.kill_gateway_charon()
-        in_ns("tn-gw", ["nft", "flush", "ruleset"])
-        in_ns("tn-gw", ["ip", "-4", "addr", "flush", "dev", ENI_LINK])
-        for line in in_ns("tn-gw", ["ip", "-4", "-o", "addr", "show", "dev", "lo"]).splitlines():
+            in_ns(ns, ["ip", "link", "set", link, "down"], check=link == "eth0")
+        in_ns(ns, ["sysctl", "-qw", "net.ipv4.ip_forward=0"])
+        self.kill_gateway_charon(ns)
+        in_ns(ns, ["nft", "flush", "ruleset"])
+        in_ns(ns, ["ip", "-4", "addr", "flush", "dev", ENI_LINK], check=False)
+        for line in in_ns(ns, ["ip", "-4", "-o", "addr", "show", "dev", "lo"]).splitlines():
             address = line.split()[3]
             if address != "127.0.0.1/8":
-                in_ns("tn-gw", ["ip", "addr", "del", address, "dev", "lo"])
+                in_ns(ns, ["ip", "addr", "del", address, "dev", "lo"])
+
+    def stop_spawned(self, name: str) -> bool:
+        """Kill the process the lab spawned as ``name`` (a machine's daemon, as a reboot does);
+        whether one ran."""
+        found = False
+        for n, proc in list(self._procs):
+            if n == name and proc.poll() is None:
+                stop_group(proc, signal.SIGKILL)
+                found = True
+        self._procs = [(n, p) for n, p in self._procs if not (n == name and p.poll() is not None)]
+        return found
 
     # -- the gateway pair (issue 15) ------------------------------------------------------------
     def add_standby_gateway(self, *, agents: bool = True) -> str:
@@ -823,6 +888,11 @@ swanctl {{
         self.standby_id = self.aws.add_gateway(STANDBY_PRIMARY)
         self.commands.namespaces[self.standby_id] = ns
         self.commands.other_gateways.add(self.standby_id)
+        self.commands.gateway_envs[self.standby_id] = self.gateway_env(ns)
+        # The pair's heartbeat key and the gateway group with its termination hook, as the
+        # stack creates them (the group holds both gateways: SetInstanceHealth and the hook's
+        # CompleteLifecycleAction name it).
+        self.aws.seed_pair(self.psk_for_heartbeats, [self.aws.gateway_id, self.standby_id])
         self._bridge_moto(ns)
         self._write_boot_files("tn-gw")  # the pair's user data: both in pair mode
         self.install_gateway_boot(ns, self.standby_id)
@@ -845,6 +915,10 @@ swanctl {{
         if self.standby_id:
             found[self.standby_id] = STANDBY_NS
         return found
+
+    def gateway_primaries(self) -> dict[str, str]:
+        """Gateway machine -> its primary address, for the pair's machines now."""
+        return {ns: self.gateway_primary[ns] for ns in self.gateway_namespaces().values()}
 
     def eni_holder(self) -> str | None:
         """The instance G's ENI is attached to, as EC2 (moto) says: the active gateway."""
@@ -901,7 +975,17 @@ swanctl {{
             "children": [TUNNEL],
             "namespace": "tunnelnat",
             # The lab's /run is shared by its machines (docs/parity.md): each its own file.
-            "role_file": "/etc/tunnelnat/pair-role",
+            "role_file": ROLE_FILE,
+            # Issue 20: the heartbeat key (cached on the machine's own /etc), the gateway
+            # group's termination hook (the agent hands G over before it goes), the rolling
+            # update's signal and the switchover request file. No group_name: the agent reads
+            # its aws:autoscaling:groupName tag, as on AWS.
+            "key_secret": PAIR_KEY_SECRET,
+            "key_file": KEY_FILE,
+            "lifecycle_hook": GATEWAY_TERMINATE_HOOK,
+            "signal_stack": SIGNAL_STACK,
+            "signal_resource": SIGNAL_RESOURCE,
+            "request_file": REQUEST_FILE,
             # No partner_endpoint/subnet_router: E sits on the moved link itself (no route to T
             # from G, as the lab's boot.json).
         }
@@ -911,13 +995,19 @@ swanctl {{
         program = GATEWAY_DIR / "tunnelnat_pair.py"
         if not program.exists():
             raise LabError(f"{program} is not there yet: no pair agent to run")
-        config = json.dumps(self.pair_config(), indent=1) + "\n"
         for ns in self.gateway_namespaces().values():
-            self.write_etc(ns, "tunnelnat/lib/tunnelnat_pair.py", program.read_text(), 0o755)
-            self.write_etc(ns, "tunnelnat/pair.json", config)
-            env = {**self.gateway_env(), "TUNNELNAT_IMDS_URL": f"http://127.0.0.1:{IMDS_NS_PORT}"}
-            argv = ["python3", "/etc/tunnelnat/lib/tunnelnat_pair.py", "run"]
-            self.spawn(f"pair-{ns.removeprefix(PREFIX)}", ns, argv, env=env)
+            self.start_pair_agent(ns)
+
+    def start_pair_agent(self, ns: str) -> subprocess.Popen:
+        """Machine ``ns``'s pair agent, as its tunnelnat-pair.service runs it (after a reboot
+        too: the unit starts it again)."""
+        program = (GATEWAY_DIR / "tunnelnat_pair.py").read_text()
+        config = json.dumps(agent_config(self.pair_config(), program), indent=1) + "\n"
+        self.write_etc(ns, "tunnelnat/lib/tunnelnat_pair.py", program, 0o755)
+        self.write_etc(ns, "tunnelnat/pair.json", config)
+        env = {**self.gateway_env(ns), "TUNNELNAT_IMDS_URL": f"http://127.0.0.1:{IMDS_NS_PORT}"}
+        argv = ["python3", "/etc/tunnelnat/lib/tunnelnat_pair.py", "run"]
+        return self.spawn(f"pair-{ns.removeprefix(PREFIX)}", ns, argv, env=env)
 
     def power_off(self, ns: str) -> float:
         """Pull the plug on machine ``ns``: every link down, every process in it stopped
@@ -1064,7 +1154,7 @@ swanctl {{
         self.aws.seed(self)
         namespaces = {i.instance_id: i.ns for i in self.instances}
         namespaces[self.aws.gateway_id] = "tn-gw"
-        self.commands = LabCommands(namespaces, self.aws.gateway_id, self.gateway_env())
+        self.commands = LabCommands(namespaces, self.aws.gateway_id, self.gateway_env("tn-gw"))
 
     def configure_gateway_parameters(self, **overrides: str) -> dict[str, str]:
         """ConfigureGateway's and ConfigureTunnel's parameters for the lab, together (dedicated
@@ -1144,9 +1234,14 @@ swanctl {{
             "AWS_EC2_METADATA_DISABLED": "true",
         }
 
-    def gateway_env(self) -> dict[str, str]:
-        """Environment for the gateway's document runs: moto through the bridge."""
-        return {**self.aws_env(), "AWS_ENDPOINT_URL": f"http://127.0.0.1:{MOTO_NS_PORT}"}
+    def gateway_env(self, ns: str = "tn-gw") -> dict[str, str]:
+        """Environment for gateway ``ns``'s programs and document runs: moto through the
+        bridge, with the machine's own access key id (``gateway_access_key``)."""
+        return {
+            **self.aws_env(),
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{MOTO_NS_PORT}",
+            "AWS_ACCESS_KEY_ID": gateway_access_key(ns),
+        }
 
     # -- observation helpers ------------------------------------------------------------------
     def instance(self, name: str) -> Instance:
