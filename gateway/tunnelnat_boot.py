@@ -9,16 +9,20 @@ the distribution's python3 and boto3 (standard library + boto3 only):
 
 ``attach`` (unit ``tunnelnat-boot``, before strongSwan and the SSM agent):
   1. reads the instance ID from IMDSv2;
-  2. turns the instance's source/destination check off (it forwards other hosts' packets);
-  3. attaches the standalone ENI holding G at device index 1, waiting while a replaced gateway
-     still holds it, retrying a failed attach;
-  4. finds the interface by the ENI's MAC address and puts G on it itself (``ip addr replace``,
-     ``ip link set up``): Ubuntu configures no hot-plugged second NIC, and no distribution's
-     hotplug is trusted to;
-  5. routes the partner's endpoint T via the subnet's router from G, so IKE and ESP leave with
+  2. turns the source/destination check of the instance's primary ENI (device index 0) off, if
+     it is not off already (it forwards other hosts' packets);
+  3. tells systemd-networkd to leave G's ENI alone (a ``.network`` file matching its MAC,
+     ``Unmanaged=yes``, sorted before netplan's), before the ENI is attached;
+  4. attaches the standalone ENI holding G at device index 1 (or the next free index when EC2
+     still counts 1 as taken), waiting while a replaced gateway still holds it, retrying a
+     failed attach;
+  5. finds the interface by the ENI's MAC address and puts G on it itself (``ip addr replace``,
+     ``ip link set up``): neither networkd nor cloud-init's hotplug (turned off in the user data)
+     configures it;
+  6. routes the partner's endpoint T via the subnet's router from G, so IKE and ESP leave with
      source G, which the Internet gateway translates to E.
 In a gateway pair (``"pair": true``), the ENI held by another live instance (the pair's active)
-ends the boot at step 3 as the standby (exit 0, ``"role": "standby"``, no wait): the pair agent
+ends the boot at step 4 as the standby (exit 0, ``"role": "standby"``, no wait): the pair agent
 (tunnelnat_pair.py) takes the ENI over when the active falls silent.
 On any failure it marks the instance Unhealthy (Auto Scaling replaces it) and exits non-zero.
 
@@ -34,6 +38,7 @@ import ipaddress
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -53,6 +58,16 @@ INSTANCE_ID = re.compile(r"^i-[0-9a-f]{8,17}$")
 REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-[0-9]$")
 MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 DEVICE_INDEX = 1
+# After a forced detach EC2 may keep the device index in use until the instance is stopped and
+# started ("Detach a network interface", docs.aws.amazon.com/AWSEC2/latest/UserGuide/
+# network-interface-attachments.html): the attach then tries the next indexes, up to this one
+# (t3.small, the default type, has 3 interfaces; a smaller type refuses with its own error).
+LAST_DEVICE_INDEX = 7
+# systemd-networkd applies the first .network file that matches a link, all directories' files
+# sorted by name (systemd.network(5)); netplan writes 10-netplan-<id>.network in
+# /run/systemd/network: 05- comes first, wherever it lives.
+NETWORKD_DIR = Path("/etc/systemd/network")
+NETWORKD_FILE = "05-tunnelnat-gateway-eni.network"
 # The subnet's own route via the primary interface stays preferred for the gateway's own
 # traffic; G's prefix route is only the fallback.
 ENI_ROUTE_METRIC = 1000
@@ -168,11 +183,55 @@ def run_ip(argv: Sequence[str]) -> str:
     return proc.stdout
 
 
+def reload_networkd() -> None:
+    """``networkctl reload`` when systemd-networkd runs (it keeps /run/systemd/netif); a failure
+    is logged, not fatal: the file is read at networkd's next start in any case."""
+    if shutil.which("networkctl") is None or not Path("/run/systemd/netif").is_dir():
+        return
+    proc = subprocess.run(
+        ["networkctl", "reload"], capture_output=True, text=True, timeout=30, check=False
+    )
+    if proc.returncode != 0:
+        log(f"networkctl reload: {proc.stderr.strip()}")
+
+
+def unmanaged_network(mac: str, eni_id: str) -> str:
+    """The .network file that keeps systemd-networkd off G's ENI (systemd.network(5), [Link]
+    Unmanaged=): on Ubuntu 24.04 netplan renders networkd's configuration, and a netplan file
+    for the ENI (cloud-init's hotplug, or a boot that re-renders the network from IMDS) would
+    have networkd run DHCP on the link and remove the addresses and routes the boot and the pair
+    agent put there (issue 20, defect 5)."""
+    return (
+        f"# tunnelnat: {eni_id} (G) is configured by tunnelnat-boot and tunnelnat-pair only\n"
+        f"[Match]\nMACAddress={mac}\n\n[Link]\nUnmanaged=yes\n"
+    )
+
+
 @dataclass
 class Links:
-    """Everything the boot does to the kernel's interfaces, through ``ip`` (faked in tests)."""
+    """Everything the boot does to the kernel's interfaces, through ``ip`` (faked in tests), and
+    networkd's file for G's ENI (written only where ``networkd_dir`` says; ``main`` says
+    /etc/systemd/network, which persists: after a reboot the ENI is there before the boot)."""
 
     run: Runner = run_ip
+    networkd_dir: Path | None = None
+    reload: Callable[[], None] = reload_networkd
+
+    def unmanage(self, mac: str, eni_id: str) -> bool:
+        """networkd leaves the link with this MAC alone; True if the file was (re)written."""
+        if self.networkd_dir is None:
+            return False
+        path = self.networkd_dir / NETWORKD_FILE
+        text = unmanaged_network(mac, eni_id)
+        if path.exists() and path.read_text() == text:
+            return False
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.chmod(0o644)
+        tmp.replace(path)
+        self.reload()
+        return True
 
     def by_mac(self, mac: str) -> str | None:
         for link in json.loads(self.run(["-j", "link", "show"]) or "[]"):
@@ -227,12 +286,8 @@ class Boot:
             if eni.get("Status") == "available" and holder is None:
                 attempts += 1
                 try:
-                    self.ec2.attach_network_interface(
-                        NetworkInterfaceId=self.config.eni_id,
-                        InstanceId=self.instance_id,
-                        DeviceIndex=DEVICE_INDEX,
-                    )
-                    log(f"attached {self.config.eni_id} at device index {DEVICE_INDEX}")
+                    index = attach_at_free_index(self.ec2, self.config.eni_id, self.instance_id)
+                    log(f"attached {self.config.eni_id} at device index {index}")
                     continue  # re-read: the attachment is what we wait for, not the call
                 except (ClientError, BotoCoreError) as exc:
                     log(f"attach failed ({exc}); retrying")
@@ -275,13 +330,63 @@ class Boot:
                 raise BootError(f"no interface has the ENI's MAC address {mac}")
             self.sleep(poll)
 
+    def primary_interface(self) -> dict[str, Any]:
+        """This instance's primary ENI (device index 0 on network card 0), from EC2."""
+        from botocore.exceptions import ClientError
+
+        for attempt in range(5):
+            try:
+                reply = self.ec2.describe_instances(InstanceIds=[self.instance_id])
+                break
+            except ClientError as exc:
+                # EC2's API is eventually consistent: a just-launched instance may be unknown to
+                # it for a moment (docs.aws.amazon.com/ec2/latest/devguide/
+                # eventual-consistency.html).
+                code = exc.response.get("Error", {}).get("Code")
+                if code != "InvalidInstanceID.NotFound" or attempt == 4:
+                    raise
+                self.sleep(2.0)
+        for reservation in reply.get("Reservations", []):
+            for instance in reservation.get("Instances", []):
+                for interface in instance.get("NetworkInterfaces", []):
+                    attachment = interface.get("Attachment") or {}
+                    if (
+                        attachment.get("DeviceIndex") == 0
+                        and attachment.get("NetworkCardIndex", 0) == 0
+                    ):
+                        return interface
+        raise BootError(f"{self.instance_id} has no primary network interface in EC2's answer")
+
+    def source_dest_check_off(self) -> str:
+        """Forwarded packets carry other hosts' addresses: the check is off on G's ENI (in the
+        template) and here on the primary ENI, which forwards to the instances. Not the
+        instance's attribute: EC2 refuses ModifyInstanceAttribute(SourceDestCheck) on an
+        instance with several interfaces, which a gateway is after a reboot or a stop/start
+        with G's ENI still attached ("There are multiple interfaces attached to instance";
+        aws/aws-cdk#13791, hashicorp/terraform-provider-aws#7107; kubernetes/kubernetes#92800
+        modifies the device-index-0 interface instead)."""
+        primary = self.primary_interface()
+        eni_id = str(primary.get("NetworkInterfaceId", ""))
+        if not ENI_ID.fullmatch(eni_id):
+            raise BootError(f"unexpected primary network interface ID {eni_id!r}")
+        if primary.get("SourceDestCheck") is False:
+            return "already off"
+        self.ec2.modify_network_interface_attribute(
+            NetworkInterfaceId=eni_id, SourceDestCheck={"Value": False}
+        )
+        log(f"source/destination check off on {eni_id}")
+        return "turned off"
+
     def run(self) -> dict[str, Any]:
         cfg = self.config
-        # Forwarded packets carry other hosts' addresses; the ENI's own check is off in the
-        # template, the primary interface's is the instance's attribute.
-        self.ec2.modify_instance_attribute(
-            InstanceId=self.instance_id, SourceDestCheck={"Value": False}
-        )
+        check = self.source_dest_check_off()
+        # networkd is told to leave G's link alone before the link can appear (first boot) or
+        # is configured again by us (a reboot: the ENI was attached all along).
+        mac = str(self.eni().get("MacAddress", "")).lower()
+        if not MAC.fullmatch(mac):
+            raise BootError(f"{cfg.eni_id} has no usable MAC address ({mac!r})")
+        if self.links.unmanage(mac, cfg.eni_id):
+            log(f"networkd leaves {mac} ({cfg.eni_id}) alone")
         try:
             eni = self.attach_eni()
         except HeldByPartner as held:
@@ -292,23 +397,57 @@ class Boot:
                 "holder": held.holder,
                 "instance": self.instance_id,
                 "role": "standby",
+                "source_dest_check": check,
             }
-        mac = str(eni.get("MacAddress", "")).lower()
-        if not MAC.fullmatch(mac):
-            raise BootError(f"{cfg.eni_id} has no usable MAC address ({mac!r})")
         dev = self.wait_for_link(mac)
         self.links.configure(dev, cfg.gateway)
         result: dict[str, Any] = {
             "eni": cfg.eni_id,
             "device": dev,
+            "device_index": (eni.get("Attachment") or {}).get("DeviceIndex"),
             "gateway": str(cfg.gateway),
             "instance": self.instance_id,
             "role": "active",
+            "source_dest_check": check,
         }
         if cfg.partner_endpoint is not None and cfg.subnet_router is not None:
             self.links.route(cfg.partner_endpoint, cfg.subnet_router, dev, cfg.gateway.ip)
             result["partner_route"] = f"{cfg.partner_endpoint} via {cfg.subnet_router} dev {dev}"
         return result
+
+
+def index_in_use(exc: Exception) -> bool:
+    """EC2's refusal of a device index it counts as taken: ``InvalidParameterValue: Instance
+    'i-…' already has an interface attached at device index '1'.`` (quoted in
+    hashicorp/terraform-provider-aws#906 and lstoll/k8s-vpcnet#71)."""
+    response = getattr(exc, "response", None) or {}
+    error = response.get("Error", {})
+    return error.get("Code") == "InvalidParameterValue" and "device index" in str(
+        error.get("Message", "")
+    )
+
+
+def attach_at_free_index(
+    ec2: Any,
+    eni_id: str,
+    instance_id: str,
+    first: int = DEVICE_INDEX,
+    last: int = LAST_DEVICE_INDEX,
+) -> int:
+    """AttachNetworkInterface at ``first``, or at the next index EC2 accepts when it says the
+    index is taken (after a forced detach EC2 may keep it until a stop/start); any other error
+    is raised. The device index is the attach's only choice: the link is found by its MAC."""
+    for index in range(first, last + 1):
+        try:
+            ec2.attach_network_interface(
+                NetworkInterfaceId=eni_id, InstanceId=instance_id, DeviceIndex=index
+            )
+            return index
+        except Exception as exc:
+            if not index_in_use(exc) or index == last:
+                raise
+            log(f"device index {index} is still taken on {instance_id}: trying {index + 1}")
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def mark_unhealthy(autoscaling: Any, instance_id: str) -> None:
@@ -354,7 +493,7 @@ def main(argv: list[str] | None = None, *, links: Links | None = None) -> int:
     restore = sub.add_parser("restore-lo")
     restore.add_argument("--file", type=Path, action="append", dest="files")
     args = parser.parse_args(argv)
-    links = links or Links()
+    links = links or Links(networkd_dir=NETWORKD_DIR)
 
     if args.command == "restore-lo":
         try:
