@@ -7,6 +7,10 @@ the loss as a "stale mapping". Serving one DynamoDB request at a time gives ever
 atomicity DynamoDB gives it, while the clients stay as concurrent as before: their calls still
 interleave in any order, only never inside one another. Other services are left concurrent (an SQS
 long poll must not hold everyone up).
+
+Every request first meets ``tools/aws_strict.py``'s ``StrictMiddleware``: the refusals and delays of
+AWS that moto lacks (always-on refusals; delays, stale reads and throttling through its control
+API under ``/_strict/``). It sits outside the DynamoDB lock, so a delayed caller holds no one up.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from moto.moto_server.werkzeug_app import (
     create_backend_app,
 )
 from werkzeug.serving import make_server
+
+from tools.aws_strict import StrictMiddleware
 
 
 class _OneAtATime:
@@ -42,9 +48,10 @@ class SerialMotoServer(ThreadedMotoServer):
 
     def __init__(self, ip_address: str = "127.0.0.1", port: int = 0) -> None:
         super().__init__(ip_address=ip_address, port=port, verbose=False)
+        self.strict = StrictMiddleware(_OneAtATime(DomainDispatcherApplication(create_backend_app)))
 
     def _server_entry(self) -> None:
-        app = _OneAtATime(DomainDispatcherApplication(create_backend_app))
+        app = self.strict
         self._server = make_server(
             self._ip_address, self._port, app, True, request_handler=MotoRequestHandler
         )
