@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""The gateway pair's agent: the standby takes G's ENI when the active falls silent.
+"""The gateway pair's agent: the standby takes G's ENI when the active falls silent, and the
+active hands G over when asked (a switchover) or before it is terminated.
 
 Runs on both gateways of a pair (unit ``tunnelnat-pair``, after ``tunnelnat-boot`` and
 strongSwan), with the distribution's python3 and boto3 (standard library + boto3 only):
@@ -7,37 +8,66 @@ strongSwan), with the distribution's python3 and boto3 (standard library + boto3
     tunnelnat_pair.py run [--config /etc/tunnelnat/pair.json]
     tunnelnat_pair.py check-config [--config FILE]
 
-EC2 is the truth (docs: the pair): the **active** is the instance G's ENI is attached to, the
-other is the **standby**. Every ``interval_seconds`` each sends the other one UDP heartbeat
-(``heartbeat_port``, JSON: ``v, instance, role, seq, generation, sas, sent``). The standby
-counts the intervals since it last heard the active; after ``misses`` (at start: ``misses``
-intervals plus ``startup_grace_seconds`` without ever hearing it) it takes over:
+EC2 is the truth (docs/health.md, the pair): the **active** is the instance G's ENI is attached
+to, the other is the **standby**.
+
+**The heart** (``Heart``, a thread of its own) sends a heartbeat to the other gateway every
+``interval_seconds`` and receives the other's, whatever the main loop is doing: no AWS call, no
+``swanctl`` or ``ip`` ever delays or silences it (issue 20: one slow call used to make the
+standby force-detach a healthy active). Heartbeats v2 are JSON behind an HMAC-SHA256 with the
+pair's key (``key_secret``, cached in ``key_file``); one is heard only with a valid HMAC, a fresh
+``sent`` (30 s), a seq above the last one of the sender's epoch, and from a member of the
+gateway group (``aws:autoscaling:groupName``; while discovery never succeeded, any authenticated
+sender). Everything else is dropped and counted. The heart records the gaps between heartbeats
+it hears (readiness: max and p99).
+
+**The main loop** reads what the heart heard (under its lock) and feeds ``PairMachine`` (pure:
+time, heartbeats and ENI readings in, actions out). The standby counts the silence of the active;
+after ``misses`` intervals (at start: plus ``startup_grace_seconds``) it takes over:
 
   1. the ENI attached here: nothing to take. Attached elsewhere for less than
      ``hold_down_seconds``: refused (someone just took it; no flapping).
-  2. DetachNetworkInterface(Force) of the attachment it saw, wait for ``available``,
-     AttachNetworkInterface(DeviceIndex 1), wait for ``attached`` here. A refused attach, or
-     the ENI found on the other instance: it lost the race and stays standby (AWS allows one
-     attachment at a time: the attachment decides, and fences the old active).
-  3. G on the link with the ENI's MAC and the route to T (tunnelnat_boot's Links), then
-     ``swanctl --initiate --child C`` for each CHILD_SA (charon sends INITIAL_CONTACT, see
-     ``initiate``), so the partner drops the dead gateway's SAs.
-  4. DynamoDB ``meta/pair``, CloudWatch ``Failovers``/``FailoverSeconds`` (dimension
-     Deployment), SNS when ``topic_arn`` is set. One line ``takeover {JSON}`` on stderr.
+  2. A second opinion: DescribeInstanceStatus of the holder (not running: go on) and an ICMP
+     echo to its primary IP: an answer means the instance is up and forwarding, only its agent
+     is silent: no force (retried after the silence budget again).
+  3. DetachNetworkInterface(Force) of the attachment it saw, wait for ``available``,
+     AttachNetworkInterface (device index 1, the next one when EC2 says that index is still in
+     use), wait for ``attached`` here. A refused attach, or the ENI found on the other
+     instance: it lost the race and stays standby (one attachment at a time: the attachment
+     decides, and fences the old active).
+  4. G on the link with the ENI's MAC and the route to T (tunnelnat_boot's Links), then
+     ``swanctl --initiate --child C`` for each CHILD_SA (INITIAL_CONTACT, see ``initiate``).
+  5. DynamoDB ``meta/pair``, CloudWatch ``Failovers``/``FailoverSeconds``, SNS when
+     ``topic_arn`` is set. One line ``takeover {JSON}`` on stderr.
 
-The active checks every interval that the ENI's link is still here, and every
-``check_seconds`` (or at once when the other one also claims to be active) the ENI's
-attachment: fenced, it becomes the standby. There is no fail-back. Both write their readiness
-(``gateway/<instance-id>``) every ``check_seconds`` and their role to ``role_file`` (the
-health agent publishes the tunnel's metrics only while it reads ``active`` there).
+The active checks every interval that the ENI's link is still here, and every ``check_seconds``
+(or at once when the other also claims to be active) the ENI's attachment. Its link gone, or two
+EC2 readings at least ``CONFIRM_SECONDS`` apart naming another holder (never within
+``SETTLE_SECONDS`` of its own attach: DescribeNetworkInterfaces is eventually consistent), it is
+**fenced**: it steps down and marks itself Unhealthy in Auto Scaling, which replaces it with a
+clean standby (after a forced detach EC2 may refuse that device index until a stop/start).
 
-The decisions are ``PairMachine``'s (pure: time, heartbeats and ENI readings in, actions out);
-``Agent`` does the I/O. ``TUNNELNAT_IMDS_URL`` and ``AWS_ENDPOINT_URL`` as for the boot program.
+**Planned handover** (``request_file`` appears, or IMDS ``target-lifecycle-state`` is
+``Terminated`` with ``lifecycle_hook`` set): with a ready standby heard (standby, tunnel loaded,
+NAT generation >= its own) the active sends ``handover`` until acknowledged, detaches its
+attachment without Force, drops its SAs and becomes a healthy standby; the standby attaches as
+soon as the ENI is ``available`` (no hold-down, no Force). ``meta/pair`` gets
+``last_switchover`` and ``switchovers``; no Failovers metric, no page. Then the lifecycle action
+is completed (CONTINUE), also after a bounded wait when no standby was ready.
+
+**Ready signal**: with ``signal_stack``/``signal_resource`` set, CloudFormation SignalResource
+(SUCCESS) once per instance when the role is confirmed, the tunnel loaded and the NAT table at
+the table's generation (the rolling update waits for it).
+
+The decisions are ``PairMachine``'s; ``Agent`` does the I/O. ``TUNNELNAT_IMDS_URL`` and
+``AWS_ENDPOINT_URL`` as for the boot program.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import hmac
 import json
 import math
 import os
@@ -46,7 +76,11 @@ import select
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -59,9 +93,15 @@ import tunnelnat_boot as boot  # noqa: E402
 
 CONFIG_FILE = Path("/etc/tunnelnat/pair.json")
 ROLE_FILE = Path("/run/tunnelnat/pair-role")
+KEY_FILE = Path("/var/lib/tunnelnat/pair.key")
 ACTIVE, STANDBY = "active", "standby"
-HEARTBEAT_VERSION = 1
+HEARTBEAT_VERSION = 2
+KINDS = ("beat", "handover", "handover_ack")
 MAX_DATAGRAM = 1024
+MAC_HEX = 64  # the datagram starts with the HMAC-SHA256 of the rest, in hex
+FRESH_SECONDS = 30.0  # |receiver's wall clock - sent| (both sync to the Amazon Time Sync Service)
+MIN_KEY_CHARS = 32
+INSECURE_KEY = b"tunnelnat-insecure-heartbeats"  # "insecure_heartbeats": the unit tests only
 NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")  # tunnel and CHILD_SA names (swanctl.py's)
 DEPLOYMENT = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 TABLE = re.compile(r"^[A-Za-z0-9_.-]{3,255}$")
@@ -70,9 +110,23 @@ TOPIC_ARN = re.compile(
     r"^arn:aws[a-z-]*:sns:[a-z]{2}(-[a-z]+)+-[0-9]:[0-9]{12}:[A-Za-z0-9_-]{1,256}$"
 )
 ROLE_PATH = re.compile(r"^/[A-Za-z0-9_][A-Za-z0-9_/.-]{0,200}$")
-PEER_TAGS = {"tunnelnat:role": "gateway"}  # and tunnelnat:deployment = the deployment
+SECRET_ID = re.compile(r"^[A-Za-z0-9/_+=.@:-]{1,2048}$")  # a name or an ARN
+HOOK_NAME = re.compile(r"^[A-Za-z0-9_./-]{1,255}$")  # PutLifecycleHook's LifecycleHookName
+GROUP_NAME = re.compile(r"^[A-Za-z0-9_+=,.@/:-]{1,255}$")
+STACK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,127}$")
+LOGICAL_ID = re.compile(r"^[A-Za-z0-9]{1,255}$")
+GROUP_TAG = "aws:autoscaling:groupName"  # set by Auto Scaling; users cannot set aws:* tags
 READINESS_KEEP_SECONDS = 3600  # the gateway/<id> item's TTL
 STATUS_SECONDS = 5.0  # how often the heartbeat's generation and SA count are re-read
+SETTLE_SECONDS = 5.0  # after its own attach, EC2's word on the ENI may still be the old one
+CONFIRM_SECONDS = 2.0  # two readings naming another holder, at least this far apart
+HANDOVER_ACK_SECONDS = 1.0  # the standby acknowledges a handover within this, or none
+HANDOVER_ENI_SECONDS = 60.0  # the new active waits this long for the ENI to be available
+LIFECYCLE_POLL_SECONDS = 5.0
+LIFECYCLE_WAIT_SECONDS = 300.0  # terminating without a ready standby: complete after this
+SIGNAL_POLL_SECONDS = 5.0
+ERROR_LOG_SECONDS = 60.0  # the same failing step is logged at most this often
+GAPS_KEPT = 2000  # heartbeat gaps kept for max/p99 (~17 min at 0.5 s)
 
 
 class PairError(RuntimeError):
@@ -84,7 +138,7 @@ def log(message: str) -> None:
 
 
 def event(name: str, **fields: Any) -> None:
-    """One machine-readable line (the lab reads ``takeover`` and ``tunnel_up``)."""
+    """One machine-readable line (the lab reads ``takeover``, ``handover``, ``tunnel_up``...)."""
     log(f"{name} {json.dumps({'event': name, **fields}, sort_keys=True)}")
 
 
@@ -110,6 +164,24 @@ def _address(data: dict[str, Any], key: str) -> IPv4Address | None:
         raise PairError(f"{key} must be an IPv4 address, not {value!r}") from None
 
 
+def _path(data: dict[str, Any], key: str, default: Path | None) -> Path | None:
+    value = data.get(key)
+    if value in (None, ""):
+        return default
+    if not isinstance(value, str) or not ROLE_PATH.fullmatch(value) or ".." in value:
+        raise PairError(f"invalid {key} {value!r}")
+    return Path(value)
+
+
+def _name(data: dict[str, Any], key: str, pattern: re.Pattern[str]) -> str | None:
+    value = data.get(key)
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise PairError(f"invalid {key} {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class PairConfig:
     region: str
@@ -131,11 +203,21 @@ class PairConfig:
     subnet_router: IPv4Address | None = None
     peer_address: IPv4Address | None = None
     role_file: Path = ROLE_FILE
+    key_secret: str | None = None
+    key_file: Path = KEY_FILE
+    insecure_heartbeats: bool = False
+    lifecycle_hook: str | None = None
+    signal_stack: str | None = None
+    signal_resource: str | None = None
+    request_file: Path | None = None  # None: role_file's directory / "switchover"
+    group_name: str | None = None
 
     KEYS = frozenset(
         "region eni_id gateway deployment table tunnel children heartbeat_port interval_seconds "
         "misses hold_down_seconds startup_grace_seconds check_seconds topic_arn namespace "
-        "partner_endpoint subnet_router peer_address role_file".split()
+        "partner_endpoint subnet_router peer_address role_file key_secret key_file "
+        "insecure_heartbeats lifecycle_hook signal_stack signal_resource request_file "
+        "group_name".split()
     )
 
     @classmethod
@@ -169,17 +251,18 @@ class PairConfig:
         namespace = data.get("namespace", "tunnelnat")
         if not isinstance(namespace, str) or not NAMESPACE.fullmatch(namespace):
             raise PairError(f"invalid namespace {namespace!r}")
-        role_file = data.get("role_file", str(ROLE_FILE))
-        if (
-            not isinstance(role_file, str)
-            or not ROLE_PATH.fullmatch(role_file)
-            or ".." in role_file
-        ):
-            raise PairError(f"invalid role_file {role_file!r}")
+        role_file = _path(data, "role_file", ROLE_FILE)
         port = _number(data, "heartbeat_port", 7465, 1, 65535)
         misses = _number(data, "misses", 4, 1, 100)
         if port != int(port) or misses != int(misses):
             raise PairError("heartbeat_port and misses are whole numbers")
+        insecure = data.get("insecure_heartbeats", False)
+        if not isinstance(insecure, bool):
+            raise PairError(f"insecure_heartbeats must be true or false, not {insecure!r}")
+        stack = _name(data, "signal_stack", STACK_NAME)
+        resource = _name(data, "signal_resource", LOGICAL_ID)
+        if (stack is None) != (resource is None):
+            raise PairError("signal_stack and signal_resource go together")
         return cls(
             region=base.region,
             eni_id=base.eni_id,
@@ -199,8 +282,30 @@ class PairConfig:
             partner_endpoint=base.partner_endpoint,
             subnet_router=base.subnet_router,
             peer_address=_address(data, "peer_address"),
-            role_file=Path(role_file),
+            role_file=role_file or ROLE_FILE,
+            key_secret=_name(data, "key_secret", SECRET_ID),
+            key_file=_path(data, "key_file", KEY_FILE) or KEY_FILE,
+            insecure_heartbeats=insecure,
+            lifecycle_hook=_name(data, "lifecycle_hook", HOOK_NAME),
+            signal_stack=stack,
+            signal_resource=resource,
+            request_file=_path(data, "request_file", None),
+            group_name=_name(data, "group_name", GROUP_NAME),
         )
+
+    @property
+    def switchover_file(self) -> Path:
+        return self.request_file or self.role_file.parent / "switchover"
+
+    @property
+    def state_file(self) -> Path:
+        """What a restart needs before any AWS call (the ENI's MAC, the peers): beside
+        role_file, in /run: a reboot starts from the boot program's attach anyway."""
+        return self.role_file.with_name(f"{self.role_file.name}.state")
+
+    @property
+    def signal_marker(self) -> Path:
+        return self.key_file.with_name("pair.signalled")
 
     def boot_config(self) -> boot.BootConfig:
         return boot.BootConfig(
@@ -220,7 +325,41 @@ def load_config(path: Path) -> PairConfig:
     return PairConfig.from_json(data)
 
 
+def load_key(config: PairConfig, secrets: Callable[[], Any] | None) -> bytes:
+    """The heartbeat key: ``key_file`` when a previous run cached it (no AWS call before the
+    first heartbeat), else GetSecretValue(``key_secret``), cached with mode 0600.
+    ``secrets`` makes the Secrets Manager client (only called when needed)."""
+    try:
+        cached = config.key_file.read_text().strip()
+    except OSError:
+        cached = ""
+    if len(cached) >= MIN_KEY_CHARS:
+        return cached.encode()
+    if config.key_secret is None or secrets is None:
+        if config.insecure_heartbeats:
+            log("WARNING: insecure_heartbeats: anyone on the subnet can forge heartbeats")
+            return INSECURE_KEY
+        raise PairError("no heartbeat key: key_secret is not set (insecure_heartbeats is false)")
+    reply = secrets().get_secret_value(SecretId=config.key_secret)
+    key = str(reply.get("SecretString") or "").strip()
+    if len(key) < MIN_KEY_CHARS:
+        raise PairError(f"the secret {config.key_secret} holds no key of {MIN_KEY_CHARS}+ chars")
+    try:
+        config.key_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(config.key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(key + "\n")
+        os.chmod(config.key_file, 0o600)
+    except OSError as exc:  # the next start asks Secrets Manager again
+        log(f"cannot cache the heartbeat key in {config.key_file}: {exc}")
+    return key.encode()
+
+
 # -- heartbeats ---------------------------------------------------------------------------------
+
+
+class AuthError(ValueError):
+    """A datagram whose HMAC is not the pair key's: a forgery, or a key that differs."""
 
 
 @dataclass(frozen=True)
@@ -230,36 +369,295 @@ class Heartbeat:
     seq: int
     generation: int | None  # the NAT table generation applied here (None: not synced)
     sas: int  # CHILD_SAs of the tunnel INSTALLED here
-    sent: float  # the sender's wall clock (informative only: clocks differ)
+    sent: float  # the sender's wall clock (freshness: within FRESH_SECONDS of the receiver's)
+    epoch: int = 0  # the sender's run (ms since 1970 at its start): seq counts within it
+    tunnel_loaded: bool | None = None
+    kind: str = "beat"  # beat, handover (to: take G now), handover_ack
+    to: str | None = None  # handover and handover_ack: the instance it is meant for
+    fenced: bool = False  # the sender was fenced (Auto Scaling replaces it): never ready
+    retiring: bool = False  # the sender is being terminated: never ready
 
-    def encode(self) -> bytes:
-        body = {"v": HEARTBEAT_VERSION, "instance": self.instance, "role": self.role}
-        body |= {"seq": self.seq, "generation": self.generation, "sas": self.sas}
-        body["sent"] = round(self.sent, 3)
-        return json.dumps(body, separators=(",", ":")).encode()
+    def body(self) -> dict[str, Any]:
+        body = {"v": HEARTBEAT_VERSION, "kind": self.kind, "instance": self.instance}
+        body |= {"role": self.role, "seq": self.seq, "epoch": self.epoch}
+        body |= {"generation": self.generation, "sas": self.sas, "sent": round(self.sent, 3)}
+        body |= {"tunnel_loaded": self.tunnel_loaded, "fenced": self.fenced}
+        body |= {"retiring": self.retiring, "to": self.to}
+        return body
+
+    def encode(self, key: bytes = INSECURE_KEY) -> bytes:
+        payload = json.dumps(self.body(), separators=(",", ":"), sort_keys=True).encode()
+        return hmac.new(key, payload, hashlib.sha256).hexdigest().encode() + payload
 
     @classmethod
-    def parse(cls, data: bytes) -> Heartbeat:
-        """A heartbeat, or ValueError: anything else on the port is junk, never half-read."""
-        if len(data) > MAX_DATAGRAM:
-            raise ValueError("datagram too long")
-        body = json.loads(data.decode("utf-8"))  # ValueError (UnicodeDecodeError included)
+    def parse(cls, data: bytes, key: bytes = INSECURE_KEY) -> Heartbeat:
+        """A heartbeat, AuthError (bad HMAC) or ValueError: never half-read."""
+        if len(data) > MAX_DATAGRAM or len(data) <= MAC_HEX:
+            raise ValueError("datagram too long or too short")
+        mac, payload = data[:MAC_HEX], data[MAC_HEX:]
+        if not hmac.compare_digest(
+            mac, hmac.new(key, payload, hashlib.sha256).hexdigest().encode()
+        ):
+            raise AuthError("bad HMAC")
+        body = json.loads(payload.decode("utf-8"))  # ValueError (UnicodeDecodeError included)
         if not isinstance(body, dict) or body.get("v") != HEARTBEAT_VERSION:
-            raise ValueError("not a version 1 heartbeat")
-        instance, role = body.get("instance"), body.get("role")
-        seq, generation, sas, sent = (body.get(k) for k in ("seq", "generation", "sas", "sent"))
+            raise ValueError("not a version 2 heartbeat")
+        instance, role, kind, to = (body.get(k) for k in ("instance", "role", "kind", "to"))
+        seq, epoch, generation, sas, sent = (
+            body.get(k) for k in ("seq", "epoch", "generation", "sas", "sent")
+        )
         if not isinstance(instance, str) or not boot.INSTANCE_ID.fullmatch(instance):
             raise ValueError(f"bad instance {instance!r}")
-        if role not in (ACTIVE, STANDBY):
-            raise ValueError(f"bad role {role!r}")
-        for key, value in (("seq", seq), ("sas", sas)):
+        if role not in (ACTIVE, STANDBY) or kind not in KINDS:
+            raise ValueError(f"bad role or kind {role!r} {kind!r}")
+        if to is not None and not (isinstance(to, str) and boot.INSTANCE_ID.fullmatch(to)):
+            raise ValueError(f"bad to {to!r}")
+        for name, value in (("seq", seq), ("sas", sas), ("epoch", epoch)):
             if type(value) is not int or value < 0:
-                raise ValueError(f"bad {key} {value!r}")
+                raise ValueError(f"bad {name} {value!r}")
         if generation is not None and (type(generation) is not int or generation < 0):
             raise ValueError(f"bad generation {generation!r}")
         if isinstance(sent, bool) or not isinstance(sent, int | float) or not math.isfinite(sent):
             raise ValueError(f"bad sent {sent!r}")
-        return cls(instance, role, seq, generation, sas, float(sent))
+        flags = [body.get(k) for k in ("tunnel_loaded", "fenced", "retiring")]
+        if flags[0] is not None and not isinstance(flags[0], bool):
+            raise ValueError("bad tunnel_loaded")
+        if not all(isinstance(f, bool) for f in flags[1:]):
+            raise ValueError("bad fenced or retiring")
+        return cls(
+            instance, role, seq, generation, sas, float(sent), epoch, flags[0], kind, to,
+            flags[1], flags[2],
+        )  # fmt: skip
+
+
+def percentile(values: Sequence[float], share: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(share * len(ordered)) - 1)]
+
+
+class Heart:
+    """Sends this gateway's heartbeat every ``interval`` and receives the other's, on a thread
+    of its own: the main loop's AWS calls and subprocesses never delay it. The main loop sets
+    what the heartbeat says (``update``), whom it goes to (``set_peers``), and takes what was
+    heard (``drain``); everything shared is under ``lock``."""
+
+    def __init__(
+        self,
+        instance_id: str,
+        key: bytes,
+        port: int,
+        interval: float,
+        *,
+        bind: str = "0.0.0.0",  # noqa: S104 - the peer sends to our primary IP
+        epoch: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.instance_id, self.key, self.port, self.interval = instance_id, key, port, interval
+        self.bind, self.clock, self.wall = bind, clock, wall
+        self.epoch = int(wall() * 1000) if epoch is None else epoch
+        self.lock = threading.Lock()
+        self.status: dict[str, Any] = {"role": STANDBY, "generation": None, "sas": 0}
+        self.status |= {"tunnel_loaded": None, "fenced": False, "retiring": False}
+        self.peers: list[IPv4Address] = []
+        self.members: dict[str, IPv4Address | None] | None = None  # None: anyone with the key
+        self.seq = 0
+        self.inbox: deque[tuple[Heartbeat, float]] = deque(maxlen=512)
+        self.acks: dict[str, float] = {}  # handover_ack: sender -> when
+        self.last: dict[str, tuple[int, int]] = {}  # sender -> (epoch, seq) last accepted
+        self.last_beat: dict[str, tuple[int, float]] = {}  # sender -> (epoch, arrival)
+        self.gaps: deque[float] = deque(maxlen=GAPS_KEPT)
+        self.counts: Counter[str] = Counter()
+        self.sock: socket.socket | None = None
+        self.thread: threading.Thread | None = None
+        self.stopping = threading.Event()
+
+    # -- the main loop's side ----------------------------------------------------------------
+
+    def open(self) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.bind, self.port))
+        sock.setblocking(False)
+        self.sock = sock
+        return sock
+
+    def start(self) -> None:
+        if self.sock is None:
+            self.open()
+        self.stopping.clear()
+        self.thread = threading.Thread(target=self._run, name="tunnelnat-heart", daemon=True)
+        self.thread.start()
+
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.thread is not None:
+            self.thread.join(timeout=5)
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def update(self, **status: Any) -> None:
+        with self.lock:
+            self.status |= status
+
+    def set_peers(
+        self, peers: Sequence[IPv4Address], members: dict[str, IPv4Address | None] | None
+    ) -> None:
+        with self.lock:
+            self.peers = sorted(set(peers))
+            if members is not None:
+                self.members = dict(members)
+
+    def drain(self) -> list[tuple[Heartbeat, float]]:
+        with self.lock:
+            heard = list(self.inbox)
+            self.inbox.clear()
+        return heard
+
+    def acked(self, sender: str, since: float) -> bool:
+        with self.lock:
+            return self.acks.get(sender, -math.inf) >= since
+
+    def stats(self) -> dict[str, Any]:
+        with self.lock:
+            gaps = list(self.gaps)
+            counts = dict(self.counts)
+        p99 = percentile(gaps, 0.99)
+        return {
+            "gaps": len(gaps),
+            "gap_max": round(max(gaps), 3) if gaps else None,
+            "gap_p99": None if p99 is None else round(p99, 3),
+            **{k: counts.get(k, 0) for k in ("sent", "heard", "auth_failures", "junk")},
+            **{k: counts.get(k, 0) for k in ("stale", "replayed", "strangers")},
+        }
+
+    def send(self, kind: str = "beat", to: str | None = None) -> None:
+        """One heartbeat (or handover message) to every peer; safe from any thread."""
+        with self.lock:
+            self.seq += 1
+            status, peers, seq = dict(self.status), list(self.peers), self.seq
+        message = Heartbeat(
+            self.instance_id, status["role"], seq, status["generation"], status["sas"],
+            self.wall(), self.epoch, status["tunnel_loaded"], kind, to, status["fenced"],
+            status["retiring"],
+        ).encode(self.key)  # fmt: skip
+        self._send(message, peers)
+
+    def _send(self, message: bytes, peers: Sequence[IPv4Address]) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        for peer in peers:
+            try:
+                sock.sendto(message, (str(peer), self.port))
+                with self.lock:
+                    self.counts["sent"] += 1
+            except OSError as exc:  # the peer's network is down: it is not heard either
+                with self.lock:
+                    self.counts["send_errors"] += 1
+                    first = self.counts["send_errors"] % 100 == 1
+                if first:
+                    log(f"heartbeat to {peer}: {exc}")
+
+    # -- the heart's own thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_send = self.clock()
+        while not self.stopping.is_set():
+            try:
+                now = self.clock()
+                if now >= next_send:
+                    self.send()
+                    next_send += self.interval
+                    if next_send <= now:  # the machine was suspended: no burst of beats
+                        next_send = now + self.interval
+                sock = self.sock
+                if sock is None:
+                    return
+                ready, _, _ = select.select([sock], [], [], max(0.0, next_send - self.clock()))
+                if ready:
+                    self._read(sock)
+            except Exception as exc:  # noqa: BLE001 - the heart never stops for one bad round
+                log(f"heart: {type(exc).__name__}: {exc}")
+                time.sleep(min(self.interval, 0.5))
+
+    def _read(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                data, (host, _port) = sock.recvfrom(MAX_DATAGRAM + 1)
+            except (BlockingIOError, InterruptedError):
+                return
+            self.receive(data, host, self.clock())
+
+    def receive(self, data: bytes, host: str, now: float) -> Heartbeat | None:
+        """Check one datagram; a heard one goes to the inbox (and a handover is acknowledged
+        at once). Returns it, or None when dropped (counted by why)."""
+        try:
+            beat = Heartbeat.parse(data, self.key)
+        except AuthError:
+            self._count("auth_failures")
+            return None
+        except ValueError:
+            self._count("junk")
+            return None
+        if beat.instance == self.instance_id:
+            return None  # our own, looped back
+        if abs(self.wall() - beat.sent) > FRESH_SECONDS:
+            self._count("stale")
+            return None
+        with self.lock:
+            members = self.members
+            if members is not None and (
+                beat.instance not in members or members[beat.instance] not in (None, _ip(host))
+            ):
+                self.counts["strangers"] += 1
+                return None
+            last = self.last.get(beat.instance)
+            if last is not None and (beat.epoch, beat.seq) <= last:
+                self.counts["replayed"] += 1
+                return None
+            self.last[beat.instance] = (beat.epoch, beat.seq)
+            self.counts["heard"] += 1
+            if beat.kind == "beat":
+                before = self.last_beat.get(beat.instance)
+                if before is not None and before[0] == beat.epoch:
+                    self.gaps.append(now - before[1])
+                self.last_beat[beat.instance] = (beat.epoch, now)
+            if beat.kind == "handover_ack" and beat.to == self.instance_id:
+                self.acks[beat.instance] = now
+            else:
+                self.inbox.append((beat, now))
+            source = _ip(host)
+            if source is not None and source not in self.peers:
+                # Discovery failed or is behind: answer an authenticated member where it is.
+                self.peers = sorted({*self.peers, source})
+        if beat.kind == "handover" and beat.to == self.instance_id:
+            with self.lock:
+                self.seq += 1
+                status, seq = dict(self.status), self.seq
+            ack = Heartbeat(
+                self.instance_id, status["role"], seq, status["generation"], status["sas"],
+                self.wall(), self.epoch, status["tunnel_loaded"], "handover_ack", beat.instance,
+            ).encode(self.key)  # fmt: skip
+            self._send(ack, [_ip(host) or IPv4Address("127.0.0.1")])
+        return beat
+
+    def _count(self, what: str) -> None:
+        with self.lock:
+            self.counts[what] += 1
+
+
+def _ip(host: str) -> IPv4Address | None:
+    try:
+        return IPv4Address(host)
+    except ValueError:
+        return None
 
 
 # -- the decisions (pure) -------------------------------------------------------------------------
@@ -273,6 +671,8 @@ class TakeOver:
 
 @dataclass(frozen=True)
 class StepDown:
+    """Fenced: the ENI was taken from under this active (it did not hand it over)."""
+
     reason: str
 
 
@@ -286,14 +686,34 @@ class Report:
     """Write the readiness item (gateway/<id>)."""
 
 
-Action = TakeOver | StepDown | CheckEni | Report
+@dataclass(frozen=True)
+class HandOver:
+    """The active gives G to ``to``, a ready standby (a planned switchover)."""
+
+    to: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class NoHandover:
+    reason: str
+
+
+@dataclass(frozen=True)
+class AcceptHandover:
+    """The standby takes G from ``previous``, which is letting go of it (no Force)."""
+
+    previous: str
+
+
+Action = TakeOver | StepDown | CheckEni | Report | HandOver | NoHandover | AcceptHandover
 
 
 @dataclass
 class PairMachine:
     """What a gateway of the pair does next, from the time (monotonic seconds), the heartbeats it
     heard, its ENI link and EC2's word on the ENI. No I/O: ``Agent`` carries the actions out and
-    reports a takeover's outcome back (``took_over`` / ``takeover_failed``)."""
+    reports their outcomes back (``took_over``, ``takeover_failed``, ``handed_over``)."""
 
     instance_id: str
     role: str
@@ -302,14 +722,22 @@ class PairMachine:
     misses: int = 4
     startup_grace: float = 10.0
     check_seconds: float = 30.0
+    settle: float = SETTLE_SECONDS
+    confirm: float = CONFIRM_SECONDS
     counting_since: float = field(init=False)  # the silence counts from here until first heard
     active_heard_at: float | None = field(default=None, init=False)
     active_instance: str | None = field(default=None, init=False)  # who it was
     peer_heard_at: float | None = field(default=None, init=False)
+    beats: dict[str, tuple[Heartbeat, float]] = field(default_factory=dict, init=False)
     not_before: float = field(default=0.0, init=False)  # no takeover attempt before this
     next_check: float = field(init=False)
     next_report: float = field(init=False)
     next_split_check: float = field(default=0.0, init=False)
+    attached_at: float | None = field(default=None, init=False)  # its own attach (took_over)
+    disagreed: tuple[float, str | None] | None = field(default=None, init=False)
+    fenced: bool = field(default=False, init=False)
+    retiring: bool = field(default=False, init=False)  # being terminated: never takes G
+    handover_at: float = field(default=-math.inf, init=False)
 
     def __post_init__(self) -> None:
         if self.role not in (ACTIVE, STANDBY):
@@ -319,25 +747,48 @@ class PairMachine:
         self.next_report = self.now  # at once, then every check_seconds
 
     @property
+    def budget(self) -> float:
+        """The silence budget: ``misses`` intervals (docs/health.md: why 4 x 0.5 s)."""
+        return self.misses * self.interval
+
+    @property
     def limit(self) -> float:
-        """Seconds of silence that make the active dead: misses intervals, plus the startup
-        grace while it was never heard (the other gateway may still be booting)."""
+        """Seconds of silence that make the active dead: the budget, plus the startup grace
+        while it was never heard (the other gateway may still be booting)."""
         grace = 0.0 if self.active_heard_at is not None else self.startup_grace
-        return self.misses * self.interval + grace
+        return self.budget + grace
 
     def heard(self, heartbeat: Heartbeat, now: float) -> list[Action]:
         if heartbeat.instance == self.instance_id:
             return []  # our own datagram looped back: not the peer
+        if heartbeat.kind == "handover":
+            return self._handover_heard(heartbeat, now)
+        if heartbeat.kind != "beat":
+            return []
         self.peer_heard_at = now
+        self.beats[heartbeat.instance] = (heartbeat, now)
         if heartbeat.role != ACTIVE:
             return []
         self.active_heard_at = now
         self.active_instance = heartbeat.instance
         if self.role == ACTIVE and now >= self.next_split_check:
             # Both claim the ENI: EC2 says which one holds it; the other steps down.
-            self.next_split_check = now + max(self.misses * self.interval, 1.0)
+            self.next_split_check = now + max(self.budget, 1.0)
             return [CheckEni(f"{heartbeat.instance} also claims to be active")]
         return []
+
+    def _handover_heard(self, message: Heartbeat, now: float) -> list[Action]:
+        # Only from the active it hears, addressed to it, once: anyone else's is not ours.
+        if (
+            self.role != STANDBY
+            or self.retiring
+            or message.to != self.instance_id
+            or message.instance != self.active_instance
+            or now - self.handover_at < max(self.budget, 1.0)
+        ):
+            return []
+        self.handover_at = now
+        return [AcceptHandover(message.instance)]
 
     def tick(self, now: float, *, link_present: bool) -> list[Action]:
         actions: list[Action] = []
@@ -351,6 +802,8 @@ class PairMachine:
                 self.next_check = now + self.check_seconds
                 actions.append(CheckEni("periodic"))
             return actions
+        if self.retiring:
+            return actions  # being terminated: it never takes G
         since = self.active_heard_at if self.active_heard_at is not None else self.counting_since
         silent = now - since
         if silent >= self.limit and now >= self.not_before:
@@ -365,28 +818,91 @@ class PairMachine:
         return actions
 
     def eni_seen(self, now: float, holder: str | None) -> list[Action]:
-        """EC2's answer to CheckEni: the instance holding the ENI (None: nobody)."""
-        if self.role == ACTIVE and holder != self.instance_id:
-            return [self._step_down(now, f"the ENI is attached to {holder or 'no instance'}")]
-        return []
+        """EC2's answer to CheckEni: the instance holding the ENI (None: nobody). One reading
+        is not enough to step down: DescribeNetworkInterfaces is eventually consistent
+        (https://docs.aws.amazon.com/ec2/latest/devguide/eventual-consistency.html), so a read
+        right after our own attach may still show the old attachment. Stepping down takes two
+        readings naming the same other holder ``confirm`` seconds apart, none within ``settle``
+        seconds of our attach (the link gone from this instance needs no EC2 at all)."""
+        if self.role != ACTIVE:
+            return []
+        if holder == self.instance_id:
+            self.disagreed = None
+            return []
+        if self.attached_at is not None and now - self.attached_at < self.settle:
+            self.next_check = min(self.next_check, self.attached_at + self.settle)
+            return []
+        if self.disagreed is None or self.disagreed[1] != holder:
+            self.disagreed = (now, holder)
+        if now - self.disagreed[0] < self.confirm:
+            self.next_check = min(self.next_check, self.disagreed[0] + self.confirm)
+            return []
+        return [self._step_down(now, f"the ENI is attached to {holder or 'no instance'}")]
 
     def took_over(self, now: float) -> None:
         self.role = ACTIVE
+        self.fenced = False
+        self.attached_at = now
+        self.disagreed = None
         self.next_check = now + self.check_seconds
         self.next_report = now  # the new role is written at once
 
+    def confirmed_here(self, now: float) -> None:
+        """At start: EC2 says the ENI is here (the provisional role was standby)."""
+        self.took_over(now)
+        self.attached_at = None  # not a fresh attach of ours: no settle window
+
     def takeover_failed(self, now: float, retry_after: float | None = None) -> None:
-        """Refused (hold-down), lost the race, or failed: stay standby, try again no sooner
-        than ``retry_after`` seconds (or a full count of misses) from now."""
-        wait = self.misses * self.interval if retry_after is None else retry_after
+        """Refused (hold-down), lost the race, spared (the holder answers), or failed: stay
+        standby, try again no sooner than ``retry_after`` seconds (or the budget) from now."""
+        wait = self.budget if retry_after is None else retry_after
         self.not_before = now + max(wait, self.interval)
+
+    def handover_wanted(self, now: float, reason: str, generation: int | None) -> Action:
+        """The active is asked to hand G over: to the standby heard most recently within the
+        budget that is ready (tunnel loaded, NAT generation >= ours, not fenced or retiring)."""
+        if self.role != ACTIVE:
+            return NoHandover("this gateway is not the active")
+        ready = []
+        for instance, (beat, at) in self.beats.items():
+            fresh = now - at <= self.budget
+            synced = beat.generation is not None and (
+                generation is None or beat.generation >= generation
+            )
+            if (
+                fresh and synced and beat.role == STANDBY and beat.tunnel_loaded is True
+                and not beat.fenced and not beat.retiring
+            ):  # fmt: skip
+                ready.append((at, instance))
+        if not ready:
+            heard = ", ".join(
+                f"{i} ({b.role}, generation {b.generation}, tunnel_loaded {b.tunnel_loaded}, "
+                f"{now - at:.1f} s ago)"
+                for i, (b, at) in sorted(self.beats.items())
+            )
+            return NoHandover(f"no ready standby heard (heard: {heard or 'nobody'})")
+        return HandOver(max(ready)[1], reason)
+
+    def handed_over(self, now: float) -> None:
+        """The active let go of G (a handover): a healthy standby, not fenced; it counts the
+        silence with the grace, and the new active's heartbeats reset it."""
+        self.role = STANDBY
+        self.counting_since = now
+        self.active_heard_at = None
+        self.attached_at = None
+        self.disagreed = None
+        self.not_before = now + self.budget
+        self.next_report = now
 
     def _step_down(self, now: float, reason: str) -> StepDown:
         # Fenced: count the silence from here, with the startup grace, as at a start. The new
         # active's heartbeats reset it; it is never taken back while they are heard.
         self.role = STANDBY
+        self.fenced = True
         self.counting_since = now
         self.active_heard_at = None
+        self.attached_at = None
+        self.disagreed = None
         self.next_report = now
         return StepDown(reason)
 
@@ -420,16 +936,32 @@ def holding(eni: dict[str, Any]) -> Holding:
 
 @dataclass(frozen=True)
 class TakeoverResult:
-    outcome: str  # won, already (attached here before), refused, lost, failed
+    outcome: str  # won, already (attached here before), refused, spared, lost, failed
     detail: str
     previous: str | None = None  # the instance that held the ENI
     retry_after: float | None = None
     mac: str = ""
+    device_index: int | None = None
+
+
+DEVICE_INDEXES = 7  # tried from boot.DEVICE_INDEX on: more than any gateway type's ENIs in use
+
+
+def index_in_use(exc: Exception) -> bool:
+    """EC2's refusal of a device index that is (still) taken on the instance: after a forced
+    detach the instance may not accept a new attachment at that index until a stop/start
+    (https://docs.aws.amazon.com/AWSEC2/latest/APIReference/API_DetachNetworkInterface.html);
+    EC2 answers ``InvalidParameterValue`` "Instance ... already has an interface attached at
+    device index '1'." (quoted in lstoll/k8s-vpcnet#71 and cilium/cilium#42512)."""
+    error = getattr(exc, "response", {}).get("Error", {}) if hasattr(exc, "response") else {}
+    text = f"{error.get('Code', '')} {error.get('Message', '')}".lower()
+    return "device index" in text or "deviceindex" in text
 
 
 @dataclass
 class Takeover:
-    """Take the ENI: force-detach what holds it, attach here; the attachment decides a race."""
+    """Take the ENI: force-detach what holds it, attach here; the attachment decides a race.
+    ``second_opinion(holder)`` returns why not to force (the holder is up), or None."""
 
     config: PairConfig
     ec2: Any
@@ -439,6 +971,7 @@ class Takeover:
     sleep: Callable[[float], None] = time.sleep
     poll_seconds: float = 0.2
     timeout_seconds: float = 120.0
+    second_opinion: Callable[[str], str | None] | None = None
 
     def describe(self) -> Holding:
         reply = self.ec2.describe_network_interfaces(NetworkInterfaceIds=[self.config.eni_id])
@@ -462,6 +995,9 @@ class Takeover:
                     previous,
                     retry_after=self.config.hold_down_seconds - age,
                 )
+            alive = self.second_opinion(previous) if self.second_opinion is not None else None
+            if alive is not None:
+                return TakeoverResult("spared", alive, previous)
             try:
                 # The attachment we saw, never a newer one: a rival that attached since keeps it.
                 self.ec2.detach_network_interface(AttachmentId=seen.attachment_id, Force=True)
@@ -469,30 +1005,54 @@ class Takeover:
             except (ClientError, BotoCoreError) as exc:
                 log(f"detach of {seen.attachment_id} failed ({exc}); reading the ENI again")
         deadline = self.clock() + self.timeout_seconds
-        while True:  # until it is free
+        free = self.wait_available(previous, deadline)
+        if free is not None:
+            return free
+        return self.attach_here(previous, deadline)
+
+    def wait_available(self, previous: str | None, deadline: float) -> TakeoverResult | None:
+        """Until the ENI is ``available``: None, or how it ended otherwise."""
+        me, eni = self.instance_id, self.config.eni_id
+        while True:
             now_seen = self.describe()
             if now_seen.holder == me:
                 return TakeoverResult("won", f"{eni} attached here", previous, mac=now_seen.mac)
             if now_seen.holder is not None and now_seen.holder != previous:
                 return self._lost(now_seen, previous)
             if now_seen.holder is None and now_seen.status == "available":
-                break
+                return None
             if self.clock() >= deadline:
                 return TakeoverResult("failed", f"{eni} not released: {now_seen}", previous)
             self.sleep(self.poll_seconds)
-        try:
-            self.ec2.attach_network_interface(
-                NetworkInterfaceId=eni, InstanceId=me, DeviceIndex=boot.DEVICE_INDEX
-            )
-        except (ClientError, BotoCoreError) as exc:
-            now_seen = self.describe()
-            if now_seen.holder not in (None, me):
-                return self._lost(now_seen, previous)
-            return TakeoverResult("failed", f"attach failed: {exc}", previous)
+
+    def attach_here(self, previous: str | None, deadline: float) -> TakeoverResult:
+        """Attach the available ENI here (device index 1, or the next free one when EC2 says
+        an index is still in use) and wait until EC2 says it is attached here."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        me, eni = self.instance_id, self.config.eni_id
+        index = boot.DEVICE_INDEX
+        while True:
+            try:
+                self.ec2.attach_network_interface(
+                    NetworkInterfaceId=eni, InstanceId=me, DeviceIndex=index
+                )
+                break
+            except (ClientError, BotoCoreError) as exc:
+                now_seen = self.describe()
+                if now_seen.holder not in (None, me):
+                    return self._lost(now_seen, previous)
+                if index_in_use(exc) and index < boot.DEVICE_INDEX + DEVICE_INDEXES - 1:
+                    log(f"device index {index} refused ({exc}); trying {index + 1}")
+                    index += 1
+                    continue
+                return TakeoverResult("failed", f"attach failed: {exc}", previous)
         while True:  # until it is attached here (or the other one has it: lost)
             now_seen = self.describe()
             if now_seen.holder == me and now_seen.status == "in-use":
-                return TakeoverResult("won", f"{eni} attached here", previous, mac=now_seen.mac)
+                return TakeoverResult(
+                    "won", f"{eni} attached here", previous, mac=now_seen.mac, device_index=index
+                )
             if now_seen.holder not in (None, me):
                 return self._lost(now_seen, previous)
             if self.clock() >= deadline:
@@ -506,6 +1066,19 @@ class Takeover:
             previous,
             retry_after=self.config.hold_down_seconds,
         )
+
+
+def ping(address: IPv4Address) -> bool:
+    """Whether ``address`` answers an ICMP echo within about a second: iputils ``ping`` (Debian
+    12's 20221126 and Ubuntu 24.04's 20240117 both take these options): up to 5 echoes 0.2 s
+    apart (-i 0.2 is allowed to any user), exit 0 at the first reply (-c 1), 1 s at most (-w)."""
+    argv = ["ping", "-n", "-q", "-c", "1", "-i", "0.2", "-w", "1", str(address)]
+    try:
+        proc = subprocess.run(argv, capture_output=True, timeout=3, check=False)  # noqa: S603
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log(f"ping {address}: {exc}")
+        return False
+    return proc.returncode == 0
 
 
 # -- the gateway's own state (swanctl, nft) -------------------------------------------------------
@@ -669,6 +1242,40 @@ class Records:
             ExpressionAttributeValues={":to": {"S": winner}, ":at": {"N": f"{at:.3f}"}},
         )
 
+    def switchover(self, previous: str, winner: str, timing: dict[str, Any]) -> None:
+        """A planned handover: meta/pair names the new active and the switchover; not a
+        failover (no Failovers metric, no page)."""
+        at = timing["at"]
+        last = {
+            "from": {"S": previous},
+            "to": {"S": winner},
+            "at": {"N": f"{at:.3f}"},
+            "seconds": {"N": f"{timing['seconds']:.3f}"},
+            "reason": {"S": timing_reason(timing)},
+        }
+        self.dynamodb.update_item(
+            TableName=self.config.table,
+            Key={"pk": {"S": "meta"}, "sk": {"S": "pair"}},
+            UpdateExpression="SET active = :to, active_since = :at, last_switchover = :last "
+            "ADD switchovers :one",
+            ExpressionAttributeValues={
+                ":to": {"S": winner},
+                ":at": {"N": f"{at:.3f}"},
+                ":last": {"M": last},
+                ":one": {"N": "1"},
+            },
+        )
+
+    def desired_generation(self) -> int:
+        """The table's meta/generation (absent: 0), what a ready standby must have applied."""
+        reply = self.dynamodb.get_item(
+            TableName=self.config.table,
+            Key={"pk": {"S": "meta"}, "sk": {"S": "generation"}},
+            ConsistentRead=True,
+        )
+        value = reply.get("Item", {}).get("generation", {}).get("N")
+        return int(value) if value is not None else 0
+
     def readiness(
         self,
         instance_id: str,
@@ -679,26 +1286,37 @@ class Records:
         now: float,
         *,
         tunnel_loaded: bool | None = None,
+        epoch: int | None = None,
+        fenced: bool = False,
+        heart: dict[str, Any] | None = None,
     ) -> None:
         def number(value: float | None) -> dict[str, Any]:
             return {"NULL": True} if value is None else {"N": f"{value:.3f}"}
 
         loaded = {"NULL": True} if tunnel_loaded is None else {"BOOL": tunnel_loaded}
-
-        self.dynamodb.put_item(
-            TableName=self.config.table,
-            Item={
-                "pk": {"S": "gateway"},
-                "sk": {"S": instance_id},
-                "role": {"S": role},
-                "applied_generation": number(generation),
-                "sas": {"N": str(sas)},
-                "tunnel_loaded": loaded,
-                "peer_heard_at": number(peer_heard_at),
-                "updated_at": number(now),
-                "expiration": {"N": str(int(now + READINESS_KEEP_SECONDS))},
-            },
-        )
+        item: dict[str, Any] = {
+            "pk": {"S": "gateway"},
+            "sk": {"S": instance_id},
+            "role": {"S": role},
+            "applied_generation": number(generation),
+            "sas": {"N": str(sas)},
+            "tunnel_loaded": loaded,
+            "peer_heard_at": number(peer_heard_at),
+            "updated_at": number(now),
+            "expiration": {"N": str(int(now + READINESS_KEEP_SECONDS))},
+            "fenced": {"BOOL": fenced},
+            "heartbeat_version": {"N": str(HEARTBEAT_VERSION)},
+        }
+        if epoch is not None:
+            item["epoch"] = {"N": str(epoch)}
+        if heart is not None:
+            item["heartbeat_gap_max"] = number(heart.get("gap_max"))
+            item["heartbeat_gap_p99"] = number(heart.get("gap_p99"))
+            item["heartbeat_gaps"] = {"N": str(heart.get("gaps", 0))}
+            item["auth_failures"] = {"N": str(heart.get("auth_failures", 0))}
+            dropped = sum(heart.get(k, 0) for k in ("junk", "stale", "replayed", "strangers"))
+            item["heartbeats_dropped"] = {"N": str(dropped)}
+        self.dynamodb.put_item(TableName=self.config.table, Item=item)
 
 
 def timing_reason(timing: dict[str, Any]) -> str:
@@ -718,6 +1336,60 @@ def write_role(path: Path, role: str) -> None:
         log(f"cannot write {path}: {exc}")
 
 
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(data, sort_keys=True) + "\n")
+        tmp.replace(path)
+    except OSError as exc:
+        log(f"cannot write {path}: {exc}")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def address_is_local(address: IPv4Address) -> bool:
+    """Whether ``address`` is on one of this machine's links: binding to it succeeds only then
+    (net.ipv4.ip_nonlocal_bind is 0 by default). No ``ip``, no AWS: usable before both."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((str(address), 0))
+        except OSError:
+            return False
+    return True
+
+
+def imds_get(path: str, base: str | None = None, timeout: float = 1.0) -> str | None:
+    """One IMDSv2 read (None: 404, e.g. no Auto Scaling lifecycle state outside a group)."""
+    base = base or os.environ.get("TUNNELNAT_IMDS_URL", boot.IMDS)
+    token_req = urllib.request.Request(  # noqa: S310 - link-local IMDS (or the lab's)
+        f"{base}/latest/api/token",
+        method="PUT",
+        headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"},
+    )
+    with urllib.request.urlopen(token_req, timeout=timeout) as reply:  # noqa: S310
+        token = reply.read().decode()
+    request = urllib.request.Request(  # noqa: S310
+        f"{base}{path}", headers={"X-aws-ec2-metadata-token": token}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:  # noqa: S310
+            return reply.read().decode().strip()
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return None
+        raise
+
+
+LIFECYCLE_STATE = "/latest/meta-data/autoscaling/target-lifecycle-state"
+
+
 @dataclass
 class Agent:
     config: PairConfig
@@ -729,25 +1401,47 @@ class Agent:
     clock: Callable[[], float] = time.monotonic
     wall: Callable[[], float] = time.time
     sleep: Callable[[float], None] = time.sleep
-    sock: socket.socket | None = None
+    heart: Heart | None = None  # None: one that is never started (tests drive it by hand)
+    autoscaling: Any = None
+    cloudformation: Any = None
+    pinger: Callable[[IPv4Address], bool] = ping  # the second opinion's ICMP echo
+    imds: Callable[[str], str | None] = imds_get
     machine: PairMachine | None = None
     peers: list[IPv4Address] = field(default_factory=list)
-    seq: int = 0
+    members: dict[str, IPv4Address | None] | None = None  # the group's, at the last discovery
+    group: str | None = None
     generation: int | None = None
     sas: int = 0
     tunnel_loaded: bool | None = None  # charon has the tunnel's connection (None: unknown)
     mac: str = ""
+    confirmed: bool = False  # EC2 has confirmed (or corrected) the provisional role
     awaiting_tunnel: float | None = None  # monotonic time of the takeover while no SA yet
     next_status: float = 0.0
     next_peers: float = 0.0
+    next_lifecycle: float = 0.0
+    next_signal: float = 0.0
+    terminating_since: float | None = None
+    lifecycle_done: bool = False
+    signalled: bool = False
+    fenced_reason: str | None = None
+    errors: dict[str, tuple[float, int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.heart is None:
+            cfg = self.config
+            self.heart = Heart(
+                self.instance_id, INSECURE_KEY, cfg.heartbeat_port, cfg.interval_seconds,
+                clock=self.clock, wall=self.wall,
+            )  # fmt: skip
 
     # -- start ---------------------------------------------------------------------------------
 
-    def start(self) -> PairMachine:
-        seen = Takeover(self.config, self.ec2, self.instance_id).describe()
-        self.mac = seen.mac
-        role = ACTIVE if seen.holder == self.instance_id else STANDBY
+    def start(self, *, confirm: bool = True) -> PairMachine:
+        """The provisional role from this machine alone (no AWS call), the heart beating with
+        it, then (``confirm``) EC2's word. ``run`` confirms in the loop instead: an agent
+        restarted on the active sends its first heartbeat before any AWS call."""
         cfg = self.config
+        role = self.provisional_role()
         self.machine = PairMachine(
             self.instance_id,
             role,
@@ -758,99 +1452,185 @@ class Agent:
             check_seconds=cfg.check_seconds,
         )
         write_role(cfg.role_file, role)
-        self.refresh_peers()
+        assert self.heart is not None
+        self.heart.update(role=role)
+        self.heart.set_peers(self.peers, None)
+        if self.heart.sock is not None and not self.heart.alive():
+            self.heart.start()
         log(
-            f"{role}: {cfg.eni_id} held by {seen.holder or 'nobody'}; heartbeats every "
+            f"{role} (provisional): heartbeats v{HEARTBEAT_VERSION} every "
             f"{cfg.interval_seconds:g} s to {', '.join(map(str, self.peers)) or 'no peer yet'}, "
             f"takeover after {cfg.misses} misses"
         )
-        if role == ACTIVE:
-            self.bring_up(seen.mac)  # idempotent: the boot did it, a restart may follow a change
+        if confirm:
+            self.confirm()
         return self.machine
 
-    def open_socket(self) -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("0.0.0.0", self.config.heartbeat_port))  # noqa: S104 - the peer's primary IP
-        sock.setblocking(False)
-        self.sock = sock
-        return sock
-
-    def refresh_peers(self) -> None:
+    def provisional_role(self) -> str:
+        """Active when G's ENI is on a link here: its MAC (cached by the previous run) or G's
+        address on a local link. The peers the previous run knew come back too."""
+        state = read_json(self.config.state_file)
+        mac = str(state.get("mac", ""))
+        self.mac = mac if boot.MAC.fullmatch(mac) else ""
         if self.config.peer_address is not None:
             self.peers = [self.config.peer_address]
+        else:
+            self.peers = sorted({IPv4Address(p) for p in state.get("peers", []) if _ip(str(p))})
+        local = False
+        if self.mac:
+            try:
+                local = self.links.by_mac(self.mac) is not None
+            except Exception as exc:  # noqa: BLE001 - then G's address decides
+                log(f"cannot list the links: {exc}")
+        return ACTIVE if local or address_is_local(self.config.gateway.ip) else STANDBY
+
+    def save_state(self) -> None:
+        write_json(self.config.state_file, {"mac": self.mac, "peers": list(map(str, self.peers))})
+
+    def confirm(self) -> None:
+        """EC2's word on the provisional role (DescribeNetworkInterfaces)."""
+        assert self.machine is not None
+        seen = self.takeover().describe()
+        self.mac = seen.mac or self.mac
+        now = self.clock()
+        if seen.holder == self.instance_id:
+            if self.machine.role != ACTIVE:
+                self.machine.confirmed_here(now)
+                self.set_role(ACTIVE)
+            self.bring_up(seen.mac)  # idempotent: the boot did it, a restart may follow a change
+        elif self.machine.role == ACTIVE:
+            # Two readings apart before stepping down (eni_seen); the link check is at once.
+            self.execute(self.machine.eni_seen(now, seen.holder))
+        self.confirmed = True
+        log(f"{self.machine.role}: {self.config.eni_id} held by {seen.holder or 'nobody'}")
+        self.save_state()
+        self.next_peers = now + self.config.check_seconds
+        self.guard("discover", self.discover)
+
+    def set_role(self, role: str) -> None:
+        write_role(self.config.role_file, role)
+        assert self.heart is not None
+        self.heart.update(role=role)
+
+    def group_name(self) -> str | None:
+        if self.group is None:
+            self.group = self.config.group_name
+        if self.group is None:
+            reply = self.ec2.describe_instances(InstanceIds=[self.instance_id])
+            for reservation in reply.get("Reservations", []):
+                for instance in reservation.get("Instances", []):
+                    for tag in instance.get("Tags", []):
+                        if tag.get("Key") == GROUP_TAG:
+                            self.group = str(tag.get("Value"))
+        return self.group
+
+    def discover(self) -> None:
+        """The gateway group's members (Auto Scaling's own tag) and the peers' primary IPs.
+        Failing, the heart keeps what it had (and, never having had any, hears anyone with
+        the key)."""
+        group = self.group_name()
+        if group is None:
+            self.warn("discover", f"no {GROUP_TAG} tag on {self.instance_id}: no membership")
             return
-        try:
-            reply = self.ec2.describe_instances(
-                Filters=[
-                    {"Name": "tag:tunnelnat:deployment", "Values": [self.config.deployment]},
-                    *({"Name": f"tag:{k}", "Values": [v]} for k, v in PEER_TAGS.items()),
-                    {"Name": "instance-state-name", "Values": ["pending", "running"]},
-                ]
-            )
-        except Exception as exc:  # noqa: BLE001 - keep the peers we knew
-            log(f"cannot list the other gateways: {type(exc).__name__}: {exc}")
-            return
-        found = []
+        reply = self.ec2.describe_instances(
+            Filters=[
+                {"Name": f"tag:{GROUP_TAG}", "Values": [group]},
+                {"Name": "instance-state-name", "Values": ["pending", "running"]},
+            ]
+        )
+        members: dict[str, IPv4Address | None] = {}
         for reservation in reply.get("Reservations", []):
             for instance in reservation.get("Instances", []):
                 address = instance.get("PrivateIpAddress")
-                if instance.get("InstanceId") != self.instance_id and address:
-                    found.append(IPv4Address(address))
-        if sorted(found) != sorted(self.peers):
-            log(f"peers: {', '.join(map(str, sorted(found))) or 'none'}")
-        self.peers = sorted(found)
+                members[instance["InstanceId"]] = IPv4Address(address) if address else None
+        found = sorted(a for i, a in members.items() if i != self.instance_id and a is not None)
+        if self.config.peer_address is not None:
+            found = [self.config.peer_address]
+        if found != self.peers or self.members is None:
+            log(f"group {group}: peers {', '.join(map(str, found)) or 'none'}")
+        self.peers, self.members = found, members
+        assert self.heart is not None
+        self.heart.set_peers(found, members)
+        self.save_state()
 
     # -- one round -----------------------------------------------------------------------------
 
-    def receive(self, timeout: float) -> None:
-        """Read datagrams for up to ``timeout`` seconds."""
-        assert self.sock is not None and self.machine is not None
-        deadline = self.clock() + timeout
-        while True:
-            left = deadline - self.clock()
-            if left <= 0:
-                return
-            ready, _, _ = select.select([self.sock], [], [], left)
-            if not ready:
-                return
-            while True:
-                try:
-                    data, (host, _port) = self.sock.recvfrom(MAX_DATAGRAM + 1)
-                except BlockingIOError:
-                    break
-                self.handle_datagram(data, host)
-
     def handle_datagram(self, data: bytes, host: str) -> None:
-        assert self.machine is not None
-        try:
-            source = IPv4Address(host)
-            if source not in self.peers:
-                return  # not from the other gateway: ignored
-            heartbeat = Heartbeat.parse(data)
-        except ValueError:
-            return
-        self.execute(self.machine.heard(heartbeat, self.clock()))
+        """One datagram through the heart's checks, then to the machine (tests)."""
+        assert self.heart is not None
+        self.heart.receive(data, host, self.clock())
+        self.hear()
+
+    def hear(self) -> None:
+        assert self.heart is not None and self.machine is not None
+        for beat, at in self.heart.drain():
+            self.execute(self.machine.heard(beat, at))
 
     def step(self) -> None:
-        """One interval: the machine's tick, its actions, the heartbeat."""
-        assert self.machine is not None
+        """One interval: what the heart heard, EC2's word when due, the machine's tick and
+        its actions, the switchover request, the lifecycle, the ready signal. Each part is
+        guarded: a failing ``ip`` or AWS call is logged (rate-limited), never raised."""
+        assert self.machine is not None and self.heart is not None
+        if self.heart.sock is not None and not self.heart.alive():
+            log("the heart had stopped: restarting it")
+            self.heart.start()
+        self.guard("hear", self.hear)
         now = self.clock()
-        if now >= self.next_peers and self.config.peer_address is None:
+        if not self.confirmed:
+            self.guard("confirm", self.confirm)
+        elif now >= self.next_peers:
             self.next_peers = now + self.config.check_seconds
-            self.refresh_peers()
+            self.guard("discover", self.discover)
         if now >= self.next_status:
-            self.refresh_status(now)
-        link = bool(self.mac) and self.links.by_mac(self.mac) is not None
-        self.execute(self.machine.tick(now, link_present=link))
-        self.send_heartbeat()
+            self.guard("status", lambda: self.refresh_status(now))
+        link = self.link_present()
+        self.guard("tick", lambda: self.execute(self.machine.tick(now, link_present=link)))  # type: ignore[union-attr]
+        self.guard("switchover", self.check_request)
+        self.guard("lifecycle", self.check_lifecycle)
+        self.guard("signal", self.maybe_signal)
+        self.heart.update(
+            role=self.machine.role, generation=self.generation, sas=self.sas,
+            tunnel_loaded=self.tunnel_loaded, fenced=self.machine.fenced,
+            retiring=self.machine.retiring,
+        )  # fmt: skip
+
+    def link_present(self) -> bool:
+        """The ENI's link here; unknown (no MAC yet, ``ip`` failing) counts as present: only
+        a link seen gone makes the active step down at once."""
+        if not self.mac:
+            return True
+        try:
+            return self.links.by_mac(self.mac) is not None
+        except Exception as exc:  # noqa: BLE001 - boot.BootError, bad JSON: unknown
+            self.error("ip link", exc)
+            return True
+
+    def guard(self, what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - the loop goes on; the next round retries
+            self.error(what, exc)
+            return None
+
+    def error(self, what: str, exc: Exception) -> None:
+        self.warn(what, f"{what} failed: {type(exc).__name__}: {exc}")
+
+    def warn(self, what: str, message: str) -> None:
+        """Logged at once, then at most every ERROR_LOG_SECONDS with how many were not."""
+        now = self.clock()
+        last, quiet = self.errors.get(what, (-math.inf, 0))
+        if now - last < ERROR_LOG_SECONDS:
+            self.errors[what] = (last, quiet + 1)
+            return
+        log(message + (f" ({quiet} more since the last report)" if quiet else ""))
+        self.errors[what] = (now, 0)
 
     def refresh_status(self, now: float) -> None:
+        fast = self.awaiting_tunnel is not None
+        self.next_status = now + (self.config.interval_seconds if fast else STATUS_SECONDS)
         self.generation = read_generation(self.run_cmd)
         self.sas = read_sas(self.config.children, self.run_cmd)
         self.tunnel_loaded = read_tunnel_loaded(self.config.tunnel, self.run_cmd)
-        fast = self.awaiting_tunnel is not None
-        self.next_status = now + (self.config.interval_seconds if fast else STATUS_SECONDS)
         if self.awaiting_tunnel is not None and self.sas >= len(self.config.children):
             event("tunnel_up", seconds=round(now - self.awaiting_tunnel, 3), sas=self.sas)
             self.awaiting_tunnel = None
@@ -858,78 +1638,114 @@ class Agent:
             log(f"tunnel not up 120 s after the takeover ({self.sas} SAs)")
             self.awaiting_tunnel = None
 
-    def send_heartbeat(self) -> None:
-        assert self.machine is not None
-        if self.sock is None or not self.peers:
-            return
-        self.seq += 1
-        beat = Heartbeat(
-            self.instance_id, self.machine.role, self.seq, self.generation, self.sas, self.wall()
-        )
-        for peer in self.peers:
-            try:
-                self.sock.sendto(beat.encode(), (str(peer), self.config.heartbeat_port))
-            except OSError as exc:  # the peer's network is down: it is not heard either
-                if self.seq % 20 == 1:
-                    log(f"heartbeat to {peer}: {exc}")
-
     def execute(self, actions: Sequence[Action]) -> None:
         for action in actions:
             try:
                 if isinstance(action, TakeOver):
                     self.take_over(action)
                 elif isinstance(action, StepDown):
-                    log(f"active: {action.reason}: stepping down to standby")
-                    write_role(self.config.role_file, STANDBY)
+                    log(f"active: {action.reason}: fenced, stepping down to standby")
+                    self.set_role(STANDBY)
+                    assert self.heart is not None
+                    self.heart.update(fenced=True)
                     drop_sas(self.config, self.run_cmd)
+                    self.fence(action.reason)
                     self.report()
                 elif isinstance(action, CheckEni):
-                    seen = Takeover(self.config, self.ec2, self.instance_id).describe()
+                    seen = self.takeover().describe()
                     self.execute(self.machine.eni_seen(self.clock(), seen.holder))  # type: ignore[union-attr]
                 elif isinstance(action, Report):
                     self.report()
+                elif isinstance(action, HandOver):
+                    self.hand_over(action)
+                elif isinstance(action, NoHandover):
+                    log(f"no handover: {action.reason}")
+                elif isinstance(action, AcceptHandover):
+                    self.accept_handover(action)
             except Exception as exc:  # noqa: BLE001 - the loop goes on; the next round retries
-                log(f"{type(action).__name__} failed: {type(exc).__name__}: {exc}")
+                self.error(type(action).__name__, exc)
 
     def report(self) -> None:
-        assert self.machine is not None
+        assert self.machine is not None and self.heart is not None
         heard = self.machine.peer_heard_at
         now_wall, now = self.wall(), self.clock()
         heard_wall = None if heard is None else now_wall - (now - heard)
         self.records.readiness(
             self.instance_id, self.machine.role, self.generation, self.sas, heard_wall, now_wall,
-            tunnel_loaded=self.tunnel_loaded,
+            tunnel_loaded=self.tunnel_loaded, epoch=self.heart.epoch,
+            fenced=self.machine.fenced, heart=self.heart.stats(),
         )  # fmt: skip
+
+    def takeover(self) -> Takeover:
+        return Takeover(
+            self.config, self.ec2, self.instance_id, self.wall, self.clock, self.sleep,
+            second_opinion=self.second_opinion,
+        )  # fmt: skip
+
+    # -- failover -----------------------------------------------------------------------------
+
+    def second_opinion(self, holder: str) -> str | None:
+        """Before Force: is the silent holder really down? DescribeInstanceStatus
+        (IncludeAllInstances: a stopped one too): not running -> force. Running -> an ICMP
+        echo to its primary IP: an answer means the kernel is up and forwarding (only the
+        agent is silent): no force. A failed DescribeInstanceStatus: the ping alone decides.
+        Returns why not to force, or None (force)."""
+        try:
+            reply = self.ec2.describe_instance_status(
+                InstanceIds=[holder], IncludeAllInstances=True
+            )
+            statuses = reply.get("InstanceStatuses", [])
+            state = statuses[0].get("InstanceState", {}).get("Name") if statuses else None
+            if state != "running":
+                event("second_opinion", holder=holder, state=state, ping=None, force=True)
+                return None
+        except Exception as exc:  # noqa: BLE001 - the ping alone
+            log(f"DescribeInstanceStatus({holder}) failed ({exc}): the ping decides")
+            state = "unknown"
+        address = self.address_of(holder)
+        answered = address is not None and self.pinger(address)
+        event(
+            "second_opinion", holder=holder, state=state, address=str(address),
+            ping=answered, force=not answered,
+        )  # fmt: skip
+        if answered:
+            return (
+                f"{holder} is {state} and {address} answers ICMP echo: its agent is silent "
+                "but the instance is up (no force; asked again after the silence budget)"
+            )
+        return None
+
+    def address_of(self, holder: str) -> IPv4Address | None:
+        if self.members is not None and self.members.get(holder) is not None:
+            return self.members[holder]
+        try:
+            reply = self.ec2.describe_instances(InstanceIds=[holder])
+            for reservation in reply.get("Reservations", []):
+                for instance in reservation.get("Instances", []):
+                    if instance.get("PrivateIpAddress"):
+                        return IPv4Address(instance["PrivateIpAddress"])
+        except Exception as exc:  # noqa: BLE001 - no address: no ping, force as before
+            log(f"cannot find {holder}'s address: {exc}")
+        return None
 
     def take_over(self, action: TakeOver) -> None:
         assert self.machine is not None
         log(f"standby: {action.reason}: taking over")
         decided = self.clock()
-        takeover = Takeover(
-            self.config, self.ec2, self.instance_id, self.wall, self.clock, self.sleep
-        )
         try:
-            result = takeover.run()
+            result = self.takeover().run()
         except Exception as exc:  # noqa: BLE001
             result = TakeoverResult("failed", f"{type(exc).__name__}: {exc}")
-        if result.outcome in ("refused", "lost", "failed"):
+        if result.outcome in ("refused", "spared", "lost", "failed"):
             log(f"standby: takeover {result.outcome}: {result.detail}; staying standby")
             self.machine.takeover_failed(self.clock(), result.retry_after)
             return
         attached = self.clock()
-        self.mac = result.mac or self.mac
-        try:
-            self.bring_up(self.mac)
-            failed = initiate(self.config, self.run_cmd)
-        except Exception as exc:  # noqa: BLE001 - level-triggered: the next attempt finds it here
-            log(f"standby: holds {self.config.eni_id} but cannot bring G up ({exc}); retrying")
-            self.machine.takeover_failed(self.clock())
+        failed = self.become_active(result.mac)
+        if failed is None:
             return
         switched = self.clock()
-        self.machine.took_over(switched)
-        write_role(self.config.role_file, ACTIVE)
         self.awaiting_tunnel = decided
-        self.next_status = switched
         timing = {
             "at": self.wall(),
             "detected_seconds": action.silent_seconds,
@@ -946,6 +1762,7 @@ class Agent:
             attach_seconds=round(attached - decided, 3),
             switch_seconds=round(switched - decided, 3),
             initiate_failed=failed,
+            device_index=result.device_index,
             wall=round(timing["at"], 3),
         )
         try:
@@ -955,6 +1772,49 @@ class Agent:
                 self.records.claim(self.instance_id, timing["at"])
         except Exception as exc:  # noqa: BLE001 - the takeover stands; the record is lost
             log(f"recording the takeover failed: {type(exc).__name__}: {exc}")
+
+    def become_active(self, mac: str) -> list[str] | None:
+        """G up on the ENI's link, the tunnel initiated, the role active. None: G could not
+        be brought up (the machine retries after the budget; it finds the ENI here)."""
+        assert self.machine is not None
+        self.mac = mac or self.mac
+        try:
+            self.bring_up(self.mac)
+            failed = initiate(self.config, self.run_cmd)
+        except Exception as exc:  # noqa: BLE001 - level-triggered: the next attempt finds it here
+            log(f"standby: holds {self.config.eni_id} but cannot bring G up ({exc}); retrying")
+            self.machine.takeover_failed(self.clock())
+            return None
+        self.machine.took_over(self.clock())
+        self.set_role(ACTIVE)
+        assert self.heart is not None
+        self.heart.update(fenced=False)
+        self.next_status = self.clock()
+        self.save_state()
+        return failed
+
+    def fence(self, reason: str) -> None:
+        """Fenced (its ENI taken by a forced detach it did not ask for): Auto Scaling replaces
+        this instance with a clean standby. After a forced detach EC2 may refuse the device
+        index until a stop/start and the metadata may still show the old ENI
+        (https://docs.aws.amazon.com/AWSEC2/latest/APIReference/API_DetachNetworkInterface.html);
+        SetInstanceHealth (https://docs.aws.amazon.com/autoscaling/ec2/APIReference/API_SetInstanceHealth.html)."""
+        self.fenced_reason = reason
+        marked = False
+        if self.autoscaling is not None:
+            try:
+                self.autoscaling.set_instance_health(
+                    InstanceId=self.instance_id,
+                    HealthStatus="Unhealthy",
+                    ShouldRespectGracePeriod=False,
+                )
+                marked = True
+            except Exception as exc:  # noqa: BLE001 - said in the event; it stays a standby
+                log(f"could not mark {self.instance_id} Unhealthy: {type(exc).__name__}: {exc}")
+        event(
+            "fenced", instance=self.instance_id, reason=reason, marked_unhealthy=marked,
+            wall=round(self.wall(), 3),
+        )  # fmt: skip
 
     def bring_up(self, mac: str) -> None:
         """G on the ENI's link and the route to T, as the boot program does."""
@@ -970,33 +1830,215 @@ class Agent:
             self.links.route(cfg.partner_endpoint, cfg.subnet_router, dev, cfg.gateway.ip)
         log(f"G {cfg.gateway} up on {dev}")
 
+    # -- planned handover -----------------------------------------------------------------------
+
+    def hand_over(self, action: HandOver) -> tuple[bool, str]:
+        """The active's side: ``handover`` until the standby acknowledges (1 s at most), then
+        DetachNetworkInterface without Force of its own attachment, its SAs dropped, a
+        healthy standby. Returns (handed over, what happened)."""
+        assert self.machine is not None and self.heart is not None
+        started = self.clock()
+        log(f"active: handing G over to {action.to} ({action.reason})")
+        acked = False
+        for _ in range(10):  # 10 x 0.1 s: HANDOVER_ACK_SECONDS
+            self.heart.send("handover", to=action.to)
+            for _ in range(5):
+                if self.heart.acked(action.to, started):
+                    acked = True
+                    break
+                self.sleep(HANDOVER_ACK_SECONDS / 50)
+            if acked or self.clock() - started > HANDOVER_ACK_SECONDS:
+                break
+        if not acked:
+            detail = f"{action.to} did not acknowledge the handover: still active"
+            log(detail)
+            return False, detail
+        seen = self.takeover().describe()
+        if seen.holder != self.instance_id or seen.attachment_id is None:
+            return False, f"{self.config.eni_id} is not attached here ({seen.holder})"
+        acked_at = self.clock()
+        # No Force: the instance is healthy, the detach is orderly (the device index stays
+        # usable, unlike after a forced detach).
+        self.ec2.detach_network_interface(AttachmentId=seen.attachment_id)
+        detached = self.clock()
+        self.machine.handed_over(detached)
+        self.set_role(STANDBY)
+        drop_sas(self.config, self.run_cmd)
+        event(
+            "handover_sent", instance=self.instance_id, to=action.to, reason=action.reason,
+            ack_seconds=round(acked_at - started, 3),
+            detach_call_seconds=round(detached - acked_at, 3),
+            seconds=round(self.clock() - started, 3), wall=round(self.wall(), 3),
+        )  # fmt: skip
+        self.report()
+        return True, f"handed over to {action.to}"
+
+    def accept_handover(self, action: AcceptHandover) -> None:
+        """The standby's side: no hold-down, no Force: the ENI polled every 0.1 s until
+        available, attached here, G up, the tunnel initiated."""
+        assert self.machine is not None
+        started = self.clock()
+        log(f"standby: {action.previous} hands G over: taking it")
+        takeover = self.takeover()
+        takeover.poll_seconds = 0.1
+        deadline = started + HANDOVER_ENI_SECONDS
+        result = takeover.wait_available(action.previous, deadline)
+        detached = self.clock()
+        if result is None:
+            result = takeover.attach_here(action.previous, deadline)
+        if result.outcome not in ("won", "already"):
+            log(f"standby: handover {result.outcome}: {result.detail}; staying standby")
+            self.machine.takeover_failed(self.clock(), result.retry_after)
+            return
+        attached = self.clock()
+        failed = self.become_active(result.mac)
+        if failed is None:
+            return
+        switched = self.clock()
+        self.awaiting_tunnel = started
+        at = self.wall()
+        event(
+            "handover", instance=self.instance_id, previous=action.previous,
+            detached_seconds=round(detached - started, 3),
+            attach_seconds=round(attached - started, 3),
+            switch_seconds=round(switched - started, 3), initiate_failed=failed,
+            device_index=result.device_index, wall=round(at, 3),
+        )  # fmt: skip
+        try:
+            timing = {"at": at, "seconds": switched - started, "reason": "planned handover"}
+            self.records.switchover(action.previous, self.instance_id, timing)
+        except Exception as exc:  # noqa: BLE001 - the handover stands; the record is lost
+            log(f"recording the switchover failed: {type(exc).__name__}: {exc}")
+
+    def check_request(self) -> None:
+        """The switchover request file (root writes it): the active hands over within one
+        interval; either way the request is answered in ``<request>.result`` and removed."""
+        assert self.machine is not None
+        request = self.config.switchover_file
+        if not request.exists():
+            return
+        result: dict[str, Any] = {"instance": self.instance_id, "at": round(self.wall(), 3)}
+        if self.machine.role != ACTIVE:
+            result |= {"outcome": "not_active", "detail": f"{self.instance_id} is the standby"}
+        else:
+            action = self.machine.handover_wanted(
+                self.clock(), "switchover requested", self.generation
+            )
+            if isinstance(action, HandOver):
+                done, detail = self.hand_over(action)
+                result |= {"outcome": "done" if done else "failed", "detail": detail}
+                result["to"] = action.to
+            else:
+                result |= {"outcome": "failed", "detail": action.reason}  # type: ignore[union-attr]
+        log(f"switchover request: {result['outcome']}: {result['detail']}")
+        write_json(request.with_name(f"{request.name}.result"), result)
+        try:
+            request.unlink()
+        except OSError as exc:
+            log(f"cannot remove {request}: {exc}")
+
+    def check_lifecycle(self) -> None:
+        """IMDS says this instance is being terminated (the group's termination hook holds it
+        in Terminating:Wait): hand G over, then CompleteLifecycleAction(CONTINUE); without a
+        ready standby, after LIFECYCLE_WAIT_SECONDS all the same (a deploy never hangs)."""
+        assert self.machine is not None and self.heart is not None
+        hook = self.config.lifecycle_hook
+        now = self.clock()
+        if hook is None or self.lifecycle_done or now < self.next_lifecycle:
+            return
+        self.next_lifecycle = now + LIFECYCLE_POLL_SECONDS
+        if self.terminating_since is None:
+            # https://docs.aws.amazon.com/autoscaling/ec2/userguide/retrieving-target-lifecycle-state-through-imds.html
+            if self.imds(LIFECYCLE_STATE) != "Terminated":
+                return
+            self.terminating_since = now
+            self.machine.retiring = True
+            self.heart.update(retiring=True)
+            event("terminating", instance=self.instance_id, role=self.machine.role)
+        self.next_lifecycle = now + self.config.interval_seconds
+        waited = now - self.terminating_since
+        if self.machine.role == ACTIVE:
+            action = self.machine.handover_wanted(now, "terminating", self.generation)
+            done = isinstance(action, HandOver) and self.hand_over(action)[0]
+            if not done and waited < LIFECYCLE_WAIT_SECONDS:
+                self.warn("lifecycle wait", f"terminating: no handover yet: {action}")
+                return
+        self.autoscaling.complete_lifecycle_action(
+            LifecycleHookName=hook,
+            AutoScalingGroupName=self.group_name(),
+            LifecycleActionResult="CONTINUE",
+            InstanceId=self.instance_id,
+        )
+        self.lifecycle_done = True
+        event(
+            "lifecycle_complete", instance=self.instance_id, role=self.machine.role,
+            waited_seconds=round(waited, 3),
+        )  # fmt: skip
+
+    def maybe_signal(self) -> None:
+        """SignalResource(SUCCESS) once per instance when it is ready: role confirmed, the
+        tunnel loaded, the NAT table at the table's generation (the rolling update waits)."""
+        cfg = self.config
+        now = self.clock()
+        if cfg.signal_stack is None or self.signalled or now < self.next_signal:
+            return
+        self.next_signal = now + SIGNAL_POLL_SECONDS
+        try:
+            if cfg.signal_marker.read_text().strip() == self.instance_id:
+                self.signalled = True
+                return
+        except OSError:
+            pass
+        if not self.confirmed or self.tunnel_loaded is not True or self.generation is None:
+            return
+        desired = self.records.desired_generation()
+        if self.generation < desired:
+            return
+        # https://docs.aws.amazon.com/AWSCloudFormation/latest/APIReference/API_SignalResource.html
+        self.cloudformation.signal_resource(
+            StackName=cfg.signal_stack,
+            LogicalResourceId=cfg.signal_resource,
+            UniqueId=self.instance_id,
+            Status="SUCCESS",
+        )
+        self.signalled = True
+        try:
+            cfg.signal_marker.parent.mkdir(parents=True, exist_ok=True)
+            cfg.signal_marker.write_text(f"{self.instance_id}\n")
+        except OSError as exc:
+            log(f"cannot write {cfg.signal_marker}: {exc}")
+        event(
+            "ready_signal", instance=self.instance_id, role=self.machine.role,  # type: ignore[union-attr]
+            generation=self.generation, desired_generation=desired,
+        )  # fmt: skip
+
     def run_forever(self, rounds: int | None = None) -> None:
         assert self.machine is not None
         interval = self.config.interval_seconds
         next_round = self.clock()
         done = 0
         while rounds is None or done < rounds:
-            self.step()
+            self.guard("step", self.step)
             done += 1
             next_round += interval
             now = self.clock()
             if next_round < now:  # a takeover or a slow call: start counting again from now
                 next_round = now
-            self.receive(next_round - now)
+            self.sleep(next_round - now)
 
 
-def _clients(region: str) -> tuple[Any, Any, Any, Any]:
+def _clients(region: str) -> dict[str, Any]:
     import boto3  # the distribution's
     from botocore.config import Config
 
-    # Fast failure, a few retries: a takeover must not sit in a long back-off.
+    # Fast failure, a few retries: a takeover must not sit in a long back-off. The heart does
+    # not wait for any of these.
     config = Config(
         retries={"mode": "standard", "max_attempts": 4}, connect_timeout=3, read_timeout=10
     )
     session = boto3.session.Session(region_name=region)
-    return tuple(  # type: ignore[return-value]
-        session.client(name, config=config) for name in ("ec2", "dynamodb", "cloudwatch", "sns")
-    )
+    names = ("ec2", "dynamodb", "cloudwatch", "sns", "autoscaling", "cloudformation")
+    return {name: session.client(name, config=config) for name in (*names, "secretsmanager")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1017,10 +2059,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         instance_id = boot.instance_id_from_imds(os.environ.get("TUNNELNAT_IMDS_URL", boot.IMDS))
-        ec2, dynamodb, cloudwatch, sns = _clients(config.region)
-        agent = Agent(config, instance_id, ec2, Records(config, dynamodb, cloudwatch, sns))
-        agent.start()
-        agent.open_socket()
+        # The key first: cached, it needs no client (boto3 resolves credentials when it makes
+        # one); then the clients, which make no AWS call until used.
+        key = load_key(config, lambda: _clients(config.region)["secretsmanager"])
+        clients = _clients(config.region)
+        heart = Heart(instance_id, key, config.heartbeat_port, config.interval_seconds)
+        heart.open()
+        records = Records(config, clients["dynamodb"], clients["cloudwatch"], clients["sns"])
+        agent = Agent(
+            config, instance_id, clients["ec2"], records, heart=heart,
+            autoscaling=clients["autoscaling"], cloudformation=clients["cloudformation"],
+        )  # fmt: skip
+        agent.start(confirm=False)  # the first heartbeat goes before any AWS call
+    except PairError as exc:
+        log(f"FAILED: {exc}")
+        return 2
     except Exception as exc:  # noqa: BLE001 - systemd restarts the unit
         log(f"FAILED to start: {type(exc).__name__}: {exc}")
         return 1
