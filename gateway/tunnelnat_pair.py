@@ -612,10 +612,7 @@ class Heart:
             self._count("stale")
             return None
         with self.lock:
-            members = self.members
-            if members is not None and (
-                beat.instance not in members or members[beat.instance] not in (None, _ip(host))
-            ):
+            if self.members is not None and beat.instance not in self.members:
                 self.counts["strangers"] += 1
                 return None
             last = self.last.get(beat.instance)
