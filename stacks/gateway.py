@@ -22,16 +22,28 @@
 
 from __future__ import annotations
 
+import ast
 import base64
 import gzip
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
-from aws_cdk import Annotations, ArnFormat, Aws, Duration, RemovalPolicy, Stack, Tags
+import jsii
+from aws_cdk import (
+    Annotations,
+    ArnFormat,
+    Aws,
+    Duration,
+    IStableStringProducer,
+    Lazy,
+    RemovalPolicy,
+    Stack,
+    Tags,
+)
 from aws_cdk import aws_autoscaling as autoscaling
 from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_ec2 as ec2
@@ -55,6 +67,9 @@ from stacks.settings import (
 from tunnelnat.core.config import TunnelnatConfig
 
 GATEWAY_DIR = Path(__file__).resolve().parents[1] / "gateway"
+# The launch template tags each gateway's primary ENI at launch (with the role and deployment
+# tags): the one ENI the gateway may modify (its source/destination check).
+PRIMARY_ENI_TAG, PRIMARY_ENI_VALUE = "tunnelnat:interface", "gateway-primary"
 BOOT_PROGRAM = GATEWAY_DIR / "tunnelnat_boot.py"
 PAIR_PROGRAM = GATEWAY_DIR / "tunnelnat_pair.py"
 PAIR_UNIT = "tunnelnat-pair.service"
@@ -88,7 +103,42 @@ READINESS_PK = "gateway"
 PAIR_META_PK, PAIR_META_SK = "meta", "pair"
 # The only attributes a gateway may touch in the meta partition (the controller's generation and
 # gateway records live there too: a gateway can add these to an item, never change theirs).
-PAIR_META_ATTRIBUTES = ("pk", "sk", "active", "active_since", "last_failover", "failovers")
+PAIR_META_ATTRIBUTES = (
+    "pk",
+    "sk",
+    "active",
+    "active_since",
+    "last_failover",
+    "failovers",
+    "last_switchover",
+    "switchovers",
+)
+# A deploy replaces the pair one gateway at a time and waits for each new one to say it is a
+# ready standby (the agent's SignalResource). The wait covers a first boot: the packages from
+# the archive (1-3 min), the boot, the SSM agent's registration and the first runs of the
+# ConfigureGateway and ConfigureTunnel associations on the new instance ("within minutes" of the
+# target appearing), then the NAT table's sync. 20 minutes is several times that, and bounds a
+# deploy whose new gateway never gets ready: CloudFormation rolls back instead of waiting.
+READY_SIGNAL_TIMEOUT = Duration.minutes(20)
+# The active's agent hands G over to the standby when Auto Scaling terminates it (the hook holds
+# the instance in Terminating:Wait): a planned handover takes seconds; the agent completes the
+# action itself, or after a bounded wait when there is no ready standby. The hook's timeout only
+# matters when the agent is dead: then the instance goes after 5 minutes (CONTINUE) and the
+# standby takes over by failover.
+TERMINATING_HOOK_TIMEOUT = Duration.minutes(5)
+# cloud-init's network update events (cloudinit.readthedocs.io/en/latest/explanation/events.html):
+# EC2's datasource defaults to boot-new-instance and hotplug since cloud-init 24.1
+# (canonical/cloud-init#4799); hotplug renders netplan for a hot-plugged ENI and applies it,
+# undoing what the boot and the pair agent configure on G's link (kubernetes/kops#17881, turned
+# off in #17882). Only the first boot's network configuration, as before 24.1.
+CLOUD_INIT_NETWORK_UPDATES = ("boot-new-instance",)
+
+
+def terminating_hook_name(deployment: str) -> str:
+    """The gateway group's termination hook. Not ``tunnelnat-...``: the controller's Lifecycle
+    rule and handler take every hook named so as theirs to complete (tunnelnat.events
+    HOOK_PREFIX), and this one only the gateway's agent completes, after the handover."""
+    return f"gateway-{deployment}-terminating"
 
 
 class Gateway(Construct):
@@ -193,6 +243,13 @@ class Gateway(Construct):
                 ec2.Port.udp(HEARTBEAT_PORT),
                 "the gateway pair's heartbeat, between the two gateways only",
             )
+            # The standby's second opinion before it forces the ENI away: does the active's
+            # primary address still answer an echo request?
+            self.security_group.add_ingress_rule(
+                self.security_group,
+                ec2.Port.icmp_ping(),
+                "the gateway pair's reachability check, between the two gateways only",
+            )
 
         # -- the standalone ENI with G, and the Elastic IP E on it ------------------------------
         self.eni = ec2.CfnNetworkInterface(
@@ -257,8 +314,15 @@ class Gateway(Construct):
         )
         self.role.add_to_policy(
             iam.PolicyStatement(
-                sid="SeeItsEni",
-                actions=["ec2:DescribeNetworkInterfaces"],
+                # G's ENI, and its own instance (the boot finds its primary ENI); in a pair the
+                # other gateway too, and whether EC2 sees it running (the agent's second
+                # opinion before a forced detach). No resource-level permissions for these.
+                sid="SeeItsEniAndInstances",
+                actions=[
+                    "ec2:DescribeNetworkInterfaces",
+                    "ec2:DescribeInstances",
+                    *(["ec2:DescribeInstanceStatus"] if self.pair else []),
+                ],
                 resources=["*"],
             )
         )
@@ -280,10 +344,20 @@ class Gateway(Construct):
         )
         self.role.add_to_policy(
             iam.PolicyStatement(
+                # The check goes off on the gateways' primary ENIs, tagged at launch by the
+                # launch template (PRIMARY_ENI_TAG): never G's ENI, never the instance
+                # attribute, which EC2 refuses once G's ENI is attached.
                 sid="SourceDestCheckOffOnGateways",
-                actions=["ec2:ModifyInstanceAttribute"],
-                resources=[instances],
-                conditions={"StringEquals": own_tags},
+                actions=["ec2:ModifyNetworkInterfaceAttribute"],
+                resources=[
+                    stack.format_arn(service="ec2", resource="network-interface", resource_name="*")
+                ],
+                conditions={
+                    "StringEquals": {
+                        **own_tags,
+                        f"aws:ResourceTag/{PRIMARY_ENI_TAG}": PRIMARY_ENI_VALUE,
+                    }
+                },
             )
         )
         self.role.add_to_policy(
@@ -302,7 +376,9 @@ class Gateway(Construct):
             )
         )
         pair_program: PairProgram | None = None
+        self.heartbeat_key: secretsmanager.Secret | None = None
         if self.pair:
+            self.heartbeat_key = self._heartbeat_key(deployment)
             self._pair_permissions(
                 table, eni_arn, instances, own_tags, failover_topic, failover_topic_key
             )
@@ -359,9 +435,30 @@ class Gateway(Construct):
                 )
             ],
         )
+        # Each gateway's primary ENI is tagged at launch (the group propagates its tags to the
+        # instance only): the condition of SourceDestCheckOffOnGateways. A launch template's
+        # TagSpecifications may name network-interface (EC2 API reference,
+        # LaunchTemplateTagSpecificationRequest); CDK writes the instance's and volumes' only.
+        eni_tags = [
+            {"Key": key, "Value": value}
+            for key, value in (
+                (ROLE_TAG, ROLE_GATEWAY),
+                (DEPLOYMENT_TAG, deployment),
+                (PRIMARY_ENI_TAG, PRIMARY_ENI_VALUE),
+            )
+        ]
+        cfn_template = self.launch_template.node.default_child
+        assert isinstance(cfn_template, ec2.CfnLaunchTemplate)
+        cfn_template.add_property_override(
+            "LaunchTemplateData.TagSpecifications",
+            [{"ResourceType": "network-interface", "Tags": eni_tags}],
+        )
         # Single: replace by terminating first (the ENI can belong to one instance at a time).
         # Pair: both in G's subnet (an ENI never leaves its zone); one replaced at a time, the
         # other keeps (or takes over) the ENI, so a rolling update never leaves the pair empty.
+        # A new gateway counts only once its agent signals that it is a ready standby (strongSwan
+        # configured, the NAT table at the table's generation): only then does CloudFormation
+        # terminate the next old one, whose agent first hands G over (the terminating hook).
         size = 2 if self.pair else 1
         self.group = autoscaling.AutoScalingGroup(
             self,
@@ -376,9 +473,33 @@ class Gateway(Construct):
             min_healthy_percentage=50 if self.pair else 0,
             max_healthy_percentage=100,
             update_policy=autoscaling.UpdatePolicy.rolling_update(
-                max_batch_size=1, min_instances_in_service=size - 1
+                max_batch_size=1,
+                min_instances_in_service=size - 1,
+                **(
+                    {"wait_on_resource_signals": True, "pause_time": READY_SIGNAL_TIMEOUT}
+                    if self.pair
+                    else {}
+                ),
             ),
+            signals=autoscaling.Signals.wait_for_count(size, timeout=READY_SIGNAL_TIMEOUT)
+            if self.pair
+            else None,
         )
+        cfn_group = self.group.node.default_child
+        assert isinstance(cfn_group, autoscaling.CfnAutoScalingGroup)
+        self.group_logical_id = cfn_group.logical_id
+        if self.pair:
+            # Part of the group itself (not a resource after it): the hook is there before
+            # CloudFormation terminates any gateway of the group. No notification target: the
+            # agent reads its own target lifecycle state from IMDS.
+            cfn_group.lifecycle_hook_specification_list = [
+                autoscaling.CfnAutoScalingGroup.LifecycleHookSpecificationProperty(
+                    lifecycle_hook_name=terminating_hook_name(deployment),
+                    lifecycle_transition="autoscaling:EC2_INSTANCE_TERMINATING",
+                    heartbeat_timeout=int(TERMINATING_HOOK_TIMEOUT.to_seconds()),
+                    default_result="CONTINUE",
+                )
+            ]
         if self.pair:
             Annotations.of(self.group).acknowledge_warning(
                 "@aws-cdk/aws-autoscaling:desiredCapacitySet",
@@ -429,6 +550,9 @@ class Gateway(Construct):
         self.tunnel_association = self._configure_association(
             documents, deployment, "ConfigureTunnel", tunnel_parameters
         )
+        # Both associations exist before any gateway launches: a new gateway is configured as
+        # soon as its SSM agent registers, and a pair's gateway can become a ready standby.
+        self.group.node.add_dependency(self.association, self.tunnel_association)
         acknowledge(
             self.role,
             "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/"
@@ -439,14 +563,20 @@ class Gateway(Construct):
         for finding, reason in (
             (
                 "Resource::*",
-                "cloudwatch:PutMetricData, ec2:DescribeNetworkInterfaces and (pair mode, "
-                "finding the other gateway) ec2:DescribeInstances have no resource-level "
-                "permissions; PutMetricData is limited to the tunnelnat namespace.",
+                "cloudwatch:PutMetricData, ec2:DescribeNetworkInterfaces, ec2:DescribeInstances "
+                "and (pair mode) ec2:DescribeInstanceStatus have no resource-level permissions; "
+                "PutMetricData is limited to the tunnelnat namespace.",
             ),
             (
                 f"Resource::{wildcard_arn(self, 'ec2', 'instance/*')}",
                 "Gateway instances are created by the Auto Scaling group, so their IDs are "
                 "unknown; the statements require the gateway role and deployment tags.",
+            ),
+            (
+                f"Resource::{wildcard_arn(self, 'ec2', 'network-interface/*')}",
+                "The gateways' primary ENIs are created at launch, so their IDs are unknown; the "
+                "statement requires the tags the launch template gives them (gateway role, "
+                "deployment, tunnelnat:interface=gateway-primary), which G's ENI does not carry.",
             ),
             (
                 f"Resource::{wildcard_arn(self, 'autoscaling', 'autoScalingGroup:*')}",
@@ -478,14 +608,35 @@ class Gateway(Construct):
                 conditions={"StringEquals": own_tags},
             )
         )
+        assert self.heartbeat_key is not None
         self.role.add_to_policy(
             iam.PolicyStatement(
-                # The peer's primary address (no resource-level permissions for Describe*).
-                sid="FindThePeerGateway",
-                actions=["ec2:DescribeInstances"],
-                resources=["*"],
+                # The key of the heartbeats' HMAC: read once at the agent's start, then cached.
+                sid="ReadTheHeartbeatKey",
+                actions=["secretsmanager:GetSecretValue"],
+                resources=[self.heartbeat_key.secret_arn],
             )
         )
+        stack = Stack.of(self)
+        self.role.add_to_policy(
+            iam.PolicyStatement(
+                # The terminating hook: the active hands G over, then lets Auto Scaling go on.
+                # A group's ARN holds a generated UUID: the group's tags instead.
+                sid="CompleteTheTerminatingHook",
+                actions=["autoscaling:CompleteLifecycleAction"],
+                resources=[
+                    stack.format_arn(
+                        service="autoscaling",
+                        resource="autoScalingGroup",
+                        resource_name="*",
+                        arn_format=ArnFormat.COLON_RESOURCE_NAME,
+                    )
+                ],
+                conditions={"StringEquals": own_tags},
+            )
+        )
+        # cloudformation:SignalResource on this stack (the agent's "ready standby" to the
+        # rolling update): CDK grants it to the launch template's role with the group's signals.
         self.role.add_to_policy(
             iam.PolicyStatement(
                 # Each agent's readiness item, gateway/<instance-id>: a partition of its own.
@@ -530,14 +681,46 @@ class Gateway(Construct):
                 )
             )
 
-    @staticmethod
+    def _heartbeat_key(self, deployment: str) -> secretsmanager.Secret:
+        """The heartbeats' HMAC key: generated by Secrets Manager (never in the template), read
+        by the gateways' role only. Nothing outlives the pair: a new key is a new pair."""
+        key = secretsmanager.Secret(
+            self,
+            "HeartbeatKey",
+            description=f"{deployment}: the gateway pair's heartbeat key (HMAC-SHA256)",
+            generate_secret_string=secretsmanager.SecretStringGenerator(
+                password_length=64, exclude_punctuation=True
+            ),
+            removal_policy=RemovalPolicy.DESTROY,
+        )
+        # Other principals of the account, however broad their own policies: no read.
+        key.add_to_resource_policy(
+            iam.PolicyStatement(
+                sid="OnlyTheGatewaysReadTheKey",
+                effect=iam.Effect.DENY,
+                principals=[iam.AnyPrincipal()],
+                actions=["secretsmanager:GetSecretValue"],
+                resources=["*"],
+                conditions={"ArnNotEquals": {"aws:PrincipalArn": self.role.role_arn}},
+            )
+        )
+        acknowledge(
+            key,
+            "AwsSolutions-SMG4",
+            "Both gateways' agents read the heartbeat key once at start and cache it; a rotated "
+            "key would split the pair until both restart. A new key comes with a new pair.",
+        )
+        return key
+
     def _pair_config(
+        self,
         config: TunnelnatConfig,
         settings: StackSettings,
         table: dynamodb.ITable,
         topic: sns.ITopic | None,
     ) -> dict[str, object]:
-        """pair.json's keys that boot.json does not already say (PAIR.md)."""
+        """pair.json's keys that boot.json does not already say (PAIR.md, issue 20's plan)."""
+        assert self.heartbeat_key is not None
         return {
             "deployment": settings.deployment,
             "table": table.table_name,
@@ -553,6 +736,12 @@ class Gateway(Construct):
             ),
             **({"topic_arn": topic.topic_arn} if topic is not None else {}),
             "namespace": METRIC_NAMESPACE,
+            "key_secret": self.heartbeat_key.secret_arn,
+            "lifecycle_hook": terminating_hook_name(settings.deployment),
+            "signal_stack": Aws.STACK_NAME,
+            # The group is made after the launch template that carries this: its logical ID
+            # is filled in at synthesis.
+            "signal_resource": Lazy.string(_Later(lambda: self.group_logical_id)),
         }
 
     def _configure_association(
@@ -580,6 +769,17 @@ class Gateway(Construct):
         )
 
 
+@jsii.implements(IStableStringProducer)
+class _Later:
+    """A string known only later in the synthesis (Lazy.string's producer)."""
+
+    def __init__(self, value: Callable[[], str]) -> None:
+        self.value = value
+
+    def produce(self) -> str:
+        return self.value()
+
+
 def _machine_image(settings: StackSettings) -> ec2.IMachineImage:
     if settings.gateway_ami_id:
         # A pre-baked image must be built from the Ubuntu one (root device, packages, agent).
@@ -597,9 +797,30 @@ def ubuntu_architecture(instance_type: str) -> str:
     return "arm64" if arch == ec2.InstanceArchitecture.ARM_64 else "amd64"
 
 
-def _packed(path: Path) -> str:
-    """A file for write_files as gz+b64: the boot program fits EC2's 16 KB with room to spare."""
-    return base64.b64encode(gzip.compress(path.read_bytes(), mtime=0)).decode()
+def shipped_program(path: Path) -> str:
+    """A Python program as the user data carries it: the same syntax tree without its comments
+    and docstrings (``ast.unparse``), so the boot program fits EC2's 16 KB beside pair.json.
+    tests/infra compares the trees; tests/unit tests the file itself."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            body = node.body
+            if (
+                body
+                and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)
+            ):
+                node.body = body[1:] or [ast.Pass()]
+    return (
+        f"#!/usr/bin/env python3\n# tunnelnat: {path.name} without its comments and docstrings "
+        "(the repository's gateway/ has them)\n" + ast.unparse(tree) + "\n"
+    )
+
+
+def _packed(text: str) -> str:
+    """A file for write_files as gz+b64."""
+    return base64.b64encode(gzip.compress(text.encode(), mtime=0)).decode()
 
 
 def _literal(text: str, indent: int = 6) -> str:
@@ -670,7 +891,12 @@ def boot_user_data(
         files.append(("/etc/tunnelnat/pair.json", "0644", "", json.dumps(pair_config)))
     files = [
         ("/etc/tunnelnat/boot.json", "0644", "", json.dumps(boot_config, indent=1)),
-        ("/etc/tunnelnat/lib/tunnelnat_boot.py", "0755", "gz+b64", _packed(BOOT_PROGRAM)),
+        (
+            "/etc/tunnelnat/lib/tunnelnat_boot.py",
+            "0755",
+            "gz+b64",
+            _packed(shipped_program(BOOT_PROGRAM)),
+        ),
         *files,
         *(
             (f"/etc/systemd/system/{unit}", "0644", "", (UNITS_DIR / unit).read_text())
@@ -685,6 +911,8 @@ def boot_user_data(
     ]
     out = ["#cloud-config", "package_update: true", "packages:"]
     out += [f"  - {name}" for name in GATEWAY_PACKAGES]
+    # No hotplug: G's ENI is the boot's and the pair agent's (CLOUD_INIT_NETWORK_UPDATES).
+    out += ["updates:", "  network:", f"    when: [{', '.join(CLOUD_INIT_NETWORK_UPDATES)}]"]
     out.append("write_files:")
     for path, mode, encoding, content in files:
         out += [f"  - path: {path}", f"    permissions: '{mode}'"]

@@ -5,13 +5,16 @@ synthesizes the single gateway (``tunnelnat:gatewayPair=false``) and proves it i
 
 from __future__ import annotations
 
+import ast
 import base64
 import gzip
 import hashlib
 import importlib.metadata
 import json
+import os
 import re
 from ipaddress import IPv4Network
+from pathlib import Path
 
 import pytest
 import yaml
@@ -26,13 +29,16 @@ from stacks.gateway import (
     PAIR_META_ATTRIBUTES,
     PAIR_PROGRAM,
     PAIR_UNIT,
+    READY_SIGNAL_TIMEOUT,
     SSM_AGENT_UNIT,
     UNITS_DIR,
     USER_DATA_LIMIT,
     PairProgram,
     boot_user_data,
+    shipped_program,
 )
 from tests.infra.conftest import DOCUMENTS_DIR, as_list, example_context, statements, synthesize
+from tunnelnat.events import HOOK_PREFIX
 
 CONTEXT = example_context()
 T = CONTEXT["partner_endpoint"]
@@ -69,8 +75,36 @@ def test_gateway_is_an_auto_scaling_group_of_two_in_the_gateway_subnet(s):
     assert tags["tunnelnat:role"] == ("gateway", True)
     assert tags["tunnelnat:deployment"] == (DEPLOYMENT, True)
     assert tags["tunnelnat:gateway"] == (DEPLOYMENT, True)
-    # The group launches only once G and E exist.
-    assert s.logical_id(s.stack.gateway.node.find_child("EipAssociation")) in asg["DependsOn"]
+    # The group launches only once G and E exist, and both configure associations (a new
+    # gateway is configured as soon as its SSM agent registers).
+    gateway = s.stack.gateway
+    assert set(asg["DependsOn"]) >= {
+        s.logical_id(gateway.node.find_child("EipAssociation")),
+        s.logical_id(gateway.association),
+        s.logical_id(gateway.tunnel_association),
+    }
+
+
+def test_a_deploy_waits_for_each_new_gateway_to_be_a_ready_standby(s):
+    """Issue 20, defect 3: the rolling update moves on only when the new gateway's agent signals
+    that it is a ready standby, and the old active hands G over before it is terminated."""
+    group_id, asg = s.one("AWS::AutoScaling::AutoScalingGroup")
+    rolling = asg["UpdatePolicy"]["AutoScalingRollingUpdate"]
+    assert rolling["WaitOnResourceSignals"] is True
+    assert rolling["PauseTime"] == "PT20M" == READY_SIGNAL_TIMEOUT.to_iso_string()
+    assert asg["CreationPolicy"] == {"ResourceSignal": {"Count": 2, "Timeout": "PT20M"}}
+    # Health replacements wait while CloudFormation replaces (CDK's default with signals).
+    assert {"HealthCheck", "ReplaceUnhealthy"} <= set(rolling["SuspendProcesses"])
+    (hook,) = asg["Properties"]["LifecycleHookSpecificationList"]
+    assert hook == {
+        "LifecycleHookName": f"gateway-{DEPLOYMENT}-terminating",
+        "LifecycleTransition": "autoscaling:EC2_INSTANCE_TERMINATING",
+        "HeartbeatTimeout": 300,
+        "DefaultResult": "CONTINUE",
+    }
+    # Not a name the controller's Lifecycle rule takes as its own (it would complete it).
+    assert not hook["LifecycleHookName"].startswith(HOOK_PREFIX)
+    assert s.stack.gateway.group_logical_id and group_id == s.logical_id(s.stack.gateway.group)
 
 
 def test_launch_template_ubuntu_2404_imdsv2_encrypted_public_ip(s):
@@ -140,12 +174,18 @@ def test_user_data_writes_pair_json_and_fetches_the_checked_pair_agent(s):
     files = {f["path"]: f for f in data["write_files"]}
     pair = json.loads(files["/etc/tunnelnat/pair.json"]["content"])
     boot = json.loads(files["/etc/tunnelnat/boot.json"]["content"])
-    # PAIR.md's keys, the shared ones as boot.json says them.
+    # PAIR.md's keys and issue 20's, the shared ones as boot.json says them.
     assert set(pair) == {
         "region", "eni_id", "gateway", "deployment", "table", "heartbeat_port",
         "interval_seconds", "misses", "hold_down_seconds", "tunnel", "children", "topic_arn",
         "namespace", "partner_endpoint", "subnet_router",
+        "key_secret", "lifecycle_hook", "signal_stack", "signal_resource",
     }  # fmt: skip
+    gateway = s.stack.gateway
+    assert pair["lifecycle_hook"] == f"gateway-{DEPLOYMENT}-terminating"
+    assert pair["signal_resource"] == s.logical_id(gateway.group)  # a plain string, no token
+    for token in (gateway.heartbeat_key, {"Ref": "AWS::StackName"}):
+        assert (token if isinstance(token, dict) else s.ref(token)) in parts
     assert {k: pair[k] for k in boot if k != "pair"} == {
         k: v for k, v in boot.items() if k != "pair"
     }
@@ -180,7 +220,18 @@ def test_boot_user_data_carries_the_tested_program_and_units():
     files = {f["path"]: f for f in data["write_files"]}
     program = files["/etc/tunnelnat/lib/tunnelnat_boot.py"]
     assert program["encoding"] == "gz+b64"
-    assert gzip.decompress(base64.b64decode(program["content"])) == BOOT_PROGRAM.read_bytes()
+    shipped = gzip.decompress(base64.b64decode(program["content"])).decode()
+    assert shipped == shipped_program(BOOT_PROGRAM)
+    # The tested program, less its comments and docstrings: the same syntax tree otherwise.
+    assert shipped.startswith("#!/usr/bin/env python3\n")
+    tested = ast.parse(BOOT_PROGRAM.read_text())
+    for node in ast.walk(tested):
+        if isinstance(node, ast.Module | ast.FunctionDef | ast.ClassDef) and ast.get_docstring(
+            node, clean=False
+        ):
+            node.body = node.body[1:] or [ast.Pass()]
+    assert ast.dump(ast.parse(shipped)) == ast.dump(tested)
+    assert len(shipped) < 0.8 * len(BOOT_PROGRAM.read_text())
     for unit in BOOT_UNITS:
         assert files[f"/etc/systemd/system/{unit}"]["content"] == (UNITS_DIR / unit).read_text()
     drop_in = files[f"/etc/systemd/system/{SSM_AGENT_UNIT}.d/tunnelnat.conf"]["content"]
@@ -198,9 +249,46 @@ def test_boot_user_data_carries_the_tested_program_and_units():
         ["touch", "/run/tunnelnat-ready"],
         ["systemctl", "start", SSM_AGENT_UNIT],
     ]
+    # cloud-init leaves hot-plugged ENIs alone (issue 20, defect 5): the network events it
+    # handles are the first boot's only. cloudinit.readthedocs.io/en/latest/explanation/
+    # events.html: the values are boot-new-instance, boot, boot-legacy and hotplug; EC2's
+    # datasource adds hotplug by default since cloud-init 24.1 (canonical/cloud-init#4799).
+    assert data["updates"] == {"network": {"when": ["boot-new-instance"]}}
     for line in (UNITS_DIR / "tunnelnat-restore.service").read_text().splitlines():
         if line.startswith("ExecStart="):
             assert line.split("=", 1)[1].split()[0] in ("nft", "python3")
+
+
+# cloud-init's own schema, where this machine has it (Debian's and Ubuntu's cloud-init package),
+# or unpacked from the package beside the tests (never fetched by a test):
+#   apt-get download cloud-init && dpkg-deb -x cloud-init_*.deb /tmp/ci
+#   TUNNELNAT_CLOUD_INIT_DIR=/tmp/ci/usr/lib/python3/dist-packages pytest tests/infra -k cloud
+# (Debian 12's 22.4 schema validates this user data, `updates` included.)
+CLOUD_INIT_SCHEMAS = [
+    Path(p) / "cloudinit/config/schemas/schema-cloud-config-v1.json"
+    for p in (
+        "/usr/lib/python3/dist-packages",
+        *(os.environ.get("TUNNELNAT_CLOUD_INIT_DIR") or "").split(os.pathsep),
+    )
+    if p
+]
+
+
+def test_user_data_is_valid_cloud_config_for_cloud_init_s_schema(s):
+    schema_file = next((p for p in CLOUD_INIT_SCHEMAS if p.exists()), None)
+    if schema_file is None:
+        pytest.skip("cloud-init's schema is not installed here (the keys are tested above)")
+    import jsonschema
+
+    schema = json.loads(schema_file.read_text())
+    _, text = _user_data(s)
+    data = yaml.safe_load(text)
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    errors = [f"{list(e.path)}: {e.message}" for e in validator.iter_errors(data)]
+    assert not errors, errors
+    # The schema knows `updates`, and would refuse an unknown event.
+    bad = {**data, "updates": {"network": {"when": ["sometimes"]}}}
+    assert list(validator.iter_errors(bad))
 
 
 def test_the_lab_installs_the_gateways_packages():
@@ -252,17 +340,17 @@ def test_security_group_admits_ike_and_esp_from_the_partner_only(s):
         # Route-table mode: forwarded packets from the whole VPC (nftables: enrolled only).
         ("-1", None, None, CONTEXT["vpc_cidr"]),
     }
-    # The pair's heartbeat: UDP 7465 from the group itself (the two gateways), nothing else.
+    # The pair's heartbeat (UDP 7465) and the standby's echo request to the active: from the
+    # group itself (the two gateways), nothing else.
     sg_id = s.logical_id(s.stack.gateway.security_group)
-    (rule,) = [r["Properties"] for r in s.resources("AWS::EC2::SecurityGroupIngress").values()]
-    assert rule == {
-        "IpProtocol": "udp",
-        "FromPort": HEARTBEAT_PORT,
-        "ToPort": HEARTBEAT_PORT,
-        "GroupId": {"Fn::GetAtt": [sg_id, "GroupId"]},
-        "SourceSecurityGroupId": {"Fn::GetAtt": [sg_id, "GroupId"]},
-        "Description": rule["Description"],
+    rules = [r["Properties"] for r in s.resources("AWS::EC2::SecurityGroupIngress").values()]
+    assert {(r["IpProtocol"], r["FromPort"], r["ToPort"]) for r in rules} == {
+        ("udp", HEARTBEAT_PORT, HEARTBEAT_PORT),
+        ("icmp", 8, -1),  # echo request, any code
     }
+    for rule in rules:
+        assert rule["GroupId"] == {"Fn::GetAtt": [sg_id, "GroupId"]}
+        assert rule["SourceSecurityGroupId"] == {"Fn::GetAtt": [sg_id, "GroupId"]}
 
 
 def test_gateway_role_ssm_core_plus_exactly_what_the_gateway_needs(s):
@@ -275,7 +363,14 @@ def test_gateway_role_ssm_core_plus_exactly_what_the_gateway_needs(s):
     policy = s.resources("AWS::IAM::Policy")[
         s.logical_id(gateway.role.node.find_child("DefaultPolicy"))
     ]
-    by_sid = {st["Sid"]: st for st in statements(policy)}
+    # CDK's own grant with the group's signals (the agent's SignalResource): this stack only.
+    (signal,) = [st for st in statements(policy) if "Sid" not in st]
+    assert signal == {
+        "Action": "cloudformation:SignalResource",
+        "Effect": "Allow",
+        "Resource": {"Ref": "AWS::StackId"},
+    }
+    by_sid = {st["Sid"]: st for st in statements(policy) if "Sid" in st}
     table = s.stack.controller.table
     assert by_sid["ReadItsTable"]["Action"] == ["dynamodb:GetItem", "dynamodb:Query"]
     assert by_sid["ReadItsTable"]["Resource"] == s.arn(table)
@@ -291,10 +386,37 @@ def test_gateway_role_ssm_core_plus_exactly_what_the_gateway_needs(s):
     for sid in (
         "AttachTheGatewayEni",
         "TakeTheGatewayEniFromThePeer",
-        "SourceDestCheckOffOnGateways",
         "ReportBootFailure",
+        "CompleteTheTerminatingHook",
     ):
         assert by_sid[sid]["Condition"] == {"StringEquals": own}, sid
+    # The source/destination check: the primary ENIs the launch template tags, never G's ENI
+    # (it lacks tunnelnat:interface) and never the instance attribute (issue 20, defect 1).
+    check = by_sid["SourceDestCheckOffOnGateways"]
+    assert check["Action"] == "ec2:ModifyNetworkInterfaceAttribute"
+    assert check["Condition"] == {
+        "StringEquals": {**own, "aws:ResourceTag/tunnelnat:interface": "gateway-primary"}
+    }
+    assert "network-interface/*" in json.dumps(check["Resource"])
+    _, lt = s.one("AWS::EC2::LaunchTemplate")
+    (spec,) = lt["Properties"]["LaunchTemplateData"]["TagSpecifications"]
+    assert spec["ResourceType"] == "network-interface"
+    assert {t["Key"]: t["Value"] for t in spec["Tags"]} == {
+        "tunnelnat:role": "gateway",
+        "tunnelnat:deployment": DEPLOYMENT,
+        "tunnelnat:interface": "gateway-primary",
+    }
+    _, eni_props = s.one("AWS::EC2::NetworkInterface")
+    assert "tunnelnat:interface" not in json.dumps(eni_props)
+    assert sorted(by_sid["SeeItsEniAndInstances"]["Action"]) == [
+        "ec2:DescribeInstanceStatus",
+        "ec2:DescribeInstances",
+        "ec2:DescribeNetworkInterfaces",
+    ]
+    # The heartbeat key: its secret only; the deploy's signal: this stack only.
+    assert by_sid["ReadTheHeartbeatKey"]["Action"] == "secretsmanager:GetSecretValue"
+    assert by_sid["ReadTheHeartbeatKey"]["Resource"] == s.ref(gateway.heartbeat_key)
+    assert by_sid["CompleteTheTerminatingHook"]["Action"] == "autoscaling:CompleteLifecycleAction"
     eni = s.logical_id(gateway.eni)
     assert by_sid["TakeTheGatewayEniFromThePeer"]["Action"] == "ec2:DetachNetworkInterface"
     assert eni in json.dumps(by_sid["TakeTheGatewayEniFromThePeer"]["Resource"])
@@ -302,13 +424,14 @@ def test_gateway_role_ssm_core_plus_exactly_what_the_gateway_needs(s):
         "ReadItsTable",
         "ReadThePsk",
         "PutTunnelMetrics",
-        "SeeItsEni",
+        "SeeItsEniAndInstances",
         "AttachTheGatewayEni",
         "SourceDestCheckOffOnGateways",
         "ReportBootFailure",
-        # The pair agent's (PAIR.md).
+        # The pair agent's (PAIR.md, issue 20).
         "TakeTheGatewayEniFromThePeer",
-        "FindThePeerGateway",
+        "ReadTheHeartbeatKey",
+        "CompleteTheTerminatingHook",
         "ReportPairReadiness",
         "RecordFailovers",
         "AnnounceFailovers",
@@ -372,13 +495,16 @@ def test_gateway_role_allows_every_call_of_the_boot_program_and_the_sync(s):
     ]
     allowed = {a for st in statements(policy) for a in as_list(st["Action"])}
     calls = set()
+    pair_clients = ("ec2", "autoscaling", "dynamodb", "cloudwatch", "sns", "cloudformation")
     for path, clients in (
         (BOOT_PROGRAM, {"ec2": "ec2", "autoscaling": "autoscaling"}),
         (BOOT_PROGRAM.with_name("tunnelnat_gateway.py"), {"client": "dynamodb"}),
-        (PAIR_PROGRAM, {s: s for s in ("ec2", "dynamodb", "cloudwatch", "sns")}),
+        (PAIR_PROGRAM, {**{c: c for c in pair_clients}, "secrets()": "secretsmanager"}),
     ):
         found = re.findall(
-            r"\b(ec2|autoscaling|client|dynamodb|cloudwatch|sns)\.([a-z_]+)\(", path.read_text()
+            r"\b(ec2|autoscaling|client|dynamodb|cloudwatch|sns|cloudformation|secrets\(\))"
+            r"\.([a-z_]+)\(",
+            path.read_text(),
         )
         for client, op in found:
             if client not in clients:
@@ -389,27 +515,47 @@ def test_gateway_role_allows_every_call_of_the_boot_program_and_the_sync(s):
     calls.add("dynamodb:Query")  # through get_paginator("query")
     assert calls == {
         "ec2:DescribeNetworkInterfaces",
-        "ec2:ModifyInstanceAttribute",
+        "ec2:DescribeInstances",  # the boot's own instance and the ENI's holder; the peers
+        "ec2:ModifyNetworkInterfaceAttribute",  # the primary ENI's check, never the instance's
         "ec2:AttachNetworkInterface",
-        "autoscaling:SetInstanceHealth",
+        "autoscaling:SetInstanceHealth",  # a failed boot; a fenced old active
         "dynamodb:GetItem",
         "dynamodb:Query",
-        # Pair mode: the boot asks whether the ENI's holder lives; the pair agent's own.
-        "ec2:DescribeInstances",
+        # The pair agent's own.
         "ec2:DetachNetworkInterface",
+        "ec2:DescribeInstanceStatus",  # the second opinion before a forced detach
+        "secretsmanager:GetSecretValue",  # the heartbeat key
+        "autoscaling:CompleteLifecycleAction",  # the terminating hook, after the handover
+        "cloudformation:SignalResource",  # a ready standby, to the rolling update
         "dynamodb:PutItem",
         "dynamodb:UpdateItem",
         "cloudwatch:PutMetricData",
         "sns:Publish",
-    }
-    assert calls <= allowed
+    }, calls
+    assert calls <= allowed, calls - allowed
 
 
 def test_psk_is_generated_by_secrets_manager_never_in_the_template(s):
-    _, secret = s.one("AWS::SecretsManager::Secret")
+    secrets = s.resources("AWS::SecretsManager::Secret")
+    secret = secrets[s.logical_id(s.stack.gateway.psk)]
     assert "GenerateSecretString" in secret["Properties"]
     assert "SecretString" not in secret["Properties"]
     assert secret["DeletionPolicy"] == "Retain"
+
+
+def test_the_heartbeat_key_is_generated_and_only_the_gateways_read_it(s):
+    gateway = s.stack.gateway
+    key_id = s.logical_id(gateway.heartbeat_key)
+    key = s.resources("AWS::SecretsManager::Secret")[key_id]
+    generated = key["Properties"]["GenerateSecretString"]
+    assert generated["PasswordLength"] >= 32 and "SecretString" not in key["Properties"]
+    (policy,) = s.resources("AWS::SecretsManager::ResourcePolicy").values()
+    assert policy["Properties"]["SecretId"] == {"Ref": key_id}
+    (deny,) = policy["Properties"]["ResourcePolicy"]["Statement"]
+    assert deny["Effect"] == "Deny" and deny["Action"] == "secretsmanager:GetSecretValue"
+    assert deny["Condition"] == {
+        "ArnNotEquals": {"aws:PrincipalArn": s.arn(gateway.role)},
+    }
 
 
 def test_configure_associations_target_the_gateway_tag(s):

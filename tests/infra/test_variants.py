@@ -223,15 +223,31 @@ def test_single_gateway_is_the_group_of_one_as_before_the_pair(s):
     policy = s.resources("AWS::IAM::Policy")[
         s.logical_id(gateway.role.node.find_child("DefaultPolicy"))
     ]
-    assert {st["Sid"] for st in statements(policy)} == {
+    by_sid = {st["Sid"]: st for st in statements(policy)}
+    assert set(by_sid) == {
         "ReadItsTable",
         "ReadThePsk",
         "PutTunnelMetrics",
-        "SeeItsEni",
+        "SeeItsEniAndInstances",
         "AttachTheGatewayEni",
         "SourceDestCheckOffOnGateways",
         "ReportBootFailure",
     }
+    # The boot finds its primary ENI (issue 20) in single mode too; no pair's calls.
+    assert sorted(by_sid["SeeItsEniAndInstances"]["Action"]) == [
+        "ec2:DescribeInstances",
+        "ec2:DescribeNetworkInterfaces",
+    ]
+    assert by_sid["SourceDestCheckOffOnGateways"]["Action"] == (
+        "ec2:ModifyNetworkInterfaceAttribute"
+    )
+    # No signals, no hook, no heartbeat key: no agent sends or completes them.
+    assert "CreationPolicy" not in asg
+    assert "WaitOnResourceSignals" not in rolling
+    assert "LifecycleHookSpecificationList" not in props
+    assert gateway.heartbeat_key is None
+    assert len(s.resources("AWS::SecretsManager::Secret")) == 0  # the PSK is imported here
+    assert "updates:" in user_data  # cloud-init's hotplug is off for G's ENI here too
     _, dashboard = s.one("AWS::CloudWatch::Dashboard")
     assert "Failovers" not in json.dumps(dashboard)
     tunnel = s.resources("AWS::SSM::Association")[s.logical_id(gateway.tunnel_association)]
