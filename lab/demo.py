@@ -192,6 +192,25 @@ def headline(results: dict[str, Any]) -> list[str]:
                 f"E and G {'unchanged' if failover.e_and_g.get('unchanged') else 'CHANGED'}, "
                 f"{len(failover.commands_after)} commands to instances)"
             )
+        switchover = step.data.get("switchover")
+        if switchover is not None:
+            lines.append(
+                f"planned switchover: {switchover.loss_seconds:.2f}s of loss ({switchover.lost} "
+                f"of {switchover.sent} lost), {len(switchover.clear)} clear-text"
+            )
+        rolling = step.data.get("rolling")
+        if rolling is not None:
+            lines.append(
+                f"rolling replacement of both gateways: {len(rolling.clear)} clear-text, "
+                f"{rolling.loss_seconds:.2f}s of loss in all ({rolling.lost} of {rolling.sent} "
+                f"lost) in {rolling.seconds:.0f}s"
+            )
+        slow = step.data.get("slow_aws")
+        if slow is not None:
+            lines.append(
+                f"slow AWS on the active: {slow.failovers} failovers, widest heartbeat gap "
+                f"{slow.max_heartbeat_gap:.2f}s, {slow.lost} lost"
+            )
         if "diagnosis" in step.data:
             lines.append(f"broken partner: {step.data['diagnosis']}")
         if "summary" in step.data:

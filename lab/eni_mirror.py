@@ -77,7 +77,10 @@ class EniMirror(Polled):
         """The instance the ENI is attached to (attaching or attached), as EC2 reports it."""
         reply = self.ec2.describe_network_interfaces(NetworkInterfaceIds=[self.eni_id])
         attachment = reply["NetworkInterfaces"][0].get("Attachment") or {}
-        if attachment.get("Status", "attached") in ("detaching", "detached"):
+        # Only an attached ENI carries packets: while EC2 says attaching (seconds with the
+        # strict fakes' AWS-like delays, tools/aws_strict.py) the links stay parked, as the
+        # device has not appeared in the instance yet; detaching parks them at once.
+        if attachment.get("Status", "attached") in ("attaching", "detaching", "detached"):
             return None
         return attachment.get("InstanceId")
 

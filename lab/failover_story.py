@@ -61,6 +61,9 @@ class FailoverReport:
     generation_after: int
     host_route_unchanged: bool
     errors: list[str] = field(default_factory=list)
+    # The strict fakes' attach/detach seconds when the failover ran with AWS-like delays.
+    aws_like: dict[str, float] = field(default_factory=dict)
+    target: float = FAILOVER_TARGET  # seconds the failover may take (AWS-like delays: AWS's)
 
     @property
     def failover_seconds(self) -> float | None:
@@ -75,7 +78,7 @@ class FailoverReport:
             not self.errors
             and self.active_after not in (None, self.active_before)
             and seconds is not None
-            and seconds <= FAILOVER_TARGET
+            and seconds <= self.target
             and not self.clear
             and self.e_and_g.get("unchanged") is True
             and not self.commands_after
@@ -218,7 +221,7 @@ def run_failover(lab: topo.Lab, name: str, public: str) -> FailoverReport:
             errors.append(f"SyncNatTable on the standby: {result.stderr[-300:]}")
     if not _wait(lambda: lab.child_sas_installed(active) >= 1, 20, 0.2):
         errors.append(f"no CHILD_SA on the active {active} before the power-off")
-    heard = heartbeats_heard(lab, standby, topo.GATEWAY_MACHINES[active])
+    heard = heartbeats_heard(lab, standby, lab.gateway_primary[active])
     if not heard:
         errors.append(f"the standby {standby} hears no heartbeat from {active}")
 

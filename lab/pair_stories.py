@@ -173,36 +173,26 @@ def heartbeat_gaps(lines: list[str]) -> tuple[int, float]:
     return len(times), round(widest, 3)
 
 
-def strict_calls(lab: topo.Lab, action: str, since: int = 0) -> list[dict[str, Any]]:
-    """The calls of ``action`` the strict fakes logged (from entry ``since``)."""
-    try:
-        log = strict(lab).log()
-    except Exception:  # noqa: BLE001 - the fakes' log is an observation, never a reason to stop
-        return []
-    return [e for e in log[since:] if _action(e) == action]
+def strict_log(lab: topo.Lab, since: int = 0) -> list[dict[str, Any]]:
+    """What the strict fakes recorded (refusals, delays, signals, lifecycle actions) from entry
+    ``since`` on; each entry has at, action, code, access_key and detail."""
+    return list(strict(lab).log())[since:]
 
 
 def strict_log_length(lab: topo.Lab) -> int:
-    try:
-        return len(strict(lab).log())
-    except Exception:  # noqa: BLE001
-        return 0
+    return len(strict(lab).log())
 
 
-def _action(entry: Any) -> str:
-    if isinstance(entry, dict):
-        return str(entry.get("action") or entry.get("Action") or "")
-    return str(getattr(entry, "action", ""))
+def unhealthy_gateways(lab: topo.Lab) -> list[str]:
+    """Gateways Auto Scaling holds as Unhealthy (SetInstanceHealth): it would replace them."""
+    from lab.aws import GATEWAY_GROUP
 
-
-def unhealthy_calls(lab: topo.Lab, since: int = 0) -> list[dict[str, Any]]:
-    """SetInstanceHealth(Unhealthy) calls since ``since``: a gateway taking itself out."""
-    found = []
-    for entry in strict_calls(lab, "SetInstanceHealth", since):
-        text = json.dumps(entry, default=str)
-        if "Unhealthy" in text:
-            found.append(entry)
-    return found
+    reply = lab.aws.client("autoscaling").describe_auto_scaling_instances()
+    return [
+        i["InstanceId"]
+        for i in reply["AutoScalingInstances"]
+        if i.get("AutoScalingGroupName") == GATEWAY_GROUP and i.get("HealthStatus") == "Unhealthy"
+    ]
 
 
 # -- (b) slow AWS ----------------------------------------------------------------------------------
@@ -221,6 +211,7 @@ class SlowAwsReport:
     max_heartbeat_gap: float  # seconds: the widest silence the standby heard
     silence_budget: float  # misses x interval: what a gap must stay under
     slowed_calls: int  # the active's calls the fakes delayed
+    sync_seconds: float  # a SyncNatTable on the active meanwhile (slowed too)
     sent: int
     lost: int
     widest_gap_at_a: float
@@ -246,7 +237,8 @@ class SlowAwsReport:
     def figure(self) -> str:
         return (
             f"every EC2/DynamoDB call from the active ({self.active}) delayed "
-            f"{self.delay_seconds:g}s for {self.duration:g}s ({self.slowed_calls} calls slowed): "
+            f"{self.delay_seconds:g}s for {self.duration:g}s ({self.slowed_calls} calls slowed; "
+            f"a SyncNatTable there took {self.sync_seconds:.1f}s): "
             f"{self.failovers} failovers; the standby heard {self.heartbeats} heartbeats, widest "
             f"gap {self.max_heartbeat_gap:.2f}s (takeover after {self.silence_budget:g}s of "
             f"silence); {self.sent} datagrams sent, {self.lost} lost, widest gap at A "
@@ -278,9 +270,21 @@ def run_slow_aws(
     with traffic(lab, name) as run, heartbeat_capture(lab, standby, active) as beats:
         strict(lab).slow(key, delay, duration, services=("ec2", "dynamodb"))
         slowed_from = time.time()
-        time.sleep(duration + 2 * delay)  # the last slowed calls return
+        ends = time.monotonic() + duration + 2 * delay  # the last slowed calls return
+        # What the controller sends the active meanwhile (its DynamoDB reads are slowed too).
+        sync_started = time.monotonic()
+        active_id = next(i for i, ns in lab.gateway_namespaces().items() if ns == active)
+        sync = lab.commands.run(
+            active_id, "SyncNatTable", {"TableName": topo.TABLE, "Region": topo.REGION}
+        )
+        sync_seconds = time.monotonic() - sync_started
+        if not sync.ok:
+            errors.append(f"SyncNatTable on the slowed active: {sync.status}")
+        time.sleep(max(0.0, ends - time.monotonic()))
     slowed = [
-        e for e in _log_since(lab, log_before) if key in json.dumps(e, default=str) and _slowed(e)
+        e
+        for e in strict_log(lab, log_before)
+        if e.get("code") == "delay" and e.get("access_key") == key
     ]
     count, widest = heartbeat_gaps(beats)
     if not count:
@@ -301,29 +305,13 @@ def run_slow_aws(
         max_heartbeat_gap=widest,
         silence_budget=silence_budget(lab),
         slowed_calls=len(slowed),
+        sync_seconds=round(sync_seconds, 1),
         sent=run.sent,
         lost=run.lost,
         widest_gap_at_a=run.widest_gap(slowed_from)[0],
         clear=run.clear,
         errors=errors,
     )
-
-
-def _log_since(lab: topo.Lab, since: int) -> list[Any]:
-    try:
-        return list(strict(lab).log())[since:]
-    except Exception:  # noqa: BLE001
-        return []
-
-
-def _slowed(entry: Any) -> bool:
-    """Whether a strict-log entry says the call was delayed."""
-    if isinstance(entry, dict):
-        for key in ("delayed", "delay", "slowed", "slow_seconds", "delay_seconds"):
-            if entry.get(key):
-                return True
-        return False
-    return bool(getattr(entry, "delayed", False) or getattr(entry, "delay", 0))
 
 
 # -- (c) planned switchover -----------------------------------------------------------------------
@@ -347,6 +335,9 @@ class SwitchoverReport:
     old_active_role: str
     request_left: bool  # the request file still there after (the agent deletes it)
     command: dict[str, Any]  # the document's run, when asked through it
+    handover_sent: dict[str, Any] = field(default_factory=dict)  # the old active's event
+    handover: dict[str, Any] = field(default_factory=dict)  # the new active's event
+    tunnel_up: dict[str, Any] = field(default_factory=dict)  # ... and its tunnel_up after
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -374,8 +365,15 @@ class SwitchoverReport:
             f"{self.failovers_after}, switchovers {self.switchovers_before} -> "
             f"{self.switchovers_after}; old active now {self.old_active_role or '?'}"
             + (f"; recorded {self.last_switchover.get('seconds')}s" if self.last_switchover else "")
+            + (f"; old active: {_timings(self.handover_sent)}" if self.handover_sent else "")
+            + (f"; new active: {_timings(self.handover)}" if self.handover else "")
+            + (f", tunnel up {self.tunnel_up.get('seconds')}s after" if self.tunnel_up else "")
             + (f"; problems: {'; '.join(self.errors)}" if self.errors else "")
         )
+
+
+def _timings(event: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in event.items() if k.endswith("_seconds"))
 
 
 def switchover_document() -> Path | None:
@@ -400,6 +398,9 @@ def run_switchover(lab: topo.Lab, name: str, *, via: str = "auto") -> Switchover
     if not _wait(lambda: ready_standby(lab, standby), 30, 0.5):
         errors.append(f"the standby {standby} never said it was ready (tunnel loaded)")
     before = (failovers(lab), switchovers(lab))
+    sent_before = len(agent_events(active, "handover_sent"))
+    taken_before = len(agent_events(standby, "handover"))
+    ups_before = len(agent_events(standby, "tunnel_up"))
     command: dict[str, Any] = {}
     with traffic(lab, name) as run:
         requested = time.time()
@@ -439,6 +440,9 @@ def run_switchover(lab: topo.Lab, name: str, *, via: str = "auto") -> Switchover
         old_active_role=role_of(active),
         request_left=_exists(active, topo.REQUEST_FILE),
         command=command,
+        handover_sent=next(iter(agent_events(active, "handover_sent")[sent_before:]), {}),
+        handover=next(iter(agent_events(standby, "handover")[taken_before:]), {}),
+        tunnel_up=next(iter(agent_events(standby, "tunnel_up")[ups_before:]), {}),
         errors=errors,
     )
 
@@ -479,7 +483,7 @@ class RebootReport:
     holder_after: str | None
     failovers_before: int
     failovers_after: int
-    unhealthy: list[Any]  # SetInstanceHealth(Unhealthy) calls meanwhile (must be none)
+    unhealthy: list[str]  # gateways SetInstanceHealth marked Unhealthy (must be none)
     roles_after: dict[str, str]  # machine -> its role file
     heard_after: dict[str, int]  # machine -> heartbeats from the other within 1.2 s
     sas_on_holder: int
@@ -579,7 +583,6 @@ def run_reboot(
     ns = active if which == "active" else next(n for n in machines(lab) if n != active)
     holder_before = lab.eni_holder()
     failovers_before = failovers(lab)
-    log_before = strict_log_length(lab)
     with traffic(lab, name) as run:
         off = time.time()
         started = time.monotonic()
@@ -591,10 +594,14 @@ def run_reboot(
         resumed = _wait(lambda: run.flowing_since(time.time() - 0.1), 15)
         time.sleep(1.0)
     primaries = machines(lab)
-    heard = {}
+    heard: dict[str, int] = {}
+    # The restarted agent finds its peer by its group's DescribeInstances: heard within 20 s.
+    deadline = time.monotonic() + 20
     for at_ns in primaries:
         other = next(n for n in primaries if n != at_ns)
         heard[at_ns] = heartbeats_heard(lab, at_ns, primaries[other])
+        while not heard[at_ns] and time.monotonic() < deadline:
+            heard[at_ns] = heartbeats_heard(lab, at_ns, primaries[other])
     holder_ns = lab.eni_holder_ns()
     return RebootReport(
         which=which,
@@ -607,7 +614,7 @@ def run_reboot(
         holder_after=lab.eni_holder(),
         failovers_before=failovers_before,
         failovers_after=failovers(lab),
-        unhealthy=unhealthy_calls(lab, log_before),
+        unhealthy=unhealthy_gateways(lab),
         roles_after={n: role_of(n) for n in primaries},
         heard_after=heard,
         sas_on_holder=lab.child_sas_installed(holder_ns) if holder_ns else 0,
@@ -618,3 +625,220 @@ def run_reboot(
         clear=run.clear,
         errors=errors,
     )
+
+
+# -- (d) rolling replacement -----------------------------------------------------------------------
+@dataclass
+class ReplacementRound:
+    old: str  # the machine terminated
+    old_id: str
+    old_role: str  # its role when Auto Scaling chose it
+    lifecycle_completed_after: float | None  # Terminated in IMDS -> its CompleteLifecycleAction
+    lifecycle_result: str  # CONTINUE / ABANDON / "timeout"
+    holder_after_hook: str | None  # who held G's ENI when the old one was powered off
+    new: str = ""
+    new_id: str = ""
+    new_units: list[tuple[str, str]] = field(default_factory=list)
+    launch_seconds: float = 0.0  # machine, boot, the associations' documents
+    signal_after: float | None = None  # launch start -> its SignalResource(SUCCESS)
+    error: str = ""
+
+
+@dataclass
+class RollingReport:
+    rounds: list[ReplacementRound]
+    how: str  # how the lab stands in for the replacement
+    sent: int
+    lost: int
+    loss_seconds: float
+    widest_gap_at_a: float
+    clear: list[str]
+    failovers_before: int
+    failovers_after: int
+    switchovers_before: int
+    switchovers_after: int
+    settled: bool  # one active with its SA, one standby, both new
+    gateways_after: dict[str, str]
+    unhealthy: list[str]
+    seconds: float
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        originals = {r.old_id for r in self.rounds}
+        return (
+            not self.errors
+            and len(self.rounds) == 2
+            and all(r.lifecycle_result == "CONTINUE" and r.signal_after for r in self.rounds)
+            and not self.clear
+            and self.failovers_after == self.failovers_before
+            and self.settled
+            and not originals & set(self.gateways_after)
+            and not self.unhealthy
+        )
+
+    def figure(self) -> str:
+        parts = []
+        for r in self.rounds:
+            hook = (
+                f"lifecycle action completed after {r.lifecycle_completed_after:.1f}s"
+                if r.lifecycle_completed_after is not None
+                else f"lifecycle action {r.lifecycle_result}"
+            )
+            signal = f"signal after {r.signal_after:.1f}s" if r.signal_after else "NO SIGNAL"
+            parts.append(f"{r.old} ({r.old_role}): {hook} -> {r.new} launched, {signal}")
+        return (
+            f"rolling replacement of both gateways ({self.how}) in {self.seconds:.0f}s under "
+            f"traffic: " + "; ".join(parts) + f"; {self.sent} sent, {self.lost} lost = "
+            f"{self.loss_seconds:.2f}s of loss in all (widest gap at A {self.widest_gap_at_a:.2f}s)"
+            f"; {len(self.clear)} clear-text packets; failovers {self.failovers_before} -> "
+            f"{self.failovers_after}, switchovers {self.switchovers_before} -> "
+            f"{self.switchovers_after}"
+            + (f"; problems: {'; '.join(self.errors)}" if self.errors else "")
+        )
+
+
+def run_rolling_replacement(
+    lab: topo.Lab, name: str, *, hook_timeout: float = 30.0, signal_timeout: float = 90.0
+) -> RollingReport:
+    """Both gateways replaced one at a time while ``name`` sends to A, as CloudFormation's
+    rolling update (MaxBatchSize 1, MinInstancesInService 1, WaitOnResourceSignals) does it:
+    Auto Scaling terminates an old gateway (the active first: the case that needs a handover);
+    its termination hook holds it in Terminating:Wait, which its IMDS shows as target lifecycle
+    state Terminated; its agent hands G over (when active) and completes the lifecycle action;
+    the instance goes (powered off, its machine removed); a new gateway launches on a machine of
+    its own, boots through the production units, gets the associations' documents and signals
+    the stack once it is a ready standby; only then is the next old gateway terminated."""
+    errors: list[str] = []
+    client = strict(lab)
+    active = lab.eni_holder_ns()
+    if active is None:
+        raise topo.LabError("nobody holds G's ENI before the rolling replacement")
+    olds = [active, *[ns for ns in machines(lab) if ns != active]]
+    fresh = iter(topo.REPLACEMENT_MACHINES)
+    before = (failovers(lab), switchovers(lab))
+    rounds: list[ReplacementRound] = []
+    started = time.monotonic()
+    with traffic(lab, name) as run:
+        first = time.time()
+        for old in olds:
+            old_id = next(i for i, n in lab.gateway_namespaces().items() if n == old)
+            seen = len(client.lifecycle_actions())
+            rnd = ReplacementRound(old, old_id, role_of(old), None, "timeout", None)
+            rounds.append(rnd)
+            asked = time.monotonic()
+            lab.set_target_lifecycle_state(old, "Terminated")
+
+            def completed(instance: str = old_id, since: int = seen) -> list[dict[str, Any]]:
+                return [
+                    a
+                    for a in client.lifecycle_actions()[since:]
+                    if a.get("instance") == instance
+                    and a.get("hook") == topo.GATEWAY_TERMINATE_HOOK
+                ]
+
+            if _wait(lambda: bool(completed()), hook_timeout, 0.1):
+                rnd.lifecycle_completed_after = round(time.monotonic() - asked, 2)
+                rnd.lifecycle_result = str(completed()[0].get("result"))
+            else:
+                errors.append(f"{old}: no CompleteLifecycleAction within {hook_timeout:g}s")
+            rnd.holder_after_hook = lab.eni_holder_ns()
+            lab.retire_gateway(old)
+            rnd.new = next(fresh)
+            launched = time.monotonic()
+            try:
+                rnd.new_id, boot = lab.launch_gateway(rnd.new)
+                rnd.new_units = [(r.name, r.state) for r in boot.runs]
+            except topo.LabError as exc:
+                rnd.error = str(exc)[-500:]
+                errors.append(f"{rnd.new}: {rnd.error}")
+                break
+            rnd.launch_seconds = round(time.monotonic() - launched, 2)
+
+            def signalled(instance: str = rnd.new_id) -> bool:
+                return any(
+                    s.get("unique_id") == instance and s.get("status") == "SUCCESS"
+                    for s in client.signals()
+                )
+
+            if _wait(signalled, signal_timeout, 0.5):
+                rnd.signal_after = round(time.monotonic() - launched, 2)
+            else:
+                errors.append(f"{rnd.new}: no SignalResource within {signal_timeout:g}s")
+                break
+        settled = _wait(lambda: pair_settled(lab), 30, 0.5)
+        _wait(lambda: run.flowing_since(time.time() - 0.1), 10)
+        time.sleep(1.0)
+    return RollingReport(
+        rounds=rounds,
+        how="new gateway machines (tn-gw3, tn-gw4) launched through the production boot units",
+        sent=run.sent,
+        lost=run.lost,
+        loss_seconds=run.loss_seconds,
+        widest_gap_at_a=run.widest_gap(first)[0],
+        clear=run.clear,
+        failovers_before=before[0],
+        failovers_after=failovers(lab),
+        switchovers_before=before[1],
+        switchovers_after=switchovers(lab),
+        settled=settled,
+        gateways_after=lab.gateway_namespaces(),
+        unhealthy=unhealthy_gateways(lab),
+        seconds=round(time.monotonic() - started, 1),
+        errors=errors,
+    )
+
+
+# -- (e) failover with AWS-like attach/detach times -----------------------------------------------
+# What the strict fakes make EC2's attachment take here. AWS documents no duration; these are
+# the public reports docs/health.md cites ("Expected on AWS"): a just-attached ENI's device
+# appears seconds after the call (the ECS agent waits up to 6 s for it,
+# https://github.com/aws/amazon-ecs-agent/pull/2564; the VPC CNI budgeted 10 s per attach,
+# https://github.com/aws/amazon-vpc-cni-k8s/issues/420), a detach takes seconds in `detaching`
+# (https://docs.aws.amazon.com/AWSEC2/latest/APIReference/API_InstanceNetworkInterfaceAttachment.html
+# lists the state; the duration is the reports' order of magnitude).
+AWS_LIKE_ATTACH_SECONDS = 5.0
+AWS_LIKE_DETACH_SECONDS = 3.0
+AWS_FAILOVER_TARGET = 15.0  # issue 15's target on AWS (docs/health.md, Expected on AWS)
+
+
+def wait_past_hold_down(lab: topo.Lab) -> float:
+    """Wait until a standby would take G's ENI from a silent active: the ENI attached longer
+    ago than the agents' hold-down (no flapping) and every agent past its startup grace (an
+    agent that just started listens before it judges). The seconds waited."""
+    config = lab.pair_config()
+    hold = float(config["hold_down_seconds"])
+    grace = float(config.get("startup_grace_seconds", 10))
+    reply = lab.aws.client("ec2").describe_network_interfaces(NetworkInterfaceIds=[lab.aws.eni_id])
+    attached = (reply["NetworkInterfaces"][0].get("Attachment") or {}).get("AttachTime")
+    until = attached.timestamp() + hold if attached is not None else 0.0
+    for ns in machines(lab):
+        until = max(until, lab.agent_started.get(ns, 0.0) + grace)
+    wait = max(0.0, until + 0.5 - time.time())
+    time.sleep(wait)
+    return wait
+
+
+def run_aws_like_failover(
+    lab: topo.Lab,
+    name: str,
+    public: str,
+    *,
+    attach_seconds: float = AWS_LIKE_ATTACH_SECONDS,
+    detach_seconds: float = AWS_LIKE_DETACH_SECONDS,
+) -> Any:
+    """The failover story (power-off of the active, lab.failover_story) with EC2's attachment
+    taking ``detach_seconds`` to detach and ``attach_seconds`` to attach. Returns its
+    FailoverReport with ``aws_like`` = the delays."""
+    from lab.failover_story import run_failover
+
+    wait_past_hold_down(lab)
+    client = strict(lab)
+    client.configure(attach_seconds=attach_seconds, detach_seconds=detach_seconds)
+    try:
+        report = run_failover(lab, name, public)
+    finally:
+        client.configure(attach_seconds=0, detach_seconds=0)
+    report.aws_like = {"attach_seconds": attach_seconds, "detach_seconds": detach_seconds}
+    report.target = AWS_FAILOVER_TARGET
+    return report

@@ -677,6 +677,59 @@ class Story:
             {"failover": report},
         )
 
+    # -- the pair as EC2 and CloudFormation behave (issue 20, lab.pair_stories) -----------------
+    def _pair_ready(self, name: str) -> tuple[str, str | None]:
+        """The standby built (booted as standby, configured, synced) if the lab has none, and
+        ``name`` enrolled; (what was done, a problem or None)."""
+        done = ""
+        if not self.lab.standby_id:
+            started = time.monotonic()
+            self.lab.add_standby_gateway()
+            done += (
+                f"standby {topo.STANDBY_NS} built, booted as standby, configured and synced in "
+                f"{time.monotonic() - started:.1f}s; "
+            )
+        inst = self.lab.instance(name)
+        if self.lab.aws.mappings().get(inst.private_ip) is None:
+            step = self.enrol(name)
+            if not step.ok:
+                return done, f"could not enrol {name}: {step.figure}"
+            done += f"{name} tagged again (S={self.public}); "
+        return done, None
+
+    def pair_switchover(self, name: str = WEB1) -> Step:
+        """A planned switchover (the Switchover document's request) while ``name`` sends."""
+        from lab.pair_stories import run_switchover
+
+        title = "planned switchover: the active hands G's ENI to the standby under traffic"
+        done, problem = self._pair_ready(name)
+        if problem:
+            return Step(title, False, problem)
+        report = run_switchover(self.lab, name)
+        return Step(title, report.ok, done + report.figure(), {"switchover": report})
+
+    def pair_slow_aws(self, name: str = WEB1, duration: float = 60.0) -> Step:
+        """Every EC2/DynamoDB call of the active delayed 3 s for a minute: no failover."""
+        from lab.pair_stories import run_slow_aws
+
+        title = "slow AWS on the active (3 s a call for a minute): no failover"
+        done, problem = self._pair_ready(name)
+        if problem:
+            return Step(title, False, problem)
+        report = run_slow_aws(self.lab, name, duration=duration)
+        return Step(title, report.ok, done + report.figure(), {"slow_aws": report})
+
+    def pair_rolling(self, name: str = WEB1) -> Step:
+        """Both gateways replaced one at a time, as CloudFormation's rolling update does it."""
+        from lab.pair_stories import run_rolling_replacement
+
+        title = "rolling replacement of both gateways (termination hook, signal) under traffic"
+        done, problem = self._pair_ready(name)
+        if problem:
+            return Step(title, False, problem)
+        report = run_rolling_replacement(self.lab, name)
+        return Step(title, report.ok, done + report.figure(), {"rolling": report})
+
     def _pair_status(self) -> tuple[str, bool]:
         """What ``tunnelnat status`` says of the pair after the failover, and whether it names
         the instance that now holds G's ENI as the active."""
@@ -1042,6 +1095,10 @@ class Story:
             self.broken_partner,
             self.doctor_cli,
             self.unenrol,
+            # The pair (issue 20): built by the first of these; web-1 enrolled again.
+            self.pair_switchover,
+            self.pair_slow_aws,
+            self.pair_rolling,
             # Last: the active gateway stays powered off (the pair is one gateway short after).
             self.gateway_failover,
         ]

@@ -92,7 +92,9 @@ GATEWAY_UNITS = ("tunnelnat-restore.service", "tunnelnat-boot.service", "tunneln
 # The pair's machines by number: each its own AWS access key id (``gateway_access_key``), as each
 # EC2 instance gets its own role session credentials; the strict fakes (tools/aws_strict.py) tell
 # the callers apart by the key id in SigV4's Authorization header (moto accepts any key).
-GATEWAY_NUMBERS = {"tn-gw": 1, STANDBY_NS: 2}
+GATEWAY_NUMBERS = {"tn-gw": 1, STANDBY_NS: 2, "tn-gw3": 3, "tn-gw4": 4}
+# The machines a rolling replacement launches (lab.pair_stories), in order, with their primaries.
+REPLACEMENT_MACHINES = {"tn-gw3": "10.10.1.12", "tn-gw4": "10.10.1.13"}
 # The pair agents' heartbeat key (Secrets Manager; pair.json's key_secret), the gateway group's
 # termination hook and the files the agents use (PAIR.md; issue 20's contracts).
 PAIR_KEY_SECRET = "tunnelnat/lab/pair-key"  # noqa: S105 - a secret's name, not a secret
@@ -170,7 +172,7 @@ FIXED_MACHINES = ("tn-vpc", "tn-gw", "tn-inet", "tn-pvpn", "tn-app", ROUTER_NS)
 
 def is_lab_namespace(name: str) -> bool:
     """The lab's own names only: other tools (bench) run their own tn-* namespaces meanwhile."""
-    if name in (*FIXED_MACHINES, STANDBY_NS):
+    if name in (*FIXED_MACHINES, STANDBY_NS, *REPLACEMENT_MACHINES):
         return True
     return re.fullmatch(r"tn-(web|priv)-[0-9]{1,3}", name) is not None
 
@@ -345,6 +347,11 @@ class Lab:
     standby_id: str = ""  # the standby's instance ID in moto, once built
     eni_mirror: Any = None  # lab.eni_mirror.EniMirror once the pair is built
     standby_boot: Any = None  # the standby's GatewayBoot (its units' runs)
+    # Instance ID -> machine of every gateway running now (the pair's two; a rolling
+    # replacement changes them).
+    gateways: dict[str, str] = field(default_factory=dict)
+    # Gateway machine -> when its pair agent last started (time.time()): its startup grace.
+    agent_started: dict[str, float] = field(default_factory=dict)
     # Gateway machine -> primary address (machines a rolling replacement adds join it).
     gateway_primary: dict[str, str] = field(default_factory=lambda: dict(GATEWAY_MACHINES))
     # The pair agents' heartbeat key (Secrets Manager PAIR_KEY_SECRET; >= 32 characters).
@@ -886,6 +893,7 @@ swanctl {{
         sh(["ip", "-n", ns, "addr", "add", f"{STANDBY_PRIMARY}/24", "dev", "eth0"])
         self.write_etc(ns, "strongswan.conf", self._strongswan_conf(ns))
         self.standby_id = self.aws.add_gateway(STANDBY_PRIMARY)
+        self.gateways[self.standby_id] = ns
         self.commands.namespaces[self.standby_id] = ns
         self.commands.other_gateways.add(self.standby_id)
         self.commands.gateway_envs[self.standby_id] = self.gateway_env(ns)
@@ -899,7 +907,7 @@ swanctl {{
         self.eni_mirror = EniMirror(
             ec2=self.aws.client("ec2"),
             eni_id=self.aws.eni_id,
-            namespaces=self.gateway_namespaces(),
+            namespaces=self.gateways,  # live: machines a rolling replacement adds are seen
             location=self.eni_holder_ns() or "tn-gw",
             eni_link=ENI_LINK,
             public_link=PUBLIC_LINK,
@@ -911,10 +919,64 @@ swanctl {{
 
     def gateway_namespaces(self) -> dict[str, str]:
         """Instance ID -> machine, for both gateways (the pair) or the one."""
-        found = {self.aws.gateway_id: "tn-gw"}
-        if self.standby_id:
-            found[self.standby_id] = STANDBY_NS
-        return found
+        return dict(self.gateways)
+
+    def launch_gateway(self, ns: str) -> tuple[str, Any]:
+        """A new gateway of the pair (as the group launches a replacement): machine ``ns`` (one
+        of REPLACEMENT_MACHINES) on the VPC bridge, in moto and the gateway group, booted through
+        its units, given the associations' documents and SyncNatTable, its pair agent started.
+        Returns (its instance ID, its GatewayBoot)."""
+        primary = REPLACEMENT_MACHINES[ns]
+        self._new_machine(ns)
+        self._on_bridge(ns, f"p-{ns.removeprefix(PREFIX)}")
+        sh(["ip", "-n", ns, "addr", "add", f"{primary}/24", "dev", "eth0"])
+        self.write_etc(ns, "strongswan.conf", self._strongswan_conf(ns))
+        instance_id = self.aws.add_gateway(primary)
+        self.gateway_primary[ns] = primary
+        self.gateways[instance_id] = ns
+        self.commands.namespaces[instance_id] = ns
+        self.commands.other_gateways.add(instance_id)
+        self.commands.gateway_envs[instance_id] = self.gateway_env(ns)
+        self.aws.join_gateway_group([instance_id])
+        self._bridge_moto(ns)
+        self.install_gateway_boot(ns, instance_id)
+        boot = self.boot_gateway(ns)
+        failed = [r for r in boot.runs if r.state not in ("done", "skipped")]
+        if failed:
+            raise LabError(f"{ns}'s boot failed: {failed}")
+        for result in self.configure_gateway_machine(instance_id):
+            if not result.ok:
+                raise LabError(
+                    f"{result.document} on {ns}: {result.status}: {result.stderr[-800:]}"
+                )
+        self.start_pair_agent(ns)
+        return instance_id, boot
+
+    def retire_gateway(self, ns: str) -> str:
+        """Auto Scaling's termination of gateway ``ns`` once its lifecycle action is over: the
+        machine powered off and removed, the instance terminated in EC2. Returns its ID."""
+        from lab.eni_mirror import PARKING_NS, run_ip_batch
+
+        instance_id = next(i for i, n in self.gateways.items() if n == ns)
+        self.power_off(ns)
+        # Whatever EC2 still had attached there goes back to the hypervisor, never away with
+        # the namespace (E's and G's links are veths the lab keeps).
+        moving = [link for link in (ENI_LINK, PUBLIC_LINK) if self.has_link(ns, link)]
+        if moving:
+            run_ip_batch(ns, [f"link set dev {link} netns {PARKING_NS}" for link in moving])
+            if self.eni_mirror is not None and self.eni_mirror.location == ns:
+                self.eni_mirror.location = PARKING_NS
+        del self.gateways[instance_id]
+        self.commands.namespaces.pop(instance_id, None)
+        pids = {int(p) for p in sh(["ip", "netns", "pids", ns], check=False).stdout.split()}
+        self.frozen -= pids
+        _kill_pids(pids)
+        prefix = f"{ns.removeprefix(PREFIX)}"
+        self._procs = [(n, p) for n, p in self._procs if p.poll() is None or not n.endswith(prefix)]
+        self.aws.client("ec2").terminate_instances(InstanceIds=[instance_id])
+        sh(["umount", "-l", str(mount_ns_path(ns))], check=False)
+        sh(["ip", "netns", "del", ns])
+        return instance_id
 
     def gateway_primaries(self) -> dict[str, str]:
         """Gateway machine -> its primary address, for the pair's machines now."""
@@ -936,6 +998,10 @@ swanctl {{
         """The stack's associations on the standby (ConfigureGateway, ConfigureTunnel,
         InstallHealthAgent, the same parameters as the first gateway's), then SyncNatTable as
         the controller sends it to every running gateway. Returns their CommandResults."""
+        return self.configure_gateway_machine(self.standby_id)
+
+    def configure_gateway_machine(self, instance_id: str) -> list[Any]:
+        """``configure_standby`` for any gateway of the pair (a replacement too)."""
         from lab.ssm_runner import load_document
 
         params = self.configure_gateway_parameters()
@@ -943,12 +1009,13 @@ swanctl {{
         for document in ("ConfigureGateway", "ConfigureTunnel"):
             declared = load_document(REPO / "ssm_documents" / f"{document}.yaml")["parameters"]
             own = {k: v for k, v in params.items() if k in declared}
-            results.append(self.commands.run(self.standby_id, document, own))
+            results.append(self.commands.run(instance_id, document, own))
             if not results[-1].ok:
                 return results
         health = self.health_agent_parameters()
-        results.append(self.commands.run(self.standby_id, "InstallHealthAgent", health))
-        results.append(self.sync_standby())
+        results.append(self.commands.run(instance_id, "InstallHealthAgent", health))
+        params = {"TableName": TABLE, "Region": REGION}
+        results.append(self.commands.run(instance_id, "SyncNatTable", params))
         return results
 
     def sync_standby(self) -> Any:
@@ -1007,6 +1074,7 @@ swanctl {{
         self.write_etc(ns, "tunnelnat/pair.json", config)
         env = {**self.gateway_env(ns), "TUNNELNAT_IMDS_URL": f"http://127.0.0.1:{IMDS_NS_PORT}"}
         argv = ["python3", "/etc/tunnelnat/lib/tunnelnat_pair.py", "run"]
+        self.agent_started[ns] = time.time()
         return self.spawn(f"pair-{ns.removeprefix(PREFIX)}", ns, argv, env=env)
 
     def power_off(self, ns: str) -> float:
@@ -1152,6 +1220,7 @@ swanctl {{
 
         self.aws = LabAws(self.moto_endpoint)
         self.aws.seed(self)
+        self.gateways[self.aws.gateway_id] = "tn-gw"
         namespaces = {i.instance_id: i.ns for i in self.instances}
         namespaces[self.aws.gateway_id] = "tn-gw"
         self.commands = LabCommands(namespaces, self.aws.gateway_id, self.gateway_env("tn-gw"))
