@@ -30,6 +30,9 @@ from tunnelnat.core.config import ConfigError
 SSM_DOCUMENT_LIMIT_BYTES = 64 * 1024
 # Ours, for every document as deployed: a quarter of SSM's limit kept free.
 MAX_DOCUMENT_BYTES = 48 * 1024
+# Documents only an operator sends (``tunnelnat switchover``): deployed like the others, never in
+# a role's SendCommand statement (``arns``): no Lambda of the stack moves G on its own.
+OPERATOR_ONLY = frozenset({"Switchover"})
 
 
 class DocumentError(ConfigError):
@@ -84,7 +87,8 @@ class Documents(Construct):
         return self.resources[stem]
 
     def arns(self) -> list[str]:
-        """The ARNs of exactly these documents (for IAM), built from their fixed names."""
+        """The ARNs of exactly these documents (for IAM), built from their fixed names; not the
+        operator's own (OPERATOR_ONLY)."""
         stack = Stack.of(self)
         return [
             stack.format_arn(
@@ -94,6 +98,7 @@ class Documents(Construct):
                 arn_format=ArnFormat.SLASH_RESOURCE_NAME,
             )
             for stem in self.resources
+            if stem not in OPERATOR_ONLY
         ]
 
     def check_parameters(self, stem: str, values: Mapping[str, str]) -> dict[str, list[str]]:

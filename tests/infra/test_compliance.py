@@ -35,6 +35,8 @@ EXPECTED_ACKNOWLEDGEMENTS = {
         ":route-table/*]",
     ),
     ("Gateway/Psk", "AwsSolutions-SMG4"),
+    # Issue 20: the agents cache the heartbeat key; a rotation would split the pair.
+    ("Gateway/HeartbeatKey", "AwsSolutions-SMG4"),
     (
         "Gateway/Role",
         "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/"
@@ -50,6 +52,12 @@ EXPECTED_ACKNOWLEDGEMENTS = {
         "Gateway/Role",
         "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:autoscaling:<AWS::Region>"
         ":<AWS::AccountId>:autoScalingGroup:*]",
+    ),
+    # Issue 20: the primary ENIs' source/destination check, on the launch template's tags.
+    (
+        "Gateway/Role",
+        "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:ec2:<AWS::Region>:<AWS::AccountId>"
+        ":network-interface/*]",
     ),
     ("Gateway/Group", "AwsSolutions-AS3"),
     ("Healer/Function", "AwsSolutions-L1"),

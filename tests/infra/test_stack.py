@@ -831,11 +831,14 @@ def test_send_command_only_the_projects_documents(s):
     documents = by_sid["RunOnlyTheProjectsDocuments"]
     assert documents["Action"] == "ssm:SendCommand"
     resources = as_list(documents["Resource"])
-    assert len(resources) == len(DOC_FILES)
+    assert len(resources) == len(DOC_FILES) - 1
     rendered = json.dumps(resources)
     for path in DOC_FILES:
-        assert f":document/{DEPLOYMENT}-{path.stem}" in rendered
+        # The operator's Switchover is deployed, never the controller's to send.
+        sent = path.stem != "Switchover"
+        assert (f":document/{DEPLOYMENT}-{path.stem}" in rendered) is sent, path.stem
     assert "*" not in rendered
+    assert "Switchover" in {p.stem for p in DOC_FILES}
 
 
 def test_send_command_on_instances_only_with_the_right_tags(s):
