@@ -636,8 +636,11 @@ class Heart:
                 self.peers = sorted({*self.peers, source})
         if beat.kind == "handover" and beat.to == self.instance_id:
             with self.lock:
+                status = dict(self.status)
+                if status["role"] != STANDBY or status["retiring"] or status["fenced"]:
+                    return beat  # not acknowledged: the active keeps G
                 self.seq += 1
-                status, seq = dict(self.status), self.seq
+                seq = self.seq
             ack = Heartbeat(
                 self.instance_id, status["role"], seq, status["generation"], status["sas"],
                 self.wall(), self.epoch, status["tunnel_loaded"], "handover_ack", beat.instance,
@@ -1066,10 +1069,13 @@ class Takeover:
 
 
 def ping(address: IPv4Address) -> bool:
-    """Whether ``address`` answers an ICMP echo within about a second: iputils ``ping`` (Debian
-    12's 20221126 and Ubuntu 24.04's 20240117 both take these options): up to 5 echoes 0.2 s
-    apart (-i 0.2 is allowed to any user), exit 0 at the first reply (-c 1), 1 s at most (-w)."""
-    argv = ["ping", "-n", "-q", "-c", "1", "-i", "0.2", "-w", "1", str(address)]
+    """Whether ``address`` answers an ICMP echo within about half a second: iputils ``ping``
+    (Debian 12's 20221126, Ubuntu 24.04's 20240117): two echoes 0.2 s apart (-i 0.2 is allowed
+    to any user), -W 0.3 s for an answer after the last (sub-second -W since iputils' "add
+    support for sub-second timeouts", iputils/iputils#153, fixed by #306); ping exits 0 when any
+    echo was answered, 1 when none was: 0.5 s at most for a dead holder, one lost echo allowed.
+    The security group must admit ICMP echo between the two gateways."""
+    argv = ["ping", "-n", "-q", "-c", "2", "-i", "0.2", "-W", "0.3", str(address)]
     try:
         proc = subprocess.run(argv, capture_output=True, timeout=3, check=False)  # noqa: S603
     except (OSError, subprocess.TimeoutExpired) as exc:

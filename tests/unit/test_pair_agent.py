@@ -1276,3 +1276,45 @@ def test_a_stale_read_after_the_takeover_does_not_make_the_new_active_step_down(
     agent.step()  # EC2 has caught up: it names this instance
     assert agent.machine.role == pair.ACTIVE and not agent.machine.fenced
     assert ec2.stale == []  # both stale reads were met
+
+
+def test_the_ping_seam_runs_iputils_ping_with_a_half_second_budget(monkeypatch):
+    seen = []
+
+    def run(argv, **kw):
+        seen.append(argv)
+        return completed("", 0 if argv[-1] == "10.10.1.11" else 1)
+
+    monkeypatch.setattr(pair.subprocess, "run", run)
+    assert pair.ping(pair.IPv4Address("10.10.1.11")) is True
+    assert pair.ping(pair.IPv4Address("10.10.1.12")) is False
+    assert seen[0] == ["ping", "-n", "-q", "-c", "2", "-i", "0.2", "-W", "0.3", "10.10.1.11"]
+
+    def missing(argv, **kw):
+        raise FileNotFoundError("ping")
+
+    monkeypatch.setattr(pair.subprocess, "run", missing)
+    assert pair.ping(pair.IPv4Address("10.10.1.11")) is False  # no ping: force, as before
+
+
+def test_a_retiring_or_fenced_standby_does_not_acknowledge_a_handover():
+    for status in ({"retiring": True}, {"fenced": True}, {"role": pair.ACTIVE}):
+        h = pair.Heart(ME, KEY, 7465, 0.5)
+        h.update(**status)
+        sent = []
+        h._send = lambda message, peers, sent=sent: sent.append(message)
+        h.receive(_handover(), "10.10.1.11", 1.0)
+        assert sent == [], status
+    h = pair.Heart(ME, KEY, 7465, 0.5)
+    sent = []
+    h._send = lambda message, peers: sent.append((message, peers))
+    h.receive(_handover(), "10.10.1.11", 1.0)
+    ((ack, peers),) = sent
+    assert pair.Heartbeat.parse(ack, KEY).kind == "handover_ack"
+    assert peers == [pair.IPv4Address("10.10.1.11")]
+
+
+def _handover() -> bytes:
+    return pair.Heartbeat(PEER, pair.ACTIVE, 9, 7, 1, time.time(), kind="handover", to=ME).encode(
+        KEY
+    )
