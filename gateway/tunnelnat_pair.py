@@ -884,14 +884,16 @@ class PairMachine:
         return HandOver(max(ready)[1], reason)
 
     def handed_over(self, now: float) -> None:
-        """The active let go of G (a handover): a healthy standby, not fenced; it counts the
-        silence with the grace, and the new active's heartbeats reset it."""
+        """The active let go of G (a handover): a healthy standby, not fenced. The new active
+        says so only once G is up on it (seconds of detach, attach and hot-plug on AWS): no
+        takeover back before the standby's own handover deadline has passed; the new
+        active's heartbeats reset the count."""
         self.role = STANDBY
         self.counting_since = now
         self.active_heard_at = None
         self.attached_at = None
         self.disagreed = None
-        self.not_before = now + self.budget
+        self.not_before = now + HANDOVER_ENI_SECONDS + self.budget
         self.next_report = now
 
     def _step_down(self, now: float, reason: str) -> StepDown:

@@ -584,6 +584,12 @@ def test_a_handed_over_active_is_a_healthy_standby_that_waits_for_the_new_active
     m.handed_over(1000.0)
     assert m.role == pair.STANDBY and not m.fenced
     assert run_ticks(m, 1000.5, 1100.0, heard=lambda t: t >= 1001.0) == []
+    # The new active is silent for a while (its detach, attach, hot-plug): no takeover back
+    # before the standby's own handover deadline.
+    m = machine(pair.ACTIVE)
+    m.handed_over(1000.0)
+    (first, _), *_ = run_ticks(m, 1000.5, 1100.0)
+    assert first == pytest.approx(1000.0 + pair.HANDOVER_ENI_SECONDS + MISSES * INTERVAL)
 
 
 def test_a_retiring_standby_never_takes_over():
