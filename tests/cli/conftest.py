@@ -133,6 +133,20 @@ class Deployment:
     clock: FakeClock = field(default_factory=FakeClock)
     session: object = None
 
+    def primary_eni(self, instance_id: str) -> str:
+        """The instance's device-index-0 interface (the one the boot turns the check off on)."""
+        reply = self.ec2.describe_instances(InstanceIds=[instance_id])
+        interfaces = reply["Reservations"][0]["Instances"][0]["NetworkInterfaces"]
+        (primary,) = [n for n in interfaces if n["Attachment"]["DeviceIndex"] == 0]
+        return primary["NetworkInterfaceId"]
+
+    def source_dest_check(self, instance_id: str, on: bool) -> None:
+        """As the boot sets it (issue 20): on the primary ENI, never the instance's attribute,
+        which EC2 refuses once G's ENI is attached."""
+        self.ec2.modify_network_interface_attribute(
+            NetworkInterfaceId=self.primary_eni(instance_id), SourceDestCheck={"Value": on}
+        )
+
     def launch(
         self,
         private_ip: str,
@@ -320,7 +334,7 @@ def dep(aws_env, shared_session):
         name="gateway",
         tags={"tunnelnat:role": "gateway", "tunnelnat:deployment": DEPLOYMENT},
     )
-    ec2.modify_instance_attribute(InstanceId=d.gateway_id, SourceDestCheck={"Value": False})
+    d.source_dest_check(d.gateway_id, False)
     d.eni_id = ec2.create_network_interface(SubnetId=d.subnet_id, PrivateIpAddress=G)[
         "NetworkInterface"
     ]["NetworkInterfaceId"]

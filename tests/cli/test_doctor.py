@@ -73,7 +73,7 @@ def test_a_healthy_deployment(dep, enrolled):
 
 
 def test_text_output_gives_each_finding_its_fix(dep):
-    dep.ec2.modify_instance_attribute(InstanceId=dep.gateway_id, SourceDestCheck={"Value": True})
+    dep.source_dest_check(dep.gateway_id, True)
     dep.ssm_online()
     result = dep.run("doctor")
     assert result.code == 1
@@ -81,9 +81,10 @@ def test_text_output_gives_each_finding_its_fix(dep):
         f"[FAIL] source-dest-check    source/destination check is ON on gateway {dep.gateway_id}"
         in result.out
     )
+    # The primary ENI's attribute: EC2 refuses the instance's once G's ENI is attached.
     assert (
-        f"fix: aws ec2 modify-instance-attribute --instance-id {dep.gateway_id} "
-        "--no-source-dest-check" in result.out
+        "fix: aws ec2 modify-network-interface-attribute --network-interface-id "
+        f"{dep.primary_eni(dep.gateway_id)} --no-source-dest-check" in result.out
     )
     assert "test: 1 finding(s)" in result.out
 
@@ -102,7 +103,7 @@ def test_two_gateways(dep):
     second = dep.launch(
         "10.10.1.11", tags={"tunnelnat:role": "gateway", "tunnelnat:deployment": "test"}
     )
-    dep.ec2.modify_instance_attribute(InstanceId=second, SourceDestCheck={"Value": False})
+    dep.source_dest_check(second, False)
     doc = doctor(dep, ssm={dep.gateway_id: "Online", second: "Online"})
     fails = failures(doc)
     newest, stale = sorted([dep.gateway_id, second])[::-1]
@@ -112,10 +113,12 @@ def test_two_gateways(dep):
 
 
 def test_gateway_source_dest_check_on(dep):
-    dep.ec2.modify_instance_attribute(InstanceId=dep.gateway_id, SourceDestCheck={"Value": True})
+    dep.source_dest_check(dep.gateway_id, True)
     finding = only_failure(doctor(dep), "source-dest-check")
     assert finding["resource"] == dep.gateway_id
     assert "EC2 drops the packets it forwards" in finding["summary"]
+    assert f"its primary ENI {dep.primary_eni(dep.gateway_id)}" in finding["summary"]
+    assert "modify-instance-attribute" not in json.dumps(finding)
 
 
 def test_fixed_eni_missing(dep):

@@ -55,7 +55,7 @@ def pair(dep):
         name="gateway-2",
         tags={"tunnelnat:role": "gateway", "tunnelnat:deployment": DEPLOYMENT},
     )
-    dep.ec2.modify_instance_attribute(InstanceId=standby, SourceDestCheck={"Value": False})
+    dep.source_dest_check(standby, False)
     _records(dep).claim(dep.gateway_id, time.time() - 3600)
     _report(dep, dep.gateway_id, "active", sas=1, heard=0.4)
     _report(dep, standby, "standby", heard=0.4)

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from botocore.exceptions import ClientError
 from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url
 
-from tunnelnat.cli import dlq, doctor, enrol, psk, reconcile, status, tunnels
+from tunnelnat.cli import dlq, doctor, enrol, psk, reconcile, status, switchover, tunnels
 from tunnelnat.cli.aws import (
     AWS_ERRORS,
     EXIT_ERROR,
@@ -245,6 +245,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     json_flag(p)
     p.set_defaults(func=tunnels.run)
+
+    p = sub.add_parser(
+        "switchover",
+        parents=[common],
+        help="hand G over to the ready standby (a planned switchover of the gateway pair)",
+        description="Ask the active gateway's pair agent to hand G's ENI over to the ready "
+        "standby, through the <deployment>-Switchover document (SSM Run Command): no detection "
+        "wait, no forced detach. Refused when no standby is ready (its agent's report: role "
+        "standby, the tunnel loaded, the NAT table current, fresh). --wait follows the command "
+        "and prints the new active.",
+    )
+    wait_flags(p, 120.0)
+    json_flag(p)
+    p.set_defaults(func=switchover.run)
 
     p = sub.add_parser("doctor", parents=[common, tags], help="check the deployment")
     p.add_argument("--gateway-ip", help="G, the fixed ENI address (default: from the config)")

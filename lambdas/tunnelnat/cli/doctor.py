@@ -358,25 +358,49 @@ def check_pair(ctx: Ctx, facts: Facts) -> list[Finding]:
     return found
 
 
+def primary_interface(gw: Instance) -> dict[str, Any] | None:
+    """The gateway's primary ENI (device index 0) as DescribeInstances lists it."""
+    for interface in gw.raw.get("NetworkInterfaces", []):
+        attachment = interface.get("Attachment") or {}
+        if attachment.get("DeviceIndex") == 0 and attachment.get("NetworkCardIndex", 0) == 0:
+            return interface
+    return None
+
+
 def check_source_dest(ctx: Ctx, facts: Facts) -> list[Finding]:
+    """The check of the gateway's primary ENI, which forwards the instances' packets. The fix
+    names that ENI: with G's ENI attached, EC2 refuses the instance's attribute ("There are
+    multiple interfaces attached to instance", aws/aws-cdk#13791)."""
     gw = facts.gateway
     if gw is None:
         return []
-    enabled = gw.source_dest_check
+    primary = primary_interface(gw)
+    enabled = primary.get("SourceDestCheck") if primary else None
+    if enabled is None:
+        enabled = gw.source_dest_check
     if enabled is None:
         reply = ctx.aws.client("ec2").describe_instance_attribute(
             InstanceId=gw.instance_id, Attribute="sourceDestCheck"
         )
         enabled = bool(reply.get("SourceDestCheck", {}).get("Value", True))
     if enabled:
+        eni = primary.get("NetworkInterfaceId") if primary else None
+        fix = (
+            f"aws ec2 modify-network-interface-attribute --network-interface-id {eni} "
+            "--no-source-dest-check (the boot does this at every boot: "
+            "journalctl -u tunnelnat-boot)"
+            if eni
+            else f"aws ec2 modify-instance-attribute --instance-id {gw.instance_id} "
+            "--no-source-dest-check"
+        )
+        where = f"its primary ENI {eni}" if eni else "it"
         return [
             Finding(
                 "source-dest-check",
                 FAIL,
-                f"source/destination check is ON on gateway {gw.instance_id}: EC2 drops the "
-                "packets it forwards",
-                f"aws ec2 modify-instance-attribute --instance-id {gw.instance_id} "
-                "--no-source-dest-check",
+                f"source/destination check is ON on gateway {gw.instance_id} ({where}): EC2 "
+                "drops the packets it forwards",
+                fix,
                 gw.instance_id,
             )
         ]
