@@ -182,7 +182,7 @@ class LabAws:
             LifecycleHookName=topo.GATEWAY_TERMINATE_HOOK,
             AutoScalingGroupName=GATEWAY_GROUP,
             LifecycleTransition="autoscaling:EC2_INSTANCE_TERMINATING",
-            HeartbeatTimeout=120,
+            HeartbeatTimeout=300,  # stacks/gateway.py TERMINATING_HOOK_TIMEOUT
             DefaultResult="CONTINUE",
         )
         self.join_gateway_group(gateway_ids)

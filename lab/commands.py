@@ -33,6 +33,8 @@ class Run:
 # Documents only a State Manager association (or ConfigureTunnel's PskRollout rule) runs, no
 # Lambda: the lab runs them on the gateway as the association would (Lab.configure_gateway).
 ASSOCIATED_ONLY = ("InstallHealthAgent", "ConfigureTunnel")
+# Documents only an operator sends (``tunnelnat switchover`` sends Switchover to the active).
+OPERATOR_ONLY = ("Switchover",)
 
 
 @dataclass
@@ -55,7 +57,7 @@ class LabCommands:
     gateway_envs: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def document_path(self, document: str) -> Path:
-        if document not in DOCUMENTS and document not in ASSOCIATED_ONLY:
+        if document not in (*DOCUMENTS, *ASSOCIATED_ONLY, *OPERATOR_ONLY):
             raise ValueError(f"unknown document {document!r}")
         return DOCUMENT_DIR / f"{document}.yaml"
 

@@ -35,6 +35,7 @@ from lab.seq_probe import read_log
 PROBE_PORT = 9  # discard: A's receiver logs the datagrams
 SEND_INTERVAL = 0.05
 SWITCHOVER_TARGET = 0.5  # issue 20: seconds of loss in the lab for a planned switchover
+SWITCHOVER_ATTEMPTS = 4  # the Switchover document, asked again after a refusal (5 s apart)
 PY = str(topo.REPO / ".venv" / "bin" / "python")
 
 
@@ -335,6 +336,8 @@ class SwitchoverReport:
     old_active_role: str
     request_left: bool  # the request file still there after (the agent deletes it)
     command: dict[str, Any]  # the document's run, when asked through it
+    gap_started: float | None = None  # time.time() of the last datagram at A before the gap
+    refusals: list[str] = field(default_factory=list)  # the document's answers before it worked
     handover_sent: dict[str, Any] = field(default_factory=dict)  # the old active's event
     handover: dict[str, Any] = field(default_factory=dict)  # the new active's event
     tunnel_up: dict[str, Any] = field(default_factory=dict)  # ... and its tunnel_up after
@@ -368,6 +371,7 @@ class SwitchoverReport:
             + (f"; old active: {_timings(self.handover_sent)}" if self.handover_sent else "")
             + (f"; new active: {_timings(self.handover)}" if self.handover else "")
             + (f", tunnel up {self.tunnel_up.get('seconds')}s after" if self.tunnel_up else "")
+            + (f"; refused first: {' | '.join(self.refusals)}" if self.refusals else "")
             + (f"; problems: {'; '.join(self.errors)}" if self.errors else "")
         )
 
@@ -402,13 +406,23 @@ def run_switchover(lab: topo.Lab, name: str, *, via: str = "auto") -> Switchover
     taken_before = len(agent_events(standby, "handover"))
     ups_before = len(agent_events(standby, "tunnel_up"))
     command: dict[str, Any] = {}
+    refusals: list[str] = []
     with traffic(lab, name) as run:
         requested = time.time()
         if via == "document":
-            result = lab.commands.run(active_id, "Switchover", switchover_parameters())
-            command = {"status": result.status, "stdout": result.stdout[-800:]}
-            command["stderr"] = result.stderr[-800:]
-            if not result.ok:
+            # As an operator would: again after a refusal (say, a standby its active has not
+            # counted as a member yet), a few times; every refusal is reported.
+            for attempt in range(1, SWITCHOVER_ATTEMPTS + 1):
+                requested = time.time()
+                result = lab.commands.run(active_id, "Switchover", switchover_parameters())
+                command = {"status": result.status, "stdout": result.stdout[-800:]}
+                command["stderr"] = result.stderr[-800:]
+                command["attempts"] = attempt
+                if result.ok or lab.eni_holder_ns() == standby:
+                    break
+                refusals.append(result.stdout.strip()[-300:] or result.stderr.strip()[-300:])
+                time.sleep(5)
+            else:
                 errors.append(f"Switchover {result.status}: {result.stderr.strip()[-300:]}")
         else:
             request = json.dumps({"requested_by": "lab", "at": requested}) + "\n"
@@ -421,6 +435,7 @@ def run_switchover(lab: topo.Lab, name: str, *, via: str = "auto") -> Switchover
         _wait(lambda: run.flowing_since(time.time() - 0.2), 10)
         time.sleep(1.0)
     record = pair_record(lab)
+    gap = run.widest_gap(requested - 0.5)
     return SwitchoverReport(
         via=via,
         active_before=active,
@@ -430,7 +445,8 @@ def run_switchover(lab: topo.Lab, name: str, *, via: str = "auto") -> Switchover
         sent=run.sent,
         lost=run.lost,
         loss_seconds=run.loss_seconds,
-        widest_gap_at_a=run.widest_gap(requested - 0.5)[0],
+        widest_gap_at_a=gap[0],
+        gap_started=gap[1],
         clear=run.clear,
         failovers_before=before[0],
         failovers_after=failovers(lab),
@@ -440,6 +456,7 @@ def run_switchover(lab: topo.Lab, name: str, *, via: str = "auto") -> Switchover
         old_active_role=role_of(active),
         request_left=_exists(active, topo.REQUEST_FILE),
         command=command,
+        refusals=refusals,
         handover_sent=next(iter(agent_events(active, "handover_sent")[sent_before:]), {}),
         handover=next(iter(agent_events(standby, "handover")[taken_before:]), {}),
         tunnel_up=next(iter(agent_events(standby, "tunnel_up")[ups_before:]), {}),
@@ -453,7 +470,7 @@ def switchover_parameters() -> dict[str, str]:
 
     path = switchover_document()
     declared = load_document(path)["parameters"] if path else {}
-    wanted = {"Region": topo.REGION, "TableName": topo.TABLE, "Deployment": topo.DEPLOYMENT}
+    wanted = {"WaitSeconds": "10", "Region": topo.REGION, "TableName": topo.TABLE}
     return {k: v for k, v in wanted.items() if k in declared}
 
 
@@ -486,6 +503,7 @@ class RebootReport:
     unhealthy: list[str]  # gateways SetInstanceHealth marked Unhealthy (must be none)
     roles_after: dict[str, str]  # machine -> its role file
     heard_after: dict[str, int]  # machine -> heartbeats from the other within 1.2 s
+    heard_within: dict[str, float]  # machine -> seconds after the settle until it heard them
     sas_on_holder: int
     sent: int
     lost: int
@@ -533,6 +551,8 @@ class RebootReport:
             f"{self.boot_seconds:.1f}s; {self.failovers} failovers; "
             f"{len(self.unhealthy)} SetInstanceHealth(Unhealthy); roles after "
             + ", ".join(f"{ns}={r or '?'}" for ns, r in sorted(self.roles_after.items()))
+            + "; heartbeats heard again within "
+            + ", ".join(f"{ns} {s:.0f}s" for ns, s in sorted(self.heard_within.items()))
             + f"; {self.sent} sent, {self.lost} lost (widest gap at A "
             f"{self.widest_gap_at_a:.2f}s); {len(self.clear)} clear-text packets"
             + (f"; problems: {'; '.join(self.errors)}" if self.errors else "")
@@ -595,13 +615,17 @@ def run_reboot(
         time.sleep(1.0)
     primaries = machines(lab)
     heard: dict[str, int] = {}
-    # The restarted agent finds its peer by its group's DescribeInstances: heard within 20 s.
-    deadline = time.monotonic() + 20
+    heard_after: dict[str, float] = {}
+    # Each side's agent hears the other's once it counts it as a member (its group's
+    # DescribeInstances, every check_seconds): within 45 s.
+    booted_at = time.monotonic()
+    deadline = booted_at + 45
     for at_ns in primaries:
         other = next(n for n in primaries if n != at_ns)
         heard[at_ns] = heartbeats_heard(lab, at_ns, primaries[other])
         while not heard[at_ns] and time.monotonic() < deadline:
             heard[at_ns] = heartbeats_heard(lab, at_ns, primaries[other])
+        heard_after[at_ns] = round(time.monotonic() - booted_at, 1)
     holder_ns = lab.eni_holder_ns()
     return RebootReport(
         which=which,
@@ -617,6 +641,7 @@ def run_reboot(
         unhealthy=unhealthy_gateways(lab),
         roles_after={n: role_of(n) for n in primaries},
         heard_after=heard,
+        heard_within=heard_after,
         sas_on_holder=lab.child_sas_installed(holder_ns) if holder_ns else 0,
         sent=run.sent,
         lost=run.lost,
@@ -830,8 +855,16 @@ def run_aws_like_failover(
     """The failover story (power-off of the active, lab.failover_story) with EC2's attachment
     taking ``detach_seconds`` to detach and ``attach_seconds`` to attach. Returns its
     FailoverReport with ``aws_like`` = the delays."""
-    from lab.failover_story import run_failover
+    from lab.failover_story import heartbeats_heard, run_failover
 
+    # The precondition of a failover: the standby hears the active. After a replacement the
+    # active heartbeats the new standby once its discovery (every check_seconds) counts it.
+    started = time.monotonic()
+    active = lab.eni_holder_ns()
+    standby = next(ns for ns in machines(lab) if ns != active)
+    primary = machines(lab)[active] if active else ""
+    _wait(lambda: heartbeats_heard(lab, standby, primary) > 0, 45, 0.1)
+    heard_after = round(time.monotonic() - started, 1)
     wait_past_hold_down(lab)
     client = strict(lab)
     client.configure(attach_seconds=attach_seconds, detach_seconds=detach_seconds)
@@ -840,5 +873,6 @@ def run_aws_like_failover(
     finally:
         client.configure(attach_seconds=0, detach_seconds=0)
     report.aws_like = {"attach_seconds": attach_seconds, "detach_seconds": detach_seconds}
+    report.standby_heard_after = heard_after  # type: ignore[attr-defined]
     report.target = AWS_FAILOVER_TARGET
     return report

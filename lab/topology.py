@@ -98,7 +98,8 @@ REPLACEMENT_MACHINES = {"tn-gw3": "10.10.1.12", "tn-gw4": "10.10.1.13"}
 # The pair agents' heartbeat key (Secrets Manager; pair.json's key_secret), the gateway group's
 # termination hook and the files the agents use (PAIR.md; issue 20's contracts).
 PAIR_KEY_SECRET = "tunnelnat/lab/pair-key"  # noqa: S105 - a secret's name, not a secret
-GATEWAY_TERMINATE_HOOK = f"tunnelnat-{DEPLOYMENT}-gateway-terminating"
+# As stacks/gateway.py terminating_hook_name() names it (not the controller's tunnelnat- hooks).
+GATEWAY_TERMINATE_HOOK = f"gateway-{DEPLOYMENT}-terminating"
 SIGNAL_STACK = f"tunnelnat-{DEPLOYMENT}"  # the stack whose rolling update waits for signals
 SIGNAL_RESOURCE = "GatewayGroup"  # the gateway group's logical ID in it
 ROLE_FILE = "/etc/tunnelnat/pair-role"

@@ -59,6 +59,10 @@ def test_boot_order_follows_the_unit_files():
 
 
 def test_a_reboot_fails_closed_and_brings_nat_back_without_the_controller(story):
+    from tools.aws_strict import StrictClient
+
+    strict = StrictClient(story.lab.moto_endpoint)
+    logged_before = len(strict.log())
     step = story.gateway_reboot("web-1")
     data = step.data
     assert data["clear"] == 0, (step.figure, data["clear_packets"])
@@ -85,6 +89,20 @@ def test_a_reboot_fails_closed_and_brings_nat_back_without_the_controller(story)
     assert step.ok, step.figure
     # The app server saw S again, as before the reboot.
     assert story.lab.app_peers()[-1] == story.public
+    # Issue 20: G's ENI stayed attached through the reboot (two interfaces on the instance), and
+    # the strict fakes (always on in the lab's moto) refused none of the gateway's calls: its boot
+    # no longer calls ModifyInstanceAttribute(SourceDestCheck), which EC2 refuses then.
+    lab = story.lab
+    assert lab.eni_holder() == lab.aws.gateway_id
+    reservations = lab.aws.client("ec2").describe_instances(InstanceIds=[lab.aws.gateway_id])
+    interfaces = reservations["Reservations"][0]["Instances"][0]["NetworkInterfaces"]
+    assert len(interfaces) == 2, interfaces
+    notes = {"delay", "signal", "lifecycle-action", "stale-read", "unblocked"}
+    key = topo.gateway_access_key("tn-gw")
+    refused = [
+        e for e in strict.log()[logged_before:] if e["access_key"] == key and e["code"] not in notes
+    ]
+    assert refused == [], refused
 
 
 def test_the_restored_table_alone_is_guarded_and_reads_as_nothing_applied(story):
