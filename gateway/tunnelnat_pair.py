@@ -1172,7 +1172,12 @@ def drop_sas(config: PairConfig, run: Runner = subprocess.run) -> None:
 
 
 def _swanctl(run: Runner, *args: str) -> subprocess.CompletedProcess:
-    return run(["swanctl", *args], capture_output=True, text=True, timeout=10, check=False)
+    argv = ["swanctl", *args]
+    try:
+        return run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:  # charon hung or gone: said, not raised
+        log(f"{' '.join(argv)}: {exc}")
+        return subprocess.CompletedProcess(argv, 1, "", str(exc))
 
 
 # -- records ------------------------------------------------------------------------------------
@@ -1653,8 +1658,8 @@ class Agent:
                     self.set_role(STANDBY)
                     assert self.heart is not None
                     self.heart.update(fenced=True)
-                    drop_sas(self.config, self.run_cmd)
                     self.fence(action.reason)
+                    drop_sas(self.config, self.run_cmd)
                     self.report()
                 elif isinstance(action, CheckEni):
                     seen = self.takeover().describe()

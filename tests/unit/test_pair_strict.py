@@ -453,3 +453,115 @@ def test_the_standby_signals_cloudformation_once_when_ready(world, agents):
     b.next_signal = 0.0
     b.step()
     assert len(world["strict"].signals()) == 1
+
+
+# -- the daemon as systemd runs it ---------------------------------------------------------------
+
+
+class Imds:
+    """IMDSv2 on loopback: a token, then the instance ID."""
+
+    def __init__(self, instance_id: str):
+        import http.server
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_PUT(self):  # noqa: N802
+                self._answer(b"token")
+
+            def do_GET(self):  # noqa: N802
+                if self.path == "/latest/meta-data/instance-id":
+                    self._answer(instance_id.encode())
+                else:
+                    self.send_response(404)
+                    self.end_headers()
+
+            def _answer(self, body: bytes) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_the_run_command_beats_as_active_and_confirms_with_ec2(world, agents):
+    """``tunnelnat_pair.py run`` in a process of its own, as the unit runs it (the key cached,
+    moto behind AWS_ENDPOINT_URL): its heartbeats are heard by the other gateway's heart, it
+    writes its role and its readiness."""
+    home = world["tmp"] / "daemon"
+    home.mkdir()
+    (home / "pair.key").write_bytes(KEY + b"\n")
+    config = home / "pair.json"
+    config.write_text(
+        json.dumps(
+            {
+                "region": REGION,
+                "eni_id": world["eni"],
+                "gateway": "10.10.1.20/24",
+                "deployment": "tunnelnat-pair",
+                "table": TABLE,
+                "tunnel": "partner",
+                "heartbeat_port": world["port"],
+                "interval_seconds": 0.1,
+                "peer_address": ADDRESS["b"],
+                "role_file": str(home / "pair-role"),
+                "key_file": str(home / "pair.key"),
+            }
+        )
+    )
+    # ``ip`` of a gateway where the ENI's link is (the boot put G on it); no swanctl, no nft.
+    bin_dir = home / "bin"
+    bin_dir.mkdir()
+    links = json.dumps([{"ifname": "ens6", "address": world["mac"]}])
+    (bin_dir / "ip").write_text(f"#!/bin/sh\n[ \"$1\" = -j ] && echo '{links}'\nexit 0\n")
+    (bin_dir / "ip").chmod(0o755)
+    imds = Imds(world["ids"]["a"])
+    listener = pair.Heart(world["ids"]["b"], KEY, world["port"], 0.1, bind=ADDRESS["b"])
+    listener.start()
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "AWS_ENDPOINT_URL": world["url"],
+        "AWS_ACCESS_KEY_ID": KEYS["a"],
+        "AWS_SECRET_ACCESS_KEY": "secret",
+        "TUNNELNAT_IMDS_URL": imds.url,
+    }
+    program = REPO / "gateway" / "tunnelnat_pair.py"
+    proc = subprocess.Popen(
+        [sys.executable, str(program), "run", "--config", str(config)],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        heard: list = []
+        while time.monotonic() < deadline:
+            heard += listener.drain()
+            if any(b.role == pair.ACTIVE for b, _ in heard) and (home / "pair-role").exists():
+                if (home / "pair-role").read_text() == "active\n":
+                    break
+            time.sleep(0.1)
+        assert any(b.role == pair.ACTIVE and b.instance == world["ids"]["a"] for b, _ in heard)
+        item = None
+        while time.monotonic() < deadline and item is None:
+            item = (
+                world["dynamodb"]
+                .get_item(
+                    TableName=TABLE, Key={"pk": {"S": "gateway"}, "sk": {"S": world["ids"]["a"]}}
+                )
+                .get("Item")
+            )
+            time.sleep(0.2)
+        assert item is not None and item["role"] == {"S": "active"}
+        assert item["heartbeat_version"] == {"N": "2"}
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+        listener.stop()
+        imds.server.shutdown()
+    assert "active (provisional)" in err or "standby (provisional)" in err, err
