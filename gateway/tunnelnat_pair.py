@@ -125,6 +125,7 @@ HANDOVER_ENI_SECONDS = 60.0  # the new active waits this long for the ENI to be 
 LIFECYCLE_POLL_SECONDS = 5.0
 LIFECYCLE_WAIT_SECONDS = 300.0  # terminating without a ready standby: complete after this
 SIGNAL_POLL_SECONDS = 5.0
+CONFIRM_RETRY_SECONDS = 2.0  # a failed confirmation of the role is retried after this
 ERROR_LOG_SECONDS = 60.0  # the same failing step is logged at most this often
 GAPS_KEPT = 2000  # heartbeat gaps kept for max/p99 (~17 min at 0.5 s)
 
@@ -1430,6 +1431,7 @@ class Agent:
     next_peers: float = 0.0
     next_lifecycle: float = 0.0
     next_signal: float = 0.0
+    next_confirm: float = 0.0
     terminating_since: float | None = None
     lifecycle_done: bool = False
     signalled: bool = False
@@ -1587,7 +1589,9 @@ class Agent:
         self.guard("hear", self.hear)
         now = self.clock()
         if not self.confirmed:
-            self.guard("confirm", self.confirm)
+            if now >= self.next_confirm:  # EC2 failing or throttled: not twice a second
+                self.next_confirm = now + CONFIRM_RETRY_SECONDS
+                self.guard("confirm", self.confirm)
         elif now >= self.next_peers:
             self.next_peers = now + self.config.check_seconds
             self.guard("discover", self.discover)
