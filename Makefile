@@ -10,9 +10,22 @@ export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 export CDK_DISABLE_CLI_TELEMETRY := 1
 export AWS_EC2_METADATA_DISABLED := true
 
-.PHONY: deps apt venv test test-unit test-lab lint demo synth documents bench clean
+.PHONY: deps apt venv cloud-init-schema test test-unit test-lab lint demo synth documents bench clean
 
-deps: apt venv
+deps: apt venv cloud-init-schema
+
+# cloud-init's JSON schema, to check the gateway's user data against it (tests/infra): Debian's
+# package unpacked under .deps (never installed: no cloud-init runs on this machine).
+CLOUD_INIT_DIR := .deps/cloud-init
+cloud-init-schema: $(CLOUD_INIT_DIR)/.stamp
+$(CLOUD_INIT_DIR)/.stamp:
+	@mkdir -p $(CLOUD_INIT_DIR)/deb
+	@echo "cloud-init schema: unpacking Debian's cloud-init package into $(CLOUD_INIT_DIR)"
+	@cd $(CLOUD_INIT_DIR)/deb && (apt-get download -qq cloud-init 2>/dev/null \
+	  || (apt-get update -qq && apt-get download -qq cloud-init))
+	@dpkg-deb -x $(CLOUD_INIT_DIR)/deb/cloud-init_*.deb $(CLOUD_INIT_DIR)
+	@test -f $(CLOUD_INIT_DIR)/usr/lib/python3/dist-packages/cloudinit/config/schemas/schema-cloud-config-v1.json
+	@touch $@
 
 # Stamp files keep the second run fast; a changed requirements file re-installs.
 apt: .deps/apt.stamp
