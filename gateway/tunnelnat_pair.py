@@ -474,6 +474,7 @@ class Heart:
         self.sock: socket.socket | None = None
         self.thread: threading.Thread | None = None
         self.stopping = threading.Event()
+        self.wake = threading.Event()  # set on a handover for us: the main loop acts at once
 
     # -- the main loop's side ----------------------------------------------------------------
 
@@ -647,6 +648,7 @@ class Heart:
                 self.wall(), self.epoch, status["tunnel_loaded"], "handover_ack", beat.instance,
             ).encode(self.key)  # fmt: skip
             self._send(ack, [_ip(host) or IPv4Address("127.0.0.1")])
+            self.wake.set()
         return beat
 
     def _count(self, what: str) -> None:
@@ -2026,6 +2028,16 @@ class Agent:
             generation=self.generation, desired_generation=desired,
         )  # fmt: skip
 
+    def wait(self, seconds: float) -> None:
+        """Until the next round, or until the heart hears a handover for this gateway (the
+        standby must not leave G detached for the rest of an interval)."""
+        assert self.heart is not None
+        if self.heart.alive():
+            if self.heart.wake.wait(max(seconds, 0.0)):
+                self.heart.wake.clear()
+        else:
+            self.sleep(seconds)
+
     def run_forever(self, rounds: int | None = None) -> None:
         assert self.machine is not None
         interval = self.config.interval_seconds
@@ -2038,7 +2050,7 @@ class Agent:
             now = self.clock()
             if next_round < now:  # a takeover or a slow call: start counting again from now
                 next_round = now
-            self.sleep(next_round - now)
+            self.wait(next_round - now)
 
 
 def _clients(region: str) -> dict[str, Any]:

@@ -565,3 +565,22 @@ def test_the_run_command_beats_as_active_and_confirms_with_ec2(world, agents):
         listener.stop()
         imds.server.shutdown()
     assert "active (provisional)" in err or "standby (provisional)" in err, err
+
+
+def test_the_standby_loop_wakes_at_once_for_a_handover(world, agents):
+    """The handover is acted upon when the heart hears it, not at the loop's next round: the
+    ENI is detached from the old active by then (every ms of it is lost traffic)."""
+    a, b = handover_world(world, agents)
+    b.config = b.config.__class__(**{**b.config.__dict__, "interval_seconds": 4.0})
+    loop = threading.Thread(target=b.run_forever, kwargs={"rounds": 2})
+    loop.start()
+    time.sleep(0.2)  # B's loop is waiting for its next round, 4 s away
+    a.config.switchover_file.write_text("test\n")
+    started = time.monotonic()
+    a.step()
+    while holder(world) != world["ids"]["b"] and time.monotonic() - started < 5:
+        time.sleep(0.02)
+    took = time.monotonic() - started
+    loop.join(timeout=10)
+    assert holder(world) == world["ids"]["b"]
+    assert took < 2.5, took  # 0.5 s detach + 0.3 s attach, not the 4 s round
