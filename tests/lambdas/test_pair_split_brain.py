@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import time
 from datetime import timedelta
 
 import boto3
@@ -375,10 +376,10 @@ def test_both_think_they_are_active_the_attachment_decides(world):
     assert a.machine.role == pair.STANDBY
     # A heartbeat from the new active keeps the old one standby (no fail-back) ...
     a.peers = [pair.IPv4Address("10.10.1.11")]
-    beat = pair.Heartbeat(world["b"], pair.ACTIVE, 1, None, 1, 0.0).encode()
+    beat = pair.Heartbeat(world["b"], pair.ACTIVE, 1, None, 1, time.time()).encode()
     a.handle_datagram(beat, "10.10.1.11")
     assert a.machine.active_heard_at is not None
-    # ... and one from any other address is ignored.
+    # ... and the same datagram again, from any address, is a replay: ignored.
     before = a.machine.active_heard_at
     a.handle_datagram(beat, "10.10.1.99")
     assert a.machine.active_heard_at == before
@@ -393,7 +394,7 @@ def test_an_active_that_hears_another_active_asks_ec2_and_the_holder_stays(world
     attach(world, world["a"], age=600)
     a = agent(world, "a", AwsEc2(world["ec2"]))
     a.peers = [pair.IPv4Address("10.10.1.11")]
-    beat = pair.Heartbeat(world["b"], pair.ACTIVE, 1, None, 0, 0.0).encode()
+    beat = pair.Heartbeat(world["b"], pair.ACTIVE, 1, None, 0, time.time()).encode()
     a.handle_datagram(beat, "10.10.1.11")  # CheckEni: EC2 says A holds it
     assert a.machine.role == pair.ACTIVE
 
@@ -412,5 +413,6 @@ def test_readiness_items_of_both_gateways(world):
     roles = {i["sk"]["S"]: i["role"]["S"] for i in items}
     assert roles == {world["a"]: "active", world["b"]: "standby"}
     assert all(int(i["expiration"]["N"]) > float(i["updated_at"]["N"]) for i in items)
-    # The peers come from EC2's tags: both gateways of the deployment and X, never itself.
-    assert len(a.peers) == 2 and len(b.peers) == 2
+    # Peers come from the Auto Scaling group's own tag (issue 20), never tunnelnat:* tags:
+    # these instances are in no group, so no membership is known and nobody is a peer.
+    assert a.members is None and a.peers == [] and b.peers == []
