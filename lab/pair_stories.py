@@ -35,6 +35,9 @@ from lab.seq_probe import read_log
 PROBE_PORT = 9  # discard: A's receiver logs the datagrams
 SEND_INTERVAL = 0.05
 SWITCHOVER_TARGET = 0.5  # issue 20: seconds of loss in the lab for a planned switchover
+# How often a pair agent re-reads its table's generation for its heartbeats (the agent's
+# STATUS_SECONDS).
+AGENT_STATUS_SECONDS = 5.0
 SWITCHOVER_ATTEMPTS = 4  # the Switchover document, asked again after a refusal (5 s apart)
 PY = str(topo.REPO / ".venv" / "bin" / "python")
 
@@ -338,6 +341,7 @@ class SwitchoverReport:
     command: dict[str, Any]  # the document's run, when asked through it
     gap_started: float | None = None  # time.time() of the last datagram at A before the gap
     refusals: list[str] = field(default_factory=list)  # the document's answers before it worked
+    standby_synced_by: str = "already current"  # or the lab's SyncNatTable (the table behind)
     handover_sent: dict[str, Any] = field(default_factory=dict)  # the old active's event
     handover: dict[str, Any] = field(default_factory=dict)  # the new active's event
     tunnel_up: dict[str, Any] = field(default_factory=dict)  # ... and its tunnel_up after
@@ -371,6 +375,11 @@ class SwitchoverReport:
             + (f"; old active: {_timings(self.handover_sent)}" if self.handover_sent else "")
             + (f"; new active: {_timings(self.handover)}" if self.handover else "")
             + (f", tunnel up {self.tunnel_up.get('seconds')}s after" if self.tunnel_up else "")
+            + (
+                f"; the standby's table: {self.standby_synced_by}"
+                if self.standby_synced_by != "already current"
+                else ""
+            )
             + (f"; refused first: {' | '.join(self.refusals)}" if self.refusals else "")
             + (f"; problems: {'; '.join(self.errors)}" if self.errors else "")
         )
@@ -399,6 +408,7 @@ def run_switchover(lab: topo.Lab, name: str, *, via: str = "auto") -> Switchover
         raise topo.LabError("nobody holds G's ENI before the switchover")
     standby = next(ns for ns in machines(lab) if ns != active)
     active_id = next(i for i, ns in lab.gateway_namespaces().items() if ns == active)
+    synced_by = sync_standby_if_behind(lab, standby, errors)
     if not _wait(lambda: ready_standby(lab, standby), 30, 0.5):
         errors.append(f"the standby {standby} never said it was ready (tunnel loaded)")
     before = (failovers(lab), switchovers(lab))
@@ -456,12 +466,33 @@ def run_switchover(lab: topo.Lab, name: str, *, via: str = "auto") -> Switchover
         old_active_role=role_of(active),
         request_left=_exists(active, topo.REQUEST_FILE),
         command=command,
+        standby_synced_by=synced_by,
         refusals=refusals,
         handover_sent=next(iter(agent_events(active, "handover_sent")[sent_before:]), {}),
         handover=next(iter(agent_events(standby, "handover")[taken_before:]), {}),
         tunnel_up=next(iter(agent_events(standby, "tunnel_up")[ups_before:]), {}),
         errors=errors,
     )
+
+
+def sync_standby_if_behind(lab: topo.Lab, standby: str, errors: list[str]) -> str:
+    """SyncNatTable on ``standby`` when its table is behind ``meta/generation`` (a ready standby
+    is one whose table is current: the agent hands over to no other). The controller sends
+    every sync to the gateways it knows; a warm controller that looked its gateways up before
+    this standby existed does not know it (the demo adds the standby late). Says what it did."""
+    from lab.failover_story import _generation, applied_generation
+
+    if (applied_generation(standby) or 0) >= _generation(lab):
+        return "already current"
+    standby_id = next(i for i, ns in lab.gateway_namespaces().items() if ns == standby)
+    result = lab.commands.run(
+        standby_id, "SyncNatTable", {"TableName": topo.TABLE, "Region": topo.REGION}
+    )
+    if not result.ok:
+        errors.append(f"SyncNatTable on the standby: {result.stderr[-300:]}")
+        return f"FAILED ({result.status})"
+    time.sleep(AGENT_STATUS_SECONDS + 0.5)  # the standby's beats say the new generation
+    return "behind: synced by the lab (SyncNatTable)"
 
 
 def switchover_parameters() -> dict[str, str]:
