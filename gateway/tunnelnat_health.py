@@ -1,21 +1,16 @@
 #!/usr/bin/env python3
 """The gateway's health agent: is each tunnel really up, and what goes through it?
 
-Run from a systemd timer (InstallHealthAgent embeds this file; docs/health.md says more):
-
-    tunnelnat_health.py once --tunnels partner --gateway-id ID|auto --region R
-                             [--deployment NAME] [--probe A:PORT [--probe-source S]]
-                             [--high-resolution] [--swanctl-uri URI] [--dry-run]
-                             [--state-file F] [--established-file F] [--config-dir D]
-
-Per tunnel: ``TunnelUp`` 1 when the NAT table has been synced since boot, an IKE SA is
-ESTABLISHED with an INSTALLED CHILD_SA of each of its names and the probe (if any) is answered,
-else 0 (a dead or hung charon reads as 0, never as nothing). ``TunnelEstablished``: up at least
-once since ConfigureGateway last changed the tunnel (its ``<tunnel>.config-id`` token).
-``TunnelDataIn``/``Out`` (bytes since the previous run), ``SecondsSinceInbound``,
-``ChildSaRekeys``/``ChildSaRekeyFailures`` (since the previous run, from charon's log), summed
-over the tunnel's CHILD_SAs. Per deployment ``NatMappings``; per gateway ``NatTablePresent`` and
-the guard's drops (``DroppedCleartext``, ``DroppedUnenrolled``, ``DroppedInbound``).
+Run from a systemd timer (InstallHealthAgent embeds this file; docs/health.md): ``once --help``.
+Namespace ``tunnelnat/<deployment>``. Per tunnel: ``TunnelUp`` 1 when the NAT table has been
+synced since boot, an IKE SA is ESTABLISHED with an INSTALLED CHILD_SA of each of its names and
+the probe (if any) is answered, else 0 (a dead or hung charon reads as 0, never as nothing).
+``TunnelEstablished``: up at least once since ConfigureGateway last changed the tunnel (its
+``<tunnel>.config-id`` token). ``TunnelDataIn``/``Out`` (bytes since the previous run),
+``SecondsSinceInbound``, ``ChildSaRekeys``/``ChildSaRekeyFailures`` (since the previous run,
+from charon's log), summed over the tunnel's CHILD_SAs. Per deployment ``NatMappings``; per
+gateway ``NatTablePresent`` and the guard's drops (``DroppedCleartext``, ``DroppedUnenrolled``,
+``DroppedInbound``).
 
 In a gateway pair, the standby (``--role-file``, the pair agent's) publishes no tunnel metric.
 Prints one JSON line; exits 0 when published, 2 when publishing failed.
@@ -39,7 +34,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-NAMESPACE = "tunnelnat"
+# + deployment: only this deployment's gateway role may publish there (issue 21, 3).
+NAMESPACE = "tunnelnat/"
 METRIC = "TunnelUp"
 NFT_TABLE = "tunnelnat"
 COUNTER_METRICS = {
@@ -660,10 +656,10 @@ def metric_data(report: Report, *, now: float) -> list[dict[str, Any]]:
     return data
 
 
-def publish(client: Any, data: list[dict[str, Any]]) -> None:
+def publish(client: Any, data: list[dict[str, Any]], deployment: str) -> None:
     # PutMetricData takes at most 1000 entries a call; a gateway has a handful.
-    for start in range(0, len(data), 500):
-        client.put_metric_data(Namespace=NAMESPACE, MetricData=data[start : start + 500])
+    for i in range(0, len(data), 500):
+        client.put_metric_data(Namespace=NAMESPACE + deployment, MetricData=data[i : i + 500])
 
 
 def gateway_id_from_imds(timeout: float = 2.0) -> str:
@@ -875,7 +871,7 @@ def main(argv: list[str] | None = None) -> int:
                 region_name=args.region,
                 config=Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 3}),
             )
-            publish(client, data)
+            publish(client, data, args.deployment)
             line["published"] = True
         except Exception as exc:  # noqa: BLE001 - any failure: say so, exit non-zero
             line["error"] = f"{type(exc).__name__}: {exc}"

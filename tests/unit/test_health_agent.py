@@ -386,8 +386,21 @@ def test_main_publishes_zero_when_charon_is_dead(monkeypatch, capsys, tmp_path):
     assert code == 0 and line["published"] is True
     assert line["tunnels"][0]["up"] is False
     (call,) = client.calls
-    assert call["Namespace"] == "tunnelnat"
+    assert call["Namespace"] == "tunnelnat/tunnelnat"  # the default deployment's own namespace
     assert [d["Value"] for d in call["MetricData"] if d["MetricName"] == "TunnelUp"] == [0.0, 0.0]
+
+
+def test_metrics_go_to_the_deployments_own_namespace(monkeypatch, capsys, tmp_path):
+    """Issue 21, finding 3: the shared ``tunnelnat`` namespace is anyone's with PutMetricData on
+    it (the CloudWatch agent's policy, another deployment's gateway): TunnelUp goes to
+    ``tunnelnat/<deployment>``, the only namespace this deployment's gateway role may publish
+    to and the one its alarm and healer read."""
+    client = FakeCloudWatch()
+    code, _ = run_main(
+        monkeypatch, capsys, tmp_path, client, "--state-file", str(tmp_path / "s"),
+        "--deployment", "lab",
+    )  # fmt: skip
+    assert code == 0 and {c["Namespace"] for c in client.calls} == {"tunnelnat/lab"}
 
 
 @pytest.mark.parametrize("role", ["active", "standby"])
