@@ -6,7 +6,9 @@ Builds the lab (namespaces, strongSwan at both ends, moto as AWS), configures th
 the real ConfigureGateway document, drives the real controller handler with EC2 tag-change
 events and Auto Scaling lifecycle events (through EventBridge and SQS, in batches), heals a
 killed tunnel through the health agent, the alarm and the healer, shows the operator's
-``tunnelnat status`` and ``tunnelnat doctor``, and checks each step with real packets.
+``tunnelnat status`` and ``tunnelnat doctor``, runs the gateway pair's stories against the strict
+AWS fakes (a planned switchover, a minute of slow AWS on the active, a rolling replacement of both
+gateways: ``lab.pair_stories``) and its failover, and checks each step with real packets.
 Everything is removed on exit, on Ctrl-C and on failure. Exit status 0 only when every step
 passed.
 """

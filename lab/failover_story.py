@@ -64,6 +64,7 @@ class FailoverReport:
     # The strict fakes' attach/detach seconds when the failover ran with AWS-like delays.
     aws_like: dict[str, float] = field(default_factory=dict)
     target: float = FAILOVER_TARGET  # seconds the failover may take (AWS-like delays: AWS's)
+    standby_heard_after: float | None = None  # seconds the lab waited for the standby to hear
 
     @property
     def failover_seconds(self) -> float | None:
@@ -221,7 +222,17 @@ def run_failover(lab: topo.Lab, name: str, public: str) -> FailoverReport:
             errors.append(f"SyncNatTable on the standby: {result.stderr[-300:]}")
     if not _wait(lambda: lab.child_sas_installed(active) >= 1, 20, 0.2):
         errors.append(f"no CHILD_SA on the active {active} before the power-off")
-    heard = heartbeats_heard(lab, standby, lab.gateway_primary[active])
+    # The pair settled first: the standby hears the active (after a replacement the active
+    # counts a new standby as a member at its next discovery: up to check_seconds), the ENI is
+    # past the hold-down and the agents past their startup grace.
+    from lab.pair_stories import wait_past_hold_down
+
+    listening = time.monotonic()
+    primary = lab.gateway_primary[active]
+    _wait(lambda: heartbeats_heard(lab, standby, primary, 0.6) > 0, 45, 0.1)
+    heard_after = round(time.monotonic() - listening, 1)
+    wait_past_hold_down(lab)
+    heard = heartbeats_heard(lab, standby, primary)
     if not heard:
         errors.append(f"the standby {standby} hears no heartbeat from {active}")
 
@@ -326,6 +337,7 @@ def run_failover(lab: topo.Lab, name: str, public: str) -> FailoverReport:
         generation_after=_generation(lab),
         host_route_unchanged=route_after == route_before and bool(route_before),
         errors=errors,
+        standby_heard_after=heard_after,
     )
 
 
@@ -371,5 +383,10 @@ def figure(report: FailoverReport) -> str:
         f"{report.generation_after}, mappings "
         f"{'unchanged' if report.mappings_unchanged else 'CHANGED'}; the standby's table before: "
         f"{report.standby_synced_by}"
+        + (
+            f" (it heard the active {report.standby_heard_after:.0f}s after the lab listened)"
+            if report.standby_heard_after and report.standby_heard_after >= 1
+            else ""
+        )
         + (f"; problems: {'; '.join(report.errors)}" if report.errors else "")
     )
