@@ -152,3 +152,43 @@ def test_a_failover_with_aws_like_attach_and_detach_times(pair):
     assert seconds <= ps.AWS_FAILOVER_TARGET, shown.figure()
     assert report.clear == []
     assert report.ok, shown.figure()
+
+
+# -- without a lab ---------------------------------------------------------------------------------
+
+
+def test_each_gateway_machine_signs_with_its_own_access_key():
+    keys = {ns: topo.gateway_access_key(ns) for ns in topo.GATEWAY_NUMBERS}
+    assert keys["tn-gw"] == "AKIATNGW1XXXXXXXXXXX"
+    assert len(set(keys.values())) == len(keys)
+    assert all(len(k) == 20 and k.startswith("AKIA") for k in keys.values())
+    with pytest.raises(KeyError):
+        topo.gateway_access_key("tn-web-1")
+
+
+def test_the_imds_serves_the_target_lifecycle_state_the_lab_sets(tmp_path):
+    from lab.imds import lifecycle_state
+
+    state = tmp_path / "tn-gw.lifecycle"
+    assert lifecycle_state(None) == "InService"
+    assert lifecycle_state(state) == "InService"  # nothing set yet
+    state.write_text("Terminated\n")
+    assert lifecycle_state(state) == "Terminated"
+
+
+def test_pair_json_keeps_only_the_keys_the_agent_knows():
+    config = {"region": "us-east-1", "key_secret": "s", "request_file": "/etc/x"}
+    assert topo.agent_config(config, 'KEYS = "region"') == {"region": "us-east-1"}
+    program = '... "key_secret" ... "request_file" ...'
+    assert topo.agent_config(config, program) == config
+
+
+def test_heartbeat_gaps_and_the_widest_silence_at_a(tmp_path):
+    lines = ["100.0 IP a > b", "100.5 IP a > b", "101.6 IP a > b", ""]
+    assert ps.heartbeat_gaps(lines) == (3, 1.1)
+    run = ps.Traffic(tmp_path / "sent", tmp_path / "at-a")
+    run.sent_log.write_text("".join(f"{10 + n * 0.05:.6f} {n}\n" for n in range(10)))
+    arrived = [n for n in range(10) if n not in (4, 5, 6)]
+    run.at_a_log.write_text("".join(f"{10.01 + n * 0.05:.6f} {n}\n" for n in arrived))
+    assert run.sent == 10 and run.lost == 3 and run.loss_seconds == 0.15
+    assert run.widest_gap() == (0.2, 10.16)
