@@ -36,6 +36,7 @@ from typing import Any
 
 # + deployment: only this deployment's gateway role may publish there (issue 21, 3).
 NAMESPACE = "tunnelnat/"
+NAMESPACE_RE = re.compile(r"^tunnelnat/[A-Za-z0-9_.:-]{1,64}$")
 METRIC = "TunnelUp"
 NFT_TABLE = "tunnelnat"
 COUNTER_METRICS = {
@@ -656,10 +657,10 @@ def metric_data(report: Report, *, now: float) -> list[dict[str, Any]]:
     return data
 
 
-def publish(client: Any, data: list[dict[str, Any]], deployment: str) -> None:
+def publish(client: Any, data: list[dict[str, Any]], namespace: str) -> None:
     # PutMetricData takes at most 1000 entries a call; a gateway has a handful.
     for i in range(0, len(data), 500):
-        client.put_metric_data(Namespace=NAMESPACE + deployment, MetricData=data[i : i + 500])
+        client.put_metric_data(Namespace=namespace, MetricData=data[i : i + 500])
 
 
 def gateway_id_from_imds(timeout: float = 2.0) -> str:
@@ -795,6 +796,7 @@ def main(argv: list[str] | None = None) -> int:
     once.add_argument("--tunnels", required=True, help="comma-separated child SA names")
     once.add_argument("--gateway-id", required=True, help="this instance's id, or 'auto' (IMDS)")
     once.add_argument("--deployment", default="tunnelnat")
+    once.add_argument("--namespace", help="default: tunnelnat/<deployment>")
     once.add_argument("--region", required=True)
     once.add_argument("--probe", help="ADDRESS:PORT behind the tunnel to open a TCP connection to")
     once.add_argument("--probe-source", help="S: the source address of the probe")
@@ -815,6 +817,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"invalid tunnel name(s): {bad or args.tunnels!r}")
     if not re.fullmatch(r"^[A-Za-z0-9_.:-]{1,64}$", args.deployment):
         parser.error(f"invalid deployment {args.deployment!r}")
+    namespace = args.namespace or NAMESPACE + args.deployment
+    if not NAMESPACE_RE.fullmatch(namespace):
+        parser.error(f"invalid namespace {namespace!r}")
     try:
         probe = Probe.parse(args.probe, args.probe_source) if args.probe else None
     except ValueError as exc:
@@ -852,6 +857,7 @@ def main(argv: list[str] | None = None) -> int:
     line: dict[str, Any] = {
         "gateway": gateway,
         "deployment": args.deployment,
+        "namespace": namespace,
         "time": round(now, 3),
         "tunnels": [asdict(t) for t in report.tunnels],
         "table": {"applied_generation": table.generation, "reason": table.reason or None},
@@ -871,7 +877,7 @@ def main(argv: list[str] | None = None) -> int:
                 region_name=args.region,
                 config=Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 3}),
             )
-            publish(client, data, args.deployment)
+            publish(client, data, namespace)
             line["published"] = True
         except Exception as exc:  # noqa: BLE001 - any failure: say so, exit non-zero
             line["error"] = f"{type(exc).__name__}: {exc}"

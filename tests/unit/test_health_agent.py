@@ -401,6 +401,13 @@ def test_metrics_go_to_the_deployments_own_namespace(monkeypatch, capsys, tmp_pa
         "--deployment", "lab",
     )  # fmt: skip
     assert code == 0 and {c["Namespace"] for c in client.calls} == {"tunnelnat/lab"}
+    # The stack may name it (InstallHealthAgent's Namespace); never the shared one.
+    client = FakeCloudWatch()
+    code, line = run_main(monkeypatch, capsys, tmp_path, client, "--namespace", "tunnelnat/lab")
+    assert code == 0 and line["namespace"] == "tunnelnat/lab"
+    for shared in ("tunnelnat", "AWS/EC2", "tunnelnat/"):
+        with pytest.raises(SystemExit):
+            run_main(monkeypatch, capsys, tmp_path, FakeCloudWatch(), "--namespace", shared)
 
 
 @pytest.mark.parametrize("role", ["active", "standby"])
