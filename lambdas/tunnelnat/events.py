@@ -22,9 +22,26 @@ LAUNCH_ACTION = "EC2 Instance-launch Lifecycle Action"
 TERMINATE_ACTION = "EC2 Instance-terminate Lifecycle Action"
 SCHEDULED = "Scheduled Event"
 RECONCILE_REQUEST = "tunnelnat Reconcile Request"
-# Lifecycle hooks the controller answers are named with this prefix; the stack's rule matches it
-# too, and every other hook in the account and region is left to its owner.
+# Lifecycle hooks the controller answers are named ``tunnelnat-<deployment>-...``
+# (``hook_prefix``); the stack's rule matches the same prefix, and every other hook in the account
+# and region (another team's, another deployment's) is left to its owner. HOOK_PREFIX is what
+# every deployment's hooks share: never enough to call a hook ours.
 HOOK_PREFIX = "tunnelnat-"
+
+
+def hook_prefix(deployment: str) -> str:
+    """``tunnelnat-<deployment>-``: the names of this deployment's lifecycle hooks start so."""
+    return f"{HOOK_PREFIX}{deployment}-"
+
+
+def is_our_hook(hook_name: str, deployment: str) -> bool:
+    """Whether a lifecycle hook is this deployment's to complete: named ``tunnelnat-<deployment>-``.
+
+    A prefix cannot tell ``acme`` from ``acme-2`` (``tunnelnat-acme-2-launch`` starts with
+    ``tunnelnat-acme-``): two deployments whose names are so related must not share an Auto
+    Scaling group (docs/operations.md); the instance's own enrolment tag still decides whether
+    it is enrolled."""
+    return hook_name.startswith(hook_prefix(deployment))
 
 
 class InvalidEvent(ValueError):
@@ -141,8 +158,12 @@ def _arn_instance_id(arn: str) -> str:
     return _instance_id(ident)
 
 
-def parse_request(event: Any) -> Request:
-    """What an EventBridge event (or an SQS body holding one) asks; InvalidEvent when not ours."""
+def parse_request(event: Any, *, deployment: str | None = None) -> Request:
+    """What an EventBridge event (or an SQS body holding one) asks; InvalidEvent when not ours.
+
+    ``deployment``: lifecycle actions of other deployments' hooks are InvalidEvent (never ours
+    to complete). None (a reader that only shows a request, e.g. the CLI's dlq) accepts any
+    tunnelnat hook."""
     if isinstance(event, str):
         try:
             event = json.loads(event)
@@ -155,7 +176,7 @@ def parse_request(event: Any) -> Request:
         raise InvalidEvent(f"event is a {type(event).__name__}, not an object")
     if _is_dead_letter(event):
         # Moved back from the dead-letter queue (an SQS redrive): the original event, retried.
-        return parse_request(event["event"])
+        return parse_request(event["event"], deployment=deployment)
     kind = event.get("detail-type")
     try:
         if kind == STATE_CHANGE:
@@ -170,11 +191,15 @@ def parse_request(event: Any) -> Request:
         if kind in (LAUNCH_ACTION, TERMINATE_ACTION):
             action = parse(event=event, model=LifecycleEvent)
             detail = action.detail
-            if not detail.hook_name.startswith(HOOK_PREFIX):
-                # Another team's hook (CodeDeploy, a drain hook): never ours to complete.
+            prefix = HOOK_PREFIX if deployment is None else hook_prefix(deployment)
+            if not (detail.hook_name.startswith(HOOK_PREFIX) if deployment is None
+                    else is_our_hook(detail.hook_name, deployment)):  # fmt: skip
+                # Another team's hook (CodeDeploy, a drain hook) or another deployment's: never
+                # ours to complete (A completing B's launch hook lets B's unenrolled instance
+                # into service).
                 raise InvalidEvent(
-                    f"lifecycle hook {detail.hook_name!r} is not tunnelnat's "
-                    f"(its hooks are named {HOOK_PREFIX}...): ignored"
+                    f"lifecycle hook {detail.hook_name!r} is not this deployment's "
+                    f"(its hooks are named {prefix}...): ignored"
                 )
             return Request(action.id, kind, action.time, (detail.instance_id,), lifecycle=detail)
         if kind == SCHEDULED:

@@ -129,6 +129,10 @@ def failure_reason(result: Outcome | Exception) -> str | None:
             return "conflict"
         if result.status is Status.ROUTE_CONFLICT:
             return "route-conflict"
+        if result.status is Status.NOT_ALLOWED:
+            return "not-allowed"
+        if result.status is Status.ROUTE_TABLE_NOT_OPTED_IN:
+            return "route-table-not-opted-in"
         return None
     if isinstance(result, GatewaySyncPending):
         return None  # coalescing, not a failure

@@ -15,7 +15,7 @@ from aws_lambda_powertools import Logger
 from tunnelnat.adapters.autoscaling import LifecyclePort
 from tunnelnat.controller import Controller, Outcome
 from tunnelnat.core.enrolment import Status
-from tunnelnat.events import RECONCILE_REQUEST, Request
+from tunnelnat.events import RECONCILE_REQUEST, Request, is_our_hook
 
 logger = Logger(service="tunnelnat", child=True)
 
@@ -104,6 +104,11 @@ class Service:
         errors = [results[i] for i in request.instance_ids if isinstance(results.get(i), Exception)]
         if request.lifecycle is None:
             return errors[0] if errors else None
+        if not is_our_hook(request.lifecycle.hook_name, self.controller.deployment):
+            # parse_request drops these already; a request built elsewhere is never answered
+            # for another deployment's hook either.
+            logger.warning("lifecycle action of another deployment's hook left alone")
+            return None
         return self._lifecycle(request, results.get(request.lifecycle.instance_id))
 
     def _lifecycle(self, request: Request, result: Any) -> Exception | None:
@@ -111,7 +116,7 @@ class Service:
         assert action is not None and self.lifecycle is not None
         if isinstance(result, Outcome):
             if result.status is Status.OTHER_VPC:
-                # Another deployment's instance (hooks share the tunnelnat- prefix): its to end.
+                # Our hook on an instance of another VPC (a group spanning VPCs): not ours to end.
                 logger.info("lifecycle action left alone: the instance is in another VPC")
                 return None
             if not action.launching or result.status in RELEASE_LAUNCH:

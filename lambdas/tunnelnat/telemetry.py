@@ -18,9 +18,18 @@ FAILURE_REASONS = (
     "invalid-mapping",
     # More than one instance claims to be the gateway: no sync until a human settles it.
     "gateway-ambiguous",
-    # Route-table mode: a route for a partner network that tunnelnat did not create.
+    # Route-table mode: a route that tunnelnat did not create for, inside or around a partner
+    # network.
     "route-conflict",
+    # A tagged instance outside the allow-list of subnets / groups (someone tagged it who
+    # should not have: worth a look).
+    "not-allowed",
+    # Route-table mode: the instance's route table is not opted in for this deployment.
+    "route-table-not-opted-in",
 )
+# Every metric the controller publishes carries this dimension (the deployment's name), so two
+# deployments in one account never page each other's on-call (issue 21, finding 4).
+DEPLOYMENT_DIMENSION = "Deployment"
 
 
 class Telemetry(Protocol):

@@ -36,7 +36,7 @@ def lifecycle_event(instance_id: str, *, launching: bool, age_s: float = 0) -> d
         "detail": {
             "LifecycleActionToken": "c3b7e4a2-1111-2222-3333-444455556666",
             "AutoScalingGroupName": "web-asg",
-            "LifecycleHookName": "tunnelnat-launch",
+            "LifecycleHookName": "tunnelnat-test-launch",  # deployment "test" (conftest)
             "EC2InstanceId": instance_id,
             "LifecycleTransition": f"autoscaling:EC2_INSTANCE_{transition}",
         },
@@ -304,7 +304,20 @@ def test_other_teams_lifecycle_hooks_are_never_answered(world, lifecycle):
     web1 = world.launch("10.10.1.21", tags=TAG)
     event = lifecycle_event(web1, launching=True)
     event["detail"]["LifecycleHookName"] = "codedeploy-drain"
-    assert "not tunnelnat's" in handler(event, Context())["rejected"]
+    assert "not this deployment's" in handler(event, Context())["rejected"]
+    assert lifecycle.completed == [] and lifecycle.heartbeats == []
+    assert world.fleet.calls == []
+
+
+@pytest.mark.parametrize("hook", ["tunnelnat-launch", "tunnelnat-other-launch", "tunnelnat-tes"])
+def test_another_deployments_lifecycle_hooks_are_never_answered(world, lifecycle, hook):
+    """Issue 21, finding 4: the rule and the code took every ``tunnelnat-*`` hook, so A's
+    controller completed B's launch hook (CONTINUE: B's instance in service, never enrolled by
+    B). Only ``tunnelnat-<deployment>-*`` is ours."""
+    web1 = world.launch("10.10.1.21")  # untagged: A would have released it at once
+    event = lifecycle_event(web1, launching=True)
+    event["detail"]["LifecycleHookName"] = hook
+    assert "not this deployment's" in handler(event, Context())["rejected"]
     assert lifecycle.completed == [] and lifecycle.heartbeats == []
     assert world.fleet.calls == []
 

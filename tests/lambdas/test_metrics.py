@@ -48,10 +48,12 @@ def named(points: list[dict], name: str) -> list[dict]:
     return [p for p in points if p["name"] == name]
 
 
-def failures(points: list[dict]) -> list[str]:
+def failures(points: list[dict], deployment: str = "test") -> list[str]:
     found = named(points, "Failures")
-    # What the dashboard's SEARCH('{tunnelnat,Reason,service} ...') finds.
-    assert all(set(p["dims"]) == {"Reason", "service"} for p in found), found
+    # What the dashboard's SEARCH('{tunnelnat,Deployment,Reason,service} ...') finds: this
+    # deployment's failures only (issue 21, finding 4).
+    assert all(set(p["dims"]) == {"Deployment", "Reason", "service"} for p in found), found
+    assert all(p["dims"]["Deployment"] == deployment for p in found), found
     assert all(p["unit"] == "Count" and p["namespace"] == "tunnelnat" for p in found), found
     return sorted(p["dims"]["Reason"] for p in found)
 
@@ -74,7 +76,9 @@ def test_enrolment_publishes_latency_sync_duration_and_free_pool(world, capsys):
     handler(event, Context())
     points = emf(capsys.readouterr().out)
     assert {p["namespace"] for p in points} == {handler_module.metrics.namespace} == {"tunnelnat"}
-    assert all(p["dims"] == {"service": "tunnelnat"} for p in points), points
+    # Issue 21, finding 4: every datapoint names its deployment (two deployments' failures are
+    # two series, each paging its own on-call).
+    assert all(p["dims"] == {"service": "tunnelnat", "Deployment": "test"} for p in points), points
     [enrolments] = named(points, "Enrolments")
     assert enrolments["unit"] == "Count" and enrolments["value"] == 1
     [latency] = named(points, "EnrolmentLatency")
@@ -162,7 +166,7 @@ def test_every_reason_is_one_of_the_documented_names():
     assert set(FAILURE_REASONS) == {
         "agent-not-ready", "command-failed", "store-conflict", "pool-exhausted",
         "unsupported-subnet", "gateway-sync", "dead-lettered", "conflict", "invalid-mapping",
-        "gateway-ambiguous", "route-conflict",
+        "gateway-ambiguous", "route-conflict", "not-allowed", "route-table-not-opted-in",
     }  # fmt: skip
 
 

@@ -7,6 +7,7 @@ import pytest
 from tunnelnat.core.config import TunnelnatConfig
 from tunnelnat.core.enrolment import (
     AddressPool,
+    AllowList,
     Mode,
     ObservedInstance,
     Status,
@@ -147,3 +148,51 @@ def test_what_route_table_mode_still_cannot_serve(config, vpc_id, route_tables, 
     far = instance(private_ip=IPv4Address("10.10.2.21"), subnet_id=subnet_id, vpc_id="vpc-1")
     decision = decide_enrolment(far, config, vpc_id=vpc_id, route_tables=route_tables)
     assert (decision.enrol, decision.status) == (False, status)
+
+
+# -- issue 21: who may enrol, and who is the gateway ------------------------------------------
+ALLOWED = AllowList(frozenset({"subnet-1"}), frozenset({"web-asg"}))
+
+
+def in_group(group: str | None, **overrides) -> ObservedInstance:
+    tags = {"tunnelnat": "enabled"}
+    if group is not None:
+        tags["aws:autoscaling:groupName"] = group
+    return instance(tags=tags, **overrides)
+
+
+@pytest.mark.parametrize(
+    ("observed", "allowed", "status", "named"),
+    [
+        (in_group("web-asg"), ALLOWED, Status.ENROLLED, None),
+        (in_group("web-asg"), AllowList(), Status.ENROLLED, None),
+        (in_group(None), AllowList(frozenset({"subnet-1"})), Status.ENROLLED, None),
+        (in_group("web-asg", subnet_id="subnet-9"), ALLOWED, Status.NOT_ALLOWED, "subnet-9"),
+        (in_group("other-asg"), ALLOWED, Status.NOT_ALLOWED, "other-asg"),
+        (in_group(None), ALLOWED, Status.NOT_ALLOWED, "no Auto Scaling group"),
+        # Outside, and stopped: not-allowed still (the reason that matters), never enrolled.
+        (in_group("x", state="stopped"), ALLOWED, Status.NOT_ALLOWED, "x"),
+    ],
+)
+def test_a_tagged_instance_outside_the_allow_list_is_not_allowed(
+    config, observed, allowed, status, named
+):
+    decision = decide_enrolment(observed, config, allowed=allowed)
+    assert decision.status is status and decision.enrol is (status is Status.ENROLLED)
+    if named:
+        assert named in decision.reason, "the reason names the subnet or group"
+
+
+def test_an_untagged_instance_outside_the_allow_list_is_only_not_tagged(config):
+    decision = decide_enrolment(instance(tags={}, subnet_id="subnet-9"), config, allowed=ALLOWED)
+    assert decision.status is Status.NOT_TAGGED
+
+
+def test_the_gateway_is_its_groups_member_never_whoever_carries_the_label(config):
+    """Issue 21: the tunnelnat:role label decides nothing when the group is known."""
+    member = in_group("acme-gateway")
+    labelled = instance(tags={"tunnelnat": "enabled", "tunnelnat:role": "gateway"})
+    assert decide_enrolment(member, config, gateway_group="acme-gateway").status is (
+        Status.IS_GATEWAY
+    )
+    assert decide_enrolment(labelled, config, gateway_group="acme-gateway").enrol

@@ -19,6 +19,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 # configured value can never carry shell metacharacters.
 TAG_TEXT = re.compile(r"^[A-Za-z0-9 _.:/=+@-]{1,128}$")
 INSTANCE_ID = re.compile(r"^i-[0-9a-f]{8,17}$")
+# The stack's deployment names (stacks/settings.py): they name files on instances
+# (/etc/tunnelnat/routes.d/<deployment>) and hooks, so never "." or "..", never a "/".
+DEPLOYMENT = re.compile(r"^[a-z][a-z0-9-]{1,28}[a-z0-9]$")
+DEFAULT_DEPLOYMENT = "tunnelnat"
+
+
+def default_enrolment_tag_key(deployment: str) -> str:
+    """The enrolment tag key when none is configured: ``tunnelnat`` for the default deployment
+    (what every earlier version used), ``tunnelnat:<deployment>`` for any other, so two
+    deployments in one account never enrol one instance both (issue 21, finding 4)."""
+    return "tunnelnat" if deployment == DEFAULT_DEPLOYMENT else f"tunnelnat:{deployment}"
+
 
 # Networks no unicast peer lives in: the partner's endpoint T cannot be here, and routing a
 # partner network that overlaps them via G would capture the instance's own loopback, its metadata
@@ -127,6 +139,13 @@ class TunnelnatConfig(BaseModel):
                 "T is the partner's, not an address of our VPC"
             )
         for net in self.partner_networks:
+            if net.prefixlen == 0:
+                # Route-table mode would replace the VPC's default route with the tunnel
+                # (everything, the internet and AWS endpoints included, to the partner).
+                problems.append(
+                    f"partner_networks {net} is the default route: tunnelnat never routes "
+                    "0.0.0.0/0 (list the partner's networks)"
+                )
             if net.overlaps(subnet):
                 problems.append(f"partner_networks {net} overlaps the gateway's subnet")
             if endpoint in net:

@@ -9,7 +9,11 @@ from ipaddress import IPv4Address
 
 from tunnelnat.core.config import TAG_TEXT, NatMode, TunnelnatConfig
 
+# A label only (issue 21): nothing trusts it. Who is a gateway is decided by the gateway's Auto
+# Scaling group, which users cannot set: tag keys with the aws: prefix are reserved for AWS
+# ("You can't edit or delete tag keys with this prefix", EC2 User Guide, Tag restrictions).
 GATEWAY_ROLE_TAG = "tunnelnat:role"
+GROUP_TAG = "aws:autoscaling:groupName"  # Auto Scaling puts it on every instance it launches
 # The shared key of earlier versions; each deployment now writes its own (``status_tag``).
 STATUS_TAG = "tunnelnat:status"
 
@@ -41,6 +45,50 @@ class Status(StrEnum):
     # Route-table mode: its subnet's route table has a route for a partner network that
     # tunnelnat did not create (or someone changed ours): left alone, reported, not retried.
     ROUTE_CONFLICT = "route-conflict"
+    # Tagged, but outside the allow-list of subnets / Auto Scaling groups: never enrolled.
+    NOT_ALLOWED = "not-allowed"
+    # Route-table mode: its subnet's route table is not one the network owner opted in
+    # (tag tunnelnat:routes=<deployment>, or listed): never changed, never enrolled.
+    ROUTE_TABLE_NOT_OPTED_IN = "route-table-not-opted-in"
+
+
+# Statuses of instances that cannot be served: none keeps a pool address (issue 21, finding 6;
+# docs/operations.md, "An instance that cannot be served").
+UNSERVED = frozenset(
+    {
+        Status.NOT_ALLOWED,
+        Status.ROUTE_TABLE_NOT_OPTED_IN,
+        Status.ROUTE_CONFLICT,
+        Status.UNSUPPORTED_SUBNET,
+        Status.CONFLICT,
+    }
+)
+
+
+@dataclass(frozen=True)
+class AllowList:
+    """Where a tagged instance may be enrolled: in one of ``subnets`` and a member of one of
+    ``groups`` (its aws:autoscaling:groupName, which only Auto Scaling sets). An empty set
+    restricts nothing; with both given, both must hold."""
+
+    subnets: frozenset[str] = frozenset()
+    groups: frozenset[str] = frozenset()
+
+    def refusal(self, instance: ObservedInstance) -> str | None:
+        """Why ``instance`` is outside the allow-list; None when it may be enrolled."""
+        reasons = []
+        if self.subnets and instance.subnet_id not in self.subnets:
+            reasons.append(
+                f"its subnet {instance.subnet_id or '(none)'} is not one of the allowed subnets "
+                f"({', '.join(sorted(self.subnets))})"
+            )
+        group = instance.tags.get(GROUP_TAG)
+        if self.groups and group not in self.groups:
+            where = f"its Auto Scaling group {group}" if group else "it is in no Auto Scaling group"
+            reasons.append(
+                f"{where}, not one of the allowed groups ({', '.join(sorted(self.groups))})"
+            )
+        return "; ".join(reasons) or None
 
 
 class Mode(StrEnum):
@@ -80,6 +128,8 @@ def decide_enrolment(
     *,
     vpc_id: str | None = None,
     route_tables: bool = False,
+    allowed: AllowList | None = None,
+    gateway_group: str | None = None,
 ) -> Decision:
     """Should ``instance`` be enrolled, and how? Ordered so the reason given is the most useful.
 
@@ -88,10 +138,15 @@ def decide_enrolment(
     its own VPC holds that address). ``route_tables``: route-table mode is on (the controller
     knows the VPC and the gateway's ENI), so other subnets of the VPC are served through their
     route tables; without it only the gateway's own subnet can be (a host route needs G
-    on-link)."""
+    on-link). ``allowed``: the allow-list a tagged instance must be inside (issue 21).
+    ``gateway_group``: the gateway's Auto Scaling group, whose members (active or standby) are
+    never enrolled; without it (no group known) the ``tunnelnat:role`` label stands in."""
     if instance is None or instance.state in ("terminated", "shutting-down"):
         return Decision(False, Status.GONE, "the instance no longer exists")
-    if instance.tags.get(GATEWAY_ROLE_TAG) == "gateway":
+    if gateway_group is not None:
+        if instance.tags.get(GROUP_TAG) == gateway_group:
+            return Decision(False, Status.IS_GATEWAY, "the gateway itself is never enrolled")
+    elif instance.tags.get(GATEWAY_ROLE_TAG) == "gateway":
         return Decision(False, Status.IS_GATEWAY, "the gateway itself is never enrolled")
     if vpc_id is not None and instance.vpc_id != vpc_id:
         return Decision(
@@ -109,6 +164,11 @@ def decide_enrolment(
             Status.INVALID_TAG,
             f"tag {config.enrolment_tag_key}={shown}; expected {config.enrolment_tag_value!r}",
         )
+    refusal = allowed.refusal(instance) if allowed is not None else None
+    if refusal is not None:
+        # Whoever tagged it may not give it the partner's network: never enrolled, whatever its
+        # state (and unenrolled if it was, the allow-list having narrowed since).
+        return Decision(False, Status.NOT_ALLOWED, f"tagged for enrolment, but {refusal}")
     if instance.state != "running":
         return Decision(False, Status.NOT_RUNNING, f"instance is {instance.state}")
     if instance.private_ip is None:

@@ -41,6 +41,7 @@ from tunnelnat.events import InvalidEvent, Request, parse_request
 from tunnelnat.handlers.tracing import OptionalTracer
 from tunnelnat.service import Service
 from tunnelnat.settings import ControllerSettings
+from tunnelnat.telemetry import DEPLOYMENT_DIMENSION
 
 if TYPE_CHECKING:  # only for annotations: the hot path never needs these at import
     from aws_lambda_powertools.utilities.typing import LambdaContext
@@ -195,6 +196,22 @@ def _get_service() -> Service:
     return _service
 
 
+def _deployment() -> str:
+    """This controller's deployment: whose lifecycle hooks are ours, the metrics' dimension."""
+    if _service is not None:
+        return _service.controller.deployment
+    try:
+        return _get_service().controller.deployment
+    except Exception:  # noqa: BLE001 - reported where the service is used; the name is known
+        return os.environ.get("TUNNELNAT_DEPLOYMENT") or "tunnelnat"
+
+
+def _dimension() -> None:
+    """Every metric of this invocation carries its deployment (``Deployment``): kept across
+    invocations as a default dimension, set again each time (the lab swaps controllers)."""
+    metrics.set_default_dimensions(**{DEPLOYMENT_DIMENSION: _deployment()})
+
+
 def _get_queue() -> EventQueue:
     global _queue
     if _queue is None:
@@ -251,7 +268,7 @@ def _parse_or_reject(record: SQSRecord) -> Request | None:
     the reason). Whatever the body holds (not JSON, nested a million deep, a wrong shape), one
     message never fails the others of its batch."""
     try:
-        return parse_request(record.body)
+        return parse_request(record.body, deployment=_deployment())
     except InvalidEvent as exc:
         reason = str(exc)
     except Exception as exc:  # noqa: BLE001 - RecursionError, MemoryError-free surprises
@@ -314,6 +331,7 @@ def _enrolment_latency(requests: list[Request], outcomes: dict[str, Any]) -> Non
 @tracer.capture_lambda_handler
 @metrics.log_metrics
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    _dimension()
     if isinstance(event, dict) and "Records" in event:
         records = [SQSRecord(r) for r in event["Records"]]
         results = handle_records(records)
@@ -327,7 +345,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
             event=event, record_handler=record_handler, processor=processor, context=context
         )
     try:
-        request = parse_request(event)
+        request = parse_request(event, deployment=_deployment())
     except Exception as exc:  # noqa: BLE001 - InvalidEvent, or anything an odd event raises
         reason = str(exc) if isinstance(exc, InvalidEvent) else f"unreadable event: {exc!r:.200}"
         _reject(reason)
