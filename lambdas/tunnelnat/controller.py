@@ -60,6 +60,7 @@ from tunnelnat.adapters.store import (
 from tunnelnat.core.config import NatMode, TunnelnatConfig
 from tunnelnat.core.enrolment import (
     AddressPool,
+    AllowList,
     Decision,
     Mode,
     ObservedInstance,
@@ -67,7 +68,8 @@ from tunnelnat.core.enrolment import (
     decide_enrolment,
     public_address_for,
 )
-from tunnelnat.core.routes import describe_routes
+from tunnelnat.core.routes import ROUTES_TAG, describe_routes
+from tunnelnat.core.text import printable
 from tunnelnat.gateway_sync import (  # noqa: F401 - GatewaySyncFailed: re-exported
     GatewaySync,
     GatewaySyncFailed,
@@ -98,6 +100,9 @@ GENERATION_RETRIES = 20
 # enrolled it before.
 UNMANAGED = (Status.NOT_TAGGED, Status.GONE, Status.IS_GATEWAY, Status.OTHER_VPC)
 PENDING_SSM = "pending-ssm"
+CLEAR_STATUS = ""  # run.tags: remove the instance's status tag
+# pool-exhausted's reason names this many holders (records keep reasons to 1,000 characters).
+POOL_HOLDERS_SHOWN = 15
 TERMINATING = "terminating"
 
 
@@ -124,6 +129,8 @@ class Controller:
         telemetry: Telemetry | None = None,
         vpc_id: str | None = None,
         routes: RouteTableSync | None = None,
+        allowed: AllowList | None = None,
+        gateway_group: str | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -133,6 +140,10 @@ class Controller:
         self.region = region
         self.vpc_id = vpc_id  # the gateway's VPC: instances elsewhere are never enrolled
         self.telemetry = telemetry or NoTelemetry()
+        # Who may enrol (subnets / Auto Scaling groups; empty: anyone who can tag), and the
+        # gateway's group, whose members are never enrolled.
+        self.allowed = allowed or AllowList()
+        self.gateway_group = gateway_group
         # Route-table mode (None: off, other subnets are unsupported-subnet).
         self.routes = routes if vpc_id is not None else None
         self.gateway = GatewaySync(
@@ -331,8 +342,9 @@ class Controller:
         terminating: bool,
     ) -> Plan | Outcome:
         decision = decide_enrolment(
-            instance, self.config, vpc_id=self.vpc_id, route_tables=self.routes is not None
-        )
+            instance, self.config, vpc_id=self.vpc_id, route_tables=self.routes is not None,
+            allowed=self.allowed, gateway_group=self.gateway_group,
+        )  # fmt: skip
         if terminating:
             decision = Decision(False, Status.GONE, "Auto Scaling is terminating the instance")
         mapping, record = snap.mappings.get(instance_id), snap.records.get(instance_id)
@@ -342,13 +354,7 @@ class Controller:
             tables = batch.memberships(instance_id)
             if decision.enrol and decision.mode is Mode.ROUTE_TABLE:
                 assert instance is not None
-                if batch.table_for(instance.subnet_id) is None:
-                    decision = Decision(
-                        False,
-                        Status.UNSUPPORTED_SUBNET,
-                        f"no route table of {self.vpc_id} serves {instance.subnet_id} "
-                        "(neither an explicit association nor a main table)",
-                    )
+                decision = self._table_decision(batch, instance, decision)
         claim_missing = False
         if decision.enrol:
             assert instance is not None and instance.private_ip is not None
@@ -367,9 +373,8 @@ class Controller:
             assert instance is not None
             address = self._address_for(instance, mapping, run)
             if address is None:
-                reason = f"all {len(self.config.address_pool)} pool addresses are in use"
                 self.telemetry.count("PoolExhausted")
-                decision = Decision(False, Status.POOL_EXHAUSTED, reason)
+                decision = Decision(False, Status.POOL_EXHAUSTED, self._exhausted(run))
                 plan = Plan(instance_id, instance, decision, None, route, record, mapping)
                 plan.remove_route = route and instance.state == "running"
                 plan.tables, plan.leave_tables = tables, bool(tables)
@@ -396,6 +401,34 @@ class Controller:
             plan.route = False  # gone with the instance
         # A stopped instance keeps its route file; we stay responsible and remove it at start.
         return plan
+
+    def _table_decision(
+        self, batch: RouteBatch, instance: ObservedInstance, decision: Decision
+    ) -> Decision:
+        """Route-table mode: whether the table serving the instance's subnet can serve it,
+        decided before anything is written, so an instance that cannot be served never holds
+        a pool address (issue 21, finding 6)."""
+        table_id = batch.table_for(instance.subnet_id)
+        if table_id is None:
+            return Decision(
+                False,
+                Status.UNSUPPORTED_SUBNET,
+                f"no route table of {self.vpc_id} serves {instance.subnet_id} "
+                "(neither an explicit association nor a main table)",
+            )
+        if not batch.opted_in(table_id):
+            return Decision(
+                False,
+                Status.ROUTE_TABLE_NOT_OPTED_IN,
+                f"route table {table_id} (serving {instance.subnet_id}) is not opted in for "
+                f"{self.deployment}: its owner tags it {ROUTES_TAG}={self.deployment}, or "
+                "lists it in context route_tables",
+            )
+        conflicts = batch.conflicts(table_id)
+        if conflicts:
+            reason = "; ".join(c.describe() for c in conflicts)
+            return Decision(False, Status.ROUTE_CONFLICT, reason[:1000])
+        return decision
 
     def _maybe_routed(
         self,
@@ -433,11 +466,37 @@ class Controller:
                 if free:
                     address = free[random.randrange(len(free))]  # noqa: S311 - spreading only
                     run.claimed.add(address)
+                    run.picked[address] = instance.instance_id
                     return address
         address = public_address_for(instance, self.config, current=current, claimed=claimed)
         if address is not None and self._dedicated and address != current:
             run.claimed.add(address)  # no other instance of this batch picks it too
+            run.picked[address] = instance.instance_id
         return address
+
+    def _exhausted(self, run: Run) -> str:
+        """pool-exhausted's reason: who holds the addresses, and in what state (issue 21,
+        finding 6: "no hint why"). Read once per batch (two Queries), only when the pool is
+        full; an instance that cannot be served holds none (see UNSERVED)."""
+        if run.pool_holders is None:
+            statuses = {r.instance_id: r.status for r in self.store.records()}
+            pool = self._pool
+            holders = {m.public_ip: m.instance_id for m in self.store.mappings()
+                       if m.public_ip in pool}  # fmt: skip
+            for address, instance_id in run.picked.items():
+                # Picked by this batch, not written yet.
+                holders.setdefault(address, instance_id)
+                statuses.setdefault(instance_id, "being enrolled by this batch")
+            held = sorted(holders.items())
+            shown = [f"{ip} by {i} ({statuses.get(i, 'no record')})" for ip, i in held]
+            more = (
+                f" and {len(shown) - POOL_HOLDERS_SHOWN} more"
+                if len(shown) > (POOL_HOLDERS_SHOWN)
+                else ""
+            )
+            run.pool_holders = "; ".join(shown[:POOL_HOLDERS_SHOWN]) + more
+        reason = f"all {len(self.config.address_pool)} pool addresses are in use"
+        return f"{reason}: {run.pool_holders}" if run.pool_holders else reason
 
     def _candidate(self, instance: ObservedInstance, run: Run) -> IPv4Address | None:
         """An address to try without reading every claim: with ``k`` addresses claimed (the
@@ -453,6 +512,7 @@ class Controller:
         for address in pool[run.claimed_count :]:
             if address not in run.claimed:
                 run.claimed.add(address)  # no other instance of this batch picks it too
+                run.picked[address] = instance.instance_id
                 run.guessed = True
                 return address
         return None
@@ -646,9 +706,8 @@ class Controller:
                 assert plan.instance is not None
                 address = self._address_for(plan.instance, plan.previous, run)
                 if address is None:
-                    reason = f"all {len(self.config.address_pool)} pool addresses are in use"
                     self.telemetry.count("PoolExhausted")
-                    plan.decision = Decision(False, Status.POOL_EXHAUSTED, reason)
+                    plan.decision = Decision(False, Status.POOL_EXHAUSTED, self._exhausted(run))
                     plan.mapping = None
                     continue
                 plan.mapping = StoredMapping(plan.instance_id, plan.instance.private_ip, address)  # type: ignore[arg-type]
@@ -698,7 +757,9 @@ class Controller:
                 if plan.record is not None:
                     run.forget.add(plan.instance_id)
                 if instance is not None and decision.status is Status.NOT_TAGGED:
-                    run.tags[plan.instance_id] = (instance, "not-enrolled")
+                    # Our status tag goes with our business: an instance without the enrolment
+                    # key is none of ours (and the role may tag only instances carrying it).
+                    run.tags[plan.instance_id] = (instance, CLEAR_STATUS)
             else:
                 self._record(run, plan, decision.status, decision.reason, plan.route)
             results[plan.instance_id] = Outcome(
@@ -849,7 +910,8 @@ class Controller:
         record = InstanceRecord(
             plan.instance_id,
             str(status),
-            reason,
+            # Reasons quote command output: nothing an instance wrote reaches a terminal raw.
+            printable(reason),
             route_installed=route,
             private_ip=as_text(instance.private_ip if instance else None),
             public_ip=as_text(mapping.public_ip if mapping else None),
@@ -868,6 +930,9 @@ class Controller:
         for instance, status in run.tags.values():
             by_status.setdefault(status, []).append(instance)
         many = getattr(self.instances, "set_status_tags", None)
+        clear = by_status.pop(CLEAR_STATUS, [])
+        if clear and hasattr(self.instances, "clear_status_tags"):
+            self.instances.clear_status_tags(clear)
         for status, instances in by_status.items():
             if many is not None:
                 many(instances, status)
@@ -915,7 +980,7 @@ class Controller:
             InstanceRecord(
                 instance_id,
                 "failed",
-                reason[:1000],
+                printable(reason)[:1000],
                 route_installed=bool(record and record.route_installed),
                 private_ip=record.private_ip if record else None,
                 public_ip=record.public_ip if record else None,

@@ -32,6 +32,7 @@ from tunnelnat.adapters.commands import (
 )
 from tunnelnat.adapters.ec2 import GatewayAmbiguous
 from tunnelnat.adapters.store import EnrolmentStore
+from tunnelnat.core.text import printable
 from tunnelnat.telemetry import Telemetry
 
 logger = Logger(service="tunnelnat", child=True)
@@ -296,7 +297,7 @@ class GatewaySync:
                         "applied_generation": report.get("applied_generation")})  # fmt: skip
             return
         if isinstance(reply, CommandResult):
-            detail = f"{reply.status}: {(reply.stderr or reply.stdout).strip()[-300:]}"
+            detail = f"{reply.status}: {printable((reply.stderr or reply.stdout).strip())[-300:]}"
         else:
             detail = repr(reply)[:300]
         logger.warning("standby gateway sync failed (the enrolment goes on)",

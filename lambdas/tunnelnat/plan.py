@@ -117,6 +117,10 @@ class Run:
     sync_handed: bool = False  # GatewaySync.converge owns the lease now (it lets go)
     # A good sync's lease release, written with the run's last write (EnrolmentStore.finish).
     sync_release: Any = None  # gateway_sync.SyncRelease
+    # pool-exhausted's list of who holds the pool's addresses (read once per batch).
+    pool_holders: str | None = None
+    # Pool addresses this batch picked, and for whom (before its mapping write).
+    picked: dict[IPv4Address, str] = field(default_factory=dict)
 
 
 def failure_reason(result: Outcome | Exception) -> str | None:

@@ -28,6 +28,7 @@ from tunnelnat.core.routes import (
     RouteConflict,
     RouteTableView,
     TableChanges,
+    opted_in,
     plan_table,
     table_for_subnet,
 )
@@ -88,6 +89,8 @@ class RouteTableSync:
         eni: str,
         destinations: Iterable[str],
         telemetry: Telemetry,
+        deployment: str,
+        listed: Iterable[str] = (),
     ) -> None:
         self.routes = routes
         self.records = records
@@ -95,6 +98,12 @@ class RouteTableSync:
         self.eni = eni
         self.destinations = tuple(str(d) for d in destinations)
         self.telemetry = telemetry
+        # Tables the network owner opted in: tagged tunnelnat:routes=<deployment>, or listed.
+        self.deployment = deployment
+        self.listed = frozenset(listed)
+
+    def opted_in(self, table: RouteTableView) -> bool:
+        return opted_in(table, self.deployment, self.listed)
 
     def begin(self) -> RouteBatch:
         """A view of the records and tables for one batch (read lazily, at most once each)."""
@@ -135,6 +144,24 @@ class RouteBatch:
         if not subnet_id:
             return None
         return table_for_subnet(subnet_id, self.tables().values())
+
+    def opted_in(self, table_id: str) -> bool:
+        view = self.tables().get(table_id)
+        return view is not None and self.sync.opted_in(view)
+
+    def conflicts(self, table_id: str) -> tuple[RouteConflict, ...]:
+        """What would keep an instance joining ``table_id`` from being served: routes equal to,
+        inside or around a partner network that are not ours (read before anything is
+        written, so an instance that cannot be served never takes a pool address)."""
+        view = self.tables().get(table_id)
+        if view is None:
+            return ()
+        record = self.records().get(table_id) or TableRecord(table_id)
+        sync = self.sync
+        return plan_table(
+            view, members={"joining"}, owned=record.routes, destinations=sync.destinations,
+            eni=sync.eni,
+        ).conflicts  # fmt: skip
 
     # -- writes --------------------------------------------------------------------------------
     def apply(
@@ -213,6 +240,20 @@ class RouteBatch:
             view, members=members, owned=record.routes, destinations=sync.destinations,
             eni=sync.eni,
         )  # fmt: skip
+        if not sync.opted_in(view) and changes.calls:
+            # The owner took the opt-in away (or never gave it): no call to its routes (IAM
+            # would refuse them too). What we own stays recorded, so an opt-in given again
+            # lets the next run clean up; the operator sees it logged here.
+            logger.error(
+                "route table not opted in: its routes are left as they are",
+                extra={"route_table": table_id, "routes_owned": dict(record.routes)},
+            )
+            if add:
+                raise StoreConflict(f"route table {table_id} is not opted in")
+            changes = TableChanges(
+                table_id, conflicts=changes.conflicts, owned=dict(record.routes),
+                owned_during=dict(record.routes),
+            )  # fmt: skip
         version = record.version
         changed = members != set(record.members) or dict(changes.owned_during) != dict(
             record.routes

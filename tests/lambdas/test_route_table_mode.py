@@ -25,6 +25,14 @@ TAG = {"tunnelnat": "enabled"}
 PARTNER = "192.0.2.0/24"  # VALID_CONFIG's partner network
 
 
+def opt_in(world, table_id: str, deployment: str = "test") -> str:
+    """The network owner lets this deployment change the table (issue 21)."""
+    world.ec2.create_tags(
+        Resources=[table_id], Tags=[{"Key": "tunnelnat:routes", "Value": deployment}]
+    )
+    return table_id
+
+
 def scheduled() -> dict:
     """The scheduled full reconcile's event (EventBridge Scheduler's shape)."""
     event = state_change("i-00000000", "running")
@@ -40,7 +48,7 @@ def routed(world, monkeypatch):
     monkeypatch.setenv("TUNNELNAT_GATEWAY_ENI_ID", world.eni_id)
     table = world.ec2.create_route_table(VpcId=world.vpc_id)["RouteTable"]["RouteTableId"]
     world.ec2.associate_route_table(RouteTableId=table, SubnetId=world.other_subnet_id)
-    world.private_table = table
+    world.private_table = opt_in(world, table)
     handler_module.use_controller(handler_module.build_controller(commands=world.fleet))
     return world
 
@@ -62,7 +70,12 @@ def partner_routes(world, table_id: str) -> dict[str, str]:
     for route in table["Routes"]:
         if route.get("GatewayId") == "local" or "DestinationCidrBlock" not in route:
             continue
-        target = route.get("NetworkInterfaceId") or route.get("GatewayId") or "?"
+        target = (
+            route.get("NetworkInterfaceId")
+            or route.get("GatewayId")
+            or route.get("VpcPeeringConnectionId")
+            or "?"
+        )
         found[route["DestinationCidrBlock"]] = target
     return found
 
@@ -129,10 +142,10 @@ def test_first_instance_creates_the_route_the_last_removes_it_nothing_runs_on_th
 def test_a_subnet_without_its_own_table_is_served_through_the_main_table(world, monkeypatch):
     monkeypatch.setenv("TUNNELNAT_GATEWAY_ENI_ID", world.eni_id)
     handler_module.use_controller(handler_module.build_controller(commands=world.fleet))
+    main = opt_in(world, main_table(world))
     a = launch_private(world, "10.10.2.21", TAG)
     [outcome] = handler(state_change(a, "running"), Context())["outcomes"]
     assert outcome["status"] == "enrolled"
-    main = main_table(world)
     assert partner_routes(world, main) == {PARTNER: world.eni_id}
     assert members(world, main) == {a}
 
@@ -161,7 +174,10 @@ def test_a_route_it_did_not_create_is_reported_and_left_alone(routed, capsys):
     item = w.items("instance")[a]
     assert item["status"]["S"] == "route-conflict"
     assert w.private_table in item["reason"]["S"] and f"{PARTNER} -> {igw}" in item["reason"]["S"]
-    assert record(w, w.private_table)["routes"]["M"] == {}, "not ours: never recorded as ours"
+    # Refused before anything is written (issue 21): never counted behind the table, and no
+    # pool address held by an instance that cannot be served.
+    assert record(w, w.private_table) is None, "not ours: never recorded as ours"
+    assert w.items("mapping") == {} and "public_ip" not in item
     # Again (a redelivery, the scheduled run): still reported, still untouched.
     [again] = handler(state_change(a, "running"), Context())["outcomes"]
     assert again["status"] == "route-conflict"
@@ -179,7 +195,7 @@ def test_once_the_foreign_route_is_gone_the_reconcile_completes_the_enrolment(ro
     w.ec2.create_route(RouteTableId=w.private_table, DestinationCidrBlock=PARTNER, GatewayId=igw)
     a = launch_private(w, "10.10.2.21", TAG)
     handler(state_change(a, "running"), Context())
-    assert set(w.items("mapping")) == {a}, "the mapping stays: only the route is missing"
+    assert w.items("mapping") == {}, "no pool address while it cannot be served (issue 21)"
     w.ec2.delete_route(RouteTableId=w.private_table, DestinationCidrBlock=PARTNER)
     handler(scheduled(), Context())
     assert w.items("instance")[a]["status"]["S"] == "enrolled"
@@ -240,7 +256,7 @@ def test_the_subnets_table_association_changes_the_route_follows(routed):
     w = routed
     a = launch_private(w, "10.10.2.21", TAG)
     handler(state_change(a, "running"), Context())
-    new = w.ec2.create_route_table(VpcId=w.vpc_id)["RouteTable"]["RouteTableId"]
+    new = opt_in(w, w.ec2.create_route_table(VpcId=w.vpc_id)["RouteTable"]["RouteTableId"])
     [old] = w.ec2.describe_route_tables(RouteTableIds=[w.private_table])["RouteTables"]
     [association] = [x for x in old["Associations"] if x.get("SubnetId") == w.other_subnet_id]
     w.ec2.replace_route_table_association(
@@ -260,6 +276,7 @@ def test_the_scheduled_reconcile_follows_an_association_change_too(routed):
     [old] = w.ec2.describe_route_tables(RouteTableIds=[w.private_table])["RouteTables"]
     [association] = [x for x in old["Associations"] if x.get("SubnetId") == w.other_subnet_id]
     # Back to the main table.
+    opt_in(w, main_table(w))
     w.ec2.disassociate_route_table(AssociationId=association["RouteTableAssociationId"])
     handler(scheduled(), Context())
     assert partner_routes(w, main_table(w)) == {PARTNER: w.eni_id}
@@ -349,3 +366,107 @@ def test_a_join_racing_the_last_leave_ends_with_the_route_in_place(routed, monke
     assert raced and raced[0][b].status == "enrolled"
     assert partner_routes(w, w.private_table) == {PARTNER: w.eni_id}
     assert members(w, w.private_table) == {b}
+
+
+# -- issue 21, finding 6 ---------------------------------------------------------------------
+def peering(world) -> str:
+    """A peering connection's ID, as a foreign route's target (moto keeps it in the table)."""
+    peer = world.ec2.create_vpc(CidrBlock="10.20.0.0/16")["Vpc"]["VpcId"]
+    reply = world.ec2.create_vpc_peering_connection(VpcId=world.vpc_id, PeerVpcId=peer)
+    return reply["VpcPeeringConnection"]["VpcPeeringConnectionId"]
+
+
+@pytest.mark.parametrize(
+    ("foreign", "diverts"),
+    [
+        ("192.0.2.128/25", "192.0.2.128/25 of it would go to"),  # narrower than A
+        ("192.0.0.0/16", "a route of ours would take 192.0.2.0/24 from"),  # broader than A
+    ],
+)
+def test_a_foreign_route_inside_or_around_the_partner_network_is_a_conflict(
+    routed, capsys, foreign, diverts
+):
+    """b08b1c8 reported this instance ``enrolled``: longest-prefix match sent part of the
+    partner's network elsewhere (narrower), or our route took traffic a broader one carried.
+    And it held a pool address while it could not be served."""
+    w = routed
+    pcx = peering(w)
+    w.ec2.create_route(
+        RouteTableId=w.private_table, DestinationCidrBlock=foreign, VpcPeeringConnectionId=pcx
+    )
+    a = launch_private(w, "10.10.2.21", TAG)
+    [outcome] = handler(state_change(a, "running"), Context())["outcomes"]
+    assert outcome["status"] == "route-conflict", outcome
+    assert diverts in outcome["reason"] and pcx in outcome["reason"], outcome["reason"]
+    assert failures(emf(capsys.readouterr().out)) == ["route-conflict"]
+    assert partner_routes(w, w.private_table) == {foreign: pcx}, "nothing of ours added"
+    assert w.items("mapping") == {} and w.fleet.applied_pairs() == set(), "no pool address"
+    # The owner removes it: the next run enrols.
+    w.ec2.delete_route(RouteTableId=w.private_table, DestinationCidrBlock=foreign)
+    [outcome] = handler(state_change(a, "running"), Context())["outcomes"]
+    assert outcome["status"] == "enrolled"
+
+
+def test_a_table_not_opted_in_is_never_changed_and_holds_no_address(routed, capsys):
+    w = routed
+    w.ec2.delete_tags(Resources=[w.private_table], Tags=[{"Key": "tunnelnat:routes"}])
+    w.ec2.create_tags(
+        Resources=[w.private_table], Tags=[{"Key": "tunnelnat:routes", "Value": "other"}]
+    )
+    a = launch_private(w, "10.10.2.21", TAG)
+    result = handler(sqs_batch(state_change(a, "running")), Context())
+    assert result == {"batchItemFailures": []}, "a status, not a retry loop"
+    assert failures(emf(capsys.readouterr().out)) == ["route-table-not-opted-in"]
+    item = w.items("instance")[a]
+    assert item["status"]["S"] == "route-table-not-opted-in"
+    assert w.private_table in item["reason"]["S"] and "tunnelnat:routes=test" in item["reason"]["S"]
+    tags = w.ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [a]}])["Tags"]
+    assert {t["Key"]: t["Value"] for t in tags}["tunnelnat:status:test"] == (
+        "route-table-not-opted-in"
+    )
+    assert partner_routes(w, w.private_table) == {} and w.items("route-table") == {}
+    assert w.items("mapping") == {}
+
+
+def test_a_listed_table_is_opted_in_without_its_tag(routed, monkeypatch):
+    w = routed
+    w.ec2.delete_tags(Resources=[w.private_table], Tags=[{"Key": "tunnelnat:routes"}])
+    monkeypatch.setenv("TUNNELNAT_ROUTE_TABLES", w.private_table)
+    handler_module.use_controller(handler_module.build_controller(commands=w.fleet))
+    a = launch_private(w, "10.10.2.21", TAG)
+    [outcome] = handler(state_change(a, "running"), Context())["outcomes"]
+    assert outcome["status"] == "enrolled"
+    assert partner_routes(w, w.private_table) == {PARTNER: w.eni_id}
+
+
+def test_instances_that_cannot_be_served_leave_the_pool_to_those_that_can(routed):
+    """b08b1c8: conflicts kept their addresses, a few exhausted the pool for servable instances
+    with no hint why. Now they hold none, and pool-exhausted names who holds the addresses."""
+    w = routed
+    pcx = peering(w)
+    w.ec2.create_route(
+        RouteTableId=w.private_table, DestinationCidrBlock="192.0.2.0/25",
+        VpcPeeringConnectionId=pcx,
+    )  # fmt: skip
+    blocked = [launch_private(w, f"10.10.2.{21 + i}", TAG) for i in range(3)]
+    handler(sqs_batch(*(state_change(i, "running") for i in blocked)), Context())
+    assert w.items("mapping") == {}, "three conflicts, none holds one of the 3 addresses"
+    served = [w.launch(f"10.10.1.{21 + i}", tags=TAG) for i in range(4)]
+    results = handler(sqs_batch(*(state_change(i, "running") for i in served)), Context())
+    assert results == {"batchItemFailures": []}
+    records = w.items("instance")
+    statuses = sorted(records[i]["status"]["S"] for i in served)
+    assert statuses == ["enrolled"] * 3 + ["pool-exhausted"]
+    [last] = [i for i in served if records[i]["status"]["S"] == "pool-exhausted"]
+    reason = records[last]["reason"]["S"]
+    assert reason.startswith("all 3 pool addresses are in use: "), reason
+    for holder in served:
+        if holder != last:
+            assert f"by {holder} (" in reason, reason
+    assert "203.0.113.10 by" in reason
+    # Later, from the table: each holder with its status.
+    [outcome] = handler(state_change(last, "running"), Context())["outcomes"]
+    assert outcome["status"] == "pool-exhausted"
+    for holder in served:
+        if holder != last:
+            assert f"by {holder} (enrolled)" in outcome["reason"], outcome["reason"]

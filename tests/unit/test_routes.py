@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import pytest
 
+from tunnelnat.adapters.routes import Ec2Routes
 from tunnelnat.core.routes import (
+    DefaultRouteRefused,
     ObservedRoute,
     RouteTableView,
+    opted_in,
     plan_table,
     table_for_subnet,
     table_from_describe,
@@ -109,3 +112,89 @@ def test_a_partner_network_dropped_from_the_settings_loses_its_route():
     changes = plan_table(view, members={"i-1"}, owned={A: ENI, B: ENI}, destinations=[A], eni=ENI)
     assert changes.delete == (B,) and changes.owned == {A: ENI}
     assert changes.owned_during == {A: ENI, B: ENI}
+
+
+# -- issue 21, finding 6: routes we do not own, around or inside a partner network ------------
+@pytest.mark.parametrize(
+    ("foreign", "relation", "diverts"),
+    [
+        # Narrower: by longest prefix match, that part of A goes to tgw-1, not the tunnel.
+        ("192.0.2.128/25", "narrower", "192.0.2.128/25 of it would go to tgw-1"),
+        ("192.0.2.7/32", "narrower", "192.0.2.7/32 of it would go to tgw-1"),
+        # Broader: a route of ours would take A from tgw-1 (corporate traffic to the partner).
+        ("192.0.0.0/16", "broader", "would take 192.0.2.0/24 from tgw-1"),
+        ("192.0.2.0/23", "broader", "would take 192.0.2.0/24 from tgw-1"),
+    ],
+)
+def test_a_foreign_route_inside_or_around_a_partner_network_is_a_conflict(
+    foreign, relation, diverts
+):
+    """b08b1c8 saw only a foreign route with exactly a partner network's destination: the
+    instance was reported enrolled while part of A went elsewhere, or ours silently took
+    traffic another route carried."""
+    view = table(route(foreign, "tgw-1"))
+    changes = plan_table(view, members={"i-1"}, owned={}, destinations=[A], eni=ENI)
+    [found] = changes.conflicts
+    assert (found.relation, found.partner, found.route.destination) == (relation, A, foreign)
+    assert diverts in found.describe() and "rtb-1" in found.describe()
+    assert A not in changes.create, "never created while a foreign route overlaps it"
+    assert B not in {c.partner for c in changes.conflicts}
+
+
+def test_the_default_route_our_own_eni_and_the_vpc_elsewhere_are_no_conflict():
+    view = table(
+        route("0.0.0.0/0", "igw-1"),  # what route-table mode takes the partner's networks from
+        route("10.10.0.0/16", "local", origin="CreateRouteTable"),
+        route("192.0.2.0/25", ENI),  # to the gateway anyway
+    )
+    changes = plan_table(view, members={"i-1"}, owned={}, destinations=[A], eni=ENI)
+    assert changes.conflicts == () and changes.create == (A,)
+
+
+def test_a_local_route_around_a_partner_network_is_a_conflict():
+    """The partner's network inside the VPC's own CIDR: a route of ours would take part of
+    the VPC's traffic."""
+    view = table(route("192.0.0.0/16", "local", origin="CreateRouteTable"))
+    [found] = plan_table(view, members={"i-1"}, owned={}, destinations=[A], eni=ENI).conflicts
+    assert found.relation == "broader" and "from local" in found.describe()
+
+
+def test_a_route_of_ours_in_place_stays_when_a_narrower_one_appears():
+    view = table(route(A, ENI), route("192.0.2.128/25", "pcx-1"))
+    changes = plan_table(view, members={"i-1"}, owned={A: ENI}, destinations=[A], eni=ENI)
+    assert not changes.calls and changes.owned == {A: ENI}
+    assert [c.relation for c in changes.conflicts] == ["narrower"]
+
+
+def test_a_default_route_is_never_planned_nor_sent():
+    """Issue 21, finding 7: route-table mode may change any route, 0.0.0.0/0 included."""
+    with pytest.raises(DefaultRouteRefused):
+        plan_table(table(), members={"i-1"}, owned={}, destinations=["0.0.0.0/0"], eni=ENI)
+    calls = []
+
+    class Ec2:
+        def __getattr__(self, name):
+            return lambda **kw: calls.append((name, kw))
+
+    routes = Ec2Routes(Ec2())
+    for call in (
+        lambda: routes.create("rtb-1", "0.0.0.0/0", ENI),
+        lambda: routes.replace("rtb-1", "0.0.0.0/0", ENI),
+        lambda: routes.delete("rtb-1", "0.0.0.0/0"),
+    ):
+        with pytest.raises(DefaultRouteRefused):
+            call()
+    assert calls == []
+    routes.create("rtb-1", A, ENI)
+    assert calls == [("create_route", {"RouteTableId": "rtb-1", "DestinationCidrBlock": A,
+                                       "NetworkInterfaceId": ENI})]  # fmt: skip
+
+
+def test_only_tables_the_owner_opted_in_for_this_deployment():
+    tagged = RouteTableView("rtb-1", "vpc-1", tags={"tunnelnat:routes": "acme"})
+    assert opted_in(tagged, "acme") and not opted_in(tagged, "acme-2")
+    assert opted_in(RouteTableView("rtb-2", "vpc-1"), "acme", listed={"rtb-2"})
+    assert not opted_in(RouteTableView("rtb-3", "vpc-1"), "acme", listed={"rtb-2"})
+    raw = {"RouteTableId": "rtb-4", "VpcId": "vpc-1",
+           "Tags": [{"Key": "tunnelnat:routes", "Value": "acme"}]}  # fmt: skip
+    assert opted_in(table_from_describe(raw), "acme")

@@ -13,6 +13,8 @@ from typing import Any, Protocol
 
 from botocore.exceptions import ClientError
 
+from tunnelnat.core.text import printable
+
 DOCUMENTS = ("AddHostRoute", "RemoveHostRoute", "SyncNatTable", "ConfigureGateway", "RestartTunnel")
 
 
@@ -46,7 +48,9 @@ def raise_for_status(result: CommandResult) -> CommandResult:
     CommandError, naming the instance, the document and the end of its output."""
     if result.ok:
         return result
-    detail = (result.stderr or result.stdout).strip()[-300:]
+    # What the instance wrote, without the escape sequences a root process there could aim at
+    # an operator's terminal or a page (issue 21, finding 7).
+    detail = printable((result.stderr or result.stdout).strip())[-300:]
     where = f"{result.instance_id}: {result.document} {result.status}: {detail}"
     if result.status in ("Undeliverable", "DeliveryTimedOut"):
         raise AgentNotReady(where)

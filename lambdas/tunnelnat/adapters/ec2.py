@@ -1,10 +1,13 @@
 """EC2: what an instance looks like now, and where the gateway is.
 
-The gateway is the running instance that holds G (the fixed address on its dedicated ENI) in our
-VPC and carries this deployment's gateway tags (and, when the group is known, is a member of the
-gateway's Auto Scaling group): not whatever carries the tags. An instance tagged like the gateway
-that does not hold G is an impostor and receives nothing; two instances that both qualify are a
-loud failure (``GatewayAmbiguous``), never a guess.
+The gateway is the running member of the gateway's Auto Scaling group (aws:autoscaling:groupName,
+which only Auto Scaling sets: tag keys with the aws: prefix are reserved, EC2 User Guide, "Tag
+restrictions") that holds G (the fixed address on its dedicated ENI) in our VPC; the other running
+members are the standbys. ``tunnelnat:role``/``tunnelnat:deployment`` are labels: nothing is
+decided by them while the group is known (issue 21). An instance labelled like the gateway outside
+the group gets nothing; two instances that both qualify are a loud failure
+(``GatewayAmbiguous``), never a guess. Without a group (a deployment older than the group's
+setting, some tests) the labels still say which instances to look at, and G decides.
 """
 
 from __future__ import annotations
@@ -18,12 +21,11 @@ from aws_lambda_powertools import Logger
 from botocore.exceptions import ClientError
 
 from tunnelnat.core.config import parse_ipv4
-from tunnelnat.core.enrolment import GATEWAY_ROLE_TAG, STATUS_TAG, ObservedInstance
+from tunnelnat.core.enrolment import GATEWAY_ROLE_TAG, GROUP_TAG, STATUS_TAG, ObservedInstance
 
 logger = Logger(service="tunnelnat", child=True)
 
 DEPLOYMENT_TAG = "tunnelnat:deployment"
-GROUP_TAG = "aws:autoscaling:groupName"  # Auto Scaling puts it on every instance it launches
 DESCRIBE_CHUNK = 1000  # DescribeInstances' limit on InstanceIds
 _INSTANCE_IDS = re.compile(r"i-[0-9a-f]{8,17}")
 
@@ -66,14 +68,9 @@ class Ec2Instances:
         raws = self._describe([*wanted, gateway])
         found = {i: observed(raws[i]) for i in wanted if i in raws}
         raw = raws.get(gateway)
-        holds = raw is not None and raw.get("State", {}).get("Name") == "running"
-        if holds and raw is not None:
-            tags = {t.get("Key"): t.get("Value") for t in raw.get("Tags", [])}
-            holds = tags.get(GATEWAY_ROLE_TAG) == "gateway" and tags.get(DEPLOYMENT_TAG) == (
-                deployment
-            )
-            # Without G to check, only find_gateway's tag lookup can say which one it is.
-            holds = holds and self._gateway_ip is not None and self._is_gateway(raw)
+        holds = raw is not None and self._is_candidate(raw, deployment)
+        # Without G to check, only find_gateway's lookup can say which one it is.
+        holds = holds and raw is not None and self._gateway_ip is not None and self._is_gateway(raw)
         return found, holds
 
     def observe_gateways(
@@ -90,7 +87,7 @@ class Ec2Instances:
         others: list[str] = []
         for gateway in known:
             raw = raws.get(gateway)
-            if raw is None or not self._is_tagged_gateway(raw, deployment):
+            if raw is None or not self._is_candidate(raw, deployment):
                 continue
             if self._gateway_ip is not None and self._is_gateway(raw) and active is None:
                 active = gateway
@@ -98,10 +95,14 @@ class Ec2Instances:
                 others.append(gateway)
         return found, active, others
 
-    def _is_tagged_gateway(self, raw: dict, deployment: str) -> bool:
+    def _is_candidate(self, raw: dict, deployment: str) -> bool:
+        """Running, and a member of the gateway's group (without a group known: labelled as
+        this deployment's gateway). Holding G is checked apart."""
         if raw.get("State", {}).get("Name") != "running":
             return False
         tags = {t.get("Key"): t.get("Value") for t in raw.get("Tags", [])}
+        if self._gateway_group is not None:
+            return tags.get(GROUP_TAG) == self._gateway_group
         return tags.get(GATEWAY_ROLE_TAG) == "gateway" and tags.get(DEPLOYMENT_TAG) == deployment
 
     def _describe(self, instance_ids: Iterable[str]) -> dict[str, dict]:
@@ -183,6 +184,18 @@ class Ec2Instances:
                         if one.response["Error"]["Code"] != "InvalidInstanceID.NotFound":
                             raise
 
+    def clear_status_tags(self, instances: Iterable[ObservedInstance]) -> None:
+        """Remove this deployment's status tag where it is (one DeleteTags per 1,000);
+        deleting a tag that is not there is no error (EC2 API Reference, DeleteTags)."""
+        ids = [i.instance_id for i in instances if self.status_tag in i.tags]
+        for start in range(0, len(ids), DESCRIBE_CHUNK):
+            chunk = ids[start : start + DESCRIBE_CHUNK]
+            try:
+                self._ec2.delete_tags(Resources=chunk, Tags=[{"Key": self.status_tag}])
+            except ClientError as exc:
+                if exc.response["Error"]["Code"] != "InvalidInstanceID.NotFound":
+                    raise
+
     def find_gateway(self, deployment: str) -> str:
         """The running gateway that holds G (the pair's active)."""
         return self.find_gateways(deployment)[0]
@@ -191,16 +204,23 @@ class Ec2Instances:
         """The running gateway that holds G (the pair's active), and the other running
         instances tagged as this deployment's gateway in our VPC and group (the standby; during
         a rolling replacement, briefly another): every one of them gets the NAT table."""
-        reply = self._ec2.describe_instances(
-            Filters=[
+        if self._gateway_group is not None:
+            # The group's members, whatever labels they (or a lookalike) carry.
+            who = {"Name": f"tag:{GROUP_TAG}", "Values": [self._gateway_group]}
+            what = f"of group {self._gateway_group}"
+            labels = [who]
+        else:
+            what = f"tagged {DEPLOYMENT_TAG}={deployment}"
+            labels = [
                 {"Name": f"tag:{GATEWAY_ROLE_TAG}", "Values": ["gateway"]},
                 {"Name": f"tag:{DEPLOYMENT_TAG}", "Values": [deployment]},
-                {"Name": "instance-state-name", "Values": ["running"]},
             ]
+        reply = self._ec2.describe_instances(
+            Filters=[*labels, {"Name": "instance-state-name", "Values": ["running"]}]
         )
         tagged = [i for r in reply.get("Reservations", []) for i in r.get("Instances", [])]
         if not tagged:
-            raise GatewayNotFound(f"no running gateway tagged {DEPLOYMENT_TAG}={deployment}")
+            raise GatewayNotFound(f"no running gateway {what}")
         if self._gateway_ip is None:
             # Without G to check (callers that know only the tags): the newest-looking one.
             return sorted(i["InstanceId"] for i in tagged)[-1], []
@@ -216,7 +236,7 @@ class Ec2Instances:
             )
         if not holders:
             raise GatewayNotFound(
-                f"no running instance tagged {DEPLOYMENT_TAG}={deployment} holds G "
+                f"no running gateway {what} holds G "
                 f"{self._gateway_ip}{self._where()} "
                 f"(tagged: {', '.join(sorted(i['InstanceId'] for i in tagged))})"
             )

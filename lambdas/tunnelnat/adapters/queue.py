@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any, TypeVar
 
+from tunnelnat.core.text import printable
+
 T = TypeVar("T")
 
 # Failed attempts a message had before it was sent again as a new message (whose receive count
@@ -72,6 +74,8 @@ class EventQueue:
         """Park a message that keeps failing, with the instances and the reason; False if no DLQ."""
         if not self._dlq:
             return False
+        # The reason may quote what an instance wrote: never an escape sequence in the DLQ.
+        reason = printable(reason)
         self._sqs.send_message(
             QueueUrl=self._dlq,
             MessageBody=json.dumps(

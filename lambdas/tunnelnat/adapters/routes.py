@@ -12,7 +12,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from tunnelnat.core.routes import RouteTableView, table_from_describe
+from tunnelnat.core.routes import RouteTableView, refuse_default_route, table_from_describe
 
 
 class RouteExists(RuntimeError):
@@ -59,6 +59,7 @@ class Ec2Routes:
         return {t["RouteTableId"]: table_from_describe(t) for t in reply.get("RouteTables", [])}
 
     def create(self, table_id: str, destination: str, eni: str) -> None:
+        refuse_default_route(destination)
         try:
             self._ec2.create_route(
                 RouteTableId=table_id, DestinationCidrBlock=destination, NetworkInterfaceId=eni
@@ -69,11 +70,13 @@ class Ec2Routes:
             raise
 
     def replace(self, table_id: str, destination: str, eni: str) -> None:
+        refuse_default_route(destination)
         self._ec2.replace_route(
             RouteTableId=table_id, DestinationCidrBlock=destination, NetworkInterfaceId=eni
         )
 
     def delete(self, table_id: str, destination: str) -> None:
+        refuse_default_route(destination)
         try:
             self._ec2.delete_route(RouteTableId=table_id, DestinationCidrBlock=destination)
         except ClientError as exc:

@@ -17,6 +17,27 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network
+
+# A network owner opts a route table in for one deployment with this tag (value: the
+# deployment's name); the controller's IAM allows route changes only on such tables (or those
+# listed in context ``route_tables``). Every other table is read, never changed.
+ROUTES_TAG = "tunnelnat:routes"
+DEFAULT_ROUTE = IPv4Network("0.0.0.0/0")
+
+
+class DefaultRouteRefused(ValueError):
+    """tunnelnat never creates, re-points or deletes a 0.0.0.0/0 route (issue 21, finding 7)."""
+
+
+def refuse_default_route(destination: str) -> None:
+    """Raise DefaultRouteRefused for 0.0.0.0/0 (the last guard before an EC2 call)."""
+    if IPv4Network(destination, strict=False).prefixlen == 0:
+        raise DefaultRouteRefused(
+            f"refusing to change the route for {destination}: tunnelnat never touches the "
+            "default route"
+        )
+
 
 # The keys of a DescribeRouteTables route that name its target, in the order we look.
 TARGET_KEYS = (
@@ -59,6 +80,13 @@ class RouteTableView:
     main: bool = False
     subnets: frozenset[str] = frozenset()
     routes: Mapping[str, ObservedRoute] = field(default_factory=dict)
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+
+def opted_in(table: RouteTableView, deployment: str, listed: Collection[str] = ()) -> bool:
+    """Whether the network owner let this deployment change ``table``: it carries
+    ``tunnelnat:routes=<deployment>``, or the deployment's context lists it."""
+    return table.table_id in listed or table.tags.get(ROUTES_TAG) == deployment
 
 
 def route_from_describe(raw: Mapping) -> ObservedRoute | None:
@@ -84,6 +112,7 @@ def table_from_describe(raw: Mapping) -> RouteTableView:
         main=any(a.get("Main") for a in associations),
         subnets=frozenset(str(a["SubnetId"]) for a in associations if a.get("SubnetId")),
         routes={r.destination: r for r in routes if r is not None},
+        tags={str(t["Key"]): str(t.get("Value", "")) for t in raw.get("Tags", []) if "Key" in t},
     )
 
 
@@ -101,16 +130,63 @@ def table_for_subnet(subnet_id: str, tables: Iterable[RouteTableView]) -> str | 
 
 @dataclass(frozen=True)
 class RouteConflict:
-    """A route for a partner network in a table that tunnelnat did not create (or that someone
-    changed after tunnelnat created it): reported, never touched."""
+    """A route in a table that tunnelnat did not create (or that someone changed after tunnelnat
+    created it) for a partner network, inside one, or around one: reported, never touched.
+
+    ``partner`` is the partner network it overlaps; ``relation`` how: ``equal`` (the same
+    destination: ours cannot be created), ``narrower`` (inside a partner network: by longest
+    prefix match that part of the partner's network goes to its target, not the tunnel), or
+    ``broader`` (around one: our route would take the partner's part of the traffic it
+    carries)."""
 
     table_id: str
     route: ObservedRoute
     changed: bool = False  # it was ours, and someone pointed it elsewhere
+    partner: str | None = None
+    relation: str = "equal"
 
     def describe(self) -> str:
+        if self.relation == "narrower":
+            return (
+                f"route table {self.table_id} has {self.route.describe()}, inside partner "
+                f"network {self.partner}: {self.route.destination} of it would go to "
+                f"{self.route.target}, not the tunnel; left alone"
+            )
+        if self.relation == "broader":
+            return (
+                f"route table {self.table_id} has {self.route.describe()}, around partner "
+                f"network {self.partner}: a route of ours would take {self.partner} from "
+                f"{self.route.target}; left alone"
+            )
         how = "changed since tunnelnat created it" if self.changed else "not created by tunnelnat"
         return f"route table {self.table_id} has {self.route.describe()}, {how}: left alone"
+
+
+def overlapping(
+    table: RouteTableView, destinations: Iterable[str], owned: Mapping[str, str], eni: str
+) -> list[RouteConflict]:
+    """Routes of ``table`` narrower or broader than a partner network that tunnelnat did not
+    create (equal destinations are ``plan_table``'s own case).
+
+    Not counted: routes to the gateway's ENI (ours, or the same as ours), routes the record
+    owns, and the default route 0.0.0.0/0: partner traffic follows it only while no route of
+    ours exists, and taking the partner's networks from it is what route-table mode is for."""
+    wanted = [IPv4Network(d, strict=False) for d in dict.fromkeys(str(d) for d in destinations)]
+    found: list[RouteConflict] = []
+    for route in table.routes.values():
+        try:
+            net = IPv4Network(route.destination, strict=False)
+        except ValueError:
+            continue
+        if net.prefixlen == 0 or route.target == eni or route.destination in owned:
+            continue
+        for partner in wanted:
+            if net == partner or not net.overlaps(partner):
+                continue
+            relation = "narrower" if net.subnet_of(partner) else "broader"
+            found.append(RouteConflict(table.table_id, route, partner=str(partner),
+                                       relation=relation))  # fmt: skip
+    return sorted(found, key=lambda c: (c.partner or "", c.route.destination))
 
 
 @dataclass(frozen=True)
@@ -144,7 +220,14 @@ def plan_table(
     """What ``table`` needs so that, while it has ``members``, each of ``destinations`` goes to
     ``eni``, and without members no route of ours is left. ``owned`` is what the record says
     tunnelnat created (destination -> ENI)."""
-    wanted = list(dict.fromkeys(str(d) for d in destinations)) if members else []
+    destinations = list(dict.fromkeys(str(d) for d in destinations))
+    for destination in destinations:
+        refuse_default_route(destination)
+    wanted = destinations if members else []
+    # A foreign route inside or around a partner network: that network's route is never
+    # created (nor re-pointed) while it is there; one of ours in place stays (others use it).
+    around = overlapping(table, wanted, owned, eni)
+    blocked = {c.partner for c in around}
     create: list[str] = []
     replace: list[str] = []
     delete: list[str] = []
@@ -154,16 +237,22 @@ def plan_table(
         route = table.routes.get(destination)
         mine = owned.get(destination)
         if route is None:
-            create.append(destination)  # the first member, or ours was deleted under us
-            after[destination] = eni
+            if destination not in blocked:
+                create.append(destination)  # the first member, or ours was deleted under us
+                after[destination] = eni
         elif mine is not None and route.target == eni:
             after[destination] = eni
         elif mine is not None and route.target == mine:
-            replace.append(destination)  # ours, at the ENI of an earlier setting
-            after[destination] = eni
+            if destination in blocked:
+                after[destination] = mine  # ours still, left where it points
+            else:
+                replace.append(destination)  # ours, at the ENI of an earlier setting
+                after[destination] = eni
         else:
             # Someone else's (or ours, pointed elsewhere since): theirs now, never touched.
-            conflicts.append(RouteConflict(table.table_id, route, changed=mine is not None))
+            conflicts.append(RouteConflict(table.table_id, route, changed=mine is not None,
+                                           partner=destination))  # fmt: skip
+    conflicts.extend(around)
     for destination, mine in owned.items():
         if destination in wanted:
             continue

@@ -137,6 +137,8 @@ def build_controller(
         telemetry=PowertoolsTelemetry(),
         vpc_id=settings.vpc_id,
         routes=_route_tables(settings, ec2, dynamodb),
+        allowed=settings.allow_list,
+        gateway_group=settings.gateway_group,
     )
 
 
@@ -156,6 +158,8 @@ def _route_tables(settings: ControllerSettings, ec2: Any, dynamodb: Any) -> Any:
         eni=settings.gateway_eni_id,
         destinations=[str(n) for n in settings.config.partner_networks],
         telemetry=PowertoolsTelemetry(),
+        deployment=settings.deployment,
+        listed=settings.route_tables,
     )
 
 
