@@ -192,6 +192,13 @@ class LabAws:
             AutoScalingGroupName=GATEWAY_GROUP, InstanceIds=instance_ids
         )
 
+    def leave_gateway_group(self, instance_id: str) -> None:
+        self.client("autoscaling").detach_instances(
+            AutoScalingGroupName=GATEWAY_GROUP,
+            InstanceIds=[instance_id],
+            ShouldDecrementDesiredCapacity=True,
+        )
+
     def _seed_fixed_eni(self) -> None:
         """G on its own ENI, standalone as the stack creates it: the gateway's boot program
         attaches it (at device index 1) and configures G on the link with its MAC."""

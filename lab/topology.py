@@ -974,6 +974,10 @@ swanctl {{
         _kill_pids(pids)
         prefix = f"{ns.removeprefix(PREFIX)}"
         self._procs = [(n, p) for n, p in self._procs if p.poll() is None or not n.endswith(prefix)]
+        # Out of the group first, its desired capacity with it: moto's group would otherwise
+        # launch an instance of its own for the one gone (a phantom peer with no machine); the
+        # lab launches the replacement itself (launch_gateway).
+        self.aws.leave_gateway_group(instance_id)
         self.aws.client("ec2").terminate_instances(InstanceIds=[instance_id])
         sh(["umount", "-l", str(mount_ns_path(ns))], check=False)
         sh(["ip", "netns", "del", ns])
@@ -1379,6 +1383,8 @@ swanctl {{
             # tcpdump says "listening on" once its socket is open; packets before are lost.
             assert proc.stderr is not None
             ready = proc.stderr.readline()
+            if ready.startswith("tcpdump: data link type"):  # -i any says this first
+                ready = proc.stderr.readline()
             if "listening on" not in ready:
                 raise LabError(f"tcpdump in {ns} did not start: {ready.strip()}")
             yield lines
