@@ -16,9 +16,26 @@ restart produces no new event. The healer's scheduled sweep (``sweep``) is what 
 the back-off has passed, and what pages when the cap is reached.
 
 It acts only on its own deployment's TunnelUp alarms, checked here and not only by the
-EventBridge rule: the alarm's name carries the deployment's prefix, and its metric is
-``tunnelnat``/``TunnelUp`` with this deployment's ``Deployment`` dimension. Anything else is
-``InvalidAlarm`` (logged and dropped by the handler, never a restart of this gateway's tunnel).
+EventBridge rule: the alarm's name carries the deployment's prefix, and its metric is ``TunnelUp``
+in the deployment's own namespace ``tunnelnat/<deployment>`` (the only one this deployment's
+gateway role may publish to: issue 21) with this deployment's ``Deployment`` dimension. Anything
+else, an alarm on the shared ``tunnelnat`` namespace included, is ``InvalidAlarm`` (logged and
+dropped by the handler, never a restart of this gateway's tunnel).
+
+A metric is still a weaker witness than the gateway itself (issue 21, finding 3: anyone allowed
+``cloudwatch:PutMetricData`` without a namespace condition can publish a TunnelUp=0). So before
+it sends RestartTunnel the healer asks two things no metric can fake:
+- **which gateway**: the instance G's ENI is attached to, running, and a member of the gateway's
+  Auto Scaling group by ``aws:autoscaling:groupName`` (a tag key users cannot set: the ``aws:``
+  prefix is reserved), never by the ``tunnelnat:*`` labels anyone may put on an instance
+  (``GroupGateway``);
+- **what the gateway says**: its pair agent's own report ``gateway/<instance-id>`` (written every
+  30 s; only the gateway role writes it). A fresh report of installed CHILD_SAs contradicts the
+  alarm: ``gateway-reports-up``, nothing is sent (the alarm's own notification tells a human; a
+  CHILD_SA that is installed but carries nothing is DPD's to clear, after which the report says
+  0). A stale or missing report (a single gateway has no pair agent) lets the restart go ahead,
+  and RestartTunnel itself leaves a tunnel alone that charon says is INSTALLED and receiving
+  (``skipped: healthy``: recorded, not counted against the cap).
 
 It restarts only a tunnel that has been up since the gateway last configured it: the health
 agent's ``TunnelEstablished`` (docs/health.md). At a first deploy, before the PSK is set or while
@@ -51,10 +68,22 @@ from tunnelnat.core.config import ConfigError
 
 TUNNEL_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
 HEALER_PK = "healer"
-METRIC_NAMESPACE = "tunnelnat"
+# The gateways' metrics (TunnelUp, TunnelEstablished) live in tunnelnat/<deployment>; the
+# healer's own metrics stay in "tunnelnat" with a Deployment dimension (the handler's).
+GATEWAY_NAMESPACE_PREFIX = "tunnelnat/"
+GATEWAY_NAMESPACE = re.compile(r"^tunnelnat/[A-Za-z0-9_.:-]{1,64}$")
 METRIC_NAME = "TunnelUp"
 ESTABLISHED_METRIC = "TunnelEstablished"
 DOCUMENT = "RestartTunnel"
+GROUP_TAG = "aws:autoscaling:groupName"  # set by Auto Scaling; the aws: prefix is reserved
+READINESS_PK = "gateway"
+# Attachment states in which G's ENI belongs to the instance (as adapters/pair.py reads them).
+HELD = ("attaching", "attached")
+
+
+def gateway_namespace(deployment: str) -> str:
+    """Where this deployment's gateways publish TunnelUp and TunnelEstablished."""
+    return GATEWAY_NAMESPACE_PREFIX + deployment
 
 
 class InvalidAlarm(ValueError):
@@ -91,6 +120,8 @@ class Attempt:
     status: str = "Running"  # Running (claimed), then Success, Failed, TimedOut, Error, ...
     seconds: float = 0.0
     detail: str = ""
+    # RestartTunnel found the tunnel healthy and left it alone: not a restart, not in the cap.
+    skipped: bool = False
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Attempt:
@@ -111,6 +142,10 @@ class HealState:
     def recent(self, now: float, window: float) -> tuple[Attempt, ...]:
         return tuple(a for a in self.attempts if now - a.at < window)
 
+    def restarts(self, now: float, window: float) -> tuple[Attempt, ...]:
+        """The recent attempts that restarted (or tried to): what the cap counts."""
+        return tuple(a for a in self.recent(now, window) if not a.skipped)
+
 
 class Action(StrEnum):
     RESTART = "restart"
@@ -119,6 +154,8 @@ class Action(StrEnum):
     # Never up since the gateway configured it (PSK not set, partner not ready): not ours to heal.
     SKIP_WAITING = "waiting-for-partner"
     SKIP_NO_REPORT = "no-report"  # no TunnelEstablished datapoint: the agent is not reporting
+    # The gateway's own fresh report says its CHILD_SAs are installed: the alarm is contradicted.
+    SKIP_GATEWAY_UP = "gateway-reports-up"
     WAIT = "wait"  # back-off: too soon after the previous attempt
     PAGE = "page"  # the cap is reached: stop restarting, tell a human
     ALREADY_PAGED = "already-paged"
@@ -159,15 +196,18 @@ def decide(
         return Decision(Action.SKIP_NO_REPORT, NO_REPORT_REASON)
     if not established:
         return Decision(Action.SKIP_WAITING, WAITING_REASON)
-    recent = state.recent(now, policy.window_seconds)
-    if len(recent) >= policy.max_restarts:
+    restarts = state.restarts(now, policy.window_seconds)
+    if len(restarts) >= policy.max_restarts:
         window = f"{policy.window_seconds / 60:.0f} min"
         if state.paged_at is not None and now - state.paged_at < policy.window_seconds:
             return Decision(Action.ALREADY_PAGED, f"cap reached, paged within the last {window}")
         return Decision(
             Action.PAGE,
-            f"{len(recent)} restarts in the last {window} (cap {policy.max_restarts})",
+            f"{len(restarts)} restarts in the last {window} (cap {policy.max_restarts})",
         )
+    # The back-off counts every attempt, those RestartTunnel skipped too: an alarm that keeps
+    # contradicting a healthy tunnel costs one command per back-off, not one per sweep.
+    recent = state.recent(now, policy.window_seconds)
     if recent:
         last = max(a.at for a in recent)
         ready = last + policy.backoff(len(recent))
@@ -177,7 +217,35 @@ def decide(
                 f"back-off: attempt {len(recent) + 1} not before {ready - now:.0f}s from now",
                 retry_at=ready,
             )
-    return Decision(Action.RESTART, f"attempt {len(recent) + 1} of {policy.max_restarts}")
+    return Decision(Action.RESTART, f"attempt {len(restarts) + 1} of {policy.max_restarts}")
+
+
+@dataclass(frozen=True)
+class GatewayReport:
+    """The pair agent's ``gateway/<instance-id>`` item, as far as the healer reads it."""
+
+    instance_id: str
+    sas: int | None  # INSTALLED CHILD_SAs of the tunnel's children, as charon told the agent
+    updated_at: float | None
+    role: str | None = None
+
+
+def gateway_contradicts(
+    report: GatewayReport | None, now: float, max_age: float
+) -> Decision | None:
+    """A decision not to restart when the gateway's own fresh report says CHILD_SAs are
+    installed; None when the report is missing, stale or says none (the restart goes ahead)."""
+    if report is None or report.updated_at is None or report.sas is None:
+        return None
+    age = now - report.updated_at
+    if age > max_age or age < -max_age or report.sas < 1:
+        return None
+    return Decision(
+        Action.SKIP_GATEWAY_UP,
+        f"the gateway's own report (gateway/{report.instance_id}, {max(age, 0):.0f}s old) says "
+        f"{report.sas} CHILD_SA(s) installed: TunnelUp=0 contradicts it (a datapoint someone "
+        "else published?); not restarting",
+    )
 
 
 def page_message(
@@ -185,9 +253,10 @@ def page_message(
 ) -> dict:
     """What the page says: which tunnel, and every attempt the healer made in the window."""
     recent = state.recent(now, policy.window_seconds)
+    restarts = state.restarts(now, policy.window_seconds)
     return {
         "summary": (
-            f"tunnelnat: tunnel {tunnel} is still down after {len(recent)} restarts in "
+            f"tunnelnat: tunnel {tunnel} is still down after {len(restarts)} restarts in "
             f"{policy.window_seconds / 60:.0f} minutes; the healer has stopped restarting it"
         ),
         "tunnel": tunnel,
@@ -202,6 +271,7 @@ def page_message(
                 "gateway": a.gateway,
                 "alarm_time": a.alarm_time,
                 "detail": a.detail,
+                "skipped": a.skipped,
             }
             for a in recent
         ],
@@ -226,6 +296,17 @@ def _alarm_time(value: str) -> float:
         return parse_alarm_time(value)
     except (ValueError, TypeError, OverflowError):
         raise InvalidAlarm(f"malformed alarm state timestamp {value[:40]!r}") from None
+
+
+def restart_skipped(stdout: str) -> bool:
+    """RestartTunnel's JSON line says it left a healthy tunnel alone (``"skipped": "healthy"``)."""
+    for line in reversed((stdout or "").strip().splitlines()):
+        try:
+            data = json.loads(line)
+        except ValueError:
+            continue
+        return isinstance(data, dict) and data.get("skipped") == "healthy"
+    return False
 
 
 def _iso(epoch: float) -> str:
@@ -273,6 +354,12 @@ class GatewayLocator(Protocol):
     def find_gateway(self, deployment: str) -> str: ...
 
 
+class GatewayReportPort(Protocol):
+    """The gateway's own report (``gateway/<instance-id>``), None when it wrote none."""
+
+    def report(self, instance_id: str) -> GatewayReport | None: ...
+
+
 class Telemetry(Protocol):
     def count(self, name: str, value: float = 1) -> None: ...
 
@@ -295,10 +382,12 @@ class CloudWatchAlarms:
         self,
         cloudwatch_client: Any,
         *,
+        namespace: str,
         established_lookback_seconds: float = 900.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._cw = cloudwatch_client
+        self._namespace = namespace  # the gateways' (tunnelnat/<deployment>)
         self._lookback = established_lookback_seconds
         self._clock = clock
 
@@ -309,11 +398,11 @@ class CloudWatchAlarms:
             return None
         raw = alarms[0]
         updated = raw.get("StateUpdatedTimestamp")
-        dimensions = tunnel_up_dimensions(raw)
+        dimensions = tunnel_up_dimensions(raw, self._namespace)
         return AlarmView(
             name=name,
             state=raw.get("StateValue", "INSUFFICIENT_DATA"),
-            tunnel=tunnel_of(raw),
+            tunnel=tunnel_of(raw, self._namespace),
             state_updated=updated.timestamp() if isinstance(updated, datetime) else None,
             deployment=dimensions.get("Deployment", ""),
         )
@@ -323,7 +412,12 @@ class CloudWatchAlarms:
         None when there is no datapoint at all. The window is real time, whatever the caller's
         clock: it asks whether the agent reported lately."""
         return latest_established(
-            self._cw, deployment, tunnel, now=self._clock(), lookback=self._lookback
+            self._cw,
+            deployment,
+            tunnel,
+            now=self._clock(),
+            lookback=self._lookback,
+            namespace=self._namespace,
         )
 
     def in_alarm(self, prefix: str) -> list[str]:
@@ -337,10 +431,17 @@ class CloudWatchAlarms:
 
 
 def latest_established(
-    cloudwatch: Any, deployment: str, tunnel: str, *, now: float, lookback: float
+    cloudwatch: Any,
+    deployment: str,
+    tunnel: str,
+    *,
+    now: float,
+    lookback: float,
+    namespace: str | None = None,
 ) -> bool | None:
     """The newest ``TunnelEstablished`` (Deployment, Tunnel) datapoint in ``lookback`` seconds
-    before ``now``: True when it is 1, False when 0, None when there is none."""
+    before ``now``, in the gateways' ``namespace`` (default ``tunnelnat/<deployment>``): True
+    when it is 1, False when 0, None when there is none."""
     end = datetime.fromtimestamp(now, UTC)
     reply = cloudwatch.get_metric_data(
         MetricDataQueries=[
@@ -348,7 +449,7 @@ def latest_established(
                 "Id": "established",
                 "MetricStat": {
                     "Metric": {
-                        "Namespace": METRIC_NAMESPACE,
+                        "Namespace": namespace or gateway_namespace(deployment),
                         "MetricName": ESTABLISHED_METRIC,
                         "Dimensions": [
                             {"Name": "Deployment", "Value": deployment},
@@ -375,24 +476,25 @@ def latest_established(
     return None if newest is None else newest[1] >= 1
 
 
-def tunnel_up_dimensions(alarm: Mapping[str, Any]) -> dict[str, str]:
-    """The dimensions of the ``tunnelnat``/``TunnelUp`` metric an alarm watches (directly or in
-    a metric query); InvalidAlarm when it watches no such metric."""
+def tunnel_up_dimensions(alarm: Mapping[str, Any], namespace: str) -> dict[str, str]:
+    """The dimensions of the ``TunnelUp`` metric in ``namespace`` (the gateways') an alarm
+    watches (directly or in a metric query); InvalidAlarm when it watches no such metric: an
+    alarm on the shared ``tunnelnat`` namespace, which anyone may publish to, is not ours."""
     metrics = [alarm]
     metrics += [m.get("MetricStat", {}).get("Metric", {}) for m in alarm.get("Metrics", []) or []]
     for metric in metrics:
-        if metric.get("Namespace") != METRIC_NAMESPACE or metric.get("MetricName") != METRIC_NAME:
+        if metric.get("Namespace") != namespace or metric.get("MetricName") != METRIC_NAME:
             continue
         return {str(d.get("Name")): str(d.get("Value", "")) for d in metric.get("Dimensions", [])}
-    raise InvalidAlarm(f"{alarm.get('AlarmName')}: not an alarm on tunnelnat TunnelUp by Tunnel")
+    raise InvalidAlarm(f"{alarm.get('AlarmName')}: not an alarm on {namespace} TunnelUp by Tunnel")
 
 
-def tunnel_of(alarm: Mapping[str, Any]) -> str:
+def tunnel_of(alarm: Mapping[str, Any], namespace: str) -> str:
     """The tunnel a TunnelUp alarm watches, from its metric's ``Tunnel`` dimension."""
-    dimensions = tunnel_up_dimensions(alarm)
+    dimensions = tunnel_up_dimensions(alarm, namespace)
     if "Tunnel" not in dimensions:
         raise InvalidAlarm(
-            f"{alarm.get('AlarmName')}: not an alarm on tunnelnat TunnelUp by Tunnel"
+            f"{alarm.get('AlarmName')}: not an alarm on {namespace} TunnelUp by Tunnel"
         )
     value = dimensions["Tunnel"]
     if not TUNNEL_NAME.fullmatch(value):
@@ -457,6 +559,101 @@ class DynamoHealStore:
         return True
 
 
+class GatewayNotHeld(RuntimeError):
+    """G's ENI is not held by a running member of the gateway group: nothing is sent."""
+
+
+class GroupGateway:
+    """The active gateway as the healer may trust it: the instance G's ENI (the stack's, by ID)
+    is attached to, running, in our VPC (when known) and a member of the gateway's Auto Scaling
+    group by ``aws:autoscaling:groupName``. Auto Scaling sets that tag on the instances it
+    launches; users cannot create or edit a tag whose key starts with ``aws:`` ("Tag
+    restrictions", Amazon EC2 User Guide), so an instance labelled ``tunnelnat:role=gateway``
+    or ``tunnelnat:gateway=<deployment>`` by anyone with ec2:CreateTags is not a gateway here."""
+
+    def __init__(
+        self, ec2_client: Any, *, eni_id: str, group: str, vpc_id: str | None = None
+    ) -> None:
+        self._ec2 = ec2_client
+        self._eni_id = eni_id
+        self._group = group
+        self._vpc_id = vpc_id
+
+    def find_gateway(self, deployment: str) -> str:
+        reply = self._ec2.describe_network_interfaces(NetworkInterfaceIds=[self._eni_id])
+        interfaces = reply.get("NetworkInterfaces", [])
+        if not interfaces:
+            raise GatewayNotHeld(f"G's ENI {self._eni_id} not found")
+        attachment = interfaces[0].get("Attachment") or {}
+        status = attachment.get("Status") or "detached"
+        holder = attachment.get("InstanceId") if status in HELD else None
+        if holder is None:
+            raise GatewayNotHeld(
+                f"G's ENI {self._eni_id} is {status}, attached to no gateway "
+                "(a failover in progress?): nothing to restart"
+            )
+        reply = self._ec2.describe_instances(InstanceIds=[holder])
+        raw = next((i for r in reply.get("Reservations", []) for i in r.get("Instances", [])), {})
+        tags = {t.get("Key"): t.get("Value") for t in raw.get("Tags", [])}
+        if tags.get(GROUP_TAG) != self._group or (
+            self._vpc_id is not None and raw.get("VpcId") != self._vpc_id
+        ):
+            raise GatewayNotHeld(
+                f"G's ENI {self._eni_id} is attached to {holder}, which is not a gateway of "
+                f"{deployment} (not in Auto Scaling group {self._group}): refusing to send it "
+                "anything"
+            )
+        state = raw.get("State", {}).get("Name")
+        if state != "running":
+            raise GatewayNotHeld(
+                f"G's ENI {self._eni_id} is attached to {holder}, which is {state}"
+            )
+        return holder
+
+
+class UnwiredGateway:
+    """Without the gateway group and G's ENI the healer cannot tell the gateway from an
+    instance merely tagged like one: it sends nothing, and says why."""
+
+    def find_gateway(self, deployment: str) -> str:
+        raise GatewayNotHeld(
+            "the healer knows no gateway group and G's ENI (TUNNELNAT_GATEWAY_GROUP, "
+            "TUNNELNAT_GATEWAY_ENI_ID): it restarts nothing rather than trust a tag"
+        )
+
+
+class DynamoGatewayReports:
+    """``gateway/<instance-id>``: the pair agent's readiness item (gateway/tunnelnat_pair.py
+    ``Records.readiness``), read for its ``sas`` and ``updated_at``."""
+
+    def __init__(self, dynamodb_client: Any, table_name: str) -> None:
+        self._db = dynamodb_client
+        self._table = table_name
+
+    def report(self, instance_id: str) -> GatewayReport | None:
+        reply = self._db.get_item(
+            TableName=self._table,
+            Key={"pk": {"S": READINESS_PK}, "sk": {"S": instance_id}},
+            ConsistentRead=True,
+        )
+        item = reply.get("Item")
+        if not item:
+            return None
+
+        def number(name: str) -> float | None:
+            value = item.get(name) or {}
+            try:
+                return float(value["N"]) if "N" in value else None
+            except ValueError:
+                return None
+
+        sas = number("sas")
+        role = (item.get("role") or {}).get("S")
+        return GatewayReport(
+            instance_id, None if sas is None else int(sas), number("updated_at"), role
+        )
+
+
 class SnsPager:
     def __init__(self, sns_client: Any, topic_arn: str) -> None:
         self._sns = sns_client
@@ -490,15 +687,20 @@ class HealerSettings(BaseModel):
     command_timeout_seconds: float = Field(default=150.0, ge=30, le=800)
     # How far back the newest TunnelEstablished may lie (at least a few agent intervals).
     established_lookback_seconds: int = Field(default=900, ge=60, le=86_400)
+    # The gateways' namespace (TunnelUp, TunnelEstablished): tunnelnat/<deployment> by default.
+    metric_namespace: str = Field(default="", pattern=r"^(tunnelnat/[A-Za-z0-9_.:-]{1,64})?$")
+    # The pair agent writes its report every 30 s: three missed writes and it is stale.
+    readiness_max_age_seconds: int = Field(default=90, ge=30, le=3600)
     region: str = Field(pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]$")
     policy: HealerPolicy = Field(default_factory=HealerPolicy)
-    # The gateway is the tagged instance holding G in this VPC and in the gateway's group, as
-    # the controller finds it (adapters/ec2.py): never an impostor that only carries the tags.
+    # The gateway is the instance holding G's ENI in the gateway's Auto Scaling group (and this
+    # VPC): never an impostor that only carries the tunnelnat:* tags. G itself is informative.
     gateway_ip: IPv4Address | None = None
     vpc_id: str | None = Field(default=None, pattern=r"^vpc-[0-9a-f]{8,17}$")
     gateway_group: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:/ +=@-]{1,255}$")
     # G's ENI (the stack's): RestartTunnel goes to the instance holding it, the active gateway of
-    # a pair (a standby holds no SA and must not initiate); without it, the tags and G decide.
+    # a pair (a standby holds no SA and must not initiate); without it (or the group) nothing is
+    # sent anywhere.
     gateway_eni_id: str | None = Field(default=None, pattern=r"^eni-[0-9a-f]{8,17}$")
 
     @model_validator(mode="before")
@@ -507,6 +709,11 @@ class HealerSettings(BaseModel):
         if isinstance(data, dict) and not data.get("alarm_prefix"):
             deployment = data.get("deployment") or "tunnelnat"
             data = {**data, "alarm_prefix": f"tunnelnat-{deployment}-TunnelUp-"}
+        if isinstance(data, dict) and not data.get("metric_namespace"):
+            data = {
+                **data,
+                "metric_namespace": gateway_namespace(data.get("deployment") or "tunnelnat"),
+            }
         return data
 
     @classmethod
@@ -530,6 +737,8 @@ class HealerSettings(BaseModel):
             "restart_wait_seconds": "TUNNELNAT_HEALER_RESTART_WAIT_SECONDS",
             "command_timeout_seconds": "TUNNELNAT_HEALER_COMMAND_TIMEOUT_SECONDS",
             "established_lookback_seconds": "TUNNELNAT_HEALER_ESTABLISHED_LOOKBACK_SECONDS",
+            "metric_namespace": "TUNNELNAT_METRIC_NAMESPACE",
+            "readiness_max_age_seconds": "TUNNELNAT_HEALER_READINESS_MAX_AGE_SECONDS",
             "gateway_ip": "TUNNELNAT_GATEWAY_IP",
             "vpc_id": "TUNNELNAT_VPC_ID",
             "gateway_group": "TUNNELNAT_GATEWAY_GROUP",
@@ -582,6 +791,9 @@ class Healer:
     alarm_prefix: str = "tunnelnat-"
     telemetry: Telemetry = field(default_factory=NoTelemetry)
     clock: Callable[[], float] = time.time
+    # The gateway's own report, read before a restart (None: no cross-check, e.g. the lab's).
+    reports: GatewayReportPort | None = None
+    readiness_max_age: float = 90.0
 
     def ours(self, alarm_name: str) -> AlarmView:
         """The alarm, re-read now, if it is one of this deployment's TunnelUp alarms: its name
@@ -618,7 +830,17 @@ class Healer:
             decision = decide(alarm.state, state, now, self.policy, established=established)
             out.action, out.reason, out.retry_at = decision.action, decision.reason, None
             if decision.action is Action.RESTART:
-                if self._restart(alarm, alarm_time, state, now, out):
+                gateway, problem = self._locate()
+                contradiction = self._contradicted(gateway, now)
+                if contradiction is not None:
+                    out.action, out.reason, out.gateway = (
+                        contradiction.action,
+                        contradiction.reason,
+                        gateway or "",
+                    )
+                    self.telemetry.count("SkippedGatewayReportsUp")
+                    return out
+                if self._restart(alarm, alarm_time, state, now, out, gateway, problem):
                     return out
                 continue
             if decision.action is Action.PAGE:
@@ -670,11 +892,39 @@ class Healer:
         return outcomes
 
     # -- steps -----------------------------------------------------------------------------------
+    def _locate(self) -> tuple[str | None, str]:
+        """The gateway to restart on (the group's ENI holder), or None and why not."""
+        try:
+            return self.gateways.find_gateway(self.deployment), ""
+        except (CommandError, RuntimeError, ClientError) as exc:
+            return None, str(exc)
+
+    def _contradicted(self, gateway: str | None, now: float) -> Decision | None:
+        """The gateway's own fresh report of installed CHILD_SAs, against the alarm."""
+        if gateway is None or self.reports is None:
+            return None
+        try:
+            report = self.reports.report(gateway)
+        except ClientError:
+            return None  # unreadable: RestartTunnel's own check still guards the tunnel
+        return gateway_contradicts(report, now, self.readiness_max_age)
+
     def _restart(
-        self, alarm: AlarmView, alarm_time: str, state: HealState, now: float, out: HealOutcome
+        self,
+        alarm: AlarmView,
+        alarm_time: str,
+        state: HealState,
+        now: float,
+        out: HealOutcome,
+        gateway: str | None,
+        problem: str,
     ) -> bool:
         attempt = Attempt(
-            id=uuid.uuid4().hex, at=now, alarm=alarm.name, alarm_time=alarm_time or _iso(now)
+            id=uuid.uuid4().hex,
+            at=now,
+            alarm=alarm.name,
+            alarm_time=alarm_time or _iso(now),
+            gateway=gateway or "",
         )
         kept = state.recent(now, self.policy.window_seconds)
         claimed = replace(state, attempts=(*kept, attempt))
@@ -682,20 +932,32 @@ class Healer:
             return False  # someone else claimed first: decide again on the fresh record
         version = state.version + 1
         started = time.monotonic()
-        try:
-            attempt = replace(attempt, gateway=self.gateways.find_gateway(self.deployment))
-            result = self.commands.run(
-                attempt.gateway,
-                DOCUMENT,
-                {"TunnelName": alarm.tunnel, "WaitSeconds": str(self.restart_wait_seconds)},
-            )
-        except (CommandError, RuntimeError) as exc:
-            result = CommandResult(attempt.gateway, DOCUMENT, "Error", stderr=str(exc))
+        if gateway is None:
+            result = CommandResult("", DOCUMENT, "Error", stderr=problem)
+        else:
+            try:
+                result = self.commands.run(
+                    gateway,
+                    DOCUMENT,
+                    {"TunnelName": alarm.tunnel, "WaitSeconds": str(self.restart_wait_seconds)},
+                )
+            except (CommandError, RuntimeError) as exc:
+                result = CommandResult(gateway, DOCUMENT, "Error", stderr=str(exc))
         seconds = round(time.monotonic() - started, 3)
         detail = _excerpt(result.stdout if result.ok else (result.stderr or result.stdout))
-        attempt = replace(attempt, status=result.status, seconds=seconds, detail=detail)
+        skipped = result.ok and restart_skipped(result.stdout)
+        attempt = replace(
+            attempt, status=result.status, seconds=seconds, detail=detail, skipped=skipped
+        )
         self._finish(claimed, version, attempt)
         out.gateway, out.status, out.seconds = attempt.gateway, result.status, seconds
+        if skipped:
+            out.reason = (
+                "RestartTunnel left the tunnel alone: charon says every CHILD_SA is INSTALLED "
+                "and receiving (skipped: healthy); not counted against the cap"
+            )
+            self.telemetry.count("RestartSkippedHealthy")
+            return True
         self.telemetry.count("Restarts")
         if not result.ok:
             self.telemetry.count("RestartFailures")

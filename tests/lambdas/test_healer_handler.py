@@ -23,6 +23,11 @@ from tunnelnat.adapters.commands import CommandResult
 
 ALARM = "tunnelnat-test-TunnelUp-partner"
 ACCOUNT = "123456789012"
+# The gateways' metrics: the deployment's own namespace (issue 21, 3).
+NAMESPACE = "tunnelnat/test"
+# The gateway group as the stack names it (<deployment>-gateway); moto's Auto Scaling tags what
+# it launches aws:autoscaling:groupName, as AWS does.
+GROUP = "test-gateway"
 
 
 @dataclass
@@ -67,6 +72,7 @@ class Aws:
     port: RestartPort
     module: object
     healer: object
+    eni_id: str = ""
 
     def set_alarm(self, state: str) -> str:
         self.cloudwatch.set_alarm_state(AlarmName=ALARM, StateValue=state, StateReason="test")
@@ -87,7 +93,7 @@ class Aws:
     def report_established(self, value: float, deployment: str = "test") -> None:
         """What the gateway's health agent publishes every run (gateway/tunnelnat_health.py)."""
         self.cloudwatch.put_metric_data(
-            Namespace="tunnelnat",
+            Namespace=f"tunnelnat/{deployment}",
             MetricData=[
                 {
                     "MetricName": "TunnelEstablished",
@@ -126,7 +132,7 @@ def alarm_event(name: str, state: str, at: str, previous: str, since: str) -> di
                         "id": "m1",
                         "metricStat": {
                             "metric": {
-                                "namespace": "tunnelnat",
+                                "namespace": NAMESPACE,
                                 "name": "TunnelUp",
                                 "dimensions": {"Deployment": "test", "Tunnel": "partner"},
                             },
@@ -168,21 +174,27 @@ def healer_world(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Aws
     )
     vpc = ec2.create_vpc(CidrBlock="10.10.0.0/16")["Vpc"]["VpcId"]
     subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.10.1.0/24")["Subnet"]["SubnetId"]
-    gateway = ec2.run_instances(
-        ImageId="ami-12345678",
-        MinCount=1,
-        MaxCount=1,
-        SubnetId=subnet,
-        TagSpecifications=[
-            {
-                "ResourceType": "instance",
-                "Tags": [
-                    {"Key": "tunnelnat:role", "Value": "gateway"},
-                    {"Key": "tunnelnat:deployment", "Value": "test"},
-                ],
-            }
-        ],
-    )["Instances"][0]["InstanceId"]
+    # The gateway: launched by its Auto Scaling group (labelled with the tunnelnat:* tags, which
+    # nothing trusts), G's ENI attached at device index 1 as the pair agent attaches it.
+    ec2.create_launch_template(
+        LaunchTemplateName="tunnelnat-test-gateway",
+        LaunchTemplateData={
+            "ImageId": "ami-12345678",
+            "TagSpecifications": [{"ResourceType": "instance", "Tags": GATEWAY_TAGS}],
+        },
+    )
+    boto3.client("autoscaling", region_name=REGION).create_auto_scaling_group(
+        AutoScalingGroupName=GROUP,
+        LaunchTemplate={"LaunchTemplateName": "tunnelnat-test-gateway"},
+        MinSize=0,
+        MaxSize=3,
+        DesiredCapacity=1,
+        VPCZoneIdentifier=subnet,
+    )
+    (gateway,) = _members(ec2)
+    eni = ec2.create_network_interface(SubnetId=subnet, PrivateIpAddress="10.10.1.240")
+    eni_id = eni["NetworkInterface"]["NetworkInterfaceId"]
+    ec2.attach_network_interface(NetworkInterfaceId=eni_id, InstanceId=gateway, DeviceIndex=1)
     topic = sns.create_topic(Name="tunnelnat-page")["TopicArn"]
     queue_url = sqs.create_queue(QueueName="pages")["QueueUrl"]
     queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])[
@@ -191,7 +203,7 @@ def healer_world(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Aws
     sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=queue_arn)
     cloudwatch.put_metric_alarm(
         AlarmName=ALARM,
-        Namespace="tunnelnat",
+        Namespace=NAMESPACE,
         MetricName="TunnelUp",
         Dimensions=[
             {"Name": "Deployment", "Value": "test"},
@@ -209,13 +221,17 @@ def healer_world(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Aws
     monkeypatch.setenv("TUNNELNAT_HEALER_BACKOFF_BASE_SECONDS", "60")
     monkeypatch.setenv("TUNNELNAT_HEALER_MAX_RESTARTS_PER_HOUR", "3")
     monkeypatch.setenv("TUNNELNAT_HEALER_ALARM_PREFIX", "tunnelnat-test-")
+    # As the stack deploys it (Healer.serve_gateway's environment).
+    monkeypatch.setenv("TUNNELNAT_GATEWAY_GROUP", GROUP)
+    monkeypatch.setenv("TUNNELNAT_GATEWAY_ENI_ID", eni_id)
+    monkeypatch.setenv("TUNNELNAT_VPC_ID", vpc)
 
     from tunnelnat.handlers import healer as module
 
     port = RestartPort()
     healer, persistence = module.build_healer(commands=port)
     module.use_healer(healer, persistence)
-    rig = Aws(cloudwatch, dynamodb, sqs, queue_url, gateway, port, module, healer)
+    rig = Aws(cloudwatch, dynamodb, sqs, queue_url, gateway, port, module, healer, eni_id)
     # The tunnel has been up since the gateway was configured (tests of the waiting state say
     # otherwise in their own series).
     rig.report_established(1.0)
@@ -229,7 +245,7 @@ def fresh(aws, moto_url):
     same alarm and tunnel, watched by another deployment's healer and alarm."""
     aws.cloudwatch.put_metric_alarm(
         AlarmName="tunnelnat-fresh-TunnelUp-partner",
-        Namespace="tunnelnat",
+        Namespace="tunnelnat/fresh",
         MetricName="TunnelUp",
         Dimensions=[
             {"Name": "Deployment", "Value": "fresh"},
@@ -467,7 +483,7 @@ def test_alarm_of_another_deployment_is_dropped_even_with_our_prefix(aws):
     name = "tunnelnat-test-TunnelUp-prod"
     aws.cloudwatch.put_metric_alarm(
         AlarmName=name,
-        Namespace="tunnelnat",
+        Namespace=NAMESPACE,
         MetricName="TunnelUp",
         Dimensions=[
             {"Name": "Deployment", "Value": "prod"},
@@ -493,7 +509,7 @@ def test_alarm_outside_our_prefix_is_dropped_even_on_our_metric(aws):
     name = "someone-else-TunnelUp-watch"  # any alarm routed to the healer
     aws.cloudwatch.put_metric_alarm(
         AlarmName=name,
-        Namespace="tunnelnat",
+        Namespace=NAMESPACE,
         MetricName="TunnelUp",
         Dimensions=[
             {"Name": "Deployment", "Value": "test"},
@@ -530,18 +546,29 @@ def test_malformed_state_timestamp_is_dropped_with_a_log_line(aws, caplog, ok, s
     assert "recovered_at" not in aws.record()
 
 
-# -- which instance is the gateway (issue 14, finding 5, for the healer too) -----------------
+# -- which instance is the gateway (issues 14, 21): G's ENI holder in the gateway group ----------
 
 
-G = "10.10.1.250"
 GATEWAY_TAGS = [
     {"Key": "tunnelnat:role", "Value": "gateway"},
     {"Key": "tunnelnat:deployment", "Value": "test"},
+    {"Key": "tunnelnat:gateway", "Value": "test"},
 ]
 
 
+def _members(ec2) -> list[str]:
+    """The gateway group's running instances, by the tag Auto Scaling sets."""
+    reply = ec2.describe_instances(
+        Filters=[
+            {"Name": "tag:aws:autoscaling:groupName", "Values": [GROUP]},
+            {"Name": "instance-state-name", "Values": ["pending", "running"]},
+        ]
+    )
+    return sorted(i["InstanceId"] for r in reply["Reservations"] for i in r["Instances"])
+
+
 def _serve_gateway(aws, monkeypatch, **env: str) -> None:
-    """The healer as the stack deploys it (Healer.serve_gateway's environment)."""
+    """The healer rebuilt with ``env`` on top of the stack's environment."""
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     healer, persistence = aws.module.build_healer(commands=aws.port)
@@ -549,7 +576,7 @@ def _serve_gateway(aws, monkeypatch, **env: str) -> None:
 
 
 def _launch_tagged(ec2, subnet: str) -> str:
-    # Beside the gateway moto addressed at random, never on its address nor on G.
+    """An instance anyone could launch and tag like the gateway (not in the group)."""
     taken = {
         i.get("PrivateIpAddress")
         for r in ec2.describe_instances()["Reservations"]
@@ -567,52 +594,146 @@ def _launch_tagged(ec2, subnet: str) -> str:
     )["Instances"][0]["InstanceId"]
 
 
-def _hold_g(ec2, subnet: str, instance_id: str, g: str) -> None:
-    eni = ec2.create_network_interface(SubnetId=subnet, PrivateIpAddress=g)
-    ec2.attach_network_interface(
-        NetworkInterfaceId=eni["NetworkInterface"]["NetworkInterfaceId"],
-        InstanceId=instance_id,
-        DeviceIndex=1,
+def _launch_member(aws) -> str:
+    """A second gateway of the group (the pair's standby), as Auto Scaling launches it."""
+    ec2 = boto3.client("ec2", region_name=REGION)
+    before = set(_members(ec2))
+    boto3.client("autoscaling", region_name=REGION).set_desired_capacity(
+        AutoScalingGroupName=GROUP, DesiredCapacity=len(before) + 1
     )
+    (new,) = set(_members(ec2)) - before
+    return new
 
 
-def test_the_healer_restarts_the_instance_holding_g_not_an_impostor(aws, monkeypatch):
+def _move_eni(ec2, eni: str, instance_id: str) -> None:
+    reply = ec2.describe_network_interfaces(NetworkInterfaceIds=[eni])
+    attachment = reply["NetworkInterfaces"][0].get("Attachment") or {}
+    if attachment.get("AttachmentId") and attachment.get("Status") in ("attaching", "attached"):
+        ec2.detach_network_interface(AttachmentId=attachment["AttachmentId"])
+    ec2.attach_network_interface(NetworkInterfaceId=eni, InstanceId=instance_id, DeviceIndex=1)
+
+
+def test_an_impostor_tagged_like_the_gateway_holding_g_is_sent_nothing(aws):
+    """Issue 21, 1/3: an instance tagged tunnelnat:role=gateway, tunnelnat:gateway=test and
+    tunnelnat:deployment=test, even holding G's ENI, is not in the gateway group: no command."""
     ec2 = boto3.client("ec2", region_name=REGION)
     [raw] = ec2.describe_instances(InstanceIds=[aws.gateway_id])["Reservations"][0]["Instances"]
-    g = G if raw["PrivateIpAddress"] != G else "10.10.1.251"  # moto addresses at random
     impostor = _launch_tagged(ec2, raw["SubnetId"])
-    # G on the one whose ID sorts first: by tags alone the healer took the last.
-    holder, other = sorted([aws.gateway_id, impostor])
-    _hold_g(ec2, raw["SubnetId"], holder, g)
-    _serve_gateway(aws, monkeypatch, TUNNELNAT_GATEWAY_IP=g, TUNNELNAT_VPC_ID=raw["VpcId"])
-    out = aws.invoke(aws.event("ALARM", aws.set_alarm("ALARM")))
-    assert out["action"] == "restart" and out["status"] == "Success"
-    assert [call[0] for call in aws.port.calls] == [holder]
-    assert other not in json.dumps(out)
-
-
-def test_another_vpcs_gateway_holding_its_own_g_is_not_ours(aws, monkeypatch):
-    ec2 = boto3.client("ec2", region_name=REGION)
-    [raw] = ec2.describe_instances(InstanceIds=[aws.gateway_id])["Reservations"][0]["Instances"]
-    g = G if raw["PrivateIpAddress"] != G else "10.10.1.251"  # moto addresses at random
-    _hold_g(ec2, raw["SubnetId"], aws.gateway_id, g)
-    far_vpc = ec2.create_vpc(CidrBlock="10.10.0.0/16")["Vpc"]["VpcId"]
-    far_subnet = ec2.create_subnet(VpcId=far_vpc, CidrBlock="10.10.1.0/24")["Subnet"]["SubnetId"]
-    far = _launch_tagged(ec2, far_subnet)
-    _hold_g(ec2, far_subnet, far, g)
-    # Without the VPC to tell them apart: two candidates, a failed restart naming both, and no
-    # RestartTunnel sent to either.
-    _serve_gateway(aws, monkeypatch, TUNNELNAT_GATEWAY_IP=g)
+    _move_eni(ec2, aws.eni_id, impostor)
     out = aws.invoke(aws.event("ALARM", aws.set_alarm("ALARM")))
     assert out["action"] == "restart" and out["status"] == "Error"
     assert aws.port.calls == []
     [attempt] = json.loads(aws.record()["attempts"]["S"])
-    assert "2 instances qualify" in attempt["detail"] and far in attempt["detail"]
-    # As deployed (the VPC set): ours, and only ours.
-    _serve_gateway(aws, monkeypatch, TUNNELNAT_VPC_ID=raw["VpcId"])
-    monkeypatch.setenv("TUNNELNAT_HEALER_BACKOFF_BASE_SECONDS", "1")
-    _serve_gateway(aws, monkeypatch)
-    time.sleep(1.1)
+    assert f"attached to {impostor}, which is not a gateway of test" in attempt["detail"]
+    assert f"not in Auto Scaling group {GROUP}" in attempt["detail"]
+
+
+def test_the_group_member_holding_g_is_restarted_not_the_tagged_one(aws):
+    ec2 = boto3.client("ec2", region_name=REGION)
+    [raw] = ec2.describe_instances(InstanceIds=[aws.gateway_id])["Reservations"][0]["Instances"]
+    _launch_tagged(ec2, raw["SubnetId"])  # sorts wherever it sorts: never a candidate
     out = aws.invoke(aws.event("ALARM", aws.set_alarm("ALARM")))
     assert out["status"] == "Success"
     assert [call[0] for call in aws.port.calls] == [aws.gateway_id]
+
+
+def test_without_group_and_eni_the_healer_sends_nothing(aws, monkeypatch):
+    monkeypatch.delenv("TUNNELNAT_GATEWAY_GROUP")
+    _serve_gateway(aws, monkeypatch)
+    out = aws.invoke(aws.event("ALARM", aws.set_alarm("ALARM")))
+    assert out["status"] == "Error" and aws.port.calls == []
+    [attempt] = json.loads(aws.record()["attempts"]["S"])
+    assert "rather than trust a tag" in attempt["detail"]
+
+
+# -- issue 21, finding 3: a forged TunnelUp=0 against the gateway's own report -------------------
+
+
+def _readiness(aws, instance_id: str, sas: int, age: float) -> None:
+    """The pair agent's gateway/<id> item as Records.readiness writes it."""
+    now = time.time()
+    aws.dynamodb.put_item(
+        TableName=TABLE,
+        Item={
+            "pk": {"S": "gateway"},
+            "sk": {"S": instance_id},
+            "role": {"S": "active"},
+            "sas": {"N": str(sas)},
+            "updated_at": {"N": f"{now - age:.3f}"},
+            "expiration": {"N": str(int(now + 3600))},
+        },
+    )
+
+
+def _forge_tunnel_down(aws, namespace: str = NAMESPACE) -> None:
+    """What anyone with cloudwatch:PutMetricData on the namespace can publish."""
+    aws.cloudwatch.put_metric_data(
+        Namespace=namespace,
+        MetricData=[
+            {
+                "MetricName": "TunnelUp",
+                "Dimensions": [
+                    {"Name": "Deployment", "Value": "test"},
+                    {"Name": "Tunnel", "Value": "partner"},
+                ],
+                "Value": 0.0,
+            }
+        ],
+    )
+
+
+def test_forged_tunnel_down_while_the_gateway_reports_its_sa_installed_restarts_nothing(
+    aws, capsys
+):
+    _forge_tunnel_down(aws)
+    _readiness(aws, aws.gateway_id, sas=1, age=12)
+    out = aws.invoke(aws.event("ALARM", aws.set_alarm("ALARM")))
+    assert out["action"] == "gateway-reports-up" and out["gateway"] == aws.gateway_id
+    assert "1 CHILD_SA(s) installed" in out["reason"]
+    assert aws.port.calls == [] and aws.pages() == []
+    assert "attempts" not in aws.record()
+    # The decision is counted under this deployment: {service, Deployment}.
+    emf = [json.loads(line) for line in capsys.readouterr().out.splitlines() if "_aws" in line]
+    skipped = [blob for blob in emf if "SkippedGatewayReportsUp" in blob]
+    assert skipped and skipped[0]["Deployment"] == "test"
+    assert ["Deployment"] in [
+        [d for d in dims if d == "Deployment"]
+        for m in skipped[0]["_aws"]["CloudWatchMetrics"]
+        for dims in m["Dimensions"]
+    ]
+
+
+def test_a_stale_report_lets_the_restart_go_ahead(aws):
+    _readiness(aws, aws.gateway_id, sas=1, age=300)  # the agent stopped writing 5 min ago
+    out = aws.invoke(aws.event("ALARM", aws.set_alarm("ALARM")))
+    assert out["action"] == "restart" and [c[0] for c in aws.port.calls] == [aws.gateway_id]
+
+
+def test_the_standbys_report_does_not_speak_for_the_active(aws):
+    standby = _launch_member(aws)
+    _readiness(aws, standby, sas=1, age=5)  # an odd report; it is not the ENI holder's
+    _readiness(aws, aws.gateway_id, sas=0, age=5)
+    out = aws.invoke(aws.event("ALARM", aws.set_alarm("ALARM")))
+    assert out["action"] == "restart" and [c[0] for c in aws.port.calls] == [aws.gateway_id]
+
+
+def test_an_alarm_on_the_shared_namespace_is_not_ours(aws):
+    """Before issue 21 the alarm watched ``tunnelnat``; a TunnelUp there is anyone's."""
+    name = "tunnelnat-test-TunnelUp-shared"
+    aws.cloudwatch.put_metric_alarm(
+        AlarmName=name,
+        Namespace="tunnelnat",
+        MetricName="TunnelUp",
+        Dimensions=[
+            {"Name": "Deployment", "Value": "test"},
+            {"Name": "Tunnel", "Value": "partner"},
+        ],
+        Statistic="Minimum",
+        Period=60,
+        EvaluationPeriods=3,
+        Threshold=1,
+        ComparisonOperator="LessThanThreshold",
+    )
+    at = _alarm(aws, name, "ALARM")
+    out = aws.invoke(alarm_event(name, "ALARM", at, "OK", at))
+    assert "rejected" in out and "tunnelnat/test" in out["rejected"] and aws.port.calls == []

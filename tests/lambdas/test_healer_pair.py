@@ -1,6 +1,6 @@
 """The healer and the gateway pair (issue 15): RestartTunnel goes to the active gateway only, the
 instance G's ENI is attached to (TUNNELNAT_GATEWAY_ENI_ID, as the stack deploys it), never to
-the standby that carries the same tags; it follows the ENI when the standby takes it over, and a
+the standby of the same gateway group; it follows the ENI when the standby takes it over, and a
 detached ENI (a failover under way) or one held by a stranger is a failed restart, not a command.
 """
 
@@ -13,9 +13,7 @@ import boto3
 import pytest
 
 from tests.lambdas.conftest import REGION, TABLE
-from tests.lambdas.test_healer_handler import _launch_tagged, _serve_gateway, healer_world
-
-G = "10.10.1.250"
+from tests.lambdas.test_healer_handler import _launch_member, _serve_gateway, healer_world
 
 
 @pytest.fixture
@@ -25,13 +23,15 @@ def aws(moto_url, monkeypatch):
 
 
 def _pair(aws):
-    """The fixture's gateway plus a second tagged one; G's ENI created and left unattached."""
+    """The fixture's gateway plus a second member of the gateway group (the standby, as Auto
+    Scaling launches it); G's ENI detached from the first and left unattached."""
     ec2 = boto3.client("ec2", region_name=REGION)
-    [raw] = ec2.describe_instances(InstanceIds=[aws.gateway_id])["Reservations"][0]["Instances"]
-    g = G if raw["PrivateIpAddress"] != G else "10.10.1.251"  # moto addresses at random
-    other = _launch_tagged(ec2, raw["SubnetId"])
-    eni = ec2.create_network_interface(SubnetId=raw["SubnetId"], PrivateIpAddress=g)
-    return ec2, eni["NetworkInterface"]["NetworkInterfaceId"], other
+    other = _launch_member(aws)
+    reply = ec2.describe_network_interfaces(NetworkInterfaceIds=[aws.eni_id])
+    attachment = reply["NetworkInterfaces"][0]["Attachment"]["AttachmentId"]
+    # A plain detach: a forced one leaves the index unusable until a stop/start (strict fakes).
+    ec2.detach_network_interface(AttachmentId=attachment)
+    return ec2, aws.eni_id, other
 
 
 def _attach(ec2, eni: str, instance_id: str) -> str:

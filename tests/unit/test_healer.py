@@ -16,6 +16,7 @@ from tunnelnat.healer import (
     Action,
     AlarmView,
     Attempt,
+    GatewayReport,
     Healer,
     HealerPolicy,
     HealerSettings,
@@ -101,25 +102,31 @@ def test_alarm_timestamps():
     assert parse_alarm_time("2026-11-24T12:00:00Z") == 1795521600.0
 
 
+NS = "tunnelnat/lab"
+
+
 def test_tunnel_of_an_alarm():
     alarm = {
         "AlarmName": "a",
-        "Namespace": "tunnelnat",
+        "Namespace": NS,
         "MetricName": "TunnelUp",
         "Dimensions": [{"Name": "Deployment", "Value": "lab"}, {"Name": "Tunnel", "Value": "p"}],
     }
-    assert tunnel_of(alarm) == "p"
+    assert tunnel_of(alarm, NS) == "p"
     with pytest.raises(InvalidAlarm):
-        tunnel_of({**alarm, "MetricName": "CPUUtilization"})
+        tunnel_of({**alarm, "MetricName": "CPUUtilization"}, NS)
     with pytest.raises(InvalidAlarm):
-        tunnel_of({**alarm, "Dimensions": [{"Name": "Tunnel", "Value": "x; reboot"}]})
+        tunnel_of({**alarm, "Dimensions": [{"Name": "Tunnel", "Value": "x; reboot"}]}, NS)
+    # Issue 21, 3: the shared namespace anyone may publish to is not the deployment's.
+    with pytest.raises(InvalidAlarm, match="not an alarm on tunnelnat/lab TunnelUp"):
+        tunnel_of({**alarm, "Namespace": "tunnelnat"}, NS)
     math = {
         "AlarmName": "m",
         "Metrics": [
             {
                 "MetricStat": {
                     "Metric": {
-                        "Namespace": "tunnelnat",
+                        "Namespace": NS,
                         "MetricName": "TunnelUp",
                         "Dimensions": [{"Name": "Tunnel", "Value": "q"}],
                     }
@@ -127,7 +134,7 @@ def test_tunnel_of_an_alarm():
             }
         ],
     }
-    assert tunnel_of(math) == "q"
+    assert tunnel_of(math, NS) == "q"
 
 
 def test_settings_from_environ():
@@ -143,6 +150,13 @@ def test_settings_from_environ():
     assert s.policy.backoff_base_seconds == 5 and s.region == "eu-west-1"
     s2 = HealerSettings.from_environ({**env, "TUNNELNAT_IDEMPOTENCY_TABLE": "idem"})
     assert s2.idempotency_table == "idem"
+    assert s.metric_namespace == "tunnelnat/tunnelnat" and s.readiness_max_age_seconds == 90
+    named = {**env, "TUNNELNAT_DEPLOYMENT": "prod"}
+    assert HealerSettings.from_environ(named).metric_namespace == "tunnelnat/prod"
+    given = {**named, "TUNNELNAT_METRIC_NAMESPACE": "tunnelnat/prod"}
+    assert HealerSettings.from_environ(given).metric_namespace == "tunnelnat/prod"
+    with pytest.raises(ConfigError):  # never the shared namespace
+        HealerSettings.from_environ({**env, "TUNNELNAT_METRIC_NAMESPACE": "tunnelnat"})
     with pytest.raises(ConfigError, match="TUNNELNAT_PAGE_TOPIC_ARN"):
         HealerSettings.from_environ({"TUNNELNAT_TABLE_NAME": "tbl"})
     with pytest.raises(ConfigError):
@@ -451,7 +465,7 @@ def test_latest_established_reads_the_newest_datapoint_of_our_series():
     (call,) = client.calls
     (query,) = call["MetricDataQueries"]
     assert query["MetricStat"]["Metric"] == {
-        "Namespace": "tunnelnat",
+        "Namespace": "tunnelnat/lab",  # the deployment's own (issue 21, 3)
         "MetricName": "TunnelEstablished",
         "Dimensions": [
             {"Name": "Deployment", "Value": "lab"},
@@ -497,15 +511,77 @@ def test_malformed_recovery_timestamp_is_an_invalid_alarm_not_a_crash(rig):
 def test_tunnel_up_dimensions():
     alarm = {
         "AlarmName": "a",
-        "Namespace": "tunnelnat",
+        "Namespace": NS,
         "MetricName": "TunnelUp",
         "Dimensions": [{"Name": "Deployment", "Value": "lab"}, {"Name": "Tunnel", "Value": "p"}],
     }
-    assert tunnel_up_dimensions(alarm) == {"Deployment": "lab", "Tunnel": "p"}
+    assert tunnel_up_dimensions(alarm, NS) == {"Deployment": "lab", "Tunnel": "p"}
+    for namespace in ("AWS/EC2", "tunnelnat", "tunnelnat/prod"):
+        with pytest.raises(InvalidAlarm):
+            tunnel_up_dimensions({**alarm, "Namespace": namespace}, NS)
     with pytest.raises(InvalidAlarm):
-        tunnel_up_dimensions({**alarm, "Namespace": "AWS/EC2"})
-    with pytest.raises(InvalidAlarm):
-        tunnel_of({**alarm, "Dimensions": [{"Name": "Deployment", "Value": "lab"}]})
+        tunnel_of({**alarm, "Dimensions": [{"Name": "Deployment", "Value": "lab"}]}, NS)
+
+
+# -- issue 21, finding 3: the gateway's own report against a forged TunnelUp=0 ------------------
+
+
+@dataclass
+class Reports:
+    items: dict = field(default_factory=dict)
+    reads: list = field(default_factory=list)
+
+    def report(self, instance_id):
+        self.reads.append(instance_id)
+        return self.items.get(instance_id)
+
+
+def test_forged_tunnel_down_while_the_gateway_reports_sas_installed_restarts_nothing(rig):
+    """Someone publishes TunnelUp=0 (the alarm fires, the tunnel was established before), but
+    the gateway's own report, 20 s old, says its CHILD_SA is installed: no RestartTunnel."""
+    rig.reports = Reports({"i-0gateway": GatewayReport("i-0gateway", 1, T0 - 20, "active")})
+    out = rig.heal(ALARM, "2026-11-24T12:00:00.000+0000")
+    assert out.action == "gateway-reports-up" and out.gateway == "i-0gateway"
+    assert "1 CHILD_SA(s) installed" in out.reason and "gateway/i-0gateway" in out.reason
+    assert rig.commands.calls == [] and rig.pager.pages == []
+    assert rig.store.load("partner").attempts == ()  # nothing claimed: no cap used
+    assert rig.telemetry.counts == {"SkippedGatewayReportsUp": 1}
+    # The sweep a minute later: the same answer, still nothing sent.
+    rig.now[0] += 60
+    rig.reports.items["i-0gateway"] = GatewayReport("i-0gateway", 1, T0 + 50, "active")
+    assert [o.action for o in rig.sweep()] == ["gateway-reports-up"]
+    assert rig.commands.calls == []
+
+
+@pytest.mark.parametrize(
+    "report",
+    [
+        None,  # a single gateway: no pair agent, no report
+        GatewayReport("i-0gateway", 1, T0 - 200, "active"),  # stale: the agent stopped writing
+        GatewayReport("i-0gateway", 0, T0 - 5, "active"),  # fresh, and nothing installed
+        GatewayReport("i-0gateway", None, T0 - 5, "active"),  # written by an older agent
+    ],
+)
+def test_a_missing_stale_or_empty_report_lets_the_restart_go_ahead(rig, report):
+    rig.reports = Reports({"i-0gateway": report} if report else {})
+    out = rig.heal(ALARM)
+    assert out.action == "restart" and rig.reports.reads == ["i-0gateway"]
+    assert [c[0] for c in rig.commands.calls] == ["i-0gateway"]
+
+
+def test_restart_tunnel_that_found_the_tunnel_healthy_is_not_counted_against_the_cap(rig):
+    rig.commands = FakeCommands()
+    healthy = '{"tunnel": "partner", "up": true, "skipped": "healthy", "installed": 1}'
+    rig.commands.run = lambda i, d, p: (
+        rig.commands.calls.append((i, d, p)) or CommandResult(i, d, "Success", stdout=healthy)
+    )
+    for step in range(6):  # far past the cap of 3, each after its back-off
+        out = rig.heal(ALARM)
+        assert out.action == "restart" and "skipped: healthy" in out.reason, step
+        rig.now[0] += 400
+    assert len(rig.commands.calls) == 6 and rig.pager.pages == []
+    assert all(a.skipped for a in rig.store.load("partner").attempts)
+    assert rig.telemetry.counts == {"RestartSkippedHealthy": 6}
 
 
 # -- issue 21, finding 3: RestartTunnel leaves a healthy tunnel alone ----------------------------

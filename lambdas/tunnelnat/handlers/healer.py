@@ -38,16 +38,18 @@ from botocore.config import Config
 from pydantic import BaseModel, Field, field_validator
 
 from tunnelnat.adapters.commands import CommandPort, SsmCommands
-from tunnelnat.adapters.ec2 import Ec2Instances
-from tunnelnat.adapters.pair import EniHolder
 from tunnelnat.handlers.tracing import OptionalTracer
 from tunnelnat.healer import (
     CloudWatchAlarms,
+    DynamoGatewayReports,
     DynamoHealStore,
+    GatewayLocator,
+    GroupGateway,
     Healer,
     HealerSettings,
     InvalidAlarm,
     SnsPager,
+    UnwiredGateway,
     parse_alarm_time,
 )
 
@@ -130,9 +132,21 @@ def build_healer(
     settings = settings or HealerSettings.from_environ()
     session = session or _session(settings.region)
     client = lambda name: session.client(name, config=AWS_CONFIG)  # noqa: E731
+    # Every metric of the healer's says whose: two deployments in one account never page
+    # each other's on-call (issue 21, 4). Default dimensions outlive each flush.
+    metrics.set_default_dimensions(Deployment=settings.deployment)
+    gateways: GatewayLocator = UnwiredGateway()
+    if settings.gateway_eni_id and settings.gateway_group:
+        gateways = GroupGateway(
+            client("ec2"),
+            eni_id=settings.gateway_eni_id,
+            group=settings.gateway_group,
+            vpc_id=settings.vpc_id,
+        )
     healer = Healer(
         alarms=CloudWatchAlarms(
             client("cloudwatch"),
+            namespace=settings.metric_namespace,
             established_lookback_seconds=settings.established_lookback_seconds,
         ),
         store=DynamoHealStore(client("dynamodb"), settings.table_name),
@@ -142,20 +156,15 @@ def build_healer(
             document_prefix=settings.document_prefix,
             timeout_seconds=settings.command_timeout_seconds,
         ),
-        gateways=EniHolder(client("ec2"), eni_id=settings.gateway_eni_id)
-        if settings.gateway_eni_id
-        else Ec2Instances(
-            client("ec2"),
-            gateway_ip=settings.gateway_ip,
-            vpc_id=settings.vpc_id,
-            gateway_group=settings.gateway_group,
-        ),
+        gateways=gateways,
         pager=SnsPager(client("sns"), settings.page_topic_arn),
         deployment=settings.deployment,
         policy=settings.policy,
         restart_wait_seconds=settings.restart_wait_seconds,
         alarm_prefix=settings.alarm_prefix,
         telemetry=PowertoolsTelemetry(),
+        reports=DynamoGatewayReports(client("dynamodb"), settings.table_name),
+        readiness_max_age=settings.readiness_max_age_seconds,
     )
     # The controller's table (pk/sk) holds the idempotency records too, under their own
     # partition; a separate table works the same (TUNNELNAT_IDEMPOTENCY_TABLE).
@@ -263,6 +272,7 @@ def _first_error(exc: Exception) -> str:
 @metrics.log_metrics
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     try:
+        _get()  # the healer, and with it the Deployment dimension of every metric below
         parsed = classify(event)
         if isinstance(parsed, AlarmStateChangeEvent):
             outcome = handle_alarm(parsed, context)
