@@ -13,8 +13,9 @@ from typing import Any
 from aws_cdk import App, Environment, Validations
 from cdk_nag import AwsSolutionsChecks
 
-from stacks.settings import load_settings
+from stacks.settings import Settings, load_settings
 from stacks.tunnelnat_stack import DOCUMENTS_DIR, LAMBDA_CODE_DIR, ROOT, TunnelnatStack
+from tunnelnat.core.config import ConfigError
 
 CDK_JSON = ROOT / "cdk.json"
 
@@ -58,3 +59,48 @@ def build_app(
     if nag:
         Validations.of(app).add_plugins(AwsSolutionsChecks(app))
     return app, stack
+
+
+def add_deployment(
+    app: App,
+    context: Mapping[str, Any],
+    *,
+    documents_dir: Path = DOCUMENTS_DIR,
+    code_dir: Path = LAMBDA_CODE_DIR,
+) -> TunnelnatStack:
+    """Another deployment's stack in ``app`` (its own context, e.g. ``deployment``), checked
+    against the deployments already there (``check_apart``)."""
+    settings = load_settings(context)
+    others = [c for c in app.node.children if isinstance(c, TunnelnatStack)]
+    check_apart([*(o.settings for o in others), settings])
+    env = None
+    if settings.stack.account or settings.stack.region:
+        env = Environment(account=settings.stack.account, region=settings.stack.region)
+    return TunnelnatStack(
+        app,
+        settings.stack.name,
+        settings=settings,
+        documents_dir=documents_dir,
+        code_dir=code_dir,
+        env=env,
+    )
+
+
+def check_apart(deployments: list[Settings]) -> None:
+    """Two deployments in one app must never share a name or, in one VPC, an enrolment key (one
+    tagged instance would be enrolled by both): ConfigError naming every clash."""
+    problems = []
+    for i, a in enumerate(deployments):
+        for b in deployments[i + 1 :]:
+            if a.stack.deployment == b.stack.deployment:
+                problems.append(f"deployment {a.stack.deployment!r} is given twice")
+            same_vpc = a.stack.vpc_id is not None and a.stack.vpc_id == b.stack.vpc_id
+            if same_vpc and a.config.enrolment_tag_key == b.config.enrolment_tag_key:
+                problems.append(
+                    f"enrolment_tag_key {a.config.enrolment_tag_key!r} is both "
+                    f"{a.stack.deployment!r}'s and {b.stack.deployment!r}'s in {a.stack.vpc_id}: "
+                    "one tagged instance would be enrolled twice (leave the key unset: each "
+                    "deployment's default is tunnelnat:<deployment>)"
+                )
+    if problems:
+        raise ConfigError("\n  ".join(["invalid CDK context:", *problems]))

@@ -30,14 +30,16 @@ from stacks.policies import (
     send_command_to_gateway,
     send_command_to_marked_instances,
 )
-from stacks.settings import StackSettings
+from stacks.settings import ROUTES_TAG, StackSettings
 from tunnelnat.core.config import TunnelnatConfig
-from tunnelnat.events import HOOK_PREFIX
 
 HANDLER = "tunnelnat.handlers.controller.handler"
 SERVICE = "tunnelnat"
 # Not code: kept out of the Lambda asset.
 ASSET_EXCLUDES = ["**/__pycache__", "**/*.pyc", "*.egg-info", "**/.pytest_cache"]
+# The only documents the controller sends (controller.py, gateway_sync.py): the rest are the
+# associations', the healer's and the operator's.
+SENT_DOCUMENTS = ("AddHostRoute", "RemoveHostRoute", "SyncNatTable")
 INSTANCE_STATES = ["running", "stopping", "stopped", "shutting-down", "terminated"]
 # How long Auto Scaling waits for a heartbeat or a completion: more than the controller's longest
 # back-off between attempts (delivery.py: 900 s), so a held launch never times out between two.
@@ -46,6 +48,16 @@ LIFECYCLE_DETAIL_TYPES = [
     "EC2 Instance-launch Lifecycle Action",
     "EC2 Instance-terminate Lifecycle Action",
 ]
+
+
+def document_arn(stack: Stack, documents: Documents, stem: str) -> str:
+    """One of the project's documents, by its fixed name."""
+    return stack.format_arn(
+        service="ssm",
+        resource="document",
+        resource_name=documents.name(stem),
+        arn_format=ArnFormat.SLASH_RESOURCE_NAME,
+    )
 
 
 class Controller(Construct):
@@ -154,6 +166,12 @@ class Controller(Construct):
                 "TUNNELNAT_DOCUMENT_PREFIX": documents.prefix,
                 "TUNNELNAT_MAX_ATTEMPTS": str(settings.controller_max_attempts),
                 "TUNNELNAT_DLQ_URL": self.dead_letter_queue.queue_url,
+                # The allow-list (issue 21): empty means no restriction.
+                "TUNNELNAT_ALLOWED_SUBNETS": ",".join(settings.enrolment_subnets),
+                "TUNNELNAT_ALLOWED_GROUPS": ",".join(settings.enrolment_groups),
+                # The gateways' namespace; the controller's own metrics stay in tunnelnat with
+                # a Deployment dimension.
+                "TUNNELNAT_METRIC_NAMESPACE": settings.gateway_metric_namespace,
                 "POWERTOOLS_SERVICE_NAME": SERVICE,
                 "POWERTOOLS_METRICS_NAMESPACE": SERVICE,
             },
@@ -208,13 +226,13 @@ class Controller(Construct):
                 self,
                 "LifecycleRule",
                 description=f"{deployment}: Auto Scaling lifecycle actions (launch, terminate) "
-                f"of hooks named {HOOK_PREFIX}*",
+                f"of hooks named {settings.hook_prefix}*",
                 event_pattern=events.EventPattern(
                     source=["aws.autoscaling"],
                     detail_type=LIFECYCLE_DETAIL_TYPES,
-                    # Only tunnelnat's hooks: every other team's hooks in the account and region
-                    # stay theirs to complete (the handler checks the name too).
-                    detail={"LifecycleHookName": events.Match.prefix(HOOK_PREFIX)},
+                    # Only this deployment's hooks: every other team's, and another
+                    # deployment's, stay theirs to complete (the handler checks the name too).
+                    detail={"LifecycleHookName": events.Match.prefix(settings.hook_prefix)},
                 ),
                 targets=[target],
             ),
@@ -230,6 +248,13 @@ class Controller(Construct):
         # -- least privilege -------------------------------------------------------------------
         instances = stack.format_arn(service="ec2", resource="instance", resource_name="*")
         key = config.enrolment_tag_key
+        self._instances = instances
+        self._documents = documents
+        # SendCommand authorizes the document and each instance as separate resources, and has
+        # no condition key naming the document (Service Authorization Reference, AWS Systems
+        # Manager: only aws:ResourceTag and ssm:resourceTag): a policy can limit the documents
+        # and the instances, not pair them. The pairing (AddHostRoute never on a gateway) is
+        # the code's; docs/security.md says so.
         statements = [
             iam.PolicyStatement(
                 sid="ObserveInstances",
@@ -237,18 +262,18 @@ class Controller(Construct):
                 resources=["*"],
             ),
             iam.PolicyStatement(
-                sid="RunOnlyTheProjectsDocuments",
+                sid="RunOnlyTheDocumentsItSends",
                 actions=["ssm:SendCommand"],
-                resources=documents.arns(),
+                resources=[document_arn(stack, documents, stem) for stem in SENT_DOCUMENTS],
             ),
             iam.PolicyStatement(
-                sid="OnInstancesCarryingTheEnrolmentTag",
+                # Any value: RemoveHostRoute also goes to an instance whose value was changed.
+                sid="OnInstancesCarryingTheEnrolmentKey",
                 actions=["ssm:SendCommand"],
                 resources=[instances],
                 conditions={"StringLike": {f"ssm:resourceTag/{key}": "*"}},
             ),
             send_command_to_marked_instances(instances, deployment),
-            send_command_to_gateway(instances, deployment),
             iam.PolicyStatement(
                 # ListCommands: one poll for a command sent to many instances at once.
                 sid="FollowCommands",
@@ -269,7 +294,6 @@ class Controller(Construct):
                 ],
                 resources=[self.table.table_arn],
             ),
-            only_the_status_tag(instances, deployment),
             iam.PolicyStatement(
                 # Whether a held lifecycle action is still open, and its hook's timeouts.
                 sid="ReadLifecycleActions",
@@ -353,9 +377,10 @@ class Controller(Construct):
             (
                 f"Resource::{wildcard_arn(self, 'ec2', 'instance/*')}",
                 "Enrolled instances are whatever the operator tags: every statement on instance/* "
-                "is conditioned on a tag (the enrolment tag, this deployment's status tag, or the "
-                "gateway's role and deployment tags), and CreateTags/DeleteTags only on this "
-                "deployment's status tag key.",
+                "is conditioned on a tag (the enrolment key, this deployment's status key, or the "
+                "gateway group's aws:autoscaling:groupName, which no user can set), and "
+                "CreateTags/DeleteTags only of this deployment's status key, on instances "
+                "carrying the enrolment key, in this VPC.",
             ),
             (
                 f"Resource::{wildcard_arn(self, 'autoscaling', 'autoScalingGroup:*')}",
@@ -366,7 +391,12 @@ class Controller(Construct):
             acknowledge(policy, f"AwsSolutions-IAM5[{finding}]", reason)
 
     def serve_gateway(
-        self, *, vpc_id: str, gateway_group: str, gateway_eni_id: str | None = None
+        self,
+        *,
+        vpc_id: str,
+        gateway_group: str,
+        enrolment_key: str,
+        gateway_eni_id: str | None = None,
     ) -> None:
         """Tell the controller which VPC it serves and which group its gateway is in: instances
         of other VPCs are never enrolled, and the gateway is the member of that group holding G
@@ -374,10 +404,20 @@ class Controller(Construct):
         other subnets' route tables send the partner's networks to it."""
         self.function.add_environment("TUNNELNAT_VPC_ID", vpc_id)
         self.function.add_environment("TUNNELNAT_GATEWAY_GROUP", gateway_group)
+        stack = Stack.of(self)
+        vpc_arn = stack.format_arn(service="ec2", resource="vpc", resource_name=vpc_id)
+        # SyncNatTable (and the other sent documents) on the gateway group's members only.
+        self.role.add_to_policy(send_command_to_gateway(self._instances, gateway_group))
+        for statement in only_the_status_tag(
+            self._instances, self._settings.deployment, enrolment_key, vpc_arn
+        ):
+            self.role.add_to_policy(statement)
         if not self._settings.route_table_mode or gateway_eni_id is None:
             return
         self.function.add_environment("TUNNELNAT_GATEWAY_ENI_ID", gateway_eni_id)
-        stack = Stack.of(self)
+        self.function.add_environment(
+            "TUNNELNAT_ROUTE_TABLES", ",".join(self._settings.route_tables)
+        )
         self.role.add_to_policy(
             iam.PolicyStatement(
                 # No resource-level permissions (Service Authorization Reference): "*".
@@ -386,32 +426,47 @@ class Controller(Construct):
                 resources=["*"],
             )
         )
+        # Only route tables a network owner opted in: tagged tunnelnat:routes=<deployment>, or
+        # listed in route_tables; of the gateway's VPC either way. ec2:Vpc and the route
+        # table's tags apply to the route-table resource of all three actions; no condition key
+        # names the route's destination (Service Authorization Reference, Amazon EC2:
+        # CreateRoute's keys are aws:ResourceTag, ec2:Region, ec2:ResourceTag, ec2:RouteTableID,
+        # ec2:Vpc), so 0.0.0.0/0 is kept out by the code and by the opt-in (docs/security.md).
+        route_actions = ["ec2:CreateRoute", "ec2:ReplaceRoute", "ec2:DeleteRoute"]
+        in_the_vpc = {"ArnEquals": {"ec2:Vpc": vpc_arn}}
         self.role.add_to_policy(
             iam.PolicyStatement(
-                # Only route tables of the gateway's VPC: ec2:Vpc applies to the route-table
-                # resource of all three actions (Service Authorization Reference, Amazon EC2).
-                sid="RoutesInTheGatewaysVpc",
-                actions=["ec2:CreateRoute", "ec2:ReplaceRoute", "ec2:DeleteRoute"],
+                sid="RoutesInOptedInRouteTables",
+                actions=route_actions,
                 resources=[
                     stack.format_arn(service="ec2", resource="route-table", resource_name="*")
                 ],
                 conditions={
-                    "ArnEquals": {
-                        "ec2:Vpc": stack.format_arn(
-                            service="ec2", resource="vpc", resource_name=vpc_id
-                        )
-                    }
+                    **in_the_vpc,
+                    "StringEquals": {f"aws:ResourceTag/{ROUTES_TAG}": self._settings.deployment},
                 },
             )
         )
+        if self._settings.route_tables:
+            self.role.add_to_policy(
+                iam.PolicyStatement(
+                    sid="RoutesInListedRouteTables",
+                    actions=route_actions,
+                    resources=[
+                        stack.format_arn(service="ec2", resource="route-table", resource_name=rtb)
+                        for rtb in self._settings.route_tables
+                    ],
+                    conditions=in_the_vpc,
+                )
+            )
         policy = self.role.node.find_child("DefaultPolicy")
         acknowledge(
             policy,
             f"AwsSolutions-IAM5[Resource::{wildcard_arn(self, 'ec2', 'route-table/*')}]",
-            "Route-table mode serves whichever subnets the operator's instances are in: the "
-            "statement allows CreateRoute/ReplaceRoute/DeleteRoute only on route tables whose "
-            "VPC is the gateway's (condition ec2:Vpc), and the controller never touches a route "
-            "it did not create.",
+            "Route-table mode serves the route tables their owners opted in: the statement "
+            "allows CreateRoute/ReplaceRoute/DeleteRoute only on route tables tagged "
+            "tunnelnat:routes=<deployment> in the gateway's VPC (conditions aws:ResourceTag and "
+            "ec2:Vpc), and the controller never touches a route it did not create.",
         )
 
     def _lifecycle_hooks(self, settings: StackSettings) -> list[autoscaling.CfnLifecycleHook]:

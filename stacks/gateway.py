@@ -10,9 +10,10 @@
   (the fixed private IP every host route points at) and the Elastic IP E (the VPN endpoint the
   partner configured); each new gateway re-attaches that ENI at boot.
 - ``ConfigureGateway`` (the NAT table, its guard, forwarding) and ``ConfigureTunnel`` (strongSwan,
-  the PSK) are applied by two State Manager associations that target the gateway's tag, so they
-  run on the first instance and again on every replacement; either order is fail-closed
-  (docs/stack.md, Order on a new gateway).
+  the PSK) are applied by two State Manager associations that target the gateway group's
+  ``aws:autoscaling:groupName`` tag (which no user can set: issue 21), so they run on the first
+  instance and again on every replacement; either order is fail-closed (docs/stack.md, Order on
+  a new gateway).
 - Pair mode (``tunnelnat:gatewayPair``, the default; /work/notes/PAIR.md, docs/stack.md): the same
   group holds two gateways in G's subnet. The one G's ENI is attached to is the active; the other
   is a warm standby whose pair agent (gateway/tunnelnat_pair.py) hears the active's heartbeat
@@ -60,6 +61,7 @@ from stacks.nag import acknowledge, wildcard_arn
 from stacks.settings import (
     DEPLOYMENT_TAG,
     GATEWAY_TAG,
+    GROUP_NAME_TAG,
     ROLE_GATEWAY,
     ROLE_TAG,
     StackSettings,
@@ -89,7 +91,6 @@ UBUNTU_AMI_PARAMETER = (
 ROOT_DEVICE = "/dev/sda1"  # Ubuntu's AMIs (Amazon Linux's is /dev/xvda)
 USER_DATA_LIMIT = 16 * 1024  # EC2's limit on user data, before base64
 CONFIGURE_SCHEDULE = "rate(30 minutes)"
-METRIC_NAMESPACE = "tunnelnat"
 IPSEC_BACKEND = "kernel"  # the kernel's ESP in AWS (the lab uses strongSwan's libipsec)
 # The pair agent's settings (pair.json; PAIR.md). Detection takes misses x interval (2 s); the
 # hold-down keeps a just-moved ENI where it is (no flapping between two half-alive gateways).
@@ -161,6 +162,10 @@ class Gateway(Construct):
         stack = Stack.of(self)
         deployment = settings.deployment
         self.pair = settings.gateway_pair
+        self.psk_key: kms.Key | None = None
+        # The group's explicit name: the associations target it and every IAM condition on a
+        # gateway instance names it (aws:autoscaling:groupName, which no user can set).
+        self.group_name = settings.gateway_group_name
         # The group propagates these to each instance at launch (the launch template does not
         # repeat them); the ENI needs them for the attach permission's condition.
         for key, value in (
@@ -185,10 +190,22 @@ class Gateway(Construct):
                 arn_format=ArnFormat.COLON_RESOURCE_NAME,
             )
         else:
+            # A customer-managed key (rotated yearly by KMS) rather than Secrets Manager's
+            # aws/secretsmanager key: its key policy is ours to read and audit, and a key grant
+            # elsewhere in the account can never open it (Secrets Manager User Guide, Secret
+            # encryption and decryption).
+            self.psk_key = kms.Key(
+                self,
+                "PskKey",
+                description=f"{deployment}: encrypts the IPsec pre-shared key",
+                enable_key_rotation=True,
+                removal_policy=RemovalPolicy.RETAIN,
+            )
             secret = secretsmanager.Secret(
                 self,
                 "Psk",
                 description=f"{deployment}: IPsec pre-shared key shared with the partner",
+                encryption_key=self.psk_key,
                 generate_secret_string=secretsmanager.SecretStringGenerator(
                     password_length=48, exclude_punctuation=True
                 ),
@@ -280,16 +297,15 @@ class Gateway(Construct):
         if internet_ready is not None:
             association.node.add_dependency(internet_ready)
 
-        # -- the instance role: SSM core plus exactly what the gateway does --------------------
+        # -- the instance role: what the SSM agent needs plus exactly what the gateway does -----
         self.role = iam.Role(
             self,
             "Role",
             assumed_by=iam.ServicePrincipal("ec2.amazonaws.com"),
             description=f"{deployment} gateway: SSM agent, read its table and PSK, put TunnelUp",
-            managed_policies=[
-                iam.ManagedPolicy.from_aws_managed_policy_name("AmazonSSMManagedInstanceCore")
-            ],
         )
+        for statement in ssm_agent_statements():
+            self.role.add_to_policy(statement)
         self.role.add_to_policy(
             iam.PolicyStatement(
                 sid="ReadItsTable",
@@ -304,12 +320,31 @@ class Gateway(Construct):
                 resources=[psk_arn],
             )
         )
+        if self.psk_key is not None:
+            self.role.add_to_policy(
+                iam.PolicyStatement(
+                    # Only through Secrets Manager (kms:ViaService), never a bare Decrypt.
+                    sid="DecryptThePsk",
+                    actions=["kms:Decrypt"],
+                    resources=[self.psk_key.key_arn],
+                    conditions={
+                        "StringEquals": {
+                            "kms:ViaService": f"secretsmanager.{Aws.REGION}.amazonaws.com"
+                        }
+                    },
+                )
+            )
+            self._lock_the_psk(secret, settings)
         self.role.add_to_policy(
             iam.PolicyStatement(
+                # This deployment's namespace only: another deployment's gateway, or anything
+                # else with PutMetricData, cannot publish TunnelUp here, nor ours there.
                 sid="PutTunnelMetrics",
                 actions=["cloudwatch:PutMetricData"],
                 resources=["*"],
-                conditions={"StringEquals": {"cloudwatch:namespace": METRIC_NAMESPACE}},
+                conditions={
+                    "StringEquals": {"cloudwatch:namespace": settings.gateway_metric_namespace}
+                },
             )
         )
         self.role.add_to_policy(
@@ -326,27 +361,45 @@ class Gateway(Construct):
                 resources=["*"],
             )
         )
-        own_tags = {
-            f"aws:ResourceTag/{ROLE_TAG}": ROLE_GATEWAY,
-            f"aws:ResourceTag/{DEPLOYMENT_TAG}": deployment,
-        }
+        # Instances of the gateway group, by the tag Auto Scaling sets and no user can.
+        in_the_group = {"StringEquals": {f"aws:ResourceTag/{GROUP_NAME_TAG}": self.group_name}}
         instances = stack.format_arn(service="ec2", resource="instance", resource_name="*")
         eni_arn = stack.format_arn(
             service="ec2", resource="network-interface", resource_name=self.eni.ref
         )
+        group_arn = stack.format_arn(
+            service="autoscaling",
+            resource="autoScalingGroup",
+            resource_name=f"*:autoScalingGroupName/{self.group_name}",
+            arn_format=ArnFormat.COLON_RESOURCE_NAME,
+        )
+        # AttachNetworkInterface authorizes the ENI and the instance separately (each resource of
+        # a request needs an Allow): G's ENI by its ARN, the instance by its group.
         self.role.add_to_policy(
             iam.PolicyStatement(
                 sid="AttachTheGatewayEni",
                 actions=["ec2:AttachNetworkInterface"],
-                resources=[eni_arn, instances],
-                conditions={"StringEquals": own_tags},
+                resources=[eni_arn],
+            )
+        )
+        self.role.add_to_policy(
+            iam.PolicyStatement(
+                sid="AttachToAGatewayOfTheGroup",
+                actions=["ec2:AttachNetworkInterface"],
+                resources=[instances],
+                conditions=in_the_group,
             )
         )
         self.role.add_to_policy(
             iam.PolicyStatement(
                 # The check goes off on the gateways' primary ENIs, tagged at launch by the
                 # launch template (PRIMARY_ENI_TAG): never G's ENI, never the instance
-                # attribute, which EC2 refuses once G's ENI is attached.
+                # attribute, which EC2 refuses once G's ENI is attached. An ENI does not carry
+                # aws:autoscaling:groupName (only instances do), so the launch template's tags
+                # and G's subnet are what is left. ec2:Attribute is listed for this action in
+                # the Service Authorization Reference, but AWS does not document that the
+                # request carries it: IfExists, so the boot never depends on it
+                # (docs/security.md).
                 sid="SourceDestCheckOffOnGateways",
                 actions=["ec2:ModifyNetworkInterfaceAttribute"],
                 resources=[
@@ -354,9 +407,16 @@ class Gateway(Construct):
                 ],
                 conditions={
                     "StringEquals": {
-                        **own_tags,
+                        f"aws:ResourceTag/{ROLE_TAG}": ROLE_GATEWAY,
+                        f"aws:ResourceTag/{DEPLOYMENT_TAG}": deployment,
                         f"aws:ResourceTag/{PRIMARY_ENI_TAG}": PRIMARY_ENI_VALUE,
-                    }
+                    },
+                    "StringEqualsIgnoreCaseIfExists": {"ec2:Attribute": "SourceDestCheck"},
+                    "ArnEquals": {
+                        "ec2:Subnet": stack.format_arn(
+                            service="ec2", resource="subnet", resource_name=subnet.subnet_id
+                        )
+                    },
                 },
             )
         )
@@ -364,15 +424,7 @@ class Gateway(Construct):
             iam.PolicyStatement(
                 sid="ReportBootFailure",
                 actions=["autoscaling:SetInstanceHealth"],
-                resources=[
-                    stack.format_arn(
-                        service="autoscaling",
-                        resource="autoScalingGroup",
-                        resource_name="*",
-                        arn_format=ArnFormat.COLON_RESOURCE_NAME,
-                    )
-                ],
-                conditions={"StringEquals": own_tags},
+                resources=[group_arn],
             )
         )
         pair_program: PairProgram | None = None
@@ -380,7 +432,7 @@ class Gateway(Construct):
         if self.pair:
             self.heartbeat_key = self._heartbeat_key(deployment)
             self._pair_permissions(
-                table, eni_arn, instances, own_tags, failover_topic, failover_topic_key
+                table, eni_arn, instances, group_arn, failover_topic, failover_topic_key
             )
             # The pair agent is too big for EC2's 16 KB of user data beside the boot program
             # (~16 KB packed on its own): the user data fetches it from the stack's asset bucket
@@ -463,6 +515,7 @@ class Gateway(Construct):
         self.group = autoscaling.AutoScalingGroup(
             self,
             "Group",
+            auto_scaling_group_name=self.group_name,
             vpc=vpc,
             vpc_subnets=ec2.SubnetSelection(subnets=[subnet]),
             launch_template=self.launch_template,
@@ -553,35 +606,38 @@ class Gateway(Construct):
         # Both associations exist before any gateway launches: a new gateway is configured as
         # soon as its SSM agent registers, and a pair's gateway can become a ready standby.
         self.group.node.add_dependency(self.association, self.tunnel_association)
-        acknowledge(
-            self.role,
-            "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/"
-            "AmazonSSMManagedInstanceCore]",
-            "The AWS-maintained minimum for the SSM agent (Run Command, State Manager); "
-            "a copy would drift as AWS changes what the agent needs.",
-        )
         for finding, reason in (
             (
                 "Resource::*",
-                "cloudwatch:PutMetricData, ec2:DescribeNetworkInterfaces, ec2:DescribeInstances "
-                "and (pair mode) ec2:DescribeInstanceStatus have no resource-level permissions; "
-                "PutMetricData is limited to the tunnelnat namespace.",
+                "cloudwatch:PutMetricData (conditioned on this deployment's namespace), "
+                "ec2:DescribeNetworkInterfaces, ec2:DescribeInstances, (pair mode) "
+                "ec2:DescribeInstanceStatus and the SSM agent's ssm:UpdateInstanceInformation, "
+                "ListAssociations, ListInstanceAssociations, DescribeAssociation, "
+                "Get/DescribeDocument, "
+                "Update(Instance)AssociationStatus, PutInventory, PutComplianceItems, ssmmessages "
+                "and ec2messages have no resource-level permissions the agent could be held to.",
             ),
             (
                 f"Resource::{wildcard_arn(self, 'ec2', 'instance/*')}",
                 "Gateway instances are created by the Auto Scaling group, so their IDs are "
-                "unknown; the statements require the gateway role and deployment tags.",
+                "unknown; each statement requires the instance's aws:autoscaling:groupName to be "
+                "this gateway group's (a tag no user can set).",
             ),
             (
                 f"Resource::{wildcard_arn(self, 'ec2', 'network-interface/*')}",
                 "The gateways' primary ENIs are created at launch, so their IDs are unknown; the "
                 "statement requires the tags the launch template gives them (gateway role, "
-                "deployment, tunnelnat:interface=gateway-primary), which G's ENI does not carry.",
+                "deployment, tunnelnat:interface=gateway-primary), which G's ENI does not carry, "
+                "and G's subnet.",
             ),
             (
-                f"Resource::{wildcard_arn(self, 'autoscaling', 'autoScalingGroup:*')}",
-                "A group's ARN holds a generated UUID; the statement requires the gateway's tags, "
-                "which only this deployment's gateway group carries.",
+                "Resource::"
+                + wildcard_arn(
+                    self,
+                    "autoscaling",
+                    f"autoScalingGroup:*:autoScalingGroupName/{self.group_name}",
+                ),
+                "The gateway group by its name; only the group's generated UUID is a wildcard.",
             ),
         ):
             acknowledge(self.role, f"AwsSolutions-IAM5[{finding}]", reason)
@@ -592,7 +648,7 @@ class Gateway(Construct):
         table: dynamodb.ITable,
         eni_arn: str,
         instances: str,
-        own_tags: dict[str, str],
+        group_arn: str,
         topic: sns.ITopic | None,
         topic_key: kms.IKey | None,
     ) -> None:
@@ -601,11 +657,19 @@ class Gateway(Construct):
         self.role.add_to_policy(
             iam.PolicyStatement(
                 # Force-detach from the silent active (AttachTheGatewayEni then attaches it here):
-                # only G's ENI, only from this deployment's gateways (ENI and instances tagged).
+                # only G's ENI (by its ARN) ...
                 sid="TakeTheGatewayEniFromThePeer",
                 actions=["ec2:DetachNetworkInterface"],
-                resources=[eni_arn, instances],
-                conditions={"StringEquals": own_tags},
+                resources=[eni_arn],
+            )
+        )
+        self.role.add_to_policy(
+            iam.PolicyStatement(
+                # ... and only from a gateway of the group (the tag Auto Scaling sets).
+                sid="OnlyFromAGatewayOfTheGroup",
+                actions=["ec2:DetachNetworkInterface"],
+                resources=[instances],
+                conditions={"StringEquals": {f"aws:ResourceTag/{GROUP_NAME_TAG}": self.group_name}},
             )
         )
         assert self.heartbeat_key is not None
@@ -617,22 +681,13 @@ class Gateway(Construct):
                 resources=[self.heartbeat_key.secret_arn],
             )
         )
-        stack = Stack.of(self)
         self.role.add_to_policy(
             iam.PolicyStatement(
                 # The terminating hook: the active hands G over, then lets Auto Scaling go on.
-                # A group's ARN holds a generated UUID: the group's tags instead.
+                # The group by its name (only its generated UUID is a wildcard).
                 sid="CompleteTheTerminatingHook",
                 actions=["autoscaling:CompleteLifecycleAction"],
-                resources=[
-                    stack.format_arn(
-                        service="autoscaling",
-                        resource="autoScalingGroup",
-                        resource_name="*",
-                        arn_format=ArnFormat.COLON_RESOURCE_NAME,
-                    )
-                ],
-                conditions={"StringEquals": own_tags},
+                resources=[group_arn],
             )
         )
         # cloudformation:SignalResource on this stack (the agent's "ready standby" to the
@@ -678,6 +733,34 @@ class Gateway(Construct):
                     sid="EncryptForTheTopic",
                     actions=["kms:GenerateDataKey", "kms:Decrypt"],
                     resources=[topic_key.key_arn],
+                )
+            )
+
+    def _lock_the_psk(self, secret: secretsmanager.Secret, settings: StackSettings) -> None:
+        """The created PSK's resource policy: nobody but the gateways reads it, and (with
+        ``psk_writer_arns``) nobody but those principals writes it, however broad their own
+        policies (an explicit deny in a resource policy wins: IAM User Guide, Policy evaluation
+        logic). The policy actions themselves are left to IAM, so CloudFormation can still
+        update this policy."""
+        secret.add_to_resource_policy(
+            iam.PolicyStatement(
+                sid="OnlyTheGatewaysReadThePsk",
+                effect=iam.Effect.DENY,
+                principals=[iam.AnyPrincipal()],
+                actions=["secretsmanager:GetSecretValue"],
+                resources=["*"],
+                conditions={"ArnNotEquals": {"aws:PrincipalArn": self.role.role_arn}},
+            )
+        )
+        if settings.psk_writer_arns:
+            secret.add_to_resource_policy(
+                iam.PolicyStatement(
+                    sid="OnlyTheNamedWritersWriteThePsk",
+                    effect=iam.Effect.DENY,
+                    principals=[iam.AnyPrincipal()],
+                    actions=list(PSK_WRITE_ACTIONS),
+                    resources=["*"],
+                    conditions={"ArnNotLike": {"aws:PrincipalArn": settings.psk_writer_arns}},
                 )
             )
 
@@ -735,7 +818,10 @@ class Gateway(Construct):
                 len(config.public_addresses) * len(config.partner_networks),
             ),
             **({"topic_arn": topic.topic_arn} if topic is not None else {}),
-            "namespace": METRIC_NAMESPACE,
+            "namespace": settings.gateway_metric_namespace,
+            # The pair's peer is the other member of this group (aws:autoscaling:groupName),
+            # never an instance that merely carries tunnelnat:* tags.
+            "group_name": self.group_name,
             "key_secret": self.heartbeat_key.secret_arn,
             "lifecycle_hook": terminating_hook_name(settings.deployment),
             "signal_stack": Aws.STACK_NAME,
@@ -747,17 +833,16 @@ class Gateway(Construct):
     def _configure_association(
         self, documents: Documents, deployment: str, document: str, parameters: dict[str, str]
     ) -> ssm.CfnAssociation:
-        """``document`` on the gateway's tag: on each new gateway, on a parameter change, and on
-        a schedule. Two such associations run in no set order (docs/stack.md)."""
+        """``document`` on the gateway group's instances (``tag:aws:autoscaling:groupName``, which
+        no user can set): on each new gateway, on a parameter change, and on a schedule. Two such
+        associations run in no set order (docs/stack.md)."""
         return ssm.CfnAssociation(
             self,
             document,
             name=documents.require(document).ref,
             association_name=f"{deployment}-{document}",
             document_version="$DEFAULT",
-            targets=[
-                ssm.CfnAssociation.TargetProperty(key=f"tag:{GATEWAY_TAG}", values=[deployment])
-            ],
+            targets=gateway_targets(self.group_name),
             parameters=documents.check_parameters(document, parameters),
             compliance_severity="CRITICAL",
             max_concurrency="1",
@@ -767,6 +852,65 @@ class Gateway(Construct):
             # schedule is the backstop: drift (a hand edit, a failed first run) is repaired.
             schedule_expression=CONFIGURE_SCHEDULE,
         )
+
+
+# What the SSM agent calls for Run Command and State Manager (AmazonSSMManagedInstanceCore's
+# text, https://docs.aws.amazon.com/aws-managed-policy/latest/reference/AmazonSSMManagedInstanceCore.html,
+# less what the gateway never uses: ssm:GetParameter(s) on every parameter (no document of ours
+# reads a parameter on the instance), GetManifest and PutConfigurePackageResult (Distributor),
+# GetDeployablePatchSnapshotForInstance (Patch Manager)).
+SSM_AGENT_ACTIONS = (
+    "ssm:UpdateInstanceInformation",
+    "ssm:ListAssociations",
+    "ssm:ListInstanceAssociations",
+    "ssm:DescribeAssociation",
+    "ssm:GetDocument",
+    "ssm:DescribeDocument",
+    "ssm:UpdateAssociationStatus",
+    "ssm:UpdateInstanceAssociationStatus",
+    "ssm:PutInventory",
+    "ssm:PutComplianceItems",
+)
+# Session Manager's and Run Command's message channels (the same managed policy).
+SSM_MESSAGE_ACTIONS = (
+    "ssmmessages:CreateControlChannel",
+    "ssmmessages:CreateDataChannel",
+    "ssmmessages:OpenControlChannel",
+    "ssmmessages:OpenDataChannel",
+    "ec2messages:AcknowledgeMessage",
+    "ec2messages:DeleteMessage",
+    "ec2messages:FailMessage",
+    "ec2messages:GetEndpoint",
+    "ec2messages:GetMessages",
+    "ec2messages:SendReply",
+)
+# Writing a secret's value (tunnelnat psk set calls PutSecretValue).
+PSK_WRITE_ACTIONS = (
+    "secretsmanager:PutSecretValue",
+    "secretsmanager:UpdateSecret",
+    "secretsmanager:UpdateSecretVersionStage",
+    "secretsmanager:RestoreSecret",
+    "secretsmanager:DeleteSecret",
+)
+
+
+def ssm_agent_statements() -> list[iam.PolicyStatement]:
+    """The SSM agent's own calls, in place of AmazonSSMManagedInstanceCore."""
+    return [
+        iam.PolicyStatement(sid="SsmAgent", actions=list(SSM_AGENT_ACTIONS), resources=["*"]),
+        iam.PolicyStatement(
+            sid="SsmAgentMessages", actions=list(SSM_MESSAGE_ACTIONS), resources=["*"]
+        ),
+    ]
+
+
+def gateway_targets(group_name: str) -> list[ssm.CfnAssociation.TargetProperty]:
+    """State Manager's targets for the gateways: the instances whose aws:autoscaling:groupName
+    is the gateway group's. Auto Scaling tags each instance it launches with it, the aws: prefix
+    is reserved (no user can set or change it), and associations target any tag key as
+    ``tag:<key>`` (Systems Manager User Guide, Running Auto Scaling groups with associations;
+    API Target: ``Key=tag:tag-key``)."""
+    return [ssm.CfnAssociation.TargetProperty(key=f"tag:{GROUP_NAME_TAG}", values=[group_name])]
 
 
 @jsii.implements(IStableStringProducer)

@@ -38,6 +38,9 @@ METRIC_NAMESPACE = "tunnelnat"
 # objects at import); tests/infra checks the two agree.
 IDEMPOTENCY_PK = "idempotency#tunnelnat-healer"
 ALARM_STATE_CHANGE = "CloudWatch Alarm State Change"
+# How old the gateway's own readiness item (gateway/<id>: sas, updated_at) may be for the healer
+# to cross-check its decision against it (issue 21): the healer's default, set explicitly.
+READINESS_MAX_AGE_SECONDS = 90
 
 
 def established_lookback_seconds(settings: StackSettings) -> int:
@@ -112,6 +115,10 @@ class Healer(Construct):
                 "TUNNELNAT_HEALER_ESTABLISHED_LOOKBACK_SECONDS": str(
                     established_lookback_seconds(settings)
                 ),
+                "TUNNELNAT_HEALER_READINESS_MAX_AGE_SECONDS": str(READINESS_MAX_AGE_SECONDS),
+                # The gateways' namespace (where TunnelEstablished is read); the healer's own
+                # metrics stay in tunnelnat with a Deployment dimension.
+                "TUNNELNAT_METRIC_NAMESPACE": settings.gateway_metric_namespace,
                 "POWERTOOLS_SERVICE_NAME": SERVICE,
                 "POWERTOOLS_METRICS_NAMESPACE": METRIC_NAMESPACE,
             },
@@ -167,7 +174,7 @@ class Healer(Construct):
                     )
                 ],
             ),
-            send_command_to_gateway(instances, deployment),
+            send_command_to_gateway(instances, settings.gateway_group_name),
             iam.PolicyStatement(
                 sid="FollowCommandsFindTheGateway",
                 actions=[
@@ -241,7 +248,8 @@ class Healer(Construct):
             (
                 f"Resource::{wildcard_arn(self, 'ec2', 'instance/*')}",
                 "The gateway is whichever instance its Auto Scaling group launched: SendCommand "
-                "on instance/* requires the gateway role tag and this deployment's tag.",
+                "on instance/* requires the instance's aws:autoscaling:groupName to be the "
+                "gateway group's (a tag no user can set).",
             ),
             (
                 f"Resource::{wildcard_arn(self, 'cloudwatch', f'alarm:{alarm_pattern}')}",

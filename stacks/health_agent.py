@@ -4,8 +4,9 @@ The agent (gateway/tunnelnat_health.py, docs/health.md) publishes ``TunnelUp`` a
 ``TunnelEstablished`` from a systemd timer. It lives in its own document rather than in
 ConfigureGateway's so that each stays well under SSM's document size limit (issue 11), and so
 that changing how the health is measured never re-runs the tunnel's configuration. The
-association targets the gateway's tag like ConfigureGateway's: it runs on the first gateway, on
-every replacement, and again whenever its parameters change.
+association targets the gateway group like ConfigureGateway's (``aws:autoscaling:groupName``, a
+tag no user can set: a lookalike instance tagged like a gateway never gets it): it runs on the
+first gateway, on every replacement, and again whenever its parameters change.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from aws_cdk import aws_ssm as ssm
 from constructs import Construct
 
 from stacks.documents import Documents
-from stacks.settings import GATEWAY_TAG, StackSettings
+from stacks.gateway import gateway_targets
+from stacks.settings import StackSettings
 from tunnelnat.core.config import TunnelnatConfig
 
 DOCUMENT = "InstallHealthAgent"
@@ -49,15 +51,17 @@ class HealthAgent(Construct):
         super().__init__(scope, construct_id)
         deployment = settings.deployment
         self.parameters = health_agent_parameters(config, settings)
+        if documents.declares(DOCUMENT, "Namespace"):
+            # The gateways' namespace of this deployment: the only one the gateway role may
+            # publish to (issue 21), so TunnelUp cannot be forged from outside the group.
+            self.parameters["Namespace"] = settings.gateway_metric_namespace
         self.association = ssm.CfnAssociation(
             self,
             DOCUMENT,
             name=documents.require(DOCUMENT).ref,
             association_name=f"{deployment}-{DOCUMENT}",
             document_version="$DEFAULT",
-            targets=[
-                ssm.CfnAssociation.TargetProperty(key=f"tag:{GATEWAY_TAG}", values=[deployment])
-            ],
+            targets=gateway_targets(settings.gateway_group_name),
             parameters=documents.check_parameters(DOCUMENT, self.parameters),
             # A gateway without its agent is a tunnel nobody watches (the alarm reads missing
             # data as down, and the healer waits: docs/health.md).

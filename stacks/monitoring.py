@@ -1,6 +1,7 @@
 """Monitoring: the page topic, the alarms that page, and a dashboard.
 
-- ``TunnelUp`` per tunnel: namespace ``tunnelnat``, the series with dimensions ``Deployment`` and
+- ``TunnelUp`` per tunnel: namespace ``tunnelnat/<deployment>`` (the only one this deployment's
+  gateway role may publish to: issue 21), the series with dimensions ``Deployment`` and
   ``Tunnel`` that the gateway's health agent publishes beside its per-instance one (``Tunnel``,
   ``Gateway`` = instance ID); a replaced gateway keeps feeding it, so the alarm survives a
   replacement (docs/health.md). Missing data is breaching: a silent gateway is a down tunnel.
@@ -10,7 +11,10 @@
   is enough, the rest of the fleet converges around it (issue 14).
 - Gateway launches and terminations (a replacement is worth knowing about), with ``watch_gateway``;
   in pair mode the pair agent publishes each failover to the same topic itself, and the dashboard
-  shows ``Failovers`` and ``FailoverSeconds`` (namespace tunnelnat, dimension Deployment).
+  shows ``Failovers`` and ``FailoverSeconds`` (namespace tunnelnat/<deployment>, dimension
+  Deployment).
+- The controller's and the healer's own metrics (Powertools, namespace ``tunnelnat``) carry a
+  ``Deployment`` dimension: another deployment's failures never page this one.
 - A dashboard: alarms, tunnels (up, traffic, silence, rekeys, NAT mappings: the health agent's
   per-tunnel metrics), queue, the controller's metrics (enrolment latency, gateway syncs, free
   pool addresses, failures by reason) and, with ``add_healer``, the healer's.
@@ -130,9 +134,10 @@ class Monitoring(Construct):
         period = Duration.seconds(settings.tunnel_alarm_period_seconds)
         periods = settings.tunnel_alarm_evaluation_periods
         datapoints = settings.tunnel_alarm_datapoints
+        self.gateway_namespace = gateway_namespace = settings.gateway_metric_namespace
         for tunnel in tunnels:
             metric = cloudwatch.Metric(
-                namespace=NAMESPACE,
+                namespace=gateway_namespace,
                 metric_name=TUNNEL_METRIC,
                 dimensions_map={"Deployment": deployment, "Tunnel": tunnel},
                 statistic="Minimum",
@@ -204,7 +209,11 @@ class Monitoring(Construct):
                 metric=cloudwatch.Metric(
                     namespace=NAMESPACE,
                     metric_name="Failures",
-                    dimensions_map={"Reason": reason, "service": CONTROLLER_SERVICE},
+                    dimensions_map={
+                        "Reason": reason,
+                        "service": CONTROLLER_SERVICE,
+                        "Deployment": deployment,
+                    },
                     statistic="Sum",
                     period=Duration.minutes(5),
                 ),
@@ -240,7 +249,7 @@ class Monitoring(Construct):
                 left=[alarm.metric for alarm in self.tunnel_alarms.values()]
                 + [
                     cloudwatch.Metric(
-                        namespace=NAMESPACE,
+                        namespace=gateway_namespace,
                         metric_name=ESTABLISHED_METRIC,
                         dimensions_map={"Deployment": deployment, "Tunnel": tunnel},
                         statistic="Maximum",
@@ -267,7 +276,9 @@ class Monitoring(Construct):
 
         def tunnel_stat(name: str, tunnel: str, label: str) -> cloudwatch.Metric:
             dimensions = {"Deployment": deployment, "Tunnel": tunnel}
-            return tunnelnat_metric(name, TUNNEL_STATS[name], dimensions, label)
+            return tunnelnat_metric(
+                name, TUNNEL_STATS[name], dimensions, label, namespace=gateway_namespace
+            )
 
         tunnel_names = list(self.tunnel_alarms)
         self.dashboard.add_widgets(
@@ -297,7 +308,7 @@ class Monitoring(Construct):
                 title="NAT mappings on the gateway",
                 left=[
                     cloudwatch.Metric(
-                        namespace=NAMESPACE,
+                        namespace=gateway_namespace,
                         metric_name=NAT_MAPPINGS_METRIC,
                         dimensions_map={"Deployment": deployment},
                         statistic="Maximum",
@@ -319,15 +330,15 @@ class Monitoring(Construct):
             cloudwatch.GraphWidget(
                 title="Enrolments",
                 left=[
-                    controller_metric("Enrolments", "Sum"),
-                    controller_metric("Unenrolments", "Sum"),
+                    controller_metric(deployment, "Enrolments", "Sum"),
+                    controller_metric(deployment, "Unenrolments", "Sum"),
                 ],
                 width=8,
             ),
             cloudwatch.GraphWidget(
                 title="Enrolment latency: event to converged (s)",
                 left=[
-                    controller_metric("EnrolmentLatency", stat, label=stat)
+                    controller_metric(deployment, "EnrolmentLatency", stat, label=stat)
                     for stat in ("p50", "p90", "Maximum")
                 ],
                 left_y_axis=cloudwatch.YAxisProps(min=0),
@@ -337,17 +348,19 @@ class Monitoring(Construct):
         self.dashboard.add_widgets(
             cloudwatch.GraphWidget(
                 title="Gateway syncs",
-                left=[controller_metric("GatewaySyncs", "Sum")],
+                left=[controller_metric(deployment, "GatewaySyncs", "Sum")],
                 right=[
-                    controller_metric("GatewaySyncDuration", stat, label=f"duration {stat} (ms)")
+                    controller_metric(
+                        deployment, "GatewaySyncDuration", stat, label=f"duration {stat} (ms)"
+                    )
                     for stat in ("p50", "p99")
                 ],
                 width=8,
             ),
             cloudwatch.GraphWidget(
                 title="Address pool: free addresses",
-                left=[controller_metric("PoolFreeAddresses", "Minimum")],
-                right=[controller_metric("PoolExhausted", "Sum")],
+                left=[controller_metric(deployment, "PoolFreeAddresses", "Minimum")],
+                right=[controller_metric(deployment, "PoolExhausted", "Sum")],
                 left_y_axis=cloudwatch.YAxisProps(min=0),
                 width=8,
             ),
@@ -357,15 +370,16 @@ class Monitoring(Construct):
                     cloudwatch.MathExpression(
                         # One line per Reason the controller has reported, whatever they are.
                         expression=(
-                            f'SEARCH(\'{{{NAMESPACE},Reason,service}} MetricName="Failures" '
-                            f"service=\"{CONTROLLER_SERVICE}\"', 'Sum', 300)"
+                            f"SEARCH('{{{NAMESPACE},Deployment,Reason,service}} "
+                            f'MetricName="Failures" service="{CONTROLLER_SERVICE}" '
+                            f"Deployment=\"{deployment}\"', 'Sum', 300)"
                         ),
                         label="",
                         period=Duration.minutes(5),
                     )
                 ],
                 right=[
-                    controller_metric(name, "Sum")
+                    controller_metric(deployment, name, "Sum")
                     for name in (
                         "CommandFailures",
                         "StoreConflicts",
@@ -398,7 +412,14 @@ class Monitoring(Construct):
         def pair_metric(
             name: str, statistic: str, label: str, period: Duration | None = None
         ) -> cloudwatch.Metric:
-            return tunnelnat_metric(name, statistic, {"Deployment": deployment}, label, period)
+            return tunnelnat_metric(
+                name,
+                statistic,
+                {"Deployment": deployment},
+                label,
+                period,
+                namespace=self._settings.gateway_metric_namespace,
+            )
 
         self.dashboard.add_widgets(
             cloudwatch.GraphWidget(
@@ -422,7 +443,8 @@ class Monitoring(Construct):
         """The healer's row: what it did, how fast tunnels came back, and its function."""
 
         def healer_metric(name: str, statistic: str, label: str | None = None) -> cloudwatch.Metric:
-            return tunnelnat_metric(name, statistic, {"service": HEALER_SERVICE}, label)
+            dimensions = {"service": HEALER_SERVICE, "Deployment": self._settings.deployment}
+            return tunnelnat_metric(name, statistic, dimensions, label)
 
         self.dashboard.add_widgets(
             cloudwatch.GraphWidget(
@@ -474,10 +496,12 @@ def tunnelnat_metric(
     dimensions: dict[str, str],
     label: str | None = None,
     period: Duration | None = None,
+    *,
+    namespace: str = NAMESPACE,
 ) -> cloudwatch.Metric:
-    """A metric in tunnelnat's namespace (5-minute periods unless told)."""
+    """A metric in tunnelnat's namespace, or ``namespace`` (5-minute periods unless told)."""
     return cloudwatch.Metric(
-        namespace=NAMESPACE,
+        namespace=namespace,
         metric_name=name,
         dimensions_map=dimensions,
         statistic=statistic,
@@ -486,6 +510,10 @@ def tunnelnat_metric(
     )
 
 
-def controller_metric(name: str, statistic: str, label: str | None = None) -> cloudwatch.Metric:
-    """One of the controller's Powertools metrics (namespace tunnelnat, dimension service)."""
-    return tunnelnat_metric(name, statistic, {"service": CONTROLLER_SERVICE}, label)
+def controller_metric(
+    deployment: str, name: str, statistic: str, label: str | None = None
+) -> cloudwatch.Metric:
+    """One of the controller's Powertools metrics (namespace tunnelnat, dimensions service and
+    Deployment)."""
+    dimensions = {"service": CONTROLLER_SERVICE, "Deployment": deployment}
+    return tunnelnat_metric(name, statistic, dimensions, label)

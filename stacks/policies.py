@@ -4,23 +4,20 @@ from __future__ import annotations
 
 from aws_cdk import aws_iam as iam
 
-from stacks.settings import DEPLOYMENT_TAG, ROLE_GATEWAY, ROLE_TAG
+from stacks.settings import GROUP_NAME_TAG
 from tunnelnat.core.enrolment import status_tag
 
 
-def send_command_to_gateway(instances_arn: str, deployment: str) -> iam.PolicyStatement:
-    """``ssm:SendCommand`` on this deployment's gateway only, whichever instance it is now (a
-    replacement carries the same tags); the documents are limited by a statement of their own."""
+def send_command_to_gateway(instances_arn: str, group_name: str) -> iam.PolicyStatement:
+    """``ssm:SendCommand`` on this deployment's gateways only, whichever instances they are now:
+    the members of the gateway group, by the ``aws:autoscaling:groupName`` tag Auto Scaling sets
+    and no user can (an instance tagged tunnelnat:role=gateway outside the group gets nothing).
+    The documents are limited by a statement of their own."""
     return iam.PolicyStatement(
-        sid="OnThisDeploymentsGateway",
+        sid="OnThisDeploymentsGateways",
         actions=["ssm:SendCommand"],
         resources=[instances_arn],
-        conditions={
-            "StringEquals": {
-                f"ssm:resourceTag/{ROLE_TAG}": ROLE_GATEWAY,
-                f"ssm:resourceTag/{DEPLOYMENT_TAG}": deployment,
-            }
-        },
+        conditions={"StringEquals": {f"ssm:resourceTag/{GROUP_NAME_TAG}": group_name}},
     )
 
 
@@ -36,15 +33,41 @@ def send_command_to_marked_instances(instances_arn: str, deployment: str) -> iam
     )
 
 
-def only_the_status_tag(instances_arn: str, deployment: str) -> iam.PolicyStatement:
-    """CreateTags/DeleteTags of this deployment's status tag key, and nothing else."""
-    return iam.PolicyStatement(
-        sid="OnlyTheStatusTag",
-        actions=["ec2:CreateTags", "ec2:DeleteTags"],
-        resources=[instances_arn],
-        conditions={
-            "ForAllValues:StringEquals": {"aws:TagKeys": [status_tag(deployment)]},
-            # DeleteTags without keys would delete every tag: require the key list.
-            "Null": {"aws:TagKeys": "false"},
-        },
-    )
+def only_the_status_tag(
+    instances_arn: str, deployment: str, enrolment_key: str, vpc_arn: str
+) -> list[iam.PolicyStatement]:
+    """CreateTags/DeleteTags of this deployment's status tag key and nothing else, only on
+    instances carrying this deployment's enrolment key (any value: a rejected value gets a
+    status too), in this VPC. DeleteTags also where the status tag alone is left (the operator
+    removed the enrolment tag: the controller unmarks the instance after RemoveHostRoute).
+    ec2:Vpc is the instance's VPC where EC2 supplies the key (IfExists: AWS does not document
+    it for every instance request)."""
+    key = status_tag(deployment)
+    only_the_key = {
+        "ForAllValues:StringEquals": {"aws:TagKeys": [key]},
+        # DeleteTags without keys would delete every tag: require the key list.
+        "Null": {"aws:TagKeys": "false"},
+    }
+    in_this_vpc = {"ArnEqualsIfExists": {"ec2:Vpc": vpc_arn}}
+    return [
+        iam.PolicyStatement(
+            sid="StatusTagOnEnrolmentTaggedInstances",
+            actions=["ec2:CreateTags", "ec2:DeleteTags"],
+            resources=[instances_arn],
+            conditions={
+                **only_the_key,
+                **in_this_vpc,
+                "StringLike": {f"aws:ResourceTag/{enrolment_key}": "*"},
+            },
+        ),
+        iam.PolicyStatement(
+            sid="StatusTagRemovedWhereItIs",
+            actions=["ec2:DeleteTags"],
+            resources=[instances_arn],
+            conditions={
+                **only_the_key,
+                **in_this_vpc,
+                "StringLike": {f"aws:ResourceTag/{key}": "*"},
+            },
+        ),
+    ]

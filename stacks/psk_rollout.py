@@ -20,7 +20,7 @@ https://docs.aws.amazon.com/secretsmanager/latest/userguide/secret-event-notific
 https://docs.aws.amazon.com/eventbridge/latest/userguide/eb-service-event-cloudtrail.html.
 
 What runs: no Lambda. The rule's target is Run Command itself (an EventBridge target with
-``RunCommandParameters``): ``ConfigureTunnel`` on the instances carrying the gateway tag, with
+``RunCommandParameters``): ``ConfigureTunnel`` on the gateway group's instances, with
 exactly its association's parameters (read from the association, so the two cannot drift), through
 a role that may send only that document, only to this deployment's gateway. The run shows in Run
 Command's history, where ``tunnelnat psk set --wait`` follows it. ConfigureTunnel holds a lock,
@@ -41,7 +41,7 @@ from constructs import Construct
 from stacks.documents import Documents
 from stacks.nag import acknowledge, wildcard_arn
 from stacks.policies import send_command_to_gateway
-from stacks.settings import GATEWAY_TAG, StackSettings
+from stacks.settings import GROUP_NAME_TAG, StackSettings
 
 DOCUMENT = "ConfigureTunnel"
 SOURCE = "aws.secretsmanager"
@@ -119,7 +119,7 @@ class PskRollout(Construct):
                             actions=["ssm:SendCommand"],
                             resources=[document_arn],
                         ),
-                        send_command_to_gateway(instances, deployment),
+                        send_command_to_gateway(instances, settings.gateway_group_name),
                     ]
                 )
             },
@@ -128,7 +128,8 @@ class PskRollout(Construct):
             self.role,
             f"AwsSolutions-IAM5[Resource::{wildcard_arn(self, 'ec2', 'instance/*')}]",
             "The gateway is whichever instance its Auto Scaling group launched: SendCommand on "
-            "instance/* requires the gateway role tag and this deployment's tag.",
+            "instance/* requires the instance's aws:autoscaling:groupName to be the gateway "
+            "group's (a tag no user can set).",
         )
 
         pattern = secret_pattern(
@@ -151,8 +152,11 @@ class PskRollout(Construct):
                     input=stack.to_json_string(self.parameters),
                     run_command_parameters=events.CfnRule.RunCommandParametersProperty(
                         run_command_targets=[
+                            # The gateway group's members (a tag no user can set), as the
+                            # association targets them.
                             events.CfnRule.RunCommandTargetProperty(
-                                key=f"tag:{GATEWAY_TAG}", values=[deployment]
+                                key=f"tag:{GROUP_NAME_TAG}",
+                                values=[settings.gateway_group_name],
                             )
                         ]
                     ),

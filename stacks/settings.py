@@ -52,6 +52,15 @@ DEPLOYMENT_TAG = "tunnelnat:deployment"
 GATEWAY_TAG = "tunnelnat:gateway"
 # The controller's own marker on instances it has put a route on (see docs/stack.md, IAM).
 STATUS_TAG = "tunnelnat:status"
+# The tag EC2 Auto Scaling puts on every instance it launches: the aws: prefix is reserved, so no
+# user can set or change it (EC2 User Guide, Tag restrictions). Gateways are known by it.
+GROUP_NAME_TAG = "aws:autoscaling:groupName"
+# A network owner opts a route table in for route-table mode: tunnelnat:routes=<deployment>.
+ROUTES_TAG = "tunnelnat:routes"
+DEFAULT_DEPLOYMENT = "tunnelnat"
+# The enrolment key of the default deployment (backward compatible); any other deployment's
+# default is tunnelnat:<deployment>, so two deployments never enrol one instance by default.
+DEFAULT_ENROLMENT_KEY = "tunnelnat"
 
 # Retention periods CloudWatch Logs accepts, and their names in aws_logs.RetentionDays.
 LOG_RETENTION_DAYS = {
@@ -66,6 +75,9 @@ LOG_RETENTION_DAYS = {
 _EMAIL = re.compile(r"^[^@\s,;]+@[^@\s,;]+\.[^@\s,;]+$")
 # What Auto Scaling accepts in a group name (no ARN, no commas: the key is a CSV list).
 _GROUP_NAME = re.compile(r"^[A-Za-z0-9_.:/ +=@-]{1,255}$")
+_SUBNET_ID = re.compile(r"^subnet-[0-9a-f]{8,17}$")
+_ROUTE_TABLE_ID = re.compile(r"^rtb-[0-9a-f]{8,17}$")
+_ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/[A-Za-z0-9+=,.@_/-]{1,512}$")
 # Context keys that belong to the CDK itself (feature flags, CLI settings) rather than to us;
 # ours are snake_case, or namespaced ``tunnelnat:`` (the key the gateway pair's design names).
 _OURS = re.compile(r"^([a-z][a-z0-9_]*|tunnelnat:.*)$")
@@ -133,6 +145,36 @@ class StackSettings(BaseModel):
         max_length=20,
         description="existing Auto Scaling groups that get tunnelnat's launch and terminate "
         "lifecycle hooks",
+    )
+    # -- who may be enrolled, and where routes may change (issue 21; docs/security.md) ---------
+    enrolment_subnets: list[str] = Field(
+        default_factory=list,
+        max_length=50,
+        description="allow-list: only instances in these subnets are enrolled (empty: any "
+        "subnet); a tagged instance elsewhere is not-allowed",
+    )
+    enrolment_groups: list[str] = Field(
+        default_factory=list,
+        max_length=50,
+        description="allow-list: only instances of these Auto Scaling groups are enrolled "
+        "(empty: any instance); a tagged instance outside them is not-allowed",
+    )
+    route_tables: list[str] = Field(
+        default_factory=list,
+        max_length=100,
+        description="route-table mode: route tables the controller may change besides those "
+        "tagged tunnelnat:routes=<deployment> by their owner",
+    )
+    enrolment_role_arn: str | None = Field(
+        default=None,
+        description="the role reserved to enrol instances: an EventBridge rule pages when any "
+        "other principal tags an instance with the enrolment key (needs a CloudTrail trail)",
+    )
+    psk_writer_arns: list[str] = Field(
+        default_factory=list,
+        max_length=10,
+        description="the only principals (role ARNs, * allowed) that may write the created PSK "
+        "secret (tunnelnat psk set); empty: whoever IAM allows",
     )
     # -- the gateway pair (issue 15; docs/stack.md, Gateway pair) --------------------------------
     gateway_pair: bool = Field(
@@ -298,14 +340,47 @@ class StackSettings(BaseModel):
             [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) else value
         )
 
-    @field_validator("vpc_cidrs", "auto_scaling_groups", mode="before")
+    @field_validator(
+        "vpc_cidrs",
+        "auto_scaling_groups",
+        "enrolment_subnets",
+        "enrolment_groups",
+        "route_tables",
+        "psk_writer_arns",
+        mode="before",
+    )
     @classmethod
     def _list(cls, value: Any) -> Any:
         return (
             [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) else value
         )
 
-    @field_validator("auto_scaling_groups")
+    @field_validator("enrolment_subnets")
+    @classmethod
+    def _subnet_ids(cls, value: list[str]) -> list[str]:
+        return _each(value, _SUBNET_ID, "a subnet ID (subnet-...)")
+
+    @field_validator("route_tables")
+    @classmethod
+    def _route_table_ids(cls, value: list[str]) -> list[str]:
+        return _each(value, _ROUTE_TABLE_ID, "a route table ID (rtb-...)")
+
+    @field_validator("psk_writer_arns")
+    @classmethod
+    def _writer_arns(cls, value: list[str]) -> list[str]:
+        pattern = re.compile(_ROLE_ARN.pattern.replace("+=,.@_/-]", "+=,.@_/*-]"))
+        return _each(value, pattern, "an IAM role ARN (arn:aws:iam::<account>:role/<name>)")
+
+    @field_validator("enrolment_role_arn")
+    @classmethod
+    def _role_arn(cls, value: str | None) -> str | None:
+        if value is not None and not _ROLE_ARN.fullmatch(value):
+            raise ValueError(
+                f"{value!r} is not an IAM role ARN (arn:aws:iam::<account>:role/<name>)"
+            )
+        return value
+
+    @field_validator("auto_scaling_groups", "enrolment_groups")
     @classmethod
     def _group_names(cls, value: list[str]) -> list[str]:
         bad = [n for n in value if not _GROUP_NAME.fullmatch(n)]
@@ -444,9 +519,28 @@ class StackSettings(BaseModel):
         """The VPC's IPv4 CIDR blocks as far as the stack knows them."""
         return [self.vpc_cidr] if self.creates_vpc else list(self.vpc_cidrs)
 
+    @property
+    def gateway_group_name(self) -> str:
+        """The gateway group's explicit name: known without a reference to the group, so the
+        associations can target it (``tag:aws:autoscaling:groupName``) and the group can still
+        depend on them; every identity check of a gateway uses it."""
+        return f"{self.deployment}-gateway"
+
+    @property
+    def gateway_metric_namespace(self) -> str:
+        """Where this deployment's gateways publish (TunnelUp, the health agent's and the pair's
+        series): the gateway role may put metrics in this namespace and no other."""
+        return f"tunnelnat/{self.deployment}"
+
+    @property
+    def hook_prefix(self) -> str:
+        """Every lifecycle hook of this deployment's instances' groups starts with this, and no
+        other deployment's: the trailing ``-`` keeps ``acme`` from matching ``acme-2``."""
+        return f"tunnelnat-{self.deployment}-"
+
     def hook_name(self, transition: str) -> str:
         """tunnelnat's lifecycle hook names: the prefix the controller's rule matches."""
-        return f"tunnelnat-{self.deployment}-{transition}"
+        return f"{self.hook_prefix}{transition}"
 
     @property
     def tunnel_alarm_prefix(self) -> str:
@@ -508,6 +602,11 @@ def load_settings(context: Mapping[str, Any]) -> Settings:
     given = {k: _clean(context[k]) for k in ALL_KEYS if k in context}
     given = {k: v for k, v in given.items() if v is not None}
     _check_required(given)
+    deployment = given.get("deployment", DEFAULT_DEPLOYMENT)
+    if "enrolment_tag_key" not in given and deployment != DEFAULT_DEPLOYMENT:
+        # A deployment of its own enrols by a key of its own (issue 21): one instance tagged for
+        # one deployment is never enrolled in another by default.
+        given["enrolment_tag_key"] = default_enrolment_key(deployment)
     config = TunnelnatConfig.from_mapping(
         {k: v for k, v in given.items() if k in CONFIG_KEYS}, source=SOURCE
     )
@@ -518,6 +617,20 @@ def load_settings(context: Mapping[str, Any]) -> Settings:
     _check_placement(config, stack)
     _check_addresses(config, stack)
     return Settings(config=config, stack=stack)
+
+
+def default_enrolment_key(deployment: str) -> str:
+    """The enrolment tag key a deployment uses when the context gives none."""
+    return DEFAULT_ENROLMENT_KEY if deployment == DEFAULT_DEPLOYMENT else f"tunnelnat:{deployment}"
+
+
+def _each(values: list[str], pattern: re.Pattern[str], what: str) -> list[str]:
+    bad = [v for v in values if not pattern.fullmatch(v)]
+    if bad:
+        raise ValueError(f"not {what}: {', '.join(map(repr, bad))}")
+    if len(set(values)) != len(values):
+        raise ValueError("a value is given twice")
+    return values
 
 
 def missing_keys(context: Mapping[str, Any]) -> list[str]:

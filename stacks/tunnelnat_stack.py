@@ -13,6 +13,7 @@ from constructs import Construct
 
 from stacks.controller import Controller
 from stacks.documents import Documents
+from stacks.enrolment_watch import EnrolmentWatch
 from stacks.gateway import Gateway
 from stacks.healer import Healer
 from stacks.health_agent import HealthAgent
@@ -37,6 +38,7 @@ class TunnelnatStack(Stack):
         **kwargs: Any,
     ) -> None:
         super().__init__(scope, construct_id, **kwargs)
+        self.settings = settings
         config, stack_settings = settings.config, settings.stack
         self._availability_zone = stack_settings.availability_zone
 
@@ -84,7 +86,8 @@ class TunnelnatStack(Stack):
         )
         self.controller.serve_gateway(
             vpc_id=vpc.vpc_id,
-            gateway_group=self.gateway.group.auto_scaling_group_name,
+            gateway_group=self.gateway.group_name,
+            enrolment_key=config.enrolment_tag_key,
             gateway_eni_id=self.gateway.eni.ref,
         )
         self.monitoring.watch_gateway(self.gateway.group, pair=stack_settings.gateway_pair)
@@ -102,11 +105,21 @@ class TunnelnatStack(Stack):
         )
         self.healer.serve_gateway(
             vpc_id=vpc.vpc_id,
-            gateway_group=self.gateway.group.auto_scaling_group_name,
+            gateway_group=self.gateway.group_name,
             gateway_ip=str(config.gateway_private_ip),
             gateway_eni_id=self.gateway.eni.ref,
         )
         self.monitoring.add_healer(self.healer.function)
+        if stack_settings.enrolment_role_arn:
+            # Opt-in: a page when anyone but the enrolment role tags an instance for enrolment
+            # (docs/security.md; needs a CloudTrail trail of management events).
+            self.enrolment_watch = EnrolmentWatch(
+                self,
+                "EnrolmentWatch",
+                settings=stack_settings,
+                enrolment_key=config.enrolment_tag_key,
+                topic=self.monitoring.topic,
+            )
         self.psk_rollout = PskRollout(
             self,
             "PskRollout",

@@ -37,21 +37,19 @@ EXPECTED_ACKNOWLEDGEMENTS = {
     ("Gateway/Psk", "AwsSolutions-SMG4"),
     # Issue 20: the agents cache the heartbeat key; a rotation would split the pair.
     ("Gateway/HeartbeatKey", "AwsSolutions-SMG4"),
-    (
-        "Gateway/Role",
-        "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/"
-        "AmazonSSMManagedInstanceCore]",
-    ),
+    # Issue 21: no AmazonSSMManagedInstanceCore (its ssm:GetParameter* on *): the agent's own
+    # actions, inline.
     ("Gateway/Role", "AwsSolutions-IAM5[Resource::*]"),
     (
         "Gateway/Role",
         "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:ec2:<AWS::Region>:<AWS::AccountId>"
         ":instance/*]",
     ),
+    # Issue 21: the gateway group by its name (only its UUID is a wildcard).
     (
         "Gateway/Role",
         "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:autoscaling:<AWS::Region>"
-        ":<AWS::AccountId>:autoScalingGroup:*]",
+        ":<AWS::AccountId>:autoScalingGroup:*:autoScalingGroupName/tunnelnat-gateway]",
     ),
     # Issue 20: the primary ENIs' source/destination check, on the launch template's tags.
     (

@@ -75,7 +75,7 @@ BAD = [
     ("address_pool", "0.0.0.0", "address_pool 0.0.0.0 is in 0.0.0.0/8"),
     ("address_pool", "239.1.1.1", "address_pool 239.1.1.1 is in 224.0.0.0/4, multicast"),
     ("address_pool", "255.255.255.255", "address_pool 255.255.255.255 is in 240.0.0.0/4"),
-    ("partner_networks", "0.0.0.0/0", "partner_networks 0.0.0.0/0 overlaps 169.254.0.0/16"),
+    ("partner_networks", "0.0.0.0/0", "partner_networks 0.0.0.0/0 is the default route"),
     ("partner_networks", "169.254.169.254/32", "overlaps 169.254.0.0/16"),
     ("partner_networks", "10.80.128.0/24", "partner_networks 10.80.128.0/24 overlaps vpc_cidr"),
 ]

@@ -74,14 +74,17 @@ def test_gateway_documents_start_with_bash(built, stem):
     assert step["inputs"]["runCommand"][0].splitlines()[0] == "#!/bin/bash"
 
 
-def test_health_agent_has_its_own_association_on_the_gateway_tag(built):
+def test_health_agent_has_its_own_association_on_the_gateway_group(built):
     template, stack, documents, agent = built
     association = template["Resources"][stack.get_logical_id(agent.association)]["Properties"]
     assert association["Name"] == {
         "Ref": stack.get_logical_id(documents.resources["InstallHealthAgent"])
     }
     assert association["AssociationName"] == "tunnelnat-InstallHealthAgent"
-    assert association["Targets"] == [{"Key": "tag:tunnelnat:gateway", "Values": ["tunnelnat"]}]
+    # Issue 21, finding 1: the group's members (aws:autoscaling:groupName: no user sets it).
+    assert association["Targets"] == [
+        {"Key": "tag:aws:autoscaling:groupName", "Values": ["tunnelnat-gateway"]}
+    ]
     params = {k: v[0] for k, v in association["Parameters"].items()}
     assert params == {
         "TunnelName": "partner",
@@ -92,6 +95,8 @@ def test_health_agent_has_its_own_association_on_the_gateway_tag(built):
         "ProbeSource": "192.0.2.11",
         "PartnerNetworks": "198.51.100.0/28",
         "PublicAddresses": "192.0.2.10,192.0.2.11",
+        # Issue 21, finding 3: the namespace only this deployment's gateway role writes.
+        "Namespace": "tunnelnat/tunnelnat",
     }
 
 

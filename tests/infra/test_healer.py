@@ -121,12 +121,13 @@ def test_healer_environment_is_everything_its_settings_read(s):
     # The gateway as the controller finds it: the tagged instance holding G in this VPC and group.
     assert str(settings.gateway_ip) == CONTEXT["gateway_private_ip"]
     assert settings.vpc_id == "vpc-0123456789abcdef0"
-    assert settings.gateway_group == f"{DEPLOYMENT}-gateway-ABC123"
+    assert settings.gateway_group == f"{DEPLOYMENT}-gateway"
     raw = _function(s, s.stack.healer.function)["Environment"]["Variables"]
     controller = _function(s, s.stack.controller.function)["Environment"]["Variables"]
     for key in ("TUNNELNAT_VPC_ID", "TUNNELNAT_GATEWAY_GROUP"):
         assert raw[key] == controller[key], key
-    assert raw["TUNNELNAT_GATEWAY_GROUP"] == s.ref(s.stack.gateway.group)
+    assert raw["TUNNELNAT_GATEWAY_GROUP"] == f"{DEPLOYMENT}-gateway"  # the group's explicit name
+    assert raw["TUNNELNAT_METRIC_NAMESPACE"] == f"tunnelnat/{DEPLOYMENT}"
     # RestartTunnel goes to the holder of G's ENI: the active gateway of the pair.
     assert settings.gateway_eni_id == "eni-0123456789abcdef0"
     assert raw["TUNNELNAT_GATEWAY_ENI_ID"] == s.ref(s.stack.gateway.eni)
@@ -216,16 +217,14 @@ def test_healer_sends_only_restart_tunnel_and_only_to_this_gateway(s):
     assert document["Action"] == "ssm:SendCommand"
     rendered = json.dumps(document["Resource"])
     assert f":document/{DEPLOYMENT}-RestartTunnel" in rendered and "*" not in rendered
-    gateway = by_sid["OnThisDeploymentsGateway"]
+    gateway = by_sid["OnThisDeploymentsGateways"]
     assert ":instance/*" in json.dumps(gateway["Resource"])
+    # Issue 21, finding 1: the group's members, never whatever carries the gateway's tags.
     assert gateway["Condition"] == {
-        "StringEquals": {
-            "ssm:resourceTag/tunnelnat:role": "gateway",
-            "ssm:resourceTag/tunnelnat:deployment": DEPLOYMENT,
-        }
+        "StringEquals": {"ssm:resourceTag/aws:autoscaling:groupName": f"{DEPLOYMENT}-gateway"}
     }
     sends = [st for st in _healer_statements(s) if "ssm:SendCommand" in as_list(st["Action"])]
-    assert {st["Sid"] for st in sends} == {"RunOnlyRestartTunnel", "OnThisDeploymentsGateway"}
+    assert {st["Sid"] for st in sends} == {"RunOnlyRestartTunnel", "OnThisDeploymentsGateways"}
 
 
 def test_healer_reads_only_tunnel_up_alarms_and_pages_only_its_topic(s):
@@ -296,7 +295,7 @@ def test_healer_has_nothing_else(s):
         sids.add(st.get("Sid"))
     assert sids - {None} == {
         "RunOnlyRestartTunnel",
-        "OnThisDeploymentsGateway",
+        "OnThisDeploymentsGateways",
         "FollowCommandsFindTheGateway",
         "ReadTunnelUpAlarms",
         "ReadTunnelEstablished",
@@ -425,7 +424,7 @@ def _dashboard(s) -> tuple[dict[str, dict[str, str]], list[str]]:
                 expressions.append(line[0]["expression"])
                 continue
             fields = [f for f in line if not isinstance(f, dict)]
-            if fields[0] == "tunnelnat":
+            if fields[0] in ("tunnelnat", f"tunnelnat/{DEPLOYMENT}"):
                 metrics[fields[1]] = dict(zip(fields[2::2], fields[3::2], strict=True))
     return metrics, expressions
 
@@ -447,13 +446,15 @@ def test_dashboard_shows_the_controllers_and_the_healers_metrics(s):
     # Pair mode (the default): the pair agent's, per deployment.
     for name in ("Failovers", "FailoverSeconds"):
         assert metrics.get(name) == {"Deployment": DEPLOYMENT}, name
+    # Issue 21, finding 4: the controller's and the healer's carry the deployment.
     for name in controller:
-        assert metrics.get(name) == {"service": "tunnelnat"}, name
+        assert metrics.get(name) == {"service": "tunnelnat", "Deployment": DEPLOYMENT}, name
     for name in healer:
-        assert metrics.get(name) == {"service": "tunnelnat-healer"}, name
+        assert metrics.get(name) == {"service": "tunnelnat-healer", "Deployment": DEPLOYMENT}, name
     # Failures by reason: every Reason the controller reports, without listing them here.
     (search,) = [e for e in expressions if "Failures" in e]
-    assert search.startswith('SEARCH(\'{tunnelnat,Reason,service} MetricName="Failures"')
+    assert search.startswith('SEARCH(\'{tunnelnat,Deployment,Reason,service} MetricName="Failures"')
+    assert f'Deployment="{DEPLOYMENT}"' in search
 
 
 def test_dashboard_names_only_metrics_the_code_publishes(s):

@@ -58,8 +58,10 @@ def test_every_failure_a_human_must_settle_pages_the_topic(s):
     for reason in PAGED_FAILURES:
         alarm = alarms[f"tunnelnat-{DEPLOYMENT}-Failures-{reason}"]
         assert (alarm["Namespace"], alarm["MetricName"]) == ("tunnelnat", "Failures")
-        # What handlers/controller.py's single metric carries: service and Reason, nothing else.
+        # What handlers/controller.py's single metric carries: service, Reason and (issue 21,
+        # finding 4: another deployment's failures never page this one) Deployment.
         assert sorted(alarm["Dimensions"], key=lambda d: d["Name"]) == [
+            {"Name": "Deployment", "Value": DEPLOYMENT},
             {"Name": "Reason", "Value": reason},
             {"Name": "service", "Value": "tunnelnat"},
         ]
@@ -109,7 +111,9 @@ def test_the_dashboard_graphs_each_tunnel_statistic_the_agent_publishes(s):
     graphed: dict[str, list] = {}
     for widget in _dashboard(s)["widgets"]:
         for line in widget["properties"].get("metrics", []):
-            if line[:1] == ["tunnelnat"] and line[1] in (*TUNNEL_STATS, "NatMappings"):
+            # Issue 21, finding 3: the gateways' namespace of this deployment.
+            namespace = f"tunnelnat/{DEPLOYMENT}"
+            if line[:1] == [namespace] and line[1] in (*TUNNEL_STATS, "NatMappings"):
                 graphed.setdefault(line[1], []).append(line)
     assert set(graphed) == {*TUNNEL_STATS, "NatMappings"}
     tunnel = CONTEXT.get("tunnel_name", "partner")

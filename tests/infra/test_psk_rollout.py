@@ -17,7 +17,7 @@ import pytest
 from moto.events.models import EventPattern
 
 from stacks.psk_rollout import secret_pattern
-from stacks.settings import GATEWAY_TAG, load_settings
+from stacks.settings import load_settings
 from tests.infra.conftest import statements, synthesize
 
 ACCOUNT, REGION = "123456789012", "eu-west-1"
@@ -169,9 +169,9 @@ def test_the_target_runs_configure_tunnel_on_the_gateway_with_its_associations_p
     assert resolve(target["Arn"], refs) == (
         f"arn:aws:ssm:{REGION}:{ACCOUNT}:document/{prefix}ConfigureTunnel"
     )
-    assert target["RunCommandParameters"] == {
-        "RunCommandTargets": [{"Key": f"tag:{GATEWAY_TAG}", "Values": [deployment(s)]}]
-    }
+    # Issue 21, finding 1: the gateway group's members, never a tag anyone may set.
+    group = {"Key": "tag:aws:autoscaling:groupName", "Values": [f"{deployment(s)}-gateway"]}
+    assert target["RunCommandParameters"] == {"RunCommandTargets": [group]}
     association = s.resources("AWS::SSM::Association")[
         s.logical_id(s.stack.gateway.tunnel_association)
     ]
@@ -182,9 +182,7 @@ def test_the_target_runs_configure_tunnel_on_the_gateway_with_its_associations_p
     assert json.loads(resolve(target["Input"], refs)) == expected
     assert expected["PskSecretName"] == [resolve(s.stack.resolve(s.stack.gateway.psk_name), refs)]
     assert "TableName" not in expected, "the NAT table (ConfigureGateway) is not re-applied"
-    assert association["Properties"]["Targets"] == [
-        {"Key": f"tag:{GATEWAY_TAG}", "Values": [deployment(s)]}
-    ], "the same instances as the association"
+    assert association["Properties"]["Targets"] == [group], "the same instances"
     assert target["RetryPolicy"]["MaximumEventAgeInSeconds"] <= 3600
     assert target["RoleArn"] == {"Fn::GetAtt": [s.logical_id(s.stack.psk_rollout.role), "Arn"]}
 
@@ -205,20 +203,17 @@ def test_the_role_may_send_only_configure_tunnel_only_to_this_gateway(s):
     [policy] = role["Policies"]
     found = resolve(statements({"Properties": {"PolicyDocument": policy["PolicyDocument"]}}), refs)
     by_sid = {st["Sid"]: st for st in found}
-    assert set(by_sid) == {"RunOnlyConfigureTunnel", "OnThisDeploymentsGateway"}
+    assert set(by_sid) == {"RunOnlyConfigureTunnel", "OnThisDeploymentsGateways"}
     for st in found:
         assert st["Effect"] == "Allow" and st["Action"] == "ssm:SendCommand"
     prefix = s.stack.documents.prefix
     assert by_sid["RunOnlyConfigureTunnel"]["Resource"] == (
         f"arn:aws:ssm:{REGION}:{ACCOUNT}:document/{prefix}ConfigureTunnel"
     )
-    gateway = by_sid["OnThisDeploymentsGateway"]
+    gateway = by_sid["OnThisDeploymentsGateways"]
     assert gateway["Resource"] == f"arn:aws:ec2:{REGION}:{ACCOUNT}:instance/*"
     assert gateway["Condition"] == {
-        "StringEquals": {
-            "ssm:resourceTag/tunnelnat:role": "gateway",
-            "ssm:resourceTag/tunnelnat:deployment": deployment(s),
-        }
+        "StringEquals": {"ssm:resourceTag/aws:autoscaling:groupName": f"{deployment(s)}-gateway"}
     }
     # No other policy is attached to the role.
     for policy_res in s.resources("AWS::IAM::Policy").values():

@@ -92,9 +92,11 @@ def test_the_controller_knows_the_gateways_eni(created):
     assert env["TUNNELNAT_GATEWAY_ENI_ID"] == created.ref(created.stack.gateway.eni)
 
 
-def test_route_changes_only_on_route_tables_of_the_gateways_vpc(existing):
+def test_route_changes_only_on_opted_in_route_tables_of_the_gateways_vpc(existing):
+    """Issue 21, finding 7: route tables their owner tagged tunnelnat:routes=<deployment>, in
+    the gateway's VPC (tests/infra/test_least_privilege.py evaluates the calls)."""
     by_sid = {st.get("Sid"): st for st in controller_statements(existing)}
-    changes = by_sid["RoutesInTheGatewaysVpc"]
+    changes = by_sid["RoutesInOptedInRouteTables"]
     assert sorted(as_list(changes["Action"])) == [
         "ec2:CreateRoute",
         "ec2:DeleteRoute",
@@ -102,9 +104,10 @@ def test_route_changes_only_on_route_tables_of_the_gateways_vpc(existing):
     ]
     assert changes["Resource"] == "arn:aws:ec2:eu-west-1:123456789012:route-table/*"
     assert changes["Condition"] == {
-        "ArnEquals": {"ec2:Vpc": "arn:aws:ec2:eu-west-1:123456789012:vpc/vpc-0123456789abcdef0"}
+        "ArnEquals": {"ec2:Vpc": "arn:aws:ec2:eu-west-1:123456789012:vpc/vpc-0123456789abcdef0"},
+        "StringEquals": {"aws:ResourceTag/tunnelnat:routes": "tunnelnat"},
     }
-    # Nowhere else: no route action without that condition, and none on "*".
+    # Nowhere else (no route_tables list in this context): no other route action.
     for st in controller_statements(existing):
         actions = as_list(st["Action"])
         if any(a.endswith("Route") for a in actions):

@@ -30,6 +30,7 @@ from stacks.gateway import (
     PAIR_PROGRAM,
     PAIR_UNIT,
     READY_SIGNAL_TIMEOUT,
+    SSM_AGENT_ACTIONS,
     SSM_AGENT_UNIT,
     UNITS_DIR,
     USER_DATA_LIMIT,
@@ -45,6 +46,8 @@ T = CONTEXT["partner_endpoint"]
 G = CONTEXT["gateway_private_ip"]
 SUBNET = CONTEXT["gateway_subnet_cidr"]
 DEPLOYMENT = CONTEXT["deployment"]
+# The default deployment's default key (cdk.json gives none: issue 21, each deployment its own).
+ENROLMENT_KEY = "tunnelnat"
 DOC_FILES = sorted(DOCUMENTS_DIR.glob("*.yaml"))
 REQUIREMENTS = DOCUMENTS_DIR.parent / "requirements.txt"
 
@@ -179,7 +182,7 @@ def test_user_data_writes_pair_json_and_fetches_the_checked_pair_agent(s):
         "region", "eni_id", "gateway", "deployment", "table", "heartbeat_port",
         "interval_seconds", "misses", "hold_down_seconds", "tunnel", "children", "topic_arn",
         "namespace", "partner_endpoint", "subnet_router",
-        "key_secret", "lifecycle_hook", "signal_stack", "signal_resource",
+        "key_secret", "lifecycle_hook", "signal_stack", "signal_resource", "group_name",
     }  # fmt: skip
     gateway = s.stack.gateway
     assert pair["lifecycle_hook"] == f"gateway-{DEPLOYMENT}-terminating"
@@ -190,7 +193,9 @@ def test_user_data_writes_pair_json_and_fetches_the_checked_pair_agent(s):
         k: v for k, v in boot.items() if k != "pair"
     }
     assert (pair["heartbeat_port"], pair["interval_seconds"], pair["misses"]) == (7465, 0.5, 4)
-    assert pair["hold_down_seconds"] == 60 and pair["namespace"] == "tunnelnat"
+    # Issue 21: the gateways' own namespace, and the group that makes a peer.
+    assert pair["hold_down_seconds"] == 60 and pair["namespace"] == f"tunnelnat/{DEPLOYMENT}"
+    assert pair["group_name"] == f"{DEPLOYMENT}-gateway"
     assert pair["deployment"] == DEPLOYMENT
     assert pair["tunnel"] == CONTEXT["tunnel_name"] and pair["children"] == [pair["tunnel"]]
     assert (
@@ -354,13 +359,15 @@ def test_security_group_admits_ike_and_esp_from_the_partner_only(s):
         assert rule["SourceSecurityGroupId"] == {"Fn::GetAtt": [sg_id, "GroupId"]}
 
 
-def test_gateway_role_ssm_core_plus_exactly_what_the_gateway_needs(s):
+def test_gateway_role_ssm_agent_plus_exactly_what_the_gateway_needs(s):
+    """Issue 21: no AmazonSSMManagedInstanceCore (its ssm:GetParameter* on *), the agent's own
+    actions inline; every instance condition names the group (aws:autoscaling:groupName), G's
+    ENI its ARN (tests/infra/test_least_privilege.py evaluates them)."""
     gateway = s.stack.gateway
     _, role = next(
         (k, v) for k, v in s.resources("AWS::IAM::Role").items() if k == s.logical_id(gateway.role)
     )
-    (managed,) = role["Properties"]["ManagedPolicyArns"]
-    assert "AmazonSSMManagedInstanceCore" in json.dumps(managed)
+    assert "ManagedPolicyArns" not in role["Properties"]
     policy = s.resources("AWS::IAM::Policy")[
         s.logical_id(gateway.role.node.find_child("DefaultPolicy"))
     ]
@@ -378,25 +385,43 @@ def test_gateway_role_ssm_core_plus_exactly_what_the_gateway_needs(s):
     assert by_sid["ReadThePsk"]["Action"] == "secretsmanager:GetSecretValue"
     assert by_sid["ReadThePsk"]["Resource"] == s.ref(gateway.psk)
     assert by_sid["PutTunnelMetrics"]["Condition"] == {
-        "StringEquals": {"cloudwatch:namespace": "tunnelnat"}
+        "StringEquals": {"cloudwatch:namespace": f"tunnelnat/{DEPLOYMENT}"}
     }
-    own = {
-        "aws:ResourceTag/tunnelnat:role": "gateway",
-        "aws:ResourceTag/tunnelnat:deployment": DEPLOYMENT,
-    }
-    for sid in (
-        "AttachTheGatewayEni",
-        "TakeTheGatewayEniFromThePeer",
-        "ReportBootFailure",
-        "CompleteTheTerminatingHook",
-    ):
-        assert by_sid[sid]["Condition"] == {"StringEquals": own}, sid
+    group = {"StringEquals": {"aws:ResourceTag/aws:autoscaling:groupName": f"{DEPLOYMENT}-gateway"}}
+    for sid in ("AttachToAGatewayOfTheGroup", "OnlyFromAGatewayOfTheGroup"):
+        assert by_sid[sid]["Condition"] == group, sid
+        assert by_sid[sid]["Resource"] == {
+            "Fn::Join": [
+                "",
+                [
+                    "arn:",
+                    {"Ref": "AWS::Partition"},
+                    ":ec2:",
+                    {"Ref": "AWS::Region"},
+                    ":",
+                    {"Ref": "AWS::AccountId"},
+                    ":instance/*",
+                ],
+            ]
+        }
+    for sid in ("AttachTheGatewayEni", "TakeTheGatewayEniFromThePeer"):
+        assert "Condition" not in by_sid[sid]
+        assert s.logical_id(gateway.eni) in json.dumps(by_sid[sid]["Resource"])
+    for sid in ("ReportBootFailure", "CompleteTheTerminatingHook"):
+        assert "Condition" not in by_sid[sid]
+        assert f"autoScalingGroupName/{DEPLOYMENT}-gateway" in json.dumps(by_sid[sid]["Resource"])
+    assert "ssm:GetParameter" not in json.dumps(policy)
     # The source/destination check: the primary ENIs the launch template tags, never G's ENI
     # (it lacks tunnelnat:interface) and never the instance attribute (issue 20, defect 1).
     check = by_sid["SourceDestCheckOffOnGateways"]
     assert check["Action"] == "ec2:ModifyNetworkInterfaceAttribute"
-    assert check["Condition"] == {
-        "StringEquals": {**own, "aws:ResourceTag/tunnelnat:interface": "gateway-primary"}
+    assert check["Condition"]["StringEquals"] == {
+        "aws:ResourceTag/tunnelnat:role": "gateway",
+        "aws:ResourceTag/tunnelnat:deployment": DEPLOYMENT,
+        "aws:ResourceTag/tunnelnat:interface": "gateway-primary",
+    }
+    assert check["Condition"]["StringEqualsIgnoreCaseIfExists"] == {
+        "ec2:Attribute": "SourceDestCheck"
     }
     assert "network-interface/*" in json.dumps(check["Resource"])
     _, lt = s.one("AWS::EC2::LaunchTemplate")
@@ -418,19 +443,22 @@ def test_gateway_role_ssm_core_plus_exactly_what_the_gateway_needs(s):
     assert by_sid["ReadTheHeartbeatKey"]["Action"] == "secretsmanager:GetSecretValue"
     assert by_sid["ReadTheHeartbeatKey"]["Resource"] == s.ref(gateway.heartbeat_key)
     assert by_sid["CompleteTheTerminatingHook"]["Action"] == "autoscaling:CompleteLifecycleAction"
-    eni = s.logical_id(gateway.eni)
     assert by_sid["TakeTheGatewayEniFromThePeer"]["Action"] == "ec2:DetachNetworkInterface"
-    assert eni in json.dumps(by_sid["TakeTheGatewayEniFromThePeer"]["Resource"])
     assert set(by_sid) == {
+        "SsmAgent",
+        "SsmAgentMessages",
         "ReadItsTable",
         "ReadThePsk",
+        "DecryptThePsk",
         "PutTunnelMetrics",
         "SeeItsEniAndInstances",
         "AttachTheGatewayEni",
+        "AttachToAGatewayOfTheGroup",
         "SourceDestCheckOffOnGateways",
         "ReportBootFailure",
         # The pair agent's (PAIR.md, issue 20).
         "TakeTheGatewayEniFromThePeer",
+        "OnlyFromAGatewayOfTheGroup",
         "ReadTheHeartbeatKey",
         "CompleteTheTerminatingHook",
         "ReportPairReadiness",
@@ -462,9 +490,9 @@ def test_gateway_role_ssm_core_plus_exactly_what_the_gateway_needs(s):
     )
     assert by_sid["AnnounceFailovers"]["Resource"] == s.ref(s.stack.monitoring.topic)
     assert by_sid["EncryptForTheTopic"]["Resource"] == s.arn(s.stack.monitoring.key)
-    # No SSM, no other write.
+    # No SSM beyond the agent's own calls, no other write.
     actions = {a for st in by_sid.values() for a in as_list(st["Action"])}
-    assert not {a for a in actions if a.startswith("ssm:")}
+    assert {a for a in actions if a.startswith("ssm:")} == set(SSM_AGENT_ACTIONS)
     assert {a for a in actions if a.startswith("dynamodb:")} == {
         "dynamodb:GetItem",
         "dynamodb:Query",
@@ -550,8 +578,11 @@ def test_the_heartbeat_key_is_generated_and_only_the_gateways_read_it(s):
     key = s.resources("AWS::SecretsManager::Secret")[key_id]
     generated = key["Properties"]["GenerateSecretString"]
     assert generated["PasswordLength"] >= 32 and "SecretString" not in key["Properties"]
-    (policy,) = s.resources("AWS::SecretsManager::ResourcePolicy").values()
-    assert policy["Properties"]["SecretId"] == {"Ref": key_id}
+    (policy,) = [
+        p
+        for p in s.resources("AWS::SecretsManager::ResourcePolicy").values()
+        if p["Properties"]["SecretId"] == {"Ref": key_id}
+    ]
     (deny,) = policy["Properties"]["ResourcePolicy"]["Statement"]
     assert deny["Effect"] == "Deny" and deny["Action"] == "secretsmanager:GetSecretValue"
     assert deny["Condition"] == {
@@ -559,7 +590,7 @@ def test_the_heartbeat_key_is_generated_and_only_the_gateways_read_it(s):
     }
 
 
-def test_configure_associations_target_the_gateway_tag(s):
+def test_configure_associations_target_the_gateway_group(s):
     """ConfigureGateway (NAT, guard, forwarding) and ConfigureTunnel (strongSwan, PSK): two
     associations with the same targets and schedule, each given only its own parameters."""
     found = s.resources("AWS::SSM::Association")
@@ -568,7 +599,11 @@ def test_configure_associations_target_the_gateway_tag(s):
     for props, stem in ((gateway, "ConfigureGateway"), (tunnel, "ConfigureTunnel")):
         assert props["Name"] == {"Ref": s.logical_id(s.stack.documents.resources[stem])}
         assert props["AssociationName"] == f"{DEPLOYMENT}-{stem}"
-        assert props["Targets"] == [{"Key": "tag:tunnelnat:gateway", "Values": [DEPLOYMENT]}]
+        # Issue 21, finding 1: the group's members by the tag Auto Scaling sets, never a
+        # tunnelnat:* tag anyone may put on any instance.
+        assert props["Targets"] == [
+            {"Key": "tag:aws:autoscaling:groupName", "Values": [f"{DEPLOYMENT}-gateway"]}
+        ]
         assert props["DocumentVersion"] == "$DEFAULT"
         # Re-applied on a schedule as well as on new gateways and changes (docs/stack.md).
         assert props["ScheduleExpression"] == CONFIGURE_SCHEDULE == "rate(30 minutes)"
@@ -755,7 +790,14 @@ def test_controller_environment_is_what_its_settings_read(s):
     variables = function["Properties"]["Environment"]["Variables"]
     [vpc] = s.resources("AWS::EC2::VPC")
     assert variables["TUNNELNAT_VPC_ID"] == {"Ref": vpc}
-    assert variables["TUNNELNAT_GATEWAY_GROUP"] == s.ref(s.stack.gateway.group)
+    assert variables["TUNNELNAT_GATEWAY_GROUP"] == f"{DEPLOYMENT}-gateway"
+    _, asg = s.one("AWS::AutoScaling::AutoScalingGroup")
+    assert asg["Properties"]["AutoScalingGroupName"] == f"{DEPLOYMENT}-gateway"
+    # Issue 21: the allow-list (empty: no restriction) and the gateways' namespace.
+    assert variables["TUNNELNAT_ALLOWED_SUBNETS"] == ""
+    assert variables["TUNNELNAT_ALLOWED_GROUPS"] == ""
+    assert variables["TUNNELNAT_METRIC_NAMESPACE"] == f"tunnelnat/{DEPLOYMENT}"
+    assert variables["TUNNELNAT_ROUTE_TABLES"] == ""
     # Issue 13: route-table mode's target, the ENI holding G.
     assert variables["TUNNELNAT_GATEWAY_ENI_ID"] == s.ref(s.stack.gateway.eni)
     assert settings.route_table_mode
@@ -773,7 +815,7 @@ RULE_PATTERNS = {
         "detail": {
             "service": ["ec2"],
             "resource-type": ["instance"],
-            "changed-tag-keys": [CONTEXT["enrolment_tag_key"]],
+            "changed-tag-keys": [ENROLMENT_KEY],
         },
     },
     "Lifecycle": {
@@ -782,8 +824,9 @@ RULE_PATTERNS = {
             "EC2 Instance-launch Lifecycle Action",
             "EC2 Instance-terminate Lifecycle Action",
         ],
-        # Issue 14, finding 6: only tunnelnat's hooks, never another team's.
-        "detail": {"LifecycleHookName": [{"prefix": "tunnelnat-"}]},
+        # Issue 14, finding 6: only tunnelnat's hooks, never another team's; issue 21,
+        # finding 4: only this deployment's.
+        "detail": {"LifecycleHookName": [{"prefix": f"tunnelnat-{DEPLOYMENT}-"}]},
     },
 }
 
@@ -827,34 +870,28 @@ def _controller_statements(s):
     return statements(policy)
 
 
-def test_send_command_only_the_projects_documents(s):
+def test_send_command_only_the_documents_the_controller_sends(s):
+    """Issue 21, finding 2: the three documents it sends, not the eight."""
     by_sid = {st.get("Sid"): st for st in _controller_statements(s)}
-    documents = by_sid["RunOnlyTheProjectsDocuments"]
+    documents = by_sid["RunOnlyTheDocumentsItSends"]
     assert documents["Action"] == "ssm:SendCommand"
-    resources = as_list(documents["Resource"])
-    assert len(resources) == len(DOC_FILES) - 1
-    rendered = json.dumps(resources)
+    rendered = json.dumps(as_list(documents["Resource"]))
     for path in DOC_FILES:
-        # The operator's Switchover is deployed, never the controller's to send.
-        sent = path.stem != "Switchover"
-        assert (f":document/{DEPLOYMENT}-{path.stem}" in rendered) is sent, path.stem
+        sent = path.stem in ("AddHostRoute", "RemoveHostRoute", "SyncNatTable")
+        assert (f':document/{DEPLOYMENT}-{path.stem}"' in rendered) is sent, path.stem
     assert "*" not in rendered
-    assert "Switchover" in {p.stem for p in DOC_FILES}
 
 
 def test_send_command_on_instances_only_with_the_right_tags(s):
     by_sid = {st.get("Sid"): st for st in _controller_statements(s)}
-    key = CONTEXT["enrolment_tag_key"]
+    key = ENROLMENT_KEY
     expected = {
-        "OnInstancesCarryingTheEnrolmentTag": {"StringLike": {f"ssm:resourceTag/{key}": "*"}},
+        "OnInstancesCarryingTheEnrolmentKey": {"StringLike": {f"ssm:resourceTag/{key}": "*"}},
         "OnInstancesTheControllerEnrolled": {
             "StringLike": {f"ssm:resourceTag/tunnelnat:status:{DEPLOYMENT}": "*"}
         },
-        "OnThisDeploymentsGateway": {
-            "StringEquals": {
-                "ssm:resourceTag/tunnelnat:role": "gateway",
-                "ssm:resourceTag/tunnelnat:deployment": DEPLOYMENT,
-            }
+        "OnThisDeploymentsGateways": {
+            "StringEquals": {"ssm:resourceTag/aws:autoscaling:groupName": f"{DEPLOYMENT}-gateway"}
         },
     }
     for sid, condition in expected.items():
@@ -890,19 +927,20 @@ def test_controller_least_privilege(s):
     table = by_sid["OwnTable"]
     assert table["Resource"] == s.arn(s.stack.controller.table)
     assert "dynamodb:Scan" not in table["Action"]
-    tags = by_sid["OnlyTheStatusTag"]
-    assert tags["Condition"] == {
-        "ForAllValues:StringEquals": {"aws:TagKeys": [f"tunnelnat:status:{DEPLOYMENT}"]},
-        "Null": {"aws:TagKeys": "false"},
-    }
+    for sid in ("StatusTagOnEnrolmentTaggedInstances", "StatusTagRemovedWhereItIs"):
+        tags = by_sid[sid]["Condition"]
+        assert tags["ForAllValues:StringEquals"] == {
+            "aws:TagKeys": [f"tunnelnat:status:{DEPLOYMENT}"]
+        }
+        assert tags["Null"] == {"aws:TagKeys": "false"}
+        assert "ec2:Vpc" in tags["ArnEqualsIfExists"]
+    assert by_sid["StatusTagRemovedWhereItIs"]["Action"] == "ec2:DeleteTags"
     lifecycle = by_sid["LifecycleOfEnrolledGroups"]
     assert set(lifecycle["Action"]) == {
         "autoscaling:CompleteLifecycleAction",
         "autoscaling:RecordLifecycleActionHeartbeat",
     }
-    assert lifecycle["Condition"] == {
-        "StringLike": {f"aws:ResourceTag/{CONTEXT['enrolment_tag_key']}": "*"}
-    }
+    assert lifecycle["Condition"] == {"StringLike": {f"aws:ResourceTag/{ENROLMENT_KEY}": "*"}}
 
 
 # -- Monitoring ------------------------------------------------------------------------------
@@ -912,7 +950,8 @@ def test_tunnel_up_alarm_missing_data_breaching_pages_the_topic(s):
     monitoring = s.stack.monitoring
     (alarm_construct,) = monitoring.tunnel_alarms.values()
     alarm = s.resources("AWS::CloudWatch::Alarm")[s.logical_id(alarm_construct)]["Properties"]
-    assert alarm["Namespace"] == "tunnelnat"
+    # Issue 21, finding 3: the namespace only this deployment's gateways may publish to.
+    assert alarm["Namespace"] == f"tunnelnat/{DEPLOYMENT}"
     assert alarm["MetricName"] == "TunnelUp"
     # The per-deployment series: a replaced gateway keeps feeding it (docs/health.md).
     assert sorted(alarm["Dimensions"], key=lambda d: d["Name"]) == [
@@ -949,7 +988,7 @@ def test_topic_is_encrypted_tls_only_and_cloudwatch_can_use_its_key(s):
     monitoring = s.stack.monitoring
     _, topic = s.one("AWS::SNS::Topic")
     assert topic["Properties"]["KmsMasterKeyId"] == s.arn(monitoring.key)
-    _, key = s.one("AWS::KMS::Key")
+    key = s.resources("AWS::KMS::Key")[s.logical_id(monitoring.key)]
     assert key["Properties"]["EnableKeyRotation"] is True
     services = {
         st["Principal"].get("Service")

@@ -113,7 +113,7 @@ def test_shared_mode_parameters_and_controller_config(s):
     assert params["SharedAddress"] == "192.0.2.50"
     assert params["PartnerNetworks"] == "198.51.100.0/28,198.51.100.64/27"
     assert association["Properties"]["Targets"] == [
-        {"Key": "tag:tunnelnat:gateway", "Values": ["acme"]}
+        {"Key": "tag:aws:autoscaling:groupName", "Values": ["acme-gateway"]}
     ]
     tunnel = configure_tunnel_association(s)
     assert tunnel["Properties"]["Parameters"]["PublicAddresses"] == ["192.0.2.50"]
@@ -136,7 +136,7 @@ def test_pinned_region_account_ami_and_arm_instance(s):
     policy = s.resources("AWS::IAM::Policy")[
         s.logical_id(s.stack.controller.role.node.find_child("DefaultPolicy"))
     ]
-    (docs,) = [st for st in statements(policy) if st.get("Sid") == "RunOnlyTheProjectsDocuments"]
+    (docs,) = [st for st in statements(policy) if st.get("Sid") == "RunOnlyTheDocumentsItSends"]
     assert ":ssm:eu-west-1:123456789012:document/acme-SyncNatTable" in json.dumps(docs["Resource"])
 
 
@@ -225,11 +225,14 @@ def test_single_gateway_is_the_group_of_one_as_before_the_pair(s):
     ]
     by_sid = {st["Sid"]: st for st in statements(policy)}
     assert set(by_sid) == {
+        "SsmAgent",
+        "SsmAgentMessages",
         "ReadItsTable",
         "ReadThePsk",
         "PutTunnelMetrics",
         "SeeItsEniAndInstances",
         "AttachTheGatewayEni",
+        "AttachToAGatewayOfTheGroup",
         "SourceDestCheckOffOnGateways",
         "ReportBootFailure",
     }
