@@ -620,3 +620,57 @@ def test_established_is_published_on_the_deployment_series(tmp_path):
         {"Name": "Deployment", "Value": "lab"},
         {"Name": "Tunnel", "Value": "partner"},
     ]
+
+
+# -- issue 21, finding 2: ConfigureTunnel's CharonLog, the log this agent diagnoses from --------
+# charon appends to it as root: a path outside one fixed directory would let whoever may send
+# ConfigureTunnel (or set its association's parameters) append to any file on the gateway.
+
+CONFIGURE_TUNNEL = Path(__file__).resolve().parents[2] / "ssm_documents" / "ConfigureTunnel.yaml"
+ESCAPES = [
+    "/var/log/tunnelnat/../../../etc/cron.d/tunnelnat.log",
+    "/var/log/tunnelnat/../x.log",
+    "/etc/cron.d/evil.log",
+    "/root/.ssh/authorized_keys",
+    "/var/log/tunnelnat/sub/charon.log",
+    "/var/log/tunnelnat/.log",
+    "/var/log/tunnelnat/charon.log/",
+    "/var/log/tunnelnatX/charon.log",
+]
+
+
+def _tunnel_parameters(document: dict, **given: str) -> dict[str, str]:
+    """Every parameter without a default, filled so only ``given`` decides the outcome."""
+    params = {n: "x" for n, d in document["parameters"].items() if "default" not in d}
+    return {**params, **given}
+
+
+@pytest.mark.parametrize("path", ESCAPES)
+def test_charon_log_outside_its_directory_is_refused_by_the_allowed_pattern(path):
+    import re as regex
+
+    import yaml
+
+    document = yaml.safe_load(CONFIGURE_TUNNEL.read_text())
+    pattern = document["parameters"]["CharonLog"]["allowedPattern"]
+    assert regex.search(pattern, "/var/log/tunnelnat/charon.log")
+    assert regex.search(pattern, document["parameters"]["CharonLog"]["default"])
+    assert not regex.search(pattern, path)
+
+
+@pytest.mark.parametrize("path", ESCAPES[:5])
+def test_charon_log_outside_its_directory_is_refused_by_the_script_itself(tmp_path, path):
+    """The script checks it again, before anything else runs: an allowedPattern loosened in a
+    copy of the document (or a parameter store value) must not reach charon."""
+    import yaml
+
+    from lab.ssm_runner import run_document
+
+    document = yaml.safe_load(CONFIGURE_TUNNEL.read_text())
+    for spec in document["parameters"].values():
+        spec["allowedPattern"] = "^.*$"
+    loose = tmp_path / "ConfigureTunnel.yaml"
+    loose.write_text(yaml.safe_dump(document, sort_keys=False))
+    run = run_document(loose, _tunnel_parameters(document, CharonLog=path), timeout=30)
+    assert run.exit_code != 0
+    assert "CharonLog" in run.stderr and "only /var/log/tunnelnat/NAME.log" in run.stderr
