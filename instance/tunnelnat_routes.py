@@ -7,12 +7,16 @@ A route added with ``ip route replace`` is "foreign" to systemd-networkd, which 
 and Ubuntu 24.04 (through netplan) both use: a restart of networkd (a package update) deletes it
 and partner traffic leaves by the default route until the next reconcile. So where networkd
 manages the interface that reaches the gateway G, the routes go into networkd's own configuration:
-a drop-in ``tunnelnat.conf`` for the ``.network`` file networkd uses for that interface (read
-from ``networkctl status``), under /etc/systemd/network/ (drop-in directories there apply to
-.network files in /run and /usr/lib too: systemd.network(5)). That one path serves both
-distributions: Amazon Linux's amazon-ec2-net-utils links /run/systemd/network/70-IF.network,
+a drop-in ``tunnelnat-<deployment>.conf`` for the ``.network`` file networkd uses for that
+interface (read from ``networkctl status``), under /etc/systemd/network/ (drop-in directories
+there apply to .network files in /run and /usr/lib too: systemd.network(5)). That one path serves
+both distributions: Amazon Linux's amazon-ec2-net-utils links /run/systemd/network/70-IF.network,
 netplan renders /run/systemd/network/10-netplan-IF.network. ``networkctl reload`` then makes
 networkd own the routes without taking the interface down.
+
+One drop-in per deployment: two deployments enrolling one instance never rewrite or remove each
+other's. The ``tunnelnat.conf`` of earlier versions (one for whichever deployment wrote last) is
+taken over only when every ``Gateway=`` in it is this deployment's G.
 
 Exit status of ``persist``: 0 the drop-in is in place, 3 networkd does not manage the interface
 (the document falls back to its oneshot unit), 1 failure, 2 bad arguments.
@@ -32,7 +36,9 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 NETWORKD_ETC = Path("/etc/systemd/network")
-DROPIN_NAME = "tunnelnat.conf"
+LEGACY_DROPIN_NAME = "tunnelnat.conf"  # earlier versions': one for every deployment
+# The stack's deployment names: part of a file name here, so never "." or "..", never a "/".
+DEPLOYMENT = re.compile(r"[a-z][a-z0-9-]{1,28}[a-z0-9]")
 NOT_MANAGED = 3
 # Interface names as the kernel allows them (IFNAMSIZ 16, no "/" or whitespace); we accept less.
 IFNAME = re.compile(r"[A-Za-z0-9_.:@-]{1,15}")
@@ -45,6 +51,17 @@ Runner = Callable[[Sequence[str]], subprocess.CompletedProcess]
 
 class RouteError(ValueError):
     """Input that must not reach a configuration file."""
+
+
+def parse_deployment(text: str) -> str:
+    if not DEPLOYMENT.fullmatch(text):
+        raise RouteError(f"deployment {text[:40]!r} is not a deployment name")
+    return text
+
+
+def dropin_name(deployment: str) -> str:
+    """This deployment's drop-in: ``tunnelnat-<deployment>.conf``."""
+    return f"tunnelnat-{parse_deployment(deployment)}.conf"
 
 
 def parse_gateway(text: str) -> ipaddress.IPv4Address:
@@ -94,11 +111,11 @@ def parse_network_file(status: str) -> Path | None:
     return None
 
 
-def dropin_path(network_file: Path, etc_dir: Path = NETWORKD_ETC) -> Path:
-    """Where our drop-in for ``network_file`` goes: ETC/NAME.network.d/tunnelnat.conf."""
+def dropin_path(network_file: Path, deployment: str, etc_dir: Path = NETWORKD_ETC) -> Path:
+    """Where our drop-in for ``network_file`` goes: ETC/NAME.network.d/tunnelnat-DEPLOYMENT.conf."""
     if not NETWORK_FILE_NAME.fullmatch(network_file.name):
         raise RouteError(f"unexpected network file {str(network_file)!r}")
-    return etc_dir / f"{network_file.name}.d" / DROPIN_NAME
+    return etc_dir / f"{network_file.name}.d" / dropin_name(deployment)
 
 
 def render_networkd_dropin(
@@ -114,8 +131,24 @@ def render_networkd_dropin(
     return "\n".join(lines) + "\n"
 
 
-def existing_dropins(etc_dir: Path = NETWORKD_ETC) -> list[Path]:
-    return sorted(etc_dir.glob(f"*.network.d/{DROPIN_NAME}"))
+def existing_dropins(deployment: str, etc_dir: Path = NETWORKD_ETC) -> list[Path]:
+    """This deployment's drop-ins, for any .network file."""
+    return sorted(etc_dir.glob(f"*.network.d/{dropin_name(deployment)}"))
+
+
+def legacy_dropins(gateway: ipaddress.IPv4Address, etc_dir: Path = NETWORKD_ETC) -> list[Path]:
+    """Earlier versions' ``tunnelnat.conf`` drop-ins whose every route goes via ``gateway``
+    (this deployment's G): ours to replace. One naming another G is another deployment's."""
+    ours = []
+    for path in sorted(etc_dir.glob(f"*.network.d/{LEGACY_DROPIN_NAME}")):
+        try:
+            lines = path.read_text().splitlines()
+        except OSError:
+            continue
+        gateways = {line.split("=", 1)[1].strip() for line in lines if line.startswith("Gateway=")}
+        if gateways <= {str(gateway)}:
+            ours.append(path)
+    return ours
 
 
 def write_if_changed(path: Path, text: str) -> bool:
@@ -165,6 +198,7 @@ def persist(
     gateway: ipaddress.IPv4Address,
     destinations: Sequence[ipaddress.IPv4Network],
     *,
+    deployment: str,
     etc_dir: Path = NETWORKD_ETC,
     run: Runner | None = None,
     systemd: bool | None = None,
@@ -190,11 +224,13 @@ def persist(
     network_file = parse_network_file(status.stdout)
     if network_file is None:
         return {"persistence": "none", "device": device, "reason": "not managed by networkd"}
-    target = dropin_path(network_file, etc_dir)
+    target = dropin_path(network_file, deployment, etc_dir)
     changed = write_if_changed(target, render_networkd_dropin(destinations, gateway))
-    # A drop-in for another .network file (the interface's file was renamed) would add the
-    # routes a second time, or keep routes for networks no longer wanted: ours to remove.
-    stale = [p for p in existing_dropins(etc_dir) if p != target]
+    # Our drop-in for another .network file (the interface's file was renamed) would add the
+    # routes a second time, or keep routes for networks no longer wanted: ours to remove; so is
+    # an earlier version's drop-in of our G. Other deployments' drop-ins are theirs.
+    stale = [p for p in existing_dropins(deployment, etc_dir) if p != target]
+    stale += legacy_dropins(gateway, etc_dir)
     for path in stale:
         remove_dropin(path)
     if changed or stale:
@@ -220,16 +256,18 @@ def main(argv: list[str] | None = None) -> int:
     add = sub.add_parser("persist", help="write the networkd drop-in for the routes")
     add.add_argument("--gateway", required=True)
     add.add_argument("--destinations", required=True, help="comma-separated IPv4 networks")
+    add.add_argument("--deployment", required=True, help="the tunnelnat deployment")
     add.add_argument("--etc-dir", type=Path, default=NETWORKD_ETC)
     args = parser.parse_args(argv)
     try:
         gateway = parse_gateway(args.gateway)
         destinations = parse_destinations(args.destinations)
+        deployment = parse_deployment(args.deployment)
     except RouteError as exc:
         print(f"tunnelnat-routes: {exc}", file=sys.stderr)
         return 2
     try:
-        report = persist(gateway, destinations, etc_dir=args.etc_dir)
+        report = persist(gateway, destinations, deployment=deployment, etc_dir=args.etc_dir)
     except (RouteError, OSError, subprocess.SubprocessError) as exc:
         print(f"tunnelnat-routes: {exc}", file=sys.stderr)
         return 1

@@ -871,6 +871,9 @@ class Controller:
         return {
             "Destinations": ",".join(str(n) for n in self.config.partner_networks),
             "Gateway": str(self.config.gateway_private_ip),
+            # Names the instance's state file and drop-in (/etc/tunnelnat/routes.d/<deployment>):
+            # two deployments on one instance never undo each other's routes (issue 21).
+            "Deployment": self.deployment,
         }
 
     def _run_many(

@@ -22,6 +22,7 @@ from hypothesis import settings as hypothesis_settings
 from tests.conftest import VALID_CONFIG
 from tools.moto_server import SerialMotoServer
 from tunnelnat.adapters.commands import AgentNotReady, CommandResult
+from tunnelnat.core.config import DEPLOYMENT
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "gateway"))
@@ -85,6 +86,9 @@ class FakeFleet:
     not_ready_for: dict[str, int] = field(default_factory=dict)
     crash_on: set[str] = field(default_factory=set)  # documents that "kill the Lambda" once
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # The instances' route state as the documents keep it: one file per deployment
+    # ((instance, deployment) -> networks), shared by the fleets of two deployments.
+    host: dict[tuple[str, str], set[str]] = field(default_factory=dict)
 
     def run(self, instance_id, document, parameters):
         with self.lock:
@@ -102,11 +106,17 @@ class FakeFleet:
             raise AgentNotReady(f"{instance_id}: SSM agent not registered")
         if document in self.failing:
             return CommandResult(instance_id, document, "Failed", stderr="boom")
+        if document in ("AddHostRoute", "RemoveHostRoute"):
+            # The documents' allowedPattern: the deployment names the state file.
+            assert DEPLOYMENT.fullmatch(parameters["Deployment"]), parameters
+            state = (instance_id, parameters["Deployment"])
         if document == "AddHostRoute":
             self.routes[instance_id] = set(parameters["Destinations"].split(","))
+            self.host[state] = set(self.routes[instance_id])
             return CommandResult(instance_id, document, "Success", stdout="{}")
         if document == "RemoveHostRoute":
             self.routes.pop(instance_id, None)
+            self.host.pop(state, None)  # only this deployment's file and routes
             return CommandResult(instance_id, document, "Success", stdout="{}")
         if document == "SyncNatTable":
             assert instance_id == self.gateway_id, "sync sent to something not the gateway"

@@ -55,6 +55,7 @@ def valid_parameters(name: str) -> dict[str, str]:
         "SharedAddress": "none",
         "IpsecBackend": "kernel",
         "Mss": "1360",
+        "Deployment": "tunnelnat",
     }
     document = load_document(ROOT / "ssm_documents" / f"{name}.yaml")
     params = document.get("parameters") or {}

@@ -39,10 +39,19 @@ DRIVER = textwrap.dedent(
 
     work = Path(sys.argv[1])
     env = {"PATH": f"{work}/stubs:{AGENT_PATH}"}
-    params = {"Destinations": "192.0.2.0/24,198.51.100.0/28", "Gateway": "10.10.1.5"}
+    params = {
+        "Destinations": "192.0.2.0/24,198.51.100.0/28", "Gateway": "10.10.1.5",
+        "Deployment": "acme",
+    }
+    # Another deployment on the same instance: its own G, its own partner network.
+    other = {"Destinations": "198.18.0.0/24", "Gateway": "10.10.1.6", "Deployment": "other"}
     docs = Path("ssm_documents")
-    dropin = Path("/etc/systemd/network/10-netplan-ens5.network.d/tunnelnat.conf")
+    netd = Path("/etc/systemd/network/10-netplan-ens5.network.d")
+    dropin = netd / "tunnelnat-acme.conf"
+    other_dropin = netd / "tunnelnat-other.conf"
     unit = Path("/etc/systemd/system/tunnelnat-routes.service")
+    legacy = Path("/etc/tunnelnat/routes")
+    state = Path("/etc/tunnelnat/routes.d")
 
     def step(document, parameters=params):
         inv = run_document(docs / f"{document}.yaml", parameters, env=env, timeout=60)
@@ -57,15 +66,35 @@ DRIVER = textwrap.dedent(
             "calls": calls,
             "routes": sorted(line.strip() for line in routes.stdout.splitlines()),
             "dropin": dropin.read_text() if dropin.exists() else None,
+            "other_dropin": other_dropin.exists(),
             "unit": unit.exists(),
+            "legacy": legacy.read_text() if legacy.exists() else None,
+            "state": sorted(p.name for p in state.iterdir()) if state.is_dir() else [],
         }
 
-    results = {"without_systemd": step("AddHostRoute")}
+    def ip(*args):
+        subprocess.run(["ip", *args], check=True)
+
+    # An earlier version's single file, written by another deployment (its G): A's run took it
+    # as its own and deleted the route in it (issue 21, finding 4). Then one of A's own.
+    Path("/etc/tunnelnat").mkdir(exist_ok=True)
+    ip("route", "add", "198.51.100.64/26", "via", "10.10.1.99")
+    legacy.write_text("198.51.100.64/26 via 10.10.1.99\\n")
+    results = {"legacy_theirs": step("AddHostRoute")}
+    legacy.unlink()
+    ip("route", "del", "198.51.100.64/26", "via", "10.10.1.99")
+    subprocess.run(["rm", "-rf", str(state)], check=True)
+    ip("route", "add", "203.0.113.0/24", "via", "10.10.1.5")
+    legacy.write_text("203.0.113.0/24 via 10.10.1.5\\n192.0.2.0/24 via 10.10.1.5\\n")
+    results["without_systemd"] = step("AddHostRoute")
     Path("/run/systemd/system").mkdir()
     results["networkd"] = step("AddHostRoute")
     results["again"] = step("AddHostRoute")
+    results["other_add"] = step("AddHostRoute", other)
+    results["acme_again"] = step("AddHostRoute")
     results["remove"] = step("RemoveHostRoute")
     results["remove_again"] = step("RemoveHostRoute")
+    results["other_remove"] = step("RemoveHostRoute", other)
     print(json.dumps(results))
     """
 )
@@ -126,6 +155,38 @@ def results(tmp_path_factory):
 
 
 OUR_ROUTES = ["192.0.2.0/24 via 10.10.1.5 dev ens5", "198.51.100.0/28 via 10.10.1.5 dev ens5"]
+OTHER_ROUTE = "198.18.0.0/24 via 10.10.1.6 dev ens5"
+
+
+def test_an_earlier_versions_file_of_another_deployment_is_left_alone(results):
+    """b08b1c8: one /etc/tunnelnat/routes for every deployment, and whatever in it A did not
+    want was deleted: another deployment's routes went."""
+    run = results["legacy_theirs"]
+    assert run["status"] == "Success", run["stderr"]
+    assert "198.51.100.64/26 via 10.10.1.99 dev ens5" in run["routes"]
+    assert run["legacy"] == "198.51.100.64/26 via 10.10.1.99\n", "not ours: kept as it is"
+    assert run["state"] == ["acme"]
+
+
+def test_an_earlier_versions_file_of_ours_is_migrated(results):
+    run = results["without_systemd"]
+    assert run["legacy"] is None and run["state"] == ["acme"]
+    assert not any(r.startswith("203.0.113.0/24") for r in run["routes"]), "no longer wanted"
+
+
+def test_two_deployments_never_undo_each_others_routes(results):
+    both = results["acme_again"]
+    assert both["status"] == "Success", both["stderr"]
+    assert set(OUR_ROUTES) | {OTHER_ROUTE} <= set(both["routes"])
+    assert both["other_dropin"] and both["dropin"] is not None
+    assert both["state"] == ["acme", "other"]
+    removed = results["remove"]
+    assert OTHER_ROUTE in removed["routes"], "acme's RemoveHostRoute left other's route"
+    assert removed["other_dropin"] and removed["state"] == ["other"]
+    last = results["other_remove"]
+    assert last["status"] == "Success", last["stderr"]
+    assert OTHER_ROUTE not in last["routes"] and not last["other_dropin"]
+    assert last["state"] == [] and not last["unit"]
 
 
 def test_without_systemd_the_oneshot_unit_persists_the_routes(results):

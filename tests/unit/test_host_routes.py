@@ -73,9 +73,9 @@ class FakeHost:
 )
 def test_the_dropin_for_each_image(sample, network_file, tmp_path):
     host = FakeHost(sample)
-    report = routes.persist(G, NETS, etc_dir=tmp_path, run=host, systemd=True)
+    report = routes.persist(G, NETS, deployment="acme", etc_dir=tmp_path, run=host, systemd=True)
     name = Path(network_file).name
-    dropin = tmp_path / f"{name}.d" / "tunnelnat.conf"
+    dropin = tmp_path / f"{name}.d" / "tunnelnat-acme.conf"
     assert report == {
         "persistence": "networkd",
         "device": "ens5",
@@ -92,16 +92,20 @@ def test_the_dropin_for_each_image(sample, network_file, tmp_path):
 
 def test_a_second_run_changes_nothing_and_does_not_reload(tmp_path):
     host = FakeHost("ubuntu2404-ens5.txt")
-    routes.persist(G, NETS, etc_dir=tmp_path, run=host, systemd=True)
-    again = routes.persist(G, list(reversed(NETS)), etc_dir=tmp_path, run=host, systemd=True)
+    routes.persist(G, NETS, deployment="acme", etc_dir=tmp_path, run=host, systemd=True)
+    again = routes.persist(
+        G, list(reversed(NETS)), deployment="acme", etc_dir=tmp_path, run=host, systemd=True
+    )
     assert again["changed"] is False
     assert host.reloads == 1  # a reload reconfigures the interface: only when something changed
 
 
 def test_new_networks_rewrite_the_dropin_and_reload(tmp_path):
     host = FakeHost("al2023-ens5.txt")
-    routes.persist(G, NETS, etc_dir=tmp_path, run=host, systemd=True)
-    report = routes.persist(G, NETS[:1], etc_dir=tmp_path, run=host, systemd=True)
+    routes.persist(G, NETS, deployment="acme", etc_dir=tmp_path, run=host, systemd=True)
+    report = routes.persist(
+        G, NETS[:1], deployment="acme", etc_dir=tmp_path, run=host, systemd=True
+    )
     assert report["changed"] is True and host.reloads == 2
     assert "198.51.100.0/28" not in Path(report["dropin"]).read_text()
 
@@ -109,35 +113,35 @@ def test_new_networks_rewrite_the_dropin_and_reload(tmp_path):
 def test_a_dropin_for_another_network_file_is_removed(tmp_path):
     """The interface's .network file changed name (a new netplan ID, another image's tool):
     the old drop-in would keep routes networkd no longer needs from us."""
-    old = tmp_path / "10-netplan-eth0.network.d" / "tunnelnat.conf"
+    old = tmp_path / "10-netplan-eth0.network.d" / "tunnelnat-acme.conf"
     old.parent.mkdir()
     old.write_text(EXPECTED_DROPIN)
     theirs = tmp_path / "10-netplan-eth0.network.d" / "other.conf"
     host = FakeHost("ubuntu2404-ens5.txt")
     theirs.write_text("[Network]\n")
-    report = routes.persist(G, NETS, etc_dir=tmp_path, run=host, systemd=True)
+    report = routes.persist(G, NETS, deployment="acme", etc_dir=tmp_path, run=host, systemd=True)
     assert report["removed"] == [str(old)]
     assert not old.exists() and theirs.exists()  # only our file goes
-    assert routes.existing_dropins(tmp_path) == [Path(report["dropin"])]
+    assert routes.existing_dropins("acme", tmp_path) == [Path(report["dropin"])]
 
 
 def test_an_unmanaged_interface_falls_back(tmp_path):
     host = FakeHost("unmanaged-docker0.txt")
-    report = routes.persist(G, NETS, etc_dir=tmp_path, run=host, systemd=True)
+    report = routes.persist(G, NETS, deployment="acme", etc_dir=tmp_path, run=host, systemd=True)
     assert report["persistence"] == "none" and report["reason"] == "not managed by networkd"
     assert not list(tmp_path.iterdir()) and host.reloads == 0
 
 
 def test_no_networkd_falls_back(tmp_path):
     host = FakeHost(None, status_rc=1)
-    report = routes.persist(G, NETS, etc_dir=tmp_path, run=host, systemd=True)
+    report = routes.persist(G, NETS, deployment="acme", etc_dir=tmp_path, run=host, systemd=True)
     assert report["persistence"] == "none" and "Failed to connect" in report["reason"]
     assert not list(tmp_path.iterdir())
 
 
 def test_no_systemd_touches_nothing(tmp_path):
     host = FakeHost("al2023-ens5.txt")
-    report = routes.persist(G, NETS, etc_dir=tmp_path, run=host, systemd=False)
+    report = routes.persist(G, NETS, deployment="acme", etc_dir=tmp_path, run=host, systemd=False)
     assert report == {"persistence": "none", "reason": "systemd is not running"}
     assert host.calls == []
 
@@ -145,11 +149,13 @@ def test_no_systemd_touches_nothing(tmp_path):
 def test_a_failed_reload_leaves_no_file_networkd_has_not_seen(tmp_path):
     host = FakeHost("al2023-ens5.txt", reload_rc=1)
     with pytest.raises(routes.RouteError, match="reload failed"):
-        routes.persist(G, NETS, etc_dir=tmp_path, run=host, systemd=True)
-    assert routes.existing_dropins(tmp_path) == []
+        routes.persist(G, NETS, deployment="acme", etc_dir=tmp_path, run=host, systemd=True)
+    assert routes.existing_dropins("acme", tmp_path) == []
     # The next run writes and reloads again.
     host.reload_rc = 0
-    assert routes.persist(G, NETS, etc_dir=tmp_path, run=host, systemd=True)["changed"]
+    assert routes.persist(G, NETS, deployment="acme", etc_dir=tmp_path, run=host, systemd=True)[
+        "changed"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -203,9 +209,45 @@ def test_the_command_line_reports_and_exits_by_outcome(tmp_path, monkeypatch, ca
     monkeypatch.setattr(routes, "run_command", host)
     monkeypatch.setattr(routes, "systemd_is_running", lambda: True)
     args = ["persist", "--gateway", str(G), "--destinations", "192.0.2.0/24,198.51.100.0/28"]
+    args += ["--deployment", "acme"]
     assert routes.main([*args, "--etc-dir", str(tmp_path)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["persistence"] == "networkd"
     host.status = (DATA / "unmanaged-docker0.txt").read_text()
     assert routes.main([*args, "--etc-dir", str(tmp_path / "other")]) == routes.NOT_MANAGED
-    assert routes.main(["persist", "--gateway", "x", "--destinations", "192.0.2.0/24"]) == 2
+    bad = ["persist", "--gateway", "x", "--destinations", "192.0.2.0/24", "--deployment", "a1"]
+    assert routes.main(bad) == 2
+
+
+# -- issue 21, finding 4: per-deployment state on the instance --------------------------------
+def test_another_deployments_dropin_is_never_touched(tmp_path):
+    """b08b1c8: one tunnelnat.conf for every deployment, and every other one removed as stale:
+    A's AddHostRoute deleted B's persisted routes."""
+    theirs = tmp_path / "10-netplan-ens5.network.d" / "tunnelnat-other.conf"
+    theirs.parent.mkdir()
+    theirs.write_text("[Route]\nDestination=198.18.0.0/24\nGateway=10.10.1.99\n")
+    host = FakeHost("ubuntu2404-ens5.txt")
+    report = routes.persist(G, NETS, deployment="acme", etc_dir=tmp_path, run=host, systemd=True)
+    assert report["removed"] == [] and theirs.exists()
+    assert Path(report["dropin"]).name == "tunnelnat-acme.conf"
+
+
+def test_an_earlier_versions_dropin_is_taken_over_only_when_all_its_routes_are_ours(tmp_path):
+    ours = tmp_path / "10-netplan-ens5.network.d" / "tunnelnat.conf"
+    ours.parent.mkdir()
+    ours.write_text(EXPECTED_DROPIN)  # every Gateway= is our G
+    theirs = tmp_path / "70-ens6.network.d" / "tunnelnat.conf"
+    theirs.parent.mkdir()
+    theirs.write_text("[Route]\nDestination=198.18.0.0/24\nGateway=10.10.1.99\n")
+    host = FakeHost("ubuntu2404-ens5.txt")
+    report = routes.persist(G, NETS, deployment="acme", etc_dir=tmp_path, run=host, systemd=True)
+    assert report["removed"] == [str(ours)] and not ours.exists()
+    assert theirs.exists(), "another G: another deployment's"
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "Acme", "x", "-ab", "a" * 31])
+def test_a_deployment_name_that_could_climb_out_is_refused(name, tmp_path):
+    with pytest.raises(routes.RouteError):
+        routes.dropin_name(name)
+    args = ["persist", "--gateway", str(G), "--destinations", "192.0.2.0/24"]
+    assert routes.main([*args, f"--deployment={name}", "--etc-dir", str(tmp_path)]) == 2
