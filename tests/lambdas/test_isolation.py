@@ -3,8 +3,11 @@ reported; everything else converges. Nothing outside this deployment is touched.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from tests.lambdas.conftest import REGION
 from tests.lambdas.events import Context, sqs_batch, state_change
 from tests.lambdas.test_metrics import emf, failures
 from tunnelnat.adapters.ec2 import Ec2Instances, GatewayAmbiguous
@@ -153,3 +156,58 @@ def test_the_status_tag_names_the_deployment(world):
     tags = {t["Key"]: t["Value"] for t in reservation["Instances"][0]["Tags"]}
     assert tags.get("tunnelnat:status:test") == "enrolled"
     assert "tunnelnat:status" not in tags
+
+
+# -- issue 21 ----------------------------------------------------------------------------------
+def test_a_tagged_instance_outside_the_allow_list_is_not_allowed(world, monkeypatch, capsys):
+    monkeypatch.setenv("TUNNELNAT_ALLOWED_SUBNETS", world.other_subnet_id)
+    handler_module.use_controller(handler_module.build_controller(commands=world.fleet))
+    web = world.launch("10.10.1.21", tags=TAG)
+    capsys.readouterr()
+    [outcome] = handler(state_change(web, "running"), Context())["outcomes"]
+    assert outcome["status"] == "not-allowed"
+    assert world.subnet_id in outcome["reason"], "the reason names the subnet"
+    assert failures(emf(capsys.readouterr().out)) == ["not-allowed"]
+    assert world.items("mapping") == {} and web not in world.fleet.routes
+    assert all(i != web for i, _ in world.fleet.calls), "never a command to it"
+    assert world.items("instance")[web]["status"]["S"] == "not-allowed"
+    tags = world.ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [web]}])["Tags"]
+    assert {t["Key"]: t["Value"] for t in tags}["tunnelnat:status:test"] == "not-allowed"
+
+
+def test_an_enrolled_instance_outside_a_narrowed_allow_list_is_unenrolled(world, monkeypatch):
+    web = world.launch("10.10.1.21", tags=TAG)
+    handler(state_change(web, "running"), Context())
+    assert world.fleet.routes[web]
+    monkeypatch.setenv("TUNNELNAT_ALLOWED_GROUPS", "web-asg")
+    handler_module.use_controller(handler_module.build_controller(commands=world.fleet))
+    [outcome] = handler(state_change(web, "running"), Context())["outcomes"]
+    assert outcome["status"] == "not-allowed" and "no Auto Scaling group" in outcome["reason"]
+    assert web not in world.fleet.routes and world.items("mapping") == {}
+
+
+def test_what_an_instance_wrote_reaches_records_and_the_dlq_without_escapes(world, queues):
+    """Issue 21, finding 7: instance stderr with ANSI escapes reached operators' terminals
+    (tunnelnat status, dlq)."""
+    from tests.lambdas.test_controller_faults import batch_from
+    from tunnelnat.adapters.commands import CommandResult
+
+    sqs, main, dlq = queues
+    web = world.launch("10.10.1.21", tags=TAG)
+    evil = "\x1b]0;owned\x07\x1b[2J\x1b[31mroute failed\x1b[0m\r\x9b1;1H"
+    real = world.fleet._run
+
+    def run(instance_id, document, parameters):
+        if document == "AddHostRoute":
+            return CommandResult(instance_id, document, "Failed", stderr=evil)
+        return real(instance_id, document, parameters)
+
+    world.fleet._run = run
+    arn = f"arn:aws:sqs:{REGION}:123456789012:tunnelnat-events"
+    handler(batch_from(arn, state_change(web, "running"), receive_count=10), Context())
+    [message] = sqs.receive_message(QueueUrl=dlq, MaxNumberOfMessages=1)["Messages"]
+    parked = json.loads(message["Body"])
+    record = world.items("instance")[web]
+    for text in (parked["reason"], record["reason"]["S"]):
+        assert "route failed" in text, text
+        assert not any(c in text for c in "\x1b\x07\r\x9b"), repr(text)
