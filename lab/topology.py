@@ -82,7 +82,9 @@ TABLE = "tunnelnat-lab"
 PSK_SECRET = "tunnelnat/lab/psk"  # noqa: S105 - a secret's name, not a secret
 DEPLOYMENT = "lab"
 TUNNEL = "partner"
-CHARON_LOG = "/etc/tunnelnat/charon.log"  # ConfigureGateway's CharonLog in the lab
+# ConfigureTunnel's CharonLog in the lab: where the document allows it (a file directly in
+# /var/log/tunnelnat), on the machine's own /var/log (a tmpfs of its mount namespace).
+CHARON_LOG = "/var/log/tunnelnat/charon.log"
 # The shell scripts in the namespaces see moto on this loopback port (bridged, see start_moto).
 MOTO_NS_PORT = 5000
 IMDS_NS_PORT = 5001  # the gateway's IMDSv2 (lab.imds), on its own loopback
@@ -608,6 +610,9 @@ class Lab:
             "mount -t overlay tn-etc "
             f"-o lowerdir=/etc,upperdir={root}/etc,workdir={root}/work /etc; "
             "if [ -d /run/systemd ]; then mount -t tmpfs tn-nosystemd /run/systemd; fi; "
+            # Each machine its own /var/log (charon's log: ConfigureTunnel's CharonLog), gone
+            # with the machine; never the host's.
+            "mount -t tmpfs tn-log /var/log; "
             f"if [ -d /run/lock ]; then mount --bind {root}/lock /run/lock; fi"
         )
         # unshare runs in the host's mount namespace so the pin (a bind mount of the new
@@ -1244,7 +1249,7 @@ swanctl {{
             "TunnelName": TUNNEL,
             "TableName": TABLE,
             "Region": REGION,
-            "CharonLog": CHARON_LOG,  # on the machine's own /etc, not the host's /var/log
+            "CharonLog": CHARON_LOG,  # on the machine's own /var/log, not the host's
             # A pair: IKE leaves only from the address on the moved link (on AWS G, the Internet
             # gateway maps it to E; in the lab E itself sits on that link). The standby, without
             # it, never initiates from its own address.
