@@ -117,7 +117,15 @@ class LabAws:
         self.private_route_table_id = ec2.create_route_table(
             VpcId=self.vpc_id,
             TagSpecifications=[
-                {"ResourceType": "route-table", "Tags": [{"Key": "Name", "Value": "private"}]}
+                {
+                    "ResourceType": "route-table",
+                    "Tags": [
+                        {"Key": "Name", "Value": "private"},
+                        # The network owner opts the table in (the controller writes only to
+                        # tables tagged tunnelnat:routes=<deployment>, issue 21).
+                        {"Key": "tunnelnat:routes", "Value": topo.DEPLOYMENT},
+                    ],
+                }
             ],
         )["RouteTable"]["RouteTableId"]
         ec2.associate_route_table(
