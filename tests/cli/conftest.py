@@ -239,7 +239,7 @@ class Deployment:
                 {"Name": "Gateway", "Value": gateway or self.gateway_id},
             ]
         self.cloudwatch.put_metric_data(
-            Namespace="tunnelnat",
+            Namespace=f"tunnelnat/{DEPLOYMENT}",
             MetricData=[
                 {
                     "MetricName": "TunnelUp",
@@ -332,7 +332,14 @@ def dep(aws_env, shared_session):
     d.gateway_id = d.launch(
         "10.10.1.10",
         name="gateway",
-        tags={"tunnelnat:role": "gateway", "tunnelnat:deployment": DEPLOYMENT},
+        # The labels, and the tag Auto Scaling puts on what it launches: what makes it the
+        # gateway (issue 21). AWS lets no user set an aws: key; moto lets the fixture play
+        # Auto Scaling here.
+        tags={
+            "tunnelnat:role": "gateway",
+            "tunnelnat:deployment": DEPLOYMENT,
+            "aws:autoscaling:groupName": f"{DEPLOYMENT}-gateway",
+        },
     )
     d.source_dest_check(d.gateway_id, False)
     d.eni_id = ec2.create_network_interface(SubnetId=d.subnet_id, PrivateIpAddress=G)[
@@ -357,7 +364,7 @@ def dep(aws_env, shared_session):
     for alarm in ALARMS:
         d.cloudwatch.put_metric_alarm(
             AlarmName=alarm,
-            Namespace="tunnelnat",
+            Namespace=f"tunnelnat/{DEPLOYMENT}",
             MetricName="TunnelUp",
             Statistic="Minimum",
             Period=60,

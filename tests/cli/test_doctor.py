@@ -101,7 +101,12 @@ def test_no_gateway(dep):
 
 def test_two_gateways(dep):
     second = dep.launch(
-        "10.10.1.11", tags={"tunnelnat:role": "gateway", "tunnelnat:deployment": "test"}
+        "10.10.1.11",
+        tags={
+            "tunnelnat:role": "gateway",
+            "tunnelnat:deployment": "test",
+            "aws:autoscaling:groupName": "test-gateway",  # a member (moto plays Auto Scaling)
+        },
     )
     dep.source_dest_check(second, False)
     doc = doctor(dep, ssm={dep.gateway_id: "Online", second: "Online"})
@@ -226,7 +231,7 @@ def test_tunnel_up_asks_the_gateway_nothing(dep, tmp_path):
 def put_established(dep, tunnel, value):
     """The health agent's TunnelEstablished (Deployment, Tunnel): up since configured?"""
     dep.cloudwatch.put_metric_data(
-        Namespace="tunnelnat",
+        Namespace="tunnelnat/test",
         MetricData=[
             {
                 "MetricName": "TunnelEstablished",
@@ -640,3 +645,33 @@ def test_rows_the_gateway_left_out_at_its_last_sync(dep):
     assert "10.10.1.99 -> 203.0.113.12: " in finding["summary"]
     assert "10.10.1.21" not in finding["summary"]
     stub.assert_no_pending_responses()
+
+
+# -- issue 21: a lookalike gateway, and what an instance wrote ----------------------------------
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        {"tunnelnat:gateway": "test"},  # the associations' old target
+        {"tunnelnat:role": "gateway", "tunnelnat:deployment": "test"},  # the pair's old peers
+        {"tunnelnat:role": "gateway"},
+    ],
+)
+def test_doctor_names_an_instance_labelled_like_the_gateway_outside_its_group(dep, labels):
+    impostor = dep.launch("10.10.1.77", name="lookalike", tags=labels)
+    doc = doctor(dep, ssm={dep.gateway_id: "Online", impostor: "Online"})
+    finding = failures(doc)[("gateway-impostor", impostor)]
+    assert "not in its Auto Scaling group test-gateway" in finding["summary"]
+    assert "gets no gateway command" in finding["summary"]
+    assert f"aws ec2 delete-tags --resources {impostor}" in finding["fix"]
+    assert "CloudTrail" in finding["fix"]
+    assert ("gateway-impostor", dep.gateway_id) not in failures(doc)
+
+
+def test_another_deployments_gateway_is_not_an_impostor(dep):
+    other = dep.launch(
+        "10.10.1.78", tags={"tunnelnat:role": "gateway", "tunnelnat:deployment": "prod"}
+    )
+    doc = doctor(dep, ssm={dep.gateway_id: "Online", other: "Online"})
+    assert not [k for k in failures(doc) if k[0] == "gateway-impostor"]

@@ -53,7 +53,11 @@ def pair(dep):
     standby = dep.launch(
         STANDBY_IP,
         name="gateway-2",
-        tags={"tunnelnat:role": "gateway", "tunnelnat:deployment": DEPLOYMENT},
+        tags={
+            "tunnelnat:role": "gateway",
+            "tunnelnat:deployment": DEPLOYMENT,
+            "aws:autoscaling:groupName": f"{DEPLOYMENT}-gateway",  # moto plays Auto Scaling
+        },
     )
     dep.source_dest_check(standby, False)
     _records(dep).claim(dep.gateway_id, time.time() - 3600)

@@ -103,7 +103,7 @@ class Rule:
             self.sent.append(reply["Command"]["CommandId"])
         if self.sent and self.polls > self.delay:
             self.dep.cloudwatch.put_metric_data(
-                Namespace="tunnelnat",
+                Namespace=f"tunnelnat/{DEPLOYMENT}",
                 MetricData=[
                     {
                         "MetricName": "TunnelUp",

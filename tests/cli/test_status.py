@@ -119,3 +119,28 @@ def test_unenroll_of_an_instance_never_enrolled(dep):
     assert result.code == 0
     assert f"{web1} has no tunnelnat tag" in result.out
     assert "was not enrolled: nothing to undo" in result.out
+
+
+# -- issue 21, finding 7: what an instance wrote reaches the terminal without its controls ------
+
+HOSTILE = "route failed\x1b[2J\x1b]0;pwned\x07\x9b31m\u202egnp.exe\r ok"
+
+
+def test_status_strips_terminal_controls_from_what_an_instance_wrote(dep):
+    web1 = dep.launch("10.10.1.21", name="web-1")
+    assert dep.run("enroll", web1, "--wait").code == 0
+    dep.dynamodb.update_item(
+        TableName=TABLE,
+        Key={"pk": {"S": "instance"}, "sk": {"S": web1}},
+        UpdateExpression="SET reason = :r",
+        ExpressionAttributeValues={":r": {"S": HOSTILE}},
+    )
+    dep.launch("10.10.1.40", name="evil\u202e-1", tags=TAG)  # a Name tag is theirs too
+    result = dep.run("status")
+    assert result.code == 0, result.err
+    for control in ("\x1b", "\x07", "\x9b", "\u202e", "\r"):
+        assert control not in result.out and control not in result.err
+    assert "route failedgnp.exe ok" in result.out and "evil-1" in result.out
+    # JSON escapes controls itself: the reason is kept there, exactly.
+    [row] = [r for r in dep.run("status", "--json").json()["instances"] if r["instance_id"] == web1]
+    assert row["reason"] == HOSTILE

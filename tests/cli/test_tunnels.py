@@ -26,7 +26,11 @@ REPO = Path(__file__).resolve().parents[2]
 DOCUMENT = REPO / "ssm_documents" / "ShowTunnels.yaml"
 DATA = REPO / "tests" / "unit" / "data" / "tunnel_stats"
 COMMAND_ID = "11111111-2222-3333-4444-555555555555"  # SSM's are UUIDs (36 characters)
-GATEWAY_TAGS = {"tunnelnat:role": "gateway", "tunnelnat:deployment": DEPLOYMENT}
+GATEWAY_TAGS = {
+    "tunnelnat:role": "gateway",
+    "tunnelnat:deployment": DEPLOYMENT,
+    "aws:autoscaling:groupName": f"{DEPLOYMENT}-gateway",  # moto plays Auto Scaling
+}
 
 
 CHARON = REPO / "tests" / "unit" / "data" / "charon"

@@ -32,6 +32,7 @@ from tunnelnat.cli.aws import (
 )
 from tunnelnat.cli.context import Change, Ctx, Runtime
 from tunnelnat.core.config import TAG_TEXT
+from tunnelnat.core.text import printable
 
 __all__ = ["Change", "Runtime", "build_parser", "main"]
 TUNNEL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")  # as ShowTunnels' allowedPattern
@@ -75,8 +76,9 @@ def _count(value: str) -> int:
 
 
 def one_line(text: str) -> str:
-    """Every error the CLI prints is one line, whatever the message carried."""
-    return " ".join(str(text).split())
+    """Every error the CLI prints is one line, whatever the message carried, and nothing a
+    terminal would obey (an instance's stderr is often part of it: issue 21, 7)."""
+    return " ".join(printable(str(text)).split())
 
 
 class _Parser(argparse.ArgumentParser):

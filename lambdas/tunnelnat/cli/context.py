@@ -12,6 +12,35 @@ from typing import Any, TextIO
 
 from tunnelnat.cli.aws import Aws
 from tunnelnat.cli.table import TableReader
+from tunnelnat.core.text import printable
+
+
+class Printable:
+    """A text stream that passes on only what a terminal shows (issue 21, 7).
+
+    Much of what the CLI prints was written by an instance or a gateway: command output
+    (StandardErrorContent), status reasons, DLQ records, charon's diagnosis, the pair agent's
+    switchover detail. Any of it may carry ANSI/ECMA-48 escape sequences or other controls that
+    would rewrite the operator's screen or title bar; ``printable`` strips them at the one place
+    every subcommand writes through (tables, lines, JSON alike: JSON escapes its own controls).
+    ``raw`` is the stream itself, for the one control the CLI sends on purpose: ``Progress``'s
+    carriage return on a terminal.
+    """
+
+    def __init__(self, raw: TextIO) -> None:
+        self.raw = raw
+
+    def write(self, text: str) -> int:
+        return self.raw.write(printable(text))
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def isatty(self) -> bool:
+        return bool(getattr(self.raw, "isatty", lambda: False)())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.raw, name)
 
 
 @dataclass(frozen=True)
@@ -56,11 +85,11 @@ class Ctx:
 
     @property
     def out(self) -> TextIO:
-        return self.runtime.out
+        return Printable(self.runtime.out)  # type: ignore[return-value] - a TextIO's write
 
     @property
     def err(self) -> TextIO:
-        return self.runtime.err
+        return Printable(self.runtime.err)  # type: ignore[return-value] - a TextIO's write
 
     @property
     def deployment(self) -> str:

@@ -15,12 +15,14 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from tunnelnat.adapters.ec2 import DEPLOYMENT_TAG
 from tunnelnat.cli.aws import EXIT_FINDINGS, EXIT_OK, CliError, error_code
 from tunnelnat.cli.context import Ctx
 from tunnelnat.cli.enrol import fix_for, is_failure
 from tunnelnat.cli.fleet import (
     DeploymentConfig,
     Instance,
+    describe_instances,
     gateways,
     instances_by_id,
     load_config,
@@ -30,6 +32,7 @@ from tunnelnat.cli.pair import PairState, pair_state
 from tunnelnat.cli.render import ago, dump_json
 from tunnelnat.cli.table import Snapshot
 from tunnelnat.cli.tunnels import show_tunnels, tunnel_states
+from tunnelnat.core.enrolment import GATEWAY_ROLE_TAG
 from tunnelnat.healer import latest_established
 
 SCHEMA = "tunnelnat.doctor/v1"
@@ -163,6 +166,7 @@ def diagnose(ctx: Ctx) -> list[Finding]:
         )
     checks: list[Callable[[Ctx, Facts], list[Finding]]] = [
         check_gateway,
+        check_impostors,
         check_pair,
         check_source_dest,
         check_eni,
@@ -225,6 +229,56 @@ def check_gateway(ctx: Ctx, facts: Facts) -> list[Finding]:
             )
         )
     return found
+
+
+GROUP_TAG = "aws:autoscaling:groupName"  # Auto Scaling's; the aws: prefix is reserved to AWS
+LOOKALIKE_STATES = ["pending", "running", "stopping", "stopped"]
+
+
+def check_impostors(ctx: Ctx, facts: Facts) -> list[Finding]:
+    """``gateway-impostor`` (issue 21): an instance labelled like this deployment's gateway
+    (``tunnelnat:gateway=<deployment>``, or ``tunnelnat:role=gateway`` of this deployment or of
+    none) that its Auto Scaling group did not launch. Nothing trusts those labels any more (the
+    associations, the pair agents, the roles and the healer go by the group and G's ENI), so it
+    gets nothing; but someone set them, and they should know who."""
+    d = ctx.deployment
+    group = getattr(ctx.args, "gateway_group", None) or f"{d}-gateway"
+    ec2 = ctx.aws.client("ec2")
+    state = {"Name": "instance-state-name", "Values": LOOKALIKE_STATES}
+    found: dict[str, Instance] = {}
+    for filters in (
+        [{"Name": "tag:tunnelnat:gateway", "Values": [d]}, state],
+        [{"Name": f"tag:{GATEWAY_ROLE_TAG}", "Values": ["gateway"]}, state],
+    ):
+        for instance in describe_instances(ec2, filters):
+            deployment = instance.tags.get(DEPLOYMENT_TAG)
+            if instance.tags.get("tunnelnat:gateway") == d or deployment in (None, d):
+                found[instance.instance_id] = instance
+    impostors = sorted(i for i, inst in found.items() if inst.tags.get(GROUP_TAG) != group)
+    if not impostors:
+        return [
+            Finding("gateway-impostor", OK, f"no instance outside {group} is labelled a gateway")
+        ]
+    return [
+        Finding(
+            "gateway-impostor",
+            FAIL,
+            f"{i} is labelled like a gateway of {d} "
+            f"({', '.join(f'{k}={v}' for k, v in sorted(found[i].tags.items()) if k in LABELS)}) "
+            f"but is not in its Auto Scaling group {group}"
+            + (f" (it is in {found[i].tags[GROUP_TAG]})" if GROUP_TAG in found[i].tags else "")
+            + ": it gets no gateway command, role or traffic",
+            f"remove the labels (aws ec2 delete-tags --resources {i} --tags "
+            "Key=tunnelnat:gateway Key=tunnelnat:role), and find who set them: CloudTrail "
+            f"CreateTags/RunInstances on {i} (aws cloudtrail lookup-events --lookup-attributes "
+            f"AttributeKey=ResourceName,AttributeValue={i}); docs/security.md reserves these keys",
+            i,
+        )
+        for i in impostors
+    ]
+
+
+LABELS = ("tunnelnat:gateway", GATEWAY_ROLE_TAG, DEPLOYMENT_TAG)
 
 
 def _check_pair_gateways(facts: Facts) -> list[Finding]:

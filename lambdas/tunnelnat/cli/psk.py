@@ -24,7 +24,7 @@ from tunnelnat.cli.aws import EXIT_FINDINGS, EXIT_OK, CliError, error_code
 from tunnelnat.cli.context import Change, Ctx
 from tunnelnat.cli.fleet import Instance, gateways
 from tunnelnat.cli.render import Progress, dump_json, iso
-from tunnelnat.cli.tunnels import METRIC, NAMESPACE, TunnelState, tunnel_states
+from tunnelnat.cli.tunnels import METRIC, NAMESPACE_PREFIX, TunnelState, tunnel_states
 
 SCHEMA_ID = "tunnelnat.psk/v1"
 MIN_LENGTH = 20  # ConfigureTunnel refuses a shorter key
@@ -271,7 +271,7 @@ def tunnel_up_since(
                 "Id": f"t{i}",
                 "MetricStat": {
                     "Metric": {
-                        "Namespace": NAMESPACE,
+                        "Namespace": NAMESPACE_PREFIX + deployment,
                         "MetricName": METRIC,
                         "Dimensions": [
                             {"Name": "Tunnel", "Value": state.tunnel},

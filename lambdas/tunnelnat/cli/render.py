@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from tunnelnat.core.text import printable
+
 
 def iso(epoch: float | None) -> str | None:
     """An epoch time as ISO 8601 UTC (``2026-11-25T19:38:51Z``), or None."""
@@ -50,7 +52,9 @@ class Progress:
     """``--wait``'s display on stderr: one rewritten line on a terminal, else a line per change."""
 
     def __init__(self, err: TextIO, *, enabled: bool = True) -> None:
-        self._err = err
+        # The stream itself (Ctx's is a Printable, which would strip the \r); the text is made
+        # printable here instead.
+        self._err = getattr(err, "raw", err)
         self._tty = bool(getattr(err, "isatty", lambda: False)())
         self._enabled = enabled
         self._last = ""
@@ -59,6 +63,7 @@ class Progress:
     def update(self, elapsed: float, text: str) -> None:
         if not self._enabled:
             return
+        text = printable(text)
         if self._tty:
             line = f"[{elapsed:5.0f}s] {text}"
             self._err.write("\r" + line.ljust(self._width))

@@ -1,9 +1,10 @@
 """Tunnels: their state from the health agent's metrics, and ``tunnelnat tunnels``, the SAs.
 
 Tunnel state from the gateway's health agent: CloudWatch metric ``TunnelUp`` (namespace
-``tunnelnat``). The agent publishes two series per tunnel: ``(Tunnel, Gateway=<instance ID>)`` and
-``(Deployment, Tunnel)`` (the one the alarm watches). The current gateway's own series is shown;
-a tunnel with only the deployment's series (the gateway publishes nothing) shows that one.
+``tunnelnat/<deployment>``). The agent publishes two series per tunnel: ``(Tunnel,
+Gateway=<instance ID>)`` and ``(Deployment, Tunnel)`` (the one the alarm watches). The current
+gateway's own series is shown; a tunnel with only the deployment's series (the gateway publishes
+nothing) shows that one.
 
 The newest datapoint within the last 5 minutes decides: its 1-minute Minimum >= 1 is ``up``,
 below 1 is ``down``; no datapoint is ``unknown`` (the alarm treats that as breaching, too)."""
@@ -24,7 +25,9 @@ from tunnelnat.cli.context import Ctx
 from tunnelnat.cli.fleet import load_config
 from tunnelnat.cli.render import dump_json, table
 
-NAMESPACE, METRIC = "tunnelnat", "TunnelUp"
+# The gateways publish to tunnelnat/<deployment>, the only namespace their role may write and
+# the one the alarms watch (issue 21): the shared "tunnelnat" is anyone's, never read here.
+NAMESPACE_PREFIX, METRIC = "tunnelnat/", "TunnelUp"
 WINDOW = timedelta(minutes=5)
 QUERIES_MAX = 500  # GetMetricData's limit per call
 
@@ -42,10 +45,11 @@ def tunnel_states(
     cloudwatch: Any, *, gateway_ids: set[str], deployment: str, now: float
 ) -> list[TunnelState]:
     """Every tunnel of the deployment: the series of ``gateway_ids``, else the deployment's."""
+    namespace = NAMESPACE_PREFIX + deployment
     by_gateway: dict[tuple[str, str], dict] = {}
     by_deployment: dict[str, dict] = {}
     for page in cloudwatch.get_paginator("list_metrics").paginate(
-        Namespace=NAMESPACE, MetricName=METRIC
+        Namespace=namespace, MetricName=METRIC
     ):
         for metric in page.get("Metrics", []):  # moto lists a metric once per datapoint
             dims = {d["Name"]: d["Value"] for d in metric.get("Dimensions", [])}
@@ -67,7 +71,7 @@ def tunnel_states(
                 "Id": f"m{i}",
                 "MetricStat": {
                     "Metric": {
-                        "Namespace": NAMESPACE,
+                        "Namespace": namespace,
                         "MetricName": METRIC,
                         "Dimensions": metric["Dimensions"],
                     },
