@@ -23,6 +23,7 @@ from aws_cdk import aws_sns as sns
 from constructs import Construct
 
 from stacks.documents import Documents
+from stacks.gateway import READINESS_PK
 from stacks.functions import log_group_and_role
 from stacks.nag import acknowledge, wildcard_arn
 from stacks.policies import send_command_to_gateway
@@ -211,6 +212,17 @@ class Healer(Construct):
                     "ForAllValues:StringEquals": {
                         "dynamodb:LeadingKeys": [HEALER_PK, IDEMPOTENCY_PK]
                     }
+                },
+            ),
+            iam.PolicyStatement(
+                # The pair agents' own reports (gateway/<instance-id>, READINESS_PK): the
+                # healer checks the holder's report of installed CHILD_SAs against an alarm
+                # before it restarts anything (issue 21, 3). Read only.
+                sid="ReadTheGatewaysReports",
+                actions=["dynamodb:GetItem"],
+                resources=[table.table_arn],
+                conditions={
+                    "ForAllValues:StringEquals": {"dynamodb:LeadingKeys": [READINESS_PK]}
                 },
             ),
             iam.PolicyStatement(

@@ -298,6 +298,7 @@ def test_healer_has_nothing_else(s):
         "OnThisDeploymentsGateways",
         "FollowCommandsFindTheGateway",
         "ReadTunnelUpAlarms",
+        "ReadTheGatewaysReports",
         "ReadTunnelEstablished",
         "ItsRecordsInTheTable",
         "PageTheTopic",

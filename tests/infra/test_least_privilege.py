@@ -387,6 +387,18 @@ def healer_rows(w: World) -> list[Row]:
             {w.table: {"dynamodb:LeadingKeys": ["instance"]}},
             False,
         ),
+        Row(
+            "the gateway's own report before a restart",
+            "dynamodb:GetItem",
+            {w.table: {"dynamodb:LeadingKeys": ["gateway"]}},
+            True,
+        ),
+        Row(
+            "a gateway's report, written",
+            "dynamodb:PutItem",
+            {w.table: {"dynamodb:LeadingKeys": ["gateway"]}},
+            False,
+        ),
     ]
 
 
