@@ -23,8 +23,8 @@ from aws_cdk import aws_sns as sns
 from constructs import Construct
 
 from stacks.documents import Documents
-from stacks.gateway import READINESS_PK
 from stacks.functions import log_group_and_role
+from stacks.gateway import READINESS_PK
 from stacks.nag import acknowledge, wildcard_arn
 from stacks.policies import send_command_to_gateway
 from stacks.settings import (
@@ -221,9 +221,7 @@ class Healer(Construct):
                 sid="ReadTheGatewaysReports",
                 actions=["dynamodb:GetItem"],
                 resources=[table.table_arn],
-                conditions={
-                    "ForAllValues:StringEquals": {"dynamodb:LeadingKeys": [READINESS_PK]}
-                },
+                conditions={"ForAllValues:StringEquals": {"dynamodb:LeadingKeys": [READINESS_PK]}},
             ),
             iam.PolicyStatement(
                 sid="PageTheTopic",
