@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from lab import topology as topo
+from lab.aws import GATEWAY_GROUP
 from lab.commands import LabCommands
 from lab.controller import QUIET, FakeContext, LabController
 from lab.ssm_runner import default_env
@@ -136,6 +137,11 @@ def _stamp(when: datetime) -> str:
     return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}+0000"
 
 
+# The deployment's own namespace: the health agent publishes there, and the healer takes only
+# alarms on it (issue 21).
+METRIC_NAMESPACE = f"tunnelnat/{topo.DEPLOYMENT}"
+
+
 @dataclass
 class AlarmEvaluator:
     """Evaluates the TunnelUp alarm as CloudWatch would (Minimum < 1 in ``datapoints`` of the
@@ -155,7 +161,7 @@ class AlarmEvaluator:
         self.cloudwatch.put_metric_alarm(
             AlarmName=self.alarm,
             AlarmDescription="tunnelnat: tunnel partner is down (lab, accelerated)",
-            Namespace="tunnelnat",
+            Namespace=METRIC_NAMESPACE,
             MetricName="TunnelUp",
             Dimensions=[
                 {"Name": "Deployment", "Value": topo.DEPLOYMENT},
@@ -180,7 +186,7 @@ class AlarmEvaluator:
                     "Id": "up",
                     "MetricStat": {
                         "Metric": {
-                            "Namespace": "tunnelnat",
+                            "Namespace": METRIC_NAMESPACE,
                             "MetricName": "TunnelUp",
                             "Dimensions": [
                                 {"Name": "Deployment", "Value": topo.DEPLOYMENT},
@@ -279,6 +285,9 @@ def healer_environment(lab: topo.Lab, topic_arn: str) -> Iterator[dict[str, str]
         "TUNNELNAT_HEALER_ALARM_PREFIX": f"tunnelnat-{topo.DEPLOYMENT}-",
         "TUNNELNAT_HEALER_BACKOFF_BASE_SECONDS": "5",
         "TUNNELNAT_HEALER_RESTART_WAIT_SECONDS": "15",
+        # The healer sends RestartTunnel only to G's ENI holder in the gateway group (issue 21).
+        "TUNNELNAT_GATEWAY_ENI_ID": lab.aws.eni_id,
+        "TUNNELNAT_GATEWAY_GROUP": GATEWAY_GROUP,
     }
     saved = {k: os.environ.get(k) for k in environ}
     os.environ.update(environ)
