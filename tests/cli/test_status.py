@@ -4,7 +4,7 @@ from datetime import timedelta
 
 import jsonschema
 
-from tests.cli.conftest import TABLE
+from tests.cli.conftest import DEPLOYMENT, TABLE
 from tunnelnat.cli.schemas import STATUS
 
 TAG = {"tunnelnat": "enabled"}
@@ -144,3 +144,23 @@ def test_status_strips_terminal_controls_from_what_an_instance_wrote(dep):
     # JSON escapes controls itself: the reason is kept there, exactly.
     [row] = [r for r in dep.run("status", "--json").json()["instances"] if r["instance_id"] == web1]
     assert row["reason"] == HOSTILE
+
+
+def test_a_lookalike_labelled_as_the_gateway_is_not_one_of_its_gateways(dep):
+    """Issue 21, 1: the CLI lists gateways by their Auto Scaling group's own tag, never by the
+    tunnelnat:* labels anyone can copy onto an instance (status, switchover and psk use the
+    list; at b08b1c8 the lookalike was counted as a second gateway)."""
+    from tunnelnat.cli.fleet import gateways
+
+    lookalike = dep.launch(
+        "10.10.1.79",
+        name="lookalike",
+        tags={"tunnelnat:role": "gateway", "tunnelnat:deployment": DEPLOYMENT},
+    )
+    import boto3
+
+    found = [g.instance_id for g in gateways(boto3.client("ec2"), DEPLOYMENT)]
+    assert found == [dep.gateway_id] and lookalike not in found
+    result = dep.run("status")
+    assert result.code == 0, result.err
+    assert lookalike not in result.out

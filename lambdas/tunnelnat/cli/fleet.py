@@ -10,11 +10,10 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from tunnelnat.adapters.ec2 import DEPLOYMENT_TAG
 from tunnelnat.cli.aws import CliError, error_code
 from tunnelnat.cli.table import TableReader
 from tunnelnat.core.config import ConfigError, TunnelnatConfig, is_instance_id
-from tunnelnat.core.enrolment import GATEWAY_ROLE_TAG
+from tunnelnat.core.enrolment import GROUP_TAG
 
 LIVE_STATES = ("pending", "running", "stopping", "stopped")
 FILTER_VALUES_MAX = 200  # EC2 accepts at most 200 values in one filter
@@ -103,13 +102,21 @@ def tagged_instances(ec2: Any, key: str, value: str) -> list[Instance]:
     )
 
 
+def gateway_group(deployment: str) -> str:
+    """The gateway's Auto Scaling group, as the stack names it (stacks/settings.py
+    ``gateway_group_name``)."""
+    return f"{deployment}-gateway"
+
+
 def gateways(ec2: Any, deployment: str) -> list[Instance]:
-    """Running gateways of the deployment, newest ID last (as the controller picks them)."""
+    """Running gateways of the deployment, newest ID last (as the controller picks them): the
+    members of its Auto Scaling group, by the group's own tag (aws:autoscaling:groupName, which
+    nobody but Auto Scaling can set), never by the tunnelnat:* labels anyone may copy (issue
+    21: `doctor` names such lookalikes)."""
     found = describe_instances(
         ec2,
         [
-            {"Name": f"tag:{GATEWAY_ROLE_TAG}", "Values": ["gateway"]},
-            {"Name": f"tag:{DEPLOYMENT_TAG}", "Values": [deployment]},
+            {"Name": f"tag:{GROUP_TAG}", "Values": [gateway_group(deployment)]},
             {"Name": "instance-state-name", "Values": ["running"]},
         ],
     )

@@ -22,7 +22,7 @@ from tunnelnat.adapters.commands import CommandError, SsmCommands
 from tunnelnat.adapters.ec2 import Ec2Instances, GatewayNotFound
 from tunnelnat.cli.aws import EXIT_FINDINGS, EXIT_OK, CliError
 from tunnelnat.cli.context import Ctx
-from tunnelnat.cli.fleet import load_config
+from tunnelnat.cli.fleet import gateway_group, load_config
 from tunnelnat.cli.render import dump_json, table
 
 # The gateways publish to tunnelnat/<deployment>, the only namespace their role may write and
@@ -126,15 +126,18 @@ class ShowTunnelsCommand(SsmCommands):
 
 
 def find_gateway(ctx: Ctx) -> str:
-    """The gateway as the controller finds it: the tagged instance holding G (G from the
-    controller's configuration; by its tags alone when that is not readable)."""
+    """The gateway as the controller finds it: the member of the gateway's Auto Scaling group
+    holding G (G from the controller's configuration; the group's newest member when that is
+    not readable)."""
     config = load_config(
         ctx.aws.client("lambda"), ctx.reader, function_name=f"{ctx.deployment}-controller"
     )
     try:
-        return Ec2Instances(ctx.aws.client("ec2"), gateway_ip=config.gateway_ip).find_gateway(
-            ctx.deployment
-        )
+        return Ec2Instances(
+            ctx.aws.client("ec2"),
+            gateway_ip=config.gateway_ip,
+            gateway_group=gateway_group(ctx.deployment),
+        ).find_gateway(ctx.deployment)
     except GatewayNotFound as exc:
         raise CliError(f"{exc} (is the gateway running? `tunnelnat doctor` says more)") from None
 
