@@ -19,7 +19,9 @@ from lab import topology as topo
 # As the stack tags the gateway (stacks/settings.py ROLE_TAG, DEPLOYMENT_TAG, GATEWAY_TAG).
 # The gateways' Auto Scaling group: Auto Scaling tags every instance it launches with its name,
 # and the controller counts a tagged gateway without G as the pair's standby only in that group.
-GATEWAY_GROUP = f"tunnelnat-{topo.DEPLOYMENT}-gateway"
+# Named as the stack names it (stacks/settings.py gateway_group_name: <deployment>-gateway); the
+# CLI, the healer and the associations find the gateways by it (issue 21).
+GATEWAY_GROUP = f"{topo.DEPLOYMENT}-gateway"
 GATEWAY_TAGS = {
     "tunnelnat:role": "gateway",
     "tunnelnat:deployment": topo.DEPLOYMENT,
