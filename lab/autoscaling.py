@@ -35,12 +35,12 @@ from botocore.exceptions import ClientError
 from lab import topology as topo
 from lab.aws import ENROLMENT_TAG, LabAws
 from tunnelnat.adapters.autoscaling import ActionState
-from tunnelnat.events import HOOK_PREFIX, LAUNCH_ACTION, TERMINATE_ACTION, LifecycleDetail
+from tunnelnat.events import LAUNCH_ACTION, TERMINATE_ACTION, LifecycleDetail, hook_names
 
 GROUP = f"{topo.DEPLOYMENT}-web"
-# The controller answers only hooks named with its prefix (events.HOOK_PREFIX, the stack's rule).
-HOOK = f"{HOOK_PREFIX}{topo.DEPLOYMENT}-web-launch"
-TERMINATE_HOOK = f"{HOOK_PREFIX}{topo.DEPLOYMENT}-web-terminate"
+# The controller answers only its deployment's hooks, named exactly as the stack names them
+# (events.hook_names: tunnelnat-<deployment>-launch and -terminate, on each group).
+HOOK, TERMINATE_HOOK = hook_names(topo.DEPLOYMENT)
 TEMPLATE = f"{topo.DEPLOYMENT}-web"
 RULE = f"{topo.DEPLOYMENT}-lifecycle"
 BATCH_SIZE = 10  # the stack's SqsEventSource batch_size
@@ -104,7 +104,7 @@ def create_group(aws: LabAws) -> None:
             {
                 "source": ["aws.autoscaling"],
                 "detail-type": [LAUNCH_ACTION, TERMINATE_ACTION],
-                "detail": {"LifecycleHookName": [{"prefix": HOOK_PREFIX}]},
+                "detail": {"LifecycleHookName": list(hook_names(topo.DEPLOYMENT))},
             }
         ),
         State="ENABLED",

@@ -226,13 +226,13 @@ class Controller(Construct):
                 self,
                 "LifecycleRule",
                 description=f"{deployment}: Auto Scaling lifecycle actions (launch, terminate) "
-                f"of hooks named {settings.hook_prefix}*",
+                f"of its hooks ({', '.join(settings.hook_names)})",
                 event_pattern=events.EventPattern(
                     source=["aws.autoscaling"],
                     detail_type=LIFECYCLE_DETAIL_TYPES,
                     # Only this deployment's hooks: every other team's, and another
                     # deployment's, stay theirs to complete (the handler checks the name too).
-                    detail={"LifecycleHookName": events.Match.prefix(settings.hook_prefix)},
+                    detail={"LifecycleHookName": list(settings.hook_names)},
                 ),
                 targets=[target],
             ),

@@ -41,6 +41,7 @@ from tunnelnat.core.crypto import (
     proposal_problems,
 )
 from tunnelnat.core.crypto import IDENTITY as IKE_IDENTITY
+from tunnelnat.events import hook_names
 
 SOURCE = "CDK context"
 
@@ -539,8 +540,15 @@ class StackSettings(BaseModel):
         return f"tunnelnat-{self.deployment}-"
 
     def hook_name(self, transition: str) -> str:
-        """tunnelnat's lifecycle hook names: the prefix the controller's rule matches."""
-        return f"{self.hook_prefix}{transition}"
+        """tunnelnat's lifecycle hook names, one of ``hook_names`` (the controller's rule and
+        code take exactly these: a prefix would also take ``<deployment>-2``'s)."""
+        name = f"{self.hook_prefix}{transition}"
+        assert name in self.hook_names, name
+        return name
+
+    @property
+    def hook_names(self) -> tuple[str, ...]:
+        return hook_names(self.deployment)
 
     @property
     def tunnel_alarm_prefix(self) -> str:

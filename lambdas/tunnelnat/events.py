@@ -22,10 +22,10 @@ LAUNCH_ACTION = "EC2 Instance-launch Lifecycle Action"
 TERMINATE_ACTION = "EC2 Instance-terminate Lifecycle Action"
 SCHEDULED = "Scheduled Event"
 RECONCILE_REQUEST = "tunnelnat Reconcile Request"
-# Lifecycle hooks the controller answers are named ``tunnelnat-<deployment>-...``
-# (``hook_prefix``); the stack's rule matches the same prefix, and every other hook in the account
-# and region (another team's, another deployment's) is left to its owner. HOOK_PREFIX is what
-# every deployment's hooks share: never enough to call a hook ours.
+# Lifecycle hooks the controller answers are named exactly ``tunnelnat-<deployment>-launch`` and
+# ``-terminate`` (``hook_names``); the stack's rule matches the same names, and every other hook in
+# the account and region (another team's, another deployment's) is left to its owner. HOOK_PREFIX
+# is what every deployment's hooks share: never enough to call a hook ours.
 HOOK_PREFIX = "tunnelnat-"
 
 
@@ -34,14 +34,20 @@ def hook_prefix(deployment: str) -> str:
     return f"{HOOK_PREFIX}{deployment}-"
 
 
-def is_our_hook(hook_name: str, deployment: str) -> bool:
-    """Whether a lifecycle hook is this deployment's to complete: named ``tunnelnat-<deployment>-``.
+HOOK_TRANSITIONS = ("launch", "terminate")
 
-    A prefix cannot tell ``acme`` from ``acme-2`` (``tunnelnat-acme-2-launch`` starts with
-    ``tunnelnat-acme-``): two deployments whose names are so related must not share an Auto
-    Scaling group (docs/operations.md); the instance's own enrolment tag still decides whether
-    it is enrolled."""
-    return hook_name.startswith(hook_prefix(deployment))
+
+def hook_names(deployment: str) -> tuple[str, ...]:
+    """This deployment's lifecycle hook names, exactly (the stack names its hooks so):
+    ``tunnelnat-<deployment>-launch`` and ``tunnelnat-<deployment>-terminate``."""
+    return tuple(f"{hook_prefix(deployment)}{t}" for t in HOOK_TRANSITIONS)
+
+
+def is_our_hook(hook_name: str, deployment: str) -> bool:
+    """Whether a lifecycle hook is this deployment's to complete: one of ``hook_names``, exactly.
+    A prefix would not do: ``tunnelnat-acme-2-launch`` (deployment ``acme-2``) starts with
+    ``tunnelnat-acme-``."""
+    return hook_name in hook_names(deployment)
 
 
 class InvalidEvent(ValueError):
@@ -191,7 +197,7 @@ def parse_request(event: Any, *, deployment: str | None = None) -> Request:
         if kind in (LAUNCH_ACTION, TERMINATE_ACTION):
             action = parse(event=event, model=LifecycleEvent)
             detail = action.detail
-            prefix = HOOK_PREFIX if deployment is None else hook_prefix(deployment)
+            names = (f"{HOOK_PREFIX}...",) if deployment is None else hook_names(deployment)
             if not (detail.hook_name.startswith(HOOK_PREFIX) if deployment is None
                     else is_our_hook(detail.hook_name, deployment)):  # fmt: skip
                 # Another team's hook (CodeDeploy, a drain hook) or another deployment's: never
@@ -199,7 +205,7 @@ def parse_request(event: Any, *, deployment: str | None = None) -> Request:
                 # into service).
                 raise InvalidEvent(
                     f"lifecycle hook {detail.hook_name!r} is not this deployment's "
-                    f"(its hooks are named {prefix}...): ignored"
+                    f"(its hooks are {' and '.join(names)}): ignored"
                 )
             return Request(action.id, kind, action.time, (detail.instance_id,), lifecycle=detail)
         if kind == SCHEDULED:

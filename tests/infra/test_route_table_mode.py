@@ -151,7 +151,7 @@ def test_hooks_on_each_named_existing_group(created):
         for transition in ("launch", "terminate")
     )
     for hook in ours:
-        assert hook["LifecycleHookName"].startswith(HOOK_PREFIX), "the Lifecycle rule's prefix"
+        assert hook["LifecycleHookName"].startswith(HOOK_PREFIX)
         assert hook["HeartbeatTimeout"] == HOOK_HEARTBEAT_SECONDS
         # No notification target, no role: Auto Scaling sends the action to EventBridge.
         assert "NotificationTargetARN" not in hook and "RoleARN" not in hook

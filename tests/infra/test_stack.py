@@ -826,7 +826,12 @@ RULE_PATTERNS = {
         ],
         # Issue 14, finding 6: only tunnelnat's hooks, never another team's; issue 21,
         # finding 4: only this deployment's.
-        "detail": {"LifecycleHookName": [{"prefix": f"tunnelnat-{DEPLOYMENT}-"}]},
+        "detail": {
+            "LifecycleHookName": [
+                f"tunnelnat-{DEPLOYMENT}-launch",
+                f"tunnelnat-{DEPLOYMENT}-terminate",
+            ]
+        },
     },
 }
 

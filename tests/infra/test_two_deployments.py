@@ -85,10 +85,10 @@ def test_each_deployments_lifecycle_rule_takes_only_its_hooks(two):
             stack.get_logical_id(stack.controller.rules["Lifecycle"].node.default_child)
         ]
         assert rule["Properties"]["EventPattern"]["detail"] == {
-            "LifecycleHookName": [{"prefix": f"tunnelnat-{name}-"}]
+            "LifecycleHookName": [f"tunnelnat-{name}-launch", f"tunnelnat-{name}-terminate"]
         }
-    # alpha's prefix never matches beta's hooks (the trailing "-").
-    assert not "tunnelnat-beta-launch".startswith("tunnelnat-alpha-")
+    # Exact names, not a prefix: `alpha`'s rule would take `alpha-2`'s hooks by prefix.
+    assert "tunnelnat-alpha-2-launch".startswith("tunnelnat-alpha-")
 
 
 def test_enrolment_keys_status_keys_and_namespaces_differ(two):

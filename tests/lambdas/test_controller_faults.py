@@ -309,11 +309,20 @@ def test_other_teams_lifecycle_hooks_are_never_answered(world, lifecycle):
     assert world.fleet.calls == []
 
 
-@pytest.mark.parametrize("hook", ["tunnelnat-launch", "tunnelnat-other-launch", "tunnelnat-tes"])
+@pytest.mark.parametrize(
+    "hook",
+    [
+        "tunnelnat-launch",
+        "tunnelnat-other-launch",
+        "tunnelnat-tes",
+        "tunnelnat-test-2-launch",  # deployment test-2's: a prefix match would take it
+        "tunnelnat-test-web-launch",
+    ],
+)
 def test_another_deployments_lifecycle_hooks_are_never_answered(world, lifecycle, hook):
     """Issue 21, finding 4: the rule and the code took every ``tunnelnat-*`` hook, so A's
     controller completed B's launch hook (CONTINUE: B's instance in service, never enrolled by
-    B). Only ``tunnelnat-<deployment>-*`` is ours."""
+    B). Only ``tunnelnat-<deployment>-launch`` and ``-terminate``, exactly, are ours."""
     web1 = world.launch("10.10.1.21")  # untagged: A would have released it at once
     event = lifecycle_event(web1, launching=True)
     event["detail"]["LifecycleHookName"] = hook
