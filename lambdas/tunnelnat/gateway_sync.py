@@ -39,6 +39,12 @@ logger = Logger(service="tunnelnat", child=True)
 
 # Syncs one lease holder runs back to back for changes written while its previous one ran.
 TRAILING_SYNCS = 4
+# How long a container trusts its list of the gateways (the active and the standbys) before it
+# looks them up again in EC2. A gateway is confirmed at every sync, but only among those known:
+# one added since (the pair's new standby after a rolling replacement, a standby that booted
+# after this container's lookup) would otherwise never get a sync from a warm container, fall
+# behind the table, and never be a ready standby (issue 20). One DescribeInstances a minute.
+GATEWAYS_MAX_AGE_SECONDS = 60.0
 
 
 class GatewaySyncPending(RuntimeError):
@@ -87,13 +93,27 @@ class GatewaySync:
         # The other running gateways of the deployment (the pair's standby): they get every
         # sync too; their failure is counted, never anyone's enrolment's.
         self._standbys: tuple[str, ...] = ()
+        self.clock = time.monotonic
+        self._looked_up_at: float | None = None  # when find_gateways last listed them
 
     def candidate(self) -> str | None:
-        """The gateway known from before (this container's, or the table's), to be checked."""
+        """The gateway known from before (this container's, or the table's), to be checked;
+        None once that knowledge is older than GATEWAYS_MAX_AGE_SECONDS (looked up again)."""
+        self._expire()
         return self._gateway
 
+    def _expire(self) -> None:
+        if self._looked_up_at is not None and (
+            self.clock() - self._looked_up_at > GATEWAYS_MAX_AGE_SECONDS
+        ):
+            logger.info("the gateways known from before are a minute old: looked up again")
+            self._gateway, self._standbys, self._looked_up_at = None, (), None
+
     def candidates(self) -> list[str]:
-        """Every gateway known from before (the active first), to be checked."""
+        """Every gateway known from before (the active first), to be checked; none once the
+        list is older than GATEWAYS_MAX_AGE_SECONDS (then they are looked up again, new
+        members included)."""
+        self._expire()
         return [self._gateway, *self._standbys] if self._gateway else []
 
     def confirm(self, gateway: str, holds: bool) -> None:
@@ -129,6 +149,8 @@ class GatewaySync:
         if self._gateway is None and recorded:
             self._gateway = recorded
             self._standbys = tuple(s for s in standbys if s != recorded)
+            # The table's list is as old as its last sync: trusted for as long as a lookup's.
+            self._looked_up_at = self.clock()
 
     def gateway_id(self, *, refresh: bool = False) -> str:
         """The gateway's instance ID, looked up once per container and again when it may have
@@ -150,6 +172,7 @@ class GatewaySync:
                         )
                         self.telemetry.count("ExtraGateways", len(standbys) - 1)
                     self._gateway, self._standbys = active, tuple(standbys)
+                self._looked_up_at = self.clock()
             except GatewayAmbiguous as exc:
                 # Loud: a second instance looks like the gateway; nothing goes to either.
                 logger.error("more than one gateway candidate: no sync", extra={"reason": str(exc)})

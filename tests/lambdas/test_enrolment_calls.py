@@ -263,3 +263,28 @@ def test_more_than_two_gateways_are_reported_and_none_holding_g_is_not_found(wor
                                        Force=True)  # fmt: skip
     with pytest.raises(GatewayNotFound):
         controller.instances.find_gateways("test")
+
+
+def test_a_warm_controller_finds_a_gateway_added_after_its_lookup(world):
+    """Issue 20: a container confirms its gateways at every sync, but only among those it knew.
+    A standby that appeared after its lookup (a rolling replacement's new gateway) got no sync
+    from it, fell behind the table and was never a ready standby. The list is looked up again
+    once it is a minute old (one DescribeInstances a minute)."""
+    from tunnelnat import gateway_sync
+
+    controller, fleet, _, _ = _pair(world, standby="i-0000000000000dead")  # not in EC2 yet
+    now = [1000.0]
+    controller.gateway.clock = lambda: now[0]
+    first = world.launch("10.10.1.21", tags=TAG)
+    assert controller.reconcile(first).status == "enrolled"
+    assert not [b for b in fleet.batches if len(b[0]) > 1]  # the active alone
+    new = world.launch("10.10.1.12", tags=GATEWAY_TAGS)
+    fleet.standby = new
+    now[0] += gateway_sync.GATEWAYS_MAX_AGE_SECONDS / 2  # still trusted: the active alone
+    second = world.launch("10.10.1.22", tags=TAG)
+    assert controller.reconcile(second).status == "enrolled"
+    assert not [b for b in fleet.batches if new in b[0]]
+    now[0] += gateway_sync.GATEWAYS_MAX_AGE_SECONDS  # older than a minute: looked up again
+    third = world.launch("10.10.1.23", tags=TAG)
+    assert controller.reconcile(third).status == "enrolled"
+    assert ((world.gateway_id, new), "SyncNatTable") in fleet.batches
