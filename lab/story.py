@@ -896,6 +896,20 @@ class Story:
             {"output": proc.stdout, "exit": code, "report": report, "summary": summary},
         )
 
+    def impostor(self, name: str = WEB2) -> Step:
+        """Issue 21: an instance labelled like the gateway gets no command; doctor names it
+        (lab/impostor_story.py). ``name`` is enrolled and unenrolled to make the controller
+        sync."""
+        from lab.impostor_story import figure, run_impostor
+
+        result = run_impostor(self.lab, self.controller, name)
+        return Step(
+            "an impostor labelled like the gateway gets no command, and doctor names it",
+            result["ok"],
+            figure(result),
+            result,
+        )
+
     # -- issue 5 and issue 4's stories ---------------------------------------------------------
     def healing(self, name: str = WEB1) -> Step:
         report = run_healing_story(
@@ -1094,6 +1108,7 @@ class Story:
             self.rekey,
             self.broken_partner,
             self.doctor_cli,
+            self.impostor,
             self.unenrol,
             # The pair (issue 20): built by the first of these; web-1 enrolled again.
             self.pair_switchover,

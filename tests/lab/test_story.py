@@ -77,6 +77,20 @@ def test_tunnelnat_doctor_finds_g_on_the_gateway_eni_and_nothing_wrong(story):
     assert failed == [] and code == 0, failed
 
 
+def test_an_impostor_labelled_like_the_gateway_gets_no_command_and_doctor_names_it(story):
+    """Issue 21, 1: the associations' targets, the controller's syncs and doctor know the
+    gateways by their Auto Scaling group, not by the labels a lookalike copies."""
+    step = story.impostor("web-2")
+    data = step.data
+    assert data["impostor"] not in data["targets"], step.figure
+    assert data["impostor"] in data["old_targets"]  # b08b1c8's tag target took it
+    assert set(data["targets"]) == set(data["gateways"])
+    assert data["syncs"] and set(data["syncs"]) <= set(data["gateways"])
+    assert not data["asked_impostor"]
+    assert data["doctor_finding"]["status"] == "fail" and data["doctor_exit"] != 0
+    assert step.ok, step.figure
+
+
 def test_request_from_web1_arrives_from_s_inside_esp_in_udp(story):
     step = story.request_arrives_as_s("web-1")
     assert step.data["answered"], step.figure
