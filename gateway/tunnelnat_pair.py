@@ -118,6 +118,8 @@ LOGICAL_ID = re.compile(r"^[A-Za-z0-9]{1,255}$")
 GROUP_TAG = "aws:autoscaling:groupName"  # set by Auto Scaling; users cannot set aws:* tags
 READINESS_KEEP_SECONDS = 3600  # the gateway/<id> item's TTL
 STATUS_SECONDS = 5.0  # how often the heartbeat's generation and SA count are re-read
+STRANGER_DISCOVERY_SECONDS = 5.0  # an authenticated non-member: the group looked up again
+LINK_POLL_SECONDS = 0.02  # the ENI's link, looked for after an attach
 SETTLE_SECONDS = 5.0  # after its own attach, EC2's word on the ENI may still be the old one
 CONFIRM_SECONDS = 2.0  # two readings naming another holder, at least this far apart
 HANDOVER_ACK_SECONDS = 1.0  # the standby acknowledges a handover within this, or none
@@ -1431,6 +1433,8 @@ class Agent:
     awaiting_tunnel: float | None = None  # monotonic time of the takeover while no SA yet
     next_status: float = 0.0
     next_peers: float = 0.0
+    strangers_seen: int = 0  # the heart's count of authenticated non-members at the last look
+    next_stranger_discovery: float = 0.0
     next_lifecycle: float = 0.0
     next_signal: float = 0.0
     next_confirm: float = 0.0
@@ -1569,6 +1573,20 @@ class Agent:
 
     # -- one round -----------------------------------------------------------------------------
 
+    def look_again_for_strangers(self, now: float) -> None:
+        """A heartbeat with a valid HMAC from an instance that is not a member we know: only
+        the gateway role can read the key, so it is most likely a gateway launched since our
+        last discovery (a rolling replacement's new standby). Discover now rather than at the
+        next check, at most every STRANGER_DISCOVERY_SECONDS: until then its heartbeats are
+        dropped and ours do not reach it."""
+        assert self.heart is not None
+        with self.heart.lock:
+            strangers = self.heart.counts["strangers"]
+        if strangers > self.strangers_seen and now >= self.next_stranger_discovery:
+            self.strangers_seen = strangers
+            self.next_stranger_discovery = now + STRANGER_DISCOVERY_SECONDS
+            self.next_peers = now
+
     def handle_datagram(self, data: bytes, host: str) -> None:
         """One datagram through the heart's checks, then to the machine (tests)."""
         assert self.heart is not None
@@ -1594,9 +1612,11 @@ class Agent:
             if now >= self.next_confirm:  # EC2 failing or throttled: not twice a second
                 self.next_confirm = now + CONFIRM_RETRY_SECONDS
                 self.guard("confirm", self.confirm)
-        elif now >= self.next_peers:
-            self.next_peers = now + self.config.check_seconds
-            self.guard("discover", self.discover)
+        else:
+            self.look_again_for_strangers(now)
+            if now >= self.next_peers:
+                self.next_peers = now + self.config.check_seconds
+                self.guard("discover", self.discover)
         if now >= self.next_status:
             self.guard("status", lambda: self.refresh_status(now))
         link = self.link_present()
@@ -1840,7 +1860,10 @@ class Agent:
         helper = boot.Boot(
             cfg.boot_config(), self.ec2, self.instance_id, self.links, self.sleep, self.clock
         )
-        dev = helper.wait_for_link(mac, seconds=60.0)
+        # Polled every 20 ms: each poll is one local `ip -j link show` (no AWS call), and the
+        # link's arrival is on the switchover's critical path (the standby's EC2 polls stay at
+        # 0.1 s: Describe calls share the account's request rate).
+        dev = helper.wait_for_link(mac, seconds=60.0, poll=LINK_POLL_SECONDS)
         self.links.configure(dev, cfg.gateway)
         if cfg.partner_endpoint is not None and cfg.subnet_router is not None:
             self.links.route(cfg.partner_endpoint, cfg.subnet_router, dev, cfg.gateway.ip)

@@ -660,6 +660,29 @@ def test_a_forged_heartbeat_keeps_no_standby_from_taking_over():
     )
 
 
+def test_an_authenticated_stranger_makes_the_agent_discover_at_once():
+    """A heartbeat with the key from an instance that is not a known member is most likely a
+    gateway launched since the last discovery (a rolling replacement's new standby): the group
+    is looked up at the next round, not at the next check 30 s later, and at most every
+    STRANGER_DISCOVERY_SECONDS however many such beats arrive."""
+    agent = fake_agent(role_holder="i-0000000000000000c")
+    agent.members = {ME: None, "i-0000000000000000c": pair.IPv4Address("10.10.1.12")}
+    agent.heart.set_peers([pair.IPv4Address("10.10.1.12")], agent.members)
+    now = agent.clock()
+    agent.next_peers = now + 30
+    newcomer = pair.Heartbeat("i-0000000000000000e", pair.STANDBY, 1, 7, 0, agent.wall(), 1)
+    agent.handle_datagram(newcomer.encode(KEY), "10.10.1.13")
+    agent.look_again_for_strangers(now)
+    assert agent.next_peers == now  # discovered at this round
+    agent.next_peers = now + 30
+    again = pair.Heartbeat("i-0000000000000000e", pair.STANDBY, 2, 7, 0, agent.wall(), 1)
+    agent.handle_datagram(again.encode(KEY), "10.10.1.13")
+    agent.look_again_for_strangers(now + 1)
+    assert agent.next_peers == now + 30  # rate-limited
+    agent.look_again_for_strangers(now + pair.STRANGER_DISCOVERY_SECONDS + 1)
+    assert agent.next_peers == now + pair.STRANGER_DISCOVERY_SECONDS + 1
+
+
 def test_two_hearts_hear_each_other_and_measure_the_gaps():
     port = free_port()
     a = heart(ME, "127.0.0.2", port)
