@@ -143,24 +143,29 @@ class BootConfig:
 # -- IMDSv2 -------------------------------------------------------------------------------------
 
 
+def imds_read(base: str, path: str, timeout: float) -> str:
+    """One IMDSv2 read: a session token first (the launch template requires it), then ``path``.
+    OSError (urllib's HTTPError and URLError included) when IMDS does not answer it."""
+    token_req = urllib.request.Request(  # noqa: S310 - link-local IMDS (or the lab's)
+        f"{base}/latest/api/token",
+        method="PUT",
+        headers={"X-aws-ec2-metadata-token-ttl-seconds": "300"},
+    )
+    with urllib.request.urlopen(token_req, timeout=timeout) as reply:  # noqa: S310
+        token = reply.read().decode()
+    request = urllib.request.Request(  # noqa: S310
+        f"{base}{path}", headers={"X-aws-ec2-metadata-token": token}
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as reply:  # noqa: S310
+        return reply.read().decode().strip()
+
+
 def instance_id_from_imds(base: str = IMDS, timeout: float = 2.0, attempts: int = 30) -> str:
-    """The instance ID, by IMDSv2 (a session token first; the launch template requires it)."""
+    """The instance ID, by IMDSv2."""
     last: Exception | None = None
     for _ in range(attempts):
         try:
-            token_req = urllib.request.Request(  # noqa: S310 - link-local IMDS (or the lab's)
-                f"{base}/latest/api/token",
-                method="PUT",
-                headers={"X-aws-ec2-metadata-token-ttl-seconds": "300"},
-            )
-            with urllib.request.urlopen(token_req, timeout=timeout) as reply:  # noqa: S310
-                token = reply.read().decode()
-            id_req = urllib.request.Request(  # noqa: S310
-                f"{base}/latest/meta-data/instance-id",
-                headers={"X-aws-ec2-metadata-token": token},
-            )
-            with urllib.request.urlopen(id_req, timeout=timeout) as reply:  # noqa: S310
-                instance_id = reply.read().decode().strip()
+            instance_id = imds_read(base, "/latest/meta-data/instance-id", timeout)
         except OSError as exc:  # URLError is an OSError; IMDS may lag the network by a moment
             last = exc
             time.sleep(1)

@@ -1383,19 +1383,8 @@ def address_is_local(address: IPv4Address) -> bool:
 def imds_get(path: str, base: str | None = None, timeout: float = 1.0) -> str | None:
     """One IMDSv2 read (None: 404, e.g. no Auto Scaling lifecycle state outside a group)."""
     base = base or os.environ.get("TUNNELNAT_IMDS_URL", boot.IMDS)
-    token_req = urllib.request.Request(  # noqa: S310 - link-local IMDS (or the lab's)
-        f"{base}/latest/api/token",
-        method="PUT",
-        headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"},
-    )
-    with urllib.request.urlopen(token_req, timeout=timeout) as reply:  # noqa: S310
-        token = reply.read().decode()
-    request = urllib.request.Request(  # noqa: S310
-        f"{base}{path}", headers={"X-aws-ec2-metadata-token": token}
-    )
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as reply:  # noqa: S310
-            return reply.read().decode().strip()
+        return boot.imds_read(base, path, timeout)
     except urllib.error.HTTPError as exc:
         if exc.code == 404:
             return None
