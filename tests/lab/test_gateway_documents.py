@@ -176,7 +176,11 @@ def test_the_tunnel_alone_turns_nothing_on(configured_lab):
 
 def test_restart_tunnel_reports_up(configured_lab):
     lab = configured_lab
-    result = lab.commands.run(lab.aws.gateway_id, "RestartTunnel", {"TunnelName": topo.TUNNEL})
+    # QuietSeconds 0: restart even a tunnel that carries traffic (by default a healthy one is
+    # left alone, issue 21: tests/ssm_documents run that path against captured swanctl output).
+    result = lab.commands.run(
+        lab.aws.gateway_id, "RestartTunnel", {"TunnelName": topo.TUNNEL, "QuietSeconds": "0"}
+    )
     assert result.ok, result.stderr
     report = last_json(result.stdout)
     assert report["tunnel"] == topo.TUNNEL and report["up"] is True
