@@ -954,17 +954,6 @@ class TakeoverResult:
 DEVICE_INDEXES = 7  # tried from boot.DEVICE_INDEX on: more than any gateway type's ENIs in use
 
 
-def index_in_use(exc: Exception) -> bool:
-    """EC2's refusal of a device index that is (still) taken on the instance: after a forced
-    detach the instance may not accept a new attachment at that index until a stop/start
-    (https://docs.aws.amazon.com/AWSEC2/latest/APIReference/API_DetachNetworkInterface.html);
-    EC2 answers ``InvalidParameterValue`` "Instance ... already has an interface attached at
-    device index '1'." (quoted in lstoll/k8s-vpcnet#71 and cilium/cilium#42512)."""
-    error = getattr(exc, "response", {}).get("Error", {}) if hasattr(exc, "response") else {}
-    text = f"{error.get('Code', '')} {error.get('Message', '')}".lower()
-    return "device index" in text or "deviceindex" in text
-
-
 @dataclass
 class Takeover:
     """Take the ENI: force-detach what holds it, attach here; the attachment decides a race.
@@ -1049,7 +1038,7 @@ class Takeover:
                 now_seen = self.describe()
                 if now_seen.holder not in (None, me):
                     return self._lost(now_seen, previous)
-                if index_in_use(exc) and index < boot.DEVICE_INDEX + DEVICE_INDEXES - 1:
+                if boot.index_in_use(exc) and index < boot.DEVICE_INDEX + DEVICE_INDEXES - 1:
                     log(f"device index {index} refused ({exc}); trying {index + 1}")
                     index += 1
                     continue
