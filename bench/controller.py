@@ -219,7 +219,7 @@ def _gateway_module() -> Any:
     gw_dir = str(REPO / "gateway")
     if gw_dir not in sys.path:
         sys.path.insert(0, gw_dir)
-    import tunnelnat_gateway
+    from tunnelnat_gateway import nat_sync as tunnelnat_gateway
 
     return tunnelnat_gateway
 

@@ -236,7 +236,7 @@ class Driver:
         return {"seconds": seconds, "report": report}
 
     def sync_inproc(self, expect: str) -> dict:
-        import tunnelnat_gateway as gw
+        from tunnelnat_gateway import nat_sync as gw
 
         phases: dict[str, float] = {}
         names = ("read_meta", "read_rows", "render_nat_table", "render_map_update", "nft_apply",

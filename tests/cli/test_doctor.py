@@ -601,7 +601,7 @@ def test_rows_the_gateway_left_out_at_its_last_sync(dep):
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "gateway"))
     from tunnelnat.core.nat import NatTable
-    from tunnelnat_gateway import rejected_report
+    from tunnelnat_gateway.nat_sync import rejected_report
 
     table = NatTable.from_rows(
         7,

@@ -16,7 +16,7 @@ from tests.cli.test_doctor import doctor, failures
 from tunnelnat.cli.schemas import STATUS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "gateway"))
-import tunnelnat_pair as agent  # noqa: E402
+from tunnelnat_gateway import pair as agent  # noqa: E402
 
 STANDBY_IP = "10.10.1.11"
 

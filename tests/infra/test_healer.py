@@ -392,7 +392,7 @@ def _agent_metrics() -> set[str]:
     """Metric names the gateway's health agent (gateway/tunnelnat_health.py) publishes, with
     every statistic and counter known."""
     sys.path.insert(0, str(ROOT / "gateway"))
-    import tunnelnat_health as agent
+    from tunnelnat_gateway import health as agent
 
     stats = agent.TunnelStats(bytes_in=1, bytes_out=2, idle_in=3.0, rekeys=4, rekey_failures=5)
     report = agent.Report(

@@ -17,7 +17,7 @@ from tests.infra.conftest import ROOT, example_context, synthesize
 from tunnelnat.telemetry import FAILURE_REASONS
 
 sys.path.insert(0, str(ROOT / "gateway"))
-import tunnelnat_health as agent  # noqa: E402
+from tunnelnat_gateway import health as agent  # noqa: E402
 
 CONTEXT = example_context()
 DEPLOYMENT = CONTEXT["deployment"]

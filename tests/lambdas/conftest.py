@@ -26,7 +26,7 @@ from tunnelnat.core.config import DEPLOYMENT
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "gateway"))
-import tunnelnat_gateway  # noqa: E402
+from tunnelnat_gateway import nat_sync as tunnelnat_gateway  # noqa: E402
 
 REGION = "us-east-1"
 TABLE = "tunnelnat-test"

@@ -27,8 +27,8 @@ from moto.core import DEFAULT_ACCOUNT_ID
 from tests.lambdas.conftest import REPO, create_enrolment_table
 
 sys.path.insert(0, str(REPO / "gateway"))
-import tunnelnat_boot as boot  # noqa: E402
-import tunnelnat_pair as pair  # noqa: E402
+from tunnelnat_gateway import boot as boot  # noqa: E402
+from tunnelnat_gateway import pair as pair  # noqa: E402
 
 REGION = "us-east-1"
 TABLE = "tunnelnat-pair"

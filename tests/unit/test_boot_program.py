@@ -22,7 +22,7 @@ from tests.unit.imports import third_party_imports
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "gateway"))
-import tunnelnat_boot as boot  # noqa: E402
+from tunnelnat_gateway import boot as boot  # noqa: E402
 
 MAC_PRIMARY = "02:00:00:00:00:01"
 
@@ -360,7 +360,7 @@ def test_configure_leaves_the_boot_sync_its_program_and_table(tmp_path, monkeypa
     ``tunnelnat-sync`` unit runs the copy it keeps, with the table and region it saved."""
     import subprocess
 
-    import tunnelnat_gateway as gateway
+    from tunnelnat_gateway import nat_sync as gateway
 
     monkeypatch.setattr(gateway, "STATE_DIR", tmp_path)
     monkeypatch.setattr(gateway, "SOURCE_FILE", tmp_path / "source.json")

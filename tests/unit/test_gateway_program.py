@@ -36,7 +36,7 @@ PRELUDE = textwrap.dedent(
                       AWS_DEFAULT_REGION="us-east-1")
     import boto3
     from moto import mock_aws
-    import tunnelnat_gateway as g
+    from tunnelnat_gateway import nat_sync as g
     from tunnelnat.adapters.store import EnrolmentStore, MappingChange, StoredMapping
 
     g.STATE_DIR = Path({tmp!r}); g.BASE_FILE = g.STATE_DIR / "gateway.json"
@@ -243,7 +243,7 @@ BOOT_SCRIPT = textwrap.dedent(
     import json, subprocess, sys
     from pathlib import Path
     sys.path[:0] = [{repo!r} + "/lambdas", {repo!r} + "/gateway"]
-    import tunnelnat_gateway as g
+    from tunnelnat_gateway import nat_sync as g
 
     g.STATE_DIR = Path({tmp!r}); g.BASE_FILE = g.STATE_DIR / "gateway.json"
     g.BOOT_RULESET = g.STATE_DIR / "tunnelnat.nft"; g.LOCK_FILE = g.STATE_DIR / "lock"

@@ -18,7 +18,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "gateway"))
-import tunnelnat_health as agent  # noqa: E402
+from tunnelnat_gateway import health as agent  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 SWANCTL = DATA / "swanctl"

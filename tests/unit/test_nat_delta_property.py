@@ -34,7 +34,7 @@ from tunnelnat.adapters.store import (
 from tunnelnat.core.nat import M32, GatewayBase, NatTable, render_nat_table, state_element
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "gateway"))
-import tunnelnat_delta  # noqa: E402
+from tunnelnat_gateway import nat_delta as tunnelnat_delta  # noqa: E402
 
 CI = bool(os.environ.get("CI"))
 PRIVATE = [f"10.10.1.{k}" for k in range(21, 27)]

@@ -18,7 +18,7 @@ from tests.unit.imports import third_party_imports
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "gateway"))
-import tunnelnat_pair as pair  # noqa: E402
+from tunnelnat_gateway import pair as pair  # noqa: E402
 
 ME, PEER = "i-0000000000000000a", "i-0000000000000000b"
 INTERVAL, MISSES, GRACE, CHECK = 0.5, 4, 10.0, 30.0

@@ -26,8 +26,8 @@ from tools.moto_server import SerialMotoServer
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "gateway"))
-import tunnelnat_boot as boot  # noqa: E402
-import tunnelnat_pair as pair  # noqa: E402
+from tunnelnat_gateway import boot as boot  # noqa: E402
+from tunnelnat_gateway import pair as pair  # noqa: E402
 
 REGION = "eu-west-1"
 TABLE = "tunnelnat-pair"

@@ -88,8 +88,7 @@ from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # installed side by side
-import tunnelnat_boot as boot  # noqa: E402
+from tunnelnat_gateway import boot as boot  # noqa: E402
 
 CONFIG_FILE = Path("/etc/tunnelnat/pair.json")
 ROLE_FILE = Path("/run/tunnelnat/pair-role")

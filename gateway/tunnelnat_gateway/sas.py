@@ -24,8 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import tunnelnat_health as agent  # noqa: E402
+from tunnelnat_gateway import health as agent  # noqa: E402
 
 # charon's line for a finished rekey (both sides): the new SA's outbound half is installed.
 _REKEYED = re.compile(
