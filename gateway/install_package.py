@@ -13,18 +13,21 @@ rename of a symbolic link. A download whose SHA-256 is not the one asked for is 
 nothing changes. Prints one JSON line.
 """
 
+from __future__ import annotations
+
 import argparse
 import hashlib
 import json
 import os
 import sys
 import time
+from collections.abc import Callable
 
 LIB = os.environ.get("TUNNELNAT_LIB", "/etc/tunnelnat/lib")
 KEEP = 3  # archives kept: the current, the one before it, and a document's in flight
 
 
-def sha256_of(path):
+def sha256_of(path: str) -> str | None:
     digest = hashlib.sha256()
     try:
         with open(path, "rb") as f:
@@ -35,7 +38,7 @@ def sha256_of(path):
     return digest.hexdigest()
 
 
-def fetch(bucket, key, region):
+def fetch(bucket: str, key: str, region: str) -> bytes:
     import boto3
     from botocore.config import Config
 
@@ -45,7 +48,15 @@ def fetch(bucket, key, region):
     return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
-def install(bucket, key, sha256, region, current=False, lib=LIB, get=fetch):
+def install(
+    bucket: str,
+    key: str,
+    sha256: str,
+    region: str,
+    current: bool = False,
+    lib: str = LIB,
+    get: Callable[[str, str, str], bytes] = fetch,
+) -> dict:
     versions = os.path.join(lib, "gateway")
     os.makedirs(versions, mode=0o755, exist_ok=True)
     path = os.path.join(versions, sha256 + ".pyz")
@@ -54,13 +65,13 @@ def install(bucket, key, sha256, region, current=False, lib=LIB, get=fetch):
         body = get(bucket, key, region)
         got = hashlib.sha256(body).hexdigest()
         if got != sha256:
-            raise SystemExit(f"install_package: s3://{bucket}/{key} has SHA-256 {got}, not {sha256}")
+            raise SystemExit(f"install_package: s3://{bucket}/{key} is {got}, not {sha256}")
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "wb") as f:
             f.write(body)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o755)
+        os.chmod(tmp, 0o755)  # noqa: S103 - root's program, readable by all like /usr/bin
         os.replace(tmp, path)
         downloaded = True
     link = os.path.join(lib, "tunnelnat-gateway.pyz")
@@ -81,7 +92,7 @@ def install(bucket, key, sha256, region, current=False, lib=LIB, get=fetch):
     }
 
 
-def prune(versions, keep):
+def prune(versions: str, keep: set[str | None]) -> None:
     """Old archives go, except the newest KEEP and those in ``keep``; an archive younger than a
     minute may be one a document just installed, so it stays too."""
     names = [n for n in os.listdir(versions) if n.endswith(".pyz")]
@@ -93,7 +104,7 @@ def prune(versions, keep):
         os.remove(path)
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="install_package.py")
     parser.add_argument("--bucket", required=True)
     parser.add_argument("--key", required=True)

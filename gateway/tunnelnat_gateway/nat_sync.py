@@ -164,7 +164,9 @@ def sync(client: object, table_name: str, *, full: bool = False) -> dict:
         current = state[0] if state and marker is not None else marker
         report: dict = {"items_read": 1}
         try:
-            from tunnelnat_gateway import nat_delta as log  # SyncNatTable's; the boot copy reads no change log
+            from tunnelnat_gateway import (
+                nat_delta as log,  # SyncNatTable's; the boot copy reads no change log
+            )
         except ImportError:
             log = None
         if full:
