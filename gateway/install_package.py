@@ -5,6 +5,11 @@ on every change, and every gateway document when the archive it was synthesized 
 (tools/gateway_package.py embeds it). Standard library and the image's boto3 only.
 
     install_package.py --bucket B --key K --sha256 H --region R [--current]
+    install_package.py --parameter NAME [--region R] [--current]
+
+``--parameter`` reads the archive's bucket, key, SHA-256 and region from the SSM parameter the
+stack writes (/tunnelnat/<deployment>/gateway-software, JSON): the user data names only the
+parameter, so the launch template stays the same when the code changes (docs/gateway-software.md).
 
 The archive is content-addressed, LIB/gateway/<sha256>.pyz, written beside itself and renamed:
 a path that exists holds the whole archive, and a document that runs it never sees it change.
@@ -25,6 +30,7 @@ from collections.abc import Callable
 
 LIB = os.environ.get("TUNNELNAT_LIB", "/etc/tunnelnat/lib")
 KEEP = 3  # archives kept: the current, the one before it, and a document's in flight
+FIELDS = ("bucket", "key", "sha256", "region")
 
 
 def sha256_of(path: str) -> str | None:
@@ -38,14 +44,31 @@ def sha256_of(path: str) -> str | None:
     return digest.hexdigest()
 
 
-def fetch(bucket: str, key: str, region: str) -> bytes:
+def client(service: str, region: str | None) -> object:
     import boto3
     from botocore.config import Config
 
-    # The stack's asset bucket; standard retries ride out a throttle or a new instance's network.
+    # Standard retries ride out a throttle or a new instance's network.
     config = Config(retries={"mode": "standard", "max_attempts": 10})
-    s3 = boto3.client("s3", region_name=region, config=config)
-    return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    return boto3.client(service, region_name=region, config=config)
+
+
+def fetch(bucket: str, key: str, region: str) -> bytes:
+    """The archive from the stack's asset bucket."""
+    return client("s3", region).get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def read_parameter(name: str, region: str | None) -> list[str]:
+    """[bucket, key, sha256, region] from the stack's parameter (``region``: the parameter's;
+    None: the SDK's default), refused unless each is a non-empty string."""
+    value = client("ssm", region).get_parameter(Name=name)["Parameter"]["Value"]
+    try:
+        found = [json.loads(value)[k] for k in FIELDS]
+    except (ValueError, KeyError, TypeError):
+        found = []
+    if not found or not all(isinstance(v, str) and v for v in found):
+        raise SystemExit(f"install_package: {name} is not the gateway software's JSON")
+    return found
 
 
 def install(
@@ -106,16 +129,21 @@ def prune(versions: str, keep: set[str | None]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="install_package.py")
-    parser.add_argument("--bucket", required=True)
-    parser.add_argument("--key", required=True)
-    parser.add_argument("--sha256", required=True)
-    parser.add_argument("--region", required=True)
+    for name in ("parameter", *FIELDS):
+        parser.add_argument(f"--{name}")
     parser.add_argument("--current", action="store_true")
     args = parser.parse_args(argv)
-    if len(args.sha256) != 64 or any(c not in "0123456789abcdef" for c in args.sha256):
-        raise SystemExit(f"install_package: --sha256 {args.sha256!r} is not a SHA-256")
-    result = install(args.bucket, args.key, args.sha256, args.region, args.current)
-    print(json.dumps(result, sort_keys=True))
+    given = [getattr(args, k) for k in FIELDS]
+    if args.parameter:
+        if any(given[:3]):
+            parser.error("--parameter names the archive: no --bucket, --key or --sha256")
+        given = read_parameter(args.parameter, args.region)
+    elif not all(given):
+        parser.error("--bucket, --key, --sha256 and --region (or --parameter) are required")
+    bucket, key, sha256, region = given
+    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        raise SystemExit(f"install_package: sha256 {sha256!r} is not a SHA-256")
+    print(json.dumps(install(bucket, key, sha256, region, args.current), sort_keys=True))
     return 0
 
 
