@@ -32,7 +32,7 @@ class Run:
 
 # Documents only a State Manager association (or ConfigureTunnel's PskRollout rule) runs, no
 # Lambda: the lab runs them on the gateway as the association would (Lab.configure_gateway).
-ASSOCIATED_ONLY = ("InstallHealthAgent", "ConfigureTunnel")
+ASSOCIATED_ONLY = ("InstallHealthAgent", "ConfigureTunnel", "InstallGatewaySoftware")
 # Documents only an operator sends (``tunnelnat switchover`` sends Switchover to the active).
 OPERATOR_ONLY = ("Switchover",)
 
@@ -55,6 +55,9 @@ class LabCommands:
     # A gateway's own environment (its access key id: the strict fakes tell callers apart by
     # it), where it differs from ``gateway_env``.
     gateway_envs: dict[str, dict[str, str]] = field(default_factory=dict)
+    # The gateway software every document is bound to (lab.package.LabPackage.binding), as
+    # synthesis binds the deployed documents; a document left unbound is refused.
+    binding: dict[str, str] | None = None
 
     def document_path(self, document: str) -> Path:
         if document not in (*DOCUMENTS, *ASSOCIATED_ONLY, *OPERATOR_ONLY):
@@ -100,6 +103,7 @@ class LabCommands:
                 mount_ns=mount_ns_path(ns),
                 env=env,
                 timeout=self.timeout,
+                binding=self.binding,
             )
         except InvalidParameters as exc:
             # SendCommand refuses these before anything runs; so does the lab.

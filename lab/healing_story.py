@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import threading
 import time
 import uuid
@@ -35,9 +36,11 @@ from lab.controller import QUIET, FakeContext, LabController
 from lab.ssm_runner import default_env
 
 ALARM = f"tunnelnat-{topo.DEPLOYMENT}-TunnelUp-{topo.TUNNEL}"
-# The copy InstallHealthAgent installed in the gateway's /etc (its private overlay), the file
-# the systemd unit runs; its state files live there too, removed with the lab's machine.
-AGENT = "/etc/tunnelnat/tunnelnat_health.py"
+# What InstallHealthAgent's unit runs (the installed gateway software's ``health`` verb), read
+# from the unit it installed in the gateway's /etc (its private overlay); the lab's state files
+# live there too, removed with the lab's machine.
+HEALTH_UNIT = "/etc/systemd/system/tunnelnat-health.service"
+AGENT = ("python3", "/etc/tunnelnat/lib/tunnelnat-gateway.pyz", "health", "once")
 AGENT_STATE = "/etc/tunnelnat/lab-health-counters.json"
 AGENT_ESTABLISHED = "/etc/tunnelnat/lab-health-established.json"
 ACCOUNT = "123456789012"
@@ -46,11 +49,21 @@ ACCOUNT = "123456789012"
 # -- the agent, as the timer runs it -------------------------------------------------------------
 
 
-def agent_argv(gateway_id: str, *, probe: bool = True) -> list[str]:
+def agent_program(ns: str = "tn-gw") -> list[str]:
+    """The health agent's command as the installed unit runs it, up to its ``once`` (the unit's
+    own options are the timer's; the lab gives its own): AGENT when no unit is installed."""
+    proc = topo.sh(topo.machine_argv(ns, ["cat", HEALTH_UNIT]), check=False)
+    for line in proc.stdout.splitlines():
+        if line.startswith("ExecStart="):
+            argv = shlex.split(line.removeprefix("ExecStart=").lstrip("-@"))
+            if "once" in argv:
+                return argv[: argv.index("once") + 1]
+    return list(AGENT)
+
+
+def agent_argv(gateway_id: str, *, probe: bool = True, ns: str = "tn-gw") -> list[str]:
     argv = [
-        "python3",
-        AGENT,
-        "once",
+        *agent_program(ns),
         "--tunnels",
         topo.TUNNEL,
         "--gateway-id",

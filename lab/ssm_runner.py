@@ -32,6 +32,8 @@ from typing import Any
 
 import yaml
 
+from tools.gateway_package import bind, is_bound
+
 REPO = Path(__file__).resolve().parent.parent
 # The agent substitutes {{ Name }} and {{Name}} (agent/framework/docparser/parameters, Go's \s:
 # space, tab, newline, form feed, carriage return); parameter names are letters, digits and _.
@@ -152,6 +154,21 @@ def check_document(document: Any, *, name: str = "document") -> None:
                     )
 
 
+def bound_document(
+    document: dict, binding: Mapping[str, str] | None, *, name: str = "document"
+) -> dict:
+    """``document`` with the gateway software's placeholders filled from ``binding``; refused
+    (DocumentError) when one is left: run unbound, it would install and run nothing, quietly."""
+    if binding is not None:
+        document = bind(document, **binding)
+    if not is_bound(document):
+        raise DocumentError(
+            f"{name}: not bound to a gateway software package (its __TUNNELNAT_PACKAGE_*__ "
+            "placeholders are unfilled: run it with binding=, as tools.gateway_package.bind)"
+        )
+    return document
+
+
 def render_scripts(document: dict, parameters: Mapping[str, str]) -> list[str]:
     """One bash script per step with the parameters substituted, after validating every value."""
     declared: dict[str, dict] = document.get("parameters") or {}
@@ -259,6 +276,7 @@ def run_document(
     env: Mapping[str, str] | None = None,
     timeout: float = 120.0,
     mount_ns: str | Path | None = None,
+    binding: Mapping[str, str] | None = None,
 ) -> Invocation:
     """Validate, then run each step in order; stop at the first failing step, like SSM's report.
 
@@ -267,9 +285,11 @@ def run_document(
     step. ``mount_ns`` (with ``netns``) is a persistent mount namespace to enter as well: the lab
     gives each machine one with a private /etc, so what a document writes there stays on that
     machine. Each step's stdout and stderr are truncated as the agent truncates them; stderr is
-    then held to GetCommandInvocation's 8,000 characters.
+    then held to GetCommandInvocation's 8,000 characters. ``binding`` fills the gateway
+    software's placeholders (tools.gateway_package.bind's keywords), as synthesis does; a document
+    still carrying one is refused (``bound_document``).
     """
-    document = load_document(path)
+    document = bound_document(load_document(path), binding, name=Path(path).name)
     scripts = render_scripts(document, parameters)  # raises before anything runs
     if mount_ns is not None and netns is None:
         raise ValueError("mount_ns needs netns")

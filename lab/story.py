@@ -27,7 +27,7 @@ from lab import topology as topo
 from lab.burst_story import BurstReport, run_burst_story, run_scale_in
 from lab.cli import doctor_json, quiet_moto_errors, run_cli, status_json
 from lab.controller import LabController
-from lab.healing_story import run_agent, run_healing_story
+from lab.healing_story import agent_program, run_agent, run_healing_story
 
 WEB1, WEB2 = "web-1", "web-2"
 PRIV1, PRIV2 = "priv-1", "priv-2"  # the private subnet's instances (route-table mode)
@@ -1145,7 +1145,7 @@ def _wait(check: Any, timeout: float) -> bool:
 
 def run_health_agent(lab: topo.Lab) -> dict[str, Any]:
     """The installed health agent, once, without publishing: its JSON line."""
-    argv = ["python3", "/etc/tunnelnat/tunnelnat_health.py", "once", "--tunnels", topo.TUNNEL]
+    argv = [*agent_program("tn-gw"), "--tunnels", topo.TUNNEL]
     argv += ["--gateway-id", "i-lab", "--region", topo.REGION, "--dry-run"]
     argv += ["--state-file", "/etc/tunnelnat/lab-diagnosis-counters.json"]
     argv += ["--established-file", "/etc/tunnelnat/lab-diagnosis-established.json"]

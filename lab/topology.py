@@ -91,6 +91,8 @@ IMDS_NS_PORT = 5001  # the gateway's IMDSv2 (lab.imds), on its own loopback
 GATEWAY_DIR = REPO / "gateway"
 # The units the gateway's user data installs (stacks/gateway.py BOOT_UNITS), same files.
 GATEWAY_UNITS = ("tunnelnat-restore.service", "tunnelnat-boot.service", "tunnelnat-sync.service")
+PAIR_UNIT = "tunnelnat-pair.service"  # the pair's user data adds it
+UNIT_SOURCE = GATEWAY_DIR / "systemd"  # where the user data's units come from
 # The pair's machines by number: each its own AWS access key id (``gateway_access_key``), as each
 # EC2 instance gets its own role session credentials; the strict fakes (tools/aws_strict.py) tell
 # the callers apart by the key id in SigV4's Authorization header (moto accepts any key).
@@ -116,6 +118,25 @@ def gateway_access_key(ns: str) -> str:
     if number is None:
         raise KeyError(f"{ns} is not a gateway machine")
     return f"AKIATNGW{number}".ljust(20, "X")
+
+
+# TRANSITIONAL (issue 22): the programs the units named before the package; until
+# gateway/systemd/ runs the package's verbs (H3), the lab runs those verbs in their place.
+_OLD_PROGRAMS = {
+    "/etc/tunnelnat/lib/tunnelnat_boot.py attach": "/etc/tunnelnat/lib/tunnelnat-gateway.pyz boot",
+    "/etc/tunnelnat/lib/tunnelnat_boot.py restore-lo": (
+        "/etc/tunnelnat/lib/tunnelnat-gateway.pyz restore"
+    ),
+    "/etc/tunnelnat/lib/tunnelnat_gateway.py sync": "/etc/tunnelnat/lib/tunnelnat-gateway.pyz sync",
+    "/etc/tunnelnat/lib/tunnelnat_pair.py run": "/etc/tunnelnat/lib/tunnelnat-gateway.pyz pair run",
+}
+
+
+def _unit_text(name: str) -> str:
+    text = (UNIT_SOURCE / name).read_text()
+    for old, new in _OLD_PROGRAMS.items():
+        text = text.replace(f"ExecStart=python3 {old}", f"ExecStart=python3 {new}")
+    return text
 
 
 class LabError(RuntimeError):
@@ -360,6 +381,7 @@ class Lab:
     # The pair agents' heartbeat key (Secrets Manager PAIR_KEY_SECRET; >= 32 characters).
     psk_for_heartbeats: str = field(default_factory=lambda: secrets.token_hex(32))
     frozen: set[int] = field(default_factory=set)  # processes of powered-off machines
+    software: Any = None  # lab.package.LabPackage: the gateway software deployed now
 
     # -- lifecycle ----------------------------------------------------------------------------
     def __enter__(self) -> Lab:
@@ -765,10 +787,12 @@ swanctl {{
 
     # -- the gateway's boot (gateway/systemd/ units, lab.gateway_boot) -------------------------
     def install_gateway_boot(self, ns: str = "tn-gw", instance_id: str = "") -> None:
-        """What the gateway's user data writes (stacks/gateway.py): the boot program, its
-        configuration, the units; its IMDS; the ENI's link gets the MAC moto reports."""
+        """What the gateway's user data does (stacks/gateway.py): the gateway software installed
+        by the installer from the deployed package, the boot configuration, the units; its IMDS;
+        the ENI's link gets the MAC moto reports."""
         if self.has_link(ns, ENI_LINK):
             sh(["ip", "-n", ns, "link", "set", ENI_LINK, "address", self.aws.eni_mac])
+        self.install_software(ns)
         self._write_boot_files(ns)
         py = str(REPO / ".venv" / "bin" / "python")
         argv = [py, "-m", "lab.imds", "--port", str(IMDS_NS_PORT)]
@@ -787,8 +811,6 @@ swanctl {{
         tmp.replace(path)  # the IMDS reads it whole or not at all
 
     def _write_boot_files(self, ns: str) -> None:
-        program = (GATEWAY_DIR / "tunnelnat_boot.py").read_text()
-        self.write_etc(ns, "tunnelnat/lib/tunnelnat_boot.py", program, mode=0o755)
         # No partner route in the lab: E sits on the gateway's public link itself (on AWS the
         # Internet gateway maps G to E, so IKE must leave from G; docs/stack.md).
         config: dict[str, Any] = {
@@ -800,7 +822,7 @@ swanctl {{
             config["pair"] = True  # a standby finds the ENI held and boots as the standby
         self.write_etc(ns, "tunnelnat/boot.json", json.dumps(config, indent=1) + "\n")
         for unit in GATEWAY_UNITS:
-            text = (GATEWAY_DIR / "systemd" / unit).read_text()
+            text = _unit_text(unit)
             self.write_etc(ns, f"systemd/system/{unit}", text)
 
     def boot_gateway(self, ns: str = "tn-gw") -> Any:
@@ -1069,23 +1091,25 @@ swanctl {{
 
     def start_pair_agents(self) -> None:
         """Both gateways' pair agents, as their tunnelnat-pair.service runs them."""
-        program = GATEWAY_DIR / "tunnelnat_pair.py"
-        if not program.exists():
-            raise LabError(f"{program} is not there yet: no pair agent to run")
         for ns in self.gateway_namespaces().values():
             self.start_pair_agent(ns)
 
     def start_pair_agent(self, ns: str) -> subprocess.Popen:
         """Machine ``ns``'s pair agent, as its tunnelnat-pair.service runs it (after a reboot
-        too: the unit starts it again)."""
-        program = (GATEWAY_DIR / "tunnelnat_pair.py").read_text()
+        too: the unit starts it again): the pair's user data writes pair.json and the unit, the
+        lab runs the unit's ExecStart (the installed package's ``pair run``)."""
+        from lab.gateway_boot import parse_unit
+
+        program = (GATEWAY_DIR / "tunnelnat_gateway" / "pair.py").read_text()
         config = json.dumps(agent_config(self.pair_config(), program), indent=1) + "\n"
-        self.write_etc(ns, "tunnelnat/lib/tunnelnat_pair.py", program, 0o755)
         self.write_etc(ns, "tunnelnat/pair.json", config)
+        unit_text = _unit_text(PAIR_UNIT)
+        self.write_etc(ns, f"systemd/system/{PAIR_UNIT}", unit_text)
+        (argv,) = parse_unit(PAIR_UNIT, unit_text).execs
         env = {**self.gateway_env(ns), "TUNNELNAT_IMDS_URL": f"http://127.0.0.1:{IMDS_NS_PORT}"}
-        argv = ["python3", "/etc/tunnelnat/lib/tunnelnat_pair.py", "run"]
         self.agent_started[ns] = time.time()
-        return self.spawn(f"pair-{ns.removeprefix(PREFIX)}", ns, argv, env=env)
+        name = f"pair-{ns.removeprefix(PREFIX)}"
+        return self.spawn(name, ns, list(argv), env=env, pythonpath=False)
 
     def power_off(self, ns: str) -> float:
         """Pull the plug on machine ``ns``: every link down, every process in it stopped
@@ -1142,10 +1166,16 @@ swanctl {{
         ns: str | None,
         argv: Sequence[str],
         env: Mapping[str, str] | None = None,
+        *,
+        pythonpath: bool = True,
     ) -> subprocess.Popen:
+        """Start ``argv`` on machine ``ns`` (the host: None), logged under LOGS. ``pythonpath``:
+        the repository's modules importable (the lab's own programs); a gateway's program runs
+        from its installed package alone."""
         log = (LOGS / f"{name}.log").open("ab")
         full = machine_argv(ns, argv) if ns else list(argv)
-        env = {**default_env(), "PYTHONPATH": f"{REPO}:{REPO / 'lambdas'}", **(env or {})}
+        path = {"PYTHONPATH": f"{REPO}:{REPO / 'lambdas'}"} if pythonpath else {}
+        env = {**default_env(), **path, **(env or {})}
         proc = subprocess.Popen(
             full,
             stdout=log,
@@ -1234,6 +1264,44 @@ swanctl {{
         namespaces = {i.instance_id: i.ns for i in self.instances}
         namespaces[self.aws.gateway_id] = "tn-gw"
         self.commands = LabCommands(namespaces, self.aws.gateway_id, self.gateway_env("tn-gw"))
+        self.publish_software()
+
+    def publish_software(self, root: Path = REPO) -> Any:
+        """Build the gateway software from ``root`` (the repository: what the stack ships), put
+        it in the lab's asset bucket, point the deployment's SSM parameter at it and bind every
+        document the lab runs from now on to it. Returns the lab.package.LabPackage."""
+        from lab.package import publish
+
+        started = time.monotonic()
+        self.software = publish(
+            self.aws.client,
+            deployment=DEPLOYMENT,
+            region=REGION,
+            out_dir=RUN / "package",
+            root=root,
+        )
+        self.commands.binding = self.software.binding()
+        self.timings["package"] = self.timings.get("package", 0.0) + time.monotonic() - started
+        return self.software
+
+    def install_software(self, ns: str) -> dict[str, Any]:
+        """What the gateway's user data does first (stacks/gateway.py): write the installer to
+        /etc/tunnelnat/lib and run it, with the machine's own AWS credentials, to install the
+        deployed package (the SSM parameter's) and make it the current one. Its JSON line."""
+        from lab.package import INSTALLER, INSTALLER_SOURCE, installer_argv
+
+        self.write_etc(ns, INSTALLER.removeprefix("/etc/"), INSTALLER_SOURCE.read_text(), 0o755)
+        proc = subprocess.run(
+            machine_argv(ns, installer_argv(self.software)),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**default_env(), **self.gateway_env(ns)},
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise LabError(f"installing the gateway software on {ns}: {proc.stderr.strip()[-800:]}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])
 
     def configure_gateway_parameters(self, **overrides: str) -> dict[str, str]:
         """ConfigureGateway's and ConfigureTunnel's parameters for the lab, together (dedicated
