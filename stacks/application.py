@@ -15,6 +15,7 @@ from cdk_nag import AwsSolutionsChecks
 
 from stacks.settings import Settings, load_settings
 from stacks.tunnelnat_stack import DOCUMENTS_DIR, LAMBDA_CODE_DIR, ROOT, TunnelnatStack
+from tools.gateway_package import GatewayPackage
 from tunnelnat.core.config import ConfigError
 
 CDK_JSON = ROOT / "cdk.json"
@@ -32,11 +33,13 @@ def build_app(
     documents_dir: Path = DOCUMENTS_DIR,
     code_dir: Path = LAMBDA_CODE_DIR,
     nag: bool = True,
+    gateway_package: GatewayPackage | None = None,
 ) -> tuple[App, TunnelnatStack]:
     """The app and its one stack. Raises ConfigError (naming the key) on a bad context value.
 
     ``context`` is the base (normally cdk.json's); under the CDK CLI its own context (cdk.json
     plus ``-c`` overrides) takes precedence, as the App reads it from the environment.
+    ``gateway_package``: the gateway software to ship (default: built from this repository).
     """
     app = App(context=dict(context or {}), outdir=outdir)
     settings = load_settings(app.node.get_all_context())
@@ -50,6 +53,7 @@ def build_app(
         settings=settings,
         documents_dir=documents_dir,
         code_dir=code_dir,
+        gateway_package=gateway_package,
         env=env,
         description=(
             f"tunnelnat ({stack_settings.deployment}): IPsec gateway that NATs enrolled "

@@ -36,7 +36,15 @@ from tunnelnat.core.config import TunnelnatConfig
 HANDLER = "tunnelnat.handlers.controller.handler"
 SERVICE = "tunnelnat"
 # Not code: kept out of the Lambda asset.
-ASSET_EXCLUDES = ["**/__pycache__", "**/*.pyc", "*.egg-info", "**/.pytest_cache"]
+# The Lambda asset is lambdas/ less build litter and the operator's CLI (tunnelnat/cli: it runs on
+# the operator's machine, never in Lambda; nothing of the Lambdas imports it).
+ASSET_EXCLUDES = [
+    "**/__pycache__",
+    "**/*.pyc",
+    "*.egg-info",
+    "**/.pytest_cache",
+    "tunnelnat/cli",
+]
 # The only documents the controller sends (controller.py, gateway_sync.py): the rest are the
 # associations', the healer's and the operator's.
 SENT_DOCUMENTS = ("AddHostRoute", "RemoveHostRoute", "SyncNatTable")

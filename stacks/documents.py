@@ -7,6 +7,14 @@ alone is kilobytes). Synthesis fails on a document over 48 KB as deployed, rathe
 deploy failing at 64 KB: the headroom is for the next change (issue 11), and a document that
 grows past it is split (the health agent has its own, InstallHealthAgent).
 
+Gateway documents (those that embed gateway/package_check.sh, and InstallGatewaySoftware) run the
+gateway software's package: their placeholders are bound at synthesis to the package the stack
+ships (``GatewaySoftware.bind``: its SHA-256, the asset's bucket and key, the region), and
+synthesis fails on a placeholder left unbound. A gateway document is a short invocation of one
+verb of the package, at most 8 KB as deployed (measured with the longest bucket, key and region
+the tokens can become); the instance documents (AddHostRoute, RemoveHostRoute: instances are not
+ours to install a package on) keep the 48 KB limit.
+
 A parameter value the stack itself passes (the State Manager association's, the healer's) is
 checked at synthesis against the document's declared parameters and ``allowedPattern``s.
 """
@@ -17,19 +25,35 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from aws_cdk import ArnFormat, Stack, Token
+from aws_cdk import Annotations, ArnFormat, Stack, Token
 from aws_cdk import aws_ssm as ssm
 from constructs import Construct
 
+from tools import gateway_package
 from tunnelnat.core.config import ConfigError
+
+if TYPE_CHECKING:
+    from stacks.gateway_software import GatewaySoftware
 
 # SSM's limit on a document's content (CreateDocument/UpdateDocument: MaxDocumentSizeExceeded).
 SSM_DOCUMENT_LIMIT_BYTES = 64 * 1024
 # Ours, for every document as deployed: a quarter of SSM's limit kept free.
 MAX_DOCUMENT_BYTES = 48 * 1024
+# A gateway document's: the invocation of a verb of the package, its logic in the package (issue
+# 22). Room for the preamble and the installer it embeds, and for the document's own parameters.
+MAX_GATEWAY_DOCUMENT_BYTES = 8 * 1024
+# What marks a gateway document: it embeds the package check (tools/build_documents.py).
+PACKAGE_CHECK_EMBED = "# >>> embed gateway/package_check.sh"
+INSTALL_DOCUMENT = "InstallGatewaySoftware"
+# The documents instances run (not gateways): no package there.
+INSTANCE_DOCUMENTS = frozenset({"AddHostRoute", "RemoveHostRoute"})
+# Issue 22's transition only: gateway documents still being shrunk into their verb, held to
+# MAX_DOCUMENT_BYTES meanwhile (with a warning at synthesis). tests/infra/test_documents.py fails
+# once one of them fits: then it leaves this set, which ends empty.
+STILL_OVER_8_KB = frozenset({"ConfigureTunnel"})
 # Documents only an operator sends (``tunnelnat switchover``): deployed like the others, never in
 # a role's SendCommand statement (``arns``): no Lambda of the stack moves G on its own.
 OPERATOR_ONLY = frozenset({"Switchover"})
@@ -41,7 +65,13 @@ class DocumentError(ConfigError):
 
 class Documents(Construct):
     def __init__(
-        self, scope: Construct, construct_id: str, *, directory: Path, prefix: str
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        directory: Path,
+        prefix: str,
+        software: GatewaySoftware | None = None,
     ) -> None:
         super().__init__(scope, construct_id)
         self.directory = directory
@@ -49,18 +79,43 @@ class Documents(Construct):
         self.contents: dict[str, dict[str, Any]] = {}
         self.resources: dict[str, ssm.CfnDocument] = {}
         self.sizes: dict[str, int] = {}
+        self.gateway_documents: set[str] = set()
         paths = sorted(directory.glob("*.yaml"))
         if not paths:
             raise DocumentError(f"no SSM documents (*.yaml) in {directory}")
         for path in paths:
-            content = load_document(path)
+            text = read_document(path)
+            content = load_document(path, text)
+            if PACKAGE_CHECK_EMBED in text or path.stem == INSTALL_DOCUMENT:
+                self.gateway_documents.add(path.stem)
             self.contents[path.stem] = content
-            self.sizes[path.stem] = deployed_size(content)
-            if self.sizes[path.stem] > MAX_DOCUMENT_BYTES:
+            measured = content
+            if software is not None:
+                measured = software.bind_longest(content)
+                content = software.bind(content)
+            if not gateway_package.is_bound(content):
+                raise DocumentError(
+                    f"{path.name}: a gateway software placeholder is left unbound "
+                    f"({', '.join(gateway_package.PLACEHOLDERS.values())}): the stack binds "
+                    "them to the package it ships"
+                )
+            self.sizes[path.stem] = deployed_size(measured)
+            limit = self.limit(path.stem)
+            if self.sizes[path.stem] > limit:
                 raise DocumentError(
                     f"{path.name}: {self.sizes[path.stem]} bytes as deployed, over tunnelnat's "
-                    f"{MAX_DOCUMENT_BYTES}-byte limit (SSM's is {SSM_DOCUMENT_LIMIT_BYTES}): "
-                    "move a part into a document of its own"
+                    f"{limit}-byte limit (SSM's is {SSM_DOCUMENT_LIMIT_BYTES}): "
+                    + (
+                        "move its logic into the gateway package's verb"
+                        if path.stem in self.gateway_documents
+                        else "move a part into a document of its own"
+                    )
+                )
+            if path.stem in STILL_OVER_8_KB and self.sizes[path.stem] > MAX_GATEWAY_DOCUMENT_BYTES:
+                Annotations.of(self).add_warning_v2(
+                    f"tunnelnat:{path.stem}Over8KB",
+                    f"{path.name}: {self.sizes[path.stem]} bytes as deployed, over the gateway "
+                    f"documents' {MAX_GATEWAY_DOCUMENT_BYTES} (issue 22: moving into its verb)",
                 )
             self.resources[path.stem] = ssm.CfnDocument(
                 self,
@@ -72,6 +127,12 @@ class Documents(Construct):
                 # A fixed name cannot be replaced in place; a new version can.
                 update_method="NewVersion",
             )
+
+    def limit(self, stem: str) -> int:
+        """The most bytes ``stem`` may take as deployed."""
+        if stem in self.gateway_documents and stem not in STILL_OVER_8_KB:
+            return MAX_GATEWAY_DOCUMENT_BYTES
+        return MAX_DOCUMENT_BYTES
 
     @property
     def stems(self) -> list[str]:
@@ -132,10 +193,17 @@ def deployed_size(content: Mapping[str, Any]) -> int:
     return len(json.dumps(content).encode())
 
 
-def load_document(path: Path) -> dict[str, Any]:
+def read_document(path: Path) -> str:
     try:
-        content = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        return path.read_text()
+    except OSError as exc:
+        raise DocumentError(f"{path}: cannot load: {exc}") from None
+
+
+def load_document(path: Path, text: str | None = None) -> dict[str, Any]:
+    try:
+        content = yaml.safe_load(read_document(path) if text is None else text)
+    except yaml.YAMLError as exc:
         raise DocumentError(f"{path}: cannot load: {exc}") from None
     if not isinstance(content, dict) or content.get("schemaVersion") != "2.2":
         raise DocumentError(f"{path}: not a schemaVersion 2.2 Command document")

@@ -3,9 +3,13 @@
 - An Auto Scaling group of one (Ubuntu 24.04 LTS, strongSwan/nftables/boto3 from its own
   archive) replaces a failed gateway, also one whose boot-time plumbing failed (it marks itself
   unhealthy).
-- Its cloud-init user data writes the boot program (gateway/tunnelnat_boot.py) and the systemd
-  units of gateway/systemd/: at every boot the saved NAT table (guard first) is restored before
-  the network, G's ENI is attached and configured, then the table is synced from DynamoDB.
+- Its cloud-init user data writes the package's installer (gateway/install_package.py), boot.json
+  and the systemd units of gateway/systemd/, installs the gateway software's package named by the
+  stack's SSM parameter (stacks/gateway_software.py), then starts the units, which run the
+  package: at every boot the saved NAT table (guard first) is restored before the network, G's
+  ENI is attached and configured, then the table is synced from DynamoDB. The user data never
+  names the package itself: a code change does not change the launch template (no gateway is
+  replaced for it); the ``InstallGatewaySoftware`` association upgrades the gateways in place.
 - The addresses the world knows stay out of the replaceable part: a standalone ENI carries G
   (the fixed private IP every host route points at) and the Elastic IP E (the VPN endpoint the
   partner configured); each new gateway re-attaches that ENI at boot.
@@ -16,20 +20,17 @@
   a new gateway).
 - Pair mode (``tunnelnat:gatewayPair``, the default; /work/notes/PAIR.md, docs/stack.md): the same
   group holds two gateways in G's subnet. The one G's ENI is attached to is the active; the other
-  is a warm standby whose pair agent (gateway/tunnelnat_pair.py) hears the active's heartbeat
+  is a warm standby whose pair agent (the package's ``pair`` verb) hears the active's heartbeat
   (UDP 7465, between the gateways only) and takes the ENI over when it stops. EC2 allows one
   attachment at a time: the attachment decides who is active.
 """
 
 from __future__ import annotations
 
-import ast
 import base64
 import gzip
-import hashlib
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
@@ -50,13 +51,14 @@ from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
-from aws_cdk import aws_s3_assets as s3_assets
 from aws_cdk import aws_secretsmanager as secretsmanager
 from aws_cdk import aws_sns as sns
 from aws_cdk import aws_ssm as ssm
 from constructs import Construct
 
 from stacks.documents import Documents
+from stacks.gateway_software import DOCUMENT as INSTALL_DOCUMENT
+from stacks.gateway_software import GatewaySoftware
 from stacks.nag import acknowledge, wildcard_arn
 from stacks.settings import (
     DEPLOYMENT_TAG,
@@ -72,10 +74,12 @@ GATEWAY_DIR = Path(__file__).resolve().parents[1] / "gateway"
 # The launch template tags each gateway's primary ENI at launch (with the role and deployment
 # tags): the one ENI the gateway may modify (its source/destination check).
 PRIMARY_ENI_TAG, PRIMARY_ENI_VALUE = "tunnelnat:interface", "gateway-primary"
-BOOT_PROGRAM = GATEWAY_DIR / "tunnelnat_boot.py"
-PAIR_PROGRAM = GATEWAY_DIR / "tunnelnat_pair.py"
+# The package's installer: written by the user data, run by it at first boot (the package itself
+# comes from the stack's SSM parameter), and embedded in the gateway documents.
+INSTALLER = GATEWAY_DIR / "install_package.py"
+INSTALLER_PATH = "/etc/tunnelnat/lib/install_package.py"
+PACKAGE_PATH = "/etc/tunnelnat/lib/tunnelnat-gateway.pyz"  # what the units run (a symlink)
 PAIR_UNIT = "tunnelnat-pair.service"
-PAIR_PATH = "/etc/tunnelnat/lib/tunnelnat_pair.py"  # beside tunnelnat_boot.py, which it imports
 UNITS_DIR = GATEWAY_DIR / "systemd"
 # The units the user data installs, in boot order (their Before/After say the same).
 BOOT_UNITS = ("tunnelnat-restore.service", "tunnelnat-boot.service", "tunnelnat-sync.service")
@@ -154,6 +158,7 @@ class Gateway(Construct):
         subnet: ec2.ISubnet,
         table: dynamodb.ITable,
         documents: Documents,
+        software: GatewaySoftware,
         internet_ready: Construct | None = None,
         failover_topic: sns.ITopic | None = None,
         failover_topic_key: kms.IKey | None = None,
@@ -304,7 +309,7 @@ class Gateway(Construct):
             assumed_by=iam.ServicePrincipal("ec2.amazonaws.com"),
             description=f"{deployment} gateway: SSM agent, read its table and PSK, put TunnelUp",
         )
-        for statement in ssm_agent_statements():
+        for statement in (*ssm_agent_statements(), *software.statements()):
             self.role.add_to_policy(statement)
         self.role.add_to_policy(
             iam.PolicyStatement(
@@ -427,28 +432,11 @@ class Gateway(Construct):
                 resources=[group_arn],
             )
         )
-        pair_program: PairProgram | None = None
         self.heartbeat_key: secretsmanager.Secret | None = None
         if self.pair:
             self.heartbeat_key = self._heartbeat_key(deployment)
             self._pair_permissions(
                 table, eni_arn, instances, group_arn, failover_topic, failover_topic_key
-            )
-            # The pair agent is too big for EC2's 16 KB of user data beside the boot program
-            # (~16 KB packed on its own): the user data fetches it from the stack's asset bucket
-            # at first boot and installs it only if its SHA-256 is the one synthesized here.
-            asset = s3_assets.Asset(self, "PairProgram", path=str(PAIR_PROGRAM))
-            pair_program = PairProgram(
-                bucket=asset.s3_bucket_name,
-                key=asset.s3_object_key,
-                sha256=hashlib.sha256(PAIR_PROGRAM.read_bytes()).hexdigest(),
-            )
-            self.role.add_to_policy(
-                iam.PolicyStatement(
-                    sid="FetchThePairAgent",
-                    actions=["s3:GetObject"],
-                    resources=[asset.bucket.arn_for_objects(asset.s3_object_key)],
-                )
             )
 
         # -- launch template and the Auto Scaling group (one gateway, or the pair) -------------
@@ -468,10 +456,10 @@ class Gateway(Construct):
                     gateway_ip=config.gateway_private_ip,
                     subnet=config.gateway_subnet_cidr,
                     partner_endpoint=config.partner_endpoint,
-                    pair=self._pair_config(config, settings, table, failover_topic)
+                    software_parameter=software.parameter_name,
+                    pair=self._pair_config(config, settings, table, failover_topic, software)
                     if self.pair
                     else None,
-                    pair_program=pair_program,
                 )
             ),
             require_imdsv2=True,
@@ -603,9 +591,12 @@ class Gateway(Construct):
         self.tunnel_association = self._configure_association(
             documents, deployment, "ConfigureTunnel", tunnel_parameters
         )
-        # Both associations exist before any gateway launches: a new gateway is configured as
+        self.software_association = self._install_association(documents, deployment, software)
+        # The associations exist before any gateway launches: a new gateway is configured as
         # soon as its SSM agent registers, and a pair's gateway can become a ready standby.
-        self.group.node.add_dependency(self.association, self.tunnel_association)
+        self.group.node.add_dependency(
+            self.software_association, self.association, self.tunnel_association
+        )
         for finding, reason in (
             (
                 "Resource::*",
@@ -801,6 +792,7 @@ class Gateway(Construct):
         settings: StackSettings,
         table: dynamodb.ITable,
         topic: sns.ITopic | None,
+        software: GatewaySoftware,
     ) -> dict[str, object]:
         """pair.json's keys that boot.json does not already say (PAIR.md, issue 20's plan)."""
         assert self.heartbeat_key is not None
@@ -828,7 +820,40 @@ class Gateway(Construct):
             # The group is made after the launch template that carries this: its logical ID
             # is filled in at synthesis.
             "signal_resource": Lazy.string(_Later(lambda: self.group_logical_id)),
+            # Where the agent reads which package the stack deployed (its readiness says
+            # whether it runs that one): a fixed name, so the user data stays the same.
+            "software_parameter": software.parameter_name,
         }
+
+    def _install_association(
+        self, documents: Documents, deployment: str, software: GatewaySoftware
+    ) -> ssm.CfnAssociation:
+        """``InstallGatewaySoftware`` on the gateway group's instances, with the package's hash
+        and location: a new hash is an UpdateAssociation, which State Manager runs at once
+        ("By default, when you update an association, the system runs it immediately after it
+        is updated": SSM API reference, UpdateAssociation, ApplyOnlyAtCronInterval), and it
+        runs on every instance that joins the targets ("For dynamic targets, such as an AWS
+        autoscaling group, State Manager applies the configuration when new managed nodes are
+        added to the group": CreateAssociation). One gateway at a time, and none after an
+        error: the other gateway of the pair keeps running the package it has. No schedule: the
+        package only changes with the parameters, and every gateway document installs the one
+        it was synthesized with when it is missing (State Manager has no order between
+        associations: docs/gateway-software.md)."""
+        return ssm.CfnAssociation(
+            self,
+            INSTALL_DOCUMENT,
+            name=documents.require(INSTALL_DOCUMENT).ref,
+            association_name=f"{deployment}-{INSTALL_DOCUMENT}",
+            document_version="$DEFAULT",
+            targets=gateway_targets(self.group_name),
+            parameters=documents.check_parameters(
+                INSTALL_DOCUMENT, software.association_parameters
+            ),
+            compliance_severity="CRITICAL",
+            max_concurrency="1",
+            max_errors="0",
+            apply_only_at_cron_interval=False,
+        )
 
     def _configure_association(
         self, documents: Documents, deployment: str, document: str, parameters: dict[str, str]
@@ -856,9 +881,9 @@ class Gateway(Construct):
 
 # What the SSM agent calls for Run Command and State Manager (AmazonSSMManagedInstanceCore's
 # text, https://docs.aws.amazon.com/aws-managed-policy/latest/reference/AmazonSSMManagedInstanceCore.html,
-# less what the gateway never uses: ssm:GetParameter(s) on every parameter (no document of ours
-# reads a parameter on the instance), GetManifest and PutConfigurePackageResult (Distributor),
-# GetDeployablePatchSnapshotForInstance (Patch Manager)).
+# less what the gateway never uses: ssm:GetParameter(s) on every parameter (the gateway reads one,
+# its software's: GatewaySoftware.statements), GetManifest and PutConfigurePackageResult
+# (Distributor), GetDeployablePatchSnapshotForInstance (Patch Manager)).
 SSM_AGENT_ACTIONS = (
     "ssm:UpdateInstanceInformation",
     "ssm:ListAssociations",
@@ -941,27 +966,6 @@ def ubuntu_architecture(instance_type: str) -> str:
     return "arm64" if arch == ec2.InstanceArchitecture.ARM_64 else "amd64"
 
 
-def shipped_program(path: Path) -> str:
-    """A Python program as the user data carries it: the same syntax tree without its comments
-    and docstrings (``ast.unparse``), so the boot program fits EC2's 16 KB beside pair.json.
-    tests/infra compares the trees; tests/unit tests the file itself."""
-    tree = ast.parse(path.read_text())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Module | ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
-            body = node.body
-            if (
-                body
-                and isinstance(body[0], ast.Expr)
-                and isinstance(body[0].value, ast.Constant)
-                and isinstance(body[0].value.value, str)
-            ):
-                node.body = body[1:] or [ast.Pass()]
-    return (
-        f"#!/usr/bin/env python3\n# tunnelnat: {path.name} without its comments and docstrings "
-        "(the repository's gateway/ has them)\n" + ast.unparse(tree) + "\n"
-    )
-
-
 def _packed(text: str) -> str:
     """A file for write_files as gz+b64."""
     return base64.b64encode(gzip.compress(text.encode(), mtime=0)).decode()
@@ -972,28 +976,6 @@ def _literal(text: str, indent: int = 6) -> str:
     return "\n".join(f"{pad}{line}" if line else "" for line in text.splitlines())
 
 
-@dataclass(frozen=True)
-class PairProgram:
-    """Where the user data fetches gateway/tunnelnat_pair.py from, and its SHA-256."""
-
-    bucket: str
-    key: str
-    sha256: str
-
-
-def _fetch_command(region: str, program: PairProgram, path: str) -> str:
-    """runcmd's one Python line (boto3 is installed; no AWS CLI): fetch with retries, refuse a
-    file whose SHA-256 is not the synthesized one, install it in one rename."""
-    return (
-        "import boto3,hashlib,os;from botocore.config import Config;"
-        f"b=boto3.client('s3',region_name='{region}',config=Config(retries="
-        "{'mode':'standard','max_attempts':10})).get_object("
-        f"Bucket='{program.bucket}',Key='{program.key}')['Body'].read();"
-        f"assert hashlib.sha256(b).hexdigest()=='{program.sha256}','checksum mismatch';"
-        f"t='{path}.new';open(t,'wb').write(b);os.chmod(t,0o755);os.replace(t,'{path}')"
-    )
-
-
 def boot_user_data(
     *,
     region: str,
@@ -1001,20 +983,23 @@ def boot_user_data(
     gateway_ip: IPv4Address,
     subnet: IPv4Network,
     partner_endpoint: IPv4Address,
+    software_parameter: str,
     pair: Mapping[str, object] | None = None,
-    pair_program: PairProgram | None = None,
 ) -> str:
-    """The gateway's cloud-config: packages from the image's archive, the boot program and the
-    units of gateway/systemd/ (no AWS CLI anywhere). ``region`` and ``eni_id`` may be tokens.
+    """The gateway's cloud-config: packages from the image's archive, the package's installer,
+    boot.json (pair.json) and the units of gateway/systemd/ (no AWS CLI anywhere). ``region``
+    and ``eni_id`` may be tokens.
 
-    First boot: the units are enabled and the ENI attached in runcmd (after the packages); the
-    SSM agent is held until then, so ConfigureGateway never runs on a half-installed gateway.
-    Every later boot: systemd runs the units in their order, the agent after tunnelnat-boot.
+    First boot: runcmd installs the gateway software from ``software_parameter`` (the SSM
+    parameter naming the package the stack deployed: the user data never names the package, so
+    a code change leaves the launch template as it is), then enables the units and attaches the
+    ENI; the SSM agent is held until then, so ConfigureGateway never runs on a half-installed
+    gateway. Every later boot: systemd runs the units in their order, the agent after
+    tunnelnat-boot; the package is the one InstallGatewaySoftware last made current.
 
     ``pair`` (pair mode): pair.json's own keys (``Gateway._pair_config``); the pair agent's unit
-    is installed and started after the boot, the agent itself fetched from ``pair_program``
-    (too big for the user data), and boot.json says ``"pair": true`` (a boot that finds the ENI
-    on the other gateway ends as the standby instead of waiting for it).
+    is installed and started after the boot, and boot.json says ``"pair": true`` (a boot that
+    finds the ENI on the other gateway ends as the standby instead of waiting for it).
     """
     boot_config: dict[str, object] = {
         "region": region,
@@ -1025,8 +1010,6 @@ def boot_user_data(
     }
     units = BOOT_UNITS
     files = []
-    if (pair is None) != (pair_program is None):
-        raise ValueError("pair and pair_program go together")
     if pair is not None:
         units = (*BOOT_UNITS, PAIR_UNIT)
         # One line: JSON is compact enough, and YAML's literal block keeps it as it is.
@@ -1035,12 +1018,7 @@ def boot_user_data(
         files.append(("/etc/tunnelnat/pair.json", "0644", "", json.dumps(pair_config)))
     files = [
         ("/etc/tunnelnat/boot.json", "0644", "", json.dumps(boot_config, indent=1)),
-        (
-            "/etc/tunnelnat/lib/tunnelnat_boot.py",
-            "0755",
-            "gz+b64",
-            _packed(shipped_program(BOOT_PROGRAM)),
-        ),
+        (INSTALLER_PATH, "0755", "gz+b64", _packed(INSTALLER.read_text())),
         *files,
         *(
             (f"/etc/systemd/system/{unit}", "0644", "", (UNITS_DIR / unit).read_text())
@@ -1065,6 +1043,8 @@ def boot_user_data(
         else:
             out += ["    content: |", _literal(content)]
     hold = f"/run/systemd/system/{SSM_AGENT_UNIT}.d"
+    install = ["python3", INSTALLER_PATH, "--parameter", software_parameter]
+    install += ["--region", region, "--current"]
     out += [
         # The network stage (bootcmd) runs before sysinit.target, so before the agent starts:
         # on the first boot only, a runtime condition holds the agent until runcmd releases it.
@@ -1078,16 +1058,13 @@ def boot_user_data(
         f" > {hold}/tunnelnat-first-boot.conf && systemctl daemon-reload",
         "runcmd:",
         "  - [systemctl, daemon-reload]",
+        # The package before any unit that runs it (python3-boto3 is installed by now:
+        # cloud-init installs packages before runcmd). Verified by its SHA-256, renamed into
+        # place, made current: what the units run.
+        f"  - [{', '.join(install)}]",
         f"  - [systemctl, enable, {', '.join(units)}]",
         "  - [systemctl, start, tunnelnat-boot.service]",
-        *(
-            [
-                f"  - [python3, -c, {json.dumps(_fetch_command(region, pair_program, PAIR_PATH))}]",
-                f"  - [systemctl, start, --no-block, {PAIR_UNIT}]",
-            ]
-            if pair_program is not None
-            else []
-        ),
+        *([f"  - [systemctl, start, --no-block, {PAIR_UNIT}]"] if pair is not None else []),
         "  - [touch, /run/tunnelnat-ready]",
         f"  - [systemctl, start, {SSM_AGENT_UNIT}]",
     ]

@@ -1,12 +1,13 @@
 """HealthAgent: ``InstallHealthAgent`` on the gateway, by a State Manager association of its own.
 
-The agent (gateway/tunnelnat_health.py, docs/health.md) publishes ``TunnelUp`` and
-``TunnelEstablished`` from a systemd timer. It lives in its own document rather than in
-ConfigureGateway's so that each stays well under SSM's document size limit (issue 11), and so
-that changing how the health is measured never re-runs the tunnel's configuration. The
-association targets the gateway group like ConfigureGateway's (``aws:autoscaling:groupName``, a
-tag no user can set: a lookalike instance tagged like a gateway never gets it): it runs on the
-first gateway, on every replacement, and again whenever its parameters change.
+The agent (the package's ``health`` verb, gateway/tunnelnat_gateway/health.py, docs/health.md)
+publishes ``TunnelUp`` and ``TunnelEstablished`` from a systemd timer. It lives in its own
+document rather than in ConfigureGateway's so that each stays well under SSM's document size
+limit (issue 11), and so that changing how the health is measured never re-runs the tunnel's
+configuration. The association targets the gateway group like ConfigureGateway's
+(``aws:autoscaling:groupName``, a tag no user can set: a lookalike instance tagged like a
+gateway never gets it): it runs on the first gateway, on every replacement, and again whenever
+its parameters change.
 """
 
 from __future__ import annotations

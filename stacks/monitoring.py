@@ -54,7 +54,7 @@ TUNNEL_STATS = {
     "ChildSaRekeyFailures": "Sum",
 }
 NAT_MAPPINGS_METRIC = "NatMappings"  # per Deployment
-# The pair agent's, per Deployment (gateway/tunnelnat_pair.py; PAIR.md).
+# The pair agent's, per Deployment (gateway/tunnelnat_gateway/pair.py; PAIR.md).
 FAILOVERS_METRIC = "Failovers"
 FAILOVER_SECONDS_METRIC = "FailoverSeconds"
 # Failure reasons (telemetry.FAILURE_REASONS) that page: each needs a human, and what to do.

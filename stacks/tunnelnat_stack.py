@@ -1,5 +1,5 @@
-"""The whole system in one stack: Documents, Controller, Gateway, HealthAgent, Monitoring,
-Healer, PskRollout."""
+"""The whole system in one stack: GatewaySoftware, Documents, Controller, Gateway, HealthAgent,
+Monitoring, Healer, PskRollout."""
 
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ from stacks.controller import Controller
 from stacks.documents import Documents
 from stacks.enrolment_watch import EnrolmentWatch
 from stacks.gateway import Gateway
+from stacks.gateway_software import GatewaySoftware
 from stacks.healer import Healer
 from stacks.health_agent import HealthAgent
 from stacks.monitoring import Monitoring
 from stacks.psk_rollout import PskRollout
 from stacks.settings import LOG_RETENTION_DAYS, Settings
+from tools.gateway_package import GatewayPackage
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS_DIR = ROOT / "ssm_documents"
@@ -35,6 +37,7 @@ class TunnelnatStack(Stack):
         settings: Settings,
         documents_dir: Path = DOCUMENTS_DIR,
         code_dir: Path = LAMBDA_CODE_DIR,
+        gateway_package: GatewayPackage | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(scope, construct_id, **kwargs)
@@ -43,8 +46,20 @@ class TunnelnatStack(Stack):
         self._availability_zone = stack_settings.availability_zone
 
         vpc, subnet, internet_ready = self._network(settings)
+        # The gateway's package (built once per process unless given): every gateway document
+        # is bound to it, the associations install it.
+        self.software = GatewaySoftware(
+            self,
+            "GatewaySoftware",
+            deployment=stack_settings.deployment,
+            package=gateway_package,
+        )
         self.documents = Documents(
-            self, "Documents", directory=documents_dir, prefix=stack_settings.document_prefix
+            self,
+            "Documents",
+            directory=documents_dir,
+            prefix=stack_settings.document_prefix,
+            software=self.software,
         )
         self.controller = Controller(
             self,
@@ -72,6 +87,7 @@ class TunnelnatStack(Stack):
             subnet=subnet,
             table=self.controller.table,
             documents=self.documents,
+            software=self.software,
             internet_ready=internet_ready,
             # A failover is announced on the alarm topic (its subscribers hear of it at once).
             failover_topic=self.monitoring.topic,
