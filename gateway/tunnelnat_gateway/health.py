@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The gateway's health agent: is each tunnel really up, and what goes through it?
 
-Run from a systemd timer (InstallHealthAgent embeds this file; docs/health.md): ``once --help``.
+Run from a systemd timer (InstallHealthAgent installs it; docs/health.md): ``health once --help``.
 Namespace ``tunnelnat/<deployment>``. Per tunnel: ``TunnelUp`` 1 when the NAT table has been
 synced since boot, an IKE SA is ESTABLISHED with an INSTALLED CHILD_SA of each of its names and
 the probe (if any) is answered, else 0 (a dead or hung charon reads as 0, never as nothing).
@@ -13,7 +13,9 @@ gateway ``NatTablePresent`` and the guard's drops (``DroppedCleartext``, ``Dropp
 ``DroppedInbound``).
 
 In a gateway pair, the standby (``--role-file``, the pair agent's) publishes no tunnel metric.
-Prints one JSON line; exits 0 when published, 2 when publishing failed.
+Prints one JSON line; exits 0 when published, 2 when publishing failed. The line's ``software``
+says which gateway software runs this agent and, with ``--software-parameter`` (the stack's
+``/tunnelnat/<deployment>/gateway-software``), whether it is the one the stack deployed.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from tunnelnat_gateway import software
 
 # + deployment: only this deployment's gateway role may publish there (issue 21, 3).
 NAMESPACE = "tunnelnat/"
@@ -678,6 +682,10 @@ def gateway_id_from_imds(timeout: float = 2.0) -> str:
         return r.read().decode().strip()
 
 
+def _warn(message: str) -> None:
+    print(f"tunnelnat-health: {message}", file=sys.stderr)
+
+
 def _load_state(path: Path) -> dict[str, int]:
     try:
         data = json.loads(path.read_text())
@@ -809,6 +817,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     once.add_argument("--role-file", type=Path, default=ROLE_FILE)
     once.add_argument("--dry-run", action="store_true", help="print, do not publish")
+    once.add_argument(
+        "--software-parameter",
+        help="SSM parameter naming the deployed gateway software (/tunnelnat/<d>/gateway-software)",
+    )
     args = parser.parse_args(argv)
 
     tunnels = [t for t in args.tunnels.split(",") if t]
@@ -833,6 +845,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if not GATEWAY_ID.fullmatch(gateway):
         parser.error(f"invalid gateway id {gateway!r}")
+    if args.software_parameter and not software.PARAMETER_NAME.fullmatch(args.software_parameter):
+        parser.error(f"invalid software parameter {args.software_parameter!r}")
 
     now = time.time()
     report = collect(
@@ -865,6 +879,12 @@ def main(argv: list[str] | None = None) -> int:
         "metrics": len(data),
         "published": False,
         "role": role,
+        "software": software.report(
+            software.identity(),
+            software.read_deployed(args.software_parameter, args.region, log=_warn)
+            if args.software_parameter
+            else None,
+        ),
     }
     code = 0
     if not args.dry_run:

@@ -89,6 +89,7 @@ from pathlib import Path
 from typing import Any
 
 from tunnelnat_gateway import boot as boot  # noqa: E402
+from tunnelnat_gateway import software
 
 CONFIG_FILE = Path("/etc/tunnelnat/pair.json")
 ROLE_FILE = Path("/run/tunnelnat/pair-role")
@@ -129,6 +130,7 @@ SIGNAL_POLL_SECONDS = 5.0
 CONFIRM_RETRY_SECONDS = 2.0  # a failed confirmation of the role is retried after this
 ERROR_LOG_SECONDS = 60.0  # the same failing step is logged at most this often
 GAPS_KEPT = 2000  # heartbeat gaps kept for max/p99 (~17 min at 0.5 s)
+DEPLOYED_SECONDS = 60.0  # the deployed software's parameter, read again this often (a thread)
 
 
 class PairError(RuntimeError):
@@ -213,13 +215,15 @@ class PairConfig:
     signal_resource: str | None = None
     request_file: Path | None = None  # None: role_file's directory / "switchover"
     group_name: str | None = None
+    # The deployed gateway software's SSM parameter (default: /tunnelnat/<deployment>/...).
+    software_parameter: str | None = None
 
     KEYS = frozenset(
         "region eni_id gateway deployment table tunnel children heartbeat_port interval_seconds "
         "misses hold_down_seconds startup_grace_seconds check_seconds topic_arn namespace "
         "partner_endpoint subnet_router peer_address role_file key_secret key_file "
         "insecure_heartbeats lifecycle_hook signal_stack signal_resource request_file "
-        "group_name".split()
+        "group_name software_parameter".split()
     )
 
     @classmethod
@@ -293,6 +297,8 @@ class PairConfig:
             signal_resource=resource,
             request_file=_path(data, "request_file", None),
             group_name=_name(data, "group_name", GROUP_NAME),
+            software_parameter=_name(data, "software_parameter", software.PARAMETER_NAME)
+            or software.parameter_for(data["deployment"]),
         )
 
     @property
@@ -1292,6 +1298,7 @@ class Records:
         epoch: int | None = None,
         fenced: bool = False,
         heart: dict[str, Any] | None = None,
+        software: dict[str, Any] | None = None,
     ) -> None:
         def number(value: float | None) -> dict[str, Any]:
             return {"NULL": True} if value is None else {"N": f"{value:.3f}"}
@@ -1319,7 +1326,60 @@ class Records:
             item["auth_failures"] = {"N": str(heart.get("auth_failures", 0))}
             dropped = sum(heart.get(k, 0) for k in ("junk", "stale", "replayed", "strangers"))
             item["heartbeats_dropped"] = {"N": str(dropped)}
+        if software is not None:
+            item["software"] = {"M": software_item(software)}
         self.dynamodb.put_item(TableName=self.config.table, Item=item)
+
+
+def software_item(report: dict[str, Any]) -> dict[str, Any]:
+    """software.report() as DynamoDB attributes: the running agent's version and SHA-256, the
+    deployed SHA-256 and whether they are the same (NULL: unknown)."""
+
+    def text(value: Any) -> dict[str, Any]:
+        return {"NULL": True} if value is None else {"S": str(value)}
+
+    deployed = report.get("deployed")
+    return {
+        "version": text(report.get("version")),
+        "sha256": text(report.get("sha256")),
+        "deployed_sha256": text(report.get("deployed_sha256")),
+        "deployed": {"NULL": True} if deployed is None else {"BOOL": bool(deployed)},
+    }
+
+
+class DeployedSoftware:
+    """The deployed package (its SSM parameter), read by a thread every DEPLOYED_SECONDS: a
+    slow or failing GetParameter never holds the agent's loop (detection, takeover)."""
+
+    def __init__(self, parameter: str, region: str, client: Any) -> None:
+        self.parameter, self.region, self.client = parameter, region, client
+        self.value: dict[str, Any] | None = None
+        self.failed = False
+        self.stopped = threading.Event()
+
+    def read(self) -> None:
+        found = software.read_deployed(
+            self.parameter, self.region, client=self.client, log=self._log
+        )
+        self.value, self.failed = found, found is None
+
+    def _log(self, message: str) -> None:
+        if not self.failed:  # said once per outage, not every minute
+            log(message)
+
+    def start(self) -> None:
+        def loop() -> None:
+            while not self.stopped.is_set():
+                try:
+                    self.read()
+                except Exception as exc:  # noqa: BLE001 - unknown until the next read
+                    log(f"deployed software: {type(exc).__name__}: {exc}")
+                self.stopped.wait(DEPLOYED_SECONDS)
+
+        threading.Thread(target=loop, name="deployed-software", daemon=True).start()
+
+    def __call__(self) -> dict[str, Any] | None:
+        return self.value
 
 
 def timing_reason(timing: dict[str, Any]) -> str:
@@ -1398,6 +1458,9 @@ class Agent:
     cloudformation: Any = None
     pinger: Callable[[IPv4Address], bool] = ping  # the second opinion's ICMP echo
     imds: Callable[[str], str | None] = imds_get
+    # This agent's software (the archive it runs from) and the deployed one (None: unknown).
+    running_software: dict[str, str | None] = field(default_factory=software.identity)
+    deployed: Callable[[], dict[str, Any] | None] = lambda: None
     machine: PairMachine | None = None
     peers: list[IPv4Address] = field(default_factory=list)
     members: dict[str, IPv4Address | None] | None = None  # the group's, at the last discovery
@@ -1687,6 +1750,7 @@ class Agent:
             self.instance_id, self.machine.role, self.generation, self.sas, heard_wall, now_wall,
             tunnel_loaded=self.tunnel_loaded, epoch=self.heart.epoch,
             fenced=self.machine.fenced, heart=self.heart.stats(),
+            software=software.report(self.running_software, self.deployed()),
         )  # fmt: skip
 
     def takeover(self) -> Takeover:
@@ -2063,7 +2127,7 @@ def _clients(region: str) -> dict[str, Any]:
         retries={"mode": "standard", "max_attempts": 4}, connect_timeout=3, read_timeout=10
     )
     session = boto3.session.Session(region_name=region)
-    names = ("ec2", "dynamodb", "cloudwatch", "sns", "autoscaling", "cloudformation")
+    names = ("ec2", "dynamodb", "cloudwatch", "sns", "autoscaling", "cloudformation", "ssm")
     return {name: session.client(name, config=config) for name in (*names, "secretsmanager")}
 
 
@@ -2083,6 +2147,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         print(json.dumps({k: str(v) for k, v in config.__dict__.items()}, sort_keys=True))
         return 0
+    # Which archive this is, before anything else: an upgrade may move the link meanwhile.
+    running = software.identity()
     try:
         instance_id = boot.instance_id_from_imds(os.environ.get("TUNNELNAT_IMDS_URL", boot.IMDS))
         # The key first: cached, it needs no client (boto3 resolves credentials when it makes
@@ -2092,10 +2158,17 @@ def main(argv: list[str] | None = None) -> int:
         heart = Heart(instance_id, key, config.heartbeat_port, config.interval_seconds)
         heart.open()
         records = Records(config, clients["dynamodb"], clients["cloudwatch"], clients["sns"])
+        deployed = None
+        if config.software_parameter:
+            deployed = DeployedSoftware(config.software_parameter, config.region, clients["ssm"])
         agent = Agent(
             config, instance_id, clients["ec2"], records, heart=heart,
             autoscaling=clients["autoscaling"], cloudformation=clients["cloudformation"],
+            running_software=running,
         )  # fmt: skip
+        if deployed is not None:
+            agent.deployed = deployed
+            deployed.start()
         agent.start(confirm=False)  # the first heartbeat goes before any AWS call
     except PairError as exc:
         log(f"FAILED: {exc}")

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """The gateway's IPsec SAs as charon lists them, for ``tunnelnat tunnels`` (ShowTunnels).
 
-    tunnelnat_sas.py [--tunnel NAME] [--swanctl-uri URI] [--config-dir D]
+    tunnelnat-gateway show [--tunnel NAME] [--swanctl-uri URI] [--config-dir D]
 
-Read-only: ``swanctl --list-sas --raw`` (parsed by the health agent's parser, which ShowTunnels
-embeds beside this file) and charon's log (ConfigureGateway's ``<tunnel>.json`` names it). Prints
-one JSON line per IKE SA (``"kind": "ike"``), per CHILD_SA (``"child"``) and per configured tunnel
+Read-only: ``swanctl --list-sas --raw`` (parsed by the health agent's parser) and charon's log
+(ConfigureGateway's ``<tunnel>.json`` names it). Prints one JSON line per IKE SA
+(``"kind": "ike"``), per CHILD_SA (``"child"``) and per configured tunnel
 (``"tunnel"``: its CHILD_SA names, the last rekey of each and why it is down, from charon's log),
 or an ``"error"`` line when charon does not answer. One line per SA, so that SSM's 24,000-character
 cut of a command's output loses whole SAs, never the meaning of the others. Times are seconds,
@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 
 from tunnelnat_gateway import health as agent  # noqa: E402
 
+DOCUMENT = "ShowTunnels"  # the document that runs this verb, the prefix of its errors
 # charon's line for a finished rekey (both sides): the new SA's outbound half is installed.
 _REKEYED = re.compile(
     r"^(\d+) \d+\[\w+\] <([^|>]*)\|?\d*> outbound CHILD_SA (\S+?)\{\d+\} established", re.M
@@ -152,9 +154,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.tunnel is not None and not agent.TUNNEL_NAME.fullmatch(args.tunnel):
         parser.error(f"invalid tunnel name {args.tunnel!r}")
+    # What ShowTunnels said before the listing: without swanctl there is nothing to ask.
+    if shutil.which("swanctl") is None:
+        print(f"{DOCUMENT}: swanctl is not installed", file=sys.stderr)
+        return 1
     now = time.time()
-    reading = agent.read_sas(uri=args.swanctl_uri)
-    for line in listing(reading, configured_tunnels(args.config_dir, args.tunnel), now):
+    try:
+        reading = agent.read_sas(uri=args.swanctl_uri)
+        lines = listing(reading, configured_tunnels(args.config_dir, args.tunnel), now)
+    except Exception as exc:  # noqa: BLE001 - one line saying why, not a traceback
+        print(f"{DOCUMENT}: the listing failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    for line in lines:
         print(json.dumps(line, sort_keys=True))
     return 0
 

@@ -446,10 +446,6 @@ def test_main_refuses_bad_arguments(args):
         agent.main(["once", "--gateway-id", "i-1", "--region", "us-east-1", *args])
 
 
-def test_agent_can_be_embedded_in_an_ssm_document():
-    assert "{{" not in (REPO / "gateway" / "tunnelnat_health.py").read_text()
-
-
 # -- the NAT table must be applied (synced), not just present ----------------------------------
 
 
@@ -639,12 +635,6 @@ ESCAPES = [
 ]
 
 
-def _tunnel_parameters(document: dict, **given: str) -> dict[str, str]:
-    """Every parameter without a default, filled so only ``given`` decides the outcome."""
-    params = {n: "x" for n, d in document["parameters"].items() if "default" not in d}
-    return {**params, **given}
-
-
 @pytest.mark.parametrize("path", ESCAPES)
 def test_charon_log_outside_its_directory_is_refused_by_the_allowed_pattern(path):
     import re as regex
@@ -658,19 +648,111 @@ def test_charon_log_outside_its_directory_is_refused_by_the_allowed_pattern(path
     assert not regex.search(pattern, path)
 
 
-@pytest.mark.parametrize("path", ESCAPES[:5])
-def test_charon_log_outside_its_directory_is_refused_by_the_script_itself(tmp_path, path):
-    """The script checks it again, before anything else runs: an allowedPattern loosened in a
-    copy of the document (or a parameter store value) must not reach charon."""
-    import yaml
+# The verb checks it again (tunnel.py's _charon_log): tests/unit/test_tunnel_verb.py.
 
-    from lab.ssm_runner import run_document
 
-    document = yaml.safe_load(CONFIGURE_TUNNEL.read_text())
-    for spec in document["parameters"].values():
-        spec["allowedPattern"] = "^.*$"
-    loose = tmp_path / "ConfigureTunnel.yaml"
-    loose.write_text(yaml.safe_dump(document, sort_keys=False))
-    run = run_document(loose, _tunnel_parameters(document, CharonLog=path), timeout=30)
-    assert run.exit_code != 0
-    assert "CharonLog" in run.stderr and "only /var/log/tunnelnat/NAME.log" in run.stderr
+# -- issue 22: which gateway software runs the agent, and is it the deployed one ---------------
+
+SHA_A, SHA_B = "a" * 64, "b" * 64
+PARAMETER = "/tunnelnat/acme/gateway-software"
+
+
+class FakeAws(FakeCloudWatch):
+    """CloudWatch and SSM in one (run_main hands the same client to every boto3.client)."""
+
+    def __init__(self, deployed: object = None, fail: bool = False):
+        super().__init__()
+        self.deployed, self.ssm_fail, self.asked = deployed, fail, []
+
+    def get_parameter(self, Name):  # noqa: N803 - boto3's keyword
+        self.asked.append(Name)
+        if self.ssm_fail:
+            raise RuntimeError("AccessDeniedException")
+        value = self.deployed if isinstance(self.deployed, str) else json.dumps(self.deployed)
+        return {"Parameter": {"Name": Name, "Value": value}}
+
+
+def _running(monkeypatch, sha256: str | None, version: str = "0.22.0+abc") -> None:
+    monkeypatch.setattr(
+        agent.software, "identity", lambda: {"version": version, "sha256": sha256, "path": "/x"}
+    )
+
+
+@pytest.mark.parametrize(
+    "running, deployed, expected",
+    [
+        (SHA_A, {"sha256": SHA_A, "version": "0.22.0+abc"}, True),
+        (SHA_A, {"sha256": SHA_B, "version": "0.22.0+new"}, False),
+        (None, {"sha256": SHA_A}, None),  # run from a source tree: no archive, no hash
+    ],
+)
+def test_the_report_says_which_software_runs_and_whether_it_is_deployed(
+    monkeypatch, capsys, tmp_path, running, deployed, expected
+):
+    _running(monkeypatch, running)
+    client = FakeAws(deployed)
+    code, line = run_main(monkeypatch, capsys, tmp_path, client, "--software-parameter", PARAMETER)
+    assert code == 0 and client.asked == [PARAMETER]
+    assert line["software"] == {
+        "version": "0.22.0+abc",
+        "sha256": running,
+        "deployed_sha256": deployed["sha256"],
+        "deployed": expected,
+    }
+
+
+@pytest.mark.parametrize(
+    "client",
+    [
+        FakeAws(fail=True),  # no permission, no network
+        FakeAws("not json"),
+        FakeAws({"sha256": "short"}),
+        FakeAws(["a", "list"]),
+    ],
+    ids=["denied", "not-json", "bad-sha", "not-an-object"],
+)
+def test_an_unreadable_parameter_is_unknown_never_a_failed_report(
+    monkeypatch, capsys, tmp_path, client
+):
+    _running(monkeypatch, SHA_A)
+    code, line = run_main(monkeypatch, capsys, tmp_path, client, "--software-parameter", PARAMETER)
+    assert code == 0 and line["published"] is True  # the metrics went out all the same
+    assert line["software"]["deployed"] is None and line["software"]["deployed_sha256"] is None
+    assert line["software"]["sha256"] == SHA_A
+
+
+def test_without_the_parameter_nothing_is_asked(monkeypatch, capsys, tmp_path):
+    _running(monkeypatch, SHA_A)
+    client = FakeAws({"sha256": SHA_A})
+    code, line = run_main(monkeypatch, capsys, tmp_path, client)
+    assert code == 0 and client.asked == []
+    assert line["software"]["deployed"] is None and line["software"]["version"] == "0.22.0+abc"
+
+
+@pytest.mark.parametrize("name", ["tunnelnat/acme/x", "/a b", "/x;y", "/" + "a" * 1011])
+def test_a_bad_software_parameter_is_refused(name):
+    with pytest.raises(SystemExit):
+        agent.main(
+            ["once", "--gateway-id", "i-1", "--region", "us-east-1", "--tunnels", "partner"]
+            + ["--software-parameter", name]
+        )
+
+
+def test_the_identity_of_the_archive_it_runs_from(tmp_path):
+    """Run from the package (as the timer runs it): the version built in, the archive's hash."""
+    import hashlib
+
+    from tools.gateway_package import build
+
+    package = build(tmp_path / "out")
+    link = tmp_path / "tunnelnat-gateway.pyz"
+    link.symlink_to(package.path)  # what the units run: the stable link
+    proc = subprocess.run(
+        [sys.executable, "-I", str(link), "version"], capture_output=True, text=True, check=True
+    )
+    found = json.loads(proc.stdout)
+    assert found["version"] == package.version
+    assert (
+        found["sha256"] == package.sha256 == hashlib.sha256(package.path.read_bytes()).hexdigest()
+    )
+    assert found["path"] == str(package.path)  # the link resolved: which archive, not which name

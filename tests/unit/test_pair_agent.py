@@ -485,27 +485,30 @@ def test_initiate_drops_the_half_open_sa_then_starts_every_child():
     ]
 
 
-def test_the_agent_uses_only_the_standard_library_boto3_and_the_boot_program():
-    found = third_party_imports(REPO / "gateway" / "tunnelnat_pair.py")
-    assert found == {"botocore", "boto3", "tunnelnat_boot"}
+def test_the_agent_uses_only_the_standard_library_boto3_and_the_gateway_package():
+    found = third_party_imports(REPO / "gateway" / "tunnelnat_gateway" / "pair.py")
+    assert found == {"botocore", "boto3", "tunnelnat_gateway"}
 
 
-def test_the_agent_runs_from_its_install_directory_next_to_the_boot_program(tmp_path):
-    """On the gateway both sit in /etc/tunnelnat/lib; nothing else of the repository is there."""
-    lib = tmp_path / "lib"
-    lib.mkdir()
-    for name in ("tunnelnat_pair.py", "tunnelnat_boot.py"):
-        (lib / name).write_text((REPO / "gateway" / name).read_text())
+def test_the_agent_runs_from_the_gateway_package(tmp_path):
+    """On the gateway the agent is the package's ``pair`` verb, run from the archive the stack
+    ships (tools/gateway_package.py): nothing else of the repository is there."""
+    from tools.gateway_package import build
+
+    archive = build(tmp_path / "out").path
     config = tmp_path / "pair.json"
     config.write_text(json.dumps(VALID))
     proc = subprocess.run(
-        [sys.executable, "-I", str(lib / "tunnelnat_pair.py"), "check-config", "--config", config],
+        [sys.executable, "-I", str(archive), "pair", "check-config", "--config", str(config)],
         capture_output=True,
         text=True,
         cwd=tmp_path,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
+    # The deployed software's parameter: the stack's name for this deployment, by default.
+    parameter = json.loads(proc.stdout)["software_parameter"]
+    assert parameter == "/tunnelnat/tunnelnat-lab/gateway-software"
 
 
 def test_tunnel_loaded_read_from_list_conns() -> None:
