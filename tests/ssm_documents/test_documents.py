@@ -192,7 +192,7 @@ def test_configure_tunnel_local_address_is_an_ipv4_address_or_empty():
     for bad in ("10.10.0.256", "10.10.0", "10.10.0.10/32", " 10.10.0.10", "10.10.0.10;x", "::1"):
         assert not re.fullmatch(spec["allowedPattern"], bad), bad
     script = _script(CONFIGURE_TUNNEL)
-    assert 'TN_LOCAL_ADDR=""' in script  # the default, rendered
+    assert '--local-address ""' in script  # the default, rendered
 
 
 def test_install_health_agent_installs_the_embedded_agent_with_a_timer():
@@ -216,7 +216,7 @@ def test_install_health_agent_installs_the_embedded_agent_with_a_timer():
     assert "systemd is not PID 1 here" in script
 
 
-@pytest.mark.parametrize("path", [CONFIGURE, CONFIGURE_TUNNEL], ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [CONFIGURE], ids=lambda p: p.stem)  # ConfigureTunnel: below
 def test_configure_documents_no_longer_carry_the_agent(path):
     document = load_document(path)
     assert not {"Deployment", "HealthInterval", "ProbeTarget", "ProbeSource"} & set(
@@ -248,16 +248,21 @@ def test_configure_gateway_turns_forwarding_on_only_after_the_guard():
     assert "swanctl" not in script and "PskSecretName" not in script
 
 
-def test_configure_tunnel_owns_the_tunnel_token_lo_and_the_restart_on_a_new_key():
-    script = _script(CONFIGURE_TUNNEL)
-    # The token TunnelEstablished starts over from, renewed when the connection or key changed.
-    assert "/etc/tunnelnat/tunnels/$tunnel.config-id" in script
-    # The lo addresses userspace ESP needs, in the file the boot's restore-lo reads.
-    assert 'cp "$wanted" "$state/lo-addresses"' in script and "state=/etc/tunnelnat" in script
-    # A changed key or connection: the IKE SA that was up before the load is terminated and
-    # every CHILD_SA initiated again; unchanged: nothing is terminated.
-    restart = script.index('if [ -n "$conf_changed$secret_changed" ] && [ "$had_sa" = yes ]')
-    assert script.index("had_sa=yes") < script.index("swanctl --load-all") < restart
-    assert 'swanctl --terminate --ike "$tunnel" --force' in script[restart:]
-    assert script.count("swanctl --terminate") == 1
-    assert "ip_forward" not in script and "nft " not in script
+@pytest.mark.parametrize(
+    ("stem", "verb"),
+    [("ConfigureTunnel", "configure-tunnel"), ("RestartTunnel", "restart-tunnel")],
+)
+def test_tunnel_documents_wait_for_cloud_init_then_run_their_verb(stem, verb):
+    """The tunnel's work is the gateway software's (tests/unit/test_tunnel_verb.py: the token,
+    lo, the restart on a new key, the lock): the document waits (bounded) for cloud-init's
+    first-boot packages, installs the archive it was synthesized with if missing, then execs
+    the verb with every parameter quoted as one argument."""
+    script = _script(ROOT / "ssm_documents" / f"{stem}.yaml")
+    assert script.startswith("#!/bin/bash\n")
+    assert f'fail() {{ echo "{stem}: $*" >&2; exit 1; }}' in script
+    waited = script.index("timeout 600 cloud-init status --wait")
+    assert waited < script.index("if ! pkg_installed; then") < script.index(f'"$pkg" {verb} ')
+    assert script.rstrip().splitlines()[-1].endswith('"') and "exec python3" in script
+    # Nothing of the old script stays: no swanctl, ip or nft of its own, no forwarding.
+    assert not re.search(r"\b(swanctl|ip|nft|flock|sysctl)\s", script)
+    assert "tunnelnat_health" not in script and "ip_forward" not in script

@@ -1,7 +1,9 @@
 """The partner's tunnel as strongSwan configuration (docs/stack.md, Partner worksheet).
 
-Standard library only: embedded in ConfigureTunnel, run there as ``python3 -m
-tunnelnat.core.swanctl OUT`` with ``TN_*`` set. Policy is core/crypto.py's, checked at synthesis.
+Standard library only: part of the gateway software, where ``tunnelnat-gateway configure-tunnel``
+(gateway/tunnelnat_gateway/tunnel.py, ConfigureTunnel's verb) renders the tunnel with it;
+``python3 -m tunnelnat.core.swanctl OUT`` with ``TN_*`` set writes the same files into OUT.
+Policy is core/crypto.py's, checked at synthesis.
 The NAT side (the nftables base: partner networks, NAT mode, MSS) is ConfigureGateway's.
 """
 
@@ -131,24 +133,29 @@ def from_environ(env: dict[str, str]) -> Tunnel:
     return tunnel
 
 
-def main(out: str) -> int:
-    try:
-        t = from_environ(dict(os.environ))
-    except (ValueError, KeyError) as exc:
-        print(f"ConfigureTunnel: {exc}", file=sys.stderr)
-        return 1
+def render_files(t: Tunnel) -> dict[str, str]:
+    """What ConfigureTunnel installs, by name: the connection, charon's settings, the facts the
+    health agent reads, the IKE IDs the secret is for, the addresses libipsec wants on lo."""
     # libipsec routes need a local address inside local_ts: the first of each S entry, on lo
     # (ConfigureTunnel keeps them in /etc/tunnelnat/lo-addresses, which the boot restores).
     lo = [p.network_address if p.prefixlen == 32 else next(p.hosts()) for p in t.local_ts]
     facts = {"children": [c[0] for c in t.children], "ike": t.ike, "esp": t.esp, "log": t.log}
-    files = {
+    return {
         "tunnel.conf": render_connection(t),
         "charon.conf": render_charon_settings(t),
         "tunnel.json": json.dumps(facts) + "\n",  # for the health agent
         "ids": f"{t.local_id} {t.remote_id or t.partner}\n",
         "lo_addresses": "".join(f"{a}\n" for a in lo),
     }
-    for name, text in files.items():
+
+
+def main(out: str) -> int:
+    try:
+        t = from_environ(dict(os.environ))
+    except (ValueError, KeyError) as exc:
+        print(f"ConfigureTunnel: {exc}", file=sys.stderr)
+        return 1
+    for name, text in render_files(t).items():
         with open(os.path.join(out, name), "w") as f:
             f.write(text)
     return 0
