@@ -32,17 +32,18 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from lab import topology as topo
-from lab.aws import ENROLMENT_TAG, LabAws
+from lab import constants as c
+from lab.aws import LabAws
+from lab.constants import ENROLMENT_TAG, WEB_TEMPLATE
 from tunnelnat.adapters.autoscaling import ActionState
 from tunnelnat.events import LAUNCH_ACTION, TERMINATE_ACTION, LifecycleDetail, hook_names
 
-GROUP = f"{topo.DEPLOYMENT}-web"
+GROUP = f"{c.DEPLOYMENT}-web"
 # The controller answers only its deployment's hooks, named exactly as the stack names them
 # (events.hook_names: tunnelnat-<deployment>-launch and -terminate, on each group).
-HOOK, TERMINATE_HOOK = hook_names(topo.DEPLOYMENT)
-TEMPLATE = f"{topo.DEPLOYMENT}-web"
-RULE = f"{topo.DEPLOYMENT}-lifecycle"
+HOOK, TERMINATE_HOOK = hook_names(c.DEPLOYMENT)
+TEMPLATE = WEB_TEMPLATE
+RULE = f"{c.DEPLOYMENT}-lifecycle"
 BATCH_SIZE = 10  # the stack's SqsEventSource batch_size
 LAUNCHING = "autoscaling:EC2_INSTANCE_LAUNCHING"
 TERMINATING = "autoscaling:EC2_INSTANCE_TERMINATING"
@@ -104,11 +105,11 @@ def create_group(aws: LabAws) -> None:
             {
                 "source": ["aws.autoscaling"],
                 "detail-type": [LAUNCH_ACTION, TERMINATE_ACTION],
-                "detail": {"LifecycleHookName": list(hook_names(topo.DEPLOYMENT))},
+                "detail": {"LifecycleHookName": list(hook_names(c.DEPLOYMENT))},
             }
         ),
         State="ENABLED",
-        Description=f"{topo.DEPLOYMENT}: Auto Scaling lifecycle actions (launch, terminate)",
+        Description=f"{c.DEPLOYMENT}: Auto Scaling lifecycle actions (launch, terminate)",
     )
     events.put_targets(
         Rule=RULE,
@@ -121,7 +122,7 @@ def group_arn(aws: LabAws) -> str:
     return groups["AutoScalingGroups"][0]["AutoScalingGroupARN"]
 
 
-def launch(aws: LabAws, instances: Sequence[topo.Instance]) -> list[str]:
+def launch(aws: LabAws, instances: Sequence[c.Instance]) -> list[str]:
     """Launch ``instances`` into the group at their namespaces' addresses; their IDs, in order."""
     ec2 = aws.client("ec2")
     ids = []
@@ -278,7 +279,7 @@ def emit_lifecycle_events(
     for start in range(0, len(entries), PUT_EVENTS_MAX):
         reply = events.put_events(Entries=entries[start : start + PUT_EVENTS_MAX])
         if reply.get("FailedEntryCount"):
-            raise topo.LabError(f"PutEvents refused lifecycle events: {reply['Entries']}")
+            raise c.LabError(f"PutEvents refused lifecycle events: {reply['Entries']}")
 
 
 @dataclass(frozen=True)
@@ -337,7 +338,7 @@ class LambdaSqsSource:
             if self.in_queue() == 0:
                 return runs
             time.sleep(0.5)
-        raise topo.LabError(f"the controller queue still holds {self.in_queue()} message(s)")
+        raise c.LabError(f"the controller queue still holds {self.in_queue()} message(s)")
 
     def in_queue(self) -> int:
         attrs = self.aws.client("sqs").get_queue_attributes(
@@ -362,5 +363,5 @@ class LambdaSqsSource:
             "md5OfBody": message["MD5OfBody"],
             "eventSource": "aws:sqs",
             "eventSourceARN": self.aws.queue_arn,
-            "awsRegion": topo.REGION,
+            "awsRegion": c.REGION,
         }

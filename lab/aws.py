@@ -14,21 +14,8 @@ from typing import Any
 
 import boto3
 
-from lab import topology as topo
-
-# As the stack tags the gateway (stacks/settings.py ROLE_TAG, DEPLOYMENT_TAG, GATEWAY_TAG).
-# The gateways' Auto Scaling group: Auto Scaling tags every instance it launches with its name,
-# and the controller counts a tagged gateway without G as the pair's standby only in that group.
-# Named as the stack names it (stacks/settings.py gateway_group_name: <deployment>-gateway); the
-# CLI, the healer and the associations find the gateways by it (issue 21).
-GATEWAY_GROUP = f"{topo.DEPLOYMENT}-gateway"
-GATEWAY_TAGS = {
-    "tunnelnat:role": "gateway",
-    "tunnelnat:deployment": topo.DEPLOYMENT,
-    "tunnelnat:gateway": topo.DEPLOYMENT,
-    "aws:autoscaling:groupName": GATEWAY_GROUP,
-}
-ENROLMENT_TAG = ("tunnelnat", "enabled")
+from lab import constants as c
+from lab.constants import ENROLMENT_TAG, GATEWAY_GROUP, GATEWAY_TAGS, WEB_TEMPLATE, Instance
 
 
 @dataclass
@@ -53,7 +40,7 @@ class LabAws:
         if service not in self.clients:
             self.clients[service] = boto3.session.Session().client(
                 service,
-                region_name=topo.REGION,
+                region_name=c.REGION,
                 endpoint_url=self.endpoint,
                 aws_access_key_id="testing",
                 aws_secret_access_key="testing",  # noqa: S106 - moto's dummy credentials
@@ -61,28 +48,31 @@ class LabAws:
         return self.clients[service]
 
     # -- seeding -------------------------------------------------------------------------------
-    def seed(self, lab: topo.Lab) -> None:
+    def seed(self, instances: list[Instance], private_instances: list[Instance], psk: str) -> None:
+        """The lab's AWS before anything runs: the VPC with its subnets, the gateway, G's ENI, the
+        instances (their IDs set on them), the table, the PSK's secret, the controller's queues
+        and function. The web group comes from lab.autoscaling.create_group, after."""
         ec2 = self.client("ec2")
-        self.vpc_id = ec2.create_vpc(CidrBlock=topo.VPC_CIDR)["Vpc"]["VpcId"]
-        self.subnet_id = ec2.create_subnet(VpcId=self.vpc_id, CidrBlock=topo.SUBNET_CIDR)["Subnet"][
+        self.vpc_id = ec2.create_vpc(CidrBlock=c.VPC_CIDR)["Vpc"]["VpcId"]
+        self.subnet_id = ec2.create_subnet(VpcId=self.vpc_id, CidrBlock=c.SUBNET_CIDR)["Subnet"][
             "SubnetId"
         ]
         self._seed_private_subnet()
         image = self.image_id = ec2.describe_images()["Images"][0]["ImageId"]
-        self.gateway_id = self._run_instance(image, topo.GW_PRIMARY, "gateway", GATEWAY_TAGS)
+        self.gateway_id = self._run_instance(image, c.GW_PRIMARY, "gateway", GATEWAY_TAGS)
         # The gateway forwards packets that are not its own (the seed forgets this).
         ec2.modify_instance_attribute(InstanceId=self.gateway_id, SourceDestCheck={"Value": False})
         self._seed_fixed_eni()
-        for inst in lab.instances:
+        for inst in instances:
             inst.instance_id = self._run_instance(image, inst.private_ip, inst.name, {})
             self.instance_ids[inst.name] = inst.instance_id
-        for inst in lab.private_instances:
+        for inst in private_instances:
             inst.instance_id = self._run_instance(
                 image, inst.private_ip, inst.name, {}, subnet_id=self.private_subnet_id
             )
             self.instance_ids[inst.name] = inst.instance_id
         self.client("dynamodb").create_table(
-            TableName=topo.TABLE,
+            TableName=c.TABLE,
             KeySchema=[
                 {"AttributeName": "pk", "KeyType": "HASH"},
                 {"AttributeName": "sk", "KeyType": "RANGE"},
@@ -93,20 +83,16 @@ class LabAws:
             ],
             BillingMode="PAY_PER_REQUEST",
         )
-        self.client("secretsmanager").create_secret(Name=topo.PSK_SECRET, SecretString=lab.psk)
+        self.client("secretsmanager").create_secret(Name=c.PSK_SECRET, SecretString=psk)
         self._seed_queues()
         self._seed_controller_function()
-        # Imported here: lab.autoscaling builds on this module.
-        from lab.autoscaling import create_group
-
-        create_group(self)
 
     def _seed_private_subnet(self) -> None:
         """The private subnet with its own route table (explicitly associated, as real private
         subnets have): only ``local`` in it until the controller adds the partner's networks.
         The gateway's subnet keeps the VPC's main table."""
         ec2 = self.client("ec2")
-        self.private_subnet_id = ec2.create_subnet(VpcId=self.vpc_id, CidrBlock=topo.PRIVATE_CIDR)[
+        self.private_subnet_id = ec2.create_subnet(VpcId=self.vpc_id, CidrBlock=c.PRIVATE_CIDR)[
             "Subnet"
         ]["SubnetId"]
         tables = ec2.describe_route_tables(
@@ -125,7 +111,7 @@ class LabAws:
                         {"Key": "Name", "Value": "private"},
                         # The network owner opts the table in (the controller writes only to
                         # tables tagged tunnelnat:routes=<deployment>, issue 21).
-                        {"Key": "tunnelnat:routes", "Value": topo.DEPLOYMENT},
+                        {"Key": "tunnelnat:routes", "Value": c.DEPLOYMENT},
                     ],
                 }
             ],
@@ -174,14 +160,13 @@ class LabAws:
         (stacks/gateway.py). The lab's gateways are launched by the lab, then attached to the
         group (AttachInstances also tags them aws:autoscaling:groupName, as a launch does)."""
         self.client("secretsmanager").create_secret(
-            Name=topo.PAIR_KEY_SECRET, SecretString=heartbeat_key
+            Name=c.PAIR_KEY_SECRET, SecretString=heartbeat_key
         )
         asg = self.client("autoscaling")
-        from lab.autoscaling import TEMPLATE  # created by create_group at seed time
-
+        # The web group's template (lab.autoscaling.create_group made it at seed time).
         asg.create_auto_scaling_group(
             AutoScalingGroupName=GATEWAY_GROUP,
-            LaunchTemplate={"LaunchTemplateName": TEMPLATE, "Version": "$Latest"},
+            LaunchTemplate={"LaunchTemplateName": WEB_TEMPLATE, "Version": "$Latest"},
             MinSize=0,
             MaxSize=4,  # two, and two more while a rolling update replaces them
             DesiredCapacity=0,
@@ -189,7 +174,7 @@ class LabAws:
         )
         # HeartbeatTimeout as the stack's hook; CONTINUE: a termination is never held for ever.
         asg.put_lifecycle_hook(
-            LifecycleHookName=topo.GATEWAY_TERMINATE_HOOK,
+            LifecycleHookName=c.GATEWAY_TERMINATE_HOOK,
             AutoScalingGroupName=GATEWAY_GROUP,
             LifecycleTransition="autoscaling:EC2_INSTANCE_TERMINATING",
             HeartbeatTimeout=300,  # stacks/gateway.py TERMINATING_HOOK_TIMEOUT
@@ -215,8 +200,8 @@ class LabAws:
         ec2 = self.client("ec2")
         eni = ec2.create_network_interface(
             SubnetId=self.subnet_id,
-            PrivateIpAddress=topo.GW_ENI,
-            Description=f"tunnelnat {topo.DEPLOYMENT} fixed ENI (G)",
+            PrivateIpAddress=c.GW_ENI,
+            Description=f"tunnelnat {c.DEPLOYMENT} fixed ENI (G)",
         )["NetworkInterface"]
         self.eni_id = eni["NetworkInterfaceId"]
         self.eni_mac = eni["MacAddress"].lower()
@@ -230,7 +215,7 @@ class LabAws:
         ``tunnelnat doctor`` reads the configuration the lab's controller really runs with. It is
         never invoked through moto (that needs Docker): the lab calls the handler in-process."""
         role = self.client("iam").create_role(
-            RoleName=f"{topo.DEPLOYMENT}-controller",
+            RoleName=f"{c.DEPLOYMENT}-controller",
             AssumeRolePolicyDocument=json.dumps(
                 {
                     "Version": "2012-10-17",
@@ -249,7 +234,7 @@ class LabAws:
             # A placeholder: the code that runs is the repository's, in the lab's process.
             archive.writestr("index.py", "def handler(event, context):\n    return None\n")
         self.client("lambda").create_function(
-            FunctionName=f"{topo.DEPLOYMENT}-controller",
+            FunctionName=f"{c.DEPLOYMENT}-controller",
             Runtime="python3.13",
             Role=role,
             Handler="tunnelnat.handlers.controller.handler",
@@ -257,8 +242,8 @@ class LabAws:
             Environment={
                 "Variables": {
                     "TUNNELNAT_CONFIG": json.dumps(controller_config()),
-                    "TUNNELNAT_TABLE_NAME": topo.TABLE,
-                    "TUNNELNAT_DEPLOYMENT": topo.DEPLOYMENT,
+                    "TUNNELNAT_TABLE_NAME": c.TABLE,
+                    "TUNNELNAT_DEPLOYMENT": c.DEPLOYMENT,
                     # Route-table mode, as the stack sets it (the ENI holding G, our VPC).
                     "TUNNELNAT_VPC_ID": self.vpc_id,
                     "TUNNELNAT_GATEWAY_ENI_ID": self.eni_id,
@@ -269,7 +254,7 @@ class LabAws:
     def _seed_queues(self) -> None:
         """The controller's queue and dead-letter queue, named as the stack names them."""
         sqs = self.client("sqs")
-        self.dlq_url = sqs.create_queue(QueueName=f"{topo.DEPLOYMENT}-events-dlq")["QueueUrl"]
+        self.dlq_url = sqs.create_queue(QueueName=f"{c.DEPLOYMENT}-events-dlq")["QueueUrl"]
         dlq_arn = sqs.get_queue_attributes(QueueUrl=self.dlq_url, AttributeNames=["QueueArn"])[
             "Attributes"
         ]["QueueArn"]
@@ -277,7 +262,7 @@ class LabAws:
         # stack's, so a batch the lab's handler never answered comes back within a story.
         redrive = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "12"})
         self.queue_url = sqs.create_queue(
-            QueueName=f"{topo.DEPLOYMENT}-events",
+            QueueName=f"{c.DEPLOYMENT}-events",
             Attributes={"VisibilityTimeout": "60", "RedrivePolicy": redrive},
         )["QueueUrl"]
         self.queue_arn = sqs.get_queue_attributes(
@@ -319,7 +304,7 @@ class LabAws:
     def meta_item(self, name: str) -> dict[str, Any] | None:
         """The table's ``meta/<name>`` item as DynamoDB returns it (None: not written yet)."""
         reply = self.client("dynamodb").get_item(
-            TableName=topo.TABLE,
+            TableName=c.TABLE,
             Key={"pk": {"S": "meta"}, "sk": {"S": name}},
             ConsistentRead=True,
         )
@@ -328,7 +313,7 @@ class LabAws:
     def mappings(self) -> dict[str, str]:
         """private -> public, as the controller stored them (what the gateway renders)."""
         reply = self.client("dynamodb").query(
-            TableName=topo.TABLE,
+            TableName=c.TABLE,
             KeyConditionExpression="pk = :pk",
             ExpressionAttributeValues={":pk": {"S": "mapping"}},
             ConsistentRead=True,
@@ -340,7 +325,7 @@ def tag_change_event(
     instance_id: str, changed: dict[str, str], tags: dict[str, str], *, event_id: str = "lab-1"
 ) -> dict[str, Any]:
     """An EventBridge "Tag Change on Resource" event for an EC2 instance, as AWS sends it."""
-    arn = f"arn:aws:ec2:{topo.REGION}:123456789012:instance/{instance_id}"
+    arn = f"arn:aws:ec2:{c.REGION}:123456789012:instance/{instance_id}"
     return {
         "version": "0",
         "id": event_id,
@@ -348,7 +333,7 @@ def tag_change_event(
         "source": "aws.tag",
         "account": "123456789012",
         "time": "2026-11-24T12:00:00Z",
-        "region": topo.REGION,
+        "region": c.REGION,
         "resources": [arn],
         "detail": {
             "changed-tag-keys": list(changed),
@@ -363,27 +348,29 @@ def tag_change_event(
 def controller_config() -> dict[str, Any]:
     """TUNNELNAT_CONFIG for the lab's controller."""
     return {
-        "partner_endpoint": topo.PARTNER_ENDPOINT,
-        "partner_networks": [topo.PARTNER_NET],
+        "partner_endpoint": c.PARTNER_ENDPOINT,
+        "partner_networks": [c.PARTNER_NET],
         "nat_mode": "dedicated",
-        "address_pool": list(topo.POOL),
+        "address_pool": list(c.POOL),
         "enrolment_tag_key": ENROLMENT_TAG[0],
         "enrolment_tag_value": ENROLMENT_TAG[1],
-        "gateway_private_ip": topo.GW_ENI,
-        "gateway_subnet_cidr": topo.SUBNET_CIDR,
+        "gateway_private_ip": c.GW_ENI,
+        "gateway_subnet_cidr": c.SUBNET_CIDR,
     }
 
 
-def controller_environ(lab: topo.Lab) -> dict[str, str]:
+def controller_environ(aws_env: dict[str, str], aws: LabAws) -> dict[str, str]:
+    """The controller's environment in the lab: ``aws_env`` (moto's endpoint and credentials)
+    and the stack's variables for ``aws``'s resources."""
     return {
-        **lab.aws_env(),
+        **aws_env,
         "TUNNELNAT_CONFIG": json.dumps(controller_config()),
-        "TUNNELNAT_TABLE_NAME": topo.TABLE,
-        "TUNNELNAT_DEPLOYMENT": topo.DEPLOYMENT,
-        "AWS_REGION": topo.REGION,
+        "TUNNELNAT_TABLE_NAME": c.TABLE,
+        "TUNNELNAT_DEPLOYMENT": c.DEPLOYMENT,
+        "AWS_REGION": c.REGION,
         # Route-table mode: instances outside the gateway's subnet get a route to G's ENI in
         # their subnet's route table (no command on them).
-        "TUNNELNAT_VPC_ID": lab.aws.vpc_id,
-        "TUNNELNAT_GATEWAY_ENI_ID": lab.aws.eni_id,
+        "TUNNELNAT_VPC_ID": aws.vpc_id,
+        "TUNNELNAT_GATEWAY_ENI_ID": aws.eni_id,
         "TUNNELNAT_GATEWAY_GROUP": GATEWAY_GROUP,
     }

@@ -14,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lab.constants import mount_ns_path
 from lab.ssm_runner import REPO, InvalidParameters, Invocation, run_document
-from lab.topology import mount_ns_path
 from tunnelnat.adapters.commands import DOCUMENTS, CommandError, CommandResult
 
 DOCUMENT_DIR = REPO / "ssm_documents"

@@ -16,6 +16,8 @@ from typing import Any
 
 from lab import aws as lab_aws
 from lab import topology as topo
+from lab.autoscaling import LabLifecycle
+from lab.constants import ENROLMENT_TAG
 
 # Read by Powertools when the handler module is imported: quiet logs, no EMF metric blobs on
 # stdout, no X-Ray. The demo reports what happened itself.
@@ -46,11 +48,11 @@ class LabController:
         self._saved: dict[str, str | None] = {}
         # The VPC the controller serves and G's ENI, as the stack sets them (instances in another
         # VPC: other-vpc; in another subnet of ours: route-table mode).
-        environ = {**QUIET, **lab_aws.controller_environ(lab)}
+        environ = {**QUIET, **lab_aws.controller_environ(lab.aws_env(), lab.aws)}
         for key, value in environ.items():
             self._saved[key] = os.environ.get(key)
             os.environ[key] = value
-        from lab.autoscaling import LabLifecycle
+        # Imported once the environment is set: Powertools reads it at import.
         from tunnelnat.handlers import controller as handler_module
         from tunnelnat.settings import ControllerSettings
 
@@ -83,7 +85,7 @@ class LabController:
     def tag_changed(self, name: str, *, enrol: bool) -> dict[str, Any]:
         """Tag (or untag) instance ``name`` in EC2, then deliver EventBridge's tag-change event."""
         instance_id = self.lab.aws.instance_ids[name]
-        key = lab_aws.ENROLMENT_TAG[0]
+        key = ENROLMENT_TAG[0]
         if enrol:
             self.lab.aws.tag(instance_id)
         else:

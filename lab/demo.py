@@ -26,6 +26,8 @@ import time
 from typing import Any
 
 from lab import topology as topo
+from lab.controller import LabController
+from lab.story import Story
 
 TOOLS = (
     "ip",
@@ -70,9 +72,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     # A TERM (a CI timeout, kill) unwinds like Ctrl-C, so the lab is removed on the way out.
     signal.signal(signal.SIGTERM, _interrupt)
-    from lab.controller import LabController
-    from lab.story import Story
-
     print("tunnelnat demo: building the lab (namespaces tn-*, strongSwan, moto) ...", flush=True)
     started = time.monotonic()
     failed = 0

@@ -228,8 +228,6 @@ def run_failover(lab: topo.Lab, name: str, public: str) -> FailoverReport:
     # The pair settled first: the standby hears the active (after a replacement the active
     # counts a new standby as a member at its next discovery: up to check_seconds), the ENI is
     # past the hold-down and the agents past their startup grace.
-    from lab.pair_stories import wait_past_hold_down
-
     listening = time.monotonic()
     primary = lab.gateway_primary[active]
     _wait(lambda: heartbeats_heard(lab, standby, primary, 0.6) > 0, 45, 0.1)
@@ -393,3 +391,20 @@ def figure(report: FailoverReport) -> str:
         )
         + (f"; problems: {'; '.join(report.errors)}" if report.errors else "")
     )
+
+
+def wait_past_hold_down(lab: topo.Lab) -> float:
+    """Wait until a standby would take G's ENI from a silent active: the ENI attached longer
+    ago than the agents' hold-down (no flapping) and every agent past its startup grace (an
+    agent that just started listens before it judges). The seconds waited."""
+    config = lab.pair_config()
+    hold = float(config["hold_down_seconds"])
+    grace = float(config.get("startup_grace_seconds", 10))
+    reply = lab.aws.client("ec2").describe_network_interfaces(NetworkInterfaceIds=[lab.aws.eni_id])
+    attached = (reply["NetworkInterfaces"][0].get("Attachment") or {}).get("AttachTime")
+    until = attached.timestamp() + hold if attached is not None else 0.0
+    for ns in lab.gateway_primaries():
+        until = max(until, lab.agent_started.get(ns, 0.0) + grace)
+    wait = max(0.0, until + 0.5 - time.time())
+    time.sleep(wait)
+    return wait

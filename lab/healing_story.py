@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from lab import topology as topo
-from lab.aws import GATEWAY_GROUP
 from lab.commands import LabCommands
+from lab.constants import GATEWAY_GROUP
 from lab.controller import QUIET, FakeContext, LabController
 from lab.ssm_runner import default_env
 

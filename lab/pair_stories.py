@@ -29,8 +29,17 @@ from pathlib import Path
 from typing import Any
 
 from lab import topology as topo
-from lab.failover_story import _plain, agent_events
+from lab.constants import GATEWAY_GROUP
+from lab.failover_story import (
+    _generation,
+    _plain,
+    agent_events,
+    applied_generation,
+    heartbeats_heard,
+    run_failover,
+)
 from lab.seq_probe import read_log
+from lab.ssm_runner import load_document
 
 PROBE_PORT = 9  # discard: A's receiver logs the datagrams
 SEND_INTERVAL = 0.05
@@ -189,7 +198,6 @@ def strict_log_length(lab: topo.Lab) -> int:
 
 def unhealthy_gateways(lab: topo.Lab) -> list[str]:
     """Gateways Auto Scaling holds as Unhealthy (SetInstanceHealth): it would replace them."""
-    from lab.aws import GATEWAY_GROUP
 
     reply = lab.aws.client("autoscaling").describe_auto_scaling_instances()
     return [
@@ -480,7 +488,6 @@ def sync_standby_if_behind(lab: topo.Lab, standby: str, errors: list[str]) -> st
     is one whose table is current: the agent hands over to no other). The controller sends
     every sync to the gateways it knows; a warm controller that looked its gateways up before
     this standby existed does not know it (the demo adds the standby late). Says what it did."""
-    from lab.failover_story import _generation, applied_generation
 
     if (applied_generation(standby) or 0) >= _generation(lab):
         return "already current"
@@ -497,8 +504,6 @@ def sync_standby_if_behind(lab: topo.Lab, standby: str, errors: list[str]) -> st
 
 def switchover_parameters() -> dict[str, str]:
     """The Switchover document's parameters the lab gives (those it declares)."""
-    from lab.ssm_runner import load_document
-
     path = switchover_document()
     declared = load_document(path)["parameters"] if path else {}
     wanted = {"WaitSeconds": "10", "Region": topo.REGION, "TableName": topo.TABLE}
@@ -625,7 +630,6 @@ def run_reboot(
     lab: topo.Lab, name: str, which: str = "standby", *, off_seconds: float = 8.0
 ) -> RebootReport:
     """Reboot the pair's ``which`` ("active" or "standby") while ``name`` sends to A."""
-    from lab.failover_story import heartbeats_heard
 
     errors: list[str] = []
     active = lab.eni_holder_ns()
@@ -858,23 +862,6 @@ AWS_LIKE_DETACH_SECONDS = 3.0
 AWS_FAILOVER_TARGET = 15.0  # issue 15's target on AWS (docs/health.md, Expected on AWS)
 
 
-def wait_past_hold_down(lab: topo.Lab) -> float:
-    """Wait until a standby would take G's ENI from a silent active: the ENI attached longer
-    ago than the agents' hold-down (no flapping) and every agent past its startup grace (an
-    agent that just started listens before it judges). The seconds waited."""
-    config = lab.pair_config()
-    hold = float(config["hold_down_seconds"])
-    grace = float(config.get("startup_grace_seconds", 10))
-    reply = lab.aws.client("ec2").describe_network_interfaces(NetworkInterfaceIds=[lab.aws.eni_id])
-    attached = (reply["NetworkInterfaces"][0].get("Attachment") or {}).get("AttachTime")
-    until = attached.timestamp() + hold if attached is not None else 0.0
-    for ns in machines(lab):
-        until = max(until, lab.agent_started.get(ns, 0.0) + grace)
-    wait = max(0.0, until + 0.5 - time.time())
-    time.sleep(wait)
-    return wait
-
-
 def run_aws_like_failover(
     lab: topo.Lab,
     name: str,
@@ -886,7 +873,6 @@ def run_aws_like_failover(
     """The failover story (power-off of the active, lab.failover_story) with EC2's attachment
     taking ``detach_seconds`` to detach and ``attach_seconds`` to attach. Returns its
     FailoverReport with ``aws_like`` = the delays."""
-    from lab.failover_story import run_failover
 
     client = strict(lab)
     client.configure(attach_seconds=attach_seconds, detach_seconds=detach_seconds)

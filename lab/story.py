@@ -27,7 +27,13 @@ from lab import topology as topo
 from lab.burst_story import BurstReport, run_burst_story, run_scale_in
 from lab.cli import doctor_json, quiet_moto_errors, run_cli, status_json
 from lab.controller import LabController
+from lab.failover_story import figure as failover_figure
+from lab.failover_story import run_failover
 from lab.healing_story import agent_program, run_agent, run_healing_story
+from lab.impostor_story import figure as impostor_figure
+from lab.impostor_story import run_impostor
+from lab.pair_stories import run_rolling_replacement, run_slow_aws, run_switchover
+from lab.partners import count_rekeys
 
 WEB1, WEB2 = "web-1", "web-2"
 PRIV1, PRIV2 = "priv-1", "priv-2"  # the private subnet's instances (route-table mode)
@@ -651,7 +657,6 @@ class Story:
     def gateway_failover(self, name: str = WEB1) -> Step:
         """The standby (built now, if the lab has none) takes over from a powered-off active
         while ``name`` sends to A (lab.failover_story). ``name`` is enrolled first if it is not."""
-        from lab.failover_story import figure, run_failover
 
         inst = self.lab.instance(name)
         enrolled = self.lab.aws.mappings().get(inst.private_ip)
@@ -673,7 +678,7 @@ class Story:
         return Step(
             "gateway failover: the standby takes G's ENI from a powered-off active",
             report.ok and ok,
-            prefix + figure(report) + "; " + seen,
+            prefix + failover_figure(report) + "; " + seen,
             {"failover": report},
         )
 
@@ -699,7 +704,6 @@ class Story:
 
     def pair_switchover(self, name: str = WEB1) -> Step:
         """A planned switchover (the Switchover document's request) while ``name`` sends."""
-        from lab.pair_stories import run_switchover
 
         title = "planned switchover: the active hands G's ENI to the standby under traffic"
         done, problem = self._pair_ready(name)
@@ -710,7 +714,6 @@ class Story:
 
     def pair_slow_aws(self, name: str = WEB1, duration: float = 60.0) -> Step:
         """Every EC2/DynamoDB call of the active delayed 3 s for a minute: no failover."""
-        from lab.pair_stories import run_slow_aws
 
         title = "slow AWS on the active (3 s a call for a minute): no failover"
         done, problem = self._pair_ready(name)
@@ -721,7 +724,6 @@ class Story:
 
     def pair_rolling(self, name: str = WEB1) -> Step:
         """Both gateways replaced one at a time, as CloudFormation's rolling update does it."""
-        from lab.pair_stories import run_rolling_replacement
 
         title = "rolling replacement of both gateways (termination hook, signal) under traffic"
         done, problem = self._pair_ready(name)
@@ -733,7 +735,6 @@ class Story:
     def _pair_status(self) -> tuple[str, bool]:
         """What ``tunnelnat status`` says of the pair after the failover, and whether it names
         the instance that now holds G's ENI as the active."""
-        from lab.cli import status_json
 
         try:
             pair = status_json(self.lab)["pair"] or {}
@@ -915,13 +916,12 @@ class Story:
         """Issue 21: an instance labelled like the gateway gets no command; doctor names it
         (lab/impostor_story.py). ``name`` is enrolled and unenrolled to make the controller
         sync."""
-        from lab.impostor_story import figure, run_impostor
 
         result = run_impostor(self.lab, self.controller, name)
         return Step(
             "an impostor labelled like the gateway gets no command, and doctor names it",
             result["ok"],
-            figure(result),
+            impostor_figure(result),
             result,
         )
 
@@ -965,7 +965,6 @@ class Story:
         into each SA's life, its IKE_SA 20-30 s) rekeys on its own clock; ours are as short
         (CHILD 18-20 s, IKE 38-40 s), so to rekey as often ourselves we start one with ``swanctl
         --rekey`` (the exchange our lifetimes start) 2 s after each of the partner's."""
-        from lab.partners import count_rekeys
 
         inst = self.lab.instance(name)
         public = self.public or ""

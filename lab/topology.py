@@ -37,130 +37,80 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lab.ssm_runner import REPO, default_env, netns_argv
-
-PREFIX = "tn-"
-RUN = Path("/run/tn-lab")
-MACHINES = RUN / "machines"
-MNT = RUN / "mnt"
-PIDS = RUN / "pids"
-LOGS = RUN / "logs"
-
-VPC_CIDR = "10.10.0.0/16"
-SUBNET_CIDR = "10.10.1.0/24"
-# A private subnet of the same VPC: its instances reach the partner only through the VPC router,
-# by their subnet's route table (route-table mode). The router has each subnet's base + 1, as
-# AWS's implicit router does (AWS reserves that address for it).
-PRIVATE_CIDR = "10.10.2.0/24"
-VPC_ROUTER = "10.10.1.1"
-PRIVATE_ROUTER = "10.10.2.1"
-ROUTER_NS = "tn-vpcrtr"
-GW_PRIMARY = "10.10.1.10"
-# The gateway pair (issue 15): the standby's machine, on the same subnet as the first gateway.
-STANDBY_NS = "tn-gw2"
-STANDBY_PRIMARY = "10.10.1.11"
-GATEWAY_MACHINES = {"tn-gw": GW_PRIMARY, STANDBY_NS: STANDBY_PRIMARY}
-PUBLIC_LINK = "eth1"  # E's side, towards tn-inet: it moves with the ENI (lab.eni_mirror)
-HEARTBEAT_PORT = 7465  # the pair agents' heartbeats (PAIR.md)
-GW_ENI = "10.10.1.5"  # G: the fixed ENI address instances route via
-ENI_LINK = "eni0"  # the gateway's second interface: the ENI holding G (the boot program finds
-# it by the MAC moto reports for the ENI and configures G on it)
-GW_PUBLIC = "198.51.100.10"  # E
-INET_GW_SIDE = "198.51.100.1"
-INET_PARTNER_SIDE = "198.51.100.33"
-PARTNER_ENDPOINT = "198.51.100.40"  # T
-PARTNER_NET = "192.0.2.0/24"
-PARTNER_INSIDE = "192.0.2.1"
-APP = "192.0.2.80"  # A
-# S, dedicated mode: room for web-1, web-2 and an Auto Scaling burst of 20 (and a few spare).
-POOL = tuple(f"203.0.113.{n}" for n in range(10, 50))
-SHARED = "203.0.113.100"  # S, shared mode
-APP_PORT = 8080
-INSTANCE_PORT = 8081
-REGION = "us-east-1"
-TABLE = "tunnelnat-lab"
-PSK_SECRET = "tunnelnat/lab/psk"  # noqa: S105 - a secret's name, not a secret
-DEPLOYMENT = "lab"
-TUNNEL = "partner"
-# ConfigureTunnel's CharonLog in the lab: where the document allows it (a file directly in
-# /var/log/tunnelnat), on the machine's own /var/log (a tmpfs of its mount namespace).
-CHARON_LOG = "/var/log/tunnelnat/charon.log"
-# The shell scripts in the namespaces see moto on this loopback port (bridged, see start_moto).
-MOTO_NS_PORT = 5000
-IMDS_NS_PORT = 5001  # the gateway's IMDSv2 (lab.imds), on its own loopback
-GATEWAY_DIR = REPO / "gateway"
-# The units the gateway's user data installs (stacks/gateway.py BOOT_UNITS), same files.
-GATEWAY_UNITS = ("tunnelnat-restore.service", "tunnelnat-boot.service", "tunnelnat-sync.service")
-PAIR_UNIT = "tunnelnat-pair.service"  # the pair's user data adds it
-UNIT_SOURCE = GATEWAY_DIR / "systemd"  # where the user data's units come from
-# The pair's machines by number: each its own AWS access key id (``gateway_access_key``), as each
-# EC2 instance gets its own role session credentials; the strict fakes (tools/aws_strict.py) tell
-# the callers apart by the key id in SigV4's Authorization header (moto accepts any key).
-GATEWAY_NUMBERS = {"tn-gw": 1, STANDBY_NS: 2, "tn-gw3": 3, "tn-gw4": 4}
-# The machines a rolling replacement launches (lab.pair_stories), in order, with their primaries.
-REPLACEMENT_MACHINES = {"tn-gw3": "10.10.1.12", "tn-gw4": "10.10.1.13"}
-# The pair agents' heartbeat key (Secrets Manager; pair.json's key_secret), the gateway group's
-# termination hook and the files the agents use (PAIR.md; issue 20's contracts).
-PAIR_KEY_SECRET = "tunnelnat/lab/pair-key"  # noqa: S105 - a secret's name, not a secret
-# As stacks/gateway.py terminating_hook_name() names it (not the controller's tunnelnat- hooks).
-GATEWAY_TERMINATE_HOOK = f"gateway-{DEPLOYMENT}-terminating"
-SIGNAL_STACK = f"tunnelnat-{DEPLOYMENT}"  # the stack whose rolling update waits for signals
-SIGNAL_RESOURCE = "GatewayGroup"  # the gateway group's logical ID in it
-ROLE_FILE = "/etc/tunnelnat/pair-role"
-REQUEST_FILE = "/etc/tunnelnat/switchover"  # the switchover request (the Switchover document's)
-KEY_FILE = "/etc/tunnelnat/pair.key"
-IMDS_STATE = RUN / "imds"  # <ns>.lifecycle: the target lifecycle state each machine's IMDS serves
-
-
-def gateway_access_key(ns: str) -> str:
-    """Gateway machine ``ns``'s own access key id: AKIATNGW<n> padded to 20 characters."""
-    number = GATEWAY_NUMBERS.get(ns)
-    if number is None:
-        raise KeyError(f"{ns} is not a gateway machine")
-    return f"AKIATNGW{number}".ljust(20, "X")
-
-
-# TRANSITIONAL (issue 22): the programs the units named before the package; until
-# gateway/systemd/ runs the package's verbs (H3), the lab runs those verbs in their place.
-_OLD_PROGRAMS = {
-    "/etc/tunnelnat/lib/tunnelnat_boot.py attach": "/etc/tunnelnat/lib/tunnelnat-gateway.pyz boot",
-    "/etc/tunnelnat/lib/tunnelnat_boot.py restore-lo": (
-        "/etc/tunnelnat/lib/tunnelnat-gateway.pyz restore"
-    ),
-    "/etc/tunnelnat/lib/tunnelnat_gateway.py sync": "/etc/tunnelnat/lib/tunnelnat-gateway.pyz sync",
-    "/etc/tunnelnat/lib/tunnelnat_pair.py run": "/etc/tunnelnat/lib/tunnelnat-gateway.pyz pair run",
-}
+from lab import partners
+from lab.autoscaling import create_group
+from lab.aws import LabAws
+from lab.commands import LabCommands
+from lab.constants import (
+    APP,
+    APP_PORT,
+    CHARON_LOG,
+    DEPLOYMENT,
+    ENI_LINK,
+    GATEWAY_DIR,
+    GATEWAY_MACHINES,
+    GATEWAY_TERMINATE_HOOK,
+    GATEWAY_UNITS,
+    GW_ENI,
+    GW_PRIMARY,
+    GW_PUBLIC,
+    HEARTBEAT_PORT,
+    IMDS_NS_PORT,
+    IMDS_STATE,
+    INET_GW_SIDE,
+    INET_PARTNER_SIDE,
+    INSTANCE_PORT,
+    KEY_FILE,
+    LOGS,
+    MACHINES,
+    MNT,
+    MOTO_NS_PORT,
+    PAIR_KEY_SECRET,
+    PAIR_UNIT,
+    PARTNER_ENDPOINT,
+    PARTNER_INSIDE,
+    PARTNER_NET,
+    PIDS,
+    POOL,
+    PREFIX,
+    PRIVATE_CIDR,
+    PRIVATE_ROUTER,
+    PSK_SECRET,
+    PUBLIC_LINK,
+    REGION,
+    REPLACEMENT_MACHINES,
+    REQUEST_FILE,
+    ROLE_FILE,
+    ROUTER_NS,
+    RUN,
+    SHARED,
+    SIGNAL_RESOURCE,
+    SIGNAL_STACK,
+    STANDBY_NS,
+    STANDBY_PRIMARY,
+    SUBNET_CIDR,
+    TABLE,
+    TUNNEL,
+    UNIT_SOURCE,
+    VPC_CIDR,
+    VPC_ROUTER,
+    Instance,
+    LabError,
+    gateway_access_key,
+    instance_ip,
+    mount_ns_path,
+    private_instance_ip,
+)
+from lab.eni_mirror import PARKING_NS, EniMirror, run_ip_batch
+from lab.gateway_boot import GatewayBoot, net_sysctls, parse_unit, read_machine_file
+from lab.package import INSTALLER, INSTALLER_SOURCE, installer_argv, publish
+from lab.ssm_runner import REPO, default_env, load_document, netns_argv
+from lab.vpc_router import FIRST_TABLE, RouterLink, VpcRouter
 
 
 def _unit_text(name: str) -> str:
-    text = (UNIT_SOURCE / name).read_text()
-    for old, new in _OLD_PROGRAMS.items():
-        text = text.replace(f"ExecStart=python3 {old}", f"ExecStart=python3 {new}")
-    return text
-
-
-class LabError(RuntimeError):
-    pass
-
-
-@dataclass
-class Instance:
-    name: str  # "web-1"
-    ns: str  # "tn-web-1"
-    private_ip: str
-    instance_id: str = ""
-
-
-def instance_ip(n: int) -> str:
-    if not 1 <= n <= 200:
-        raise ValueError("the lab's subnet has room for instances 1..200")
-    return f"10.10.1.{20 + n}"
-
-
-def private_instance_ip(n: int) -> str:
-    if not 1 <= n <= 20:
-        raise ValueError("the lab's private subnet has room for instances 1..20")
-    return f"10.10.2.{20 + n}"
+    """A unit as the user data writes it (gateway/systemd/, the same file)."""
+    return (UNIT_SOURCE / name).read_text()
 
 
 def sh(
@@ -172,10 +122,6 @@ def sh(
     if check and proc.returncode != 0:
         raise LabError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc
-
-
-def mount_ns_path(ns: str) -> Path:
-    return MNT / ns
 
 
 def machine_argv(ns: str, argv: Sequence[str]) -> list[str]:
@@ -546,7 +492,6 @@ class Lab:
     def _start_vpc_router(self) -> None:
         """The route-table mirror: moto's route tables -> the router's kernel tables, now and
         then every second (lab.vpc_router)."""
-        from lab.vpc_router import FIRST_TABLE, RouterLink, VpcRouter
 
         def run_ip(argv: list[str], input: str | None = None) -> str:
             return sh(["ip", "-n", ROUTER_NS, *argv], input=input).stdout
@@ -720,8 +665,6 @@ swanctl {{
 
     def write_partner(self, profile: str, **lifetimes: int) -> None:
         """The third party's side, configured by hand as they would (lab/partners.py)."""
-        from lab import partners
-
         conf = partners.render(
             partners.PROFILES[profile],
             psk=self.psk,
@@ -827,7 +770,6 @@ swanctl {{
 
     def boot_gateway(self, ns: str = "tn-gw") -> Any:
         """Run the gateway's boot units in their order (``lab.gateway_boot.GatewayBoot``)."""
-        from lab.gateway_boot import GatewayBoot, read_machine_file
 
         def run(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Any:
             return subprocess.run(
@@ -842,6 +784,7 @@ swanctl {{
         boot = GatewayBoot(
             run_on_machine=run,
             read_file=lambda path: read_machine_file(run, path),
+            path_exists=lambda path: run(["test", "-e", path]).returncode == 0,
             milestones={
                 "systemd-sysctl.service": lambda: self._gateway_sysctl(ns),
                 "network-pre.target": lambda: None,
@@ -913,8 +856,6 @@ swanctl {{
     def build_standby_machine(self) -> None:
         """tn-gw2 on the VPC bridge, in moto, with its IMDS, moto bridge and boot files; the
         ENI mirror running. Not booted (``add_standby_gateway`` does the rest)."""
-        from lab.eni_mirror import EniMirror
-
         ns = STANDBY_NS
         self._new_machine(ns)
         self._on_bridge(ns, "p-gw2")
@@ -983,8 +924,6 @@ swanctl {{
     def retire_gateway(self, ns: str) -> str:
         """Auto Scaling's termination of gateway ``ns`` once its lifecycle action is over: the
         machine powered off and removed, the instance terminated in EC2. Returns its ID."""
-        from lab.eni_mirror import PARKING_NS, run_ip_batch
-
         instance_id = next(i for i, n in self.gateways.items() if n == ns)
         self.power_off(ns)
         # Whatever EC2 still had attached there goes back to the hypervisor, never away with
@@ -1034,8 +973,6 @@ swanctl {{
 
     def configure_gateway_machine(self, instance_id: str) -> list[Any]:
         """``configure_standby`` for any gateway of the pair (a replacement too)."""
-        from lab.ssm_runner import load_document
-
         params = self.configure_gateway_parameters()
         results = []
         for document in ("ConfigureGateway", "ConfigureTunnel"):
@@ -1098,8 +1035,6 @@ swanctl {{
         """Machine ``ns``'s pair agent, as its tunnelnat-pair.service runs it (after a reboot
         too: the unit starts it again): the pair's user data writes pair.json and the unit, the
         lab runs the unit's ExecStart (the installed package's ``pair run``)."""
-        from lab.gateway_boot import parse_unit
-
         program = (GATEWAY_DIR / "tunnelnat_gateway" / "pair.py").read_text()
         config = json.dumps(agent_config(self.pair_config(), program), indent=1) + "\n"
         self.write_etc(ns, "tunnelnat/pair.json", config)
@@ -1117,8 +1052,6 @@ swanctl {{
         ``thaw()`` (and the lab's cleanup) let them go again to be killed."""
         at = time.time()
         links = json.loads(sh(["ip", "-n", ns, "-j", "link", "show"]).stdout or "[]")
-        from lab.eni_mirror import run_ip_batch
-
         run_ip_batch(ns, [f"link set dev {link['ifname']} down" for link in links])
         # Twice: a process forked while the first round ran is caught by the second.
         for _ in range(2):
@@ -1140,8 +1073,6 @@ swanctl {{
         self.frozen.clear()
 
     def _gateway_sysctl(self, ns: str = "tn-gw") -> None:
-        from lab.gateway_boot import net_sysctls
-
         proc = sh(machine_argv(ns, ["cat", "/etc/sysctl.d/90-tunnelnat.conf"]), check=False)
         for setting in net_sysctls(proc.stdout if proc.returncode == 0 else ""):
             in_ns(ns, ["sysctl", "-qw", setting])
@@ -1254,12 +1185,9 @@ swanctl {{
         self.wait_listening(ns, MOTO_NS_PORT)
 
     def _seed_aws(self) -> None:
-        # Imported here: these modules build on this one.
-        from lab.aws import LabAws
-        from lab.commands import LabCommands
-
         self.aws = LabAws(self.moto_endpoint)
-        self.aws.seed(self)
+        self.aws.seed(self.instances, self.private_instances, self.psk)
+        create_group(self.aws)
         self.gateways[self.aws.gateway_id] = "tn-gw"
         namespaces = {i.instance_id: i.ns for i in self.instances}
         namespaces[self.aws.gateway_id] = "tn-gw"
@@ -1270,8 +1198,6 @@ swanctl {{
         """Build the gateway software from ``root`` (the repository: what the stack ships), put
         it in the lab's asset bucket, point the deployment's SSM parameter at it and bind every
         document the lab runs from now on to it. Returns the lab.package.LabPackage."""
-        from lab.package import publish
-
         started = time.monotonic()
         self.software = publish(
             self.aws.client,
@@ -1288,8 +1214,6 @@ swanctl {{
         """What the gateway's user data does first (stacks/gateway.py): write the installer to
         /etc/tunnelnat/lib and run it, with the machine's own AWS credentials, to install the
         deployed package (the SSM parameter's) and make it the current one. Its JSON line."""
-        from lab.package import INSTALLER, INSTALLER_SOURCE, installer_argv
-
         self.write_etc(ns, INSTALLER.removeprefix("/etc/"), INSTALLER_SOURCE.read_text(), 0o755)
         proc = subprocess.run(
             machine_argv(ns, installer_argv(self.software)),
@@ -1346,8 +1270,6 @@ swanctl {{
         (in AWS in no set order: docs/stack.md). Returns ConfigureTunnel's CommandResult (its
         JSON says whether the tunnel is up), or the first that failed; each is kept as
         ``gateway_configure``, ``tunnel_configure`` and ``health_install``."""
-        from lab.ssm_runner import load_document  # the documents' declared parameters
-
         params = self.configure_gateway_parameters(**overrides)
         results = []
         for document in ("ConfigureGateway", "ConfigureTunnel"):

@@ -20,6 +20,7 @@ import pytest
 
 from lab import pair_stories as ps
 from lab import topology as topo
+from lab.constants import GATEWAY_NUMBERS
 from lab.controller import LabController
 from lab.failover_story import figure as failover_figure
 from lab.story import Story
@@ -158,7 +159,7 @@ def test_a_failover_with_aws_like_attach_and_detach_times(pair):
 
 
 def test_each_gateway_machine_signs_with_its_own_access_key():
-    keys = {ns: topo.gateway_access_key(ns) for ns in topo.GATEWAY_NUMBERS}
+    keys = {ns: topo.gateway_access_key(ns) for ns in GATEWAY_NUMBERS}
     assert keys["tn-gw"] == "AKIATNGW1XXXXXXXXXXX"
     assert len(set(keys.values())) == len(keys)
     assert all(len(k) == 20 and k.startswith("AKIA") for k in keys.values())
