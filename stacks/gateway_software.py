@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from aws_cdk import Aws, Stack
+from aws_cdk import ArnFormat, Aws, Stack
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_s3_assets as s3_assets
 from aws_cdk import aws_ssm as ssm
@@ -92,6 +92,16 @@ class GatewaySoftware(Construct):
         }
 
     @property
+    def parameter_arn(self) -> str:
+        """The parameter's ARN from its fixed name (a literal name in IAM, no reference)."""
+        return Stack.of(self).format_arn(
+            service="ssm",
+            resource="parameter",
+            resource_name=self.parameter_name.removeprefix("/"),
+            arn_format=ArnFormat.SLASH_RESOURCE_NAME,
+        )
+
+    @property
     def association_parameters(self) -> dict[str, str]:
         """InstallGatewaySoftware's parameters: the archive's hash and where it lies."""
         return {
@@ -124,6 +134,6 @@ class GatewaySoftware(Construct):
                 # hash with it.
                 sid="ReadTheDeployedSoftware",
                 actions=["ssm:GetParameter"],
-                resources=[self.parameter.parameter_arn],
+                resources=[self.parameter_arn],
             ),
         ]

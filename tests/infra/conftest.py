@@ -13,6 +13,7 @@ from aws_cdk.assertions import Template
 
 from stacks.application import build_app, cdk_json_context
 from stacks.tunnelnat_stack import TunnelnatStack
+from tools.gateway_package import GatewayPackage
 
 os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
 
@@ -71,9 +72,16 @@ def synthesize(
     *,
     documents_dir: Path = DOCUMENTS_DIR,
     nag: bool = True,
+    gateway_package: GatewayPackage | None = None,
 ) -> Synthesized:
     context = example_context(overrides)
-    app, stack = build_app(context, outdir=str(outdir), documents_dir=documents_dir, nag=nag)
+    app, stack = build_app(
+        context,
+        outdir=str(outdir),
+        documents_dir=documents_dir,
+        nag=nag,
+        gateway_package=gateway_package,
+    )
     app.synth()
     return Synthesized(stack, outdir)
 

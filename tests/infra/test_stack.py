@@ -21,22 +21,22 @@ import yaml
 from aws_cdk.assertions import Match
 
 from stacks.gateway import (
-    BOOT_PROGRAM,
     BOOT_UNITS,
     CONFIGURE_SCHEDULE,
+    GATEWAY_DIR,
     GATEWAY_PACKAGES,
     HEARTBEAT_PORT,
+    INSTALLER,
+    INSTALLER_PATH,
+    PACKAGE_PATH,
     PAIR_META_ATTRIBUTES,
-    PAIR_PROGRAM,
     PAIR_UNIT,
     READY_SIGNAL_TIMEOUT,
     SSM_AGENT_ACTIONS,
     SSM_AGENT_UNIT,
     UNITS_DIR,
     USER_DATA_LIMIT,
-    PairProgram,
     boot_user_data,
-    shipped_program,
 )
 from tests.infra.conftest import DOCUMENTS_DIR, as_list, example_context, statements, synthesize
 from tunnelnat.events import HOOK_PREFIX
@@ -50,6 +50,8 @@ DEPLOYMENT = CONTEXT["deployment"]
 ENROLMENT_KEY = "tunnelnat"
 DOC_FILES = sorted(DOCUMENTS_DIR.glob("*.yaml"))
 REQUIREMENTS = DOCUMENTS_DIR.parent / "requirements.txt"
+PACKAGE_DIR = GATEWAY_DIR / "tunnelnat_gateway"
+SOFTWARE_PARAMETER = f"/tunnelnat/{DEPLOYMENT}/gateway-software"
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +173,7 @@ def test_user_data_boots_the_gateway_without_the_aws_cli(s):
     assert boot["pair"] is True
 
 
-def test_user_data_writes_pair_json_and_fetches_the_checked_pair_agent(s):
+def test_user_data_writes_pair_json_and_installs_the_package_before_the_units(s):
     parts, text = _user_data(s)
     data = yaml.safe_load(text)
     files = {f["path"]: f for f in data["write_files"]}
@@ -183,7 +185,9 @@ def test_user_data_writes_pair_json_and_fetches_the_checked_pair_agent(s):
         "interval_seconds", "misses", "hold_down_seconds", "tunnel", "children", "topic_arn",
         "namespace", "partner_endpoint", "subnet_router",
         "key_secret", "lifecycle_hook", "signal_stack", "signal_resource", "group_name",
+        "software_parameter",
     }  # fmt: skip
+    assert pair["software_parameter"] == SOFTWARE_PARAMETER
     gateway = s.stack.gateway
     assert pair["lifecycle_hook"] == f"gateway-{DEPLOYMENT}-terminating"
     assert pair["signal_resource"] == s.logical_id(gateway.group)  # a plain string, no token
@@ -203,40 +207,45 @@ def test_user_data_writes_pair_json_and_fetches_the_checked_pair_agent(s):
     )
     for token in (s.stack.controller.table, s.stack.monitoring.topic):
         assert s.ref(token) in parts
-    # The agent itself: fetched from the asset bucket, installed only with the synthesized hash.
-    (fetch,) = [c for c in data["runcmd"] if c[0] == "python3"]
-    assert hashlib.sha256(PAIR_PROGRAM.read_bytes()).hexdigest() in fetch[2]
-    assert data["runcmd"].index(fetch) < data["runcmd"].index(
-        ["systemctl", "start", "--no-block", PAIR_UNIT]
-    )
-    assert ["systemctl", "enable", *BOOT_UNITS, PAIR_UNIT] in data["runcmd"]
+    # The package (the agent's too): named by the stack's parameter, installed before any unit
+    # that runs it is enabled or started.
+    (install,) = [c for c in data["runcmd"] if c[0] == "python3"]
+    assert install == [
+        "python3",
+        INSTALLER_PATH,
+        "--parameter",
+        SOFTWARE_PARAMETER,
+        "--region",
+        "ap-southeast-5",  # the region's token, as _user_data stands it in
+        "--current",
+    ]
+    enable = ["systemctl", "enable", *BOOT_UNITS, PAIR_UNIT]
+    runcmd = data["runcmd"]
+    assert runcmd.index(install) < runcmd.index(enable)
+    assert runcmd.index(enable) < runcmd.index(["systemctl", "start", "--no-block", PAIR_UNIT])
+    # Nothing of the package's own in the user data: not its hash, not its key.
+    software = s.stack.software
+    assert software.sha256 not in text and software.package.sha256[:16] not in text
+    assert "tunnelnat_gateway" not in text
 
 
-def test_boot_user_data_carries_the_tested_program_and_units():
+def test_boot_user_data_carries_the_installer_and_the_units():
     text = boot_user_data(
         region="eu-west-1",
         eni_id="eni-0123456789abcdef0",
         gateway_ip=IPv4Network(SUBNET).network_address + 10,
         subnet=IPv4Network(SUBNET),
         partner_endpoint=T,
+        software_parameter="/tunnelnat/x/gateway-software",
     )
     assert text.startswith("#cloud-config\n")
     data = yaml.safe_load(text)
     files = {f["path"]: f for f in data["write_files"]}
-    program = files["/etc/tunnelnat/lib/tunnelnat_boot.py"]
-    assert program["encoding"] == "gz+b64"
-    shipped = gzip.decompress(base64.b64decode(program["content"])).decode()
-    assert shipped == shipped_program(BOOT_PROGRAM)
-    # The tested program, less its comments and docstrings: the same syntax tree otherwise.
-    assert shipped.startswith("#!/usr/bin/env python3\n")
-    tested = ast.parse(BOOT_PROGRAM.read_text())
-    for node in ast.walk(tested):
-        if isinstance(node, ast.Module | ast.FunctionDef | ast.ClassDef) and ast.get_docstring(
-            node, clean=False
-        ):
-            node.body = node.body[1:] or [ast.Pass()]
-    assert ast.dump(ast.parse(shipped)) == ast.dump(tested)
-    assert len(shipped) < 0.8 * len(BOOT_PROGRAM.read_text())
+    # The installer as the repository has it (the package itself comes from S3).
+    installer = files[INSTALLER_PATH]
+    assert installer["encoding"] == "gz+b64" and installer["permissions"] == "0755"
+    assert gzip.decompress(base64.b64decode(installer["content"])).decode() == INSTALLER.read_text()
+    assert not [f for f in files if f.endswith(".py") and f != INSTALLER_PATH]
     for unit in BOOT_UNITS:
         assert files[f"/etc/systemd/system/{unit}"]["content"] == (UNITS_DIR / unit).read_text()
     drop_in = files[f"/etc/systemd/system/{SSM_AGENT_UNIT}.d/tunnelnat.conf"]["content"]
@@ -249,6 +258,15 @@ def test_boot_user_data_carries_the_tested_program_and_units():
     assert "ConditionPathExists=/run/tunnelnat-ready" in script
     assert data["runcmd"] == [
         ["systemctl", "daemon-reload"],
+        [
+            "python3",
+            INSTALLER_PATH,
+            "--parameter",
+            "/tunnelnat/x/gateway-software",
+            "--region",
+            "eu-west-1",
+            "--current",
+        ],
         ["systemctl", "enable", *BOOT_UNITS],
         ["systemctl", "start", "tunnelnat-boot.service"],
         ["touch", "/run/tunnelnat-ready"],
@@ -259,9 +277,36 @@ def test_boot_user_data_carries_the_tested_program_and_units():
     # events.html: the values are boot-new-instance, boot, boot-legacy and hotplug; EC2's
     # datasource adds hotplug by default since cloud-init 24.1 (canonical/cloud-init#4799).
     assert data["updates"] == {"network": {"when": ["boot-new-instance"]}}
-    for line in (UNITS_DIR / "tunnelnat-restore.service").read_text().splitlines():
-        if line.startswith("ExecStart="):
-            assert line.split("=", 1)[1].split()[0] in ("nft", "python3")
+    # The restore loads the saved guard with nft before anything of the package runs.
+    restore = [
+        line.split("=", 1)[1].split()
+        for line in (UNITS_DIR / "tunnelnat-restore.service").read_text().splitlines()
+        if line.startswith("ExecStart=")
+    ]
+    assert restore == [
+        ["nft", "-f", "/etc/tunnelnat/tunnelnat.nft"],
+        ["python3", PACKAGE_PATH, "restore"],
+    ]
+
+
+def test_a_code_change_leaves_the_user_data_as_it_is():
+    """The launch template never names the package: two packages, one user data (so a code
+    change never replaces a gateway; InstallGatewaySoftware upgrades it in place)."""
+    from stacks.gateway_software import parameter_name
+
+    texts = {
+        boot_user_data(
+            region="eu-west-1",
+            eni_id="eni-0123456789abcdef0",
+            gateway_ip=IPv4Network(SUBNET).network_address + 10,
+            subnet=IPv4Network(SUBNET),
+            partner_endpoint=T,
+            software_parameter=parameter_name(DEPLOYMENT),
+            pair={"deployment": DEPLOYMENT, "software_parameter": parameter_name(DEPLOYMENT)},
+        )
+        for _ in ("one package", "another")
+    }
+    assert len(texts) == 1
 
 
 # cloud-init's own schema: unpacked from Debian's cloud-init package by `make deps`
@@ -410,7 +455,18 @@ def test_gateway_role_ssm_agent_plus_exactly_what_the_gateway_needs(s):
     for sid in ("ReportBootFailure", "CompleteTheTerminatingHook"):
         assert "Condition" not in by_sid[sid]
         assert f"autoScalingGroupName/{DEPLOYMENT}-gateway" in json.dumps(by_sid[sid]["Resource"])
-    assert "ssm:GetParameter" not in json.dumps(policy)
+    # SSM parameters: the one naming the deployed software, read only.
+    software = s.stack.software
+    read = by_sid["ReadTheDeployedSoftware"]
+    assert read["Action"] == "ssm:GetParameter"
+    assert read["Resource"] == s.stack.resolve(software.parameter_arn)
+    assert SOFTWARE_PARAMETER.removeprefix("/") in json.dumps(read["Resource"])
+    fetch = by_sid["FetchTheGatewaySoftware"]
+    assert fetch["Action"] == "s3:GetObject"
+    assert fetch["Resource"] == s.stack.resolve(
+        software.asset.bucket.arn_for_objects(software.asset.s3_object_key)
+    )
+    assert software.asset.s3_object_key in json.dumps(fetch["Resource"])
     # The source/destination check: the primary ENIs the launch template tags, never G's ENI
     # (it lacks tunnelnat:interface) and never the instance attribute (issue 20, defect 1).
     check = by_sid["SourceDestCheckOffOnGateways"]
@@ -465,7 +521,9 @@ def test_gateway_role_ssm_agent_plus_exactly_what_the_gateway_needs(s):
         "RecordFailovers",
         "AnnounceFailovers",
         "EncryptForTheTopic",
-        "FetchThePairAgent",
+        # The gateway software (issue 22): its object, its parameter.
+        "FetchTheGatewaySoftware",
+        "ReadTheDeployedSoftware",
     }
     # Table writes: only the pair's items. Its own partition for readiness; in the meta
     # partition (the controller's generation lives there) UpdateItem of the pair's attributes.
@@ -492,7 +550,8 @@ def test_gateway_role_ssm_agent_plus_exactly_what_the_gateway_needs(s):
     assert by_sid["EncryptForTheTopic"]["Resource"] == s.arn(s.stack.monitoring.key)
     # No SSM beyond the agent's own calls, no other write.
     actions = {a for st in by_sid.values() for a in as_list(st["Action"])}
-    assert {a for a in actions if a.startswith("ssm:")} == set(SSM_AGENT_ACTIONS)
+    assert {a for a in actions if a.startswith("ssm:")} == {*SSM_AGENT_ACTIONS, "ssm:GetParameter"}
+    assert {a for a in actions if a.startswith("s3:")} == {"s3:GetObject"}
     assert {a for a in actions if a.startswith("dynamodb:")} == {
         "dynamodb:GetItem",
         "dynamodb:Query",
@@ -502,9 +561,9 @@ def test_gateway_role_ssm_agent_plus_exactly_what_the_gateway_needs(s):
 
 
 def test_pair_agent_writes_only_the_attributes_the_role_allows():
-    """What tunnelnat_pair.py writes into meta/pair, read from its source, is within
+    """What the pair agent writes into meta/pair, read from its source, is within
     PAIR_META_ATTRIBUTES (the role's dynamodb:Attributes condition would deny anything else)."""
-    source = PAIR_PROGRAM.read_text()
+    source = (PACKAGE_DIR / "pair.py").read_text()
     expressions = re.findall(r'UpdateExpression="([^"]+)"(?:\s*"([^"]+)")?', source)
     assert expressions, "the pair agent's UpdateItem calls were not found"
     written = set()
@@ -516,8 +575,8 @@ def test_pair_agent_writes_only_the_attributes_the_role_allows():
 
 
 def test_gateway_role_allows_every_call_of_the_boot_program_and_the_sync(s):
-    """What tunnelnat_boot.py, tunnelnat_gateway.py and the pair agent call, read from their
-    source, is what the role allows (IMDS needs no permission)."""
+    """What the boot, the sync, the pair agent and the installer call, read from their source,
+    is what the role allows (IMDS needs no permission)."""
     gateway = s.stack.gateway
     policy = s.resources("AWS::IAM::Policy")[
         s.logical_id(gateway.role.node.find_child("DefaultPolicy"))
@@ -526,9 +585,9 @@ def test_gateway_role_allows_every_call_of_the_boot_program_and_the_sync(s):
     calls = set()
     pair_clients = ("ec2", "autoscaling", "dynamodb", "cloudwatch", "sns", "cloudformation")
     for path, clients in (
-        (BOOT_PROGRAM, {"ec2": "ec2", "autoscaling": "autoscaling"}),
-        (BOOT_PROGRAM.with_name("tunnelnat_gateway.py"), {"client": "dynamodb"}),
-        (PAIR_PROGRAM, {**{c: c for c in pair_clients}, "secrets()": "secretsmanager"}),
+        (PACKAGE_DIR / "boot.py", {"ec2": "ec2", "autoscaling": "autoscaling"}),
+        (PACKAGE_DIR / "nat_sync.py", {"client": "dynamodb"}),
+        (PACKAGE_DIR / "pair.py", {**{c: c for c in pair_clients}, "secrets()": "secretsmanager"}),
     ):
         found = re.findall(
             r"\b(ec2|autoscaling|client|dynamodb|cloudwatch|sns|cloudformation|secrets\(\))"
@@ -542,6 +601,11 @@ def test_gateway_role_allows_every_call_of_the_boot_program_and_the_sync(s):
                 continue
             calls.add(f"{clients[client]}:" + "".join(w.title() for w in op.split("_")))
     calls.add("dynamodb:Query")  # through get_paginator("query")
+    # The installer (user data, documents): the package's object, the stack's parameter.
+    installer = INSTALLER.read_text()
+    assert 'client("s3", region).get_object(' in installer
+    assert 'client("ssm", region).get_parameter(' in installer
+    calls |= {"s3:GetObject", "ssm:GetParameter"}
     assert calls == {
         "ec2:DescribeNetworkInterfaces",
         "ec2:DescribeInstances",  # the boot's own instance and the ENI's holder; the peers
@@ -560,6 +624,8 @@ def test_gateway_role_allows_every_call_of_the_boot_program_and_the_sync(s):
         "dynamodb:UpdateItem",
         "cloudwatch:PutMetricData",
         "sns:Publish",
+        "s3:GetObject",
+        "ssm:GetParameter",
     }, calls
     assert calls <= allowed, calls - allowed
 
@@ -637,6 +703,187 @@ def test_configure_associations_target_the_gateway_group(s):
         )
 
 
+# -- The gateway software (issue 22) ----------------------------------------------------------
+
+
+def _association(s, construct) -> dict:
+    return s.resources("AWS::SSM::Association")[s.logical_id(construct)]["Properties"]
+
+
+def _parameter_value(s) -> str:
+    """The software parameter's JSON with the bucket's and region's tokens stood in for."""
+    (prop,) = [
+        p["Properties"]
+        for p in s.resources("AWS::SSM::Parameter").values()
+        if p["Properties"]["Name"] == SOFTWARE_PARAMETER
+    ]
+    parts = prop["Value"]["Fn::Join"][1]
+    return "".join(p if isinstance(p, str) else "TOKEN" for p in parts)
+
+
+def test_the_package_is_an_asset_and_the_parameter_names_it(s):
+    software = s.stack.software
+    package = software.package
+    # The staged asset is the built archive, byte for byte; its key is the asset's.
+    key = software.asset.s3_object_key
+    assert key.endswith(".pyz")
+    staged = s.outdir / f"asset.{key}"
+    assert hashlib.sha256(staged.read_bytes()).hexdigest() == package.sha256 == software.sha256
+    value = json.loads(_parameter_value(s))
+    assert value == {
+        "sha256": package.sha256,
+        "version": package.version,
+        "bucket": "TOKEN",
+        "key": key,
+        "region": "TOKEN",
+    }
+    assert re.fullmatch(r"\d+\.\d+\.\d+\+[0-9a-f]{12}", package.version)
+
+
+def test_install_gateway_software_runs_on_every_gateway_one_at_a_time(s):
+    software = s.stack.software
+    props = _association(s, s.stack.gateway.software_association)
+    document = s.stack.documents.resources["InstallGatewaySoftware"]
+    assert props["Name"] == {"Ref": s.logical_id(document)}
+    assert props["AssociationName"] == f"{DEPLOYMENT}-InstallGatewaySoftware"
+    assert props["Targets"] == [
+        {"Key": "tag:aws:autoscaling:groupName", "Values": [f"{DEPLOYMENT}-gateway"]}
+    ]
+    params = {k: v[0] for k, v in props["Parameters"].items()}
+    assert params == {
+        "Sha256": software.sha256,
+        "Bucket": s.stack.resolve(software.asset.s3_bucket_name),
+        "Key": software.asset.s3_object_key,
+        "Region": {"Ref": "AWS::Region"},
+    }
+    # One gateway at a time, none after a failure (the other keeps its package); run at once on
+    # a parameter change and on each new gateway, never only at a schedule.
+    assert (props["MaxConcurrency"], props["MaxErrors"]) == ("1", "0")
+    assert props["ApplyOnlyAtCronInterval"] is False and "ScheduleExpression" not in props
+    # It exists before any gateway launches.
+    group = s.json["Resources"][s.logical_id(s.stack.gateway.group)]
+    assert s.logical_id(s.stack.gateway.software_association) in group["DependsOn"]
+
+
+def test_every_gateway_document_is_bound_to_the_shipped_package(s):
+    software = s.stack.software
+    documents = s.stack.documents
+    assert documents.gateway_documents >= {"InstallGatewaySoftware"}
+    assert not documents.gateway_documents & {"AddHostRoute", "RemoveHostRoute"}
+    for stem in documents.gateway_documents - {"InstallGatewaySoftware"}:
+        deployed = json.dumps(
+            s.json["Resources"][s.logical_id(documents.resources[stem])]["Properties"]["Content"]
+        )
+        assert f"pkg_sha256={software.sha256}" in deployed, stem
+        assert json.dumps(s.stack.resolve(software.asset.s3_bucket_name)) in deployed, stem
+        assert software.asset.s3_object_key in deployed, stem
+
+
+def test_the_lambda_asset_carries_no_cli(s):
+    function = s.resources("AWS::Lambda::Function")[s.logical_id(s.stack.controller.function)]
+    staged = s.outdir / f"asset.{function['Properties']['Code']['S3Key'].removesuffix('.zip')}"
+    files = {p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()}
+    assert "tunnelnat/controller.py" in files and "tunnelnat/core/nat.py" in files
+    assert not [f for f in files if f.startswith("tunnelnat/cli")]
+    assert not [f for f in files if "tunnelnat_gateway" in f]
+
+
+def test_the_gateway_archive_carries_the_gateway_code_only(s):
+    """tunnelnat_gateway and the pure core modules it imports: no Lambda code, no CLI; standard
+    library and the image's boto3 only."""
+    import sys
+    import zipfile
+
+    with zipfile.ZipFile(s.stack.software.package.path) as archive:
+        names = archive.namelist()
+        sources = {n: archive.read(n).decode() for n in names if n.endswith(".py")}
+    others = {n for n in names if not n.startswith("tunnelnat_gateway/")}
+    assert others == {
+        "__main__.py",
+        "tunnelnat/__init__.py",
+        "tunnelnat/core/__init__.py",
+        "tunnelnat/core/nat.py",
+        "tunnelnat/core/swanctl.py",
+    }
+    assert "tunnelnat_gateway/_build.json" in names
+    assert {f"tunnelnat_gateway/{p.name}" for p in PACKAGE_DIR.glob("*.py")} <= set(names)
+    imported: set[str] = set()
+    for source in sources.values():
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                imported.add(node.module.split(".")[0])
+    assert imported - set(sys.stdlib_module_names) <= {
+        "boto3",
+        "botocore",
+        "tunnelnat",
+        "tunnelnat_gateway",
+    }
+    # Of tunnelnat, only what the archive carries.
+    carried = {"tunnelnat.core", "tunnelnat.core.nat", "tunnelnat.core.swanctl"}
+    for source in sources.values():
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tunnelnat."):
+                assert node.module in carried, node.module
+
+
+def _copy_gateway_sources(root: Path) -> None:
+    """What tools.gateway_package.build reads, under ``root``."""
+    import shutil
+
+    repo = DOCUMENTS_DIR.parent
+    shutil.copytree(
+        repo / "gateway" / "tunnelnat_gateway",
+        root / "gateway" / "tunnelnat_gateway",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    for name in ("__init__.py", "core/__init__.py", "core/nat.py", "core/swanctl.py"):
+        target = root / "lambdas" / "tunnelnat" / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(repo / "lambdas" / "tunnelnat" / name, target)
+    shutil.copyfile(repo / "pyproject.toml", root / "pyproject.toml")
+
+
+def test_one_line_of_gateway_code_changed_is_a_new_hash_and_the_same_launch_template(
+    s, tmp_path_factory
+):
+    """Issue 22, done when: one line of gateway code changed gives a new hash in the template
+    (the association's Sha256, so State Manager runs it again on every gateway, and the software
+    parameter), and leaves the launch template's user data as it was (no gateway replaced)."""
+    from tools.gateway_package import build
+
+    root = tmp_path_factory.mktemp("changed-sources")
+    _copy_gateway_sources(root)
+    software = root / "gateway" / "tunnelnat_gateway" / "software.py"
+    software.write_text(
+        software.read_text().replace('SOURCE_VERSION = "source"', 'SOURCE_VERSION = "source!"')
+    )
+    changed = build(root / "out", root=root)
+    assert changed.sha256 != s.stack.software.sha256
+    other = synthesize(tmp_path_factory.mktemp("cdk.out-changed"), gateway_package=changed)
+    before = _association(s, s.stack.gateway.software_association)["Parameters"]
+    after = _association(other, other.stack.gateway.software_association)["Parameters"]
+    assert before["Sha256"] == [s.stack.software.sha256] and after["Sha256"] == [changed.sha256]
+    assert before["Key"] != after["Key"]
+    assert json.loads(_parameter_value(other))["sha256"] == changed.sha256
+    assert _parameter_value(other) != _parameter_value(s)
+    # The documents carry the new hash (a new version of each gateway document) ...
+    stem = "InstallGatewaySoftware"
+    assert s.stack.documents.gateway_documents == other.stack.documents.gateway_documents
+    for name in s.stack.documents.gateway_documents - {stem}:
+        doc = json.dumps(
+            other.json["Resources"][other.logical_id(other.stack.documents.resources[name])]
+        )
+        assert changed.sha256 in doc and s.stack.software.sha256 not in doc, name
+    # ... and the launch template is the same: no gateway is replaced for a code change.
+    (_, lt_before), (_, lt_after) = (
+        s.one("AWS::EC2::LaunchTemplate"),
+        other.one("AWS::EC2::LaunchTemplate"),
+    )
+    assert lt_before == lt_after
+
+
 # -- Documents -------------------------------------------------------------------------------
 
 
@@ -644,9 +891,13 @@ def test_one_document_per_yaml_file_with_the_files_content(s):
     documents = s.resources("AWS::SSM::Document")
     assert len(documents) == len(DOC_FILES)
     by_name = {d["Properties"]["Name"]: d["Properties"] for d in documents.values()}
+    software = s.stack.software
     for path in DOC_FILES:
         props = by_name[f"{DEPLOYMENT}-{path.stem}"]
-        assert props["Content"] == yaml.safe_load(path.read_text()), path.name
+        # The file's content, with the package's placeholders bound to the shipped package.
+        content = yaml.safe_load(path.read_text())
+        assert props["Content"] == s.stack.resolve(software.bind(content)), path.name
+        assert "__TUNNELNAT_PACKAGE_" not in json.dumps(props["Content"]), path.name
         assert props["DocumentType"] == "Command"
         # JSON: the smaller serialization of the same content (SSM's limit is 64 KB, ours 48).
         assert props["DocumentFormat"] == "JSON"
@@ -1036,34 +1287,3 @@ def test_no_lookups_and_no_credentials_needed(s):
     s.template.has_resource_properties(
         "AWS::EC2::FlowLog", Match.object_like({"TrafficType": "ALL"})
     )
-
-
-def test_the_fetch_line_installs_the_agent_only_with_its_hash(tmp_path, monkeypatch):
-    """runcmd's fetch, run as written (moto's S3 in place of the asset bucket): the agent lands
-    executable; a file with another hash is refused and nothing is installed."""
-    from moto import mock_aws
-
-    from stacks.gateway import _fetch_command
-
-    for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    body = PAIR_PROGRAM.read_bytes()
-    target = tmp_path / "tunnelnat_pair.py"
-    with mock_aws():
-        import boto3
-
-        s3 = boto3.client("s3", region_name="eu-west-1")
-        s3.create_bucket(
-            Bucket="assets", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"}
-        )
-        s3.put_object(Bucket="assets", Key="agent.py", Body=body)
-        good = PairProgram("assets", "agent.py", hashlib.sha256(body).hexdigest())
-        exec(_fetch_command("eu-west-1", good, str(target)), {})
-        assert target.read_bytes() == body and target.stat().st_mode & 0o111
-        target.unlink()
-        bad = PairProgram("assets", "agent.py", "0" * 64)
-        with pytest.raises(AssertionError, match="checksum mismatch"):
-            exec(_fetch_command("eu-west-1", bad, str(target)), {})
-        assert not target.exists()
