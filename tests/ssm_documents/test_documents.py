@@ -195,7 +195,10 @@ def test_configure_tunnel_local_address_is_an_ipv4_address_or_empty():
     assert '--local-address ""' in script  # the default, rendered
 
 
-def test_install_health_agent_installs_the_embedded_agent_with_a_timer():
+def test_install_health_agent_runs_its_verb_with_every_parameter():
+    """The agent, its timer and the probe's checks are the package's (install-health verb,
+    tests/unit/test_health_install.py); the document checks the archive it was synthesized
+    with, installs it if missing, then execs the verb with each parameter as one argument."""
     document = load_document(INSTALL_HEALTH)
     params = valid_parameters("InstallHealthAgent") | {
         "HealthInterval": "10",
@@ -204,16 +207,25 @@ def test_install_health_agent_installs_the_embedded_agent_with_a_timer():
         "Deployment": "acme",
     }
     (script,) = render_scripts(document, params)
-    agent = (ROOT / "gateway" / "tunnelnat_health.py").read_text()
-    assert agent.splitlines()[5].strip() in script  # the embedded agent, current
     assert script.startswith("#!/bin/bash\n")
-    assert 'interval="10"' in script
-    assert "OnUnitActiveSec=${interval}s" in script and "AccuracySec=1s" in script
-    assert 'probe="192.0.2.7:443"' in script and 'probe_source="203.0.113.10"' in script
-    assert '--deployment "acme"' in script
-    assert "/etc/systemd/system/tunnelnat-health.timer" in script
-    # Without systemd (the lab's namespaces) the timer is skipped with a line saying so.
-    assert "systemd is not PID 1 here" in script
+    assert 'fail() { echo "InstallHealthAgent: $*" >&2; exit 1; }' in script
+    waited = script.index("timeout 600 cloud-init status --wait")
+    assert waited < script.index("if ! pkg_installed; then") < script.index("exec python3")
+    call = script[script.index('exec python3 "$pkg" install-health ') :]
+    for flag, value in [
+        ("--tunnel", "partner"),
+        ("--region", "us-east-1"),
+        ("--deployment", "acme"),
+        ("--namespace", ""),
+        ("--interval", "10"),
+        ("--probe", "192.0.2.7:443"),
+        ("--probe-source", "203.0.113.10"),
+        ("--partner-networks", ""),
+        ("--public-addresses", ""),
+    ]:
+        assert f'{flag} "{value}"' in call, flag
+    # Nothing of the old script: no embedded agent, no unit written by the shell.
+    assert "tunnelnat_health" not in script and "OnUnitActiveSec" not in script
 
 
 @pytest.mark.parametrize("path", [CONFIGURE], ids=lambda p: p.stem)  # ConfigureTunnel: below
