@@ -84,9 +84,8 @@ class Documents(Construct):
         if not paths:
             raise DocumentError(f"no SSM documents (*.yaml) in {directory}")
         for path in paths:
-            text = read_document(path)
-            content = load_document(path, text)
-            if PACKAGE_CHECK_EMBED in text or path.stem == INSTALL_DOCUMENT:
+            content = load_document(path)
+            if PACKAGE_CHECK_EMBED in json.dumps(content) or path.stem == INSTALL_DOCUMENT:
                 self.gateway_documents.add(path.stem)
             self.contents[path.stem] = content
             measured = content
@@ -193,17 +192,10 @@ def deployed_size(content: Mapping[str, Any]) -> int:
     return len(json.dumps(content).encode())
 
 
-def read_document(path: Path) -> str:
+def load_document(path: Path) -> dict[str, Any]:
     try:
-        return path.read_text()
-    except OSError as exc:
-        raise DocumentError(f"{path}: cannot load: {exc}") from None
-
-
-def load_document(path: Path, text: str | None = None) -> dict[str, Any]:
-    try:
-        content = yaml.safe_load(read_document(path) if text is None else text)
-    except yaml.YAMLError as exc:
+        content = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
         raise DocumentError(f"{path}: cannot load: {exc}") from None
     if not isinstance(content, dict) or content.get("schemaVersion") != "2.2":
         raise DocumentError(f"{path}: not a schemaVersion 2.2 Command document")

@@ -1,8 +1,10 @@
-"""Documents at synthesis: every one within tunnelnat's 48 KB (SSM refuses 64 KB), the first line
+"""Documents at synthesis: every gateway document bound to the gateway software's package and
+within 8 KB, the instance documents within tunnelnat's 48 KB (SSM refuses 64 KB), the first line
 the SSM agent's ``sh -c`` needs, the gateway's configuration split between ConfigureGateway and
 ConfigureTunnel, and the health agent's document with its own association.
 
-Built in a bare stack (Documents and HealthAgent only): seconds, not a whole synthesis.
+Built in a bare stack (GatewaySoftware, Documents and HealthAgent only): seconds, not a whole
+synthesis.
 """
 
 from __future__ import annotations
@@ -15,7 +17,16 @@ import yaml
 from aws_cdk import App, Stack
 from aws_cdk.assertions import Template
 
-from stacks.documents import MAX_DOCUMENT_BYTES, DocumentError, Documents, deployed_size
+from stacks.documents import (
+    INSTANCE_DOCUMENTS,
+    MAX_DOCUMENT_BYTES,
+    MAX_GATEWAY_DOCUMENT_BYTES,
+    STILL_OVER_8_KB,
+    DocumentError,
+    Documents,
+    deployed_size,
+)
+from stacks.gateway_software import GatewaySoftware
 from stacks.health_agent import HealthAgent
 from stacks.settings import load_settings
 from tests.infra.conftest import DOCUMENTS_DIR, example_context
@@ -23,10 +34,18 @@ from tests.infra.conftest import DOCUMENTS_DIR, example_context
 PROBE = {"health_probe_target": "198.51.100.5:443", "health_probe_source": "192.0.2.11"}
 
 
-def build(context=None, documents_dir=DOCUMENTS_DIR):
+GATEWAY_DOCUMENTS = sorted(
+    p.stem for p in DOCUMENTS_DIR.glob("*.yaml") if p.stem not in INSTANCE_DOCUMENTS
+)
+
+
+def build(context=None, documents_dir=DOCUMENTS_DIR, bind=True):
     settings = load_settings(example_context(context))
     stack = Stack(App(), "Docs", env={"region": "eu-west-1", "account": "123456789012"})
-    documents = Documents(stack, "Documents", directory=documents_dir, prefix="tn-")
+    software = GatewaySoftware(stack, "GatewaySoftware", deployment="tunnelnat") if bind else None
+    documents = Documents(
+        stack, "Documents", directory=documents_dir, prefix="tn-", software=software
+    )
     agent = HealthAgent(
         stack, "HealthAgent", config=settings.config, settings=settings.stack, documents=documents
     )
@@ -50,23 +69,86 @@ def test_every_document_is_within_48_kb_as_deployed(built):
     assert len(contents) == len(list(DOCUMENTS_DIR.glob("*.yaml")))
     for content in contents:
         assert len(json.dumps(content).encode()) <= MAX_DOCUMENT_BYTES
-    for stem in ("ConfigureGateway", "ConfigureTunnel", "InstallHealthAgent"):
-        assert documents.sizes[stem] <= MAX_DOCUMENT_BYTES, stem
+    for stem in documents.stems:
+        assert documents.sizes[stem] <= documents.limit(stem), stem
 
 
 def test_a_document_between_48_and_64_kb_fails_synthesis(tmp_path):
     target = tmp_path / "docs"
     shutil.copytree(DOCUMENTS_DIR, target)
-    path = target / "RestartTunnel.yaml"
+    path = target / "AddHostRoute.yaml"
     content = yaml.safe_load(path.read_text())
-    content["description"] = "x" * (50 * 1024)
+    content["description"] = "x" * (50 * 1024 - deployed_size(content))
     assert MAX_DOCUMENT_BYTES < deployed_size(content) < 64 * 1024
     path.write_text(yaml.safe_dump(content))
-    with pytest.raises(DocumentError, match=r"RestartTunnel.yaml: \d+ bytes as deployed, over"):
+    with pytest.raises(DocumentError, match=r"AddHostRoute.yaml: \d+ bytes as deployed, over"):
         build(documents_dir=target)
 
 
-@pytest.mark.parametrize("stem", ["ConfigureGateway", "ConfigureTunnel", "InstallHealthAgent"])
+def test_every_document_but_the_instances_is_a_gateway_document(built):
+    _, _, documents, _ = built
+    assert documents.gateway_documents == set(GATEWAY_DOCUMENTS)
+    assert MAX_GATEWAY_DOCUMENT_BYTES == 8 * 1024
+    for stem in INSTANCE_DOCUMENTS:
+        assert documents.limit(stem) == MAX_DOCUMENT_BYTES
+
+
+# Issue 22: a gateway document is a short invocation of its verb. Those still being shrunk are
+# stacks/documents.py's STILL_OVER_8_KB (held to 48 KB meanwhile): expected to fail here.
+@pytest.mark.parametrize(
+    "stem",
+    [
+        pytest.param(stem, marks=pytest.mark.xfail(reason="issue 22: still over 8 KB"))
+        if stem in STILL_OVER_8_KB
+        else stem
+        for stem in GATEWAY_DOCUMENTS
+    ],
+)
+def test_every_gateway_document_is_within_8_kb_as_deployed(built, stem):
+    """Measured with the longest bucket, key and region the asset's tokens can become."""
+    _, _, documents, _ = built
+    assert documents.sizes[stem] <= MAX_GATEWAY_DOCUMENT_BYTES, documents.sizes[stem]
+
+
+def test_the_documents_still_over_8_kb_are_over(built):
+    """A document that fits leaves STILL_OVER_8_KB (the set only shrinks, and ends empty)."""
+    _, _, documents, _ = built
+    fits = {s for s in STILL_OVER_8_KB if documents.sizes[s] <= MAX_GATEWAY_DOCUMENT_BYTES}
+    assert not fits, f"remove {sorted(fits)} from stacks/documents.py STILL_OVER_8_KB"
+
+
+def test_a_gateway_document_over_8_kb_fails_synthesis(tmp_path):
+    target = tmp_path / "docs"
+    shutil.copytree(DOCUMENTS_DIR, target)
+    path = target / "RestartTunnel.yaml"
+    content = yaml.safe_load(path.read_text())
+    content["description"] = "x" * (9 * 1024)
+    path.write_text(yaml.safe_dump(content))
+    with pytest.raises(
+        DocumentError,
+        match=r"RestartTunnel.yaml: \d+ bytes as deployed, over tunnelnat's 8192-byte limit",
+    ):
+        build(documents_dir=target)
+
+
+def test_an_unbound_placeholder_fails_synthesis(tmp_path):
+    """Without the package to bind them to (no GatewaySoftware), a gateway document's
+    placeholders would reach the gateway as they are: synthesis stops."""
+    with pytest.raises(DocumentError, match="placeholder is left unbound"):
+        build(bind=False)
+
+
+def test_gateway_documents_are_bound_to_the_package(built):
+    template, stack, documents, _ = built
+    software = stack.node.find_child("GatewaySoftware")
+    for stem in documents.gateway_documents - {"InstallGatewaySoftware"}:
+        content = template["Resources"][stack.get_logical_id(documents.resources[stem])]
+        text = json.dumps(content["Properties"]["Content"])
+        assert "__TUNNELNAT_PACKAGE_" not in text, stem
+        assert f"pkg_sha256={software.sha256}" in text, stem
+
+
+@pytest.mark.parametrize("stem", GATEWAY_DOCUMENTS)
 def test_gateway_documents_start_with_bash(built, stem):
     # The SSM agent runs the script with `sh -c`: dash on Ubuntu, unless line 1 says bash.
     _, _, documents, _ = built
@@ -129,8 +211,9 @@ def test_the_tunnel_is_configure_tunnels_and_the_nat_configure_gateways(built):
         stem: documents.contents[stem]["mainSteps"][0]["inputs"]["runCommand"][0]
         for stem in ("ConfigureGateway", "ConfigureTunnel")
     }
-    assert "embed lambdas/tunnelnat/core/swanctl.py" in script["ConfigureTunnel"]
-    assert "embed lambdas/tunnelnat/core/nat.py" in script["ConfigureGateway"]
+    # The code is the package's (issue 22): no module of it embedded in either.
+    for text in script.values():
+        assert "embed lambdas/" not in text and "embed gateway/tunnelnat_gateway" not in text
     assert "swanctl" not in script["ConfigureGateway"]
     assert "ip_forward" not in script["ConfigureTunnel"]
     assert "nat.py" not in script["ConfigureTunnel"]

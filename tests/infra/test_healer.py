@@ -389,7 +389,7 @@ def _published_metrics() -> set[str]:
 
 
 def _agent_metrics() -> set[str]:
-    """Metric names the gateway's health agent (gateway/tunnelnat_health.py) publishes, with
+    """Metric names the gateway's health agent (tunnelnat_gateway/health.py) publishes, with
     every statistic and counter known."""
     sys.path.insert(0, str(ROOT / "gateway"))
     from tunnelnat_gateway import health as agent
@@ -406,8 +406,8 @@ def _agent_metrics() -> set[str]:
 
 
 def _pair_metrics() -> set[str]:
-    """Metric names the pair agent (gateway/tunnelnat_pair.py) publishes."""
-    text = (ROOT / "gateway" / "tunnelnat_pair.py").read_text()
+    """Metric names the pair agent (tunnelnat_gateway/pair.py) publishes."""
+    text = (ROOT / "gateway" / "tunnelnat_gateway" / "pair.py").read_text()
     return set(re.findall(r"\"MetricName\": \"([A-Za-z]+)\"", text))
 
 

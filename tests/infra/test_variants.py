@@ -213,12 +213,14 @@ def test_single_gateway_is_the_group_of_one_as_before_the_pair(s):
     }
     rolling = asg["UpdatePolicy"]["AutoScalingRollingUpdate"]
     assert (rolling["MaxBatchSize"], rolling["MinInstancesInService"]) == (1, 0)
-    # No heartbeat rule, no pair agent (asset, unit, pair.json), no pair permissions.
+    # No heartbeat rule, no pair agent (unit, pair.json), no pair permissions; the package and
+    # its installer as in the pair.
     assert not s.resources("AWS::EC2::SecurityGroupIngress")
     _, lt = s.one("AWS::EC2::LaunchTemplate")
     user_data = json.dumps(lt["Properties"]["LaunchTemplateData"]["UserData"])
     for text in ("pair.json", "tunnelnat-pair", "tunnelnat_pair", '\\"pair\\"'):
         assert text not in user_data, text
+    assert "install_package.py" in user_data
     gateway = s.stack.gateway
     policy = s.resources("AWS::IAM::Policy")[
         s.logical_id(gateway.role.node.find_child("DefaultPolicy"))
@@ -235,6 +237,8 @@ def test_single_gateway_is_the_group_of_one_as_before_the_pair(s):
         "AttachToAGatewayOfTheGroup",
         "SourceDestCheckOffOnGateways",
         "ReportBootFailure",
+        "FetchTheGatewaySoftware",
+        "ReadTheDeployedSoftware",
     }
     # The boot finds its primary ENI (issue 20) in single mode too; no pair's calls.
     assert sorted(by_sid["SeeItsEniAndInstances"]["Action"]) == [
