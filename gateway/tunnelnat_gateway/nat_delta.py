@@ -1,12 +1,12 @@
 """The gateway's delta sync: what changed since the generation it applied, from the change log.
 
-Embedded in SyncNatTable next to ``tunnelnat_gateway.py`` (which imports it when it has something
-to catch up on) and ``tunnelnat/core/nat.py``; standard library only. The store writes one entry
-per generation, ``change/<generation, 20 digits>``, in the transaction that bumps it, listing the
-rows removed and added. A sync reads the entries after the applied generation up to the desired
-one (one Query: a one-mapping change reads one item), folds them into the net removals and
-additions per private address, and renders them as element deletions and creations in one
-``nft -f`` transaction with the new ``applied_generation`` and ``applied_state``.
+Part of the gateway package, used by ``nat_sync.sync`` on every sync that is not a full one;
+standard library only. The store writes one entry per generation, ``change/<generation, 20
+digits>``, in the transaction that bumps it, listing the rows removed and added. A sync reads
+the entries after the applied generation up to the desired one (one Query: a one-mapping change
+reads one item), folds them into the net removals and additions per private address, and
+renders them as element deletions and creations in one ``nft -f`` transaction with the new
+``applied_generation`` and ``applied_state``.
 
 Anything that makes the delta unsafe raises ``DeltaUnusable`` with the reason the caller falls
 back to a full rebuild for: ``gap`` (an entry missing or expired, or too many to be worth it) or

@@ -1,0 +1,166 @@
+"""``tunnelnat-gateway configure-gateway``: ConfigureGateway's work (the NAT side of a gateway).
+
+    configure-gateway --partner-networks CIDR[,CIDR...] --table NAME --region R
+                      [--nat-mode dedicated|instance|shared] [--shared-address A|none]
+                      [--mss N] [--backend kernel|libipsec]
+
+One run at a time (a lock, waited for 240 s). The table with its fail-closed guard first (the
+base kept for the boot ruleset and every sync, then a forced full apply, nat_sync.configure),
+the table and region kept for the boot's sync; then, and only then, forwarding on with loose
+reverse-path filtering, also for the next boot (docs/stack.md, Order on a new gateway: until
+the guard is loaded this gateway forwards nothing, whatever ConfigureTunnel did). Prints one
+JSON line ``{"configured", "forwarding", "cloud_init", "nat"}``; a failure is one line on stderr
+starting with ``ConfigureGateway:`` and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+from tunnelnat.core.nat import GatewayBase
+from tunnelnat_gateway import nat_sync
+
+NAME = "ConfigureGateway"
+LOCK_FILE = Path("/run/lock/tunnelnat-configure-gateway.lock")
+LOCK_WAIT = 240.0
+SYSCTL_FILE = Path("/etc/sysctl.d/90-tunnelnat.conf")
+# Loose reverse-path filtering: decrypted packets from the partner arrive on the tunnel device or
+# the VPC interface with sources routed elsewhere.
+SYSCTLS = (
+    ("net.ipv4.conf.all.rp_filter", "2"),
+    ("net.ipv4.conf.default.rp_filter", "2"),
+    ("net.ipv4.ip_forward", "1"),
+)
+TOOLS = ("nft", "sysctl")
+
+
+class ConfigureError(RuntimeError):
+    """What failed, said once on stderr after ``ConfigureGateway:``."""
+
+
+@contextmanager
+def locked(path: Path = LOCK_FILE, wait: float = LOCK_WAIT) -> Iterator[None]:
+    """One run at a time (the association's schedule, a parameter change, a hand-made run); the
+    kernel drops the lock with the process."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as lock:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise ConfigureError(
+                        f"another {NAME} run still holds the lock after {wait:.0f}s"
+                    ) from None
+                time.sleep(0.2)
+        yield
+
+
+def gateway_base(
+    partner_networks: str,
+    nat_mode: str = "dedicated",
+    shared_address: str = "none",
+    mss: str | int = 1360,
+    backend: str = "kernel",
+) -> GatewayBase:
+    """The table's fixed part from the document's parameters, checked by core/nat.py's model."""
+    if backend not in ("kernel", "libipsec"):
+        raise ConfigureError(f"IpsecBackend must be kernel or libipsec, not {backend!r}")
+    try:
+        return GatewayBase(
+            partner_networks=tuple(IPv4Network(n) for n in partner_networks.split(",")),
+            nat_mode=nat_mode,
+            shared_address=None if shared_address == "none" else IPv4Address(shared_address),
+            mss=int(mss),
+            # Userspace ESP leaves through its TUN device: the guard matches on it.
+            tunnel_interface="ipsec0" if backend == "libipsec" else None,
+        )
+    except ValueError as exc:  # NatTableError too; a network with host bits set
+        raise ConfigureError(str(exc)) from None
+
+
+def forwarding_on(run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> None:
+    """Forwarding and rp_filter now, and in /etc/sysctl.d for the next boot."""
+    for key, value in SYSCTLS:
+        proc = run(["sysctl", "-qw", f"{key}={value}"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ConfigureError(f"sysctl {key}={value} failed: {proc.stderr.strip()[:300]}")
+    SYSCTL_FILE.parent.mkdir(parents=True, exist_ok=True)
+    tmp = SYSCTL_FILE.with_name(f".{SYSCTL_FILE.name}.tmp")
+    tmp.write_text("".join(f"{key} = {value}\n" for key, value in sorted(SYSCTLS, key=_first)))
+    os.replace(tmp, SYSCTL_FILE)
+
+
+def _first(item: tuple[str, str]) -> bool:
+    return item[0] != "net.ipv4.ip_forward"  # the file as it always was: ip_forward first
+
+
+def configure(args: argparse.Namespace, client: object) -> dict:
+    """The guard's table, then forwarding (the order is the point: see the module docstring)."""
+    base = gateway_base(args.partner_networks, args.nat_mode, args.shared_address, args.mss,
+                        args.backend)  # fmt: skip
+    try:
+        nat = nat_sync.configure(client, args.table, base)
+        nat_sync.save_source(args.table, args.region)
+    except Exception as exc:  # noqa: BLE001 - nft, the files, DynamoDB: one line says which
+        raise ConfigureError(f"applying the nftables table failed: {exc}") from None
+    forwarding_on()
+    return {
+        "configured": True,
+        "forwarding": True,
+        "cloud_init": os.environ.get("TN_CLOUD_INIT", "none"),
+        "nat": nat,
+    }
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tunnelnat-gateway configure-gateway")
+    p.add_argument("--partner-networks", required=True)
+    p.add_argument("--nat-mode", default="dedicated", choices=("dedicated", "instance", "shared"))
+    p.add_argument("--shared-address", default="none")
+    p.add_argument("--mss", default="1360")
+    p.add_argument("--backend", default="kernel", choices=("kernel", "libipsec"))
+    p.add_argument("--table", required=True)
+    p.add_argument("--region", required=True)
+    return p
+
+
+def main(argv: list[str] | None = None, client: object | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        cloud_init = os.environ.get("TN_CLOUD_INIT", "none")
+        for tool in TOOLS:
+            if shutil.which(tool) is None:
+                raise ConfigureError(f"{tool} is not installed (cloud-init: {cloud_init})")
+        if not nat_sync.TABLE_NAME.fullmatch(args.table):
+            raise ConfigureError(f"invalid table name {args.table[:80]!r}")
+        if not nat_sync.REGION.fullmatch(args.region):
+            raise ConfigureError(f"invalid region {args.region[:80]!r}")
+        with locked():
+            if client is None:
+                import boto3  # on the gateway only
+
+                client = boto3.client("dynamodb", region_name=args.region)
+            result = configure(args, client)
+    except ConfigureError as exc:
+        print(f"{NAME}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
