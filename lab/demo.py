@@ -7,7 +7,8 @@ the real ConfigureGateway document, drives the real controller handler with EC2 
 events and Auto Scaling lifecycle events (through EventBridge and SQS, in batches), heals a
 killed tunnel through the health agent, the alarm and the healer, shows the operator's
 ``tunnelnat status`` and ``tunnelnat doctor``, runs the gateway pair's stories against the strict
-AWS fakes (a planned switchover, a minute of slow AWS on the active, a rolling replacement of both
+AWS fakes (a planned switchover, an upgrade of the gateway software under traffic:
+``lab.upgrade_story``, a minute of slow AWS on the active, a rolling replacement of both
 gateways: ``lab.pair_stories``) and its failover, and checks each step with real packets.
 Everything is removed on exit, on Ctrl-C and on failure. Exit status 0 only when every step
 passed.
@@ -198,6 +199,13 @@ def headline(results: dict[str, Any]) -> list[str]:
             lines.append(
                 f"planned switchover: {switchover.loss_seconds:.2f}s of loss ({switchover.lost} "
                 f"of {switchover.sent} lost), {len(switchover.clear)} clear-text"
+            )
+        upgrade = step.data.get("upgrade")
+        if upgrade is not None:
+            lines.append(
+                f"gateway software upgrade {upgrade.version_before} -> {upgrade.version_after} on "
+                f"both gateways: {upgrade.loss_seconds:.2f}s of loss ({upgrade.lost} of "
+                f"{upgrade.sent} lost), {len(upgrade.clear)} clear-text"
             )
         rolling = step.data.get("rolling")
         if rolling is not None:

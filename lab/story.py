@@ -34,6 +34,7 @@ from lab.impostor_story import figure as impostor_figure
 from lab.impostor_story import run_impostor
 from lab.pair_stories import run_rolling_replacement, run_slow_aws, run_switchover
 from lab.partners import count_rekeys
+from lab.upgrade_story import run_upgrade
 
 WEB1, WEB2 = "web-1", "web-2"
 PRIV1, PRIV2 = "priv-1", "priv-2"  # the private subnet's instances (route-table mode)
@@ -712,6 +713,17 @@ class Story:
         report = run_switchover(self.lab, name)
         return Step(title, report.ok, done + report.figure(), {"switchover": report})
 
+    def pair_upgrade(self, name: str = WEB1) -> Step:
+        """New gateway software on both gateways (the association, one at a time) under
+        traffic (issue 22)."""
+
+        title = "gateway software upgraded on the running pair (the association) under traffic"
+        done, problem = self._pair_ready(name)
+        if problem:
+            return Step(title, False, problem)
+        report = run_upgrade(self.lab, name)
+        return Step(title, report.ok, done + report.figure(), {"upgrade": report})
+
     def pair_slow_aws(self, name: str = WEB1, duration: float = 60.0) -> Step:
         """Every EC2/DynamoDB call of the active delayed 3 s for a minute: no failover."""
 
@@ -1126,6 +1138,7 @@ class Story:
             self.unenrol,
             # The pair (issue 20): built by the first of these; web-1 enrolled again.
             self.pair_switchover,
+            self.pair_upgrade,
             self.pair_slow_aws,
             self.pair_rolling,
             # Last: the active gateway stays powered off (the pair is one gateway short after).

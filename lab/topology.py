@@ -1046,6 +1046,20 @@ swanctl {{
         name = f"pair-{ns.removeprefix(PREFIX)}"
         return self.spawn(name, ns, list(argv), env=env, pythonpath=False)
 
+    def restart_pair_agent(self, ns: str) -> bool:
+        """systemd's ``try-restart`` of machine ``ns``'s tunnelnat-pair.service: a running agent
+        stopped as systemd stops a unit (TERM to its group, KILL after 5 s) and started again
+        from the unit; nothing when none runs. Whether it restarted one."""
+        name = f"pair-{ns.removeprefix(PREFIX)}"
+        running = [proc for n, proc in self._procs if n == name and proc.poll() is None]
+        if not running:
+            return False
+        for proc in running:
+            stop_group(proc, signal.SIGTERM, wait=5)
+        self._procs = [(n, p) for n, p in self._procs if not (n == name and p.poll() is not None)]
+        self.start_pair_agent(ns)
+        return True
+
     def power_off(self, ns: str) -> float:
         """Pull the plug on machine ``ns``: every link down, every process in it stopped
         (SIGSTOP: frozen mid-step, nothing orderly). Returns when it started (time.time()).
