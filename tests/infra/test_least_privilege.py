@@ -66,6 +66,10 @@ class World:
         self.group = self.r.arn(
             "autoscaling", f"autoScalingGroup:0f1e2d3c-uuid:autoScalingGroupName/{GROUP}"
         )
+        software = stack.software
+        self.assets = f"arn:aws:s3:::{self.r.resolve(stack.resolve(software.bucket))}"
+        self.package = f"{self.assets}/{software.key}"
+        self.software_parameter = self.r.arn("ssm", f"parameter{software.parameter_name}")
 
     def doc(self, stem: str, deployment: str = DEPLOYMENT) -> str:
         return self.r.arn("ssm", f"document/{deployment}-{stem}")
@@ -515,6 +519,14 @@ def gateway_rows(w: World) -> list[Row]:
             True,
         ),
         Row("mark itself unhealthy", "autoscaling:SetInstanceHealth", {w.group: {}}, True),
+        # The gateway software (issue 22): the package's object, the parameter naming it.
+        Row("fetch the gateway software", "s3:GetObject", {w.package: {}}, True),
+        Row(
+            "read which software the stack deployed",
+            "ssm:GetParameter",
+            {w.software_parameter: {}},
+            True,
+        ),
         Row(
             "complete its terminating hook",
             "autoscaling:CompleteLifecycleAction",
@@ -528,6 +540,21 @@ def gateway_rows(w: World) -> list[Row]:
             {w.r.arn("ssm", "parameter/prod/db-password"): {}},
             False,
         ),
+        Row(
+            "another deployment's software parameter",
+            "ssm:GetParameter",
+            {w.software_parameter.replace(f"/{DEPLOYMENT}/", "/other/"): {}},
+            False,
+        ),
+        Row(
+            "another object of the asset bucket (e.g. the Lambda code)",
+            "s3:GetObject",
+            {f"{w.assets}/0123abcd.zip": {}},
+            False,
+        ),
+        Row("any other bucket's object", "s3:GetObject", {"arn:aws:s3:::other/x.pyz": {}}, False),
+        Row("overwrite the package", "s3:PutObject", {w.package: {}}, False),
+        Row("change the software parameter", "ssm:PutParameter", {w.software_parameter: {}}, False),
         Row("finding 7: ssm:GetParameters", "ssm:GetParameters", {"*": {}}, False),
         Row("finding 7: ssm:GetParametersByPath", "ssm:GetParametersByPath", {"*": {}}, False),
         Row(
