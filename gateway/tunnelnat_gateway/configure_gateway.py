@@ -50,9 +50,11 @@ class ConfigureError(RuntimeError):
 
 
 @contextmanager
-def locked(path: Path = LOCK_FILE, wait: float = LOCK_WAIT) -> Iterator[None]:
+def locked(path: Path | None = None, wait: float | None = None) -> Iterator[None]:
     """One run at a time (the association's schedule, a parameter change, a hand-made run); the
     kernel drops the lock with the process."""
+    path = LOCK_FILE if path is None else path
+    wait = LOCK_WAIT if wait is None else wait
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as lock:
         deadline = time.monotonic() + wait
