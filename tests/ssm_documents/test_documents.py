@@ -237,11 +237,15 @@ def test_configure_documents_no_longer_carry_the_agent(path):
     (script,) = render_scripts(document, valid_parameters(path.stem))
     assert "tunnelnat_health" not in script
     assert script.startswith("#!/bin/bash\n")
-    # Each waits (bounded) for cloud-init's first-boot packages, then takes its own lock: an
-    # association's run and another (the PskRollout rule's, a hand-made one) never overlap.
+    # It waits (bounded) for cloud-init's first-boot packages; its verb takes its own lock: an
+    # association's run and another (a parameter change, a hand-made one) never overlap
+    # (tests/unit/test_configure_gateway.py: held, refused after the wait).
+    from tunnelnat_gateway import configure_gateway
+
     assert "timeout 600 cloud-init status --wait" in script
-    assert f"exec 9>/run/lock/tunnelnat-configure-{path.stem[9:].lower()}.lock" in script
-    assert script.index("cloud-init status --wait") < script.index("flock -w 240 9")
+    assert script.index("cloud-init status --wait") < script.index('"$pkg" configure-gateway')
+    assert str(configure_gateway.LOCK_FILE) == "/run/lock/tunnelnat-configure-gateway.lock"
+    assert configure_gateway.LOCK_WAIT == 240
 
 
 def _script(path: Path) -> str:
@@ -251,13 +255,67 @@ def _script(path: Path) -> str:
 
 def test_configure_gateway_turns_forwarding_on_only_after_the_guard():
     """On a new gateway ip_forward is off until ConfigureGateway: the table with its guard is
-    applied first, so forwarding never runs ahead of it, whichever document runs first."""
+    applied first, so forwarding never runs ahead of it, whichever document runs first. The
+    order is the verb's (tests/unit/test_configure_gateway.py, against the kernel): the document
+    does nothing of its own after it, nor before it but install the package."""
     script = _script(CONFIGURE)
-    applied = script.index('python3 "$work/tunnelnat_gateway.py" configure')
-    assert applied < script.index("sysctl -qw net.ipv4.ip_forward=1")
-    assert applied < script.index("/etc/sysctl.d/90-tunnelnat.conf")
-    assert "|| fail" in script[applied : script.index("sysctl -qw net.ipv4.ip_forward=1")]
+    assert script.rstrip().splitlines()[-1].endswith('--region "us-east-1"')
+    call = script[script.index('exec python3 "$pkg" configure-gateway') :]
+    for flag, value in [
+        ("--partner-networks", "192.0.2.0/24"),
+        ("--nat-mode", "dedicated"),
+        ("--shared-address", "none"),
+        ("--mss", "1360"),
+        ("--backend", "kernel"),
+        ("--table", "tunnelnat-table"),
+        ("--region", "us-east-1"),
+    ]:
+        assert f'{flag} "{value}"' in call, flag
+    assert not re.search(r"\b(nft|flock|sysctl)\s", script) and "ip_forward" not in script
     assert "swanctl" not in script and "PskSecretName" not in script
+
+
+@pytest.mark.parametrize(
+    ("parameters", "argv"),
+    [
+        ({}, []),
+        ({"Full": "true"}, ["--full"]),
+        ({"Verify": "true"}, ["--verify"]),
+        ({"Full": "true", "Verify": "true"}, ["--full", "--verify"]),
+    ],
+)
+def test_sync_nat_table_runs_the_installed_package(tmp_path, parameters, argv):
+    """SyncNatTable, bound and run as the agent runs it, execs ``python3 <package> sync`` with
+    its parameters (the package found installed by its SHA-256: nothing downloaded). python3 is
+    a stand-in that records its arguments; the sync itself: tests/unit/test_sync_paths.py."""
+    import hashlib
+
+    archive = b"a stand-in for the gateway package"
+    sha256 = hashlib.sha256(archive).hexdigest()
+    lib = tmp_path / "lib"
+    (lib / "gateway").mkdir(parents=True)
+    (lib / "gateway" / f"{sha256}.pyz").write_bytes(archive)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text('#!/bin/sh\nprintf \'%s\\n\' "$@" > "$TN_ARGV"\n')
+    (bin_dir / "python3").chmod(0o755)
+    recorded = tmp_path / "argv"
+    invocation = run_document(
+        ROOT / "ssm_documents" / "SyncNatTable.yaml",
+        {**valid_parameters("SyncNatTable"), **parameters},
+        env={
+            "PATH": f"{bin_dir}:/usr/bin:/bin",
+            "TUNNELNAT_LIB": str(lib),
+            "TN_ARGV": str(recorded),
+        },
+        binding={"sha256": sha256, "bucket": "b-never-read", "key": "k", "region": "us-east-1"},
+        timeout=20,
+    )
+    assert invocation.status == "Success", invocation.stderr
+    package = str(lib / "gateway" / f"{sha256}.pyz")
+    assert recorded.read_text().splitlines() == [
+        package, "sync", "--table", "tunnelnat-table", "--region", "us-east-1", *argv
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
