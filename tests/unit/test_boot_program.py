@@ -1,4 +1,5 @@
-"""The gateway's boot program (gateway/tunnelnat_boot.py) against moto's EC2 and Auto Scaling.
+"""The gateway's boot (tunnelnat_gateway/boot.py, the package's boot and restore verbs) against
+moto's EC2 and Auto Scaling.
 
 The ``ip`` calls go through ``Links``' runner, faked here (the lab runs the real ones in the
 gateway's namespace); IMDSv2 is a small server on loopback that insists on the session token.
@@ -352,56 +353,65 @@ def test_restore_lo_validates_every_line(tmp_path, capsys):
 
 
 def test_the_program_uses_only_the_standard_library_and_boto3():
-    assert third_party_imports(REPO / "gateway" / "tunnelnat_boot.py") == {"boto3", "botocore"}
+    assert third_party_imports(REPO / "gateway" / "tunnelnat_gateway" / "boot.py") == {
+        "boto3",
+        "botocore",
+    }
 
 
-def test_configure_leaves_the_boot_sync_its_program_and_table(tmp_path, monkeypatch):
-    """ConfigureGateway runs ``tunnelnat_gateway.py configure`` from a temporary directory; the
-    ``tunnelnat-sync`` unit runs the copy it keeps, with the table and region it saved."""
-    import subprocess
-
+def test_the_boot_sync_reads_the_table_configure_saved(tmp_path, monkeypatch):
+    """The ``tunnelnat-sync`` unit syncs from the table and region ConfigureGateway saved in
+    source.json (the package runs it: nothing is copied for the boot any more), refused when
+    missing or not a table name and a region."""
     from tunnelnat_gateway import nat_sync as gateway
 
     monkeypatch.setattr(gateway, "STATE_DIR", tmp_path)
     monkeypatch.setattr(gateway, "SOURCE_FILE", tmp_path / "source.json")
     with pytest.raises(gateway.GatewayError, match="run ConfigureGateway first"):
         gateway.saved_source()
-    installed = gateway.install_for_boot("tunnelnat-lab", "eu-west-1")
-    assert installed == str(tmp_path / "lib" / "tunnelnat_gateway.py")
+    (tmp_path / "source.json").write_text('{"table": "tunnelnat-lab", "region": "eu-west-1"}')
     assert gateway.saved_source() == ("tunnelnat-lab", "eu-west-1")
-    lib = tmp_path / "lib"
-    assert (lib / "tunnelnat" / "core" / "nat.py").read_text() == (
-        REPO / "lambdas" / "tunnelnat" / "core" / "nat.py"
-    ).read_text()
-    # The copy runs on its own (no repository on the gateway): it imports its nat.py.
-    proc = subprocess.run(
-        [sys.executable, "-I", str(lib / "tunnelnat_gateway.py"), "sync", "--help"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr
     (tmp_path / "source.json").write_text('{"table": "x; rm -rf /", "region": "eu-west-1"}')
     with pytest.raises(gateway.GatewayError, match="invalid table or region"):
         gateway.saved_source()
 
 
-def test_the_units_run_what_the_gateway_has():
-    """Every ExecStart names a program the gateway has at that path (user data or configure)."""
+def test_the_units_run_the_package():
+    """Every ExecStart but the guard's nft runs a verb of the package at the path
+    install_package.py --current keeps (the user data installs it before any unit starts)."""
+    from tunnelnat_gateway.__main__ import VERBS
+
     units = REPO / "gateway" / "systemd"
-    execs = [
-        line.split("=", 1)[1].split()
+    execs = {
+        unit.name: [
+            line.split("=", 1)[1].split()
+            for line in unit.read_text().splitlines()
+            if line.startswith("ExecStart=")
+        ]
         for unit in sorted(units.glob("*.service"))
-        for line in unit.read_text().splitlines()
-        if line.startswith("ExecStart=")
-    ]
-    assert execs == [
-        ["python3", "/etc/tunnelnat/lib/tunnelnat_boot.py", "attach"],
-        ["python3", "/etc/tunnelnat/lib/tunnelnat_pair.py", "run"],
-        ["nft", "-f", "/etc/tunnelnat/tunnelnat.nft"],
-        ["python3", "/etc/tunnelnat/lib/tunnelnat_boot.py", "restore-lo"],
-        ["python3", "/etc/tunnelnat/lib/tunnelnat_gateway.py", "sync"],
-    ]
+    }
+    package = "/etc/tunnelnat/lib/tunnelnat-gateway.pyz"
+    assert execs == {
+        "tunnelnat-boot.service": [["python3", package, "boot"]],
+        "tunnelnat-pair.service": [["python3", package, "pair", "run"]],
+        "tunnelnat-restore.service": [
+            ["nft", "-f", "/etc/tunnelnat/tunnelnat.nft"],
+            ["python3", package, "restore"],
+        ],
+        "tunnelnat-sync.service": [["python3", package, "sync"]],
+    }
+    assert {argv[2] for argvs in execs.values() for argv in argvs if argv[0] == "python3"} <= set(
+        VERBS
+    )
+    # The boot's verbs are the boot program's own subcommands.
+    assert VERBS["boot"][:3] == ("boot", "main", ("attach",))
+    assert VERBS["restore"][:3] == ("boot", "main", ("restore-lo",))
+    # The sync runs only once ConfigureGateway saved where the table is; the pair agent only in
+    # pair mode; both only with the package there.
+    sync = (units / "tunnelnat-sync.service").read_text()
+    pair = (units / "tunnelnat-pair.service").read_text()
+    for text, needs in ((sync, "/etc/tunnelnat/source.json"), (pair, "/etc/tunnelnat/pair.json")):
+        assert f"ConditionPathExists={package}" in text and f"ConditionPathExists={needs}" in text
 
 
 # -- pair mode: the ENI held by the other gateway makes this one the standby ---------------------
