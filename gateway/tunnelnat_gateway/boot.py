@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """The gateway's boot program: put G's ENI on this instance, at every boot, without the AWS CLI.
 
-It runs from systemd units the gateway's cloud-init user data writes (stacks/gateway.py), with
-the distribution's python3 and boto3 (standard library + boto3 only):
+It runs from systemd units the gateway's cloud-init user data writes (stacks/gateway.py), as
+verbs of the gateway software's package, with the distribution's python3 and boto3 (standard
+library + boto3 only):
 
-    tunnelnat_boot.py attach [--config /etc/tunnelnat/boot.json]
-    tunnelnat_boot.py restore-lo [--file PATH ...]
+    tunnelnat-gateway.pyz boot [--config /etc/tunnelnat/boot.json]     (attach)
+    tunnelnat-gateway.pyz restore [--file PATH ...]                    (restore-lo)
 
 ``attach`` (unit ``tunnelnat-boot``, before strongSwan and the SSM agent):
   1. reads the instance ID from IMDSv2;
@@ -23,7 +24,7 @@ the distribution's python3 and boto3 (standard library + boto3 only):
      source G, which the Internet gateway translates to E.
 In a gateway pair (``"pair": true``), the ENI held by another live instance (the pair's active)
 ends the boot at step 4 as the standby (exit 0, ``"role": "standby"``, no wait): the pair agent
-(tunnelnat_pair.py) takes the ENI over when the active falls silent.
+(the ``pair`` verb) takes the ENI over when the active falls silent.
 On any failure it marks the instance Unhealthy (Auto Scaling replaces it) and exits non-zero.
 
 ``restore-lo`` (unit ``tunnelnat-restore``, before the network, after the saved ruleset was
@@ -491,7 +492,7 @@ def _clients(region: str) -> tuple[Any, Any]:
 
 
 def main(argv: list[str] | None = None, *, links: Links | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tunnelnat_boot")
+    parser = argparse.ArgumentParser(prog="tunnelnat-gateway boot")
     sub = parser.add_subparsers(dest="command", required=True)
     attach = sub.add_parser("attach")
     attach.add_argument("--config", type=Path, default=CONFIG_FILE)
