@@ -77,9 +77,10 @@ def install(
     sha256: str,
     region: str,
     current: bool = False,
-    lib: str = LIB,
+    lib: str | None = None,
     get: Callable[[str, str, str], bytes] = fetch,
 ) -> dict:
+    lib = lib or LIB
     versions = os.path.join(lib, "gateway")
     os.makedirs(versions, mode=0o755, exist_ok=True)
     path = os.path.join(versions, sha256 + ".pyz")
