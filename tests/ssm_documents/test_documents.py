@@ -36,6 +36,9 @@ ADDRESS_PARAMETERS = {
     "PublicAddresses",
 }  # LocalId and RemoteId are IKE identities (FQDNs too): core/swanctl.py refuses a bad quad
 BAD_ADDRESSES = ["256.1.1.1", "10.0.0.999/24", "1.2.3.4/33", "1.2.3", "01.2.3.4.5"]
+# A gateway document runs bound to a package (the stack binds it at synthesis): any one will do
+# for what is refused before anything runs.
+BINDING = {"sha256": "0" * 64, "bucket": "assets", "key": "package.pyz", "region": "us-east-1"}
 
 
 def valid_parameters(name: str) -> dict[str, str]:
@@ -56,6 +59,10 @@ def valid_parameters(name: str) -> dict[str, str]:
         "IpsecBackend": "kernel",
         "Mss": "1360",
         "Deployment": "tunnelnat",
+        # InstallGatewaySoftware's: the package's hash and where the stack's asset lies.
+        "Sha256": "0" * 64,
+        "Bucket": "cdk-hnb659fds-assets-123456789012-us-east-1",
+        "Key": "5ef4be1f22f3d783be8876bdd04d28bd94d3b283b9a987ccc91951cda1cd1020.pyz",
     }
     document = load_document(ROOT / "ssm_documents" / f"{name}.yaml")
     params = document.get("parameters") or {}
@@ -134,6 +141,7 @@ def test_hostile_values_are_rejected_before_anything_runs(path, hostile, tmp_pat
                 params,
                 env={"PATH": str(tmp_path), "TUNNELNAT_MARKER": str(marker)},
                 timeout=5,
+                binding=BINDING,
             )
     assert not marker.exists()
 
@@ -144,6 +152,148 @@ def test_undeclared_and_missing_parameters_are_rejected():
         run_document(path, {**valid_parameters("AddHostRoute"), "Extra": "x"})
     with pytest.raises(InvalidParameters, match="Gateway"):
         run_document(path, {"Destinations": "192.0.2.0/24"})
+
+
+# -- the gateway documents' shape (issue 22) -----------------------------------------------------
+
+INSTANCE_DOCUMENTS = {"AddHostRoute", "RemoveHostRoute"}
+INSTALL_SOFTWARE = ROOT / "ssm_documents" / "InstallGatewaySoftware.yaml"
+VERB_DOCS = [p for p in DOCS if p.stem not in INSTANCE_DOCUMENTS | {INSTALL_SOFTWARE.stem}]
+
+
+@pytest.mark.parametrize("path", VERB_DOCS, ids=lambda p: p.stem)
+def test_a_gateway_document_checks_its_package_then_runs_one_verb(path):
+    """The plan's shape: the package check, the package installed if missing (the embedded
+    installer, with the synthesized hash), then one verb of the package; no gateway code."""
+    from tunnelnat_gateway.__main__ import VERBS
+
+    text = path.read_text()
+    assert "# >>> embed gateway/package_check.sh" in text
+    assert "# >>> embed gateway/install_package.py" in text
+    embeds = re.findall(r"# >>> embed (\S+)", text)
+    assert set(embeds) == {"gateway/package_check.sh", "gateway/install_package.py"}, embeds
+    (script,) = render_scripts(load_document(path), valid_parameters(path.stem))
+    assert script.startswith("#!/bin/bash\n")
+    assert f'fail() {{ echo "{path.stem}: $*" >&2; exit 1; }}' in script
+    verbs = re.findall(r'exec python3 "\$pkg" ([a-z-]+)', script)
+    assert len(verbs) == 1 and verbs[0] in VERBS, verbs
+    checked = script.index("pkg_installed() {")
+    installed = script.index("if ! pkg_installed; then")
+    assert checked < installed < script.index('exec python3 "$pkg"')
+    assert '--sha256 "$pkg_sha256"' in script[installed:]
+
+
+def test_install_gateway_software_parameters_are_tight():
+    params = load_document(INSTALL_SOFTWARE)["parameters"]
+    assert set(params) == {"Sha256", "Bucket", "Key", "Region"}
+    assert not any("default" in spec for spec in params.values())
+    cases = {
+        "Sha256": (["0" * 64, "a1" * 32], ["0" * 63, "0" * 65, "A" * 64, "g" * 64]),
+        "Bucket": (
+            ["cdk-hnb659fds-assets-123456789012-eu-west-1", "abc"],
+            ["ab", "-abc", "abc-", "ABC", "a" * 64, "a/b", "a_b"],
+        ),
+        "Key": (
+            ["0123abcd.pyz", "assets/x.pyz", "a"],
+            ["", "/x.pyz", "../x", "a//b", "a/../b", ".x", "a b", "a" * 129],
+        ),
+        "Region": (["eu-west-1", "us-gov-west-1", "ap-southeast-5"], ["eu-west", "EU-WEST-1", ""]),
+    }
+    for name, (good, bad) in cases.items():
+        pattern = params[name]["allowedPattern"]
+        for value in good:
+            assert re.fullmatch(pattern, value), (name, value)
+        for value in bad:
+            assert not re.fullmatch(pattern, value), (name, value)
+
+
+@pytest.fixture
+def package_in_s3(tmp_path, monkeypatch):
+    """The package built from this repository, in moto's S3 (a server: the document's python3
+    is another process), and the environment a document runs with."""
+    from moto.moto_server.threaded_moto_server import ThreadedMotoServer
+
+    from tools.gateway_package import build
+
+    package = build(tmp_path / "build")
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "TUNNELNAT_LIB": str(tmp_path / "lib"),
+    }
+    try:
+        import boto3
+
+        s3 = boto3.client(
+            "s3",
+            region_name="eu-west-1",
+            endpoint_url=env["AWS_ENDPOINT_URL"],
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+        # moto's backends outlive a server in this process: a bucket of this test's own.
+        bucket = f"cdk-assets-{tmp_path.name.lower().replace('_', '-')[-40:]}"
+        s3.create_bucket(
+            Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"}
+        )
+        key = f"{package.sha256}.pyz"
+        s3.put_object(Bucket=bucket, Key=key, Body=package.path.read_bytes())
+        params = {"Sha256": package.sha256, "Bucket": bucket, "Key": key, "Region": "eu-west-1"}
+        yield package, params, env
+    finally:
+        server.stop()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_install_gateway_software_installs_makes_current_and_reports(package_in_s3, tmp_path):
+    import json
+
+    package, params, env = package_in_s3
+    lib = tmp_path / "lib"
+    first = run_document(INSTALL_SOFTWARE, params, env=env, timeout=120)
+    assert first.ok, first.stderr
+    (line,) = first.stdout.strip().splitlines()
+    report = json.loads(line)
+    assert report == {
+        "installed": str(lib / "gateway" / f"{package.sha256}.pyz"),
+        "version": package.version,
+        "sha256": package.sha256,
+        "previous": None,
+        "changed": True,
+        # This machine's PID 1 is not systemd (nor the lab's): the agent is not restarted here.
+        "pair_agent": "no systemd",
+    }
+    assert (lib / "tunnelnat-gateway.pyz").read_bytes() == package.path.read_bytes()
+    again = json.loads(run_document(INSTALL_SOFTWARE, params, env=env, timeout=120).stdout)
+    assert (again["previous"], again["changed"], again["pair_agent"]) == (
+        package.sha256,
+        False,
+        "unchanged",
+    )
+
+
+def test_install_gateway_software_refuses_an_archive_with_another_hash(package_in_s3, tmp_path):
+    package, params, env = package_in_s3
+    wrong = {**params, "Sha256": "0" * 64}
+    result = run_document(INSTALL_SOFTWARE, wrong, env=env, timeout=120)
+    assert not result.ok and result.exit_code != 0
+    assert (
+        f"InstallGatewaySoftware: cannot install the gateway software {'0' * 64}" in result.stderr
+    )
+    assert f"is {package.sha256}, not {'0' * 64}" in result.stderr
+    assert not (tmp_path / "lib" / "tunnelnat-gateway.pyz").exists()
 
 
 def test_patterns_accept_lists_and_refuse_bad_octets():
