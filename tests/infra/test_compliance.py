@@ -12,7 +12,6 @@ import pytest
 from aws_cdk import aws_ec2 as ec2
 
 from stacks.application import build_app
-from stacks.documents import STILL_OVER_8_KB
 from tests.infra.conftest import example_context, synthesize
 
 # Every finding we acknowledge, where, and why is in the code next to it (reviewed here).
@@ -88,10 +87,7 @@ def s(tmp_path_factory):
 def test_cdk_nag_reports_no_unacknowledged_finding(s):
     report = json.loads((s.outdir / "validation-report.json").read_text())
     violations = [v for r in report["pluginReports"] for v in r.get("violations", [])]
-    # Issue 22's transition: the gateway documents still over 8 KB are warned about, by name.
-    still_over = {f"Annotation::tunnelnat:{stem}Over8KB" for stem in STILL_OVER_8_KB}
-    assert all(v["severity"] == "warning" for v in violations if v["ruleName"] in still_over)
-    assert [v for v in violations if v["ruleName"] not in still_over] == []
+    assert violations == []
 
 
 def test_every_acknowledgement_is_expected_and_has_a_reason(s):
