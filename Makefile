@@ -10,7 +10,7 @@ export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 export CDK_DISABLE_CLI_TELEMETRY := 1
 export AWS_EC2_METADATA_DISABLED := true
 
-.PHONY: deps apt venv cloud-init-schema test test-unit test-lab lint demo synth documents bench clean
+.PHONY: deps apt venv cloud-init-schema test test-unit test-lab lint demo synth documents package bench clean
 
 deps: apt venv cloud-init-schema
 
@@ -54,8 +54,16 @@ lint: venv
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# What documents embed: AddHostRoute's route helper (instances run it), and the gateway documents'
+# two shared pieces (gateway/package_check.sh, gateway/install_package.py, compact).
 documents: venv
 	$(PY) -m tools.build_documents
+
+# The gateway software: one reproducible zipapp of gateway/tunnelnat_gateway and the core modules
+# it imports, into .deps/gateway-package/ (prints its path, SHA-256, version and size). Synthesis,
+# the lab and the bench build the same bytes themselves (docs/gateway-software.md).
+package: venv
+	$(PY) -m tools.gateway_package
 
 # The whole suite: unit, moto-backed Lambda tests, documents, CDK and the namespace lab, on two
 # workers (tests/conftest.py keeps each file, and the namespace suites, on one worker, and puts
