@@ -79,6 +79,11 @@ PRIMARY_ENI_TAG, PRIMARY_ENI_VALUE = "tunnelnat:interface", "gateway-primary"
 INSTALLER = GATEWAY_DIR / "install_package.py"
 INSTALLER_PATH = "/etc/tunnelnat/lib/install_package.py"
 PACKAGE_PATH = "/etc/tunnelnat/lib/tunnelnat-gateway.pyz"  # what the units run (a symlink)
+# runcmd's first-boot install: the fetcher prints the archive's path (LIB/gateway/<sha256>.pyz),
+# whose ``activate`` verb points the units' link at it. $0: the parameter, $1: the region.
+INSTALL_SCRIPT = (
+    f'pkg=$(python3 {INSTALLER_PATH} --parameter "$0" --region "$1") && python3 "$pkg" activate'
+)
 PAIR_UNIT = "tunnelnat-pair.service"
 UNITS_DIR = GATEWAY_DIR / "systemd"
 # The units the user data installs, in boot order (their Before/After say the same).
@@ -1043,8 +1048,9 @@ def boot_user_data(
         else:
             out += ["    content: |", _literal(content)]
     hold = f"/run/systemd/system/{SSM_AGENT_UNIT}.d"
-    install = ["python3", INSTALLER_PATH, "--parameter", software_parameter]
-    install += ["--region", region, "--current"]
+    # Fetch the package the parameter names, then its own activate verb makes it what the units
+    # run (INSTALL_SCRIPT).
+    install = ["sh", "-c", f"'{INSTALL_SCRIPT}'", software_parameter, region]
     out += [
         # The network stage (bootcmd) runs before sysinit.target, so before the agent starts:
         # on the first boot only, a runtime condition holds the agent until runcmd releases it.

@@ -37,8 +37,8 @@ def compact(path: str, source: str) -> str:
     """``source`` as a gateway document carries it. Python: the same program without docstrings,
     comments and annotations (``strip_tree`` then ``ast.unparse``), indented by one space (every
     leading space ``ast.unparse`` writes is indentation: it writes no multi-line literal). Shell:
-    without its comment-only and blank lines (the ``#!`` line stays). tests/ssm_documents
-    compares the trees."""
+    without its comment-only and blank lines (the ``#!`` line stays) and leading blanks.
+    tests/unit/test_install_package.py compares the trees."""
     if path.endswith(".py"):
         text = ast.unparse(strip_tree(ast.parse(source)))
         out = []
@@ -46,9 +46,11 @@ def compact(path: str, source: str) -> str:
             body = line.lstrip(" ")
             out.append(" " * ((len(line) - len(body)) // 4) + body)
         return "\n".join(out) + "\n"
+    # Leading blanks mean nothing to the shell outside a here-document (these pieces have none).
+    assert "<<" not in source, f"{path}: no here-document in a compact shell piece"
     lines = source.splitlines()
     kept = [
-        line
+        line.strip()
         for i, line in enumerate(lines)
         if line.strip()
         and not (line.lstrip().startswith("#") and not (i == 0 and line.startswith("#!")))

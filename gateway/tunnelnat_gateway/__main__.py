@@ -26,6 +26,7 @@ VERBS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "pair": ("pair", "main", ()),
     "switchover": ("switchover", "main", ()),
     "version": ("software", "main", ()),
+    "activate": ("activate", "main", ()),
 }
 
 USAGE = "usage: tunnelnat-gateway {" + ",".join(VERBS) + "} [ARGS]"

@@ -26,6 +26,7 @@ from stacks.gateway import (
     GATEWAY_DIR,
     GATEWAY_PACKAGES,
     HEARTBEAT_PORT,
+    INSTALL_SCRIPT,
     INSTALLER,
     INSTALLER_PATH,
     PACKAGE_PATH,
@@ -209,15 +210,13 @@ def test_user_data_writes_pair_json_and_installs_the_package_before_the_units(s)
         assert s.ref(token) in parts
     # The package (the agent's too): named by the stack's parameter, installed before any unit
     # that runs it is enabled or started.
-    (install,) = [c for c in data["runcmd"] if c[0] == "python3"]
+    (install,) = [c for c in data["runcmd"] if c[0] == "sh"]
     assert install == [
-        "python3",
-        INSTALLER_PATH,
-        "--parameter",
+        "sh",
+        "-c",
+        INSTALL_SCRIPT,
         SOFTWARE_PARAMETER,
-        "--region",
         "ap-southeast-5",  # the region's token, as _user_data stands it in
-        "--current",
     ]
     enable = ["systemctl", "enable", *BOOT_UNITS, PAIR_UNIT]
     runcmd = data["runcmd"]
@@ -241,7 +240,11 @@ def test_boot_user_data_carries_the_installer_and_the_units():
     assert text.startswith("#cloud-config\n")
     data = yaml.safe_load(text)
     files = {f["path"]: f for f in data["write_files"]}
-    # The installer as the repository has it (the package itself comes from S3).
+    # The fetcher as the repository has it (the package itself comes from S3), then the
+    # package's activate verb makes it what the units run.
+    assert INSTALL_SCRIPT == (
+        f'pkg=$(python3 {INSTALLER_PATH} --parameter "$0" --region "$1") && python3 "$pkg" activate'
+    )
     installer = files[INSTALLER_PATH]
     assert installer["encoding"] == "gz+b64" and installer["permissions"] == "0755"
     assert gzip.decompress(base64.b64decode(installer["content"])).decode() == INSTALLER.read_text()
@@ -258,15 +261,7 @@ def test_boot_user_data_carries_the_installer_and_the_units():
     assert "ConditionPathExists=/run/tunnelnat-ready" in script
     assert data["runcmd"] == [
         ["systemctl", "daemon-reload"],
-        [
-            "python3",
-            INSTALLER_PATH,
-            "--parameter",
-            "/tunnelnat/x/gateway-software",
-            "--region",
-            "eu-west-1",
-            "--current",
-        ],
+        ["sh", "-c", INSTALL_SCRIPT, "/tunnelnat/x/gateway-software", "eu-west-1"],
         ["systemctl", "enable", *BOOT_UNITS],
         ["systemctl", "start", "tunnelnat-boot.service"],
         ["touch", "/run/tunnelnat-ready"],
@@ -603,8 +598,7 @@ def test_gateway_role_allows_every_call_of_the_boot_program_and_the_sync(s):
     calls.add("dynamodb:Query")  # through get_paginator("query")
     # The installer (user data, documents): the package's object, the stack's parameter.
     installer = INSTALLER.read_text()
-    assert 'client("s3", region).get_object(' in installer
-    assert 'client("ssm", region).get_parameter(' in installer
+    assert "s3.get_object(" in installer and "ssm.get_parameter(" in installer
     calls |= {"s3:GetObject", "ssm:GetParameter"}
     assert calls == {
         "ec2:DescribeNetworkInterfaces",
