@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import threading
 import urllib.request
 from dataclasses import dataclass, field
@@ -23,11 +22,9 @@ from tests.conftest import VALID_CONFIG
 from tools.moto_server import SerialMotoServer
 from tunnelnat.adapters.commands import AgentNotReady, CommandResult
 from tunnelnat.core.config import DEPLOYMENT
+from tunnelnat_gateway import nat_sync  # the gateway's own reader (pytest's pythonpath)
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "gateway"))
-from tunnelnat_gateway import nat_sync as tunnelnat_gateway  # noqa: E402
-
 REGION = "us-east-1"
 TABLE = "tunnelnat-test"
 
@@ -120,14 +117,13 @@ class FakeFleet:
             return CommandResult(instance_id, document, "Success", stdout="{}")
         if document == "SyncNatTable":
             assert instance_id == self.gateway_id, "sync sent to something not the gateway"
-            table = tunnelnat_gateway.read_desired(
-                self.dynamodb, parameters["TableName"], "dedicated"
-            )
+            table = nat_sync.read_desired(self.dynamodb, parameters["TableName"], "dedicated")
             full = parameters.get("Full") == "true"
+            action = "unchanged"  # the real program's words (no deltas here: whole tables)
             if self.applied is None or full or table.generation > self.applied.generation:
-                self.applied = table
-            report = {"applied_generation": self.applied.generation, "action": "updated"}
-            report.update(tunnelnat_gateway.rejected_report(table))  # as the real program
+                self.applied, action = table, "full"
+            report = {"applied_generation": self.applied.generation, "action": action}
+            report.update(nat_sync.rejected_report(table))  # as the real program
             return CommandResult(instance_id, document, "Success", stdout=json.dumps(report))
         raise AssertionError(f"unexpected document {document}")
 
