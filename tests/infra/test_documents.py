@@ -214,6 +214,8 @@ def test_the_tunnel_is_configure_tunnels_and_the_nat_configure_gateways(built):
     # The code is the package's (issue 22): no module of it embedded in either.
     for text in script.values():
         assert "embed lambdas/" not in text and "embed gateway/tunnelnat_gateway" not in text
+    assert 'exec python3 "$pkg" configure-tunnel ' in script["ConfigureTunnel"]
+    assert 'exec python3 "$pkg" configure-gateway ' in script["ConfigureGateway"]
     assert "swanctl" not in script["ConfigureGateway"]
     assert "ip_forward" not in script["ConfigureTunnel"]
     assert "nat.py" not in script["ConfigureTunnel"]
