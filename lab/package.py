@@ -25,6 +25,11 @@ BUCKET = "tn-lab-assets"  # the lab's stand-in for the CDK's asset bucket
 INSTALLER = "/etc/tunnelnat/lib/install_package.py"
 CURRENT = "/etc/tunnelnat/lib/tunnelnat-gateway.pyz"
 INSTALLER_SOURCE = ROOT / "gateway" / "install_package.py"
+# The user data's install step (stacks/gateway.py INSTALL_SCRIPT; a test keeps them the same):
+# $0 the parameter, $1 its region.
+INSTALL_SCRIPT = (
+    f'pkg=$(python3 {INSTALLER} --parameter "$0" --region "$1") && python3 "$pkg" activate'
+)
 
 
 def parameter_name(deployment: str) -> str:
@@ -94,13 +99,8 @@ def publish(
     return published
 
 
-def installer_argv(published: LabPackage, *, current: bool = True) -> list[str]:
-    """The installer's command line as the user data runs it: from the SSM parameter when the
-    installer reads one (``--parameter``), else from the archive's coordinates."""
-    argv = ["python3", INSTALLER]
-    if "--parameter" in INSTALLER_SOURCE.read_text():
-        argv += ["--parameter", published.parameter, "--region", published.region]
-    else:
-        argv += ["--bucket", published.bucket, "--key", published.key]
-        argv += ["--sha256", published.sha256, "--region", published.region]
-    return [*argv, *(["--current"] if current else [])]
+def installer_argv(published: LabPackage) -> list[str]:
+    """What the user data runs (stacks/gateway.py INSTALL_SCRIPT, the same script): the installer
+    fetches the archive the SSM parameter names, then the archive's own ``activate`` verb makes it
+    the one the units run. Its last line is activate's JSON."""
+    return ["sh", "-c", INSTALL_SCRIPT, published.parameter, published.region]

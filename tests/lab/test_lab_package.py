@@ -51,7 +51,7 @@ def test_lab_commands_refuse_a_document_without_a_binding(tmp_path: Path) -> Non
         commands.run("i-1", "AddHostRoute", {})
 
 
-def test_the_installer_reads_the_parameter_the_lab_writes() -> None:
+def test_the_lab_installs_as_the_user_data_does() -> None:
     published = package.LabPackage(
         package=package.GatewayPackage(Path("/x.pyz"), "b" * 64, "0.1.0+x", 1),
         bucket="tn-lab-assets",
@@ -60,6 +60,15 @@ def test_the_installer_reads_the_parameter_the_lab_writes() -> None:
         parameter=package.parameter_name("lab"),
     )
     argv = package.installer_argv(published)
-    assert argv[:2] == ["python3", package.INSTALLER] and argv[-1] == "--current"
-    assert published.parameter == "/tunnelnat/lab/gateway-software"
+    assert argv == [
+        "sh",
+        "-c",
+        package.INSTALL_SCRIPT,
+        "/tunnelnat/lab/gateway-software",
+        "us-east-1",
+    ]
     assert published.parameter_value()["version"] == "0.1.0+x"
+    gateway = pytest.importorskip("stacks.gateway")
+    assert package.INSTALL_SCRIPT == gateway.INSTALL_SCRIPT
+    assert package.INSTALLER == gateway.INSTALLER_PATH
+    assert package.CURRENT == gateway.PACKAGE_PATH
