@@ -597,6 +597,11 @@ class Gateway(Construct):
             documents, deployment, "ConfigureTunnel", tunnel_parameters
         )
         self.software_association = self._install_association(documents, deployment, software)
+        # Created (and, on a deploy that changes both, updated) before the other associations,
+        # so State Manager is likely to start it first; it promises no order between
+        # associations, so each gateway document also installs its own package when missing.
+        for other in (self.association, self.tunnel_association):
+            other.node.add_dependency(self.software_association)
         # The associations exist before any gateway launches: a new gateway is configured as
         # soon as its SSM agent registers, and a pair's gateway can become a ready standby.
         self.group.node.add_dependency(

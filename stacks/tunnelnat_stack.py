@@ -100,6 +100,8 @@ class TunnelnatStack(Stack):
             settings=stack_settings,
             documents=self.documents,
         )
+        # After the software's association, as the gateway's own (stacks/gateway.py).
+        self.health_agent.association.node.add_dependency(self.gateway.software_association)
         self.controller.serve_gateway(
             vpc_id=vpc.vpc_id,
             gateway_group=self.gateway.group_name,

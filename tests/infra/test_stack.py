@@ -757,6 +757,15 @@ def test_install_gateway_software_runs_on_every_gateway_one_at_a_time(s):
     # It exists before any gateway launches.
     group = s.json["Resources"][s.logical_id(s.stack.gateway.group)]
     assert s.logical_id(s.stack.gateway.software_association) in group["DependsOn"]
+    # The other associations come after it (State Manager promises no order between them: each
+    # gateway document installs its own package when missing).
+    for other in (
+        s.stack.gateway.association,
+        s.stack.gateway.tunnel_association,
+        s.stack.health_agent.association,
+    ):
+        depends = s.json["Resources"][s.logical_id(other)]["DependsOn"]
+        assert s.logical_id(s.stack.gateway.software_association) in depends
 
 
 def test_every_gateway_document_is_bound_to_the_shipped_package(s):
