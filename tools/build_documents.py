@@ -27,6 +27,9 @@ END = re.compile(r"^[ ]*# <<< embed\s*$")
 
 # Embedded compact (comments and docstrings dropped): the gateway documents' shared pieces.
 COMPACT_PREFIX = "gateway/"
+# The only files a document may embed: what instances run, and the gateway documents' two shared
+# pieces. Gateway code is the package's (a document runs its verb), never a document's copy.
+EMBEDDABLE = ("instance/", "gateway/package_check.sh", "gateway/install_package.py")
 
 
 class EmbedError(ValueError):
@@ -98,6 +101,8 @@ def strip_tree(tree: ast.Module) -> ast.Module:
 
 def embedded(path: str, root: Path = ROOT) -> str:
     """What a document carries for PATH (refused if SSM would rewrite it)."""
+    if not path.startswith(EMBEDDABLE):
+        raise EmbedError(f"{path}: documents embed only {', '.join(EMBEDDABLE)} (issue 22)")
     source = (root / path).read_text()
     if path.startswith(COMPACT_PREFIX):
         source = compact(path, source)

@@ -290,3 +290,24 @@ def test_old_archives_are_pruned_but_current_previous_and_young_ones_stay(tmp_pa
     fresh.write_bytes(b"x")
     os.utime(fresh, (now - 3600 * 10,) * 2)
     assert activate.prune(versions, keep=set(), now=now - 3600 * 10 + 30) == []
+
+
+# -- what make documents embeds -------------------------------------------------------------------
+
+
+def test_documents_embed_only_what_instances_run_and_the_two_shared_pieces(tmp_path):
+    from tools.build_documents import EmbedError, expand
+
+    def document(path: str) -> str:
+        return f"          # >>> embed {path}\n          # <<< embed\n"
+
+    for path in ("gateway/tunnelnat_gateway/boot.py", "lambdas/tunnelnat/core/nat.py"):
+        with pytest.raises(EmbedError, match="documents embed only"):
+            expand(document(path))
+    for path in ("gateway/install_package.py", "gateway/package_check.sh"):
+        assert "__TUNNELNAT_PACKAGE_" in expand(document(path)) or path.endswith(".py")
+    # SSM would substitute "{{": refused in any embedded file.
+    (tmp_path / "instance").mkdir()
+    (tmp_path / "instance" / "x.py").write_text('print("{{ Param }}")\n')
+    with pytest.raises(EmbedError, match="which SSM would substitute"):
+        expand(document("instance/x.py"), root=tmp_path)
