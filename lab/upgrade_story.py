@@ -122,6 +122,10 @@ class UpgradeReport:
             and all(v.get("sha256") == self.sha256_after for v in self.installed.values())
             and all(v.get("sha256") == self.sha256_after for v in self.reported.values())
             and len(self.reported) == 2
+            and all(
+                isinstance(v, dict) and v.get("version") == self.version_after and v.get("deployed")
+                for v in self.status_software.values()
+            )
             and not self.clear
             and self.failovers_after == self.failovers_before
             and sorted(self.roles_after.values()) == ["active", "standby"]
@@ -146,7 +150,17 @@ class UpgradeReport:
             f"{self.loss_seconds:.2f}s of loss, widest gap at A {self.widest_gap_at_a:.2f}s; "
             f"{len(self.clear)} clear-text packets; failovers {self.failovers_before} -> "
             f"{self.failovers_after}; the pair agents report {reported or 'nothing'}"
-            + (f"; `tunnelnat status`: {self.status_software}" if self.status_software else "")
+            + (
+                "; `tunnelnat status`: "
+                + ", ".join(
+                    f"{i} {v.get('version')}"
+                    + (" (the deployed one)" if v.get("deployed") else " (NOT the deployed one)")
+                    for i, v in sorted(self.status_software.items())
+                    if isinstance(v, dict)
+                )
+                if self.status_software
+                else ""
+            )
             + (f"; problems: {'; '.join(self.errors)}" if self.errors else "")
         )
 
@@ -172,27 +186,17 @@ def readiness_software(lab: topo.Lab, instance_id: str) -> dict[str, Any]:
 
 
 def status_software(lab: topo.Lab) -> dict[str, Any]:
-    """Each gateway's software as ``tunnelnat status`` shows it (empty: it shows none)."""
+    """Each gateway's software as ``tunnelnat status`` shows it: instance -> {"version",
+    "sha256", "deployed"} (``deployed``: the one the parameter names)."""
     try:
-        status = status_json(lab)
+        software = status_json(lab).get("software") or {}
     except (topo.LabError, ValueError, KeyError) as exc:
         return {"error": str(exc)}
-    found: dict[str, Any] = {}
-
-    def walk(value: Any) -> None:
-        if isinstance(value, dict):
-            if "software" in value and isinstance(value["software"], dict):
-                key = value.get("instance_id") or value.get("gateway_id") or "deployed"
-                shown = {k: value["software"].get(k) for k in ("version", "deployed")}
-                found[str(key)] = {k: v for k, v in shown.items() if v is not None}
-            for v in value.values():
-                walk(v)
-        elif isinstance(value, list):
-            for v in value:
-                walk(v)
-
-    walk(status)
-    return found
+    return {
+        g["instance_id"]: {k: g.get(k) for k in ("version", "sha256", "deployed")}
+        for g in software.get("gateways") or []
+        if g.get("instance_id")
+    }
 
 
 def run_install(lab: topo.Lab, instance_id: str) -> tuple[Any, dict[str, Any], float]:

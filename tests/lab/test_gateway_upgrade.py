@@ -80,6 +80,14 @@ def test_both_gateways_run_and_report_the_new_version(upgrade):
         assert software.get("version") == report.version_after, (instance_id, software)
 
 
+def test_tunnelnat_status_shows_the_new_version_on_both(upgrade):
+    lab, report = upgrade["lab"], upgrade["report"]
+    assert sorted(report.status_software) == sorted(lab.gateway_namespaces()), report.figure()
+    for instance_id, shown in report.status_software.items():
+        assert shown["version"] == report.version_after, (instance_id, shown)
+        assert shown["sha256"] == report.sha256_after and shown["deployed"] is True, shown
+
+
 def test_the_upgrade_sends_nothing_in_clear_text_and_fails_nothing_over(upgrade):
     report = upgrade["report"]
     assert report.clear == [], report.clear
