@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     failed = 0
     results: dict[str, Any] = {}
+    seconds: dict[str, float] = {}  # step number -> its time
     lab = topo.Lab(instances_count=max(2, args.instances))
     try:
         with lab:
@@ -95,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
             with LabController(lab) as controller:
                 story = Story(lab, controller)
                 for number, step_fn in enumerate(story.all_steps(burst=args.burst), start=1):
+                    step_started = time.monotonic()
                     step = step_fn()
+                    seconds[f"{number}"] = time.monotonic() - step_started
                     mark = "\u2713" if step.ok else "\u2717"
                     print(f"{mark} {number}. {step.title}\n     {step.figure}", flush=True)
                     if "output" in step.data:
@@ -116,9 +119,18 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for line in headline(results):
         print(line)
+    slowest = sorted(seconds.items(), key=lambda kv: -kv[1])[:5]
+    waited = lab.timings.get("lock_wait", 0.0)
+    print(
+        "time: lab built in "
+        f"{lab.timings.get('build', 0.0):.0f}s"
+        + (f" after {waited:.0f}s waiting for another lab" if waited >= 1 else "")
+        + "; slowest steps: "
+        + ", ".join(f"{n}. {s:.0f}s" for n, s in slowest)
+    )
     print(
         f"{'all steps passed' if not failed else f'{failed} step(s) failed'}; "
-        f"{time.monotonic() - started:.1f}s; cleaned up "
+        f"{time.monotonic() - started - waited:.1f}s; cleaned up "
         f"({'no namespaces left' if not left else 'LEFT: ' + ', '.join(left)})"
     )
     return 0 if not failed and not left else 1

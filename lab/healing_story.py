@@ -26,7 +26,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from lab import topology as topo
@@ -276,16 +275,6 @@ class HealerContext(FakeContext):
         return self.timeout_ms
 
 
-class DocumentOverride(LabCommands):
-    """LabCommands reading some documents from another folder (to try a proposed revision)."""
-
-    overrides: dict[str, Path]
-
-    def document_path(self, document: str) -> Path:
-        path = getattr(self, "overrides", {}).get(document)
-        return path if path is not None else super().document_path(document)
-
-
 @contextmanager
 def healer_environment(lab: topo.Lab, topic_arn: str) -> Iterator[dict[str, str]]:
     environ = {
@@ -349,7 +338,6 @@ def run_healing_story(
     public: str,
     instance: str = "web-1",
     timeout: float = 60.0,
-    document_overrides: dict[str, Path] | None = None,
 ) -> HealingReport:
     """Needs the tunnel up and ``instance`` enrolled with address ``public`` (lab.story's
     first steps). Kills the gateway's charon and lets the health chain heal it."""
@@ -359,11 +347,6 @@ def run_healing_story(
     evaluator = AlarmEvaluator(cloudwatch)
     evaluator.create()
     commands: LabCommands = lab.commands
-    if document_overrides:
-        commands = DocumentOverride(
-            commands.namespaces, commands.gateway_id, commands.gateway_env, commands.timeout
-        )
-        commands.overrides = dict(document_overrides)
     url = f"http://{topo.APP}:{topo.APP_PORT}/healing-{instance}"
     ns = lab.instance(instance).ns
     timeline: list[tuple[float, str]] = []

@@ -331,8 +331,10 @@ class Lab:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def __enter__(self) -> Lab:
+        waiting = time.monotonic()
         self._lock = lab_lock()
         self._lock.__enter__()
+        self.timings["lock_wait"] = time.monotonic() - waiting  # another lab ran meanwhile
         try:
             cleanup()
             self.build()

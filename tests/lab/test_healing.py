@@ -8,7 +8,6 @@ as S again. Needs root and the lab's packages (tests/lab/conftest.py skips other
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -16,8 +15,6 @@ from lab import topology as topo
 from lab.controller import LabController
 from lab.healing_story import run_agent, run_healing_story
 from lab.story import Story
-
-PROPOSED = Path(__file__).parent / "data" / "RestartTunnel.proposed.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +67,7 @@ def test_agent_reads_down_until_the_table_is_synced(enrolled):
 
 def test_charon_killed_then_healed_by_the_healer(enrolled):
     lab, controller, public = enrolled
-    report = run_healing_story(
-        lab, controller, public=public, document_overrides=_restart_tunnel_override()
-    )
+    report = run_healing_story(lab, controller, public=public)
     print("\n" + report.figure())
     for at, what in report.timeline:
         print(f"  +{at:6.2f}s  {what}")
@@ -89,10 +84,3 @@ def test_charon_killed_then_healed_by_the_healer(enrolled):
         TableName=topo.TABLE, Key={"pk": {"S": "healer"}, "sk": {"S": topo.TUNNEL}}
     )["Item"]
     assert '"status": "Success"' in item["attempts"]["S"]
-
-
-def _restart_tunnel_override() -> dict[str, Path] | None:
-    """Until ssm_documents/RestartTunnel.yaml restarts a dead charon itself, run the proposed
-    revision (tests/lab/data); once it does, the shipped document is what runs."""
-    shipped = (topo.REPO / "ssm_documents" / "RestartTunnel.yaml").read_text()
-    return None if "charon_restarted" in shipped else {"RestartTunnel": PROPOSED}
