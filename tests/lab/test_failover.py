@@ -3,8 +3,8 @@
 One lab for the module, built with the standby (``Lab(pair=True)``: tn-gw2 boots through its
 units as the standby, gets the same documents and its table). web-1 is enrolled and sends to A
 every 50 ms; the active is powered off (links down, processes frozen). The standby's pair agent
-(gateway/tunnelnat_pair.py) takes G's ENI against moto, the ENI mirror moves the links, and the
-assertions read what happened: at A, on the Internet link, in EC2 and DynamoDB.
+(the installed package's ``pair run``) takes G's ENI against moto, the ENI mirror moves the
+links, and the assertions read what happened: at A, on the Internet link, in EC2 and DynamoDB.
 """
 
 from __future__ import annotations

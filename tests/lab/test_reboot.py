@@ -1,9 +1,9 @@
 """Issue 11: the gateway boots, and reboots, through its production boot code.
 
-The lab's gateway got its ENI from ``tunnelnat_boot.py attach`` (run from the same unit files the
-user data writes) at build time; here it "reboots" with web-1 enrolled and sending: the units
-restore the guarded table before the network, put G back on the ENI and sync the table from
-DynamoDB, with no document and no controller involved, and nothing leaves in clear text.
+The lab's gateway got its ENI from the installed package's ``boot`` verb (run from the same unit
+files the user data writes) at build time; here it "reboots" with web-1 enrolled and sending: the
+units restore the guarded table before the network, put G back on the ENI and sync the table
+from DynamoDB, with no document and no controller involved, and nothing leaves in clear text.
 """
 
 from __future__ import annotations
