@@ -8,12 +8,17 @@ The server is this suite's own; nothing here changes ``os.environ`` beyond one t
 
 from __future__ import annotations
 
+import atexit
+import functools
 import io
 import json
+import shutil
+import tempfile
 import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import boto3
 import pytest
@@ -22,6 +27,7 @@ from botocore.stub import ANY, Stubber
 from tests.conftest import VALID_CONFIG
 from tests.lambdas.conftest import FakeFleet
 from tests.lambdas.events import Context, sqs_batch, tag_change
+from tools.gateway_package import build as build_package
 from tools.moto_server import SerialMotoServer
 from tunnelnat.cli import Runtime, main
 from tunnelnat.cli.context import Change
@@ -33,6 +39,8 @@ G = "10.10.1.5"
 BASE = ["--table", TABLE, "--deployment", DEPLOYMENT]
 # As the stack names them (stacks/monitoring.py): tunnelnat-<deployment>-...
 ALARMS = (f"tunnelnat-{DEPLOYMENT}-DeadLetters", f"tunnelnat-{DEPLOYMENT}-TunnelUp-partner")
+# The gateway software the fixture's stack deployed (its SSM parameter's sha256 and version).
+SOFTWARE = {"sha256": "5" * 64, "version": "0.22.0+5555"}
 
 
 @pytest.fixture(scope="session")
@@ -98,6 +106,27 @@ class FakeClock:
         self.t += seconds
 
 
+@dataclass(frozen=True)
+class GatewayPackage:
+    """The gateway software built from this tree and installed in a throwaway LIB: what a
+    gateway document run in place finds (``binding`` as synthesis binds it, ``env`` pointing
+    package_check.sh and the installer at that LIB)."""
+
+    binding: dict[str, str]
+    env: dict[str, str]
+
+
+@functools.cache
+def gateway_package() -> GatewayPackage:
+    built = build_package()
+    lib = Path(tempfile.mkdtemp(prefix="tn-cli-lib-"))
+    atexit.register(shutil.rmtree, lib, True)
+    (lib / "gateway").mkdir()
+    shutil.copy(built.path, lib / "gateway" / f"{built.sha256}.pyz")
+    binding = {"sha256": built.sha256, "bucket": "cdk-assets", "key": "k.pyz", "region": REGION}
+    return GatewayPackage(binding, {"TUNNELNAT_LIB": str(lib)})
+
+
 @dataclass
 class Result:
     code: int
@@ -125,6 +154,7 @@ class Deployment:
     eni_id: str = ""
     queue_url: str = ""
     dlq_url: str = ""
+    software: dict = field(default_factory=dict)  # the deployed package: sha256, version
     fleet: FakeFleet | None = None
     controller: object = None
     react: bool = True  # run the controller after the CLI's change (the deployed event path)
@@ -252,12 +282,19 @@ class Deployment:
 
     def ssm_online(self, online: dict[str, str] | None = None) -> Stubber:
         """An SSM client (moto lacks DescribeInstanceInformation) answering with ``online``
-        (instance -> PingStatus); every instance the CLI asks about is Online by default."""
+        (instance -> PingStatus); every instance the CLI asks about is Online by default.
+        Doctor's first SSM call reads the deployed gateway software (the fixture's)."""
         ssm = self.session.client("ssm", endpoint_url=self.url)
         stubber = Stubber(ssm)
         statuses = online
         if statuses is None:
             statuses = {i: "Online" for i in [self.gateway_id, *self.items("mapping")]}
+        name = f"/tunnelnat/{DEPLOYMENT}/gateway-software"
+        stubber.add_response(
+            "get_parameter",
+            {"Parameter": {"Name": name, "Type": "String", "Value": json.dumps(self.software)}},
+            {"Name": name},
+        )
         stubber.add_response(
             "describe_instance_information",
             {
@@ -374,6 +411,16 @@ def dep(aws_env, shared_session):
         )
         d.cloudwatch.set_alarm_state(AlarmName=alarm, StateValue="OK", StateReason="healthy")
     d.put_metric("partner", 1)
+    # The deployed gateway software, as the stack names it (issue 22).
+    d.software = SOFTWARE
+    client("ssm").put_parameter(
+        Name=f"/tunnelnat/{DEPLOYMENT}/gateway-software",
+        Type="String",
+        Value=json.dumps(
+            SOFTWARE
+            | {"bucket": "cdk-assets", "key": f"{SOFTWARE['sha256']}.pyz", "region": REGION}
+        ),
+    )
     iam = client("iam")
     role = iam.create_role(
         RoleName="tunnelnat-controller",

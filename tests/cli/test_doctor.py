@@ -675,3 +675,12 @@ def test_another_deployments_gateway_is_not_an_impostor(dep):
     )
     doc = doctor(dep, ssm={dep.gateway_id: "Online", other: "Online"})
     assert not [k for k in failures(doc) if k[0] == "gateway-impostor"]
+
+
+def test_a_single_gateway_gets_the_deployed_software_named(dep):
+    doc = doctor(dep)
+    (finding,) = [f for f in doc["findings"] if f["check"] == "gateway-software"]
+    assert finding["status"] == "ok"
+    assert finding["summary"].startswith(
+        f"deployed gateway software {dep.software['version']} (555555555555); a single gateway"
+    )

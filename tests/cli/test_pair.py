@@ -35,13 +35,39 @@ def _records(dep) -> agent.Records:
     return agent.Records(config, dep.dynamodb, dep.cloudwatch, None)
 
 
+DEPLOYED = object()  # _report's default: the agent runs the deployed package
+
+
 def _report(
-    dep, instance_id: str, role: str, *, generation=1, sas=0, heard=0.0, age=5.0, loaded=None
+    dep,
+    instance_id: str,
+    role: str,
+    *,
+    generation=1,
+    sas=0,
+    heard=0.0,
+    age=5.0,
+    loaded=None,
+    software=DEPLOYED,
 ):
-    """One agent's readiness write, ``age`` seconds ago (heard: seconds before that)."""
+    """One agent's readiness write, ``age`` seconds ago (heard: seconds before that).
+    ``software``: the package it runs ({"version", "sha256"}; None: an agent from before the
+    package, which writes no ``software``)."""
     now = time.time() - age
     heard_at = None if heard is None else now - heard
-    _records(dep).readiness(instance_id, role, generation, sas, heard_at, now, tunnel_loaded=loaded)
+    running = dep.software if software is DEPLOYED else software
+    _records(dep).readiness(
+        instance_id,
+        role,
+        generation,
+        sas,
+        heard_at,
+        now,
+        tunnel_loaded=loaded,
+        software=None
+        if running is None
+        else agent.software.report(running, {"sha256": dep.software["sha256"]}),
+    )
 
 
 @pytest.fixture
@@ -202,3 +228,82 @@ def test_doctor_records_the_last_failover(pair):
     (last,) = [f for f in doc["findings"] if f["summary"].startswith("last failover")]
     assert f"{pair.standby_id} -> {pair.gateway_id}" in last["summary"]
     assert "(1 in all)" in last["summary"]
+
+
+# -- the gateway software (issue 22) -------------------------------------------------------------
+
+OLD = {"sha256": "0" * 64, "version": "0.21.0+0000"}
+
+
+def test_status_shows_each_gateways_software_and_whether_it_is_deployed(pair):
+    _report(pair, pair.standby_id, "standby", heard=0.4, software=OLD)
+    doc = pair.run("status", "--json").json()
+    jsonschema.validate(doc, STATUS)
+    software = doc["software"]
+    assert software["parameter"] == f"/tunnelnat/{DEPLOYMENT}/gateway-software"
+    assert software["deployed"] == pair.software and software["problem"] is None
+    by_id = {g["instance_id"]: g for g in software["gateways"]}
+    assert by_id[pair.gateway_id]["version"] == pair.software["version"]
+    assert by_id[pair.gateway_id]["deployed"] is True
+    assert by_id[pair.standby_id] | {"reported_at": None} == {
+        "instance_id": pair.standby_id,
+        "version": OLD["version"],
+        "sha256": OLD["sha256"],
+        "deployed": False,
+        "reported_at": None,
+    }
+    text = pair.run("status").out
+    assert f"software: deployed {pair.software['version']} (sha256 555555555555)" in text
+    assert f"  {pair.gateway_id} {pair.software['version']} (555555555555): the deployed one" in (
+        text
+    )
+    assert f"  {pair.standby_id} 0.21.0+0000 (000000000000): NOT the deployed one" in text
+
+
+def test_status_an_agent_from_before_the_package_reports_no_version(pair):
+    _report(pair, pair.standby_id, "standby", heard=0.4, software=None)
+    doc = pair.run("status", "--json").json()
+    (standby,) = [g for g in doc["software"]["gateways"] if g["instance_id"] == pair.standby_id]
+    assert (standby["version"], standby["deployed"], standby["reported_at"]) == (None, None, None)
+    assert f"{pair.standby_id} version unknown: its pair agent reports none" in (
+        pair.run("status").out
+    )
+
+
+def test_status_without_the_stacks_parameter_says_the_deployed_one_is_unknown(pair):
+    ssm = pair.session.client("ssm", endpoint_url=pair.url)
+    ssm.delete_parameter(Name=f"/tunnelnat/{DEPLOYMENT}/gateway-software")
+    result = pair.run("status", "--json")
+    assert result.code == 0, result.err  # the table is what status is for
+    software = result.json()["software"]
+    assert software["deployed"] is None and "does not exist" in software["problem"]
+    assert {g["deployed"] for g in software["gateways"]} == {None}
+    assert "software: the deployed gateway software is unknown" in pair.run("status").out
+
+
+def test_doctor_names_a_gateway_running_another_package(pair):
+    _report(pair, pair.standby_id, "standby", heard=0.4, software=OLD)
+    doc = doctor(pair, ssm=_ssm(pair))
+    finding = failures(doc)[("gateway-software-old", pair.standby_id)]
+    assert finding["summary"] == (
+        f"{pair.standby_id} runs gateway software 0.21.0+0000 (000000000000), not the deployed "
+        f"{pair.software['version']} (555555555555)"
+    )
+    assert f"{DEPLOYMENT}-InstallGatewaySoftware" in finding["fix"]
+    assert "start-associations-once" in finding["fix"]
+    ok = [f for f in doc["findings"] if f["check"] == "gateway-software" and f["status"] == "ok"]
+    assert [f["resource"] for f in ok] == [pair.gateway_id]
+
+
+def test_doctor_an_agent_reporting_no_version_runs_software_older_than_the_package(pair):
+    _report(pair, pair.gateway_id, "active", sas=1, heard=0.4, software=None)
+    doc = doctor(pair, ssm=_ssm(pair))
+    finding = failures(doc)[("gateway-software-old", pair.gateway_id)]
+    assert "older than the package (its pair agent reports no version)" in finding["summary"]
+
+
+def test_doctor_a_silent_standby_is_the_pair_checks_finding_not_a_second_one(pair):
+    _report(pair, pair.standby_id, "standby", heard=0.4, age=600, software=OLD)
+    doc = doctor(pair, ssm=_ssm(pair))
+    assert ("pair", pair.standby_id) in failures(doc)
+    assert not [f for f in doc["findings"] if f["check"].startswith("gateway-software-old")]

@@ -164,3 +164,23 @@ def test_a_lookalike_labelled_as_the_gateway_is_not_one_of_its_gateways(dep):
     result = dep.run("status")
     assert result.code == 0, result.err
     assert lookalike not in result.out
+
+
+def test_status_of_a_single_gateway_shows_the_deployed_software_only(dep):
+    """A single gateway has no pair agent to say which package it runs (issue 22)."""
+    doc = dep.run("status", "--json").json()
+    jsonschema.validate(doc, STATUS)
+    software = doc["software"]
+    assert software["deployed"] == dep.software
+    assert software["gateways"] == [
+        {
+            "instance_id": dep.gateway_id,
+            "version": None,
+            "sha256": None,
+            "deployed": None,
+            "reported_at": None,
+        }
+    ]
+    text = dep.run("status").out
+    assert f"software: deployed {dep.software['version']} (sha256 555555555555)" in text
+    assert f"{dep.gateway_id} version unknown: a single gateway has no pair agent" in text

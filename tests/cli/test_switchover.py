@@ -16,6 +16,7 @@ from botocore.stub import Stubber
 
 from lab.commands import to_result
 from lab.ssm_runner import run_document
+from tests.cli.conftest import gateway_package
 from tests.cli.test_pair import _records, _report, pair  # noqa: F401 - the fixture
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,8 +60,11 @@ class ActiveGateway:
         self.calls.append((instance_id, document, dict(parameters)))
         thread = threading.Thread(target=self.agent, daemon=True)
         thread.start()
-        env = {"TUNNELNAT_PAIR_CONFIG": str(self.tmp / "pair.json")}
-        invocation = run_document(DOCUMENT, parameters, env=env, timeout=60)
+        package = gateway_package()
+        env = {"TUNNELNAT_PAIR_CONFIG": str(self.tmp / "pair.json")} | package.env
+        invocation = run_document(
+            DOCUMENT, parameters, env=env, timeout=60, binding=package.binding
+        )
         thread.join(5)
         return to_result(instance_id, document, invocation)
 

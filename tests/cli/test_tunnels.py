@@ -20,7 +20,7 @@ from botocore.stub import ANY, Stubber
 
 from lab.commands import to_result
 from lab.ssm_runner import run_document
-from tests.cli.conftest import DEPLOYMENT, Result
+from tests.cli.conftest import DEPLOYMENT, Result, gateway_package
 
 REPO = Path(__file__).resolve().parents[2]
 DOCUMENT = REPO / "ssm_documents" / "ShowTunnels.yaml"
@@ -80,7 +80,9 @@ class GatewayDocuments:
         self.env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "TUNNELNAT_TUNNELS_DIR": str(tunnels)}
 
     def invoke(self, parameters: dict) -> object:
-        return run_document(DOCUMENT, parameters, env=self.env, timeout=60)
+        package = gateway_package()
+        env = self.env | package.env
+        return run_document(DOCUMENT, parameters, env=env, timeout=60, binding=package.binding)
 
     def run(self, instance_id, document, parameters):
         self.calls.append((instance_id, document, dict(parameters)))

@@ -1,4 +1,4 @@
-"""The pair agent (gateway/tunnelnat_pair.py) against moto with the strict fakes
+"""The pair agent (gateway/tunnelnat_gateway/pair.py) against moto with the strict fakes
 (tools/aws_strict.py around tools/moto_server.SerialMotoServer): the real Agent, Takeover and
 Heart, boto3 clients with one access key per gateway (the strict fakes tell callers apart by
 it), heartbeats over real UDP on 127.0.0.2 and 127.0.0.3. ``ip`` is a mirror of EC2 (the
@@ -490,9 +490,9 @@ class Imds:
 
 
 def test_the_run_command_beats_as_active_and_confirms_with_ec2(world, agents):
-    """``tunnelnat_pair.py run`` in a process of its own, as the unit runs it (the key cached,
-    moto behind AWS_ENDPOINT_URL): its heartbeats are heard by the other gateway's heart, it
-    writes its role and its readiness."""
+    """``tunnelnat-gateway.pyz pair run`` in a process of its own, as the unit runs it (the key
+    cached, moto behind AWS_ENDPOINT_URL): its heartbeats are heard by the other gateway's
+    heart, it writes its role and its readiness."""
     home = world["tmp"] / "daemon"
     home.mkdir()
     (home / "pair.key").write_bytes(KEY + b"\n")
@@ -530,9 +530,13 @@ def test_the_run_command_beats_as_active_and_confirms_with_ec2(world, agents):
         "AWS_SECRET_ACCESS_KEY": "secret",
         "TUNNELNAT_IMDS_URL": imds.url,
     }
-    program = REPO / "gateway" / "tunnelnat_pair.py"
+    # The package's ``pair`` verb from the archive the stack ships, as the unit runs it.
+    from tools.gateway_package import build
+
+    package = build(home / "package")
+    program = package.path
     proc = subprocess.Popen(
-        [sys.executable, str(program), "run", "--config", str(config)],
+        [sys.executable, str(program), "pair", "run", "--config", str(config)],
         env=env,
         stderr=subprocess.PIPE,
         text=True,
@@ -559,6 +563,11 @@ def test_the_run_command_beats_as_active_and_confirms_with_ec2(world, agents):
             time.sleep(0.2)
         assert item is not None and item["role"] == {"S": "active"}
         assert item["heartbeat_version"] == {"N": "2"}
+        # Which package it runs (issue 22); no /tunnelnat/<d>/gateway-software here: unknown.
+        software = item["software"]["M"]
+        assert software["sha256"] == {"S": package.sha256}
+        assert software["version"] == {"S": package.version}
+        assert software["deployed"] == {"NULL": True}
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=10)

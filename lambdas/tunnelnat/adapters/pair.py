@@ -117,6 +117,17 @@ class EniHolder:
 
 
 @dataclass(frozen=True)
+class Software:
+    """The gateway software the agent runs (its ``software`` map, issue 22): the package's
+    version and SHA-256, and whether the agent found it to be the deployed one (None: unknown)."""
+
+    version: str | None
+    sha256: str | None
+    deployed_sha256: str | None = None
+    deployed: bool | None = None
+
+
+@dataclass(frozen=True)
 class Readiness:
     """One agent's ``gateway/<instance-id>`` item (fields the agent did not write are None)."""
 
@@ -127,6 +138,7 @@ class Readiness:
     tunnel_loaded: bool | None
     peer_heard_at: float | None
     updated_at: float | None
+    software: Software | None = None  # None: an agent older than the gateway package
 
 
 @dataclass(frozen=True)
@@ -189,6 +201,19 @@ def readiness_of(item: Mapping[str, Any]) -> Readiness:
         tunnel_loaded=_bool(item.get("tunnel_loaded")),
         peer_heard_at=_time(item.get("peer_heard_at")),
         updated_at=_time(item.get("updated_at")),
+        software=software_of(item.get("software")),
+    )
+
+
+def software_of(value: Mapping[str, Any] | None) -> Software | None:
+    fields = (value or {}).get("M")
+    if not isinstance(fields, Mapping):
+        return None
+    return Software(
+        version=_text(fields.get("version")),
+        sha256=_text(fields.get("sha256")),
+        deployed_sha256=_text(fields.get("deployed_sha256")),
+        deployed=_bool(fields.get("deployed")),
     )
 
 

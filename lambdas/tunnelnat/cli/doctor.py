@@ -28,7 +28,14 @@ from tunnelnat.cli.fleet import (
     load_config,
     tagged_instances,
 )
-from tunnelnat.cli.pair import PairState, pair_state
+from tunnelnat.cli.pair import (
+    READINESS_STALE_SECONDS,
+    PairState,
+    deployed_software,
+    gateway_software,
+    pair_state,
+    short,
+)
 from tunnelnat.cli.render import ago, dump_json
 from tunnelnat.cli.table import Snapshot
 from tunnelnat.cli.tunnels import show_tunnels, tunnel_states
@@ -168,6 +175,7 @@ def diagnose(ctx: Ctx) -> list[Finding]:
         check_gateway,
         check_impostors,
         check_pair,
+        check_software,
         check_source_dest,
         check_eni,
         check_ssm,
@@ -409,6 +417,109 @@ def check_pair(ctx: Ctx, facts: Facts) -> list[Finding]:
                 f"({pair.record.failovers if pair.record else 0} in all)",
             )
         )
+    return found
+
+
+def check_software(ctx: Ctx, facts: Facts) -> list[Finding]:
+    """Each gateway runs the gateway software the stack deployed (issue 22): its pair agent
+    says which package it runs; the stack's SSM parameter names the deployed one. A single
+    gateway has no agent to say: only the deployed one is shown."""
+    if not facts.gateways:
+        return []
+    deployed = deployed_software(ctx.aws.client("ssm"), ctx.deployment)
+    if deployed.sha256 is None:
+        return [
+            Finding(
+                "gateway-software",
+                UNKNOWN,
+                f"cannot tell which gateway software is deployed: {deployed.problem}",
+                f"allow ssm:GetParameter on {deployed.parameter} to the caller; if it does not "
+                "exist, deploy the stack (it writes the parameter)",
+                deployed.parameter,
+            )
+        ]
+    deployed_name = f"{deployed.version or '?'} ({short(deployed.sha256)})"
+    if facts.pair is None:
+        return [
+            Finding(
+                "gateway-software",
+                OK,
+                f"deployed gateway software {deployed_name}; a single gateway does not report "
+                "which it runs (its InstallGatewaySoftware association installs it)",
+                None,
+                deployed.parameter,
+            )
+        ]
+    now = ctx.runtime.now()
+    association = f"{ctx.deployment}-InstallGatewaySoftware"
+    fix = (
+        f"run the {association} association again (it installs the deployed package, one "
+        "gateway at a time, and restarts the pair agent): aws ssm start-associations-once "
+        "--association-ids $(aws ssm list-associations --association-filter-list "
+        f"key=AssociationName,value={association} --query 'Associations[0].AssociationId' "
+        "--output text)"
+    )
+    found = []
+    for g in gateway_software(facts.gateways, facts.pair):
+        gid = g.instance_id
+        age = None if g.reported_at is None else now - g.reported_at
+        if age is None or age > READINESS_STALE_SECONDS:
+            # A standby's silent agent is check_pair's finding; the active's is said here.
+            if gid == facts.pair.active:
+                found.append(
+                    Finding(
+                        "gateway-software",
+                        UNKNOWN,
+                        f"active {gid}: its pair agent has not reported: which gateway software "
+                        "it runs is unknown",
+                        f"on {gid}: systemctl status tunnelnat-pair",
+                        gid,
+                    )
+                )
+            continue
+        if not g.reported:
+            found.append(
+                Finding(
+                    "gateway-software-old",
+                    FAIL,
+                    f"{gid} runs gateway software older than the package (its pair agent "
+                    f"reports no version); deployed: {deployed_name}",
+                    fix,
+                    gid,
+                )
+            )
+        elif g.sha256 is None:
+            found.append(
+                Finding(
+                    "gateway-software",
+                    UNKNOWN,
+                    f"{gid} runs the gateway software from a source tree ({g.version}), not an "
+                    "installed package",
+                    fix,
+                    gid,
+                )
+            )
+        elif g.deployed(deployed):
+            found.append(
+                Finding(
+                    "gateway-software",
+                    OK,
+                    f"{gid} runs the deployed gateway software {deployed_name}",
+                    None,
+                    gid,
+                )
+            )
+        else:
+            found.append(
+                Finding(
+                    "gateway-software-old",
+                    FAIL,
+                    f"{gid} runs gateway software {g.version or '?'} ({short(g.sha256)}), not "
+                    f"the deployed {deployed_name}",
+                    fix,
+                    gid,
+                )
+            )
     return found
 
 

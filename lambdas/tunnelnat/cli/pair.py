@@ -7,15 +7,24 @@ items, the last failover from ``meta/pair`` (adapters/pair.py reads both).
 Pair mode is recognised by what only the pair agents leave behind: ``meta/pair`` (the active's
 agent writes it at start) or a readiness item. Two running gateways without either are a single
 gateway and a stale one, as before the pair (doctor's ``gateway`` finding).
+
+The gateway software (issue 22): the stack names the deployed package in the SSM parameter
+``/tunnelnat/<deployment>/gateway-software``; each pair agent reports the package it runs in its
+readiness item. A single gateway has no agent to report it: its version is unknown here.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any
 
+from botocore.exceptions import BotoCoreError, ClientError
+
 from tunnelnat.adapters.pair import PairRecord, PairRecords, Readiness
+from tunnelnat.cli.aws import error_code
 from tunnelnat.cli.fleet import Instance
 
 # The agents write their readiness every ~30 s (check_seconds): three missed writes is an agent
@@ -24,6 +33,9 @@ READINESS_STALE_SECONDS = 90
 # The standby hears the active every 0.5 s; its item says when it last did (written every ~30 s,
 # so up to that old when written, plus the item's own age).
 HEARTBEAT_STALE_SECONDS = 90
+# The stack's parameter naming the deployed gateway software (stacks/gateway_software.py).
+SOFTWARE_PARAMETER = "/tunnelnat/{deployment}/gateway-software"
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -105,3 +117,79 @@ def pair_state(
         if instance_id != active
     ]
     return PairState(active, eni_id, standbys, readiness, record)
+
+
+# -- the gateway software ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeployedSoftware:
+    """The package the stack deployed, or why it is unknown (``problem``)."""
+
+    parameter: str
+    version: str | None = None
+    sha256: str | None = None
+    problem: str | None = None
+
+
+def deployed_software(ssm: Any, deployment: str) -> DeployedSoftware:
+    """GetParameter on the stack's parameter; never raises (status shows what it can)."""
+    name = SOFTWARE_PARAMETER.format(deployment=deployment)
+    try:
+        value = ssm.get_parameter(Name=name)["Parameter"]["Value"]
+    except ClientError as exc:
+        code = error_code(exc)
+        if code == "ParameterNotFound":
+            why = f"{name} does not exist: a stack deployed before the gateway package (issue 22)?"
+        else:
+            why = f"GetParameter {name} failed ({code})"
+        return DeployedSoftware(name, problem=why)
+    except BotoCoreError as exc:
+        return DeployedSoftware(name, problem=f"GetParameter {name} failed ({exc})")
+    try:
+        data = json.loads(value)
+        sha256 = data["sha256"]
+    except (ValueError, TypeError, KeyError):
+        sha256 = None
+    if not isinstance(sha256, str) or not SHA256.fullmatch(sha256):
+        return DeployedSoftware(name, problem=f"{name} is not the gateway software's JSON")
+    version = data.get("version")
+    return DeployedSoftware(name, version if isinstance(version, str) else None, sha256)
+
+
+@dataclass(frozen=True)
+class GatewaySoftware:
+    """What one gateway runs, as its pair agent last reported it (None: nobody reports it)."""
+
+    instance_id: str
+    version: str | None
+    sha256: str | None
+    reported: bool  # its pair agent's item carries a ``software`` map
+    reported_at: float | None
+
+    def deployed(self, deployed: DeployedSoftware) -> bool | None:
+        if self.sha256 is None or deployed.sha256 is None:
+            return None
+        return self.sha256 == deployed.sha256
+
+
+def gateway_software(gateways: list[Instance], pair: PairState | None) -> list[GatewaySoftware]:
+    """Each running gateway's software, from its pair agent's readiness item."""
+    found = []
+    for gw in gateways:
+        ready = pair.readiness.get(gw.instance_id) if pair else None
+        soft = ready.software if ready else None
+        found.append(
+            GatewaySoftware(
+                gw.instance_id,
+                soft.version if soft else None,
+                soft.sha256 if soft else None,
+                soft is not None,
+                ready.updated_at if ready else None,
+            )
+        )
+    return found
+
+
+def short(sha256: str | None) -> str:
+    return sha256[:12] if sha256 else "?"

@@ -37,6 +37,37 @@ STATUS: dict[str, Any] = _object(
                 "in_sync": {"type": "boolean"},
             }
         ),
+        # The gateway software (issue 22): the deployed package (the stack's SSM parameter) and
+        # what each running gateway's pair agent says it runs (null: not reported).
+        "software": _object(
+            {
+                "parameter": {"type": "string"},
+                "deployed": {
+                    "oneOf": [
+                        {"type": "null"},
+                        _object(
+                            {
+                                "version": {"type": ["string", "null"]},
+                                "sha256": {"type": "string"},
+                            }
+                        ),
+                    ]
+                },
+                "problem": {"type": ["string", "null"]},
+                "gateways": {
+                    "type": "array",
+                    "items": _object(
+                        {
+                            "instance_id": {"type": "string"},
+                            "version": {"type": ["string", "null"]},
+                            "sha256": {"type": ["string", "null"]},
+                            "deployed": {"type": ["boolean", "null"]},
+                            "reported_at": _TIME,
+                        }
+                    ),
+                },
+            }
+        ),
         # The gateway pair (issue 15): null for a single gateway.
         "pair": {
             "oneOf": [

@@ -10,7 +10,15 @@ from botocore.exceptions import ClientError
 from tunnelnat.cli.aws import EXIT_OK, error_code
 from tunnelnat.cli.context import Ctx
 from tunnelnat.cli.fleet import gateways, instances_by_id, tagged_instances
-from tunnelnat.cli.pair import PairState, pair_state
+from tunnelnat.cli.pair import (
+    DeployedSoftware,
+    GatewaySoftware,
+    PairState,
+    deployed_software,
+    gateway_software,
+    pair_state,
+    short,
+)
 from tunnelnat.cli.render import ago, dump_json, iso, table
 from tunnelnat.cli.tunnels import tunnel_states
 
@@ -93,6 +101,9 @@ def collect(ctx: Ctx) -> dict[str, Any]:
             and (snapshot.applied_by in (None, gateway_id) or snapshot.desired_generation == 0),
         },
         "pair": _pair_doc(pair, snapshot.desired_generation, now),
+        "software": _software_doc(
+            deployed_software(ctx.aws.client("ssm"), ctx.deployment), gateway_software(found, pair)
+        ),
         "instances": rows,
         "tunnels": [
             {
@@ -129,6 +140,7 @@ def run(ctx: Ctx) -> int:
     )
     if doc["pair"] is not None:
         _write_pair(out, doc["pair"], now)
+    _write_software(out, doc["software"], pair=doc["pair"] is not None)
     out.write("\n")
     if doc["instances"]:
         out.write(
@@ -220,6 +232,52 @@ def _pair_doc(pair: PairState | None, desired: int, now: float) -> dict[str, Any
         if last
         else None,
     }
+
+
+def _software_doc(deployed: DeployedSoftware, running: list[GatewaySoftware]) -> dict[str, Any]:
+    return {
+        "parameter": deployed.parameter,
+        "deployed": {"version": deployed.version, "sha256": deployed.sha256}
+        if deployed.sha256
+        else None,
+        "problem": deployed.problem,
+        "gateways": [
+            {
+                "instance_id": g.instance_id,
+                "version": g.version,
+                "sha256": g.sha256,
+                "deployed": g.deployed(deployed),
+                "reported_at": iso(g.reported_at) if g.reported else None,
+            }
+            for g in running
+        ],
+    }
+
+
+def _write_software(out: Any, software: dict[str, Any], *, pair: bool) -> None:
+    deployed = software["deployed"]
+    if deployed is None:
+        out.write(f"software: the deployed gateway software is unknown: {software['problem']}\n")
+    else:
+        out.write(
+            f"software: deployed {deployed['version'] or '?'} (sha256 {short(deployed['sha256'])})"
+            "\n"
+        )
+    for g in software["gateways"]:
+        if g["version"] is None:
+            why = (
+                "its pair agent reports none (software older than the gateway package)"
+                if pair
+                else "a single gateway has no pair agent to report it"
+            )
+            out.write(f"  {g['instance_id']} version unknown: {why}\n")
+            continue
+        verdict = {
+            True: "the deployed one",
+            False: "NOT the deployed one (`tunnelnat doctor`)",
+            None: "deployed or not: unknown",
+        }[g["deployed"]]
+        out.write(f"  {g['instance_id']} {g['version']} ({short(g['sha256'])}): {verdict}\n")
 
 
 def _write_pair(out: Any, pair: dict[str, Any], now: float) -> None:
