@@ -35,13 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunnelnat_gateway import health, software
+from tunnelnat_gateway import activate, health, software
 
 DOCUMENT = "InstallHealthAgent"
 STATE_DIR = Path("/etc/tunnelnat")
 UNITS_DIR = Path("/etc/systemd/system")
 DEFAULT_LIB = "/etc/tunnelnat/lib"  # install_package.py's; TUNNELNAT_LIB overrides both
-LINK_NAME = "tunnelnat-gateway.pyz"  # the current software, what every unit runs
+LINK_NAME = activate.CURRENT  # the current software (LIB/tunnelnat-gateway.pyz): what units run
 SERVICE, TIMER = "tunnelnat-health.service", "tunnelnat-health.timer"
 HEADER = "# Written by tunnelnat InstallHealthAgent; changes here are overwritten.\n"
 # The document's allowedPatterns, checked again: these values reach a unit file and argv.
