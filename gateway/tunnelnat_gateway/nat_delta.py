@@ -20,7 +20,7 @@ holds, is refused whole, and the full rebuild then leaves out and reports the am
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from tunnelnat.core.nat import LB, M32, RB, TABLE, ipv4_int, mapping_digest
@@ -60,26 +60,38 @@ def sort_key(generation: int) -> str:
     return f"{generation:0{GENERATION_DIGITS}d}"
 
 
+def query_items(client: object, **params: object) -> Iterator[dict]:
+    """Every item of a Query, page after page. Not boto3's paginator: a sync is a process of its
+    own, and the paginator's first use in a process loads its model (~10 ms, a third of a
+    one-mapping delta's own work)."""
+    while True:
+        page = client.query(**params)  # type: ignore[attr-defined]
+        yield from page.get("Items", ())
+        last = page.get("LastEvaluatedKey")
+        if not last:
+            return
+        params = {**params, "ExclusiveStartKey": last}
+
+
 def read_entries(client: object, table_name: str, after: int, upto: int) -> list[dict]:
     """The change-log items of generations ``after + 1 .. upto``, in order (consistent)."""
     if upto - after > MAX_GENERATIONS:
         raise DeltaUnusable("gap", f"{upto - after} generations behind")
-    items: list[dict] = []
-    pages = client.get_paginator("query").paginate(  # type: ignore[attr-defined]
-        TableName=table_name,
-        KeyConditionExpression="pk = :pk AND sk BETWEEN :lo AND :hi",
-        ExpressionAttributeValues={
-            ":pk": {"S": CHANGE_PK},
-            ":lo": {"S": sort_key(after + 1)},
-            ":hi": {"S": sort_key(upto)},
-        },
-        ProjectionExpression="sk, #c, #e",
-        ExpressionAttributeNames={"#c": "changes", "#e": "expiration"},
-        ConsistentRead=True,
+    return list(
+        query_items(
+            client,
+            TableName=table_name,
+            KeyConditionExpression="pk = :pk AND sk BETWEEN :lo AND :hi",
+            ExpressionAttributeValues={
+                ":pk": {"S": CHANGE_PK},
+                ":lo": {"S": sort_key(after + 1)},
+                ":hi": {"S": sort_key(upto)},
+            },
+            ProjectionExpression="sk, #c, #e",
+            ExpressionAttributeNames={"#c": "changes", "#e": "expiration"},
+            ConsistentRead=True,
+        )
     )
-    for page in pages:
-        items.extend(page["Items"])
-    return items
 
 
 def plan_delta(items: list[dict], after: int, upto: int, now: float) -> NatDelta:

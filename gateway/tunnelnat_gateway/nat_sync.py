@@ -91,19 +91,19 @@ def read_desired(
 def read_rows(client: object, table_name: str) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     append = rows.append
-    pages = client.get_paginator("query").paginate(
+    items = nat_delta.query_items(
+        client,
         TableName=table_name,
         KeyConditionExpression="pk = :pk",
         ExpressionAttributeValues={":pk": {"S": MAPPING_PK}},
         ProjectionExpression="private_ip, public_ip",
         ConsistentRead=True,
     )
-    for page in pages:
-        for item in page["Items"]:
-            try:
-                append((item["private_ip"]["S"], item["public_ip"]["S"]))
-            except (KeyError, TypeError):  # from_rows rejects it with the reason
-                append((_text(item, "private_ip"), _text(item, "public_ip")))
+    for item in items:
+        try:
+            append((item["private_ip"]["S"], item["public_ip"]["S"]))
+        except (KeyError, TypeError):  # from_rows rejects it with the reason
+            append((_text(item, "private_ip"), _text(item, "public_ip")))
     return rows
 
 
@@ -345,8 +345,10 @@ def saved_source() -> tuple[str, str]:
 
 
 def timed_client(client: Any) -> dict:
-    """Count ``client``'s DynamoDB calls and the seconds spent in them (request, DynamoDB's work,
-    the reply parsed): the report tells the gateway's own work from the store's."""
+    """Count ``client``'s DynamoDB calls and the seconds spent in them, from the parameters'
+    validation (``provide-client-params``, the first event of a call) to the reply parsed
+    (``after-call``): the endpoint's resolution, the request, DynamoDB's work. The report tells
+    the gateway's own work from the store's."""
     spent = {"calls": 0, "seconds": 0.0}
     started: list[float] = []
 
@@ -358,7 +360,7 @@ def timed_client(client: Any) -> dict:
             spent["seconds"] += time.perf_counter() - started.pop()
             spent["calls"] += 1
 
-    client.meta.events.register("before-call.dynamodb", before)
+    client.meta.events.register("provide-client-params.dynamodb", before)
     client.meta.events.register("after-call.dynamodb", after)
     return spent
 

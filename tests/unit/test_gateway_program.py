@@ -252,11 +252,8 @@ BOOT_SCRIPT = textwrap.dedent(
         generation = 0
         def get_item(self, **kw):
             return {{"Item": {{"generation": {{"N": str(self.generation)}}}}}}
-        def get_paginator(self, name):
-            class P:
-                def paginate(self, **kw):
-                    return [{{"Items": []}}]
-            return P()
+        def query(self, **kw):
+            return {{"Items": []}}
 
     def nft(*args):
         return subprocess.run(["nft", *args], capture_output=True, text=True)

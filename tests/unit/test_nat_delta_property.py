@@ -99,14 +99,16 @@ class Table:
     def __init__(self) -> None:
         self.log: dict[str, dict] = {}
 
-    def get_paginator(self, _name: str) -> Table:
-        return self
-
-    def paginate(self, **kw: object) -> list[dict]:
+    def query(self, **kw: object) -> dict:
+        """Pages of three items, each with its LastEvaluatedKey, as DynamoDB pages."""
         values = kw["ExpressionAttributeValues"]
         lo, hi = values[":lo"]["S"], values[":hi"]["S"]  # type: ignore[index]
-        items = [self.log[k] for k in sorted(self.log) if lo <= k <= hi]
-        return [{"Items": items[i : i + 3]} for i in range(0, max(len(items), 1), 3)]
+        start = kw.get("ExclusiveStartKey", {}).get("sk", {}).get("S", "")  # type: ignore[attr-defined]
+        keys = [k for k in sorted(self.log) if lo <= k <= hi and k > start]
+        page: dict = {"Items": [self.log[k] for k in keys[:3]]}
+        if len(keys) > 3:
+            page["LastEvaluatedKey"] = {"pk": {"S": "change"}, "sk": {"S": keys[2]}}
+        return page
 
 
 step = st.lists(
