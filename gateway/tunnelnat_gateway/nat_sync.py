@@ -21,10 +21,11 @@ Each way a sync goes, in its JSON line (``action``, ``reason``):
   what it says: changed behind the program's back), or ``forced`` (``--full``; a live difference
   found on the way is reported as ``drift``). ``gap`` and ``drift`` rewrite the maps only.
 
-Reading the live maps back costs one ``nft -j list table`` and a digest of every element (about
-0.1 s at 10,000 mappings, five times a one-mapping delta), so it is done when the generation is
-unchanged, on ``--full`` and on ``--verify`` (before a delta: it builds on what the kernel holds),
-not on every delta.
+Reading the live maps back costs one ``nft -j list table`` and a digest of every element: 0.18 s
+at 10,000 mappings (0.16 s nft's listing and its JSON, 0.02 s the comparison; 18 ms at 1,000),
+ten times the ``nft -f`` of a one-mapping delta. So it is done when the generation is unchanged,
+on ``--full`` and on ``--verify`` (before a delta: it builds on what the kernel holds), not on
+every delta; the controller's scheduled reconcile sends ``Full``.
 """
 
 from __future__ import annotations
