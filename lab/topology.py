@@ -1067,8 +1067,16 @@ swanctl {{
         (SIGSTOP: frozen mid-step, nothing orderly). Returns when it started (time.time()).
         ``thaw()`` (and the lab's cleanup) let them go again to be killed."""
         at = time.time()
-        links = json.loads(sh(["ip", "-n", ns, "-j", "link", "show"]).stdout or "[]")
-        run_ip_batch(ns, [f"link set dev {link['ifname']} down" for link in links])
+        for attempt in range(3):
+            links = json.loads(sh(["ip", "-n", ns, "-j", "link", "show"]).stdout or "[]")
+            try:
+                run_ip_batch(ns, [f"link set dev {link['ifname']} down" for link in links])
+                break
+            except RuntimeError as exc:
+                # The ENI mirror moved a link away between the listing and the batch (a
+                # handover just ended): the links still here, listed again.
+                if "Cannot find device" not in str(exc) or attempt == 2:
+                    raise
         # Twice: a process forked while the first round ran is caught by the second.
         for _ in range(2):
             for pid in sh(["ip", "netns", "pids", ns], check=False).stdout.split():
