@@ -9,7 +9,8 @@ leaves failed is delivered again in the next pass (the queue's redelivery). Comm
 ``BenchFleet``: each one is really sent with the production ``SsmCommands`` adapter to moto's SSM
 (SendCommand + GetCommandInvocation, so they are counted), and its effect is then applied the way
 the documents do (tests/lambdas' fake fleet does the same): routes in memory, and for
-SyncNatTable the gateway program's own reader pulls the table from DynamoDB.
+SyncNatTable the gateway's own reader, imported from the built archive, pulls the table from
+DynamoDB.
 
 Every AWS API call the controller makes is counted with botocore's ``before-call`` hook on the
 session the controller is built from (``before-send`` counts HTTP attempts, retries included).
@@ -216,12 +217,23 @@ def shared_state(manager: Any) -> dict:
 
 
 def _gateway_module() -> Any:
-    gw_dir = str(REPO / "gateway")
-    if gw_dir not in sys.path:
-        sys.path.insert(0, gw_dir)
-    from tunnelnat_gateway import nat_sync as tunnelnat_gateway
+    """The gateway's reader (``nat_sync``) imported from the archive the stack ships
+    (tools.gateway_package.build()), not from the source tree: what is benched is what ships."""
+    loaded = sys.modules.get("tunnelnat_gateway.nat_sync")
+    if loaded is None:
+        from tools.gateway_package import build
 
-    return tunnelnat_gateway
+        archive = str(build().path)
+        if "tunnelnat_gateway" in sys.modules:
+            raise RuntimeError("tunnelnat_gateway was imported from elsewhere before the archive")
+        # Last on the path: ``tunnelnat`` stays the Lambda's (the archive carries only its pure
+        # core, the same files); ``tunnelnat_gateway`` is nowhere else (checked below).
+        sys.path.append(archive)
+        import tunnelnat_gateway.nat_sync as loaded
+
+        if not str(loaded.__file__).startswith(archive):
+            raise RuntimeError(f"nat_sync came from {loaded.__file__}, not {archive}")
+    return loaded
 
 
 @dataclass
@@ -300,8 +312,10 @@ class ControllerBench:
 
     # -- lifecycle ------------------------------------------------------------------------------
     def __enter__(self) -> ControllerBench:
+        from tools.gateway_package import build
         from tools.moto_server import SerialMotoServer
 
+        build()  # once, before the workers: theirs then find the same bytes and write nothing
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
         self._server = SerialMotoServer()
         self._server.start()

@@ -1,22 +1,28 @@
 """Part 1: applying the gateway's NAT table, tunnelnat's way vs raw nft vs the seed's way.
 
-``run(box, ...)`` (root namespace) creates one throwaway namespace with a private /etc and runs
-``python -m bench.gateway_apply --driver CONFIG`` inside it. The driver starts moto's server on
-the namespace's own loopback, seeds the DynamoDB table, and for each size, interleaved:
+``run(box, ...)`` (root namespace) builds the gateway package (tools.gateway_package.build(): the
+archive the stack ships), creates one throwaway namespace with a private /etc and runs ``python -m
+bench.gateway_apply --driver CONFIG`` inside it. The driver starts moto's server on the
+namespace's own loopback, puts the archive in a moto bucket and installs it with the production
+installer (gateway/install_package.py, into /etc/tunnelnat/lib/gateway/<sha256>.pyz), seeds the
+DynamoDB table, and for each size, interleaved:
 
-* ``document``: the real SyncNatTable document (``lab.ssm_runner.run_document``: the YAML's
-  script with bash, which writes out and runs the embedded gateway program with python3 and
-  boto3), end to end, from an empty ruleset (so the sync renders and applies the whole table);
-* ``sync_inproc``: the gateway program's ``sync()`` called in-process with the same DynamoDB
-  client, its phases timed by wrapping the module's functions: the DynamoDB read (moto!), the
-  rendering, ``nft -f`` and the rest;
+* ``document``: the real SyncNatTable document bound to that archive
+  (``lab.ssm_runner.run_document``: the YAML's script as the SSM agent runs it: bash, the
+  package check, ``exec python3 <archive> sync``), end to end, from an empty ruleset (so the
+  sync renders and applies the whole table);
+* ``archive``: ``python3 <archive> sync`` as the document execs it, its own report's timings:
+  ``seconds`` (the sync), ``dynamodb.seconds`` (its DynamoDB calls: moto), ``nft_seconds``;
+  the process's wall time beside it;
 * ``raw_nft``: ``nft -f`` of the very text the gateway renders;
 * ``iptables_restore``: ``iptables-restore`` of the same mappings as linear rules;
 * ``seed``: the seed's way, one ``iptables -t nat -A`` process per rule (a shell script inside
   the namespace). Run in full up to ``seed_full_max_rules``; beyond that the per-process cost is
   sampled at several table sizes and summed (the script's total is the sum of its processes).
 
-Then a one-mapping change on the largest table (SyncNatTable's map update vs alternatives).
+Then a one-mapping change on the largest table (SyncNatTable's delta vs alternatives), and what
+the archive costs at start-up: the same ``sync`` (and ``version``, no boto3) run from the archive
+and from the source tree (``python3 -m tunnelnat_gateway``), interleaved.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -37,6 +44,8 @@ REGION = "us-east-1"
 TABLE = "tunnelnat-bench"
 DOCUMENT = REPO / "ssm_documents" / "SyncNatTable.yaml"
 MOTO_PORT = 5000
+BUCKET = "tunnelnat-bench-software"
+INSTALLER = REPO / "gateway" / "install_package.py"
 
 
 def default_config(quick: bool = False) -> dict:
@@ -64,6 +73,11 @@ def default_config(quick: bool = False) -> dict:
 
 
 def run(box: object, config: dict) -> dict:
+    from tools.gateway_package import build
+
+    package = build()  # the bytes the stack ships (reproducible)
+    config = {**config, "package": str(package.path), "sha256": package.sha256,
+              "version": package.version}  # fmt: skip
     ns = box.netns("apply")  # type: ignore[attr-defined]
     box.private_etc(ns)  # type: ignore[attr-defined]
     env = {
@@ -99,6 +113,14 @@ def _timed_sh(argv: list[str], *, input: str | None = None) -> float:
     return time.perf_counter() - started
 
 
+def _timed_sh_env(argv: list[str], env: dict[str, str]) -> float:
+    started = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd="/", check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)[:120]}: {proc.stderr.strip()[-500:]}")
+    return time.perf_counter() - started
+
+
 def _flush() -> None:
     _sh(["nft", "flush", "ruleset"])
 
@@ -131,6 +153,29 @@ class Driver:
         )
         self.stored: dict[str, tuple[str, str]] = {}  # instance id -> (private, public)
         self.generation = 0
+        self.sha256 = str(config["sha256"])
+        self.package = ""  # where the installer put it
+        from lab.ssm_runner import default_env
+
+        # python3 as the document finds it (the agent's PATH: the venv's, with boto3, first).
+        self.python3 = shutil.which("python3", path=default_env()["PATH"]) or "python3"
+
+    def install_package(self, path: str) -> None:
+        """The archive into a moto bucket, then onto this "gateway" by the production installer,
+        as the user data does: the documents find it installed."""
+        s3 = __import__("boto3").session.Session().client(
+            "s3", region_name=REGION, endpoint_url=self.endpoint,
+            aws_access_key_id="testing", aws_secret_access_key="testing",  # noqa: S106
+        )  # fmt: skip
+        s3.create_bucket(Bucket=BUCKET)
+        s3.put_object(Bucket=BUCKET, Key=Path(path).name, Body=Path(path).read_bytes())
+        argv = [self.python3, str(INSTALLER), "--bucket", BUCKET, "--key", Path(path).name,
+                "--sha256", self.sha256, "--region", REGION]  # fmt: skip
+        out = subprocess.run(argv, capture_output=True, text=True, env=self.agent_env())
+        if out.returncode != 0:
+            raise RuntimeError(f"install_package: {out.stderr.strip()[-500:]}")
+        self.package = out.stdout.strip().splitlines()[-1]
+        self.bucket_key = Path(path).name
 
     # -- DynamoDB ------------------------------------------------------------------------------
     def create_table(self) -> None:
@@ -221,82 +266,69 @@ class Driver:
     def document(self, expect: str) -> dict:
         from lab.ssm_runner import run_document
 
+        binding = {"sha256": self.sha256, "bucket": BUCKET, "key": self.bucket_key,
+                   "region": REGION}  # fmt: skip
         started = time.perf_counter()
-        inv = run_document(
-            DOCUMENT, {"TableName": TABLE, "Region": REGION}, env=self.env, timeout=300
-        )
+        inv = run_document(DOCUMENT, {"TableName": TABLE, "Region": REGION}, env=self.env,
+                           timeout=300, binding=binding)  # fmt: skip
         seconds = time.perf_counter() - started
         if not inv.ok:
             raise RuntimeError(f"SyncNatTable {inv.status}: {inv.stderr.strip()[-800:]}")
         report = json.loads(inv.stdout.strip().splitlines()[-1])
-        if report.get("action") != expect or report.get("applied_generation") != self.generation:
-            raise RuntimeError(
-                f"SyncNatTable reported {report}, expected {expect} @{self.generation}"
-            )
+        self._expect("SyncNatTable", report, expect)
         return {"seconds": seconds, "report": report}
 
-    def sync_inproc(self, expect: str) -> dict:
-        from tunnelnat_gateway import nat_sync as gw
+    def _expect(self, what: str, report: dict, expect: str) -> None:
+        if report.get("action") != expect or report.get("applied_generation") != self.generation:
+            raise RuntimeError(f"{what} reported {report}, expected {expect} @{self.generation}")
 
-        phases: dict[str, float] = {}
-        names = ("read_meta", "read_rows", "render_nat_table", "render_map_update", "nft_apply",
-                 "applied_generation", "applied_state")  # fmt: skip
-        originals = {n: getattr(gw, n) for n in names}
-
-        def wrap(name: str, fn: object) -> object:
-            def timed(*args: object, **kwargs: object) -> object:
-                t0 = time.perf_counter()
-                try:
-                    return fn(*args, **kwargs)  # type: ignore[operator]
-                finally:
-                    phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0
-
-            return timed
-
-        # The DynamoDB calls themselves (request, moto's work, response parsing), by botocore's
-        # event hooks; the rest of read_desired is turning items into a NatTable.
-        api = {"seconds": 0.0, "calls": 0, "t0": 0.0, "items": 0}
-
-        def before(**_kw: object) -> None:
-            api["t0"] = time.perf_counter()
-
-        def after(parsed: object = None, **_kw: object) -> None:
-            api["seconds"] += time.perf_counter() - api["t0"]
-            api["calls"] += 1
-            if isinstance(parsed, dict):  # the items DynamoDB returned (and bills reads for)
-                api["items"] += len(parsed.get("Items", ())) + ("Item" in parsed)
-
-        events = self.db.meta.events
-        events.register("before-call.dynamodb", before, unique_id="bench-before")
-        events.register("after-call.dynamodb", after, unique_id="bench-after")
-        for n, fn in originals.items():
-            setattr(gw, n, wrap(n, fn))
-        try:
-            started = time.perf_counter()
-            report = gw.sync(self.db, TABLE)
-            total = time.perf_counter() - started
-        finally:
-            for n, fn in originals.items():
-                setattr(gw, n, fn)
-            events.unregister("before-call.dynamodb", unique_id="bench-before")
-            events.unregister("after-call.dynamodb", unique_id="bench-after")
-        if report.get("action") != expect:
-            raise RuntimeError(f"sync() reported {report}, expected {expect}")
-        read = phases.get("read_rows", 0.0) + phases.get("read_meta", 0.0)
-        render = phases.get("render_nat_table", 0.0) + phases.get("render_map_update", 0.0)
-        nft = phases.get("nft_apply", 0.0)
+    def archive(self, expect: str, *, source: bool = False) -> dict:
+        """``python3 <archive> sync`` as the document execs it (``source``: the same code from
+        the source tree, ``python3 -m tunnelnat_gateway``), timed by its own report. The
+        document's environment (the agent's), whatever the bench's own holds."""
+        env = self.agent_env()
+        if source:
+            argv = [self.python3, "-m", "tunnelnat_gateway"]
+            env["PYTHONPATH"] = os.pathsep.join([str(REPO / "gateway"), str(REPO / "lambdas")])
+        else:
+            argv = [self.python3, self.package]
+        argv += ["sync", "--table", TABLE, "--region", REGION]
+        started = time.perf_counter()
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd="/")
+        wall = time.perf_counter() - started
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv[:3])} sync: {proc.stderr.strip()[-800:]}")
+        report = json.loads(proc.stdout.strip().splitlines()[-1])
+        self._expect("sync", report, expect)
+        api = float(report["dynamodb"]["seconds"])
+        total = float(report["seconds"])
+        nft = float(report.get("nft_seconds", 0.0))
         return {
+            "process": wall,
+            "start_up": wall - total,  # python3, imports, boto3's client, the JSON line
             "total": total,
-            "dynamodb_api": api["seconds"],
-            "dynamodb_calls": api["calls"],
-            "dynamodb_items": api["items"],
-            "report_items_read": report.get("items_read"),
-            "table_build": read - api["seconds"],
-            "render": render,
+            "dynamodb_api": api,
+            "dynamodb_calls": report["dynamodb"]["calls"],
+            "dynamodb_items": report["items_read"],  # the meta item + rows or change entries
             "nft_apply": nft,
-            "other": total - read - render - nft,
-            "apply_excl_api": total - api["seconds"],
+            "other": total - api - nft,  # building the table, rendering, reading the kernel
+            "apply_excl_api": total - api,
         }
+
+    def agent_env(self) -> dict[str, str]:
+        from lab.ssm_runner import default_env
+
+        return {**default_env(), **self.env}
+
+    def version_wall(self, *, source: bool) -> float:
+        """Python's start-up and the package's import alone (``version``: no boto3)."""
+        env = self.agent_env()
+        if source:
+            argv = [self.python3, "-m", "tunnelnat_gateway", "version"]
+            env["PYTHONPATH"] = os.pathsep.join([str(REPO / "gateway"), str(REPO / "lambdas")])
+        else:
+            argv = [self.python3, self.package, "version"]
+        return _timed_sh_env(argv, env)
 
     def raw_nft(self, text: str) -> float:
         path = self.workdir / "ruleset.nft"
@@ -341,6 +373,7 @@ def drive(config: dict) -> dict:
         _wait_port(port)
         d = Driver(config, work)
         d.create_table()
+        d.install_package(config["package"])
         base = tables.gateway_base("eth1")
         Path("/etc/tunnelnat").mkdir(parents=True, exist_ok=True)
         Path("/etc/tunnelnat/gateway.json").write_text(json.dumps(base.to_json()))
@@ -387,7 +420,7 @@ def _one_size(d: Driver, tables: object, n: int, config: dict) -> dict:
         _flush()
         runs["document"].append(d.document("full")["seconds"])
         _flush()
-        phases.append(d.sync_inproc("full"))
+        phases.append(d.archive("full"))
         _flush()
         runs["raw_nft"].append(d.raw_nft(text))
         _flush()
@@ -411,7 +444,7 @@ def _one_size(d: Driver, tables: object, n: int, config: dict) -> dict:
         "mappings": n,
         "ruleset_bytes": len(text),
         "document": summary(runs["document"]),
-        "sync_inproc": {k: summary([p[k] for p in phases]) for k in phases[0]},
+        "archive": {k: summary([p[k] for p in phases]) for k in phases[0]},
         "raw_nft": summary(runs["raw_nft"]),
         "iptables_restore": summary(runs["iptables_restore"]),
         "seed": seed,
@@ -486,7 +519,8 @@ def _one_change(d: Driver, tables: object, n: int, config: dict) -> dict:
         k: [] for k in ("document", "raw_nft_map_update", "raw_nft_one_element", "seed",
                         "iptables_restore")
     }  # fmt: skip
-    phases = []
+    phases: list[dict] = []
+    source: list[dict] = []
     current = maps[victim_index]
     spare = list(tables.SPARE_PUBLIC)  # type: ignore[attr-defined]
 
@@ -510,11 +544,16 @@ def _one_change(d: Driver, tables: object, n: int, config: dict) -> dict:
         d.change(current, new)
         maps[victim_index] = current = new
         runs["document"].append(d.document("delta")["seconds"])
-        # The gateway program in-process, phases and items read.
+        # The archive's sync as the document execs it: its phases and items read.
         new = changed(current)
         d.change(current, new)
         maps[victim_index] = current = new
-        phases.append(d.sync_inproc("delta"))
+        phases.append(d.archive("delta"))
+        # The same sync from the source tree: what running from the archive costs.
+        new = changed(current)
+        d.change(current, new)
+        maps[victim_index] = current = new
+        source.append(d.archive("delta", source=True))
         # Raw nft: the whole map update (flush the maps, add every element) of the same table.
         text = render_map_update(NatTable(d.generation, tuple(maps)))
         runs["raw_nft_map_update"].append(d.raw_nft(text))
@@ -543,7 +582,13 @@ def _one_change(d: Driver, tables: object, n: int, config: dict) -> dict:
         raise RuntimeError("the iptables one-mapping change lost or duplicated rules")
     _flush()
     out = {k: summary(v) for k, v in runs.items()}
-    out["sync_inproc"] = {k: summary([p[k] for p in phases]) for k in phases[0]}
+    out["archive"] = {k: summary([p[k] for p in phases]) for k in phases[0]}
+    out["source"] = {k: summary([p[k] for p in source]) for k in source[0]}
+    versions: dict[str, list[float]] = {"archive": [], "source": []}
+    for _ in range(config.get("startup_reps", 7)):
+        versions["archive"].append(d.version_wall(source=False))
+        versions["source"].append(d.version_wall(source=True))
+    out["version_start_up"] = {k: summary(v) for k, v in versions.items()}
     out["mappings"] = n
     out["seed"]["processes"] = 4
     _log(
@@ -560,7 +605,7 @@ def ratios(result: dict) -> dict:
     for n, res in result["sizes"].items():
         raw = res["raw_nft"]["median"]
         doc = res["document"]["median"]
-        excl = res["sync_inproc"]["apply_excl_api"]["median"]
+        excl = res["archive"]["apply_excl_api"]["median"]
         seed = res["seed"].get("median")
         out[n] = {
             "document_over_raw_nft": ratio(doc, raw),
