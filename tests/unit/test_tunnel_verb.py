@@ -627,6 +627,17 @@ def test_restart_quiet_seconds_is_a_bounded_number(gw, quiet):
     assert gw.calls() == []
 
 
+@pytest.mark.parametrize("quiet", ["-1", "3601", "1;reboot", "", "01"])
+def test_restart_documents_quiet_seconds_is_a_bounded_number_for_ssm_too(quiet):
+    from lab.ssm_runner import InvalidParameters, load_document, render_scripts
+
+    document = load_document(DOCUMENTS / "RestartTunnel.yaml")
+    for good in ("0", "120", "3600"):
+        render_scripts(document, {"QuietSeconds": good})
+    with pytest.raises(InvalidParameters, match="QuietSeconds"):
+        render_scripts(document, {"QuietSeconds": quiet})
+
+
 @pytest.mark.parametrize(
     "args", [("--wait-seconds", "0"), ("--wait-seconds", "121"), ("--tunnel-name", "x; reboot")]
 )
