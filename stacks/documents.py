@@ -50,10 +50,6 @@ PACKAGE_CHECK_EMBED = "# >>> embed gateway/package_check.sh"
 INSTALL_DOCUMENT = "InstallGatewaySoftware"
 # The documents instances run (not gateways): no package there.
 INSTANCE_DOCUMENTS = frozenset({"AddHostRoute", "RemoveHostRoute"})
-# Issue 22's transition only: gateway documents still being shrunk into their verb, held to
-# MAX_DOCUMENT_BYTES meanwhile (tests/infra/test_documents.py marks them expected to fail the 8 KB
-# test, and fails once one of them fits: then it leaves this set, which ends empty).
-STILL_OVER_8_KB = frozenset({"ConfigureTunnel"})
 # Documents only an operator sends (``tunnelnat switchover``): deployed like the others, never in
 # a role's SendCommand statement (``arns``): no Lambda of the stack moves G on its own.
 OPERATOR_ONLY = frozenset({"Switchover"})
@@ -123,7 +119,7 @@ class Documents(Construct):
 
     def limit(self, stem: str) -> int:
         """The most bytes ``stem`` may take as deployed."""
-        if stem in self.gateway_documents and stem not in STILL_OVER_8_KB:
+        if stem in self.gateway_documents:
             return MAX_GATEWAY_DOCUMENT_BYTES
         return MAX_DOCUMENT_BYTES
 

@@ -21,7 +21,6 @@ from stacks.documents import (
     INSTANCE_DOCUMENTS,
     MAX_DOCUMENT_BYTES,
     MAX_GATEWAY_DOCUMENT_BYTES,
-    STILL_OVER_8_KB,
     DocumentError,
     Documents,
     deployed_size,
@@ -93,28 +92,12 @@ def test_every_document_but_the_instances_is_a_gateway_document(built):
         assert documents.limit(stem) == MAX_DOCUMENT_BYTES
 
 
-# Issue 22: a gateway document is a short invocation of its verb. Those still being shrunk are
-# stacks/documents.py's STILL_OVER_8_KB (held to 48 KB meanwhile): expected to fail here.
-@pytest.mark.parametrize(
-    "stem",
-    [
-        pytest.param(stem, marks=pytest.mark.xfail(reason="issue 22: still over 8 KB"))
-        if stem in STILL_OVER_8_KB
-        else stem
-        for stem in GATEWAY_DOCUMENTS
-    ],
-)
+# Issue 22: a gateway document is a short invocation of its verb.
+@pytest.mark.parametrize("stem", GATEWAY_DOCUMENTS)
 def test_every_gateway_document_is_within_8_kb_as_deployed(built, stem):
     """Measured with the longest bucket, key and region the asset's tokens can become."""
     _, _, documents, _ = built
     assert documents.sizes[stem] <= MAX_GATEWAY_DOCUMENT_BYTES, documents.sizes[stem]
-
-
-def test_the_documents_still_over_8_kb_are_over(built):
-    """A document that fits leaves STILL_OVER_8_KB (the set only shrinks, and ends empty)."""
-    _, _, documents, _ = built
-    fits = {s for s in STILL_OVER_8_KB if documents.sizes[s] <= MAX_GATEWAY_DOCUMENT_BYTES}
-    assert not fits, f"remove {sorted(fits)} from stacks/documents.py STILL_OVER_8_KB"
 
 
 def test_a_gateway_document_over_8_kb_fails_synthesis(tmp_path):
