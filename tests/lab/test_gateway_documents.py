@@ -218,6 +218,82 @@ def test_hostile_parameter_is_refused_before_anything_runs(configured_lab):
     assert len(lab.commands.history) == runs
 
 
+def test_sync_nat_table_rebuilds_maps_changed_by_hand(configured_lab):
+    """SyncNatTable as the controller sends it (bound, the package's sync): a mapping arrives as
+    a delta; an element deleted by hand, the generation unchanged, is found by the next sync
+    (it reads the live maps back) and rebuilt (drift); with Verify, before a delta too."""
+    from ipaddress import IPv4Address
+
+    from tunnelnat.adapters.store import EnrolmentStore, MappingChange, StoredMapping
+
+    lab = configured_lab
+    db = lab.aws.client("dynamodb")
+    store = EnrolmentStore(db, topo.TABLE)
+    meta = db.get_item(TableName=topo.TABLE, Key={"pk": {"S": "meta"}, "sk": {"S": "generation"}})
+    generation = int(meta.get("Item", {}).get("generation", {}).get("N", "0"))
+    # Addresses no lab machine has (10.10.99.k as 203.0.113.24k): the lab's own mappings stay.
+    added = [
+        StoredMapping(
+            f"i-0drift{k:011d}", IPv4Address(f"10.10.99.{k}"), IPv4Address(f"203.0.113.{240 + k}")
+        )
+        for k in (1, 2)
+    ]
+
+    def sync(**extra: str) -> dict:
+        params = {"TableName": topo.TABLE, "Region": topo.REGION, **extra}
+        result = lab.commands.run(lab.aws.gateway_id, "SyncNatTable", params)
+        assert result.ok, result.stderr[-1500:]
+        return last_json(result.stdout)
+
+    def snat() -> str:
+        return topo.in_ns("tn-gw", ["nft", "list", "map", "ip", "tunnelnat", "snat_map"])
+
+    def by_hand(*argv: str) -> None:
+        topo.in_ns("tn-gw", ["nft", *argv])
+
+    try:
+        sync()  # whatever the lab left: current first
+        generation = store.write_mappings(
+            [MappingChange(added[0].instance_id, added[0], None)], generation=generation,
+            claim=False,
+        )  # fmt: skip
+        report = sync()
+        assert report == {**report, "action": "delta", "added": 1}, report
+        assert "10.10.99.1 : 203.0.113.241" in snat()
+        by_hand("delete", "element", "ip", "tunnelnat", "snat_map", "{ 10.10.99.1 }")
+        report = sync()
+        assert report == {**report, "action": "full", "reason": "drift"}, report
+        assert report["applied_generation"] == report["previous_generation"] == generation
+        assert "10.10.99.1 : 203.0.113.241" in snat()
+        report = sync()
+        assert report == {**report, "action": "unchanged", "verified": True}, report
+        # Verify: the live maps checked before a delta builds on them.
+        by_hand("delete", "element", "ip", "tunnelnat", "snat_map", "{ 10.10.99.1 }")
+        generation = store.write_mappings(
+            [MappingChange(added[1].instance_id, added[1], None)], generation=generation,
+            claim=False,
+        )  # fmt: skip
+        report = sync(Verify="true")
+        assert report == {**report, "action": "full", "reason": "drift"}, report
+        assert "10.10.99.1 : 203.0.113.241" in snat() and "10.10.99.2 : 203.0.113.242" in snat()
+    finally:
+        meta = db.get_item(
+            TableName=topo.TABLE, Key={"pk": {"S": "meta"}, "sk": {"S": "generation"}}
+        )
+        generation = int(meta["Item"]["generation"]["N"])
+        gone = [
+            MappingChange(m.instance_id, None, m)
+            for m in added
+            if "Item" in db.get_item(
+                TableName=topo.TABLE, Key={"pk": {"S": "mapping"}, "sk": {"S": m.instance_id}}
+            )
+        ]  # fmt: skip
+        if gone:
+            store.write_mappings(gone, generation=generation, claim=False)
+        sync()
+    assert "10.10.99." not in snat()
+
+
 def test_documents_write_only_inside_the_machine():
     # Instances' and the gateway's /etc changes live in the lab's overlay, never on the host.
     from pathlib import Path
