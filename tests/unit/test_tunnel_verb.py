@@ -436,6 +436,71 @@ def test_libipsec_without_the_plugin_and_without_systemd_says_what_to_do(gw):
     )
 
 
+FAKE_SYSTEMCTL = """#!/bin/bash
+echo "$*" >> "$TN_FAKE/systemctl-calls"
+# Units named in $TN_FAKE/failing-units fail; a restart of strongswan loads kernel-libipsec.
+if grep -qxF "${@: -1}" "$TN_FAKE/failing-units" 2>/dev/null; then exit 1; fi
+if [ "$1" = restart ]; then
+  rm -f "$TN_FAKE/dead"
+  cp "$TN_FAKE/stats.after" "$TN_FAKE/stats" 2>/dev/null
+fi
+exit 0
+"""
+
+
+def with_systemd(gw: Gateway, *failing: str) -> Path:
+    """systemd as PID 1 of the gateway (sd_booted()), and a systemctl that logs its calls."""
+    gw.file("/run/systemd/system").mkdir(parents=True)
+    gw.file("/proc/1").mkdir(parents=True)
+    gw.file("/proc/1/comm").write_text("systemd\n")
+    systemctl = gw.fake / "bin" / "systemctl"
+    systemctl.write_text(FAKE_SYSTEMCTL)
+    systemctl.chmod(0o755)
+    (gw.fake / "failing-units").write_text("".join(f"{u}\n" for u in failing))
+    return gw.fake / "systemctl-calls"
+
+
+def test_with_systemd_the_service_is_enabled_and_started(gw):
+    calls = with_systemd(gw, "strongswan")  # Debian 11's unit name is strongswan-swanctl
+    assert configure(gw)[0] == 0
+    assert calls.read_text().splitlines() == [
+        "enable --now strongswan",
+        "enable --now strongswan-swanctl",
+    ]
+    (gw.fake / "failing-units").write_text("strongswan\nstrongswan-swanctl\n")
+    code, _, err = configure(gw)
+    assert code == 1 and err.endswith("ConfigureTunnel: cannot start the strongswan service\n")
+
+
+def test_with_systemd_libipsec_restarts_charon_to_load_its_plugin(gw):
+    calls = with_systemd(gw)
+    (gw.fake / "stats").write_text("loaded plugins: charon aes sha2 socket-default\n")
+    (gw.fake / "stats.after").write_text("loaded plugins: charon kernel-libipsec\n")
+    code, report, err = configure(gw, ipsec_backend="libipsec")
+    assert code == 0, err
+    assert "restart strongswan" in calls.read_text().splitlines()
+    # A charon that still lacks it after the restart: said so.
+    (gw.fake / "stats.after").write_text("loaded plugins: charon aes\n")
+    (gw.fake / "stats").write_text("loaded plugins: charon aes\n")
+    code, _, err = configure(gw, ipsec_backend="libipsec")
+    assert code == 1 and err == "ConfigureTunnel: kernel-libipsec did not load\n"
+
+
+def test_restart_with_systemd_restarts_the_unit_of_a_dead_charon(gw):
+    calls = with_systemd(gw)
+    (gw.fake / "dead").touch()
+    code, doc, err = restart(gw, RECEIVING_RAW)
+    assert code == 0, err
+    assert calls.read_text().splitlines() == ["restart strongswan"]
+    assert doc["charon_restarted"] is True and "--load-all --noprompt" in gw.calls()
+    (gw.fake / "dead").touch()
+    (gw.fake / "failing-units").write_text("strongswan\nstrongswan-swanctl\n")
+    code, _, err = restart(gw, RECEIVING_RAW)
+    assert code == 1 and err == (
+        "RestartTunnel: charon does not answer and the strongswan service does not restart\n"
+    )
+
+
 def test_a_kernel_without_esp_fails_before_anything_is_loaded(gw):
     gw.file("/sys/module/esp4").rmdir()
     code, _, err = configure(gw)
