@@ -508,7 +508,10 @@ def apply(
     # -- The tunnel's SAs.
     children = sas.children()
 
-    def initiate_all() -> None:  # every CHILD_SA, as start_action does at a load: no waiting
+    def initiate_all() -> None:
+        """Every CHILD_SA, as start_action does at a load: without waiting. swanctl's --timeout
+        is the seconds before it detaches (docs.strongswan.org, swanctl --initiate); a negative
+        one detaches at once: the SAs are watched below, by their listing."""
         for child in children:
             host.run(["swanctl", "--initiate", "--child", child, "--timeout", "-1"])
 
