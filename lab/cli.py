@@ -26,7 +26,7 @@ def cli_argv(lab: topo.Lab, *args: str) -> list[str]:
     # The console script when installed; the same entry point as a module otherwise.
     command = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists() else [sys.executable, "-m"]
     if not CONSOLE_SCRIPT.exists():
-        command.append("tunnelnat.cli")
+        command.append("tunnelnat_cli")
     return [
         *command,
         *args,

@@ -36,14 +36,13 @@ from tunnelnat.core.config import TunnelnatConfig
 HANDLER = "tunnelnat.handlers.controller.handler"
 SERVICE = "tunnelnat"
 # Not code: kept out of the Lambda asset.
-# The Lambda asset is lambdas/ less build litter and the operator's CLI (tunnelnat/cli: it runs on
-# the operator's machine, never in Lambda; nothing of the Lambdas imports it).
+# The Lambda asset is lambdas/ less build litter. The operator's CLI lives in cli/ and the gateway's
+# software in gateway/: neither is under lambdas/, so neither reaches the asset.
 ASSET_EXCLUDES = [
     "**/__pycache__",
     "**/*.pyc",
     "*.egg-info",
     "**/.pytest_cache",
-    "tunnelnat/cli",
 ]
 # The only documents the controller sends (controller.py, gateway_sync.py): the rest are the
 # associations', the healer's and the operator's.

@@ -166,7 +166,7 @@ class TunnelnatStack(Stack):
             value=self.gateway.psk_name,
             description="put the pre-shared key agreed with the partner here",
         )
-        # What the operator's CLI reads with --stack (STACK_OUTPUTS in tunnelnat/cli/app.py).
+        # What the operator's CLI reads with --stack (STACK_OUTPUTS in cli/tunnelnat_cli/app.py).
         CfnOutput(self, "TableName", value=self.controller.table.table_name)
         CfnOutput(self, "QueueUrl", value=self.controller.queue.queue_url)
         CfnOutput(self, "DeadLetterQueueUrl", value=self.controller.dead_letter_queue.queue_url)

@@ -3,6 +3,6 @@
 ``main(argv)`` is the console script's entry point (declared in pyproject.toml).
 """
 
-from tunnelnat.cli.app import Runtime, main
+from tunnelnat_cli.app import Runtime, main
 
 __all__ = ["Runtime", "main"]

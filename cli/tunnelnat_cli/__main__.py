@@ -1,5 +1,5 @@
-"""``python -m tunnelnat.cli``: the same as the ``tunnelnat`` console script."""
+"""``python -m tunnelnat_cli``: the same as the ``tunnelnat`` console script."""
 
-from tunnelnat.cli.app import main
+from tunnelnat_cli.app import main
 
 raise SystemExit(main())

@@ -21,8 +21,10 @@ from urllib.parse import urlsplit
 from botocore.exceptions import ClientError
 from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url
 
-from tunnelnat.cli import dlq, doctor, enrol, psk, reconcile, status, switchover, tunnels
-from tunnelnat.cli.aws import (
+from tunnelnat.core.config import TAG_TEXT
+from tunnelnat.core.text import printable
+from tunnelnat_cli import dlq, doctor, enrol, psk, reconcile, status, switchover, tunnels
+from tunnelnat_cli.aws import (
     AWS_ERRORS,
     EXIT_ERROR,
     Aws,
@@ -30,9 +32,7 @@ from tunnelnat.cli.aws import (
     describe_failure,
     error_code,
 )
-from tunnelnat.cli.context import Change, Ctx, Runtime
-from tunnelnat.core.config import TAG_TEXT
-from tunnelnat.core.text import printable
+from tunnelnat_cli.context import Change, Ctx, Runtime
 
 __all__ = ["Change", "Runtime", "build_parser", "main"]
 TUNNEL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")  # as ShowTunnels' allowedPattern

@@ -10,9 +10,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from tunnelnat.cli.aws import Aws
-from tunnelnat.cli.table import TableReader
 from tunnelnat.core.text import printable
+from tunnelnat_cli.aws import Aws
+from tunnelnat_cli.table import TableReader
 
 
 class Printable:

@@ -16,11 +16,11 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from tunnelnat.cli.aws import EXIT_FINDINGS, EXIT_OK, CliError, error_code
-from tunnelnat.cli.context import Change, Ctx
-from tunnelnat.cli.reconcile import account_of, queue_url, request_event
-from tunnelnat.cli.render import dump_json, iso, table
 from tunnelnat.core.config import is_instance_id
+from tunnelnat_cli.aws import EXIT_FINDINGS, EXIT_OK, CliError, error_code
+from tunnelnat_cli.context import Change, Ctx
+from tunnelnat_cli.reconcile import account_of, queue_url, request_event
+from tunnelnat_cli.render import dump_json, iso, table
 
 SCHEMA = "tunnelnat.dlq/v1"
 HIDE_SECONDS = 30  # while reading; a listing makes them visible again at once

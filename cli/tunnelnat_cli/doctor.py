@@ -16,10 +16,12 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from tunnelnat.adapters.ec2 import DEPLOYMENT_TAG
-from tunnelnat.cli.aws import EXIT_FINDINGS, EXIT_OK, CliError, error_code
-from tunnelnat.cli.context import Ctx
-from tunnelnat.cli.enrol import fix_for, is_failure
-from tunnelnat.cli.fleet import (
+from tunnelnat.core.enrolment import GATEWAY_ROLE_TAG
+from tunnelnat.healer import latest_established
+from tunnelnat_cli.aws import EXIT_FINDINGS, EXIT_OK, CliError, error_code
+from tunnelnat_cli.context import Ctx
+from tunnelnat_cli.enrol import fix_for, is_failure
+from tunnelnat_cli.fleet import (
     DeploymentConfig,
     Instance,
     describe_instances,
@@ -28,7 +30,7 @@ from tunnelnat.cli.fleet import (
     load_config,
     tagged_instances,
 )
-from tunnelnat.cli.pair import (
+from tunnelnat_cli.pair import (
     READINESS_STALE_SECONDS,
     PairState,
     deployed_software,
@@ -36,11 +38,9 @@ from tunnelnat.cli.pair import (
     pair_state,
     short,
 )
-from tunnelnat.cli.render import ago, dump_json
-from tunnelnat.cli.table import Snapshot
-from tunnelnat.cli.tunnels import show_tunnels, tunnel_states
-from tunnelnat.core.enrolment import GATEWAY_ROLE_TAG
-from tunnelnat.healer import latest_established
+from tunnelnat_cli.render import ago, dump_json
+from tunnelnat_cli.table import Snapshot
+from tunnelnat_cli.tunnels import show_tunnels, tunnel_states
 
 SCHEMA = "tunnelnat.doctor/v1"
 OK, FAIL, UNKNOWN = "ok", "fail", "unknown"

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tunnelnat.cli.aws import EXIT_ERROR, EXIT_FINDINGS, EXIT_OK, CliError
-from tunnelnat.cli.context import Change, Ctx
-from tunnelnat.cli.fleet import require_instance
-from tunnelnat.cli.render import Progress, dump_json
-from tunnelnat.cli.table import Mapping, Record
 from tunnelnat.core.enrolment import GATEWAY_ROLE_TAG
+from tunnelnat_cli.aws import EXIT_ERROR, EXIT_FINDINGS, EXIT_OK, CliError
+from tunnelnat_cli.context import Change, Ctx
+from tunnelnat_cli.fleet import require_instance
+from tunnelnat_cli.render import Progress, dump_json
+from tunnelnat_cli.table import Mapping, Record
 
 # Statuses after which waiting longer cannot help (the controller has decided).
 TERMINAL_FAILURES = (

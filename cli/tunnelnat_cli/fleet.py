@@ -10,10 +10,10 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from tunnelnat.cli.aws import CliError, error_code
-from tunnelnat.cli.table import TableReader
 from tunnelnat.core.config import ConfigError, TunnelnatConfig, is_instance_id
 from tunnelnat.core.enrolment import GROUP_TAG
+from tunnelnat_cli.aws import CliError, error_code
+from tunnelnat_cli.table import TableReader
 
 LIVE_STATES = ("pending", "running", "stopping", "stopped")
 FILTER_VALUES_MAX = 200  # EC2 accepts at most 200 values in one filter

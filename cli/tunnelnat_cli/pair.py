@@ -24,8 +24,8 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from tunnelnat.adapters.pair import PairRecord, PairRecords, Readiness
-from tunnelnat.cli.aws import error_code
-from tunnelnat.cli.fleet import Instance
+from tunnelnat_cli.aws import error_code
+from tunnelnat_cli.fleet import Instance
 
 # The agents write their readiness every ~30 s (check_seconds): three missed writes is an agent
 # that is not running (or cannot reach DynamoDB).

@@ -20,11 +20,11 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from tunnelnat.cli.aws import EXIT_FINDINGS, EXIT_OK, CliError, error_code
-from tunnelnat.cli.context import Change, Ctx
-from tunnelnat.cli.fleet import Instance, gateways
-from tunnelnat.cli.render import Progress, dump_json, iso
-from tunnelnat.cli.tunnels import METRIC, NAMESPACE_PREFIX, TunnelState, tunnel_states
+from tunnelnat_cli.aws import EXIT_FINDINGS, EXIT_OK, CliError, error_code
+from tunnelnat_cli.context import Change, Ctx
+from tunnelnat_cli.fleet import Instance, gateways
+from tunnelnat_cli.render import Progress, dump_json, iso
+from tunnelnat_cli.tunnels import METRIC, NAMESPACE_PREFIX, TunnelState, tunnel_states
 
 SCHEMA_ID = "tunnelnat.psk/v1"
 MIN_LENGTH = 20  # ConfigureTunnel refuses a shorter key

@@ -21,11 +21,11 @@ from urllib.parse import urlparse
 
 from botocore.exceptions import ClientError
 
-from tunnelnat.cli.aws import EXIT_FINDINGS, EXIT_OK, CliError, error_code
-from tunnelnat.cli.context import Change, Ctx
-from tunnelnat.cli.fleet import check_instance_id
-from tunnelnat.cli.render import Progress, dump_json, table
-from tunnelnat.cli.table import Snapshot
+from tunnelnat_cli.aws import EXIT_FINDINGS, EXIT_OK, CliError, error_code
+from tunnelnat_cli.context import Change, Ctx
+from tunnelnat_cli.fleet import check_instance_id
+from tunnelnat_cli.render import Progress, dump_json, table
+from tunnelnat_cli.table import Snapshot
 
 SOURCE = "tunnelnat.cli"
 DETAIL_TYPE = "tunnelnat Reconcile Request"

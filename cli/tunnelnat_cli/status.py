@@ -7,10 +7,10 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from tunnelnat.cli.aws import EXIT_OK, error_code
-from tunnelnat.cli.context import Ctx
-from tunnelnat.cli.fleet import gateways, instances_by_id, tagged_instances
-from tunnelnat.cli.pair import (
+from tunnelnat_cli.aws import EXIT_OK, error_code
+from tunnelnat_cli.context import Ctx
+from tunnelnat_cli.fleet import gateways, instances_by_id, tagged_instances
+from tunnelnat_cli.pair import (
     DeployedSoftware,
     GatewaySoftware,
     PairState,
@@ -19,8 +19,8 @@ from tunnelnat.cli.pair import (
     pair_state,
     short,
 )
-from tunnelnat.cli.render import ago, dump_json, iso, table
-from tunnelnat.cli.tunnels import tunnel_states
+from tunnelnat_cli.render import ago, dump_json, iso, table
+from tunnelnat_cli.tunnels import tunnel_states
 
 SCHEMA = "tunnelnat.status/v1"
 ENROLLED = "enrolled"

@@ -20,11 +20,11 @@ from botocore.exceptions import ClientError
 
 from tunnelnat.adapters.commands import CommandError, SsmCommands
 from tunnelnat.adapters.pair import META_PK, PAIR_SK
-from tunnelnat.cli.aws import EXIT_FINDINGS, EXIT_OK, CliError
-from tunnelnat.cli.context import Ctx
-from tunnelnat.cli.fleet import gateways
-from tunnelnat.cli.pair import PairState, StandbyView, eni_holder, pair_state
-from tunnelnat.cli.render import dump_json
+from tunnelnat_cli.aws import EXIT_FINDINGS, EXIT_OK, CliError
+from tunnelnat_cli.context import Ctx
+from tunnelnat_cli.fleet import gateways
+from tunnelnat_cli.pair import PairState, StandbyView, eni_holder, pair_state
+from tunnelnat_cli.render import dump_json
 
 SCHEMA = "tunnelnat.switchover/v1"
 DOCUMENT = "Switchover"

@@ -20,10 +20,10 @@ from botocore.exceptions import ClientError
 
 from tunnelnat.adapters.commands import CommandError, SsmCommands
 from tunnelnat.adapters.ec2 import Ec2Instances, GatewayNotFound
-from tunnelnat.cli.aws import EXIT_FINDINGS, EXIT_OK, CliError
-from tunnelnat.cli.context import Ctx
-from tunnelnat.cli.fleet import gateway_group, load_config
-from tunnelnat.cli.render import dump_json, table
+from tunnelnat_cli.aws import EXIT_FINDINGS, EXIT_OK, CliError
+from tunnelnat_cli.context import Ctx
+from tunnelnat_cli.fleet import gateway_group, load_config
+from tunnelnat_cli.render import dump_json, table
 
 # The gateways publish to tunnelnat/<deployment>, the only namespace their role may write and
 # the one the alarms watch (issue 21): the shared "tunnelnat" is anyone's, never read here.

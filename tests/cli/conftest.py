@@ -29,8 +29,8 @@ from tests.lambdas.conftest import FakeFleet
 from tests.lambdas.events import Context, sqs_batch, tag_change
 from tools.gateway_package import build as build_package
 from tools.moto_server import SerialMotoServer
-from tunnelnat.cli import Runtime, main
-from tunnelnat.cli.context import Change
+from tunnelnat_cli import Runtime, main
+from tunnelnat_cli.context import Change
 
 REGION = "us-east-1"
 TABLE = "tunnelnat-cli"

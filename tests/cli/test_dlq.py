@@ -5,7 +5,7 @@ import json
 import jsonschema
 
 from tests.lambdas.events import state_change
-from tunnelnat.cli.schemas import DLQ
+from tunnelnat_cli.schemas import DLQ
 
 TAG = {"tunnelnat": "enabled"}
 

@@ -12,7 +12,7 @@ import pytest
 from tests.cli.conftest import ALARMS, TABLE, Result
 from tests.cli.test_tunnels import BROKEN_CAUSES, GatewayDocuments
 from tunnelnat.adapters.commands import CommandError
-from tunnelnat.cli.schemas import DOCTOR
+from tunnelnat_cli.schemas import DOCTOR
 
 TAG = {"tunnelnat": "enabled"}
 

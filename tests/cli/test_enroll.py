@@ -4,7 +4,7 @@ import jsonschema
 import pytest
 
 from tests.cli.conftest import TABLE
-from tunnelnat.cli.schemas import ENROLL
+from tunnelnat_cli.schemas import ENROLL
 
 
 def test_enroll_wait_follows_the_controller_to_enrolled(dep):

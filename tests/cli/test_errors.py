@@ -134,7 +134,7 @@ def test_usage_errors_are_exit_2(dep):
 def test_the_module_entry_point_runs_without_a_traceback(dep):
     env = {**os.environ, "PYTHONPATH": str(REPO / "lambdas")}
     proc = subprocess.run(
-        [sys.executable, "-m", "tunnelnat.cli", "status", "--table", "missing"],
+        [sys.executable, "-m", "tunnelnat_cli", "status", "--table", "missing"],
         env=env,
         capture_output=True,
         text=True,
@@ -145,7 +145,7 @@ def test_the_module_entry_point_runs_without_a_traceback(dep):
     assert proc.stderr.startswith("tunnelnat: DynamoDB table 'missing' not found")
     assert "Traceback" not in proc.stderr
     help_run = subprocess.run(
-        [sys.executable, "-m", "tunnelnat.cli", "--help"],
+        [sys.executable, "-m", "tunnelnat_cli", "--help"],
         env=env,
         capture_output=True,
         text=True,
@@ -156,7 +156,7 @@ def test_the_module_entry_point_runs_without_a_traceback(dep):
 
 
 def test_main_is_importable_from_the_package():
-    from tunnelnat.cli import Runtime, main
+    from tunnelnat_cli import Runtime, main
 
     out = io.StringIO()
     assert main(["--help"], Runtime(out=out, err=out)) == 0
@@ -218,7 +218,7 @@ def test_aws_region_wins_over_aws_default_region(dep, monkeypatch):
 
 
 def test_an_unexpected_failure_is_one_line(dep, monkeypatch):
-    from tunnelnat.cli import status
+    from tunnelnat_cli import status
 
     def broken(ctx):
         raise RuntimeError("something nobody planned for\nwith a second line")

@@ -13,7 +13,7 @@ import pytest
 
 from tests.cli.conftest import DEPLOYMENT, TABLE, G
 from tests.cli.test_doctor import doctor, failures
-from tunnelnat.cli.schemas import STATUS
+from tunnelnat_cli.schemas import STATUS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "gateway"))
 from tunnelnat_gateway import pair as agent  # noqa: E402

@@ -14,8 +14,8 @@ import pytest
 from botocore.stub import Stubber
 
 from tests.cli.conftest import BASE, DEPLOYMENT, Result
-from tunnelnat.cli import Runtime, main
-from tunnelnat.cli.psk import SCHEMA
+from tunnelnat_cli import Runtime, main
+from tunnelnat_cli.psk import SCHEMA
 
 KEY = "correct-horse-battery-staple-2026"
 GATEWAY_TAG = "tunnelnat:gateway"

@@ -6,8 +6,8 @@ import re
 import jsonschema
 
 from tests.cli.conftest import TABLE
-from tunnelnat.cli.schemas import RECONCILE
 from tunnelnat.events import parse_request
+from tunnelnat_cli.schemas import RECONCILE
 
 TAG = {"tunnelnat": "enabled"}
 

@@ -5,7 +5,7 @@ from datetime import timedelta
 import jsonschema
 
 from tests.cli.conftest import DEPLOYMENT, TABLE
-from tunnelnat.cli.schemas import STATUS
+from tunnelnat_cli.schemas import STATUS
 
 TAG = {"tunnelnat": "enabled"}
 
@@ -150,7 +150,7 @@ def test_a_lookalike_labelled_as_the_gateway_is_not_one_of_its_gateways(dep):
     """Issue 21, 1: the CLI lists gateways by their Auto Scaling group's own tag, never by the
     tunnelnat:* labels anyone can copy onto an instance (status, switchover and psk use the
     list; at b08b1c8 the lookalike was counted as a second gateway)."""
-    from tunnelnat.cli.fleet import gateways
+    from tunnelnat_cli.fleet import gateways
 
     lookalike = dep.launch(
         "10.10.1.79",

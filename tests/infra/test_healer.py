@@ -364,7 +364,7 @@ def test_healer_may_find_the_eni_holder(s):
 
 
 def test_outputs_the_cli_reads(s):
-    from tunnelnat.cli.app import STACK_OUTPUTS
+    from tunnelnat_cli.app import STACK_OUTPUTS
 
     outputs = s.json["Outputs"]
     assert set(STACK_OUTPUTS) <= set(outputs)
