@@ -358,3 +358,339 @@ def _dotted(value: int) -> str:
 
 def _is_ifname(name: str) -> bool:
     return 0 < len(name) < 16 and all(c.isalnum() or c in "-_." for c in name)
+
+
+# --- Several partners (issue 23): a separate renderer; the single-partner functions above are
+# unchanged byte for byte and still what the gateway applies. Not yet wired into the sync.
+#
+# Every packet is classified once, at prerouting priority mangle (before any NAT), into a
+# partner and a direction, by two interval maps (one lookup each, whatever the number of
+# partners): toward a partner by the address the instance used (``ip daddr``: the partner's
+# real network, or its alias), from a partner by ``iifname . ip saddr`` (the tunnel it came
+# through and its real network: two partners may share a real network, never a tunnel). The
+# class is the packet mark; every later chain dispatches on it with a verdict map, so a new
+# flow walks one jump per hook, never a list of partners. The mark also selects the routing
+# table of the partner's tunnel (``ip rule fwmark``): after the alias DNAT two partners' packets
+# can carry the same destination, and only the mark tells the route which tunnel is meant.
+#
+# Aliases (a partner whose networks overlap another's or our VPC): instances address the alias;
+# on the way out ``dnat ip prefix to`` maps alias -> real network keeping the host bits, on
+# partner-initiated flows ``snat ip prefix to`` maps the partner's real source -> alias, so an
+# instance never sees a partner's real (overlapping) address. Prefix NAT is nft >= 1.0.1
+# ("dnat ip prefix to ip daddr map { 100.64.1.0/24 : 10.0.0.0/24 }", nft(8), NAT statements,
+# "prefix"); Debian 12's nft 1.0.6 accepts it (tests/unit/test_nat_partners.py loads it).
+#
+# Return traffic needs no partner rule: conntrack undoes the NAT of the flow it belongs to.
+# Partner-initiated flows are told apart by the tunnel and source network, then DNATed through
+# that partner's own S -> P map, so a shared S (each partner whitelists only its own) is fine.
+
+OUT_MARK_BASE = 0x7E000000  # toward partner i: OUT_MARK_BASE + i; from it: IN_MARK_BASE + i
+IN_MARK_BASE = 0x7F000000
+PARTNER_NAME_MAX = 24
+
+
+@dataclass(frozen=True)
+class PartnerNat:
+    """One partner's part of the NAT table: its real networks, their aliases (same order and
+    prefix length, or none), its NAT mode and the tunnel interface its packets come in through
+    (route-based: its XFRM interface; kernel policy-based ESP: the outer interface, shared)."""
+
+    name: str
+    networks: tuple[IPv4Network, ...]
+    interface: str
+    nat_mode: str = "dedicated"
+    shared_address: IPv4Address | None = None
+    aliases: tuple[IPv4Network, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not _is_partner_name(self.name):
+            raise NatTableError(f"invalid partner name {self.name!r}")
+        where = f"partner {self.name}"
+        if self.nat_mode not in MODES:
+            raise NatTableError(f"{where}: nat_mode must be one of {', '.join(MODES)}")
+        if not self.networks:
+            raise NatTableError(f"{where}: networks must not be empty")
+        if self.nat_mode == "shared" and self.shared_address is None:
+            raise NatTableError(f"{where}: nat_mode 'shared' needs shared_address")
+        if not _is_ifname(self.interface):
+            raise NatTableError(f"{where}: invalid interface name {self.interface!r}")
+        if self.aliases:
+            if len(self.aliases) != len(self.networks):
+                raise NatTableError(f"{where}: one alias per network")
+            for real, alias in zip(self.networks, self.aliases, strict=True):
+                if real.prefixlen != alias.prefixlen:
+                    # Prefix NAT keeps the host bits: a 1:1 map needs equal prefix lengths.
+                    raise NatTableError(f"{where}: alias {alias} is not the size of {real}")
+
+    @property
+    def addressed(self) -> tuple[IPv4Network, ...]:
+        """What instances address: the aliases, or the real networks."""
+        return self.aliases or self.networks
+
+
+@dataclass(frozen=True)
+class MultiPartnerBase:
+    """The parts of the several-partner ruleset that change only on (re)configuration.
+
+    ``tunnel_interfaces``: None for kernel ESP (the guard asks the route for an IPsec transform,
+    as today's), else the interfaces partner-bound packets may leave by (libipsec's TUN device;
+    route-based XFRM interfaces; the tests' stand-in veths)."""
+
+    partners: tuple[PartnerNat, ...]
+    mss: int = 1360
+    tunnel_interfaces: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.partners:
+            raise NatTableError("partners must not be empty")
+        names = [p.name for p in self.partners]
+        if len(set(names)) != len(names):
+            raise NatTableError("duplicate partner names")
+        if not 536 <= int(self.mss) <= 1460:
+            raise NatTableError(f"mss must be between 536 and 1460, not {self.mss}")
+        if self.tunnel_interfaces is not None:
+            if not self.tunnel_interfaces or not all(map(_is_ifname, self.tunnel_interfaces)):
+                raise NatTableError("invalid tunnel interfaces")
+        # The two classifying maps must be unambiguous: what instances address is unique
+        # across partners, and so is (tunnel, real source network).
+        _refuse_overlap(((p.name, str(n)), n) for p in self.partners for n in p.addressed)
+        by_if: dict[str, list[tuple[tuple[str, str], IPv4Network]]] = {}
+        for p in self.partners:
+            by_if.setdefault(p.interface, []).extend(((p.name, str(n)), n) for n in p.networks)
+        for group in by_if.values():
+            _refuse_overlap(group, " through the same tunnel interface")
+
+    def index(self, name: str) -> int:
+        """The partner's number (1-based, in declaration order): its marks."""
+        for i, partner in enumerate(self.partners, 1):
+            if partner.name == name:
+                return i
+        raise NatTableError(f"no partner {name!r}")
+
+    def partner(self, name: str) -> PartnerNat:
+        return self.partners[self.index(name) - 1]
+
+
+def out_mark(index: int) -> int:
+    return OUT_MARK_BASE + index
+
+
+def in_mark(index: int) -> int:
+    return IN_MARK_BASE + index
+
+
+def render_partners_table(
+    base: MultiPartnerBase, tables: dict[str, NatTable], table_name: str = TABLE
+) -> str:
+    """The whole several-partner table as one ``nft -f`` transaction replacing any old one.
+    ``tables``: each partner's mappings (a partner without an entry has none yet)."""
+    unknown = set(tables) - {p.name for p in base.partners}
+    if unknown:
+        raise NatTableError(f"mappings for undeclared partners: {', '.join(sorted(unknown))}")
+    t = table_name
+    real_nets = _collapse(n for p in base.partners for n in p.networks)
+    out = [
+        f"table ip {t}",
+        f"delete table ip {t}",
+        f"table ip {t} {LB}",
+        *_declare_interval("set", "partner_nets", "ipv4_addr", real_nets),
+        *_declare_interval(
+            "map",
+            "out_class",
+            "ipv4_addr : mark",
+            [f"{n} : {out_mark(i)}" for i, p in enumerate(base.partners, 1) for n in p.addressed],
+        ),
+        *_declare_interval(
+            "map",
+            "in_class",
+            "ifname . ipv4_addr : mark",
+            [
+                f'"{p.interface}" . {n} : {in_mark(i)}'
+                for i, p in enumerate(base.partners, 1)
+                for n in p.networks
+            ],
+        ),
+    ]
+    dispatch: dict[str, list[str]] = {"pre": [], "fwd": [], "post": []}
+    chains: list[str] = []
+    for i, p in enumerate(base.partners, 1):
+        table = tables.get(p.name) or NatTable(0, nat_mode=p.nat_mode)
+        if table.nat_mode != p.nat_mode:
+            raise NatTableError(
+                f"partner {p.name}: table is for mode {table.nat_mode!r}, not {p.nat_mode!r}"
+            )
+        n = _ident(p.name)
+        out += [
+            *_declare("set", f"enrolled_{n}", "ipv4_addr", _elements_enrolled(table)),
+            *_declare("map", f"snat_{n}", "ipv4_addr : ipv4_addr", _elements_snat(table)),
+            *_declare("map", f"dnat_{n}", "ipv4_addr : ipv4_addr", _elements_dnat(table)),
+            *_declare("set", f"applied_{n}", "mark . mark . mark", [state_element(table)]),
+            f"  counter dropped_unenrolled_{n} {LB} {RB}",
+            f"  counter dropped_inbound_{n} {LB} {RB}",
+        ]
+        om, im = out_mark(i), in_mark(i)
+        if p.aliases:
+            pairs = ", ".join(f"{a} : {r}" for r, a in zip(p.networks, p.aliases, strict=True))
+            back = ", ".join(f"{r} : {a}" for r, a in zip(p.networks, p.aliases, strict=True))
+            dispatch["pre"].append(f"{om} : jump pre_out_{n}")
+            chains += _chain(f"pre_out_{n}", [f"dnat ip prefix to ip daddr map {LB} {pairs} {RB}"])
+            dispatch["post"].append(f"{im} : jump post_in_{n}")
+            chains += _chain(f"post_in_{n}", [f"snat ip prefix to ip saddr map {LB} {back} {RB}"])
+        if p.nat_mode != "shared":
+            # Partner-initiated: only to an S this partner has, to that S's one instance.
+            dispatch["pre"].append(f"{im} : jump pre_in_{n}")
+            chains += _chain(f"pre_in_{n}", [f"dnat to ip daddr map @dnat_{n}"])
+        dispatch["post"].append(f"{om} : jump post_out_{n}")
+        if p.nat_mode == "shared":
+            snat = f"ip saddr @enrolled_{n} snat to {p.shared_address}"
+        else:
+            snat = f"snat to ip saddr map @snat_{n}"
+        chains += _chain(f"post_out_{n}", [snat])
+        dispatch["fwd"] += [f"{om} : jump fwd_out_{n}", f"{im} : jump fwd_in_{n}"]
+        chains += _chain(
+            f"fwd_out_{n}",
+            [f"ip saddr != @enrolled_{n} counter name dropped_unenrolled_{n} drop", "accept"],
+        )
+        chains += _chain(
+            f"fwd_in_{n}",
+            [
+                "ct state established,related accept",
+                "ct status dnat accept",
+                f"counter name dropped_inbound_{n} drop",
+            ],
+        )
+    out += [
+        *_declare("map", "pre_dispatch", "mark : verdict", dispatch["pre"]),
+        *_declare("map", "fwd_dispatch", "mark : verdict", dispatch["fwd"]),
+        *_declare("map", "post_dispatch", "mark : verdict", dispatch["post"]),
+        "  counter dropped_cleartext { }",
+        "  counter dropped_unclassified { }",
+        *chains,
+        "  chain classify {",
+        "    type filter hook prerouting priority mangle; policy accept;",
+        "    meta mark set ip daddr map @out_class",
+        "    meta mark set iifname . ip saddr map @in_class",
+        "  }",
+        "  chain prerouting {",
+        "    type nat hook prerouting priority dstnat; policy accept;",
+        "    meta mark vmap @pre_dispatch",
+        "  }",
+        "  chain postrouting {",
+        "    type nat hook postrouting priority srcnat; policy accept;",
+        "    meta mark vmap @post_dispatch",
+        "  }",
+        "  chain forward {",
+        "    type filter hook forward priority filter; policy accept;",
+        f"    ip daddr @partner_nets tcp flags syn tcp option maxseg size > {base.mss} "
+        f"tcp option maxseg size set {base.mss}",
+        f"    ip saddr @partner_nets tcp flags syn tcp option maxseg size > {base.mss} "
+        f"tcp option maxseg size set {base.mss}",
+        "    meta mark vmap @fwd_dispatch",
+        # A partner's real network addressed directly when that partner is reached through its
+        # alias only: no partner claims it, it is never forwarded.
+        "    ip daddr @partner_nets counter name dropped_unclassified drop",
+        "  }",
+        "  chain guard {",
+        "    type filter hook postrouting priority 110; policy accept;",
+        _partners_guard_rule(base),
+        "  }",
+        "}",
+    ]
+    return "\n".join(out) + "\n"
+
+
+def render_partner_delta(
+    name: str,
+    removes: Iterable[tuple[str, str]],
+    adds: Iterable[tuple[str, str]],
+    after: NatTable,
+    nat_mode: str = "dedicated",
+    table_name: str = TABLE,
+) -> str:
+    """One partner's change as element deletions and creations in one ``nft -f`` transaction:
+    only ``enrolled_<name>``, ``snat_<name>``, ``dnat_<name>`` and ``applied_<name>`` are
+    named (``-`` in the name reads ``_``), never another partner's. ``removes``/``adds``:
+    ``(private, public)`` rows; ``after``: the partner's table once applied (its state).
+    ``create`` refuses an element that exists and ``delete`` one that does not, so a delta that
+    does not fit is refused whole."""
+    if not _is_partner_name(name):
+        raise NatTableError(f"invalid partner name {name!r}")
+    t, n = table_name, _ident(name)
+    shared = nat_mode == "shared"
+    removes, adds = list(removes), list(adds)
+    for p, s in (*removes, *adds):
+        ipv4_int(p), ipv4_int(s)
+    out: list[str] = []
+    for verb, rows in (("delete", removes), ("create", adds)):
+        if not rows:
+            continue
+        enrolled = ", ".join(p for p, _ in rows)
+        out.append(f"{verb} element ip {t} enrolled_{n} {LB} {enrolled} {RB}")
+        if not shared:
+            snat = ", ".join(f"{p} : {s}" for p, s in rows)
+            dnat = ", ".join(f"{s} : {p}" for p, s in rows)
+            if verb == "delete":
+                # Deleting a map element names its key only.
+                snat = ", ".join(p for p, _ in rows)
+                dnat = ", ".join(s for _, s in rows)
+            out.append(f"{verb} element ip {t} snat_{n} {LB} {snat} {RB}")
+            out.append(f"{verb} element ip {t} dnat_{n} {LB} {dnat} {RB}")
+    out.append(f"flush set ip {t} applied_{n}")
+    out.append(f"add element ip {t} applied_{n} {LB} {state_element(after)} {RB}")
+    return "\n".join(out) + "\n"
+
+
+def _partners_guard_rule(base: MultiPartnerBase) -> str:
+    # Every partner's real networks, after SNAT: inside a tunnel or not at all (today's guard,
+    # for all partners at once: one set lookup).
+    if base.tunnel_interfaces is None:
+        return "    ip daddr @partner_nets rt ipsec missing counter name dropped_cleartext drop"
+    ifs = ", ".join(f'"{i}"' for i in base.tunnel_interfaces)
+    return (
+        f"    ip daddr @partner_nets oifname != {LB} {ifs} {RB} counter name dropped_cleartext drop"
+    )
+
+
+def _declare_interval(kind: str, name: str, type_: str, elements: list[str]) -> list[str]:
+    lines = [f"  {kind} {name} {LB}", f"    type {type_}; flags interval;"]
+    if elements:
+        lines += ["    elements = {", _element_block(elements), "    }"]
+    lines.append("  }")
+    return lines
+
+
+def _chain(name: str, rules: list[str]) -> list[str]:
+    return [f"  chain {name} {LB}", *(f"    {r}" for r in rules), "  }"]
+
+
+def _collapse(networks: Iterable[IPv4Network]) -> list[str]:
+    # Two partners may share a real network: an interval set refuses the same range twice.
+    return [str(n) for n in ipaddress.collapse_addresses(networks)]
+
+
+def _refuse_overlap(items: Iterable[tuple[tuple[str, str], IPv4Network]], where: str = "") -> None:
+    seen: list[tuple[tuple[str, str], IPv4Network]] = []
+    for label, net in items:
+        for other, other_net in seen:
+            if other[0] != label[0] and net.overlaps(other_net):
+                raise NatTableError(
+                    f"partner {label[0]}'s {label[1]} overlaps partner {other[0]}'s "
+                    f"{other[1]}{where}: give one of them an alias"
+                )
+        seen.append((label, net))
+
+
+def _ident(name: str) -> str:
+    # nft identifiers take no '-'; partner names take no '_': the mapping is one to one.
+    return name.replace("-", "_")
+
+
+def _is_partner_name(name: str) -> bool:
+    # ^[a-z][a-z0-9-]{0,22}[a-z0-9]$ (the plan's contract), without re (import cost on the gateway)
+    return (
+        2 <= len(name) <= PARTNER_NAME_MAX
+        and name[0].isascii()
+        and name[0].islower()
+        and name[-1] != "-"
+        and all(c.isascii() and (c.islower() or c.isdigit() or c == "-") for c in name)
+    )
