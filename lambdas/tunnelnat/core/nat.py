@@ -514,7 +514,9 @@ def render_partners_table(
     dispatch: dict[str, list[str]] = {"pre": [], "fwd": [], "post": []}
     chains: list[str] = []
     for i, p in enumerate(base.partners, 1):
-        table = tables.get(p.name) or NatTable(0, nat_mode=p.nat_mode)
+        table = tables.get(p.name)
+        if table is None:  # not `or`: an empty NatTable is falsy (len 0)
+            table = NatTable(0, nat_mode=p.nat_mode)
         if table.nat_mode != p.nat_mode:
             raise NatTableError(
                 f"partner {p.name}: table is for mode {table.nat_mode!r}, not {p.nat_mode!r}"
