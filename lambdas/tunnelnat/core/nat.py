@@ -605,14 +605,15 @@ def render_partner_delta(
     name: str,
     removes: Iterable[tuple[str, str]],
     adds: Iterable[tuple[str, str]],
-    after: NatTable,
+    state: tuple[int, int, int],
     nat_mode: str = "dedicated",
     table_name: str = TABLE,
 ) -> str:
     """One partner's change as element deletions and creations in one ``nft -f`` transaction:
     only ``enrolled_<name>``, ``snat_<name>``, ``dnat_<name>`` and ``applied_<name>`` are
     named (``-`` in the name reads ``_``), never another partner's. ``removes``/``adds``:
-    ``(private, public)`` rows; ``after``: the partner's table once applied (its state).
+    ``(private, public)`` rows; ``state``: the partner's generation . checksum . count once
+    applied (``NatDelta.state_after``: no walk over the partner's other mappings).
     ``create`` refuses an element that exists and ``delete`` one that does not, so a delta that
     does not fit is refused whole."""
     if not _is_partner_name(name):
@@ -638,7 +639,7 @@ def render_partner_delta(
             out.append(f"{verb} element ip {t} snat_{n} {LB} {snat} {RB}")
             out.append(f"{verb} element ip {t} dnat_{n} {LB} {dnat} {RB}")
     out.append(f"flush set ip {t} applied_{n}")
-    out.append(f"add element ip {t} applied_{n} {LB} {state_element(after)} {RB}")
+    out.append(f"add element ip {t} applied_{n} {LB} {' . '.join(map(str, state))} {RB}")
     return "\n".join(out) + "\n"
 
 
