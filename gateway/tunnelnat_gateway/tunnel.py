@@ -8,6 +8,10 @@
 tunnelnat.core.swanctl), the PSK read from Secrets Manager (never printed, never an argument),
 the addresses on lo that userspace ESP needs; a changed key or connection restarts the tunnel's
 IKE SA at once, an unchanged one is left as it is. One run at a time (a lock, 240 s).
+Several tunnels share a gateway (issue 23): each has its own files (conf.d/tunnelnat-NAME.conf,
+conf.d/tunnelnat-NAME.secret.conf, its facts and lo addresses under /etc/tunnelnat/tunnels), so a
+run for one never rewrites another's; charon's settings, which are global, are rendered from
+every tunnel's record; only the named tunnel's SAs are ever terminated or initiated.
 ``restart-tunnel`` starts charon again if it is dead, leaves a healthy tunnel alone, otherwise
 terminates the tunnel's IKE SA and initiates its CHILD_SAs, and reports whether it came back.
 
@@ -220,6 +224,8 @@ def configure_parser() -> argparse.ArgumentParser:
     p.add_argument("--charon-log", default="/var/log/tunnelnat/charon.log")
     p.add_argument("--local-address", default="")
     p.add_argument("--region", required=True)
+    # Not a document parameter yet (issue 23 wires partners later): IKEv2 unless told.
+    p.add_argument("--ike-version", default="2", choices=("1", "2"))
     return p
 
 
@@ -264,6 +270,7 @@ def tunnel_from_args(host: Host, a: argparse.Namespace) -> swanctl.Tunnel:
         "TN_LOCAL_ADDR": a.local_address,
         "TN_TUNNEL": a.tunnel_name,
         "TN_BACKEND": a.ipsec_backend,
+        "TN_IKE_VERSION": a.ike_version,
     }
     try:
         return swanctl.from_environ(env)
@@ -328,15 +335,46 @@ def strongswan_dirs(host: Host) -> tuple[str, str]:
     )
 
 
-def secret_conf(ids: str, psk: str) -> str:
+def secret_conf(ids: str, psk: str, section: str = "ike-tunnelnat") -> str:
     """The key for the tunnel's two IKE IDs, as hex: no character of it can break the file's
-    syntax."""
+    syntax. ``section``: its name in swanctl's secrets, unique per tunnel (sections of the same
+    name in two files would merge, one key overwriting the other)."""
     local_id, remote_id = ids.split()
     return (
-        "secrets {\n  ike-tunnelnat {\n"
+        f"secrets {{\n  {section} {{\n"
         f'    id-1 = "{local_id}"\n    id-2 = "{remote_id}"\n'
         f"    secret = 0x{psk.encode().hex()}\n  }}\n}}\n"
     )
+
+
+# Before issue 23 one tunnel had conf.d/tunnelnat.conf and conf.d/tunnelnat-secret.conf (its key
+# in section ike-tunnelnat). Each tunnel now has its own two files. A name of the form
+# ``tunnelnat-NAME-secret.conf`` would collide for a tunnel named ``x-secret`` (its connection
+# file is tunnel x's secret file); a dot never appears in a TunnelName, so ``.secret.conf``
+# cannot.
+LEGACY_CONF, LEGACY_SECRET = "tunnelnat.conf", "tunnelnat-secret.conf"
+
+
+def tunnel_files(name: str) -> tuple[str, str]:
+    """The tunnel's connection and secret files in conf.d."""
+    return f"tunnelnat-{name}.conf", f"tunnelnat-{name}.secret.conf"
+
+
+def legacy_tunnel(conf_d: Path) -> str | None:
+    """The tunnel in the single-tunnel layout's conf.d/tunnelnat.conf, if that file is ours."""
+    try:
+        text = (conf_d / LEGACY_CONF).read_text()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None
+    found = re.match(r"connections \{\n  ([A-Za-z][A-Za-z0-9_-]{0,31}) \{\n", text)
+    return found[1] if found else None
+
+
+def _is_legacy_secret(path: Path) -> bool:
+    try:
+        return path.read_text().startswith("secrets {\n  ike-tunnelnat {\n")
+    except (FileNotFoundError, UnicodeDecodeError):
+        return False
 
 
 def loaded_plugins(host: Host) -> list[str]:
@@ -361,14 +399,22 @@ def _lines(path: Path) -> list[str]:
         return []
 
 
-def sync_lo(host: Host, wanted: list[str]) -> None:
+def sync_lo(host: Host, wanted: list[str], tunnel: str = "partner") -> None:
     """libipsec: our public addresses on lo (a local address inside local_ts for its routes);
-    those an earlier run added and no longer listed are removed. The boot restores the list
-    (``restore`` reads /etc/tunnelnat/lo-addresses, one per line). The health probe's source
-    (/etc/tunnelnat/probe-source) is InstallHealthAgent's: never removed here."""
+    those an earlier run of this tunnel added and no longer listed are removed, unless another
+    tunnel still wants them. Each tunnel's list is /etc/tunnelnat/tunnels/NAME.lo-addresses; the
+    boot restores their union (``restore`` reads /etc/tunnelnat/lo-addresses, one per line).
+    The single-tunnel layout had only the union: with no tunnel's own list yet, it was this
+    tunnel's. The health probe's source (/etc/tunnelnat/probe-source) is InstallHealthAgent's:
+    never removed here."""
     listed = host.path(f"{STATE}/lo-addresses")
-    keep = set(_lines(host.path(f"{STATE}/probe-source")))
-    for old in _lines(listed):
+    tunnels = host.path(f"{STATE}/tunnels")
+    own = tunnels / f"{tunnel}.lo-addresses"
+    lists = sorted(tunnels.glob("*.lo-addresses")) if tunnels.is_dir() else []
+    others = {a for path in lists if path != own for a in _lines(path)}
+    before = _lines(own) if own.exists() else ([] if lists else _lines(listed))
+    keep = set(_lines(host.path(f"{STATE}/probe-source"))) | others
+    for old in before:
         if old in keep or old in wanted:
             continue
         if ADDRESS.fullmatch(old):  # a hand-edited line never reaches ip as anything else
@@ -377,7 +423,10 @@ def sync_lo(host: Host, wanted: list[str]) -> None:
         done = host.run(["ip", "addr", "replace", f"{address}/32", "dev", "lo"])
         if done.returncode != 0:
             raise Failed(f"ip addr replace {address}/32 dev lo: {done.stderr.strip()}")
-    write_if_changed(listed, "".join(f"{a}\n" for a in wanted), 0o644)
+    tunnels.mkdir(parents=True, exist_ok=True)
+    write_if_changed(own, "".join(f"{a}\n" for a in wanted), 0o644)
+    union = sorted(others | set(wanted))
+    write_if_changed(listed, "".join(f"{a}\n" for a in union), 0o644)
 
 
 class Sas:
@@ -387,14 +436,25 @@ class Sas:
     def __init__(self, host: Host, tunnel: str) -> None:
         self.host, self.tunnel = host, tunnel
         name = re.escape(tunnel)
-        self._child_conn = re.compile(rf"^  ({name}(-[0-9]+)?): ", re.MULTILINE)
+        # Only the lines of this connection: another tunnel may be named "x-2", which is also
+        # the name of tunnel x's second per-pair child. A child's line names its mode.
+        self._conn = re.compile(rf"^{name}: .*\n((?:[ \t].*\n?)*)", re.MULTILINE)
+        self._child_conn = re.compile(rf"^  ({name}(-[0-9]+)?): (TUNNEL|TRANSPORT)", re.MULTILINE)
         self._installed = re.compile(
             rf"^[ \t]+{name}(-[0-9]+)?: #[0-9]+, reqid [0-9]+, INSTALLED", re.MULTILINE
         )
 
     def children(self) -> list[str]:
         listed = self.host.run(["swanctl", "--list-conns"]).stdout
-        return [m.group(1) for m in self._child_conn.finditer(listed)] or [self.tunnel]
+        conn = self._conn.search(listed)
+        block = conn.group(1) if conn else ""
+        return [m.group(1) for m in self._child_conn.finditer(block)] or [self.tunnel]
+
+    def initiate(self, child: str, timeout: str) -> subprocess.CompletedProcess[str]:
+        """``--ike`` too: a CHILD_SA's name is only unique within its connection (swanctl
+        --initiate takes the first child of that name in any connection without it)."""
+        argv = ["swanctl", "--initiate", "--child", child, "--ike", self.tunnel]
+        return self.host.run([*argv, "--timeout", timeout], timeout=max(int(timeout), 0) + 30)
 
     def listing(self) -> str:
         return self.host.run(["swanctl", "--list-sas", "--ike", self.tunnel]).stdout
@@ -414,6 +474,20 @@ class Sas:
                 return True
             self.host.sleep(pause)
         return self.installed() >= 1
+
+
+def charon_records(tunnels: Path) -> list[tuple[int, str]]:
+    """Every tunnel's (DPD timeout, CharonLog), as its ConfigureTunnel run recorded them in
+    ``NAME.charon`` (not ``.json``: the health agent and ShowTunnels read NAME.json as a
+    tunnel's facts)."""
+    found = []
+    for path in sorted(tunnels.glob("*.charon")):
+        try:
+            record = json.loads(path.read_text())
+            found.append((int(record["dpd_timeout"]), str(record["log"])))
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            continue  # a damaged record: this run's own tunnel is always there
+    return found
 
 
 def start_strongswan(host: Host) -> None:
@@ -458,17 +532,39 @@ def apply(
         if not host.path("/sys/module/esp4").is_dir():
             raise Failed("the kernel has no ESP (esp4); use IpsecBackend libipsec")
     # The pre-shared key: fetched by name, written only into a root-only file.
-    secret = secret_conf(files["ids"], host.secret(a.psk_secret_name, a.region))
+    psk = host.secret(a.psk_secret_name, a.region)
+    secret = secret_conf(files["ids"], psk, f"ike-tunnelnat-{name}")
     conf_d = host.path(f"{swanctl_dir}/conf.d")
     conf_d.mkdir(parents=True, exist_ok=True)
-    conf_changed = write_if_changed(conf_d / "tunnelnat.conf", files["tunnel.conf"], 0o644)
-    secret_changed = write_if_changed(conf_d / "tunnelnat-secret.conf", secret, 0o600)
-    # DPD's timeout (IKEv2 retransmissions) and the log the health agent diagnoses from.
+    conf_name, secret_name = tunnel_files(name)
+    legacy = legacy_tunnel(conf_d)
+    if legacy is not None and legacy != name and _is_legacy_secret(conf_d / conf_name):
+        # Only a tunnel named "secret": its file would be the single-tunnel layout's key file.
+        raise Failed(f"conf.d/{conf_name} holds tunnel {legacy}'s key: configure {legacy} first")
+    conf_changed = write_if_changed(conf_d / conf_name, files["tunnel.conf"], 0o644)
+    secret_changed = write_if_changed(conf_d / secret_name, secret, 0o600)
+    if legacy == name:
+        # The single-tunnel layout held this tunnel: its files move to the tunnel's own. What
+        # counts as a change is a difference from what charon loaded from them; the connection
+        # keeps its name, so an unchanged one keeps its SAs through the load below.
+        conf_changed = (conf_d / LEGACY_CONF).read_text() != files["tunnel.conf"]
+        legacy_secret = conf_d / LEGACY_SECRET
+        secret_changed = not legacy_secret.exists() or (
+            legacy_secret.read_text() != secret_conf(files["ids"], psk)
+        )
+        (conf_d / LEGACY_CONF).unlink()
+        if _is_legacy_secret(legacy_secret):
+            legacy_secret.unlink()
+    # DPD's timeout (IKEv2 retransmissions) and the log the health agent diagnoses from:
+    # charon's settings are shared by every tunnel, rendered from each tunnel's record.
     tunnels = host.path(f"{STATE}/tunnels")
     for directory in (host.path(f"{ss_etc}/strongswan.d"), host.path(LOG_DIR), tunnels):
         directory.mkdir(parents=True, exist_ok=True)
+    record = {"dpd_timeout": tunnel.dpd[1], "log": tunnel.log}
+    write_if_changed(tunnels / f"{name}.charon", json.dumps(record) + "\n", 0o644)
     settings = host.path(f"{ss_etc}/strongswan.d/tunnelnat.conf")
-    settings_changed = write_if_changed(settings, files["charon.conf"], 0o644)
+    shared = swanctl.render_shared_charon_settings(charon_records(tunnels))
+    settings_changed = write_if_changed(settings, shared, 0o644)
     write_if_changed(tunnels / f"{name}.json", files["tunnel.json"], 0o644)
     # The tunnel's configuration token (docs/health.md): new whenever its connection or key
     # changed, so TunnelEstablished starts over. Written before loading.
@@ -494,7 +590,7 @@ def apply(
             raise Failed("kernel-libipsec did not load")
     host.path(STATE).mkdir(parents=True, exist_ok=True)
     lo = sorted(set(files["lo_addresses"].split())) if libipsec else []
-    sync_lo(host, lo)
+    sync_lo(host, lo, name)
     if settings_changed and not host.ok(["swanctl", "--reload-settings"]):
         raise Failed("charon did not reload strongswan.conf")
     # The tunnel's IKE SAs before the load: authenticated with the key and connection that were
@@ -513,7 +609,7 @@ def apply(
         is the seconds before it detaches (docs.strongswan.org, swanctl --initiate); a negative
         one detaches at once: the SAs are watched below, by their listing."""
         for child in children:
-            host.run(["swanctl", "--initiate", "--child", child, "--timeout", "-1"])
+            sas.initiate(child, "-1")
 
     restarted = False
     if changed and had_sa:
@@ -658,10 +754,7 @@ def restart(host: Host, a: argparse.Namespace) -> dict[str, object]:
         print(f"{RESTART}: terminate: {out.stdout.strip()}", file=sys.stderr)
     # --initiate blocks until the child is up or fails; its result is checked below.
     for child in children:
-        host.run(
-            ["swanctl", "--initiate", "--child", child, "--timeout", str(wait)],
-            timeout=wait + 30,
-        )
+        sas.initiate(child, str(wait))
     deadline = host.clock() + wait
     count = sas.installed()
     while count < 1 and host.clock() < deadline:

@@ -291,3 +291,70 @@ def test_identities_that_would_break_swanctl_or_a_shell_are_refused(hostile):
 def test_policy_and_document_patterns_agree():
     assert DOCUMENT["parameters"]["LocalId"]["allowedPattern"] == f"^({crypto.IDENTITY.pattern})$"
     assert DOCUMENT["parameters"]["RemoteId"]["allowedPattern"] == f"^(|{crypto.IDENTITY.pattern})$"
+
+
+# -- IKEv1 (issue 23: legacy partners' appliances speak IKEv1 main mode) ------------------------
+
+
+def test_ikev1_is_main_mode_reauthenticates_and_has_its_own_dpd_timeout():
+    text = render(TN_IKE_VERSION="1", TN_NETS="192.0.2.0/24", TN_PUBLIC="203.0.113.10")
+    assert section(text, "partner") == [
+        "version = 1",
+        "remote_addrs = 198.51.100.40",
+        "encap = no",
+        "aggressive = no",  # main mode: the ID and the PSK's hash never in clear
+        "proposals = aes256-sha256-modp2048",
+        "rekey_time = 0s",  # IKEv1 cannot rekey an ISAKMP SA (swanctl.conf(5), rekey_time)
+        "reauth_time = 28260s",  # it reauthenticates at IkeLifetimes' first value
+        "over_time = 540s",
+        "rand_time = 540s",
+        "dpd_delay = 10s",
+        "dpd_timeout = 30s",  # IKEv1 only; IKEv2's is charon's retransmissions
+        "keyingtries = 0",
+        "unique = replace",
+    ]
+    child = section(text.split("children {", 1)[1], "partner")
+    assert child[:2] == ["local_ts = 203.0.113.10/32", "remote_ts = 192.0.2.0/24"]
+    facts = json.loads(swanctl.render_files(swanctl.from_environ(environ(
+        TN_IKE_VERSION="1", TN_LAYOUT="per-pair"
+    )))["tunnel.json"])  # fmt: skip
+    assert facts["ike_version"] == 1 and len(facts["children"]) == 4
+
+
+def test_ikev1_refuses_a_multi_selector_child_sa_and_takes_per_pair():
+    """Quick mode negotiates one selector pair: charon would use only the first of several
+    (swanctl.conf(5), local_ts), the partner's other networks would never see the tunnel."""
+    with pytest.raises(ValueError, match="IKEv1 negotiates one selector pair per CHILD_SA"):
+        swanctl.from_environ(environ(TN_IKE_VERSION="1"))
+    with pytest.raises(ValueError, match="IkeVersion"):
+        swanctl.from_environ(environ(TN_IKE_VERSION="3"))
+    text = render(TN_IKE_VERSION="1", TN_LAYOUT="per-pair")
+    assert re.findall(r"^      (\S+) \{$", text, re.MULTILINE) == [
+        "partner-1", "partner-2", "partner-3", "partner-4"
+    ]  # fmt: skip
+    assert not [x for x in re.findall(r"_ts = (\S+)", text) if "," in x]
+
+
+def test_ikev2_is_what_it_was_and_its_facts_name_no_version():
+    explicit = render(TN_IKE_VERSION="2")
+    assert explicit == render() and "version = 2" in explicit and "reauth_time" not in explicit
+    facts = json.loads(swanctl.render_files(swanctl.from_environ(environ()))["tunnel.json"])
+    assert "ike_version" not in facts
+
+
+def test_shared_charon_settings_one_tunnel_is_the_single_tunnel_file():
+    tunnel = swanctl.from_environ(environ(TN_DPD="10,30"))
+    assert swanctl.render_shared_charon_settings([(30, tunnel.log)]) == (
+        swanctl.render_charon_settings(tunnel)
+    )
+
+
+def test_shared_charon_settings_take_the_smallest_dpd_timeout_and_every_log():
+    text = swanctl.render_shared_charon_settings(
+        [(60, "/var/log/tunnelnat/charon.log"), (30, "/var/log/tunnelnat/bank.log"),
+         (120, "/var/log/tunnelnat/charon.log")]
+    )  # fmt: skip
+    assert section(text, "charon-systemd")[0] == "retransmit_timeout = 6"  # 30 / 5
+    assert "path = /var/log/tunnelnat/bank.log" in section(text, "tunnelnat-bank")
+    assert "path = /var/log/tunnelnat/charon.log" in section(text, "tunnelnat-charon")
+    assert text.count("filelog {") == 1 and text.count("path = ") == 2

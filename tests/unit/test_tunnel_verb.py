@@ -301,10 +301,10 @@ def test_first_run_writes_the_tunnel_and_reports_it(gw):
         gw.file("/etc/tunnelnat/tunnels/partner.config-id").read_text().strip()
         == (report["config_id"])
     )
-    conf = gw.file("/etc/swanctl/conf.d/tunnelnat.conf")
+    conf = gw.file("/etc/swanctl/conf.d/tunnelnat-partner.conf")
     assert "remote_addrs = 198.51.100.40" in conf.read_text()
     assert conf.stat().st_mode & 0o777 == 0o644
-    secret = gw.file("/etc/swanctl/conf.d/tunnelnat-secret.conf")
+    secret = gw.file("/etc/swanctl/conf.d/tunnelnat-partner.secret.conf")
     assert secret.stat().st_mode & 0o777 == 0o600
     text = secret.read_text()
     assert f"secret = 0x{PSK.encode().hex()}" in text and PSK not in text
@@ -348,9 +348,9 @@ def test_a_new_key_restarts_the_ike_sa_that_was_up(gw):
     assert calls.index("--list-sas --ike partner") < calls.index("--load-all --noprompt")
     assert calls.count("--terminate --ike partner --force") == 1
     assert calls.index("--load-all --noprompt") < calls.index("--terminate --ike partner --force")
-    assert "--initiate --child partner --timeout -1" in calls
+    assert "--initiate --child partner --ike partner --timeout -1" in calls
     assert (PSK + "-rotated").encode().hex() in gw.file(
-        "/etc/swanctl/conf.d/tunnelnat-secret.conf"
+        "/etc/swanctl/conf.d/tunnelnat-partner.secret.conf"
     ).read_text()
 
 
@@ -363,7 +363,7 @@ def test_a_changed_connection_without_an_sa_is_not_a_restart(gw):
     assert report["swanctl_changed"] is True and report["restarted"] is False
     assert report["up"] is True  # down for 5 s, StartAction start: initiated, then up
     assert not any(c.startswith("--terminate") for c in gw.calls())
-    assert "--initiate --child partner --timeout -1" in gw.calls()
+    assert "--initiate --child partner --ike partner --timeout -1" in gw.calls()
     assert "--reload-settings" in gw.calls()  # DPD's timeout is charon's setting
 
 
@@ -374,8 +374,8 @@ def test_per_pair_children_are_each_initiated(gw):
     assert code == 0 and report["up"] is False and report["installed"] == 0
     initiated = [c for c in gw.calls() if c.startswith("--initiate")]
     assert initiated == [
-        "--initiate --child partner-1 --timeout -1",
-        "--initiate --child partner-2 --timeout -1",
+        "--initiate --child partner-1 --ike partner --timeout -1",
+        "--initiate --child partner-2 --ike partner --timeout -1",
     ]
     assert 19.9 < gw.clock.slept < 21  # waited 5 s, then 15 s after initiating
 
@@ -396,7 +396,7 @@ def test_a_standby_without_the_local_address_waits_for_nothing(gw):
     assert code == 0 and report["standby"] is True and report["up"] is False
     assert "-o -4 addr show to 10.10.0.10/32" in gw.ip_calls()
     assert not any(c.startswith("--initiate") for c in gw.calls()) and gw.clock.slept == 0
-    conf = gw.file("/etc/swanctl/conf.d/tunnelnat.conf").read_text()
+    conf = gw.file("/etc/swanctl/conf.d/tunnelnat-partner.conf").read_text()
     assert "local_addrs = 10.10.0.10" in conf
     # The active holds it: not a standby.
     (gw.fake / "addresses").write_text("10.10.0.10\n")
@@ -423,7 +423,7 @@ def test_libipsec_keeps_the_addresses_on_lo_and_leaves_the_probe_source(gw):
     assert (state / "lo-addresses").read_text() == "203.0.113.9\n"
     libipsec = gw.file("/etc/strongswan.d/charon/kernel-libipsec.conf").read_text()
     assert libipsec == "kernel-libipsec {\n    load = yes\n}\n"
-    assert "encap = yes" in gw.file("/etc/swanctl/conf.d/tunnelnat.conf").read_text()
+    assert "encap = yes" in gw.file("/etc/swanctl/conf.d/tunnelnat-partner.conf").read_text()
 
 
 def test_libipsec_without_the_plugin_and_without_systemd_says_what_to_do(gw):
@@ -506,13 +506,13 @@ def test_a_kernel_without_esp_fails_before_anything_is_loaded(gw):
     code, _, err = configure(gw)
     assert code == 1
     assert err == "ConfigureTunnel: the kernel has no ESP (esp4); use IpsecBackend libipsec\n"
-    assert not gw.file("/etc/swanctl/conf.d/tunnelnat-secret.conf").exists()
+    assert not gw.file("/etc/swanctl/conf.d/tunnelnat-partner.secret.conf").exists()
 
 
 def test_the_fedora_layout_is_used_when_present(gw):
     gw.file("/etc/strongswan/swanctl").mkdir(parents=True)
     assert configure(gw)[0] == 0
-    assert gw.file("/etc/strongswan/swanctl/conf.d/tunnelnat.conf").exists()
+    assert gw.file("/etc/strongswan/swanctl/conf.d/tunnelnat-partner.conf").exists()
     assert gw.file("/etc/strongswan/strongswan.d/tunnelnat.conf").exists()
 
 
@@ -605,7 +605,7 @@ def test_the_secret_is_read_by_name_and_its_errors_name_it_not_its_value():
 
 def test_a_secret_that_cannot_be_read_changes_nothing(gw):
     configure(gw)
-    before = gw.file("/etc/swanctl/conf.d/tunnelnat-secret.conf").read_text()
+    before = gw.file("/etc/swanctl/conf.d/tunnelnat-partner.secret.conf").read_text()
 
     def absent(name: str, region: str) -> str:
         raise tunnel.Failed(f"cannot read secret {name}: ResourceNotFoundException: gone")
@@ -618,7 +618,7 @@ def test_a_secret_that_cannot_be_read_changes_nothing(gw):
         code = tunnel.configure_main(argv(psk_secret_name="tunnelnat/absent"), host)
     assert code == 1
     assert err.getvalue().startswith("ConfigureTunnel: cannot read secret tunnelnat/absent")
-    assert gw.file("/etc/swanctl/conf.d/tunnelnat-secret.conf").read_text() == before
+    assert gw.file("/etc/swanctl/conf.d/tunnelnat-partner.secret.conf").read_text() == before
     assert not any(c.startswith(("--load-all", "--terminate")) for c in gw.calls())
 
 
@@ -679,7 +679,7 @@ def test_restart_restarts_a_tunnel_that_is_not_healthy(gw, raw, args):
     code, doc, _ = restart(gw, raw, *args)
     calls = gw.calls()
     assert "--terminate --ike partner --timeout 10" in calls
-    assert "--initiate --child partner --timeout 2" in calls
+    assert "--initiate --child partner --ike partner --timeout 2" in calls
     assert code == 0 and list(doc) == ["tunnel", "up", "seconds", "installed", "charon_restarted"]
     assert doc["up"] is True and doc["installed"] == 1 and "skipped" not in doc
     assert 0 <= doc["seconds"] < 5
@@ -841,3 +841,172 @@ def test_the_entry_point_runs_the_verbs(gw):
     assert bad.returncode != 0 and bad.stdout == ""
     assert bad.stderr.startswith("ConfigureTunnel: ") and bad.stderr.count("\n") == 1
     assert not os.path.exists("/etc/x")
+
+
+# -- several tunnels on one gateway (issue 23) ---------------------------------------------------
+
+BANK = {
+    "tunnel_name": "bank",
+    "partner_endpoint": "198.51.100.60",
+    "partner_networks": "10.0.0.0/24",
+    "public_addresses": "203.0.113.20",
+    "psk_secret_name": "tunnelnat/bank-psk",
+}
+
+
+def snapshot(gw: Gateway, *paths: str) -> dict[str, tuple[str, int]]:
+    out = {}
+    for path in paths:
+        f = gw.file(path)
+        out[path] = (f.read_text(), f.stat().st_mtime_ns)
+    return out
+
+
+A_FILES = (
+    "/etc/swanctl/conf.d/tunnelnat-partner.conf",
+    "/etc/swanctl/conf.d/tunnelnat-partner.secret.conf",
+    "/etc/tunnelnat/tunnels/partner.json",
+    "/etc/tunnelnat/tunnels/partner.config-id",
+    "/etc/tunnelnat/tunnels/partner.charon",
+)
+
+
+def test_each_tunnel_has_its_own_files_and_a_run_for_one_never_rewrites_the_others(gw):
+    assert configure(gw)[0] == 0
+    before = snapshot(gw, *A_FILES)
+    gw.conns("partner", "bank")
+    gw.forget_calls()
+    code, report, err = configure(gw, **BANK, dpd="10,20")
+    assert code == 0, err
+    assert report["tunnel"] == "bank" and report["swanctl_changed"] is True
+    assert snapshot(gw, *A_FILES) == before  # not even rewritten with the same bytes
+    conf_d = gw.file("/etc/swanctl/conf.d")
+    assert sorted(p.name for p in conf_d.iterdir()) == [
+        "tunnelnat-bank.conf",
+        "tunnelnat-bank.secret.conf",
+        "tunnelnat-partner.conf",
+        "tunnelnat-partner.secret.conf",
+    ]
+    # Each key in a section of its own: two sections of one name in two files would merge.
+    assert "ike-tunnelnat-bank {" in (conf_d / "tunnelnat-bank.secret.conf").read_text()
+    assert "ike-tunnelnat-partner {" in (conf_d / "tunnelnat-partner.secret.conf").read_text()
+    assert (conf_d / "tunnelnat-bank.secret.conf").stat().st_mode & 0o777 == 0o600
+    assert "remote_addrs = 198.51.100.60" in (conf_d / "tunnelnat-bank.conf").read_text()
+    # charon's settings are shared: the smallest DPD timeout (20 s: 4 retransmits at 4 s).
+    settings = gw.file("/etc/strongswan.d/tunnelnat.conf").read_text()
+    assert "retransmit_timeout = 4\n" in settings and "--reload-settings" in gw.calls()
+    # Re-running A after B keeps B's budget: the settings are every tunnel's, not the last's.
+    gw.forget_calls()
+    assert configure(gw)[1]["swanctl_changed"] is False
+    assert gw.file("/etc/strongswan.d/tunnelnat.conf").read_text() == settings
+    assert "--reload-settings" not in gw.calls()
+
+
+def test_a_changed_tunnel_restarts_only_its_own_ike_sa(gw):
+    configure(gw)
+    gw.conns("partner", "bank")
+    configure(gw, **BANK)
+    # The fake lists the same SAs for any --ike: both tunnels' IKE SAs are up.
+    both = ESTABLISHED_PLAIN + ESTABLISHED_PLAIN.replace("partner", "bank")
+    (gw.fake / "plain").write_text(both)
+    (gw.fake / "comes-up").write_text(both)
+    gw.forget_calls()
+    gw.secret = PSK + "-bank-rotated"
+    code, report, _ = configure(gw, **BANK)
+    assert code == 0 and report["restarted"] is True
+    cut = [c for c in gw.calls() if c.startswith(("--terminate", "--initiate"))]
+    assert cut == [
+        "--terminate --ike bank --force",
+        "--initiate --child bank --ike bank --timeout -1",
+    ]
+
+
+def test_children_are_read_from_the_tunnels_own_connection_only(gw):
+    """A tunnel named partner-2 has a child partner-2, as tunnel partner's second per-pair
+    child would: only partner's own lines count (and a tunnel named local is no child)."""
+    (gw.fake / "conns").write_text(
+        "partner: IKEv2, no reauthentication, rekeying every 14400s\n"
+        "  local:  %any\n"
+        "  partner: TUNNEL, rekeying every 3600s\n"
+        "partner-2: IKEv2, no reauthentication, rekeying every 14400s\n"
+        "  local:  %any\n"
+        "  partner-2: TUNNEL, rekeying every 3600s\n"
+    )
+    assert tunnel.Sas(gw.host(), "partner").children() == ["partner"]
+    assert tunnel.Sas(gw.host(), "partner-2").children() == ["partner-2"]
+    assert tunnel.Sas(gw.host(), "local").children() == ["local"]  # the default: its name
+
+
+def legacy_layout(gw: Gateway, psk: str = PSK) -> None:
+    """The single-tunnel layout as the version before issue 23 left it: what it rendered into
+    conf.d/tunnelnat.conf and conf.d/tunnelnat-secret.conf (key in section ike-tunnelnat)."""
+    configure(gw)
+    conf_d = gw.file("/etc/swanctl/conf.d")
+    (conf_d / "tunnelnat-partner.conf").rename(conf_d / "tunnelnat.conf")
+    (conf_d / "tunnelnat-partner.secret.conf").unlink()
+    legacy = tunnel.secret_conf("198.51.100.10 198.51.100.40", psk)
+    (conf_d / "tunnelnat-secret.conf").write_text(legacy)
+    gw.file("/etc/tunnelnat/tunnels/partner.charon").unlink()
+    gw.forget_calls()
+
+
+def test_the_single_tunnel_layout_moves_to_the_tunnels_files_without_a_restart(gw):
+    legacy_layout(gw)
+    token = gw.file("/etc/tunnelnat/tunnels/partner.config-id").read_text()
+    code, report, _ = configure(gw)
+    assert code == 0
+    assert report["swanctl_changed"] is False and report["restarted"] is False
+    assert gw.file("/etc/tunnelnat/tunnels/partner.config-id").read_text() == token
+    conf_d = gw.file("/etc/swanctl/conf.d")
+    assert sorted(p.name for p in conf_d.iterdir()) == [
+        "tunnelnat-partner.conf",
+        "tunnelnat-partner.secret.conf",
+    ]
+    assert not any(c.startswith(("--terminate", "--initiate")) for c in gw.calls())
+
+
+def test_a_migration_with_a_new_key_is_a_change(gw):
+    legacy_layout(gw, psk="an-older-key-of-twenty-chars")
+    code, report, _ = configure(gw)
+    assert code == 0 and report["swanctl_changed"] is True and report["restarted"] is True
+    assert not gw.file("/etc/swanctl/conf.d/tunnelnat-secret.conf").exists()
+
+
+def test_another_tunnel_leaves_the_single_tunnel_layout_to_its_own_run(gw):
+    legacy_layout(gw)
+    gw.conns("partner", "bank")
+    assert configure(gw, **BANK)[0] == 0
+    conf_d = gw.file("/etc/swanctl/conf.d")
+    assert (conf_d / "tunnelnat.conf").exists() and (conf_d / "tunnelnat-secret.conf").exists()
+    # A tunnel named "secret" would write over that layout's key file: refused until then.
+    code, _, err = configure(gw, **{**BANK, "tunnel_name": "secret"})
+    assert code == 1 and "holds tunnel partner's key: configure partner first" in err
+
+
+def test_libipsec_lo_addresses_are_each_tunnels_own(gw):
+    (gw.fake / "stats").write_text("loaded plugins: charon kernel-libipsec\n")
+    assert configure(gw, ipsec_backend="libipsec")[0] == 0
+    gw.conns("partner", "bank")
+    assert configure(gw, **BANK, ipsec_backend="libipsec")[0] == 0
+    state = gw.file("/etc/tunnelnat")
+    assert (state / "lo-addresses").read_text() == "203.0.113.10\n203.0.113.11\n203.0.113.20\n"
+    assert (state / "tunnels" / "bank.lo-addresses").read_text() == "203.0.113.20\n"
+    assert not [c for c in gw.ip_calls() if c.startswith("addr del")]  # A's stay on lo
+    # B moves to another address: only B's old one goes; one A also uses stays.
+    gw.forget_calls()
+    assert configure(gw, **{**BANK, "public_addresses": "203.0.113.11"},
+                     ipsec_backend="libipsec")[0] == 0  # fmt: skip
+    assert [c for c in gw.ip_calls() if c.startswith("addr del")] == [
+        "addr del 203.0.113.20/32 dev lo"
+    ]
+    assert (state / "lo-addresses").read_text() == "203.0.113.10\n203.0.113.11\n"
+
+
+def test_ike_version_1_is_rendered_and_checked(gw):
+    code, _, err = configure(gw, ike_version="1")
+    assert code == 1 and "IKEv1 negotiates one selector pair per CHILD_SA" in err
+    gw.conns("partner-1", "partner-2")
+    assert configure(gw, ike_version="1", selector_layout="per-pair")[0] == 0
+    conf = gw.file("/etc/swanctl/conf.d/tunnelnat-partner.conf").read_text()
+    assert "version = 1" in conf and "aggressive = no" in conf
+    refused(Gateway(gw.root.parent / "other"), "invalid choice", ike_version="3")

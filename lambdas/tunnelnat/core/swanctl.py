@@ -37,6 +37,7 @@ class Tunnel:
     encap: bool = False
     log: str = "/var/log/tunnelnat/charon.log"
     local_addr: IPv4Address | None = None  # a gateway pair: the address on the moving ENI
+    ike_version: int = 2  # 1: a legacy peer, IKEv1 main mode (per-pair selectors only)
 
     @property
     def children(self) -> list[tuple[str, str, str]]:
@@ -55,7 +56,7 @@ def render_connection(t: Tunnel) -> str:
     """The swanctl connection: no close_action; start with dpd_action restart, or none with
     clear (DESIGN, Lessons). MOBIKE off: both endpoints are fixed."""
     (rekey, over, rand), (c_rekey, c_life, c_rand) = t.ike_life, t.child_life
-    out = [f"connections {LB}", f"  {t.name} {LB}", "    version = 2"]
+    out = [f"connections {LB}", f"  {t.name} {LB}", f"    version = {t.ike_version}"]
     out.append(f"    remote_addrs = {t.partner}")
     if t.local_addr is not None:
         # A gateway pair: IKE only from the address on G's ENI (G; E in the lab). The standby
@@ -63,9 +64,25 @@ def render_connection(t: Tunnel) -> str:
         # refuses the source): it never reaches the partner until it holds the ENI.
         out.append(f"    local_addrs = {t.local_addr}")
     out.append(f"    encap = {'yes' if t.encap else 'no'}")
-    out += ["    mobike = no", f"    proposals = {t.ike}", f"    rekey_time = {rekey}s"]
+    if t.ike_version == 1:
+        # Main mode: aggressive mode sends the ID and the PSK's hash in clear, open to an offline
+        # dictionary attack (swanctl.conf(5), aggressive). IKEv1 cannot rekey an IKE SA, only
+        # reauthenticate it (swanctl.conf(5), rekey_time: "supported in IKEv2 only, IKEv1
+        # performs a reauthentication procedure instead"; docs.strongswan.org, config/rekeying):
+        # IkeLifetimes' first value becomes reauth_time and rekey_time is off, so the renewal is
+        # the one IKEv1 has, at the time the partner agreed. Quick-mode SAs are not bound to the
+        # ISAKMP SA (RFC 2409, 5.5): the CHILD_SAs rekey on their own schedule as with IKEv2.
+        out += ["    aggressive = no", f"    proposals = {t.ike}", "    rekey_time = 0s"]
+        out.append(f"    reauth_time = {rekey}s")
+    else:
+        out += ["    mobike = no", f"    proposals = {t.ike}", f"    rekey_time = {rekey}s"]
     out += [f"    over_time = {over}s", f"    rand_time = {rand}s"]
-    out += [f"    dpd_delay = {t.dpd[0]}s", f"    keyingtries = {t.keyingtries}"]
+    out.append(f"    dpd_delay = {t.dpd[0]}s")
+    if t.ike_version == 1:
+        # IKEv1's R_U_THERE has a timeout of its own (swanctl.conf(5), dpd_timeout: no effect
+        # with IKEv2, where the retransmissions in charon's settings decide).
+        out.append(f"    dpd_timeout = {t.dpd[1]}s")
+    out.append(f"    keyingtries = {t.keyingtries}")
     # A partner that initiates too (AWS's startup action start) can complete a second IKE SA
     # with us answering, e.g. its retransmitted attempt from before we were up. replace: charon
     # then deletes the older one (10 s later, as for a reauthentication: make-before-break),
@@ -90,12 +107,29 @@ def render_connection(t: Tunnel) -> str:
 
 def render_charon_settings(t: Tunnel) -> str:
     """strongswan.conf: DPD's timeout as IKEv2 retransmits (docs/stack.md), the log."""
-    out = [f"charon-systemd {LB}", f"  retransmit_timeout = {t.dpd[1] / 5:g}"]
+    return render_shared_charon_settings([(t.dpd[1], t.log)])
+
+
+def render_shared_charon_settings(tunnels: list[tuple[int, str]]) -> str:
+    """strongswan.conf for every tunnel on the gateway, from each one's (DPD timeout, log).
+
+    charon's retransmission settings are global (strongswan.conf(5), charon.retransmit_*: no
+    per-connection form), so the smallest DpdTimeout wins: no partner is declared dead later
+    than its own DpdTimeout says (sooner for the others). A filelog logs every connection
+    (strongswan.conf(5), charon.filelog), so one section per distinct CharonLog: tunnels that
+    share the default share one log, and ``ike_name`` lets the health agent pick its tunnel's
+    lines. One tunnel renders exactly what render_charon_settings always did."""
+    timeout = min(dpd for dpd, _ in tunnels)
+    logs = sorted({log for _, log in tunnels})
+    out = [f"charon-systemd {LB}", f"  retransmit_timeout = {timeout / 5:g}"]
     out += ["  retransmit_base = 1", "  retransmit_tries = 4", f"  filelog {LB}"]
-    out += [f"    tunnelnat {LB}", f"      path = {t.log}", "      time_format = %s"]
-    out += ["      ike_name = yes", "      flush_line = yes", "      default = 1", "      enc = 0"]
-    out.append("      net = 0")
-    return "\n".join([*out, f"    {RB}", f"  {RB}", RB, ""])
+    for log in logs:
+        # CharonLog is /var/log/tunnelnat/NAME.log: NAME is unique among them, a valid section.
+        name = "tunnelnat" if len(logs) == 1 else f"tunnelnat-{log.rsplit('/', 1)[-1][:-4]}"
+        out += [f"    {name} {LB}", f"      path = {log}", "      time_format = %s"]
+        out += ["      ike_name = yes", "      flush_line = yes", "      default = 1"]
+        out += ["      enc = 0", "      net = 0", f"    {RB}"]
+    return "\n".join([*out, f"  {RB}", RB, ""])
 
 
 def _ints(text: str, n: int) -> tuple[int, ...]:
@@ -123,13 +157,26 @@ def from_environ(env: dict[str, str]) -> Tunnel:
             IPv4Address(ident)  # a dotted quad is an address, never an FQDN
     libipsec = env["TN_BACKEND"] == "libipsec"
     local = IPv4Address(env["TN_LOCAL_ADDR"]) if env.get("TN_LOCAL_ADDR") else None
+    version = env.get("TN_IKE_VERSION") or "2"  # an older document's environment: IKEv2
+    if version not in ("1", "2"):
+        raise ValueError(f"IkeVersion {version!r}: 1 or 2")
     tunnel = Tunnel(
         env["TN_TUNNEL"], partner, public, nets, env["TN_LOCAL_ID"], env["TN_REMOTE_ID"],
         env["TN_IKE"], env["TN_ESP"], ike, child, dpd, int(env["TN_KEYINGTRIES"]),
-        env["TN_LAYOUT"], env["TN_START"], libipsec, env["TN_LOG"], local,
+        env["TN_LAYOUT"], env["TN_START"], libipsec, env["TN_LOG"], local, int(version),
     )  # fmt: skip
     if len(tunnel.children) > 256:
         raise ValueError("per-pair: more than 256 CHILD_SAs")
+    if tunnel.ike_version == 1 and len(tunnel.local_ts) * len(tunnel.remote_ts) > 1:
+        if tunnel.layout == "single":
+            # Quick mode carries one selector pair: charon would negotiate only the first of a
+            # multi-selector CHILD_SA (swanctl.conf(5), children.<child>.local_ts: "When IKEv1
+            # is used only the first selector is interpreted"), the other networks would never
+            # reach the tunnel. A policy-based peer wants one SA per pair: per-pair.
+            raise ValueError(
+                "IKEv1 negotiates one selector pair per CHILD_SA: SelectorLayout per-pair "
+                "for several PublicAddresses or PartnerNetworks"
+            )
     return tunnel
 
 
@@ -139,7 +186,10 @@ def render_files(t: Tunnel) -> dict[str, str]:
     # libipsec routes need a local address inside local_ts: the first of each S entry, on lo
     # (ConfigureTunnel keeps them in /etc/tunnelnat/lo-addresses, which the boot restores).
     lo = [p.network_address if p.prefixlen == 32 else next(p.hosts()) for p in t.local_ts]
-    facts = {"children": [c[0] for c in t.children], "ike": t.ike, "esp": t.esp, "log": t.log}
+    facts: dict[str, object] = {"children": [c[0] for c in t.children], "ike": t.ike}
+    facts |= {"esp": t.esp, "log": t.log}
+    if t.ike_version == 1:  # only then: IKEv2 tunnels' facts stay as they were
+        facts["ike_version"] = 1
     return {
         "tunnel.conf": render_connection(t),
         "charon.conf": render_charon_settings(t),
