@@ -171,8 +171,12 @@ def test_delta_names_only_the_partners_own_maps() -> None:
         "create element ip tunnelnat enrolled_p_07 { 10.8.0.1 }",
         "create element ip tunnelnat snat_p_07 { 10.8.0.1 : 198.18.0.9 }",
         "create element ip tunnelnat dnat_p_07 { 198.18.0.9 : 10.8.0.1 }",
-        "flush set ip tunnelnat applied_p_07",
         f"add element ip tunnelnat applied_p_07 {{ 2 . {after.checksum} . 1 }}",
+    ]
+    retired = render_partner_delta("p-07", [], [], (3, 5, 1), retire=[(1, 7, 1), (2, 9, 1)])
+    assert retired.splitlines() == [
+        "add element ip tunnelnat applied_p_07 { 3 . 5 . 1 }",
+        "delete element ip tunnelnat applied_p_07 { 1 . 7 . 1, 2 . 9 . 1 }",
     ]
     shared = render_partner_delta("bee", [], [("10.8.0.1", "203.0.113.30")], state(after), "shared")
     assert "snat_" not in shared and "dnat_" not in shared
@@ -206,7 +210,7 @@ def test_delta_lands_where_a_full_render_would(tmp_path) -> None:
     (tmp_path / "old.nft").write_text(render_partners_table(base, old))
     (tmp_path / "new.nft").write_text(render_partners_table(base, new))
     (tmp_path / "delta.nft").write_text(
-        render_partner_delta("p07", removes, adds, state(new["p07"]))
+        render_partner_delta("p07", removes, adds, state(new["p07"]), retire=[state(old["p07"])])
     )
     dump = "nft -j list table ip tunnelnat"
     proc = nft_in_namespace(
