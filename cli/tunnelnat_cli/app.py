@@ -23,7 +23,17 @@ from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url
 
 from tunnelnat.core.config import TAG_TEXT
 from tunnelnat.core.text import printable
-from tunnelnat_cli import dlq, doctor, enrol, psk, reconcile, status, switchover, tunnels
+from tunnelnat_cli import (
+    dlq,
+    doctor,
+    enrol,
+    partners,
+    psk,
+    reconcile,
+    status,
+    switchover,
+    tunnels,
+)
 from tunnelnat_cli.aws import (
     AWS_ERRORS,
     EXIT_ERROR,
@@ -293,6 +303,34 @@ def build_parser() -> argparse.ArgumentParser:
     wait_flags(p, 900.0)
     json_flag(p)
     p.set_defaults(func=psk.run_set, interval=5.0)  # several AWS calls per poll
+
+    p = sub.add_parser("partners", help="the partners file (several partners: issue 23)")
+    partners_sub = p.add_subparsers(dest="partners_command", metavar="ACTION", required=True)
+    p = partners_sub.add_parser(
+        "check",
+        help="validate a partners file and show the plan (no AWS needed)",
+        description="Validate a partners file (docs/partners.md): every problem, one a line "
+        "(exit 1), or the resolved plan: per partner its tunnel, endpoint, IKE version, networks "
+        "and what instances use for them (the alias when they overlap), its S and its tag key "
+        "(exit 0). Reads no AWS account: give our VPC's CIDR(s) and the gateway's subnet to check "
+        "overlaps with them.",
+    )
+    p.add_argument("file", metavar="FILE", help="the partners file (YAML)")
+    p.add_argument(
+        "--vpc-cidr",
+        type=partners.network,
+        action="append",
+        help="our VPC's IPv4 CIDR (repeat for secondary CIDRs)",
+    )
+    p.add_argument("--gateway-subnet", type=partners.network, help="the gateway's subnet CIDR")
+    p.add_argument(
+        "--enrolment-tag-key",
+        type=_tag_text,
+        help="the deployment's enrolment tag key (default: the deployment's default)",
+    )
+    json_flag(p)
+    # Offline: dispatched before any AWS client is built (no credentials, no region).
+    p.set_defaults(func=None, offline=partners.run)
     return parser
 
 
@@ -372,6 +410,8 @@ def main(argv: Sequence[str] | None = None, runtime: Runtime | None = None) -> i
 
 
 def _run(args: argparse.Namespace, runtime: Runtime) -> int:
+    if getattr(args, "offline", None) is not None:
+        return args.offline(args, runtime)
     if args.command in ("status", "enroll", "unenroll"):
         args.tag_key = args.tag_key or "tunnelnat"
         args.tag_value = args.tag_value or "enabled"

@@ -265,3 +265,51 @@ DLQ: dict[str, Any] = _object(
         },
     }
 )
+
+# `tunnelnat partners check --json` (issue 23): the resolved plan, or every problem (valid false,
+# partners empty). Each network: real (the selectors), local (what instances use), alias
+# (declared, chosen from alias_block, or null when local is real).
+PARTNERS: dict[str, Any] = _object(
+    {
+        "schema": {"const": "tunnelnat.partners/v1"},
+        "file": {"type": "string"},
+        "valid": {"type": "boolean"},
+        "problems": {"type": "array", "items": {"type": "string"}},
+        "vpc_cidrs": {"type": "array", "items": {"type": "string"}},
+        "gateway_subnet": {"type": ["string", "null"]},
+        "enrolment_tag_key": {"type": "string"},
+        "alias_block": {"type": ["string", "null"]},
+        "partners": {
+            "type": "array",
+            "items": _object(
+                {
+                    "name": {"type": "string"},
+                    "tunnel": {"type": "string"},
+                    "endpoint": {"type": "string"},
+                    "ike_version": {"enum": [1, 2]},
+                    "auth": {"enum": ["psk", "certificate"]},
+                    "selector_layout": {"enum": ["single", "per-pair"]},
+                    "start_action": {"enum": ["start", "none"]},
+                    "networks": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": _object(
+                            {
+                                "real": {"type": "string"},
+                                "local": {"type": "string"},
+                                "alias": {"enum": ["declared", "chosen", None]},
+                            }
+                        ),
+                    },
+                    "nat": _object(
+                        {
+                            "mode": {"enum": ["dedicated", "instance", "shared"]},
+                            "addresses": {"type": "array", "items": {"type": "string"}},
+                        }
+                    ),
+                    "tag_key": {"type": "string"},
+                }
+            ),
+        },
+    }
+)
