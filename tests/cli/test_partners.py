@@ -192,3 +192,15 @@ def test_vpc_cidr_repeats(no_aws, good):
     # aws-peer's network now overlaps our secondary CIDR: it takes the first alias.
     assert result.code == 0
     assert "10.0.0.0/24    100.64.0.0/24 (chosen alias)" in result.out
+
+
+def test_docs_show_what_the_command_prints(no_aws, tmp_path, monkeypatch):
+    """docs/partners.md's console block is this command's output for its example."""
+    text = (REPO / "docs" / "partners.md").read_text()
+    (tmp_path / "partners.yaml").write_text(text.split("```yaml\n", 1)[1].split("```", 1)[0])
+    monkeypatch.chdir(tmp_path)
+    shown = text.split("```console\n", 1)[1].split("```", 1)[0].splitlines()
+    assert shown[0] == "$ tunnelnat partners check partners.yaml " + " ".join(PLACE)
+    result = run("partners", "check", "partners.yaml", *PLACE)
+    assert result.code == 0
+    assert result.out.splitlines()[: len(shown) - 1] == shown[1:]

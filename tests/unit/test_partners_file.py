@@ -15,7 +15,7 @@ from tunnelnat.core.partners import Partners, partner_tag_key
 
 VPC = "10.80.0.0/16"
 SUBNET = "10.80.0.0/24"
-EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "partners.example.yaml"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "partners.md"
 
 # The three partners of docs/partners.md: an AWS-like IKEv2 peer, a legacy IKEv1 appliance,
 # and a third whose network is the first's.
@@ -111,11 +111,19 @@ def test_from_file_reads_yaml(tmp_path, doc):
     )
 
 
-def test_the_documented_example_is_valid():
-    if not EXAMPLE.exists():
-        pytest.skip("docs/partners.example.yaml not written yet")
-    plan = Partners.from_file(EXAMPLE, vpc_cidr=VPC, gateway_subnet=SUBNET).resolved()
-    assert [r.name for r in plan] == ["aws-peer", "bank", "clearing"]
+def test_the_documented_example_is_valid(tmp_path):
+    """docs/partners.md's example (its first yaml block) and the plan it shows."""
+    text = DOC.read_text()
+    example = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "partners.yaml"
+    path.write_text(example)
+    plan = Partners.from_file(path, vpc_cidr=VPC, gateway_subnet=SUBNET)
+    assert [r.name for r in plan.resolved()] == ["card-processor", "bank", "clearing-house"]
+    assert plan["bank"].partner.ike_version == 1 and plan["bank"].partner.layout == "per-pair"
+    assert plan["clearing-house"].local_networks == (IPv4Network("100.64.0.0/24"),)
+    assert plan["clearing-house"].partner.auth.kind == "certificate"
+    # The shown output's rows are what the command prints for it.
+    assert "100.64.0.0/24 (chosen alias)" in text
 
 
 def test_missing_file_and_bad_yaml(tmp_path):
@@ -301,7 +309,8 @@ def test_alias_block_exhausted_or_too_small(doc):
 
 
 def test_alias_search_jumps_past_obstacles(doc):
-    # 3000 /32 networks overlapping our VPC, each aliased from a /10: fast and in order.
+    # 300 /32 networks overlapping our VPC, each aliased from a /10: fast and in order.
+    doc["partners"][1]["ike_version"] = 2  # one CHILD_SA for them all
     doc["partners"][1]["networks"] = [f"10.80.{k // 250 + 1}.{k % 250 + 1}/32" for k in range(300)]
     bank = load(doc)["bank"]
     assert bank.local_networks[0] == IPv4Network("100.64.0.0/32")
@@ -411,6 +420,15 @@ def test_ikev1_needs_per_pair(doc):
     doc["partners"][1]["ike_version"] = 3
     assert one(doc, "ike_version").startswith(
         "partners[1] (bank).ike_version: Input should be 1 or 2"
+    )
+
+
+def test_per_pair_has_a_ceiling(doc):
+    doc["partners"][0]["selector_layout"] = "per-pair"
+    doc["partners"][0]["networks"] = [f"10.{k}.0.0/24" for k in range(129)]
+    assert one(doc, "selector_layout") == (
+        "partners[0] (aws-peer).selector_layout: 'per-pair' with 258 selector pairs "
+        "(S x networks): at most 256 CHILD_SAs a tunnel (core/swanctl.py refuses more)"
     )
 
 

@@ -62,6 +62,8 @@ ACM_PCA_ARN = re.compile(
     r"^arn:aws[a-z-]*:acm-pca:[a-z0-9-]+:[0-9]{12}:certificate-authority/[0-9a-f-]{36}$"
 )
 SOURCE = "partners file"
+# per-pair renders a CHILD_SA per (S, network); the gateway's renderer refuses more than this.
+MAX_CHILD_SAS = 256
 
 
 def partner_tag_key(enrolment_tag_key: str, name: str) -> str:
@@ -575,10 +577,13 @@ def _ikev1_problems(p: Partner) -> list[str]:
     CHILD_SA"; https://docs.strongswan.org/docs/latest/swanctl/swanctlConf.html). A single
     CHILD_SA with several S or networks would silently carry only the first pair, so IKEv1
     needs one CHILD_SA per (S, network): per-pair."""
-    if p.ike_version != 1 or p.layout != "single":
-        return []
     pairs = len(p.nat.addresses) * len(p.networks)
-    if pairs <= 1:
+    if p.layout == "per-pair" and pairs > MAX_CHILD_SAS:
+        return [
+            f"selector_layout: 'per-pair' with {pairs} selector pairs (S x networks): at most "
+            f"{MAX_CHILD_SAS} CHILD_SAs a tunnel (core/swanctl.py refuses more)"
+        ]
+    if p.ike_version != 1 or p.layout != "single" or pairs <= 1:
         return []
     return [
         f"selector_layout: 'single' with ike_version 1 and {pairs} selector pairs: IKEv1 "
