@@ -169,6 +169,17 @@ def test_duplicate_names_and_endpoints(doc):
     )
 
 
+def test_child_sa_names_never_clash(doc):
+    # bank is per-pair with 2 pairs: its CHILD_SAs are bank-1 and bank-2.
+    doc["partners"][2]["name"] = "bank-2"
+    assert one(doc, "CHILD_SA") == (
+        "partners[2] (bank-2).name: its CHILD_SA 'bank-2' is also one of partners[1] (bank)'s "
+        "(per-pair children are <name>-1, <name>-2 ...): choose another name"
+    )
+    doc["partners"][2]["name"] = "bank-3"
+    load(doc)
+
+
 @pytest.mark.parametrize(
     ("endpoint", "fragment"),
     [

@@ -512,6 +512,7 @@ def _check(
     for i, p in partners:
         problems += [f"{_label(i, p.name)}.{line}" for line in _partner_problems(p, ours)]
     problems += _duplicates(partners)
+    problems += _child_name_clashes(partners)
     for i, p in partners:
         for j, q in partners:
             inside = [n for n in q.networks if p.endpoint in n]
@@ -611,6 +612,28 @@ def _duplicates(partners: list[tuple[int, Partner]]) -> list[str]:
             )
         else:
             endpoints[p.endpoint] = (i, p.name)
+    return problems
+
+
+def _child_name_clashes(partners: list[tuple[int, Partner]]) -> list[str]:
+    """core/swanctl.py names a per-pair tunnel's CHILD_SAs ``<name>-1``, ``<name>-2`` ... and a
+    single one ``<name>``: partner ``x-2`` beside a per-pair ``x`` would share a child name,
+    and the health agent and the pair agent still find children by name alone."""
+    problems = []
+    owner: dict[str, tuple[int, str]] = {}
+    for i, p in partners:
+        pairs = len(p.nat.addresses) * len(p.networks)
+        names = [p.name] if p.layout == "single" else [f"{p.name}-{k}" for k in range(1, pairs + 1)]
+        for child in names:
+            if child in owner and owner[child][1] != p.name:  # a same name: _duplicates
+                j, other = owner[child]
+                problems.append(
+                    f"{_label(i, p.name)}.name: its CHILD_SA {child!r} is also one of "
+                    f"{_label(j, other)}'s (per-pair children are <name>-1, <name>-2 ...): "
+                    "choose another name"
+                )
+                break
+            owner.setdefault(child, (i, p.name))
     return problems
 
 
