@@ -399,20 +399,30 @@ def _lines(path: Path) -> list[str]:
         return []
 
 
-def sync_lo(host: Host, wanted: list[str], tunnel: str = "partner") -> None:
+def sync_lo(
+    host: Host, wanted: list[str], tunnel: str = "partner", owns_legacy: bool = True
+) -> None:
     """libipsec: our public addresses on lo (a local address inside local_ts for its routes);
     those an earlier run of this tunnel added and no longer listed are removed, unless another
     tunnel still wants them. Each tunnel's list is /etc/tunnelnat/tunnels/NAME.lo-addresses; the
     boot restores their union (``restore`` reads /etc/tunnelnat/lo-addresses, one per line).
-    The single-tunnel layout had only the union: with no tunnel's own list yet, it was this
-    tunnel's. The health probe's source (/etc/tunnelnat/probe-source) is InstallHealthAgent's:
-    never removed here."""
+    The single-tunnel layout had only the union: its entries no tunnel's list claims belong to
+    that layout's tunnel (``owns_legacy``: this one, or no other is named there), and stay for
+    it on any other tunnel's run. The health probe's source (/etc/tunnelnat/probe-source) is
+    InstallHealthAgent's: never removed here."""
     listed = host.path(f"{STATE}/lo-addresses")
     tunnels = host.path(f"{STATE}/tunnels")
     own = tunnels / f"{tunnel}.lo-addresses"
     lists = sorted(tunnels.glob("*.lo-addresses")) if tunnels.is_dir() else []
     others = {a for path in lists if path != own for a in _lines(path)}
-    before = _lines(own) if own.exists() else ([] if lists else _lines(listed))
+    claimed = others | set(_lines(own))
+    unclaimed = {a for a in _lines(listed) if a not in claimed}
+    if own.exists():
+        before = _lines(own)
+    else:
+        before = sorted(unclaimed) if owns_legacy else []
+    if not owns_legacy:
+        others |= unclaimed  # the single-tunnel layout's tunnel's, until its own run
     keep = set(_lines(host.path(f"{STATE}/probe-source"))) | others
     for old in before:
         if old in keep or old in wanted:
@@ -543,6 +553,7 @@ def apply(
         raise Failed(f"conf.d/{conf_name} holds tunnel {legacy}'s key: configure {legacy} first")
     conf_changed = write_if_changed(conf_d / conf_name, files["tunnel.conf"], 0o644)
     secret_changed = write_if_changed(conf_d / secret_name, secret, 0o600)
+    owns_legacy = legacy in (None, name)
     if legacy == name:
         # The single-tunnel layout held this tunnel: its files move to the tunnel's own. What
         # counts as a change is a difference from what charon loaded from them; the connection
@@ -590,7 +601,7 @@ def apply(
             raise Failed("kernel-libipsec did not load")
     host.path(STATE).mkdir(parents=True, exist_ok=True)
     lo = sorted(set(files["lo_addresses"].split())) if libipsec else []
-    sync_lo(host, lo, name)
+    sync_lo(host, lo, name, owns_legacy)
     if settings_changed and not host.ok(["swanctl", "--reload-settings"]):
         raise Failed("charon did not reload strongswan.conf")
     # The tunnel's IKE SAs before the load: authenticated with the key and connection that were

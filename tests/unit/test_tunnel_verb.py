@@ -1002,6 +1002,28 @@ def test_libipsec_lo_addresses_are_each_tunnels_own(gw):
     assert (state / "lo-addresses").read_text() == "203.0.113.10\n203.0.113.11\n"
 
 
+def test_another_tunnels_first_run_keeps_the_single_tunnel_layouts_lo_addresses(gw):
+    """The single-tunnel layout listed only the union (/etc/tunnelnat/lo-addresses): those are
+    its tunnel's until that tunnel's own run; another tunnel's first run never removes them."""
+    (gw.fake / "stats").write_text("loaded plugins: charon kernel-libipsec\n")
+    legacy_layout(gw)
+    state = gw.file("/etc/tunnelnat")
+    (state / "tunnels" / "partner.lo-addresses").unlink()
+    (state / "lo-addresses").write_text("203.0.113.10\n203.0.113.11\n")
+    gw.conns("partner", "bank")
+    assert configure(gw, **BANK, ipsec_backend="libipsec")[0] == 0
+    assert not [c for c in gw.ip_calls() if c.startswith("addr del")]
+    assert (state / "lo-addresses").read_text() == "203.0.113.10\n203.0.113.11\n203.0.113.20\n"
+    # partner's own run claims them; moved to one address, the other goes.
+    gw.forget_calls()
+    assert configure(gw, public_addresses="203.0.113.10", ipsec_backend="libipsec")[0] == 0
+    assert [c for c in gw.ip_calls() if c.startswith("addr del")] == [
+        "addr del 203.0.113.11/32 dev lo"
+    ]
+    assert (state / "tunnels" / "partner.lo-addresses").read_text() == "203.0.113.10\n"
+    assert (state / "lo-addresses").read_text() == "203.0.113.10\n203.0.113.20\n"
+
+
 def test_ike_version_1_is_rendered_and_checked(gw):
     code, _, err = configure(gw, ike_version="1")
     assert code == 1 and "IKEv1 negotiates one selector pair per CHILD_SA" in err
