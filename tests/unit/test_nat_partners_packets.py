@@ -135,18 +135,30 @@ def state(table: NatTable) -> tuple[int, int, int]:
     return (table.generation, table.checksum, len(table))
 
 
-def partners_base() -> MultiPartnerBase:
+def partners_base(shared_s: bool = False) -> MultiPartnerBase:
+    bee = (
+        PartnerNat("bee", (N("172.20.0.0/24"),), "gb")
+        if shared_s
+        else PartnerNat("bee", (N("172.20.0.0/24"),), "gb", "shared", ipaddress.IPv4Address(S_B))
+    )
     return MultiPartnerBase(
         (
             PartnerNat("bank-a", (N("10.0.0.0/24"),), "ga"),
-            PartnerNat("bee", (N("172.20.0.0/24"),), "gb", "shared", ipaddress.IPv4Address(S_B)),
+            bee,
             PartnerNat("clear", (N("10.0.0.0/24"),), "gc", aliases=(N("100.64.1.0/24"),)),
         ),
         tunnel_interfaces=("ga", "gb", "gc"),
     )
 
 
-def partner_tables() -> dict[str, NatTable]:
+def partner_tables(shared_s: bool = False) -> dict[str, NatTable]:
+    if shared_s:
+        # 10.1.0.10 appears to A and to B as the same S (each partner whitelists only its own).
+        return {
+            "bank-a": NatTable.from_rows(1, [("10.1.0.10", S_A)]),
+            "bee": NatTable.from_rows(1, [("10.1.0.10", S_A)]),
+            "clear": NatTable.from_rows(1, [("10.1.0.10", S_C)]),
+        }
     return {
         "bank-a": NatTable.from_rows(1, [("10.1.0.10", S_A), ("10.1.0.11", "203.0.113.12")]),
         "bee": NatTable.from_rows(1, [("10.1.0.10", S_B)], "shared"),
@@ -155,7 +167,8 @@ def partner_tables() -> dict[str, NatTable]:
 
 
 @pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
+def lab(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Lab]:
+    shared_s = getattr(request, "param", "") == "shared-s"
     lab = Lab(tmp_path)
     try:
         for role in ("inst", "gw", "pa", "pb", "pc"):
@@ -171,7 +184,7 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
         for sysctl in ("net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0",
                        "net.ipv4.conf.default.rp_filter=0"):  # fmt: skip
             lab.sh("gw", "sysctl", "-qw", sysctl)
-        base = partners_base()
+        base = partners_base(shared_s)
         # One /30 per stand-in tunnel (TEST-NET-1), the partner's network behind it.
         for i, (role, gif, pif, net, app) in enumerate(
             (
@@ -191,7 +204,7 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
             lab.sh("gw", "ip", "route", "add", net, "via", f"192.0.2.{4 * i + 2}",
                    "table", table)  # fmt: skip
             lab.sh("gw", "ip", "rule", "add", "fwmark", hex(out_mark(index)), "table", table)
-        ruleset = render_partners_table(base, partner_tables())
+        ruleset = render_partners_table(base, partner_tables(shared_s))
         lab.sh("gw", "nft", "-f", "-", input=ruleset)
         yield lab
     finally:
@@ -254,3 +267,28 @@ def test_a_delta_for_one_partner_changes_only_its_flows(lab: Lab) -> None:
     assert lab.connect("inst", "10.1.0.11", APP) == "A"
     assert seen_c.read_text().split() == ["203.0.113.14"]
     assert seen_a.read_text().split() == ["203.0.113.12"]
+
+
+@pytest.mark.parametrize("lab", ["shared-s"], indirect=True)
+def test_one_s_shared_by_two_partners(lab: Lab) -> None:
+    """A and B both know 10.1.0.10 as 203.0.113.10. Return traffic is told apart by conntrack;
+    a partner-initiated flow by the tunnel and source network it comes from, which selects
+    that partner's own dnat map."""
+    seen_a, seen_b = lab.serve("pa", "A"), lab.serve("pb", "B")
+    assert lab.connect("inst", "10.1.0.10", APP) == "A"
+    assert lab.connect("inst", "10.1.0.10", "172.20.0.5") == "B"
+    assert seen_a.read_text().split() == [S_A] and seen_b.read_text().split() == [S_A]
+    seen = lab.serve("inst", "I")
+    assert lab.connect("pa", APP, S_A) == "I"
+    assert lab.connect("pb", "172.20.0.5", S_A) == "I"
+    assert seen.read_text().split() == [APP, "172.20.0.5"]
+
+
+def test_nothing_partner_bound_leaves_outside_a_tunnel(lab: Lab) -> None:
+    """B's route moved off its tunnel (onto the instance side): the guard drops, never sends."""
+    lab.serve("pb", "B")
+    table = str(100 + partners_base().index("bee"))
+    lab.sh("gw", "ip", "route", "replace", "172.20.0.0/24", "via", "10.1.0.254", "table", table)
+    lab.sh("gw", "ip", "route", "replace", "172.20.0.0/24", "via", "10.1.0.254")
+    assert lab.connect("inst", "10.1.0.10", "172.20.0.5", timeout=1.0) is None
+    assert counter(lab, "dropped_cleartext") >= 1
