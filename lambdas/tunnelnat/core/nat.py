@@ -376,9 +376,11 @@ def _is_ifname(name: str) -> bool:
 # Aliases (a partner whose networks overlap another's or our VPC): instances address the alias;
 # on the way out ``dnat ip prefix to`` maps alias -> real network keeping the host bits, on
 # partner-initiated flows ``snat ip prefix to`` maps the partner's real source -> alias, so an
-# instance never sees a partner's real (overlapping) address. Prefix NAT is nft >= 1.0.1
-# ("dnat ip prefix to ip daddr map { 100.64.1.0/24 : 10.0.0.0/24 }", nft(8), NAT statements,
-# "prefix"); Debian 12's nft 1.0.6 accepts it (tests/unit/test_nat_partners.py loads it).
+# instance never sees a partner's real (overlapping) address. Prefix NAT (``dnat ip prefix to
+# ip daddr map { 100.64.1.0/24 : 10.0.0.0/24 }``: iptables' NETMAP) is not described by nft(8) of
+# Debian 12's nft 1.0.6 (its NAT statements list no ``prefix``), but that nft parses it and the
+# kernel keeps the host bits: tests/unit/test_nat_partners.py loads it (nft -c and nft -f) and
+# test_nat_partners_packets.py sends real packets through it (100.64.1.5 <-> 10.0.0.5).
 #
 # Return traffic needs no partner rule: conntrack undoes the NAT of the flow it belongs to.
 # Partner-initiated flows are told apart by the tunnel and source network, then DNATed through
