@@ -27,8 +27,11 @@ CURRENT = "/etc/tunnelnat/lib/tunnelnat-gateway.pyz"
 INSTALLER_SOURCE = ROOT / "gateway" / "install_package.py"
 # The user data's install step (stacks/gateway.py INSTALL_SCRIPT; a test keeps them the same):
 # $0 the parameter, $1 its region.
+MARKER = "/etc/tunnelnat/lib/mark_unhealthy.py"
+MARKER_SOURCE = ROOT / "gateway" / "mark_unhealthy.py"
 INSTALL_SCRIPT = (
     f'pkg=$(python3 {INSTALLER} --parameter "$0" --region "$1") && python3 "$pkg" activate'
+    f' || (python3 {MARKER} "$1" "the gateway software could not be installed"; exit 1)'
 )
 
 

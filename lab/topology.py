@@ -103,7 +103,14 @@ from lab.constants import (
 )
 from lab.eni_mirror import PARKING_NS, EniMirror, run_ip_batch
 from lab.gateway_boot import GatewayBoot, net_sysctls, parse_unit, read_machine_file
-from lab.package import INSTALLER, INSTALLER_SOURCE, installer_argv, publish
+from lab.package import (
+    INSTALLER,
+    INSTALLER_SOURCE,
+    MARKER,
+    MARKER_SOURCE,
+    installer_argv,
+    publish,
+)
 from lab.ssm_runner import REPO, default_env, load_document, netns_argv
 from lab.vpc_router import FIRST_TABLE, RouterLink, VpcRouter
 
@@ -1239,6 +1246,7 @@ swanctl {{
         /etc/tunnelnat/lib and run it, with the machine's own AWS credentials, to install the
         deployed package (the SSM parameter's) and make it the current one. Its JSON line."""
         self.write_etc(ns, INSTALLER.removeprefix("/etc/"), INSTALLER_SOURCE.read_text(), 0o755)
+        self.write_etc(ns, MARKER.removeprefix("/etc/"), MARKER_SOURCE.read_text(), 0o755)
         proc = subprocess.run(
             machine_argv(ns, installer_argv(self.software)),
             capture_output=True,

@@ -81,8 +81,13 @@ INSTALLER_PATH = "/etc/tunnelnat/lib/install_package.py"
 PACKAGE_PATH = "/etc/tunnelnat/lib/tunnelnat-gateway.pyz"  # what the units run (a symlink)
 # runcmd's first-boot install: the fetcher prints the archive's path (LIB/gateway/<sha256>.pyz),
 # whose ``activate`` verb points the units' link at it. $0: the parameter, $1: the region.
+# A first boot whose install fails marks the instance Unhealthy (gateway/mark_unhealthy.py): Auto
+# Scaling replaces it rather than leaving a gateway with no boot, no agent and no tunnel.
+MARKER = GATEWAY_DIR / "mark_unhealthy.py"
+MARKER_PATH = "/etc/tunnelnat/lib/mark_unhealthy.py"
 INSTALL_SCRIPT = (
     f'pkg=$(python3 {INSTALLER_PATH} --parameter "$0" --region "$1") && python3 "$pkg" activate'
+    f' || (python3 {MARKER_PATH} "$1" "the gateway software could not be installed"; exit 1)'
 )
 PAIR_UNIT = "tunnelnat-pair.service"
 UNITS_DIR = GATEWAY_DIR / "systemd"
@@ -1029,6 +1034,7 @@ def boot_user_data(
     files = [
         ("/etc/tunnelnat/boot.json", "0644", "", json.dumps(boot_config, indent=1)),
         (INSTALLER_PATH, "0755", "gz+b64", _packed(INSTALLER.read_text())),
+        (MARKER_PATH, "0755", "gz+b64", _packed(MARKER.read_text())),
         *files,
         *(
             (f"/etc/systemd/system/{unit}", "0644", "", (UNITS_DIR / unit).read_text())

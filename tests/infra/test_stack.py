@@ -29,6 +29,8 @@ from stacks.gateway import (
     INSTALL_SCRIPT,
     INSTALLER,
     INSTALLER_PATH,
+    MARKER,
+    MARKER_PATH,
     PACKAGE_PATH,
     PAIR_META_ATTRIBUTES,
     PAIR_UNIT,
@@ -242,13 +244,16 @@ def test_boot_user_data_carries_the_installer_and_the_units():
     files = {f["path"]: f for f in data["write_files"]}
     # The fetcher as the repository has it (the package itself comes from S3), then the
     # package's activate verb makes it what the units run.
+    # A failed install marks the instance Unhealthy: Auto Scaling replaces it.
     assert INSTALL_SCRIPT == (
         f'pkg=$(python3 {INSTALLER_PATH} --parameter "$0" --region "$1") && python3 "$pkg" activate'
+        f' || (python3 {MARKER_PATH} "$1" "the gateway software could not be installed"; exit 1)'
     )
-    installer = files[INSTALLER_PATH]
-    assert installer["encoding"] == "gz+b64" and installer["permissions"] == "0755"
-    assert gzip.decompress(base64.b64decode(installer["content"])).decode() == INSTALLER.read_text()
-    assert not [f for f in files if f.endswith(".py") and f != INSTALLER_PATH]
+    for path, source in ((INSTALLER_PATH, INSTALLER), (MARKER_PATH, MARKER)):
+        shipped = files[path]
+        assert shipped["encoding"] == "gz+b64" and shipped["permissions"] == "0755"
+        assert gzip.decompress(base64.b64decode(shipped["content"])).decode() == source.read_text()
+    assert not [f for f in files if f.endswith(".py") and f not in (INSTALLER_PATH, MARKER_PATH)]
     for unit in BOOT_UNITS:
         assert files[f"/etc/systemd/system/{unit}"]["content"] == (UNITS_DIR / unit).read_text()
     drop_in = files[f"/etc/systemd/system/{SSM_AGENT_UNIT}.d/tunnelnat.conf"]["content"]

@@ -311,3 +311,41 @@ def test_documents_embed_only_what_instances_run_and_the_two_shared_pieces(tmp_p
     (tmp_path / "instance" / "x.py").write_text('print("{{ Param }}")\n')
     with pytest.raises(EmbedError, match="which SSM would substitute"):
         expand(document("instance/x.py"), root=tmp_path)
+
+
+def test_a_failed_first_install_marks_the_gateway_unhealthy(monkeypatch):
+    """gateway/mark_unhealthy.py, the user data's last step when the install fails: the instance
+    IMDS names is marked Unhealthy in its group, so Auto Scaling replaces it."""
+    import mark_unhealthy
+
+    for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    with mock_aws():
+        ec2 = boto3.client("ec2", region_name=REGION)
+        image = ec2.describe_images()["Images"][0]["ImageId"]
+        autoscaling = boto3.client("autoscaling", region_name=REGION)
+        autoscaling.create_launch_configuration(
+            LaunchConfigurationName="gw", ImageId=image, InstanceType="t3.small"
+        )
+        autoscaling.create_auto_scaling_group(
+            AutoScalingGroupName="x-gateway",
+            LaunchConfigurationName="gw",
+            MinSize=1,
+            MaxSize=1,
+            AvailabilityZones=[f"{REGION}a"],
+        )
+        (instance,) = autoscaling.describe_auto_scaling_groups()["AutoScalingGroups"][0][
+            "Instances"
+        ]
+        asked = []
+        monkeypatch.setattr(
+            mark_unhealthy, "imds", lambda path: asked.append(path) or instance["InstanceId"]
+        )
+        assert mark_unhealthy.main([REGION, "the gateway software could not be installed"]) == 0
+        assert asked == ["/latest/meta-data/instance-id"]
+        (after,) = autoscaling.describe_auto_scaling_instances()["AutoScalingInstances"]
+        assert after["HealthStatus"].upper() == "UNHEALTHY"
+    assert mark_unhealthy.main([REGION]) == 2
+    assert third_party_imports(REPO / "gateway" / "mark_unhealthy.py") == {"boto3", "botocore"}
