@@ -19,7 +19,9 @@ import argparse
 import hashlib
 import io
 import json
+import os
 import sys
+import time
 import tomllib
 import zipfile
 from collections.abc import Mapping
@@ -104,11 +106,23 @@ def build(out_dir: Path = DEFAULT_OUT, root: Path = ROOT) -> GatewayPackage:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"tunnelnat-gateway-{sha256[:16]}.pyz"
     if not path.exists() or path.read_bytes() != data:
-        tmp = path.with_suffix(".tmp")
+        # A name of its own: two test workers may build the same archive at once.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_bytes(data)
         tmp.chmod(0o755)
         tmp.replace(path)
+    prune(out_dir, keep=path)
     return GatewayPackage(path=path, sha256=sha256, version=version, size=len(data))
+
+
+def prune(out_dir: Path, keep: Path, older_than: float = 3600.0) -> None:
+    """Archives of earlier sources go once an hour old (a run in progress may still use one)."""
+    for old in out_dir.glob("tunnelnat-gateway-*.pyz"):
+        try:
+            if old != keep and time.time() - old.stat().st_mtime > older_than:
+                old.unlink()
+        except FileNotFoundError:  # another worker pruned it first
+            pass
 
 
 def bind(content: Any, *, sha256: str, bucket: str, key: str, region: str) -> Any:
