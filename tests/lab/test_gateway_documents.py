@@ -73,7 +73,7 @@ def set_psk(lab, psk, *, partner=True):
 
 def gateway_state(lab):
     return {
-        "conf": topo.in_ns("tn-gw", ["cat", "/etc/swanctl/conf.d/tunnelnat.conf"]),
+        "conf": topo.in_ns("tn-gw", ["cat", f"/etc/swanctl/conf.d/tunnelnat-{topo.TUNNEL}.conf"]),
         "table": topo.in_ns("tn-gw", ["nft", "list", "table", "ip", "tunnelnat"]),
         "lo": topo.in_ns("tn-gw", ["ip", "-4", "-o", "addr", "show", "dev", "lo"]),
         "ike_sas": topo.in_ns("tn-gw", ["swanctl", "--list-sas"]).count("ESTABLISHED"),
@@ -97,7 +97,9 @@ def test_configure_gateway_twice_is_idempotent(configured_lab):
     # The key never appears in the output; it sits in a root-only file.
     for run in (lab.gateway_configure, lab.tunnel_configure):
         assert lab.psk not in run.stdout + run.stderr
-    mode = topo.in_ns("tn-gw", ["stat", "-c", "%a", "/etc/swanctl/conf.d/tunnelnat-secret.conf"])
+    mode = topo.in_ns(
+        "tn-gw", ["stat", "-c", "%a", f"/etc/swanctl/conf.d/tunnelnat-{topo.TUNNEL}.secret.conf"]
+    )
     assert mode.strip() == "600"
     assert topo.in_ns("tn-gw", ["sysctl", "-n", "net.ipv4.ip_forward"]).strip() == "1"
 
