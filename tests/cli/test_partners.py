@@ -37,7 +37,9 @@ def run(*argv: str) -> Result:
 def no_aws(monkeypatch, tmp_path):
     """Nothing AWS could use: no credentials, no region, no config files, no metadata."""
     for name in list(os.environ):
-        if name.startswith("AWS_"):
+        # TUNNELNAT_*: the deployment (and so the tag keys) comes from the options alone here,
+        # whatever an earlier test on this worker left in the environment.
+        if name.startswith(("AWS_", "TUNNELNAT_")):
             monkeypatch.delenv(name)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
