@@ -225,6 +225,16 @@ class NatTable:
         )
 
 
+def _mss_clamp(mss: int) -> list[str]:
+    """The forward chain's clamp of both directions' SYNs to the partners' networks, so the ESP
+    overhead never forces fragmentation (one partner's table and several partners' alike)."""
+    return [
+        f"    ip {side} @partner_nets tcp flags syn tcp option maxseg size > {mss} "
+        f"tcp option maxseg size set {mss}"
+        for side in ("daddr", "saddr")
+    ]
+
+
 def render_nat_table(base: GatewayBase, table: NatTable) -> str:
     """The whole ``ip tunnelnat`` table as one ``nft -f`` transaction that replaces any old one."""
     if base.nat_mode != table.nat_mode:
@@ -257,11 +267,7 @@ def render_nat_table(base: GatewayBase, table: NatTable) -> str:
         "  }",
         "  chain forward {",
         "    type filter hook forward priority filter; policy accept;",
-        # Clamp both directions' SYNs so the ESP overhead never forces fragmentation.
-        f"    ip daddr @partner_nets tcp flags syn tcp option maxseg size > {base.mss} "
-        f"tcp option maxseg size set {base.mss}",
-        f"    ip saddr @partner_nets tcp flags syn tcp option maxseg size > {base.mss} "
-        f"tcp option maxseg size set {base.mss}",
+        *_mss_clamp(base.mss),
         # Only enrolled instances may reach the partner, host route or not.
         "    ip daddr @partner_nets ip saddr != @enrolled counter name dropped_unenrolled drop",
         # From the partner: replies, and new flows DNATed to the one instance mapped to S.
@@ -585,10 +591,7 @@ def render_partners_table(
         "  }",
         "  chain forward {",
         "    type filter hook forward priority filter; policy accept;",
-        f"    ip daddr @partner_nets tcp flags syn tcp option maxseg size > {base.mss} "
-        f"tcp option maxseg size set {base.mss}",
-        f"    ip saddr @partner_nets tcp flags syn tcp option maxseg size > {base.mss} "
-        f"tcp option maxseg size set {base.mss}",
+        *_mss_clamp(base.mss),
         "    meta mark vmap @fwd_dispatch",
         # A partner's real network addressed directly when that partner is reached through its
         # alias only: no partner claims it, it is never forwarded.
