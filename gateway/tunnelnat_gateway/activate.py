@@ -66,6 +66,15 @@ def restart_pair_agent(
     return "restarted"
 
 
+def point_current(link: Path, archive: Path) -> None:
+    """``link`` (LIB/tunnelnat-gateway.pyz) to gateway/<archive's name>, relative, in one rename:
+    a unit starting meanwhile runs the old archive or the new one, never neither."""
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(Path("gateway") / archive.name)
+    os.replace(tmp, link)
+
+
 def activate(
     archive: Path,
     *,
@@ -87,10 +96,7 @@ def activate(
     )
     changed = previous != sha256
     if changed:
-        tmp = link.with_name(f".{CURRENT}.{os.getpid()}.tmp")
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(Path("gateway") / archive.name)
-        os.replace(tmp, link)
+        point_current(link, archive)
     prune(versions, keep={sha256, previous}, now=time.time() if now is None else now)
     pair_agent = None
     if restart:

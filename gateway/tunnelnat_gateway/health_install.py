@@ -255,19 +255,8 @@ def link_current(lib: Path, archive: Path | None) -> bool:
     archive = Path(os.path.realpath(archive))
     if archive.parent != Path(os.path.realpath(lib / "gateway")):
         return False
-    tmp = lib / f"{LINK_NAME}.{os.getpid()}.tmp"
-    os.symlink(os.path.join("gateway", archive.name), tmp)
-    os.replace(tmp, link)
+    activate.point_current(link, archive)
     return True
-
-
-def systemd_running() -> bool:
-    """sd_booted(): systemd manages services only when it is PID 1 of this system."""
-    try:
-        comm = Path("/proc/1/comm").read_text().strip()
-    except OSError:
-        return False
-    return Path("/run/systemd/system").is_dir() and comm == "systemd"
 
 
 def start_timer(changed: bool, run: Runner) -> None:
@@ -317,7 +306,7 @@ def install(
     texts = units(opts, args, python=python, ip=ip, link=lib / LINK_NAME)
     changed = [write_if_changed(units_dir / name, text) for name, text in texts.items()]
     if systemd is None:
-        systemd = systemd_running()
+        systemd = activate.systemd_is_pid1()
     if systemd:
         start_timer(any(changed) or linked, run)
         timer = "enabled"
