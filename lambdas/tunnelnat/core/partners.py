@@ -48,6 +48,7 @@ from tunnelnat.core.crypto import (
     lifetime_problems,
     proposal_problems,
 )
+from tunnelnat.core.lanes import Lane
 
 # A partner's name is its tunnel's (swanctl connection) name, part of file names on the gateway
 # (conf.d/tunnelnat-<name>.conf), the suffix of its tag key and a metric dimension: lower case,
@@ -346,6 +347,27 @@ class Partners:
             if resolved.name == name:
                 return resolved
         raise KeyError(name)
+
+    def lanes(self, deployment: str, enrolment_tag_key: str) -> tuple[Lane, ...]:
+        """Each partner as a lane of ``deployment`` (core/lanes.py): what the stack publishes
+        for the controller, the gateway and the CLI. Its index is its place in the file."""
+        return tuple(
+            Lane(
+                deployment=deployment,
+                name=r.name,
+                index=i,
+                endpoint=r.partner.endpoint,
+                networks=r.real_networks,
+                # One alias per network or none (a network without one maps to itself).
+                aliases=r.local_networks if any(n.alias for n in r.networks) else (),
+                nat_mode=r.partner.nat.mode.value,
+                pool=r.partner.nat.pool,
+                shared_address=r.partner.nat.address,
+                tag_key=partner_tag_key(enrolment_tag_key, r.name),
+                ike_version=r.partner.ike_version,
+            )
+            for i, r in enumerate(self.plan, 1)
+        )
 
     # -- loading -------------------------------------------------------------------------------
 
