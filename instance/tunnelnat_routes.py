@@ -16,7 +16,10 @@ networkd own the routes without taking the interface down.
 
 One drop-in per deployment: two deployments enrolling one instance never rewrite or remove each
 other's. The ``tunnelnat.conf`` of earlier versions (one for whichever deployment wrote last) is
-taken over only when every ``Gateway=`` in it is this deployment's G.
+taken over only when every ``Gateway=`` in it is this deployment's G. A deployment with several
+partners passes one scope per partner (``<deployment>.<partner>``): each partner's routes have
+their own drop-in, and since every partner of a deployment routes via the same G, a partner's
+scope never takes over the earlier versions' drop-in (it could hold another partner's routes).
 
 Exit status of ``persist``: 0 the drop-in is in place, 3 networkd does not manage the interface
 (the document falls back to its oneshot unit), 1 failure, 2 bad arguments.
@@ -37,8 +40,9 @@ from pathlib import Path
 
 NETWORKD_ETC = Path("/etc/systemd/network")
 LEGACY_DROPIN_NAME = "tunnelnat.conf"  # earlier versions': one for every deployment
-# The stack's deployment names: part of a file name here, so never "." or "..", never a "/".
-DEPLOYMENT = re.compile(r"[a-z][a-z0-9-]{1,28}[a-z0-9]")
+# The stack's deployment names, or a partner's lane of one (``<deployment>.<partner>``,
+# core/lanes.py route_scope): part of a file name here, so never "." or "..", never a "/".
+DEPLOYMENT = re.compile(r"[a-z][a-z0-9-]{1,28}[a-z0-9](\.[a-z][a-z0-9-]{0,22}[a-z0-9])?")
 NOT_MANAGED = 3
 # Interface names as the kernel allows them (IFNAMSIZ 16, no "/" or whitespace); we accept less.
 IFNAME = re.compile(r"[A-Za-z0-9_.:@-]{1,15}")
@@ -57,6 +61,11 @@ def parse_deployment(text: str) -> str:
     if not DEPLOYMENT.fullmatch(text):
         raise RouteError(f"deployment {text[:40]!r} is not a deployment name")
     return text
+
+
+def is_partner_scope(deployment: str) -> bool:
+    """``<deployment>.<partner>``: one partner's routes of a several-partner deployment."""
+    return "." in parse_deployment(deployment)
 
 
 def dropin_name(deployment: str) -> str:
@@ -230,7 +239,8 @@ def persist(
     # routes a second time, or keep routes for networks no longer wanted: ours to remove; so is
     # an earlier version's drop-in of our G. Other deployments' drop-ins are theirs.
     stale = [p for p in existing_dropins(deployment, etc_dir) if p != target]
-    stale += legacy_dropins(gateway, etc_dir)
+    if not is_partner_scope(deployment):
+        stale += legacy_dropins(gateway, etc_dir)
     for path in stale:
         remove_dropin(path)
     if changed or stale:
@@ -256,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     add = sub.add_parser("persist", help="write the networkd drop-in for the routes")
     add.add_argument("--gateway", required=True)
     add.add_argument("--destinations", required=True, help="comma-separated IPv4 networks")
-    add.add_argument("--deployment", required=True, help="the tunnelnat deployment")
+    add.add_argument(
+        "--deployment", required=True, help="the tunnelnat deployment (or <deployment>.<partner>)"
+    )
     add.add_argument("--etc-dir", type=Path, default=NETWORKD_ETC)
     args = parser.parse_args(argv)
     try:
