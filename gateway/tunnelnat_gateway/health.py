@@ -241,18 +241,23 @@ class TunnelStatus:
 def sa_status(tunnel: str, reading: SaReading, children: Sequence[str] = ()) -> TunnelStatus:
     """IKE SA ESTABLISHED and at least one INSTALLED child SA of each name in ``children``
     (ConfigureGateway's list: ``tunnel`` itself, or ``tunnel-1..N`` with SelectorLayout
-    per-pair, where a missing pair is a partner refusing some of our traffic)."""
+    per-pair, where a missing pair is a partner refusing some of our traffic).
+
+    Only the tunnel's own IKE SAs count (vici names an IKE SA after its connection, the
+    tunnel): a CHILD_SA's name is unique only within its connection, and with several partners
+    tunnel ``x-2``'s child ``x-2`` is another tunnel's than tunnel ``x``'s per-pair ``x-2``."""
     if not reading.ok:
         return TunnelStatus(tunnel, False, f"charon: {reading.error}")
     per_child = dict.fromkeys(children or [tunnel], 0)
     ike_states = []
     for ike in reading.sas:
-        named = [c for c in ike.children if c.name in per_child]
+        if ike.name != tunnel:
+            continue
         if ike.state == "ESTABLISHED":
-            for c in named:
-                per_child[c.name] += c.state == "INSTALLED"
-        if named or ike.name == tunnel:
-            ike_states.append(ike.state)
+            for c in ike.children:
+                if c.name in per_child:
+                    per_child[c.name] += c.state == "INSTALLED"
+        ike_states.append(ike.state)
     installed = sum(per_child.values())
     missing = [name for name, count in per_child.items() if not count]
     if installed and not missing:
@@ -476,8 +481,9 @@ class TunnelStats:
 
 
 def tunnel_children(reading: SaReading, tunnel: str, children: Sequence[str] = ()) -> list[ChildSa]:
+    """The tunnel's CHILD_SAs of those names, within its own IKE SAs only (``sa_status``)."""
     names = set(children or [tunnel])
-    return [c for ike in reading.sas for c in ike.children if c.name in names]
+    return [c for ike in reading.sas if ike.name == tunnel for c in ike.children if c.name in names]
 
 
 def traffic(

@@ -89,6 +89,7 @@ from pathlib import Path
 from typing import Any
 
 from tunnelnat_gateway import boot as boot  # noqa: E402
+from tunnelnat_gateway import health as agent
 from tunnelnat_gateway import software
 
 CONFIG_FILE = Path("/etc/tunnelnat/pair.json")
@@ -217,13 +218,16 @@ class PairConfig:
     group_name: str | None = None
     # The deployed gateway software's SSM parameter (default: /tunnelnat/<deployment>/...).
     software_parameter: str | None = None
+    # Several partners (issue 23): every tunnel ConfigureTunnel configured here, read from its
+    # <tunnel>.json in this directory (``connections``). None: the one ``tunnel`` above.
+    tunnels_dir: Path | None = None
 
     KEYS = frozenset(
         "region eni_id gateway deployment table tunnel children heartbeat_port interval_seconds "
         "misses hold_down_seconds startup_grace_seconds check_seconds topic_arn namespace "
         "partner_endpoint subnet_router peer_address role_file key_secret key_file "
         "insecure_heartbeats lifecycle_hook signal_stack signal_resource request_file "
-        "group_name software_parameter".split()
+        "group_name software_parameter tunnels_dir".split()
     )
 
     @classmethod
@@ -299,6 +303,7 @@ class PairConfig:
             group_name=_name(data, "group_name", GROUP_NAME),
             software_parameter=_name(data, "software_parameter", software.PARAMETER_NAME)
             or software.parameter_for(data["deployment"]),
+            tunnels_dir=_path(data, "tunnels_dir", None),
         )
 
     @property
@@ -1089,15 +1094,64 @@ def ping(address: IPv4Address) -> bool:
 
 Runner = Callable[..., subprocess.CompletedProcess]
 _INSTALLED = re.compile(r"\{name=([A-Za-z0-9_-]+) [^{}]*?\bstate=INSTALLED\b")
+Connections = tuple[tuple[str, tuple[str, ...]], ...]  # (tunnel, its CHILD_SA names), ...
 
 
-def installed_children(raw: str, children: Sequence[str]) -> int:
-    """How many of ``children`` have an INSTALLED CHILD_SA in ``swanctl --list-sas --raw``."""
-    found = set(_INSTALLED.findall(raw))
-    return sum(1 for c in children if c in found)
+def connections(config: PairConfig) -> Connections:
+    """The tunnels this gateway carries, each with its CHILD_SA names.
+
+    Without ``tunnels_dir``: the configuration's one tunnel. With it (several partners): every
+    ``<tunnel>.json`` ConfigureTunnel wrote there, read each time. Not from pair.json: that is
+    the launch template's user data, and a partner added by redeploy must not replace the
+    gateways (issue 23: the others' SAs stay up); ConfigureTunnel's association for the new
+    partner writes its file on both gateways. None found (before the first ConfigureTunnel
+    run): the configuration's tunnel."""
+    if config.tunnels_dir is None:
+        return ((config.tunnel, config.children),)
+    found = []
+    try:
+        paths = sorted(config.tunnels_dir.glob("*.json"), key=lambda p: p.stem)
+    except OSError:
+        paths = []
+    for path in paths:
+        if not NAME.fullmatch(path.stem):
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            data = None
+        children = data.get("children") if isinstance(data, dict) else None
+        if not (
+            isinstance(children, list)
+            and 1 <= len(children) <= 256
+            and all(isinstance(c, str) and NAME.fullmatch(c) for c in children)
+        ):
+            children = [path.stem]  # core/swanctl.py's single layout: the child is the tunnel
+        found.append((path.stem, tuple(children)))
+    return tuple(found) or ((config.tunnel, config.children),)
 
 
-def read_sas(children: Sequence[str], run: Runner = subprocess.run) -> int:
+def installed_children(raw: str, children: Sequence[str], tunnel: str | None = None) -> int:
+    """How many of ``children`` have an INSTALLED CHILD_SA in ``swanctl --list-sas --raw``;
+    with ``tunnel``, only within that connection's IKE SAs: a CHILD_SA's name is unique only
+    within its connection (tunnel ``x-2``'s child ``x-2`` beside tunnel ``x``'s per-pair
+    ``x-2``)."""
+    if tunnel is None:
+        found = set(_INSTALLED.findall(raw))
+        return sum(1 for c in children if c in found)
+    try:
+        sas = agent.parse_list_sas_raw(raw)
+    except agent.ParseError:
+        return 0
+    installed = {
+        c.name for ike in sas if ike.name == tunnel for c in ike.children if c.state == "INSTALLED"
+    }
+    return sum(1 for c in children if c in installed)
+
+
+def read_sas(children: Sequence[str] | Connections, run: Runner = subprocess.run) -> int:
+    """INSTALLED CHILD_SAs here: of ``children`` (any connection), or of each connection's own
+    children (``connections()``)."""
     try:
         proc = run(
             ["swanctl", "--list-sas", "--raw", "--noblock"],
@@ -1108,15 +1162,23 @@ def read_sas(children: Sequence[str], run: Runner = subprocess.run) -> int:
         )
     except (OSError, subprocess.TimeoutExpired):
         return 0
-    return installed_children(proc.stdout, children) if proc.returncode == 0 else 0
+    if proc.returncode != 0:
+        return 0
+    if all(isinstance(c, str) for c in children):
+        return installed_children(proc.stdout, children)  # type: ignore[arg-type]
+    return sum(
+        installed_children(proc.stdout, kids, tunnel)
+        for tunnel, kids in children  # type: ignore[misc]
+    )
 
 
 _CONN = re.compile(r"^([A-Za-z0-9_-]+): IKEv", re.MULTILINE)
 
 
-def read_tunnel_loaded(tunnel: str, run: Runner = subprocess.run) -> bool | None:
-    """Whether charon has the tunnel's connection loaded (``swanctl --list-conns``): a standby
-    with it loaded only has to initiate at a takeover. None: charon did not answer."""
+def read_tunnel_loaded(tunnel: str | Sequence[str], run: Runner = subprocess.run) -> bool | None:
+    """Whether charon has the tunnel's connection (every one of ``tunnel`` when a list) loaded
+    (``swanctl --list-conns``): a standby with it loaded only has to initiate at a takeover.
+    None: charon did not answer."""
     try:
         proc = run(
             ["swanctl", "--list-conns"],
@@ -1129,7 +1191,9 @@ def read_tunnel_loaded(tunnel: str, run: Runner = subprocess.run) -> bool | None
         return None
     if proc.returncode != 0:
         return None
-    return tunnel in _CONN.findall(proc.stdout)
+    loaded = set(_CONN.findall(proc.stdout))
+    wanted = [tunnel] if isinstance(tunnel, str) else list(tunnel)
+    return all(name in loaded for name in wanted)
 
 
 def read_generation(run: Runner = subprocess.run) -> int | None:
@@ -1150,24 +1214,33 @@ def read_generation(run: Runner = subprocess.run) -> int | None:
 
 
 def initiate(config: PairConfig, run: Runner = subprocess.run) -> list[str]:
-    """Start the tunnel from here. A half-open IKE SA charon kept retrying while G was not on
+    """Start every tunnel from here. A half-open IKE SA charon kept retrying while G was not on
     this instance goes first (its retransmits would delay the new one). The new IKE_AUTH carries
     INITIAL_CONTACT: strongSwan's ike_auth.c (build_i) adds it when the peer's identity has no
     wildcards, it is the first authentication round, the connection's ``unique`` is not ``never``
     and ``ike_sa_manager->has_contact()`` finds no IKE SA with the same identities; the standby
-    holds none, so the partner deletes the dead gateway's SAs (RFC 7296, 2.4)."""
+    holds none, so the partner deletes the dead gateway's SAs (RFC 7296, 2.4).
+
+    ``--ike NAME --child C``: a CHILD_SA's name is unique only within its connection (tunnel
+    ``x-2``'s child ``x-2`` beside tunnel ``x``'s per-pair child ``x-2``); ``--ike`` names the
+    child's connection (``swanctl --initiate --help``, strongSwan 5.9.8: "--ike (-i) initiate an
+    IKE_SA, or name of child's parent"). Failed: ``tunnel/child`` with several tunnels, the
+    child's name with one (as before)."""
     drop_sas(config, run)
     failed = []
-    for child in config.children:
-        proc = _swanctl(run, "--initiate", "--child", child, "--timeout", "-1")
-        if proc.returncode != 0:
-            failed.append(child)
+    conns = connections(config)
+    for tunnel, children in conns:
+        for child in children:
+            proc = _swanctl(run, "--initiate", "--ike", tunnel, "--child", child, "--timeout", "-1")
+            if proc.returncode != 0:
+                failed.append(child if len(conns) == 1 else f"{tunnel}/{child}")
     return failed
 
 
 def drop_sas(config: PairConfig, run: Runner = subprocess.run) -> None:
-    """A fenced active holds no SA: the standby never has one with the partner."""
-    _swanctl(run, "--terminate", "--ike", config.tunnel, "--force")
+    """A fenced active holds no SA: the standby never has one with any partner."""
+    for tunnel, _children in connections(config):
+        _swanctl(run, "--terminate", "--ike", tunnel, "--force")
 
 
 def _swanctl(run: Runner, *args: str) -> subprocess.CompletedProcess:
@@ -1705,9 +1778,11 @@ class Agent:
         fast = self.awaiting_tunnel is not None
         self.next_status = now + (self.config.interval_seconds if fast else STATUS_SECONDS)
         self.generation = read_generation(self.run_cmd)
-        self.sas = read_sas(self.config.children, self.run_cmd)
-        self.tunnel_loaded = read_tunnel_loaded(self.config.tunnel, self.run_cmd)
-        if self.awaiting_tunnel is not None and self.sas >= len(self.config.children):
+        conns = connections(self.config)
+        self.sas = read_sas(conns, self.run_cmd)
+        self.tunnel_loaded = read_tunnel_loaded([t for t, _ in conns], self.run_cmd)
+        wanted = sum(len(children) for _, children in conns)
+        if self.awaiting_tunnel is not None and self.sas >= wanted:
             event("tunnel_up", seconds=round(now - self.awaiting_tunnel, 3), sas=self.sas)
             self.awaiting_tunnel = None
         elif self.awaiting_tunnel is not None and now - self.awaiting_tunnel > 120:

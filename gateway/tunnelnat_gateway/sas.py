@@ -118,15 +118,14 @@ def listing(
     lines = [tunnel_line(name, facts, now) for name, facts in sorted(tunnels.items())]
     if not reading.ok:
         return [*lines, {"kind": "error", "error": f"charon: {reading.error}"}]
-    names = {c for line in lines for c in line["children"]} | set(tunnels)
     for ike in reading.sas:
-        children = list(ike.children)
+        # A tunnel's SAs are its connection's IKE SAs (vici names them after it): never another
+        # connection's CHILD_SA that happens to share a name with one of ours (tunnel x-2's
+        # child x-2 beside tunnel x's per-pair x-2, issue 23).
         if tunnels and ike.name not in tunnels:
-            children = [c for c in children if c.name in names]
-            if not children:
-                continue
+            continue
         lines.append(ike_line(ike))
-        lines.extend(child_line(ike, c) for c in children)
+        lines.extend(child_line(ike, c) for c in ike.children)
     return lines
 
 
