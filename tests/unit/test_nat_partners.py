@@ -37,7 +37,7 @@ def state(table: NatTable) -> tuple[int, int, int]:
 def partners(count: int, tunnel_interfaces: tuple[str, ...] | None = None) -> MultiPartnerBase:
     return MultiPartnerBase(
         tuple(
-            PartnerNat(f"p{i:02d}", (N(f"172.{16 + i // 256}.{i % 256}.0/24"),), "eth0")
+            PartnerNat(f"p{i:02d}", (N(f"172.{16 + i // 256}.{i % 256}.0/24"),))
             for i in range(count)
         ),
         tunnel_interfaces=tunnel_interfaces,
@@ -53,11 +53,16 @@ def rows(count: int, offset: int = 0) -> list[tuple[str, str]]:
 def overlap_base() -> MultiPartnerBase:
     return MultiPartnerBase(
         (
-            PartnerNat("bank-a", (N("10.0.0.0/24"),), "xfrm-a"),
-            PartnerNat("clear", (N("10.0.0.0/24"),), "xfrm-c", aliases=(N("100.64.1.0/24"),)),
-            PartnerNat("bee", (N("172.20.0.0/24"),), "xfrm-b", "shared", A("203.0.113.30")),
+            PartnerNat("bank-a", (N("10.0.0.0/24"),), public_addresses=(A("203.0.113.10"),)),
+            PartnerNat(
+                "clear",
+                (N("10.0.0.0/24"),),
+                aliases=(N("100.64.1.0/24"),),
+                public_addresses=(A("203.0.113.11"), A("203.0.113.12")),
+            ),
+            PartnerNat("bee", (N("172.20.0.0/24"),), "shared", A("203.0.113.30")),
         ),
-        tunnel_interfaces=("xfrm-a", "xfrm-b", "xfrm-c"),
+        tunnel_interfaces=("ipsec0",),
     )
 
 
@@ -74,8 +79,8 @@ def nft_in_namespace(script: str) -> subprocess.CompletedProcess[str]:
         (
             lambda: MultiPartnerBase(
                 (
-                    PartnerNat("a1", (N("10.0.0.0/24"),), "x1"),
-                    PartnerNat("c1", (N("10.0.0.0/25"),), "x2"),
+                    PartnerNat("a1", (N("10.0.0.0/24"),)),
+                    PartnerNat("c1", (N("10.0.0.0/25"),)),
                 )
             ),
             "overlaps partner a1's 10.0.0.0/24",
@@ -83,26 +88,45 @@ def nft_in_namespace(script: str) -> subprocess.CompletedProcess[str]:
         (
             lambda: MultiPartnerBase(
                 (
-                    PartnerNat("a1", (N("10.0.0.0/24"),), "eth0"),
-                    PartnerNat("c1", (N("10.0.0.0/24"),), "eth0", aliases=(N("100.64.1.0/24"),)),
+                    PartnerNat("a1", (N("10.0.0.0/24"),)),
+                    PartnerNat("c1", (N("10.0.0.0/24"),), aliases=(N("100.64.1.0/24"),)),
                 )
             ),
-            "through the same tunnel interface",
+            "both need their public addresses declared",
         ),
-        (
-            lambda: PartnerNat("c1", (N("10.0.0.0/24"),), "x", aliases=(N("100.64.1.0/25"),)),
-            "not the size of",
-        ),
-        (lambda: PartnerNat("Bank", (N("10.0.0.0/24"),), "x"), "invalid partner name"),
-        (lambda: PartnerNat("bank-", (N("10.0.0.0/24"),), "x"), "invalid partner name"),
-        (lambda: PartnerNat("b_k", (N("10.0.0.0/24"),), "x"), "invalid partner name"),
-        (lambda: PartnerNat("bank", (N("10.0.0.0/24"),), "x", "shared"), "needs shared_address"),
-        (lambda: PartnerNat("bank", (N("10.0.0.0/24"),), "bad if"), "invalid interface"),
         (
             lambda: MultiPartnerBase(
                 (
-                    PartnerNat("a1", (N("10.0.0.0/24"),), "x1"),
-                    PartnerNat("a1", (N("10.1.0.0/24"),), "x2"),
+                    PartnerNat("a1", (N("10.0.0.0/24"),), public_addresses=(A("203.0.113.1"),)),
+                    PartnerNat(
+                        "c1",
+                        (N("10.0.0.0/16"),),
+                        aliases=(N("100.64.0.0/16"),),
+                        public_addresses=(A("203.0.113.2"), A("203.0.113.1")),
+                    ),
+                )
+            ),
+            "both have 203.0.113.1: their IPsec policies would be the same",
+        ),
+        (
+            lambda: PartnerNat("c1", (N("10.0.0.0/24"),), aliases=(N("100.64.1.0/25"),)),
+            "not the size of",
+        ),
+        (lambda: PartnerNat("Bank", (N("10.0.0.0/24"),)), "invalid partner name"),
+        (lambda: PartnerNat("bank-", (N("10.0.0.0/24"),)), "invalid partner name"),
+        (lambda: PartnerNat("b_k", (N("10.0.0.0/24"),)), "invalid partner name"),
+        (lambda: PartnerNat("bank", (N("10.0.0.0/24"),), "shared"), "needs shared_address"),
+        (
+            lambda: MultiPartnerBase(
+                (PartnerNat("bank", (N("10.0.0.0/24"),)),), tunnel_interfaces=("bad if",)
+            ),
+            "invalid tunnel interfaces",
+        ),
+        (
+            lambda: MultiPartnerBase(
+                (
+                    PartnerNat("a1", (N("10.0.0.0/24"),)),
+                    PartnerNat("a1", (N("10.1.0.0/24"),)),
                 )
             ),
             "duplicate partner names",
@@ -144,11 +168,15 @@ def test_alias_partner_renders_prefix_nat_both_ways() -> None:
     text = render_partners_table(overlap_base(), {})
     assert "dnat ip prefix to ip daddr map { 100.64.1.0/24 : 10.0.0.0/24 }" in text
     assert "snat ip prefix to ip saddr map { 10.0.0.0/24 : 100.64.1.0/24 }" in text
-    # The overlapping real network appears once in the guard's set, both partners' tunnels in
-    # the classifier.
+    # The overlapping real network appears once in the guard's set; in the classifier, once per
+    # S of each overlapping partner; a partner overlapping nobody by its source alone.
     assert text.count("      10.0.0.0/24,") + text.count("      10.0.0.0/24\n") == 1
-    assert '"xfrm-a" . 10.0.0.0/24' in text and '"xfrm-c" . 10.0.0.0/24' in text
-    assert 'oifname != { "xfrm-a", "xfrm-b", "xfrm-c" }' in text
+    assert "203.0.113.10 . 10.0.0.0/24 : 2130706433" in text  # in_mark(1)
+    assert "203.0.113.11 . 10.0.0.0/24 : 2130706434" in text  # in_mark(2)
+    assert "203.0.113.12 . 10.0.0.0/24 : 2130706434" in text
+    assert "0.0.0.0/0 . 172.20.0.0/24 : 2130706435" in text
+    assert "meta mark set ip daddr . ip saddr map @in_class" in text
+    assert 'oifname != { "ipsec0" }' in text
     # Shared S: no partner-initiated path, SNAT of enrolled sources only.
     assert "ip saddr @enrolled_bee snat to 203.0.113.30" in text
     assert "pre_in_bee" not in text

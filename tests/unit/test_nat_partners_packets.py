@@ -6,8 +6,11 @@ Five namespaces, ``tnp-<pid>-<role>``: an instance (10.1.0.10 and 10.1.0.11), a 
 is reached through C's alias 100.64.1.0/24; partner B (172.20.0.0/24, shared-S mode) has only
 10.1.0.10 enrolled. Plain routing over veth pairs stands in for the IPsec tunnels (one veth per
 partner, as route-based XFRM interfaces would be; no strongSwan here): the gateway picks the
-partner's routing table by the packet mark the ruleset sets, exactly as it would pick the
-tunnel. Each server records the peer address it sees. Everything created is removed, also on
+partner's routing table by the packet mark the ruleset sets. Inbound, the ruleset tells
+partners apart by ``ip daddr . ip saddr`` (the S and the real network), so between the two
+overlapping partners a veth cannot stand in for the IPsec policy that, on a real gateway, only
+lets C's SA deliver to C's S: test_nat_partners_xfrm.py has real ESP through one interface.
+Each server records the peer address it sees. Everything created is removed, also on
 failure; the root namespace's addresses and routes are never touched.
 """
 
@@ -136,16 +139,22 @@ def state(table: NatTable) -> tuple[int, int, int]:
 
 
 def partners_base(shared_s: bool = False) -> MultiPartnerBase:
+    a = ipaddress.IPv4Address
     bee = (
-        PartnerNat("bee", (N("172.20.0.0/24"),), "gb")
+        PartnerNat("bee", (N("172.20.0.0/24"),), public_addresses=(a(S_A),))
         if shared_s
-        else PartnerNat("bee", (N("172.20.0.0/24"),), "gb", "shared", ipaddress.IPv4Address(S_B))
+        else PartnerNat("bee", (N("172.20.0.0/24"),), "shared", a(S_B))
     )
     return MultiPartnerBase(
         (
-            PartnerNat("bank-a", (N("10.0.0.0/24"),), "ga"),
+            PartnerNat("bank-a", (N("10.0.0.0/24"),), public_addresses=(a(S_A), a("203.0.113.12"))),
             bee,
-            PartnerNat("clear", (N("10.0.0.0/24"),), "gc", aliases=(N("100.64.1.0/24"),)),
+            PartnerNat(
+                "clear",
+                (N("10.0.0.0/24"),),
+                aliases=(N("100.64.1.0/24"),),
+                public_addresses=(a(S_C), a("203.0.113.13"), a("203.0.113.14")),
+            ),
         ),
         tunnel_interfaces=("ga", "gb", "gc"),
     )
@@ -245,9 +254,12 @@ def test_partner_initiated_reaches_the_instance_from_the_alias(lab: Lab) -> None
     # A's server connects to A's S: the instance sees A's real address (no alias).
     assert lab.connect("pa", APP, S_A) == "I"
     assert seen.read_text().split() == ["100.64.1.5", APP]
-    # C cannot use A's S: C's own dnat map has no such S -> dropped inbound.
-    assert lab.connect("pc", APP, S_A, timeout=1.0) is None
+    # C to an S of its own that no instance holds: C's dnat map has none -> dropped inbound.
+    assert lab.connect("pc", APP, "203.0.113.14", timeout=1.0) is None
     assert counter(lab, "dropped_inbound_clear") >= 1
+    # C to B's S: no partner sends from C's network to it -> unclassified, dropped.
+    assert lab.connect("pc", APP, S_B, timeout=1.0) is None
+    assert counter(lab, "dropped_unclassified") >= 1
     # Shared-S partner B has no partner-initiated path.
     assert lab.connect("pb", "172.20.0.5", S_B, timeout=1.0) is None
     assert seen.read_text().split() == ["100.64.1.5", APP]
@@ -272,8 +284,8 @@ def test_a_delta_for_one_partner_changes_only_its_flows(lab: Lab) -> None:
 @pytest.mark.parametrize("lab", ["shared-s"], indirect=True)
 def test_one_s_shared_by_two_partners(lab: Lab) -> None:
     """A and B both know 10.1.0.10 as 203.0.113.10. Return traffic is told apart by conntrack;
-    a partner-initiated flow by the tunnel and source network it comes from, which selects
-    that partner's own dnat map."""
+    a partner-initiated flow by its source network (their networks do not overlap), which
+    selects that partner's own dnat map."""
     seen_a, seen_b = lab.serve("pa", "A"), lab.serve("pb", "B")
     assert lab.connect("inst", "10.1.0.10", APP) == "A"
     assert lab.connect("inst", "10.1.0.10", "172.20.0.5") == "B"

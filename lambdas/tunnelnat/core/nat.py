@@ -367,17 +367,29 @@ def _is_ifname(name: str) -> bool:
 
 
 # --- Several partners (issue 23): a separate renderer; the single-partner functions above are
-# unchanged byte for byte and still what the gateway applies. Not yet wired into the sync.
+# unchanged byte for byte and still what a deployment without a partners file applies.
 #
 # Every packet is classified once, at prerouting priority mangle (before any NAT), into a
 # partner and a direction, by two interval maps (one lookup each, whatever the number of
 # partners): toward a partner by the address the instance used (``ip daddr``: the partner's
-# real network, or its alias), from a partner by ``iifname . ip saddr`` (the tunnel it came
-# through and its real network: two partners may share a real network, never a tunnel). The
-# class is the packet mark; every later chain dispatches on it with a verdict map, so a new
-# flow walks one jump per hook, never a list of partners. The mark also selects the routing
-# table of the partner's tunnel (``ip rule fwmark``): after the alias DNAT two partners' packets
-# can carry the same destination, and only the mark tells the route which tunnel is meant.
+# real network, or its alias), from a partner by ``ip daddr . ip saddr``: the S it is sent to
+# and its real network. Two partners whose real networks overlap never share an S (the
+# partners file refuses it, and so does MultiPartnerBase), so the pair tells them apart even
+# when all their packets come through one interface (kernel policy-based ESP, the outer
+# interface; the lab's libipsec, ipsec0): no XFRM interface per partner is needed. A partner
+# whose real networks overlap no other's is classified by its source alone (``0.0.0.0/0 . net``:
+# one element per network, however many S it has). The class is the packet mark; every later
+# chain dispatches on it with a verdict map, so a new flow walks one jump per hook, never a list
+# of partners.
+#
+# Outbound, which tunnel carries a packet is decided by the kernel's IPsec policies, after NAT:
+# a forwarded packet's policy lookup (before the forward hook) sees the instance's P, which no
+# policy names; once SNAT has rewritten the source to the partner's S, nf_nat re-looks-up the
+# route and its transform (``nf_xfrm_me_harder``, net/netfilter/nf_nat_proto.c, called from
+# ``nf_nat_ipv4_out`` when the NAT changed an address), and the policy S -> real network picks
+# the partner's tunnel. Two partners behind the same real address are two policies with two
+# sources. Route-based tunnels (an XFRM interface per partner) would instead route by the mark
+# (``ip rule fwmark out_mark(i)``).
 #
 # Aliases (a partner whose networks overlap another's or our VPC): instances address the alias;
 # on the way out ``dnat ip prefix to`` maps alias -> real network keeping the host bits, on
@@ -389,8 +401,8 @@ def _is_ifname(name: str) -> bool:
 # test_nat_partners_packets.py sends real packets through it (100.64.1.5 <-> 10.0.0.5).
 #
 # Return traffic needs no partner rule: conntrack undoes the NAT of the flow it belongs to.
-# Partner-initiated flows are told apart by the tunnel and source network, then DNATed through
-# that partner's own S -> P map, so a shared S (each partner whitelists only its own) is fine.
+# Partner-initiated flows are DNATed through that partner's own S -> P map, so an S shared by
+# partners whose networks do not overlap (each partner whitelists only its own) is fine.
 
 OUT_MARK_BASE = 0x7E000000  # toward partner i: OUT_MARK_BASE + i; from it: IN_MARK_BASE + i
 IN_MARK_BASE = 0x7F000000
@@ -400,15 +412,16 @@ PARTNER_NAME_MAX = 24
 @dataclass(frozen=True)
 class PartnerNat:
     """One partner's part of the NAT table: its real networks, their aliases (same order and
-    prefix length, or none), its NAT mode and the tunnel interface its packets come in through
-    (route-based: its XFRM interface; kernel policy-based ESP: the outer interface, shared)."""
+    prefix length, or none), its NAT mode and the public addresses S it may see (its pool, or
+    its shared address: what its packets to us are sent to)."""
 
     name: str
     networks: tuple[IPv4Network, ...]
-    interface: str
     nat_mode: str = "dedicated"
     shared_address: IPv4Address | None = None
     aliases: tuple[IPv4Network, ...] = ()
+    # Empty: not declared (then the partner's networks must overlap no other partner's).
+    public_addresses: tuple[IPv4Address, ...] = ()
 
     def __post_init__(self) -> None:
         if not _is_partner_name(self.name):
@@ -420,8 +433,6 @@ class PartnerNat:
             raise NatTableError(f"{where}: networks must not be empty")
         if self.nat_mode == "shared" and self.shared_address is None:
             raise NatTableError(f"{where}: nat_mode 'shared' needs shared_address")
-        if not _is_ifname(self.interface):
-            raise NatTableError(f"{where}: invalid interface name {self.interface!r}")
         if self.aliases:
             if len(self.aliases) != len(self.networks):
                 raise NatTableError(f"{where}: one alias per network")
@@ -434,6 +445,37 @@ class PartnerNat:
     def addressed(self) -> tuple[IPv4Network, ...]:
         """What instances address: the aliases, or the real networks."""
         return self.aliases or self.networks
+
+    @property
+    def faces(self) -> tuple[IPv4Address, ...]:
+        """Every S this partner may send to: the declared ones, else the shared address."""
+        if self.public_addresses:
+            return self.public_addresses
+        return (self.shared_address,) if self.shared_address is not None else ()
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "networks": [str(n) for n in self.networks],
+            "nat_mode": self.nat_mode,
+            "shared_address": str(self.shared_address) if self.shared_address else None,
+            "aliases": [str(n) for n in self.aliases],
+            "public_addresses": [str(a) for a in self.public_addresses],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> PartnerNat:
+        shared = data.get("shared_address")
+        return cls(
+            name=str(data["name"]),
+            networks=tuple(ipaddress.IPv4Network(n) for n in data["networks"]),
+            nat_mode=str(data.get("nat_mode", "dedicated")),
+            shared_address=ipaddress.IPv4Address(shared) if shared else None,
+            aliases=tuple(ipaddress.IPv4Network(n) for n in data.get("aliases") or ()),
+            public_addresses=tuple(
+                ipaddress.IPv4Address(a) for a in data.get("public_addresses") or ()
+            ),
+        )
 
 
 @dataclass(frozen=True)
@@ -460,13 +502,25 @@ class MultiPartnerBase:
             if not self.tunnel_interfaces or not all(map(_is_ifname, self.tunnel_interfaces)):
                 raise NatTableError("invalid tunnel interfaces")
         # The two classifying maps must be unambiguous: what instances address is unique
-        # across partners, and so is (tunnel, real source network).
+        # across partners, and so is (S, real source network).
         _refuse_overlap(((p.name, str(n)), n) for p in self.partners for n in p.addressed)
-        by_if: dict[str, list[tuple[tuple[str, str], IPv4Network]]] = {}
-        for p in self.partners:
-            by_if.setdefault(p.interface, []).extend(((p.name, str(n)), n) for n in p.networks)
-        for group in by_if.values():
-            _refuse_overlap(group, " through the same tunnel interface")
+        for i, p in enumerate(self.partners):
+            for q in self.partners[:i]:
+                clash = next((n for n in p.networks for m in q.networks if n.overlaps(m)), None)
+                if clash is None:
+                    continue
+                where = f"partner {p.name}'s {clash} overlaps partner {q.name}'s networks"
+                if not p.faces or not q.faces:
+                    raise NatTableError(
+                        f"{where}: both need their public addresses declared (their S tell "
+                        "them apart)"
+                    )
+                shared = sorted(set(p.faces) & set(q.faces))
+                if shared:
+                    raise NatTableError(
+                        f"{where} and both have {shared[0]}: their IPsec policies would be the "
+                        "same; give one of them its own S"
+                    )
 
     def index(self, name: str) -> int:
         """The partner's number (1-based, in declaration order): its marks."""
@@ -477,6 +531,35 @@ class MultiPartnerBase:
 
     def partner(self, name: str) -> PartnerNat:
         return self.partners[self.index(name) - 1]
+
+    def overlapping(self, name: str) -> bool:
+        """Whether the partner's real networks overlap another partner's (its classifier then
+        needs its S)."""
+        p = self.partner(name)
+        return any(
+            q.name != name and n.overlaps(m)
+            for q in self.partners
+            for n in p.networks
+            for m in q.networks
+        )
+
+    def to_json(self) -> dict:
+        return {
+            "partners": [p.to_json() for p in self.partners],
+            "mss": self.mss,
+            "tunnel_interfaces": (
+                None if self.tunnel_interfaces is None else list(self.tunnel_interfaces)
+            ),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> MultiPartnerBase:
+        interfaces = data.get("tunnel_interfaces")
+        return cls(
+            partners=tuple(PartnerNat.from_json(p) for p in data["partners"]),
+            mss=int(data.get("mss", 1360)),
+            tunnel_interfaces=None if interfaces is None else tuple(map(str, interfaces)),
+        )
 
 
 def out_mark(index: int) -> int:
@@ -511,10 +594,11 @@ def render_partners_table(
         *_declare_interval(
             "map",
             "in_class",
-            "ifname . ipv4_addr : mark",
+            "ipv4_addr . ipv4_addr : mark",
             [
-                f'"{p.interface}" . {n} : {in_mark(i)}'
+                f"{s} . {n} : {in_mark(i)}"
                 for i, p in enumerate(base.partners, 1)
+                for s in (p.faces if base.overlapping(p.name) else ("0.0.0.0/0",))
                 for n in p.networks
             ],
         ),
@@ -579,7 +663,7 @@ def render_partners_table(
         "  chain classify {",
         "    type filter hook prerouting priority mangle; policy accept;",
         "    meta mark set ip daddr map @out_class",
-        "    meta mark set iifname . ip saddr map @in_class",
+        "    meta mark set ip daddr . ip saddr map @in_class",
         "  }",
         "  chain prerouting {",
         "    type nat hook prerouting priority dstnat; policy accept;",
@@ -596,6 +680,9 @@ def render_partners_table(
         # A partner's real network addressed directly when that partner is reached through its
         # alias only: no partner claims it, it is never forwarded.
         "    ip daddr @partner_nets counter name dropped_unclassified drop",
+        # From a partner's network to none of that partner's S (overlapping partners are told
+        # apart by S): not a partner's flow, never forwarded (today's dropped_inbound).
+        "    ip saddr @partner_nets counter name dropped_unclassified drop",
         "  }",
         "  chain guard {",
         "    type filter hook postrouting priority 110; policy accept;",
