@@ -807,7 +807,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     once = sub.add_parser("once", help="read every tunnel once, publish, print a JSON line")
-    once.add_argument("--tunnels", required=True, help="comma-separated child SA names")
+    once.add_argument("--tunnels", required=True, help="comma-separated tunnel (connection) names")
     once.add_argument("--gateway-id", required=True, help="this instance's id, or 'auto' (IMDS)")
     once.add_argument("--deployment", default="tunnelnat")
     once.add_argument("--namespace", help="default: tunnelnat/<deployment>")
@@ -842,6 +842,10 @@ def main(argv: list[str] | None = None) -> int:
         probe = Probe.parse(args.probe, args.probe_source) if args.probe else None
     except ValueError as exc:
         parser.error(str(exc))
+    if probe is not None and len(tunnels) > 1:
+        # A probe crosses one partner's tunnel: applied to every tunnel, one partner's silence
+        # would read as every partner's tunnel down (issue 23: never blamed on another).
+        parser.error("--probe goes with one tunnel; with several --tunnels give none")
     gateway = args.gateway_id
     if gateway == "auto":
         try:

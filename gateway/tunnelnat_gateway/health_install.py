@@ -49,6 +49,7 @@ REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-[0-9]$")
 DEPLOYMENT = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 MIN_INTERVAL, MAX_INTERVAL = 10, 3600
 HIGH_RESOLUTION_BELOW = 60  # standard resolution keeps one datapoint a minute
+MAX_TUNNELS = 100  # several partners: 50 is the issue's figure; the unit's command line stays short
 
 Runner = Callable[..., subprocess.CompletedProcess]
 
@@ -86,8 +87,13 @@ def parse(argv: list[str]) -> Options:
     parser.add_argument("--partner-networks", default="")
     parser.add_argument("--public-addresses", default="")
     args = parser.parse_args(argv)
-    if not health.TUNNEL_NAME.fullmatch(args.tunnel):
+    # One tunnel, or several partners' (issue 23): comma-separated, each a connection's name;
+    # the agent reports TunnelUp etc. for each.
+    names = args.tunnel.split(",")
+    if not all(health.TUNNEL_NAME.fullmatch(n) for n in names) or len(set(names)) != len(names):
         raise Failed(f"invalid TunnelName {args.tunnel!r}")
+    if len(names) > MAX_TUNNELS:
+        raise Failed(f"TunnelName lists {len(names)} tunnels, more than {MAX_TUNNELS}")
     if not REGION.fullmatch(args.region):
         raise Failed(f"invalid Region {args.region!r}")
     if not DEPLOYMENT.fullmatch(args.deployment):
@@ -116,6 +122,8 @@ def check_probe(opts: Options) -> None:
         raise Failed("ProbeTarget and ProbeSource go together: give both or neither")
     if not opts.probe:
         return
+    if "," in opts.tunnel:
+        raise Failed("a probe crosses one tunnel: with several tunnels leave ProbeTarget empty")
     if not opts.partner_networks or not opts.public_addresses:
         raise Failed("a probe needs PartnerNetworks and PublicAddresses to check it against")
     try:
@@ -208,13 +216,17 @@ def dry_run(args: list[str]) -> dict[str, Any]:
     return line
 
 
+def _tunnels(names: str) -> str:
+    return f"tunnel {names}" if "," not in names else f"tunnels {names.replace(',', ', ')}"
+
+
 def units(opts: Options, args: list[str], *, python: str, ip: str, link: Path) -> dict[str, str]:
     """The service and the timer, as text."""
     pre = f"ExecStartPre=-{ip} addr replace {opts.probe_source}/32 dev lo\n"
     pre = pre if opts.probe_source else ""
     service = (
         f"{HEADER}[Unit]\n"
-        f"Description=tunnelnat health agent: TunnelUp for tunnel {opts.tunnel}\n"
+        f"Description=tunnelnat health agent: TunnelUp for {_tunnels(opts.tunnel)}\n"
         "Wants=network-online.target\n"
         "After=network-online.target strongswan.service strongswan-swanctl.service\n\n"
         "[Service]\nType=oneshot\n"

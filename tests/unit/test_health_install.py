@@ -274,3 +274,39 @@ def test_the_verb_checks_every_parameter_again(argv, message, capsys):
 def test_a_deployment_ssm_cannot_name_gets_no_software_parameter():
     args = health_install.agent_args(options(deployment="a:b"))
     assert "--software-parameter" not in args
+
+
+# -- several partners (issue 23): one agent, every tunnel -------------------------------------
+
+
+def test_several_tunnels_one_agent_reporting_each(paths, dry):
+    opts = health_install.parse(["--tunnel", "bank-a,legacy-b,overlap-c", "--region", "us-east-1"])
+    assert opts.tunnel == "bank-a,legacy-b,overlap-c"
+    install(paths, Runner(), tunnel=opts.tunnel)
+    assert dry[0][dry[0].index("--tunnels") + 1] == "bank-a,legacy-b,overlap-c"
+    service = (paths["units_dir"] / "tunnelnat-health.service").read_text()
+    assert "TunnelUp for tunnels bank-a, legacy-b, overlap-c\n" in service
+    assert "--tunnels bank-a,legacy-b,overlap-c " in service
+
+
+@pytest.mark.parametrize(
+    "names", ["a,", ",a", "a,,b", "a,a", "a,b c", "a;b", ",".join(f"t{i}" for i in range(101))]
+)
+def test_a_bad_tunnel_list_is_refused(names):
+    with pytest.raises(health_install.Failed, match="TunnelName"):
+        health_install.parse(["--tunnel", names, "--region", "us-east-1"])
+
+
+def test_a_probe_with_several_tunnels_is_refused(paths, dry):
+    """A probe crosses one partner's tunnel: it would mark every partner down with it."""
+    with pytest.raises(health_install.Failed, match="with several tunnels leave ProbeTarget"):
+        install(paths, Runner(), tunnel="a,b", **PROBE)
+    assert dry == [] and not paths["units_dir"].exists()
+
+
+def test_the_agent_refuses_a_probe_with_several_tunnels(capsys):
+    argv = ["once", "--tunnels", "a,b", "--gateway-id", "i-1", "--region", "us-east-1"]
+    argv += ["--probe", "192.0.2.7:443", "--probe-source", "203.0.113.10", "--dry-run"]
+    with pytest.raises(SystemExit):
+        health.main(argv)
+    assert "--probe goes with one tunnel" in capsys.readouterr().err
