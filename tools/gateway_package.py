@@ -33,7 +33,13 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE_DIR = ROOT / "gateway" / "tunnelnat_gateway"
 INSTALLER = ROOT / "gateway" / "install_package.py"
 # The only modules of the shared core the gateway runs: standard library only (a test keeps it so).
-CORE_MODULES = ("__init__.py", "core/__init__.py", "core/nat.py", "core/swanctl.py")
+CORE_MODULES = (
+    "__init__.py",
+    "core/__init__.py",
+    "core/lanes.py",
+    "core/nat.py",
+    "core/swanctl.py",
+)
 CORE_DIR = ROOT / "lambdas" / "tunnelnat"
 DEFAULT_OUT = ROOT / ".deps" / "gateway-package"
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)

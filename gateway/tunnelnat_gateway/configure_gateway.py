@@ -3,6 +3,7 @@
     configure-gateway --partner-networks CIDR[,CIDR...] --table NAME --region R
                       [--nat-mode dedicated|instance|shared] [--shared-address A|none]
                       [--mss N] [--backend kernel|libipsec]
+                      [--partners-path /tunnelnat/DEPLOYMENT/partners] [--partners-digest HEX]
 
 One run at a time (a lock, waited for 240 s). The table with its fail-closed guard first (the
 base kept for the boot ruleset and every sync, then a forced full apply, nat_sync.configure),
@@ -11,6 +12,15 @@ reverse-path filtering, also for the next boot (docs/stack.md, Order on a new ga
 the guard is loaded this gateway forwards nothing, whatever ConfigureTunnel did). Prints one
 JSON line ``{"configured", "forwarding", "cloud_init", "nat"}``; a failure is one line on stderr
 starting with ``ConfigureGateway:`` and exit status 1.
+
+Several partners (issue 23): with ``--partners-path`` (the stack's PartnersPath, core/lanes.py's
+``parameter_path``) the lanes are read from SSM (GetParametersByPath), and the several-partner
+table is applied instead: every partner's networks, aliases, NAT and S from its lane, every
+lane's mappings from its own table (``lane.table``; ``--table`` stays the deployment's, kept in
+source.json beside the lanes' tables). ``--partner-networks``, ``--nat-mode`` and
+``--shared-address`` are then not used (the lanes say it per partner). An empty path is today's
+one-partner gateway, unchanged. ``--partners-digest`` is not used here: it is in the document
+only so that a changed set of lanes changes the association's parameters and re-runs it.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import argparse
 import fcntl
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,6 +38,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
+from typing import Any
 
 from tunnelnat.core.nat import GatewayBase
 from tunnelnat_gateway import nat_sync
@@ -43,6 +55,9 @@ SYSCTLS = (
     ("net.ipv4.ip_forward", "1"),
 )
 TOOLS = ("nft", "sysctl")
+# The document's allowedPatterns, checked again here (a hand-made run).
+PARTNERS_PATH = re.compile(r"^(/tunnelnat/[a-z][a-z0-9-]{1,28}[a-z0-9]/partners)?$")
+PARTNERS_DIGEST = re.compile(r"^[0-9a-f]{0,64}$")
 
 
 class ConfigureError(RuntimeError):
@@ -110,15 +125,18 @@ def _first(item: tuple[str, str]) -> bool:
     return item[0] != "net.ipv4.ip_forward"  # the file as it always was: ip_forward first
 
 
-def configure(args: argparse.Namespace, client: object) -> dict:
+def configure(args: argparse.Namespace, client: object, ssm: Any = None) -> dict:
     """The guard's table, then forwarding (the order is the point: see the module docstring)."""
-    base = gateway_base(args.partner_networks, args.nat_mode, args.shared_address, args.mss,
-                        args.backend)  # fmt: skip
-    try:
-        nat = nat_sync.configure(client, args.table, base)
-        nat_sync.save_source(args.table, args.region)
-    except Exception as exc:  # noqa: BLE001 - nft, the files, DynamoDB: one line says which
-        raise ConfigureError(f"applying the nftables table failed: {exc}") from None
+    if args.partners_path:
+        nat = configure_partners(args, client, ssm)
+    else:
+        base = gateway_base(args.partner_networks, args.nat_mode, args.shared_address, args.mss,
+                            args.backend)  # fmt: skip
+        try:
+            nat = nat_sync.configure(client, args.table, base)
+            nat_sync.save_source(args.table, args.region)
+        except Exception as exc:  # noqa: BLE001 - nft, the files, DynamoDB: one line says which
+            raise ConfigureError(f"applying the nftables table failed: {exc}") from None
     forwarding_on()
     return {
         "configured": True,
@@ -126,6 +144,33 @@ def configure(args: argparse.Namespace, client: object) -> dict:
         "cloud_init": os.environ.get("TN_CLOUD_INIT", "none"),
         "nat": nat,
     }
+
+
+def configure_partners(args: argparse.Namespace, client: object, ssm: Any) -> dict:
+    """The several-partner table: the lanes from SSM, the base from them, every lane applied.
+    Forwarding stays off unless every lane's mappings were read and the whole table loaded."""
+    if args.backend not in ("kernel", "libipsec"):
+        raise ConfigureError(f"IpsecBackend must be kernel or libipsec, not {args.backend!r}")
+    try:
+        lanes = nat_sync.read_lanes(ssm, args.partners_path)
+    except Exception as exc:  # noqa: BLE001 - SSM refused, or the lanes contradict each other
+        raise ConfigureError(
+            f"reading the partners under {args.partners_path} failed: {exc}"
+        ) from None
+    try:
+        # As the one-partner base: libipsec's ESP leaves through its TUN device.
+        interfaces = ("ipsec0",) if args.backend == "libipsec" else None
+        base = nat_sync.partners_base(lanes, int(args.mss), interfaces)
+    except (ValueError, nat_sync.GatewayError) as exc:  # NatTableError too
+        raise ConfigureError(str(exc)) from None
+    try:
+        nat = nat_sync.configure_partners(client, base, lanes)
+        if nat.get("failed"):
+            raise nat_sync.GatewayError(f"partners {', '.join(nat['failed'])} failed")
+        nat_sync.save_source(args.table, args.region, {x.name: x.table for x in lanes})
+    except Exception as exc:  # noqa: BLE001 - nft, the files, DynamoDB: one line says which
+        raise ConfigureError(f"applying the nftables table failed: {exc}") from None
+    return nat
 
 
 def parser() -> argparse.ArgumentParser:
@@ -137,10 +182,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="kernel", choices=("kernel", "libipsec"))
     p.add_argument("--table", required=True)
     p.add_argument("--region", required=True)
+    p.add_argument("--partners-path", default="")
+    p.add_argument("--partners-digest", default="")
     return p
 
 
-def main(argv: list[str] | None = None, client: object | None = None) -> int:
+def main(argv: list[str] | None = None, client: object | None = None, ssm: Any = None) -> int:
     args = parser().parse_args(argv)
     try:
         cloud_init = os.environ.get("TN_CLOUD_INIT", "none")
@@ -151,12 +198,20 @@ def main(argv: list[str] | None = None, client: object | None = None) -> int:
             raise ConfigureError(f"invalid table name {args.table[:80]!r}")
         if not nat_sync.REGION.fullmatch(args.region):
             raise ConfigureError(f"invalid region {args.region[:80]!r}")
+        if not PARTNERS_PATH.fullmatch(args.partners_path):
+            raise ConfigureError(f"invalid partners path {args.partners_path[:80]!r}")
+        if not PARTNERS_DIGEST.fullmatch(args.partners_digest):
+            raise ConfigureError("invalid partners digest")
         with locked():
             if client is None:
                 import boto3  # on the gateway only
 
                 client = boto3.client("dynamodb", region_name=args.region)
-            result = configure(args, client)
+            if ssm is None and args.partners_path:
+                import boto3
+
+                ssm = boto3.client("ssm", region_name=args.region)
+            result = configure(args, client, ssm)
     except ConfigureError as exc:
         print(f"{NAME}: {exc}", file=sys.stderr)
         return 1

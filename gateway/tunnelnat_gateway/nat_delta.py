@@ -181,9 +181,12 @@ def catch_up(
     report: dict,
     *,
     apply: Callable[[str], None],
+    render: Callable[[NatDelta, str, tuple[int, int, int]], str] | None = None,
 ) -> str | None:
     """Bring the maps from ``state`` (applied generation, checksum, mappings) to ``generation``
-    (not older) with ``apply`` (``nft -f``); None when done, else why a full rebuild is due."""
+    (not older) with ``apply`` (``nft -f``); None when done, else why a full rebuild is due.
+    ``render``: the delta's ruleset (default ``render_delta``, the one-partner table's names;
+    a several-partner sync passes one partner's, nat_sync.sync_partners)."""
     if generation == state[0]:
         if checksum is not None and checksum != state[1]:
             report["detail"] = "the applied checksum is not the desired one"
@@ -197,7 +200,7 @@ def catch_up(
         after = delta.state_after(state[1], state[2])
         if checksum is not None and after[1] != checksum:
             raise DeltaUnusable("drift", "the checksum after the delta is not the desired one")
-        apply(render_delta(delta, nat_mode, after))
+        apply((render or render_delta)(delta, nat_mode, after))
     except DeltaUnusable as exc:
         report["detail"] = exc.detail
         return exc.reason

@@ -42,17 +42,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tunnelnat.core.lanes import Lane, LaneError, load_lanes
 from tunnelnat.core.nat import (
     APPLIED_SETS,
+    LB,
     M32,
+    RB,
     TABLE,
     GatewayBase,
+    MultiPartnerBase,
     NatTable,
     NatTableError,
+    PartnerNat,
     ipv4_int,
     mapping_digest,
+    partner_set_names,
     render_map_update,
     render_nat_table,
+    render_partner_delta,
+    render_partner_map_update,
+    render_partners_table,
 )
 from tunnelnat_gateway import nat_delta
 
@@ -231,8 +240,15 @@ def live_difference(live: LiveTable | None, nat_mode: str) -> str | None:
 
 
 def load_base() -> GatewayBase:
+    data = _read_base()
+    if data.get("layout") == PARTNERS_LAYOUT:
+        raise GatewayError("this gateway serves several partners: sync one partner's table")
+    return GatewayBase.from_json(data)
+
+
+def _read_base() -> dict:
     try:
-        return GatewayBase.from_json(json.loads(BASE_FILE.read_text()))
+        return json.loads(BASE_FILE.read_text())
     except FileNotFoundError:
         raise GatewayError(f"{BASE_FILE} is missing: run ConfigureGateway first") from None
 
@@ -308,6 +324,324 @@ def sync(client: object, table_name: str, *, full: bool = False, verify: bool = 
     }
 
 
+# --- Several partners (issue 23) --------------------------------------------------------------
+#
+# With a partners file ConfigureGateway reads the lanes (core/lanes.py) from SSM and keeps them in
+# gateway.json (``"layout": "partners"``) with the several-partner base; each lane's mappings are
+# in its own DynamoDB table (``lane.table``), same schema, meta item and change log as the
+# deployment's. Each lane is synced on its own, as the one-partner table is (unchanged, delta, full
+# on boot/gap/drift/forced, never backwards), with its own applied state ``applied_<name>``
+# (append-only: the highest generation is the state, core/nat.render_partner_delta), and every
+# nft transaction of a lane's sync names that lane's sets and maps only: a change for B never
+# touches A's elements. A lane's full rebuild (boot, gap, drift, forced) rewrites its maps only; the
+# whole table (chains, every lane) is rendered by ConfigureGateway, or when the table is missing.
+# ``applied_generation`` stays what the health and pair agents read: empty until every lane was
+# applied since boot, then set once (the sum of the lanes' generations then).
+
+PARTNERS_LAYOUT = "partners"
+# The lanes' NAT modes as core/nat.py names them (lanes may say instance-public).
+LANE_NAT_MODES = {
+    "dedicated": "dedicated",
+    "shared": "shared",
+    "instance": "instance",
+    "instance-public": "instance",
+}
+# A lane's applied_<name> grows by one element per delta (adding is cheaper than deleting:
+# core/nat.render_partner_delta); at this many, a delta deletes all but the newest.
+RETIRE_AT = 64
+
+
+def partners_base(
+    lanes: tuple[Lane, ...], mss: int = 1360, tunnel_interfaces: tuple[str, ...] | None = None
+) -> MultiPartnerBase:
+    """The several-partner ruleset's fixed part from the lanes: their real networks, aliases,
+    NAT modes and S (which tell overlapping partners apart). A lane's place is its index, so
+    its marks are ``out_mark(lane.index)``/``in_mark(lane.index)`` as core/lanes.py says."""
+    if not lanes:
+        raise GatewayError("no lanes")
+    if [lane.index for lane in lanes] != list(range(1, len(lanes) + 1)):
+        raise GatewayError(f"the lanes' indexes are not 1..{len(lanes)} in order")
+    if len({lane.deployment for lane in lanes}) != 1:
+        raise GatewayError("lanes of more than one deployment")
+    try:
+        return MultiPartnerBase(
+            tuple(
+                PartnerNat(
+                    name=lane.name,
+                    networks=lane.networks,
+                    nat_mode=LANE_NAT_MODES[lane.nat_mode],
+                    shared_address=lane.shared_address,
+                    aliases=lane.aliases,
+                    public_addresses=lane.public_addresses,
+                )
+                for lane in lanes
+            ),
+            mss=mss,
+            tunnel_interfaces=tunnel_interfaces,
+        )
+    except KeyError as exc:
+        raise GatewayError(f"unknown NAT mode {exc}") from None
+
+
+def read_lanes(ssm: Any, path: str) -> tuple[Lane, ...]:
+    """Every lane under ``path`` (GetParametersByPath, page after page), each parameter's name
+    checked against the lane it holds (``lane.parameter``)."""
+    values: list[str] = []
+    params: dict[str, Any] = {"Path": path, "Recursive": False}
+    while True:
+        page = ssm.get_parameters_by_path(**params)
+        for parameter in page.get("Parameters", ()):
+            value = str(parameter.get("Value", ""))
+            try:
+                lane = Lane.from_json(value)
+            except LaneError as exc:
+                raise GatewayError(f"{parameter.get('Name')}: {exc}") from None
+            if lane.parameter != parameter.get("Name"):
+                raise GatewayError(f"{parameter.get('Name')} holds the lane {lane.parameter}")
+            values.append(value)
+        token = page.get("NextToken")
+        if not token:
+            break
+        params["NextToken"] = token
+    if not values:
+        raise GatewayError(f"no partners under {path}")
+    try:
+        return load_lanes(values)
+    except LaneError as exc:
+        raise GatewayError(str(exc)) from None
+
+
+def load_partners() -> tuple[MultiPartnerBase, tuple[Lane, ...]] | None:
+    """gateway.json's several-partner base and lanes; None: a one-partner gateway."""
+    data = _read_base()
+    if data.get("layout") != PARTNERS_LAYOUT:
+        return None
+    try:
+        lanes = tuple(Lane.from_dict(x) for x in data["lanes"])
+        return MultiPartnerBase.from_json(data["base"]), lanes
+    except (KeyError, TypeError, ValueError) as exc:
+        raise GatewayError(f"{BASE_FILE} holds an invalid several-partner base: {exc}") from None
+
+
+def _lane_sets(name: str) -> dict[str, tuple[object, ...]] | None:
+    """The lane's four sets and maps as the kernel holds them; None: no such lane in the
+    kernel's table (or no table)."""
+    found: dict[str, tuple[object, ...]] = {}
+    for kind, set_name in zip(("set", "map", "map", "set"), partner_set_names(name), strict=True):
+        proc = subprocess.run(
+            ["nft", "-j", "list", kind, "ip", TABLE, set_name], capture_output=True, text=True
+        )
+        if proc.returncode != 0:
+            return None
+        for entry in json.loads(proc.stdout).get("nftables", []):
+            body = entry.get(kind)
+            if isinstance(body, dict):
+                found[set_name] = tuple(body.get("elem") or ())
+    return found
+
+
+def lane_states(name: str) -> list[tuple[int, int, int]] | None:
+    """The lane's applied states, oldest first (the last is its state); None: no such set."""
+    applied = partner_set_names(name)[3]
+    proc = subprocess.run(
+        ["nft", "-j", "list", "set", "ip", TABLE, applied], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        return None
+    states = []
+    for entry in json.loads(proc.stdout).get("nftables", []):
+        for element in (entry.get("set") or {}).get("elem") or ():
+            state = _state_of(element)
+            if state is not None:
+                states.append(state)
+    return sorted(states)
+
+
+def read_live_lane(name: str) -> LiveTable | None:
+    sets = _lane_sets(name)
+    if sets is None:
+        return None
+    enrolled, snat, dnat, applied = (sets.get(n, ()) for n in partner_set_names(name))
+    states = sorted(s for s in map(_state_of, applied) if s is not None)
+    return LiveTable(state=states[-1] if states else None, enrolled=enrolled, snat=snat, dnat=dnat)
+
+
+def render_partners_boot(base: MultiPartnerBase) -> str:
+    """Loaded at boot: every chain (the guard too), no mappings, nothing applied by any lane."""
+    empty = render_partners_table(base, {})
+    names = ["applied_generation", *(partner_set_names(p.name)[3] for p in base.partners)]
+    return empty + "".join(f"flush set ip {TABLE} {n}\n" for n in names)
+
+
+def sync_partners(
+    client: object, *, only: str | None = None, full: bool = False, verify: bool = False
+) -> dict:
+    """A several-partner gateway's sync: one lane (``only``: its name) or every lane. One lane's
+    report has today's keys (``applied_generation`` is that lane's) with ``lane`` and ``table``;
+    every lane's: ``{"lanes": {name: report}, ...}``, a lane's failure in its own report
+    (``error``) without stopping the others."""
+    started = time.monotonic()
+    LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
+    with LOCK_FILE.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the one-partner sync's lock: one sync at a time
+        loaded = load_partners()
+        if loaded is None:
+            raise GatewayError("this gateway serves one partner: sync its table")
+        base, lanes = loaded
+        by_name = {lane.name: lane for lane in lanes}
+        if only is not None and only not in by_name:
+            raise GatewayError(f"no partner {only!r} on this gateway")
+        names = [only] if only is not None else list(by_name)
+        missing = [n for n in names if lane_states(n) is None]
+        if (full and only is None) or missing:
+            reason = "forced" if full and only is None else "boot"
+            reports = _whole_table(client, base, lanes, reason)
+        else:
+            reports = {}
+            for name in names:
+                try:
+                    reports[name] = _sync_lane(client, base, by_name[name], full, verify)
+                except Exception as exc:  # noqa: BLE001 - one lane's failure is its own
+                    if only is not None:
+                        raise
+                    error = f"{type(exc).__name__}: {exc}"[:300]
+                    reports[name] = {"lane": name, "table": by_name[name].table, "error": error}
+        _mark_applied_since_boot(lanes)
+    if only is not None:
+        return {**reports[only], "seconds": round(time.monotonic() - started, 4)}
+    return {
+        "lanes": reports,
+        "failed": sorted(n for n, r in reports.items() if "error" in r),
+        "seconds": round(time.monotonic() - started, 4),
+    }
+
+
+def _whole_table(
+    client: object, base: MultiPartnerBase, lanes: tuple[Lane, ...], reason: str
+) -> dict[str, dict]:
+    """Every lane's table read, the whole ruleset (chains, guard, every lane) in one ``nft -f``;
+    the boot ruleset saved. Any lane unreadable fails it all: a partial table is never loaded."""
+    reports: dict[str, dict] = {}
+    tables: dict[str, NatTable] = {}
+    for lane in lanes:
+        mode = base.partner(lane.name).nat_mode
+        states = lane_states(lane.name)
+        t0 = time.monotonic()
+        generation, _ = read_meta(client, lane.table)
+        rows = read_rows(client, lane.table)
+        tables[lane.name] = desired = NatTable.from_rows(generation, rows, mode)
+        reports[lane.name] = {
+            "lane": lane.name,
+            "table": lane.table,
+            "action": "full",
+            "reason": reason,
+            "applied_generation": generation,
+            "previous_generation": states[-1][0] if states else None,
+            "items_read": 1 + len(rows),
+            "mappings": len(desired),
+            "seconds": round(time.monotonic() - t0, 4),
+            **rejected_report(desired),
+        }
+    t0 = time.monotonic()
+    nft_apply(render_partners_table(base, tables))
+    spent = round(time.monotonic() - t0, 4)
+    for report in reports.values():
+        report["nft_seconds"] = spent
+    _write(BOOT_RULESET, render_partners_boot(base))
+    return reports
+
+
+def _sync_lane(
+    client: object, base: MultiPartnerBase, lane: Lane, full: bool, verify: bool
+) -> dict:
+    """One lane, as ``sync`` does the one-partner table; its full rebuild rewrites its maps only."""
+    started = time.monotonic()
+    name, table_name = lane.name, lane.table
+    mode = base.partner(name).nat_mode
+    generation, checksum = read_meta(client, table_name)
+    states = lane_states(name) or []
+    state = states[-1] if states else None
+    current = state[0] if state else None
+    report: dict = {"lane": name, "table": table_name, "items_read": 1}
+    reason: str | None = None
+    nft_spent = [0.0]
+
+    def apply(ruleset: str) -> None:
+        t0 = time.monotonic()
+        try:
+            nft_apply(ruleset)
+        finally:
+            nft_spent[0] += time.monotonic() - t0
+
+    if full:
+        reason = "forced"
+        if state is not None:
+            difference = live_difference(read_live_lane(name), mode)
+            if difference is not None:
+                report["drift"] = difference
+    elif state is None:
+        reason = "boot"  # applied_<name> is empty: nothing applied for this lane since boot
+    elif generation < current:  # type: ignore[operator]
+        report["action"] = "unchanged"  # never backwards
+    else:
+        if verify or generation == current:
+            difference = live_difference(read_live_lane(name), mode)
+            if difference is not None:
+                reason, report["detail"] = "drift", difference
+            else:
+                report["verified"] = True
+        if reason is None:
+            retire = states[:-1] if len(states) >= RETIRE_AT else []
+
+            def render(delta: nat_delta.NatDelta, nat_mode: str, after: tuple) -> str:
+                return render_partner_delta(
+                    name, delta.removes, delta.adds, after, nat_mode, retire=retire
+                )
+
+            args = (client, table_name, mode, generation, checksum, state, report)
+            reason = nat_delta.catch_up(*args, apply=apply, render=render)
+    if reason is not None:
+        rows = read_rows(client, table_name)
+        report["items_read"] += len(rows)
+        desired = NatTable.from_rows(generation, rows, mode)
+        apply(render_partner_map_update(name, desired))
+        report.update(action="full", reason=reason, mappings=len(desired))
+        report.update(rejected_report(desired))
+    report.setdefault("mappings", state[2] if state else 0)
+    return {
+        **report,
+        "applied_generation": current if report["action"] == "unchanged" else generation,
+        "previous_generation": current,
+        "seconds": round(time.monotonic() - started, 4),
+        "nft_seconds": round(nft_spent[0], 4),
+    }
+
+
+def _mark_applied_since_boot(lanes: tuple[Lane, ...]) -> None:
+    """Set ``applied_generation`` once every lane has a state (after boot it is empty)."""
+    if applied_generation() is not None:
+        return
+    total = 0
+    for lane in lanes:
+        states = lane_states(lane.name)
+        if not states:
+            return
+        total += states[-1][0]
+    nft_apply(f"add element ip {TABLE} applied_generation {LB} {total} {RB}\n")
+
+
+def configure_partners(client: object, base: MultiPartnerBase, lanes: tuple[Lane, ...]) -> dict:
+    """ConfigureGateway's apply with a partners file: keep the base and the lanes, then the whole
+    table, every lane's mappings (forced)."""
+    data = {
+        "layout": PARTNERS_LAYOUT,
+        "base": base.to_json(),
+        "lanes": [x.as_dict() for x in lanes],
+    }
+    _write(BASE_FILE, json.dumps(data, indent=2) + "\n")
+    return sync_partners(client, full=True)
+
+
 def configure(client: object, table_name: str, base: GatewayBase | str) -> dict:
     """ConfigureGateway's apply: keep the base (the boot ruleset's and every sync's), then the
     whole table, chains included."""
@@ -326,11 +660,17 @@ def _write(path: Path, text: str, mode: int = 0o644) -> None:
     os.replace(tmp, path)
 
 
-def save_source(table_name: str, region: str) -> None:
-    """Where the table lives, for ``sync`` without arguments (the ``tunnelnat-sync`` unit)."""
+def save_source(table_name: str, region: str, lanes: dict[str, str] | None = None) -> None:
+    """Where the table lives, for ``sync`` without arguments (the ``tunnelnat-sync`` unit);
+    with several partners, each lane's table too (``lanes``: name -> table)."""
     if not TABLE_NAME.fullmatch(table_name) or not REGION.fullmatch(region):
         raise GatewayError("invalid table or region")
-    _write(SOURCE_FILE, json.dumps({"table": table_name, "region": region}) + "\n")
+    saved: dict[str, Any] = {"table": table_name, "region": region}
+    if lanes is not None:
+        if not all(map(TABLE_NAME.fullmatch, lanes.values())):
+            raise GatewayError("invalid lane table")
+        saved["lanes"] = dict(lanes)
+    _write(SOURCE_FILE, json.dumps(saved) + "\n")
 
 
 def saved_source() -> tuple[str, str]:
@@ -386,13 +726,32 @@ def main(argv: list[str] | None = None) -> int:
 
         client = boto3.client("dynamodb", region_name=region)
         spent = timed_client(client)
-        result = sync(client, table, full=args.full, verify=args.verify)
+        result = sync_any(client, table if args.table else None, args.full, args.verify)
         result["dynamodb"] = {"calls": spent["calls"], "seconds": round(spent["seconds"], 4)}
     except (GatewayError, NatTableError) as exc:
         print(f"tunnelnat: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(result, sort_keys=True))
-    return 0
+    # Several partners: every lane ran; any lane that failed fails the run (the boot unit's
+    # status, SyncNatTable's), its report saying which.
+    return 1 if result.get("failed") else 0
+
+
+def sync_any(client: object, table: str | None, full: bool, verify: bool) -> dict:
+    """The sync gateway.json calls for: the one-partner table (``table``, or the saved one), or
+    with several partners one lane (``table`` must be one of the lanes' tables) or every lane."""
+    loaded = load_partners()
+    if loaded is None:
+        return sync(client, table or saved_source()[0], full=full, verify=verify)
+    lanes = {lane.table: lane.name for lane in loaded[1]}
+    if table is None:
+        return sync_partners(client, full=full, verify=verify)
+    if table not in lanes:
+        raise GatewayError(
+            f"{table} is not one partner's table on this gateway (several partners: "
+            f"{', '.join(sorted(lanes))})"
+        )
+    return sync_partners(client, only=lanes[table], full=full, verify=verify)
 
 
 if __name__ == "__main__":

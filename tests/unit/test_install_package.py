@@ -20,7 +20,7 @@ import pytest
 from moto import mock_aws
 
 from tests.unit.imports import third_party_imports
-from tools.gateway_package import build
+from tools.gateway_package import CORE_MODULES, build
 from tunnelnat_gateway import activate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -158,7 +158,7 @@ def packages(tmp_path_factory):
 
     shutil.copytree(REPO / "gateway" / "tunnelnat_gateway", root / "gateway" / "tunnelnat_gateway",
                     ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
-    for name in ("__init__.py", "core/__init__.py", "core/nat.py", "core/swanctl.py"):
+    for name in CORE_MODULES:  # what build() reads
         target = root / "lambdas" / "tunnelnat" / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(REPO / "lambdas" / "tunnelnat" / name, target)

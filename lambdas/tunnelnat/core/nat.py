@@ -603,6 +603,11 @@ def render_partners_table(
             ],
         ),
     ]
+    # Every partner's applied, as a whole: EMPTY means nothing applied since boot (the boot
+    # ruleset; the health and pair agents read it as today's). Its value once set: the sum of
+    # the partners' generations then (each partner's own state is applied_<name>).
+    total = sum(x.generation for x in tables.values())
+    out += _declare("set", "applied_generation", "mark", [str(total)])
     dispatch: dict[str, list[str]] = {"pre": [], "fwd": [], "post": []}
     chains: list[str] = []
     for i, p in enumerate(base.partners, 1):
@@ -741,6 +746,36 @@ def render_partner_delta(
     if old:
         out.append(f"delete element ip {t} applied_{n} {LB} {old} {RB}")
     return "\n".join(out) + "\n"
+
+
+def render_partner_map_update(name: str, table: NatTable, table_name: str = TABLE) -> str:
+    """Replace one partner's sets and maps (never the chains, never another partner's) in one
+    atomic ``nft -f`` transaction: its full rebuild after a gap or drift, or at boot. Its
+    ``applied_<name>`` is left with the one state of ``table``."""
+    if not _is_partner_name(name):
+        raise NatTableError(f"invalid partner name {name!r}")
+    t, n = table_name, _ident(name)
+    out = [
+        f"flush set ip {t} enrolled_{n}",
+        f"flush map ip {t} snat_{n}",
+        f"flush map ip {t} dnat_{n}",
+        f"flush set ip {t} applied_{n}",
+    ]
+    for kind, elements in (
+        (f"enrolled_{n}", _elements_enrolled(table)),
+        (f"snat_{n}", _elements_snat(table)),
+        (f"dnat_{n}", _elements_dnat(table)),
+        (f"applied_{n}", [state_element(table)]),
+    ):
+        if elements:
+            out += [f"add element ip {t} {kind} {LB}", _element_block(elements), RB]
+    return "\n".join(out) + "\n"
+
+
+def partner_set_names(name: str) -> tuple[str, str, str, str]:
+    """The partner's ``enrolled``, ``snat``, ``dnat`` and ``applied`` set and map names."""
+    n = _ident(name)
+    return f"enrolled_{n}", f"snat_{n}", f"dnat_{n}", f"applied_{n}"
 
 
 def _partners_guard_rule(base: MultiPartnerBase) -> str:
