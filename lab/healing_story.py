@@ -162,6 +162,7 @@ class AlarmEvaluator:
 
     cloudwatch: Any
     alarm: str = ALARM
+    tunnel: str = topo.TUNNEL  # the alarm's Tunnel dimension (the three-partner lab: per tunnel)
     # Seconds (CloudWatch: 60, or 10 with high-resolution metrics). At least twice the agent's
     # interval, so a slow agent run never leaves a period empty (missing data is breaching).
     period: int = 3
@@ -177,7 +178,7 @@ class AlarmEvaluator:
             MetricName="TunnelUp",
             Dimensions=[
                 {"Name": "Deployment", "Value": topo.DEPLOYMENT},
-                {"Name": "Tunnel", "Value": topo.TUNNEL},
+                {"Name": "Tunnel", "Value": self.tunnel},
             ],
             Statistic="Minimum",
             Period=10,  # the shortest CloudWatch allows for high resolution; we run faster
@@ -202,7 +203,7 @@ class AlarmEvaluator:
                             "MetricName": "TunnelUp",
                             "Dimensions": [
                                 {"Name": "Deployment", "Value": topo.DEPLOYMENT},
-                                {"Name": "Tunnel", "Value": topo.TUNNEL},
+                                {"Name": "Tunnel", "Value": self.tunnel},
                             ],
                         },
                         "Period": 1,

@@ -151,7 +151,10 @@ def is_lab_namespace(name: str) -> bool:
     """The lab's own names only: other tools (bench) run their own tn-* namespaces meanwhile."""
     if name in (*FIXED_MACHINES, STANDBY_NS, *REPLACEMENT_MACHINES):
         return True
-    return re.fullmatch(r"tn-(web|priv)-[0-9]{1,3}", name) is not None
+    if re.fullmatch(r"tn-(web|priv)-[0-9]{1,3}", name) is not None:
+        return True
+    # The three-partner lab's other partners (lab.partners_lab): bank's and clearing's machines.
+    return re.fullmatch(r"tn-(pvpn|app)-[bc]", name) is not None
 
 
 def lab_namespaces() -> list[str]:
