@@ -9,8 +9,12 @@ partner, as route-based XFRM interfaces would be; no strongSwan here): the gatew
 partner's routing table by the packet mark the ruleset sets. Inbound, the ruleset tells
 partners apart by ``ip daddr . ip saddr`` (the S and the real network), so between the two
 overlapping partners a veth cannot stand in for the IPsec policy that, on a real gateway, only
-lets C's SA deliver to C's S: test_nat_partners_xfrm.py has real ESP through one interface.
-Each server records the peer address it sees. Everything created is removed, also on
+lets C's SA deliver to C's S. ``one_interface``: the production shape instead, every partner's
+packets through ONE interface both ways (kernel policy-based ESP's outer interface, libipsec's
+ipsec0), the tunnel chosen after SNAT by the source S and the destination (as the IPsec policies
+S -> real network choose the SA; a router namespace's ``ip rule from S`` stands in for them, as
+this kernel has no ESP transform to test real policies with). Each server records the peer
+address it sees. Everything created is removed, also on
 failure; the root namespace's addresses and routes are never touched.
 """
 
@@ -304,3 +308,79 @@ def test_nothing_partner_bound_leaves_outside_a_tunnel(lab: Lab) -> None:
     lab.sh("gw", "ip", "route", "replace", "172.20.0.0/24", "via", "10.1.0.254")
     assert lab.connect("inst", "10.1.0.10", "172.20.0.5", timeout=1.0) is None
     assert counter(lab, "dropped_cleartext") >= 1
+
+
+@pytest.fixture
+def one_interface(tmp_path: Path) -> Iterator[Lab]:
+    """inst -- gw -(t0)- sel -- pa / pb / pc: the gateway has one route per real network, all
+    through t0, and no mark-based routing; ``sel`` picks the partner by the packet's source S
+    (A's pool, C's pool) after the gateway's SNAT, as the IPsec policies would."""
+    lab = Lab(tmp_path)
+    try:
+        for role in ("inst", "gw", "sel", "pa", "pb", "pc"):
+            lab.add(role)
+        lab.link("inst", "i0", "gw", "gi")
+        lab.sh("inst", "ip", "addr", "add", "10.1.0.10/24", "dev", "i0")
+        lab.sh("inst", "ip", "addr", "add", "10.1.0.11/24", "dev", "i0")
+        lab.sh("inst", "ip", "route", "add", "default", "via", "10.1.0.1")
+        lab.sh("gw", "ip", "addr", "add", "10.1.0.1/24", "dev", "gi")
+        lab.sh("gw", "ip", "route", "add", "default", "via", "10.1.0.254")
+        lab.link("gw", "t0", "sel", "s0")
+        lab.sh("gw", "ip", "addr", "add", "192.0.2.1/30", "dev", "t0")
+        lab.sh("sel", "ip", "addr", "add", "192.0.2.2/30", "dev", "s0")
+        for net in ("10.0.0.0/24", "172.20.0.0/24"):
+            lab.sh("gw", "ip", "route", "add", net, "via", "192.0.2.2")
+        lab.sh("sel", "ip", "route", "add", "203.0.113.0/24", "via", "192.0.2.1")
+        for ns in ("gw", "sel"):
+            for sysctl in ("net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0",
+                           "net.ipv4.conf.default.rp_filter=0"):  # fmt: skip
+                lab.sh(ns, "sysctl", "-qw", sysctl)
+        sources = {"pa": ("203.0.113.10", "203.0.113.12"), "pc": ("203.0.113.11", "203.0.113.13")}
+        for i, (role, pif, net, app) in enumerate(
+            (
+                ("pa", "a0", "10.0.0.0/24", APP),
+                ("pb", "b0", "172.20.0.0/24", "172.20.0.5"),
+                ("pc", "c0", "10.0.0.0/24", APP),
+            )
+        ):
+            lab.link("sel", f"s{i + 1}", role, pif)
+            lab.sh("sel", "ip", "addr", "add", f"198.51.100.{4 * i + 1}/30", "dev", f"s{i + 1}")
+            lab.sh(role, "ip", "addr", "add", f"198.51.100.{4 * i + 2}/30", "dev", pif)
+            lab.sh(role, "ip", "addr", "add", f"{app}/24", "dev", pif)
+            lab.sh(role, "ip", "route", "add", "default", "via", f"198.51.100.{4 * i + 1}")
+            via = f"198.51.100.{4 * i + 2}"
+            if role == "pb":
+                lab.sh("sel", "ip", "route", "add", net, "via", via)
+                continue
+            table = str(100 + i)
+            lab.sh("sel", "ip", "route", "add", net, "via", via, "table", table)
+            for s in sources[role]:
+                lab.sh("sel", "ip", "rule", "add", "from", s, "table", table)
+        base = partners_base()
+        base = MultiPartnerBase(base.partners, tunnel_interfaces=("t0",))
+        lab.sh("gw", "nft", "-f", "-", input=render_partners_table(base, partner_tables()))
+        yield lab
+    finally:
+        lab.close()
+
+
+def test_overlapping_partners_through_one_interface(one_interface: Lab) -> None:
+    """A and C both behind 10.0.0.5, every packet of both through t0 both ways: out by the
+    destination the instance used (C's alias), in by (S, source network)."""
+    lab = one_interface
+    seen_a, seen_c, seen_b = lab.serve("pa", "A"), lab.serve("pc", "C"), lab.serve("pb", "B")
+    assert lab.connect("inst", "10.1.0.10", APP) == "A"
+    assert lab.connect("inst", "10.1.0.10", "100.64.1.5") == "C"
+    assert lab.connect("inst", "10.1.0.11", "100.64.1.5") == "C"
+    assert lab.connect("inst", "10.1.0.10", "172.20.0.5") == "B"
+    assert seen_a.read_text().split() == [S_A]
+    assert seen_c.read_text().split() == [S_C, "203.0.113.13"]
+    assert seen_b.read_text().split() == [S_B]
+    seen = lab.serve("inst", "I")
+    assert lab.connect("pc", APP, S_C) == "I"
+    assert lab.connect("pa", APP, "203.0.113.12") == "I"
+    # The instance sees C through its alias and A as itself: same source, told apart by S.
+    assert seen.read_text().split() == ["100.64.1.5", APP]
+    assert counter(lab, "dropped_cleartext") == 0
+    routes = lab.sh("gw", "ip", "route", "show", "table", "all")
+    assert "10.0.0.0/24 via 192.0.2.2 dev t0" in routes and "table 10" not in routes
