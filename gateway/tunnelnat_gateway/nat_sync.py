@@ -21,6 +21,14 @@ Each way a sync goes, in its JSON line (``action``, ``reason``):
   what it says: changed behind the program's back), or ``forced`` (``--full``; a live difference
   found on the way is reported as ``drift``). ``gap`` and ``drift`` rewrite the maps only.
 
+Several partners (issue 23; ConfigureGateway with PartnersPath): gateway.json holds the lanes,
+each lane's mappings are its own table, and ``sync --table T`` syncs the one lane whose table T is
+(any other table is refused), by the same ways as above with that lane's own applied state
+(``applied_<name>``) and maps: a change for B never touches A's elements, and a lane's full
+rebuild rewrites its maps only. ``sync`` without ``--table`` (the boot unit) syncs every lane,
+one lane's failure reported in its own entry and failing the run without stopping the others
+(``sync_partners``; its section below).
+
 Reading the live maps back costs one ``nft -j list table`` and a digest of every element: 0.18 s
 at 10,000 mappings (0.16 s nft's listing and its JSON, 0.02 s the comparison; 18 ms at 1,000),
 ten times the ``nft -f`` of a one-mapping delta. So it is done when the generation is unchanged,

@@ -61,6 +61,10 @@ SCRIPT = PRELUDE + textwrap.dedent(
                     "--region", "us-east-1"))
     out.append(verb("--partner-networks", "192.0.2.1/24", "--table", "tn-table",
                     "--region", "us-east-1"))
+    # Several partners: no lane under the path (SSM answers nothing), or not a lanes path at all:
+    # refused before anything is applied, forwarding still off.
+    out.append(verb(*ARGS, "--partners-path", "/tunnelnat/nobody/partners"))
+    out.append(verb(*ARGS, "--partners-path", "/etc/tunnelnat/partners"))
     out.append(verb(*ARGS, "--backend", "libipsec", "--mss", "1300"))
     out.append({{"sysctl": cg.SYSCTL_FILE.read_text(), "source": g.SOURCE_FILE.read_text(),
                 "base": json.loads(g.BASE_FILE.read_text())}})
@@ -79,7 +83,9 @@ SCRIPT = PRELUDE + textwrap.dedent(
 
 def test_configure_gateway_loads_the_guard_before_forwarding(tmp_path):
     record = run(SCRIPT.format(repo=str(REPO), tmp=str(tmp_path)), tmp_path)
-    before, missing, host_bits, configured, files, locked, kernel, guard = record
+    before, missing, host_bits, no_lanes, bad_path, configured, files, locked, kernel, guard = (
+        record
+    )
     assert before == {"before": "0"}
     # A failed apply: one line saying so, forwarding still off, sysctl never reached.
     assert missing["code"] == 1 and missing["stdout"] == ""
@@ -87,6 +93,13 @@ def test_configure_gateway_loads_the_guard_before_forwarding(tmp_path):
     assert missing["forwarding"] == "0" and missing["seen"] == []
     assert host_bits["code"] == 1 and host_bits["forwarding"] == "0"
     assert host_bits["stderr"] == "ConfigureGateway: 192.0.2.1/24 has host bits set\n"
+    assert no_lanes["code"] == 1 and no_lanes["forwarding"] == "0" and no_lanes["seen"] == []
+    assert no_lanes["stderr"] == (
+        "ConfigureGateway: reading the partners under /tunnelnat/nobody/partners failed: "
+        "no partners under /tunnelnat/nobody/partners\n"
+    )
+    assert bad_path["code"] == 1 and bad_path["forwarding"] == "0"
+    assert bad_path["stderr"].startswith("ConfigureGateway: invalid partners path")
     # Success: the guard was in the kernel (and forwarding still off) when forwarding came on.
     assert configured["code"] == 0, configured["stderr"]
     (at,) = configured["seen"]
