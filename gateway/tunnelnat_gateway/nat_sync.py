@@ -528,33 +528,48 @@ def _whole_table(
     client: object, base: MultiPartnerBase, lanes: tuple[Lane, ...], reason: str
 ) -> dict[str, dict]:
     """Every lane's table read, the whole ruleset (chains, guard, every lane) in one ``nft -f``;
-    the boot ruleset saved. Any lane unreadable fails it all: a partial table is never loaded."""
+    the boot ruleset saved. A lane whose table cannot be read is loaded empty with nothing
+    applied (its ``applied_<name>`` empty, so its next sync is its ``boot``; its partner's
+    traffic is dropped meanwhile, no instance being enrolled): the other lanes are served."""
     reports: dict[str, dict] = {}
     tables: dict[str, NatTable] = {}
+    failed: list[str] = []
     for lane in lanes:
         mode = base.partner(lane.name).nat_mode
         states = lane_states(lane.name)
         t0 = time.monotonic()
-        generation, _ = read_meta(client, lane.table)
-        rows = read_rows(client, lane.table)
-        tables[lane.name] = desired = NatTable.from_rows(generation, rows, mode)
-        reports[lane.name] = {
+        report: dict = {
             "lane": lane.name,
             "table": lane.table,
+            "previous_generation": states[-1][0] if states else None,
+        }
+        try:
+            generation, _ = read_meta(client, lane.table)
+            rows = read_rows(client, lane.table)
+        except Exception as exc:  # noqa: BLE001 - one lane's failure is its own
+            failed.append(lane.name)
+            reports[lane.name] = {**report, "error": f"{type(exc).__name__}: {exc}"[:300]}
+            continue
+        tables[lane.name] = desired = NatTable.from_rows(generation, rows, mode)
+        reports[lane.name] = {
+            **report,
             "action": "full",
             "reason": reason,
             "applied_generation": generation,
-            "previous_generation": states[-1][0] if states else None,
             "items_read": 1 + len(rows),
             "mappings": len(desired),
             "seconds": round(time.monotonic() - t0, 4),
             **rejected_report(desired),
         }
+    ruleset = render_partners_table(base, tables)
+    if failed:  # nothing applied for them, so not every lane: applied_generation empty too
+        names = ["applied_generation", *(partner_set_names(n)[3] for n in failed)]
+        ruleset += "".join(f"flush set ip {TABLE} {n}\n" for n in names)
     t0 = time.monotonic()
-    nft_apply(render_partners_table(base, tables))
+    nft_apply(ruleset)
     spent = round(time.monotonic() - t0, 4)
-    for report in reports.values():
-        report["nft_seconds"] = spent
+    for name in tables:
+        reports[name]["nft_seconds"] = spent
     _write(BOOT_RULESET, render_partners_boot(base))
     return reports
 

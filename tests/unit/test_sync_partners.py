@@ -207,6 +207,10 @@ BODY = textwrap.dedent(
         return cli("sync")
     step("clear-missing", one_lane_fails)
 
+    # ConfigureGateway while clear's table is gone: the others loaded and served, clear empty
+    # with nothing applied, the run failing naming it.
+    step("configure-clear-missing", configure)
+
     # A lane set that contradicts itself (clear2 overlaps bank-a's network with bank-a's S):
     # ConfigureGateway refuses it whole, the table stays as it was.
     bad = lane("clear2", 4, ["10.0.0.0/24"], "dedicated", ["203.0.113.10"],
@@ -391,3 +395,17 @@ def test_the_bodies_never_named_another_lanes_sets():
     names = {w for line in text.splitlines() for w in line.split() if "_" in w}
     assert names <= {"enrolled_bee", "snat_bee", "dnat_bee", "applied_bee"}, names
     assert json.dumps(sorted(names))
+
+
+def test_configure_serves_the_other_lanes_when_one_lanes_table_is_missing(steps):
+    step = steps["configure-clear-missing"]
+    result = step["result"]
+    assert result["code"] == 1 and result["forwarding"] == "1"
+    assert result["stderr"].startswith("ConfigureGateway: partners not applied (clear: ")
+    nat = result["report"]["nat"]
+    assert nat["failed"] == ["clear"]
+    assert {nat["lanes"][n]["reason"] for n in ("bank-a", "bee")} == {"forced"}
+    after = step["after"]
+    assert after["enrolled_clear"] == [] and after["state:clear"] is None
+    assert after["applied_generation"] == []  # not every lane applied since boot
+    converged(step, lanes=("bank-a", "bee"))
