@@ -9,7 +9,9 @@ killed tunnel through the health agent, the alarm and the healer, shows the oper
 ``tunnelnat status`` and ``tunnelnat doctor``, runs the gateway pair's stories against the strict
 AWS fakes (a planned switchover, an upgrade of the gateway software under traffic:
 ``lab.upgrade_story``, a minute of slow AWS on the active, a rolling replacement of both
-gateways: ``lab.pair_stories``) and its failover, and checks each step with real packets.
+gateways: ``lab.pair_stories``) and its failover, then (issue 23, a lab of its own:
+``lab.partners_story``; ``--no-partners`` skips it) three partners from one partners file, and
+checks each step with real packets.
 Everything is removed on exit, on Ctrl-C and on failure. Exit status 0 only when every step
 passed.
 """
@@ -28,6 +30,8 @@ from typing import Any
 
 from lab import topology as topo
 from lab.controller import LabController
+from lab.partners_lab import BANK, CARD, CLEARING, SITES
+from lab.partners_story import PartnersStory, partners_lab
 from lab.story import Story
 
 TOOLS = (
@@ -60,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         "--burst", type=int, default=20, help="Auto Scaling launches at once (0: none)"
     )
     parser.add_argument("--keep-going", action="store_true", help="run every step after a failure")
+    parser.add_argument(
+        "--no-partners",
+        dest="partners",
+        action="store_false",
+        help="skip the three-partner lab (issue 23) after the single-partner story",
+    )
     args = parser.parse_args(argv)
     problems = missing_requirements()
     if problems:
@@ -95,32 +105,39 @@ def main(argv: list[str] | None = None) -> int:
             )
             with LabController(lab) as controller:
                 story = Story(lab, controller)
-                for number, step_fn in enumerate(story.all_steps(burst=args.burst), start=1):
-                    step_started = time.monotonic()
-                    step = step_fn()
-                    seconds[f"{number}"] = time.monotonic() - step_started
-                    mark = "\u2713" if step.ok else "\u2717"
-                    print(f"{mark} {number}. {step.title}\n     {step.figure}", flush=True)
-                    if "output" in step.data:
-                        # The operator's command as it printed itself.
-                        text = step.data["output"].rstrip("\n")
-                        print(textwrap.indent(text, "       | ", lambda _line: True))
-                    results[step.title] = step
-                    if not step.ok:
-                        failed += 1
-                        if not args.keep_going:
-                            print(f"\n  stopping; logs were in {topo.LOGS} (removed on exit)")
-                            break
+                failed, number = run_steps(
+                    story.all_steps(burst=args.burst), 1, results, seconds, args.keep_going
+                )
+        labs = [lab]
+        if args.partners and (not failed or args.keep_going):
+            # Issue 23: a lab of its own (three partners from a partners file); today's story
+            # above stays the single-partner deployment it always was.
+            print("\ntunnelnat demo: three partners on one gateway (partners file) ...", flush=True)
+            with partners_lab() as (plab, pcontroller):
+                labs.append(plab)
+                print(
+                    f"  partners lab ready in {plab.timings.get('build', 0.0):.1f}s: card "
+                    f"T={SITES[CARD].endpoint} (IKEv2, AWS-like), bank T={SITES[BANK].endpoint} "
+                    f"(IKEv1 main mode), clearing T={SITES[CLEARING].endpoint} (IKEv2; its app "
+                    f"server is card's {SITES[CLEARING].app})\n",
+                    flush=True,
+                )
+                pstory = PartnersStory(plab, pcontroller)
+                more, number = run_steps(
+                    pstory.all_steps(), number, results, seconds, args.keep_going
+                )
+                failed += more
     except KeyboardInterrupt:
         print("\ninterrupted: lab removed", file=sys.stderr)
         return 130
     # Judged by the lab's own cleanup, under its lock: another lab may start right after ours.
-    left = [] if lab.cleaned else topo.lab_namespaces() or ["(cleanup did not finish)"]
+    cleaned = all(one.cleaned for one in labs)
+    left = [] if cleaned else topo.lab_namespaces() or ["(cleanup did not finish)"]
     print()
     for line in headline(results):
         print(line)
     slowest = sorted(seconds.items(), key=lambda kv: -kv[1])[:5]
-    waited = lab.timings.get("lock_wait", 0.0)
+    waited = sum(one.timings.get("lock_wait", 0.0) for one in labs)
     print(
         "time: lab built in "
         f"{lab.timings.get('build', 0.0):.0f}s"
@@ -134,6 +151,37 @@ def main(argv: list[str] | None = None) -> int:
         f"({'no namespaces left' if not left else 'LEFT: ' + ', '.join(left)})"
     )
     return 0 if not failed and not left else 1
+
+
+def run_steps(
+    steps: list[Any],
+    first: int,
+    results: dict[str, Any],
+    seconds: dict[str, float],
+    keep_going: bool,
+) -> tuple[int, int]:
+    """Run and print ``steps``, numbered from ``first``: (steps failed, the next number). Stops
+    at the first failure unless ``keep_going``."""
+    failed = 0
+    number = first
+    for step_fn in steps:
+        step_started = time.monotonic()
+        step = step_fn()
+        seconds[f"{number}"] = time.monotonic() - step_started
+        mark = "\u2713" if step.ok else "\u2717"
+        print(f"{mark} {number}. {step.title}\n     {step.figure}", flush=True)
+        if "output" in step.data:
+            # The operator's command as it printed itself.
+            text = step.data["output"].rstrip("\n")
+            print(textwrap.indent(text, "       | ", lambda _line: True))
+        results[step.title] = step
+        number += 1
+        if not step.ok:
+            failed += 1
+            if not keep_going:
+                print(f"\n  stopping; logs were in {topo.LOGS} (removed on exit)")
+                break
+    return failed, number
 
 
 def _interrupt(signum: int, _frame: object) -> None:
@@ -232,6 +280,22 @@ def headline(results: dict[str, Any]) -> list[str]:
                 f"slow AWS on the active: {slow.failovers} failovers, widest heartbeat gap "
                 f"{slow.max_heartbeat_gap:.2f}s, {slow.lost} lost"
             )
+        heal = step.data.get("partners_heal")
+        if heal is not None:
+            lines.append(
+                f"three partners: bank's connection cut -> only bank healed (RestartTunnel "
+                f"TunnelName={','.join(r.get('TunnelName', '?') for r in heal['restarts'])}) in "
+                + (
+                    f"{heal['healed_seconds']:.1f}s"
+                    if heal["healed_seconds"] is not None
+                    else "NEVER"
+                )
+                + f"; card {heal['lost']['card']} of {heal['sent']['card']} lost, clearing "
+                f"{heal['lost']['clearing']} of {heal['sent']['clearing']} lost, "
+                f"{heal['clear']} clear-text"
+            )
+        if "overlap" in step.data:
+            lines.append(f"three partners: {step.data['overlap']}")
         if "diagnosis" in step.data:
             lines.append(f"broken partner: {step.data['diagnosis']}")
         if "summary" in step.data:

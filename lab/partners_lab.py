@@ -509,7 +509,8 @@ class PartnersLab(topo.Lab):
 def parse_list_sas(text: str) -> dict[str, dict[str, Any]]:
     """``swanctl --list-sas --raw`` (one ``list-sa event {...}`` per IKE SA) to
     {connection: {"version": 1|2, "ike_ids": [...], "state": [...], "children": {name: n},
-    "packets_in": n, "packets_out": n}}. Only the few keys we read; nested braces counted."""
+    "selectors": {name: ([local-ts], [remote-ts])}, "packets_in": n, "packets_out": n}}.
+    Only the few keys we read; nested braces counted."""
     found: dict[str, dict[str, Any]] = {}
     for chunk in text.split("list-sa event")[1:]:
         body = chunk.strip()
@@ -522,8 +523,8 @@ def parse_list_sas(text: str) -> dict[str, dict[str, Any]]:
                 continue
             entry = found.setdefault(
                 conn,
-                {"version": 0, "ike_ids": [], "state": [], "children": {}, "packets_in": 0,
-                 "packets_out": 0},
+                {"version": 0, "ike_ids": [], "state": [], "children": {}, "selectors": {},
+                 "packets_in": 0, "packets_out": 0},
             )  # fmt: skip
             entry["version"] = int(ike.get("version", 0) or 0)
             entry["ike_ids"].append(ike.get("uniqueid"))
@@ -534,6 +535,8 @@ def parse_list_sas(text: str) -> dict[str, dict[str, Any]]:
                 if child.get("state") == "INSTALLED":
                     n = child.get("name", "?")
                     entry["children"][n] = entry["children"].get(n, 0) + 1
+                    local, remote = child.get("local-ts", ""), child.get("remote-ts", "")
+                    entry["selectors"][n] = (local.split(), remote.split())
                 entry["packets_in"] += int(child.get("packets-in", 0) or 0)
                 entry["packets_out"] += int(child.get("packets-out", 0) or 0)
     return found
@@ -584,6 +587,16 @@ class PartnersController:
         os.environ["TUNNELNAT_PARTNERS_PATH"] = parameter_path(DEPLOYMENT)
         try:
             self.inner = LabController(lab)
+            # One controller per lane, as the handler builds it from TUNNELNAT_PARTNERS_PATH
+            # (handlers/controller.build_lanes), its commands through the lab's port.
+            module = self.inner.module
+            # No route-table mode with a partners file (the stack refuses it for now): the
+            # stack sets neither of its variables.
+            for key in ("TUNNELNAT_VPC_ID", "TUNNELNAT_GATEWAY_ENI_ID"):
+                os.environ.pop(key, None)
+            settings = module.ControllerSettings.from_environ()
+            self.lanes = module.build_lanes(settings, commands=lab.commands)
+            module.use_controller(self.lanes, lifecycle=self.inner.lifecycle)
         except BaseException:
             self._restore()
             raise

@@ -98,10 +98,20 @@ class PartnersStory:
         bank = sas.get(BANK, {})
         # bank: IKEv1, one CHILD_SA per (network, S) pair: 2 networks x 2 S = 4.
         expected_bank = len(self.lab.lane(BANK).networks) * len(self.lab.lane(BANK).pool)
+        # IKEv1 carries one selector pair per CHILD_SA (swanctl.conf(5), local_ts): each of
+        # bank's has exactly one local and one remote selector, together every pair.
+        pairs = sorted(
+            (local[0], remote[0])
+            for local, remote in bank.get("selectors", {}).values()
+            if len(local) == len(remote) == 1
+        )
+        lane = self.lab.lane(BANK)
+        every_pair = sorted((f"{s}/32", str(n)) for n in lane.networks for s in lane.pool)
         ok = (
             documents_ok
             and not results["missing"]
             and up
+            and pairs == every_pair
             and sas.get(CARD, {}).get("version") == 2
             and bank.get("version") == 1
             and len(bank.get("children", {})) == expected_bank
@@ -129,6 +139,8 @@ class PartnersStory:
                 "peers": peers,
                 "parameters": [p["Name"] for p in parameters],
                 "expected_bank_children": expected_bank,
+                "bank_pairs": pairs,
+                "every_bank_pair": every_pair,
             },
         )
 
@@ -217,12 +229,17 @@ class PartnersStory:
             f"; card's and clearing's app servers share {SITES[CARD].app}; "
             f"{len(clear)} clear-text packets on the internet link"
         )
+        overlap = (
+            f"{name} reached card's and clearing's app servers, both at {SITES[CARD].app}, as "
+            f"S={self.s[name][CARD]} and S={self.s[name][CLEARING]} (clearing through its alias "
+            f"{self.app_address(CLEARING)}); bank's as S={self.s[name][BANK]}"
+        )
         return Step(
             f"{name} reaches each partner's app server as that partner's S (one at the same "
             "address, through the alias)",
             ok,
             figure,
-            {"answers": answers, "logged": logged, "clear": len(clear)},
+            {"answers": answers, "logged": logged, "clear": len(clear), "overlap": overlap},
         )
 
     # -- 4 ---------------------------------------------------------------------------------------
@@ -267,7 +284,13 @@ class PartnersStory:
         finally:
             for net in added:
                 topo.in_ns(ns, ["ip", "route", "del", net], check=False)
-        dropped = sum(self._drop_counters().values()) - sum(counters_before.values())
+        counters = self._drop_counters()
+        by_counter = {
+            k: v - counters_before.get(k, 0)
+            for k, v in counters.items()
+            if v - counters_before.get(k, 0)
+        }
+        dropped = sum(by_counter.values())
         logged = {p: self.lab.peers(p)[before[p] :] for p in NAMES}
         ok = (
             card_ok
@@ -284,7 +307,9 @@ class PartnersStory:
             + ", ".join(_err(without[p]) for p in (BANK, CLEARING))
             + "; with hand-made routes via G: "
             + ", ".join(_err(by_hand[p]) for p in (BANK, CLEARING))
-            + f"; gateway dropped {dropped}; bank's and clearing's logs: "
+            + f"; gateway dropped {dropped} ("
+            + ", ".join(f"{k} {v}" for k, v in sorted(by_counter.items()))
+            + "); bank's and clearing's logs: "
             f"{'nothing new' if not logged[BANK] + logged[CLEARING] else logged}; "
             f"{len(clear)} clear-text packets"
         )
@@ -297,6 +322,7 @@ class PartnersStory:
                 "without": without,
                 "by_hand": by_hand,
                 "dropped": dropped,
+                "by_counter": by_counter,
                 "logged": logged,
                 "clear": len(clear),
             },

@@ -1,0 +1,108 @@
+"""Issue 23 in the lab: three partners on one gateway (lab.partners_lab, lab.partners_story).
+
+One lab for the module: card (AWS-like IKEv2), bank (IKEv1 main mode, per-pair) and clearing
+(IKEv2, its app server at card's very address, reached through the alias), configured from a
+partners file as the stack does it, enrolment per partner through the real controller. The
+story's steps run once, in order; each test asserts on what one step observed.
+"""
+
+from __future__ import annotations
+
+import logging
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+
+from lab.partners_lab import BANK, CARD, CLEARING, NAMES, SITES
+from lab.partners_story import WEB1, WEB2, partners_lab
+from lab.partners_story import PartnersStory as Story
+
+pytestmark = pytest.mark.lab
+
+
+@pytest.fixture(scope="module")
+def steps():
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    done = {}
+    with partners_lab() as (lab, controller):
+        story = Story(lab, controller)
+        for step_fn in story.all_steps():
+            step = step_fn()
+            print(f"{'ok' if step.ok else 'FAILED'} {step.title}\n   {step.figure}")
+            done[step_fn.__name__] = step
+            if not step.ok:
+                break
+        yield done, lab, story
+    assert lab.cleaned, "the lab left namespaces behind"
+
+
+def _step(steps, name):
+    done, _, _ = steps
+    if name not in done:
+        pytest.fail(f"step {name} did not run (an earlier step failed)")
+    return done[name]
+
+
+def test_three_tunnels_ikev2_ikev1_per_pair_and_overlap(steps):
+    step = _step(steps, "configure")
+    assert step.ok, step.figure
+    sas = step.data["sas"]
+    assert sas[CARD]["version"] == 2 and sas[CLEARING]["version"] == 2
+    # IKEv1 main mode, one selector pair per CHILD_SA: 2 networks x 2 S.
+    assert sas[BANK]["version"] == 1
+    assert len(sas[BANK]["children"]) == step.data["expected_bank_children"] == 4
+    # Each of bank's CHILD_SAs carries one pair (one S, one network), together every pair.
+    assert step.data["bank_pairs"] == step.data["every_bank_pair"]
+    assert step.data["peers"][BANK]["tunnelnat"]["version"] == 1
+    assert len(step.data["parameters"]) == 3
+
+
+def test_one_instance_enrolled_to_three_partners(steps):
+    step = _step(steps, "enrol")
+    assert step.ok, step.figure
+    _, lab, _ = steps
+    s = step.data["s"]
+    assert set(s[WEB1]) == set(NAMES) and set(s[WEB2]) == {CARD}
+    for partner, address in s[WEB1].items():
+        assert IPv4Address(address) in lab.lane(partner).public_addresses
+    # clearing's network is card's: web-1 routes its alias, never a second 192.0.2.0/24.
+    assert "100.64.0.0/24" in step.data["routes"][WEB1]
+    assert step.data["routes"][WEB2] == ["192.0.2.0/24"]
+
+
+def test_each_app_server_logs_its_partners_s_even_at_the_same_address(steps):
+    step = _step(steps, "reach_each")
+    assert step.ok, step.figure
+    _, lab, story = steps
+    assert SITES[CARD].app == SITES[CLEARING].app  # the overlap
+    assert story.app_address(CLEARING) in IPv4Network("100.64.0.0/24")
+    logged = step.data["logged"]
+    assert logged[CARD] == [story.s[WEB1][CARD]]
+    assert logged[CLEARING] == [story.s[WEB1][CLEARING]]
+    assert logged[BANK] == [story.s[WEB1][BANK]]
+    assert step.data["clear"] == 0
+
+
+def test_partner_initiated_connections_reach_the_right_instance(steps):
+    step = _step(steps, "partner_initiated")
+    assert step.ok, step.figure
+    answers = step.data["answers"]
+    assert answers[CLEARING][1] == "web-1 saw 100.64.0.80"  # the alias, not card's address
+    assert answers[CARD][1] == "web-1 saw 192.0.2.80"
+
+
+def test_an_instance_of_card_only_never_reaches_bank_or_clearing(steps):
+    step = _step(steps, "only_card")
+    assert step.ok, step.figure
+    assert not step.data["logged"][BANK] and not step.data["logged"][CLEARING]
+    assert step.data["dropped"] > 0
+
+
+def test_bank_healed_alone_card_and_clearing_lose_nothing(steps):
+    step = _step(steps, "heal_bank")
+    assert step.ok, step.figure
+    heal = step.data["partners_heal"]
+    assert heal["lost"][CARD] == 0 and heal["lost"][CLEARING] == 0
+    assert heal["clear"] == 0
+    assert [r["TunnelName"] for r in heal["restarts"]] == [BANK]
+    assert all(heal["untouched"].values())
