@@ -131,6 +131,8 @@ class Controller:
         routes: RouteTableSync | None = None,
         allowed: AllowList | None = None,
         gateway_group: str | None = None,
+        route_scope: str | None = None,
+        partner: str | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -144,6 +146,11 @@ class Controller:
         # gateway's group, whose members are never enrolled.
         self.allowed = allowed or AllowList()
         self.gateway_group = gateway_group
+        # A several-partner deployment runs one controller per partner (partner_lanes.py): its
+        # instance routes are scoped ``<deployment>.<partner>`` (core/lanes.py), so each
+        # partner's routes on an instance are its own; the gateway stays the deployment's.
+        self.route_scope = route_scope or deployment
+        self.partner = partner
         # Route-table mode (None: off, other subnets are unsupported-subnet).
         self.routes = routes if vpc_id is not None else None
         self.gateway = GatewaySync(
@@ -872,8 +879,9 @@ class Controller:
             "Destinations": ",".join(str(n) for n in self.config.partner_networks),
             "Gateway": str(self.config.gateway_private_ip),
             # Names the instance's state file and drop-in (/etc/tunnelnat/routes.d/<deployment>):
-            # two deployments on one instance never undo each other's routes (issue 21).
-            "Deployment": self.deployment,
+            # two deployments on one instance never undo each other's routes (issue 21), nor
+            # two partners of one deployment (<deployment>.<partner>, issue 23).
+            "Deployment": self.route_scope,
         }
 
     def _run_many(

@@ -42,6 +42,9 @@ class Outcome:
     # True when this run brought the instance to enrolled (it was not before): what the
     # Enrolments count and the EnrolmentLatency metric are about.
     newly_enrolled: bool = False
+    # A several-partner deployment: each partner's own outcome (name -> its as_dict without
+    # the instance), the fields above summing them up (partner_lanes.combine).
+    partners: dict[str, dict[str, Any]] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {

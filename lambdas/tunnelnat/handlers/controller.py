@@ -30,6 +30,7 @@ from tunnelnat.adapters.queue import EventQueue
 from tunnelnat.adapters.store import EnrolmentStore
 from tunnelnat.controller import Controller, Outcome
 from tunnelnat.core.enrolment import Status, status_tag
+from tunnelnat.core.lanes import Lane
 from tunnelnat.delivery import (  # noqa: F401 - backoff_seconds: part of the handler's surface
     MAX_ATTEMPTS,
     DeliveryPolicy,
@@ -39,6 +40,12 @@ from tunnelnat.delivery import (  # noqa: F401 - backoff_seconds: part of the ha
 )
 from tunnelnat.events import InvalidEvent, Request, parse_request
 from tunnelnat.handlers.tracing import OptionalTracer
+from tunnelnat.partner_lanes import (
+    PARTNERS_PATH_ENV,
+    PartnerLanes,
+    lane_settings,
+    read_lanes,
+)
 from tunnelnat.service import Service
 from tunnelnat.settings import ControllerSettings
 from tunnelnat.telemetry import DEPLOYMENT_DIMENSION
@@ -115,8 +122,11 @@ def build_controller(
     *,
     commands: CommandPort | None = None,
     session: Any = None,
+    lane: Lane | None = None,
 ) -> Controller:
-    """A controller wired to AWS (or to moto via AWS_ENDPOINT_URL); ``commands`` swaps the port."""
+    """A controller wired to AWS (or to moto via AWS_ENDPOINT_URL); ``commands`` swaps the port.
+    ``lane``: one partner's controller of a several-partner deployment (``settings`` already
+    that lane's, partner_lanes.lane_settings): its status tag and its routes' scope."""
     settings = settings or ControllerSettings.from_environ()
     session = session or _session(settings.region)
     client = functools.partial(session.client, config=AWS_CONFIG)
@@ -126,7 +136,7 @@ def build_controller(
         store=EnrolmentStore(dynamodb, settings.table_name),
         instances=Ec2Instances(
             ec2,
-            status_tag=status_tag(settings.deployment),
+            status_tag=lane.status_tag if lane else status_tag(settings.deployment),
             gateway_ip=settings.config.gateway_private_ip,
             vpc_id=settings.vpc_id,
             gateway_group=settings.gateway_group,
@@ -139,7 +149,50 @@ def build_controller(
         routes=_route_tables(settings, ec2, dynamodb),
         allowed=settings.allow_list,
         gateway_group=settings.gateway_group,
+        route_scope=lane.scope if lane else None,
+        partner=lane.name if lane else None,
     )
+
+
+def build_lanes(
+    settings: ControllerSettings | None = None,
+    *,
+    path: str | None = None,
+    commands: CommandPort | None = None,
+    session: Any = None,
+) -> PartnerLanes:
+    """A several-partner deployment's controller: one per lane published under ``path``
+    (TUNNELNAT_PARTNERS_PATH), read now and again every few minutes (partner_lanes.py)."""
+    settings = settings or ControllerSettings.from_environ()
+    path = path or os.environ[PARTNERS_PATH_ENV]
+    session = session or _session(settings.region)
+    ssm = session.client("ssm", config=AWS_CONFIG)
+    if commands is None:
+        commands = SsmCommands(ssm, document_prefix=settings.document_prefix)
+
+    def lane_controller(lane: Lane) -> Controller:
+        return build_controller(
+            lane_settings(settings, lane), commands=commands, session=session, lane=lane
+        )
+
+    def load() -> tuple[Lane, ...]:
+        return read_lanes(ssm, path, settings.deployment)
+
+    return PartnerLanes(
+        load(),
+        lane_controller,
+        store=EnrolmentStore(session.client("dynamodb", config=AWS_CONFIG), settings.table_name),
+        deployment=settings.deployment,
+        loader=load,
+    )
+
+
+def _default_controller(settings: ControllerSettings) -> Controller | PartnerLanes:
+    """With TUNNELNAT_PARTNERS_PATH (a partners file): one controller per partner; without it,
+    exactly today's single controller."""
+    if os.environ.get(PARTNERS_PATH_ENV):
+        return build_lanes(settings)
+    return build_controller(settings)
 
 
 def _route_tables(settings: ControllerSettings, ec2: Any, dynamodb: Any) -> Any:
@@ -164,7 +217,7 @@ def _route_tables(settings: ControllerSettings, ec2: Any, dynamodb: Any) -> Any:
 
 
 def build_service(
-    controller: Controller | None = None,
+    controller: Controller | PartnerLanes | None = None,
     *,
     lifecycle: LifecyclePort | None = None,
     settings: ControllerSettings | None = None,
@@ -174,14 +227,14 @@ def build_service(
     settings = settings or ControllerSettings.from_environ()
     session = _session(settings.region)
     return Service(
-        controller or build_controller(settings),
+        controller or _default_controller(settings),
         lifecycle=lifecycle
         or AutoScalingLifecycle(session.client("autoscaling", config=AWS_CONFIG)),
     )
 
 
 def use_controller(
-    controller: Controller | None, *, lifecycle: LifecyclePort | None = None
+    controller: Controller | PartnerLanes | None, *, lifecycle: LifecyclePort | None = None
 ) -> None:
     """Install the controller the handler uses (the lab's, or None to rebuild from env)."""
     global _service
