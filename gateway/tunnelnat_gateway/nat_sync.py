@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunnelnat.core.lanes import Lane, LaneError, load_lanes
+from tunnelnat.core.lanes import Lane, LaneError, load_lanes, partner_table
 from tunnelnat.core.nat import (
     APPLIED_SETS,
     LB,
@@ -431,6 +431,35 @@ def load_partners() -> tuple[MultiPartnerBase, tuple[Lane, ...]] | None:
         raise GatewayError(f"{BASE_FILE} holds an invalid several-partner base: {exc}") from None
 
 
+@dataclass(frozen=True)
+class LaneRef:
+    """What a lane's sync needs of gateway.json: its name, table and NAT mode (core/nat's). A
+    sync reads only these: building every lane's Lane and the several-partner base would parse
+    every pool address of every partner on each one-mapping change."""
+
+    name: str
+    table: str
+    nat_mode: str
+
+
+def lane_refs() -> tuple[LaneRef, ...] | None:
+    """gateway.json's lanes as LaneRef, in order; None: a one-partner gateway."""
+    data = _read_base()
+    if data.get("layout") != PARTNERS_LAYOUT:
+        return None
+    try:
+        return tuple(
+            LaneRef(
+                str(x["name"]),
+                partner_table(str(x["deployment"]), str(x["name"])),
+                LANE_NAT_MODES[str(x["nat_mode"])],
+            )
+            for x in data["lanes"]
+        )
+    except (KeyError, TypeError, ValueError) as exc:  # LaneError too
+        raise GatewayError(f"{BASE_FILE} holds an invalid lane: {exc}") from None
+
+
 def _lane_sets(name: str) -> dict[str, tuple[object, ...]] | None:
     """The lane's four sets and maps as the kernel holds them; None: no such lane in the
     kernel's table (or no table)."""
@@ -492,30 +521,36 @@ def sync_partners(
     LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
     with LOCK_FILE.open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # the one-partner sync's lock: one sync at a time
-        loaded = load_partners()
-        if loaded is None:
+        refs = lane_refs()
+        if refs is None:
             raise GatewayError("this gateway serves one partner: sync its table")
-        base, lanes = loaded
-        by_name = {lane.name: lane for lane in lanes}
+        by_name = {ref.name: ref for ref in refs}
         if only is not None and only not in by_name:
             raise GatewayError(f"no partner {only!r} on this gateway")
         names = [only] if only is not None else list(by_name)
-        missing = [n for n in names if lane_states(n) is None]
+        states = {n: lane_states(n) for n in names}  # None: the kernel has no such lane
+        missing = [n for n, s in states.items() if s is None]
         if (full and only is None) or missing:
             reason = "forced" if full and only is None else "boot"
-            reports = _whole_table(client, base, lanes, reason)
+            loaded = load_partners()  # the whole table: every lane's networks, aliases and S
+            if loaded is None:  # gateway.json replaced between the two reads
+                raise GatewayError("this gateway serves one partner: sync its table")
+            reports = _whole_table(client, *loaded, reason)
         else:
             reports = {}
             for name in names:
                 try:
-                    reports[name] = _sync_lane(client, base, by_name[name], full, verify)
+                    lane_args = (client, by_name[name], states[name], full, verify)
+                    reports[name] = _sync_lane(*lane_args)
                 except Exception as exc:  # noqa: BLE001 - one lane's failure is its own
                     if only is not None:
                         raise
                     error = f"{type(exc).__name__}: {exc}"[:300]
                     reports[name] = {"lane": name, "table": by_name[name].table, "error": error}
-        _mark_applied_since_boot(lanes)
+        _mark_applied_since_boot(refs)
     if only is not None:
+        if "error" in reports[only]:
+            raise GatewayError(f"partner {only}: {reports[only]['error']}")
         return {**reports[only], "seconds": round(time.monotonic() - started, 4)}
     return {
         "lanes": reports,
@@ -575,14 +610,18 @@ def _whole_table(
 
 
 def _sync_lane(
-    client: object, base: MultiPartnerBase, lane: Lane, full: bool, verify: bool
+    client: object,
+    lane: LaneRef,
+    states: list[tuple[int, int, int]] | None,
+    full: bool,
+    verify: bool,
 ) -> dict:
-    """One lane, as ``sync`` does the one-partner table; its full rebuild rewrites its maps only."""
+    """One lane, as ``sync`` does the one-partner table; its full rebuild rewrites its maps only.
+    ``states``: its applied states as the kernel held them under the lock (``lane_states``)."""
     started = time.monotonic()
-    name, table_name = lane.name, lane.table
-    mode = base.partner(name).nat_mode
+    name, table_name, mode = lane.name, lane.table, lane.nat_mode
     generation, checksum = read_meta(client, table_name)
-    states = lane_states(name) or []
+    states = states or []
     state = states[-1] if states else None
     current = state[0] if state else None
     report: dict = {"lane": name, "table": table_name, "items_read": 1}
@@ -640,7 +679,7 @@ def _sync_lane(
     }
 
 
-def _mark_applied_since_boot(lanes: tuple[Lane, ...]) -> None:
+def _mark_applied_since_boot(lanes: tuple[LaneRef, ...]) -> None:
     """Set ``applied_generation`` once every lane has a state (after boot it is empty)."""
     if applied_generation() is not None:
         return
@@ -763,10 +802,10 @@ def main(argv: list[str] | None = None) -> int:
 def sync_any(client: object, table: str | None, full: bool, verify: bool) -> dict:
     """The sync gateway.json calls for: the one-partner table (``table``, or the saved one), or
     with several partners one lane (``table`` must be one of the lanes' tables) or every lane."""
-    loaded = load_partners()
-    if loaded is None:
+    refs = lane_refs()
+    if refs is None:
         return sync(client, table or saved_source()[0], full=full, verify=verify)
-    lanes = {lane.table: lane.name for lane in loaded[1]}
+    lanes = {ref.table: ref.name for ref in refs}
     if table is None:
         return sync_partners(client, full=full, verify=verify)
     if table not in lanes:
