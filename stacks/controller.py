@@ -24,8 +24,10 @@ from constructs import Construct
 
 from stacks.documents import Documents
 from stacks.functions import log_group_and_role, powertools_layer
+from stacks.lanes import Lanes
 from stacks.nag import acknowledge, wildcard_arn
 from stacks.policies import (
+    lane_statements,
     only_the_status_tag,
     send_command_to_gateway,
     send_command_to_marked_instances,
@@ -77,11 +79,15 @@ class Controller(Construct):
         settings: StackSettings,
         documents: Documents,
         code_directory: Path,
+        lanes: Lanes | None = None,
     ) -> None:
         super().__init__(scope, construct_id)
         stack = Stack.of(self)
         deployment = settings.deployment
         self._settings = settings
+        # A partners file: one lane per partner (stacks/lanes.py), each with its own table,
+        # tag key and status tag; None: today's single partner, unchanged.
+        self._lanes = lanes
 
         # -- the one source of truth -----------------------------------------------------------
         # Predictable names: the operator's CLI (tunnelnat doctor/reconcile) finds them by the
@@ -181,6 +187,9 @@ class Controller(Construct):
                 "TUNNELNAT_METRIC_NAMESPACE": settings.gateway_metric_namespace,
                 "POWERTOOLS_SERVICE_NAME": SERVICE,
                 "POWERTOOLS_METRICS_NAMESPACE": SERVICE,
+                # Several partners: the handler reads the lanes there and runs one controller
+                # per lane (absent: the single controller of TUNNELNAT_CONFIG).
+                **({"TUNNELNAT_PARTNERS_PATH": lanes.path} if lanes is not None else {}),
             },
         )
         self.function.add_event_source(
@@ -224,7 +233,12 @@ class Controller(Construct):
                     detail={
                         "service": ["ec2"],
                         "resource-type": ["instance"],
-                        "changed-tag-keys": [config.enrolment_tag_key],
+                        # With lanes: each partner's key too (an instance joins a partner by
+                        # its key, <enrolment key>:partner:<name>).
+                        "changed-tag-keys": [
+                            config.enrolment_tag_key,
+                            *(lane.tag_key for lane in (lanes.lanes if lanes else ())),
+                        ],
                     },
                 ),
                 targets=[target],
@@ -299,7 +313,8 @@ class Controller(Construct):
                     # The generations of a batch's instances in one call.
                     "dynamodb:BatchGetItem",
                 ],
-                resources=[self.table.table_arn],
+                # With lanes: every partner's table of mappings too.
+                resources=[self.table.table_arn, *(lanes.table_arns if lanes else ())],
             ),
             iam.PolicyStatement(
                 # Whether a held lifecycle action is still open, and its hook's timeouts.
@@ -327,6 +342,37 @@ class Controller(Construct):
                 conditions={"StringLike": {f"aws:ResourceTag/{key}": "*"}},
             ),
         ]
+        for lane in lanes.lanes if lanes is not None else ():
+            statements.append(
+                iam.PolicyStatement(
+                    # A group whose instances join partner <name> carries the lane's key.
+                    sid=f"Lane{lane.index}LifecycleOfEnrolledGroups",
+                    actions=[
+                        "autoscaling:CompleteLifecycleAction",
+                        "autoscaling:RecordLifecycleActionHeartbeat",
+                    ],
+                    resources=[
+                        stack.format_arn(
+                            service="autoscaling",
+                            resource="autoScalingGroup",
+                            resource_name="*",
+                            arn_format=ArnFormat.COLON_RESOURCE_NAME,
+                        )
+                    ],
+                    conditions={"StringLike": {f"aws:ResourceTag/{lane.tag_key}": "*"}},
+                )
+            )
+        if lanes is not None:
+            statements.append(
+                iam.PolicyStatement(
+                    # The lanes, published by this stack. GetParametersByPath is authorized
+                    # against the path in the request, not the parameters it returns (Systems
+                    # Manager User Guide, "How Parameter Store authorizes parameter retrieval").
+                    sid="ReadTheLanes",
+                    actions=["ssm:GetParametersByPath"],
+                    resources=[lanes.path_arn],
+                )
+            )
         if settings.auto_scaling_groups:
             # The user's own groups named in auto_scaling_groups: tunnelnat's hooks are on them
             # (add_lifecycle_hooks), whatever tags the groups carry.
@@ -396,6 +442,24 @@ class Controller(Construct):
             ),
         ):
             acknowledge(policy, f"AwsSolutions-IAM5[{finding}]", reason)
+        if lanes is not None:
+            # With many lanes the statements outgrow the role's inline policy: CDK moves the
+            # rest into managed policies (OverflowPolicy<n>, children of the role), where the
+            # same reviewed findings appear.
+            for finding, reason in (
+                (
+                    f"Resource::{wildcard_arn(self, 'ec2', 'instance/*')}",
+                    "Each lane's statements on instance/* are conditioned on a tag: the lane's "
+                    "tag key (<enrolment key>:partner:<name>) or its status tag key, and "
+                    "CreateTags/DeleteTags only of that lane's status key, in this VPC.",
+                ),
+                (
+                    f"Resource::{wildcard_arn(self, 'autoscaling', 'autoScalingGroup:*')}",
+                    "Lifecycle hooks live on the operator's groups, unknown here; each lane's "
+                    "statement requires that lane's tag key on the group.",
+                ),
+            ):
+                acknowledge(self.role, f"AwsSolutions-IAM5[{finding}]", reason)
 
     def serve_gateway(
         self,
@@ -419,6 +483,9 @@ class Controller(Construct):
             self._instances, self._settings.deployment, enrolment_key, vpc_arn
         ):
             self.role.add_to_policy(statement)
+        for lane in self._lanes.lanes if self._lanes is not None else ():
+            for statement in lane_statements(self._instances, lane, vpc_arn):
+                self.role.add_to_policy(statement)
         if not self._settings.route_table_mode or gateway_eni_id is None:
             return
         self.function.add_environment("TUNNELNAT_GATEWAY_ENI_ID", gateway_eni_id)

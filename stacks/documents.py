@@ -173,6 +173,15 @@ class Documents(Construct):
                 )
         return {k: [v] for k, v in values.items()}
 
+    def accepts(self, stem: str, parameter: str, value: str) -> bool:
+        """Whether ``stem`` declares ``parameter`` and its allowedPattern (if any) takes
+        ``value``."""
+        declared = (self.contents.get(stem, {}).get("parameters") or {}).get(parameter)
+        if declared is None:
+            return False
+        pattern = declared.get("allowedPattern")
+        return not pattern or re.search(pattern, value) is not None
+
     def declares(self, stem: str, parameter: str) -> bool:
         return parameter in (self.contents.get(stem, {}).get("parameters") or {})
 

@@ -17,6 +17,7 @@ opt-in (context ``enrolment_role_arn``) and docs/security.md says what it needs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from aws_cdk import Aws
@@ -52,8 +53,16 @@ def not_the_enrolment_role(role_arn: str, exempt: list[str]) -> dict[str, Any]:
     }
 
 
-def ec2_pattern(enrolment_key: str, role_arn: str, exempt: list[str]) -> dict[str, Any]:
-    """CreateTags, or RunInstances with a tag specification, putting the enrolment key."""
+def _keys(enrolment_key: str | Sequence[str]) -> list[str]:
+    return [enrolment_key] if isinstance(enrolment_key, str) else list(enrolment_key)
+
+
+def ec2_pattern(
+    enrolment_key: str | Sequence[str], role_arn: str, exempt: list[str]
+) -> dict[str, Any]:
+    """CreateTags, or RunInstances with a tag specification, putting the enrolment key (or, with
+    a partners file, any partner's key)."""
+    keys = _keys(enrolment_key)
     return {
         "source": ["aws.ec2"],
         "detail-type": [CLOUDTRAIL],
@@ -63,12 +72,12 @@ def ec2_pattern(enrolment_key: str, role_arn: str, exempt: list[str]) -> dict[st
             "$or": [
                 {
                     "eventName": ["CreateTags"],
-                    "requestParameters": {"tagSet": {"items": {"key": [enrolment_key]}}},
+                    "requestParameters": {"tagSet": {"items": {"key": keys}}},
                 },
                 {
                     "eventName": ["RunInstances"],
                     "requestParameters": {
-                        "tagSpecificationSet": {"items": {"tags": {"key": [enrolment_key]}}}
+                        "tagSpecificationSet": {"items": {"tags": {"key": keys}}}
                     },
                 },
             ],
@@ -76,7 +85,9 @@ def ec2_pattern(enrolment_key: str, role_arn: str, exempt: list[str]) -> dict[st
     }
 
 
-def autoscaling_pattern(enrolment_key: str, role_arn: str, exempt: list[str]) -> dict[str, Any]:
+def autoscaling_pattern(
+    enrolment_key: str | Sequence[str], role_arn: str, exempt: list[str]
+) -> dict[str, Any]:
     """A group given the enrolment key: it propagates it to every instance it launches."""
     return {
         "source": ["aws.autoscaling"],
@@ -85,7 +96,7 @@ def autoscaling_pattern(enrolment_key: str, role_arn: str, exempt: list[str]) ->
             "eventSource": ["autoscaling.amazonaws.com"],
             "eventName": ["CreateOrUpdateTags", "CreateAutoScalingGroup"],
             "userIdentity": not_the_enrolment_role(role_arn, exempt),
-            "requestParameters": {"tags": {"key": [enrolment_key]}},
+            "requestParameters": {"tags": {"key": _keys(enrolment_key)}},
         },
     }
 
@@ -99,6 +110,7 @@ class EnrolmentWatch(Construct):
         settings: StackSettings,
         enrolment_key: str,
         topic: sns.ITopic,
+        partner_keys: Sequence[str] = (),
     ) -> None:
         super().__init__(scope, construct_id)
         assert settings.enrolment_role_arn is not None
@@ -114,9 +126,11 @@ class EnrolmentWatch(Construct):
             "(docs/security.md)."
         )
         self.rules: dict[str, events.CfnRule] = {}
+        keys = [enrolment_key, *partner_keys] if partner_keys else enrolment_key
         for name, pattern in (
-            ("Ec2", ec2_pattern(enrolment_key, role, exempt)),
-            ("AutoScaling", autoscaling_pattern(enrolment_key, role, exempt)),
+            # A partners file: each partner's key enrols too (<enrolment key>:partner:<name>).
+            ("Ec2", ec2_pattern(keys, role, exempt)),
+            ("AutoScaling", autoscaling_pattern(keys, role, exempt)),
         ):
             rule = events.Rule(
                 self,

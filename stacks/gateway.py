@@ -59,6 +59,7 @@ from constructs import Construct
 from stacks.documents import Documents
 from stacks.gateway_software import DOCUMENT as INSTALL_DOCUMENT
 from stacks.gateway_software import GatewaySoftware
+from stacks.lanes import Lanes
 from stacks.nag import acknowledge, wildcard_arn
 from stacks.settings import (
     DEPLOYMENT_TAG,
@@ -69,6 +70,8 @@ from stacks.settings import (
     StackSettings,
 )
 from tunnelnat.core.config import TunnelnatConfig
+from tunnelnat.core.lanes import Lane
+from tunnelnat.core.partners import Partner, Partners
 
 GATEWAY_DIR = Path(__file__).resolve().parents[1] / "gateway"
 # The launch template tags each gateway's primary ENI at launch (with the role and deployment
@@ -147,6 +150,11 @@ TERMINATING_HOOK_TIMEOUT = Duration.minutes(5)
 # undoing what the boot and the pair agent configure on G's link (kubernetes/kops#17881, turned
 # off in #17882). Only the first boot's network configuration, as before 24.1.
 CLOUD_INIT_NETWORK_UPDATES = ("boot-new-instance",)
+# Where ConfigureTunnel records each tunnel it configured (<tunnel>.json, with its CHILD_SA
+# names: gateway/tunnelnat_gateway/tunnel.py): with several partners the pair agent reads the
+# tunnels there, so adding a partner never changes pair.json (the launch template's user data:
+# a change would replace both gateways and every partner's SAs with them).
+TUNNELS_DIR = "/etc/tunnelnat/tunnels"
 
 
 def terminating_hook_name(deployment: str) -> str:
@@ -172,12 +180,20 @@ class Gateway(Construct):
         internet_ready: Construct | None = None,
         failover_topic: sns.ITopic | None = None,
         failover_topic_key: kms.IKey | None = None,
+        partners: Partners | None = None,
+        lanes: Lanes | None = None,
     ) -> None:
         super().__init__(scope, construct_id)
         stack = Stack.of(self)
         deployment = settings.deployment
         self.pair = settings.gateway_pair
         self.psk_key: kms.Key | None = None
+        # A partners file: a tunnel, PSK secret and ConfigureTunnel association per partner.
+        assert (partners is None) == (lanes is None)
+        self.lanes = lanes
+        self.lane_psks: dict[str, secretsmanager.ISecret] = {}
+        self.tunnel_associations: dict[str, ssm.CfnAssociation] = {}
+        self._layouts = {p.name: p.layout for p in partners.partners} if partners else {}
         # The group's explicit name: the associations target it and every IAM condition on a
         # gateway instance names it (aws:autoscaling:groupName, which no user can set).
         self.group_name = settings.gateway_group_name
@@ -192,17 +208,38 @@ class Gateway(Construct):
         Tags.of(self).add("Name", f"{deployment}-gateway")
 
         # -- the pre-shared key: created (random, never in the template) or imported by name ---
-        if settings.psk_secret_name:
+        psk_arns: list[str] = []
+        if partners is not None:
+            # Each partner's own secret, named in the file (auth.psk_secret; the settings refuse
+            # an ARN and certificates): the operator creates it, as psk_secret_name's.
+            for partner in partners.partners:
+                name = _psk_name(partner)
+                self.lane_psks[partner.name] = secretsmanager.Secret.from_secret_name_v2(
+                    self, f"Psk-{partner.name}", name
+                )
+                psk_arns.append(
+                    stack.format_arn(
+                        service="secretsmanager",
+                        resource="secret",
+                        resource_name=f"{name}-??????",
+                        arn_format=ArnFormat.COLON_RESOURCE_NAME,
+                    )
+                )
+            self.psk: secretsmanager.ISecret | None = None
+            psk_name: str | None = None
+        elif settings.psk_secret_name:
             self.psk: secretsmanager.ISecret = secretsmanager.Secret.from_secret_name_v2(
                 self, "Psk", settings.psk_secret_name
             )
             psk_name = settings.psk_secret_name
             # Secrets Manager appends "-" and six random characters to a secret's name in its ARN.
-            psk_arn = stack.format_arn(
-                service="secretsmanager",
-                resource="secret",
-                resource_name=f"{psk_name}-??????",
-                arn_format=ArnFormat.COLON_RESOURCE_NAME,
+            psk_arns.append(
+                stack.format_arn(
+                    service="secretsmanager",
+                    resource="secret",
+                    resource_name=f"{psk_name}-??????",
+                    arn_format=ArnFormat.COLON_RESOURCE_NAME,
+                )
             )
         else:
             # A customer-managed key (rotated yearly by KMS) rather than Secrets Manager's
@@ -235,7 +272,7 @@ class Gateway(Construct):
             )
             self.psk = secret
             psk_name = secret.secret_name
-            psk_arn = secret.secret_arn
+            psk_arns.append(secret.secret_arn)
 
         # -- security group: IKE and ESP from T only; forwarded traffic from the gateway subnet --
         self.security_group = ec2.SecurityGroup(
@@ -246,16 +283,22 @@ class Gateway(Construct):
             "forwarding from the gateway subnet",
             allow_all_outbound=True,
         )
-        partner = ec2.Peer.ipv4(f"{config.partner_endpoint}/32")
-        self.security_group.add_ingress_rule(partner, ec2.Port.udp(500), "IKE from the partner")
-        self.security_group.add_ingress_rule(
-            partner, ec2.Port.udp(4500), "IKE/ESP NAT-T from the partner"
+        endpoints = (
+            [(lane.endpoint, f"partner {lane.name}") for lane in lanes.lanes]
+            if lanes is not None
+            else [(config.partner_endpoint, "the partner")]
         )
-        self.security_group.add_ingress_rule(
-            partner,
-            ec2.Port(protocol=ec2.Protocol.ESP, string_representation="ESP"),
-            "ESP from the partner",
-        )
+        for endpoint, who in endpoints:
+            partner = ec2.Peer.ipv4(f"{endpoint}/32")
+            self.security_group.add_ingress_rule(partner, ec2.Port.udp(500), f"IKE from {who}")
+            self.security_group.add_ingress_rule(
+                partner, ec2.Port.udp(4500), f"IKE/ESP NAT-T from {who}"
+            )
+            self.security_group.add_ingress_rule(
+                partner,
+                ec2.Port(protocol=ec2.Protocol.ESP, string_representation="ESP"),
+                f"ESP from {who}",
+            )
         # Forwarded packets: from the gateway's subnet (host routes via G), and in route-table
         # mode from the whole VPC, secondary CIDRs too (its subnets' route tables send the
         # partner's networks to G's ENI). nftables forwards enrolled sources only, and drops
@@ -325,16 +368,28 @@ class Gateway(Construct):
             iam.PolicyStatement(
                 sid="ReadItsTable",
                 actions=["dynamodb:GetItem", "dynamodb:Query"],
-                resources=[table.table_arn],
+                # With lanes: every partner's table of mappings too (the sync reads each).
+                resources=[table.table_arn, *(lanes.table_arns if lanes is not None else ())],
             )
         )
         self.role.add_to_policy(
             iam.PolicyStatement(
                 sid="ReadThePsk",
                 actions=["secretsmanager:GetSecretValue"],
-                resources=[psk_arn],
+                resources=psk_arns,
             )
         )
+        if lanes is not None:
+            self.role.add_to_policy(
+                iam.PolicyStatement(
+                    # ConfigureGateway reads the lanes (PartnersPath). GetParametersByPath is
+                    # authorized against the path in the request (Systems Manager User Guide,
+                    # "How Parameter Store authorizes parameter retrieval").
+                    sid="ReadTheLanes",
+                    actions=["ssm:GetParametersByPath"],
+                    resources=[lanes.path_arn],
+                )
+            )
         if self.psk_key is not None:
             self.role.add_to_policy(
                 iam.PolicyStatement(
@@ -568,7 +623,7 @@ class Gateway(Construct):
 
         # -- ConfigureGateway and ConfigureTunnel on the first gateway and on every replacement
         # ConfigureGateway: the NAT table (guard first), then forwarding.
-        gateway_parameters = {
+        gateway_parameters: dict[str, str] = {
             "PartnerNetworks": ",".join(str(n) for n in config.partner_networks),
             "TableName": table.table_name,
             "Region": Aws.REGION,
@@ -577,6 +632,11 @@ class Gateway(Construct):
             "IpsecBackend": IPSEC_BACKEND,
             "TunnelMss": str(config.tunnel_mss),
         }
+        if lanes is not None:
+            # Several partners: the verb reads the lanes from the path; the digest changes with
+            # any lane, so State Manager re-runs the association (an unchanged path would not).
+            gateway_parameters["PartnersPath"] = lanes.path
+            gateway_parameters["PartnersDigest"] = lanes.digest
         # ConfigureTunnel: strongSwan's connection to the partner and the PSK.
         tunnel_parameters = {
             "PartnerEndpoint": str(config.partner_endpoint),
@@ -598,19 +658,38 @@ class Gateway(Construct):
             documents, deployment, "ConfigureGateway", gateway_parameters
         )
         # The PSK's rollout (stacks/psk_rollout.py) sends this one with these parameters.
-        self.tunnel_association = self._configure_association(
-            documents, deployment, "ConfigureTunnel", tunnel_parameters
-        )
+        if partners is None or lanes is None:
+            self.tunnel_association: ssm.CfnAssociation | None = self._configure_association(
+                documents, deployment, "ConfigureTunnel", tunnel_parameters
+            )
+            self.tunnel_associations[settings.tunnel_name] = self.tunnel_association
+        else:
+            # One association per partner (its own tunnel, files and PSK on the gateway: F2's
+            # per-tunnel files), so a change to one partner re-runs that partner's only.
+            self.tunnel_association = None
+            for partner, lane in zip(partners.partners, lanes.lanes, strict=True):
+                parameters = lane_tunnel_parameters(
+                    lane, partner, settings, local_id=self.public_ip
+                )
+                if self.pair:
+                    parameters["LocalAddress"] = str(config.gateway_private_ip)
+                self.tunnel_associations[lane.name] = self._configure_association(
+                    documents,
+                    deployment,
+                    "ConfigureTunnel",
+                    parameters,
+                    partner=lane.name,
+                )
         self.software_association = self._install_association(documents, deployment, software)
         # Created (and, on a deploy that changes both, updated) before the other associations,
         # so State Manager is likely to start it first; it promises no order between
         # associations, so each gateway document also installs its own package when missing.
-        for other in (self.association, self.tunnel_association):
+        for other in (self.association, *self.tunnel_associations.values()):
             other.node.add_dependency(self.software_association)
         # The associations exist before any gateway launches: a new gateway is configured as
         # soon as its SSM agent registers, and a pair's gateway can become a ready standby.
         self.group.node.add_dependency(
-            self.software_association, self.association, self.tunnel_association
+            self.software_association, self.association, *self.tunnel_associations.values()
         )
         for finding, reason in (
             (
@@ -818,12 +897,7 @@ class Gateway(Construct):
             "interval_seconds": HEARTBEAT_INTERVAL_SECONDS,
             "misses": HEARTBEAT_MISSES,
             "hold_down_seconds": HOLD_DOWN_SECONDS,
-            "tunnel": settings.tunnel_name,
-            "children": child_sa_names(
-                settings.tunnel_name,
-                settings.selector_layout,
-                len(config.public_addresses) * len(config.partner_networks),
-            ),
+            **self._pair_tunnels(config, settings),
             **({"topic_arn": topic.topic_arn} if topic is not None else {}),
             "namespace": settings.gateway_metric_namespace,
             # The pair's peer is the other member of this group (aws:autoscaling:groupName),
@@ -838,6 +912,30 @@ class Gateway(Construct):
             # Where the agent reads which package the stack deployed (its readiness says
             # whether it runs that one): a fixed name, so the user data stays the same.
             "software_parameter": software.parameter_name,
+        }
+
+    def _pair_tunnels(self, config: TunnelnatConfig, settings: StackSettings) -> dict[str, object]:
+        """pair.json's tunnel: the one partner's; with lanes, the first partner's and the
+        directory where ConfigureTunnel records every tunnel (the agent reads them there, so
+        pair.json does not change when a partner is added or removed)."""
+        if self.lanes is None:
+            return {
+                "tunnel": settings.tunnel_name,
+                "children": child_sa_names(
+                    settings.tunnel_name,
+                    settings.selector_layout,
+                    len(config.public_addresses) * len(config.partner_networks),
+                ),
+            }
+        first = self.lanes.lanes[0]
+        return {
+            "tunnel": first.name,
+            "children": child_sa_names(
+                first.name,
+                self._layouts[first.name],
+                len(first.public_addresses) * len(first.networks),
+            ),
+            "tunnels_dir": TUNNELS_DIR,
         }
 
     def _install_association(
@@ -871,16 +969,24 @@ class Gateway(Construct):
         )
 
     def _configure_association(
-        self, documents: Documents, deployment: str, document: str, parameters: dict[str, str]
+        self,
+        documents: Documents,
+        deployment: str,
+        document: str,
+        parameters: dict[str, str],
+        *,
+        partner: str | None = None,
     ) -> ssm.CfnAssociation:
         """``document`` on the gateway group's instances (``tag:aws:autoscaling:groupName``, which
         no user can set): on each new gateway, on a parameter change, and on a schedule. Two such
-        associations run in no set order (docs/stack.md)."""
+        associations run in no set order (docs/stack.md). ``partner``: one partner's association
+        of ``document`` (named ``<deployment>-<document>-<partner>``)."""
+        suffix = f"-{partner}" if partner is not None else ""
         return ssm.CfnAssociation(
             self,
-            document,
+            f"{document}{suffix}",
             name=documents.require(document).ref,
-            association_name=f"{deployment}-{document}",
+            association_name=f"{deployment}-{document}{suffix}",
             document_version="$DEFAULT",
             targets=gateway_targets(self.group_name),
             parameters=documents.check_parameters(document, parameters),
@@ -1095,6 +1201,41 @@ def child_sa_names(tunnel: str, layout: str, pairs: int) -> list[str]:
     if layout == "single":
         return [tunnel]
     return [f"{tunnel}-{i}" for i in range(1, pairs + 1)]
+
+
+def _psk_name(partner: Partner) -> str:
+    name = partner.auth.psk_secret
+    assert name is not None, "certificates are refused by the settings"
+    return name
+
+
+def lane_tunnel_parameters(
+    lane: Lane, partner: Partner, settings: StackSettings, *, local_id: str
+) -> dict[str, str]:
+    """ConfigureTunnel's parameters for one partner of a partners file: its endpoint, its REAL
+    networks (the selectors; an alias is our side's business), its S, its PSK secret and IKE
+    settings. ``local_id``: E, unless the partner names ours (``local_id``)."""
+    return {
+        "PartnerEndpoint": str(lane.endpoint),
+        "PartnerNetworks": ",".join(str(n) for n in lane.networks),
+        "PublicAddresses": ",".join(str(a) for a in lane.public_addresses),
+        "LocalId": partner.local_id or local_id,
+        "PskSecretName": _psk_name(partner),
+        "Region": Aws.REGION,
+        "IpsecBackend": IPSEC_BACKEND,
+        "TunnelName": lane.name,
+        "IkeVersion": str(lane.ike_version),
+        "IkeProposals": ",".join(partner.proposals.ike),
+        "EspProposals": ",".join(partner.proposals.esp),
+        "IkeLifetimes": ",".join(map(str, partner.lifetimes.ike)),
+        "ChildLifetimes": ",".join(map(str, partner.lifetimes.child)),
+        "Dpd": f"{partner.dpd.delay},{partner.dpd.timeout}",
+        "RemoteId": partner.remote_id or "",
+        "SelectorLayout": partner.layout,
+        # Not in the partners file: the deployment's keyingtries for every partner.
+        "KeyingTries": str(settings.keyingtries),
+        "StartAction": partner.start_action,
+    }
 
 
 def partner_parameters(settings: StackSettings) -> dict[str, str]:

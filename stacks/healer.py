@@ -12,6 +12,8 @@ the sweep, not by redelivery):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from aws_cdk import ArnFormat, Duration, Stack
 from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_events as events
@@ -63,16 +65,19 @@ class Healer(Construct):
         documents: Documents,
         code: lambda_.Code,
         powertools: lambda_.ILayerVersion,
+        other_tunnels: Sequence[str] = (),
     ) -> None:
         super().__init__(scope, construct_id)
         stack = Stack.of(self)
         deployment = settings.deployment
         # The value the healer will pass must be one RestartTunnel accepts: fail synthesis, not
-        # the first restart.
-        documents.check_parameters(
-            DOCUMENT,
-            {"TunnelName": tunnel_name, "WaitSeconds": str(settings.healer_restart_wait_seconds)},
-        )
+        # the first restart. With a partners file, every partner's tunnel (the healer restarts
+        # the one its alarm's Tunnel dimension names, and only that one).
+        for tunnel in (tunnel_name, *other_tunnels):
+            documents.check_parameters(
+                DOCUMENT,
+                {"TunnelName": tunnel, "WaitSeconds": str(settings.healer_restart_wait_seconds)},
+            )
 
         self.log_group, self.role = log_group_and_role(
             self,

@@ -12,7 +12,9 @@ its parameters change.
 
 from __future__ import annotations
 
-from aws_cdk import Aws
+from collections.abc import Sequence
+
+from aws_cdk import Annotations, Aws
 from aws_cdk import aws_ssm as ssm
 from constructs import Construct
 
@@ -20,15 +22,19 @@ from stacks.documents import Documents
 from stacks.gateway import gateway_targets
 from stacks.settings import StackSettings
 from tunnelnat.core.config import TunnelnatConfig
+from tunnelnat.core.lanes import Lane
 
 DOCUMENT = "InstallHealthAgent"
 
 
-def health_agent_parameters(config: TunnelnatConfig, settings: StackSettings) -> dict[str, str]:
+def health_agent_parameters(
+    config: TunnelnatConfig, settings: StackSettings, tunnels: Sequence[str] = ()
+) -> dict[str, str]:
     """What the association passes: this deployment's series, the interval, the probe (if any)
-    with the networks and addresses the document checks it against."""
+    with the networks and addresses the document checks it against. ``tunnels``: with a
+    partners file, every partner's tunnel (comma-separated: one agent watches them all)."""
     return {
-        "TunnelName": settings.tunnel_name,
+        "TunnelName": ",".join(tunnels) if tunnels else settings.tunnel_name,
         "Region": Aws.REGION,
         "Deployment": settings.deployment,
         "HealthInterval": str(settings.health_interval_seconds),
@@ -48,10 +54,21 @@ class HealthAgent(Construct):
         config: TunnelnatConfig,
         settings: StackSettings,
         documents: Documents,
+        lanes: Sequence[Lane] = (),
     ) -> None:
         super().__init__(scope, construct_id)
         deployment = settings.deployment
-        self.parameters = health_agent_parameters(config, settings)
+        tunnels = [lane.name for lane in lanes]
+        self.parameters = health_agent_parameters(config, settings, tunnels)
+        if len(tunnels) > 1 and not documents.accepts(DOCUMENT, "TunnelName", ",".join(tunnels)):
+            # Until InstallHealthAgent takes a list, the agent watches the first partner only;
+            # the others' TunnelUp alarms then see missing data (down): say so at synthesis.
+            self.parameters["TunnelName"] = tunnels[0]
+            Annotations.of(self).add_warning_v2(
+                "tunnelnat:healthAgentOneTunnel",
+                f"{DOCUMENT} takes one TunnelName: the health agent watches {tunnels[0]} only, "
+                f"not {', '.join(tunnels[1:])} (their TunnelUp alarms will read down)",
+            )
         if documents.declares(DOCUMENT, "Namespace"):
             # The gateways' namespace of this deployment: the only one the gateway role may
             # publish to (issue 21), so TunnelUp cannot be forged from outside the group.

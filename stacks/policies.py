@@ -6,6 +6,7 @@ from aws_cdk import aws_iam as iam
 
 from stacks.settings import GROUP_NAME_TAG
 from tunnelnat.core.enrolment import status_tag
+from tunnelnat.core.lanes import Lane
 
 
 def send_command_to_gateway(instances_arn: str, group_name: str) -> iam.PolicyStatement:
@@ -68,6 +69,53 @@ def only_the_status_tag(
                 **only_the_key,
                 **in_this_vpc,
                 "StringLike": {f"aws:ResourceTag/{key}": "*"},
+            },
+        ),
+    ]
+
+
+def lane_statements(instances_arn: str, lane: Lane, vpc_arn: str) -> list[iam.PolicyStatement]:
+    """A lane's share of the controller's instance permissions (issue 23): the same conditions
+    as the deployment's own (``only_the_status_tag``, ``send_command_to_marked_instances`` and
+    the enrolment key's SendCommand), with the lane's tag key and status tag key. One set per
+    lane: a condition block ANDs its keys, so one statement cannot say "any lane's key"."""
+    n = lane.index
+    only_the_key = {
+        "ForAllValues:StringEquals": {"aws:TagKeys": [lane.status_tag]},
+        "Null": {"aws:TagKeys": "false"},
+    }
+    in_this_vpc = {"ArnEqualsIfExists": {"ec2:Vpc": vpc_arn}}
+    return [
+        iam.PolicyStatement(
+            sid=f"Lane{n}OnInstancesCarryingItsKey",
+            actions=["ssm:SendCommand"],
+            resources=[instances_arn],
+            conditions={"StringLike": {f"ssm:resourceTag/{lane.tag_key}": "*"}},
+        ),
+        iam.PolicyStatement(
+            sid=f"Lane{n}OnInstancesItEnrolled",
+            actions=["ssm:SendCommand"],
+            resources=[instances_arn],
+            conditions={"StringLike": {f"ssm:resourceTag/{lane.status_tag}": "*"}},
+        ),
+        iam.PolicyStatement(
+            sid=f"Lane{n}StatusTagOnTaggedInstances",
+            actions=["ec2:CreateTags", "ec2:DeleteTags"],
+            resources=[instances_arn],
+            conditions={
+                **only_the_key,
+                **in_this_vpc,
+                "StringLike": {f"aws:ResourceTag/{lane.tag_key}": "*"},
+            },
+        ),
+        iam.PolicyStatement(
+            sid=f"Lane{n}StatusTagRemovedWhereItIs",
+            actions=["ec2:DeleteTags"],
+            resources=[instances_arn],
+            conditions={
+                **only_the_key,
+                **in_this_vpc,
+                "StringLike": {f"aws:ResourceTag/{lane.status_tag}": "*"},
             },
         ),
     ]

@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import (
@@ -41,6 +42,8 @@ from tunnelnat.core.crypto import (
     proposal_problems,
 )
 from tunnelnat.core.crypto import IDENTITY as IKE_IDENTITY
+from tunnelnat.core.lanes import Lane, LaneError
+from tunnelnat.core.partners import Partners
 from tunnelnat.events import hook_names
 
 SOURCE = "CDK context"
@@ -83,6 +86,9 @@ _ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/[A-Za-z0-9+=,.@_/-]
 # ours are snake_case, or namespaced ``tunnelnat:`` (the key the gateway pair's design names).
 _OURS = re.compile(r"^([a-z][a-z0-9_]*|tunnelnat:.*)$")
 GATEWAY_PAIR_KEY = "tunnelnat:gatewayPair"
+# A relative partners_file is read from the app's directory (where app.py and cdk.json are).
+APP_DIR = Path(__file__).resolve().parents[1]
+PARTNERS_KEY = "partners_file"
 
 
 class StackSettings(BaseModel):
@@ -123,6 +129,13 @@ class StackSettings(BaseModel):
     )
     vpc_cidr: IPv4Network = Field(
         default=IPv4Network("10.80.0.0/16"), description="CIDR of the VPC the stack creates"
+    )
+    # -- several partners on one gateway pair (issue 23; docs/partners.md) ----------------------
+    partners_file: str | None = Field(
+        default=None,
+        pattern=r"^[^\x00]{1,1024}$",
+        description="the partners file (YAML; relative to the app's directory): each partner "
+        "its own tunnel, S, keys and lane, instead of the single-partner keys",
     )
     # -- route-table mode and the user's own groups (issue 13; docs/stack.md) -----------------
     route_table_mode: bool = Field(
@@ -570,8 +583,15 @@ class StackSettings(BaseModel):
 
 @dataclass(frozen=True)
 class Settings:
+    """The validated context. With a partners file, ``partners`` and its ``lanes`` (one per
+    partner, core/lanes.py) and ``config`` is the deployment's base: the gateway's placement,
+    the enrolment key and value, the MSS clamp, with the first partner's addressing in the
+    partner keys (the controller derives each lane's own from its lane)."""
+
     config: TunnelnatConfig
     stack: StackSettings
+    partners: Partners | None = None
+    lanes: tuple[Lane, ...] = ()
 
 
 CONFIG_KEYS = tuple(TunnelnatConfig.model_fields)
@@ -609,6 +629,8 @@ def load_settings(context: Mapping[str, Any]) -> Settings:
         raise ConfigError("\n".join(lines))
     given = {k: _clean(context[k]) for k in ALL_KEYS if k in context}
     given = {k: v for k, v in given.items() if v is not None}
+    if PARTNERS_KEY in given:
+        return _load_with_partners(given)
     _check_required(given)
     deployment = given.get("deployment", DEFAULT_DEPLOYMENT)
     if "enrolment_tag_key" not in given and deployment != DEFAULT_DEPLOYMENT:
@@ -625,6 +647,139 @@ def load_settings(context: Mapping[str, Any]) -> Settings:
     _check_placement(config, stack)
     _check_addresses(config, stack)
     return Settings(config=config, stack=stack)
+
+
+# The single-partner keys: with a partners file each partner's own are in the file. cdk.json
+# gives nat_mode and tunnel_name their defaults (the quick start's); those values are no choice.
+SINGLE_PARTNER_KEYS: dict[str, str | None] = {
+    "partner_endpoint": None,
+    "partner_networks": None,
+    "address_pool": None,
+    "shared_address": None,
+    "nat_mode": NatMode.DEDICATED.value,
+    "tunnel_name": "partner",
+    "psk_secret_name": None,
+    "ike_proposals": None,
+    "esp_proposals": None,
+    "ike_lifetimes": None,
+    "child_lifetimes": None,
+    "dpd_delay_seconds": None,
+    "dpd_timeout_seconds": None,
+    "local_id": None,
+    "remote_id": None,
+    "selector_layout": None,
+    "start_action": None,
+}
+# Not per partner yet: the health agent's probe names one partner's network and S.
+NOT_WITH_PARTNERS = ("health_probe_target", "health_probe_source")
+REQUIRED_WITH_PARTNERS = ("gateway_subnet_cidr", "gateway_private_ip")
+
+
+def partners_path(value: str) -> Path:
+    """Where ``partners_file`` is read: as given when absolute, else from the app's directory."""
+    path = Path(value)
+    return path if path.is_absolute() else APP_DIR / path
+
+
+def _load_with_partners(given: dict[str, Any]) -> Settings:
+    """The context with a partners file: every problem at once (the keys that conflict with
+    it, route-table mode, the file's own problems), then the settings and the lanes."""
+    problems: list[str] = []
+    for key, allowed in SINGLE_PARTNER_KEYS.items():
+        if key in given and (allowed is None or str(given[key]) != allowed):
+            problems.append(
+                f"{key}: a single-partner key; with {PARTNERS_KEY} each partner's own is in the "
+                "file (docs/partners.md): remove it from the context"
+            )
+    for key in NOT_WITH_PARTNERS:
+        if key in given:
+            problems.append(f"{key}: not supported with {PARTNERS_KEY} yet (one partner's probe)")
+    for key in REQUIRED_WITH_PARTNERS:
+        if key not in given:
+            problems.append(f"{key}: missing; {TunnelnatConfig.model_fields[key].description}")
+    # Route-table mode is not served per partner yet: off by default with a partners file,
+    # refused when asked for.
+    given = {k: v for k, v in given.items() if k not in SINGLE_PARTNER_KEYS}
+    given.setdefault("route_table_mode", False)
+    deployment = given.get("deployment", DEFAULT_DEPLOYMENT)
+    if "enrolment_tag_key" not in given and deployment != DEFAULT_DEPLOYMENT:
+        given["enrolment_tag_key"] = default_enrolment_key(deployment)
+    stack: StackSettings | None = None
+    try:
+        stack = StackSettings.model_validate({k: v for k, v in given.items() if k in STACK_KEYS})
+    except ValidationError as exc:
+        problems += _lines(_name_pairs(describe_validation_error(exc, SOURCE)))
+    if str(given["route_table_mode"]).lower() in ("true", "1", "yes", "on", "t", "y"):
+        problems.append(
+            f"route_table_mode: not supported with {PARTNERS_KEY} yet (instances are served by "
+            "host routes, one set per partner they join): -c route_table_mode=false"
+        )
+    partners: Partners | None = None
+    if stack is not None:
+        try:
+            subnet = IPv4Network(given.get("gateway_subnet_cidr", ""))
+        except ValueError:
+            subnet = None  # the config's own check names it
+        try:
+            partners = Partners.from_file(
+                partners_path(str(given[PARTNERS_KEY])),
+                vpc_cidr=stack.vpc_networks,
+                gateway_subnet=subnet,
+            )
+        except ConfigError as exc:
+            problems += [f"{PARTNERS_KEY}: {line.strip()}" for line in str(exc).splitlines()]
+    if partners is not None:
+        problems += _undeployable(partners)
+    config: TunnelnatConfig | None = None
+    if partners is not None and not problems:
+        # The base config carries the first partner's addressing: its keys must be valid, and
+        # the controller derives each lane's own from the lane (what instances use: the alias).
+        first = partners.plan[0]
+        nat = first.partner.nat
+        base = {k: v for k, v in given.items() if k in CONFIG_KEYS}
+        base |= {
+            "partner_endpoint": str(first.partner.endpoint),
+            "partner_networks": [str(n) for n in first.local_networks],
+            "nat_mode": nat.mode.value,
+            "address_pool": [str(a) for a in nat.pool],
+            "shared_address": None if nat.address is None else str(nat.address),
+        }
+        try:
+            config = TunnelnatConfig.from_mapping(base, source=SOURCE)
+        except ConfigError as exc:
+            problems += _lines(str(exc))
+    if problems or config is None or stack is None or partners is None:
+        raise ConfigError("\n  ".join([f"invalid {SOURCE}:", *problems]))
+    _check_placement(config, stack)
+    try:
+        lanes = partners.lanes(stack.deployment, config.enrolment_tag_key)
+    except LaneError as exc:
+        raise ConfigError(f"invalid {SOURCE}:\n  {PARTNERS_KEY}: {exc}") from None
+    return Settings(config=config, stack=stack, partners=partners, lanes=lanes)
+
+
+def _undeployable(partners: Partners) -> list[str]:
+    """What the file may say but a deployment cannot do yet (docs/partners.md)."""
+    problems = []
+    for i, partner in enumerate(partners.partners):
+        where = f"{PARTNERS_KEY}: partners[{i}] ({partner.name})"
+        if partner.auth.certificate is not None:
+            problems.append(
+                f"{where}.auth: certificate authentication is not deployable yet (the gateway "
+                "renders PSK tunnels only): use psk_secret"
+            )
+        elif partner.auth.psk_secret is not None and partner.auth.psk_secret.startswith("arn:"):
+            problems.append(
+                f"{where}.auth.psk_secret: give the secret's name, not its ARN (ConfigureTunnel "
+                "reads the secret by name, in the stack's account and region)"
+            )
+    return problems
+
+
+def _lines(message: str) -> list[str]:
+    """A ConfigError's lines without its ``invalid ...:`` heading."""
+    lines = [line.strip() for line in message.splitlines()]
+    return [line for line in lines[1:] if line] if len(lines) > 1 else lines
 
 
 def default_enrolment_key(deployment: str) -> str:

@@ -18,6 +18,7 @@ from stacks.gateway import Gateway
 from stacks.gateway_software import GatewaySoftware
 from stacks.healer import Healer
 from stacks.health_agent import HealthAgent
+from stacks.lanes import Lanes
 from stacks.monitoring import Monitoring
 from stacks.psk_rollout import PskRollout
 from stacks.settings import LOG_RETENTION_DAYS, Settings
@@ -46,6 +47,14 @@ class TunnelnatStack(Stack):
         self._availability_zone = stack_settings.availability_zone
 
         vpc, subnet, internet_ready = self._network(settings)
+        # A partners file: each partner's table and published lane (stacks/lanes.py); without
+        # one, nothing of it exists and every construct below is today's single partner.
+        self.lanes = (
+            Lanes(self, "Lanes", deployment=stack_settings.deployment, lanes=settings.lanes)
+            if settings.lanes
+            else None
+        )
+        tunnels = [lane.name for lane in settings.lanes] or [stack_settings.tunnel_name]
         # The gateway's package (built once per process unless given): every gateway document
         # is bound to it, the associations install it.
         self.software = GatewaySoftware(
@@ -68,12 +77,13 @@ class TunnelnatStack(Stack):
             settings=stack_settings,
             documents=self.documents,
             code_directory=code_dir,
+            lanes=self.lanes,
         )
         self.monitoring = Monitoring(
             self,
             "Monitoring",
             settings=stack_settings,
-            tunnels=[stack_settings.tunnel_name],
+            tunnels=tunnels,
             queue=self.controller.queue,
             dead_letter_queue=self.controller.dead_letter_queue,
             function=self.controller.function,
@@ -92,6 +102,8 @@ class TunnelnatStack(Stack):
             # A failover is announced on the alarm topic (its subscribers hear of it at once).
             failover_topic=self.monitoring.topic,
             failover_topic_key=self.monitoring.key,
+            partners=settings.partners,
+            lanes=self.lanes,
         )
         self.health_agent = HealthAgent(
             self,
@@ -99,6 +111,7 @@ class TunnelnatStack(Stack):
             config=config,
             settings=stack_settings,
             documents=self.documents,
+            lanes=settings.lanes,
         )
         # After the software's association, as the gateway's own (stacks/gateway.py).
         self.health_agent.association.node.add_dependency(self.gateway.software_association)
@@ -113,7 +126,8 @@ class TunnelnatStack(Stack):
             self,
             "Healer",
             settings=stack_settings,
-            tunnel_name=stack_settings.tunnel_name,
+            tunnel_name=tunnels[0],
+            other_tunnels=tunnels[1:],
             table=self.controller.table,
             topic=self.monitoring.topic,
             topic_key=self.monitoring.key,
@@ -137,16 +151,34 @@ class TunnelnatStack(Stack):
                 settings=stack_settings,
                 enrolment_key=config.enrolment_tag_key,
                 topic=self.monitoring.topic,
+                partner_keys=[lane.tag_key for lane in settings.lanes],
             )
-        self.psk_rollout = PskRollout(
-            self,
-            "PskRollout",
-            settings=stack_settings,
-            psk=self.gateway.psk,
-            psk_name=self.gateway.psk_name,
-            association=self.gateway.tunnel_association,
-            documents=self.documents,
-        )
+        self.psk_rollouts: dict[str, PskRollout] = {}
+        if self.gateway.psk is not None and self.gateway.psk_name is not None:
+            assert self.gateway.tunnel_association is not None
+            self.psk_rollout: PskRollout | None = PskRollout(
+                self,
+                "PskRollout",
+                settings=stack_settings,
+                psk=self.gateway.psk,
+                psk_name=self.gateway.psk_name,
+                association=self.gateway.tunnel_association,
+                documents=self.documents,
+            )
+        else:
+            # A partners file: each partner's new PSK re-runs that partner's ConfigureTunnel.
+            self.psk_rollout = None
+            for name, secret in self.gateway.lane_psks.items():
+                association = self.gateway.tunnel_associations[name]
+                self.psk_rollouts[name] = PskRollout(
+                    self,
+                    f"PskRollout-{name}",
+                    settings=stack_settings,
+                    psk=secret,
+                    psk_name=secret.secret_name,
+                    association=association,
+                    documents=self.documents,
+                )
 
         CfnOutput(
             self,
@@ -160,12 +192,20 @@ class TunnelnatStack(Stack):
             value=str(config.gateway_private_ip),
             description="G: enrolled instances route the partner's networks via this",
         )
-        CfnOutput(
-            self,
-            "PskSecretName",
-            value=self.gateway.psk_name,
-            description="put the pre-shared key agreed with the partner here",
-        )
+        if self.gateway.psk_name is not None:
+            CfnOutput(
+                self,
+                "PskSecretName",
+                value=self.gateway.psk_name,
+                description="put the pre-shared key agreed with the partner here",
+            )
+        if self.lanes is not None:
+            CfnOutput(
+                self,
+                "PartnersPath",
+                value=self.lanes.path,
+                description="the lanes (one SSM parameter per partner; core/lanes.py)",
+            )
         # What the operator's CLI reads with --stack (STACK_OUTPUTS in cli/tunnelnat_cli/app.py).
         CfnOutput(self, "TableName", value=self.controller.table.table_name)
         CfnOutput(self, "QueueUrl", value=self.controller.queue.queue_url)

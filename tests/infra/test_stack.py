@@ -42,6 +42,7 @@ from stacks.gateway import (
     boot_user_data,
 )
 from tests.infra.conftest import DOCUMENTS_DIR, as_list, example_context, statements, synthesize
+from tools.gateway_package import CORE_MODULES
 from tunnelnat.events import HOOK_PREFIX
 
 CONTEXT = example_context()
@@ -810,6 +811,7 @@ def test_the_gateway_archive_carries_the_gateway_code_only(s):
         "__main__.py",
         "tunnelnat/__init__.py",
         "tunnelnat/core/__init__.py",
+        "tunnelnat/core/lanes.py",  # the lanes ConfigureGateway reads (issue 23)
         "tunnelnat/core/nat.py",
         "tunnelnat/core/swanctl.py",
     }
@@ -829,7 +831,11 @@ def test_the_gateway_archive_carries_the_gateway_code_only(s):
         "tunnelnat_gateway",
     }
     # Of tunnelnat, only what the archive carries.
-    carried = {"tunnelnat.core", "tunnelnat.core.nat", "tunnelnat.core.swanctl"}
+    carried = {"tunnelnat.core"} | {
+        "tunnelnat." + m.removesuffix(".py").replace("/", ".")
+        for m in CORE_MODULES
+        if not m.endswith("__init__.py")
+    }
     for source in sources.values():
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tunnelnat."):
@@ -846,7 +852,7 @@ def _copy_gateway_sources(root: Path) -> None:
         root / "gateway" / "tunnelnat_gateway",
         ignore=shutil.ignore_patterns("__pycache__"),
     )
-    for name in ("__init__.py", "core/__init__.py", "core/nat.py", "core/swanctl.py"):
+    for name in CORE_MODULES:
         target = root / "lambdas" / "tunnelnat" / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(repo / "lambdas" / "tunnelnat" / name, target)
