@@ -26,7 +26,7 @@ from typing import Any
 LANE_VERSION = 1
 PARTNER_NAME = re.compile(r"^[a-z][a-z0-9-]{0,22}[a-z0-9]$")
 DEPLOYMENT_NAME = re.compile(r"^[a-z][a-z0-9-]{1,28}[a-z0-9]$")
-NAT_MODES = ("dedicated", "shared", "instance-public")
+NAT_MODES = ("dedicated", "instance", "shared")  # core/config.NatMode's values
 # Tag keys as TunnelnatConfig allows them (letters, digits, spaces and _.:/=+@-).
 TAG_KEY = re.compile(r"^[A-Za-z0-9 _.:/=+@-]{1,128}$")
 
