@@ -214,12 +214,15 @@ class PartnerLanes:
         ending = set(terminating)
         per_lane: dict[str, dict[str, Outcome | Exception]] = {}
         for name, controller in self._controllers.items():
+            logger.append_keys(partner=name)  # every line the lane logs names its partner
             try:
                 per_lane[name] = controller.converge(ids, terminating=ending, full_sync=full_sync)
             except Exception as exc:  # noqa: BLE001 - this lane's: the others go on
-                logger.exception("partner lane failed", extra={"partner": name})
+                logger.exception("partner lane failed")
                 failed = LaneFailed(name, exc)
                 per_lane[name] = dict.fromkeys(ids, failed)
+            finally:
+                logger.remove_keys(["partner"])
         return {i: combine(i, _of(i, per_lane)) for i in ids}
 
     def reconcile_all(self) -> dict[str, Outcome | Exception]:
@@ -230,11 +233,14 @@ class PartnerLanes:
         per_lane: dict[str, dict[str, Outcome | Exception]] = {}
         failed: dict[str, Exception] = {}
         for name, controller in self._controllers.items():
+            logger.append_keys(partner=name)
             try:
                 per_lane[name] = controller.reconcile_all()
             except Exception as exc:  # noqa: BLE001 - this lane's: the others go on
-                logger.exception("partner lane's reconcile failed", extra={"partner": name})
+                logger.exception("partner lane's reconcile failed")
                 failed[name] = LaneFailed(name, exc)
+            finally:
+                logger.remove_keys(["partner"])
         ids = list(dict.fromkeys(i for results in per_lane.values() for i in results))
         combined: dict[str, Outcome | Exception] = {i: combine(i, _of(i, per_lane)) for i in ids}
         for name, error in failed.items():
@@ -250,33 +256,42 @@ class PartnerLanes:
         return result
 
     def record_failure(self, instance_id: str, reason: str) -> None:
-        """An instance whose retries ran out: marked failed in every lane that knows it (its
-        mapping or record), else in every lane whose tag it carries; one lane's table failing
-        never keeps the mark from the others."""
+        """An instance whose retries ran out, marked failed where it failed: in the lanes the
+        reason names (``partner <name>:``, as PartnersFailed words it), else in every lane that
+        knows it (its mapping or record), else in every lane whose tag it carries. A lane that
+        converged it keeps its own status; one lane's table failing never keeps the mark from
+        the others."""
+        named = [name for name in self._controllers if f"partner {name}:" in reason]
+        if named:
+            self._mark(named, instance_id, reason)
+            return
         known: list[str] = []
         for name, controller in self._controllers.items():
             try:
                 mapping, record = controller.store.snapshot(instance_id)
-                if mapping is not None or record is not None:
-                    controller.record_failure(instance_id, reason)
-                    known.append(name)
             except Exception:  # noqa: BLE001 - the other lanes still get their mark
                 logger.exception("failure not recorded", extra={"partner": name})
-        if known or not self._controllers:
-            return
-        first = next(iter(self._controllers.values()))
-        try:
-            instance = first.instances.describe_many([instance_id]).get(instance_id)
-        except Exception:  # noqa: BLE001 - nothing else to learn who it is
-            logger.exception("failure not recorded: the instance could not be described")
-            return
-        tags = instance.tags if instance is not None else {}
-        for name, controller in self._controllers.items():
-            if controller.config.enrolment_tag_key in tags:
-                try:
-                    controller.record_failure(instance_id, reason)
-                except Exception:  # noqa: BLE001
-                    logger.exception("failure not recorded", extra={"partner": name})
+                continue
+            if mapping is not None or record is not None:
+                known.append(name)
+        if not known and self._controllers:
+            first = next(iter(self._controllers.values()))
+            try:
+                instance = first.instances.describe_many([instance_id]).get(instance_id)
+            except Exception:  # noqa: BLE001 - nothing else to learn who it is
+                logger.exception("failure not recorded: the instance could not be described")
+                return
+            tags = instance.tags if instance is not None else {}
+            known = [name for name, controller in self._controllers.items()
+                     if controller.config.enrolment_tag_key in tags]  # fmt: skip
+        self._mark(known, instance_id, reason)
+
+    def _mark(self, names: Iterable[str], instance_id: str, reason: str) -> None:
+        for name in names:
+            try:
+                self._controllers[name].record_failure(instance_id, reason)
+            except Exception:  # noqa: BLE001 - the other lanes still get their mark
+                logger.exception("failure not recorded", extra={"partner": name})
 
 
 def _of(

@@ -23,7 +23,7 @@ import yaml
 
 from tests.lambdas.conftest import FakeFleet, create_enrolment_table
 from tests.lambdas.events import Context, state_change, tag_change
-from tests.lambdas.test_controller_faults import FakeLifecycle, lifecycle_event
+from tests.lambdas.test_controller_faults import FakeLifecycle, batch_from, lifecycle_event
 from tunnelnat.adapters.commands import CommandResult
 from tunnelnat.adapters.store import EnrolmentStore
 from tunnelnat.core.enrolment import Status
@@ -94,6 +94,7 @@ class LaneFleet(FakeFleet):
         super().__init__(dynamodb)
         self.tables: dict[str, int] = {}  # lane table -> generation the gateway applied
         self.parameters: list[tuple[str, str, dict]] = []
+        self.failing_scopes: set[str] = set()  # AddHostRoute fails for these scopes
 
     def _run(self, instance_id, document, parameters):
         self.calls.append((instance_id, document))
@@ -106,6 +107,8 @@ class LaneFleet(FakeFleet):
             # What the documents accept (their allowedPattern): a partner's scope.
             assert SCOPE.fullmatch(parameters["Deployment"]), parameters
             state = (instance_id, parameters["Deployment"])
+            if document == "AddHostRoute" and parameters["Deployment"] in self.failing_scopes:
+                return CommandResult(instance_id, document, "Failed", stderr="boom")
             if document == "AddHostRoute":
                 self.host[state] = set(parameters["Destinations"].split(","))
             else:
@@ -285,6 +288,31 @@ def test_a_lane_whose_table_is_unwritable_fails_alone(lanes, monkeypatch):
     assert world.fleet.host == {(web, "test.bank-a"): {NET}}
 
 
+def test_a_partner_that_keeps_failing_is_dead_lettered_and_marked_there_only(lanes, queues):
+    """bank-c's AddHostRoute fails on every attempt: the message ends in the dead-letter queue
+    naming bank-c; the instance is marked failed in bank-c's table, and stays enrolled in
+    bank-a's (its traffic to bank-a flows)."""
+    sqs, _, dlq = queues
+    world = lanes
+    world.fleet.failing_scopes.add(C.scope)
+    web = world.launch("10.10.1.35", tags={**TAG["bank-a"], **TAG["bank-c"]})
+    arn = "arn:aws:sqs:us-east-1:123456789012:tunnelnat-events"
+    event = state_change(web, "running")
+    assert run(batch_from(arn, event, receive_count=1))["batchItemFailures"]
+    last = run(batch_from(arn, event, receive_count=handler_module.MAX_ATTEMPTS))
+    assert last == {"batchItemFailures": []}, "parked in the DLQ, not retried forever"
+    [message] = sqs.receive_message(QueueUrl=dlq, MessageAttributeNames=["All"])["Messages"]
+    reason = json.loads(message["Body"])["reason"]
+    assert "partner bank-c" in reason and "bank-a" not in reason
+    records = {
+        name: {r.instance_id: r for r in EnrolmentStore(world.dynamodb, lane.table).records()}
+        for name, lane in (("a", A), ("c", C))
+    }
+    assert records["c"][web].status == "failed" and "AddHostRoute" in records["c"][web].reason
+    assert records["a"][web].status == "enrolled"
+    assert world.fleet.host == {(web, "test.bank-a"): {NET}}
+
+
 def test_the_scheduled_reconcile_covers_every_lane(lanes):
     world = lanes
     a_only = world.launch("10.10.1.28", tags=TAG["bank-a"])
@@ -432,3 +460,38 @@ def test_lanes_are_read_again_and_only_changed_ones_rebuilt():
     now[0] = 700
     lanes.refresh()
     assert list(lanes.controllers) == ["bank-a", "bank-c"], "kept when they cannot be read"
+
+
+def test_each_lane_of_a_partners_file_is_a_valid_controller_configuration():
+    """docs/partners.md's example, through Partners.lanes() as the stack publishes them: each
+    lane's configuration has its partner's networks as instances address them (the alias for
+    the overlapping clearing house), its NAT and its own tag key."""
+    from tests.conftest import VALID_CONFIG
+    from tunnelnat.core.config import TunnelnatConfig
+    from tunnelnat.core.partners import Partners
+    from tunnelnat.partner_lanes import lane_config
+
+    text = (REPO / "docs" / "partners.md").read_text()
+    block = re.search(r"```yaml\n(.*?)```", text, re.S).group(1)
+    partners = Partners.from_mapping(
+        yaml.safe_load(block), vpc_cidr="10.10.0.0/16", gateway_subnet="10.10.1.0/24"
+    )
+    base = TunnelnatConfig.from_mapping(dict(VALID_CONFIG))
+    configs = {
+        lane.name: lane_config(base, lane) for lane in partners.lanes("acme", "tunnelnat:acme")
+    }
+    assert {n: [str(x) for x in c.partner_networks] for n, c in configs.items()} == {
+        "card-processor": ["10.0.0.0/24"],
+        "bank": ["172.20.0.0/24", "172.20.5.0/28"],
+        "clearing-house": ["100.64.0.0/24"],
+    }
+    assert {n: c.nat_mode.value for n, c in configs.items()} == {
+        "card-processor": "dedicated",
+        "bank": "shared",
+        "clearing-house": "dedicated",
+    }
+    assert configs["bank"].enrolment_tag_key == "tunnelnat:acme:partner:bank"
+    assert all(c.gateway_private_ip == base.gateway_private_ip for c in configs.values())
+    # The instances' own addresses: core/lanes.py's spelling and core/config.py's alike.
+    lane = _lane("own", 4, nat_mode="instance-public", pool=(IPv4Address("203.0.113.40"),))
+    assert lane_config(base, lane).nat_mode.value == "instance"
