@@ -38,6 +38,7 @@ from tunnelnat_cli.pair import (
     pair_state,
     short,
 )
+from tunnelnat_cli.partner_lanes import read_lanes, table_snapshot, tunnel_of
 from tunnelnat_cli.render import ago, dump_json
 from tunnelnat_cli.table import Snapshot
 from tunnelnat_cli.tunnels import show_tunnels, tunnel_states
@@ -185,6 +186,7 @@ def diagnose(ctx: Ctx) -> list[Finding]:
         check_dlq,
         check_alarms,
         check_instances,
+        check_partners,
     ]
     for check in checks:
         try:
@@ -785,6 +787,91 @@ def check_tunnels(ctx: Ctx, facts: Facts) -> list[Finding]:
             )
         )
     return found
+
+
+def check_partners(ctx: Ctx, facts: Facts) -> list[Finding]:
+    """Several partners (issue 23): one finding per partner, from its own lane only (its table,
+    its generation, its tunnel's TunnelUp), so one partner's problem is never another's. A
+    deployment without a partners file has no lanes: no finding at all."""
+    lanes = read_lanes(ctx.aws.client("ssm"), ctx.deployment)
+    if lanes.problem:
+        return [
+            Finding(
+                "partners",
+                UNKNOWN,
+                f"could not read the partners under {lanes.path}: {lanes.problem}",
+                f"allow ssm:GetParametersByPath on {lanes.path} to the caller, or redeploy",
+            )
+        ]
+    if not lanes.lanes:
+        return []
+    gw = facts.gateway
+    states = tunnel_states(
+        ctx.aws.client("cloudwatch"),
+        gateway_ids={gw.instance_id} if gw else set(),
+        deployment=ctx.deployment,
+        now=ctx.runtime.now(),
+    )
+    found = []
+    for lane in lanes.lanes:
+        fails: list[tuple[str, str]] = []  # (what, fix)
+        snap, problem = table_snapshot(ctx.aws.client("dynamodb"), lane)
+        if problem:
+            fails.append(
+                (
+                    f"its table cannot be read ({problem})",
+                    f"redeploy the stack: it creates {lane.table} for partner {lane.name}",
+                )
+            )
+        elif snap is not None and snap.applied_generation < snap.desired_generation:
+            fails.append(
+                (
+                    f"the gateway is behind on its table {lane.table}: applied generation "
+                    f"{snap.applied_generation}, desired {snap.desired_generation}",
+                    "tunnelnat reconcile --wait; if it stays behind, check the SSM agent on the "
+                    "gateway and the DLQ",
+                )
+            )
+        tunnel = tunnel_of(lane, states)
+        enrolled = sum(1 for r in snap.records.values() if r.status == "enrolled") if snap else None
+        what = (
+            f"partner {lane.name} (tunnel {lane.name}, IKEv{lane.ike_version}, "
+            f"{_lane_networks(lane)}, S {','.join(map(str, lane.public_addresses))})"
+        )
+        if fails:
+            found.append(
+                Finding(
+                    "partner",
+                    FAIL,
+                    f"{what}: " + "; ".join(f for f, _ in fails),
+                    "; ".join(fix for _, fix in fails),
+                    lane.name,
+                )
+            )
+        elif tunnel is None:
+            found.append(
+                Finding(
+                    "partner",
+                    UNKNOWN,
+                    f"{what}: no TunnelUp for its tunnel",
+                    f"name {lane.name} in the health agent's TunnelName list (InstallHealthAgent)",
+                    lane.name,
+                )
+            )
+        else:
+            tail = "" if enrolled is None else f"; {enrolled} enrolled"
+            found.append(
+                Finding("partner", OK, f"{what}: tunnel {tunnel.state}{tail}", None, lane.name)
+            )
+    return found
+
+
+def _lane_networks(lane: object) -> str:
+    aliases, networks = lane.aliases, lane.networks  # type: ignore[attr-defined]
+    if aliases:
+        pairs = zip(aliases, networks, strict=True)
+        return "instances address " + " ".join(f"{a} (alias of {n})" for a, n in pairs)
+    return "networks " + " ".join(map(str, networks))
 
 
 def tunnel_causes(ctx: Ctx, gateway_id: str) -> dict[str, str]:

@@ -153,6 +153,36 @@ STATUS: dict[str, Any] = _object(
     }
 )
 
+# Several partners (issue 23): present only when the deployment has lanes (a partners file);
+# optional, so a one-partner deployment's document is the same v1 as before.
+_NULL_INT = {"type": ["integer", "null"], "minimum": 0}
+STATUS["properties"]["partners"] = {
+    "type": "array",
+    "items": _object(
+        {
+            "partner": {"type": "string"},
+            "index": {"type": "integer", "minimum": 1},
+            "tunnel": {"type": "string"},
+            "ike_version": {"enum": [1, 2]},
+            "endpoint": {"type": "string"},
+            "networks": {"type": "array", "items": {"type": "string"}},
+            "aliases": {"type": "array", "items": {"type": "string"}},
+            "local_networks": {"type": "array", "items": {"type": "string"}},
+            "nat_mode": {"type": "string"},
+            "public_addresses": {"type": "array", "items": {"type": "string"}},
+            "tag_key": {"type": "string"},
+            "table": {"type": "string"},
+            "tunnel_state": {"enum": ["up", "down", "unknown"]},
+            "enrolled": _NULL_INT,
+            "pending": _NULL_INT,
+            "mapped": _NULL_INT,
+            "desired_generation": _NULL_INT,
+            "applied_generation": _NULL_INT,
+            "problem": {"type": ["string", "null"]},
+        }
+    ),
+}
+
 ENROLL: dict[str, Any] = _object(
     {
         "schema": {"const": "tunnelnat.enroll/v1"},

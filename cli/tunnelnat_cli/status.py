@@ -19,6 +19,13 @@ from tunnelnat_cli.pair import (
     pair_state,
     short,
 )
+from tunnelnat_cli.partner_lanes import (
+    lane_doc,
+    network_text,
+    read_lanes,
+    table_snapshot,
+    tunnel_of,
+)
 from tunnelnat_cli.render import ago, dump_json, iso, table
 from tunnelnat_cli.tunnels import tunnel_states
 
@@ -85,7 +92,16 @@ def collect(ctx: Ctx) -> dict[str, Any]:
         tunnels = []
     enrolled = sum(1 for r in rows if r["status"] == ENROLLED)
     attention = {s: n for s in ATTENTION if (n := sum(1 for r in rows if r["status"] == s))}
-    return {
+    # Several partners (issue 23): one entry per lane, each from its own table; a deployment
+    # without a partners file has no lanes and its document is as before (no "partners" key).
+    lanes = read_lanes(ctx.aws.client("ssm"), ctx.deployment)
+    if lanes.problem:
+        ctx.err.write(f"tunnelnat: partners unknown: {lanes.problem}\n")
+    partners = []
+    for lane in lanes.lanes:
+        snap, problem = table_snapshot(ctx.aws.client("dynamodb"), lane)
+        partners.append(lane_doc(lane, snap, problem, tunnel_of(lane, tunnels)))
+    doc = {
         "schema": SCHEMA,
         "deployment": ctx.deployment,
         "table": ctx.args.table,
@@ -122,6 +138,9 @@ def collect(ctx: Ctx) -> dict[str, Any]:
             "attention": attention,
         },
     }
+    if partners:
+        doc["partners"] = partners
+    return doc
 
 
 def run(ctx: Ctx) -> int:
@@ -190,7 +209,45 @@ def run(ctx: Ctx) -> int:
         )
     else:
         out.write("tunnels: no TunnelUp metric found (is the gateway's health agent running?)\n")
+    if doc.get("partners"):
+        _write_partners(out, doc["partners"])
     return EXIT_OK
+
+
+def _write_partners(out: Any, partners: list[dict[str, Any]]) -> None:
+    """One row per partner: its tunnel, what instances address (alias->real, or real), its S,
+    its enrolments (from its own table) and whether the gateway applied them."""
+    rows = []
+    for p in partners:
+        if p["problem"]:
+            enrolled, generation = "?", p["problem"]
+        else:
+            enrolled = f"{p['enrolled']} ({p['pending']} pending)"
+            behind = p["applied_generation"] < p["desired_generation"]
+            generation = (
+                f"{p['applied_generation']}/{p['desired_generation']}{' BEHIND' if behind else ''}"
+            )
+        rows.append([
+            p["partner"], f"IKEv{p['ike_version']}", p["tunnel_state"], p["endpoint"],
+            network_text(p), ",".join(p["public_addresses"]), enrolled, generation,
+        ])  # fmt: skip
+    out.write("\n")
+    out.write(
+        table(
+            [
+                "PARTNER",
+                "IKE",
+                "TUNNEL",
+                "ENDPOINT",
+                "INSTANCES ADDRESS (alias->real)",
+                "S",
+                "ENROLLED",
+                "GENERATION",
+            ],
+            rows,
+        )  # fmt: skip
+        + "\n"
+    )
 
 
 def _pair(ctx: Ctx, ec2: Any, found: list) -> PairState | None:

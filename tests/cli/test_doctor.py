@@ -32,6 +32,8 @@ def doctor(dep, *args, ssm=True, commands=None):
         stub = dep.ssm_online(ssm)
     if stub is not None:  # the stubbed client answers the rejected-rows check too: no sync yet
         stub.add_response("list_commands", {"Commands": []}, None)
+        # ... and the partners check (issue 23; last): no lanes, a one-partner deployment.
+        stub.add_response("get_parameters_by_path", {"Parameters": []}, None)
     result = run_doctor(dep, "--json", *args, commands=commands)
     doc = result.json()
     jsonschema.validate(doc, DOCTOR)
