@@ -213,6 +213,9 @@ class PartnerLanes:
         ids = list(dict.fromkeys(instance_ids))
         ending = set(terminating)
         per_lane: dict[str, dict[str, Outcome | Exception]] = {}
+        # Each lane observes the instances itself, after reading its own table: a view shared
+        # between lanes would be older than a later lane's table read, which is what the
+        # controller's leases rely on (controller._converge: the table first, then EC2).
         for name, controller in self._controllers.items():
             logger.append_keys(partner=name)  # every line the lane logs names its partner
             try:
