@@ -46,7 +46,8 @@ LANES_MAX_AGE_SECONDS = 300.0
 # Statuses that leave nothing to wait for in a lane (the service's RELEASE_LAUNCH): a launch is
 # released once every lane's status is one of these.
 SETTLED = frozenset({Status.ENROLLED, Status.NOT_TAGGED, Status.GONE, Status.IS_GATEWAY})
-# A lane's nat_mode as core/lanes.py writes it -> the controller's NatMode.
+# A lane's nat_mode as core/lanes.py writes it -> the controller's NatMode ("instance-public":
+# the spelling of the lanes' first version, read still).
 NAT_MODES = {
     "dedicated": NatMode.DEDICATED,
     "shared": NatMode.SHARED,

@@ -492,6 +492,6 @@ def test_each_lane_of_a_partners_file_is_a_valid_controller_configuration():
     }
     assert configs["bank"].enrolment_tag_key == "tunnelnat:acme:partner:bank"
     assert all(c.gateway_private_ip == base.gateway_private_ip for c in configs.values())
-    # The instances' own addresses: core/lanes.py's spelling and core/config.py's alike.
-    lane = _lane("own", 4, nat_mode="instance-public", pool=(IPv4Address("203.0.113.40"),))
+    # The instances' own addresses (nat_mode instance): their public IPs, listed as the pool.
+    lane = _lane("own", 4, nat_mode="instance", pool=(IPv4Address("203.0.113.40"),))
     assert lane_config(base, lane).nat_mode.value == "instance"
