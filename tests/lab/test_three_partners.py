@@ -75,7 +75,7 @@ def test_each_app_server_logs_its_partners_s_even_at_the_same_address(steps):
     assert step.ok, step.figure
     _, lab, story = steps
     assert SITES[CARD].app == SITES[CLEARING].app  # the overlap
-    assert story.app_address(CLEARING) in IPv4Network("100.64.0.0/24")
+    assert IPv4Address(story.app_address(CLEARING)) in IPv4Network("100.64.0.0/24")
     logged = step.data["logged"]
     assert logged[CARD] == [story.s[WEB1][CARD]]
     assert logged[CLEARING] == [story.s[WEB1][CLEARING]]
