@@ -195,6 +195,48 @@ def targets_issue16(results: dict) -> list[dict]:
     return out
 
 
+def targets_issue23(results: dict) -> list[dict]:
+    """Issue 23's table (several partners), side by side: bench.partners and bench.tunnels."""
+    parts = results.get("parts", {})
+    flows = _get(parts, "partners", "flows", "conditions") or {}
+    delta = _get(parts, "partners", "delta") or {}
+    tun = parts.get("tunnels") or {}
+    out = []
+    c50, cd = flows.get("50x10k") or {}, flows.get("50x10k-direct") or {}
+    r = c50.get("ratio")
+    rd = cd.get("ratio")
+    out.append({
+        "target": "new flows/s, 50 partners × 10,000 mappings ÷ 1 partner × 10,000 ≥ 0.90",
+        "measured": f"{r:.3f} (median of {len(c50.get('paired_ratios') or [])} paired rounds; "
+                    f"24 partners aliased); none aliased: {rd:.3f}"
+                    if r is not None and rd is not None else "n/a",
+        "met": None if r is None else r >= 0.90,
+    })  # fmt: skip
+    v = delta.get("ratio")
+    work, raw = _get(delta, "gateway", "median"), _get(delta, "raw", "median")
+    out.append({
+        "target": "one-mapping change for one partner, 50 × 1,000: gateway work ÷ raw "
+                  "`nft -f` of that change ≤ 2×",
+        "measured": f"{_x(v)} ({_s(work)} vs {_s(raw)}: render_partner_delta + nft -f)"
+                    if v is not None else "n/a",
+        "met": None if v is None else v <= 2,
+    })  # fmt: skip
+    rs = tun.get("reload_seconds") or {}
+    touched = tun.get("others_touched_total")
+    n = tun.get("partners")
+    out.append({
+        "target": "ConfigureTunnel with 50 partners: reload ≤ 2 s, SAs of untouched partners "
+                  "re-keyed or dropped: 0",
+        "measured": f"one partner's key changed: max {_s(rs['max'])} (median {_s(rs['median'])}, "
+                    f"{rs['runs']} runs, {n} partners, real charon); others re-keyed or dropped: "
+                    f"{touched} (also across a partner added and an unchanged re-run); pings "
+                    f"through an untouched tunnel lost: {tun.get('lost_total')}"
+                    if rs.get("max") is not None else "n/a",
+        "met": None if rs.get("max") is None else rs["max"] <= 2 and touched == 0,
+    })  # fmt: skip
+    return out
+
+
 def markdown(results: dict) -> str:
     m = results.get("machine", {})
     parts = results.get("parts", {})
@@ -224,6 +266,16 @@ def markdown(results: dict) -> str:
         lines.append(f"| {t['target']} | {t['measured']} | {met} |")
     lines += [
         "",
+        "## Targets (issue 23: several partners)",
+        "",
+        "| target | measured | met |",
+        "|---|---|---|",
+    ]
+    for t in results.get("targets_issue23", []):
+        met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
+        lines.append(f"| {t['target']} | {t['measured']} | {met} |")
+    lines += [
+        "",
         "## Targets (issue 6)",
         "",
         "| target | measured | met |",
@@ -237,6 +289,7 @@ def markdown(results: dict) -> str:
     lines += [*_controller_md(parts.get("controller", {})), ""]
     lines += [*_coldstart_md(parts.get("coldstart", {})), ""]
     lines += [*_lab_md(parts.get("lab", {})), ""]
+    lines += [*_issue23_md(parts), ""]
     left = results.get("namespaces_left")
     lines.append(f"Namespaces left after the run: {left if left else 'none'}.")
     return "\n".join(lines) + "\n"
@@ -518,6 +571,28 @@ def _lab_md(lab: dict) -> list[str]:
         f"{lab['reached']} of {len(lab['samples'])} reached A.",
     ]
     return lines
+
+
+def _issue23_md(parts: dict) -> list[str]:
+    """The two issue-23 parts' own tables (bench/partners.py's and bench/tunnels.py's)."""
+    from bench import partners, tunnels
+
+    out = []
+    p = parts.get("partners", {})
+    skipped = _skipped("Several partners: the NAT table (bench/partners.py, --quick)", p)
+    if skipped is not None:
+        out += skipped
+    else:
+        out += ["## Several partners: the NAT table (bench/partners.py, --quick)", ""]
+        out += [partners.markdown(p["flows"], p["delta"]), ""]
+    t = parts.get("tunnels", {})
+    skipped = _skipped("Several partners: ConfigureTunnel (bench/tunnels.py)", t)
+    if skipped is not None:
+        out += skipped
+    else:
+        out += ["## Several partners: ConfigureTunnel (bench/tunnels.py)", ""]
+        out += [tunnels.markdown(t), "", f"({t['seconds']:.0f} s)"]
+    return out
 
 
 def _minus(a: float | None, b: float | None) -> float | None:

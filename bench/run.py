@@ -18,11 +18,14 @@ import time
 import traceback
 from pathlib import Path
 
-from bench import coldstart, controller, flows, gateway_apply, lab_enrol, report
+from bench import coldstart, controller, flows, gateway_apply, lab_enrol, partners, report
+from bench import tunnels as tunnels_bench
 from bench.common import REPO, is_root, machine
 from bench.netns import Sandbox, list_namespaces, remove_stale
 
-PARTS = ("apply", "flows", "controller", "coldstart", "lab")
+# partners, tunnels: issue 23's three figures side by side (bench/partners.py at its --quick
+# sizes: ~45 s; bench/tunnels.py: ~15 s).
+PARTS = ("apply", "flows", "partners", "tunnels", "controller", "coldstart", "lab")
 
 
 def run_all(
@@ -78,6 +81,9 @@ def run_all(
                 res["attempts"] = attempt
                 res["seconds"] = time.perf_counter() - t0
                 results["parts"][p] = res
+    for p in ("partners", "tunnels"):
+        if p in parts:
+            results["parts"][p] = _issue23_part(p, quick, configs.get(p))
     if "controller" in parts:
         cfg = configs.get("controller") or controller.default_config(quick, burst)
         _log("controller: starting")
@@ -117,12 +123,43 @@ def run_all(
     results["total_seconds"] = time.perf_counter() - started
     results["targets"] = report.targets(results)
     results["targets_issue16"] = report.targets_issue16(results)
+    results["targets_issue23"] = report.targets_issue23(results)
     results["namespaces_left"] = [ns for ns in list_namespaces() if ns.startswith("tn-bench-")]
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "latest.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
         (out_dir / "latest.md").write_text(report.markdown(results))
     return results
+
+
+def _issue23_part(part: str, quick: bool, config: dict | None) -> dict:
+    """bench.partners (NAT with 50 partners: flows ratio, one-mapping change) or bench.tunnels
+    (ConfigureTunnel with 50 partners on real charon), in their own Sandbox."""
+    why = "needs root (network namespaces)" if not is_root() else None
+    if part == "tunnels":
+        why = why or tunnels_bench.available()
+    if why:
+        return {"skipped": why}
+    remove_stale()
+    _wait_for_lab()
+    _log(f"{part}: starting")
+    t0 = time.perf_counter()
+    try:
+        with Sandbox() as box:
+            if part == "partners":
+                # --quick's sizes whatever the run's: 50 x 10,000 is the figure, rounds are few.
+                cfg = config or partners.default_config(True)
+                res = {"delta": partners.run_delta(box, cfg), "flows": partners.run_flows(box, cfg)}
+            else:
+                cfg = config or tunnels_bench.default_config(quick)
+                box.run_dir.mkdir(parents=True, exist_ok=True)
+                res = tunnels_bench.run(box, cfg)
+            res["config"] = cfg
+    except Exception as exc:  # noqa: BLE001 - reported, the other parts still run
+        traceback.print_exc()
+        res = {"error": f"{type(exc).__name__}: {exc}"}
+    res["seconds"] = time.perf_counter() - t0
+    return res
 
 
 ATTEMPTS = 3

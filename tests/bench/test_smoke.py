@@ -136,3 +136,43 @@ def test_issue16_targets_name_every_figure_and_its_verdict():
     md = report.markdown({"parts": {"lab": lab}, "targets_issue16": rows})
     assert "## Targets (issue 16)" in md and "Tag → traffic in the lab" in md
     assert "| web-2 | enrolled | 203.0.113.11 | 1.10 s | 4.00 s |" in md
+
+
+def test_issue23_targets_side_by_side_and_not_measured_when_absent():
+    """Issue 23's table: the NAT figures (bench/partners.py) beside ConfigureTunnel's with 50
+    partners (bench/tunnels.py); a part that did not run reads 'not measured'."""
+    assert [t["met"] for t in report.targets_issue23({"parts": {}})] == [None, None, None]
+    parts = {
+        "partners": {
+            "flows": {"conditions": {
+                "50x10k": {"ratio": 0.91, "paired_ratios": [0.9, 0.91, 0.95]},
+                "50x10k-direct": {"ratio": 0.96},
+            }},
+            "delta": {"ratio": 2.5, "gateway": {"median": 0.01}, "raw": {"median": 0.004}},
+        },
+        "tunnels": {"reload_seconds": {"max": 0.4, "median": 0.2, "runs": 3}, "partners": 50,
+                    "others_touched_total": 0, "lost_total": 0},
+    }  # fmt: skip
+    rows = report.targets_issue23({"parts": parts})
+    assert [t["met"] for t in rows] == [True, False, True]
+    assert "0.910" in rows[0]["measured"] and "none aliased: 0.960" in rows[0]["measured"]
+    parts["tunnels"]["others_touched_total"] = 1
+    assert report.targets_issue23({"parts": parts})[2]["met"] is False
+
+
+TINY_TUNNELS = {"partners": 3, "rounds": 1}
+
+
+@pytest.mark.skipif(not ROOT, reason="network namespaces need root")
+def test_tunnels_part_runs_and_cleans_up(tmp_path):
+    """bench/tunnels.py at 3 partners (real charon when it is installed, else skipped)."""
+    results = run_all(parts=("tunnels",), configs={"tunnels": TINY_TUNNELS}, out_dir=tmp_path)
+    tun = results["parts"]["tunnels"]
+    if "skipped" in tun:
+        pytest.skip(tun["skipped"])
+    assert "error" not in tun, tun.get("error")
+    assert tun["partners"] == 3 and tun["others_touched_total"] == 0
+    assert tun["reload_seconds"]["runs"] == 1
+    assert results["targets_issue23"][2]["met"] is not None
+    assert results["namespaces_left"] == []
+    assert "ConfigureTunnel (bench/tunnels.py)" in (tmp_path / "latest.md").read_text()
