@@ -97,6 +97,8 @@ SYNTH_CONTEXT ?= -c partner_endpoint=203.0.113.1 -c partner_networks=198.51.100.
 synth: venv
 	$(PY) app.py $(SYNTH_CONTEXT)
 
+# Every benchmark in one run, issue 23's several-partner figures among them (parts partners and
+# tunnels: ~75 s more); one part alone: make bench BENCH_ARGS="--only tunnels".
 bench: deps
 	$(PY) -m bench.run $(BENCH_ARGS)
 
