@@ -638,7 +638,7 @@ def _sync_lane(
     if full:
         reason = "forced"
         if state is not None:
-            difference = live_difference(read_live_lane(name), mode)
+            difference = _lane_difference(name, mode)
             if difference is not None:
                 report["drift"] = difference
     elif state is None:
@@ -647,7 +647,7 @@ def _sync_lane(
         report["action"] = "unchanged"  # never backwards
     else:
         if verify or generation == current:
-            difference = live_difference(read_live_lane(name), mode)
+            difference = _lane_difference(name, mode)
             if difference is not None:
                 reason, report["detail"] = "drift", difference
             else:
@@ -677,6 +677,19 @@ def _sync_lane(
         "seconds": round(time.monotonic() - started, 4),
         "nft_seconds": round(nft_spent[0], 4),
     }
+
+
+_ONE_PARTNER_NAMES = re.compile(r"\b(enrolled|snat_map|dnat_map)\b")
+
+
+def _lane_difference(name: str, nat_mode: str) -> str | None:
+    """``live_difference`` of the lane's own sets, saying their names (``snat_bank_a``...)."""
+    difference = live_difference(read_live_lane(name), nat_mode)
+    if difference is None:
+        return None
+    enrolled, snat, dnat, _ = partner_set_names(name)
+    names = {"enrolled": enrolled, "snat_map": snat, "dnat_map": dnat}
+    return _ONE_PARTNER_NAMES.sub(lambda m: names[m.group(1)], difference)
 
 
 def _mark_applied_since_boot(lanes: tuple[LaneRef, ...]) -> None:

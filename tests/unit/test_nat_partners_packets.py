@@ -384,3 +384,23 @@ def test_overlapping_partners_through_one_interface(one_interface: Lab) -> None:
     assert counter(lab, "dropped_cleartext") == 0
     routes = lab.sh("gw", "ip", "route", "show", "table", "all")
     assert "10.0.0.0/24 via 192.0.2.2 dev t0" in routes and "table 10" not in routes
+
+
+def test_the_boot_ruleset_forwards_nothing_for_any_partner(lab: Lab) -> None:
+    """What the restore unit loads at boot (nat_sync.render_partners_boot): every chain and the
+    guard, no partner's mappings, nothing applied. Until a sync, no instance reaches a partner
+    and no partner reaches an instance: fail closed, per partner."""
+    from tunnelnat_gateway.nat_sync import render_partners_boot
+
+    lab.sh("gw", "nft", "-f", "-", input=render_partners_boot(partners_base()))
+    seen_a, seen_c = lab.serve("pa", "A"), lab.serve("pc", "C")
+    assert lab.connect("inst", "10.1.0.10", APP, timeout=1.0) is None
+    assert lab.connect("inst", "10.1.0.10", "100.64.1.5", timeout=1.0) is None
+    assert not seen_a.exists() and not seen_c.exists()  # no connection ever reached them
+    assert counter(lab, "dropped_unenrolled_bank_a") >= 1
+    assert counter(lab, "dropped_unenrolled_clear") >= 1
+    lab.serve("inst", "I")
+    assert lab.connect("pa", APP, S_A, timeout=1.0) is None
+    assert counter(lab, "dropped_inbound_bank_a") >= 1
+    applied = lab.sh("gw", "nft", "list", "set", "ip", "tunnelnat", "applied_bank_a")
+    assert "elements" not in applied

@@ -328,7 +328,7 @@ def test_drift_in_one_lane_is_found_and_repaired_there(steps):
     step = steps["drift-bank-a"]
     report = step["result"]["report"]
     assert report == {**report, "lane": "bank-a", "action": "full", "reason": "drift"}
-    assert report["detail"] == "snat_map holds 1 elements, 2 were applied"
+    assert report["detail"] == "snat_bank_a holds 1 elements, 2 were applied"
     assert report["applied_generation"] == report["previous_generation"]
     assert changed(step) <= LANE_SETS["bank-a"] | {"state:bank-a"}
     converged(step)
@@ -338,7 +338,7 @@ def test_a_forced_lane_sync_reports_and_repairs_its_drift_only(steps):
     step = steps["forced-clear"]
     report = step["result"]["report"]
     assert report == {**report, "lane": "clear", "action": "full", "reason": "forced"}
-    assert report["drift"].startswith("enrolled is not")
+    assert report["drift"].startswith("enrolled_clear is not the set of snat_clear's")
     assert changed(step) <= LANE_SETS["clear"] | {"state:clear"}
     assert step["handle_before"] == step["handle_after"]
     converged(step)
