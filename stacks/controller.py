@@ -28,6 +28,7 @@ from stacks.lanes import Lanes
 from stacks.nag import acknowledge, wildcard_arn
 from stacks.policies import (
     lane_statements,
+    lanes_status_tags_removed,
     only_the_status_tag,
     send_command_to_gateway,
     send_command_to_marked_instances,
@@ -486,6 +487,10 @@ class Controller(Construct):
         for lane in self._lanes.lanes if self._lanes is not None else ():
             for statement in lane_statements(self._instances, lane, vpc_arn):
                 self.role.add_to_policy(statement)
+        if self._lanes is not None:
+            self.role.add_to_policy(
+                lanes_status_tags_removed(self._instances, self._settings.deployment, vpc_arn)
+            )
         if not self._settings.route_table_mode or gateway_eni_id is None:
             return
         self.function.add_environment("TUNNELNAT_GATEWAY_ENI_ID", gateway_eni_id)

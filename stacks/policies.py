@@ -108,14 +108,24 @@ def lane_statements(instances_arn: str, lane: Lane, vpc_arn: str) -> list[iam.Po
                 "StringLike": {f"aws:ResourceTag/{lane.tag_key}": "*"},
             },
         ),
-        iam.PolicyStatement(
-            sid=f"Lane{n}StatusTagRemovedWhereItIs",
-            actions=["ec2:DeleteTags"],
-            resources=[instances_arn],
-            conditions={
-                **only_the_key,
-                **in_this_vpc,
-                "StringLike": {f"aws:ResourceTag/{lane.status_tag}": "*"},
-            },
-        ),
     ]
+
+
+def lanes_status_tags_removed(
+    instances_arn: str, deployment: str, vpc_arn: str
+) -> iam.PolicyStatement:
+    """DeleteTags of any lane's status tag key (``tunnelnat:status:<deployment>:<partner>``)
+    and nothing else, on instances of this VPC: one statement for every lane (a key pattern
+    is allowed in ``aws:TagKeys``'s values, not in a condition key's name). Removing our own
+    mark only ever takes a permission away (the mark is what SendCommand is conditioned on);
+    the ``:`` after the deployment keeps ``acme`` from matching ``acme-2``'s keys."""
+    return iam.PolicyStatement(
+        sid="LaneStatusTagsRemoved",
+        actions=["ec2:DeleteTags"],
+        resources=[instances_arn],
+        conditions={
+            "ForAllValues:StringLike": {"aws:TagKeys": [f"{status_tag(deployment)}:*"]},
+            "Null": {"aws:TagKeys": "false"},
+            "ArnEqualsIfExists": {"ec2:Vpc": vpc_arn},
+        },
+    )

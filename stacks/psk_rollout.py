@@ -84,6 +84,7 @@ class PskRollout(Construct):
         psk_name: str,
         association: ssm.CfnAssociation,
         documents: Documents,
+        role: iam.Role | None = None,
     ) -> None:
         super().__init__(scope, construct_id)
         stack = Stack.of(self)
@@ -105,7 +106,24 @@ class PskRollout(Construct):
         )
         instances = stack.format_arn(service="ec2", resource="instance", resource_name="*")
 
-        self.role = iam.Role(
+        if role is not None:
+            # Another rollout's role (one per deployment, not per partner): it may send only
+            # ConfigureTunnel, only to this deployment's gateways, whichever partner's run it is.
+            self.role = role
+        else:
+            self.role = self._role(stack, deployment, settings, document_arn, instances)
+        self._rule(stack, deployment, settings, psk, psk_name, document_arn)
+        self.document_name = documents.name(DOCUMENT)
+
+    def _role(
+        self,
+        stack: Stack,
+        deployment: str,
+        settings: StackSettings,
+        document_arn: str,
+        instances: str,
+    ) -> iam.Role:
+        role = iam.Role(
             self,
             "Role",
             assumed_by=iam.ServicePrincipal("events.amazonaws.com"),
@@ -125,13 +143,23 @@ class PskRollout(Construct):
             },
         )
         acknowledge(
-            self.role,
+            role,
             f"AwsSolutions-IAM5[Resource::{wildcard_arn(self, 'ec2', 'instance/*')}]",
             "The gateway is whichever instance its Auto Scaling group launched: SendCommand on "
             "instance/* requires the instance's aws:autoscaling:groupName to be the gateway "
             "group's (a tag no user can set).",
         )
+        return role
 
+    def _rule(
+        self,
+        stack: Stack,
+        deployment: str,
+        settings: StackSettings,
+        psk: secretsmanager.ISecret,
+        psk_name: str,
+        document_arn: str,
+    ) -> None:
         pattern = secret_pattern(
             secret_arn=psk.secret_full_arn,
             secret_name=psk_name,
@@ -167,4 +195,3 @@ class PskRollout(Construct):
                 )
             ],
         )
-        self.document_name = documents.name(DOCUMENT)

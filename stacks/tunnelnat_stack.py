@@ -178,6 +178,8 @@ class TunnelnatStack(Stack):
                     psk_name=secret.secret_name,
                     association=association,
                     documents=self.documents,
+                    # One role for every partner's rollout: the same single permission.
+                    role=next(iter(self.psk_rollouts.values())).role if self.psk_rollouts else None,
                 )
 
         CfnOutput(

@@ -323,6 +323,8 @@ def test_a_psk_rollout_per_partner_runs_that_partners_configure_tunnel(s):
         association = s.stack.gateway.tunnel_associations[name]
         assert rollout.parameters == dict(association.parameters)
         assert rollout.parameters["TunnelName"] == [name]
+    # One role for them all: it may send ConfigureTunnel to this deployment's gateways only.
+    assert len({id(r.role) for r in rollouts.values()}) == 1
 
 
 def test_no_deployment_psk_is_created_each_partner_names_its_own(s):
@@ -382,6 +384,13 @@ def test_controller_iam_per_lane(s, lanes):
         assert not is_allowed(
             policy, "ec2:CreateTags", {instance: {**vpc, **own, "aws:ResourceTag/x": "y"}}
         )
+    # Any lane's mark may be removed where it is (removing a mark only takes a permission
+    # away); nothing else, and never another deployment's.
+    assert is_allowed(
+        policy, "ec2:DeleteTags", {instance: {**vpc, "aws:TagKeys": [lanes[1].status_tag]}}
+    )
+    for key in ("Name", "tunnelnat:status:tunnelnat-2:bank", "tunnelnat"):
+        assert not is_allowed(policy, "ec2:DeleteTags", {instance: {**vpc, "aws:TagKeys": [key]}})
     # One lane's tag does not open another lane's status key.
     first, second = lanes[0], lanes[1]
     cross = {
