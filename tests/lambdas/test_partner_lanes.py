@@ -205,6 +205,21 @@ def test_an_instance_joins_two_partners_each_with_its_own_s_and_routes(lanes):
     assert status_tags(world, web) == {A.status_tag: "enrolled", C.status_tag: "enrolled"}
 
 
+def test_each_partners_pool_is_measured_under_its_name(lanes, capsys):
+    from tests.lambdas.test_metrics import emf
+
+    world = lanes
+    web = world.launch("10.10.1.37", tags={**TAG["bank-a"], **TAG["bank-c"]})
+    capsys.readouterr()
+    run(state_change(web, "running"))
+    points = [p for p in emf(capsys.readouterr().out) if p["name"] == "PoolFreeAddresses"]
+    by_partner = {p["dims"].get("Partner"): p["value"] for p in points if "Partner" in p["dims"]}
+    assert by_partner == {"bank-a": 1.0, "bank-c": 1.0}
+    assert all(p["dims"]["Deployment"] == "test" for p in points)
+    # The deployment's own line (no Partner dimension) is still there: the dashboard's.
+    assert any("Partner" not in p["dims"] for p in points)
+
+
 def test_a_second_event_changes_nothing(lanes):
     world = lanes
     web = world.launch("10.10.1.22", tags={**TAG["bank-a"], **TAG["bank-c"]})
@@ -358,6 +373,19 @@ def test_a_launch_is_held_until_every_partner_has_it(lanes):
     event["detail"]["LifecycleHookName"] = "tunnelnat-test-launch"
     assert outcome(event)["status"] == "enrolled"
     assert world.lifecycle.completed == [(launched, "CONTINUE")]
+
+
+def test_a_terminate_hook_lets_every_partner_go_before_continuing(lanes):
+    world = lanes
+    web = world.launch("10.10.1.36", tags={**TAG["bank-a"], **TAG["bank-b"], **TAG["bank-c"]})
+    run(state_change(web, "running"))
+    assert all(web in mappings(world, lane.table) for lane in LANES)
+    world.fleet.parameters.clear()
+    result = outcome(lifecycle_event(web, launching=False))
+    assert result["status"] == "gone"
+    assert world.lifecycle.completed == [(web, "CONTINUE")]
+    assert all(mappings(world, lane.table) == {} for lane in LANES)
+    assert world.fleet.synced_tables() == {lane.table for lane in LANES}
 
 
 def test_reading_the_lanes_refuses_what_cannot_be_a_partners_set(lanes):

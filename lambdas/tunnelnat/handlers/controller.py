@@ -96,6 +96,28 @@ class PowertoolsTelemetry:
             metric.add_dimension(name="Reason", value=reason)
 
 
+class PartnerTelemetry(PowertoolsTelemetry):
+    """One partner's controller (several partners): its metrics as today's, so the dashboard
+    and alarms sum every partner up; the free addresses of its pool also per partner
+    (dimension ``Partner``): the deployment's line is the scarcest pool, this one says whose."""
+
+    def __init__(self, partner: str) -> None:
+        self.partner = partner
+
+    def measure(self, name: str, value: float, unit: str) -> None:
+        super().measure(name, value, unit)
+        if name != "PoolFreeAddresses":
+            return
+        with single_metric(
+            name=name,
+            unit=MetricUnit(unit),
+            value=value,
+            namespace=metrics.namespace,
+            default_dimensions={**metrics.default_dimensions, "service": SERVICE},
+        ) as metric:
+            metric.add_dimension(name="Partner", value=self.partner)
+
+
 class _Session:
     """What the controller needs of a boto3 Session (``client(name, config=...)``), on botocore
     alone: the Lambda never touches boto3's resources or S3 transfers, and importing boto3
@@ -144,7 +166,7 @@ def build_controller(
         commands=commands or SsmCommands(client("ssm"), document_prefix=settings.document_prefix),
         deployment=settings.deployment,
         region=settings.region,
-        telemetry=PowertoolsTelemetry(),
+        telemetry=PartnerTelemetry(lane.name) if lane else PowertoolsTelemetry(),
         vpc_id=settings.vpc_id,
         routes=_route_tables(settings, ec2, dynamodb),
         allowed=settings.allow_list,
