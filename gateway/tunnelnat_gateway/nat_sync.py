@@ -347,13 +347,8 @@ def sync(client: object, table_name: str, *, full: bool = False, verify: bool = 
 # applied since boot, then set once (the sum of the lanes' generations then).
 
 PARTNERS_LAYOUT = "partners"
-# The lanes' NAT modes as core/nat.py names them (lanes may say instance-public).
-LANE_NAT_MODES = {
-    "dedicated": "dedicated",
-    "shared": "shared",
-    "instance": "instance",
-    "instance-public": "instance",
-}
+# The lanes' NAT modes as core/nat.py names them (the same words: core/config.NatMode's).
+LANE_NAT_MODES = {"dedicated": "dedicated", "shared": "shared", "instance": "instance"}
 # A lane's applied_<name> grows by one element per delta (adding is cheaper than deleting:
 # core/nat.render_partner_delta); at this many, a delta deletes all but the newest.
 RETIRE_AT = 64
