@@ -443,7 +443,13 @@ class PartnersStory:
             and not clear
             and bank_after[0]
         )
+        watched = self.lab.health_tunnels or list(NAMES)
         figure = (
+            ""
+            if BANK in watched
+            else f"the health agent watches {','.join(watched)} only (InstallHealthAgent takes "
+            "one TunnelName): bank's TunnelUp has no data; "
+        ) + (
             f"bank's IKE SA cut on the gateway under traffic from {name} (100/s to each partner): "
             f"alarm tunnelnat-{DEPLOYMENT}-TunnelUp-bank ALARM after "
             f"{_s(alarm_at)} -> healer {outcome.get('action')} "
