@@ -523,3 +523,31 @@ def test_each_lane_of_a_partners_file_is_a_valid_controller_configuration():
     # The instances' own addresses (nat_mode instance): their public IPs, listed as the pool.
     lane = _lane("own", 4, nat_mode="instance", pool=(IPv4Address("203.0.113.40"),))
     assert lane_config(base, lane).nat_mode.value == "instance"
+
+
+def test_route_table_mode_with_partners_is_refused_and_lanes_stay_in_their_deployment():
+    from tests.conftest import VALID_CONFIG
+    from tunnelnat.core.config import ConfigError
+    from tunnelnat.partner_lanes import lane_settings
+    from tunnelnat.settings import ControllerSettings
+
+    env = {
+        "TUNNELNAT_CONFIG": json.dumps(VALID_CONFIG),
+        "TUNNELNAT_TABLE_NAME": "tunnelnat-test",
+        "TUNNELNAT_DEPLOYMENT": "test",
+        "AWS_REGION": "us-east-1",
+        "TUNNELNAT_VPC_ID": "vpc-0123456789abcdef0",
+    }
+    settings = ControllerSettings.from_environ(env)
+    mine = lane_settings(settings, C)
+    assert mine.table_name == "test-bank-c" and mine.deployment == "test"
+    assert [str(n) for n in mine.config.partner_networks] == [ALIAS]
+    assert mine.config.enrolment_tag_key == C.tag_key
+    routed = ControllerSettings.from_environ(
+        {**env, "TUNNELNAT_GATEWAY_ENI_ID": "eni-0123456789abcdef0"}
+    )
+    with pytest.raises(ConfigError, match="route-table mode"):
+        lane_settings(routed, A)
+    other = ControllerSettings.from_environ({**env, "TUNNELNAT_DEPLOYMENT": "other"})
+    with pytest.raises(ConfigError, match="not other"):
+        lane_settings(other, A)

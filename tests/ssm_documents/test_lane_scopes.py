@@ -120,7 +120,14 @@ DRIVER = textwrap.dedent(
             "dropins": sorted(p.name for p in netd.iterdir()) if netd.is_dir() else [],
             "legacy": legacy.exists(),
             "state": sorted(p.name for p in state.iterdir()) if state.is_dir() else [],
+            "unit": Path("/etc/systemd/system/tunnelnat-routes.service").exists(),
         }
+
+    # Without systemd (the lab's machines): the oneshot unit restores every scope's routes.
+    results = {"unit_add_a": step("AddHostRoute", lane_a)}
+    results["unit_add_c"] = step("AddHostRoute", lane_c)
+    results["unit_remove_c"] = step("RemoveHostRoute", lane_c)
+    results["unit_remove_a"] = step("RemoveHostRoute", lane_a)
 
     # An earlier version's file and drop-in via the same G: a partner's scope leaves both.
     Path("/etc/tunnelnat").mkdir(exist_ok=True)
@@ -129,7 +136,7 @@ DRIVER = textwrap.dedent(
     netd.mkdir(parents=True)
     legacy_dropin.write_text(f"[Route]\\nDestination=203.0.113.0/24\\nGateway={gateway}\\n")
     Path("/run/systemd/system").mkdir()
-    results = {"add_a": step("AddHostRoute", lane_a)}
+    results["add_a"] = step("AddHostRoute", lane_a)
     results["add_c"] = step("AddHostRoute", lane_c)
     results["add_a_again"] = step("AddHostRoute", lane_a)
     results["remove_c"] = step("RemoveHostRoute", lane_c)
@@ -220,3 +227,18 @@ def test_one_partners_removal_never_takes_anothers_routes(lanes):
     assert last["status"] == "Success", last["stderr"]
     assert A_ROUTE not in last["routes"] and LEGACY_ROUTE in last["routes"]
     assert last["state"] == [] and last["dropins"] == ["tunnelnat.conf"]
+
+
+@needs_namespaces
+def test_without_systemd_the_unit_serves_every_partner_until_the_last_leaves(lanes):
+    for step in ("unit_add_a", "unit_add_c", "unit_remove_c", "unit_remove_a"):
+        assert lanes[step]["status"] == "Success", lanes[step]["stderr"]
+    both = lanes["unit_add_c"]
+    assert json.loads(both["stdout"])["persistence"] == "unit"
+    assert {A_ROUTE, C_ROUTE} <= set(both["routes"]) and both["unit"]
+    assert both["state"] == ["acme.bank-a", "acme.bank-c"]
+    one = lanes["unit_remove_c"]
+    assert A_ROUTE in one["routes"] and C_ROUTE not in one["routes"]
+    assert one["unit"], "bank-a's routes still rely on it"
+    none = lanes["unit_remove_a"]
+    assert A_ROUTE not in none["routes"] and none["state"] == [] and not none["unit"]
