@@ -214,21 +214,32 @@ class PartnersStory:
         ns = self.lab.instance(name).ns
         before = {p: len(self.lab.peers(p)) for p in NAMES}
         answers: dict[str, tuple[bool, str]] = {}
+        # bank's second network (its VPN machine's own address there): its own CHILD_SAs.
+        second = SITES[BANK].extra[0].split("/")[0]
         with self.lab.capture("tn-inet", "to-gw", CLEAR) as clear:
             for partner in NAMES:
                 answers[partner] = self.lab.http(ns, self.url(partner, name))
+            ping = topo.sh(
+                topo.machine_argv(ns, ["ping", "-c", "1", "-W", "2", second]), check=False
+            )
         logged = {p: self.lab.peers(p)[before[p] :] for p in NAMES}
-        ok = not clear and all(
-            answers[p][0]
-            and answers[p][1] == f"{SITES[p].app_name} saw {self.s[name][p]}"
-            and logged[p] == [self.s[name][p]]
-            for p in NAMES
+        pinged = ping.returncode == 0
+        ok = (
+            pinged
+            and not clear
+            and all(
+                answers[p][0]
+                and answers[p][1] == f"{SITES[p].app_name} saw {self.s[name][p]}"
+                and logged[p] == [self.s[name][p]]
+                for p in NAMES
+            )
         )
         figure = "; ".join(
             f"GET {self.app_address(p)} -> {answers[p][1]!r} (its log: "
             f"{', '.join(logged[p]) or 'nothing'})"
             for p in NAMES
         ) + (
+            f"; ping bank's second network {second}: {'answered' if pinged else 'NO ANSWER'}"
             f"; card's and clearing's app servers share {SITES[CARD].app}; "
             f"{len(clear)} clear-text packets on the internet link"
         )
@@ -242,7 +253,13 @@ class PartnersStory:
             "address, through the alias)",
             ok,
             figure,
-            {"answers": answers, "logged": logged, "clear": len(clear), "overlap": overlap},
+            {
+                "answers": answers,
+                "logged": logged,
+                "clear": len(clear),
+                "overlap": overlap,
+                "second_network": pinged,
+            },
         )
 
     # -- 4 ---------------------------------------------------------------------------------------

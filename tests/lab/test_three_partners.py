@@ -81,6 +81,7 @@ def test_each_app_server_logs_its_partners_s_even_at_the_same_address(steps):
     assert logged[CLEARING] == [story.s[WEB1][CLEARING]]
     assert logged[BANK] == [story.s[WEB1][BANK]]
     assert step.data["clear"] == 0
+    assert step.data["second_network"]  # bank's other network, over its own CHILD_SAs
 
 
 def test_partner_initiated_connections_reach_the_right_instance(steps):
