@@ -204,9 +204,55 @@ def run(ctx: Ctx) -> int:
     doc, unreadable = show_tunnels(ctx, gateway, ctx.args.tunnel, timeout=ctx.args.timeout)
     if ctx.args.json:
         dump_json(doc, ctx.out)
+        return EXIT_FINDINGS if doc["errors"] else EXIT_OK
+    # Several partners (issue 23): the listing per partner, each tunnel's SAs under it.
+    from tunnelnat_cli.partner_lanes import read_lanes
+
+    lanes = read_lanes(ctx.aws.client("ssm"), ctx.deployment)
+    if lanes.problem:
+        ctx.err.write(f"tunnelnat: partners unknown: {lanes.problem}\n")
+    if lanes.lanes:
+        render_partners(ctx, doc, unreadable, lanes.lanes)
     else:
         render(ctx, doc, unreadable)
     return EXIT_FINDINGS if doc["errors"] else EXIT_OK
+
+
+def partner_doc(doc: dict[str, Any], tunnel: str) -> dict[str, Any]:
+    """The listing of one tunnel: its line, its IKE SAs and their CHILD_SAs (a CHILD_SA's name is
+    unique only within its connection, the IKE SA's name)."""
+    return doc | {
+        "tunnels": [t for t in doc["tunnels"] if t.get("tunnel") == tunnel],
+        "ike_sas": [i for i in doc["ike_sas"] if i.get("ike") == tunnel],
+        "child_sas": [c for c in doc["child_sas"] if c.get("ike") == tunnel],
+        "errors": [],
+    }
+
+
+def render_partners(ctx: Ctx, doc: dict[str, Any], unreadable: int, lanes: Any) -> None:
+    """Per partner: what it is (IKE version, endpoint, what instances address, its S), then its
+    tunnel's SAs as ``render`` shows them; charon's errors once, at the end."""
+    from tunnelnat_cli.partner_lanes import addresses
+
+    out = ctx.out
+    out.write(f"gateway {doc['gateway']}  deployment {doc['deployment']}\n")
+    only = ctx.args.tunnel
+    for lane in lanes:
+        if only and lane.name != only:
+            continue
+        if lane.aliases:
+            pairs = zip(lane.aliases, lane.networks, strict=True)
+            where = " ".join(f"{a} (alias of {n})" for a, n in pairs)
+        else:
+            where = addresses(lane.networks)
+        out.write(
+            f"\n== partner {lane.name}: IKEv{lane.ike_version} to {lane.endpoint}; instances "
+            f"address {where}; S {addresses(lane.public_addresses)}\n"
+        )
+        _render_body(ctx, partner_doc(doc, lane.name), unreadable=0, per_partner=True)
+    for error in doc["errors"]:
+        out.write(f"{error}\n")
+    _truncated(ctx, doc, unreadable)
 
 
 def _seconds(value: Any) -> str:
@@ -226,11 +272,20 @@ def _ago(value: Any) -> str:
 
 
 def render(ctx: Ctx, doc: dict[str, Any], unreadable: int) -> None:
+    ctx.out.write(f"gateway {doc['gateway']}  deployment {doc['deployment']}\n")
+    _render_body(ctx, doc, unreadable)
+
+
+def _render_body(
+    ctx: Ctx, doc: dict[str, Any], unreadable: int, *, per_partner: bool = False
+) -> None:
     out = ctx.out
-    out.write(f"gateway {doc['gateway']}  deployment {doc['deployment']}\n")
-    last: dict[str, int] = {}
+    # The last rekey of each CHILD_SA, by (tunnel, child): a child's name is unique only
+    # within its connection.
+    last: dict[tuple[str, str], int] = {}
     for t in doc["tunnels"]:
-        last.update(t.get("last_rekey_ago") or {})
+        for child, ago_ in (t.get("last_rekey_ago") or {}).items():
+            last[(t.get("tunnel"), child)] = ago_
         out.write(
             f"tunnel {t['tunnel']}: {len(t.get('children') or [])} CHILD_SA name(s); charon's "
             f"log holds {t.get('rekeys_in_log', 0)} rekey(s), "
@@ -287,7 +342,7 @@ def render(ctx: Ctx, doc: dict[str, Any], unreadable: int) -> None:
                         ",".join(c.get("remote_ts") or []),
                         c.get("proposal"),
                         _seconds(c.get("age")),
-                        _ago(last.get(c["child"])),
+                        _ago(last.get((c.get("ike"), c["child"]))),
                         _seconds(c.get("rekey_in")),
                         f"{c.get('bytes_in')}/{c.get('bytes_out')}",
                         _ago(c.get("idle_in")),
@@ -297,8 +352,15 @@ def render(ctx: Ctx, doc: dict[str, Any], unreadable: int) -> None:
             )
             + "\n"
         )
+    elif per_partner:
+        out.write("no SA: this partner's tunnel is down (`tunnelnat doctor` says why)\n")
     elif not doc["errors"]:
         out.write("no SA on the gateway: the tunnel is down (`tunnelnat doctor` says why)\n")
+    if not per_partner:
+        _truncated(ctx, doc, unreadable)
+
+
+def _truncated(ctx: Ctx, doc: dict[str, Any], unreadable: int) -> None:
     if doc["truncated"]:
         ctx.err.write(
             f"tunnelnat: SSM kept only the first {SSM_OUTPUT_LIMIT:,} characters of the listing"

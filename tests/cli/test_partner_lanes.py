@@ -149,3 +149,34 @@ def test_doctor_gives_a_finding_per_partner(dep):
     assert "table" in by["legacy-b"]["summary"]
     assert by["overlap-c"]["status"] == "fail" and "behind" in by["overlap-c"]["summary"]
     assert "bank-a" not in by["overlap-c"]["summary"] and "bank-a" not in by["legacy-b"]["summary"]
+
+
+def test_tunnels_lists_each_partners_sas_under_it(dep, tmp_path):
+    """The gateway's listing (the real ShowTunnels document on the captured SAs of tunnel
+    'partner') split per partner: 'partner' has its SAs, 'other' none (its own line says so)."""
+    from tests.cli.test_tunnels import GatewayDocuments, rows
+
+    first = lane("partner", 1, "192.0.2.0/24", ("203.0.113.231", "203.0.113.232"))
+    other = lane(
+        "other", 2, "10.0.0.0/24", ("203.0.113.50",), aliases=(IPv4Network("100.64.9.0/24"),)
+    )
+    publish(dep, (first, other), tables=False)
+    (tmp_path / "gw").mkdir()
+    result = dep.run("tunnels", commands=GatewayDocuments(tmp_path / "gw"))
+    assert result.code == 0, result.err
+    text = result.out
+    head, rest = text.split("== partner partner: ", 1)
+    mine, theirs = rest.split("== partner other: ", 1)
+    assert mine.startswith("IKEv2 to 198.51.100.1; instances address 192.0.2.0/24; S ")
+    assert [r[0] for r in rows(mine, "partner")] == [
+        "partner",
+        "partner-1",
+        "partner-2",
+        "partner-2",
+    ]
+    assert theirs.startswith("IKEv2 to 198.51.100.2; instances address 100.64.9.0/24 (alias of ")
+    assert "no SA: this partner's tunnel is down" in theirs and "partner-1" not in theirs
+    # --json is the gateway's listing as before (every SA names its IKE SA: its partner).
+    assert (
+        "partners" not in dep.run("tunnels", "--json", commands=GatewayDocuments(tmp_path)).json()
+    )
