@@ -5,7 +5,7 @@
        pair), clearing IKEv2 over the same network as card's
     2. web-1 tagged for all three partners, web-2 for card only: a lane's S each, its routes
     3. web-1 reaches each app server, which logs that partner's S; card's and clearing's are at
-       the same address, clearing's through the alias; 0 clear-text packets on the internet link
+       the same address, clearing's through the alias; 0 clear-text packets on the internet
     4. each partner's app server connects to web-1's S for it and lands on web-1 (clearing's
        source shows as its alias address)
     5. web-2 (card only) reaches card, never bank or clearing, even with hand-made routes
@@ -56,7 +56,8 @@ from lab.ssm_runner import default_env
 from lab.story import Step
 
 WEB1, WEB2 = "web-1", "web-2"
-# What on the internet link is not IKE or ESP-in-UDP: clear text (nothing may be).
+# What crosses the internet (tn-inet, every link: ours and the three partners') that is not IKE
+# or ESP-in-UDP: clear text (nothing may be).
 CLEAR = "ip and not (udp port 500 or udp port 4500)"
 
 
@@ -216,7 +217,7 @@ class PartnersStory:
         answers: dict[str, tuple[bool, str]] = {}
         # bank's second network (its VPN machine's own address there): its own CHILD_SAs.
         second = SITES[BANK].extra[0].split("/")[0]
-        with self.lab.capture("tn-inet", "to-gw", CLEAR) as clear:
+        with self.lab.capture("tn-inet", "any", CLEAR) as clear:
             for partner in NAMES:
                 answers[partner] = self.lab.http(ns, self.url(partner, name))
             ping = topo.sh(
@@ -241,7 +242,7 @@ class PartnersStory:
         ) + (
             f"; ping bank's second network {second}: {'answered' if pinged else 'NO ANSWER'}"
             f"; card's and clearing's app servers share {SITES[CARD].app}; "
-            f"{len(clear)} clear-text packets on the internet link"
+            f"{len(clear)} clear-text packets on the internet"
         )
         overlap = (
             f"{name} reached card's and clearing's app servers, both at {SITES[CARD].app}, as "
@@ -298,7 +299,7 @@ class PartnersStory:
         for net in added:
             topo.in_ns(ns, ["ip", "route", "replace", net, "via", GW_ENI])
         try:
-            with self.lab.capture("tn-inet", "to-gw", CLEAR) as clear:
+            with self.lab.capture("tn-inet", "any", CLEAR) as clear:
                 for partner in (BANK, CLEARING):
                     by_hand[partner] = self.lab.http(ns, self.url(partner, name), timeout=2)
         finally:
@@ -376,7 +377,7 @@ class PartnersStory:
         timeline: list[tuple[float, str]] = []
         targets = {p: self.app_address(p) for p in NAMES}
         with contextlib.ExitStack() as stack:
-            clear = stack.enter_context(self.lab.capture("tn-inet", "to-gw", CLEAR))
+            clear = stack.enter_context(self.lab.capture("tn-inet", "any", CLEAR))
             arrived = {
                 p: stack.enter_context(
                     self.lab.capture(
