@@ -190,7 +190,16 @@ class Controller(Construct):
                 "POWERTOOLS_METRICS_NAMESPACE": SERVICE,
                 # Several partners: the handler reads the lanes there and runs one controller
                 # per lane (absent: the single controller of TUNNELNAT_CONFIG).
-                **({"TUNNELNAT_PARTNERS_PATH": lanes.path} if lanes is not None else {}),
+                **(
+                    {
+                        "TUNNELNAT_PARTNERS_PATH": lanes.path,
+                        # Changes with any lane: a new function configuration, so no warm
+                        # container keeps serving the old lanes from its cache.
+                        "TUNNELNAT_PARTNERS_DIGEST": lanes.digest,
+                    }
+                    if lanes is not None
+                    else {}
+                ),
             },
         )
         self.function.add_event_source(

@@ -342,6 +342,7 @@ def test_the_controller_reads_the_lanes_and_hears_every_partners_tag(s, lanes):
     function = s.json["Resources"][s.logical_id(s.stack.controller.function)]
     env = function["Properties"]["Environment"]["Variables"]
     assert env["TUNNELNAT_PARTNERS_PATH"] == PATH
+    assert env["TUNNELNAT_PARTNERS_DIGEST"] == lanes_digest(lanes)
     # The base config is still the controller's (placement, enrolment key and value, MSS).
     config = json.loads(env["TUNNELNAT_CONFIG"])
     assert (config["gateway_private_ip"], config["enrolment_tag_key"]) == (G, "tunnelnat")
@@ -415,6 +416,15 @@ def test_gateway_iam_reads_the_lanes_their_tables_and_each_psk(s, lanes):
         assert is_allowed(policy, "secretsmanager:GetSecretValue", {secret: {}})
     other = resolver.arn("secretsmanager", "secret:tunnelnat/other-psk-AbCdEf")
     assert not is_allowed(policy, "secretsmanager:GetSecretValue", {other: {}})
+
+
+def test_no_partner_but_the_first_is_in_the_launch_template(s, lanes):
+    """Adding or removing a partner (after the first) must not replace the gateways (every
+    partner's SAs would go with them): the user data names none of the others."""
+    _, template = s.one("AWS::EC2::LaunchTemplate")
+    text = json.dumps(template)
+    for lane in lanes[1:]:
+        assert lane.name not in text and str(lane.endpoint) not in text, lane.name
 
 
 def test_pair_json_reads_the_tunnels_configure_tunnel_records(s):
