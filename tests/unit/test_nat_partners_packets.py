@@ -404,3 +404,28 @@ def test_the_boot_ruleset_forwards_nothing_for_any_partner(lab: Lab) -> None:
     assert counter(lab, "dropped_inbound_bank_a") >= 1
     applied = lab.sh("gw", "nft", "list", "set", "ip", "tunnelnat", "applied_bank_a")
     assert "elements" not in applied
+
+
+def test_instances_inside_a_partners_real_network_still_reach_the_others(lab: Lab) -> None:
+    """A partner whose real network is our instances' own subnet (10.1.0.0/24, reached through
+    its alias): an instance's packet to A comes FROM that network. It is classified toward A by
+    its destination, never as coming from that partner."""
+    a = ipaddress.IPv4Address
+    base = MultiPartnerBase(
+        (
+            PartnerNat("bank-a", (N("10.0.0.0/24"),), public_addresses=(a(S_A), a("203.0.113.12"))),
+            PartnerNat(
+                "twin",
+                (N("10.1.0.0/24"),),
+                aliases=(N("100.64.9.0/24"),),
+                public_addresses=(a("203.0.113.40"),),
+            ),
+        ),
+        tunnel_interfaces=("ga", "gb", "gc"),
+    )
+    tables = {"bank-a": partner_tables()["bank-a"], "twin": NatTable.from_rows(1, [])}
+    lab.sh("gw", "nft", "-f", "-", input=render_partners_table(base, tables))
+    seen_a = lab.serve("pa", "A")
+    assert lab.connect("inst", "10.1.0.10", APP) == "A"
+    assert seen_a.read_text().split() == [S_A]
+    assert counter(lab, "dropped_inbound_twin") == 0

@@ -406,6 +406,7 @@ def _is_ifname(name: str) -> bool:
 
 OUT_MARK_BASE = 0x7E000000  # toward partner i: OUT_MARK_BASE + i; from it: IN_MARK_BASE + i
 IN_MARK_BASE = 0x7F000000
+MARK_CLASS = 0xFF000000  # the bits saying toward (OUT_MARK_BASE) or from (IN_MARK_BASE)
 PARTNER_NAME_MAX = 24
 
 
@@ -667,8 +668,13 @@ def render_partners_table(
         *chains,
         "  chain classify {",
         "    type filter hook prerouting priority mangle; policy accept;",
-        "    meta mark set ip daddr map @out_class",
+        # From a partner first, then toward one, which wins when both match: an instance's
+        # packet may come from a partner's real network (ours overlaps it: that partner is
+        # reached through its alias), while a partner's packet never goes to an address
+        # instances use for a partner (its destination is an S, never inside a partner's
+        # network or alias). Without a match, a map statement leaves the mark as it is.
         "    meta mark set ip daddr . ip saddr map @in_class",
+        "    meta mark set ip daddr map @out_class",
         "  }",
         "  chain prerouting {",
         "    type nat hook prerouting priority dstnat; policy accept;",
@@ -691,6 +697,11 @@ def render_partners_table(
         "  }",
         "  chain guard {",
         "    type filter hook postrouting priority 110; policy accept;",
+        # Classified as coming from a partner (the forward chain let only its replies and its
+        # DNATed flows through): toward our instances, which may lie inside a partner's real
+        # network when that partner is reached through its alias. Everything else for a
+        # partner's real network leaves inside a tunnel or not at all.
+        f"    meta mark & {MARK_CLASS:#x} == {IN_MARK_BASE:#x} accept",
         _partners_guard_rule(base),
         "  }",
         "}",
