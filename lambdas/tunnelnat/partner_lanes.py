@@ -30,7 +30,7 @@ from aws_lambda_powertools import Logger
 from tunnelnat.adapters.store import EnrolmentStore
 from tunnelnat.controller import Controller
 from tunnelnat.core.config import ConfigError, NatMode, TunnelnatConfig
-from tunnelnat.core.enrolment import Status
+from tunnelnat.core.enrolment import Decision, Status, decide_enrolment
 from tunnelnat.core.lanes import Lane, LaneError, load_lanes, parameter_path
 from tunnelnat.gateway_sync import GatewaySyncPending
 from tunnelnat.plan import Outcome
@@ -214,20 +214,71 @@ class PartnerLanes:
         ids = list(dict.fromkeys(instance_ids))
         ending = set(terminating)
         per_lane: dict[str, dict[str, Outcome | Exception]] = {}
-        # Each lane observes the instances itself, after reading its own table: a view shared
+        wanted, untouched = (
+            self._relevant(ids, ending)
+            if not full_sync
+            else ({n: ids for n in self._controllers}, {})
+        )
+        # Each lane observes its instances itself, after reading its own table: a view shared
         # between lanes would be older than a later lane's table read, which is what the
         # controller's leases rely on (controller._converge: the table first, then EC2).
         for name, controller in self._controllers.items():
+            per_lane[name] = dict(untouched.get(name, {}))
+            mine = wanted.get(name, ids)
+            if not mine:
+                continue
             logger.append_keys(partner=name)  # every line the lane logs names its partner
             try:
-                per_lane[name] = controller.converge(ids, terminating=ending, full_sync=full_sync)
+                per_lane[name].update(
+                    controller.converge(mine, terminating=ending, full_sync=full_sync)
+                )
             except Exception as exc:  # noqa: BLE001 - this lane's: the others go on
                 logger.exception("partner lane failed")
-                failed = LaneFailed(name, exc)
-                per_lane[name] = dict.fromkeys(ids, failed)
+                per_lane[name].update(dict.fromkeys(mine, LaneFailed(name, exc)))
             finally:
                 logger.remove_keys(["partner"])
         return {i: combine(i, _of(i, per_lane)) for i in ids}
+
+    def _relevant(
+        self, ids: list[str], ending: set[str]
+    ) -> tuple[dict[str, list[str]], dict[str, dict[str, Outcome]]]:
+        """Which lanes have anything to do with which instances: a lane runs for an instance
+        that carries its tag key or that its table knows (a mapping or a record: ours to undo);
+        for the others it would only read and conclude "not tagged". One DescribeInstances for
+        every lane and one table read per lane instead of both per lane: with many partners, an
+        event costs EC2 one call, not one per partner (EC2 throttles DescribeInstances per
+        account). Skipping is safe: it writes nothing, and a tag added since is its own event.
+        Anything that cannot be read here: every lane runs in full, as it would without this."""
+        everyone = {name: ids for name in self._controllers}
+        if not ids or not self._controllers:
+            return everyone, {}
+        first = next(iter(self._controllers.values()))
+        try:
+            observed = first.instances.describe_many(ids)
+        except Exception as exc:  # noqa: BLE001 - each lane observes them itself then
+            logger.warning("instances not described up front", extra={"reason": repr(exc)[:300]})
+            return everyone, {}
+        wanted: dict[str, list[str]] = {}
+        untouched: dict[str, dict[str, Outcome]] = {}
+        for name, controller in self._controllers.items():
+            key = controller.config.enrolment_tag_key
+            tagged = {i for i in ids if i in observed and key in observed[i].tags}
+            rest = [i for i in ids if i not in tagged]
+            known = set(rest)
+            if rest:
+                try:
+                    snap = controller.store.snapshot_many(rest)
+                    known = {i for i in rest if i in snap.mappings or i in snap.records}
+                except Exception:  # noqa: BLE001 - the lane's own converge meets and reports it
+                    logger.warning("partner lane's table not read up front",
+                                   extra={"partner": name})  # fmt: skip
+            wanted[name] = [i for i in ids if i in tagged or i in known]
+            untouched[name] = {
+                i: _untouched(controller, i, observed.get(i), terminating=i in ending)
+                for i in rest
+                if i not in known
+            }
+        return wanted, untouched
 
     def reconcile_all(self) -> dict[str, Outcome | Exception]:
         """The scheduled repair, in every lane. A lane that failed as a whole is reported under
@@ -296,6 +347,23 @@ class PartnerLanes:
                 self._controllers[name].record_failure(instance_id, reason)
             except Exception:  # noqa: BLE001 - the other lanes still get their mark
                 logger.exception("failure not recorded", extra={"partner": name})
+
+
+def _untouched(
+    controller: Controller, instance_id: str, instance: Any, *, terminating: bool
+) -> Outcome:
+    """What the lane's own converge would conclude for an instance it never served and whose
+    tag it does not carry: not its business (decide_enrolment's status and reason)."""
+    decision = decide_enrolment(
+        instance,
+        controller.config,
+        vpc_id=controller.vpc_id,
+        allowed=controller.allowed,
+        gateway_group=controller.gateway_group,
+    )
+    if terminating:
+        decision = Decision(False, Status.GONE, "Auto Scaling is terminating the instance")
+    return Outcome(instance_id, decision.status, decision.reason, managed=False)
 
 
 def _of(

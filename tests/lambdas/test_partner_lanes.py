@@ -220,6 +220,36 @@ def test_each_partners_pool_is_measured_under_its_name(lanes, capsys):
     assert any("Partner" not in p["dims"] for p in points)
 
 
+def test_partners_an_instance_never_joined_cost_no_call_to_ec2(lanes, monkeypatch):
+    """With many partners, an event must not ask EC2 once per partner (DescribeInstances is
+    throttled per account): one description up front, then only the lanes the instance
+    joined (or that served it) observe it themselves."""
+    world = lanes
+    observed: list[str] = []
+    for name, controller in handler_module._get_service().controller.controllers.items():
+        original = controller._observe
+
+        def counting(ids, _original=original, _name=name):
+            observed.append(_name)
+            return _original(ids)
+
+        monkeypatch.setattr(controller, "_observe", counting)
+    legacy = world.launch("10.10.1.38", tags=TAG["bank-b"])
+    result = outcome(state_change(legacy, "running"))
+    assert result["status"] == "enrolled" and set(result["partners"]) == {"bank-b"}
+    assert observed == ["bank-b"]
+    # Untagged for bank-b: bank-b's table knows it, so bank-b (only) undoes it.
+    world.ec2.delete_tags(Resources=[legacy], Tags=[{"Key": B.tag_key}])
+    observed.clear()
+    gone = outcome(tag_change(legacy, {}, changed=[B.tag_key]))
+    assert gone["status"] == "not-tagged" and observed == ["bank-b"]
+    assert mappings(world, B.table) == {} and world.fleet.host == {}
+    # An instance of no partner: nobody observes it again.
+    observed.clear()
+    assert outcome(state_change(legacy, "running"))["managed"] is False
+    assert observed == []
+
+
 def test_a_second_event_changes_nothing(lanes):
     world = lanes
     web = world.launch("10.10.1.22", tags={**TAG["bank-a"], **TAG["bank-c"]})
