@@ -246,8 +246,9 @@ class PartnerLanes:
         that carries its tag key or that its table knows (a mapping or a record: ours to undo);
         for the others it would only read and conclude "not tagged". One DescribeInstances for
         every lane and one table read per lane instead of both per lane: with many partners, an
-        event costs EC2 one call, not one per partner (EC2 throttles DescribeInstances per
-        account). Skipping is safe: it writes nothing, and a tag added since is its own event.
+        event costs EC2 one call, not one per partner (EC2 throttles each API per account and
+        Region with a token bucket: "Request throttling for the Amazon EC2 API", EC2 Developer
+        Guide). Skipping is safe: it writes nothing, and a tag added since is its own event.
         Anything that cannot be read here: every lane runs in full, as it would without this."""
         everyone = {name: ids for name in self._controllers}
         if not ids or not self._controllers:
