@@ -20,6 +20,7 @@ VERBS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "configure-gateway": ("configure_gateway", "main", ()),
     "configure-tunnel": ("tunnel", "configure_main", ()),
     "restart-tunnel": ("tunnel", "restart_main", ()),
+    "remove-tunnel": ("tunnel", "remove_main", ()),
     "install-health": ("health_install", "main", ()),
     "health": ("health", "main", ()),
     "show": ("sas", "main", ()),

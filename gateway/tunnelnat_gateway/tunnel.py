@@ -788,6 +788,96 @@ def restart_main(argv: list[str], host: Host | None = None) -> int:
     return _main(RESTART, restart_parser(), restart, argv, host)
 
 
+# -- a partner removed -----------------------------------------------------------------------
+
+REMOVE = "RemoveTunnel"
+
+
+def remove_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="tunnelnat-gateway remove-tunnel", add_help=False)
+    p.add_argument("--tunnel-name", required=True)
+    return p
+
+
+def configured_tunnels(host: Host) -> list[str]:
+    """The tunnels ConfigureTunnel configured here (its ``NAME.charon`` records)."""
+    tunnels = host.path(f"{STATE}/tunnels")
+    names = {p.stem for p in tunnels.glob("*.charon")} if tunnels.is_dir() else set()
+    return sorted(n for n in names if re.fullmatch(PATTERNS["TunnelName"], n))
+
+
+def remove_tunnel(host: Host, name: str) -> dict[str, object]:
+    """Everything ConfigureTunnel wrote for tunnel ``name`` goes, and only that (issue 23: a
+    partner removed by redeploy leaves the others' SAs up): its IKE SA is terminated (the
+    partner gets a delete), its two conf.d files, its facts (NAME.json: the health agent, the
+    pair agent and ShowTunnels no longer see it), DPD/log record (charon's shared settings
+    rendered again from the others'), configuration token and lo addresses (unless another
+    tunnel lists them) are removed, then ``swanctl --load-all`` loads what is left: swanctl's
+    load-conns unloads a loaded connection no longer in the configuration and load-creds
+    replaces the secrets, so its key goes too (checked against charon in
+    test_connection_children_charon.py). Under ConfigureTunnel's lock; idempotent."""
+    name = _check("TunnelName", name)
+    _, swanctl_dir = strongswan_dirs(host)
+    ss_etc = strongswan_dirs(host)[0]
+    lock = take_lock(host)
+    try:
+        conf_d = host.path(f"{swanctl_dir}/conf.d")
+        tunnels = host.path(f"{STATE}/tunnels")
+        files = [conf_d / f for f in tunnel_files(name)]
+        files += [tunnels / f"{name}.{ext}" for ext in ("json", "charon", "config-id")]
+        if legacy_tunnel(conf_d) == name:  # still in the single-tunnel layout
+            files.append(conf_d / LEGACY_CONF)
+            if _is_legacy_secret(conf_d / LEGACY_SECRET):
+                files.append(conf_d / LEGACY_SECRET)
+        lo_file = tunnels / f"{name}.lo-addresses"
+        found = [f for f in [*files, lo_file] if f.exists()]
+        answers = charon_answers(host, 5, 0.2)
+        terminated = False
+        if answers and Sas(host, name).has_ike_sa():
+            terminated = host.ok(["swanctl", "--terminate", "--ike", name, "--force"])
+        for path in files:
+            path.unlink(missing_ok=True)
+        if lo_file.exists() or host.path(f"{STATE}/lo-addresses").exists():
+            sync_lo(host, [], name, owns_legacy=False)
+            lo_file.unlink(missing_ok=True)
+        settings = host.path(f"{ss_etc}/strongswan.d/tunnelnat.conf")
+        records = charon_records(tunnels) if tunnels.is_dir() else []
+        settings_changed = False
+        if records:
+            shared = swanctl.render_shared_charon_settings(records)
+            settings_changed = write_if_changed(settings, shared, 0o644)
+        unloaded = False
+        if answers:
+            if settings_changed and not host.ok(["swanctl", "--reload-settings"]):
+                raise Failed("charon did not reload strongswan.conf")
+            load = host.run(["swanctl", "--load-all", "--noprompt"], merge=True)
+            if load.returncode != 0:
+                sys.stderr.write(load.stdout)
+                raise Failed("swanctl --load-all failed")
+            unloaded = f"\n{name}: " not in "\n" + host.run(["swanctl", "--list-conns"]).stdout
+        return {
+            "removed": bool(found),
+            "tunnel": name,
+            "files": sorted(str(f.relative_to(host.root)) for f in found),
+            "terminated": terminated,
+            "unloaded": unloaded if answers else None,
+            "charon": answers,
+        }
+    finally:
+        os.close(lock)
+
+
+def prune_tunnels(host: Host, keep: Sequence[str]) -> list[dict[str, object]]:
+    """Every tunnel configured here that ``keep`` does not name removed (``remove_tunnel``):
+    for ConfigureGateway with PartnersPath, whose lanes are the partners the stack declares."""
+    return [remove_tunnel(host, n) for n in configured_tunnels(host) if n not in set(keep)]
+
+
+def remove_main(argv: list[str], host: Host | None = None) -> int:
+    """``remove-tunnel``: a partner's tunnel removed from this gateway."""
+    return _main(REMOVE, remove_parser(), lambda h, a: remove_tunnel(h, a.tunnel_name), argv, host)
+
+
 def _main(
     document: str,
     parser: argparse.ArgumentParser,

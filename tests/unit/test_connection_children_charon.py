@@ -86,3 +86,31 @@ def test_the_pair_agent_takes_every_tunnel_over_by_connection(bed):
                   if c.state == "INSTALLED") == [
         ("px", "px-1"), ("px", "px-2"), ("px-2", "px-2"), ("py", "py"),
     ]  # fmt: skip
+
+
+def test_a_partner_removed_leaves_the_others_sas(bed):
+    """remove-tunnel (a partner removed by redeploy): its SAs, connection, key and files go;
+    every other tunnel keeps its IKE and CHILD SAs (unique ids), and the pair agent and the
+    health agent no longer see it. Pruning to the partners left is then a no-op."""
+    from tunnelnat_gateway import tunnel
+
+    bed.wait_up(MEMBERS, 20)
+    before = bed.ids()
+    report = tunnel.remove_tunnel(bed.host(), "px-2")
+    assert report["removed"] and report["terminated"] and report["unloaded"], report
+    assert "etc/swanctl/conf.d/tunnelnat-px-2.secret.conf" in report["files"]
+    after = bed.ids()
+    assert "px-2" not in after
+    assert {n: after[n] for n in ("px", "py")} == {n: before[n] for n in ("px", "py")}
+    conns = bed.swanctl("tgw", "--list-conns").stdout
+    assert "\npx-2: " not in "\n" + conns and "\npx: " in "\n" + conns
+    tunnels_dir = bed.root / "etc" / "tunnelnat" / "tunnels"
+    assert sorted(p.name for p in tunnels_dir.iterdir() if p.name.startswith("px-2")) == []
+    cfg = pair.PairConfig.from_json(PAIR | {"tunnels_dir": str(tunnels_dir)})
+    assert [t for t, _ in pair.connections(cfg)] == ["px", "py"]
+    # The shared settings and lo addresses are the others' only; px-2's S gone from lo.
+    lo = bed.box.run(bed.ns("tgw"), ["ip", "-4", "-o", "addr", "show", "dev", "lo"]).stdout
+    assert PX2.s[0] not in lo and PY.s[0] in lo and PX.s[0] in lo
+    assert tunnel.prune_tunnels(bed.host(), ["px", "py"]) == []
+    assert tunnel.remove_tunnel(bed.host(), "px-2")["removed"] is False  # idempotent
+    assert bed.ids() == after
