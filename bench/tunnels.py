@@ -21,7 +21,8 @@ Steps, with N-1 partners configured and up:
   (``swanctl --load-all``: every partner's connection and secret) and starts that partner over;
   the figure is the run's time, until the partner's CHILD_SA is INSTALLED again;
 - **unchanged**: a run with nothing changed (a re-applied association);
-- **raw reload**: ``swanctl --load-all`` alone, N partners loaded (what charon itself costs).
+- **removed**: the Nth partner removed (``remove-tunnel``, a partner dropped by redeploy);
+- **raw reload**: ``swanctl --load-all`` alone, N-1 partners loaded (what charon itself costs).
 
 Around each run: every other partner's IKE SA and CHILD_SA unique ids (read with the health
 agent's own parser, each tunnel's SAs within its own connection) must be the same after it
@@ -402,6 +403,14 @@ def measure(bed: Bed, members: list[Partner], rounds: int) -> dict:
         changes.append(isolated(bed, first, lambda s=subject: bed.configure(s), subject.name))
         bed.wait_up(members)
     unchanged = isolated(bed, first, lambda: bed.configure(first), first.name)
+
+    def remove() -> tuple[dict, float]:
+        started = time.perf_counter()
+        report = tunnel.remove_tunnel(bed.host(), last.name)
+        return report, time.perf_counter() - started
+
+    removed = isolated(bed, first, remove, last.name)
+    members = members[:-1]
     raw = []
     for _ in range(5):
         t0 = time.perf_counter()
@@ -413,18 +422,20 @@ def measure(bed: Bed, members: list[Partner], rounds: int) -> dict:
     after_raw = bed.ids()
     bed.wait_up(members, 5)
     reload = [c["seconds"] for c in changes]
-    touched = sum(c["others_rekeyed"] + c["others_dropped"] for c in [add, *changes, unchanged])
+    every = [add, *changes, unchanged, removed]
+    touched = sum(c["others_rekeyed"] + c["others_dropped"] for c in every)
     return {
-        "partners": len(members),
+        "partners": len(members) + 1,
         "build": {"configure_runs": summary(adds), "seconds": round(build, 2)},
         "add": add,
         "changes": changes,
         "unchanged": unchanged,
+        "removed": removed,
         "raw_load_all": summary(raw),
         "raw_load_all_kept_every_sa": len(after_raw) == len(members),
         "reload_seconds": summary(reload),
         "others_touched_total": touched,
-        "lost_total": sum(c["lost"] for c in [add, *changes, unchanged]),
+        "lost_total": sum(c["lost"] for c in every),
         "ok": max(reload) <= TARGET_RELOAD_SECONDS and touched == 0,
     }
 
@@ -453,7 +464,11 @@ def markdown(result: dict) -> str:
         f"({add['lost']} pings lost) | 0 |",
         f"| an unchanged re-run: run time; others re-keyed/dropped | {unchanged['seconds']:.2f} s; "
         f"{unchanged['others_rekeyed'] + unchanged['others_dropped']} | 0 |",
-        f"| raw `swanctl --load-all`, {n} partners loaded | median "
+        f"| a partner removed (remove-tunnel): run time; others re-keyed/dropped | "
+        f"{result['removed']['seconds']:.2f} s; "
+        f"{result['removed']['others_rekeyed'] + result['removed']['others_dropped']} "
+        f"({result['removed']['lost']} pings lost) | 0 |",
+        f"| raw `swanctl --load-all`, {n - 1} partners loaded | median "
         f"{result['raw_load_all']['median'] * 1000:.0f} ms | - |",
     ]
     return "\n".join(rows)
