@@ -22,6 +22,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from aws_cdk import Duration, Stack
 from aws_cdk import aws_autoscaling as autoscaling
 from aws_cdk import aws_cloudwatch as cloudwatch
@@ -437,6 +439,29 @@ class Monitoring(Construct):
                 metrics=[pair_metric(FAILOVERS_METRIC, "Sum", "failovers", Duration.days(7))],
                 width=12,
             ),
+        )
+
+    def add_partner_pools(self, partners: Sequence[str]) -> None:
+        """Several partners: each partner's free pool addresses (the controller publishes them
+        under a ``Partner`` dimension too; the deployment's line above is the scarcest pool)."""
+        if not partners:
+            return
+        deployment = self._settings.deployment
+        self.dashboard.add_widgets(
+            cloudwatch.GraphWidget(
+                title="Address pools per partner: free addresses",
+                left=[
+                    tunnelnat_metric(
+                        "PoolFreeAddresses",
+                        "Minimum",
+                        {"service": CONTROLLER_SERVICE, "Deployment": deployment, "Partner": name},
+                        name,
+                    )
+                    for name in partners
+                ],
+                left_y_axis=cloudwatch.YAxisProps(min=0),
+                width=24,
+            )
         )
 
     def add_healer(self, function: lambda_.IFunction) -> None:

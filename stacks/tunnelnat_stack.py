@@ -142,6 +142,10 @@ class TunnelnatStack(Stack):
             gateway_eni_id=self.gateway.eni.ref,
         )
         self.monitoring.add_healer(self.healer.function)
+        # Shared-mode partners have no pool (one S): nothing to count.
+        self.monitoring.add_partner_pools(
+            [lane.name for lane in settings.lanes if lane.shared_address is None]
+        )
         if stack_settings.enrolment_role_arn:
             # Opt-in: a page when anyone but the enrolment role tags an instance for enrolment
             # (docs/security.md; needs a CloudTrail trail of management events).

@@ -301,6 +301,13 @@ def test_a_tunnel_up_alarm_per_partner_and_the_healer_restarts_by_its_dimension(
     assert env["Variables"]["TUNNELNAT_HEALER_ALARM_PREFIX"] == "tunnelnat-tunnelnat-TunnelUp-"
 
 
+def test_the_dashboard_shows_each_pooled_partners_free_addresses(s):
+    dashboard = json.dumps(s.json["Resources"][s.logical_id(s.stack.monitoring.dashboard)])
+    for name in ("card-processor", "clearing-house"):
+        assert f'\\"Partner\\",\\"{name}\\"' in dashboard, name
+    assert '\\"Partner\\",\\"bank\\"' not in dashboard  # shared: one S, no pool
+
+
 def test_the_health_agent_is_given_every_partners_tunnel(s):
     params = association(s, "tunnelnat-InstallHealthAgent")
     if s.stack.documents.accepts("InstallHealthAgent", "TunnelName", ",".join(NAMES)):
