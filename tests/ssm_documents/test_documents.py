@@ -320,6 +320,11 @@ HEALTH_PATTERNS = {
     ),
     "ProbeSource": (["", "192.0.2.50"], ["192.0.2.50:1", "192.0.2", "x"]),
     "Deployment": (["tunnelnat", "acme-2"], ["", "a" * 65, "a b"]),
+    # Several partners (issue 23): every tunnel, comma-separated (install-health checks again).
+    "TunnelName": (
+        ["partner", "bank-a,legacy_b,overlap-c", ",".join(f"t{i}" for i in range(100))],
+        ["", "a,", ",a", "a,,b", "a b", "1a", "a;b", ",".join(f"t{i}" for i in range(101))],
+    ),
 }
 
 
