@@ -431,6 +431,79 @@ def read_applied_generation(run: Runner = subprocess.run) -> TableReading:
     return TableReading(generation)
 
 
+# Several partners (issue 23, core/nat.py render_partners_table): each partner's applied state is
+# the set applied_<name> (``-`` as ``_``; elements generation . checksum . count, the highest
+# generation is the state, empty: that partner not applied since boot); applied_generation is
+# every partner's at once (empty until all were applied). A tunnel is a partner of that name.
+
+
+def nft_ident(tunnel: str) -> str:
+    """A partner's name in its nft set and map names (core/nat.py's ``_ident``)."""
+    return tunnel.replace("-", "_")
+
+
+def read_partner_applied(tunnel: str, run: Runner = subprocess.run) -> TableReading | None:
+    """The partner's own applied state (``applied_<name>``), or None when the table has no such
+    set (one partner's table: applied_generation decides, as before)."""
+    name = f"applied_{nft_ident(tunnel)}"
+    argv = ["nft", "-j", "list", "set", "ip", NFT_TABLE, name]
+    try:
+        proc = run(argv, capture_output=True, text=True, timeout=10, check=False)
+        if proc.returncode != 0:
+            return None
+        for entry in json.loads(proc.stdout).get("nftables", []):
+            found = entry.get("set") if isinstance(entry, dict) else None
+            if isinstance(found, dict) and found.get("name") == name:
+                gens = []
+                for e in found.get("elem") or []:
+                    concat = e.get("concat") if isinstance(e, dict) else None
+                    if isinstance(concat, list) and concat and isinstance(concat[0], int):
+                        gens.append(concat[0])
+                if not gens:
+                    return TableReading(
+                        None, f"partner {tunnel}'s NAT maps not synced since boot ({name} is empty)"
+                    )
+                return TableReading(max(gens))
+    except (OSError, subprocess.TimeoutExpired, ValueError, TypeError, AttributeError):
+        return None
+    return None
+
+
+def read_partner_mappings(tunnels: Sequence[str], run: Runner = subprocess.run) -> int | None:
+    """Mappings of every partner's table (its ``enrolled_<name>`` set: one element per
+    mapping in every NAT mode); None when no partner has one (one partner's table)."""
+    total, found = 0, False
+    for tunnel in tunnels:
+        name = f"enrolled_{nft_ident(tunnel)}"
+        argv = ["nft", "-j", "list", "set", "ip", NFT_TABLE, name]
+        try:
+            proc = run(argv, capture_output=True, text=True, timeout=10, check=False)
+            if proc.returncode != 0:
+                continue
+            for entry in json.loads(proc.stdout).get("nftables", []):
+                got = entry.get("set") if isinstance(entry, dict) else None
+                if isinstance(got, dict) and got.get("name") == name:
+                    total, found = total + len(got.get("elem") or []), True
+        except (OSError, subprocess.TimeoutExpired, ValueError, TypeError, AttributeError):
+            continue
+    return total if found else None
+
+
+def fold_counters(deltas: dict[str, int]) -> dict[str, int]:
+    """The several-partner table's counters folded into the gateway's three (the alarms'):
+    ``dropped_unenrolled_<name>`` and ``dropped_inbound_<name>`` summed, ``dropped_unclassified``
+    (from a partner network, no partner's: today's dropped_inbound) counted as inbound. One
+    partner's table has only the three: unchanged."""
+    out = dict(deltas)
+    for base in ("dropped_unenrolled", "dropped_inbound"):
+        parts = [v for k, v in deltas.items() if k.startswith(f"{base}_")]
+        if parts:
+            out[base] = out.get(base, 0) + sum(parts)
+    if "dropped_unclassified" in deltas:
+        out["dropped_inbound"] = out.get("dropped_inbound", 0) + deltas["dropped_unclassified"]
+    return out
+
+
 def parse_nft_counters(text: str) -> dict[str, int]:
     """``nft -j list counters table ip tunnelnat``: counter name -> packets."""
     data = json.loads(text)
@@ -779,7 +852,10 @@ def collect(
     for tunnel in tunnels:
         facts = read_tunnel_facts(config_dir, tunnel)
         children = [c for c in facts.get("children", []) if TUNNEL_NAME.fullmatch(str(c))]
-        status = tunnel_status(tunnel, reading, probe, prober, table, children)
+        # Several partners: the tunnel's own partner's maps decide (one partner's table not
+        # read yet never reads as every partner's tunnel down); else the table's, as before.
+        own = read_partner_applied(tunnel, run) if len(tunnels) > 1 else None
+        status = tunnel_status(tunnel, reading, probe, prober, own or table, children)
         if not status.up:
             log = read_log_tail(facts.get("log"))
             status = replace(status, diagnosis=diagnose(log, tunnel, facts, now))
@@ -796,9 +872,11 @@ def collect(
         _save_json(established_file, kept)
     _save_json(stats_file(state_file), after)
     report.nat_mappings = read_map_size(run)
+    if report.nat_mappings is None and len(tunnels) > 1:
+        report.nat_mappings = read_partner_mappings(tunnels, run)
     current = read_counters(run)
     if current is not None:
-        report.counters = counter_deltas(current, _load_state(state_file))
+        report.counters = fold_counters(counter_deltas(current, _load_state(state_file)))
         _save_state(state_file, current)
     return report
 
