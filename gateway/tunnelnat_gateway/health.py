@@ -292,16 +292,28 @@ _CAUSES = (
     (r"(retransmit \d+ of request with message ID 0|peer not responding)",
      "partner not answering (retransmits to {partner}{since})"),
 )  # fmt: skip
-_LINE = re.compile(r"^(?P<time>\d+) \d+\[\w+\] <(?P<ike>[^|>]*)\|?\d*> (?P<text>.*)$")
+_LINE = re.compile(r"^(?P<time>\d+) \d+\[\w+\] <(?P<ike>[^|>]*)\|?(?P<id>\d*)> (?P<text>.*)$")
 
 
 def diagnose(log_text: str, tunnel: str, facts: dict[str, Any], now: float) -> str | None:
     """The newest failure charon logged for ``tunnel`` since its last success, as one line;
     None when there is none. ``log_text`` is the tail of the log (``time_format = %s``)."""
     last, first_retransmit, theirs, child, partner = None, None, "", tunnel, facts.get("partner")
+    # A line of an IKE SA before it has a connection (``<5>``, the responder's first messages)
+    # is the tunnel's unless that IKE SA's unique id is another tunnel's elsewhere in the log
+    # (``<other|5>``): several partners share charon's log.
+    owner: dict[str, str] = {}
     for line in log_text.splitlines():
         m = _LINE.match(line)
-        if not m or (m["ike"] != tunnel and not m["ike"].isdigit()):
+        if m and m["id"]:
+            owner[m["id"]] = m["ike"]
+    for line in log_text.splitlines():
+        m = _LINE.match(line)
+        if not m:
+            continue
+        if m["ike"] != tunnel and not (
+            m["ike"].isdigit() and owner.get(m["ike"], tunnel) == tunnel
+        ):
             continue
         text = m["text"]
         if re.search(r"(CHILD_SA \S+ established with SPIs|IKE_SA \S+ established between)", text):

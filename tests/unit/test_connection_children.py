@@ -159,3 +159,19 @@ def test_the_pair_agent_reads_every_tunnels_sas_and_loaded_connections(tmp_path)
     assert pair.read_tunnel_loaded(["x", "x-2"], run) is True
     assert pair.read_tunnel_loaded(["x", "y"], run) is False
     assert pair.read_tunnel_loaded("x", run) is True
+
+
+def test_charons_lines_of_another_tunnels_ike_sa_are_not_this_tunnels_diagnosis():
+    """Several partners share charon's log: a line of an IKE SA before its connection is known
+    (``<7>``) belongs to the tunnel that IKE SA later turns out to be (``<bank|7>``)."""
+    log = (
+        "1000 11[IKE] <7> tried 1 shared key for '198.51.100.1' - '198.51.100.6', but MAC "
+        "mismatched\n"
+        "1001 11[IKE] <bank|7> received AUTHENTICATION_FAILED notify error\n"
+        "1002 12[IKE] <alpha|3> CHILD_SA alpha{3} established with SPIs c1_i c2_o\n"
+    )
+    assert agent.diagnose(log, "alpha", {}, 1010.0) is None
+    assert agent.diagnose(log, "bank", {}, 1010.0).startswith("authentication failed")
+    # An IKE SA no named line claims: still the tunnel's (one tunnel's log, as before).
+    lone = "1000 11[IKE] <9> tried 1 shared key for 'a' - 'b', but MAC mismatched\n"
+    assert agent.diagnose(lone, "alpha", {}, 1010.0).startswith("authentication failed")
