@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from aws_lambda_powertools import Logger
@@ -157,15 +158,20 @@ class PartnerLanes:
         loader: Callable[[], Sequence[Lane]] | None = None,
         max_age: float = LANES_MAX_AGE_SECONDS,
         clock: Callable[[], float] = time.monotonic,
+        base_tag_key: str | None = None,
     ) -> None:
         self.store = store  # the deployment's table: reconcile requests, lifecycle actions
         self.deployment = deployment
+        # The deployment's own enrolment key: with a partners file it enrols in no partner (an
+        # instance joins each by <key>:partner:<name>); an instance carrying it alone is told so.
+        self.base_tag_key = base_tag_key
         self._factory = factory
         self._loader = loader
         self._max_age = max_age
         self._clock = clock
         self._lanes: dict[str, Lane] = {}
         self._controllers: dict[str, Controller] = {}
+        self._base_tagged: list[str] = []  # this batch's instances carrying base_tag_key
         self._set(lanes)
 
     @property
@@ -213,6 +219,7 @@ class PartnerLanes:
         self.refresh()
         ids = list(dict.fromkeys(instance_ids))
         ending = set(terminating)
+        self._base_tagged = []  # set by _relevant for this batch
         per_lane: dict[str, dict[str, Outcome | Exception]] = {}
         wanted, untouched = (
             self._relevant(ids, ending)
@@ -237,7 +244,19 @@ class PartnerLanes:
                 per_lane[name].update(dict.fromkeys(mine, LaneFailed(name, exc)))
             finally:
                 logger.remove_keys(["partner"])
-        return {i: combine(i, _of(i, per_lane)) for i in ids}
+        combined = {i: combine(i, _of(i, per_lane)) for i in ids}
+        for instance_id in self._base_tagged:
+            result = combined.get(instance_id)
+            if isinstance(result, Outcome) and not result.managed:
+                keys = ", ".join(lane.tag_key for lane in self.lanes)
+                reason = (
+                    f"tagged {self.base_tag_key}, which joins no partner in a deployment with a "
+                    f"partners file: tag one of {keys}"
+                )
+                logger.warning("tagged for no partner", extra={"instance": instance_id,
+                               "reason": reason})  # fmt: skip
+                combined[instance_id] = replace(result, reason=reason)
+        return combined
 
     def _relevant(
         self, ids: list[str], ending: set[str]
@@ -251,6 +270,7 @@ class PartnerLanes:
         Guide). Skipping is safe: it writes nothing, and a tag added since is its own event.
         Anything that cannot be read here: every lane runs in full, as it would without this."""
         everyone = {name: ids for name in self._controllers}
+        self._base_tagged = []
         if not ids or not self._controllers:
             return everyone, {}
         first = next(iter(self._controllers.values()))
@@ -261,6 +281,9 @@ class PartnerLanes:
             return everyone, {}
         wanted: dict[str, list[str]] = {}
         untouched: dict[str, dict[str, Outcome]] = {}
+        if self.base_tag_key is not None:
+            base = self.base_tag_key
+            self._base_tagged = [i for i in ids if i in observed and base in observed[i].tags]
         for name, controller in self._controllers.items():
             key = controller.config.enrolment_tag_key
             tagged = {i for i in ids if i in observed and key in observed[i].tags}

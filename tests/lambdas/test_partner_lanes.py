@@ -288,10 +288,12 @@ def test_a_shared_s_partner_and_an_instance_of_one_partner_only(lanes):
     assert mappings(world, B.table) == {legacy: "203.0.113.30"}
     assert world.fleet.host == {(legacy, "test.bank-b"): {"172.16.5.0/24"}}
     assert mappings(world, A.table) == {} and mappings(world, C.table) == {}
-    # An instance of no partner at all (the deployment's base key is no partner's): nobody's.
+    # An instance of no partner at all (the deployment's base key is no partner's): nobody's,
+    # and told which keys would do.
     other = world.launch("10.10.1.25", tags={"tunnelnat": "enabled"})
     nobody = outcome(state_change(other, "running"))
     assert nobody["status"] == "not-tagged" and nobody["managed"] is False
+    assert "joins no partner" in nobody["reason"] and B.tag_key in nobody["reason"]
     assert all(i != other for i, _ in world.fleet.calls)
 
 

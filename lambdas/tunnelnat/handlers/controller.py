@@ -206,6 +206,7 @@ def build_lanes(
         store=EnrolmentStore(session.client("dynamodb", config=AWS_CONFIG), settings.table_name),
         deployment=settings.deployment,
         loader=load,
+        base_tag_key=settings.config.enrolment_tag_key,
     )
 
 
