@@ -1301,3 +1301,22 @@ def test_no_lookups_and_no_credentials_needed(s):
     s.template.has_resource_properties(
         "AWS::EC2::FlowLog", Match.object_like({"TrafficType": "ALL"})
     )
+
+
+def test_without_a_partners_file_nothing_of_the_lanes(s):
+    """Issue 23: a deployment without a partners file is today's single partner: no lane
+    parameter, no lane table, no partners path anywhere, the one ConfigureTunnel association."""
+    # The documents declare the partner parameters; nothing else of the template names them.
+    text = json.dumps(
+        {k: v for k, v in s.json["Resources"].items() if v["Type"] != "AWS::SSM::Document"}
+    )
+    for word in ("/partners", "PartnersPath", "PartnersDigest", "IkeVersion", "TUNNELNAT_PARTNERS"):
+        assert word not in text, word
+    tables = s.resources("AWS::DynamoDB::Table").values()
+    assert [r["Properties"]["TableName"] for r in tables] == [DEPLOYMENT]
+    assert s.stack.lanes is None and s.stack.psk_rollout is not None and not s.stack.psk_rollouts
+    names = sorted(
+        r["Properties"]["AssociationName"] for r in s.resources("AWS::SSM::Association").values()
+    )
+    assert f"{DEPLOYMENT}-ConfigureTunnel" in names
+    assert not [n for n in names if n.startswith(f"{DEPLOYMENT}-ConfigureTunnel-")]
