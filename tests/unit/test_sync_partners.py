@@ -503,3 +503,67 @@ def test_random_changes_per_lane_land_where_a_full_rebuild_would(tmp_path, seed)
     (result,) = run(script + body, tmp_path)
     assert result["mismatches"] == []
     assert result["actions"].get("delta", 0) >= 30, result["actions"]
+
+
+def _lanes(count: int, deployment: str = "tnpage"):
+    from ipaddress import IPv4Address, IPv4Network
+
+    from tunnelnat.core.lanes import Lane
+
+    return [
+        Lane(
+            deployment=deployment,
+            name=f"p{i:02d}",
+            index=i,
+            endpoint=IPv4Address(f"198.51.100.{i}"),
+            networks=(IPv4Network(f"172.16.{i}.0/24"),),
+            aliases=(),
+            nat_mode="dedicated",
+            pool=(IPv4Address(f"203.0.113.{i}"),),
+            shared_address=None,
+            tag_key=f"k:partner:p{i:02d}",
+        )
+        for i in range(1, count + 1)
+    ]
+
+
+def test_read_lanes_pages_and_checks_each_parameter_holds_its_own_lane(monkeypatch):
+    """GetParametersByPath answers at most 10 a page (moto as SSM): all 25 lanes are read, in
+    index order; a parameter holding another lane, or none under the path, is refused."""
+    import boto3
+    from moto import mock_aws
+
+    from tunnelnat.core.lanes import parameter_path
+    from tunnelnat_gateway import nat_sync
+
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(key, "x")
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    with mock_aws():
+        ssm = boto3.client("ssm", region_name="us-east-1")
+        lanes = _lanes(25)
+        for lane in reversed(lanes):
+            ssm.put_parameter(Name=lane.parameter, Value=lane.to_json(), Type="String")
+        read = nat_sync.read_lanes(ssm, parameter_path("tnpage"))
+        assert read == tuple(lanes)
+        base = nat_sync.partners_base(read, 1360, None)
+        assert [p.name for p in base.partners] == [x.name for x in lanes]
+        ssm.put_parameter(
+            Name=f"{parameter_path('tnpage')}/p99", Value=lanes[0].to_json(), Type="String"
+        )
+        with pytest.raises(nat_sync.GatewayError, match="p99 holds the lane /tunnelnat/tnpage"):
+            nat_sync.read_lanes(ssm, parameter_path("tnpage"))
+        with pytest.raises(nat_sync.GatewayError, match="no partners under /tunnelnat/empty"):
+            nat_sync.read_lanes(ssm, parameter_path("empty"))
+
+
+def test_partners_base_refuses_lanes_out_of_order_or_of_two_deployments():
+    from tunnelnat_gateway import nat_sync
+
+    one, two, three = _lanes(3)
+    with pytest.raises(nat_sync.GatewayError, match=r"indexes are not 1\.\.2"):
+        nat_sync.partners_base((one, three))
+    other = _lanes(2, "other")[1]
+    with pytest.raises(nat_sync.GatewayError, match="more than one deployment"):
+        nat_sync.partners_base((one, other))
+    assert nat_sync.partners_base((one, two)).index("p02") == 2
