@@ -388,7 +388,9 @@ def partners_base(
 
 def read_lanes(ssm: Any, path: str) -> tuple[Lane, ...]:
     """Every lane under ``path`` (GetParametersByPath, page after page), each parameter's name
-    checked against the lane it holds (``lane.parameter``)."""
+    checked against the lane it holds (``lane.parameter``). IAM authorises the call against the
+    path itself, not the parameters returned (docs.aws.amazon.com/systems-manager/latest/
+    userguide/ps-retrieval-authorization.html): the gateway role is granted the path's ARN."""
     values: list[str] = []
     params: dict[str, Any] = {"Path": path, "Recursive": False}
     while True:
