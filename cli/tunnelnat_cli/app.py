@@ -300,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="secret name or ARN (default: the stack's PskSecretName output with --stack, else "
         "the one <deployment>-ConfigureTunnel reads)",
     )
+    p.add_argument(
+        "--partner",
+        metavar="NAME",
+        help="several partners: this partner's key (the secret its ConfigureTunnel-NAME "
+        "association reads; --wait follows its tunnel only)",
+    )
     wait_flags(p, 900.0)
     json_flag(p)
     p.set_defaults(func=psk.run_set, interval=5.0)  # several AWS calls per poll

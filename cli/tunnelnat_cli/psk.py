@@ -20,6 +20,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
+from tunnelnat.core.lanes import PARTNER_NAME
 from tunnelnat_cli.aws import EXIT_FINDINGS, EXIT_OK, CliError, error_code
 from tunnelnat_cli.context import Change, Ctx
 from tunnelnat_cli.fleet import Instance, gateways
@@ -142,15 +143,21 @@ def check_secret_id(value: str) -> str:
     return value
 
 
-def association_secret(ssm: Any, deployment: str) -> str | None:
-    """The secret ConfigureTunnel's association reads: what the gateway really uses (a stack
-    deployed before ConfigureTunnel existed: ConfigureGateway's)."""
+def association_names(deployment: str, partner: str | None = None) -> list[str]:
+    """The associations whose PskSecretName the gateway uses: one partner's
+    ``<deployment>-ConfigureTunnel-<partner>`` (several partners, issue 23), else the
+    deployment's (a stack deployed before ConfigureTunnel existed: ConfigureGateway's)."""
+    if partner is not None:
+        return [f"{deployment}-{DOCUMENT}-{partner}"]
+    return [f"{deployment}-{document}" for document in (DOCUMENT, *EARLIER_DOCUMENTS)]
+
+
+def association_secret(ssm: Any, deployment: str, partner: str | None = None) -> str | None:
+    """The secret ConfigureTunnel's association reads: what the gateway really uses."""
     try:
-        for document in (DOCUMENT, *EARLIER_DOCUMENTS):
+        for name in association_names(deployment, partner):
             reply = ssm.list_associations(
-                AssociationFilterList=[
-                    {"key": "AssociationName", "value": f"{deployment}-{document}"}
-                ]
+                AssociationFilterList=[{"key": "AssociationName", "value": name}]
             )
             for association in reply.get("Associations", []):
                 described = ssm.describe_association(AssociationId=association["AssociationId"])
@@ -164,15 +171,30 @@ def association_secret(ssm: Any, deployment: str) -> str | None:
     return None
 
 
+def partner_arg(ctx: Ctx) -> str | None:
+    """--partner, checked: it names an association and a metric dimension."""
+    partner = getattr(ctx.args, "partner", None)
+    if partner is not None and not PARTNER_NAME.fullmatch(partner):
+        raise CliError(f"--partner {partner[:40]!r}: not a partner name (see the partners file)")
+    return partner
+
+
 def secret_id(ctx: Ctx) -> str:
     """--secret, else the stack's PskSecretName output (--stack), else the association's."""
     if ctx.args.secret:
         return check_secret_id(ctx.args.secret)
-    found = association_secret(ctx.aws.client("ssm"), ctx.deployment)
+    partner = partner_arg(ctx)
+    found = association_secret(ctx.aws.client("ssm"), ctx.deployment, partner)
     if found is None:
+        name = association_names(ctx.deployment, partner)[0]
+        hint = (
+            "pass --secret NAME (the partner's psk_secret in the partners file)"
+            if partner is not None
+            else "pass --stack STACK (its PskSecretName output) or --secret NAME; with a "
+            "partners file, --partner NAME"
+        )
         raise CliError(
-            f"cannot tell which secret holds the PSK (no {ctx.deployment}-{DOCUMENT} "
-            "association found): pass --stack STACK (its PskSecretName output) or --secret NAME"
+            f"cannot tell which secret holds the PSK (no {name} association found): {hint}"
         )
     return check_secret_id(found)
 
@@ -215,9 +237,12 @@ class Run:
     detail: str = ""
 
 
-def configure_run(ssm: Any, gateway_id: str, document: str, since: float) -> Run | None:
+def configure_run(
+    ssm: Any, gateway_id: str, document: str, since: float, tunnel: str | None = None
+) -> Run | None:
     """The newest ``document`` command requested on the gateway at or after ``since``, with its
-    status on that instance."""
+    status on that instance; ``tunnel``: only runs for that tunnel (several partners: each
+    partner's ConfigureTunnel runs carry its TunnelName)."""
     newest: dict | None = None
     pages = ssm.get_paginator("list_commands").paginate(
         InstanceId=gateway_id,
@@ -229,6 +254,10 @@ def configure_run(ssm: Any, gateway_id: str, document: str, since: float) -> Run
     for page in pages:
         for command in page.get("Commands", []):
             if command.get("DocumentName") != document:
+                continue
+            if tunnel is not None and (command.get("Parameters") or {}).get("TunnelName") != [
+                tunnel
+            ]:
                 continue
             requested = _epoch(command["RequestedDateTime"])
             if requested < since:
@@ -330,6 +359,7 @@ def follow(ctx: Ctx, rollout: Rollout) -> Rollout:
     ec2, ssm = ctx.aws.client("ec2"), ctx.aws.client("ssm")
     cloudwatch = ctx.aws.client("cloudwatch")
     document = f"{ctx.deployment}-{DOCUMENT}"
+    partner = partner_arg(ctx)
     progress = Progress(ctx.err)
     start = runtime.monotonic()
     while True:
@@ -342,7 +372,9 @@ def follow(ctx: Ctx, rollout: Rollout) -> Rollout:
             shown = f"no running {ctx.deployment} gateway"
         else:
             launched = _launched_at(gateway)
-            rollout.run = configure_run(ssm, gateway.instance_id, document, rollout.changed_at)
+            rollout.run = configure_run(
+                ssm, gateway.instance_id, document, rollout.changed_at, partner
+            )
             run = rollout.run
             if run is not None and run.status == "Success":
                 configured_since = run.requested_at
@@ -368,12 +400,18 @@ def follow(ctx: Ctx, rollout: Rollout) -> Rollout:
                     else f"{gateway.instance_id}: {DOCUMENT} {run.status}"
                 )
             else:
-                rollout.tunnels = tunnel_states(
-                    cloudwatch,
-                    gateway_ids={gateway.instance_id},
-                    deployment=ctx.deployment,
-                    now=runtime.now(),
-                )
+                rollout.tunnels = [
+                    t
+                    for t in tunnel_states(
+                        cloudwatch,
+                        gateway_ids={gateway.instance_id},
+                        deployment=ctx.deployment,
+                        now=runtime.now(),
+                    )
+                    # Several partners: the key is this partner's; the others' tunnels are not
+                    # waited for (nor blamed).
+                    if partner is None or t.tunnel == partner
+                ]
                 fresh = tunnel_up_since(
                     cloudwatch,
                     rollout.tunnels,

@@ -278,7 +278,8 @@ def test_without_any_way_to_find_the_secret_it_says_what_to_pass(dep, psk):
     result = run(dep, "psk", "set", stdin=KEY)
     assert result.code == 2 and result.err == (
         f"tunnelnat: cannot tell which secret holds the PSK (no {DOCUMENT} association found): "
-        "pass --stack STACK (its PskSecretName output) or --secret NAME\n"
+        "pass --stack STACK (its PskSecretName output) or --secret NAME; with a partners file, "
+        "--partner NAME\n"
     )
 
 
@@ -420,3 +421,93 @@ def test_wait_reports_a_failed_configure_gateway_in_one_line(dep, psk):
         "0b1c2d3e-aaaa-bbbb-cccc-000000000001): ConfigureTunnel: swanctl --load-all failed"
     )
     assert result.err.splitlines()[-1].startswith("  fix: aws ssm get-command-invocation")
+
+
+# -- several partners: one partner's key, its association, its tunnel ----------------------------
+def test_a_partners_key_is_found_through_its_own_association(dep, psk):
+    ssm = dep.session.client("ssm", endpoint_url=dep.url)
+    stubber = Stubber(ssm)  # moto has no State Manager associations
+    stubber.add_response(
+        "list_associations",
+        {"Associations": [{"AssociationId": "11111111-2222-3333-4444-777777777777"}]},
+        {"AssociationFilterList": [{"key": "AssociationName", "value": f"{DOCUMENT}-bank"}]},
+    )
+    stubber.add_response(
+        "describe_association",
+        {
+            "AssociationDescription": {
+                "Name": DOCUMENT,
+                "Parameters": {"PskSecretName": [f"{DEPLOYMENT}-psk"], "TunnelName": ["bank"]},
+            }
+        },
+        {"AssociationId": "11111111-2222-3333-4444-777777777777"},
+    )
+    stubber.activate()
+    dep.clients["ssm"] = ssm
+    result = run(dep, "psk", "set", "--partner", "bank", stdin=KEY)
+    assert result.code == 0, result.err
+    assert current(psk) == KEY
+    stubber.assert_no_pending_responses()
+
+
+def test_a_bad_partner_name_changes_nothing(dep, psk):
+    result = run(dep, "psk", "set", "--partner", "Bank;x", stdin=KEY)
+    assert result.code == 2 and "--partner 'Bank;x': not a partner name" in result.err
+    assert current(psk) != KEY
+
+
+class PartnerRule(Rule):
+    """Several partners: the rule re-runs only the changed partner's ConfigureTunnel (its
+    TunnelName); another partner's run and its tunnel, down, must not decide the outcome."""
+
+    def sleep(self, seconds: float) -> None:
+        self.dep.clock.sleep(seconds)
+        self.polls += 1
+        ssm = self.dep.session.client("ssm", endpoint_url=self.dep.url)
+        target = [{"Key": f"tag:{GATEWAY_TAG}", "Values": [DEPLOYMENT]}]
+        if self.changes and self.polls == self.delay:
+            for tunnel in ("bank", "card"):  # card's run is newer: it must not count for bank
+                reply = ssm.send_command(
+                    DocumentName=DOCUMENT, Targets=target, Parameters={"TunnelName": [tunnel]}
+                )
+                self.sent.append((tunnel, reply["Command"]["CommandId"]))
+        if self.sent and self.polls > self.delay:
+            for tunnel, up in (("bank", 1), ("card", 0)):
+                self.dep.cloudwatch.put_metric_data(
+                    Namespace=f"tunnelnat/{DEPLOYMENT}",
+                    MetricData=[
+                        {
+                            "MetricName": "TunnelUp",
+                            "Dimensions": [
+                                {"Name": "Tunnel", "Value": tunnel},
+                                {"Name": "Gateway", "Value": self.dep.gateway_id},
+                            ],
+                            "Value": up,
+                            "Timestamp": datetime.fromtimestamp(self.now(), UTC),
+                        }
+                    ],
+                )
+
+
+def test_wait_follows_one_partners_run_and_tunnel_only(dep, psk):
+    rule = PartnerRule(dep)
+    result = run(
+        dep,
+        "psk",
+        "set",
+        "--secret",
+        f"{DEPLOYMENT}-psk",
+        "--partner",
+        "bank",
+        "--wait",
+        "--json",
+        stdin=KEY,
+        after=rule.after_change,
+        sleep=rule.sleep,
+        now=rule.now,
+    )
+    assert result.code == 0, result.err
+    doc = json.loads(result.out)
+    assert doc["result"] == "ready"
+    assert doc["command_id"] == dict(rule.sent)["bank"]
+    assert doc["tunnels"] == [{"tunnel": "bank", "state": "up"}]
