@@ -67,6 +67,14 @@ class LaneFailed(RuntimeError):
         self.error = error
 
 
+class LanePostponed(RuntimeError):
+    """The scheduled repair ran out of time before this lane: it comes first next time."""
+
+    def __init__(self, partner: str) -> None:
+        super().__init__(f"partner {partner}: repair postponed to the next scheduled run")
+        self.partner = partner
+
+
 class PartnersFailed(RuntimeError):
     """An instance one or more lanes could not converge (the others did): retried as a whole."""
 
@@ -159,6 +167,7 @@ class PartnerLanes:
         max_age: float = LANES_MAX_AGE_SECONDS,
         clock: Callable[[], float] = time.monotonic,
         base_tag_key: str | None = None,
+        deadline: Callable[[], float | None] = lambda: None,
     ) -> None:
         self.store = store  # the deployment's table: reconcile requests, lifecycle actions
         self.deployment = deployment
@@ -172,6 +181,10 @@ class PartnerLanes:
         self._lanes: dict[str, Lane] = {}
         self._controllers: dict[str, Controller] = {}
         self._base_tagged: list[str] = []  # this batch's instances carrying base_tag_key
+        # When the scheduled repair must stop starting lanes (the clock's time; None: never),
+        # and the lane it starts with next time (those it did not reach come first).
+        self._deadline = deadline
+        self._next_full = 0
         self._set(lanes)
 
     @property
@@ -307,19 +320,38 @@ class PartnerLanes:
     def reconcile_all(self) -> dict[str, Outcome | Exception]:
         """The scheduled repair, in every lane. A lane that failed as a whole is reported under
         ``partner:<name>`` (no instance of its is known): counted in the reconcile's failures
-        and logged; the next scheduled run tries it again."""
+        and logged; the next scheduled run tries it again.
+
+        Each lane's repair re-renders its partner on the gateway (a command each): with many
+        partners the whole may not fit one invocation. Lanes are started only until the
+        deadline; those not reached are reported (``LanePostponed``) and come first next
+        time, so every partner is repaired within a few runs however many there are."""
         self.refresh()
         per_lane: dict[str, dict[str, Outcome | Exception]] = {}
         failed: dict[str, Exception] = {}
-        for name, controller in self._controllers.items():
+        names = list(self._controllers)
+        start = self._next_full % len(names) if names else 0
+        order = names[start:] + names[:start]
+        for position, name in enumerate(order):
+            deadline = self._deadline()
+            if deadline is not None and position > 0 and self._clock() >= deadline:
+                postponed = order[position:]
+                logger.warning("partner lanes left to the next scheduled repair",
+                               extra={"partners": postponed})  # fmt: skip
+                for later in postponed:
+                    failed[later] = LanePostponed(later)
+                self._next_full = names.index(postponed[0])
+                break
             logger.append_keys(partner=name)
             try:
-                per_lane[name] = controller.reconcile_all()
+                per_lane[name] = self._controllers[name].reconcile_all()
             except Exception as exc:  # noqa: BLE001 - this lane's: the others go on
                 logger.exception("partner lane's reconcile failed")
                 failed[name] = LaneFailed(name, exc)
             finally:
                 logger.remove_keys(["partner"])
+        else:
+            self._next_full = 0
         ids = list(dict.fromkeys(i for results in per_lane.values() for i in results))
         combined: dict[str, Outcome | Exception] = {i: combine(i, _of(i, per_lane)) for i in ids}
         for name, error in failed.items():

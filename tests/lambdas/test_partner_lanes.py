@@ -583,3 +583,63 @@ def test_route_table_mode_with_partners_is_refused_and_lanes_stay_in_their_deplo
     other = ControllerSettings.from_environ({**env, "TUNNELNAT_DEPLOYMENT": "other"})
     with pytest.raises(ConfigError, match="not other"):
         lane_settings(other, A)
+
+
+def test_the_scheduled_repair_of_many_partners_spreads_over_runs():
+    """Each partner's repair re-renders it on the gateway (a command each): what does not fit
+    one invocation is postponed, reported, and starts the next run; every partner is repaired
+    within a few runs, none starved."""
+    from tunnelnat.partner_lanes import LanePostponed
+
+    now = [0.0]
+    repaired: list[str] = []
+
+    class Repairing:
+        def __init__(self, lane):
+            self.name = lane.name
+
+        def reconcile_all(self):
+            repaired.append(self.name)
+            now[0] += 10.0  # each partner's repair: 10 s
+            return {f"i-{self.name}": _outcome(Status.ENROLLED)}
+
+    many = [_lane(f"p{i:02d}", i, pool=(IPv4Address(f"203.0.113.{i}"),)) for i in range(1, 11)]
+    deadline = [25.0]
+    lanes = PartnerLanes(many, Repairing, store=None, deployment="test",
+                         deadline=lambda: deadline[0], clock=lambda: now[0])  # fmt: skip
+    first = lanes.reconcile_all()
+    assert repaired == ["p01", "p02", "p03"]
+    postponed = {k for k, v in first.items() if isinstance(v, LanePostponed)}
+    assert postponed == {f"partner:p{i:02d}" for i in range(4, 11)}
+    assert first["i-p01"].status is Status.ENROLLED
+    repaired.clear()
+    deadline[0] = now[0] + 25.0
+    lanes.reconcile_all()
+    assert repaired == ["p04", "p05", "p06"], "the postponed ones first"
+    repaired.clear()
+    deadline[0] = None  # no limit known: all of them, starting where it stopped
+    rest = lanes.reconcile_all()
+    assert repaired == ["p07", "p08", "p09", "p10", "p01", "p02", "p03", "p04", "p05", "p06"]
+    assert not any(isinstance(v, Exception) for v in rest.values())
+    repaired.clear()
+    lanes.reconcile_all()
+    assert repaired[0] == "p01", "a complete run starts from the first again"
+    # Past the deadline already: still one partner per run (never none).
+    repaired.clear()
+    deadline[0] = now[0] - 1
+    lanes.reconcile_all()
+    assert repaired == ["p01"]
+
+
+def test_the_handler_gives_the_lanes_this_invocations_deadline():
+    import time
+
+    class Timed(Context):
+        def get_remaining_time_in_millis(self):
+            return 300_000
+
+    handler_module._set_deadline(Timed())
+    left = handler_module._lanes_deadline - time.monotonic()
+    assert 300 - handler_module.LANE_RESERVE_SECONDS - 5 < left <= 300 - 240
+    handler_module._set_deadline(Context())  # the tests' and the lab's contexts: no limit
+    assert handler_module._lanes_deadline is None

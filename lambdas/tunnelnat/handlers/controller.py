@@ -69,6 +69,11 @@ AWS_CONFIG = Config(retries={"mode": "adaptive", "max_attempts": 8}, connect_tim
 
 _service: Service | None = None
 _queue: EventQueue | None = None
+# Several partners: when this invocation's scheduled repair stops starting partners' repairs
+# (time.monotonic(); None: no limit known). A lane's repair may wait for two commands
+# (adapters/commands.py waits up to 120 s each), so the last one starts with that much left.
+LANE_RESERVE_SECONDS = 240.0
+_lanes_deadline: float | None = None
 
 
 tracer = OptionalTracer(SERVICE)
@@ -207,6 +212,7 @@ def build_lanes(
         deployment=settings.deployment,
         loader=load,
         base_tag_key=settings.config.enrolment_tag_key,
+        deadline=lambda: _lanes_deadline,
     )
 
 
@@ -290,6 +296,18 @@ def _dimension() -> None:
     """Every metric of this invocation carries its deployment (``Deployment``): kept across
     invocations as a default dimension, set again each time (the lab swaps controllers)."""
     metrics.set_default_dimensions(**{DEPLOYMENT_DIMENSION: _deployment()})
+
+
+def _set_deadline(context: Any) -> None:
+    """This invocation's deadline for starting partners' repairs, from the time Lambda gives
+    it (``get_remaining_time_in_millis``; a context without it: no limit)."""
+    global _lanes_deadline
+    remaining = getattr(context, "get_remaining_time_in_millis", None)
+    try:
+        seconds = remaining() / 1000 if callable(remaining) else None
+    except Exception:  # noqa: BLE001 - a context that cannot tell: no limit
+        seconds = None
+    _lanes_deadline = None if seconds is None else time.monotonic() + seconds - LANE_RESERVE_SECONDS
 
 
 def _get_queue() -> EventQueue:
@@ -411,6 +429,7 @@ def _enrolment_latency(requests: list[Request], outcomes: dict[str, Any]) -> Non
 @tracer.capture_lambda_handler
 @metrics.log_metrics
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    _set_deadline(context)
     _dimension()
     if isinstance(event, dict) and "Records" in event:
         records = [SQSRecord(r) for r in event["Records"]]
