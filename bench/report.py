@@ -229,8 +229,8 @@ def targets_issue23(results: dict) -> list[dict]:
                   "re-keyed or dropped: 0",
         "measured": f"one partner's key changed: max {_s(rs['max'])} (median {_s(rs['median'])}, "
                     f"{rs['runs']} runs, {n} partners, real charon); others re-keyed or dropped: "
-                    f"{touched} (also across a partner added and an unchanged re-run); pings "
-                    f"through an untouched tunnel lost: {tun.get('lost_total')}"
+                    f"{touched} (also across a partner added, removed and an unchanged re-run); "
+                    f"pings through an untouched tunnel lost: {tun.get('lost_total')}"
                     if rs.get("max") is not None else "n/a",
         "met": None if rs.get("max") is None else rs["max"] <= 2 and touched == 0,
     })  # fmt: skip
