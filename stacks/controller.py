@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from aws_cdk import ArnFormat, Duration, RemovalPolicy, Stack
 from aws_cdk import aws_autoscaling as autoscaling
@@ -24,7 +25,7 @@ from constructs import Construct
 
 from stacks.documents import Documents
 from stacks.functions import log_group_and_role, powertools_layer
-from stacks.lanes import Lanes
+from stacks.lanes import Lanes, split_to_fit
 from stacks.nag import acknowledge, wildcard_arn
 from stacks.policies import (
     lane_statements,
@@ -58,6 +59,20 @@ LIFECYCLE_DETAIL_TYPES = [
     "EC2 Instance-launch Lifecycle Action",
     "EC2 Instance-terminate Lifecycle Action",
 ]
+
+
+def tag_change_pattern(keys: list[str]) -> dict[str, Any]:
+    """The TagChange rule's pattern (EventPattern's keyword arguments): a tag change on an EC2
+    instance touching one of ``keys``."""
+    return {
+        "source": ["aws.tag"],
+        "detail_type": ["Tag Change on Resource"],
+        "detail": {
+            "service": ["ec2"],
+            "resource-type": ["instance"],
+            "changed-tag-keys": keys,
+        },
+    }
 
 
 def document_arn(stack: Stack, documents: Documents, stem: str) -> str:
@@ -233,48 +248,44 @@ class Controller(Construct):
                 ),
                 targets=[target],
             ),
-            "TagChange": events.Rule(
-                self,
-                "TagChangeRule",
-                description=f"{deployment}: the enrolment tag added, changed or removed",
-                event_pattern=events.EventPattern(
-                    source=["aws.tag"],
-                    detail_type=["Tag Change on Resource"],
-                    detail={
-                        "service": ["ec2"],
-                        "resource-type": ["instance"],
-                        # With lanes: each partner's key too (an instance joins a partner by
-                        # its key, <enrolment key>:partner:<name>).
-                        "changed-tag-keys": [
-                            config.enrolment_tag_key,
-                            *(lane.tag_key for lane in (lanes.lanes if lanes else ())),
-                        ],
-                    },
-                ),
-                targets=[target],
-            ),
-            "Lifecycle": events.Rule(
-                self,
-                "LifecycleRule",
-                description=f"{deployment}: Auto Scaling lifecycle actions (launch, terminate) "
-                f"of its hooks ({', '.join(settings.hook_names)})",
-                event_pattern=events.EventPattern(
-                    source=["aws.autoscaling"],
-                    detail_type=LIFECYCLE_DETAIL_TYPES,
-                    # Only this deployment's hooks: every other team's, and another
-                    # deployment's, stay theirs to complete (the handler checks the name too).
-                    detail={"LifecycleHookName": list(settings.hook_names)},
-                ),
-                targets=[target],
-            ),
-            "Reconcile": events.Rule(
-                self,
-                "ReconcileRule",
-                description=f"{deployment}: scheduled full reconcile",
-                schedule=events.Schedule.expression(settings.reconcile_schedule),
-                targets=[target],
-            ),
         }
+        # With lanes: each partner's key too (an instance joins a partner by its key,
+        # <enrolment key>:partner:<name>), in as many rules as the keys need (one up to about
+        # 40 partners: EventBridge's 2,048 characters a pattern).
+        tag_keys = [
+            config.enrolment_tag_key,
+            *(lane.tag_key for lane in (lanes.lanes if lanes else ())),
+        ]
+        for index, group in enumerate(split_to_fit(tag_keys, tag_change_pattern)):
+            suffix = str(index + 1) if index else ""
+            self.rules[f"TagChange{suffix}"] = events.Rule(
+                self,
+                f"TagChangeRule{suffix}",
+                description=f"{deployment}: the enrolment tag added, changed or removed",
+                event_pattern=events.EventPattern(**tag_change_pattern(group)),
+                targets=[target],
+            )
+        self.rules["Lifecycle"] = events.Rule(
+            self,
+            "LifecycleRule",
+            description=f"{deployment}: Auto Scaling lifecycle actions (launch, terminate) "
+            f"of its hooks ({', '.join(settings.hook_names)})",
+            event_pattern=events.EventPattern(
+                source=["aws.autoscaling"],
+                detail_type=LIFECYCLE_DETAIL_TYPES,
+                # Only this deployment's hooks: every other team's, and another
+                # deployment's, stay theirs to complete (the handler checks the name too).
+                detail={"LifecycleHookName": list(settings.hook_names)},
+            ),
+            targets=[target],
+        )
+        self.rules["Reconcile"] = events.Rule(
+            self,
+            "ReconcileRule",
+            description=f"{deployment}: scheduled full reconcile",
+            schedule=events.Schedule.expression(settings.reconcile_schedule),
+            targets=[target],
+        )
 
         # -- least privilege -------------------------------------------------------------------
         instances = stack.format_arn(service="ec2", resource="instance", resource_name="*")

@@ -26,6 +26,7 @@ from aws_cdk import aws_events_targets as targets
 from aws_cdk import aws_sns as sns
 from constructs import Construct
 
+from stacks.lanes import split_to_fit
 from stacks.settings import StackSettings
 
 CLOUDTRAIL = "AWS API Call via CloudTrail"
@@ -126,15 +127,21 @@ class EnrolmentWatch(Construct):
             "(docs/security.md)."
         )
         self.rules: dict[str, events.CfnRule] = {}
-        keys = [enrolment_key, *partner_keys] if partner_keys else enrolment_key
-        for name, pattern in (
-            # A partners file: each partner's key enrols too (<enrolment key>:partner:<name>).
-            ("Ec2", ec2_pattern(keys, role, exempt)),
-            ("AutoScaling", autoscaling_pattern(keys, role, exempt)),
-        ):
+        # A partners file: each partner's key enrols too (<enrolment key>:partner:<name>), in
+        # as many rules as EventBridge's pattern size needs (stacks/lanes.py, split_to_fit).
+        keys = [enrolment_key, *partner_keys]
+        watched: list[tuple[str, str, dict[str, Any]]] = []
+        for kind, build in (("Ec2", ec2_pattern), ("AutoScaling", autoscaling_pattern)):
+            groups = split_to_fit(keys, lambda group, b=build: b(group, role, exempt))
+            for index, group in enumerate(groups):
+                # The first rule of each kind keeps today's name (Ec2Rule, AutoScalingRule).
+                suffix = str(index + 1) if index else ""
+                name = f"{kind}-{suffix}" if suffix else kind
+                watched.append((name, f"{kind}Rule{suffix}", build(group, role, exempt)))
+        for name, construct_id, pattern in watched:
             rule = events.Rule(
                 self,
-                f"{name}Rule",
+                construct_id,
                 description=f"{deployment}: the enrolment key set by someone other than the "
                 "enrolment role (CloudTrail)",
                 event_pattern=events.EventPattern(source=pattern["source"]),

@@ -10,7 +10,9 @@ GetParametersByPath. A deployment without a partners file creates none of this.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from aws_cdk import RemovalPolicy, Stack
 from aws_cdk import aws_dynamodb as dynamodb
@@ -18,6 +20,29 @@ from aws_cdk import aws_ssm as ssm
 from constructs import Construct
 
 from tunnelnat.core.lanes import Lane, parameter_path
+
+# EventBridge's default quota on an event pattern: 2,048 characters (Amazon EventBridge User
+# Guide, EventBridge quotas, "Event pattern size"). Kept below it: tokens (the partition, the
+# account) are measured as CDK's placeholders, not their values.
+EVENT_PATTERN_BUDGET = 2048 - 256
+
+
+def split_to_fit(
+    keys: Sequence[str],
+    pattern: Callable[[list[str]], Mapping[str, Any]],
+    budget: int = EVENT_PATTERN_BUDGET,
+) -> list[list[str]]:
+    """``keys`` in order, cut into groups whose ``pattern(group)`` fits an event pattern: one
+    rule per group (today's one rule while everything fits). Each lane adds its tag key to the
+    rules that listen for enrolment tags, so enough partners would outgrow one pattern."""
+    groups: list[list[str]] = [[]]
+    for key in keys:
+        candidate = [*groups[-1], key]
+        if groups[-1] and len(json.dumps(pattern(candidate), separators=(",", ":"))) > budget:
+            groups.append([key])
+        else:
+            groups[-1] = candidate
+    return groups
 
 
 def lanes_digest(lanes: Sequence[Lane]) -> str:

@@ -11,6 +11,7 @@ into managed policies (OverflowPolicy<n>): the controller's grow with each lane.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import pytest
@@ -22,6 +23,9 @@ PARTNERS = 30
 MAX_RESOURCES = 500
 MAX_TEMPLATE_BYTES = 1024 * 1024
 MAX_MANAGED_POLICIES_PER_ROLE = 10
+# EventBridge's default quota on an event pattern (EventBridge User Guide, EventBridge quotas).
+MAX_EVENT_PATTERN = 2048
+ENROLLER = "arn:aws:iam::123456789012:role/enroller"
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +53,9 @@ def s(tmp_path_factory):
     try:
         for key in SINGLE_KEYS:
             conftest.EXAMPLE_CONTEXT.pop(key)
-        return conftest.synthesize(
-            tmp_path_factory.mktemp("cdk.out"), partners_context(path), nag=False
-        )
+        # The enrolment watch on: its patterns list every partner's key twice.
+        context = partners_context(path, enrolment_role_arn=ENROLLER)
+        return conftest.synthesize(tmp_path_factory.mktemp("cdk.out"), context, nag=False)
     finally:
         conftest.EXAMPLE_CONTEXT.clear()
         conftest.EXAMPLE_CONTEXT.update(saved)
@@ -80,3 +84,33 @@ def test_every_partner_has_its_association_alarm_and_table(s):
     assert kinds["AWS::SSM::Parameter"] >= PARTNERS
     # ConfigureGateway, InstallGatewaySoftware, InstallHealthAgent and one ConfigureTunnel each.
     assert kinds["AWS::SSM::Association"] == PARTNERS + 3
+
+
+def test_every_partners_key_is_heard_by_rules_that_fit_eventbridge(s):
+    lanes = s.stack.settings.lanes
+    keys = ["tunnelnat", *(lane.tag_key for lane in lanes)]
+    heard: list[str] = []
+    for name, rule in s.stack.controller.rules.items():
+        if not name.startswith("TagChange"):
+            continue
+        pattern = s.json["Resources"][s.logical_id(rule)]["Properties"]["EventPattern"]
+        assert len(json.dumps(pattern, separators=(",", ":"))) <= MAX_EVENT_PATTERN
+        heard += pattern["detail"]["changed-tag-keys"]
+    assert heard == keys
+    watched: dict[str, list[str]] = {"Ec2": [], "AutoScaling": []}
+    for name, rule in s.stack.enrolment_watch.rules.items():
+        pattern = s.json["Resources"][s.logical_id(rule)]["Properties"]["EventPattern"]
+        # Its tokens (partition, account) resolve shorter than this text.
+        assert len(json.dumps(pattern, separators=(",", ":"))) <= MAX_EVENT_PATTERN, name
+        kind = "Ec2" if name.startswith("Ec2") else "AutoScaling"
+        if kind == "Ec2":
+            first, second = pattern["detail"]["$or"]
+            assert (
+                first["requestParameters"]["tagSet"]["items"]["key"]
+                == (second["requestParameters"]["tagSpecificationSet"]["items"]["tags"]["key"])
+            )
+            watched[kind] += first["requestParameters"]["tagSet"]["items"]["key"]
+        else:
+            watched[kind] += pattern["detail"]["requestParameters"]["tags"]["key"]
+    assert watched == {"Ec2": keys, "AutoScaling": keys}
+    assert len(s.stack.enrolment_watch.rules) > 2  # the watch's patterns did need splitting
