@@ -21,7 +21,10 @@ library + boto3 only):
      ``ip link set up``): neither networkd nor cloud-init's hotplug (turned off in the user data)
      configures it;
   6. routes the partner's endpoint T via the subnet's router from G, so IKE and ESP leave with
-     source G, which the Internet gateway translates to E.
+     source G, which the Internet gateway translates to E; with several partners (issue 23)
+     every partner's T: boot.json names the first only (it is the launch template's user data,
+     which must not change when a partner is added), the others are the ``partner_endpoint``
+     each ConfigureTunnel run recorded in /etc/tunnelnat/tunnels/NAME.json.
 In a gateway pair (``"pair": true``), the ENI held by another live instance (the pair's active)
 ends the boot at step 4 as the standby (exit 0, ``"role": "standby"``, no wait): the pair agent
 (the ``pair`` verb) takes the ENI over when the active falls silent.
@@ -53,6 +56,8 @@ from typing import Any
 CONFIG_FILE = Path("/etc/tunnelnat/boot.json")
 LO_ADDRESSES = Path("/etc/tunnelnat/lo-addresses")  # ConfigureGateway's (libipsec: S on lo)
 PROBE_SOURCE = Path("/etc/tunnelnat/probe-source")  # InstallHealthAgent's probe source
+# ConfigureTunnel's per-tunnel facts (NAME.json): each records its partner's endpoint T.
+TUNNELS_DIR = Path("/etc/tunnelnat/tunnels")
 IMDS = "http://169.254.169.254"
 ENI_ID = re.compile(r"^eni-[0-9a-f]{8,17}$")
 INSTANCE_ID = re.compile(r"^i-[0-9a-f]{8,17}$")
@@ -256,6 +261,69 @@ class Links:
         self.run(["addr", "replace", f"{address}/32", "dev", "lo"])
 
 
+def routable_endpoint(value: object, gateway: IPv4Interface) -> IPv4Address | None:
+    """``value`` as a partner's endpoint T worth a host route via the subnet's router, or None.
+    A T is a public address or a private one outside G's subnet (core/config.py refuses the
+    rest): a damaged or hand-edited record must never route loopback, IMDS's link-local
+    address, multicast or G's own subnet away from where they are."""
+    try:
+        address = IPv4Address(str(value))
+    except ValueError:
+        return None
+    if (
+        address.is_loopback
+        or address.is_link_local
+        or address.is_multicast
+        or address.is_unspecified
+        or address.is_reserved
+        or address in gateway.network
+    ):
+        return None
+    return address
+
+
+def recorded_endpoints(directory: Path | None, gateway: IPv4Interface) -> list[IPv4Address]:
+    """Every partner endpoint ConfigureTunnel recorded in ``directory`` (its NAME.json's
+    ``partner_endpoint``), in address order, each once; records without one (written before
+    issue 23) or damaged ones are skipped: their tunnel's T is boot.json's own."""
+    if directory is None:
+        return []
+    try:
+        paths = sorted(directory.glob("*.json"))
+    except OSError:
+        return []
+    found: set[IPv4Address] = set()
+    for path in paths:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and "partner_endpoint" in data:
+            endpoint = routable_endpoint(data["partner_endpoint"], gateway)
+            if endpoint is not None:
+                found.add(endpoint)
+    return sorted(found)
+
+
+def partner_routes(
+    links: Links, config: BootConfig, dev: str, tunnels_dir: Path | None = None
+) -> list[str]:
+    """``T via <subnet router> dev <G's link> src G`` for the configuration's T and every T
+    recorded in ``tunnels_dir`` (several partners), so IKE and ESP to each partner leave from
+    G (the Internet gateway translates only G to E: from the primary interface they would leave
+    with another source, or none). ``ip route replace``: run again, nothing changes. None when
+    the configuration routes no T (the lab: E sits on G's link itself)."""
+    if config.partner_endpoint is None or config.subnet_router is None:
+        return []
+    endpoints = [config.partner_endpoint]
+    endpoints += [t for t in recorded_endpoints(tunnels_dir, config.gateway) if t not in endpoints]
+    routes = []
+    for endpoint in endpoints:
+        links.route(endpoint, config.subnet_router, dev, config.gateway.ip)
+        routes.append(f"{endpoint} via {config.subnet_router} dev {dev}")
+    return routes
+
+
 # -- the boot -----------------------------------------------------------------------------------
 
 
@@ -267,6 +335,9 @@ class Boot:
     links: Links
     sleep: Callable[[float], None] = time.sleep
     clock: Callable[[], float] = time.monotonic
+    # ConfigureTunnel's records (every partner's T); None: the configuration's T only. main()
+    # passes TUNNELS_DIR; tests their own directory.
+    tunnels_dir: Path | None = None
 
     def eni(self) -> dict[str, Any]:
         reply = self.ec2.describe_network_interfaces(NetworkInterfaceIds=[self.config.eni_id])
@@ -416,9 +487,11 @@ class Boot:
             "role": "active",
             "source_dest_check": check,
         }
-        if cfg.partner_endpoint is not None and cfg.subnet_router is not None:
-            self.links.route(cfg.partner_endpoint, cfg.subnet_router, dev, cfg.gateway.ip)
-            result["partner_route"] = f"{cfg.partner_endpoint} via {cfg.subnet_router} dev {dev}"
+        routes = partner_routes(self.links, cfg, dev, self.tunnels_dir)
+        if routes:
+            result["partner_route"] = routes[0]  # boot.json's T, as before issue 23
+        if len(routes) > 1:
+            result["partner_routes"] = routes  # every partner's (ConfigureTunnel's records)
         return result
 
 
@@ -518,7 +591,7 @@ def main(argv: list[str] | None = None, *, links: Links | None = None) -> int:
         # The lab serves its own IMDS on loopback (boto3 reads AWS_ENDPOINT_URL likewise).
         instance_id = instance_id_from_imds(os.environ.get("TUNNELNAT_IMDS_URL", IMDS))
         ec2, autoscaling = _clients(config.region)
-        result = Boot(config, ec2, instance_id, links).run()
+        result = Boot(config, ec2, instance_id, links, tunnels_dir=TUNNELS_DIR).run()
     except Exception as exc:  # noqa: BLE001 - every failure ends the same way: loudly
         log(f"FAILED: {type(exc).__name__}: {exc}")
         if instance_id is not None and autoscaling is not None:

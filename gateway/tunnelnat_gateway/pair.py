@@ -1981,8 +1981,10 @@ class Agent:
         # 0.1 s: Describe calls share the account's request rate).
         dev = helper.wait_for_link(mac, seconds=60.0, poll=LINK_POLL_SECONDS)
         self.links.configure(dev, cfg.gateway)
-        if cfg.partner_endpoint is not None and cfg.subnet_router is not None:
-            self.links.route(cfg.partner_endpoint, cfg.subnet_router, dev, cfg.gateway.ip)
+        # Every partner's T (issue 23): pair.json's, and with tunnels_dir each T ConfigureTunnel
+        # recorded there (pair.json names the first partner only: adding one must not replace
+        # the gateways). The boot program's helper: the same routes whoever brings G up.
+        boot.partner_routes(self.links, cfg.boot_config(), dev, cfg.tunnels_dir)
         log(f"G {cfg.gateway} up on {dev}")
 
     # -- planned handover -----------------------------------------------------------------------

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import ipaddress
 import json
 import os
 import re
@@ -45,6 +46,7 @@ RESTART = "RestartTunnel"
 LOCK_FILE = "/run/lock/tunnelnat-configure-tunnel.lock"
 LOCK_SECONDS = 240.0
 STATE = "/etc/tunnelnat"
+BOOT_CONFIG = "/etc/tunnelnat/boot.json"  # the boot program's: G, its subnet's router, first T
 LOG_DIR = "/var/log/tunnelnat"
 LIBIPSEC_CONF = "kernel-libipsec {\n    load = yes\n}\n"
 
@@ -439,6 +441,87 @@ def sync_lo(
     write_if_changed(listed, "".join(f"{a}\n" for a in union), 0o644)
 
 
+@dataclass(frozen=True)
+class FromG:
+    """How this machine routes partners' endpoints from G (boot.json): only while G is here."""
+
+    gateway: ipaddress.IPv4Interface
+    router: ipaddress.IPv4Address
+    dev: str
+    first: ipaddress.IPv4Address | None  # boot.json's T: the boot routes it at every boot
+
+
+def from_g(host: Host) -> FromG | None:
+    """G's link on this machine, from boot.json's G and subnet router; None on the pair's
+    standby (G is the active's), without boot.json, or when boot.json routes no T (the lab:
+    E sits on G's link itself)."""
+    try:
+        data = json.loads(host.path(BOOT_CONFIG).read_text())
+        gateway = ipaddress.IPv4Interface(str(data["gateway"]))
+        router = data.get("subnet_router")
+        router = ipaddress.IPv4Address(str(router)) if router else None
+        first = data.get("partner_endpoint")
+        first = ipaddress.IPv4Address(str(first)) if first else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if router is None or router not in gateway.network:
+        return None
+    shown = host.run(["ip", "-o", "-4", "addr", "show", "to", f"{gateway.ip}/32"]).stdout.split()
+    if len(shown) < 2 or not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", shown[1]):
+        return None
+    return FromG(gateway, router, shown[1], first)
+
+
+def routable_endpoint(value: object, gateway: ipaddress.IPv4Interface) -> str | None:
+    """``value`` as a T worth a host route via the subnet's router (boot.routable_endpoint's
+    rule: no loopback, link-local (IMDS), multicast, reserved address or G's own subnet)."""
+    try:
+        t = ipaddress.IPv4Address(str(value))
+    except ValueError:
+        return None
+    bad = t.is_loopback or t.is_link_local or t.is_multicast or t.is_unspecified
+    return None if bad or t.is_reserved or t in gateway.network else str(t)
+
+
+def route_partner(host: Host, endpoint: str) -> str | None:
+    """``T via <subnet router> dev <G's link> src G`` when G is on this machine (the active):
+    IKE and ESP to this partner leave with source G, which the Internet gateway translates to
+    E. boot.json names the first partner's T only (user data: adding a partner must not
+    replace the gateways); the boot and the pair agent's takeover route the others from each
+    tunnel's NAME.json (boot.partner_routes). ``ip route replace``: idempotent."""
+    g = from_g(host)
+    t = routable_endpoint(endpoint, g.gateway) if g is not None else None
+    if g is None or t is None:
+        return None
+    argv = ["route", "replace", f"{t}/32", "via", str(g.router), "dev", g.dev]
+    done = host.run(["ip", *argv, "src", str(g.gateway.ip)])
+    if done.returncode != 0:
+        raise Failed(f"ip {' '.join(argv)}: {done.stderr.strip()}")
+    return f"{t} via {g.router} dev {g.dev}"
+
+
+def unroute_partner(host: Host, endpoint: object) -> bool:
+    """A removed tunnel's T is no longer routed from G, unless boot.json's T (routed at every
+    boot) or another tunnel's recorded T; True when the route was deleted."""
+    g = from_g(host)
+    t = routable_endpoint(endpoint, g.gateway) if g is not None else None
+    if g is None or t is None or t == str(g.first):
+        return False
+    tunnels = host.path(f"{STATE}/tunnels")
+    if t in {_recorded_endpoint(p) for p in tunnels.glob("*.json")}:
+        return False
+    argv = ["ip", "route", "del", f"{t}/32", "via", str(g.router), "dev", g.dev]
+    return host.ok([*argv, "src", str(g.gateway.ip)])  # failing: not there any more
+
+
+def _recorded_endpoint(path: Path) -> object:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("partner_endpoint") if isinstance(data, dict) else None
+
+
 class Sas:
     """The tunnel's SAs as swanctl lists them: its CHILD_SAs are NAME, or NAME-1..N with
     SelectorLayout per-pair."""
@@ -576,7 +659,10 @@ def apply(
     settings = host.path(f"{ss_etc}/strongswan.d/tunnelnat.conf")
     shared = swanctl.render_shared_charon_settings(charon_records(tunnels))
     settings_changed = write_if_changed(settings, shared, 0o644)
-    write_if_changed(tunnels / f"{name}.json", files["tunnel.json"], 0o644)
+    # The facts with the partner's T: the boot and the pair agent's takeover route every
+    # tunnel's T from G (boot.json and pair.json name the first partner's only).
+    facts = {**json.loads(files["tunnel.json"]), "partner_endpoint": a.partner_endpoint}
+    write_if_changed(tunnels / f"{name}.json", json.dumps(facts) + "\n", 0o644)
     # The tunnel's configuration token (docs/health.md): new whenever its connection or key
     # changed, so TunnelEstablished starts over. Written before loading.
     changed = conf_changed or secret_changed
@@ -604,6 +690,8 @@ def apply(
     sync_lo(host, lo, name, owns_legacy)
     if settings_changed and not host.ok(["swanctl", "--reload-settings"]):
         raise Failed("charon did not reload strongswan.conf")
+    # Before the load: start_action start initiates at once, and IKE must leave from G.
+    partner_route = route_partner(host, a.partner_endpoint)
     # The tunnel's IKE SAs before the load: authenticated with the key and connection that were
     # loaded until now.
     sas = Sas(host, name)
@@ -649,7 +737,7 @@ def apply(
         if not restarted:
             initiate_all()
         up = sas.wait_up(15)
-    return {
+    report: dict[str, object] = {
         "configured": True,
         "tunnel": name,
         "up": up,
@@ -661,6 +749,9 @@ def apply(
         "config_id": _lines(config_id)[0],
         "cloud_init": cloud_init,
     }
+    if partner_route is not None:  # only on the active with a routed T: as the boot reports it
+        report["partner_route"] = partner_route
+    return report
 
 
 def configure_main(argv: list[str], host: Host | None = None) -> int:
@@ -831,12 +922,15 @@ def remove_tunnel(host: Host, name: str) -> dict[str, object]:
                 files.append(conf_d / LEGACY_SECRET)
         lo_file = tunnels / f"{name}.lo-addresses"
         found = [f for f in [*files, lo_file] if f.exists()]
+        endpoint = _recorded_endpoint(tunnels / f"{name}.json")  # read before it goes
         answers = charon_answers(host, 5, 0.2)
         terminated = False
         if answers and Sas(host, name).has_ike_sa():
             terminated = host.ok(["swanctl", "--terminate", "--ike", name, "--force"])
         for path in files:
             path.unlink(missing_ok=True)
+        # Its T's route from G (ConfigureTunnel's), unless boot.json's or another tunnel's T.
+        unrouted = unroute_partner(host, endpoint) if endpoint is not None else False
         if lo_file.exists() or host.path(f"{STATE}/lo-addresses").exists():
             sync_lo(host, [], name, owns_legacy=False)
             lo_file.unlink(missing_ok=True)
@@ -862,6 +956,7 @@ def remove_tunnel(host: Host, name: str) -> dict[str, object]:
             "terminated": terminated,
             "unloaded": unloaded if answers else None,
             "charon": answers,
+            "route_removed": unrouted,
         }
     finally:
         os.close(lock)

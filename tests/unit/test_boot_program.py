@@ -196,6 +196,107 @@ def test_no_route_to_t_when_the_configuration_has_none(aws):
     assert "partner_route" not in result
 
 
+def record_tunnels(directory: Path, **endpoints: object) -> Path:
+    """ConfigureTunnel's per-tunnel facts (NAME.json), each with the T its run recorded."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, endpoint in endpoints.items():
+        facts = {"children": [name], "ike": "aes256-sha256-modp2048"}
+        if endpoint is not None:
+            facts["partner_endpoint"] = endpoint
+        (directory / f"{name}.json").write_text(json.dumps(facts) + "\n")
+    return directory
+
+
+def route(t: str, dev: str = "ens6") -> list[str]:
+    return ["route", "replace", f"{t}/32", "via", "10.80.0.1", "dev", dev, "src", "10.80.0.10"]
+
+
+def test_boot_routes_every_recorded_partners_t_from_g(aws, tmp_path):
+    """Several partners (issue 23): boot.json names the first T only (the launch template's user
+    data must not change when a partner is added); every T ConfigureTunnel recorded is routed
+    from G as the first is, each once. Records without a T (before issue 23), damaged ones and
+    addresses no partner can have are skipped: a hand-edited file never reroutes IMDS."""
+    tunnels = record_tunnels(
+        tmp_path / "tunnels",
+        card="203.0.113.1",  # the first partner's: boot.json's T, routed once
+        bank="198.51.100.60",
+        clearing="172.20.9.1",  # a private T outside G's subnet
+        legacy=None,
+        imds="169.254.169.254",
+        inside="10.80.0.77",  # G's own subnet
+        junk="198.51.100.999",
+    )
+    (tunnels / "damaged.json").write_text("{not json")
+    (tunnels / "bank.charon").write_text('{"partner_endpoint": "192.0.2.9"}')  # not a .json
+    ip = FakeIp({"ens5": MAC_PRIMARY, "ens6": aws["mac"]})
+    result = boot.Boot(
+        config(aws), aws["ec2"], aws["instance"], boot.Links(ip), tunnels_dir=tunnels
+    ).run()
+    assert [c for c in ip.calls if c[0] == "route"] == [
+        route("203.0.113.1"),
+        route("172.20.9.1"),
+        route("198.51.100.60"),
+    ]
+    assert result["partner_route"] == "203.0.113.1 via 10.80.0.1 dev ens6"  # as before
+    assert result["partner_routes"] == [
+        "203.0.113.1 via 10.80.0.1 dev ens6",
+        "172.20.9.1 via 10.80.0.1 dev ens6",
+        "198.51.100.60 via 10.80.0.1 dev ens6",
+    ]
+
+
+def test_one_partner_recorded_is_the_boot_as_before(aws, tmp_path):
+    """A single partner's record names boot.json's own T: one route, no partner_routes."""
+    tunnels = record_tunnels(tmp_path / "tunnels", partner="203.0.113.1")
+    ip = FakeIp({"ens6": aws["mac"]})
+    result = boot.Boot(
+        config(aws), aws["ec2"], aws["instance"], boot.Links(ip), tunnels_dir=tunnels
+    ).run()
+    assert [c for c in ip.calls if c[0] == "route"] == [route("203.0.113.1")]
+    assert "partner_routes" not in result
+
+
+def test_no_route_to_any_t_when_the_configuration_routes_none(aws, tmp_path):
+    """The lab's boot.json has no T and no router (E sits on G's link): recorded Ts are not
+    routed either."""
+    tunnels = record_tunnels(tmp_path / "tunnels", bank="198.51.100.60")
+    ip = FakeIp({"eni0": aws["mac"]})
+    cfg = config(aws, partner_endpoint=None, subnet_router=None)
+    boot.Boot(cfg, aws["ec2"], aws["instance"], boot.Links(ip), tunnels_dir=tunnels).run()
+    assert [c[0] for c in ip.calls] == ["addr", "link"]
+
+
+def test_a_standby_boot_routes_nothing(aws, tmp_path):
+    """The pair's standby (the ENI held by the live active) has no G: no route to any T; the
+    pair agent adds them when it takes G over."""
+    ec2 = aws["ec2"]
+    other = ec2.run_instances(ImageId=aws["image"], MinCount=1, MaxCount=1, SubnetId=aws["subnet"])[
+        "Instances"
+    ][0]["InstanceId"]
+    ec2.attach_network_interface(NetworkInterfaceId=aws["eni"], InstanceId=other, DeviceIndex=1)
+    tunnels = record_tunnels(tmp_path / "tunnels", bank="198.51.100.60")
+    ip = FakeIp({"ens6": aws["mac"]})
+    result = boot.Boot(
+        config(aws, pair=True), ec2, aws["instance"], boot.Links(ip), tunnels_dir=tunnels
+    ).run()
+    assert result["role"] == "standby" and ip.calls == []
+
+
+def test_main_routes_the_ts_recorded_in_the_gateways_tunnels_directory(
+    aws, imds, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(
+        boot, "TUNNELS_DIR", record_tunnels(tmp_path / "tunnels", bank="198.51.100.60")
+    )
+    ip = FakeIp({"ens5": MAC_PRIMARY, "ens6": aws["mac"]})
+    code = boot.main(["attach", "--config", str(write_config(tmp_path, aws))], links=boot.Links(ip))
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)["partner_routes"] == [
+        "203.0.113.1 via 10.80.0.1 dev ens6",
+        "198.51.100.60 via 10.80.0.1 dev ens6",
+    ]
+
+
 def test_an_interface_that_never_appears_fails_the_boot(aws):
     ticks = iter(range(1000))
     ip = FakeIp({"ens5": MAC_PRIMARY})
