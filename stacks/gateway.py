@@ -680,6 +680,13 @@ class Gateway(Construct):
                     parameters,
                     partner=lane.name,
                 )
+        if lanes is not None:
+            # A new lane is published (its parameter) and its table exists before anything that
+            # reads them runs: ConfigureGateway reads every lane and syncs every lane's table.
+            for resource in (*lanes.parameters.values(), *lanes.tables.values()):
+                self.association.node.add_dependency(resource)
+            for name, association in self.tunnel_associations.items():
+                association.node.add_dependency(lanes.parameters[name])
         self.software_association = self._install_association(documents, deployment, software)
         # Created (and, on a deploy that changes both, updated) before the other associations,
         # so State Manager is likely to start it first; it promises no order between

@@ -248,6 +248,24 @@ def test_configure_gateway_reads_the_lanes_by_path_with_their_digest(s, lanes):
     assert lanes_digest(changed) != lanes_digest(lanes)
 
 
+def test_the_lanes_exist_before_the_associations_that_read_them(s, lanes):
+    resources = s.json["Resources"]
+
+    def depends(association_name: str) -> set[str]:
+        found = [
+            r for r in resources.values()
+            if r["Type"] == "AWS::SSM::Association"
+            and r["Properties"]["AssociationName"] == association_name
+        ]  # fmt: skip
+        return set(found[0].get("DependsOn", []))
+
+    gateway = depends("tunnelnat-ConfigureGateway")
+    for lane in lanes:
+        parameter = s.logical_id(s.stack.lanes.parameters[lane.name])
+        assert parameter in gateway and s.logical_id(s.stack.lanes.tables[lane.name]) in gateway
+        assert parameter in depends(f"tunnelnat-ConfigureTunnel-{lane.name}")
+
+
 def test_gateway_documents_stay_under_8_kb(s):
     documents = s.stack.documents
     assert documents.declares("ConfigureTunnel", "IkeVersion")
@@ -310,13 +328,11 @@ def test_the_dashboard_shows_each_pooled_partners_free_addresses(s):
 
 def test_the_health_agent_is_given_every_partners_tunnel(s):
     params = association(s, "tunnelnat-InstallHealthAgent")
-    if s.stack.documents.accepts("InstallHealthAgent", "TunnelName", ",".join(NAMES)):
-        assert params["TunnelName"] == ",".join(NAMES)
-    else:
-        # Until the document takes a list (NEEDS-23b: H5), the first one and a warning.
-        assert params["TunnelName"] == NAMES[0]
-        report = (s.outdir / "validation-report.json").read_text()
-        assert "healthAgentOneTunnel" in report
+    # One agent, every partner's TunnelUp; no probe (it would cross one partner's tunnel only).
+    assert params["TunnelName"] == ",".join(NAMES)
+    assert (params["ProbeTarget"], params["ProbeSource"]) == ("", "")
+    report = (s.outdir / "validation-report.json").read_text()
+    assert "healthAgentOneTunnel" not in report
 
 
 def test_a_psk_rollout_per_partner_runs_that_partners_configure_tunnel(s):
