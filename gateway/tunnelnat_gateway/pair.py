@@ -36,7 +36,8 @@ after ``misses`` intervals (at start: plus ``startup_grace_seconds``) it takes o
      instance: it lost the race and stays standby (one attachment at a time: the attachment
      decides, and fences the old active).
   4. G on the link with the ENI's MAC and the route to T (tunnelnat_boot's Links), then
-     ``swanctl --initiate --child C`` for each CHILD_SA (INITIAL_CONTACT, see ``initiate``).
+     ``swanctl --initiate --ike NAME --child C`` for each CHILD_SA of each tunnel (INITIAL_CONTACT,
+     see ``initiate``; several partners: every tunnel ConfigureTunnel configured, ``tunnels_dir``).
   5. DynamoDB ``meta/pair``, CloudWatch ``Failovers``/``FailoverSeconds``, SNS when
      ``topic_arn`` is set. One line ``takeover {JSON}`` on stderr.
 
