@@ -3,8 +3,10 @@
 
 Run from a systemd timer (InstallHealthAgent installs it; docs/health.md): ``health once --help``.
 Namespace ``tunnelnat/<deployment>``. Per tunnel: ``TunnelUp`` 1 when the NAT table has been
-synced since boot, an IKE SA is ESTABLISHED with an INSTALLED CHILD_SA of each of its names and
-the probe (if any) is answered, else 0 (a dead or hung charon reads as 0, never as nothing).
+synced since boot (several partners' tunnels: that partner's maps, ``applied_<name>``), an IKE SA
+of the tunnel's connection is ESTABLISHED with an INSTALLED CHILD_SA of each of its names and
+the probe (if any; one tunnel only) is answered, else 0 (a dead or hung charon reads as 0, never
+as nothing).
 ``TunnelEstablished``: up at least once since ConfigureGateway last changed the tunnel (its
 ``<tunnel>.config-id`` token). ``TunnelDataIn``/``Out`` (bytes since the previous run),
 ``SecondsSinceInbound``, ``ChildSaRekeys``/``ChildSaRekeyFailures`` (since the previous run,
