@@ -715,23 +715,24 @@ def _load_with_partners(given: dict[str, Any]) -> Settings:
             "host routes, one set per partner they join): -c route_table_mode=false"
         )
     partners: Partners | None = None
-    if stack is not None:
-        try:
-            subnet = IPv4Network(given.get("gateway_subnet_cidr", ""))
-        except ValueError:
-            subnet = None  # the config's own check names it
-        try:
-            partners = Partners.from_file(
-                partners_path(str(given[PARTNERS_KEY])),
-                vpc_cidr=stack.vpc_networks,
-                gateway_subnet=subnet,
-            )
-        except ConfigError as exc:
-            problems += [f"{PARTNERS_KEY}: {line.strip()}" for line in str(exc).splitlines()]
+    try:
+        subnet: IPv4Network | None = IPv4Network(given.get("gateway_subnet_cidr", ""))
+    except ValueError:
+        subnet = None  # the config's own check names it
+    try:
+        partners = Partners.from_file(
+            partners_path(str(given[PARTNERS_KEY])),
+            # A bad stack key is reported above; the file is still checked, against the VPC as
+            # far as the context says it.
+            vpc_cidr=stack.vpc_networks if stack is not None else _vpc_networks(given),
+            gateway_subnet=subnet,
+        )
+    except ConfigError as exc:
+        problems += [f"{PARTNERS_KEY}: {line.strip()}" for line in str(exc).splitlines()]
     if partners is not None:
         problems += _undeployable(partners)
     config: TunnelnatConfig | None = None
-    if partners is not None and not problems:
+    if partners is not None:
         # The base config carries the first partner's addressing: its keys must be valid, and
         # the controller derives each lane's own from the lane (what instances use: the alias).
         first = partners.plan[0]
@@ -756,6 +757,19 @@ def _load_with_partners(given: dict[str, Any]) -> Settings:
     except LaneError as exc:
         raise ConfigError(f"invalid {SOURCE}:\n  {PARTNERS_KEY}: {exc}") from None
     return Settings(config=config, stack=stack, partners=partners, lanes=lanes)
+
+
+def _vpc_networks(given: Mapping[str, Any]) -> list[IPv4Network]:
+    """The VPC's CIDRs from a context whose stack keys did not validate: what parses of them."""
+    raw = given.get("vpc_cidrs") if given.get("vpc_id") else given.get("vpc_cidr", "10.80.0.0/16")
+    values = raw.split(",") if isinstance(raw, str) else list(raw or [])
+    networks = []
+    for value in values:
+        try:
+            networks.append(IPv4Network(str(value).strip()))
+        except ValueError:
+            continue  # the stack's own check names it
+    return networks
 
 
 def _undeployable(partners: Partners) -> list[str]:

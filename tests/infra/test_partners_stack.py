@@ -529,6 +529,33 @@ def test_cdk_jsons_own_defaults_are_no_single_partner_choice(partners_file):
     assert settings.stack.route_table_mode is False  # off with a partners file
 
 
+def test_context_file_and_gateway_problems_come_at_once(tmp_path):
+    bad = json.loads(json.dumps(PARTNERS))
+    bad["partners"][1]["endpoint"] = "10.80.3.3"  # inside our VPC
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    message = problems(
+        partners_context(
+            path,
+            partner_networks="198.51.100.0/28",  # a single-partner key
+            gateway_private_ip="10.81.0.10",  # outside gateway_subnet_cidr
+            tunnel_alarm_datapoints="9",  # more than the evaluation periods (a stack key)
+        )
+    )
+    assert "partner_networks: a single-partner key" in message
+    assert "partners[1] (bank).endpoint: 10.80.3.3 lies inside our VPC 10.80.0.0/16" in message
+    assert "tunnel_alarm_datapoints cannot exceed" in message
+    # The gateway's own keys are checked with the first partner's addressing: once the file is
+    # valid, together with the context's other problems.
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(PARTNERS))
+    message = problems(
+        partners_context(good, partner_networks="198.51.100.0/28", gateway_private_ip="10.81.0.10")
+    )
+    assert "partner_networks: a single-partner key" in message
+    assert "gateway_private_ip 10.81.0.10 is outside gateway_subnet_cidr" in message
+
+
 def test_route_table_mode_is_refused_with_a_partners_file(partners_file):
     message = problems(partners_context(partners_file, route_table_mode="true"))
     assert "route_table_mode: not supported with partners_file yet" in message
