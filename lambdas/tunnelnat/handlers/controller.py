@@ -138,6 +138,22 @@ class _Session:
         return self._session.create_client(service, region_name=self._region, config=config)
 
 
+class _SharedClients:
+    """A session whose ``client(name)`` is created once per service and then shared by every
+    lane (they run one after the other; a client is safe to share even across threads: boto3
+    guide, Low-level clients, "Multithreading or multiprocessing with clients"). Every caller
+    here passes AWS_CONFIG."""
+
+    def __init__(self, session: Any) -> None:
+        self._session = session
+        self._clients: dict[str, Any] = {}
+
+    def client(self, service: str, *, config: Config | None = None) -> Any:
+        if service not in self._clients:
+            self._clients[service] = self._session.client(service, config=config)
+        return self._clients[service]
+
+
 @functools.cache
 def _session(region: str) -> _Session:
     # A session loads every service model it touches; one per container keeps rebuilds cheap.
@@ -192,7 +208,9 @@ def build_lanes(
     (TUNNELNAT_PARTNERS_PATH), read now and again every few minutes (partner_lanes.py)."""
     settings = settings or ControllerSettings.from_environ()
     path = path or os.environ[PARTNERS_PATH_ENV]
-    session = session or _session(settings.region)
+    # One client per service for every lane: creating them is most of a cold start's setup,
+    # and with 50 partners it would be done 100 times.
+    session = _SharedClients(session or _session(settings.region))
     ssm = session.client("ssm", config=AWS_CONFIG)
     if commands is None:
         commands = SsmCommands(ssm, document_prefix=settings.document_prefix)
