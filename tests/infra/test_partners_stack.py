@@ -319,6 +319,18 @@ def test_a_tunnel_up_alarm_per_partner_and_the_healer_restarts_by_its_dimension(
     assert env["Variables"]["TUNNELNAT_HEALER_ALARM_PREFIX"] == "tunnelnat-tunnelnat-TunnelUp-"
 
 
+def test_the_healer_restarts_exactly_the_partner_its_alarm_names(s):
+    """The healer reads the tunnel from the alarm's Tunnel dimension (DescribeAlarms gives the
+    template's properties back) and sends RestartTunnel with that TunnelName only."""
+    from tunnelnat.healer import tunnel_of
+
+    namespace = s.stack.settings.stack.gateway_metric_namespace
+    for name, alarm in s.stack.monitoring.tunnel_alarms.items():
+        props = s.json["Resources"][s.logical_id(alarm)]["Properties"]
+        assert tunnel_of(props, namespace) == name
+        s.stack.documents.check_parameters("RestartTunnel", {"TunnelName": name})
+
+
 def test_the_dashboard_shows_each_pooled_partners_free_addresses(s):
     dashboard = json.dumps(s.json["Resources"][s.logical_id(s.stack.monitoring.dashboard)])
     for name in ("card-processor", "clearing-house"):
