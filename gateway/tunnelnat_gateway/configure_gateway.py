@@ -21,6 +21,13 @@ source.json beside the lanes' tables). ``--partner-networks``, ``--nat-mode`` an
 ``--shared-address`` are then not used (the lanes say it per partner). An empty path is today's
 one-partner gateway, unchanged. ``--partners-digest`` is not used here: it is in the document
 only so that a changed set of lanes changes the association's parameters and re-runs it.
+
+A partner removed from the partners file loses its ConfigureTunnel association, so nothing else
+runs RemoveTunnel for it: with ``--partners-path`` every tunnel ConfigureTunnel recorded under
+/etc/tunnelnat/tunnels whose name is no lane's is removed here (tunnel.remove_tunnel: its SAs,
+connection, key, files and route go, the other tunnels' SAs stay up), reported as
+``removed_tunnels``. Its NAT sets go with its lane: the several-partner table is rebuilt whole
+from the lanes. Without ``--partners-path`` (one partner) no tunnel is ever removed.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from tunnelnat.core.nat import GatewayBase
-from tunnelnat_gateway import nat_sync
+from tunnelnat_gateway import nat_sync, tunnel
 
 NAME = "ConfigureGateway"
 LOCK_FILE = Path("/run/lock/tunnelnat-configure-gateway.lock")
@@ -58,6 +65,9 @@ TOOLS = ("nft", "sysctl")
 # The document's allowedPatterns, checked again here (a hand-made run).
 PARTNERS_PATH = re.compile(r"^(/tunnelnat/[a-z][a-z0-9-]{1,28}[a-z0-9]/partners)?$")
 PARTNERS_DIGEST = re.compile(r"^[0-9a-f]{0,64}$")
+# The machine ConfigureTunnel's records and strongSwan's files live on (tests: a temporary root
+# and shims for swanctl and ip).
+TUNNEL_HOST: Callable[[], tunnel.Host] = tunnel.Host
 
 
 class ConfigureError(RuntimeError):
@@ -127,8 +137,9 @@ def _first(item: tuple[str, str]) -> bool:
 
 def configure(args: argparse.Namespace, client: object, ssm: Any = None) -> dict:
     """The guard's table, then forwarding (the order is the point: see the module docstring)."""
+    lanes: list[str] | None = None  # several partners: the lanes' names, read this run
     if args.partners_path:
-        nat = configure_partners(args, client, ssm)
+        nat, lanes = configure_partners(args, client, ssm)
     else:
         base = gateway_base(args.partner_networks, args.nat_mode, args.shared_address, args.mss,
                             args.backend)  # fmt: skip
@@ -138,17 +149,58 @@ def configure(args: argparse.Namespace, client: object, ssm: Any = None) -> dict
         except Exception as exc:  # noqa: BLE001 - nft, the files, DynamoDB: one line says which
             raise ConfigureError(f"applying the nftables table failed: {exc}") from None
     forwarding_on()
-    return {
+    result = {
         "configured": True,
         "forwarding": True,
         "cloud_init": os.environ.get("TN_CLOUD_INIT", "none"),
         "nat": nat,
     }
+    if lanes is not None:
+        # After the table: the removed partner's sets are gone with its lane; after forwarding:
+        # a tunnel that cannot be removed never keeps the other partners from being served.
+        removed, failed = remove_unlisted_tunnels(lanes)
+        result["removed_tunnels"] = removed
+        if failed:
+            result["tunnels_not_removed"] = failed
+    return result
 
 
-def configure_partners(args: argparse.Namespace, client: object, ssm: Any) -> dict:
+def recorded_tunnels(host: tunnel.Host) -> list[str]:
+    """Every tunnel ConfigureTunnel recorded here: its NAME.charon (tunnel.configured_tunnels)
+    or its NAME.json facts (what the pair agent, the health agent and ShowTunnels read as the
+    gateway's tunnels)."""
+    directory = host.path(f"{tunnel.STATE}/tunnels")
+    names = set(tunnel.configured_tunnels(host))
+    if directory.is_dir():
+        names |= {p.stem for p in directory.glob("*.json")}
+    return sorted(n for n in names if re.fullmatch(tunnel.PATTERNS["TunnelName"], n))
+
+
+def remove_unlisted_tunnels(keep: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The tunnels recorded here that no lane names, removed one by one (under
+    ConfigureTunnel's lock, as RemoveTunnel): (removed, {name: why not}). A failure is that
+    tunnel's only."""
+    host = TUNNEL_HOST()
+    removed: list[str] = []
+    failed: dict[str, str] = {}
+    for name in recorded_tunnels(host):
+        if name in keep:
+            continue
+        try:
+            tunnel.remove_tunnel(host, name)
+        except (tunnel.Failed, OSError) as exc:
+            failed[name] = str(exc)[:300]
+            continue
+        removed.append(name)
+    return removed, failed
+
+
+def configure_partners(
+    args: argparse.Namespace, client: object, ssm: Any
+) -> tuple[dict, list[str]]:
     """The several-partner table: the lanes from SSM, the base from them, every lane applied.
-    Forwarding stays off unless every lane's mappings were read and the whole table loaded."""
+    Forwarding stays off unless every lane's mappings were read and the whole table loaded.
+    Returns the report and the lanes' names (the tunnels to keep)."""
     if args.backend not in ("kernel", "libipsec"):
         raise ConfigureError(f"IpsecBackend must be kernel or libipsec, not {args.backend!r}")
     try:
@@ -170,7 +222,7 @@ def configure_partners(args: argparse.Namespace, client: object, ssm: Any) -> di
         nat_sync.save_source(args.table, args.region, {x.name: x.table for x in lanes})
     except Exception as exc:  # noqa: BLE001 - nft, the files, DynamoDB: one line says which
         raise ConfigureError(f"applying the nftables table failed: {exc}") from None
-    return nat
+    return nat, [x.name for x in lanes]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -216,12 +268,18 @@ def main(argv: list[str] | None = None, client: object | None = None, ssm: Any =
         print(f"{NAME}: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(result))
+    code = 0
     failed = result["nat"].get("failed")
     if failed:  # several partners: the others are served, the run still fails naming these
         errors = "; ".join(f"{n}: {result['nat']['lanes'][n]['error']}" for n in failed)
         print(f"{NAME}: partners not applied ({errors})", file=sys.stderr)
-        return 1
-    return 0
+        code = 1
+    stuck = result.get("tunnels_not_removed")
+    if stuck:  # the next run (every lane change re-runs it) tries again
+        errors = "; ".join(f"{n}: {why}" for n, why in stuck.items())
+        print(f"{NAME}: tunnels of removed partners not removed ({errors})", file=sys.stderr)
+        code = 1
+    return code
 
 
 if __name__ == "__main__":

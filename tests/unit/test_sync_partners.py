@@ -34,6 +34,29 @@ BODY = textwrap.dedent(
     ssm = boto3.client("ssm")
     DEPLOYMENT = "tnlab"
 
+    # The tunnels ConfigureTunnel recorded for the three partners, under a root of their own
+    # with swanctl and ip shims (never this machine's /etc or a real charon's vici socket).
+    from tunnelnat_gateway import tunnel as tn
+    ROOT, SHIMS = g.STATE_DIR / "gwroot", g.STATE_DIR / "shims"
+    SHIMS.mkdir()
+    (SHIMS / "swanctl").write_text(f'#!/bin/sh\\necho "$*" >> {g.STATE_DIR}/swanctl-calls\\n')
+    (SHIMS / "ip").write_text("#!/bin/sh\\nexit 0\\n")
+    for shim in SHIMS.iterdir():
+        shim.chmod(0o755)
+    for d in ("etc/swanctl/conf.d", "etc/strongswan.d", "etc/tunnelnat/tunnels"):
+        (ROOT / d).mkdir(parents=True)
+    for i, name in enumerate(("bank-a", "bee", "clear"), 1):
+        (ROOT / f"etc/swanctl/conf.d/tunnelnat-{name}.conf").write_text("connections {}\\n")
+        (ROOT / f"etc/swanctl/conf.d/tunnelnat-{name}.secret.conf").write_text("secrets {}\\n")
+        facts = {"children": [name], "partner_endpoint": f"198.51.100.{i}"}
+        (ROOT / f"etc/tunnelnat/tunnels/{name}.json").write_text(json.dumps(facts))
+        charon = {"dpd_timeout": 30, "log": "/var/log/tunnelnat/charon.log"}
+        (ROOT / f"etc/tunnelnat/tunnels/{name}.charon").write_text(json.dumps(charon))
+    cg.TUNNEL_HOST = lambda: tn.Host(root=ROOT, env={"PATH": f"{SHIMS}:/usr/bin:/bin"})
+
+    def tunnels_left():
+        return sorted(p.name for p in (ROOT / "etc/tunnelnat/tunnels").iterdir())
+
     def lane(name, index, nets, mode, pool=(), shared=None, aliases=()):
         return Lane(deployment=DEPLOYMENT, name=name, index=index,
                     endpoint=A(f"198.51.100.{index}"), networks=tuple(map(N, nets)),
@@ -217,6 +240,33 @@ BODY = textwrap.dedent(
                aliases=["100.64.2.0/24"])
     ssm.put_parameter(Name=bad.parameter, Value=bad.to_json(), Type="String")
     step("configure-refused", configure)
+    refused_left = tunnels_left()
+
+    # bee removed from the partners file (its parameter gone; clear's table back): the next
+    # ConfigureGateway (a new PartnersDigest) rebuilds the table from the two lanes left, so
+    # bee's sets are gone with its lane, and removes bee's tunnel, the others' kept.
+    ssm.delete_parameter(Name=bad.parameter)
+    ssm.delete_parameter(Name=BY["bee"].parameter)
+    # The partners file's order gives the indexes (Partners.lanes): clear moves up to 2.
+    import dataclasses
+    moved = dataclasses.replace(BY["clear"], index=2)
+    ssm.put_parameter(Name=moved.parameter, Value=moved.to_json(), Type="String", Overwrite=True)
+    db.create_table(TableName="tnlab-clear", BillingMode="PAY_PER_REQUEST",
+        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"},
+                   {"AttributeName": "sk", "KeyType": "RANGE"}],
+        AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"},
+                              {"AttributeName": "sk", "AttributeType": "S"}])
+    for n in list(held["clear"]):
+        held["clear"].pop(n)
+    put("clear", 1, "10.10.1.21", "203.0.113.20")
+    def bee_removed():
+        result = configure()
+        log = g.STATE_DIR / "swanctl-calls"
+        calls = log.read_text().splitlines() if log.exists() else []
+        return {**result, "tunnels_left": tunnels_left(), "refused_left": refused_left,
+                "swanctl": calls, "lanes_after": sorted(json.loads(
+                    g.SOURCE_FILE.read_text())["lanes"])}
+    step("bee-removed", bee_removed)
     print(json.dumps(out))
     """
 )
@@ -409,6 +459,33 @@ def test_configure_serves_the_other_lanes_when_one_lanes_table_is_missing(steps)
     assert after["enrolled_clear"] == [] and after["state:clear"] is None
     assert after["applied_generation"] == []  # not every lane applied since boot
     converged(step, lanes=("bank-a", "bee"))
+
+
+def test_a_removed_partners_sets_and_tunnel_go_with_its_lane(steps):
+    """Issue 23, a partner removed by redeploy: its lane is no longer published, so the next
+    ConfigureGateway rebuilds the table from the lanes left (real nft: no set of bee's remains,
+    the others' hold what their tables hold) and removes bee's tunnel, only bee's."""
+    step = steps["bee-removed"]
+    result = step["result"]
+    assert result["code"] == 0, result["stderr"]
+    report = result["report"]
+    assert report["removed_tunnels"] == ["bee"]
+    assert set(report["nat"]["lanes"]) == {"bank-a", "clear"}
+    assert not LANE_SETS["bee"] & set(step["after"]), sorted(step["after"])
+    assert LANE_SETS["bee"] <= set(step["before"])  # they were there until then
+    converged(step, lanes=("bank-a", "clear"))
+    assert result["lanes_after"] == ["bank-a", "clear"]  # source.json: bee's table not synced
+    # Earlier runs (every lane declared, or a lane set refused whole) removed no tunnel.
+    assert result["refused_left"] == [
+        f"{n}.{x}" for n in ("bank-a", "bee", "clear") for x in ("charon", "json")
+    ]
+    assert result["tunnels_left"] == [
+        f"{n}.{x}" for n in ("bank-a", "clear") for x in ("charon", "json")
+    ]
+    # charon told once to load what is left (bee's connection and key unloaded), nothing
+    # terminated or initiated for the others.
+    assert result["swanctl"].count("--load-all --noprompt") == 1
+    assert not [c for c in result["swanctl"] if "bank-a" in c or "clear" in c]
 
 
 RANDOM_BODY = textwrap.dedent(
