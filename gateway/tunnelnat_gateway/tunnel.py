@@ -569,12 +569,14 @@ class Sas:
         return self.installed() >= 1
 
 
-def charon_records(tunnels: Path) -> list[tuple[int, str]]:
+def charon_records(tunnels: Path, skip: str | None = None) -> list[tuple[int, str]]:
     """Every tunnel's (DPD timeout, CharonLog), as its ConfigureTunnel run recorded them in
     ``NAME.charon`` (not ``.json``: the health agent and ShowTunnels read NAME.json as a
-    tunnel's facts)."""
+    tunnel's facts); but ``skip``'s (a tunnel being removed)."""
     found = []
     for path in sorted(tunnels.glob("*.charon")):
+        if path.stem == skip:
+            continue
         try:
             record = json.loads(path.read_text())
             found.append((int(record["dpd_timeout"]), str(record["log"])))
@@ -914,31 +916,29 @@ def remove_tunnel(host: Host, name: str) -> dict[str, object]:
     try:
         conf_d = host.path(f"{swanctl_dir}/conf.d")
         tunnels = host.path(f"{STATE}/tunnels")
-        files = [conf_d / f for f in tunnel_files(name)]
-        files += [tunnels / f"{name}.{ext}" for ext in ("json", "charon", "config-id")]
+        conf_files = [conf_d / f for f in tunnel_files(name)]
         if legacy_tunnel(conf_d) == name:  # still in the single-tunnel layout
-            files.append(conf_d / LEGACY_CONF)
+            conf_files.append(conf_d / LEGACY_CONF)
             if _is_legacy_secret(conf_d / LEGACY_SECRET):
-                files.append(conf_d / LEGACY_SECRET)
+                conf_files.append(conf_d / LEGACY_SECRET)
+        records = [tunnels / f"{name}.{ext}" for ext in ("json", "charon", "config-id")]
         lo_file = tunnels / f"{name}.lo-addresses"
-        found = [f for f in [*files, lo_file] if f.exists()]
+        found = [f for f in [*conf_files, *records, lo_file] if f.exists()]
         endpoint = _recorded_endpoint(tunnels / f"{name}.json")  # read before it goes
         answers = charon_answers(host, 5, 0.2)
         terminated = False
         if answers and Sas(host, name).has_ike_sa():
             terminated = host.ok(["swanctl", "--terminate", "--ike", name, "--force"])
-        for path in files:
+        # The connection and its key first; the tunnel's records (what prune_tunnels and the
+        # agents go by) only once charon has unloaded it: a failed load leaves the tunnel
+        # recorded, so the next run removes it again.
+        for path in conf_files:
             path.unlink(missing_ok=True)
-        # Its T's route from G (ConfigureTunnel's), unless boot.json's or another tunnel's T.
-        unrouted = unroute_partner(host, endpoint) if endpoint is not None else False
-        if lo_file.exists() or host.path(f"{STATE}/lo-addresses").exists():
-            sync_lo(host, [], name, owns_legacy=False)
-            lo_file.unlink(missing_ok=True)
         settings = host.path(f"{ss_etc}/strongswan.d/tunnelnat.conf")
-        records = charon_records(tunnels) if tunnels.is_dir() else []
+        others = charon_records(tunnels, skip=name) if tunnels.is_dir() else []
         settings_changed = False
-        if records:
-            shared = swanctl.render_shared_charon_settings(records)
+        if others:
+            shared = swanctl.render_shared_charon_settings(others)
             settings_changed = write_if_changed(settings, shared, 0o644)
         unloaded = False
         if answers:
@@ -949,6 +949,13 @@ def remove_tunnel(host: Host, name: str) -> dict[str, object]:
                 sys.stderr.write(load.stdout)
                 raise Failed("swanctl --load-all failed")
             unloaded = f"\n{name}: " not in "\n" + host.run(["swanctl", "--list-conns"]).stdout
+        for path in records:
+            path.unlink(missing_ok=True)
+        # Its T's route from G (ConfigureTunnel's), unless boot.json's or another tunnel's T.
+        unrouted = unroute_partner(host, endpoint) if endpoint is not None else False
+        if lo_file.exists() or host.path(f"{STATE}/lo-addresses").exists():
+            sync_lo(host, [], name, owns_legacy=False)
+            lo_file.unlink(missing_ok=True)
         return {
             "removed": bool(found),
             "tunnel": name,

@@ -175,3 +175,28 @@ def test_charons_lines_of_another_tunnels_ike_sa_are_not_this_tunnels_diagnosis(
     # An IKE SA no named line claims: still the tunnel's (one tunnel's log, as before).
     lone = "1000 11[IKE] <9> tried 1 shared key for 'a' - 'b', but MAC mismatched\n"
     assert agent.diagnose(lone, "alpha", {}, 1010.0).startswith("authentication failed")
+
+
+def test_a_removal_whose_load_fails_stays_recorded_and_is_retried(tmp_path):
+    """remove-tunnel unlinks the connection and key, then loads; only a load that succeeded
+    removes the tunnel's records (what prune_tunnels and the agents go by): a failed one leaves
+    it recorded, so the next run removes it again."""
+    from tests.unit.test_tunnel_verb import Gateway, configure
+    from tunnelnat_gateway import tunnel
+
+    gw = Gateway(tmp_path)
+    code, report, err = configure(gw)
+    assert code == 0, err
+    assert tunnel.configured_tunnels(gw.host()) == ["partner"]
+    (gw.fake / "load-fails").touch()
+    code = tunnel.remove_main(["--tunnel-name", "partner"], gw.host())
+    assert code == 1
+    assert not gw.file("/etc/swanctl/conf.d/tunnelnat-partner.conf").exists()
+    assert gw.file("/etc/tunnelnat/tunnels/partner.json").exists()
+    assert tunnel.configured_tunnels(gw.host()) == ["partner"]  # still to remove
+    (gw.fake / "load-fails").unlink()
+    (removed,) = tunnel.prune_tunnels(gw.host(), [])
+    assert removed["tunnel"] == "partner" and removed["removed"] is True
+    assert tunnel.configured_tunnels(gw.host()) == []
+    assert not gw.file("/etc/tunnelnat/tunnels/partner.json").exists()
+    assert "--load-all --noprompt" in gw.calls()
