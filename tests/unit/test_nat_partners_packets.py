@@ -429,3 +429,24 @@ def test_instances_inside_a_partners_real_network_still_reach_the_others(lab: La
     assert lab.connect("inst", "10.1.0.10", APP) == "A"
     assert seen_a.read_text().split() == [S_A]
     assert counter(lab, "dropped_inbound_twin") == 0
+
+
+def test_a_removed_partners_traffic_is_never_forwarded(lab: Lab) -> None:
+    """bee removed by redeploy: the table is rebuilt without it, but its instances' host routes
+    still send 172.20.0.0/24 to G until they are untagged. Even with a route there that would
+    deliver it (the main table, standing in for G's way to the internet), nothing is forwarded."""
+    seen_b = lab.serve("pb", "B")
+    lab.sh("gw", "ip", "route", "replace", "172.20.0.0/24", "via", "192.0.2.6")
+    base = partners_base()
+    kept = MultiPartnerBase(
+        tuple(p for p in base.partners if p.name != "bee"), tunnel_interfaces=("ga", "gc")
+    )
+    tables = {k: v for k, v in partner_tables().items() if k != "bee"}
+    lab.sh("gw", "nft", "-f", "-", input=render_partners_table(kept, tables))
+    before = counter(lab, "dropped_unclassified")
+    assert lab.connect("inst", "10.1.0.10", "172.20.0.5", timeout=1.0) is None
+    assert not seen_b.exists() or seen_b.read_text().split() == []
+    assert counter(lab, "dropped_unclassified") > before
+    # The partners kept are served as before.
+    lab.serve("pa", "A")
+    assert lab.connect("inst", "10.1.0.10", APP) == "A"

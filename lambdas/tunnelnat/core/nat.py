@@ -688,12 +688,12 @@ def render_partners_table(
         "    type filter hook forward priority filter; policy accept;",
         *_mss_clamp(base.mss),
         "    meta mark vmap @fwd_dispatch",
-        # A partner's real network addressed directly when that partner is reached through its
-        # alias only: no partner claims it, it is never forwarded.
-        "    ip daddr @partner_nets counter name dropped_unclassified drop",
-        # From a partner's network to none of that partner's S (overlapping partners are told
-        # apart by S): not a partner's flow, never forwarded (today's dropped_inbound).
-        "    ip saddr @partner_nets counter name dropped_unclassified drop",
+        # What no partner claims is never forwarded: a partner's real network addressed directly
+        # when that partner is reached through its alias only; from a partner's network to none
+        # of that partner's S (overlapping partners are told apart by S); and traffic for a
+        # partner removed by redeploy, which its instances' host routes still send to G until
+        # they are untagged (no lane reconciles them any more) and which no set names now.
+        "    counter name dropped_unclassified drop",
         "  }",
         "  chain guard {",
         "    type filter hook postrouting priority 110; policy accept;",
