@@ -115,6 +115,7 @@ partners:
     ike_version: 1
     auth: {{psk_secret: tunnelnat/lab/psk-{BANK}}}
     remote_id: {BANK_ID}
+    dpd: {{delay: 5, timeout: 10}}     # its operator asks for quick dead-peer detection
     nat: {{mode: dedicated, pool: [203.0.113.20, 203.0.113.21]}}
   # A clearing house whose network is card's: reached through an alias from alias_block.
   - name: {CLEARING}
@@ -522,7 +523,8 @@ class PartnersLab(topo.Lab):
 def parse_list_sas(text: str) -> dict[str, dict[str, Any]]:
     """``swanctl --list-sas --raw`` (one ``list-sa event {...}`` per IKE SA) to
     {connection: {"version": 1|2, "ike_ids": [...], "state": [...], "children": {name: n},
-    "selectors": {name: ([local-ts], [remote-ts])}, "packets_in": n, "packets_out": n}}.
+    "selectors": {name: ([local-ts], [remote-ts])}, "reqids": {name: reqid}, "packets_in": n,
+    "packets_out": n}}.
     Only the few keys we read; nested braces counted."""
     found: dict[str, dict[str, Any]] = {}
     for chunk in text.split("list-sa event")[1:]:
@@ -537,7 +539,7 @@ def parse_list_sas(text: str) -> dict[str, dict[str, Any]]:
             entry = found.setdefault(
                 conn,
                 {"version": 0, "ike_ids": [], "state": [], "children": {}, "selectors": {},
-                 "packets_in": 0, "packets_out": 0},
+                 "reqids": {}, "packets_in": 0, "packets_out": 0},
             )  # fmt: skip
             entry["version"] = int(ike.get("version", 0) or 0)
             entry["ike_ids"].append(ike.get("uniqueid"))
@@ -550,6 +552,7 @@ def parse_list_sas(text: str) -> dict[str, dict[str, Any]]:
                     entry["children"][n] = entry["children"].get(n, 0) + 1
                     local, remote = child.get("local-ts", ""), child.get("remote-ts", "")
                     entry["selectors"][n] = (local.split(), remote.split())
+                    entry["reqids"][n] = child.get("reqid")
                 entry["packets_in"] += int(child.get("packets-in", 0) or 0)
                 entry["packets_out"] += int(child.get("packets-out", 0) or 0)
     return found

@@ -56,9 +56,14 @@ from lab.ssm_runner import default_env
 from lab.story import Step
 
 WEB1, WEB2 = "web-1", "web-2"
-# What crosses the internet (tn-inet, every link: ours and the three partners') that is not IKE
-# or ESP-in-UDP: clear text (nothing may be).
-CLEAR = "ip and not (udp port 500 or udp port 4500)"
+# Clear text: a packet crossing the internet (tn-inet, every link: ours and the three partners')
+# with an inside address, ours (the VPC, our S, the alias block) or a partner's network, as its
+# source or destination. IKE and ESP-in-UDP carry only E and the T's outside; so does the ICMP
+# port-unreachable a partner's machine sends while its IKE daemon is down (not clear text).
+CLEAR = (
+    "ip and (net 10.10.0.0/16 or net 203.0.113.0/24 or net 100.64.0.0/10 or net 192.0.2.0/24 "
+    "or net 172.20.0.0/16)"
+)
 
 
 def _alias_of(network: IPv4Network, alias: IPv4Network, address: str) -> str:
@@ -501,6 +506,94 @@ class PartnersStory:
             },
         )
 
+    # -- 7 (tests/lab only: its wait is the partner's DPD) -------------------------------------
+    def bank_peer_killed(self, name: str = WEB1, *, timeout: float = 60.0) -> Step:
+        """The issue's own words: bank's daemon killed (-9) and started again by its own
+        systemd, under traffic to all three. Nothing tells us: our SAs for bank go stale, our
+        DPD (bank's 5 s / 10 s) declares bank dead and restarts bank's connection alone; card
+        and clearing lose nothing; no document runs."""
+        ns = self.lab.instance(name).ns
+        targets = {p: self.app_address(p) for p in NAMES}
+        _wait(lambda: self._settled(CARD), 25)  # card's peer initiates too: one IKE SA left
+        history_before = len(self.lab.commands.history)
+        with contextlib.ExitStack() as stack:
+            clear = stack.enter_context(self.lab.capture("tn-inet", "any", CLEAR))
+            arrived = {
+                p: stack.enter_context(self.lab.capture(SITES[p].app_ns, "eth0", bpf))
+                for p, bpf in (
+                    (p, f"udp and dst port 9 and src host {self.s[name][p]}") for p in NAMES
+                )
+            }
+            senders = {p: _sender(ns, targets[p]) for p in NAMES}
+            time.sleep(1.0)
+            before = self.lab.sas()
+            killed = time.monotonic()
+            self.lab.stop_spawned(f"{SITES[BANK].vpn_ns}-charon")  # kill -9, its SAs gone
+            self.lab._start_charon(SITES[BANK].vpn_ns)  # its systemd starts it again
+            topo.in_ns(SITES[BANK].vpn_ns, ["swanctl", "--load-all", "--noprompt"])
+            old_ids = set(before.get(BANK, {}).get("ike_ids", []))
+            healed_at = None
+            while time.monotonic() - killed < timeout:
+                bank = self.lab.sas().get(BANK, {})
+                if self._bank_up() and not old_ids & set(bank.get("ike_ids", [])):
+                    healed_at = time.monotonic() - killed
+                    break
+                time.sleep(0.3)
+            time.sleep(1.0)
+            after = self.lab.sas()
+            sent = {p: _stop(proc) for p, proc in senders.items()}
+            time.sleep(0.5)
+        received = {p: len([x for x in arrived[p] if x.strip()]) for p in NAMES}
+        lost = {p: sent[p] - received[p] for p in NAMES}
+        untouched = {p: before.get(p, {}).get("ike_ids") == after.get(p, {}).get("ike_ids")
+                     for p in (CARD, CLEARING)}  # fmt: skip
+        documents = [r.document for r in self.lab.commands.history[history_before:]]
+        bank_after = self.lab.http(ns, self.url(BANK, name))
+        # Two CHILD_SAs of different selector pairs sharing a reqid send one pair's traffic on
+        # the other's SA (the partner drops it: "discarding inbound IP packet ... due to
+        # policy"); strongSwan issue #1855, "two child SAs have same reqid only after DPD loss".
+        shared = _shared_reqids(after.get(BANK, {}).get("reqids", {}))
+        ok = (
+            healed_at is not None
+            and all(untouched.values())
+            and lost[CARD] == 0
+            and lost[CLEARING] == 0
+            and not clear
+            and bank_after[0]
+            and not shared
+        )
+        figure = (
+            f"bank's charon killed (-9) and restarted under traffic from {name}: our DPD "
+            f"restarted bank alone, up again after {_s(healed_at)} ({len(documents)} documents "
+            f"run); card {lost[CARD]} of {sent[CARD]} lost, clearing {lost[CLEARING]} of "
+            f"{sent[CLEARING]} lost (their IKE SAs "
+            f"{'untouched' if all(untouched.values()) else 'CHANGED'}); bank {lost[BANK]} of "
+            f"{sent[BANK]} lost meanwhile; {len(clear)} clear-text packets; web-1 GET bank's "
+            f"app server afterwards -> {_err(bank_after)}"
+            + (
+                "; bank's CHILD_SAs sharing a reqid after the restart: "
+                + ", ".join(f"{'/'.join(c)} (reqid {r})" for r, c in shared.items())
+                if shared
+                else ""
+            )
+        )
+        return Step(
+            "bank's daemon killed: only bank re-established, card and clearing flow on",
+            ok,
+            figure,
+            {
+                "healed_seconds": healed_at,
+                "sent": sent,
+                "lost": lost,
+                "untouched": untouched,
+                "documents": documents,
+                "clear": len(clear),
+                "clear_packets": clear[:20],
+                "after": after,
+                "shared_reqids": shared,
+            },
+        )
+
     def _settled(self, partner: str) -> bool:
         gateway = self.lab.sas().get(partner, {})
         return len(gateway.get("ike_ids", [])) == 1
@@ -510,8 +603,10 @@ class PartnersStory:
         want = len(self.lab.lane(BANK).networks) * len(self.lab.lane(BANK).pool)
         return len(bank.get("children", {})) == want
 
-    def all_steps(self) -> list[Callable[[], Step]]:
-        return [
+    def all_steps(self, *, peer_killed: bool = False) -> list[Callable[[], Step]]:
+        """The demo's steps; ``peer_killed`` adds bank's daemon killed (tests/lab: its time is
+        the partner's DPD, kept out of the demo's)."""
+        steps = [
             self.configure,
             self.enrol,
             self.reach_each,
@@ -519,6 +614,7 @@ class PartnersStory:
             self.only_card,
             self.heal_bank,
         ]
+        return [*steps, self.bank_peer_killed] if peer_killed else steps
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -628,6 +724,14 @@ def _sa_text(name: str, sa: dict[str, Any]) -> str:
     if not sa:
         return f"{name} NONE"
     return f"{name} IKEv{sa['version']} {sum(sa['children'].values())} CHILD_SA(s)"
+
+
+def _shared_reqids(reqids: dict[str, Any]) -> dict[str, list[str]]:
+    """reqid -> the CHILD_SAs sharing it (two or more), from ``sas()``'s ``reqids``."""
+    by: dict[str, list[str]] = {}
+    for child, reqid in sorted(reqids.items()):
+        by.setdefault(str(reqid), []).append(child)
+    return {r: c for r, c in by.items() if len(c) > 1}
 
 
 def _err(answer: tuple[bool, str]) -> str:

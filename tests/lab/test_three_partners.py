@@ -26,12 +26,12 @@ def steps():
     done = {}
     with partners_lab() as (lab, controller):
         story = Story(lab, controller)
-        for step_fn in story.all_steps():
+        # Every step, also after one failed (each test judges its own); one that raises ends
+        # the story (the next would build on what it left half-done).
+        for step_fn in story.all_steps(peer_killed=True):
             step = step_fn()
             print(f"{'ok' if step.ok else 'FAILED'} {step.title}\n   {step.figure}")
             done[step_fn.__name__] = step
-            if not step.ok:
-                break
         yield done, lab, story
     assert lab.cleaned, "the lab left namespaces behind"
 
@@ -39,7 +39,7 @@ def steps():
 def _step(steps, name):
     done, _, _ = steps
     if name not in done:
-        pytest.fail(f"step {name} did not run (an earlier step failed)")
+        pytest.fail(f"step {name} did not run (an earlier step raised)")
     return done[name]
 
 
@@ -107,3 +107,20 @@ def test_bank_healed_alone_card_and_clearing_lose_nothing(steps):
     assert heal["clear"] == 0
     assert [r["TunnelName"] for r in heal["restarts"]] == [BANK]
     assert all(heal["untouched"].values())
+
+
+@pytest.mark.xfail(
+    reason="strongSwan issue #1855 (two child SAs have same reqid only after DPD loss; 5.9.8 "
+    "here): after our DPD restarts bank's four per-pair CHILD_SAs, two pairs share a reqid and "
+    "one pair's traffic leaves on the other's SA (the bank drops it 'due to policy'). NEEDS-23b: "
+    "pin a reqid per CHILD_SA (swanctl.conf children.<child>.reqid) or detect it",
+    strict=False,
+)
+def test_bank_daemon_killed_only_bank_reestablished(steps):
+    step = _step(steps, "bank_peer_killed")
+    data = step.data
+    # What holds today: card and clearing untouched and lossless, nothing in clear text.
+    assert data["lost"][CARD] == 0 and data["lost"][CLEARING] == 0, step.figure
+    assert all(data["untouched"].values()) and data["clear"] == 0, step.figure
+    assert not data["shared_reqids"], step.figure
+    assert step.ok, step.figure
