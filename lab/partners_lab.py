@@ -23,7 +23,9 @@ networks are their own private ranges; the alias comes from RFC 6598's shared sp
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import re
 import secrets
@@ -599,6 +601,7 @@ class PartnersController:
 
     def __init__(self, lab: PartnersLab) -> None:
         self.lab = lab
+        self.printed: list[str] = []  # what each invocation printed
         self._saved = os.environ.get("TUNNELNAT_PARTNERS_PATH")
         os.environ["TUNNELNAT_PARTNERS_PATH"] = parameter_path(DEPLOYMENT)
         try:
@@ -651,7 +654,12 @@ class PartnersController:
             self.lab.aws.tags(instance_id),
             event_id=str(uuid.uuid4()),
         )
-        return self.inner.invoke(event)
+        # What the handler prints is for CloudWatch Logs (EMF metric lines: the per-partner
+        # PoolFreeAddresses is printed even with POWERTOOLS_METRICS_DISABLED), not the report.
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            reply = self.inner.invoke(event)
+        self.printed.append(printed.getvalue())
+        return reply
 
 
 def lane_mappings(lab: PartnersLab, name: str) -> dict[str, str]:
