@@ -552,7 +552,7 @@ class PartnersStory:
         # Two CHILD_SAs of different selector pairs sharing a reqid send one pair's traffic on
         # the other's SA (the partner drops it: "discarding inbound IP packet ... due to
         # policy"); strongSwan issue #1855, "two child SAs have same reqid only after DPD loss".
-        shared = _shared_reqids(after.get(BANK, {}).get("reqids", {}))
+        shared = shared_reqids(after.get(BANK, {}).get("reqids", {}))
         ok = (
             healed_at is not None
             and all(untouched.values())
@@ -726,7 +726,7 @@ def _sa_text(name: str, sa: dict[str, Any]) -> str:
     return f"{name} IKEv{sa['version']} {sum(sa['children'].values())} CHILD_SA(s)"
 
 
-def _shared_reqids(reqids: dict[str, Any]) -> dict[str, list[str]]:
+def shared_reqids(reqids: dict[str, Any]) -> dict[str, list[str]]:
     """reqid -> the CHILD_SAs sharing it (two or more), from ``sas()``'s ``reqids``."""
     by: dict[str, list[str]] = {}
     for child, reqid in sorted(reqids.items()):

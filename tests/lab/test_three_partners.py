@@ -9,12 +9,23 @@ story's steps run once, in order; each test asserts on what one step observed.
 from __future__ import annotations
 
 import logging
+import re
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from lab.partners_lab import BANK, CARD, CLEARING, NAMES, SITES
-from lab.partners_story import WEB1, WEB2, partners_lab
+from lab.partners_lab import (
+    BANK,
+    CARD,
+    CLEARING,
+    NAMES,
+    PARTNERS_YAML,
+    SITES,
+    bank_conf,
+    load_partners,
+    parse_list_sas,
+)
+from lab.partners_story import WEB1, WEB2, partners_lab, shared_reqids
 from lab.partners_story import PartnersStory as Story
 
 pytestmark = pytest.mark.lab
@@ -124,3 +135,55 @@ def test_bank_daemon_killed_only_bank_reestablished(steps):
     assert all(data["untouched"].values()) and data["clear"] == 0, step.figure
     assert not data["shared_reqids"], step.figure
     assert step.ok, step.figure
+
+
+# -- the lab's own plan, without a lab (no namespaces, no root needed beyond the lab marker) ----
+
+
+def test_the_labs_partners_file_is_valid_and_aliases_clearing(tmp_path):
+    path = tmp_path / "partners.yaml"
+    path.write_text(PARTNERS_YAML)
+    plan = load_partners(path)
+    lanes = {lane.name: lane for lane in plan.lanes("lab", "tunnelnat")}
+    assert list(lanes) == [CARD, BANK, CLEARING]
+    assert lanes[CLEARING].networks == lanes[CARD].networks  # the overlap
+    assert [str(a) for a in lanes[CLEARING].aliases] == ["100.64.0.0/24"]
+    assert lanes[BANK].ike_version == 1 and plan[BANK].partner.layout == "per-pair"
+    assert lanes[BANK].tag_key == "tunnelnat:partner:bank"
+
+
+def test_the_banks_side_is_ikev1_main_mode_one_selector_pair_per_child():
+    conf = bank_conf("k" * 48, ["203.0.113.20", "203.0.113.21"], ["172.20.0.0/24", "172.20.5.0/28"])
+    assert "version = 1" in conf and "aggressive = no" in conf
+    local = re.findall(r"local_ts = (\S+)", conf)
+    remote = re.findall(r"remote_ts = (\S+)", conf)
+    assert len(local) == len(remote) == 4 and not any("," in ts for ts in local + remote)
+    assert sorted(zip(local, remote, strict=True)) == sorted(
+        (n, f"{s}/32")
+        for n in ("172.20.0.0/24", "172.20.5.0/28")
+        for s in ("203.0.113.20", "203.0.113.21")
+    )
+
+
+RAW = (
+    "list-sa event {bank {uniqueid=2 version=1 state=ESTABLISHED child-sas {bank-1-2 {name=bank-1 "
+    "uniqueid=2 reqid=2 state=INSTALLED packets-in=3 packets-out=4 local-ts=[203.0.113.20/32] "
+    "remote-ts=[172.20.0.0/24]} bank-2-3 {name=bank-2 uniqueid=3 reqid=2 state=INSTALLED "
+    "packets-in=0 packets-out=1 local-ts=[203.0.113.20/32] remote-ts=[172.20.5.0/28]}}}}\n"
+    "list-sa event {card {uniqueid=5 version=2 state=ESTABLISHED child-sas {card-7 {name=card "
+    "uniqueid=7 reqid=1 state=INSTALLED local-ts=[203.0.113.10/32 203.0.113.11/32] "
+    "remote-ts=[192.0.2.0/24]}}}}\n"
+    "list-sas reply {}\n"
+)
+
+
+def test_list_sas_raw_is_read_per_connection():
+    sas = parse_list_sas(RAW)
+    assert sas["bank"]["version"] == 1 and sas["bank"]["ike_ids"] == ["2"]
+    assert sas["bank"]["children"] == {"bank-1": 1, "bank-2": 1}
+    assert sas["bank"]["packets_in"] == 3 and sas["bank"]["packets_out"] == 5
+    assert sas["card"]["selectors"]["card"] == (
+        ["203.0.113.10/32", "203.0.113.11/32"],
+        ["192.0.2.0/24"],
+    )
+    assert shared_reqids(sas["bank"]["reqids"]) == {"2": ["bank-1", "bank-2"]}
