@@ -25,6 +25,7 @@ Standard library and the image's boto3 only.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
 import ipaddress
 import json
@@ -46,6 +47,9 @@ RESTART = "RestartTunnel"
 LOCK_FILE = "/run/lock/tunnelnat-configure-tunnel.lock"
 LOCK_SECONDS = 240.0
 STATE = "/etc/tunnelnat"
+# Pinned CHILD_SA reqids (core/swanctl.py): tunnel k's child n has REQID_FLOOR + REQID_SPAN * k + n,
+# far above charon's own (it counts up from 1), readable in --list-sas (1002003: tunnel 2, child 3).
+REQID_FLOOR, REQID_SPAN = 1_000_000, 1_000
 BOOT_CONFIG = "/etc/tunnelnat/boot.json"  # the boot program's: G, its subnet's router, first T
 LOG_DIR = "/var/log/tunnelnat"
 LIBIPSEC_CONF = "kernel-libipsec {\n    load = yes\n}\n"
@@ -585,6 +589,43 @@ def charon_records(tunnels: Path, skip: str | None = None) -> list[tuple[int, st
     return found
 
 
+def reqid_base(tunnels: Path, name: str) -> int:
+    """The tunnel's reqid base: the one its NAME.charon records, else the lowest no other tunnel
+    holds. Kept for the tunnel's life: a new base would change its connection (a restart)."""
+    taken: dict[str, int] = {}
+    for path in tunnels.glob("*.charon"):
+        try:
+            base = json.loads(path.read_text()).get("reqid_base")
+        except (ValueError, AttributeError, UnicodeDecodeError):
+            continue
+        if isinstance(base, int) and base >= REQID_FLOOR and base % REQID_SPAN == 0:
+            taken[path.stem] = base
+    if name in taken and list(taken.values()).count(taken[name]) == 1:
+        return taken[name]
+    others = {b for stem, b in taken.items() if stem != name}
+    base = REQID_FLOOR
+    while base in others:
+        base += REQID_SPAN
+    return base
+
+
+_REQID_LINE = re.compile(r"^ +reqid = [0-9]+\n", re.MULTILINE)
+
+
+def unpinned_and_up(host: Host, name: str, loaded: Path, rendered: str) -> bool:
+    """Whether the loaded connection differs from the rendered one only by lacking pinned reqids
+    (a gateway from before them) while its IKE SA is up. charon re-establishes the SAs of a
+    connection whose configuration a load replaces, and pinned reqids would only reach CHILD_SAs
+    set up later anyway: such a tunnel keeps its connection until it changes for another reason
+    or is down, so pinning costs no outage."""
+    if not loaded.is_file():
+        return False
+    text = loaded.read_text()
+    if _REQID_LINE.search(text) or text != _REQID_LINE.sub("", rendered):
+        return False
+    return Sas(host, name).has_ike_sa()
+
+
 def start_strongswan(host: Host) -> None:
     if host.ok(["systemctl", "enable", "--now", "strongswan"]):
         return
@@ -613,6 +654,9 @@ def apply(
 ) -> dict[str, object]:
     """The tunnel's files, charon, the SAs: under the lock."""
     name, backend, libipsec = a.tunnel_name, a.ipsec_backend, tunnel.encap
+    tunnels = host.path(f"{STATE}/tunnels")
+    tunnels.mkdir(parents=True, exist_ok=True)
+    tunnel = dataclasses.replace(tunnel, reqid_base=reqid_base(tunnels, name))
     files = swanctl.render_files(tunnel)
     # -- strongSwan.
     ss_etc, swanctl_dir = strongswan_dirs(host)
@@ -636,6 +680,9 @@ def apply(
     if legacy is not None and legacy != name and _is_legacy_secret(conf_d / conf_name):
         # Only a tunnel named "secret": its file would be the single-tunnel layout's key file.
         raise Failed(f"conf.d/{conf_name} holds tunnel {legacy}'s key: configure {legacy} first")
+    loaded = conf_d / (LEGACY_CONF if legacy == name else conf_name)
+    if unpinned_and_up(host, name, loaded, files["tunnel.conf"]):
+        files["tunnel.conf"] = loaded.read_text()
     conf_changed = write_if_changed(conf_d / conf_name, files["tunnel.conf"], 0o644)
     secret_changed = write_if_changed(conf_d / secret_name, secret, 0o600)
     owns_legacy = legacy in (None, name)
@@ -653,10 +700,9 @@ def apply(
             legacy_secret.unlink()
     # DPD's timeout (IKEv2 retransmissions) and the log the health agent diagnoses from:
     # charon's settings are shared by every tunnel, rendered from each tunnel's record.
-    tunnels = host.path(f"{STATE}/tunnels")
-    for directory in (host.path(f"{ss_etc}/strongswan.d"), host.path(LOG_DIR), tunnels):
+    for directory in (host.path(f"{ss_etc}/strongswan.d"), host.path(LOG_DIR)):
         directory.mkdir(parents=True, exist_ok=True)
-    record = {"dpd_timeout": tunnel.dpd[1], "log": tunnel.log}
+    record = {"dpd_timeout": tunnel.dpd[1], "log": tunnel.log, "reqid_base": tunnel.reqid_base}
     write_if_changed(tunnels / f"{name}.charon", json.dumps(record) + "\n", 0o644)
     settings = host.path(f"{ss_etc}/strongswan.d/tunnelnat.conf")
     shared = swanctl.render_shared_charon_settings(charon_records(tunnels))

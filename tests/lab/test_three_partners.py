@@ -120,17 +120,11 @@ def test_bank_healed_alone_card_and_clearing_lose_nothing(steps):
     assert all(heal["untouched"].values())
 
 
-@pytest.mark.xfail(
-    reason="strongSwan issue #1855 (two child SAs have same reqid only after DPD loss; 5.9.8 "
-    "here): after our DPD restarts bank's four per-pair CHILD_SAs, two pairs share a reqid and "
-    "one pair's traffic leaves on the other's SA (the bank drops it 'due to policy'). NEEDS-23b: "
-    "pin a reqid per CHILD_SA (swanctl.conf children.<child>.reqid) or detect it",
-    strict=False,
-)
 def test_bank_daemon_killed_only_bank_reestablished(steps):
     step = _step(steps, "bank_peer_killed")
     data = step.data
-    # What holds today: card and clearing untouched and lossless, nothing in clear text.
+    # Card and clearing untouched and lossless, nothing in clear text; bank's four per-pair
+    # CHILD_SAs keep their pinned reqids (strongSwan issue #1855 otherwise: two pairs on one).
     assert data["lost"][CARD] == 0 and data["lost"][CLEARING] == 0, step.figure
     assert all(data["untouched"].values()) and data["clear"] == 0, step.figure
     assert not data["shared_reqids"], step.figure

@@ -38,6 +38,7 @@ class Tunnel:
     log: str = "/var/log/tunnelnat/charon.log"
     local_addr: IPv4Address | None = None  # a gateway pair: the address on the moving ENI
     ike_version: int = 2  # 1: a legacy peer, IKEv1 main mode (per-pair selectors only)
+    reqid_base: int = 0  # 0: charon picks each CHILD_SA's reqid; else child n has base + n
 
     @property
     def children(self) -> list[tuple[str, str, str]]:
@@ -95,12 +96,19 @@ def render_connection(t: Tunnel) -> str:
     for side, ident in (("local", t.local_id), ("remote", t.remote_id or t.partner)):
         out += [f"    {side} {LB}", "      auth = psk", f'      id = "{ident}"', f"    {RB}"]
     out.append(f"    children {LB}")
-    for name, local_ts, remote_ts in t.children:
+    for number, (name, local_ts, remote_ts) in enumerate(t.children, 1):
         out += [f"      {name} {LB}", f"        local_ts = {local_ts}"]
         out += [f"        remote_ts = {remote_ts}", f"        esp_proposals = {t.esp}"]
         out += [f"        rekey_time = {c_rekey}s", f"        life_time = {c_life}s"]
         out += [f"        rand_time = {c_rand}s", f"        start_action = {t.start}"]
         out += [f"        dpd_action = {'restart' if t.start == 'start' else 'clear'}"]
+        if t.reqid_base:
+            # Pinned: after a DPD restart charon 5.9 can hand two CHILD_SAs of different
+            # selectors one reqid (strongSwan issue #1855), so one pair's packets leave on the
+            # other's SA and the partner drops them while both read INSTALLED. A fixed reqid
+            # needs each CHILD_SA config instantiated once at a time (swanctl.conf(5),
+            # children.<child>.reqid): one site-to-site peer, fixed selectors.
+            out.append(f"        reqid = {t.reqid_base + number}")
         out.append(f"      {RB}")
     return "\n".join([*out, f"    {RB}", f"  {RB}", RB, ""])
 
