@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 pstory = PartnersStory(plab, pcontroller)
                 more, number = run_steps(
-                    pstory.all_steps(), number, results, seconds, args.keep_going
+                    pstory.all_steps(peer_killed=True), number, results, seconds, args.keep_going
                 )
                 failed += more
     except KeyboardInterrupt:
@@ -293,6 +293,18 @@ def headline(results: dict[str, Any]) -> list[str]:
                 + f"; card {heal['lost']['card']} of {heal['sent']['card']} lost, clearing "
                 f"{heal['lost']['clearing']} of {heal['sent']['clearing']} lost, "
                 f"{heal['clear']} clear-text"
+            )
+        if "shared_reqids" in step.data:  # bank's daemon killed
+            d = step.data
+            healed = d["healed_seconds"]
+            reqids = sorted(str(r) for r in d["after"].get("bank", {}).get("reqids", {}).values())
+            lines.append(
+                f"three partners: bank's daemon killed (-9) -> our DPD re-established bank alone "
+                f"in {'NEVER' if healed is None else f'{healed:.1f}s'}; card {d['lost']['card']} "
+                f"of {d['sent']['card']} lost, clearing {d['lost']['clearing']} of "
+                f"{d['sent']['clearing']} lost, {d['clear']} clear-text; bank's CHILD_SAs on "
+                f"reqids {', '.join(reqids) or 'none'}"
+                + (f" (SHARED: {d['shared_reqids']})" if d["shared_reqids"] else "")
             )
         if "overlap" in step.data:
             lines.append(f"three partners: {step.data['overlap']}")

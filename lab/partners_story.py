@@ -506,7 +506,7 @@ class PartnersStory:
             },
         )
 
-    # -- 7 (tests/lab only: its wait is the partner's DPD) -------------------------------------
+    # -- 7 (its wait is the partner's DPD) -----------------------------------------------------
     def bank_peer_killed(self, name: str = WEB1, *, timeout: float = 60.0) -> Step:
         """The issue's own words: bank's daemon killed (-9) and started again by its own
         systemd, under traffic to all three. Nothing tells us: our SAs for bank go stale, our
@@ -604,8 +604,8 @@ class PartnersStory:
         return len(bank.get("children", {})) == want
 
     def all_steps(self, *, peer_killed: bool = False) -> list[Callable[[], Step]]:
-        """The demo's steps; ``peer_killed`` adds bank's daemon killed (tests/lab: its time is
-        the partner's DPD, kept out of the demo's)."""
+        """The steps; ``peer_killed`` adds bank's daemon killed (the demo and tests/lab run it;
+        its time is bank's DPD, 5 s / 10 s)."""
         steps = [
             self.configure,
             self.enrol,
