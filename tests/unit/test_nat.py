@@ -242,5 +242,8 @@ def test_mss_is_clamped_in_both_directions():
     rule fails here."""
     text = render_nat_table(base(mss=1300), NatTable(1, mappings(1)))
     rules = [" ".join(line.split()) for line in text.splitlines() if "maxseg" in line]
-    clamp = "tcp flags syn tcp option maxseg size > 1300 tcp option maxseg size set 1300"
-    assert rules == [f"ip daddr @partner_nets {clamp}", f"ip saddr @partner_nets {clamp}"]
+    clamp = "tcp option maxseg size > 1300 tcp option maxseg size set 1300"
+    assert rules == [
+        f"tcp flags syn ip daddr @partner_nets {clamp}",
+        f"tcp flags syn ip saddr @partner_nets {clamp}",
+    ]

@@ -175,7 +175,11 @@ def test_alias_partner_renders_prefix_nat_both_ways() -> None:
     assert "203.0.113.11 . 10.0.0.0/24 : 2130706434" in text  # in_mark(2)
     assert "203.0.113.12 . 10.0.0.0/24 : 2130706434" in text
     assert "0.0.0.0/0 . 172.20.0.0/24 : 2130706435" in text
-    assert "meta mark set ip daddr . ip saddr map @in_class" in text
+    classify = text[text.index("chain classify") :].splitlines()[2:4]
+    assert [line.strip() for line in classify] == [
+        "meta mark set ip daddr map @out_class accept",  # outbound: one lookup
+        "meta mark set ip daddr . ip saddr map @in_class",
+    ]
     assert 'oifname != { "ipsec0" }' in text
     # Shared S: no partner-initiated path, SNAT of enrolled sources only.
     assert "ip saddr @enrolled_bee snat to 203.0.113.30" in text
@@ -184,7 +188,7 @@ def test_alias_partner_renders_prefix_nat_both_ways() -> None:
 
 def test_kernel_backend_guard_is_todays() -> None:
     text = render_partners_table(partners(2), {})
-    assert "ip daddr @partner_nets rt ipsec missing counter name dropped_cleartext drop" in text
+    assert "rt ipsec missing ip daddr @partner_nets counter name dropped_cleartext drop" in text
 
 
 def test_delta_names_only_the_partners_own_maps() -> None:
