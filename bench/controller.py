@@ -665,6 +665,15 @@ def _worker(gateway: str, ssm_latency: float, use_ssm: bool, state: Any, tasks: 
     log_dir = os.environ.get("BENCH_WORKER_LOGS")  # a directory: keep them, one file a worker
     target = os.path.join(log_dir, f"worker-{os.getpid()}.log") if log_dir else os.devnull
     os.dup2(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644), 1)
+    # A spawned process inherits the parent's sys.path, the gateway archive on it, but not its
+    # imports: sys.path's finder would take ``tunnelnat`` from the archive (its pure core only)
+    # before the editable install's finder. The Lambda's package first, then the archive back.
+    archives = [p for p in sys.path if p.endswith(".pyz")]
+    for path in archives:
+        sys.path.remove(path)
+    import tunnelnat.core.config  # noqa: F401
+
+    sys.path.extend(archives)
     try:
         wiring = wire_handler(gateway, ssm_latency=ssm_latency, use_ssm=use_ssm, state=state)
         from tunnelnat.handlers.controller import handler

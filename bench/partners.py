@@ -2,7 +2,8 @@
 
     python -m bench.partners [--quick] [--rounds R] [--seconds S] [--json PATH]
 
-Not part of ``make bench`` (yet): run it on its own, as root.
+``make bench`` runs it (10 paired rounds, about two minutes; ``--quick``: 3, whose median
+swings with this machine's samples); on its own, as root, with the options above.
 
 **New flows/s, 50 partners x 10,000 mappings vs 1 partner x 10,000.** Identical chains of
 namespaces, built once and kept loaded, so the conditions alternate within one run without a

@@ -579,11 +579,11 @@ def _issue23_md(parts: dict) -> list[str]:
 
     out = []
     p = parts.get("partners", {})
-    skipped = _skipped("Several partners: the NAT table (bench/partners.py, --quick)", p)
+    skipped = _skipped("Several partners: the NAT table (bench/partners.py)", p)
     if skipped is not None:
         out += skipped
     else:
-        out += ["## Several partners: the NAT table (bench/partners.py, --quick)", ""]
+        out += ["## Several partners: the NAT table (bench/partners.py)", ""]
         out += [partners.markdown(p["flows"], p["delta"]), ""]
     t = parts.get("tunnels", {})
     skipped = _skipped("Several partners: ConfigureTunnel (bench/tunnels.py)", t)
