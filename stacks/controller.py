@@ -75,6 +75,27 @@ def tag_change_pattern(keys: list[str]) -> dict[str, Any]:
     }
 
 
+def lifecycle_of_groups_tagged(stack: Stack, sid: str, tag_key: str) -> iam.PolicyStatement:
+    """Completing and heartbeating the lifecycle actions of Auto Scaling groups that carry
+    ``tag_key`` (any value): the groups whose instances enrol, and no other's."""
+    return iam.PolicyStatement(
+        sid=sid,
+        actions=[
+            "autoscaling:CompleteLifecycleAction",
+            "autoscaling:RecordLifecycleActionHeartbeat",
+        ],
+        resources=[
+            stack.format_arn(
+                service="autoscaling",
+                resource="autoScalingGroup",
+                resource_name="*",
+                arn_format=ArnFormat.COLON_RESOURCE_NAME,
+            )
+        ],
+        conditions={"StringLike": {f"aws:ResourceTag/{tag_key}": "*"}},
+    )
+
+
 def document_arn(stack: Stack, documents: Documents, stem: str) -> str:
     """One of the project's documents, by its fixed name."""
     return stack.format_arn(
@@ -346,41 +367,13 @@ class Controller(Construct):
                 ],
                 resources=["*"],
             ),
-            iam.PolicyStatement(
-                sid="LifecycleOfEnrolledGroups",
-                actions=[
-                    "autoscaling:CompleteLifecycleAction",
-                    "autoscaling:RecordLifecycleActionHeartbeat",
-                ],
-                resources=[
-                    stack.format_arn(
-                        service="autoscaling",
-                        resource="autoScalingGroup",
-                        resource_name="*",
-                        arn_format=ArnFormat.COLON_RESOURCE_NAME,
-                    )
-                ],
-                conditions={"StringLike": {f"aws:ResourceTag/{key}": "*"}},
-            ),
+            lifecycle_of_groups_tagged(stack, "LifecycleOfEnrolledGroups", key),
         ]
         for lane in lanes.lanes if lanes is not None else ():
+            # A group whose instances join partner <name> carries the lane's key.
             statements.append(
-                iam.PolicyStatement(
-                    # A group whose instances join partner <name> carries the lane's key.
-                    sid=f"Lane{lane.index}LifecycleOfEnrolledGroups",
-                    actions=[
-                        "autoscaling:CompleteLifecycleAction",
-                        "autoscaling:RecordLifecycleActionHeartbeat",
-                    ],
-                    resources=[
-                        stack.format_arn(
-                            service="autoscaling",
-                            resource="autoScalingGroup",
-                            resource_name="*",
-                            arn_format=ArnFormat.COLON_RESOURCE_NAME,
-                        )
-                    ],
-                    conditions={"StringLike": {f"aws:ResourceTag/{lane.tag_key}": "*"}},
+                lifecycle_of_groups_tagged(
+                    stack, f"Lane{lane.index}LifecycleOfEnrolledGroups", lane.tag_key
                 )
             )
         if lanes is not None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit, single_metric
+from aws_lambda_powertools.metrics.functions import is_metrics_disabled
 from aws_lambda_powertools.utilities.batch import (
     BatchProcessor,
     EventType,
@@ -90,6 +91,8 @@ class PowertoolsTelemetry:
         metrics.add_metric(name=name, unit=MetricUnit(unit), value=value)
 
     def failure(self, reason: str) -> None:
+        if is_metrics_disabled():  # as Metrics honours it; single_metric prints regardless
+            return
         with single_metric(
             name="Failures",
             unit=MetricUnit.Count,
@@ -111,7 +114,7 @@ class PartnerTelemetry(PowertoolsTelemetry):
 
     def measure(self, name: str, value: float, unit: str) -> None:
         super().measure(name, value, unit)
-        if name != "PoolFreeAddresses":
+        if name != "PoolFreeAddresses" or is_metrics_disabled():
             return
         with single_metric(
             name=name,
