@@ -320,12 +320,32 @@ def run_document(
             argv = [shell, "-c", str(script_path)]
             if netns is not None:
                 argv = netns_argv(netns, argv, mount_ns=mount_ns)
-            status, exit_code, stdout, stderr = _run(argv, full_env, max(limit, 0.0))
+            for _ in range(5):
+                status, exit_code, stdout, stderr = _run(argv, full_env, max(limit, 0.0))
+                if not _text_file_busy(script_path, status, stdout, stderr):
+                    break
+                time.sleep(0.05)
             out.append(truncate_output(stdout))
             err.append(truncate_output(stderr))
             if status != "Success":
                 break
     return Invocation(status, exit_code, "".join(out), "".join(err)[:MAX_STDERR_CHARACTERS])
+
+
+def _text_file_busy(script: Path, status: str, stdout: bytes, stderr: bytes) -> bool:
+    """Whether the shell could not execute the script because it was open for writing (execve(2),
+    ETXTBSY). The lab runs every machine's agent in one multi-threaded process: a fork in another
+    thread while this runner wrote the script holds a copy of its descriptor until that child
+    execs. The script never started, so running it again is what the agent, alone on its
+    machine, would have done the first time."""
+    first = stderr.strip().splitlines()[:1]
+    return (
+        status == "Failed"
+        and not stdout
+        and len(stderr.strip().splitlines()) == 1
+        and bool(first)
+        and first[0].endswith(str(script).encode() + b": Text file busy")
+    )
 
 
 def netns_argv(netns: str, argv: Sequence[str], *, mount_ns: str | Path | None = None) -> list[str]:

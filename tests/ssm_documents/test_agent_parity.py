@@ -216,3 +216,25 @@ def test_the_agent_path_is_systemds_default():
         "/sbin",
         "/bin",
     ]
+
+
+def test_a_script_busy_for_writing_is_recognised_from_the_shells_own_message(tmp_path):
+    """The lab runs every agent in one process: a fork in another thread may hold the new
+    script open for writing for a moment, and the shell's execve then fails with ETXTBSY before
+    the script starts. The runner recognises dash's own message for exactly that script and runs
+    it again; any other failure is the script's."""
+    from lab.ssm_runner import _text_file_busy
+
+    script = tmp_path / "_script.sh"
+    script.write_text("#!/bin/sh\necho ran\n")
+    script.chmod(0o700)
+    with open(script, "a"):  # open for writing, as the forked child's copy would be
+        busy = subprocess.run([agent_shell(), "-c", str(script)], capture_output=True)
+    assert busy.returncode != 0 and b"Text file busy" in busy.stderr, busy
+    assert _text_file_busy(script, "Failed", busy.stdout, busy.stderr)
+    ran = subprocess.run([agent_shell(), "-c", str(script)], capture_output=True)
+    assert ran.stdout == b"ran\n"
+    assert not _text_file_busy(script, "Success", ran.stdout, ran.stderr)
+    other = tmp_path / "other.sh"
+    assert not _text_file_busy(other, "Failed", b"", busy.stderr)  # another file's message
+    assert not _text_file_busy(script, "Failed", b"", busy.stderr + b"more\n")
