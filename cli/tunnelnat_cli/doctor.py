@@ -17,6 +17,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from tunnelnat.adapters.ec2 import DEPLOYMENT_TAG
 from tunnelnat.core.enrolment import GATEWAY_ROLE_TAG
+from tunnelnat.core.lanes import partner_status_tag
 from tunnelnat.healer import latest_established
 from tunnelnat_cli.aws import EXIT_FINDINGS, EXIT_OK, CliError, error_code
 from tunnelnat_cli.context import Ctx
@@ -792,7 +793,8 @@ def check_tunnels(ctx: Ctx, facts: Facts) -> list[Finding]:
 def check_partners(ctx: Ctx, facts: Facts) -> list[Finding]:
     """Several partners (issue 23): one finding per partner, from its own lane only (its table,
     its generation, its tunnel's TunnelUp), so one partner's problem is never another's. A
-    deployment without a partners file has no lanes: no finding at all."""
+    deployment without a partners file has no lanes and no finding, but for instances still
+    marked enrolled with a partner it once declared (``retired_partners``)."""
     lanes = read_lanes(ctx.aws.client("ssm"), ctx.deployment)
     if lanes.problem:
         return [
@@ -803,8 +805,9 @@ def check_partners(ctx: Ctx, facts: Facts) -> list[Finding]:
                 f"allow ssm:GetParametersByPath on {lanes.path} to the caller, or redeploy",
             )
         ]
+    found = retired_partners(ctx, facts.tag_key, {lane.name for lane in lanes.lanes})
     if not lanes.lanes:
-        return []
+        return found
     gw = facts.gateway
     states = tunnel_states(
         ctx.aws.client("cloudwatch"),
@@ -812,7 +815,6 @@ def check_partners(ctx: Ctx, facts: Facts) -> list[Finding]:
         deployment=ctx.deployment,
         now=ctx.runtime.now(),
     )
-    found = []
     for lane in lanes.lanes:
         fails: list[tuple[str, str]] = []  # (what, fix)
         snap, problem = table_snapshot(ctx.aws.client("dynamodb"), lane)
@@ -864,6 +866,43 @@ def check_partners(ctx: Ctx, facts: Facts) -> list[Finding]:
                 Finding("partner", OK, f"{what}: tunnel {tunnel.state}{tail}", None, lane.name)
             )
     return found
+
+
+def retired_partners(ctx: Ctx, tag_key: str, declared: set[str]) -> list[Finding]:
+    """Instances still marked enrolled with a partner the deployment no longer declares (taken
+    out of the partners file): no lane reconciles them, so their host routes for it stay and
+    send to G, which drops that traffic (``dropped_unclassified``). One finding per partner."""
+    prefix = partner_status_tag(ctx.deployment, "name").removesuffix("name")
+    by_partner: dict[str, list[str]] = {}
+    # DescribeInstances, a permission the CLI already needs (not DescribeTags); filter values take
+    # wildcards, "*" for any characters (EC2 API Reference, Filter).
+    paginator = ctx.aws.client("ec2").get_paginator("describe_instances")
+    filters = [{"Name": "tag-key", "Values": [f"{prefix}*"]}]
+    for page in paginator.paginate(Filters=filters):
+        for reservation in page.get("Reservations", []):
+            for instance in reservation.get("Instances", []):
+                if instance.get("State", {}).get("Name") == "terminated":
+                    continue
+                for tag in instance.get("Tags", []):
+                    key = str(tag.get("Key", ""))
+                    name = key[len(prefix) :]
+                    if key.startswith(prefix) and name and name not in declared:
+                        by_partner.setdefault(name, []).append(str(instance["InstanceId"]))
+    return [
+        Finding(
+            "partner-retired",
+            FAIL,
+            f"partner {name} is no longer declared, but {len(ids)} instance(s) still carry its "
+            f"status tag and host routes: {', '.join(sorted(ids))}; the gateway drops that "
+            "traffic",
+            f"on each: remove the tag {tag_key}:partner:{name} if it is still "
+            f"there, run {ctx.deployment}-RemoveHostRoute with Deployment={ctx.deployment}."
+            f"{name}, Gateway=G and Destinations=the networks its instances used for {name}, "
+            f"then delete the tag {prefix}{name}",
+            name,
+        )
+        for name, ids in sorted(by_partner.items())
+    ]
 
 
 def _lane_networks(lane: object) -> str:

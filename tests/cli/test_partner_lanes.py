@@ -180,3 +180,30 @@ def test_tunnels_lists_each_partners_sas_under_it(dep, tmp_path):
     assert (
         "partners" not in dep.run("tunnels", "--json", commands=GatewayDocuments(tmp_path)).json()
     )
+
+
+def test_doctor_names_instances_still_marked_for_a_partner_no_longer_declared(dep):
+    """bank-a taken out of the file (its parameter gone): its instances keep their status tag
+    and host routes, no lane reconciles them, the gateway drops their traffic. doctor names
+    them, per retired partner; a declared partner's instances are not named."""
+    publish(dep, lanes=(LEGACY, OVERLAP))
+    retired = dep.launch("10.10.1.31", tags={BANK.status_tag: "enrolled", BANK.tag_key: "enabled"})
+    also = dep.launch("10.10.1.32", tags={BANK.status_tag: "enrolled"})
+    declared = dep.launch("10.10.1.33", tags={LEGACY.status_tag: "enrolled"})
+    doc = dep.run("doctor", "--json").json()
+    jsonschema.validate(doc, DOCTOR)
+    mine = [f for f in doc["findings"] if f["check"] == "partner-retired"]
+    assert len(mine) == 1, mine
+    finding = mine[0]
+    assert finding["status"] == "fail" and finding["resource"] == "bank-a"
+    assert retired in finding["summary"] and also in finding["summary"]
+    assert declared not in finding["summary"]
+    assert f"Deployment={DEPLOYMENT}.bank-a" in finding["fix"]
+    assert BANK.status_tag in finding["fix"] and BANK.tag_key in finding["fix"]
+    # Without any lane (the file dropped altogether) the leftovers are still named.
+    ssm = dep.session.client("ssm", endpoint_url=dep.url)
+    for ln in (LEGACY, OVERLAP):
+        ssm.delete_parameter(Name=ln.parameter)
+    doc = dep.run("doctor", "--json").json()
+    names = {f["resource"] for f in doc["findings"] if f["check"] == "partner-retired"}
+    assert names == {"bank-a", "legacy-b"}
