@@ -9,6 +9,7 @@ pages. Nothing is dropped silently.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +76,12 @@ def tag_change_pattern(keys: list[str]) -> dict[str, Any]:
     }
 
 
-def lifecycle_of_groups_tagged(stack: Stack, sid: str, tag_key: str) -> iam.PolicyStatement:
-    """Completing and heartbeating the lifecycle actions of Auto Scaling groups that carry
-    ``tag_key`` (any value): the groups whose instances enrol, and no other's."""
+def lifecycle_statement(
+    stack: Stack, sid: str, group_names: Sequence[str] | None = None, tag_key: str | None = None
+) -> iam.PolicyStatement:
+    """Completing and heartbeating the lifecycle actions of the Auto Scaling groups named (None:
+    any group) and, with ``tag_key``, only of those carrying that tag (any value)."""
+    names = ["*"] if group_names is None else [f"*:autoScalingGroupName/{n}" for n in group_names]
     return iam.PolicyStatement(
         sid=sid,
         actions=[
@@ -88,11 +92,12 @@ def lifecycle_of_groups_tagged(stack: Stack, sid: str, tag_key: str) -> iam.Poli
             stack.format_arn(
                 service="autoscaling",
                 resource="autoScalingGroup",
-                resource_name="*",
+                resource_name=name,
                 arn_format=ArnFormat.COLON_RESOURCE_NAME,
             )
+            for name in names
         ],
-        conditions={"StringLike": {f"aws:ResourceTag/{tag_key}": "*"}},
+        conditions=None if tag_key is None else {"StringLike": {f"aws:ResourceTag/{tag_key}": "*"}},
     )
 
 
@@ -367,13 +372,13 @@ class Controller(Construct):
                 ],
                 resources=["*"],
             ),
-            lifecycle_of_groups_tagged(stack, "LifecycleOfEnrolledGroups", key),
+            lifecycle_statement(stack, "LifecycleOfEnrolledGroups", tag_key=key),
         ]
         for lane in lanes.lanes if lanes is not None else ():
             # A group whose instances join partner <name> carries the lane's key.
             statements.append(
-                lifecycle_of_groups_tagged(
-                    stack, f"Lane{lane.index}LifecycleOfEnrolledGroups", lane.tag_key
+                lifecycle_statement(
+                    stack, f"Lane{lane.index}LifecycleOfEnrolledGroups", tag_key=lane.tag_key
                 )
             )
         if lanes is not None:
@@ -391,22 +396,7 @@ class Controller(Construct):
             # The user's own groups named in auto_scaling_groups: tunnelnat's hooks are on them
             # (add_lifecycle_hooks), whatever tags the groups carry.
             statements.append(
-                iam.PolicyStatement(
-                    sid="LifecycleOfNamedGroups",
-                    actions=[
-                        "autoscaling:CompleteLifecycleAction",
-                        "autoscaling:RecordLifecycleActionHeartbeat",
-                    ],
-                    resources=[
-                        stack.format_arn(
-                            service="autoscaling",
-                            resource="autoScalingGroup",
-                            resource_name=f"*:autoScalingGroupName/{name}",
-                            arn_format=ArnFormat.COLON_RESOURCE_NAME,
-                        )
-                        for name in settings.auto_scaling_groups
-                    ],
-                )
+                lifecycle_statement(stack, "LifecycleOfNamedGroups", settings.auto_scaling_groups)
             )
         for statement in statements:
             self.role.add_to_policy(statement)

@@ -17,7 +17,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from tunnelnat.adapters.ec2 import DEPLOYMENT_TAG
 from tunnelnat.core.enrolment import GATEWAY_ROLE_TAG
-from tunnelnat.core.lanes import partner_status_tag
+from tunnelnat.core.lanes import partner_status_prefix
 from tunnelnat.healer import latest_established
 from tunnelnat_cli.aws import EXIT_FINDINGS, EXIT_OK, CliError, error_code
 from tunnelnat_cli.context import Ctx
@@ -872,7 +872,7 @@ def retired_partners(ctx: Ctx, tag_key: str, declared: set[str]) -> list[Finding
     """Instances still marked enrolled with a partner the deployment no longer declares (taken
     out of the partners file): no lane reconciles them, so their host routes for it stay and
     send to G, which drops that traffic (``dropped_unclassified``). One finding per partner."""
-    prefix = partner_status_tag(ctx.deployment, "name").removesuffix("name")
+    prefix = partner_status_prefix(ctx.deployment)
     by_partner: dict[str, list[str]] = {}
     # DescribeInstances, a permission the CLI already needs (not DescribeTags); filter values take
     # wildcards, "*" for any characters (EC2 API Reference, Filter).

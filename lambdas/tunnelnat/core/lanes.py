@@ -50,9 +50,14 @@ def partner_table(deployment: str, partner: str) -> str:
     return f"{_deployment(deployment)}-{_partner(partner)}"
 
 
+def partner_status_prefix(deployment: str) -> str:
+    """How every lane's status tag key starts: ``tunnelnat:status:<deployment>:``."""
+    return f"tunnelnat:status:{_deployment(deployment)}:"
+
+
 def partner_status_tag(deployment: str, partner: str) -> str:
     """The lane's status tag key: ``tunnelnat:status:<deployment>:<partner>``."""
-    return f"tunnelnat:status:{_deployment(deployment)}:{_partner(partner)}"
+    return partner_status_prefix(deployment) + _partner(partner)
 
 
 def route_scope(deployment: str, partner: str) -> str:
