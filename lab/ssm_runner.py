@@ -336,9 +336,9 @@ def _text_file_busy(script: Path, status: str, stdout: bytes, stderr: bytes) -> 
     """Whether the shell could not execute the script because it was open for writing (execve(2),
     ETXTBSY): a fork in another thread while this runner wrote the script holds a copy of its
     descriptor until that child execs (golang/go#22315 describes the race; the agent, a Go
-    program, can meet it too and then reports the step Failed). The lab runs every machine's
-    agent and the controller in one process, far more forks than an agent on one gateway, so it
-    runs a script that never started again rather than fail a test on it."""
+    program, can meet it too). The lab runs every machine's agent and the controller in one
+    process, far more forks than an agent on one gateway, so it runs a script that never
+    started again rather than fail a test on it."""
     lines = stderr.strip().splitlines()
     return (
         status == "Failed"
